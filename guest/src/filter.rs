@@ -1,0 +1,438 @@
+//! The greylisting decisions, independent of how they are called.
+//!
+//! [`Greylist`] holds the validated configuration; each hook takes the
+//! context and a [`Kv`] store. The component glue maps the WIT types to these
+//! and the WIT store to [`Kv`]; the native benchmark maps them to the host's
+//! store directly.
+
+use std::net::IpAddr;
+
+use crate::config::{Config, Stage};
+use crate::normalize::{self, check_address, client_network, normalize_recipient, normalize_sender, triplet_key};
+
+/// A log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Debugging detail.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Worth an operator's look.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+/// A store failure; the filter gives up on the call and answers `continue`
+/// (the host applies the failure policy to a call whose store failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvError(pub String);
+
+/// The store and log a filter is given (the WIT `store` and `log` imports).
+pub trait Kv {
+    /// Reads a key: `(value, version)`.
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, KvError>;
+    /// Writes a key with a TTL, if its version is `if_version` (0 = absent;
+    /// `None` = unconditionally). `Ok(None)` is a version conflict.
+    fn set(&mut self, key: &str, value: &[u8], ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, KvError>;
+    /// Writes a log line.
+    fn log(&mut self, level: Level, msg: &str);
+}
+
+/// The session, as in the WIT `session` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Session id, for logs.
+    pub id: String,
+    /// Client address.
+    pub client: IpAddr,
+    /// Verified client name.
+    pub client_name: Option<String>,
+    /// HELO argument.
+    pub helo: Option<String>,
+    /// Authenticated identity.
+    pub auth_user: Option<String>,
+    /// TLS in use.
+    pub tls: bool,
+}
+
+/// The context of a hook call, as in the WIT `context` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ctx {
+    /// The session.
+    pub session: Session,
+    /// MAIL FROM (`Some("")` is `<>`).
+    pub sender: Option<String>,
+    /// Accepted recipients with their policy groups.
+    pub recipients: Vec<(String, String)>,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// A structured reply (the host renders it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Reply code.
+    pub code: u16,
+    /// Enhanced status code.
+    pub enhanced: Option<String>,
+    /// Text lines.
+    pub text: Vec<String>,
+    /// Retry hint in seconds.
+    pub retry_after: Option<u32>,
+}
+
+/// A decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No opinion.
+    Continue,
+    /// Accept (final).
+    Accept,
+    /// Temporary failure.
+    Tempfail(Reply),
+    /// Permanent failure.
+    Reject(Reply),
+}
+
+/// A hook's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The decision.
+    pub decision: Decision,
+    /// Headers to add: `(name, value)`.
+    pub headers: Vec<(String, String)>,
+    /// The recipient's policy group (RCPT only).
+    pub group: Option<String>,
+}
+
+impl Verdict {
+    /// No opinion.
+    pub fn cont() -> Verdict {
+        Verdict { decision: Decision::Continue, headers: Vec::new(), group: None }
+    }
+    fn group(mut self, g: &str) -> Verdict {
+        self.group = Some(g.to_string());
+        self
+    }
+}
+
+/// The filter's name as reported by `init`.
+pub const NAME: &str = "greylist";
+/// The filter's version as reported by `init`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How a triplet stands.
+enum Outcome {
+    /// Blocked for this many more seconds.
+    Defer(u64),
+    /// Passed now for the first time, after waiting this many seconds.
+    FirstPass(u64),
+    /// Passed before.
+    Known,
+}
+
+/// A triplet record: when first seen and when it passed (0 = not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    first_seen: u64,
+    passed: u64,
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        format!("{} {}", self.first_seen, self.passed).into_bytes()
+    }
+    fn decode(b: &[u8]) -> Option<Record> {
+        let s = std::str::from_utf8(b).ok()?;
+        let (a, b) = s.split_once(' ')?;
+        Some(Record { first_seen: a.parse().ok()?, passed: b.parse().ok()? })
+    }
+}
+
+/// How often a compare-and-swap is retried before the call gives up.
+const CAS_TRIES: usize = 4;
+
+/// The reference greylisting filter.
+#[derive(Debug, Clone)]
+pub struct Greylist {
+    /// The configuration in force.
+    pub config: Config,
+}
+
+fn ttl(secs: u64) -> u32 {
+    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+}
+
+impl Greylist {
+    /// A filter with this configuration.
+    pub fn new(config: Config) -> Greylist {
+        Greylist { config }
+    }
+
+    fn net(&self, ctx: &Ctx) -> String {
+        client_network(ctx.session.client, self.config.ipv4_prefix, self.config.ipv6_prefix)
+    }
+
+    fn tempfail(&self, code: u16, text: String, retry: u64) -> Decision {
+        Decision::Tempfail(Reply {
+            code,
+            enhanced: Some("4.7.1".into()),
+            text: vec![text],
+            retry_after: Some(u32::try_from(retry).unwrap_or(u32::MAX)),
+        })
+    }
+
+    /// True if the client is exempt from greylisting: authenticated,
+    /// whitelisted by network or name, or auto-whitelisted.
+    fn client_exempt(&self, ctx: &Ctx, net: &str, kv: &mut dyn Kv) -> Result<Option<&'static str>, KvError> {
+        let s = &ctx.session;
+        if s.auth_user.as_deref().is_some_and(|u| !u.is_empty()) {
+            return Ok(Some("authenticated"));
+        }
+        if self.config.whitelist_clients.iter().any(|c| c.contains(s.client)) {
+            return Ok(Some("whitelisted client"));
+        }
+        if let Some(name) = s.client_name.as_deref() {
+            let name = name.to_ascii_lowercase();
+            let hit = self.config.whitelist_client_names.iter().any(|suffix| {
+                if suffix.starts_with('.') { name.ends_with(suffix.as_str()) } else { name == *suffix || name.ends_with(&format!(".{suffix}")) }
+            });
+            if hit {
+                return Ok(Some("whitelisted client name"));
+            }
+        }
+        if self.config.auto_whitelist_after > 0 {
+            if let Some((v, _)) = kv.get(&format!("awl/{net}"))? {
+                let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                if n >= self.config.auto_whitelist_after {
+                    return Ok(Some("auto-whitelisted"));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Counts a pass of the client network towards auto-whitelisting.
+    fn count_pass(&self, net: &str, kv: &mut dyn Kv) -> Result<(), KvError> {
+        if self.config.auto_whitelist_after == 0 {
+            return Ok(());
+        }
+        let key = format!("awl/{net}");
+        for _ in 0..CAS_TRIES {
+            let (n, ver) = match kv.get(&key)? {
+                Some((v, ver)) => (std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0), ver),
+                None => (0, 0),
+            };
+            let next = n.saturating_add(1).to_string();
+            if kv.set(&key, next.as_bytes(), ttl(self.config.max_age), Some(ver))?.is_some() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up and updates a greylist record under compare-and-swap.
+    fn check(&self, key: &str, delay: u64, now: u64, kv: &mut dyn Kv) -> Result<Outcome, KvError> {
+        let c = &self.config;
+        for _ in 0..CAS_TRIES {
+            let (rec, ver) = match kv.get(key)? {
+                Some((v, ver)) => (Record::decode(&v), ver),
+                None => (None, 0),
+            };
+            let live = rec.filter(|r| {
+                if r.passed > 0 { r.passed.saturating_add(c.max_age) > now } else { r.first_seen.saturating_add(c.retry_window) > now }
+            });
+            let (next, outcome, life) = match live {
+                None => (Record { first_seen: now, passed: 0 }, Outcome::Defer(delay), c.retry_window),
+                Some(r) if r.passed > 0 => (Record { first_seen: r.first_seen, passed: now }, Outcome::Known, c.max_age),
+                Some(r) if now < r.first_seen.saturating_add(delay) => {
+                    return Ok(Outcome::Defer(r.first_seen.saturating_add(delay) - now));
+                }
+                Some(r) => (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age),
+            };
+            if kv.set(key, &next.encode(), ttl(life), Some(ver))?.is_some() {
+                return Ok(outcome);
+            }
+        }
+        Err(KvError("the record kept changing under compare-and-swap".into()))
+    }
+
+    /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
+    fn greylist(&self, ctx: &Ctx, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        let prefix = if code == 421 { "c/" } else { "t/" };
+        let key = format!("{prefix}{}", triplet_key(parts));
+        Ok(match self.check(&key, delay, ctx.now, kv)? {
+            Outcome::Defer(left) => {
+                kv.log(Level::Info, &format!("greylisted {net} key={key} retry={left}s"));
+                Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() }
+            }
+            Outcome::FirstPass(waited) => {
+                self.count_pass(net, kv)?;
+                let mut v = Verdict::cont();
+                if self.config.add_header {
+                    v.headers.push(("X-Greylist".into(), format!("delayed {waited} seconds by greyhook")));
+                }
+                v
+            }
+            Outcome::Known => Verdict::cont(),
+        })
+    }
+
+    /// The connect hook: greylists the client network at stage `connect`.
+    pub fn on_connect(&self, ctx: &Ctx, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        if self.config.stage != Stage::Connect {
+            return Ok(Verdict::cont());
+        }
+        let net = self.net(ctx);
+        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
+            kv.log(Level::Debug, &format!("{net}: {why}"));
+            return Ok(Verdict::cont());
+        }
+        let v = self.greylist(ctx, &net, &[&net], self.config.delay, 421, kv)?;
+        // No message to put a header in yet.
+        Ok(Verdict { headers: Vec::new(), ..v })
+    }
+
+    /// The EHLO hook: advertises `GREYLIST`.
+    pub fn ehlo_keywords(&self) -> Vec<String> {
+        if self.config.ehlo_keyword { vec!["GREYLIST".into()] } else { Vec::new() }
+    }
+
+    /// The RCPT hook.
+    pub fn on_rcpt(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        let sender = ctx.sender.as_deref().unwrap_or("");
+        if let Err(e) = check_address(recipient).and_then(|_| check_address(sender)) {
+            kv.log(Level::Warn, &format!("session {}: not greylisting, unusable address: {}", ctx.session.id, e.0));
+            return Ok(Verdict::cont());
+        }
+        let rcpt = normalize_recipient(recipient);
+        let always = self.config.whitelist_recipients.iter().any(|p| p.matches(&rcpt));
+        let (group, greylist, delay) = self.config.policy_for(&rcpt);
+        // Seed 000: without PRDR, accept only recipients that share the
+        // first accepted recipient's policy; ask for the others again at once
+        // in a new transaction. Whitelisted recipients (postmaster) fit any.
+        let group = match ctx.recipients.first() {
+            Some((_, first)) if always => first.clone(),
+            Some((_, first)) if first != group => {
+                kv.log(Level::Info, &format!("{recipient}: policy group {group} differs from {first}: retry at once"));
+                return Ok(Verdict {
+                    decision: self.tempfail(451, "This recipient has a different policy than the first one; please retry it in a new transaction".into(), 0),
+                    ..Verdict::cont()
+                });
+            }
+            _ => group.to_string(),
+        };
+        if always || !greylist || self.config.stage != Stage::Rcpt || sender.is_empty() {
+            // Whitelisted or opted out, or decided at another stage (the
+            // null sender is greylisted at DATA, never at RCPT).
+            return Ok(Verdict::cont().group(&group));
+        }
+        let net = self.net(ctx);
+        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
+            kv.log(Level::Debug, &format!("{net}: {why}"));
+            return Ok(Verdict::cont().group(&group));
+        }
+        let sender = if self.config.normalize_sender { normalize_sender(sender) } else { sender.to_ascii_lowercase() };
+        Ok(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?.group(&group))
+    }
+
+    /// The DATA hook: greylists at stage `data`, and the null sender at stage `rcpt`.
+    pub fn on_data(&self, ctx: &Ctx, message_id: Option<&str>, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        let sender = ctx.sender.as_deref().unwrap_or("");
+        let at_data = self.config.stage == Stage::Data || (self.config.stage == Stage::Rcpt && sender.is_empty());
+        if !at_data || ctx.recipients.is_empty() {
+            return Ok(Verdict::cont());
+        }
+        if let Err(e) = check_address(sender) {
+            kv.log(Level::Warn, &format!("session {}: not greylisting, unusable sender: {}", ctx.session.id, e.0));
+            return Ok(Verdict::cont());
+        }
+        let whitelisted = |r: &str| self.config.whitelist_recipients.iter().any(|p| p.matches(&normalize_recipient(r)));
+        if ctx.recipients.iter().all(|(r, _)| whitelisted(r)) {
+            return Ok(Verdict::cont());
+        }
+        let group = &ctx.recipients[0].1;
+        let (greylist, delay) = self.config.policy_named(group);
+        if !greylist {
+            return Ok(Verdict::cont());
+        }
+        let net = self.net(ctx);
+        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
+            kv.log(Level::Debug, &format!("{net}: {why}"));
+            return Ok(Verdict::cont());
+        }
+        let sender = if self.config.normalize_sender { normalize_sender(sender) } else { sender.to_ascii_lowercase() };
+        // The Message-ID joins the key; without one, the recipients stand in.
+        let mid = match message_id.map(str::trim).filter(|m| !m.is_empty() && m.len() <= 998) {
+            Some(m) => m.to_string(),
+            None => {
+                let mut r: Vec<String> = ctx.recipients.iter().map(|(a, _)| normalize_recipient(a)).collect();
+                r.sort();
+                r.join(",")
+            }
+        };
+        self.greylist(ctx, &net, &[&net, &sender, &mid], delay, 451, kv)
+    }
+}
+
+/// Re-exported for the glue: the address checks.
+pub use normalize::BadAddress;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Mem {
+        map: HashMap<String, (Vec<u8>, u64)>,
+        next: u64,
+    }
+
+    impl Kv for Mem {
+        fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, KvError> {
+            Ok(self.map.get(key).cloned())
+        }
+        fn set(&mut self, key: &str, value: &[u8], _ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, KvError> {
+            let cur = self.map.get(key).map_or(0, |e| e.1);
+            if if_version.is_some_and(|v| v != cur) {
+                return Ok(None);
+            }
+            self.next += 1;
+            self.map.insert(key.into(), (value.to_vec(), self.next));
+            Ok(Some(self.next))
+        }
+        fn log(&mut self, _: Level, _: &str) {}
+    }
+
+    fn ctx(ip: &str, sender: &str, now: u64) -> Ctx {
+        Ctx {
+            session: Session { id: "t".into(), client: ip.parse().unwrap(), client_name: None, helo: None, auth_user: None, tls: false },
+            sender: Some(sender.into()),
+            recipients: Vec::new(),
+            now,
+        }
+    }
+
+    fn retry(v: &Verdict) -> Option<u32> {
+        match &v.decision {
+            Decision::Tempfail(r) => r.retry_after,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn first_early_then_pass() {
+        let g = Greylist::new(Config::default());
+        let mut kv = Mem::default();
+        let v = g.on_rcpt(&ctx("192.0.2.1", "a@x.org", 1000), "b@y.org", &mut kv).unwrap();
+        assert_eq!(retry(&v), Some(300));
+        let v = g.on_rcpt(&ctx("192.0.2.1", "a@x.org", 1100), "b@y.org", &mut kv).unwrap();
+        assert_eq!(retry(&v), Some(200));
+        let v = g.on_rcpt(&ctx("192.0.2.200", "a@x.org", 1300), "b@y.org", &mut kv).unwrap();
+        assert_eq!(v.decision, Decision::Continue);
+        assert_eq!(v.headers, vec![("X-Greylist".to_string(), "delayed 300 seconds by greyhook".to_string())]);
+        assert_eq!(v.group.as_deref(), Some("default"));
+    }
+}

@@ -1,0 +1,18 @@
+//! greyhook's reference greylisting filter.
+//!
+//! Built for `wasm32-wasip2` this crate is `greylist.wasm`, a component of
+//! the `greyhook:filter/filter` world (see `wit/greyhook.wit`). Built
+//! natively it is the same logic as a library, so unit tests and the
+//! native-vs-Wasm benchmark run exactly the code the component runs.
+//!
+//! - [`config`]: the operator's configuration (TOML), parsed and validated.
+//! - [`normalize`]: client networks, sender and recipient normalisation, the triplet key.
+//! - [`filter`]: the decisions, against a [`filter::Kv`] store.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod filter;
+pub mod normalize;
+
+#[cfg(target_arch = "wasm32")]
+mod component;

@@ -1,0 +1,173 @@
+//! Client networks, address normalisation and the triplet key.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use sha1::{Digest, Sha1};
+
+/// The client's network for greylisting ("class C" tracking in the draft):
+/// the address masked to `v4`/`v6` bits, as `192.0.2.0/24` or `2001:db8::/64`.
+/// IPv4-mapped IPv6 addresses count as IPv4.
+pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> String {
+    let ip = match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4addr => v4addr,
+    };
+    match ip {
+        IpAddr::V4(a) => {
+            let len = v4.min(32);
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            format!("{}/{len}", Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let len = v6.min(128);
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            format!("{}/{len}", Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+/// Why an address cannot be used in a triplet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadAddress(pub &'static str);
+
+/// The longest address accepted (RFC 5321: 64 local + 1 + 255 domain).
+pub const MAX_ADDRESS: usize = 320;
+
+/// Checks an envelope address (without angle brackets) is usable: not too
+/// long, no spaces, controls or brackets. The empty string (the null
+/// sender) is allowed here; callers decide what it means.
+pub fn check_address(a: &str) -> Result<(), BadAddress> {
+    if a.len() > MAX_ADDRESS {
+        return Err(BadAddress("address longer than 320 bytes"));
+    }
+    if a.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'<' || b == b'>') {
+        return Err(BadAddress("address contains spaces, control characters or angle brackets"));
+    }
+    Ok(())
+}
+
+/// Normalises a recipient: lower case.
+pub fn normalize_recipient(a: &str) -> String {
+    a.to_ascii_lowercase()
+}
+
+/// Normalises a sender so that VERP, BATV and SRS senders map to one key:
+/// lower case; SRS0/SRS1 rewritten to the original address; BATV `prvs=`
+/// and `btv1==` tags removed; a `+extension` removed; runs of digits in
+/// the local part replaced by `#`.
+pub fn normalize_sender(a: &str) -> String {
+    let a = a.to_ascii_lowercase();
+    let (mut local, mut domain) = match a.rsplit_once('@') {
+        Some((l, d)) => (l.to_string(), d.to_string()),
+        None => return a,
+    };
+    // SRS1=HHH=fwd.example==HHH=TT=orig.example=user@relay: the part after
+    // `==` has the SRS0 shape.
+    if let Some(rest) = local.strip_prefix("srs1=") {
+        if let Some((_, srs0)) = rest.split_once("==") {
+            local = format!("srs0={srs0}");
+        }
+    }
+    if let Some(rest) = local.strip_prefix("srs0=") {
+        // HHH=TT=orig-domain=orig-local (orig-local may itself contain `=`).
+        let parts: Vec<&str> = rest.splitn(4, '=').collect();
+        if parts.len() == 4 && !parts[2].is_empty() && !parts[3].is_empty() {
+            domain = parts[2].to_string();
+            local = parts[3].to_string();
+        }
+    }
+    if let Some(rest) = local.strip_prefix("prvs=") {
+        // prvs=KDDDSSSSSS=user (RFC draft) or prvs=user=KDDDSSSSSS (some MTAs).
+        if let Some((a, b)) = rest.split_once('=') {
+            local = if is_batv_tag(a) { b.to_string() } else if is_batv_tag(b) { a.to_string() } else { b.to_string() };
+        }
+    } else if let Some(rest) = local.strip_prefix("btv1==") {
+        if let Some((_, user)) = rest.split_once("==") {
+            local = user.to_string();
+        }
+    }
+    if let Some((base, _ext)) = local.split_once('+') {
+        if !base.is_empty() {
+            local = base.to_string();
+        }
+    }
+    let mut out = String::with_capacity(local.len() + domain.len() + 1);
+    let mut in_digits = false;
+    for c in local.chars() {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                out.push('#');
+            }
+            in_digits = true;
+        } else {
+            in_digits = false;
+            out.push(c);
+        }
+    }
+    out.push('@');
+    out.push_str(&domain);
+    out
+}
+
+fn is_batv_tag(s: &str) -> bool {
+    s.len() == 10 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The triplet key of the draft's section 2.1: BASE32 (RFC 4648, no
+/// padding) of the SHA1 of the client network, sender and recipient (or
+/// whatever the stage keys on), each separated by a NUL byte.
+pub fn triplet_key(parts: &[&str]) -> String {
+    let mut h = Sha1::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0u8]);
+        }
+        h.update(p.as_bytes());
+    }
+    data_encoding::BASE32_NOPAD.encode(&h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks() {
+        assert_eq!(client_network("192.0.2.77".parse().unwrap(), 24, 64), "192.0.2.0/24");
+        assert_eq!(client_network("192.0.2.77".parse().unwrap(), 32, 64), "192.0.2.77/32");
+        assert_eq!(client_network("2001:db8:1:2:3:4:5:6".parse().unwrap(), 24, 64), "2001:db8:1:2::/64");
+        assert_eq!(client_network("::ffff:192.0.2.9".parse().unwrap(), 24, 64), "192.0.2.0/24");
+    }
+
+    #[test]
+    fn senders() {
+        assert_eq!(normalize_sender("John.Doe@Example.COM"), "john.doe@example.com");
+        assert_eq!(normalize_sender("list+bounces-123@x.org"), "list@x.org");
+        assert_eq!(normalize_sender("bounce-12345-67@x.org"), "bounce-#-#@x.org");
+        assert_eq!(normalize_sender("prvs=1234abcdef=user@x.org"), "user@x.org");
+        assert_eq!(normalize_sender("prvs=user=1234abcdef@x.org"), "user@x.org");
+        assert_eq!(normalize_sender("btv1==123abc==user@x.org"), "user@x.org");
+        assert_eq!(normalize_sender("SRS0=HHH=TT=orig.example=alice@fwd.example"), "alice@orig.example");
+        assert_eq!(normalize_sender("SRS1=HHH=fwd1.example==HHH=TT=orig.example=alice@fwd2.example"), "alice@orig.example");
+        assert_eq!(normalize_sender(""), "");
+        assert_eq!(normalize_sender("postmaster"), "postmaster");
+    }
+
+    #[test]
+    fn key_is_sha1_base32() {
+        let k = triplet_key(&["192.0.2.0/24", "a@b", "c@d"]);
+        assert_eq!(k.len(), 32);
+        assert!(k.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)));
+        assert_ne!(k, triplet_key(&["192.0.2.0/24", "a@bc", "@d"]));
+        // The well-known SHA1 of "abc", BASE32.
+        assert_eq!(triplet_key(&["abc"]), "VGMT4NSHA2AWVOR6EVYXQUGCNSONBWE5");
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(check_address("a@b").is_ok());
+        assert!(check_address("").is_ok());
+        assert!(check_address("a b@c").is_err());
+        assert!(check_address(&"x".repeat(400)).is_err());
+    }
+}

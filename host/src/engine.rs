@@ -1,0 +1,582 @@
+//! The wasmtime engine behind a narrow API: a [`Runtime`] compiles and
+//! type-checks filters; a [`Filter`] runs hook calls on a pool of reused
+//! instances, each call under a CPU deadline and a memory cap.
+//!
+//! Hooks are stateless, so an instance is reused across calls and requests
+//! (a call on a warm instance costs a microsecond or two; a new instance
+//! tens). A trap, a deadline or an invalid answer drops the instance (a trap
+//! poisons the whole wasmtime `Store`) and the filter's [`FailurePolicy`]
+//! answers instead; the next call gets a fresh instance.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::reply::{self, InvalidVerdict};
+use crate::sandbox::{self, HostState, bindings};
+use crate::store::Store;
+use crate::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
+
+/// How often the epoch advances; deadlines are whole ticks.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Settings of the [`Runtime`] shared by all filters.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Most filter instances alive at once, over all filters (the size of
+    /// the pooling allocator). Calls beyond it wait for an instance.
+    pub max_instances: u32,
+    /// The memory cap of one instance, bytes (the largest any filter's
+    /// [`Limits::memory`] may be).
+    pub max_memory: usize,
+    /// The Wasm stack cap, bytes.
+    pub max_stack: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { max_instances: 64, max_memory: 64 << 20, max_stack: 512 << 10 }
+    }
+}
+
+/// Per-filter limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// CPU and wall-clock deadline of one hook call (including its store calls).
+    pub deadline: Duration,
+    /// Memory cap of one instance, bytes (at most [`RuntimeConfig::max_memory`]).
+    pub memory: usize,
+    /// Most store calls in one hook call.
+    pub store_calls: u32,
+    /// Idle instances kept for reuse.
+    pub idle_instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { deadline: Duration::from_millis(100), memory: 32 << 20, store_calls: 64, idle_instances: 16 }
+    }
+}
+
+/// What answers when a filter fails (trap, deadline, limit, invalid verdict,
+/// store failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// No opinion: the mail goes on (fail open; greylisting must never lose mail).
+    #[default]
+    Continue,
+    /// A temporary failure (`421` at connect, `451 4.3.0` elsewhere); the
+    /// client retries later.
+    Tempfail,
+}
+
+impl FailurePolicy {
+    /// The verdict this policy gives at `phase`.
+    pub fn verdict(self, phase: Phase) -> Verdict {
+        match self {
+            FailurePolicy::Continue => Verdict::cont(),
+            FailurePolicy::Tempfail => Verdict {
+                decision: Decision::Tempfail(Reply {
+                    code: if phase == Phase::Connect { 421 } else { 451 },
+                    enhanced: Some("4.3.0".into()),
+                    text: vec!["Temporary local problem, please try again later".into()],
+                    retry_after: None,
+                }),
+                ..Verdict::cont()
+            },
+        }
+    }
+}
+
+/// Options of one loaded filter.
+#[derive(Debug, Clone)]
+pub struct FilterOptions {
+    /// The configuration text handed to the filter's `init`.
+    pub config: String,
+    /// The store namespace: the filter's keys are stored as `namespace/key`.
+    /// Letters, digits, `-`, `_` and `.`; 1 to 64 characters.
+    pub namespace: String,
+    /// Limits.
+    pub limits: Limits,
+    /// What answers when the filter fails.
+    pub failure_policy: FailurePolicy,
+}
+
+impl Default for FilterOptions {
+    fn default() -> Self {
+        FilterOptions { config: String::new(), namespace: "greylist".into(), limits: Limits::default(), failure_policy: FailurePolicy::Continue }
+    }
+}
+
+/// Why a filter could not be loaded.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The engine could not be set up.
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly file (no \\0asm header)")]
+    NotWasm,
+    /// A core module, not a component.
+    #[error("a core WebAssembly module, not a component: build the filter for wasm32-wasip2 or wrap it with `wasm-tools component new`")]
+    CoreModule,
+    /// The component failed to compile.
+    #[error("invalid component: {0}")]
+    Compile(String),
+    /// The component is not of the `greyhook:filter/filter` world.
+    #[error("not a greyhook:filter@0.1.0 filter: {0}")]
+    World(String),
+    /// The filter's `init` refused its configuration.
+    #[error("the filter refused its configuration: {0}")]
+    Init(String),
+    /// The filter trapped while starting.
+    #[error("the filter failed while starting: {0}")]
+    Start(String),
+    /// Options out of range.
+    #[error("invalid filter options: {0}")]
+    Options(String),
+}
+
+/// Why a hook call failed (and the failure policy answered).
+#[derive(Debug, Clone, Error)]
+pub enum FilterError {
+    /// The filter trapped (panic, unreachable, out of memory, stack overflow...).
+    #[error("filter trapped: {0}")]
+    Trap(String),
+    /// The call ran past its deadline.
+    #[error("filter exceeded its deadline of {0:?}")]
+    Deadline(Duration),
+    /// The filter's answer broke the rules.
+    #[error("invalid verdict: {0}")]
+    Invalid(#[from] InvalidVerdict),
+    /// A store call failed or broke a limit during the call.
+    #[error("store: {0}")]
+    Store(String),
+    /// No instance could be made.
+    #[error("cannot instantiate the filter: {0}")]
+    Instantiate(String),
+}
+
+/// Counters of one filter.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Hook calls made.
+    pub calls: AtomicU64,
+    /// Calls answered by the failure policy.
+    pub failures: AtomicU64,
+    /// Instances created.
+    pub instances: AtomicU64,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine shared by all filters: compiles, type-checks and instantiates.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    _ticker: Ticker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("config", &self.inner.config).finish()
+    }
+}
+
+impl Runtime {
+    /// Sets up the engine (pooling allocator, epoch interruption) and the
+    /// linker with the host's imports.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
+        let err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let mut pool = PoolingAllocationConfig::new();
+        let n = config.max_instances.max(1);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .total_stacks(n)
+            .max_memory_size(config.max_memory);
+        let mut wc = wasmtime::Config::new();
+        wc.epoch_interruption(true)
+            .max_wasm_stack(config.max_stack)
+            .async_stack_size(config.max_stack + (1 << 20))
+            .memory_reservation(config.max_memory as u64)
+            .memory_reservation_for_growth(0)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wc).map_err(err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
+        bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (stop, engine) = (stop.clone(), engine.weak());
+            std::thread::Builder::new()
+                .name("greyhook-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        match engine.upgrade() {
+                            Some(e) => e.increment_epoch(),
+                            None => break,
+                        }
+                    }
+                })
+                .map_err(|e| LoadError::Engine(e.to_string()))?;
+        }
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                _ticker: Ticker { stop },
+            }),
+        })
+    }
+
+    /// Compiles `bytes` into a component, with a clear error for what is
+    /// not one.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledFilter, LoadError> {
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm);
+        }
+        // Bytes 4..8: version 1 and layer 0 is a core module; components
+        // have layer 1.
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule);
+        }
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        Ok(CompiledFilter { component })
+    }
+
+    /// Loads a filter: compiles it, checks it against the world, makes a
+    /// first instance and runs `init` with the options' configuration.
+    pub async fn load(&self, bytes: &[u8], options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, LoadError> {
+        let compiled = self.compile(bytes)?;
+        self.instantiate_filter(compiled, options, store).await
+    }
+
+    /// Like [`Runtime::load`], from an already compiled filter.
+    pub async fn instantiate_filter(&self, compiled: CompiledFilter, options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, LoadError> {
+        let ns = &options.namespace;
+        if ns.is_empty() || ns.len() > 64 || !ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(LoadError::Options(format!("namespace {ns:?}: use 1 to 64 letters, digits, '-', '_' or '.'")));
+        }
+        if options.limits.memory > self.inner.config.max_memory {
+            return Err(LoadError::Options(format!("memory limit {} is over the runtime's {}", options.limits.memory, self.inner.config.max_memory)));
+        }
+        let pre = self.inner.linker.instantiate_pre(&compiled.component).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let pre = bindings::FilterPre::new(pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let imports = compiled.imports(self);
+        let inner = FilterInner {
+            runtime: self.clone(),
+            pre,
+            store,
+            options,
+            name: Arc::from("filter"),
+            idle: Mutex::new(Vec::new()),
+            stats: Stats::default(),
+        };
+        let mut first = inner.instantiate().await.map_err(|e| match e {
+            StartError::Init(m) => LoadError::Init(m),
+            StartError::Trap(m) => LoadError::Start(m),
+        })?;
+        let info = first.info.clone();
+        let inner = FilterInner { name: Arc::from(info.name.as_str()), ..inner };
+        first.store.data_mut().filter = inner.name.clone();
+        inner.checkin(first);
+        Ok(Filter { inner: Arc::new(inner), info, imports })
+    }
+}
+
+/// A compiled (not yet type-checked) component.
+#[derive(Clone)]
+pub struct CompiledFilter {
+    component: Component,
+}
+
+impl CompiledFilter {
+    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.1.0`).
+    pub fn imports(&self, runtime: &Runtime) -> Vec<String> {
+        self.component.component_type().imports(&runtime.inner.engine).map(|(name, _)| name.to_string()).collect()
+    }
+}
+
+/// One instance in the pool.
+struct Pooled {
+    store: wasmtime::Store<HostState>,
+    world: bindings::Filter,
+    info: FilterInfo,
+}
+
+enum StartError {
+    Init(String),
+    Trap(String),
+}
+
+struct FilterInner {
+    runtime: Runtime,
+    pre: bindings::FilterPre<HostState>,
+    store: Arc<dyn Store>,
+    options: FilterOptions,
+    name: Arc<str>,
+    idle: Mutex<Vec<Pooled>>,
+    stats: Stats,
+}
+
+impl FilterInner {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        // Pushing or popping a Vec cannot be interrupted half-way.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn instantiate(&self) -> Result<Pooled, StartError> {
+        let l = &self.options.limits;
+        let state = HostState::new(self.store.clone(), &self.options.namespace, self.name.clone(), l.memory, l.store_calls);
+        let mut store = wasmtime::Store::new(&self.runtime.inner.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(l.deadline.max(Duration::from_secs(1))));
+        let trap = |e: wasmtime::Error, s: &wasmtime::Store<HostState>| StartError::Trap(describe_trap(&e, s.data()));
+        let world = match self.pre.instantiate_async(&mut store).await {
+            Ok(w) => w,
+            Err(e) => return Err(trap(e, &store)),
+        };
+        let init = world.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await;
+        let info = match init {
+            Ok(Ok(i)) => FilterInfo { name: sanitize(&i.name, 64), version: sanitize(&i.version, 64) },
+            Ok(Err(m)) => return Err(StartError::Init(sanitize(&m, 1024))),
+            Err(e) => return Err(trap(e, &store)),
+        };
+        self.stats.instances.fetch_add(1, Ordering::Relaxed);
+        Ok(Pooled { store, world, info })
+    }
+
+    fn checkin(&self, p: Pooled) {
+        let mut idle = self.idle();
+        if idle.len() < self.options.limits.idle_instances {
+            idle.push(p);
+        }
+    }
+}
+
+fn sanitize(s: &str, max: usize) -> String {
+    s.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn deadline_ticks(d: Duration) -> u64 {
+    (d.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
+    let stderr = state.stderr_text();
+    let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(t) => t.to_string(),
+        None => format!("{e:#}"),
+    };
+    if !stderr.is_empty() {
+        msg.push_str(": ");
+        msg.push_str(&sanitize(&stderr, 512));
+    }
+    msg
+}
+
+/// The call a hook makes, with its WIT arguments.
+enum Call {
+    Connect(bindings::greyhook::filter::types::Context),
+    Ehlo(bindings::greyhook::filter::types::Context),
+    Mail(bindings::greyhook::filter::types::Context, String),
+    Rcpt(bindings::greyhook::filter::types::Context, String),
+    Data(bindings::greyhook::filter::types::Context, bindings::greyhook::filter::types::Message),
+}
+
+enum Answer {
+    Verdict(Verdict),
+    Ehlo(EhloVerdict),
+}
+
+/// A loaded filter. Cheap to clone; safe to call from many tasks at once.
+#[derive(Clone)]
+pub struct Filter {
+    inner: Arc<FilterInner>,
+    info: FilterInfo,
+    imports: Vec<String>,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter").field("info", &self.info).field("namespace", &self.inner.options.namespace).finish()
+    }
+}
+
+impl Filter {
+    /// The name and version the filter's `init` reported.
+    pub fn info(&self) -> &FilterInfo {
+        &self.info
+    }
+
+    /// What the component imports.
+    pub fn imports(&self) -> &[String] {
+        &self.imports
+    }
+
+    /// The options it was loaded with.
+    pub fn options(&self) -> &FilterOptions {
+        &self.inner.options
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The connect hook. Never fails: a failure is logged, counted and
+    /// answered by the failure policy (see [`Filter::try_on_connect`]).
+    pub async fn on_connect(&self, ctx: &Context) -> Verdict {
+        self.or_policy(Phase::Connect, ctx, self.try_on_connect(ctx).await)
+    }
+
+    /// The EHLO hook, with the failure policy.
+    pub async fn on_ehlo(&self, ctx: &Context) -> EhloVerdict {
+        match self.try_on_ehlo(ctx).await {
+            Ok(v) => v,
+            Err(e) => EhloVerdict { verdict: self.or_policy(Phase::Ehlo, ctx, Err(e)), keywords: Vec::new() },
+        }
+    }
+
+    /// The MAIL hook, with the failure policy.
+    pub async fn on_mail(&self, ctx: &Context, sender: &str) -> Verdict {
+        self.or_policy(Phase::Mail, ctx, self.try_on_mail(ctx, sender).await)
+    }
+
+    /// The RCPT hook, with the failure policy.
+    pub async fn on_rcpt(&self, ctx: &Context, recipient: &str) -> Verdict {
+        self.or_policy(Phase::Rcpt, ctx, self.try_on_rcpt(ctx, recipient).await)
+    }
+
+    /// The DATA hook, with the failure policy.
+    pub async fn on_data(&self, ctx: &Context, message: &Message) -> Verdict {
+        self.or_policy(Phase::Data, ctx, self.try_on_data(ctx, message).await)
+    }
+
+    /// The connect hook, reporting a failure instead of applying the policy.
+    pub async fn try_on_connect(&self, ctx: &Context) -> Result<Verdict, FilterError> {
+        self.verdict(Call::Connect(sandbox::context_to_wit(ctx)), ctx.now).await
+    }
+
+    /// The EHLO hook, reporting a failure.
+    pub async fn try_on_ehlo(&self, ctx: &Context) -> Result<EhloVerdict, FilterError> {
+        match self.call(Call::Ehlo(sandbox::context_to_wit(ctx)), ctx.now).await? {
+            Answer::Ehlo(v) => {
+                reply::check_ehlo(&v)?;
+                Ok(v)
+            }
+            Answer::Verdict(_) => Err(FilterError::Trap("internal: wrong answer kind".into())),
+        }
+    }
+
+    /// The MAIL hook, reporting a failure.
+    pub async fn try_on_mail(&self, ctx: &Context, sender: &str) -> Result<Verdict, FilterError> {
+        self.verdict(Call::Mail(sandbox::context_to_wit(ctx), sender.to_string()), ctx.now).await
+    }
+
+    /// The RCPT hook, reporting a failure.
+    pub async fn try_on_rcpt(&self, ctx: &Context, recipient: &str) -> Result<Verdict, FilterError> {
+        self.verdict(Call::Rcpt(sandbox::context_to_wit(ctx), recipient.to_string()), ctx.now).await
+    }
+
+    /// The DATA hook, reporting a failure.
+    pub async fn try_on_data(&self, ctx: &Context, message: &Message) -> Result<Verdict, FilterError> {
+        self.verdict(Call::Data(sandbox::context_to_wit(ctx), sandbox::message_to_wit(message)), ctx.now).await
+    }
+
+    fn or_policy(&self, phase: Phase, ctx: &Context, r: Result<Verdict, FilterError>) -> Verdict {
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+                let policy = self.inner.options.failure_policy;
+                tracing::warn!(filter = %self.info.name, session = %ctx.session.id, %phase, ?policy, "filter failed: {e}");
+                policy.verdict(phase)
+            }
+        }
+    }
+
+    async fn verdict(&self, call: Call, now: u64) -> Result<Verdict, FilterError> {
+        match self.call(call, now).await? {
+            Answer::Verdict(v) => {
+                reply::check_verdict(&v)?;
+                Ok(v)
+            }
+            Answer::Ehlo(_) => Err(FilterError::Trap("internal: wrong answer kind".into())),
+        }
+    }
+
+    async fn call(&self, call: Call, now: u64) -> Result<Answer, FilterError> {
+        let inner = &self.inner;
+        inner.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let deadline = inner.options.limits.deadline;
+        let popped = inner.idle().pop();
+        // Beyond the pooling allocator's size, instantiation fails and the
+        // failure policy answers: bounded, never a queue that grows.
+        let mut pooled = match popped {
+            Some(p) => p,
+            None => inner.instantiate().await.map_err(|e| match e {
+                StartError::Init(m) | StartError::Trap(m) => FilterError::Instantiate(m),
+            })?,
+        };
+        pooled.store.data_mut().begin_call(now);
+        pooled.store.set_epoch_deadline(deadline_ticks(deadline));
+        // The epoch deadline stops runaway Wasm; the timeout also bounds
+        // time spent waiting in host calls (a slow store).
+        let result = tokio::time::timeout(deadline + TICK * 2, invoke(&mut pooled, call)).await;
+        match result {
+            Ok(Ok(answer)) => {
+                let failure = pooled.store.data_mut().store_failure.take();
+                inner.checkin(pooled);
+                match failure {
+                    Some(f) => Err(FilterError::Store(f)),
+                    None => Ok(answer),
+                }
+            }
+            Ok(Err(e)) => {
+                if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                    return Err(FilterError::Deadline(deadline));
+                }
+                Err(FilterError::Trap(describe_trap(&e, pooled.store.data())))
+            }
+            Err(_) => Err(FilterError::Deadline(deadline)),
+        }
+    }
+}
+
+async fn invoke(p: &mut Pooled, call: Call) -> wasmtime::Result<Answer> {
+    let hooks = p.world.greyhook_filter_hooks();
+    let s = &mut p.store;
+    Ok(match call {
+        Call::Connect(c) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_connect(s, &c).await?)),
+        Call::Ehlo(c) => Answer::Ehlo(sandbox::ehlo_from_wit(hooks.call_on_ehlo(s, &c).await?)),
+        Call::Mail(c, a) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_mail(s, &c, &a).await?)),
+        Call::Rcpt(c, a) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_rcpt(s, &c, &a).await?)),
+        Call::Data(c, m) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_data(s, &c, &m).await?)),
+    })
+}

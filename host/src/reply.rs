@@ -1,0 +1,217 @@
+//! Checking what a filter returns, and rendering replies on the wire.
+//!
+//! A filter hands back a structured [`Reply`]; the host renders it, so every
+//! filter gets the draft's retry hint right: `retry=[DD-]HH:MM:SS` on the
+//! only line, or on the last line of a multi-line reply (draft section 2.3).
+//! Anything outside the rules below is a filter error, never sent.
+
+use thiserror::Error;
+
+use crate::retry::format_retry;
+use crate::types::{Decision, EhloVerdict, Header, Reply, Verdict};
+
+/// Longest text line a filter may return (leaves room for code and hint
+/// within RFC 5321's 512-octet reply line).
+pub const MAX_TEXT_LINE: usize = 400;
+/// Most text lines in one reply.
+pub const MAX_LINES: usize = 16;
+/// Most headers a verdict may add.
+pub const MAX_HEADERS: usize = 16;
+/// Longest header name.
+pub const MAX_HEADER_NAME: usize = 64;
+/// Longest header value (RFC 5322's line limit).
+pub const MAX_HEADER_VALUE: usize = 998;
+/// Longest policy group name.
+pub const MAX_GROUP: usize = 64;
+/// Most EHLO keywords.
+pub const MAX_KEYWORDS: usize = 16;
+
+/// Why a filter's answer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum InvalidVerdict {
+    /// The reply code does not fit the decision.
+    #[error("reply code {0} is not a valid {1} code")]
+    Code(u16, &'static str),
+    /// The enhanced status code is malformed or of the wrong class.
+    #[error("enhanced status code {0:?} is malformed or does not match reply code {1}")]
+    Enhanced(String, u16),
+    /// A text line has characters outside printable US-ASCII and HT, or is too long.
+    #[error("reply text line {0} is not printable US-ASCII of at most 400 characters")]
+    Text(usize),
+    /// Too many lines.
+    #[error("reply has more than 16 lines")]
+    TooManyLines,
+    /// A header is malformed.
+    #[error("header {0} is malformed (name: printable ASCII without ':' up to 64; value: printable up to 998, no CR/LF)")]
+    Header(usize),
+    /// Too many headers.
+    #[error("more than 16 headers")]
+    TooManyHeaders,
+    /// The policy group is malformed.
+    #[error("policy group is not printable ASCII of at most 64 characters")]
+    Group,
+    /// An EHLO keyword is malformed.
+    #[error("EHLO keyword {0} is malformed")]
+    Keyword(usize),
+}
+
+fn printable(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (32..127).contains(&b))
+}
+
+fn valid_enhanced(e: &str, code: u16) -> bool {
+    let parts: Vec<&str> = e.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts[0].parse::<u16>().ok() == Some(code / 100)
+}
+
+/// Checks a reply for a tempfail (`4yz`) or reject (`5yz`).
+pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
+    let (class, what) = if tempfail { (4, "tempfail (4yz)") } else { (5, "reject (5yz)") };
+    if r.code / 100 != class || r.code % 100 / 10 > 5 {
+        return Err(InvalidVerdict::Code(r.code, what));
+    }
+    if let Some(e) = &r.enhanced {
+        if !valid_enhanced(e, r.code) {
+            return Err(InvalidVerdict::Enhanced(e.clone(), r.code));
+        }
+    }
+    if r.text.len() > MAX_LINES {
+        return Err(InvalidVerdict::TooManyLines);
+    }
+    for (i, l) in r.text.iter().enumerate() {
+        if l.len() > MAX_TEXT_LINE || !printable(l) {
+            return Err(InvalidVerdict::Text(i));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a header the filter wants added.
+pub fn check_header(h: &Header) -> bool {
+    !h.name.is_empty()
+        && h.name.len() <= MAX_HEADER_NAME
+        && h.name.bytes().all(|b| (33..127).contains(&b) && b != b':')
+        && h.value.len() <= MAX_HEADER_VALUE
+        && printable(&h.value)
+}
+
+/// Checks a whole verdict.
+pub fn check_verdict(v: &Verdict) -> Result<(), InvalidVerdict> {
+    match &v.decision {
+        Decision::Tempfail(r) => check_reply(r, true)?,
+        Decision::Reject(r) => check_reply(r, false)?,
+        Decision::Continue | Decision::Accept => {}
+    }
+    if v.add_headers.len() > MAX_HEADERS {
+        return Err(InvalidVerdict::TooManyHeaders);
+    }
+    if let Some(i) = v.add_headers.iter().position(|h| !check_header(h)) {
+        return Err(InvalidVerdict::Header(i));
+    }
+    if let Some(g) = &v.policy_group {
+        if g.len() > MAX_GROUP || !g.bytes().all(|b| (33..127).contains(&b)) {
+            return Err(InvalidVerdict::Group);
+        }
+    }
+    Ok(())
+}
+
+/// Checks an EHLO verdict (RFC 5321 `ehlo-keyword *(SP ehlo-param)`).
+pub fn check_ehlo(v: &EhloVerdict) -> Result<(), InvalidVerdict> {
+    check_verdict(&v.verdict)?;
+    if v.keywords.len() > MAX_KEYWORDS {
+        return Err(InvalidVerdict::Keyword(MAX_KEYWORDS));
+    }
+    for (i, k) in v.keywords.iter().enumerate() {
+        let mut words = k.split(' ');
+        let kw = words.next().unwrap_or("");
+        let ok = kw.len() <= 64
+            && kw.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && kw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && k.len() <= 200
+            && words.all(|p| !p.is_empty() && p.bytes().all(|b| (33..127).contains(&b)));
+        if !ok {
+            return Err(InvalidVerdict::Keyword(i));
+        }
+    }
+    Ok(())
+}
+
+/// Renders a reply as SMTP reply lines, without line ends: the code on every
+/// line (`-` after it on all but the last), the enhanced code after it, and
+/// the retry hint at the end of the last line.
+pub fn render_lines(r: &Reply) -> Vec<String> {
+    let mut text: Vec<&str> = r.text.iter().map(String::as_str).collect();
+    if text.is_empty() {
+        text.push("");
+    }
+    let n = text.len();
+    text.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            let mut line = format!("{}{sep}", r.code);
+            if let Some(e) = &r.enhanced {
+                line.push_str(e);
+                line.push(' ');
+            }
+            line.push_str(t);
+            if i + 1 == n {
+                if let Some(s) = r.retry_after {
+                    if !line.ends_with(' ') {
+                        line.push(' ');
+                    }
+                    line.push_str(&format_retry(u64::from(s)));
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// Renders a reply as it goes on the wire, every line ended by CRLF.
+pub fn render(r: &Reply) -> String {
+    render_lines(r).iter().map(|l| format!("{l}\r\n")).collect()
+}
+
+/// Renders a reply on one line, for protocols that carry only one (the
+/// Postfix policy protocol): `451 4.7.1 text; more text retry=00:05:00`.
+pub fn render_single_line(r: &Reply) -> String {
+    let one = Reply { text: vec![r.text.join("; ")], ..r.clone() };
+    render_lines(&one).concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, text: &[&str], retry: Option<u32>) -> Reply {
+        Reply { code, enhanced: Some(format!("{}.7.1", code / 100)), text: text.iter().map(|s| s.to_string()).collect(), retry_after: retry }
+    }
+
+    #[test]
+    fn single_and_multi_line() {
+        assert_eq!(render(&reply(451, &["Greylisted"], Some(300))), "451 4.7.1 Greylisted retry=00:05:00\r\n");
+        assert_eq!(
+            render(&reply(451, &["Greylisted.", "See policy"], Some(120))),
+            "451-4.7.1 Greylisted.\r\n451 4.7.1 See policy retry=00:02:00\r\n"
+        );
+        assert_eq!(render(&reply(421, &[], Some(60))), "421 4.7.1 retry=00:01:00\r\n");
+        assert_eq!(render_single_line(&reply(451, &["a", "b"], Some(0))), "451 4.7.1 a; b retry=00:00:00");
+    }
+
+    #[test]
+    fn checks() {
+        assert!(check_reply(&reply(451, &["x"], None), true).is_ok());
+        assert!(check_reply(&reply(550, &["x"], None), true).is_err());
+        assert!(check_reply(&reply(451, &["x\r\nDATA"], None), true).is_err());
+        let mut r = reply(451, &["x"], None);
+        r.enhanced = Some("5.7.1".into());
+        assert!(check_reply(&r, true).is_err());
+        assert!(check_header(&Header { name: "X-Greylist".into(), value: "delayed 3 seconds".into() }));
+        assert!(!check_header(&Header { name: "X-A".into(), value: "a\r\nBcc: evil".into() }));
+        assert!(!check_header(&Header { name: "X A:".into(), value: "v".into() }));
+    }
+}

@@ -1,0 +1,289 @@
+//! What a filter sees: the generated bindings of `wit/greyhook.wit`, the
+//! per-instance host state, and the host side of the `store` and `log`
+//! imports. Also the conversions between the WIT types and [`crate::types`].
+//!
+//! The sandbox grants no WASI capability. Rust's `std` on `wasm32-wasip2`
+//! makes every component import `wasi:cli`, `wasi:io`, `wasi:clocks`,
+//! `wasi:random` and `wasi:filesystem` interfaces even when it does no I/O, so
+//! they are linked, but empty: no arguments, no environment variables, no
+//! preopened directories, no sockets (TCP, UDP and name lookups refused),
+//! stdin empty, stdout discarded, stderr kept (bounded) for the log of a trap,
+//! and both clocks frozen at zero (a filter gets time only from the
+//! context's `now`).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasData, ResourceTable};
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::store::{Condition, Store, WriteOutcome};
+use crate::types;
+
+/// The bindings generated from `wit/greyhook.wit`.
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "filter",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use bindings::greyhook::filter::{log as wit_log, store as wit_store, types as wit};
+
+/// Longest store key a filter may use (before namespacing).
+pub const MAX_KEY: usize = 256;
+/// Largest value a filter may store.
+pub const MAX_VALUE: usize = 16 * 1024;
+/// Longest log line kept from a filter.
+pub const MAX_LOG: usize = 1024;
+/// How much of a filter's stderr is kept (for the log line of a trap).
+const STDERR_KEEP: usize = 4096;
+
+/// A clock that always says zero: filters must use the context's `now`.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// The state of one filter instance's wasmtime `Store`.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    stderr: MemoryOutputPipe,
+    store: Arc<dyn Store>,
+    /// `namespace/`, prefixed to every key.
+    prefix: String,
+    /// The filter's name, for its log lines.
+    pub(crate) filter: Arc<str>,
+    /// The context's `now` of the call in progress: the base of TTLs.
+    now: u64,
+    store_calls: u32,
+    max_store_calls: u32,
+    /// The first store failure or limit breach of the call in progress.
+    pub(crate) store_failure: Option<String>,
+}
+
+impl HostState {
+    pub(crate) fn new(store: Arc<dyn Store>, namespace: &str, filter: Arc<str>, memory: usize, max_store_calls: u32) -> HostState {
+        let stderr = MemoryOutputPipe::new(STDERR_KEEP);
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(memory).instances(32).tables(64).memories(8).build(),
+            stderr,
+            store,
+            prefix: format!("{namespace}/"),
+            filter,
+            now: 0,
+            store_calls: 0,
+            max_store_calls,
+            store_failure: None,
+        }
+    }
+
+    /// Resets the per-call state.
+    pub(crate) fn begin_call(&mut self, now: u64) {
+        self.now = now;
+        self.store_calls = 0;
+        self.store_failure = None;
+    }
+
+    /// What the filter wrote to stderr (e.g. a panic message), lossy.
+    pub(crate) fn stderr_text(&self) -> String {
+        let b = self.stderr.contents();
+        String::from_utf8_lossy(&b).trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    }
+
+    fn fail(&mut self, msg: String) -> wit_store::StoreError {
+        if self.store_failure.is_none() {
+            self.store_failure = Some(msg.clone());
+        }
+        wit_store::StoreError::Unavailable(msg)
+    }
+
+    /// Counts a store call and checks the key; returns the namespaced key.
+    fn admit(&mut self, key: &str) -> Result<String, wit_store::StoreError> {
+        self.store_calls += 1;
+        if self.store_calls > self.max_store_calls {
+            let m = format!("more than {} store calls in one hook call", self.max_store_calls);
+            self.fail(m.clone());
+            return Err(wit_store::StoreError::Limit(m));
+        }
+        if key.is_empty() || key.len() > MAX_KEY {
+            let m = format!("store key of {} bytes (1 to {MAX_KEY} allowed)", key.len());
+            self.fail(m.clone());
+            return Err(wit_store::StoreError::Limit(m));
+        }
+        Ok(format!("{}{key}", self.prefix))
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Marker for `add_to_linker`: the host interfaces are implemented on [`HostState`] itself.
+pub(crate) struct Host;
+
+impl HasData for Host {
+    type Data<'a> = &'a mut HostState;
+}
+
+impl wit::Host for HostState {}
+
+impl wit_store::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<wit_store::Entry>, wit_store::StoreError>> {
+        let key = match self.admit(&key) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match self.store.get(&key, self.now).await {
+            Ok(e) => Ok(e.map(|e| wit_store::Entry { value: e.value, version: e.version })),
+            Err(e) => Err(self.fail(e.to_string())),
+        })
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl: u32, if_version: Option<u64>) -> wasmtime::Result<Result<wit_store::WriteOutcome, wit_store::StoreError>> {
+        let key = match self.admit(&key) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e)),
+        };
+        if value.len() > MAX_VALUE {
+            let m = format!("store value of {} bytes (at most {MAX_VALUE})", value.len());
+            self.fail(m.clone());
+            return Ok(Err(wit_store::StoreError::Limit(m)));
+        }
+        let expires_at = self.now.saturating_add(u64::from(ttl.max(1)));
+        Ok(match self.store.set(&key, &value, expires_at, Condition::from_wit(if_version), self.now).await {
+            Ok(WriteOutcome::Written(v)) => Ok(wit_store::WriteOutcome::Written(v)),
+            Ok(WriteOutcome::Conflict) => Ok(wit_store::WriteOutcome::Conflict),
+            Err(e) => Err(self.fail(e.to_string())),
+        })
+    }
+
+    async fn delete(&mut self, key: String, if_version: Option<u64>) -> wasmtime::Result<Result<bool, wit_store::StoreError>> {
+        let key = match self.admit(&key) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match self.store.delete(&key, Condition::from_wit(if_version), self.now).await {
+            Ok(b) => Ok(b),
+            Err(e) => Err(self.fail(e.to_string())),
+        })
+    }
+}
+
+impl wit_log::Host for HostState {
+    async fn write(&mut self, level: wit_log::Level, message: String) -> wasmtime::Result<()> {
+        let msg: String = message.chars().take(MAX_LOG).map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let filter = &*self.filter;
+        match level {
+            wit_log::Level::Debug => tracing::debug!(target: "greyhook::filter", filter, "{msg}"),
+            wit_log::Level::Info => tracing::info!(target: "greyhook::filter", filter, "{msg}"),
+            wit_log::Level::Warn => tracing::warn!(target: "greyhook::filter", filter, "{msg}"),
+            wit_log::Level::Error => tracing::error!(target: "greyhook::filter", filter, "{msg}"),
+        }
+        Ok(())
+    }
+}
+
+// ---- conversions between crate::types and the WIT types ----
+
+pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
+    let s = &c.session;
+    let client_address = match s.client_address {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            wit::IpAddress::Ipv4((o[0], o[1], o[2], o[3]))
+        }
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => {
+                let o = v4.octets();
+                wit::IpAddress::Ipv4((o[0], o[1], o[2], o[3]))
+            }
+            None => {
+                let g = a.segments();
+                wit::IpAddress::Ipv6((g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]))
+            }
+        },
+    };
+    wit::Context {
+        session: wit::Session {
+            id: s.id.clone(),
+            client_address,
+            client_name: s.client_name.clone(),
+            helo: s.helo.clone(),
+            auth_user: s.auth_user.clone(),
+            tls: s.tls,
+        },
+        transaction: wit::Transaction {
+            sender: c.transaction.sender.clone(),
+            recipients: c
+                .transaction
+                .recipients
+                .iter()
+                .map(|r| wit::AcceptedRecipient { address: r.address.clone(), policy_group: r.policy_group.clone() })
+                .collect(),
+        },
+        now: c.now,
+    }
+}
+
+pub(crate) fn message_to_wit(m: &types::Message) -> wit::Message {
+    wit::Message {
+        message_id: m.message_id.clone(),
+        headers: m.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
+    }
+}
+
+fn reply_from_wit(r: wit::Reply) -> types::Reply {
+    types::Reply { code: r.code, enhanced: r.enhanced, text: r.text, retry_after: r.retry_after }
+}
+
+pub(crate) fn verdict_from_wit(v: wit::Verdict) -> types::Verdict {
+    types::Verdict {
+        decision: match v.decision {
+            wit::Decision::Continue => types::Decision::Continue,
+            wit::Decision::Accept => types::Decision::Accept,
+            wit::Decision::Tempfail(r) => types::Decision::Tempfail(reply_from_wit(r)),
+            wit::Decision::Reject(r) => types::Decision::Reject(reply_from_wit(r)),
+        },
+        add_headers: v.add_headers.into_iter().map(|h| types::Header { name: h.name, value: h.value }).collect(),
+        policy_group: v.policy_group,
+    }
+}
+
+pub(crate) fn ehlo_from_wit(v: wit::EhloVerdict) -> types::EhloVerdict {
+    types::EhloVerdict { verdict: verdict_from_wit(v.verdict), keywords: v.keywords }
+}

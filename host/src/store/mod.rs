@@ -1,0 +1,106 @@
+//! Where filters keep state: a key-value store with expiry and
+//! compare-and-swap, behind the [`Store`] trait.
+//!
+//! Backends: [`MemoryStore`] (tests, throwaway runs) and [`RedbStore`] (the
+//! embedded default, one file). The trait is async so that a networked
+//! backend (Redis, for MX farms) can wait on the network without blocking the
+//! runtime; adding one means adding a module here and nothing in the engine.
+//!
+//! Time is given by the caller (`now`, Unix seconds), never read here, so the
+//! expiry of records follows the same injected clock as the filter.
+
+mod memory;
+mod redb;
+
+pub use self::memory::MemoryStore;
+pub use self::redb::{Durability, RedbStore};
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// A stored value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// Its version: never 0, different after every write of the key.
+    pub version: u64,
+    /// When it expires, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// The condition of a write or delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Unconditional.
+    Any,
+    /// Only if the key is absent (or expired).
+    Absent,
+    /// Only if the key's current version is this one.
+    Version(u64),
+}
+
+impl Condition {
+    /// The WIT form: `none` = any, `some(0)` = absent, `some(v)` = version `v`.
+    pub fn from_wit(v: Option<u64>) -> Condition {
+        match v {
+            None => Condition::Any,
+            Some(0) => Condition::Absent,
+            Some(v) => Condition::Version(v),
+        }
+    }
+
+    /// True if a key whose live version is `current` (`None` = absent) meets it.
+    pub fn holds(self, current: Option<u64>) -> bool {
+        match self {
+            Condition::Any => true,
+            Condition::Absent => current.is_none(),
+            Condition::Version(v) => current == Some(v),
+        }
+    }
+}
+
+/// The outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Written, with this new version.
+    Written(u64),
+    /// The condition did not hold; nothing was written.
+    Conflict,
+}
+
+/// A store failure.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The backend failed or is unreachable.
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// The store could not be opened.
+    #[error("cannot open store {path}: {reason}")]
+    Open {
+        /// What was opened.
+        path: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// A key-value store with expiry and compare-and-swap. Implementations are
+/// shared by all filter instances and front ends (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads `key`; expired entries (`expires_at <= now`) are absent.
+    async fn get(&self, key: &str, now: u64) -> Result<Option<Entry>, StoreError>;
+
+    /// Writes `key` if `cond` holds against its live entry, atomically.
+    async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError>;
+
+    /// Deletes `key` if `cond` holds; true if a live entry was deleted.
+    async fn delete(&self, key: &str, cond: Condition, now: u64) -> Result<bool, StoreError>;
+
+    /// Removes entries expired at `now`; returns how many.
+    async fn sweep(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Makes every completed write durable (no-op where writes already are).
+    async fn flush(&self) -> Result<(), StoreError>;
+}

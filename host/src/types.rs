@@ -1,0 +1,173 @@
+//! The host-side view of the filter contract: plain Rust types that front
+//! ends fill in and read back. [`crate::engine`] converts them to and from
+//! the WIT types of `wit/greyhook.wit`.
+
+use std::net::IpAddr;
+
+/// What is known about the SMTP session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// An identifier for logs (e.g. Postfix's `instance`).
+    pub id: String,
+    /// The client's address.
+    pub client_address: IpAddr,
+    /// The client's verified reverse name, if any.
+    pub client_name: Option<String>,
+    /// The HELO/EHLO argument, once sent.
+    pub helo: Option<String>,
+    /// The authenticated identity, if any.
+    pub auth_user: Option<String>,
+    /// Whether TLS is in use.
+    pub tls: bool,
+}
+
+impl Session {
+    /// A session for `client` with nothing else known yet.
+    pub fn new(id: impl Into<String>, client: IpAddr) -> Session {
+        Session { id: id.into(), client_address: client, client_name: None, helo: None, auth_user: None, tls: false }
+    }
+}
+
+/// A recipient accepted earlier in the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedRecipient {
+    /// The address, without angle brackets.
+    pub address: String,
+    /// The policy group it was accepted under (empty if none).
+    pub policy_group: String,
+}
+
+/// The mail transaction so far.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transaction {
+    /// MAIL FROM without brackets; `Some("")` is `<>`; `None` before MAIL.
+    pub sender: Option<String>,
+    /// Recipients accepted so far.
+    pub recipients: Vec<AcceptedRecipient>,
+}
+
+/// The context of one hook call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// The session.
+    pub session: Session,
+    /// The transaction.
+    pub transaction: Transaction,
+    /// Unix seconds, as the host's clock says (injected in tests).
+    pub now: u64,
+}
+
+/// A message header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Field name.
+    pub name: String,
+    /// Field value, unfolded.
+    pub value: String,
+}
+
+/// The message at the DATA hook.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    /// The Message-ID header's value.
+    pub message_id: Option<String>,
+    /// All headers in order.
+    pub headers: Vec<Header>,
+}
+
+/// A structured SMTP reply; see [`crate::reply`] for how it is checked and rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Reply code (4yz or 5yz).
+    pub code: u16,
+    /// Enhanced status code such as `4.7.1`.
+    pub enhanced: Option<String>,
+    /// Text lines.
+    pub text: Vec<String>,
+    /// Retry hint, seconds.
+    pub retry_after: Option<u32>,
+}
+
+/// What a filter decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No opinion.
+    Continue,
+    /// Accept; later filters are not asked.
+    Accept,
+    /// Temporary failure.
+    Tempfail(Reply),
+    /// Permanent failure.
+    Reject(Reply),
+}
+
+/// A hook's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The decision.
+    pub decision: Decision,
+    /// Headers to add to the message.
+    pub add_headers: Vec<Header>,
+    /// The recipient's policy group (RCPT).
+    pub policy_group: Option<String>,
+}
+
+impl Verdict {
+    /// The `continue` verdict with nothing else.
+    pub fn cont() -> Verdict {
+        Verdict { decision: Decision::Continue, add_headers: Vec::new(), policy_group: None }
+    }
+
+    /// The reply to send, if the decision carries one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match &self.decision {
+            Decision::Tempfail(r) | Decision::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to EHLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EhloVerdict {
+    /// The decision about the session.
+    pub verdict: Verdict,
+    /// EHLO keywords to advertise.
+    pub keywords: Vec<String>,
+}
+
+/// A filter's name and version, from its `init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterInfo {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+}
+
+/// The SMTP phase a hook belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Connection (greeting).
+    Connect,
+    /// HELO/EHLO.
+    Ehlo,
+    /// MAIL FROM.
+    Mail,
+    /// RCPT TO.
+    Rcpt,
+    /// End of DATA.
+    Data,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Ehlo => "ehlo",
+            Phase::Mail => "mail",
+            Phase::Rcpt => "rcpt",
+            Phase::Data => "data",
+        })
+    }
+}
