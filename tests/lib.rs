@@ -1,1 +1,114 @@
-//! test helpers
+//! Helpers for greyhook's integration tests (`tests/all`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use greyhook::store::{MemoryStore, Store};
+use greyhook::types::{AcceptedRecipient, Context, Decision, Message, Session, Transaction, Verdict};
+use greyhook::{Filter, FilterOptions, Runtime, RuntimeConfig};
+
+/// The chaos filter: misbehaves on demand (see `tests/guests/chaos`).
+pub const CHAOS_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_CHAOS_FILTER"));
+
+/// A fixed start time for tests: 2023-11-14T22:13:20Z.
+pub const T0: u64 = 1_700_000_000;
+
+/// A runtime for tests.
+pub fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig::default()).expect("the wasmtime engine starts")
+}
+
+/// Loads the reference filter with `config` over `store`.
+pub async fn reference_on(rt: &Runtime, config: &str, store: Arc<dyn Store>) -> Filter {
+    let options = FilterOptions { config: config.to_string(), ..FilterOptions::default() };
+    rt.load(greyhook::REFERENCE_FILTER, options, store).await.expect("the reference filter loads")
+}
+
+/// Loads the reference filter with `config` over a fresh memory store.
+pub async fn reference(config: &str) -> Filter {
+    reference_on(&runtime(), config, Arc::new(MemoryStore::new())).await
+}
+
+/// An SMTP session driven against a filter, with the clock in the test's hands.
+pub struct Client<'f> {
+    /// The filter.
+    pub filter: &'f Filter,
+    /// The session.
+    pub session: Session,
+    /// The transaction.
+    pub tx: Transaction,
+    /// The time passed to the filter.
+    pub now: u64,
+}
+
+impl<'f> Client<'f> {
+    /// A session from `ip` at `now`.
+    pub fn new(filter: &'f Filter, ip: &str, now: u64) -> Client<'f> {
+        let ip: IpAddr = ip.parse().expect("a test IP address");
+        Client { filter, session: Session::new("test", ip), tx: Transaction::default(), now }
+    }
+
+    /// The context of the next call.
+    pub fn ctx(&self) -> Context {
+        Context { session: self.session.clone(), transaction: self.tx.clone(), now: self.now }
+    }
+
+    /// MAIL FROM (starts a new transaction).
+    pub async fn mail(&mut self, sender: &str) -> Verdict {
+        self.tx = Transaction::default();
+        let v = self.filter.on_mail(&self.ctx(), sender).await;
+        self.tx.sender = Some(sender.to_string());
+        v
+    }
+
+    /// RCPT TO; an accepted recipient joins the transaction.
+    pub async fn rcpt(&mut self, rcpt: &str) -> Verdict {
+        let v = self.filter.on_rcpt(&self.ctx(), rcpt).await;
+        if v.reply().is_none() {
+            self.tx
+                .recipients
+                .push(AcceptedRecipient { address: rcpt.to_string(), policy_group: v.policy_group.clone().unwrap_or_default() });
+        }
+        v
+    }
+
+    /// End of DATA with this Message-ID.
+    pub async fn data(&mut self, message_id: Option<&str>) -> Verdict {
+        let m = Message { message_id: message_id.map(str::to_string), headers: Vec::new() };
+        self.filter.on_data(&self.ctx(), &m).await
+    }
+
+    /// One whole transaction: MAIL, RCPT, and the RCPT verdict.
+    pub async fn attempt(&mut self, sender: &str, rcpt: &str) -> Verdict {
+        self.mail(sender).await;
+        self.rcpt(rcpt).await
+    }
+}
+
+/// The retry hint of a tempfail verdict (`None` if it is not a tempfail).
+pub fn retry(v: &Verdict) -> Option<u32> {
+    match &v.decision {
+        Decision::Tempfail(r) => r.retry_after,
+        _ => None,
+    }
+}
+
+/// The reply code, if any.
+pub fn code(v: &Verdict) -> Option<u16> {
+    v.reply().map(|r| r.code)
+}
+
+/// True if the verdict lets the mail on (continue or accept).
+pub fn passes(v: &Verdict) -> bool {
+    matches!(v.decision, Decision::Continue | Decision::Accept)
+}
+
+/// The `greyhook` binary built by the same `cargo test` run.
+pub fn greyhook_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps");
+    let bin = dir.join("greyhook");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace` (it builds the binary)", bin.display());
+    bin
+}

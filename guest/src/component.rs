@@ -12,9 +12,7 @@ wit_bindgen::generate!({
 });
 
 use exports::greyhook::filter::hooks::Guest;
-use greyhook::filter::types::{
-    Context, Decision, EhloVerdict, FilterInfo, Header, IpAddress, Message, Reply, Verdict,
-};
+use greyhook::filter::types::{Context, Decision, EhloVerdict, FilterInfo, Header, IpAddress, Message, Reply, Verdict};
 use greyhook::filter::{log, store};
 
 thread_local! {

@@ -65,9 +65,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         Some(i) => (&t[..i], t[i..].trim()),
         None => (t, ""),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 300, \"90s\", \"5m\", \"2h\", \"2d\""))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 300, \"90s\", \"5m\", \"2h\", \"2d\""))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -291,7 +289,8 @@ impl Default for Config {
 impl Config {
     /// Parses and validates TOML text (empty text gives the defaults).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError(format!("invalid filter configuration: {}", e.to_string().trim())))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError(format!("invalid filter configuration: {}", e.to_string().trim())))?;
         let bad = |key: &str, msg: String| ConfigError(format!("invalid filter configuration: key `{key}`: {msg}"));
         if raw.ipv4_prefix > 32 {
             return Err(bad("ipv4_prefix", format!("{} is over 32", raw.ipv4_prefix)));
@@ -314,12 +313,8 @@ impl Config {
         if raw.reply_text.len() > 300 || !raw.reply_text.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
             return Err(bad("reply_text", "must be printable US-ASCII, at most 300 characters".into()));
         }
-        let whitelist_clients = raw
-            .whitelist_clients
-            .iter()
-            .map(|s| Cidr::parse(s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("whitelist_clients", e))?;
+        let whitelist_clients =
+            raw.whitelist_clients.iter().map(|s| Cidr::parse(s)).collect::<Result<Vec<_>, _>>().map_err(|e| bad("whitelist_clients", e))?;
         let mut whitelist_recipients = vec![RecipientPattern::LocalPart("postmaster".into()), RecipientPattern::LocalPart("abuse".into())];
         for r in &raw.whitelist_recipients {
             whitelist_recipients.push(RecipientPattern::parse(r).map_err(|e| bad("whitelist_recipients", e))?);

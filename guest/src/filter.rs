@@ -196,20 +196,23 @@ impl Greylist {
         if let Some(name) = s.client_name.as_deref() {
             let name = name.to_ascii_lowercase();
             let hit = self.config.whitelist_client_names.iter().any(|suffix| {
-                if suffix.starts_with('.') { name.ends_with(suffix.as_str()) } else { name == *suffix || name.ends_with(&format!(".{suffix}")) }
+                if suffix.starts_with('.') {
+                    name.ends_with(suffix.as_str())
+                } else {
+                    name == *suffix || name.ends_with(&format!(".{suffix}"))
+                }
             });
             if hit {
                 return Ok(Some("whitelisted client name"));
             }
         }
-        if self.config.auto_whitelist_after > 0 {
-            if let Some((v, _)) = kv.get(&format!("awl/{net}"))? {
+        if self.config.auto_whitelist_after > 0
+            && let Some((v, _)) = kv.get(&format!("awl/{net}"))? {
                 let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
                 if n >= self.config.auto_whitelist_after {
                     return Ok(Some("auto-whitelisted"));
                 }
             }
-        }
         Ok(None)
     }
 
@@ -249,7 +252,9 @@ impl Greylist {
                 Some(r) if now < r.first_seen.saturating_add(delay) => {
                     return Ok(Outcome::Defer(r.first_seen.saturating_add(delay) - now));
                 }
-                Some(r) => (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age),
+                Some(r) => {
+                    (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age)
+                }
             };
             if kv.set(key, &next.encode(), ttl(life), Some(ver))?.is_some() {
                 return Ok(outcome);
@@ -302,7 +307,8 @@ impl Greylist {
     /// The RCPT hook.
     pub fn on_rcpt(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
         let sender = ctx.sender.as_deref().unwrap_or("");
-        if let Err(e) = check_address(recipient).and_then(|_| check_address(sender)) {
+        let nonempty = |r: &str| if r.is_empty() { Err(normalize::BadAddress("empty recipient")) } else { Ok(()) };
+        if let Err(e) = nonempty(recipient).and_then(|_| check_address(recipient)).and_then(|_| check_address(sender)) {
             kv.log(Level::Warn, &format!("session {}: not greylisting, unusable address: {}", ctx.session.id, e.0));
             return Ok(Verdict::cont());
         }
@@ -317,7 +323,11 @@ impl Greylist {
             Some((_, first)) if first != group => {
                 kv.log(Level::Info, &format!("{recipient}: policy group {group} differs from {first}: retry at once"));
                 return Ok(Verdict {
-                    decision: self.tempfail(451, "This recipient has a different policy than the first one; please retry it in a new transaction".into(), 0),
+                    decision: self.tempfail(
+                        451,
+                        "This recipient has a different policy than the first one; please retry it in a new transaction".into(),
+                        0,
+                    ),
                     ..Verdict::cont()
                 });
             }

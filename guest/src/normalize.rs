@@ -63,11 +63,10 @@ pub fn normalize_sender(a: &str) -> String {
     };
     // SRS1=HHH=fwd.example==HHH=TT=orig.example=user@relay: the part after
     // `==` has the SRS0 shape.
-    if let Some(rest) = local.strip_prefix("srs1=") {
-        if let Some((_, srs0)) = rest.split_once("==") {
+    if let Some(rest) = local.strip_prefix("srs1=")
+        && let Some((_, srs0)) = rest.split_once("==") {
             local = format!("srs0={srs0}");
         }
-    }
     if let Some(rest) = local.strip_prefix("srs0=") {
         // HHH=TT=orig-domain=orig-local (orig-local may itself contain `=`).
         let parts: Vec<&str> = rest.splitn(4, '=').collect();
@@ -79,18 +78,22 @@ pub fn normalize_sender(a: &str) -> String {
     if let Some(rest) = local.strip_prefix("prvs=") {
         // prvs=KDDDSSSSSS=user (RFC draft) or prvs=user=KDDDSSSSSS (some MTAs).
         if let Some((a, b)) = rest.split_once('=') {
-            local = if is_batv_tag(a) { b.to_string() } else if is_batv_tag(b) { a.to_string() } else { b.to_string() };
+            local = if is_batv_tag(a) {
+                b.to_string()
+            } else if is_batv_tag(b) {
+                a.to_string()
+            } else {
+                b.to_string()
+            };
         }
-    } else if let Some(rest) = local.strip_prefix("btv1==") {
-        if let Some((_, user)) = rest.split_once("==") {
+    } else if let Some(rest) = local.strip_prefix("btv1==")
+        && let Some((_, user)) = rest.split_once("==") {
             local = user.to_string();
         }
-    }
-    if let Some((base, _ext)) = local.split_once('+') {
-        if !base.is_empty() {
+    if let Some((base, _ext)) = local.split_once('+')
+        && !base.is_empty() {
             local = base.to_string();
         }
-    }
     let mut out = String::with_capacity(local.len() + domain.len() + 1);
     let mut in_digits = false;
     for c in local.chars() {

@@ -24,11 +24,15 @@ pub enum ConfigError {
 /// is taken as such; anything else is taken as a string (`stage=data`).
 /// Dotted keys (`a.b=1`) set nested tables.
 pub fn merge_settings(base: &str, origin: &str, sets: &[String]) -> Result<String, ConfigError> {
-    let mut table: toml::Table = base.parse().map_err(|e: toml::de::Error| ConfigError::Toml { origin: origin.to_string(), message: e.to_string().trim().to_string() })?;
+    let mut table: toml::Table = base
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Toml { origin: origin.to_string(), message: e.to_string().trim().to_string() })?;
     for s in sets {
         let (key, value) = s.split_once('=').ok_or_else(|| ConfigError::Set(s.clone()))?;
         let key = key.trim();
-        if key.is_empty() || !key.split('.').all(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')) {
+        if key.is_empty()
+            || !key.split('.').all(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
             return Err(ConfigError::Set(s.clone()));
         }
         let value = value.trim();
@@ -60,7 +64,12 @@ mod tests {
 
     #[test]
     fn overrides() {
-        let out = merge_settings("delay = 300\nstage = \"rcpt\"", "f", &["delay=2".into(), "stage=data".into(), "whitelist_clients=[\"10.0.0.0/8\"]".into()]).unwrap();
+        let out = merge_settings(
+            "delay = 300\nstage = \"rcpt\"",
+            "f",
+            &["delay=2".into(), "stage=data".into(), "whitelist_clients=[\"10.0.0.0/8\"]".into()],
+        )
+        .unwrap();
         let t: toml::Table = out.parse().unwrap();
         assert_eq!(t["delay"].as_integer(), Some(2));
         assert_eq!(t["stage"].as_str(), Some("data"));

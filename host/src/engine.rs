@@ -109,7 +109,12 @@ pub struct FilterOptions {
 
 impl Default for FilterOptions {
     fn default() -> Self {
-        FilterOptions { config: String::new(), namespace: "greylist".into(), limits: Limits::default(), failure_policy: FailurePolicy::Continue }
+        FilterOptions {
+            config: String::new(),
+            namespace: "greylist".into(),
+            limits: Limits::default(),
+            failure_policy: FailurePolicy::Continue,
+        }
     }
 }
 
@@ -243,14 +248,7 @@ impl Runtime {
                 })
                 .map_err(|e| LoadError::Engine(e.to_string()))?;
         }
-        Ok(Runtime {
-            inner: Arc::new(RuntimeInner {
-                engine,
-                linker,
-                config,
-                _ticker: Ticker { stop },
-            }),
-        })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop } }) })
     }
 
     /// Compiles `bytes` into a component, with a clear error for what is
@@ -276,13 +274,21 @@ impl Runtime {
     }
 
     /// Like [`Runtime::load`], from an already compiled filter.
-    pub async fn instantiate_filter(&self, compiled: CompiledFilter, options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, LoadError> {
+    pub async fn instantiate_filter(
+        &self,
+        compiled: CompiledFilter,
+        options: FilterOptions,
+        store: Arc<dyn Store>,
+    ) -> Result<Filter, LoadError> {
         let ns = &options.namespace;
         if ns.is_empty() || ns.len() > 64 || !ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             return Err(LoadError::Options(format!("namespace {ns:?}: use 1 to 64 letters, digits, '-', '_' or '.'")));
         }
         if options.limits.memory > self.inner.config.max_memory {
-            return Err(LoadError::Options(format!("memory limit {} is over the runtime's {}", options.limits.memory, self.inner.config.max_memory)));
+            return Err(LoadError::Options(format!(
+                "memory limit {} is over the runtime's {}",
+                options.limits.memory, self.inner.config.max_memory
+            )));
         }
         let pre = self.inner.linker.instantiate_pre(&compiled.component).map_err(|e| LoadError::World(format!("{e:#}")))?;
         let pre = bindings::FilterPre::new(pre).map_err(|e| LoadError::World(format!("{e:#}")))?;

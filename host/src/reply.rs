@@ -72,11 +72,10 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
     if r.code / 100 != class || r.code % 100 / 10 > 5 {
         return Err(InvalidVerdict::Code(r.code, what));
     }
-    if let Some(e) = &r.enhanced {
-        if !valid_enhanced(e, r.code) {
+    if let Some(e) = &r.enhanced
+        && !valid_enhanced(e, r.code) {
             return Err(InvalidVerdict::Enhanced(e.clone(), r.code));
         }
-    }
     if r.text.len() > MAX_LINES {
         return Err(InvalidVerdict::TooManyLines);
     }
@@ -110,11 +109,10 @@ pub fn check_verdict(v: &Verdict) -> Result<(), InvalidVerdict> {
     if let Some(i) = v.add_headers.iter().position(|h| !check_header(h)) {
         return Err(InvalidVerdict::Header(i));
     }
-    if let Some(g) = &v.policy_group {
-        if g.len() > MAX_GROUP || !g.bytes().all(|b| (33..127).contains(&b)) {
+    if let Some(g) = &v.policy_group
+        && (g.len() > MAX_GROUP || !g.bytes().all(|b| (33..127).contains(&b))) {
             return Err(InvalidVerdict::Group);
         }
-    }
     Ok(())
 }
 
@@ -158,14 +156,13 @@ pub fn render_lines(r: &Reply) -> Vec<String> {
                 line.push(' ');
             }
             line.push_str(t);
-            if i + 1 == n {
-                if let Some(s) = r.retry_after {
+            if i + 1 == n
+                && let Some(s) = r.retry_after {
                     if !line.ends_with(' ') {
                         line.push(' ');
                     }
                     line.push_str(&format_retry(u64::from(s)));
                 }
-            }
             line.trim_end().to_string()
         })
         .collect()
@@ -188,7 +185,12 @@ mod tests {
     use super::*;
 
     fn reply(code: u16, text: &[&str], retry: Option<u32>) -> Reply {
-        Reply { code, enhanced: Some(format!("{}.7.1", code / 100)), text: text.iter().map(|s| s.to_string()).collect(), retry_after: retry }
+        Reply {
+            code,
+            enhanced: Some(format!("{}.7.1", code / 100)),
+            text: text.iter().map(|s| s.to_string()).collect(),
+            retry_after: retry,
+        }
     }
 
     #[test]

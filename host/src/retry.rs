@@ -23,11 +23,10 @@ pub fn format_retry(secs: u64) -> String {
 /// known informal form on any line. Returns seconds.
 pub fn parse_retry_hint(reply: &str) -> Option<u64> {
     let lines: Vec<String> = reply.lines().map(|l| strip_code(l).to_ascii_lowercase()).collect();
-    if let Some(last) = lines.iter().rev().find(|l| !l.trim().is_empty()) {
-        if let Some(s) = find_after(last, "retry=", strict_clock) {
+    if let Some(last) = lines.iter().rev().find(|l| !l.trim().is_empty())
+        && let Some(s) = find_after(last, "retry=", strict_clock) {
             return Some(s);
         }
-    }
     lines.iter().rev().find_map(|l| informal(l))
 }
 
@@ -58,9 +57,7 @@ fn informal(line: &str) -> Option<u64> {
         .or_else(|| find_after(line, "retry ", |s| strict_clock(s).or_else(|| amount(s, false))))
         .or_else(|| find_after(line, "time=", |s| amount(s, true)))
         .or_else(|| {
-            [" in ", " for ", " after ", "wait "]
-                .iter()
-                .find_map(|k| find_after(line, k, |s| loose_clock(s).or_else(|| amount(s, false))))
+            [" in ", " for ", " after ", "wait "].iter().find_map(|k| find_after(line, k, |s| loose_clock(s).or_else(|| amount(s, false))))
         })
 }
 
@@ -77,7 +74,11 @@ fn digits(s: &str) -> Option<(u64, &str)> {
 fn strict_clock(s: &str) -> Option<u64> {
     let two = |s: &str| -> Option<u64> {
         let b = s.as_bytes();
-        if b.len() >= 2 && b[0].is_ascii_digit() && b[1].is_ascii_digit() { Some(u64::from((b[0] - b'0') * 10 + (b[1] - b'0'))) } else { None }
+        if b.len() >= 2 && b[0].is_ascii_digit() && b[1].is_ascii_digit() {
+            Some(u64::from((b[0] - b'0') * 10 + (b[1] - b'0')))
+        } else {
+            None
+        }
     };
     let (days, rest) = match (two(s), s.as_bytes().get(2)) {
         (Some(d), Some(b'-')) => (d, &s[3..]),
@@ -109,6 +110,10 @@ fn loose_clock(s: &str) -> Option<u64> {
 /// only where `bare` is set (after `retry=` and `time=`).
 fn amount(s: &str, bare: bool) -> Option<u64> {
     let (n, rest) = digits(s)?;
+    if rest.starts_with([':', '.', ',', '-']) && rest[1..].starts_with(|c: char| c.is_ascii_digit()) {
+        // A malformed clock or a decimal, not an amount.
+        return None;
+    }
     let rest = rest.trim_start();
     let word: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
     let mult = match word.as_str() {

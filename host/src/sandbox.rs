@@ -174,7 +174,13 @@ impl wit_store::Host for HostState {
         })
     }
 
-    async fn set(&mut self, key: String, value: Vec<u8>, ttl: u32, if_version: Option<u64>) -> wasmtime::Result<Result<wit_store::WriteOutcome, wit_store::StoreError>> {
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl: u32,
+        if_version: Option<u64>,
+    ) -> wasmtime::Result<Result<wit_store::WriteOutcome, wit_store::StoreError>> {
         let key = match self.admit(&key) {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),

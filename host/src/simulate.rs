@@ -140,7 +140,8 @@ pub async fn run(filter: &Filter, events: &[Event], start: u64) -> Result<Vec<St
             }
             "CONNECT" => {
                 let mut words = arg.split_whitespace();
-                let ip: IpAddr = words.next().and_then(|w| w.parse().ok()).ok_or_else(|| err("CONNECT needs a client IP address".into()))?;
+                let ip: IpAddr =
+                    words.next().and_then(|w| w.parse().ok()).ok_or_else(|| err("CONNECT needs a client IP address".into()))?;
                 let mut s = Session::new(format!("sim-{}", i + 1), ip);
                 s.client_name = words.next().map(str::to_string);
                 out.push(format!("-- connect from {ip}"));

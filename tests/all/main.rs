@@ -1,1 +1,8 @@
+//! greyhook's integration tests, one binary (as wasmtime's `tests/all`):
+//! the filters run as real components in the real host.
 
+mod cli;
+mod greylist;
+mod reply;
+mod sandbox;
+mod store;

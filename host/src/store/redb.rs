@@ -173,7 +173,8 @@ impl Store for RedbStore {
                 }
                 for (at, key) in &due {
                     exp.remove((*at, key.as_str())).map_err(backend)?;
-                    let stale = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())).is_some_and(|e| e.expires_at == *at);
+                    let stale =
+                        rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())).is_some_and(|e| e.expires_at == *at);
                     if stale {
                         rec.remove(key.as_str()).map_err(backend)?;
                     }

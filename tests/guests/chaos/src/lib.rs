@@ -1,1 +1,121 @@
+//! A filter for greyhook's tests that misbehaves on demand, chosen by the
+//! recipient's local part at RCPT (`panic@x`, `loop@x`, ...). Any other
+//! recipient gets `accept` with an `X-Chaos: ok` header, and the sender
+//! `store@x` exercises the store. `init` refuses the configuration `fail`.
 
+wit_bindgen::generate!({
+    path: "../../../wit",
+    world: "filter",
+});
+
+use exports::greyhook::filter::hooks::Guest;
+use greyhook::filter::types::{Context, Decision, EhloVerdict, FilterInfo, Header, Message, Reply, Verdict};
+use greyhook::filter::{log, store};
+
+fn verdict(decision: Decision) -> Verdict {
+    Verdict { decision, add_headers: Vec::new(), policy_group: None }
+}
+
+fn header(name: &str, value: String) -> Verdict {
+    Verdict { decision: Decision::Accept, add_headers: vec![Header { name: name.into(), value }], policy_group: None }
+}
+
+#[inline(never)]
+fn recurse(n: u64) -> u64 {
+    let pad = [n; 64];
+    if n == u64::MAX { 0 } else { recurse(n + 1).wrapping_add(std::hint::black_box(pad)[3]) }
+}
+
+struct Chaos;
+
+impl Guest for Chaos {
+    fn init(config: String) -> Result<FilterInfo, String> {
+        if config.trim() == "fail" {
+            return Err("key `fail`: this configuration is refused on purpose".into());
+        }
+        Ok(FilterInfo { name: "chaos".into(), version: "0.0.1".into() })
+    }
+
+    fn on_connect(_c: Context) -> Verdict {
+        verdict(Decision::Continue)
+    }
+
+    fn on_ehlo(_c: Context) -> EhloVerdict {
+        EhloVerdict { verdict: verdict(Decision::Continue), keywords: vec!["X\r\n250 INJECTED".into()] }
+    }
+
+    fn on_mail(_c: Context, _s: String) -> Verdict {
+        verdict(Decision::Continue)
+    }
+
+    fn on_rcpt(c: Context, recipient: String) -> Verdict {
+        let what = recipient.split('@').next().unwrap_or("");
+        match what {
+            "panic" => panic!("chaos: panic on request"),
+            "loop" => loop {
+                std::hint::black_box(0u8);
+            },
+            "memory" => {
+                let mut hog: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hog.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hog);
+                }
+            }
+            "recurse" => header("X-Chaos", recurse(0).to_string()),
+            "huge-reply" => {
+                verdict(Decision::Tempfail(Reply { code: 451, enhanced: None, text: vec!["x".repeat(1 << 20)], retry_after: None }))
+            }
+            "bad-code" => verdict(Decision::Tempfail(Reply { code: 250, enhanced: None, text: vec!["ok?".into()], retry_after: None })),
+            "inject" => {
+                verdict(Decision::Reject(Reply { code: 550, enhanced: None, text: vec!["no\r\n250 OK".into()], retry_after: None }))
+            }
+            "inject-header" => header("X-Chaos", "a\r\nBcc: victim@example.com".into()),
+            "store-flood" => {
+                for i in 0..10_000u32 {
+                    if store::set(&format!("k{i}"), b"v", 60, None).is_err() {
+                        break;
+                    }
+                }
+                verdict(Decision::Continue)
+            }
+            "store-big" => {
+                let _ = store::set("big", &vec![0u8; 1 << 20], 60, None);
+                verdict(Decision::Continue)
+            }
+            "escape" => {
+                // Try to reach another filter's namespace.
+                let k = format!("../greylist/{}", c.transaction.sender.unwrap_or_default());
+                let _ = store::set(&k, b"x", 60, None);
+                match store::get("../greylist/probe") {
+                    Ok(Some(_)) => header("X-Chaos", "escaped".into()),
+                    _ => header("X-Chaos", "contained".into()),
+                }
+            }
+            "counter" => {
+                // Read-modify-write with compare-and-swap until it lands.
+                for _ in 0..1000 {
+                    let (n, ver) = match store::get("counter") {
+                        Ok(Some(e)) => (String::from_utf8_lossy(&e.value).parse::<u64>().unwrap_or(0), e.version),
+                        Ok(None) => (0, 0),
+                        Err(_) => return verdict(Decision::Continue),
+                    };
+                    if let Ok(store::WriteOutcome::Written(_)) = store::set("counter", (n + 1).to_string().as_bytes(), 3600, Some(ver)) {
+                        return header("X-Chaos", (n + 1).to_string());
+                    }
+                }
+                verdict(Decision::Continue)
+            }
+            _ => {
+                log::write(log::Level::Info, "chaos: ok\r\nforged log line");
+                header("X-Chaos", "ok".into())
+            }
+        }
+    }
+
+    fn on_data(_c: Context, _m: Message) -> Verdict {
+        verdict(Decision::Continue)
+    }
+}
+
+export!(Chaos);

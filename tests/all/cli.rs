@@ -1,0 +1,66 @@
+//! The `greyhook` command, run as an operator runs it.
+
+use std::process::Command;
+
+use greyhook_tests::*;
+
+fn greyhook(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(greyhook_bin()).args(args).output().expect("greyhook runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_prints_name_version_and_imports() {
+    let (ok, out, err) = greyhook(&["check"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("name: greylist") && out.contains("version: 0.1.0"), "{out}");
+    assert!(out.contains("greyhook:filter/store@0.1.0") && out.contains("greyhook:filter/log@0.1.0"), "{out}");
+    assert!(out.contains("wasi:cli/environment") && out.contains("linked empty"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = dir.path().join("chaos.wasm");
+    std::fs::write(&chaos, CHAOS_FILTER).unwrap();
+    let (ok, out, _) = greyhook(&["check", chaos.to_str().unwrap()]);
+    assert!(ok && out.contains("name: chaos"), "{out}");
+
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"not wasm").unwrap();
+    let (ok, _, err) = greyhook(&["check", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("not a WebAssembly file"), "{err}");
+
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "delay = 300\ncolour = \"grey\"\n").unwrap();
+    let (ok, _, err) = greyhook(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("colour"), "{err}");
+    let (ok, _, err) = greyhook(&["check", "--set", "delay=soon"]);
+    assert!(!ok && err.contains("delay"), "{err}");
+}
+
+#[test]
+fn simulate_shows_the_replies_a_client_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("s.txt");
+    std::fs::write(
+        &script,
+        "CONNECT 192.0.2.1 mail.example.org\nEHLO mail.example.org\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.com>\nQUIT\n\
+         WAIT 1m\nCONNECT 192.0.2.1\nEHLO x\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.com>\nQUIT\n\
+         @120 CONNECT 192.0.2.1\nEHLO x\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.com>\nDATA <m@x>\nQUIT\n",
+    )
+    .unwrap();
+    let (ok, out, err) = greyhook(&["simulate", script.to_str().unwrap(), "--set", "delay=2m", "--start", "1700000000"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("S: 250-GREYLIST"), "{out}");
+    assert!(out.contains("S: 451 4.7.1 Greylisted, please try again later retry=00:02:00"), "{out}");
+    assert!(out.contains("S: 451 4.7.1 Greylisted, please try again later retry=00:01:00"), "{out}");
+    assert!(out.contains("S: 250 2.0.0 Ok: queued") && out.contains("H: X-Greylist: delayed 120 seconds by greyhook"), "{out}");
+
+    let json = dir.path().join("s.json");
+    std::fs::write(&json, r#"[{"command":"CONNECT 192.0.2.1"},{"command":"MAIL FROM:<a@x.org>"},{"command":"RCPT TO:<b@y.org>"},{"at":300,"command":"RCPT TO:<b@y.org>"}]"#).unwrap();
+    let (ok, out, err) = greyhook(&["simulate", json.to_str().unwrap(), "--start", "1700000000"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("retry=00:05:00") && out.contains("S: 250 2.1.5 Ok"), "{out}");
+
+    std::fs::write(&script, "MAIL FROM:<a@b>\n").unwrap();
+    let (ok, _, err) = greyhook(&["simulate", script.to_str().unwrap()]);
+    assert!(!ok && err.contains("line 1"), "{err}");
+}

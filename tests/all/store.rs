@@ -1,0 +1,139 @@
+//! The store backends: compare-and-swap under concurrency, expiry, and
+//! redb's persistence across a restart. The same suite runs on every backend.
+
+use std::sync::Arc;
+
+use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, Store, WriteOutcome};
+use greyhook_tests::*;
+
+async fn cas_increment(store: &dyn Store, key: &str) -> u32 {
+    let mut conflicts = 0;
+    loop {
+        let (n, cond) = match store.get(key, T0).await.unwrap() {
+            Some(e) => (String::from_utf8(e.value).unwrap().parse::<u64>().unwrap(), Condition::Version(e.version)),
+            None => (0, Condition::Absent),
+        };
+        tokio::task::yield_now().await;
+        match store.set(key, (n + 1).to_string().as_bytes(), T0 + 3600, cond, T0).await.unwrap() {
+            WriteOutcome::Written(_) => return conflicts,
+            WriteOutcome::Conflict => conflicts += 1,
+        }
+    }
+}
+
+async fn suite(store: Arc<dyn Store>) {
+    // Basic semantics.
+    assert_eq!(store.get("k", T0).await.unwrap(), None);
+    let v1 = match store.set("k", b"a", T0 + 10, Condition::Absent, T0).await.unwrap() {
+        WriteOutcome::Written(v) => v,
+        c => panic!("{c:?}"),
+    };
+    assert_eq!(store.set("k", b"b", T0 + 10, Condition::Absent, T0).await.unwrap(), WriteOutcome::Conflict);
+    assert_eq!(store.set("k", b"b", T0 + 10, Condition::Version(v1 + 1000), T0).await.unwrap(), WriteOutcome::Conflict);
+    let v2 = match store.set("k", b"b", T0 + 10, Condition::Version(v1), T0).await.unwrap() {
+        WriteOutcome::Written(v) => v,
+        c => panic!("{c:?}"),
+    };
+    assert_ne!(v1, v2);
+    let e = store.get("k", T0).await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.version, e.expires_at), (&b"b"[..], v2, T0 + 10));
+    // Expiry: absent once expired, and an expired key counts as absent.
+    assert_eq!(store.get("k", T0 + 10).await.unwrap(), None);
+    assert!(matches!(store.set("k", b"c", T0 + 20, Condition::Absent, T0 + 10).await.unwrap(), WriteOutcome::Written(_)));
+    assert!(!store.delete("k", Condition::Version(1_000_000), T0 + 10).await.unwrap());
+    assert!(store.delete("k", Condition::Any, T0 + 10).await.unwrap());
+    assert_eq!(store.get("k", T0 + 10).await.unwrap(), None);
+    // Sweep.
+    for i in 0..50 {
+        store.set(&format!("s{i}"), b"x", T0 + 5 + (i % 2), Condition::Any, T0).await.unwrap();
+    }
+    assert_eq!(store.sweep(T0 + 5).await.unwrap(), 25);
+    assert_eq!(store.sweep(T0 + 6).await.unwrap(), 25);
+    assert_eq!(store.get("s1", T0).await.unwrap(), None);
+
+    // Compare-and-swap under concurrent callers loses no update.
+    let tasks = 8;
+    let each = 50;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let s = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut c = 0;
+            for _ in 0..each {
+                c += cas_increment(&*s, "counter").await;
+            }
+            c
+        }));
+    }
+    let mut conflicts = 0;
+    for h in handles {
+        conflicts += h.await.unwrap();
+    }
+    let e = store.get("counter", T0).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8(e.value).unwrap(), (tasks * each).to_string(), "no lost update ({conflicts} conflicts retried)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_suite() {
+    suite(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redb_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    suite(Arc::new(RedbStore::open(&dir.path().join("periodic.db"), Durability::Periodic).unwrap())).await;
+    suite(Arc::new(RedbStore::open(&dir.path().join("immediate.db"), Durability::Immediate).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_cas_through_wasm_loses_no_update() {
+    // Many concurrent hook calls of the chaos filter's CAS counter, through
+    // the real host imports and both stores.
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<Arc<dyn Store>> =
+        vec![Arc::new(MemoryStore::new()), Arc::new(RedbStore::open(&dir.path().join("c.db"), Durability::Periodic).unwrap())];
+    for store in stores {
+        let rt = runtime();
+        let f = rt
+            .load(CHAOS_FILTER, greyhook::FilterOptions { namespace: "chaos".into(), ..Default::default() }, store.clone())
+            .await
+            .unwrap();
+        let mut handles = Vec::new();
+        for _ in 0..8 {
+            let f = f.clone();
+            handles.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    let c = Client::new(&f, "192.0.2.1", T0);
+                    let v = f.try_on_rcpt(&c.ctx(), "counter@x").await.unwrap();
+                    assert_eq!(v.add_headers.len(), 1, "{v:?}");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let e = store.get("chaos/counter", T0).await.unwrap().unwrap();
+        assert_eq!(e.value, b"320");
+    }
+}
+
+#[tokio::test]
+async fn redb_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("greyhook.db");
+    {
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&path, Durability::Periodic).unwrap());
+        let f = reference_on(&runtime(), "delay = 60", store.clone()).await;
+        let mut c = Client::new(&f, "192.0.2.1", T0);
+        assert_eq!(retry(&c.attempt("a@x.org", "b@y.org").await), Some(60));
+        store.flush().await.unwrap();
+        // A second process cannot open it while this one has it.
+        assert!(RedbStore::open(&path, Durability::Periodic).is_err());
+    }
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&path, Durability::Periodic).unwrap());
+    let f = reference_on(&runtime(), "delay = 60", store).await;
+    let mut c = Client::new(&f, "192.0.2.1", T0 + 30);
+    assert_eq!(retry(&c.attempt("a@x.org", "b@y.org").await), Some(30), "the record survived the restart");
+    c.now = T0 + 60;
+    assert!(passes(&c.attempt("a@x.org", "b@y.org").await));
+}
