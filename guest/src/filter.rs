@@ -207,12 +207,13 @@ impl Greylist {
             }
         }
         if self.config.auto_whitelist_after > 0
-            && let Some((v, _)) = kv.get(&format!("awl/{net}"))? {
-                let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-                if n >= self.config.auto_whitelist_after {
-                    return Ok(Some("auto-whitelisted"));
-                }
+            && let Some((v, _)) = kv.get(&format!("awl/{net}"))?
+        {
+            let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            if n >= self.config.auto_whitelist_after {
+                return Ok(Some("auto-whitelisted"));
             }
+        }
         Ok(None)
     }
 
@@ -268,10 +269,8 @@ impl Greylist {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = format!("{prefix}{}", triplet_key(parts));
         Ok(match self.check(&key, delay, ctx.now, kv)? {
-            Outcome::Defer(left) => {
-                kv.log(Level::Info, &format!("greylisted {net} key={key} retry={left}s"));
-                Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() }
-            }
+            // The host logs every decision; the filter logs only the unusual.
+            Outcome::Defer(left) => Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() },
             Outcome::FirstPass(waited) => {
                 self.count_pass(net, kv)?;
                 let mut v = Verdict::cont();

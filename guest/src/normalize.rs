@@ -64,9 +64,10 @@ pub fn normalize_sender(a: &str) -> String {
     // SRS1=HHH=fwd.example==HHH=TT=orig.example=user@relay: the part after
     // `==` has the SRS0 shape.
     if let Some(rest) = local.strip_prefix("srs1=")
-        && let Some((_, srs0)) = rest.split_once("==") {
-            local = format!("srs0={srs0}");
-        }
+        && let Some((_, srs0)) = rest.split_once("==")
+    {
+        local = format!("srs0={srs0}");
+    }
     if let Some(rest) = local.strip_prefix("srs0=") {
         // HHH=TT=orig-domain=orig-local (orig-local may itself contain `=`).
         let parts: Vec<&str> = rest.splitn(4, '=').collect();
@@ -87,13 +88,15 @@ pub fn normalize_sender(a: &str) -> String {
             };
         }
     } else if let Some(rest) = local.strip_prefix("btv1==")
-        && let Some((_, user)) = rest.split_once("==") {
-            local = user.to_string();
-        }
+        && let Some((_, user)) = rest.split_once("==")
+    {
+        local = user.to_string();
+    }
     if let Some((base, _ext)) = local.split_once('+')
-        && !base.is_empty() {
-            local = base.to_string();
-        }
+        && !base.is_empty()
+    {
+        local = base.to_string();
+    }
     let mut out = String::with_capacity(local.len() + domain.len() + 1);
     let mut in_digits = false;
     for c in local.chars() {

@@ -220,7 +220,10 @@ impl Runtime {
             .total_memories(n * 2)
             .total_tables(n * 8)
             .total_stacks(n)
-            .max_memory_size(config.max_memory);
+            .max_memory_size(config.max_memory)
+            // Keep the top of each fiber stack resident: otherwise every
+            // call's stack is returned to the kernel (madvise) afterwards.
+            .async_stack_keep_resident(256 << 10);
         let mut wc = wasmtime::Config::new();
         wc.epoch_interruption(true)
             .max_wasm_stack(config.max_stack)

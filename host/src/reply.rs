@@ -73,9 +73,10 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
         return Err(InvalidVerdict::Code(r.code, what));
     }
     if let Some(e) = &r.enhanced
-        && !valid_enhanced(e, r.code) {
-            return Err(InvalidVerdict::Enhanced(e.clone(), r.code));
-        }
+        && !valid_enhanced(e, r.code)
+    {
+        return Err(InvalidVerdict::Enhanced(e.clone(), r.code));
+    }
     if r.text.len() > MAX_LINES {
         return Err(InvalidVerdict::TooManyLines);
     }
@@ -110,9 +111,10 @@ pub fn check_verdict(v: &Verdict) -> Result<(), InvalidVerdict> {
         return Err(InvalidVerdict::Header(i));
     }
     if let Some(g) = &v.policy_group
-        && (g.len() > MAX_GROUP || !g.bytes().all(|b| (33..127).contains(&b))) {
-            return Err(InvalidVerdict::Group);
-        }
+        && (g.len() > MAX_GROUP || !g.bytes().all(|b| (33..127).contains(&b)))
+    {
+        return Err(InvalidVerdict::Group);
+    }
     Ok(())
 }
 
@@ -157,12 +159,13 @@ pub fn render_lines(r: &Reply) -> Vec<String> {
             }
             line.push_str(t);
             if i + 1 == n
-                && let Some(s) = r.retry_after {
-                    if !line.ends_with(' ') {
-                        line.push(' ');
-                    }
-                    line.push_str(&format_retry(u64::from(s)));
+                && let Some(s) = r.retry_after
+            {
+                if !line.ends_with(' ') {
+                    line.push(' ');
                 }
+                line.push_str(&format_retry(u64::from(s)));
+            }
             line.trim_end().to_string()
         })
         .collect()

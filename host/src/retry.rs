@@ -24,9 +24,10 @@ pub fn format_retry(secs: u64) -> String {
 pub fn parse_retry_hint(reply: &str) -> Option<u64> {
     let lines: Vec<String> = reply.lines().map(|l| strip_code(l).to_ascii_lowercase()).collect();
     if let Some(last) = lines.iter().rev().find(|l| !l.trim().is_empty())
-        && let Some(s) = find_after(last, "retry=", strict_clock) {
-            return Some(s);
-        }
+        && let Some(s) = find_after(last, "retry=", strict_clock)
+    {
+        return Some(s);
+    }
     lines.iter().rev().find_map(|l| informal(l))
 }
 

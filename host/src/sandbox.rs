@@ -212,6 +212,15 @@ impl wit_store::Host for HostState {
 
 impl wit_log::Host for HostState {
     async fn write(&mut self, level: wit_log::Level, message: String) -> wasmtime::Result<()> {
+        let enabled = match level {
+            wit_log::Level::Debug => tracing::enabled!(target: "greyhook::filter", tracing::Level::DEBUG),
+            wit_log::Level::Info => tracing::enabled!(target: "greyhook::filter", tracing::Level::INFO),
+            wit_log::Level::Warn => tracing::enabled!(target: "greyhook::filter", tracing::Level::WARN),
+            wit_log::Level::Error => tracing::enabled!(target: "greyhook::filter", tracing::Level::ERROR),
+        };
+        if !enabled {
+            return Ok(());
+        }
         let msg: String = message.chars().take(MAX_LOG).map(|c| if c.is_control() { ' ' } else { c }).collect();
         let filter = &*self.filter;
         match level {
