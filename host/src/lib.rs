@@ -25,9 +25,13 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod listen;
+pub mod policy;
 pub mod reply;
 pub mod retry;
 mod sandbox;

@@ -19,6 +19,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: the Postfix policy service (127.0.0.1:10023 by
+    /// default) with the reference filter and the embedded store, unless
+    /// told otherwise.
+    Serve {
+        /// The configuration file (TOML; see docs/configuration.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Policy listener, replacing the file's (repeatable):
+        /// `127.0.0.1:10023`, `[::1]:10023` or `unix:/path`.
+        #[arg(long = "policy", value_name = "ADDR")]
+        policy: Vec<String>,
+        /// The store: a redb file, or `memory`.
+        #[arg(long)]
+        db: Option<String>,
+        /// The filter component (.wasm).
+        #[arg(long)]
+        filter: Option<PathBuf>,
+        /// Override a key of the filter's configuration (repeatable), e.g. `delay=2`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Log level or filter (`info`, `debug`, `info,greyhook::filter=debug`).
+        #[arg(long)]
+        log: Option<String>,
+    },
     /// Load and type-check a filter, run its init, and print its name,
     /// version and imports.
     Check {
@@ -78,9 +102,56 @@ fn filter_bytes(filter: Option<&Path>) -> Result<Vec<u8>> {
     }
 }
 
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Only fails if a subscriber is already set, which nothing here does.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}
+
+async fn serve(config: Option<PathBuf>, policy: Vec<String>, db: Option<String>, filter: Option<PathBuf>, set: Vec<String>, log: Option<String>) -> Result<()> {
+    use greyhook::daemon::{Daemon, DaemonConfig};
+    let mut cfg = match &config {
+        Some(p) => DaemonConfig::load(p)?,
+        None => DaemonConfig::default(),
+    };
+    if !policy.is_empty() {
+        cfg.policy.listen = policy.iter().map(|p| p.parse()).collect::<Result<_, _>>()?;
+    }
+    if db.is_some() {
+        cfg.store.path = db;
+    }
+    if filter.is_some() {
+        cfg.filter.path = filter;
+    }
+    if let Some(l) = log {
+        cfg.log.level = l;
+    }
+    cfg.set_filter_keys(&set)?;
+    init_logging(&cfg.log.level);
+    let daemon = Daemon::start(&cfg, Arc::new(SystemClock)).await?;
+    let token = daemon.shutdown_token();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    daemon.wait().await;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Serve { config, policy, db, filter, set, log } = cli.command {
+        return serve(config, policy, db, filter, set, log).await;
+    }
+    init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
+        Command::Serve { .. } => unreachable!("handled above"),
         Command::Check { filter, config, set } => {
             let name = filter.as_ref().map_or("the reference filter".to_string(), |p| p.display().to_string());
             let bytes = filter_bytes(filter.as_deref())?;
@@ -116,12 +187,6 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

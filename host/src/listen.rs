@@ -1,0 +1,182 @@
+//! Listening addresses shared by the front ends: TCP (`127.0.0.1:10023`,
+//! `[::1]:10023`) or a unix socket (`unix:/run/greyhook/policy.sock`) with a
+//! mode and an owner, so Postfix's `check_policy_service unix:...` can reach it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+
+/// Where a front end listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+/// A bad address or a failed bind.
+#[derive(Debug, Error)]
+pub enum ListenError {
+    /// The address does not parse.
+    #[error("invalid listen address {0:?}: use HOST:PORT (127.0.0.1:10023, [::1]:10023) or unix:/path")]
+    Parse(String),
+    /// Binding failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The socket's owner or mode could not be set.
+    #[error("cannot set owner/mode of {path}: {reason}")]
+    Permissions {
+        /// The socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = ListenError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(ListenError::Parse(s.into()));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(p)));
+        }
+        let s2 = s.strip_prefix("inet:").unwrap_or(s);
+        s2.parse().map(ListenAddr::Tcp).map_err(|_| ListenError::Parse(s.into()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Who owns a unix socket and its mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixPerms {
+    /// File mode, e.g. `0o660`.
+    pub mode: Option<u32>,
+    /// Owner user (name or number).
+    pub owner: Option<String>,
+    /// Owner group (name or number).
+    pub group: Option<String>,
+}
+
+/// A stream from either kind of listener.
+pub type Conn = Pin<Box<dyn AsyncReadWrite>>;
+
+/// What a connection is: bytes both ways.
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket (removed again when dropped).
+    Unix(UnixListener, PathBuf),
+}
+
+/// Looks a user or group up by name in `/etc/passwd` or `/etc/group` (or
+/// takes a number). Written by hand: std has `chown` but no name lookup, and
+/// a libc binding for one call is not worth it.
+fn lookup_id(name: &str, file: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            (n == name).then_some(id)
+        })
+        .next()
+        .ok_or_else(|| format!("no {name:?} in {file}"))
+}
+
+impl Listener {
+    /// Binds `addr`; a unix socket left over from a previous run is replaced.
+    pub async fn bind(addr: &ListenAddr, perms: &UnixPerms) -> Result<Listener, ListenError> {
+        let bind_err = |source| ListenError::Bind { addr: addr.to_string(), source };
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(bind_err)?)),
+            ListenAddr::Unix(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(bind_err)?;
+                }
+                if p.exists() {
+                    std::fs::remove_file(p).map_err(bind_err)?;
+                }
+                let l = UnixListener::bind(p).map_err(bind_err)?;
+                let perm_err = |reason: String| ListenError::Permissions { path: p.display().to_string(), reason };
+                if perms.owner.is_some() || perms.group.is_some() {
+                    let uid = perms.owner.as_deref().map(|o| lookup_id(o, "/etc/passwd")).transpose().map_err(perm_err)?;
+                    let gid = perms.group.as_deref().map(|g| lookup_id(g, "/etc/group")).transpose().map_err(perm_err)?;
+                    std::os::unix::fs::chown(p, uid, gid).map_err(|e| perm_err(e.to_string()))?;
+                }
+                if let Some(mode) = perms.mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| perm_err(e.to_string()))?;
+                }
+                Ok(Listener::Unix(l, p.clone()))
+            }
+        }
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))),
+            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+        }
+    }
+
+    /// Accepts a connection: the stream and a peer description for logs.
+    pub async fn accept(&self) -> std::io::Result<(Conn, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Box::pin(s), peer.to_string()))
+            }
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::pin(s), format!("unix:{}", p.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

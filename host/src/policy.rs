@@ -1,0 +1,349 @@
+//! The Postfix policy delegation protocol (SMTPD_POLICY_README): Postfix's
+//! `check_policy_service` sends `name=value` lines ended by an empty line;
+//! greyhook answers `action=...` and an empty line; many requests per
+//! connection.
+//!
+//! `protocol_state` picks the hook: CONNECT → on-connect, HELO/EHLO →
+//! on-ehlo, MAIL → on-mail, RCPT → on-rcpt, DATA and END-OF-MESSAGE →
+//! on-data (without a Message-ID: the protocol does not carry one). Postfix
+//! sends one recipient per request and no recipient list at DATA, so the
+//! server keeps per-`instance` transaction state (the accepted recipients and
+//! their policy groups), bounded and expired.
+//!
+//! The protocol cannot advertise an EHLO keyword: `GREYLIST` needs the SMTP
+//! front end.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use tokio::io::{AsyncWriteExt, ReadHalf};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::log_decision;
+use crate::clock::Clock;
+use crate::engine::Filter;
+use crate::listen::{Conn, Listener};
+use crate::reply::render_single_line;
+use crate::types::{AcceptedRecipient, Context, Decision, Message, Phase, Session, Transaction, Verdict};
+
+/// How a tempfail is sent to Postfix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TempfailAction {
+    /// `action=451 4.7.1 ... retry=...`: the draft's code and hint, at once.
+    #[default]
+    Reply,
+    /// `action=DEFER_IF_PERMIT 4.7.1 ... retry=...`: Postfix defers only if
+    /// the rest of the restrictions would permit, so a later REJECT wins
+    /// (fewer retries of mail that would be rejected anyway), at the cost of
+    /// Postfix's own code (450) instead of the draft's 451.
+    DeferIfPermit,
+}
+
+/// Limits and behaviour of the policy server.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// How tempfails are sent.
+    pub tempfail_action: TempfailAction,
+    /// Longest attribute line, bytes.
+    pub max_line: usize,
+    /// Most attributes in one request.
+    pub max_attributes: usize,
+    /// A connection idle this long is closed (Postfix reconnects).
+    pub idle_timeout: Duration,
+    /// A request must be complete this long after its first line.
+    pub request_timeout: Duration,
+    /// Most connections at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Most transactions (Postfix `instance`s) tracked at once.
+    pub max_transactions: usize,
+    /// A transaction not seen for this long is forgotten.
+    pub transaction_ttl: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            tempfail_action: TempfailAction::Reply,
+            max_line: 4096,
+            max_attributes: 100,
+            idle_timeout: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            max_transactions: 50_000,
+            transaction_ttl: Duration::from_secs(1800),
+        }
+    }
+}
+
+struct TxState {
+    sender: String,
+    recipients: Vec<AcceptedRecipient>,
+    touched: Instant,
+}
+
+/// The policy service: a filter (swappable), a clock, and transaction state.
+pub struct PolicyServer {
+    filter: Arc<ArcSwap<Filter>>,
+    clock: Arc<dyn Clock>,
+    config: PolicyConfig,
+    transactions: Mutex<HashMap<String, TxState>>,
+}
+
+/// The outcome of reading one request.
+enum Read {
+    Request(Vec<Vec<u8>>),
+    Closed,
+}
+
+/// Why a connection was closed on the client.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("attribute line longer than {0} bytes")]
+    LineTooLong(usize),
+    #[error("more than {0} attributes in one request")]
+    TooManyAttributes(usize),
+    #[error("request not completed within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl PolicyServer {
+    /// A server answering with `filter`, reading time from `clock`.
+    pub fn new(filter: Arc<ArcSwap<Filter>>, clock: Arc<dyn Clock>, config: PolicyConfig) -> PolicyServer {
+        PolicyServer { filter, clock, config, transactions: Mutex::new(HashMap::new()) }
+    }
+
+    fn txs(&self) -> std::sync::MutexGuard<'_, HashMap<String, TxState>> {
+        // Every critical section is a single map operation.
+        self.transactions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers one request (its attribute lines, without the empty line):
+    /// the `action=...` value.
+    pub async fn answer(&self, lines: &[Vec<u8>]) -> String {
+        let mut attrs: HashMap<&str, &str> = HashMap::new();
+        for l in lines {
+            let Ok(l) = std::str::from_utf8(l) else {
+                tracing::warn!("policy request with invalid UTF-8: DUNNO");
+                return "DUNNO".into();
+            };
+            let l = l.strip_suffix('\r').unwrap_or(l);
+            match l.split_once('=') {
+                Some((k, v)) => {
+                    attrs.insert(k, v);
+                }
+                None => {
+                    tracing::warn!(line = %l.escape_default(), "policy request line without '=': DUNNO");
+                    return "DUNNO".into();
+                }
+            }
+        }
+        if attrs.get("request") != Some(&"smtpd_access_policy") {
+            tracing::warn!(request = ?attrs.get("request"), "not an smtpd_access_policy request: DUNNO");
+            return "DUNNO".into();
+        }
+        let Some(client) = attrs.get("client_address").and_then(|a| a.parse::<IpAddr>().ok()) else {
+            tracing::warn!(client_address = ?attrs.get("client_address"), "policy request without a usable client_address: DUNNO");
+            return "DUNNO".into();
+        };
+        let get = |k: &str| attrs.get(k).copied().filter(|v| !v.is_empty());
+        let phase = match attrs.get("protocol_state").map(|s| s.to_ascii_uppercase()).as_deref() {
+            Some("CONNECT") => Phase::Connect,
+            Some("EHLO") | Some("HELO") => Phase::Ehlo,
+            Some("MAIL") => Phase::Mail,
+            Some("RCPT") => Phase::Rcpt,
+            Some("DATA") | Some("END-OF-MESSAGE") => Phase::Data,
+            other => {
+                tracing::debug!(state = ?other, "protocol state without a hook (VRFY, ETRN...): DUNNO");
+                return "DUNNO".into();
+            }
+        };
+        let instance = get("instance").unwrap_or("");
+        let session = Session {
+            id: instance.to_string(),
+            client_address: client,
+            client_name: get("client_name").filter(|n| *n != "unknown").map(str::to_string),
+            helo: get("helo_name").map(str::to_string),
+            auth_user: get("sasl_username").map(str::to_string),
+            tls: get("encryption_protocol").is_some(),
+        };
+        let sender = attrs.get("sender").copied().unwrap_or("");
+        let recipient = attrs.get("recipient").copied().unwrap_or("");
+        let transaction = match phase {
+            Phase::Connect | Phase::Ehlo => Transaction::default(),
+            Phase::Mail => Transaction { sender: None, recipients: Vec::new() },
+            Phase::Rcpt | Phase::Data => {
+                let recipients = self.recipients_of(instance, sender);
+                Transaction { sender: Some(sender.to_string()), recipients }
+            }
+        };
+        let ctx = Context { session, transaction, now: self.clock.now() };
+        let filter = self.filter.load_full();
+        let verdict = match phase {
+            Phase::Connect => filter.on_connect(&ctx).await,
+            Phase::Ehlo => filter.on_ehlo(&ctx).await.verdict,
+            Phase::Mail => filter.on_mail(&ctx, sender).await,
+            Phase::Rcpt => filter.on_rcpt(&ctx, recipient).await,
+            Phase::Data => filter.on_data(&ctx, &Message::default()).await,
+        };
+        log_decision(phase, &ctx, (phase == Phase::Rcpt).then_some(recipient), &verdict);
+        if phase == Phase::Rcpt && verdict.reply().is_none() && !instance.is_empty() {
+            self.remember(instance, sender, recipient, verdict.policy_group.clone().unwrap_or_default());
+        }
+        self.action(&verdict)
+    }
+
+    fn recipients_of(&self, instance: &str, sender: &str) -> Vec<AcceptedRecipient> {
+        if instance.is_empty() {
+            return Vec::new();
+        }
+        match self.txs().get(instance) {
+            Some(t) if t.sender == sender && t.touched.elapsed() < self.config.transaction_ttl => t.recipients.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn remember(&self, instance: &str, sender: &str, recipient: &str, group: String) {
+        let ttl = self.config.transaction_ttl;
+        let max = self.config.max_transactions;
+        let mut txs = self.txs();
+        if txs.len() >= max && !txs.contains_key(instance) {
+            txs.retain(|_, t| t.touched.elapsed() < ttl);
+            if txs.len() >= max {
+                // Still full of live transactions: forget the oldest.
+                if let Some(oldest) = txs.iter().min_by_key(|(_, t)| t.touched).map(|(k, _)| k.clone()) {
+                    txs.remove(&oldest);
+                }
+            }
+        }
+        let t = txs.entry(instance.to_string()).or_insert_with(|| TxState { sender: sender.to_string(), recipients: Vec::new(), touched: Instant::now() });
+        if t.sender != sender {
+            t.sender = sender.to_string();
+            t.recipients.clear();
+        }
+        t.touched = Instant::now();
+        if t.recipients.len() < 1000 {
+            t.recipients.push(AcceptedRecipient { address: recipient.to_string(), policy_group: group });
+        }
+    }
+
+    /// How many transactions are tracked.
+    pub fn tracked_transactions(&self) -> usize {
+        self.txs().len()
+    }
+
+    fn action(&self, v: &Verdict) -> String {
+        match &v.decision {
+            Decision::Continue | Decision::Accept => match v.add_headers.first() {
+                // One action per reply: the protocol can prepend one header.
+                Some(h) => format!("PREPEND {}: {}", h.name, h.value),
+                None => "DUNNO".into(),
+            },
+            Decision::Tempfail(r) if self.config.tempfail_action == TempfailAction::DeferIfPermit => {
+                let line = render_single_line(r);
+                format!("DEFER_IF_PERMIT {}", line.get(4..).unwrap_or(""))
+            }
+            Decision::Tempfail(r) | Decision::Reject(r) => render_single_line(r),
+        }
+    }
+
+    /// Reads one request: lines up to an empty line, bounded.
+    async fn read_request(&self, frames: &mut FramedRead<ReadHalf<Conn>, AnyDelimiterCodec>, shutdown: &CancellationToken) -> Result<Read, ConnError> {
+        let mut lines = Vec::new();
+        let first = tokio::select! {
+            r = tokio::time::timeout(self.config.idle_timeout, frames.next()) => match r {
+                Err(_) => return Ok(Read::Closed),
+                Ok(f) => f,
+            },
+            _ = shutdown.cancelled() => return Ok(Read::Closed),
+        };
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut frame = first;
+        loop {
+            let line = match frame {
+                None => return Ok(Read::Closed),
+                Some(Ok(b)) => b,
+                Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => return Err(ConnError::LineTooLong(self.config.max_line)),
+                Some(Err(AnyDelimiterCodecError::Io(e))) => return Err(e.into()),
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if line.is_empty() {
+                if lines.is_empty() {
+                    // Stray empty line between requests: ignore it.
+                } else {
+                    return Ok(Read::Request(lines));
+                }
+            } else {
+                if lines.len() >= self.config.max_attributes {
+                    return Err(ConnError::TooManyAttributes(self.config.max_attributes));
+                }
+                lines.push(line.to_vec());
+            }
+            frame = tokio::time::timeout_at(deadline, frames.next()).await.map_err(|_| ConnError::Timeout(self.config.request_timeout))?;
+        }
+    }
+
+    /// Serves one connection until the peer closes it, it idles out, it
+    /// breaks a limit, or shutdown is asked for (after the request in hand).
+    pub async fn handle(self: Arc<Self>, conn: Conn, peer: String, shutdown: CancellationToken) {
+        let (r, mut w) = tokio::io::split(conn);
+        let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), self.config.max_line);
+        let mut frames = FramedRead::new(r, codec);
+        loop {
+            match self.read_request(&mut frames, &shutdown).await {
+                Ok(Read::Request(lines)) => {
+                    let action = self.answer(&lines).await;
+                    if let Err(e) = w.write_all(format!("action={action}\n\n").as_bytes()).await {
+                        tracing::debug!(%peer, "policy client went away: {e}");
+                        return;
+                    }
+                }
+                Ok(Read::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(%peer, "closing policy connection: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` is cancelled, then
+/// lets every connection finish the request in hand and returns.
+pub async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(server.config.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (conn, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            server.handle(conn, peer, shutdown).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
