@@ -112,3 +112,70 @@ pub fn greyhook_bin() -> PathBuf {
     assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace` (it builds the binary)", bin.display());
     bin
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+/// Waits until something accepts TCP connections on `port` (at most `secs`).
+pub fn wait_for_port(port: u16, secs: u64) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < until, "nothing listens on 127.0.0.1:{port} after {secs}s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A `greyhook` process, stopped with SIGTERM (then killed) when dropped.
+pub struct Process {
+    /// The child.
+    pub child: std::process::Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `greyhook ARGS`, logging to `log`.
+    pub fn greyhook(args: &[&str], log: PathBuf) -> Process {
+        let err = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(greyhook_bin())
+            .args(args)
+            .env("GREYHOOK_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("greyhook starts");
+        Process { child, log }
+    }
+
+    /// Sends SIGTERM and waits up to `secs` for a clean exit; true if it exited successfully.
+    pub fn terminate(&mut self, secs: u64) -> bool {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            if std::time::Instant::now() > until {
+                let _ = self.child.kill();
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

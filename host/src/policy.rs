@@ -39,7 +39,7 @@ pub enum TempfailAction {
     /// `action=451 4.7.1 ... retry=...`: the draft's code and hint, at once.
     #[default]
     Reply,
-    /// `action=DEFER_IF_PERMIT 4.7.1 ... retry=...`: Postfix defers only if
+    /// `action=DEFER_IF_PERMIT ... retry=...`: Postfix defers only if
     /// the rest of the restrictions would permit, so a later REJECT wins
     /// (fewer retries of mail that would be rejected anyway), at the cost of
     /// Postfix's own code (450) instead of the draft's 451.
@@ -248,7 +248,8 @@ impl PolicyServer {
                 None => "DUNNO".into(),
             },
             Decision::Tempfail(r) if self.config.tempfail_action == TempfailAction::DeferIfPermit => {
-                let line = render_single_line(r);
+                // Postfix supplies the code (450 4.7.1); the text keeps the hint last.
+                let line = render_single_line(&crate::types::Reply { enhanced: None, ..r.clone() });
                 format!("DEFER_IF_PERMIT {}", line.get(4..).unwrap_or(""))
             }
             Decision::Tempfail(r) | Decision::Reject(r) => render_single_line(r),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod greylist;
+mod postfix;
 mod reply;
 mod sandbox;
 mod store;

@@ -1,0 +1,185 @@
+//! A real Postfix (Debian's package) asks greyhook through
+//! `check_policy_service`, over TCP and over a unix socket; swaks is the
+//! SMTP client. `.ci/run` installs both; a missing one fails the test.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use greyhook_tests::*;
+
+const POSTFIX: &str = "/usr/sbin/postfix";
+
+/// A private Postfix instance: config, queue and log in a temp dir; smtpd on
+/// a loopback port; every accepted message is put on hold so the test can
+/// read it back with postcat.
+struct Postfix {
+    dir: PathBuf,
+    port: u16,
+}
+
+const MASTER_CF: &str = "\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+
+impl Postfix {
+    fn start(root: &Path, policy: &str) -> Postfix {
+        assert!(Path::new(POSTFIX).exists(), "Postfix is not installed: run .ci/run (it installs Debian's postfix package)");
+        let dir = root.join("postfix");
+        for d in ["etc", "queue", "data"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let status = Command::new("chown").args(["postfix", dir.join("data").to_str().unwrap()]).status().unwrap();
+        assert!(status.success(), "chown postfix (the tests run as root, as CI does)");
+        let port = free_port();
+        let d = dir.display();
+        let main_cf = format!(
+            "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\nmail_owner = postfix\nsetgid_group = postdrop\n\
+             inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmyhostname = mx.e2e.test\nmydomain = e2e.test\nmydestination = e2e.test\n\
+             mynetworks = 10.255.255.0/24\nlocal_recipient_maps =\nalias_maps =\nalias_database =\nsmtputf8_enable = no\nbiff = no\n\
+             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n\
+             smtpd_recipient_restrictions = reject_unauth_destination, check_policy_service {policy}, permit\n\
+             smtpd_end_of_data_restrictions = check_client_access static:HOLD\n"
+        );
+        std::fs::write(dir.join("etc/main.cf"), main_cf).unwrap();
+        std::fs::write(dir.join("etc/master.cf"), format!("127.0.0.1:{port} inet n - n - - smtpd\n{MASTER_CF}")).unwrap();
+        let out = Command::new(POSTFIX).args(["-c", dir.join("etc").to_str().unwrap(), "start"]).output().unwrap();
+        assert!(out.status.success(), "postfix start: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for_port(port, 20);
+        Postfix { dir, port }
+    }
+
+    /// Sends one message with swaks; returns its transcript.
+    fn send(&self, from: &str, to: &str, local: &str) -> String {
+        let out = Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{}", self.port), "--local-interface", local, "--from", from, "--to", to])
+            .args(["--helo", "client.example.org", "--header", "Subject: greyhook e2e", "--timeout", "20"])
+            .output()
+            .expect("swaks runs (installed by .ci/run)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The held message's text.
+    fn message(&self, transcript: &str) -> String {
+        let id = transcript
+            .lines()
+            .find_map(|l| l.split("queued as ").nth(1))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("no queue id in:\n{transcript}"));
+        for _ in 0..100 {
+            let out = Command::new("postcat").args(["-c", self.dir.join("etc").to_str().unwrap(), "-q", &id]).output().unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("message {id} not found in the queue")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new(POSTFIX).args(["-c", self.dir.join("etc").to_str().unwrap(), "stop"]).output();
+    }
+}
+
+/// Finds the client's view of the RCPT reply and checks it is a tempfail
+/// with the retry hint ending its last line.
+fn rcpt_tempfail<'a>(transcript: &'a str, code: &str, hint: &str) -> &'a str {
+    let line = transcript.lines().find(|l| l.starts_with("<** 4")).unwrap_or_else(|| panic!("no tempfail in:\n{transcript}"));
+    assert!(line.starts_with(&format!("<** {code} 4.7.1 ")), "{line}");
+    assert!(line.ends_with(hint), "the hint ends the line: {line}");
+    line
+}
+
+fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_config: &str, code: &str) {
+    let cfg = root.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[policy]\nlisten = [\"{listen}\"]\nsocket_mode = \"0660\"\nsocket_owner = \"postfix\"\n{extra_config}\n\
+             [filter.config]\ndelay = 2\nipv4_prefix = 32\nwhitelist_clients = [\"127.0.0.3\"]\n"
+        ),
+    )
+    .unwrap();
+    let db = root.join("greyhook.db");
+    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap(), "--db", db.to_str().unwrap()], root.join("greyhook.log"));
+    if let Some(port) = listen.strip_prefix("127.0.0.1:") {
+        wait_for_port(port.parse().unwrap(), 20);
+    } else {
+        let sock = PathBuf::from(listen.trim_start_matches("unix:"));
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(sock.exists(), "no socket: {}", daemon.log_text());
+    }
+    let pf = Postfix::start(root, policy);
+
+    let first = pf.send("sender@example.org", "user@e2e.test", "127.0.0.1");
+    let line = rcpt_tempfail(&first, code, "Greylisted, please try again later retry=00:00:02");
+    assert!(line.contains("Recipient address rejected"), "{line}");
+
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = pf.send("sender@example.org", "user@e2e.test", "127.0.0.1");
+    assert!(second.contains("queued as"), "retry after the delay:\n{second}\n{}\n{}", pf.log(), daemon.log_text());
+    let msg = pf.message(&second);
+    assert!(msg.contains("X-Greylist: delayed 2 seconds by greyhook") || msg.contains("X-Greylist: delayed 3 seconds by greyhook"), "{msg}");
+
+    let third = pf.send("other@example.net", "user@e2e.test", "127.0.0.1");
+    rcpt_tempfail(&third, code, "retry=00:00:02");
+
+    let white = pf.send("sender@example.org", "user@e2e.test", "127.0.0.3");
+    assert!(white.contains("queued as"), "a whitelisted client passes at once:\n{white}");
+    assert!(!pf.message(&white).contains("X-Greylist"), "and carries no header");
+
+    let log = daemon.log_text();
+    assert!(log.contains("action=greylist phase=rcpt client=127.0.0.1") && log.contains("sender=<sender@example.org> recipient=<user@e2e.test>"), "{log}");
+    drop(pf);
+    assert!(daemon.terminate(10), "clean exit on SIGTERM: {}", daemon.log_text());
+    assert!(daemon.log_text().contains("store flushed; stopped"));
+}
+
+fn traversable(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn postfix_over_tcp() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let port = free_port();
+    greylist_through_postfix(root.path(), &format!("127.0.0.1:{port}"), &format!("inet:127.0.0.1:{port}"), "", "451");
+}
+
+#[test]
+fn postfix_over_unix_socket_with_defer_if_permit() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let sock = root.path().join("policy.sock");
+    let s = sock.display().to_string();
+    greylist_through_postfix(root.path(), &format!("unix:{s}"), &format!("unix:{s}"), "tempfail_action = \"defer_if_permit\"", "450");
+}
