@@ -3,6 +3,7 @@
 
 mod cli;
 mod greylist;
+mod policy;
 mod postfix;
 mod reply;
 mod sandbox;
