@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# greyhook serve against postgrey on the same load, measured in one run:
+# requests/s, p50/p99 latency, and server CPU µs per request, with ratios.
+# Both get a fresh private database, the same triplets and the same 29
+# attributes per request (tools/policy-load). Both must keep the greylisting
+# invariant (all deferred: the delay is longer than the run).
+#
+#   bench/policy-vs-postgrey.sh            # 16 connections x 2000 requests
+#   CONNS=4 REQS=500 bench/policy-vs-postgrey.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNS=${CONNS:-16}
+REQS=${REQS:-2000}
+TRIPLETS=${TRIPLETS:-10000}
+
+if ! command -v postgrey >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq postgrey >/dev/null
+fi
+cargo build --release -q -p greyhook -p policy-load
+load=target/release/policy-load
+work=$(mktemp -d)
+chmod 755 "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+# run NAME PORT PID: prints "NAME rps p50 p99 cpu_us"
+run() {
+  local name=$1 port=$2 pid=$3
+  "$load" --target "127.0.0.1:$port" --connections 4 --requests 200 --triplets 800 --salt "warm-$name" >/dev/null
+  local t0 t1 out
+  t0=$(ticks "$pid")
+  out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer)
+  t1=$(ticks "$pid")
+  echo "$name: $out" >&2
+  local n rps p50 p99
+  n=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$out")
+  rps=$(sed -E 's/.*rps=([0-9]+).*/\1/' <<<"$out")
+  p50=$(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")
+  p99=$(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")
+  echo "$name $rps $p50 $p99 $(awk -v d=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN{printf "%.1f", d * 1e6 / hz / n}')"
+}
+
+pg_port=$(free_port)
+mkdir -p "$work/pg" && chown postgrey "$work/pg" 2>/dev/null || true
+postgrey --inet="127.0.0.1:$pg_port" --dbdir="$work/pg" --delay=300 >"$work/postgrey.log" 2>&1 &
+pids+=($!)
+wait_port "$pg_port"
+pg=$(run postgrey "$pg_port" "${pids[0]}")
+kill "${pids[0]}"
+
+gh_port=$(free_port)
+GREYHOOK_LOG=info target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" >"$work/greyhook.log" 2>&1 &
+pids+=($!)
+wait_port "$gh_port"
+gh=$(run greyhook "$gh_port" "${pids[1]}")
+
+echo
+echo "policy load: $CONNS connections x $REQS requests, $TRIPLETS triplets, Postfix 3.7.11 RCPT attributes; $(nproc) cores"
+printf '%-10s %12s %10s %10s %14s\n' server "requests/s" "p50 µs" "p99 µs" "CPU µs/req"
+for row in "$pg" "$gh"; do
+  read -r name rps p50 p99 cpu <<<"$row"
+  printf '%-10s %12s %10s %10s %14s\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+done
+read -r _ prps pp50 pp99 pcpu <<<"$pg"
+read -r _ grps gp50 gp99 gcpu <<<"$gh"
+awk -v a="$grps" -v b="$prps" -v c="$pcpu" -v d="$gcpu" -v e="$pp99" -v f="$gp99" \
+  'BEGIN{printf "greyhook/postgrey: %.1fx requests/s, %.1fx less CPU per request, %.1fx lower p99\n", a/b, c/d, e/f}'
