@@ -128,7 +128,7 @@ async fn serve(config: Option<PathBuf>, policy: Vec<String>, db: Option<String>,
         cfg.log.level = l;
     }
     cfg.set_filter_keys(&set)?;
-    init_logging(&cfg.log.level);
+    let _log = init_logging(&cfg.log.level);
     let daemon = Daemon::start(&cfg, Arc::new(SystemClock)).await?;
     let token = daemon.shutdown_token();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -148,7 +148,7 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Serve { config, policy, db, filter, set, log } = cli.command {
         return serve(config, policy, db, filter, set, log).await;
     }
-    init_logging("warn");
+    let _log = init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
         Command::Serve { .. } => unreachable!("handled above"),

@@ -1,15 +1,19 @@
 //! The embedded default store: one redb file.
 //!
-//! Durability: with [`Durability::Immediate`] every write is fsynced before
-//! the filter's call returns (safest, about a millisecond a write on most
-//! disks). With [`Durability::Periodic`] (the default) writes are committed
-//! without fsync and [`Store::flush`] (called every second by the daemon's
-//! housekeeping, and at shutdown) makes them durable: a power cut loses at
-//! most the last second of greylist records, which only means those clients
-//! are greylisted once more. A process crash loses nothing either way.
-//! redb keeps the file consistent in both modes.
+//! Durability: with [`Durability::Immediate`] every write is its own redb
+//! transaction, fsynced before the filter's call returns (safest; about a
+//! millisecond a write on most disks). With [`Durability::Periodic`] (the
+//! default) writes land in an in-memory overlay that every read and
+//! compare-and-swap sees first, and a flusher thread writes the overlay to
+//! the file in one fsynced transaction every second (and at [`Store::flush`],
+//! and when the store is dropped): a crash or power cut loses at most the
+//! last second of greylist records, which only means those clients are
+//! greylisted once more. redb keeps the file consistent in both modes.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -29,20 +33,48 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub enum Durability {
     /// fsync on every write.
     Immediate,
-    /// fsync on [`Store::flush`] (every second in the daemon).
+    /// Writes go to an in-memory overlay, written to the file and fsynced
+    /// every second, at [`Store::flush`] and when the store is dropped.
     #[default]
     Periodic,
 }
 
+/// How often the periodic flusher writes the overlay.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// An overlay this large is flushed by the writer itself.
+const OVERLAY_MAX: usize = 100_000;
+
 /// A [`Store`] in a redb file.
 pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Database,
     durability: Durability,
+    overlay: Mutex<Overlay>,
+    /// Serialises flushes.
+    flushing: Mutex<()>,
+}
+
+/// Writes not yet in the file: key → entry, or `None` for a deletion.
+#[derive(Default)]
+struct Overlay {
+    dirty: HashMap<String, Option<Entry>>,
+    /// The batch being written by a flush, still visible to readers.
+    in_flight: Arc<HashMap<String, Option<Entry>>>,
+    last_version: u64,
+}
+
+impl Overlay {
+    fn lookup(&self, key: &str) -> Option<&Option<Entry>> {
+        self.dirty.get(key).or_else(|| self.in_flight.get(key))
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("durability", &self.durability).finish()
+        f.debug_struct("RedbStore").field("durability", &self.inner.durability).finish()
     }
 }
 
@@ -80,16 +112,28 @@ impl RedbStore {
             txn.open_table(META).map_err(|e| open_err(&e))?;
         }
         txn.commit().map_err(|e| open_err(&e))?;
-        Ok(RedbStore { db, durability })
+        let last_version = {
+            let txn = db.begin_read().map_err(|e| open_err(&e))?;
+            let meta = txn.open_table(META).map_err(|e| open_err(&e))?;
+            meta.get("last_version").map_err(|e| open_err(&e))?.map_or(0, |g| g.value())
+        };
+        let inner = Arc::new(Inner {
+            db,
+            durability,
+            overlay: Mutex::new(Overlay { last_version, ..Overlay::default() }),
+            flushing: Mutex::new(()),
+        });
+        if durability == Durability::Periodic {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
+        }
+        Ok(RedbStore { inner })
     }
 
     /// Runs one write transaction; `f` returns whether to commit it, and a result.
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(bool, T), StoreError>) -> Result<T, StoreError> {
         let run = || {
-            let mut txn = self.db.begin_write().map_err(backend)?;
-            if self.durability == Durability::Periodic {
-                txn.set_durability(redb::Durability::None).map_err(backend)?;
-            }
+            let txn = self.inner.db.begin_write().map_err(backend)?;
             let (commit, v) = f(&txn)?;
             if commit {
                 txn.commit().map_err(backend)?;
@@ -99,7 +143,7 @@ impl RedbStore {
             Ok(v)
         };
         // An fsync per write must not stall the async runtime's worker.
-        match (self.durability, tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())) {
+        match (self.inner.durability, tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())) {
             (Durability::Immediate, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) => tokio::task::block_in_place(run),
             _ => run(),
         }
@@ -136,30 +180,161 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    fn read_file(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        Ok(table.get(key).map_err(backend)?.and_then(|g| decode(g.value())))
+    }
+
+    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        lock(&self.inner.overlay)
+    }
+
+    /// Periodic mode: a conditional write or deletion in the overlay.
+    fn update_overlay(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
+        let mut o = self.overlay();
+        let current = match o.lookup(key) {
+            Some(e) => e.clone(),
+            // Read under the lock, so no write slips in between; redb
+            // readers never wait for its writer.
+            None => self.read_file(key)?,
+        };
+        let live = current.as_ref().filter(|e| e.expires_at > now).map(|e| e.version);
+        if !cond.holds(live) {
+            return Ok(None);
+        }
+        let result = match value {
+            Some((value, expires_at)) => {
+                o.last_version += 1;
+                let version = o.last_version;
+                o.dirty.insert(key.to_string(), Some(Entry { value: value.to_vec(), version, expires_at }));
+                Some(version)
+            }
+            None => {
+                o.dirty.insert(key.to_string(), None);
+                live
+            }
+        };
+        let full = o.dirty.len() >= OVERLAY_MAX;
+        drop(o);
+        if full {
+            self.inner.flush()?;
+        }
+        Ok(result)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the data whole (single inserts and swaps).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Writes the overlay to the file in one fsynced transaction.
+    fn flush(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.flushing);
+        let (batch, last_version) = {
+            let mut o = lock(&self.overlay);
+            if o.dirty.is_empty() {
+                return Ok(());
+            }
+            let batch = Arc::new(std::mem::take(&mut o.dirty));
+            o.in_flight = batch.clone();
+            (batch, o.last_version)
+        };
+        let result = (|| {
+            let txn = self.db.begin_write().map_err(backend)?;
+            {
+                let mut rec = txn.open_table(RECORDS).map_err(backend)?;
+                let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                for (key, entry) in batch.iter() {
+                    let old = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value()));
+                    if let Some(o) = old {
+                        exp.remove((o.expires_at, key.as_str())).map_err(backend)?;
+                    }
+                    match entry {
+                        Some(e) => {
+                            rec.insert(key.as_str(), encode(e.version, e.expires_at, &e.value).as_slice()).map_err(backend)?;
+                            exp.insert((e.expires_at, key.as_str()), ()).map_err(backend)?;
+                        }
+                        None => {
+                            rec.remove(key.as_str()).map_err(backend)?;
+                        }
+                    }
+                }
+                meta.insert("last_version", last_version).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })();
+        let mut o = lock(&self.overlay);
+        if result.is_err() {
+            // Put the batch back under anything written since, to retry.
+            for (k, v) in batch.iter() {
+                o.dirty.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        o.in_flight = Arc::new(HashMap::new());
+        result
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!("flushing the store on close failed: {e}");
+        }
+    }
+}
+
+fn flusher(store: Weak<Inner>) {
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        let Some(inner) = store.upgrade() else { return };
+        if let Err(e) = inner.flush() {
+            tracing::error!("store flush failed (will retry): {e}");
+        }
+    }
+}
+
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &str, now: u64) -> Result<Option<Entry>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(RECORDS).map_err(backend)?;
-        let entry = table.get(key).map_err(backend)?.and_then(|g| decode(g.value()));
+        let entry = match self.inner.durability {
+            Durability::Periodic => match self.overlay().lookup(key) {
+                Some(e) => e.clone(),
+                None => self.read_file(key)?,
+            },
+            Durability::Immediate => self.read_file(key)?,
+        };
         Ok(entry.filter(|e| e.expires_at > now))
     }
 
     async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError> {
-        Ok(match self.update(key, Some((value, expires_at)), cond, now)? {
-            Some(v) => WriteOutcome::Written(v),
-            None => WriteOutcome::Conflict,
-        })
+        let written = match self.inner.durability {
+            Durability::Periodic => self.update_overlay(key, Some((value, expires_at)), cond, now)?,
+            Durability::Immediate => self.update(key, Some((value, expires_at)), cond, now)?,
+        };
+        Ok(written.map_or(WriteOutcome::Conflict, WriteOutcome::Written))
     }
 
     async fn delete(&self, key: &str, cond: Condition, now: u64) -> Result<bool, StoreError> {
-        Ok(self.update(key, None, cond, now)?.is_some())
+        Ok(match self.inner.durability {
+            Durability::Periodic => self.update_overlay(key, None, cond, now)?,
+            Durability::Immediate => self.update(key, None, cond, now)?,
+        }
+        .is_some())
     }
 
     async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
         // At most this many a transaction, so a large backlog does not hold
         // the write lock for long.
         const BATCH: usize = 10_000;
+        if self.inner.durability == Durability::Periodic {
+            // The overlay's entries are swept once they are in the file.
+            self.inner.flush()?;
+        }
         let mut total = 0;
         loop {
             let n = self.write(|txn| {
@@ -189,7 +364,9 @@ impl Store for RedbStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        txn.commit().map_err(backend)
+        match self.inner.durability {
+            Durability::Periodic => self.inner.flush(),
+            Durability::Immediate => Ok(()),
+        }
     }
 }
