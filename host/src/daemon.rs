@@ -63,11 +63,8 @@ impl Default for FilterSection {
 pub struct StoreSection {
     /// The redb file, or `memory` for a store that is lost on exit.
     pub path: Option<String>,
-    /// `periodic` (fsync every `flush_interval`) or `immediate` (every write).
+    /// `periodic` (written and fsynced every second) or `immediate` (every write).
     pub durability: Durability,
-    /// How often periodic durability flushes.
-    #[serde(with = "humantime_serde")]
-    pub flush_interval: Duration,
     /// How often expired records are swept.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -75,7 +72,11 @@ pub struct StoreSection {
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection { path: None, durability: Durability::Periodic, flush_interval: Duration::from_secs(1), sweep_interval: Duration::from_secs(60) }
+        StoreSection {
+            path: None,
+            durability: Durability::Periodic,
+            sweep_interval: Duration::from_secs(60),
+        }
     }
 }
 
@@ -195,7 +196,8 @@ impl DaemonConfig {
 
     /// Reads and parses a configuration file.
     pub fn load(path: &Path) -> Result<DaemonConfig, DaemonError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DaemonError::Config { path: path.display().to_string(), message: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| DaemonError::Config { path: path.display().to_string(), message: e.to_string() })?;
         DaemonConfig::parse(&text, &path.display().to_string())
     }
 
@@ -209,7 +211,10 @@ impl DaemonConfig {
 
     fn unix_perms(&self) -> Result<UnixPerms, DaemonError> {
         let mode = match &self.policy.socket_mode {
-            Some(m) => Some(u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| DaemonError::Invalid(format!("policy.socket_mode {m:?} is not octal (e.g. \"0660\")")))?),
+            Some(m) => Some(
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .map_err(|_| DaemonError::Invalid(format!("policy.socket_mode {m:?} is not octal (e.g. \"0660\")")))?,
+            ),
             None => None,
         };
         Ok(UnixPerms { mode, owner: self.policy.socket_owner.clone(), group: self.policy.socket_group.clone() })
@@ -270,11 +275,16 @@ impl Daemon {
     /// serving in the background.
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>) -> Result<Daemon, DaemonError> {
         let f = &config.filter;
-        let memory = f.memory_mib.checked_shl(20).filter(|m| (1 << 20..=1 << 30).contains(m)).ok_or_else(|| DaemonError::Invalid("filter.memory_mib must be 1 to 1024".into()))?;
+        let memory = f
+            .memory_mib
+            .checked_shl(20)
+            .filter(|m| (1 << 20..=1 << 30).contains(m))
+            .ok_or_else(|| DaemonError::Invalid("filter.memory_mib must be 1 to 1024".into()))?;
         if f.deadline.is_zero() || f.deadline > Duration::from_secs(30) {
             return Err(DaemonError::Invalid("filter.deadline must be between 1ms and 30s".into()));
         }
-        let runtime = Runtime::new(RuntimeConfig { max_memory: memory.max(RuntimeConfig::default().max_memory), ..RuntimeConfig::default() })?;
+        let runtime =
+            Runtime::new(RuntimeConfig { max_memory: memory.max(RuntimeConfig::default().max_memory), ..RuntimeConfig::default() })?;
         let bytes = match &f.path {
             Some(p) => std::fs::read(p).map_err(|source| DaemonError::FilterFile { path: p.display().to_string(), source })?,
             None => crate::REFERENCE_FILTER.to_vec(),
@@ -303,7 +313,8 @@ impl Daemon {
         }
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
+        let tasks: Vec<_> =
+            listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         let housekeeping = tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone()));
         let done = tokio::spawn(async move {
             for t in tasks {
@@ -336,17 +347,9 @@ impl Daemon {
 }
 
 async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreSection, shutdown: CancellationToken) {
-    let mut flush = tokio::time::interval(cfg.flush_interval.max(Duration::from_millis(100)));
     let mut sweep = tokio::time::interval(cfg.sweep_interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
-            _ = flush.tick() => {
-                if cfg.durability == Durability::Periodic {
-                    if let Err(e) = store.flush().await {
-                        tracing::error!("store flush failed: {e}");
-                    }
-                }
-            }
             _ = sweep.tick() => match store.sweep(clock.now()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!("swept {n} expired records"),

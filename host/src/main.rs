@@ -103,13 +103,21 @@ fn filter_bytes(filter: Option<&Path>) -> Result<Vec<u8>> {
 }
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Only fails if a subscriber is already set, which nothing here does.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
-async fn serve(config: Option<PathBuf>, policy: Vec<String>, db: Option<String>, filter: Option<PathBuf>, set: Vec<String>, log: Option<String>) -> Result<()> {
+async fn serve(
+    config: Option<PathBuf>,
+    policy: Vec<String>,
+    db: Option<String>,
+    filter: Option<PathBuf>,
+    set: Vec<String>,
+    log: Option<String>,
+) -> Result<()> {
     use greyhook::daemon::{Daemon, DaemonConfig};
     let mut cfg = match &config {
         Some(p) => DaemonConfig::load(p)?,

@@ -219,7 +219,11 @@ impl PolicyServer {
                 }
             }
         }
-        let t = txs.entry(instance.to_string()).or_insert_with(|| TxState { sender: sender.to_string(), recipients: Vec::new(), touched: Instant::now() });
+        let t = txs.entry(instance.to_string()).or_insert_with(|| TxState {
+            sender: sender.to_string(),
+            recipients: Vec::new(),
+            touched: Instant::now(),
+        });
         if t.sender != sender {
             t.sender = sender.to_string();
             t.recipients.clear();
@@ -365,7 +369,9 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
                 deadline = Some(tokio::time::Instant::now() + self.request_timeout);
             }
             let n = match deadline {
-                Some(d) => tokio::time::timeout_at(d, self.r.read_buf(&mut self.buf)).await.map_err(|_| ConnError::Timeout(self.request_timeout))??,
+                Some(d) => tokio::time::timeout_at(d, self.r.read_buf(&mut self.buf))
+                    .await
+                    .map_err(|_| ConnError::Timeout(self.request_timeout))??,
                 None => tokio::select! {
                     r = tokio::time::timeout(self.idle, self.r.read_buf(&mut self.buf)) => match r {
                         Err(_) => return Ok(None),

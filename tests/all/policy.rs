@@ -120,10 +120,16 @@ async fn per_instance_policy_groups_and_data_stage() {
     tokio::task::spawn_blocking(move || {
         let mut c = Conn::open(port);
         assert_eq!(c.ask(&[("instance", "m1")]), "DUNNO", "no decision at RCPT at stage data");
-        assert_eq!(c.ask(&[("instance", "m1"), ("protocol_state", "DATA"), ("recipient", "")]), "451 4.7.1 Greylisted, please try again later retry=00:01:00");
+        assert_eq!(
+            c.ask(&[("instance", "m1"), ("protocol_state", "DATA"), ("recipient", "")]),
+            "451 4.7.1 Greylisted, please try again later retry=00:01:00"
+        );
         clock.advance(60);
         assert_eq!(c.ask(&[("instance", "m2")]), "DUNNO");
-        assert_eq!(c.ask(&[("instance", "m2"), ("protocol_state", "END-OF-MESSAGE"), ("recipient", "")]), "PREPEND X-Greylist: delayed 60 seconds by greyhook");
+        assert_eq!(
+            c.ask(&[("instance", "m2"), ("protocol_state", "END-OF-MESSAGE"), ("recipient", "")]),
+            "PREPEND X-Greylist: delayed 60 seconds by greyhook"
+        );
     })
     .await
     .unwrap();
@@ -135,7 +141,12 @@ async fn bad_input_gets_a_defined_answer() {
     let (d, _clock, port) = daemon("", "max_line = 512\nmax_attributes = 40\nidle_timeout = \"300ms\"").await;
     tokio::task::spawn_blocking(move || {
         let mut c = Conn::open(port);
-        assert_eq!(c.ask_raw(b"request=smtpd_access_policy\nclient_address=127.0.0.1\nprotocol_state=RCPT\nsender=\xff\xfe@x\nrecipient=a@b\n\n").unwrap(), "DUNNO", "invalid UTF-8");
+        assert_eq!(
+            c.ask_raw(b"request=smtpd_access_policy\nclient_address=127.0.0.1\nprotocol_state=RCPT\nsender=\xff\xfe@x\nrecipient=a@b\n\n")
+                .unwrap(),
+            "DUNNO",
+            "invalid UTF-8"
+        );
         assert_eq!(c.ask(&[("request", "junk")]), "DUNNO", "not smtpd_access_policy");
         assert_eq!(c.ask_raw(b"protocol_state=RCPT\nclient_address=127.0.0.1\n\n").unwrap(), "DUNNO", "no request attribute");
         assert_eq!(c.ask(&[("client_address", "")]), "DUNNO", "no client address");
@@ -177,6 +188,6 @@ fn config_errors_name_file_line_and_key() {
     assert!(e.contains("line 2") && e.contains("nowhere"), "{e}");
     let e = DaemonConfig::parse("[filter]\nfailure_policy = \"explode\"\n", "g.toml").unwrap_err().to_string();
     assert!(e.contains("failure_policy") || e.contains("explode"), "{e}");
-    let e = DaemonConfig::parse("[store]\nflush_interval = \"often\"\n", "g.toml").unwrap_err().to_string();
-    assert!(e.contains("flush_interval") || e.contains("line 2"), "{e}");
+    let e = DaemonConfig::parse("[store]\nsweep_interval = \"often\"\n", "g.toml").unwrap_err().to_string();
+    assert!(e.contains("sweep_interval") || e.contains("line 2"), "{e}");
 }

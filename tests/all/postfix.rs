@@ -124,7 +124,8 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     )
     .unwrap();
     let db = root.join("greyhook.db");
-    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap(), "--db", db.to_str().unwrap()], root.join("greyhook.log"));
+    let mut daemon =
+        Process::greyhook(&["serve", "--config", cfg.to_str().unwrap(), "--db", db.to_str().unwrap()], root.join("greyhook.log"));
     if let Some(port) = listen.strip_prefix("127.0.0.1:") {
         wait_for_port(port.parse().unwrap(), 20);
     } else {
@@ -147,7 +148,10 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     let second = pf.send("sender@example.org", "user@e2e.test", "127.0.0.1");
     assert!(second.contains("queued as"), "retry after the delay:\n{second}\n{}\n{}", pf.log(), daemon.log_text());
     let msg = pf.message(&second);
-    assert!(msg.contains("X-Greylist: delayed 2 seconds by greyhook") || msg.contains("X-Greylist: delayed 3 seconds by greyhook"), "{msg}");
+    assert!(
+        msg.contains("X-Greylist: delayed 2 seconds by greyhook") || msg.contains("X-Greylist: delayed 3 seconds by greyhook"),
+        "{msg}"
+    );
 
     let third = pf.send("other@example.net", "user@e2e.test", "127.0.0.1");
     rcpt_tempfail(&third, code, "retry=00:00:02");
@@ -157,7 +161,11 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     assert!(!pf.message(&white).contains("X-Greylist"), "and carries no header");
 
     let log = daemon.log_text();
-    assert!(log.contains("action=greylist phase=rcpt client=127.0.0.1") && log.contains("sender=<sender@example.org> recipient=<user@e2e.test>"), "{log}");
+    assert!(
+        log.contains("action=greylist phase=rcpt client=127.0.0.1")
+            && log.contains("sender=<sender@example.org> recipient=<user@e2e.test>"),
+        "{log}"
+    );
     drop(pf);
     assert!(daemon.terminate(10), "clean exit on SIGTERM: {}", daemon.log_text());
     assert!(daemon.log_text().contains("store flushed; stopped"));

@@ -52,7 +52,9 @@ fn request(t: usize, salt: &str) -> String {
     for line in TEMPLATE.lines().filter(|l| !l.is_empty()) {
         match line.split_once('=') {
             Some(("client_address", _)) => out.push_str(&format!("client_address={client}\n")),
-            Some(("client_name", _)) | Some(("reverse_client_name", _)) => out.push_str(&format!("{}=unknown\n", line.split('=').next().unwrap_or(""))),
+            Some(("client_name", _)) | Some(("reverse_client_name", _)) => {
+                out.push_str(&format!("{}=unknown\n", line.split('=').next().unwrap_or("")))
+            }
             Some(("sender", _)) => out.push_str(&format!("sender=user{t}-{salt}@sender{}.example\n", t % 97)),
             Some(("instance", _)) => out.push_str(&format!("instance={t:x}.{salt}\n")),
             _ => {
@@ -149,7 +151,12 @@ async fn main() -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     all.latencies_us.sort_unstable();
-    let pct = |p: f64| all.latencies_us.get(((all.latencies_us.len() as f64 * p) as usize).min(all.latencies_us.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.latencies_us
+            .get(((all.latencies_us.len() as f64 * p) as usize).min(all.latencies_us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let n = all.latencies_us.len();
     println!(
         "requests={n} seconds={secs:.3} rps={:.0} p50_us={} p99_us={} defer={} pass={} other={} errors={}",
