@@ -72,11 +72,7 @@ pub struct StoreSection {
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection {
-            path: None,
-            durability: Durability::Periodic,
-            sweep_interval: Duration::from_secs(60),
-        }
+        StoreSection { path: None, durability: Durability::Periodic, sweep_interval: Duration::from_secs(60) }
     }
 }
 

@@ -102,12 +102,17 @@ fn filter_bytes(filter: Option<&Path>) -> Result<Vec<u8>> {
     }
 }
 
-fn init_logging(default: &str) {
+/// Logs to stderr through a writer thread, so a decision line costs the
+/// request path a channel send, not a write(2). Lines are never dropped
+/// (the channel blocks when full); the guard flushes them at exit.
+fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Only fails if a subscriber is already set, which nothing here does.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    // Only fails if a subscriber is already set, which nothing here does.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).try_init();
+    guard
 }
 
 async fn serve(
