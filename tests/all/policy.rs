@@ -10,8 +10,8 @@ use greyhook::daemon::{Daemon, DaemonConfig};
 use greyhook::listen::ListenAddr;
 use greyhook_tests::*;
 
-/// The exact request a Postfix 3.7.11 smtpd sent at RCPT (shared/data).
-const POSTFIX_REQUEST: &str = include_str!("../../../shared/data/postfix-3.7.11-policy-request.txt");
+/// The exact request a Postfix 3.7.11 smtpd sent at RCPT (a copy of shared/data/).
+const POSTFIX_REQUEST: &str = include_str!("../../tools/policy-load/src/postfix-3.7.11-rcpt.txt");
 
 fn request(overrides: &[(&str, &str)]) -> String {
     let mut out = String::new();
