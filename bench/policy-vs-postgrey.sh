@@ -56,7 +56,7 @@ pg=$(run postgrey "$pg_port" "${pids[0]}")
 kill "${pids[0]}"
 
 gh_port=$(free_port)
-GREYHOOK_LOG=info target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" >"$work/greyhook.log" 2>&1 &
+GREYHOOK_LOG=info target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[1]}")

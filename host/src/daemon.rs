@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use serde::Deserialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
+use crate::reload::{FilterSource, ReloadError, ReloadOutcome, Reloader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
 use crate::policy::{PolicyConfig, PolicyServer, TempfailAction};
 use crate::store::{Durability, MemoryStore, RedbStore, Store, StoreError};
@@ -122,6 +123,14 @@ impl Default for PolicySection {
     }
 }
 
+/// The `[control]` table: the local socket `greyhook reload` talks to.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// The unix socket's path (mode 0600); see [`default_control_path`].
+    pub socket: Option<String>,
+}
+
 /// The `[log]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,6 +156,8 @@ pub struct DaemonConfig {
     pub store: StoreSection,
     /// The policy listener.
     pub policy: PolicySection,
+    /// The control socket.
+    pub control: ControlSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -258,48 +269,107 @@ fn tempfile_probe(dir: &Path) -> bool {
     ok
 }
 
+/// How the daemon rereads its configuration at a reload: the files to
+/// watch, and a function that reads them again (with the command line's
+/// overrides applied on top).
+#[derive(Clone)]
+pub struct Reconfigure {
+    /// Files whose change triggers a reload (the configuration file).
+    pub files: Vec<PathBuf>,
+    /// Reads the configuration again.
+    pub load: Arc<dyn Fn() -> Result<DaemonConfig, DaemonError> + Send + Sync>,
+}
+
+/// The control socket's path by default: `$RUNTIME_DIRECTORY/control.sock`
+/// (systemd's `RuntimeDirectory=`), else `/run/greyhook/control.sock` when it
+/// can be created (root), else `$XDG_RUNTIME_DIR/greyhook/control.sock`, else
+/// beside the default store.
+pub fn default_control_path() -> PathBuf {
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("control.sock");
+    }
+    let run = PathBuf::from("/run/greyhook");
+    if std::fs::create_dir_all(&run).is_ok() && tempfile_probe(&run) {
+        return run.join("control.sock");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("greyhook").join("control.sock");
+    }
+    default_db_path().with_file_name("control.sock")
+}
+
+fn filter_spec(config: &DaemonConfig) -> Result<(FilterSource, FilterOptions), DaemonError> {
+    let f = &config.filter;
+    let memory = f
+        .memory_mib
+        .checked_shl(20)
+        .filter(|m| (1 << 20..=1 << 30).contains(m))
+        .ok_or_else(|| DaemonError::Invalid("filter.memory_mib must be 1 to 1024".into()))?;
+    if f.deadline.is_zero() || f.deadline > Duration::from_secs(30) {
+        return Err(DaemonError::Invalid("filter.deadline must be between 1ms and 30s".into()));
+    }
+    let source = f.path.clone().map_or(FilterSource::Embedded, FilterSource::File);
+    let options = FilterOptions {
+        config: toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?,
+        namespace: f.namespace.clone(),
+        limits: Limits { deadline: f.deadline, memory, store_calls: f.store_calls, ..Limits::default() },
+        failure_policy: f.failure_policy,
+    };
+    Ok((source, options))
+}
+
+struct Shared {
+    reloader: Reloader,
+    reconfigure: Option<Reconfigure>,
+}
+
+impl Shared {
+    async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        match &self.reconfigure {
+            Some(r) => {
+                let cfg = (r.load)().map_err(|e| ReloadError::Options(e.to_string()))?;
+                let (source, options) = filter_spec(&cfg).map_err(|e| ReloadError::Options(e.to_string()))?;
+                self.reloader.reload_with(Some(source), Some(options)).await
+            }
+            None => self.reloader.reload().await,
+        }
+    }
+}
+
 /// A running daemon: its listeners' addresses and the handle to stop it.
 pub struct Daemon {
     /// The policy listeners' bound addresses.
     pub policy_addrs: Vec<ListenAddr>,
+    /// The control socket's path.
+    pub control_path: PathBuf,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl Daemon {
     /// Loads the filter, opens the store, binds the listeners and starts
-    /// serving in the background.
-    pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>) -> Result<Daemon, DaemonError> {
-        let f = &config.filter;
-        let memory = f
-            .memory_mib
-            .checked_shl(20)
-            .filter(|m| (1 << 20..=1 << 30).contains(m))
-            .ok_or_else(|| DaemonError::Invalid("filter.memory_mib must be 1 to 1024".into()))?;
-        if f.deadline.is_zero() || f.deadline > Duration::from_secs(30) {
-            return Err(DaemonError::Invalid("filter.deadline must be between 1ms and 30s".into()));
-        }
-        let runtime =
-            Runtime::new(RuntimeConfig { max_memory: memory.max(RuntimeConfig::default().max_memory), ..RuntimeConfig::default() })?;
-        let bytes = match &f.path {
-            Some(p) => std::fs::read(p).map_err(|source| DaemonError::FilterFile { path: p.display().to_string(), source })?,
-            None => crate::REFERENCE_FILTER.to_vec(),
-        };
+    /// serving in the background, with reloads on file changes and on the
+    /// control socket.
+    pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
+        let (source, options) = filter_spec(config)?;
+        let runtime = Runtime::new(RuntimeConfig {
+            max_memory: options.limits.memory.max(RuntimeConfig::default().max_memory),
+            ..RuntimeConfig::default()
+        })?;
         let store: Arc<dyn Store> = match config.store.path.as_deref() {
             Some("memory") => Arc::new(MemoryStore::new()),
             Some(p) => Arc::new(RedbStore::open(Path::new(p), config.store.durability)?),
             None => Arc::new(RedbStore::open(&default_db_path(), config.store.durability)?),
         };
-        let options = FilterOptions {
-            config: toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?,
-            namespace: f.namespace.clone(),
-            limits: Limits { deadline: f.deadline, memory, store_calls: f.store_calls, ..Limits::default() },
-            failure_policy: f.failure_policy,
-        };
-        let filter = runtime.load(&bytes, options, store.clone()).await?;
-        tracing::info!(name = %filter.info().name, version = %filter.info().version, "filter loaded");
-        let filter = Arc::new(ArcSwap::from_pointee(filter));
-        let server = Arc::new(PolicyServer::new(filter, clock.clone(), config.policy_config()?));
+        let reloader = Reloader::start(runtime, store.clone(), source.clone(), options).await.map_err(|e| match e {
+            ReloadError::Load(l) => DaemonError::Load(l),
+            ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
+            other => DaemonError::Invalid(other.to_string()),
+        })?;
+        let info = reloader.filter().info().clone();
+        tracing::info!(name = %info.name, version = %info.version, "filter loaded");
+        let server = Arc::new(PolicyServer::new(reloader.slot(), clock.clone(), config.policy_config()?));
         let perms = config.unix_perms()?;
         let mut listeners = Vec::new();
         for a in &config.policy.listen {
@@ -307,22 +377,50 @@ impl Daemon {
             tracing::info!("policy service listening on {}", l.local_addr());
             listeners.push(l);
         }
+        let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
+        let control = Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let tasks: Vec<_> =
+        let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
+        if let FilterSource::File(p) = &source {
+            watched.push(p.clone());
+        }
+        let shared = Arc::new(Shared { reloader, reconfigure });
+        let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
-        let housekeeping = tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone()));
+        tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
+        match watch(watched, shared.clone(), shutdown.clone()) {
+            Ok(t) => tasks.push(t),
+            Err(e) => tracing::warn!("cannot watch the filter and configuration files (reload with SIGHUP or `greyhook reload`): {e}"),
+        }
         let done = tokio::spawn(async move {
             for t in tasks {
                 let _ = t.await;
             }
-            let _ = housekeeping.await;
             match store.flush().await {
                 Ok(()) => tracing::info!("store flushed; stopped"),
                 Err(e) => tracing::error!("flushing the store at shutdown failed: {e}"),
             }
         });
-        Ok(Daemon { policy_addrs, shutdown, done })
+        Ok(Daemon { policy_addrs, control_path, shared, shutdown, done })
+    }
+
+    /// Reloads the filter (rereading the configuration, if the daemon was
+    /// started with a [`Reconfigure`]). A refused version leaves the current
+    /// one serving.
+    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        self.shared.reload().await
+    }
+
+    /// The filter serving now.
+    pub fn filter(&self) -> Arc<crate::engine::Filter> {
+        self.shared.reloader.filter()
+    }
+
+    /// A handle that reloads the filter, for signal handlers.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.shared.clone())
     }
 
     /// A token that stops the daemon when cancelled.
@@ -340,6 +438,90 @@ impl Daemon {
     pub async fn wait(self) {
         let _ = self.done.await;
     }
+}
+
+/// Reloads the daemon's filter from anywhere (a signal handler).
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Shared>);
+
+impl ReloadHandle {
+    /// Reloads; see [`Daemon::reload`].
+    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        self.0.reload().await
+    }
+}
+
+/// The control socket: one command a connection (`reload` or `status`),
+/// one line back.
+async fn control_service(listener: Listener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let (conn, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(conn);
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(r.take(256));
+            let read = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+            let reply = match (read, line.trim()) {
+                (Ok(Ok(_)), "reload") => match shared.reload().await {
+                    Ok(o) => format!("ok {o}\n"),
+                    Err(e) => format!("refused {e}\n"),
+                },
+                (Ok(Ok(_)), "status") => {
+                    let f = shared.reloader.filter();
+                    let s = f.stats();
+                    format!(
+                        "ok {} {} calls={} failures={}\n",
+                        f.info().name,
+                        f.info().version,
+                        s.calls.load(std::sync::atomic::Ordering::Relaxed),
+                        s.failures.load(std::sync::atomic::Ordering::Relaxed)
+                    )
+                }
+                _ => "error expected `reload` or `status`\n".to_string(),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+/// Watches `files` (through their directories, so an atomic rename into
+/// place is seen) and reloads, debounced, when one changes.
+fn watch(files: Vec<PathBuf>, shared: Arc<Shared>, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, notify::Error> {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let names: Vec<PathBuf> = files.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())).collect();
+    let wanted = names.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            let relevant = !matches!(ev.kind, notify::EventKind::Access(_)) && ev.paths.iter().any(|p| wanted.iter().any(|w| w == p));
+            if relevant {
+                let _ = tx.try_send(());
+            }
+        }
+    })?;
+    let mut dirs: Vec<PathBuf> = names.iter().filter_map(|n| n.parent().map(Path::to_path_buf)).collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in &dirs {
+        watcher.watch(d, notify::RecursiveMode::NonRecursive)?;
+    }
+    Ok(tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                m = rx.recv() => if m.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            // Debounce: an editor or `cp` writes in several steps.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let _ = shared.reload().await;
+        }
+    }))
 }
 
 async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreSection, shutdown: CancellationToken) {

@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod engine;
 pub mod listen;
 pub mod policy;
+pub mod reload;
 pub mod reply;
 pub mod retry;
 mod sandbox;

@@ -42,6 +42,22 @@ enum Command {
         /// Log level or filter (`info`, `debug`, `info,greyhook::filter=debug`).
         #[arg(long)]
         log: Option<String>,
+        /// The control socket `greyhook reload` talks to.
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// Tell the running daemon to reload its filter and configuration now;
+    /// prints the version loaded, or why it was refused (exit 1).
+    Reload {
+        /// The daemon's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// Print the running daemon's filter and counters.
+    Status {
+        /// The daemon's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Load and type-check a filter, run its init, and print its name,
     /// version and imports.
@@ -115,41 +131,67 @@ fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-async fn serve(
-    config: Option<PathBuf>,
+/// The command line's overrides of the configuration file.
+#[derive(Clone)]
+struct Overrides {
     policy: Vec<String>,
     db: Option<String>,
     filter: Option<PathBuf>,
     set: Vec<String>,
     log: Option<String>,
-) -> Result<()> {
-    use greyhook::daemon::{Daemon, DaemonConfig};
-    let mut cfg = match &config {
+    control: Option<PathBuf>,
+}
+
+/// Reads the configuration file (if any) and applies the overrides: run at
+/// start and again at every reload.
+fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::DaemonConfig, greyhook::daemon::DaemonError> {
+    use greyhook::daemon::{DaemonConfig, DaemonError};
+    let mut cfg = match file {
         Some(p) => DaemonConfig::load(p)?,
         None => DaemonConfig::default(),
     };
-    if !policy.is_empty() {
-        cfg.policy.listen = policy.iter().map(|p| p.parse()).collect::<Result<_, _>>()?;
+    if !o.policy.is_empty() {
+        cfg.policy.listen = o.policy.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| DaemonError::Invalid(format!("--policy: {e}")))?;
     }
-    if db.is_some() {
-        cfg.store.path = db;
+    if o.db.is_some() {
+        cfg.store.path = o.db.clone();
     }
-    if filter.is_some() {
-        cfg.filter.path = filter;
+    if o.filter.is_some() {
+        cfg.filter.path = o.filter.clone();
     }
-    if let Some(l) = log {
-        cfg.log.level = l;
+    if let Some(l) = &o.log {
+        cfg.log.level = l.clone();
     }
-    cfg.set_filter_keys(&set)?;
+    if let Some(c) = &o.control {
+        cfg.control.socket = Some(c.display().to_string());
+    }
+    cfg.set_filter_keys(&o.set)?;
+    Ok(cfg)
+}
+
+async fn serve(file: Option<PathBuf>, overrides: Overrides) -> Result<()> {
+    use greyhook::daemon::{Daemon, Reconfigure};
+    let cfg = load_config(file.as_deref(), &overrides)?;
     let _log = init_logging(&cfg.log.level);
-    let daemon = Daemon::start(&cfg, Arc::new(SystemClock)).await?;
+    let reconfigure = Reconfigure {
+        files: file.iter().cloned().collect(),
+        load: Arc::new(move || load_config(file.as_deref(), &overrides)),
+    };
+    let daemon = Daemon::start(&cfg, Arc::new(SystemClock), Some(reconfigure)).await?;
     let token = daemon.shutdown_token();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let reload = daemon.reload_handle();
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the filter");
+                    let _ = reload.reload().await;
+                }
+            }
         }
         token.cancel();
     });
@@ -157,14 +199,39 @@ async fn serve(
     Ok(())
 }
 
+/// `greyhook reload` / `greyhook status`: one command on the control socket.
+async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = path.unwrap_or_else(greyhook::daemon::default_control_path);
+    let mut s = tokio::net::UnixStream::connect(&path)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {} (is `greyhook serve` running? --control names another socket)", path.display()))?;
+    s.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut reply = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(120), s.take(64 * 1024).read_to_string(&mut reply)).await.context("no answer from the daemon")??;
+    let reply = reply.trim();
+    match reply.strip_prefix("ok ") {
+        Some(r) => {
+            println!("{r}");
+            Ok(())
+        }
+        None => anyhow::bail!("{}", reply.strip_prefix("refused ").map(|r| format!("refused, the current version keeps serving: {r}")).unwrap_or_else(|| reply.to_string())),
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
-    if let Command::Serve { config, policy, db, filter, set, log } = cli.command {
-        return serve(config, policy, db, filter, set, log).await;
+    match cli.command {
+        Command::Serve { config, policy, db, filter, set, log, control } => {
+            return serve(config, Overrides { policy, db, filter, set, log, control }).await;
+        }
+        Command::Reload { control: c } => return control(c, "reload").await,
+        Command::Status { control: c } => return control(c, "status").await,
+        _ => {}
     }
     let _log = init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Reload { .. } | Command::Status { .. } => unreachable!("handled above"),
         Command::Check { filter, config, set } => {
             let name = filter.as_ref().map_or("the reference filter".to_string(), |p| p.display().to_string());
             let bytes = filter_bytes(filter.as_deref())?;

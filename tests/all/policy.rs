@@ -66,10 +66,14 @@ impl Conn {
 }
 
 async fn daemon(filter_config: &str, policy: &str) -> (Daemon, Arc<ManualClock>, u16) {
-    let text = format!("[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n{policy}\n[filter.config]\n{filter_config}\n");
+    let dir = tempfile::tempdir().unwrap().keep();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n{policy}\n[filter.config]\n{filter_config}\n",
+        dir.join("control.sock").display()
+    );
     let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let d = Daemon::start(&cfg, clock.clone()).await.unwrap();
+    let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
     let port = match &d.policy_addrs[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),

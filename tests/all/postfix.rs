@@ -118,8 +118,9 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     std::fs::write(
         &cfg,
         format!(
-            "[policy]\nlisten = [\"{listen}\"]\nsocket_mode = \"0660\"\nsocket_owner = \"postfix\"\n{extra_config}\n\
-             [filter.config]\ndelay = 2\nipv4_prefix = 32\nwhitelist_clients = [\"127.0.0.3\"]\n"
+            "[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = [\"{listen}\"]\nsocket_mode = \"0660\"\nsocket_owner = \"postfix\"\n{extra_config}\n\
+             [filter.config]\ndelay = 2\nipv4_prefix = 32\nwhitelist_clients = [\"127.0.0.3\"]\n",
+            root.display()
         ),
     )
     .unwrap();

@@ -76,7 +76,8 @@ async fn tempfail_policy_answers_451_and_421_at_connect() {
 #[tokio::test]
 async fn invalid_ehlo_keyword_is_refused() {
     let (f, _) = chaos(FailurePolicy::Continue).await;
-    let c = Client::new(&f, "192.0.2.1", T0);
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    c.session.helo = Some("bad-ehlo".into());
     assert!(matches!(f.try_on_ehlo(&c.ctx()).await, Err(FilterError::Invalid(_))));
     assert!(f.on_ehlo(&c.ctx()).await.keywords.is_empty());
 }

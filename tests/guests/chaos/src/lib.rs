@@ -40,8 +40,11 @@ impl Guest for Chaos {
         verdict(Decision::Continue)
     }
 
-    fn on_ehlo(_c: Context) -> EhloVerdict {
-        EhloVerdict { verdict: verdict(Decision::Continue), keywords: vec!["X\r\n250 INJECTED".into()] }
+    fn on_ehlo(c: Context) -> EhloVerdict {
+        // An invalid keyword only when asked (HELO `bad-ehlo`), so the
+        // filter passes the host's reload smoke test otherwise.
+        let keywords = if c.session.helo.as_deref() == Some("bad-ehlo") { vec!["X\r\n250 INJECTED".into()] } else { vec!["CHAOS".into()] };
+        EhloVerdict { verdict: verdict(Decision::Continue), keywords }
     }
 
     fn on_mail(_c: Context, _s: String) -> Verdict {
