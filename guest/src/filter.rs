@@ -248,6 +248,8 @@ impl Greylist {
                 if r.passed > 0 { r.passed.saturating_add(c.max_age) > now } else { r.first_seen.saturating_add(c.retry_window) > now }
             });
             let (next, outcome, life) = match live {
+                // No blocking time: the first sighting passes.
+                None if delay == 0 => (Record { first_seen: now, passed: now }, Outcome::FirstPass(0), c.max_age),
                 None => (Record { first_seen: now, passed: 0 }, Outcome::Defer(delay), c.retry_window),
                 Some(r) if r.passed > 0 => (Record { first_seen: r.first_seen, passed: now }, Outcome::Known, c.max_age),
                 Some(r) if now < r.first_seen.saturating_add(delay) => {

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
-use crate::reload::{FilterSource, ReloadError, ReloadOutcome, Reloader};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
 use crate::policy::{PolicyConfig, PolicyServer, TempfailAction};
+use crate::reload::{FilterSource, ReloadError, ReloadOutcome, Reloader};
 use crate::store::{Durability, MemoryStore, RedbStore, Store, StoreError};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// The `[filter]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -378,7 +378,8 @@ impl Daemon {
             listeners.push(l);
         }
         let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
-        let control = Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
+        let control =
+            Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();

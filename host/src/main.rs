@@ -151,7 +151,8 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
         None => DaemonConfig::default(),
     };
     if !o.policy.is_empty() {
-        cfg.policy.listen = o.policy.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| DaemonError::Invalid(format!("--policy: {e}")))?;
+        cfg.policy.listen =
+            o.policy.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| DaemonError::Invalid(format!("--policy: {e}")))?;
     }
     if o.db.is_some() {
         cfg.store.path = o.db.clone();
@@ -173,10 +174,8 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> Result<()> {
     use greyhook::daemon::{Daemon, Reconfigure};
     let cfg = load_config(file.as_deref(), &overrides)?;
     let _log = init_logging(&cfg.log.level);
-    let reconfigure = Reconfigure {
-        files: file.iter().cloned().collect(),
-        load: Arc::new(move || load_config(file.as_deref(), &overrides)),
-    };
+    let reconfigure =
+        Reconfigure { files: file.iter().cloned().collect(), load: Arc::new(move || load_config(file.as_deref(), &overrides)) };
     let daemon = Daemon::start(&cfg, Arc::new(SystemClock), Some(reconfigure)).await?;
     let token = daemon.shutdown_token();
     let reload = daemon.reload_handle();
@@ -203,19 +202,27 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> Result<()> {
 async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let path = path.unwrap_or_else(greyhook::daemon::default_control_path);
-    let mut s = tokio::net::UnixStream::connect(&path)
-        .await
-        .with_context(|| format!("cannot reach the daemon at {} (is `greyhook serve` running? --control names another socket)", path.display()))?;
+    let mut s = tokio::net::UnixStream::connect(&path).await.with_context(|| {
+        format!("cannot reach the daemon at {} (is `greyhook serve` running? --control names another socket)", path.display())
+    })?;
     s.write_all(format!("{command}\n").as_bytes()).await?;
     let mut reply = String::new();
-    tokio::time::timeout(std::time::Duration::from_secs(120), s.take(64 * 1024).read_to_string(&mut reply)).await.context("no answer from the daemon")??;
+    tokio::time::timeout(std::time::Duration::from_secs(120), s.take(64 * 1024).read_to_string(&mut reply))
+        .await
+        .context("no answer from the daemon")??;
     let reply = reply.trim();
     match reply.strip_prefix("ok ") {
         Some(r) => {
             println!("{r}");
             Ok(())
         }
-        None => anyhow::bail!("{}", reply.strip_prefix("refused ").map(|r| format!("refused, the current version keeps serving: {r}")).unwrap_or_else(|| reply.to_string())),
+        None => anyhow::bail!(
+            "{}",
+            reply
+                .strip_prefix("refused ")
+                .map(|r| format!("refused, the current version keeps serving: {r}"))
+                .unwrap_or_else(|| reply.to_string())
+        ),
     }
 }
 

@@ -133,7 +133,12 @@ fn read(source: &FilterSource) -> Result<Vec<u8>, ReloadError> {
 impl Reloader {
     /// Loads the first version (failing if it is refused) and returns the
     /// reloader with its slot.
-    pub async fn start(runtime: Runtime, store: Arc<dyn Store>, source: FilterSource, options: FilterOptions) -> Result<Reloader, ReloadError> {
+    pub async fn start(
+        runtime: Runtime,
+        store: Arc<dyn Store>,
+        source: FilterSource,
+        options: FilterOptions,
+    ) -> Result<Reloader, ReloadError> {
         let bytes = read(&source)?;
         let compiled = compile(&runtime, &bytes).await?;
         let filter = load_checked(&runtime, compiled.clone(), options.clone(), store.clone()).await?;
@@ -215,11 +220,18 @@ impl Reloader {
 async fn compile(runtime: &Runtime, bytes: &[u8]) -> Result<CompiledFilter, ReloadError> {
     let rt = runtime.clone();
     let owned = bytes.to_vec();
-    Ok(tokio::task::spawn_blocking(move || rt.compile(&owned)).await.map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??)
+    Ok(tokio::task::spawn_blocking(move || rt.compile(&owned))
+        .await
+        .map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??)
 }
 
 /// Type-checks, initialises and smoke-tests a compiled filter.
-async fn load_checked(runtime: &Runtime, compiled: CompiledFilter, options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, ReloadError> {
+async fn load_checked(
+    runtime: &Runtime,
+    compiled: CompiledFilter,
+    options: FilterOptions,
+    store: Arc<dyn Store>,
+) -> Result<Filter, ReloadError> {
     let filter = runtime.instantiate_filter(compiled, options, store).await?;
     // The smoke call: EHLO from a documentation address (no store writes
     // by the reference filter), under the filter's own deadline.

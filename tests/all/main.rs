@@ -5,6 +5,7 @@ mod cli;
 mod greylist;
 mod policy;
 mod postfix;
+mod reload;
 mod reply;
 mod sandbox;
 mod store;

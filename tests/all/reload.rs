@@ -1,0 +1,226 @@
+//! Hot reload: file changes, refused versions, swaps under load, and the
+//! `greyhook reload` command against a running daemon.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use greyhook::clock::ManualClock;
+use greyhook::daemon::{Daemon, DaemonConfig, Reconfigure};
+use greyhook::listen::ListenAddr;
+use greyhook_tests::*;
+
+fn ask(c: &mut (TcpStream, BufReader<TcpStream>), sender: &str) -> String {
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\nsender={sender}\nrecipient=user@e2e.test\ninstance=x\n\n"
+    );
+    c.0.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    c.1.read_line(&mut line).unwrap();
+    let mut empty = String::new();
+    c.1.read_line(&mut empty).unwrap();
+    line.trim_end().trim_start_matches("action=").to_string()
+}
+
+fn letters(mut n: u32) -> String {
+    let mut s = String::new();
+    loop {
+        s.push((b'a' + (n % 26) as u8) as char);
+        n /= 26;
+        if n == 0 {
+            return s;
+        }
+    }
+}
+
+fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (s.try_clone().unwrap(), BufReader::new(s))
+}
+
+/// Writes a file the way operators and deploy tools do: a temp file renamed into place.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Starts a daemon on `dir/greyhook.toml`; `watch` also reloads when the file changes.
+async fn start(dir: &Path, clock: Arc<ManualClock>, watch: bool) -> (Daemon, u16) {
+    let cfg_path = dir.join("greyhook.toml");
+    let p = cfg_path.clone();
+    let load = move || DaemonConfig::load(&p);
+    let cfg = load().unwrap();
+    let files = if watch { vec![cfg_path] } else { Vec::new() };
+    let reconfigure = Reconfigure { files, load: Arc::new(load) };
+    let d = Daemon::start(&cfg, clock, Some(reconfigure)).await.unwrap();
+    let port = match &d.policy_addrs[0] {
+        ListenAddr::Tcp(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    (d, port)
+}
+
+fn config(dir: &Path, delay: u32) -> String {
+    format!(
+        "[filter]\npath = \"{d}/filter.wasm\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
+        d = dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_changes_reload_and_bad_versions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("filter.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    std::fs::write(d.join("greyhook.toml"), config(&d, 300)).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (daemon, port) = start(&d, clock.clone(), true).await;
+    let d2 = d.clone();
+    let clock2 = clock.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = connect(port);
+        assert!(ask(&mut c, "a@x.org").ends_with("retry=00:05:00"));
+        // A new configuration, renamed into place: the watcher reloads it.
+        replace(&d2.join("greyhook.toml"), config(&d2, 60).as_bytes());
+        let until = Instant::now() + Duration::from_secs(10);
+        while !ask(&mut c, "b@x.org").ends_with("retry=00:01:00") {
+            assert!(Instant::now() < until, "the configuration change was not picked up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The record written before the reload is still honoured: its first
+        // sighting stands, under the new delay.
+        clock2.advance(30);
+        assert!(ask(&mut c, "a@x.org").ends_with("retry=00:00:30"), "the old record counts from its first sighting");
+        assert!(ask(&mut c, "new@x.org").ends_with("retry=00:01:00"));
+    })
+    .await
+    .unwrap();
+
+    // Refused versions leave the current one serving.
+    for (bad, why) in [(b"garbage".to_vec(), "not a WebAssembly file"), (wat::parse_str("(component)").unwrap(), "greyhook:filter")] {
+        std::fs::write(d.join("filter.wasm"), &bad).unwrap();
+        let e = daemon.reload().await.expect_err("refused");
+        assert!(e.to_string().contains(why), "{e}");
+        assert_eq!(daemon.filter().info().name, "greylist");
+    }
+    std::fs::write(d.join("filter.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    std::fs::write(d.join("greyhook.toml"), config(&d, 60).replace("delay = 60", "delay = \"soon\"")).unwrap();
+    let e = daemon.reload().await.expect_err("bad filter config");
+    assert!(e.to_string().contains("delay"), "{e}");
+    std::fs::write(d.join("greyhook.toml"), config(&d, 60)).unwrap();
+    // A new file: the chaos filter.
+    std::fs::write(d.join("filter.wasm"), CHAOS_FILTER).unwrap();
+    let o = daemon.reload().await.unwrap();
+    assert!(o.to_string().starts_with("loaded chaos 0.0.1"), "{o}");
+    tokio::task::spawn_blocking(move || {
+        let mut c = connect(port);
+        assert_eq!(ask(&mut c, "c@x.org"), "PREPEND X-Chaos: ok");
+    })
+    .await
+    .unwrap();
+    assert!(daemon.reload().await.unwrap().to_string().starts_with("unchanged"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_swaps_under_load_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("filter.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    std::fs::write(d.join("greyhook.toml"), config(&d, 300)).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    // Reloads are explicit here, so every one of them is a real swap.
+    let (daemon, port) = start(&d, clock.clone(), false).await;
+    let before = tokio::task::spawn_blocking(move || ask(&mut connect(port), "early@x.org")).await.unwrap();
+    assert!(before.ends_with("retry=00:05:00"));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..4 {
+        let stop = stop.clone();
+        load.push(tokio::task::spawn_blocking(move || {
+            let mut c = connect(port);
+            let mut n = 0u32;
+            // Bounded: stops when told, or after 200 000 requests.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200_000 {
+                // Letters, not digits: the sender normalisation folds digit runs.
+                let a = ask(&mut c, &format!("{}-{}@load.example", letters(w), letters(n)));
+                let ok = a == "451 4.7.1 Greylisted, please try again later retry=00:05:00"
+                    || a == "PREPEND X-Greylist: delayed 0 seconds by greyhook";
+                assert!(ok, "reply {n} of worker {w} fits neither version: {a:?}");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let started = Instant::now();
+    for i in 0..100 {
+        let delay = if i % 2 == 0 { 0 } else { 300 };
+        std::fs::write(d.join("greyhook.toml"), config(&d, delay)).unwrap();
+        let o = daemon.reload().await.unwrap();
+        assert!(o.to_string().starts_with("loaded greylist"), "{o}");
+    }
+    let swaps = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for l in load {
+        total += l.await.unwrap();
+    }
+    assert!(total > 100, "the load ran ({total} requests during {swaps:?} of swaps)");
+    // The last version has delay 300; the early record is still there.
+    clock.advance(100);
+    let after = tokio::task::spawn_blocking(move || ask(&mut connect(port), "early@x.org")).await.unwrap();
+    assert!(after.ends_with("retry=00:03:20"), "{after}");
+    daemon.stop().await;
+}
+
+#[test]
+fn greyhook_reload_and_status_talk_to_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let filter = d.join("filter.wasm");
+    std::fs::write(&filter, greyhook::REFERENCE_FILTER).unwrap();
+    let control = d.join("control.sock");
+    let port = free_port();
+    let mut daemon = Process::greyhook(
+        &[
+            "serve",
+            "--policy",
+            &format!("127.0.0.1:{port}"),
+            "--db",
+            "memory",
+            "--filter",
+            filter.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        d.join("log"),
+    );
+    wait_for_port(port, 20);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(greyhook_bin()).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let c = control.to_str().unwrap();
+    let (ok, out, err) = run(&["reload", "--control", c]);
+    assert!(ok && out.starts_with("unchanged"), "{out}{err}");
+    let (ok, out, _) = run(&["status", "--control", c]);
+    assert!(ok && out.starts_with("greylist 0.1.0"), "{out}");
+    std::fs::write(&filter, b"not wasm at all").unwrap();
+    let (ok, _, err) = run(&["reload", "--control", c]);
+    assert!(!ok && err.contains("refused") && err.contains("not a WebAssembly file"), "{err}");
+    let mut conn = connect(port);
+    assert!(ask(&mut conn, "a@x.org").starts_with("451 4.7.1"), "still serving");
+    std::fs::write(&filter, CHAOS_FILTER).unwrap();
+    let _ = std::process::Command::new("kill").args(["-HUP", &daemon.child.id().to_string()]).status();
+    let until = Instant::now() + Duration::from_secs(10);
+    while ask(&mut conn, "b@x.org") != "PREPEND X-Chaos: ok" {
+        assert!(Instant::now() < until, "SIGHUP did not reload: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon.terminate(10));
+}
