@@ -23,6 +23,8 @@ pub fn build_component(workspace: &Path, package: &str, artifact: &str, watch: &
         println!("cargo:rerun-if-changed={}", workspace.join(w).display());
     }
     println!("cargo:rerun-if-changed={}", workspace.join("Cargo.lock").display());
+    // The `wasm` profile lives in the workspace manifest.
+    println!("cargo:rerun-if-changed={}", workspace.join("Cargo.toml").display());
     let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d).join("guests"),
         None => workspace.join("target").join("guests"),
