@@ -14,6 +14,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifact_cache::ArtifactCache;
 use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
@@ -39,6 +40,9 @@ pub struct FilterSection {
     pub memory_mib: usize,
     /// Most store calls in one hook call.
     pub store_calls: u32,
+    /// Where compiled filters are kept across restarts (default: `cache/`
+    /// beside the store file; none with the memory store).
+    pub cache_dir: Option<PathBuf>,
     /// The filter's own configuration, handed to its `init`.
     pub config: toml::Table,
 }
@@ -53,6 +57,7 @@ impl Default for FilterSection {
             deadline: l.deadline,
             memory_mib: l.memory >> 20,
             store_calls: l.store_calls,
+            cache_dir: None,
             config: toml::Table::new(),
         }
     }
@@ -357,12 +362,27 @@ impl Daemon {
             max_memory: options.limits.memory.max(RuntimeConfig::default().max_memory),
             ..RuntimeConfig::default()
         })?;
-        let store: Arc<dyn Store> = match config.store.path.as_deref() {
-            Some("memory") => Arc::new(MemoryStore::new()),
-            Some(p) => Arc::new(RedbStore::open(Path::new(p), config.store.durability)?),
-            None => Arc::new(RedbStore::open(&default_db_path(), config.store.durability)?),
+        let db_path = match config.store.path.as_deref() {
+            Some("memory") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(default_db_path()),
         };
-        let reloader = Reloader::start(runtime, store.clone(), source.clone(), options).await.map_err(|e| match e {
+        let store: Arc<dyn Store> = match &db_path {
+            None => Arc::new(MemoryStore::new()),
+            Some(p) => Arc::new(RedbStore::open(p, config.store.durability)?),
+        };
+        let cache_dir = config.filter.cache_dir.clone().or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")));
+        let cache = match cache_dir {
+            Some(d) => match ArtifactCache::open(&d) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("no compiled-filter cache in {}: {e}", d.display());
+                    None
+                }
+            },
+            None => None,
+        };
+        let reloader = Reloader::start(runtime, store.clone(), source.clone(), options, cache).await.map_err(|e| match e {
             ReloadError::Load(l) => DaemonError::Load(l),
             ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
             other => DaemonError::Invalid(other.to_string()),

@@ -269,6 +269,33 @@ impl Runtime {
         Ok(CompiledFilter { component })
     }
 
+    /// The compiled artifact of a component, for [`crate::artifact_cache`].
+    pub(crate) fn serialize(&self, c: &CompiledFilter) -> Result<Vec<u8>, LoadError> {
+        c.component.serialize().map_err(|e| LoadError::Compile(format!("{e:#}")))
+    }
+
+    /// A component from an artifact this process's cache wrote.
+    ///
+    /// # Safety
+    /// `path` must hold an artifact written by [`Runtime::serialize`] of an
+    /// engine with the same compatibility hash, and nobody else must have
+    /// been able to write it (wasmtime trusts the machine code in it).
+    pub(crate) unsafe fn deserialize_file(&self, path: &std::path::Path) -> Result<CompiledFilter, LoadError> {
+        // SAFETY: the caller's contract above.
+        let component =
+            unsafe { Component::deserialize_file(&self.inner.engine, path) }.map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        Ok(CompiledFilter { component })
+    }
+
+    /// A hash of everything that makes compiled artifacts compatible with
+    /// this engine (wasmtime version, settings, CPU features).
+    pub(crate) fn compatibility_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.engine.precompile_compatibility_hash().hash(&mut h);
+        h.finish()
+    }
+
     /// Loads a filter: compiles it, checks it against the world, makes a
     /// first instance and runs `init` with the options' configuration.
     pub async fn load(&self, bytes: &[u8], options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, LoadError> {

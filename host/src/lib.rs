@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod artifact_cache;
 pub mod audit;
 pub mod clock;
 pub mod config;

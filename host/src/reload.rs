@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
+use crate::artifact_cache::ArtifactCache;
 use crate::engine::{CompiledFilter, Filter, FilterOptions, LoadError, Runtime};
 use crate::store::Store;
 use crate::types::{Context, Session, Transaction};
@@ -109,6 +110,8 @@ pub struct Reloader {
     current: Mutex<Current>,
     /// Recently compiled components by content hash, newest last.
     compiled: std::sync::Mutex<Vec<(String, CompiledFilter)>>,
+    /// Compiled artifacts on disk, across restarts.
+    cache: Option<ArtifactCache>,
 }
 
 fn hex(d: &[u8]) -> String {
@@ -132,15 +135,17 @@ fn read(source: &FilterSource) -> Result<Vec<u8>, ReloadError> {
 
 impl Reloader {
     /// Loads the first version (failing if it is refused) and returns the
-    /// reloader with its slot.
+    /// reloader with its slot. `cache` keeps compiled artifacts on disk, so
+    /// a restart or a swap back to a known file does not compile again.
     pub async fn start(
         runtime: Runtime,
         store: Arc<dyn Store>,
         source: FilterSource,
         options: FilterOptions,
+        cache: Option<ArtifactCache>,
     ) -> Result<Reloader, ReloadError> {
         let bytes = read(&source)?;
-        let compiled = compile(&runtime, &bytes).await?;
+        let compiled = compile(&runtime, &bytes, cache.clone()).await?;
         let filter = load_checked(&runtime, compiled.clone(), options.clone(), store.clone()).await?;
         let h = hash(&bytes, &options);
         Ok(Reloader {
@@ -149,6 +154,7 @@ impl Reloader {
             slot: Arc::new(ArcSwap::from_pointee(filter)),
             current: Mutex::new(Current { source, options, hash: h }),
             compiled: std::sync::Mutex::new(vec![(hex(&Sha256::digest(&bytes)), compiled)]),
+            cache,
         })
     }
 
@@ -206,7 +212,7 @@ impl Reloader {
         if let Some(c) = hit {
             return Ok(c);
         }
-        let compiled = compile(&self.runtime, bytes).await?;
+        let compiled = compile(&self.runtime, bytes, self.cache.clone()).await?;
         let mut c = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
         if c.len() >= COMPILED_KEEP {
             c.remove(0);
@@ -216,13 +222,19 @@ impl Reloader {
     }
 }
 
-/// Compiles on a blocking thread (tens to hundreds of milliseconds of CPU).
-async fn compile(runtime: &Runtime, bytes: &[u8]) -> Result<CompiledFilter, ReloadError> {
+/// Compiles (or loads the cached artifact) on a blocking thread: a compile
+/// is hundreds of milliseconds of CPU.
+async fn compile(runtime: &Runtime, bytes: &[u8], cache: Option<ArtifactCache>) -> Result<CompiledFilter, ReloadError> {
     let rt = runtime.clone();
     let owned = bytes.to_vec();
-    Ok(tokio::task::spawn_blocking(move || rt.compile(&owned))
-        .await
-        .map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??)
+    let work = move || match &cache {
+        Some(c) => c.compile(&rt, &owned).map(|(compiled, origin)| {
+            tracing::debug!(?origin, "filter compiled");
+            compiled
+        }),
+        None => rt.compile(&owned),
+    };
+    Ok(tokio::task::spawn_blocking(work).await.map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??)
 }
 
 /// Type-checks, initialises and smoke-tests a compiled filter.

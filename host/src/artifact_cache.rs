@@ -1,0 +1,122 @@
+//! The precompiled artifact cache: compiling a filter takes hundreds of
+//! milliseconds, loading its compiled artifact well under one. Artifacts are
+//! kept as `<sha256 of the component>-<engine compatibility hash>.cwasm` in
+//! a directory greyhook creates with mode 0700.
+//!
+//! wasmtime runs the machine code in an artifact as it is, so only files
+//! this cache wrote are ever loaded: the directory and the file must belong
+//! to this process's user and be writable by nobody else, files are written
+//! to a temporary name and renamed into place, and anything that fails to
+//! load is deleted and compiled again.
+
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::engine::{CompiledFilter, LoadError, Runtime};
+
+/// A directory of compiled artifacts.
+#[derive(Debug, Clone)]
+pub struct ArtifactCache {
+    dir: PathBuf,
+    uid: u32,
+}
+
+/// Where a compiled filter came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded from the cache.
+    Cached,
+    /// Compiled now (and written to the cache).
+    Compiled,
+}
+
+fn private(meta: &std::fs::Metadata, uid: u32) -> bool {
+    meta.uid() == uid && meta.mode() & 0o022 == 0
+}
+
+impl ArtifactCache {
+    /// Opens (creating) the cache directory; refuses one that another user
+    /// owns or that others can write.
+    pub fn open(dir: &Path) -> std::io::Result<ArtifactCache> {
+        std::fs::create_dir_all(dir)?;
+        // Who we are, as the file system sees it: the owner of a file we create.
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"")?;
+        let uid = std::fs::metadata(&probe)?.uid();
+        std::fs::remove_file(&probe)?;
+        let meta = std::fs::metadata(dir)?;
+        if meta.uid() != uid {
+            return Err(std::io::Error::other(format!("{} belongs to another user", dir.display())));
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(ArtifactCache { dir: dir.to_path_buf(), uid })
+    }
+
+    fn path(&self, runtime: &Runtime, bytes: &[u8]) -> PathBuf {
+        let digest: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{digest}-{:016x}.cwasm", runtime.compatibility_hash()))
+    }
+
+    /// The compiled filter for `bytes`: from the cache, or compiled and cached.
+    pub fn compile(&self, runtime: &Runtime, bytes: &[u8]) -> Result<(CompiledFilter, Origin), LoadError> {
+        let path = self.path(runtime, bytes);
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if meta.is_file() && private(&meta, self.uid) {
+                // SAFETY: the file is in our private directory, owned by us,
+                // writable only by us, named by the content's hash and this
+                // engine's compatibility hash: this cache wrote it.
+                match unsafe { runtime.deserialize_file(&path) } {
+                    Ok(c) => return Ok((c, Origin::Cached)),
+                    Err(e) => tracing::warn!("discarding cached artifact {}: {e}", path.display()),
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let compiled = runtime.compile(bytes)?;
+        if let Err(e) = self.write(&path, &runtime.serialize(&compiled)?) {
+            tracing::warn!("cannot cache the compiled filter in {}: {e}", self.dir.display());
+        }
+        Ok((compiled, Origin::Compiled))
+    }
+
+    fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(artifact)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RuntimeConfig;
+
+    #[test]
+    fn compiles_once_then_loads_and_refuses_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        let cache = ArtifactCache::open(&dir.path().join("cache")).unwrap();
+        let (_, o) = cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        assert_eq!(o, Origin::Compiled);
+        let (_, o) = cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        assert_eq!(o, Origin::Cached);
+        // A file others could have written is never loaded.
+        let p = cache.path(&rt, crate::REFERENCE_FILTER);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (_, o) = cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        assert_eq!(o, Origin::Compiled);
+        // Garbage under the right name is discarded and recompiled.
+        std::fs::write(&p, b"garbage").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (_, o) = cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        assert_eq!(o, Origin::Compiled);
+        assert_eq!(cache.compile(&rt, crate::REFERENCE_FILTER).unwrap().1, Origin::Cached);
+    }
+}
