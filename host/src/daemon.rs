@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
 use crate::policy::{PolicyConfig, PolicyServer, TempfailAction};
-use crate::reload::{FilterSource, ReloadError, ReloadOutcome, Reloader};
+use crate::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
 use crate::store::{Durability, MemoryStore, RedbStore, Store, StoreError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -40,6 +40,15 @@ pub struct FilterSection {
     pub memory_mib: usize,
     /// Most store calls in one hook call.
     pub store_calls: u32,
+    /// Crash-loop breaker: this many failures within `breaker_window` (and
+    /// at least half the calls) put the previous version back.
+    pub breaker_failures: u64,
+    /// The breaker's window.
+    #[serde(with = "humantime_serde")]
+    pub breaker_window: Duration,
+    /// How long a reverted version is refused (doubling each time).
+    #[serde(with = "humantime_serde")]
+    pub breaker_backoff: Duration,
     /// Where compiled filters are kept across restarts (default: `cache/`
     /// beside the store file; none with the memory store).
     pub cache_dir: Option<PathBuf>,
@@ -58,6 +67,9 @@ impl Default for FilterSection {
             memory_mib: l.memory >> 20,
             store_calls: l.store_calls,
             cache_dir: None,
+            breaker_failures: BreakerConfig::default().failures,
+            breaker_window: BreakerConfig::default().window,
+            breaker_backoff: BreakerConfig::default().backoff,
             config: toml::Table::new(),
         }
     }
@@ -411,6 +423,12 @@ impl Daemon {
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
+        let breaker = BreakerConfig {
+            failures: config.filter.breaker_failures,
+            window: config.filter.breaker_window.max(Duration::from_millis(10)),
+            backoff: config.filter.breaker_backoff,
+        };
+        tasks.push(tokio::spawn(watch_breaker(shared.clone(), breaker, shutdown.clone())));
         match watch(watched, shared.clone(), shutdown.clone()) {
             Ok(t) => tasks.push(t),
             Err(e) => tracing::warn!("cannot watch the filter and configuration files (reload with SIGHUP or `greyhook reload`): {e}"),
@@ -543,6 +561,17 @@ fn watch(files: Vec<PathBuf>, shared: Arc<Shared>, shutdown: CancellationToken) 
             let _ = shared.reload().await;
         }
     }))
+}
+
+/// Samples the filter's failures every window and trips the breaker.
+async fn watch_breaker(shared: Arc<Shared>, config: BreakerConfig, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(config.window);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { let _ = shared.reloader.check_breaker(&config).await; }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreSection, shutdown: CancellationToken) {

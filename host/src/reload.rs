@@ -17,6 +17,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -91,10 +92,40 @@ impl std::fmt::Display for ReloadOutcome {
     }
 }
 
+#[derive(Clone)]
 struct Current {
     source: FilterSource,
     options: FilterOptions,
     hash: String,
+}
+
+/// When a new version fails too often it is reverted to the last known-good
+/// one, and not loaded again for a while.
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    /// Failures within `window` that trip the breaker (and at least half of
+    /// the calls in it failed).
+    pub failures: u64,
+    /// The window.
+    pub window: Duration,
+    /// How long a reverted version is refused; doubles each time it trips again.
+    pub backoff: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig { failures: 20, window: Duration::from_secs(10), backoff: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Default)]
+struct Breaker {
+    /// The version before the current one, with what it was loaded from.
+    previous: Option<(Arc<Filter>, Current)>,
+    /// Hashes in back-off: until when, and the back-off to use next time.
+    banned: std::collections::HashMap<String, (std::time::Instant, Duration)>,
+    /// (calls, failures) of the current version at the last sample.
+    last: (u64, u64),
 }
 
 /// How many compiled components are kept for reuse (a configuration-only
@@ -112,6 +143,7 @@ pub struct Reloader {
     compiled: std::sync::Mutex<Vec<(String, CompiledFilter)>>,
     /// Compiled artifacts on disk, across restarts.
     cache: Option<ArtifactCache>,
+    breaker: std::sync::Mutex<Breaker>,
 }
 
 fn hex(d: &[u8]) -> String {
@@ -155,6 +187,7 @@ impl Reloader {
             current: Mutex::new(Current { source, options, hash: h }),
             compiled: std::sync::Mutex::new(vec![(hex(&Sha256::digest(&bytes)), compiled)]),
             cache,
+            breaker: std::sync::Mutex::new(Breaker::default()),
         })
     }
 
@@ -185,9 +218,20 @@ impl Reloader {
                 return Ok(ReloadOutcome::Unchanged { hash: h });
             }
             let compiled = self.compiled(&bytes).await?;
+            if let Some((until, _)) = self.breaker().banned.get(&h).filter(|(until, _)| *until > std::time::Instant::now()) {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                return Err(ReloadError::Options(format!(
+                    "this version tripped the crash-loop breaker; it is refused for {}s more",
+                    left.as_secs() + 1
+                )));
+            }
             let filter = load_checked(&self.runtime, compiled, options.clone(), self.store.clone()).await?;
             let info = filter.info().clone();
-            self.slot.store(Arc::new(filter));
+            let old = self.slot.swap(Arc::new(filter));
+            let mut b = self.breaker();
+            b.previous = Some((old, cur.clone()));
+            b.last = (0, 0);
+            drop(b);
             *cur = Current { source: source.clone(), options: options.clone(), hash: h.clone() };
             Ok(ReloadOutcome::Loaded { name: info.name, version: info.version, hash: h })
         }
@@ -202,6 +246,46 @@ impl Reloader {
 }
 
 impl Reloader {
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Samples the current version's counters (call it every
+    /// `config.window`); if it failed too often since the last sample, puts
+    /// the previous version back and refuses this one for a while. Returns
+    /// why, if it tripped.
+    pub async fn check_breaker(&self, config: &BreakerConfig) -> Option<String> {
+        let mut cur = self.current.lock().await;
+        let filter = self.slot.load_full();
+        let (calls, failures) = (filter.stats().calls.load(Ordering::Relaxed), filter.stats().failures.load(Ordering::Relaxed));
+        let mut b = self.breaker();
+        let (dc, df) = (calls.saturating_sub(b.last.0), failures.saturating_sub(b.last.1));
+        b.last = (calls, failures);
+        if df < config.failures.max(1) || df * 2 < dc {
+            return None;
+        }
+        let Some((previous, prev_cur)) = b.previous.take() else {
+            tracing::error!("filter {} failed {df} of {dc} calls, but there is no earlier version to go back to", filter.info().name);
+            return None;
+        };
+        let backoff = b.banned.get(&cur.hash).map_or(config.backoff, |(_, d)| *d * 2);
+        b.banned.insert(cur.hash.clone(), (std::time::Instant::now() + backoff, backoff));
+        b.last = (previous.stats().calls.load(Ordering::Relaxed), previous.stats().failures.load(Ordering::Relaxed));
+        let why = format!(
+            "crash loop: {} {} failed {df} of {dc} calls; back to {} {}; the failing version is refused for {}s",
+            filter.info().name,
+            filter.info().version,
+            previous.info().name,
+            previous.info().version,
+            backoff.as_secs()
+        );
+        self.slot.store(previous);
+        *cur = prev_cur;
+        drop(b);
+        tracing::warn!("{why}");
+        Some(why)
+    }
+
     /// The compiled component for `bytes`, from the recent ones or compiled now.
     async fn compiled(&self, bytes: &[u8]) -> Result<CompiledFilter, ReloadError> {
         let key = hex(&Sha256::digest(bytes));

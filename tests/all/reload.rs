@@ -224,3 +224,43 @@ fn greyhook_reload_and_status_talk_to_the_daemon() {
     }
     assert!(daemon.terminate(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_version_is_reverted_and_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("filter.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    let breaker = "breaker_failures = 5\nbreaker_window = \"300ms\"\nbreaker_backoff = \"1h\"\n";
+    std::fs::write(d.join("greyhook.toml"), config(&d, 300).replace("[store]", &format!("{breaker}[store]"))).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (daemon, port) = start(&d, clock, false).await;
+    std::fs::write(d.join("filter.wasm"), CHAOS_FILTER).unwrap();
+    assert!(daemon.reload().await.unwrap().to_string().starts_with("loaded chaos"));
+    let reverted = tokio::task::spawn_blocking(move || {
+        let mut c = connect(port);
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The chaos filter panics for this recipient: every call fails.
+            let req =
+                "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\nsender=a@x.org\nrecipient=panic@e2e.test\n\n";
+            c.0.write_all(req.as_bytes()).unwrap();
+            let mut line = String::new();
+            c.1.read_line(&mut line).unwrap();
+            c.1.read_line(&mut String::new()).unwrap();
+            if line.contains("Greylisted") {
+                return true;
+            }
+            assert_eq!(line.trim_end(), "action=DUNNO", "the failure policy (continue) answers meanwhile");
+            if Instant::now() > until {
+                return false;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(reverted, "the breaker put the reference filter back");
+    assert_eq!(daemon.filter().info().name, "greylist");
+    let e = daemon.reload().await.expect_err("the chaos version is held back");
+    assert!(e.to_string().contains("crash-loop breaker"), "{e}");
+    daemon.stop().await;
+}
