@@ -15,6 +15,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifact_cache::ArtifactCache;
+use crate::chain::Chain;
 use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
@@ -167,8 +168,10 @@ impl Default for LogSection {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
-    /// The filter.
-    pub filter: FilterSection,
+    /// The filter (when there is one).
+    pub filter: Option<FilterSection>,
+    /// A chain of filters, asked in order (instead of `[filter]`).
+    pub filters: Vec<FilterSection>,
     /// The store.
     pub store: StoreSection,
     /// The policy listener.
@@ -225,11 +228,37 @@ impl DaemonConfig {
         DaemonConfig::parse(&text, &path.display().to_string())
     }
 
-    /// Applies `--set KEY=VALUE` overrides to the filter's configuration.
+    /// The filters in chain order: `[[filters]]`, or `[filter]`, or the
+    /// default (the reference filter).
+    pub fn chain(&self) -> Result<Vec<FilterSection>, DaemonError> {
+        match (&self.filter, self.filters.is_empty()) {
+            (Some(_), false) => Err(DaemonError::Invalid("use either [filter] or [[filters]], not both".into())),
+            (Some(f), true) => Ok(vec![f.clone()]),
+            (None, false) => Ok(self.filters.clone()),
+            (None, true) => Ok(vec![FilterSection::default()]),
+        }
+    }
+
+    /// The filter the command line's `--filter` and `--set` apply to: the
+    /// last of the chain (the greylisting one, behind any allow-lists).
+    pub fn main_filter_mut(&mut self) -> &mut FilterSection {
+        if self.filters.is_empty() {
+            self.filter.get_or_insert_with(FilterSection::default)
+        } else {
+            let n = self.filters.len() - 1;
+            &mut self.filters[n]
+        }
+    }
+
+    /// Applies `--set KEY=VALUE` overrides to the main filter's configuration.
     pub fn set_filter_keys(&mut self, sets: &[String]) -> Result<(), DaemonError> {
-        let base = toml::to_string(&self.filter.config).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let f = self.main_filter_mut();
+        let base = toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         let merged = crate::config::merge_settings(&base, "--set", sets).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        self.filter.config = merged.parse().map_err(|e: toml::de::Error| DaemonError::Invalid(e.to_string()))?;
+        f.config = merged.parse().map_err(|e: toml::de::Error| DaemonError::Invalid(e.to_string()))?;
         Ok(())
     }
 
@@ -315,8 +344,20 @@ pub fn default_control_path() -> PathBuf {
     default_db_path().with_file_name("control.sock")
 }
 
-fn filter_spec(config: &DaemonConfig) -> Result<(FilterSource, FilterOptions), DaemonError> {
-    let f = &config.filter;
+fn filter_specs(config: &DaemonConfig) -> Result<Vec<(FilterSource, FilterOptions)>, DaemonError> {
+    let chain = config.chain()?;
+    let mut specs: Vec<(FilterSource, FilterOptions)> = Vec::new();
+    for f in &chain {
+        let spec = filter_spec(f)?;
+        if specs.iter().any(|(_, o)| o.namespace == spec.1.namespace) {
+            return Err(DaemonError::Invalid(format!("two filters share the store namespace {:?}: give each its own", spec.1.namespace)));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn filter_spec(f: &FilterSection) -> Result<(FilterSource, FilterOptions), DaemonError> {
     let memory = f
         .memory_mib
         .checked_shl(20)
@@ -336,19 +377,58 @@ fn filter_spec(config: &DaemonConfig) -> Result<(FilterSource, FilterOptions), D
 }
 
 struct Shared {
-    reloader: Reloader,
+    reloaders: Vec<Reloader>,
     reconfigure: Option<Reconfigure>,
 }
 
+/// What a reload did to each filter of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport(pub Vec<ReloadOutcome>);
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, o) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{o}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Shared {
-    async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
-        match &self.reconfigure {
+    /// Reloads every filter of the chain (an unchanged one is left alone);
+    /// the first refusal is returned, the others still take effect.
+    async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let specs = match &self.reconfigure {
             Some(r) => {
                 let cfg = (r.load)().map_err(|e| ReloadError::Options(e.to_string()))?;
-                let (source, options) = filter_spec(&cfg).map_err(|e| ReloadError::Options(e.to_string()))?;
-                self.reloader.reload_with(Some(source), Some(options)).await
+                let specs = filter_specs(&cfg).map_err(|e| ReloadError::Options(e.to_string()))?;
+                if specs.len() != self.reloaders.len() {
+                    return Err(ReloadError::Options("the number of filters changed: that needs a restart".into()));
+                }
+                specs.into_iter().map(Some).collect()
             }
-            None => self.reloader.reload().await,
+            None => vec![None; self.reloaders.len()],
+        };
+        let mut outcomes = Vec::new();
+        let mut refused = None;
+        for (r, spec) in self.reloaders.iter().zip(specs) {
+            let result = match spec {
+                Some((source, options)) => r.reload_with(Some(source), Some(options)).await,
+                None => r.reload().await,
+            };
+            match result {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ReloadReport(outcomes)),
         }
     }
 }
@@ -369,11 +449,11 @@ impl Daemon {
     /// serving in the background, with reloads on file changes and on the
     /// control socket.
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
-        let (source, options) = filter_spec(config)?;
-        let runtime = Runtime::new(RuntimeConfig {
-            max_memory: options.limits.memory.max(RuntimeConfig::default().max_memory),
-            ..RuntimeConfig::default()
-        })?;
+        let specs = filter_specs(config)?;
+        let chain_sections = config.chain()?;
+        let max_memory = specs.iter().map(|(_, o)| o.limits.memory).max().unwrap_or(0);
+        let runtime =
+            Runtime::new(RuntimeConfig { max_memory: max_memory.max(RuntimeConfig::default().max_memory), ..RuntimeConfig::default() })?;
         let db_path = match config.store.path.as_deref() {
             Some("memory") => None,
             Some(p) => Some(PathBuf::from(p)),
@@ -383,7 +463,10 @@ impl Daemon {
             None => Arc::new(MemoryStore::new()),
             Some(p) => Arc::new(RedbStore::open(p, config.store.durability)?),
         };
-        let cache_dir = config.filter.cache_dir.clone().or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")));
+        let cache_dir = chain_sections
+            .iter()
+            .find_map(|f| f.cache_dir.clone())
+            .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")));
         let cache = match cache_dir {
             Some(d) => match ArtifactCache::open(&d) {
                 Ok(c) => Some(c),
@@ -394,14 +477,23 @@ impl Daemon {
             },
             None => None,
         };
-        let reloader = Reloader::start(runtime, store.clone(), source.clone(), options, cache).await.map_err(|e| match e {
-            ReloadError::Load(l) => DaemonError::Load(l),
-            ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
-            other => DaemonError::Invalid(other.to_string()),
-        })?;
-        let info = reloader.filter().info().clone();
-        tracing::info!(name = %info.name, version = %info.version, "filter loaded");
-        let server = Arc::new(PolicyServer::new(reloader.slot(), clock.clone(), config.policy_config()?));
+        let mut reloaders = Vec::new();
+        let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
+        for (source, options) in specs {
+            if let FilterSource::File(p) = &source {
+                watched.push(p.clone());
+            }
+            let reloader = Reloader::start(runtime.clone(), store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
+                ReloadError::Load(l) => DaemonError::Load(l),
+                ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
+                other => DaemonError::Invalid(other.to_string()),
+            })?;
+            let info = reloader.filter().info().clone();
+            tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().options().namespace, "filter loaded");
+            reloaders.push(reloader);
+        }
+        let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
+        let server = Arc::new(PolicyServer::new(chain, clock.clone(), config.policy_config()?));
         let perms = config.unix_perms()?;
         let mut listeners = Vec::new();
         for a in &config.policy.listen {
@@ -414,21 +506,19 @@ impl Daemon {
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
-        if let FilterSource::File(p) = &source {
-            watched.push(p.clone());
-        }
-        let shared = Arc::new(Shared { reloader, reconfigure });
+        let shared = Arc::new(Shared { reloaders, reconfigure });
         let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
-        let breaker = BreakerConfig {
-            failures: config.filter.breaker_failures,
-            window: config.filter.breaker_window.max(Duration::from_millis(10)),
-            backoff: config.filter.breaker_backoff,
-        };
-        tasks.push(tokio::spawn(watch_breaker(shared.clone(), breaker, shutdown.clone())));
+        for (i, f) in chain_sections.iter().enumerate() {
+            let breaker = BreakerConfig {
+                failures: f.breaker_failures,
+                window: f.breaker_window.max(Duration::from_millis(10)),
+                backoff: f.breaker_backoff,
+            };
+            tasks.push(tokio::spawn(watch_breaker(shared.clone(), i, breaker, shutdown.clone())));
+        }
         match watch(watched, shared.clone(), shutdown.clone()) {
             Ok(t) => tasks.push(t),
             Err(e) => tracing::warn!("cannot watch the filter and configuration files (reload with SIGHUP or `greyhook reload`): {e}"),
@@ -448,13 +538,18 @@ impl Daemon {
     /// Reloads the filter (rereading the configuration, if the daemon was
     /// started with a [`Reconfigure`]). A refused version leaves the current
     /// one serving.
-    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.shared.reload().await
     }
 
-    /// The filter serving now.
+    /// The last filter of the chain, as serving now.
     pub fn filter(&self) -> Arc<crate::engine::Filter> {
-        self.shared.reloader.filter()
+        self.shared.reloaders.last().map(Reloader::filter).unwrap_or_else(|| unreachable!("a chain has at least one filter"))
+    }
+
+    /// Every filter of the chain, in order, as serving now.
+    pub fn filters(&self) -> Vec<Arc<crate::engine::Filter>> {
+        self.shared.reloaders.iter().map(Reloader::filter).collect()
     }
 
     /// A handle that reloads the filter, for signal handlers.
@@ -485,7 +580,7 @@ pub struct ReloadHandle(Arc<Shared>);
 
 impl ReloadHandle {
     /// Reloads; see [`Daemon::reload`].
-    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.0.reload().await
     }
 }
@@ -510,15 +605,23 @@ async fn control_service(listener: Listener, shared: Arc<Shared>, shutdown: Canc
                     Err(e) => format!("refused {e}\n"),
                 },
                 (Ok(Ok(_)), "status") => {
-                    let f = shared.reloader.filter();
-                    let s = f.stats();
-                    format!(
-                        "ok {} {} calls={} failures={}\n",
-                        f.info().name,
-                        f.info().version,
-                        s.calls.load(std::sync::atomic::Ordering::Relaxed),
-                        s.failures.load(std::sync::atomic::Ordering::Relaxed)
-                    )
+                    let parts: Vec<String> = shared
+                        .reloaders
+                        .iter()
+                        .map(|r| {
+                            let f = r.filter();
+                            let s = f.stats();
+                            format!(
+                                "{} {} namespace={} calls={} failures={}",
+                                f.info().name,
+                                f.info().version,
+                                f.options().namespace,
+                                s.calls.load(std::sync::atomic::Ordering::Relaxed),
+                                s.failures.load(std::sync::atomic::Ordering::Relaxed)
+                            )
+                        })
+                        .collect();
+                    format!("ok {}\n", parts.join("; "))
                 }
                 _ => "error expected `reload` or `status`\n".to_string(),
             };
@@ -564,11 +667,11 @@ fn watch(files: Vec<PathBuf>, shared: Arc<Shared>, shutdown: CancellationToken) 
 }
 
 /// Samples the filter's failures every window and trips the breaker.
-async fn watch_breaker(shared: Arc<Shared>, config: BreakerConfig, shutdown: CancellationToken) {
+async fn watch_breaker(shared: Arc<Shared>, link: usize, config: BreakerConfig, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(config.window);
     loop {
         tokio::select! {
-            _ = tick.tick() => { let _ = shared.reloader.check_breaker(&config).await; }
+            _ = tick.tick() => { let _ = shared.reloaders[link].check_breaker(&config).await; }
             _ = shutdown.cancelled() => return,
         }
     }

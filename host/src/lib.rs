@@ -27,6 +27,7 @@
 
 pub mod artifact_cache;
 pub mod audit;
+pub mod chain;
 pub mod clock;
 pub mod config;
 pub mod daemon;

@@ -158,7 +158,7 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
         cfg.store.path = o.db.clone();
     }
     if o.filter.is_some() {
-        cfg.filter.path = o.filter.clone();
+        cfg.main_filter_mut().path = o.filter.clone();
     }
     if let Some(l) = &o.log {
         cfg.log.level = l.clone();

@@ -18,14 +18,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::log_decision;
+use crate::chain::Chain;
 use crate::clock::Clock;
-use crate::engine::Filter;
 use crate::listen::{Conn, Listener};
 use crate::reply::render_single_line;
 use crate::types::{AcceptedRecipient, Context, Decision, Message, Phase, Session, Transaction, Verdict};
@@ -86,9 +85,9 @@ struct TxState {
     touched: Instant,
 }
 
-/// The policy service: a filter (swappable), a clock, and transaction state.
+/// The policy service: a filter chain, a clock, and transaction state.
 pub struct PolicyServer {
-    filter: Arc<ArcSwap<Filter>>,
+    chain: Chain,
     clock: Arc<dyn Clock>,
     config: PolicyConfig,
     transactions: Mutex<HashMap<String, TxState>>,
@@ -108,9 +107,9 @@ enum ConnError {
 }
 
 impl PolicyServer {
-    /// A server answering with `filter`, reading time from `clock`.
-    pub fn new(filter: Arc<ArcSwap<Filter>>, clock: Arc<dyn Clock>, config: PolicyConfig) -> PolicyServer {
-        PolicyServer { filter, clock, config, transactions: Mutex::new(HashMap::new()) }
+    /// A server answering with `chain`, reading time from `clock`.
+    pub fn new(chain: Chain, clock: Arc<dyn Clock>, config: PolicyConfig) -> PolicyServer {
+        PolicyServer { chain, clock, config, transactions: Mutex::new(HashMap::new()) }
     }
 
     fn txs(&self) -> std::sync::MutexGuard<'_, HashMap<String, TxState>> {
@@ -181,7 +180,7 @@ impl PolicyServer {
             }
         };
         let ctx = Context { session, transaction, now: self.clock.now() };
-        let filter = self.filter.load_full();
+        let filter = &self.chain;
         let verdict = match phase {
             Phase::Connect => filter.on_connect(&ctx).await,
             Phase::Ehlo => filter.on_ehlo(&ctx).await.verdict,

@@ -264,3 +264,43 @@ async fn a_crash_looping_version_is_reverted_and_held_back() {
     assert!(e.to_string().contains("crash-loop breaker"), "{e}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_asks_in_order_and_reloads_one_link_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("front.wasm"), CHAOS_FILTER).unwrap();
+    let text = format!(
+        "[[filters]]\npath = \"{d}/front.wasm\"\nnamespace = \"front\"\n\n[[filters]]\nnamespace = \"greylist\"\n[filters.config]\ndelay = 120\n\n\
+         [store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("greyhook.toml"), &text).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (daemon, port) = start(&d, clock, false).await;
+    assert_eq!(daemon.filters().iter().map(|f| f.info().name.clone()).collect::<Vec<_>>(), ["chaos", "greylist"]);
+    let ask_rcpt = move |rcpt: &str| {
+        let mut c = connect(port);
+        let req =
+            format!("request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\nsender=a@x.org\nrecipient={rcpt}\n\n");
+        c.0.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        c.1.read_line(&mut line).unwrap();
+        line.trim_end().trim_start_matches("action=").to_string()
+    };
+    let r = tokio::task::spawn_blocking(move || (ask_rcpt("vip@e2e.test"), ask_rcpt("continue@e2e.test"))).await.unwrap();
+    assert_eq!(r.0, "PREPEND X-Chaos: ok", "the front filter's accept is final: the greylist filter is not asked");
+    assert!(r.1.starts_with("451 4.7.1") && r.1.ends_with("retry=00:02:00"), "continue passes on: {}", r.1);
+    // Reload only the front filter: the greylist filter's version and records stay.
+    let before = Arc::as_ptr(&daemon.filters()[1]);
+    std::fs::write(d.join("front.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    let e = daemon.reload().await;
+    assert!(e.is_ok(), "{e:?}");
+    assert_eq!(Arc::as_ptr(&daemon.filters()[1]), before, "the second link was not touched");
+    assert_eq!(daemon.filters()[0].info().name, "greylist");
+    // Two filters on one namespace are refused.
+    let bad = text.replace("namespace = \"front\"", "namespace = \"greylist\"");
+    let e = DaemonConfig::parse(&bad, "g.toml").unwrap();
+    assert!(Daemon::start(&e, Arc::new(ManualClock::new(T0)), None).await.err().unwrap().to_string().contains("namespace"));
+    daemon.stop().await;
+}

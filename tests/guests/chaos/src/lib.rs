@@ -66,6 +66,11 @@ impl Guest for Chaos {
                 }
             }
             "recurse" => header("X-Chaos", recurse(0).to_string()),
+            "continue" => Verdict {
+                decision: Decision::Continue,
+                add_headers: vec![Header { name: "X-Chaos".into(), value: "passed on".into() }],
+                policy_group: None,
+            },
             "huge-reply" => {
                 verdict(Decision::Tempfail(Reply { code: 451, enhanced: None, text: vec!["x".repeat(1 << 20)], retry_after: None }))
             }

@@ -1,0 +1,96 @@
+//! A chain of filters, evaluated in order until one gives a final verdict
+//! (accept, tempfail or reject); `continue` passes the call on. Headers
+//! from every filter asked are kept; the first policy group given wins; EHLO
+//! keywords are the union. Each link is a [`FilterSlot`], so one filter can
+//! be reloaded without touching the others.
+
+use std::sync::Arc;
+
+use crate::reload::FilterSlot;
+use crate::reply::MAX_HEADERS;
+use crate::types::{Context, Decision, EhloVerdict, Message, Verdict};
+
+/// Filters in order.
+#[derive(Clone)]
+pub struct Chain {
+    links: Arc<Vec<FilterSlot>>,
+}
+
+/// Folds `v` into `acc`; true if `v` is final.
+fn merge(acc: &mut Verdict, v: Verdict) -> bool {
+    let room = MAX_HEADERS.saturating_sub(acc.add_headers.len());
+    acc.add_headers.extend(v.add_headers.into_iter().take(room));
+    if acc.policy_group.is_none() {
+        acc.policy_group = v.policy_group;
+    }
+    match v.decision {
+        Decision::Continue => false,
+        d => {
+            acc.decision = d;
+            true
+        }
+    }
+}
+
+macro_rules! hook {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$doc])*
+        pub async fn $name(&self, ctx: &Context $(, $arg: $ty)*) -> Verdict {
+            let mut acc = Verdict::cont();
+            for link in self.links.iter() {
+                let filter = link.load_full();
+                if merge(&mut acc, filter.$name(ctx $(, $arg)*).await) {
+                    break;
+                }
+            }
+            acc
+        }
+    };
+}
+
+impl Chain {
+    /// A chain of these slots, asked in order.
+    pub fn new(links: Vec<FilterSlot>) -> Chain {
+        Chain { links: Arc::new(links) }
+    }
+
+    /// The slots.
+    pub fn links(&self) -> &[FilterSlot] {
+        &self.links
+    }
+
+    hook!(
+        /// The connect hook along the chain.
+        on_connect()
+    );
+    hook!(
+        /// The MAIL hook along the chain.
+        on_mail(sender: &str)
+    );
+    hook!(
+        /// The RCPT hook along the chain.
+        on_rcpt(recipient: &str)
+    );
+    hook!(
+        /// The DATA hook along the chain.
+        on_data(message: &Message)
+    );
+
+    /// The EHLO hook along the chain: keywords of every filter asked.
+    pub async fn on_ehlo(&self, ctx: &Context) -> EhloVerdict {
+        let mut acc = Verdict::cont();
+        let mut keywords: Vec<String> = Vec::new();
+        for link in self.links.iter() {
+            let e = link.load_full().on_ehlo(ctx).await;
+            for k in e.keywords {
+                if !keywords.iter().any(|have| have.eq_ignore_ascii_case(&k)) {
+                    keywords.push(k);
+                }
+            }
+            if merge(&mut acc, e.verdict) {
+                break;
+            }
+        }
+        EhloVerdict { verdict: acc, keywords }
+    }
+}
