@@ -294,18 +294,24 @@ impl DaemonConfig {
 /// `StateDirectory=`), else `/var/lib/greyhook` when it can be created
 /// (root), else `$XDG_STATE_HOME/greyhook` or `~/.local/state/greyhook`.
 pub fn default_db_path() -> PathBuf {
-    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("greyhook.db");
-    }
-    let system = PathBuf::from("/var/lib/greyhook");
-    if std::fs::create_dir_all(&system).is_ok() && tempfile_probe(&system) {
-        return system.join("greyhook.db");
+    if let Some(p) = systemd_or_system("STATE_DIRECTORY", "/var/lib/greyhook", "greyhook.db") {
+        return p;
     }
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .unwrap_or_else(|| PathBuf::from("."));
     state.join("greyhook").join("greyhook.db")
+}
+
+/// `$ENV/file` when systemd set `ENV`, else `system/file` when that
+/// directory can be created and written.
+fn systemd_or_system(env: &str, system: &str, file: &str) -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os(env).filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join(file));
+    }
+    let system = PathBuf::from(system);
+    (std::fs::create_dir_all(&system).is_ok() && tempfile_probe(&system)).then(|| system.join(file))
 }
 
 fn tempfile_probe(dir: &Path) -> bool {
@@ -331,12 +337,8 @@ pub struct Reconfigure {
 /// can be created (root), else `$XDG_RUNTIME_DIR/greyhook/control.sock`, else
 /// beside the default store.
 pub fn default_control_path() -> PathBuf {
-    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("control.sock");
-    }
-    let run = PathBuf::from("/run/greyhook");
-    if std::fs::create_dir_all(&run).is_ok() && tempfile_probe(&run) {
-        return run.join("control.sock");
+    if let Some(p) = systemd_or_system("RUNTIME_DIRECTORY", "/run/greyhook", "control.sock") {
+        return p;
     }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("greyhook").join("control.sock");
