@@ -113,6 +113,13 @@ pub fn greyhook_bin() -> PathBuf {
     bin
 }
 
+/// The `policy-load` load generator built by the same `cargo test --workspace` run.
+pub fn policy_load_bin() -> PathBuf {
+    let bin = greyhook_bin().with_file_name("policy-load");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace` (it builds the binary)", bin.display());
+    bin
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; fine on loopback).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")

@@ -41,6 +41,9 @@ pub struct FilterSection {
     pub memory_mib: usize,
     /// Most store calls in one hook call.
     pub store_calls: u32,
+    /// Wasm stack cap, KiB. Filters with different caps run in separate
+    /// engines; a change needs a restart.
+    pub stack_kib: usize,
     /// Crash-loop breaker: this many failures within `breaker_window` (and
     /// at least half the calls) put the previous version back.
     pub breaker_failures: u64,
@@ -67,6 +70,7 @@ impl Default for FilterSection {
             deadline: l.deadline,
             memory_mib: l.memory >> 20,
             store_calls: l.store_calls,
+            stack_kib: RuntimeConfig::default().max_stack >> 10,
             cache_dir: None,
             breaker_failures: BreakerConfig::default().failures,
             breaker_window: BreakerConfig::default().window,
@@ -346,20 +350,32 @@ pub fn default_control_path() -> PathBuf {
     default_db_path().with_file_name("control.sock")
 }
 
-fn filter_specs(config: &DaemonConfig) -> Result<Vec<(FilterSource, FilterOptions)>, DaemonError> {
+/// What the daemon needs to load one filter of the chain.
+struct FilterSpec {
+    source: FilterSource,
+    options: FilterOptions,
+    /// The Wasm stack cap, bytes: an engine-wide setting in wasmtime, so
+    /// one [`Runtime`] per distinct value.
+    stack: usize,
+}
+
+fn filter_specs(config: &DaemonConfig) -> Result<Vec<FilterSpec>, DaemonError> {
     let chain = config.chain()?;
-    let mut specs: Vec<(FilterSource, FilterOptions)> = Vec::new();
+    let mut specs: Vec<FilterSpec> = Vec::new();
     for f in &chain {
         let spec = filter_spec(f)?;
-        if specs.iter().any(|(_, o)| o.namespace == spec.1.namespace) {
-            return Err(DaemonError::Invalid(format!("two filters share the store namespace {:?}: give each its own", spec.1.namespace)));
+        if specs.iter().any(|s| s.options.namespace == spec.options.namespace) {
+            return Err(DaemonError::Invalid(format!(
+                "two filters share the store namespace {:?}: give each its own",
+                spec.options.namespace
+            )));
         }
         specs.push(spec);
     }
     Ok(specs)
 }
 
-fn filter_spec(f: &FilterSection) -> Result<(FilterSource, FilterOptions), DaemonError> {
+fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
     let memory = f
         .memory_mib
         .checked_shl(20)
@@ -368,6 +384,9 @@ fn filter_spec(f: &FilterSection) -> Result<(FilterSource, FilterOptions), Daemo
     if f.deadline.is_zero() || f.deadline > Duration::from_secs(30) {
         return Err(DaemonError::Invalid("filter.deadline must be between 1ms and 30s".into()));
     }
+    if !(64..=16 << 10).contains(&f.stack_kib) {
+        return Err(DaemonError::Invalid("filter.stack_kib must be 64 to 16384".into()));
+    }
     let source = f.path.clone().map_or(FilterSource::Embedded, FilterSource::File);
     let options = FilterOptions {
         config: toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?,
@@ -375,11 +394,13 @@ fn filter_spec(f: &FilterSection) -> Result<(FilterSource, FilterOptions), Daemo
         limits: Limits { deadline: f.deadline, memory, store_calls: f.store_calls, ..Limits::default() },
         failure_policy: f.failure_policy,
     };
-    Ok((source, options))
+    Ok(FilterSpec { source, options, stack: f.stack_kib << 10 })
 }
 
 struct Shared {
     reloaders: Vec<Reloader>,
+    /// Each filter's stack cap, fixed at start.
+    stacks: Vec<usize>,
     reconfigure: Option<Reconfigure>,
 }
 
@@ -410,7 +431,10 @@ impl Shared {
                 if specs.len() != self.reloaders.len() {
                     return Err(ReloadError::Options("the number of filters changed: that needs a restart".into()));
                 }
-                specs.into_iter().map(Some).collect()
+                if specs.iter().zip(&self.stacks).any(|(s, old)| s.stack != *old) {
+                    return Err(ReloadError::Options("filter.stack_kib changed: that needs a restart".into()));
+                }
+                specs.into_iter().map(|s| Some((s.source, s.options))).collect()
             }
             None => vec![None; self.reloaders.len()],
         };
@@ -453,9 +477,16 @@ impl Daemon {
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
         let specs = filter_specs(config)?;
         let chain_sections = config.chain()?;
-        let max_memory = specs.iter().map(|(_, o)| o.limits.memory).max().unwrap_or(0);
-        let runtime =
-            Runtime::new(RuntimeConfig { max_memory: max_memory.max(RuntimeConfig::default().max_memory), ..RuntimeConfig::default() })?;
+        let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
+        // wasmtime caps the stack per engine: one runtime per distinct cap
+        // (usually one for the whole chain).
+        let mut runtimes: Vec<(usize, Runtime)> = Vec::new();
+        for s in &specs {
+            if !runtimes.iter().any(|(stack, _)| *stack == s.stack) {
+                let rc = RuntimeConfig { max_memory, max_stack: s.stack, ..RuntimeConfig::default() };
+                runtimes.push((s.stack, Runtime::new(rc)?));
+            }
+        }
         let db_path = match config.store.path.as_deref() {
             Some("memory") => None,
             Some(p) => Some(PathBuf::from(p)),
@@ -481,11 +512,14 @@ impl Daemon {
         };
         let mut reloaders = Vec::new();
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
-        for (source, options) in specs {
+        let mut stacks = Vec::new();
+        for FilterSpec { source, options, stack } in specs {
             if let FilterSource::File(p) = &source {
                 watched.push(p.clone());
             }
-            let reloader = Reloader::start(runtime.clone(), store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
+            let runtime = runtimes.iter().find(|(s, _)| *s == stack).map(|(_, r)| r.clone()).unwrap_or_else(|| unreachable!("built above"));
+            stacks.push(stack);
+            let reloader = Reloader::start(runtime, store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
                 ReloadError::Load(l) => DaemonError::Load(l),
                 ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
                 other => DaemonError::Invalid(other.to_string()),
@@ -508,7 +542,7 @@ impl Daemon {
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let shared = Arc::new(Shared { reloaders, reconfigure });
+        let shared = Arc::new(Shared { reloaders, stacks, reconfigure });
         let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));

@@ -304,3 +304,143 @@ async fn a_chain_asks_in_order_and_reloads_one_link_alone() {
     assert!(Daemon::start(&e, Arc::new(ManualClock::new(T0)), None).await.err().unwrap().to_string().contains("namespace"));
     daemon.stop().await;
 }
+
+/// The issue's proof: `policy-load` at full speed against `greyhook serve`
+/// while the filter file is replaced 100 times by two builds that answer
+/// differently (the greylist filter, 2 s delay: a deferral, or a pass with
+/// or without its `X-Greylist` header; the chaos filter: accept with
+/// `X-Chaos`), with refused versions (garbage, wrong world, a
+/// configuration `init` rejects) thrown in under the same load.
+#[test]
+fn policy_load_sees_only_the_two_builds_while_they_swap_a_hundred_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let filter = d.join("filter.wasm");
+    let cfg = d.join("greyhook.toml");
+    let port = free_port();
+    let control = d.join("control.sock");
+    let write_cfg = |delay: &str| {
+        let text = format!(
+            "[filter]\npath = \"{f}\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{c}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
+            f = filter.display(),
+            c = control.display()
+        );
+        replace(&cfg, text.as_bytes());
+    };
+    replace(&filter, greyhook::REFERENCE_FILTER);
+    write_cfg("2");
+    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], d.join("log"));
+    wait_for_port(port, 30);
+
+    // A record written before the swaps.
+    let mut c = connect(port);
+    let seeded = Instant::now();
+    assert_eq!(ask(&mut c, "early@x.org"), "451 4.7.1 Greylisted, please try again later retry=00:00:02");
+
+    let load = std::process::Command::new(policy_load_bin())
+        .args(["--target", &format!("127.0.0.1:{port}"), "--connections", "4", "--requests", "2000000", "--triplets", "3000"])
+        .args(["--seconds", "300", "--timeout", "10"])
+        .args(["--expect", "451 4.7.1 Greylisted, please try again later retry=00:00:0"])
+        .args(["--expect", "PREPEND X-Greylist: delayed "])
+        .args(["--expect", "DUNNO"])
+        .args(["--expect", "PREPEND X-Chaos: ok"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let control = |command: &str| {
+        let out = std::process::Command::new(greyhook_bin()).args([command, "--control", control.to_str().unwrap()]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let reload = || control("reload");
+    let wrong_world = wat::parse_str("(component)").unwrap();
+    let mut refused = 0;
+    for i in 0..100 {
+        let (bytes, name) = if i % 2 == 0 { (CHAOS_FILTER, "chaos") } else { (greyhook::REFERENCE_FILTER, "greylist") };
+        replace(&filter, bytes);
+        // The daemon also watches the file, so it may have swapped already.
+        let (ok, out) = reload();
+        assert!(ok && (out.starts_with(&format!("loaded {name}")) || out.starts_with("unchanged")), "swap {i}: {out}");
+        let (ok, out) = control("status");
+        assert!(ok && out.starts_with(name), "swap {i}: {out}");
+        if i % 10 == 5 {
+            let bads = [
+                (&b"garbage"[..], "not a WebAssembly file"),
+                (&b"\0asm garbage"[..], "invalid component"),
+                (&wrong_world[..], "greyhook:filter"),
+            ];
+            for (bad, why) in bads {
+                replace(&filter, bad);
+                let (ok, out) = reload();
+                assert!(!ok && out.contains("refused") && out.contains(why), "{out}");
+                refused += 1;
+            }
+            replace(&filter, bytes);
+            write_cfg("\"not a duration\"");
+            let (ok, out) = reload();
+            assert!(!ok && out.contains("refused") && out.contains("delay"), "{out}");
+            refused += 1;
+            write_cfg("2");
+            let (ok, out) = reload();
+            assert!(ok && out.starts_with("unchanged"), "back to the serving version: {out}");
+        }
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &load.id().to_string()]).status();
+    let out = load.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}{}", String::from_utf8_lossy(&out.stderr));
+    let counts: Vec<u64> = summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("expect_counts="))
+        .map(|v| v.split(',').map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_default();
+    assert!(summary.contains("other=0 errors=0"), "{summary}");
+    assert!(counts.len() == 4 && counts[0] > 0 && counts[3] > 0, "both builds answered: {summary}");
+    assert_eq!(refused, 40);
+
+    // The greylist build serves again; the record from before the swaps counts.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(seeded.elapsed()) + Duration::from_millis(100));
+    let mut c = connect(port);
+    assert!(ask(&mut c, "early@x.org").starts_with("PREPEND X-Greylist: delayed "), "the early record was lost");
+    assert_eq!(ask(&mut c, "late@x.org"), "451 4.7.1 Greylisted, please try again later retry=00:00:02");
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
+/// The stack cap is per filter: the same bounded recursion overflows a
+/// filter with a 64 KiB stack (failure policy: continue) and fits in the
+/// next filter's 4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_cap_is_per_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let text = format!(
+        "[[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"small\"\nstack_kib = 64\n\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"big\"\nstack_kib = 4096\n\n\
+         [store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("greyhook.toml"), &text).unwrap();
+    let (daemon, port) = start(&d, Arc::new(ManualClock::new(T0)), false).await;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut c = connect(port);
+        c.0.write_all(
+            b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\nsender=a@x.org\nrecipient=deep@e2e.test\n\n",
+        )
+        .unwrap();
+        let mut line = String::new();
+        c.1.read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("action=PREPEND X-Chaos: deep"), "{answer}");
+    let failures: Vec<u64> = daemon.filters().iter().map(|f| f.stats().failures.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    assert_eq!(failures, [1, 0], "the small stack overflowed, the big one did not");
+    // A changed cap needs a restart; the reload says so.
+    std::fs::write(d.join("greyhook.toml"), text.replace("stack_kib = 64", "stack_kib = 128")).unwrap();
+    let e = daemon.reload().await.unwrap_err();
+    assert!(e.to_string().contains("stack_kib"), "{e}");
+    daemon.stop().await;
+}

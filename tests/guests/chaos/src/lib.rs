@@ -26,6 +26,13 @@ fn recurse(n: u64) -> u64 {
     if n == u64::MAX { 0 } else { recurse(n + 1).wrapping_add(std::hint::black_box(pad)[3]) }
 }
 
+/// Bounded recursion: about 1 MiB of Wasm stack at depth 20 000, more than
+/// the default 512 KiB cap and less than a 4 MiB one.
+#[inline(never)]
+fn deep(n: u64) -> u64 {
+    if n == 0 { 0 } else { deep(std::hint::black_box(n - 1)).wrapping_mul(31).wrapping_add(std::hint::black_box(n)) }
+}
+
 struct Chaos;
 
 impl Guest for Chaos {
@@ -66,6 +73,7 @@ impl Guest for Chaos {
                 }
             }
             "recurse" => header("X-Chaos", recurse(0).to_string()),
+            "deep" => header("X-Chaos", format!("deep {}", deep(20_000) % 10)),
             "continue" => Verdict {
                 decision: Decision::Continue,
                 add_headers: vec![Header { name: "X-Chaos".into(), value: "passed on".into() }],
