@@ -186,3 +186,87 @@ impl Drop for Process {
         }
     }
 }
+
+/// A next hop for the SMTP front end's tests: a minimal SMTP server on
+/// loopback that keeps every message it accepts, and answers DATA with
+/// `data_reply` (e.g. a `451` to test tempfail pass-through).
+pub struct Sink {
+    /// Its port.
+    pub port: u16,
+    /// The messages accepted, as received (dot-stuffing undone).
+    pub messages: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Sink {
+    /// Starts a sink answering `250 2.0.0 Ok: queued as SINK` after the data.
+    pub fn start() -> Sink {
+        Sink::with_data_reply("250 2.0.0 Ok: queued as SINK")
+    }
+
+    /// Starts a sink answering `data_reply` after the data.
+    pub fn with_data_reply(data_reply: &'static str) -> Sink {
+        use std::io::{BufRead, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let m = messages.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().expect("clone");
+                    let mut r = std::io::BufReader::new(c);
+                    let _ = w.write_all(b"220 sink ESMTP\r\n");
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        let reply = match verb.as_str() {
+                            "EHLO" | "LHLO" => "250-sink\r\n250 8BITMIME\r\n".to_string(),
+                            "DATA" => {
+                                let _ = w.write_all(b"354 go\r\n");
+                                let mut msg = String::new();
+                                loop {
+                                    line.clear();
+                                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                        return;
+                                    }
+                                    if line == ".\r\n" {
+                                        break;
+                                    }
+                                    msg.push_str(line.strip_prefix('.').unwrap_or(&line));
+                                }
+                                if data_reply.starts_with('2') {
+                                    m.lock().expect("lock").push(msg);
+                                }
+                                format!("{data_reply}\r\n")
+                            }
+                            "QUIT" => {
+                                let _ = w.write_all(b"221 bye\r\n");
+                                return;
+                            }
+                            _ => "250 2.0.0 Ok\r\n".to_string(),
+                        };
+                        let _ = w.write_all(reply.as_bytes());
+                    }
+                });
+            }
+        });
+        Sink { port, messages }
+    }
+
+    /// The messages accepted so far.
+    pub fn received(&self) -> Vec<String> {
+        self.messages.lock().expect("lock").clone()
+    }
+}
+
+/// Runs a Python 3 script (stdlib only: smtplib, socket); returns its stdout.
+pub fn python(script: &str) -> String {
+    let out = std::process::Command::new("python3").args(["-c", script]).output().expect("python3 runs");
+    assert!(out.status.success(), "python failed:\n{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

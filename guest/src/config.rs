@@ -91,6 +91,14 @@ fn yes() -> bool {
     true
 }
 
+/// `reply_text`: one line, or several (the retry hint ends the last).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReplyText {
+    One(String),
+    Lines(Vec<String>),
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
@@ -104,7 +112,7 @@ struct RawConfig {
     normalize_sender: bool,
     add_header: bool,
     ehlo_keyword: bool,
-    reply_text: String,
+    reply_text: ReplyText,
     whitelist_clients: Vec<String>,
     whitelist_client_names: Vec<String>,
     whitelist_recipients: Vec<String>,
@@ -124,7 +132,7 @@ impl Default for RawConfig {
             normalize_sender: true,
             add_header: true,
             ehlo_keyword: true,
-            reply_text: "Greylisted, please try again later".into(),
+            reply_text: ReplyText::One("Greylisted, please try again later".into()),
             whitelist_clients: Vec::new(),
             whitelist_client_names: Vec::new(),
             whitelist_recipients: Vec::new(),
@@ -254,7 +262,7 @@ pub struct Config {
     /// Whether `GREYLIST` is advertised in EHLO.
     pub ehlo_keyword: bool,
     /// The reply text for a greylisted attempt.
-    pub reply_text: String,
+    pub reply_text: Vec<String>,
     /// Client networks never greylisted.
     pub whitelist_clients: Vec<Cidr>,
     /// Client name suffixes never greylisted (`.example.org`, or a whole name).
@@ -310,8 +318,15 @@ impl Config {
         if raw.max_age.0 == 0 || raw.retry_window.0 == 0 {
             return Err(bad(if raw.max_age.0 == 0 { "max_age" } else { "retry_window" }, "must be positive".into()));
         }
-        if raw.reply_text.len() > 300 || !raw.reply_text.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
-            return Err(bad("reply_text", "must be printable US-ASCII, at most 300 characters".into()));
+        let reply_text = match raw.reply_text {
+            ReplyText::One(t) => vec![t],
+            ReplyText::Lines(l) => l,
+        };
+        if reply_text.is_empty() || reply_text.len() > 8 {
+            return Err(bad("reply_text", "must have 1 to 8 lines".into()));
+        }
+        if reply_text.iter().any(|t| t.len() > 300 || !t.bytes().all(|b| b == b'\t' || (32..127).contains(&b))) {
+            return Err(bad("reply_text", "every line must be printable US-ASCII, at most 300 characters".into()));
         }
         let whitelist_clients =
             raw.whitelist_clients.iter().map(|s| Cidr::parse(s)).collect::<Result<Vec<_>, _>>().map_err(|e| bad("whitelist_clients", e))?;
@@ -351,7 +366,7 @@ impl Config {
             normalize_sender: raw.normalize_sender,
             add_header: raw.add_header,
             ehlo_keyword: raw.ehlo_keyword,
-            reply_text: raw.reply_text,
+            reply_text,
             whitelist_clients,
             whitelist_client_names: raw.whitelist_client_names.iter().map(|s| s.trim().to_ascii_lowercase()).collect(),
             whitelist_recipients,

@@ -174,11 +174,11 @@ impl Greylist {
         client_network(ctx.session.client, self.config.ipv4_prefix, self.config.ipv6_prefix)
     }
 
-    fn tempfail(&self, code: u16, text: String, retry: u64) -> Decision {
+    fn tempfail(&self, code: u16, text: Vec<String>, retry: u64) -> Decision {
         Decision::Tempfail(Reply {
             code,
             enhanced: Some("4.7.1".into()),
-            text: vec![text],
+            text,
             retry_after: Some(u32::try_from(retry).unwrap_or(u32::MAX)),
         })
     }
@@ -326,7 +326,7 @@ impl Greylist {
                 return Ok(Verdict {
                     decision: self.tempfail(
                         451,
-                        "This recipient has a different policy than the first one; please retry it in a new transaction".into(),
+                        vec!["This recipient has a different policy than the first one; please retry it in a new transaction".into()],
                         0,
                     ),
                     ..Verdict::cont()

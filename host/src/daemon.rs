@@ -19,8 +19,12 @@ use crate::chain::Chain;
 use crate::clock::Clock;
 use crate::engine::{FailurePolicy, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};
 use crate::listen::{ListenAddr, ListenError, Listener, UnixPerms};
+use crate::milter::MilterConfig;
 use crate::policy::{PolicyConfig, PolicyServer, TempfailAction};
+use crate::relay::NextHop;
 use crate::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
+use crate::session::Hooks;
+use crate::smtp::SmtpConfig;
 use crate::store::{Durability, MemoryStore, RedbStore, Store, StoreError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -145,6 +149,110 @@ impl Default for PolicySection {
     }
 }
 
+/// The `[milter]` table: the milter listener (Postfix `smtpd_milters`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterSection {
+    /// Addresses (none by default): `127.0.0.1:10024`, `unix:/path`.
+    pub listen: Vec<ListenAddr>,
+    /// Mode of unix sockets, octal text (`"0660"`).
+    pub socket_mode: Option<String>,
+    /// Owner of unix sockets (user name or uid).
+    pub socket_owner: Option<String>,
+    /// Group of unix sockets (group name or gid).
+    pub socket_group: Option<String>,
+    /// Largest milter packet, bytes.
+    pub max_packet: usize,
+    /// Idle connections are closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+}
+
+impl Default for MilterSection {
+    fn default() -> Self {
+        let m = MilterConfig::default();
+        MilterSection {
+            listen: Vec::new(),
+            socket_mode: None,
+            socket_owner: None,
+            socket_group: None,
+            max_packet: m.max_packet,
+            idle_timeout: m.idle_timeout,
+            max_connections: m.max_connections,
+        }
+    }
+}
+
+/// `smtp` or `lmtp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HopProtocol {
+    /// SMTP (EHLO).
+    #[default]
+    Smtp,
+    /// LMTP (LHLO; one reply per recipient after the data).
+    Lmtp,
+}
+
+/// The `[smtp]` table: the reference SMTP front end (`greyhook smtp`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSection {
+    /// Addresses (none by default): `0.0.0.0:25`, `127.0.0.1:2525`.
+    pub listen: Vec<ListenAddr>,
+    /// Where accepted mail goes, `HOST:PORT` (required with `listen`).
+    pub next_hop: Option<String>,
+    /// `smtp` or `lmtp`.
+    pub next_hop_protocol: HopProtocol,
+    /// Deadline of connecting to the next hop and of each of its replies.
+    #[serde(with = "humantime_serde")]
+    pub next_hop_timeout: Duration,
+    /// Our name in the greeting (default: the system's host name).
+    pub hostname: Option<String>,
+    /// Largest message, bytes.
+    pub max_message_size: usize,
+    /// Most recipients per message.
+    pub max_recipients: usize,
+    /// Longest command line, bytes.
+    pub max_line: usize,
+    /// Wait for a command at most this long.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Wait for message data at most this long.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// PEM certificate chain: enables STARTTLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        let c =
+            SmtpConfig::new(NextHop { address: String::new(), lmtp: false, timeout: Duration::from_secs(300), helo_name: String::new() });
+        SmtpSection {
+            listen: Vec::new(),
+            next_hop: None,
+            next_hop_protocol: HopProtocol::Smtp,
+            next_hop_timeout: c.next_hop.timeout,
+            hostname: None,
+            max_message_size: c.max_message_size,
+            max_recipients: c.max_recipients,
+            max_line: c.max_line,
+            command_timeout: c.command_timeout,
+            data_timeout: c.data_timeout,
+            max_connections: c.max_connections,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
 /// The `[control]` table: the local socket `greyhook reload` talks to.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -180,6 +288,10 @@ pub struct DaemonConfig {
     pub store: StoreSection,
     /// The policy listener.
     pub policy: PolicySection,
+    /// The milter listener.
+    pub milter: MilterSection,
+    /// The SMTP front end.
+    pub smtp: SmtpSection,
     /// The control socket.
     pub control: ControlSection,
     /// Logging.
@@ -267,14 +379,62 @@ impl DaemonConfig {
     }
 
     fn unix_perms(&self) -> Result<UnixPerms, DaemonError> {
-        let mode = match &self.policy.socket_mode {
-            Some(m) => Some(
-                u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                    .map_err(|_| DaemonError::Invalid(format!("policy.socket_mode {m:?} is not octal (e.g. \"0660\")")))?,
-            ),
-            None => None,
+        let p = &self.policy;
+        socket_perms("policy", &p.socket_mode, &p.socket_owner, &p.socket_group)
+    }
+
+    fn milter_config(&self) -> Result<(MilterConfig, UnixPerms), DaemonError> {
+        let m = &self.milter;
+        if !(1024..=16 << 20).contains(&m.max_packet) || m.max_connections == 0 {
+            return Err(DaemonError::Invalid("milter.max_packet must be 1024 to 16777216, max_connections at least 1".into()));
+        }
+        let perms = socket_perms("milter", &m.socket_mode, &m.socket_owner, &m.socket_group)?;
+        let config = MilterConfig {
+            max_packet: m.max_packet,
+            idle_timeout: m.idle_timeout,
+            max_connections: m.max_connections,
+            ..MilterConfig::default()
         };
-        Ok(UnixPerms { mode, owner: self.policy.socket_owner.clone(), group: self.policy.socket_group.clone() })
+        Ok((config, perms))
+    }
+
+    /// The SMTP front end's settings, when it listens anywhere.
+    fn smtp_config(&self) -> Result<Option<SmtpConfig>, DaemonError> {
+        let s = &self.smtp;
+        if s.listen.is_empty() {
+            return Ok(None);
+        }
+        let bad = |m: &str| DaemonError::Invalid(format!("smtp.{m}"));
+        let next_hop = s.next_hop.clone().ok_or_else(|| bad("next_hop is required (HOST:PORT of the MTA behind greyhook)"))?;
+        if !next_hop.contains(':') {
+            return Err(bad("next_hop must be HOST:PORT"));
+        }
+        if s.max_line < 512 || s.max_recipients < 1 || s.max_message_size < 1024 || s.max_connections == 0 {
+            return Err(bad("max_line must be at least 512, max_message_size 1024, max_recipients and max_connections 1"));
+        }
+        let hostname = s.hostname.clone().unwrap_or_else(system_hostname);
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+            _ => return Err(bad("tls_cert and tls_key go together")),
+        };
+        let hop = NextHop {
+            address: next_hop,
+            lmtp: s.next_hop_protocol == HopProtocol::Lmtp,
+            timeout: s.next_hop_timeout,
+            helo_name: hostname.clone(),
+        };
+        Ok(Some(SmtpConfig {
+            hostname,
+            max_line: s.max_line,
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            command_timeout: s.command_timeout,
+            data_timeout: s.data_timeout,
+            max_connections: s.max_connections,
+            tls,
+            ..SmtpConfig::new(hop)
+        }))
     }
 
     fn policy_config(&self) -> Result<PolicyConfig, DaemonError> {
@@ -292,6 +452,46 @@ impl DaemonConfig {
             ..PolicyConfig::default()
         })
     }
+}
+
+fn socket_perms(table: &str, mode: &Option<String>, owner: &Option<String>, group: &Option<String>) -> Result<UnixPerms, DaemonError> {
+    let mode = match mode {
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .map_err(|_| DaemonError::Invalid(format!("{table}.socket_mode {m:?} is not octal (e.g. \"0660\")")))?,
+        ),
+        None => None,
+    };
+    Ok(UnixPerms { mode, owner: owner.clone(), group: group.clone() })
+}
+
+/// The machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.len() <= 253)
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A TLS acceptor from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, DaemonError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &Path, e: String| DaemonError::Invalid(format!("smtp TLS: {}: {e}", what.display()));
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(cert, e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Where the store lives by default: `$STATE_DIRECTORY` (systemd's
@@ -463,6 +663,10 @@ impl Shared {
 pub struct Daemon {
     /// The policy listeners' bound addresses.
     pub policy_addrs: Vec<ListenAddr>,
+    /// The milter listeners' bound addresses.
+    pub milter_addrs: Vec<ListenAddr>,
+    /// The SMTP front end's bound addresses.
+    pub smtp_addrs: Vec<ListenAddr>,
     /// The control socket's path.
     pub control_path: PathBuf,
     shared: Arc<Shared>,
@@ -529,7 +733,13 @@ impl Daemon {
             reloaders.push(reloader);
         }
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
+        let hooks = Hooks { chain: chain.clone(), clock: clock.clone() };
         let server = Arc::new(PolicyServer::new(chain, clock.clone(), config.policy_config()?));
+        let (milter_config, milter_perms) = config.milter_config()?;
+        let smtp_config = config.smtp_config()?;
+        if config.policy.listen.is_empty() && config.milter.listen.is_empty() && smtp_config.is_none() {
+            return Err(DaemonError::Invalid("nothing to listen on: give policy.listen, milter.listen or smtp.listen".into()));
+        }
         let perms = config.unix_perms()?;
         let mut listeners = Vec::new();
         for a in &config.policy.listen {
@@ -537,14 +747,37 @@ impl Daemon {
             tracing::info!("policy service listening on {}", l.local_addr());
             listeners.push(l);
         }
+        let mut milters = Vec::new();
+        for a in &config.milter.listen {
+            let l = Listener::bind(a, &milter_perms).await?;
+            tracing::info!("milter service listening on {}", l.local_addr());
+            milters.push(l);
+        }
+        let mut smtps = Vec::new();
+        for a in &config.smtp.listen {
+            let l = Listener::bind(a, &UnixPerms::default()).await?;
+            tracing::info!("SMTP front end listening on {}", l.local_addr());
+            smtps.push(l);
+        }
         let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
+        let milter_addrs = milters.iter().map(Listener::local_addr).collect();
+        let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared { reloaders, stacks, reconfigure });
         let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
+        for l in milters {
+            tasks.push(tokio::spawn(crate::milter::serve(l, hooks.clone(), milter_config.clone(), shutdown.clone())));
+        }
+        if let Some(c) = smtp_config {
+            let c = Arc::new(c);
+            for l in smtps {
+                tasks.push(tokio::spawn(crate::smtp::serve(l, hooks.clone(), c.clone(), shutdown.clone())));
+            }
+        }
         tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
         for (i, f) in chain_sections.iter().enumerate() {
@@ -568,7 +801,7 @@ impl Daemon {
                 Err(e) => tracing::error!("flushing the store at shutdown failed: {e}"),
             }
         });
-        Ok(Daemon { policy_addrs, control_path, shared, shutdown, done })
+        Ok(Daemon { policy_addrs, milter_addrs, smtp_addrs, control_path, shared, shutdown, done })
     }
 
     /// Reloads the filter (rereading the configuration, if the daemon was

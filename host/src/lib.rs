@@ -33,12 +33,16 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod listen;
+pub mod milter;
 pub mod policy;
+pub mod relay;
 pub mod reload;
 pub mod reply;
 pub mod retry;
 mod sandbox;
+pub mod session;
 pub mod simulate;
+pub mod smtp;
 pub mod store;
 pub mod types;
 

@@ -7,9 +7,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Where a front end listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +176,45 @@ impl Listener {
             }
         }
     }
+}
+
+/// Accepts connections on `listener` until `shutdown` is cancelled, at
+/// most `max_connections` at once (more wait in the kernel's backlog), each
+/// served by `handle(conn, peer)` in its own task; then waits for the
+/// connections in hand to finish (each handler watches `shutdown` itself).
+pub async fn accept_loop<F, Fut>(listener: Listener, max_connections: usize, shutdown: CancellationToken, handle: F)
+where
+    F: Fn(Conn, String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (conn, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let served = handle(conn, peer);
+        tracker.spawn(async move {
+            served.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
 }
 
 impl Drop for Listener {

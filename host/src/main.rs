@@ -17,34 +17,68 @@ struct Cli {
     command: Command,
 }
 
+/// Options `serve` and `smtp` share.
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// The configuration file (TOML; see docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The store: a redb file, or `memory`.
+    #[arg(long)]
+    db: Option<String>,
+    /// The filter component (.wasm).
+    #[arg(long)]
+    filter: Option<PathBuf>,
+    /// Override a key of the filter's configuration (repeatable), e.g. `delay=2`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Log level or filter (`info`, `debug`, `info,greyhook::filter=debug`).
+    #[arg(long)]
+    log: Option<String>,
+    /// The control socket `greyhook reload` talks to.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: the Postfix policy service (127.0.0.1:10023 by
     /// default) with the reference filter and the embedded store, unless
     /// told otherwise.
     Serve {
-        /// The configuration file (TOML; see docs/configuration.md).
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
         /// Policy listener, replacing the file's (repeatable):
         /// `127.0.0.1:10023`, `[::1]:10023` or `unix:/path`.
         #[arg(long = "policy", value_name = "ADDR")]
         policy: Vec<String>,
-        /// The store: a redb file, or `memory`.
+        /// Milter listener, replacing the file's (repeatable):
+        /// `127.0.0.1:10024` or `unix:/path` (Postfix `smtpd_milters`).
+        #[arg(long = "milter", value_name = "ADDR")]
+        milter: Vec<String>,
+    },
+    /// Run the reference SMTP front end: a before-queue SMTP server that
+    /// greylists at every phase and relays accepted mail to the next hop.
+    /// Same configuration file, store and filters as `serve`; no policy
+    /// listener unless `--policy` is given.
+    Smtp {
+        #[command(flatten)]
+        common: Common,
+        /// Where to listen (repeatable), e.g. `0.0.0.0:25`; replaces `smtp.listen`.
+        #[arg(long = "listen", value_name = "ADDR")]
+        listen: Vec<String>,
+        /// The MTA behind greyhook, `HOST:PORT`; replaces `smtp.next_hop`.
+        #[arg(long = "next-hop", value_name = "HOST:PORT")]
+        next_hop: Option<String>,
+        /// Speak LMTP to the next hop.
         #[arg(long)]
-        db: Option<String>,
-        /// The filter component (.wasm).
-        #[arg(long)]
-        filter: Option<PathBuf>,
-        /// Override a key of the filter's configuration (repeatable), e.g. `delay=2`.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Log level or filter (`info`, `debug`, `info,greyhook::filter=debug`).
-        #[arg(long)]
-        log: Option<String>,
-        /// The control socket `greyhook reload` talks to.
-        #[arg(long)]
-        control: Option<PathBuf>,
+        lmtp: bool,
+        /// Also serve the policy protocol here (repeatable).
+        #[arg(long = "policy", value_name = "ADDR")]
+        policy: Vec<String>,
+        /// Also serve milter here (repeatable).
+        #[arg(long = "milter", value_name = "ADDR")]
+        milter: Vec<String>,
     },
     /// Tell the running daemon to reload its filter and configuration now;
     /// prints the version loaded, or why it was refused (exit 1).
@@ -134,12 +168,23 @@ fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
 /// The command line's overrides of the configuration file.
 #[derive(Clone)]
 struct Overrides {
+    common: Common,
     policy: Vec<String>,
-    db: Option<String>,
-    filter: Option<PathBuf>,
-    set: Vec<String>,
-    log: Option<String>,
-    control: Option<PathBuf>,
+    milter: Vec<String>,
+    /// `greyhook smtp`: the SMTP listeners (the policy listener is off
+    /// unless `--policy` names one).
+    smtp: Option<SmtpOverrides>,
+}
+
+#[derive(Clone)]
+struct SmtpOverrides {
+    listen: Vec<String>,
+    next_hop: Option<String>,
+    lmtp: bool,
+}
+
+fn addrs(flag: &str, list: &[String]) -> Result<Vec<greyhook::listen::ListenAddr>, greyhook::daemon::DaemonError> {
+    list.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| greyhook::daemon::DaemonError::Invalid(format!("{flag}: {e}")))
 }
 
 /// Reads the configuration file (if any) and applies the overrides: run at
@@ -150,28 +195,47 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
         Some(p) => DaemonConfig::load(p)?,
         None => DaemonConfig::default(),
     };
+    if let Some(smtp) = &o.smtp {
+        cfg.policy.listen = Vec::new();
+        if !smtp.listen.is_empty() {
+            cfg.smtp.listen = addrs("--listen", &smtp.listen)?;
+        }
+        if cfg.smtp.listen.is_empty() {
+            return Err(DaemonError::Invalid("greyhook smtp needs --listen ADDR (or smtp.listen in the file)".into()));
+        }
+        if smtp.next_hop.is_some() {
+            cfg.smtp.next_hop = smtp.next_hop.clone();
+        }
+        if smtp.lmtp {
+            cfg.smtp.next_hop_protocol = greyhook::daemon::HopProtocol::Lmtp;
+        }
+    }
     if !o.policy.is_empty() {
-        cfg.policy.listen =
-            o.policy.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| DaemonError::Invalid(format!("--policy: {e}")))?;
+        cfg.policy.listen = addrs("--policy", &o.policy)?;
     }
-    if o.db.is_some() {
-        cfg.store.path = o.db.clone();
+    if !o.milter.is_empty() {
+        cfg.milter.listen = addrs("--milter", &o.milter)?;
     }
-    if o.filter.is_some() {
-        cfg.main_filter_mut().path = o.filter.clone();
+    let c = &o.common;
+    if c.db.is_some() {
+        cfg.store.path = c.db.clone();
     }
-    if let Some(l) = &o.log {
+    if c.filter.is_some() {
+        cfg.main_filter_mut().path = c.filter.clone();
+    }
+    if let Some(l) = &c.log {
         cfg.log.level = l.clone();
     }
-    if let Some(c) = &o.control {
-        cfg.control.socket = Some(c.display().to_string());
+    if let Some(ctl) = &c.control {
+        cfg.control.socket = Some(ctl.display().to_string());
     }
-    cfg.set_filter_keys(&o.set)?;
+    cfg.set_filter_keys(&c.set)?;
     Ok(cfg)
 }
 
-async fn serve(file: Option<PathBuf>, overrides: Overrides) -> Result<()> {
+async fn serve(overrides: Overrides) -> Result<()> {
     use greyhook::daemon::{Daemon, Reconfigure};
+    let file = overrides.common.config.clone();
     let cfg = load_config(file.as_deref(), &overrides)?;
     let _log = init_logging(&cfg.log.level);
     let reconfigure =
@@ -228,8 +292,11 @@ async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, policy, db, filter, set, log, control } => {
-            return serve(config, Overrides { policy, db, filter, set, log, control }).await;
+        Command::Serve { common, policy, milter } => {
+            return serve(Overrides { common, policy, milter, smtp: None }).await;
+        }
+        Command::Smtp { common, listen, next_hop, lmtp, policy, milter } => {
+            return serve(Overrides { common, policy, milter, smtp: Some(SmtpOverrides { listen, next_hop, lmtp }) }).await;
         }
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c } => return control(c, "status").await,
@@ -238,7 +305,7 @@ async fn run(cli: Cli) -> Result<()> {
     let _log = init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
-        Command::Serve { .. } | Command::Reload { .. } | Command::Status { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Smtp { .. } | Command::Reload { .. } | Command::Status { .. } => unreachable!("handled above"),
         Command::Check { filter, config, set } => {
             let name = filter.as_ref().map_or("the reference filter".to_string(), |p| p.display().to_string());
             let bytes = filter_bytes(filter.as_deref())?;

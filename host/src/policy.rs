@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::audit::log_decision;
 use crate::chain::Chain;
@@ -389,31 +388,7 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 /// Accepts connections on `listener` until `shutdown` is cancelled, then
 /// lets every connection finish the request in hand and returns.
 pub async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(server.config.max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let (conn, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let (server, shutdown) = (server.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            server.handle(conn, peer, shutdown).await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    tracker.close();
-    tracker.wait().await;
+    let max = server.config.max_connections;
+    let stop = shutdown.clone();
+    crate::listen::accept_loop(listener, max, stop, move |conn, peer| server.clone().handle(conn, peer, shutdown.clone())).await
 }

@@ -8,4 +8,5 @@ mod postfix;
 mod reload;
 mod reply;
 mod sandbox;
+mod smtp;
 mod store;

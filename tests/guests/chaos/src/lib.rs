@@ -1,7 +1,8 @@
 //! A filter for greyhook's tests that misbehaves on demand, chosen by the
 //! recipient's local part at RCPT (`panic@x`, `loop@x`, ...). Any other
 //! recipient gets `accept` with an `X-Chaos: ok` header, and the sender
-//! `store@x` exercises the store. `init` refuses the configuration `fail`.
+//! `store@x` exercises the store; the sender `tempfail-mail@x` gets a
+//! two-line 451 at MAIL. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -54,7 +55,16 @@ impl Guest for Chaos {
         EhloVerdict { verdict: verdict(Decision::Continue), keywords }
     }
 
-    fn on_mail(_c: Context, _s: String) -> Verdict {
+    fn on_mail(_c: Context, sender: String) -> Verdict {
+        // A tempfail at MAIL, multi-line, for the front ends' tests.
+        if sender.starts_with("tempfail-mail@") {
+            return verdict(Decision::Tempfail(Reply {
+                code: 451,
+                enhanced: Some("4.7.1".into()),
+                text: vec!["Not now.".into(), "Senders like you wait a minute".into()],
+                retry_after: Some(60),
+            }));
+        }
         verdict(Decision::Continue)
     }
 

@@ -1,0 +1,352 @@
+//! The milter front end (Postfix `smtpd_milters`, Sendmail
+//! `INPUT_MAIL_FILTER`), protocol version 6.
+//!
+//! The wire protocol (framing, option negotiation, macros, commands and
+//! actions) comes from `miltr-server` (MIT): framed packets with a size
+//! cap, parsers that return errors instead of panicking, fuzzed upstream.
+//! This module maps it onto the filter chain:
+//!
+//! - connect, HELO, MAIL and RCPT call the matching hooks at once, so a
+//!   tempfail is answered at the SMTP command it belongs to;
+//! - headers are collected (bounded), and `on-data` runs at **end of
+//!   message**, with the Message-ID and the headers. Not at end of headers:
+//!   milter lets a filter add headers only at end of message, and the draft
+//!   greylists DATA after the final dot (`451` at end of DATA), which is
+//!   what Postfix does with a milter tempfail there. The body is never sent
+//!   to us (`SMFIP_NOBODY` is negotiated).
+//! - replies go out as `SMFIR_REPLYCODE` with the exact code, enhanced code
+//!   and text, the `retry=` hint on the last line; several lines are joined
+//!   with CRLF, which Postfix turns into a multi-line reply.
+//!
+//! A malformed, oversized or unknown packet closes the connection; Postfix
+//! then applies `milter_default_action` (set it to `accept` to fail open).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use miltr_common::actions::{Action, Continue, Replycode};
+use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macro, Mail, Recipient};
+use miltr_common::modifications::ModificationResponse;
+use miltr_common::modifications::headers::AddHeader;
+use miltr_common::optneg::{Capability, OptNeg, Protocol};
+use miltr_server::{Error as MilterError, Milter, Server};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::listen::{Conn, Listener};
+use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
+use crate::session::{Hooks, SmtpSession, message_id};
+use crate::types::{Decision, Header, Message, Reply, Verdict};
+
+/// Limits of the milter front end.
+#[derive(Debug, Clone)]
+pub struct MilterConfig {
+    /// Largest packet accepted, bytes (a larger one closes the connection).
+    pub max_packet: usize,
+    /// Most headers collected per message (the rest are not looked at).
+    pub max_headers: usize,
+    /// A connection with nothing to say for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        MilterConfig { max_packet: 64 << 10, max_headers: 200, idle_timeout: Duration::from_secs(600), max_connections: 512 }
+    }
+}
+
+/// One milter conversation (Postfix opens one per SMTP session).
+struct Conversation {
+    hooks: Hooks,
+    config: MilterConfig,
+    peer: String,
+    session: Option<SmtpSession>,
+    /// Macros seen so far (`{auth_authen}`, `i`, ...), bounded.
+    auth_user: Option<String>,
+    queue_id: Option<String>,
+    headers: Vec<Header>,
+    /// Headers the filters asked for at MAIL/RCPT, added at end of message.
+    pending_headers: Vec<Header>,
+}
+
+/// The milter reply for a verdict: continue, or the filter's reply as
+/// `SMFIR_REPLYCODE`. An accept is sent as continue too: a milter accept
+/// would skip end of message, where the filter's headers are added.
+fn action(v: &Verdict) -> Action {
+    match &v.decision {
+        Decision::Continue | Decision::Accept => Continue.into(),
+        Decision::Tempfail(r) | Decision::Reject(r) => replycode(r).into(),
+    }
+}
+
+fn replycode(r: &Reply) -> Replycode {
+    // The rendered reply, lines joined by CRLF; `Replycode` writes the
+    // code and a space in front, so the first line's code is left off.
+    // Postfix rewrites the separator of every line but the last to `-`.
+    let lines = crate::reply::render_lines(r);
+    let joined = lines.join("\r\n");
+    // The code is validated (4xx/5xx) before it gets here.
+    let digits = [(r.code / 100 % 10) as u8, (r.code / 10 % 10) as u8, (r.code % 10) as u8];
+    Replycode::without_xcode(digits, joined.get(4..).unwrap_or(""))
+}
+
+impl Conversation {
+    fn session(&mut self) -> Option<&mut SmtpSession> {
+        self.session.as_mut()
+    }
+}
+
+#[async_trait]
+impl Milter for Conversation {
+    type Error = std::convert::Infallible;
+
+    async fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, MilterError<Self::Error>> {
+        let ours = OptNeg {
+            capabilities: Capability::SMFIF_ADDHDRS,
+            // No body, no DATA command, no unknown commands: we need none of them.
+            protocol: Protocol::NO_BODY | Protocol::NO_DATA | Protocol::NO_UNKNOWN,
+            ..OptNeg::default()
+        };
+        let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
+        // Ask only for protocol steps the MTA can skip; keep our wishes.
+        merged.protocol = ours.protocol & theirs.protocol;
+        merged.capabilities = ours.capabilities & theirs.capabilities;
+        Ok(merged)
+    }
+
+    async fn macro_(&mut self, m: Macro) -> Result<(), Self::Error> {
+        for (name, value) in m.macros() {
+            let value = String::from_utf8_lossy(value);
+            if value.len() > 320 {
+                continue;
+            }
+            match name {
+                b"{auth_authen}" if !value.is_empty() => self.auth_user = Some(value.into_owned()),
+                b"i" if !value.is_empty() => self.queue_id = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        if let (Some(s), Some(u)) = (self.session.as_mut(), &self.auth_user) {
+            s.session_mut().auth_user = Some(u.clone());
+        }
+        Ok(())
+    }
+
+    async fn connect(&mut self, c: Connect) -> Result<Action, Self::Error> {
+        let addr: Option<IpAddr> = match c.family {
+            Family::Inet | Family::Inet6 => c.address().trim_start_matches("IPv6:").parse().ok(),
+            _ => None,
+        };
+        let Some(addr) = addr else {
+            // A local (unix socket) or unknown client: nothing to greylist.
+            tracing::debug!(peer = %self.peer, "milter: non-IP client, accepted without asking");
+            return Ok(Continue.into());
+        };
+        let mut s = SmtpSession::new(self.hooks.clone(), String::new(), addr);
+        let name = c.hostname();
+        // Postfix sends `unknown` or `[address]` for an unverified name.
+        if name != "unknown" && !name.starts_with('[') && !name.is_empty() && name.len() <= 255 {
+            s.session_mut().client_name = Some(name.into_owned());
+        }
+        let v = s.connect().await;
+        self.session = Some(s);
+        Ok(action(&v))
+    }
+
+    async fn helo(&mut self, h: Helo) -> Result<Action, Self::Error> {
+        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        let name = h.helo();
+        let v = s.ehlo(name.get(..255).unwrap_or(&name)).await;
+        Ok(action(&v.verdict))
+    }
+
+    async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
+        self.headers.clear();
+        self.pending_headers.clear();
+        let auth = self.auth_user.clone();
+        let queue = self.queue_id.clone();
+        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        s.session_mut().auth_user = auth;
+        if let Some(q) = queue {
+            s.session_mut().id = q;
+        }
+        let sender = strip_brackets(&m.sender());
+        let v = s.mail(&sender).await;
+        self.keep_headers(&v);
+        Ok(action(&v))
+    }
+
+    async fn rcpt(&mut self, r: Recipient) -> Result<Action, Self::Error> {
+        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        let rcpt = strip_brackets(&r.recipient());
+        let v = s.rcpt(&rcpt).await;
+        self.keep_headers(&v);
+        Ok(action(&v))
+    }
+
+    async fn header(&mut self, h: MilterHeader) -> Result<Action, Self::Error> {
+        if self.headers.len() < self.config.max_headers {
+            let name = h.name();
+            let value = h.value();
+            if name.len() <= MAX_HEADER_NAME && value.len() <= MAX_HEADER_VALUE * 4 {
+                self.headers.push(Header { name: name.into_owned(), value: value.trim().to_string() });
+            }
+        }
+        Ok(Continue.into())
+    }
+
+    async fn end_of_body(&mut self) -> Result<ModificationResponse, Self::Error> {
+        let headers = std::mem::take(&mut self.headers);
+        let mut add = std::mem::take(&mut self.pending_headers);
+        let Some(s) = self.session() else { return Ok(ModificationResponse::empty_continue()) };
+        let message = Message { message_id: message_id(&headers), headers };
+        let v = s.data(&message).await;
+        s.reset();
+        if let Some(r) = v.reply() {
+            return Ok(ModificationResponse::builder().build(replycode(r)));
+        }
+        add.extend(v.add_headers.iter().cloned());
+        let mut b = ModificationResponse::builder();
+        for h in &add {
+            b.push(AddHeader::new(h.name.as_bytes(), h.value.as_bytes()));
+        }
+        Ok(b.contin())
+    }
+
+    async fn abort(&mut self) -> Result<(), Self::Error> {
+        // The transaction ended (RSET, a new MAIL, a rejected DATA...).
+        self.headers.clear();
+        self.pending_headers.clear();
+        if let Some(s) = self.session() {
+            s.reset();
+        }
+        Ok(())
+    }
+}
+
+impl Conversation {
+    /// Headers given at MAIL/RCPT can only be added at end of message.
+    fn keep_headers(&mut self, v: &Verdict) {
+        if v.reply().is_none() {
+            for h in &v.add_headers {
+                if self.pending_headers.len() < crate::reply::MAX_HEADERS && !self.pending_headers.contains(h) {
+                    self.pending_headers.push(h.clone());
+                }
+            }
+        }
+    }
+}
+
+fn strip_brackets(s: &str) -> String {
+    let t = s.trim();
+    t.strip_prefix('<').and_then(|t| t.strip_suffix('>')).unwrap_or(t).to_string()
+}
+
+/// Serves one milter connection until the MTA quits, it idles out, it
+/// sends something malformed, or shutdown is asked for.
+async fn handle(hooks: Hooks, config: MilterConfig, conn: Conn, peer: String, shutdown: CancellationToken) {
+    let idle = config.idle_timeout;
+    let max_packet = config.max_packet;
+    let mut conv = Conversation {
+        hooks,
+        config,
+        peer: peer.clone(),
+        session: None,
+        auth_user: None,
+        queue_id: None,
+        headers: Vec::new(),
+        pending_headers: Vec::new(),
+    };
+    let io = IdleTimeout::new(conn, idle).compat();
+    let mut server = Server::new(&mut conv, false, max_packet);
+    tokio::select! {
+        r = server.handle_connection(io) => match r {
+            Ok(()) => tracing::debug!(%peer, "milter connection closed"),
+            Err(e) => tracing::info!(%peer, "milter connection closed: {e}"),
+        },
+        _ = shutdown.cancelled() => tracing::debug!(%peer, "milter connection closed at shutdown"),
+    }
+}
+
+/// Accepts milter connections on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
+    let max = config.max_connections;
+    let stop = shutdown.clone();
+    crate::listen::accept_loop(listener, max, stop, move |conn, peer| handle(hooks.clone(), config.clone(), conn, peer, shutdown.clone()))
+        .await
+}
+
+/// A stream whose reads fail with `TimedOut` after `idle` without data:
+/// `miltr-server` reads without a deadline, and a peer that stops talking
+/// must not hold a connection slot for ever.
+struct IdleTimeout {
+    inner: Conn,
+    idle: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(inner: Conn, idle: Duration) -> IdleTimeout {
+        IdleTimeout { inner, idle, timer: Box::pin(tokio::time::sleep(idle)) }
+    }
+}
+
+impl tokio::io::AsyncRead for IdleTimeout {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match this.inner.as_mut().poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "milter peer idle"))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for IdleTimeout {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replycode_keeps_code_enhanced_code_and_hint_last() {
+        let r = Reply {
+            code: 451,
+            enhanced: Some("4.7.1".into()),
+            text: vec!["Greylisted.".into(), "Come back later".into()],
+            retry_after: Some(300),
+        };
+        let rc = replycode(&r);
+        assert_eq!(rc.message(), "4.7.1 Greylisted.\r\n451 4.7.1 Come back later retry=00:05:00");
+        assert_eq!(strip_brackets("<a@b>"), "a@b");
+        assert_eq!(strip_brackets("<>"), "");
+    }
+}

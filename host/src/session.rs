@@ -1,0 +1,132 @@
+//! One SMTP session as the filter chain sees it, for front ends that follow
+//! the whole conversation (milter, the SMTP front end): the session facts,
+//! the transaction so far (sender, accepted recipients and their policy
+//! groups), and one call per phase that asks the chain, logs the decision
+//! and keeps the transaction up to date.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::audit::log_decision;
+use crate::chain::Chain;
+use crate::clock::Clock;
+use crate::types::{AcceptedRecipient, Context, EhloVerdict, Message, Phase, Session, Transaction, Verdict};
+
+/// Most recipients remembered in one transaction (the SMTP front end
+/// refuses more before asking; a milter peer cannot make us hold more).
+pub const MAX_TRANSACTION_RECIPIENTS: usize = 1000;
+
+/// The chain and clock shared by every session of a front end.
+#[derive(Clone)]
+pub struct Hooks {
+    /// The filters.
+    pub chain: Chain,
+    /// The clock handed to the filters as `now`.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The state of one SMTP session.
+pub struct SmtpSession {
+    hooks: Hooks,
+    session: Session,
+    transaction: Transaction,
+}
+
+impl SmtpSession {
+    /// A session with the client at `client`; `id` names it in logs.
+    pub fn new(hooks: Hooks, id: impl Into<String>, client: IpAddr) -> SmtpSession {
+        SmtpSession { hooks, session: Session::new(id, client), transaction: Transaction::default() }
+    }
+
+    /// The session facts, for the front end to fill in (client name, TLS,
+    /// authenticated user).
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// The session facts.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The transaction so far.
+    pub fn transaction(&self) -> &Transaction {
+        &self.transaction
+    }
+
+    fn ctx(&self) -> Context {
+        Context { session: self.session.clone(), transaction: self.transaction.clone(), now: self.hooks.clock.now() }
+    }
+
+    /// The connect hook.
+    pub async fn connect(&mut self) -> Verdict {
+        let ctx = self.ctx();
+        let v = self.hooks.chain.on_connect(&ctx).await;
+        log_decision(Phase::Connect, &ctx, None, &v);
+        v
+    }
+
+    /// HELO/EHLO: records the name (a new EHLO also ends any transaction)
+    /// and asks the chain.
+    pub async fn ehlo(&mut self, helo: &str) -> EhloVerdict {
+        self.session.helo = Some(helo.to_string());
+        self.reset();
+        let ctx = self.ctx();
+        let v = self.hooks.chain.on_ehlo(&ctx).await;
+        log_decision(Phase::Ehlo, &ctx, None, &v.verdict);
+        v
+    }
+
+    /// MAIL FROM (`sender` without brackets, empty for `<>`). The
+    /// transaction starts when the verdict lets it.
+    pub async fn mail(&mut self, sender: &str) -> Verdict {
+        self.reset();
+        let ctx = self.ctx();
+        let v = self.hooks.chain.on_mail(&ctx, sender).await;
+        let mut logged = ctx;
+        logged.transaction.sender = Some(sender.to_string());
+        log_decision(Phase::Mail, &logged, None, &v);
+        if v.reply().is_none() {
+            self.transaction.sender = Some(sender.to_string());
+        }
+        v
+    }
+
+    /// RCPT TO: asks the chain with the recipients accepted so far, and
+    /// remembers the recipient (with its policy group) if it passes.
+    pub async fn rcpt(&mut self, recipient: &str) -> Verdict {
+        let ctx = self.ctx();
+        let v = self.hooks.chain.on_rcpt(&ctx, recipient).await;
+        log_decision(Phase::Rcpt, &ctx, Some(recipient), &v);
+        if v.reply().is_none() && self.transaction.recipients.len() < MAX_TRANSACTION_RECIPIENTS {
+            self.transaction
+                .recipients
+                .push(AcceptedRecipient { address: recipient.to_string(), policy_group: v.policy_group.clone().unwrap_or_default() });
+        }
+        v
+    }
+
+    /// End of DATA: the message's headers (Message-ID among them).
+    pub async fn data(&mut self, message: &Message) -> Verdict {
+        let ctx = self.ctx();
+        let v = self.hooks.chain.on_data(&ctx, message).await;
+        log_decision(Phase::Data, &ctx, None, &v);
+        v
+    }
+
+    /// Puts a transaction back (a front end whose next hop refused a
+    /// recipient the filters accepted drops it this way).
+    pub fn restore(&mut self, sender: Option<String>, recipients: Vec<AcceptedRecipient>) {
+        self.transaction = Transaction { sender, recipients };
+    }
+
+    /// Ends the transaction (RSET, a new MAIL, after DATA, an abort).
+    pub fn reset(&mut self) {
+        self.transaction = Transaction::default();
+    }
+}
+
+/// The value of the first `Message-ID` header among `headers`, trimmed.
+pub fn message_id(headers: &[crate::types::Header]) -> Option<String> {
+    headers.iter().find(|h| h.name.eq_ignore_ascii_case("message-id")).map(|h| h.value.trim().to_string()).filter(|v| !v.is_empty())
+}

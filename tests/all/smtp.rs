@@ -1,0 +1,324 @@
+//! The SMTP front end (`greyhook smtp`) driven by real clients: Python's
+//! smtplib and raw sockets, with a sink or a real Postfix as the next hop.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use greyhook_tests::*;
+
+/// `greyhook smtp` on a free port with `filters` (TOML tables) relaying
+/// to 127.0.0.1:`next_hop`.
+fn start(dir: &Path, filters: &str, next_hop: u16, smtp_extra: &str) -> (Process, u16) {
+    let port = free_port();
+    let cfg = dir.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{next_hop}\"\nhostname = \"greyhook.test\"\n\
+             next_hop_timeout = \"5s\"\ncommand_timeout = \"5s\"\ndata_timeout = \"5s\"\n{smtp_extra}\n{filters}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let p = Process::greyhook(&["smtp", "--config", cfg.to_str().unwrap()], dir.join("log"));
+    wait_for_port(port, 30);
+    (p, port)
+}
+
+const GREYLIST: &str = "[filter.config]\ndelay = 1\n";
+
+/// A raw client: send lines, read replies.
+struct Raw {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+    }
+
+    /// One whole reply (all its lines).
+    fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) -> String {
+        self.w.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        self.reply()
+    }
+
+    /// True once the server has closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.r.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn smtplib_sees_421_at_the_greeting() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = start(dir.path(), "[filter.config]\nstage = \"connect\"\ndelay = 300\n", sink.port, "");
+    let out = python(&format!(
+        "import smtplib\ntry:\n    smtplib.SMTP('127.0.0.1', {port}, timeout=10)\n    print('connected')\nexcept smtplib.SMTPConnectError as e:\n    print(e.smtp_code, e.smtp_error.decode())\n"
+    ));
+    // (The port probe before was the first sighting: 5 minutes or a second less.)
+    assert!(out.trim().starts_with("421 4.7.1 Greylisted, please try again later retry=00:0"), "{out}");
+    let mut raw = Raw::connect(port);
+    assert!(raw.reply().starts_with("421 4.7.1"));
+    assert!(raw.closed(), "the connection closes after the 421");
+}
+
+#[test]
+fn smtplib_sees_greylist_in_ehlo_and_451_at_mail_rcpt_and_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    // A test filter in front (it tempfails MAIL from tempfail-mail@...),
+    // the reference filter behind it with a two-line reply.
+    let filters = format!(
+        "[[filters]]\npath = \"{}/chaos.wasm\"\nnamespace = \"chaos\"\n\
+         [[filters]]\nnamespace = \"greylist\"\n[filters.config]\ndelay = 1\n\
+         reply_text = [\"Greylisted, please try again later\", \"See https://greyhook.test/why\"]\n",
+        dir.path().display()
+    );
+    let (_d, port) = start(dir.path(), &filters, sink.port, "");
+    let out = python(&format!(
+        r#"
+import smtplib
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)
+code, msg = s.ehlo('client.example.org')
+print('ehlo', code, s.has_extn('greylist'), s.has_extn('pipelining'), s.has_extn('size'), s.has_extn('8bitmime'), s.has_extn('chaos'))
+print('mail', *s.mail('tempfail-mail@example.org'))
+print('mail-ok', s.mail('someone@example.org')[0])
+code, msg = s.rcpt('continue@example.com')  # the test filter passes this one on
+print('rcpt', code, repr(msg.decode()))
+s.quit()
+"#
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "ehlo 250 True True True True True", "{out}");
+    assert_eq!(lines[1], "mail 451 b'4.7.1 Not now.\\n4.7.1 Senders like you wait a minute retry=00:01:00'", "{out}");
+    assert_eq!(lines[2], "mail-ok 250", "{out}");
+    assert_eq!(
+        lines[3], "rcpt 451 '4.7.1 Greylisted, please try again later\\n4.7.1 See https://greyhook.test/why retry=00:00:01'",
+        "the hint is on the last line: {out}"
+    );
+    // On the wire: `451-` then `451 `.
+    let mut raw = Raw::connect(port);
+    raw.reply();
+    raw.send("EHLO client.example.org");
+    assert_eq!(
+        raw.send("MAIL FROM:<tempfail-mail@example.org>"),
+        "451-4.7.1 Not now.\r\n451 4.7.1 Senders like you wait a minute retry=00:01:00\r\n"
+    );
+    assert!(raw.send("EHLO client.example.org").contains("250-GREYLIST\r\n"));
+}
+
+#[test]
+fn greylisting_at_data_keys_on_the_message_id_and_relays_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = start(dir.path(), "[filter.config]\nstage = \"data\"\ndelay = 1\n", sink.port, "");
+    let script = format!(
+        r#"
+import smtplib, sys
+msg = 'Message-ID: <{{}}@client.example.org>\r\nSubject: hi\r\n\r\n.a line with a dot\r\nbody\r\n'
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)
+try:
+    s.sendmail('a@example.org', ['user@example.com'], msg.format(sys.argv[1]))
+    print('accepted')
+except smtplib.SMTPDataError as e:
+    print(e.smtp_code, e.smtp_error.decode())
+s.quit()
+"#
+    );
+    let send = |id: &str| {
+        let out = std::process::Command::new("python3").args(["-c", &script, id]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert_eq!(send("m1"), "451 4.7.1 Greylisted, please try again later retry=00:00:01");
+    assert!(sink.received().is_empty(), "nothing relayed on a tempfail");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(send("m2"), "451 4.7.1 Greylisted, please try again later retry=00:00:01", "another Message-ID is another triplet");
+    assert_eq!(send("m1"), "accepted");
+    let got = sink.received();
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].starts_with("X-Greylist: delayed 1 seconds by greyhook\r\n") || got[0].starts_with("X-Greylist: delayed 2 seconds"),
+        "{got:?}"
+    );
+    assert!(
+        got[0].contains("Message-ID: <m1@client.example.org>") && got[0].contains("\r\n.a line with a dot\r\n"),
+        "the dot line arrives as sent: {got:?}"
+    );
+}
+
+#[test]
+fn seed_000_five_recipients_in_three_policy_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let filters = "[filter.config]\ndelay = 300\n\
+        [[filter.config.policy]]\nname = \"a\"\nrecipients = [\"one@example.com\", \"three@example.com\"]\ngreylist = false\n\
+        [[filter.config.policy]]\nname = \"b\"\nrecipients = [\"two@example.com\", \"four@example.com\"]\n\
+        [[filter.config.policy]]\nname = \"c\"\nrecipients = [\"five@example.com\"]\ngreylist = false\n";
+    let (_d, port) = start(dir.path(), filters, sink.port, "");
+    let out = python(&format!(
+        r#"
+import smtplib
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)
+s.ehlo('client.example.org')
+s.mail('sender@example.org')
+for r in ['one', 'two', 'three', 'four', 'five']:
+    code, msg = s.rcpt(r + '@example.com')
+    print(r, code, msg.decode())
+print('data', s.data('Subject: x\r\n\r\nhello\r\n')[0])
+s.quit()
+"#
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "one 250 2.1.5 Ok");
+    let other = "451 4.7.1 This recipient has a different policy than the first one; please retry it in a new transaction retry=00:00:00";
+    assert_eq!(lines[1], format!("two {other}"));
+    assert_eq!(lines[2], "three 250 2.1.5 Ok");
+    assert_eq!(lines[3], format!("four {other}"));
+    assert_eq!(lines[4], format!("five {other}"));
+    assert_eq!(lines[5], "data 250");
+    assert_eq!(sink.received().len(), 1);
+}
+
+#[test]
+fn hostile_clients_get_replies_or_a_closed_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (mut d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, "");
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220 greyhook.test"));
+    // A 1 MB line.
+    c.w.write_all(&vec![b'A'; 1 << 20]).unwrap();
+    assert_eq!(c.send(""), "500 5.5.2 Line too long\r\n");
+    assert_eq!(c.send("NOOP"), "250 2.0.0 Ok\r\n");
+    // Binary garbage.
+    c.w.write_all(b"\x00\xff\xfe\x80garbage\r\n").unwrap();
+    assert!(c.reply().starts_with("500 5.5.2"));
+    assert!(c.send("MAIL FROM:<a@b>").starts_with("503"), "EHLO first");
+    c.send("EHLO client.example.org");
+    assert!(c.send("RCPT TO:<x@y>").starts_with("503"), "MAIL first");
+    assert!(c.send("MAIL FROM:<a@example.org> SIZE=999999999999").starts_with("552 5.3.4"));
+    assert_eq!(c.send("MAIL FROM:<a@example.org>"), "250 2.1.0 Ok\r\n");
+    // 10 000 recipients, pipelined: 100 taken, the rest 452.
+    let mut batch = String::new();
+    for i in 0..10_000 {
+        batch.push_str(&format!("RCPT TO:<u{i}@example.com>\r\n"));
+    }
+    // Written from another thread: the replies must be read meanwhile.
+    let mut w = c.w.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(batch.as_bytes()).unwrap());
+    let (mut ok, mut full) = (0, 0);
+    for _ in 0..10_000 {
+        match c.reply().get(..3) {
+            Some("250") => ok += 1,
+            Some("452") => full += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!((ok, full), (100, 9_900));
+    assert_eq!(c.send("RSET"), "250 2.0.0 Ok\r\n");
+    // A client that stops mid-DATA: nothing is relayed.
+    c.send("MAIL FROM:<a@example.org>");
+    c.send("RCPT TO:<u@example.com>");
+    assert!(c.send("DATA").starts_with("354"));
+    c.w.write_all(b"Subject: cut\r\n\r\nhalf a mess").unwrap();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sink.received().is_empty(), "a message cut off is not relayed");
+    // Too many errors close the connection.
+    let mut c = Raw::connect(port);
+    c.reply();
+    let mut last = String::new();
+    for _ in 0..20 {
+        last = c.send("BOGUS");
+    }
+    assert!(last.starts_with("421"), "{last}");
+    assert!(c.closed());
+    // The daemon is unaffected.
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO again.example.org").starts_with("250-greyhook.test"));
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
+#[test]
+fn a_next_hop_tempfail_comes_back_as_a_tempfail() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::with_data_reply("451 4.3.0 Sink is full");
+    let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, "");
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO client.example.org");
+    c.send("MAIL FROM:<a@example.org>");
+    c.send("RCPT TO:<u@example.com>");
+    c.send("DATA");
+    assert_eq!(c.send("Subject: x\r\n\r\nbody\r\n."), "451 4.3.0 Sink is full\r\n");
+    // A dead next hop: a tempfail at MAIL.
+    let dead = free_port();
+    let dir2 = tempfile::tempdir().unwrap();
+    let (_d2, port2) = start(dir2.path(), GREYLIST, dead, "");
+    let mut c = Raw::connect(port2);
+    c.reply();
+    c.send("EHLO client.example.org");
+    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("451 4.4.1"));
+}
+
+#[test]
+fn starttls_with_a_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let cert = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let tls = format!("tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n", d = dir.path().display());
+    let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, &tls);
+    let out = python(&format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)
+s.ehlo('client.example.org')
+print('offered', s.has_extn('starttls'))
+print('starttls', s.starttls(context=ctx)[0])
+s.ehlo('client.example.org')
+print('after', s.has_extn('starttls'), s.has_extn('greylist'))
+s.sendmail('a@example.org', ['u@example.com'], 'Subject: tls\r\n\r\nsecret\r\n')
+s.quit()
+print('sent')
+"#
+    ));
+    assert_eq!(out.trim(), "offered True\nstarttls 220\nafter False True\nsent", "{out}");
+    assert!(sink.received()[0].contains("secret"));
+    // Pipelining after STARTTLS is refused (CVE-2011-0411).
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO x.example.org");
+    c.w.write_all(b"STARTTLS\r\nRSET\r\n").unwrap();
+    assert!(c.reply().starts_with("501 5.5.1"));
+}
