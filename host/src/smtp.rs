@@ -184,6 +184,8 @@ struct Connection {
     in_transaction: bool,
     recipients: usize,
     errors: u32,
+    /// Headers the filters asked for at MAIL and RCPT, added at delivery.
+    headers: Vec<Header>,
 }
 
 impl Connection {
@@ -200,6 +202,7 @@ impl Connection {
             in_transaction: false,
             recipients: 0,
             errors: 0,
+            headers: Vec::new(),
         }
     }
 
@@ -298,7 +301,17 @@ impl Connection {
         }
         self.in_transaction = false;
         self.recipients = 0;
+        self.headers.clear();
         self.session().reset();
+    }
+
+    /// Keeps the headers of a passing MAIL/RCPT verdict for delivery.
+    fn keep_headers(&mut self, v: &Verdict) {
+        for h in &v.add_headers {
+            if self.headers.len() < crate::reply::MAX_HEADERS && !self.headers.contains(h) {
+                self.headers.push(h.clone());
+            }
+        }
     }
 
     async fn ehlo(&mut self, name: &str, extended: bool) -> Result<(), End> {
@@ -395,6 +408,8 @@ impl Connection {
         match hop.mail(&sender, &forward.join(" ")).await {
             Ok(r) if r.is_positive() => {
                 self.in_transaction = true;
+                self.headers.clear();
+                self.keep_headers(&v);
                 self.write("250 2.1.0 Ok\r\n").await
             }
             Ok(r) => {
@@ -473,6 +488,7 @@ impl Connection {
         match hop.rcpt(&rcpt).await {
             Ok(r) if r.is_positive() => {
                 self.recipients += 1;
+                self.keep_headers(&v);
                 self.write("250 2.1.5 Ok\r\n").await
             }
             Ok(r) => {
@@ -516,6 +532,7 @@ impl Connection {
         };
         self.in_transaction = false;
         self.recipients = 0;
+        self.headers.clear();
         self.session().reset();
         result
     }
@@ -569,7 +586,8 @@ impl Connection {
             return self.write(&render(r)).await;
         }
         let mut out = Vec::with_capacity(body.len() + 256);
-        for h in &v.add_headers {
+        self.keep_headers(&v);
+        for h in &self.headers {
             out.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
         }
         out.extend_from_slice(&body);

@@ -3,6 +3,7 @@
 
 mod cli;
 mod greylist;
+mod milter;
 mod policy;
 mod postfix;
 mod reload;

@@ -40,7 +40,9 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 ";
 
 impl Postfix {
-    fn start(root: &Path, policy: &str) -> Postfix {
+    /// Starts Postfix; `policy` (if any) goes into the recipient
+    /// restrictions, `extra` is appended to main.cf.
+    fn start(root: &Path, policy: Option<&str>, extra: &str) -> Postfix {
         assert!(Path::new(POSTFIX).exists(), "Postfix is not installed: run .ci/run (it installs Debian's postfix package)");
         let dir = root.join("postfix");
         for d in ["etc", "queue", "data"] {
@@ -50,13 +52,14 @@ impl Postfix {
         assert!(status.success(), "chown postfix (the tests run as root, as CI does)");
         let port = free_port();
         let d = dir.display();
+        let policy = policy.map(|p| format!("check_policy_service {p}, ")).unwrap_or_default();
         let main_cf = format!(
             "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\nmail_owner = postfix\nsetgid_group = postdrop\n\
              inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmyhostname = mx.e2e.test\nmydomain = e2e.test\nmydestination = e2e.test\n\
              mynetworks = 10.255.255.0/24\nlocal_recipient_maps =\nalias_maps =\nalias_database =\nsmtputf8_enable = no\nbiff = no\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n\
-             smtpd_recipient_restrictions = reject_unauth_destination, check_policy_service {policy}, permit\n\
-             smtpd_end_of_data_restrictions = check_client_access static:HOLD\n"
+             smtpd_recipient_restrictions = reject_unauth_destination, {policy}permit\n\
+             smtpd_end_of_data_restrictions = check_client_access static:HOLD\n{extra}"
         );
         std::fs::write(dir.join("etc/main.cf"), main_cf).unwrap();
         std::fs::write(dir.join("etc/master.cf"), format!("127.0.0.1:{port} inet n - n - - smtpd\n{MASTER_CF}")).unwrap();
@@ -68,12 +71,7 @@ impl Postfix {
 
     /// Sends one message with swaks; returns its transcript.
     fn send(&self, from: &str, to: &str, local: &str) -> String {
-        let out = Command::new("swaks")
-            .args(["--server", &format!("127.0.0.1:{}", self.port), "--local-interface", local, "--from", from, "--to", to])
-            .args(["--helo", "client.example.org", "--header", "Subject: greyhook e2e", "--timeout", "20"])
-            .output()
-            .expect("swaks runs (installed by .ci/run)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        swaks(self.port, &["--local-interface", local, "--from", from, "--to", to])
     }
 
     /// The held message's text.
@@ -96,6 +94,17 @@ impl Postfix {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
     }
+}
+
+/// Runs swaks against 127.0.0.1:`port` with `args`; returns its transcript.
+fn swaks(port: u16, args: &[&str]) -> String {
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{port}"), "--helo", "client.example.org", "--timeout", "20"])
+        .args(["--add-header", "Subject: greyhook e2e"])
+        .args(args)
+        .output()
+        .expect("swaks runs (installed by .ci/run)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Postfix {
@@ -139,7 +148,7 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
         }
         assert!(sock.exists(), "no socket: {}", daemon.log_text());
     }
-    let pf = Postfix::start(root, policy);
+    let pf = Postfix::start(root, Some(policy), "");
 
     let first = pf.send("sender@example.org", "user@e2e.test", "127.0.0.1");
     let line = rcpt_tempfail(&first, code, "Greylisted, please try again later retry=00:00:02");
@@ -191,4 +200,100 @@ fn postfix_over_unix_socket_with_defer_if_permit() {
     let sock = root.path().join("policy.sock");
     let s = sock.display().to_string();
     greylist_through_postfix(root.path(), &format!("unix:{s}"), &format!("unix:{s}"), "tempfail_action = \"defer_if_permit\"", "450");
+}
+
+fn wait_for_log(p: &Process, what: &str) {
+    for _ in 0..200 {
+        if p.log_text().contains(what) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("greyhook did not log {what:?}: {}", p.log_text());
+}
+
+/// Postfix asks greyhook over milter; the filter greylists at DATA with the
+/// Message-ID in the key; the retry passes and carries `X-Greylist`.
+#[test]
+fn postfix_milter_greylists_at_end_of_data() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let mport = free_port();
+    let cfg = r.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
+             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"data\"\ndelay = 2\nipv4_prefix = 32\n",
+            d = r.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
+    wait_for_port(mport, 20);
+    let pf = Postfix::start(
+        r,
+        None,
+        &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = tempfail\nmilter_protocol = 6\n"),
+    );
+    let send = |id: &str| {
+        let mid = format!("Message-Id: <{id}@client.example.org>");
+        swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test", "--header", &mid])
+    };
+    let first = send("one");
+    let line = first.lines().find(|l| l.starts_with("<** ")).unwrap_or_else(|| panic!("no error reply:\n{first}\n{}", pf.log()));
+    assert_eq!(line, "<** 451 4.7.1 Greylisted, please try again later retry=00:00:02", "at end of DATA:\n{first}");
+    assert!(first.contains(" -> .\n") || first.contains("-> ."), "the reply came after the data:\n{first}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = send("one");
+    assert!(second.contains("queued as"), "the retry with the same Message-ID passes:\n{second}\n{}", daemon.log_text());
+    let msg = pf.message(&second);
+    assert!(msg.contains("X-Greylist: delayed 2 seconds by greyhook") || msg.contains("X-Greylist: delayed 3 seconds"), "{msg}");
+    let other = send("two");
+    assert!(other.contains("<** 451 4.7.1"), "another Message-ID is greylisted:\n{other}");
+    wait_for_log(&daemon, "action=greylist phase=data client=127.0.0.1");
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
+/// `greyhook smtp` in front of a real Postfix: greylisted at RCPT, the
+/// retry is relayed (with XFORWARD) and Postfix's own `250 ... queued as`
+/// reaches the client; the message in Postfix's queue carries the header.
+#[test]
+fn greyhook_smtp_relays_to_postfix() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, "smtpd_authorized_xforward_hosts = 127.0.0.0/8\n");
+    let sport = free_port();
+    let mut daemon = Process::greyhook(
+        &[
+            "smtp",
+            "--listen",
+            &format!("127.0.0.1:{sport}"),
+            "--next-hop",
+            &format!("127.0.0.1:{}", pf.port),
+            "--db",
+            "memory",
+            "--control",
+            r.join("control.sock").to_str().unwrap(),
+            "--set",
+            "delay=2",
+        ],
+        r.join("greyhook.log"),
+    );
+    wait_for_port(sport, 20);
+    let send = || swaks(sport, &["--from", "sender@example.org", "--to", "user@e2e.test", "--ehlo", "client.example.org"]);
+    let first = send();
+    assert!(first.contains("<-  250-GREYLIST"), "EHLO advertises GREYLIST:\n{first}");
+    rcpt_tempfail(&first, "451", "Greylisted, please try again later retry=00:00:02");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = send();
+    assert!(second.contains("<-  250 2.0.0 Ok: queued as"), "Postfix's reply reaches the client:\n{second}\n{}", daemon.log_text());
+    let msg = pf.message(&second);
+    assert!(msg.contains("X-Greylist: delayed"), "{msg}");
+    assert!(pf.log().contains("client=client.example.org[127.0.0.1]") || pf.log().contains("[127.0.0.1]"), "{}", pf.log());
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
 }

@@ -1,0 +1,180 @@
+//! The milter front end, spoken to byte by byte: a whole conversation as
+//! Postfix sends it (option negotiation, macros, connect, HELO, MAIL, RCPT,
+//! headers, end of message), and hostile peers.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use greyhook::clock::ManualClock;
+use greyhook::daemon::{Daemon, DaemonConfig};
+use greyhook::listen::ListenAddr;
+use greyhook_tests::*;
+
+async fn start(filter_config: &str) -> (Daemon, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"2s\"\n[filter.config]\n{filter_config}\n",
+        dir.path().display()
+    );
+    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let d = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
+    let port = match &d.milter_addrs[0] {
+        ListenAddr::Tcp(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    (d, port, dir)
+}
+
+struct Mta(TcpStream);
+
+impl Mta {
+    fn connect(port: u16) -> Mta {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Mta(s)
+    }
+
+    fn send(&mut self, cmd: u8, data: &[u8]) {
+        let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+        p.push(cmd);
+        p.extend_from_slice(data);
+        self.0.write_all(&p).unwrap();
+    }
+
+    /// One reply packet: (command, data); None if the connection closed.
+    fn reply(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.0.read_exact(&mut body).ok()?;
+        let cmd = *body.first()?;
+        Some((cmd, body[1..].to_vec()))
+    }
+
+    fn ask(&mut self, cmd: u8, data: &[u8]) -> (u8, String) {
+        self.send(cmd, data);
+        let (c, d) = self.reply().expect("a reply");
+        (c, String::from_utf8_lossy(&d).into_owned())
+    }
+
+    /// Option negotiation as Postfix 3.7 offers it (version 6, all actions,
+    /// all protocol steps skippable).
+    fn negotiate(&mut self) -> (u32, u32) {
+        let mut o = 6u32.to_be_bytes().to_vec();
+        o.extend_from_slice(&0x1ffu32.to_be_bytes());
+        o.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
+        let (c, d) = self.ask(b'O', &o);
+        assert_eq!(c, b'O');
+        let d = d.as_bytes().to_vec();
+        let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+        (word(4), word(8))
+    }
+
+    fn connect_from(&mut self, ip: &str) -> (u8, String) {
+        let mut c = b"client.example.org\0".to_vec();
+        c.push(b'4');
+        c.extend_from_slice(&25u16.to_be_bytes());
+        c.extend_from_slice(ip.as_bytes());
+        c.push(0);
+        self.ask(b'C', &c)
+    }
+}
+
+fn nul(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
+    let (daemon, port, _dir) = start("delay = 0\n").await;
+    let (d2, port2, _dir2) = start("delay = 300\n").await;
+    tokio::task::spawn_blocking(move || {
+        // delay 300: the first RCPT is greylisted with the draft's reply.
+        let mut m = Mta::connect(port2);
+        let (actions, protocol) = m.negotiate();
+        assert_eq!(actions, 0x01, "we only add headers");
+        assert_eq!(protocol & 0x10, 0x10, "no body wanted (SMFIP_NOBODY)");
+        assert_eq!(m.connect_from("192.0.2.1"), (b'c', String::new()));
+        assert_eq!(m.ask(b'H', &nul("client.example.org")).0, b'c');
+        m.send(b'D', &[b"M".as_slice(), &nul("i"), &nul("4AF799A60FE")].concat());
+        assert_eq!(m.ask(b'M', &nul("<sender@example.org>")).0, b'c');
+        let (c, text) = m.ask(b'R', &nul("<user@example.com>"));
+        assert_eq!((c, text.as_str()), (b'y', "451 4.7.1 Greylisted, please try again later retry=00:05:00\0"));
+        // An authenticated sender is not greylisted (macro {auth_authen}).
+        m.send(b'A', &[]);
+        m.send(b'D', &[b"M".as_slice(), &nul("{auth_authen}"), &nul("alice")].concat());
+        assert_eq!(m.ask(b'M', &nul("<alice@example.org>")).0, b'c');
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c');
+        m.send(b'Q', &[]);
+
+        // delay 0: the first sighting passes; the header comes at end of message.
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.connect_from("192.0.2.2");
+        m.ask(b'H', &nul("client.example.org"));
+        assert_eq!(m.ask(b'M', &nul("<sender@example.org>")).0, b'c');
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c');
+        assert_eq!(m.ask(b'L', &[nul("Message-ID"), nul("<x@y>")].concat()).0, b'c');
+        assert_eq!(m.ask(b'N', &[]).0, b'c');
+        m.send(b'E', &[]);
+        let (c, d) = m.reply().unwrap();
+        assert_eq!(c, b'h', "add header");
+        assert_eq!(d, [nul("X-Greylist"), nul("delayed 0 seconds by greyhook")].concat());
+        assert_eq!(m.reply().unwrap().0, b'c', "then continue");
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+    d2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_milter_peers_are_cut_off_and_the_service_stays() {
+    let (daemon, port, _dir) = start("delay = 300\n").await;
+    tokio::task::spawn_blocking(move || {
+        // A 4 GiB length prefix.
+        let mut m = Mta::connect(port);
+        m.0.write_all(&[0xff, 0xff, 0xff, 0xff, b'O']).unwrap();
+        assert!(m.reply().is_none(), "closed");
+        // An unknown command.
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.send(b'Z', b"what");
+        assert!(m.reply().is_none(), "closed");
+        // Malformed commands: connect without a family, an empty packet.
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.send(b'C', b"host\0");
+        assert!(m.reply().is_none(), "closed");
+        let mut m = Mta::connect(port);
+        m.0.write_all(&0u32.to_be_bytes()).unwrap();
+        assert!(m.reply().is_none(), "closed");
+        // A truncated packet, then the peer goes away.
+        let mut m = Mta::connect(port);
+        m.0.write_all(&[0, 0, 0, 50, b'M', b'<']).unwrap();
+        drop(m);
+        // A peer that says nothing is closed after the idle timeout (2 s here).
+        let mut m = Mta::connect(port);
+        let started = std::time::Instant::now();
+        assert!(m.reply().is_none());
+        assert!(started.elapsed() < Duration::from_secs(8), "idle peers are dropped");
+        // RCPT before connect: no session, continue (nothing to key on).
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        assert_eq!(m.ask(b'R', &nul("<u@example.com>")).0, b'c');
+        // The service still answers properly.
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.connect_from("192.0.2.9");
+        m.ask(b'H', &nul("h.example.org"));
+        m.ask(b'M', &nul("<s@example.org>"));
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'y');
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+}
