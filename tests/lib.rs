@@ -205,6 +205,13 @@ impl Sink {
 
     /// Starts a sink answering `data_reply` after the data.
     pub fn with_data_reply(data_reply: &'static str) -> Sink {
+        Sink::spawn(vec![data_reply])
+    }
+
+    /// Starts a sink that, spoken to in LMTP (`LHLO`), answers each
+    /// recipient in turn with the next of `replies` after the data (in SMTP,
+    /// the first). It keeps the message if the first reply is positive.
+    pub fn spawn(replies: Vec<&'static str>) -> Sink {
         use std::io::{BufRead, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
@@ -213,11 +220,13 @@ impl Sink {
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
                 let m = m.clone();
+                let replies = replies.clone();
                 std::thread::spawn(move || {
                     let mut w = c.try_clone().expect("clone");
                     let mut r = std::io::BufReader::new(c);
                     let _ = w.write_all(b"220 sink ESMTP\r\n");
                     let mut line = String::new();
+                    let (mut lmtp, mut rcpts) = (false, 0usize);
                     loop {
                         line.clear();
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -225,7 +234,18 @@ impl Sink {
                         }
                         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
                         let reply = match verb.as_str() {
-                            "EHLO" | "LHLO" => "250-sink\r\n250 8BITMIME\r\n".to_string(),
+                            "EHLO" | "LHLO" => {
+                                lmtp = verb == "LHLO";
+                                "250-sink\r\n250 8BITMIME\r\n".to_string()
+                            }
+                            "MAIL" => {
+                                rcpts = 0;
+                                "250 2.1.0 Ok\r\n".to_string()
+                            }
+                            "RCPT" => {
+                                rcpts += 1;
+                                "250 2.1.5 Ok\r\n".to_string()
+                            }
                             "DATA" => {
                                 let _ = w.write_all(b"354 go\r\n");
                                 let mut msg = String::new();
@@ -239,10 +259,11 @@ impl Sink {
                                     }
                                     msg.push_str(line.strip_prefix('.').unwrap_or(&line));
                                 }
-                                if data_reply.starts_with('2') {
+                                if replies[0].starts_with('2') {
                                     m.lock().expect("lock").push(msg);
                                 }
-                                format!("{data_reply}\r\n")
+                                let n = if lmtp { rcpts } else { 1 };
+                                (0..n).map(|i| format!("{}\r\n", replies[i % replies.len()])).collect()
                             }
                             "QUIT" => {
                                 let _ = w.write_all(b"221 bye\r\n");

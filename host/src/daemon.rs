@@ -749,7 +749,7 @@ impl Daemon {
         }
         let mut milters = Vec::new();
         for a in &config.milter.listen {
-            let l = Listener::bind(a, &milter_perms).await?;
+            let l = Listener::bind(a, &milter_perms).await?.quickack();
             tracing::info!("milter service listening on {}", l.local_addr());
             milters.push(l);
         }

@@ -225,7 +225,8 @@ fn postfix_milter_greylists_at_end_of_data() {
         &cfg,
         format!(
             "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
-             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"data\"\ndelay = 2\nipv4_prefix = 32\n",
+             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"data\"\ndelay = 2\nipv4_prefix = 32\n\
+             reply_text = [\"Greylisted, please try again later\", \"See https://greyhook.test/why\"]\n",
             d = r.display()
         ),
     )
@@ -242,8 +243,13 @@ fn postfix_milter_greylists_at_end_of_data() {
         swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test", "--header", &mid])
     };
     let first = send("one");
-    let line = first.lines().find(|l| l.starts_with("<** ")).unwrap_or_else(|| panic!("no error reply:\n{first}\n{}", pf.log()));
-    assert_eq!(line, "<** 451 4.7.1 Greylisted, please try again later retry=00:00:02", "at end of DATA:\n{first}");
+    let lines: Vec<&str> = first.lines().filter(|l| l.starts_with("<** ")).collect();
+    assert_eq!(
+        lines,
+        ["<** 451-4.7.1 Greylisted, please try again later", "<** 451 4.7.1 See https://greyhook.test/why retry=00:00:02"],
+        "a two-line reply at end of DATA, the hint last:\n{first}\n{}",
+        pf.log()
+    );
     assert!(first.contains(" -> .\n") || first.contains("-> ."), "the reply came after the data:\n{first}");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let second = send("one");

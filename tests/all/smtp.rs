@@ -322,3 +322,26 @@ print('sent')
     c.w.write_all(b"STARTTLS\r\nRSET\r\n").unwrap();
     assert!(c.reply().starts_with("501 5.5.1"));
 }
+
+#[test]
+fn lmtp_next_hop_answers_per_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let white = "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n";
+    let ok = Sink::spawn(vec!["250 2.0.0 Ok: delivered"]);
+    let (_d, port) = start(dir.path(), white, ok.port, "next_hop_protocol = \"lmtp\"\n");
+    let dir2 = tempfile::tempdir().unwrap();
+    let mixed = Sink::spawn(vec!["250 2.0.0 Ok: delivered", "452 4.2.2 Mailbox full"]);
+    let (_d2, port2) = start(dir2.path(), white, mixed.port, "next_hop_protocol = \"lmtp\"\n");
+    let deliver = |port: u16| {
+        let mut c = Raw::connect(port);
+        c.reply();
+        c.send("EHLO client.example.org");
+        c.send("MAIL FROM:<a@example.org>");
+        c.send("RCPT TO:<u1@example.com>");
+        c.send("RCPT TO:<u2@example.com>");
+        c.send("DATA");
+        c.send("Subject: x\r\n\r\nbody\r\n.")
+    };
+    assert_eq!(deliver(port), "250 2.0.0 Ok: delivered\r\n", "one reply per recipient read, all good");
+    assert_eq!(deliver(port2), "452 4.2.2 Mailbox full\r\n", "a refusal among them is passed on");
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Messages through `greyhook smtp` relaying to Postfix against the same
+# messages straight to Postfix, and Postfix with greyhook as its milter;
+# Postfix's own smtp-source is the client. Prints messages/s, greyhook's
+# CPU per message, and the whole machine's CPU per message, with ratios.
+#
+# greyhook runs the reference filter with delay=0 (every message passes, so
+# every message does the full work: filter calls, store reads and writes,
+# relay). Postfix delivers to `discard`, so the MTA's own cost stays small.
+#
+#   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
+#   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SESSIONS=${SESSIONS:-4}
+MSGS=${MSGS:-4000}
+
+[ -x /usr/sbin/smtp-source ] || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
+cargo build --release -q -p greyhook
+work=$(mktemp -d)
+chmod 755 "$work"
+pids=()
+postfixes=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for d in "${postfixes[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+hz=$(getconf CLK_TCK)
+
+# postfix_start DIR PORT EXTRA_MAIN_CF
+postfix_start() {
+  local d=$1 port=$2 extra=$3
+  mkdir -p "$d/etc" "$d/queue" "$d/data"
+  chown postfix "$d/data"
+  cat >"$d/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $d/queue
+data_directory = $d/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = mx.bench.test
+mydestination = bench.test
+mynetworks = 127.0.0.0/8
+local_recipient_maps =
+alias_maps =
+alias_database =
+local_transport = discard
+default_transport = discard
+smtputf8_enable = no
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+smtpd_authorized_xforward_hosts = 127.0.0.0/8
+default_process_limit = 100
+$extra
+EOF
+  cat >"$d/etc/master.cf" <<EOF
+127.0.0.1:$port inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+  postfix -c "$d/etc" start >/dev/null 2>&1
+  postfixes+=("$d")
+  wait_port "$port"
+}
+
+# send NAME PORT [GREYHOOK_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg"
+send() {
+  local name=$1 port=$2 pid=${3:-}
+  /usr/sbin/smtp-source -s "$SESSIONS" -m 200 -f bench@sender.test -t user@bench.test "127.0.0.1:$port" # warm-up
+  local t0 t1 m0 m1 g0=0 g1=0
+  [ -n "$pid" ] && g0=$(ticks "$pid")
+  m0=$(machine)
+  t0=$(date +%s.%N)
+  /usr/sbin/smtp-source -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t user@bench.test "127.0.0.1:$port"
+  t1=$(date +%s.%N)
+  m1=$(machine)
+  [ -n "$pid" ] && g1=$(ticks "$pid")
+  awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v g=$((g1 - g0)) -v m=$((m1 - m0)) -v hz="$hz" -v name="$name" \
+    'BEGIN { printf "%s %.0f %.1f %.1f\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n }'
+}
+
+pf_port=$(free_port)
+postfix_start "$work/pf" "$pf_port" ""
+straight=$(send straight "$pf_port")
+
+gh_port=$(free_port)
+target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
+  --control "$work/smtp.sock" --set delay=0 --log warn >"$work/smtp.log" 2>&1 &
+pids+=($!)
+wait_port "$gh_port"
+via=$(send via-greyhook-smtp "$gh_port" "${pids[-1]}")
+
+m_port=$(free_port)
+MILTER_ADDR=${MILTER_ADDR:-inet:127.0.0.1:$m_port}
+pf2_port=$(free_port)
+target/release/greyhook serve --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
+  --control "$work/milter.sock" --set delay=0 --log warn >"$work/milter.log" 2>&1 &
+pids+=($!)
+[ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ] && wait_port "$m_port" || sleep 1
+postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
+milter_default_action = tempfail"
+milter=$(send postfix-with-milter "$pf2_port" "${pids[-1]}")
+
+echo
+printf "%-22s %10s %18s %20s\n" "path" "msgs/s" "greyhook µs/msg" "machine CPU µs/msg"
+for r in "$straight" "$via" "$milter"; do
+  read -r n rate g m <<<"$r"
+  printf "%-22s %10s %18s %20s\n" "$n" "$rate" "$g" "$m"
+done
+read -r _ s_rate _ s_m <<<"$straight"
+read -r _ v_rate v_g v_m <<<"$via"
+read -r _ m_rate m_g m_m <<<"$milter"
+awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" 'BEGIN {
+  printf "\nthroughput via greyhook smtp / straight: %.2f\n", b / a
+  printf "throughput with milter / straight:       %.2f\n", c / a
+  printf "machine CPU per message, via greyhook smtp / straight: %.2f\n", vm / sm
+  printf "machine CPU per message, with milter / straight:       %.2f\n", mm / sm
+}'
+grep -c "status=sent" "$work/pf/maillog" >/dev/null || true
