@@ -25,7 +25,7 @@ use crate::relay::NextHop;
 use crate::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
 use crate::session::Hooks;
 use crate::smtp::SmtpConfig;
-use crate::store::{Durability, MemoryStore, RedbStore, Store, StoreError};
+use crate::store::{Durability, MemoryStore, RedbStore, RedisConfig, RedisStore, Store, StoreError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// The `[filter]` table.
@@ -95,11 +95,51 @@ pub struct StoreSection {
     /// How often expired records are swept.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Redis only: put before every key (several deployments on one server).
+    pub prefix: String,
+    /// Redis only: the bound of every store call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection { path: None, durability: Durability::Periodic, sweep_interval: Duration::from_secs(60) }
+        let r = RedisConfig::new("");
+        StoreSection {
+            path: None,
+            durability: Durability::Periodic,
+            sweep_interval: Duration::from_secs(60),
+            prefix: r.prefix,
+            timeout: r.timeout,
+        }
+    }
+}
+
+impl StoreSection {
+    /// Opens the store this section names: `memory`, a `redis://` URL, or
+    /// a redb file (the default path if unset).
+    pub fn open(&self) -> Result<Arc<dyn Store>, DaemonError> {
+        Ok(match self.path.as_deref() {
+            Some("memory") => Arc::new(MemoryStore::new()),
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") => {
+                if self.timeout.is_zero() || self.timeout > Duration::from_secs(30) {
+                    return Err(DaemonError::Invalid("store.timeout must be between 1ms and 30s".into()));
+                }
+                Arc::new(RedisStore::open(RedisConfig { url: url.to_string(), prefix: self.prefix.clone(), timeout: self.timeout })?)
+            }
+            Some(p) => Arc::new(RedbStore::open(Path::new(p), self.durability)?),
+            None => Arc::new(RedbStore::open(&default_db_path(), self.durability)?),
+        })
+    }
+
+    /// The redb file, if the store is one.
+    pub fn redb_path(&self) -> Option<PathBuf> {
+        match self.path.as_deref() {
+            Some("memory") => None,
+            Some(u) if u.contains("://") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(default_db_path()),
+        }
     }
 }
 
@@ -601,6 +641,7 @@ struct Shared {
     reloaders: Vec<Reloader>,
     /// Each filter's stack cap, fixed at start.
     stacks: Vec<usize>,
+    store: Arc<dyn Store>,
     reconfigure: Option<Reconfigure>,
 }
 
@@ -691,15 +732,8 @@ impl Daemon {
                 runtimes.push((s.stack, Runtime::new(rc)?));
             }
         }
-        let db_path = match config.store.path.as_deref() {
-            Some("memory") => None,
-            Some(p) => Some(PathBuf::from(p)),
-            None => Some(default_db_path()),
-        };
-        let store: Arc<dyn Store> = match &db_path {
-            None => Arc::new(MemoryStore::new()),
-            Some(p) => Arc::new(RedbStore::open(p, config.store.durability)?),
-        };
+        let db_path = config.store.redb_path();
+        let store = config.store.open()?;
         let cache_dir = chain_sections
             .iter()
             .find_map(|f| f.cache_dir.clone())
@@ -766,7 +800,7 @@ impl Daemon {
         let milter_addrs = milters.iter().map(Listener::local_addr).collect();
         let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let shared = Arc::new(Shared { reloaders, stacks, reconfigure });
+        let shared = Arc::new(Shared { reloaders, stacks, store: store.clone(), reconfigure });
         let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         for l in milters {
@@ -890,7 +924,7 @@ async fn control_service(listener: Listener, shared: Arc<Shared>, shutdown: Canc
                             )
                         })
                         .collect();
-                    format!("ok {}\n", parts.join("; "))
+                    format!("ok {}; store_failures={}\n", parts.join("; "), shared.store.failures())
                 }
                 _ => "error expected `reload` or `status`\n".to_string(),
             };

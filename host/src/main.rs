@@ -17,13 +17,64 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Copy every live record, with its remaining lifetime, from one store
+    /// to another (a redb file to Redis when one host becomes a farm, or
+    /// back). Stop the daemons using a redb file first (it is locked).
+    Migrate {
+        /// The source: `redb:PATH` (or a plain path) or `redis://HOST:PORT/DB`.
+        #[arg(long)]
+        from: String,
+        /// The destination, the same forms.
+        #[arg(long)]
+        to: String,
+        /// Redis key prefix, on whichever side is Redis.
+        #[arg(long, default_value = "greyhook:")]
+        prefix: String,
+    },
+}
+
+/// Opens a store named on the command line: `redb:PATH`, a path, `memory`
+/// or a `redis://` URL.
+fn open_store(spec: &str, prefix: &str) -> Result<Arc<dyn Store>> {
+    let section = greyhook::daemon::StoreSection {
+        path: Some(spec.strip_prefix("redb:").unwrap_or(spec).to_string()),
+        prefix: prefix.to_string(),
+        timeout: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    section.open().with_context(|| format!("cannot open {spec}"))
+}
+
+/// `greyhook db migrate`.
+async fn migrate(from: &str, to: &str, prefix: &str) -> Result<()> {
+    let (src, dst) = (open_store(from, prefix)?, open_store(to, prefix)?);
+    let now = SystemClock.now();
+    let (mut cursor, mut copied) = (None, 0u64);
+    loop {
+        let page = src.scan(cursor, 1000, now).await.with_context(|| format!("reading {from}"))?;
+        for (key, e) in &page.entries {
+            dst.set(key, &e.value, e.expires_at, greyhook::store::Condition::Any, now).await.with_context(|| format!("writing {to}"))?;
+            copied += 1;
+        }
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    dst.flush().await.with_context(|| format!("flushing {to}"))?;
+    println!("copied {copied} records from {from} to {to}");
+    Ok(())
+}
+
 /// Options `serve` and `smtp` share.
 #[derive(clap::Args, Clone)]
 struct Common {
     /// The configuration file (TOML; see docs/configuration.md).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The store: a redb file, or `memory`.
+    /// The store: a redb file, `memory`, or `redis://HOST:PORT/DB` (shared by an MX farm).
     #[arg(long)]
     db: Option<String>,
     /// The filter component (.wasm).
@@ -92,6 +143,11 @@ enum Command {
         /// The daemon's control socket.
         #[arg(long)]
         control: Option<PathBuf>,
+    },
+    /// Work on a store.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
     },
     /// Load and type-check a filter, run its init, and print its name,
     /// version and imports.
@@ -300,12 +356,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c } => return control(c, "status").await,
+        Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
+            let _log = init_logging("warn");
+            return migrate(&from, &to, &prefix).await;
+        }
         _ => {}
     }
     let _log = init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
-        Command::Serve { .. } | Command::Smtp { .. } | Command::Reload { .. } | Command::Status { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Smtp { .. } | Command::Reload { .. } | Command::Status { .. } | Command::Db { .. } => {
+            unreachable!("handled above")
+        }
         Command::Check { filter, config, set } => {
             let name = filter.as_ref().map_or("the reference filter".to_string(), |p| p.display().to_string());
             let bytes = filter_bytes(filter.as_deref())?;

@@ -2,6 +2,7 @@
 //! the filters run as real components in the real host.
 
 mod cli;
+mod farm;
 mod greylist;
 mod milter;
 mod policy;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, Store, WriteOutcome};
+use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, RedisConfig, RedisStore, Store, WriteOutcome};
 use greyhook_tests::*;
 
 async fn cas_increment(store: &dyn Store, key: &str) -> u32 {
@@ -71,6 +71,27 @@ async fn suite(store: Arc<dyn Store>) {
     }
     let e = store.get("counter", T0).await.unwrap().unwrap();
     assert_eq!(String::from_utf8(e.value).unwrap(), (tasks * each).to_string(), "no lost update ({conflicts} conflicts retried)");
+
+    // Scanning pages through every live entry exactly once.
+    for i in 0..25 {
+        store.set(&format!("p/{i:02}"), b"v", T0 + 100, Condition::Any, T0).await.unwrap();
+    }
+    store.set("p/dead", b"v", T0 + 1, Condition::Any, T0).await.unwrap();
+    let (mut cursor, mut seen) = (None, Vec::new());
+    for _ in 0..1000 {
+        let page = store.scan(cursor, 7, T0 + 50).await.unwrap();
+        seen.extend(page.entries.into_iter().map(|(k, e)| (k, e.expires_at)));
+        cursor = page.next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    seen.sort();
+    let want: Vec<(String, u64)> =
+        (0..25).map(|i| (format!("p/{i:02}"), T0 + 100)).chain([("counter".to_string(), T0 + 3600)]).collect::<Vec<_>>();
+    let mut want = want;
+    want.sort();
+    assert_eq!(seen, want, "every live entry once, the expired one left out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,12 +107,34 @@ async fn redb_store_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_suite() {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(redis.url()) }).unwrap();
+    suite(Arc::new(store)).await;
+    // A second deployment on the same server sees none of it.
+    let other = RedisStore::open(RedisConfig {
+        prefix: "other:".into(),
+        timeout: std::time::Duration::from_secs(2),
+        ..RedisConfig::new(redis.url())
+    })
+    .unwrap();
+    assert_eq!(other.get("counter", T0).await.unwrap(), None);
+    // Redis expires the records itself, `exp - now` seconds after the write.
+    let ttl: i64 = redis.cli(&["TTL", "greyhook:counter"]).trim().parse().unwrap();
+    assert!((3590..=3600).contains(&ttl), "{ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn filter_cas_through_wasm_loses_no_update() {
     // Many concurrent hook calls of the chaos filter's CAS counter, through
-    // the real host imports and both stores.
+    // the real host imports and every backend.
     let dir = tempfile::tempdir().unwrap();
-    let stores: Vec<Arc<dyn Store>> =
-        vec![Arc::new(MemoryStore::new()), Arc::new(RedbStore::open(&dir.path().join("c.db"), Durability::Periodic).unwrap())];
+    let redis = RedisServer::start();
+    let stores: Vec<Arc<dyn Store>> = vec![
+        Arc::new(MemoryStore::new()),
+        Arc::new(RedbStore::open(&dir.path().join("c.db"), Durability::Periodic).unwrap()),
+        Arc::new(RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(redis.url()) }).unwrap()),
+    ];
     for store in stores {
         let rt = runtime();
         let f = rt

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Condition, Entry, Store, StoreError, WriteOutcome};
+use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 
 /// An in-memory [`Store`].
 #[derive(Debug, Default)]
@@ -81,5 +81,15 @@ impl Store for MemoryStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
+        let g = self.lock();
+        let mut keys: Vec<&String> = g.map.keys().filter(|k| cursor.as_ref().is_none_or(|c| *k > c)).collect();
+        keys.sort();
+        let limit = limit.max(1);
+        let next = (keys.len() > limit).then(|| keys[limit - 1].clone());
+        let entries = keys.into_iter().take(limit).filter_map(|k| live(g.map.get(k), now).map(|e| (k.clone(), e.clone()))).collect();
+        Ok(Page { entries, next })
     }
 }

@@ -1,19 +1,22 @@
 //! Where filters keep state: a key-value store with expiry and
 //! compare-and-swap, behind the [`Store`] trait.
 //!
-//! Backends: [`MemoryStore`] (tests, throwaway runs) and [`RedbStore`] (the
-//! embedded default, one file). The trait is async so that a networked
-//! backend (Redis, for MX farms) can wait on the network without blocking the
-//! runtime; adding one means adding a module here and nothing in the engine.
+//! Backends: [`MemoryStore`] (tests, throwaway runs), [`RedbStore`] (the
+//! embedded default, one file) and [`RedisStore`] (shared by the MX hosts
+//! of a farm). The trait is async so that a networked backend waits on the
+//! network without blocking the runtime; adding one means adding a module
+//! here and nothing in the engine.
 //!
 //! Time is given by the caller (`now`, Unix seconds), never read here, so the
 //! expiry of records follows the same injected clock as the filter.
 
 mod memory;
 mod redb;
+mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::redb::{Durability, RedbStore};
+pub use self::redis::{RedisConfig, RedisStore};
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -103,4 +106,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every completed write durable (no-op where writes already are).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// One page of live entries, for copying a store (`greyhook db
+    /// migrate`): at most about `limit` entries from `cursor` (`None` = the
+    /// start), and the cursor of the next page (`None` at the end). Entries
+    /// written during a scan may or may not be seen.
+    async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError>;
+
+    /// Calls that failed in the backend since start (for `greyhook status`).
+    fn failures(&self) -> u64 {
+        0
+    }
+}
+
+/// A page of [`Store::scan`].
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Keys and entries.
+    pub entries: Vec<(String, Entry)>,
+    /// Where the next page starts; `None` at the end.
+    pub next: Option<String>,
 }

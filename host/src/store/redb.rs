@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Condition, Entry, Store, StoreError, WriteOutcome};
+use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 
 /// key → version (8 bytes LE) ‖ expires_at (8 bytes LE) ‖ value.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -368,5 +368,34 @@ impl Store for RedbStore {
             Durability::Periodic => self.inner.flush(),
             Durability::Immediate => Ok(()),
         }
+    }
+
+    async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
+        if self.inner.durability == Durability::Periodic {
+            self.inner.flush()?;
+        }
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let rec = txn.open_table(RECORDS).map_err(backend)?;
+        let limit = limit.max(1);
+        let mut page = Page::default();
+        let mut seen = 0;
+        let range = match &cursor {
+            Some(c) => rec.range::<&str>((std::ops::Bound::Excluded(c.as_str()), std::ops::Bound::Unbounded)),
+            None => rec.range::<&str>(..),
+        }
+        .map_err(backend)?;
+        for item in range {
+            let (k, v) = item.map_err(backend)?;
+            seen += 1;
+            let key = k.value().to_string();
+            if let Some(e) = decode(v.value()).filter(|e| e.expires_at > now) {
+                page.entries.push((key.clone(), e));
+            }
+            if seen == limit {
+                page.next = Some(key);
+                break;
+            }
+        }
+        Ok(page)
     }
 }

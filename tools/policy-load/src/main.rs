@@ -64,7 +64,9 @@ struct Args {
 /// as Postfix does per mail transaction (a repeat of a triplet is a new
 /// delivery attempt, so a new transaction).
 fn request(t: usize, attempt: usize, salt: &str) -> String {
-    let client = format!("10.{}.{}.{}", (t >> 16) & 255, (t >> 8) & 255, (t & 255).max(1));
+    // One /24 per triplet (for up to 65 536 triplets), so that per-network
+    // state (auto-whitelisting) is not shared between triplets.
+    let client = format!("10.{}.{}.{}", (t >> 8) & 255, t & 255, 1 + (t >> 16) % 254);
     let mut out = String::with_capacity(700);
     for line in TEMPLATE.lines().filter(|l| !l.is_empty()) {
         match line.split_once('=') {

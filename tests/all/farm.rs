@@ -1,0 +1,201 @@
+//! An MX farm: two `greyhook serve` daemons sharing one real redis-server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use greyhook_tests::*;
+
+/// A `greyhook serve` on its own policy port, on the shared Redis.
+fn daemon(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str]) -> (Process, u16) {
+    let port = free_port();
+    let control = dir.join(format!("{name}.sock"));
+    let mut args = vec![
+        "serve".to_string(),
+        "--policy".into(),
+        format!("127.0.0.1:{port}"),
+        "--db".into(),
+        redis.url(),
+        "--control".into(),
+        control.display().to_string(),
+    ];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = Process::greyhook(&args, dir.join(format!("{name}.log")));
+    wait_for_port(port, 30);
+    (p, port)
+}
+
+fn ask(port: u16, client: &str, sender: &str, recipient: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={recipient}\ninstance={sender}{recipient}\n\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim_end().trim_start_matches("action=").to_string()
+}
+
+#[test]
+fn a_retry_on_the_other_mx_passes_and_auto_whitelisting_counts_across_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let (_d1, mx1) = daemon(dir.path(), "mx1", &redis, &["delay=2", "auto_whitelist_after=2"]);
+    let (_d2, mx2) = daemon(dir.path(), "mx2", &redis, &["delay=2", "auto_whitelist_after=2"]);
+    let c = "192.0.2.10";
+    assert_eq!(ask(mx1, c, "a@example.org", "u@example.com"), "451 4.7.1 Greylisted, please try again later retry=00:00:02");
+    // The draft: a greylisted client tries the next MX at once; it is greylisted there too.
+    assert_eq!(ask(mx2, c, "a@example.org", "u@example.com"), "451 4.7.1 Greylisted, please try again later retry=00:00:02");
+    assert!(ask(mx2, c, "b@example.org", "u@example.com").starts_with("451 "));
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(
+        ask(mx2, c, "a@example.org", "u@example.com").starts_with("PREPEND X-Greylist: delayed 2 seconds"),
+        "mx1's record counts on mx2"
+    );
+    assert!(ask(mx1, c, "b@example.org", "u@example.com").starts_with("PREPEND X-Greylist"), "and mx2's on mx1");
+    // Two passes, one on each MX: the client network is auto-whitelisted on both.
+    assert_eq!(ask(mx1, c, "new@example.org", "u@example.com"), "DUNNO");
+    assert_eq!(ask(mx2, c, "new2@example.org", "u@example.com"), "DUNNO");
+    assert_eq!(redis.cli(&["HGET", "greyhook:greylist/awl/192.0.2.0/24", "v"]).trim(), "2");
+}
+
+/// Both daemons under `policy-load` on the same triplets at once: every
+/// triplet passes for the first time exactly once in the farm, there is one
+/// record per triplet, and every first pass is counted once.
+#[test]
+fn two_daemons_under_load_on_the_same_triplets_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let sets = ["delay=0", "auto_whitelist_after=1000000"];
+    let (_d1, mx1) = daemon(dir.path(), "mx1", &redis, &sets);
+    let (_d2, mx2) = daemon(dir.path(), "mx2", &redis, &sets);
+    let triplets = 400;
+    let load = |port: u16| {
+        std::process::Command::new(policy_load_bin())
+            .args(["--target", &format!("127.0.0.1:{port}"), "--connections", "4", "--requests", "400"])
+            .args(["--triplets", &triplets.to_string(), "--salt", "farm", "--timeout", "20"])
+            .args(["--expect", "PREPEND X-Greylist: delayed 0 seconds by greyhook", "--expect", "DUNNO"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (load(mx1), load(mx2));
+    let mut first_passes = 0u64;
+    let mut total = 0u64;
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.contains("other=0 errors=0"), "{text}");
+        let counts: Vec<u64> = text
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("expect_counts="))
+            .map(|v| v.split(',').map(|n| n.parse().unwrap()).collect())
+            .unwrap();
+        first_passes += counts[0];
+        total += counts[0] + counts[1];
+    }
+    assert_eq!(total, 2 * 4 * 400);
+    assert_eq!(first_passes, triplets, "each triplet's first pass happened once in the whole farm");
+    let keys = |pattern: &str| {
+        redis.cli(&["--scan", "--pattern", pattern]).lines().filter(|l| !l.is_empty()).map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(keys("greyhook:greylist/t/*").len() as u64, triplets, "one record per triplet");
+    let awl = keys("greyhook:greylist/awl/*");
+    let counted: u64 = awl.iter().map(|k| redis.cli(&["HGET", k, "v"]).trim().parse::<u64>().unwrap()).sum();
+    assert_eq!(counted, triplets, "every first pass counted once towards auto-whitelisting");
+}
+
+#[test]
+fn redis_down_fails_open_within_the_timeout_and_greylisting_resumes_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start();
+    let (mut d1, mx1) = daemon(dir.path(), "mx1", &redis, &["delay=300"]);
+    let load = std::process::Command::new(policy_load_bin())
+        .args(["--target", &format!("127.0.0.1:{mx1}"), "--connections", "2", "--requests", "1000000", "--seconds", "120"])
+        .args(["--triplets", "5000", "--timeout", "5"])
+        .args(["--expect", "451 4.7.1 Greylisted, please try again later retry=00:0", "--expect", "DUNNO"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ask(mx1, "192.0.2.20", "a@example.org", "u@example.com").starts_with("451 "));
+    redis.kill();
+    // Fail open, quickly: the store timeout (250 ms) bounds every call.
+    let started = Instant::now();
+    assert_eq!(ask(mx1, "192.0.2.21", "b@example.org", "u@example.com"), "DUNNO");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered in {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    redis.restart();
+    // Greylisting resumes without restarting greyhook.
+    let until = Instant::now() + Duration::from_secs(15);
+    while !ask(mx1, "192.0.2.22", &format!("c{}@example.org", until.elapsed().as_millis()), "u@example.com").starts_with("451 ") {
+        assert!(Instant::now() < until, "greylisting did not resume: {}", d1.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &load.id().to_string()]).status();
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("other=0 errors=0"), "every reply came, greylist or fail-open: {text}");
+    let status = std::process::Command::new(greyhook_bin())
+        .args(["status", "--control", dir.path().join("mx1.sock").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    let failures: u64 = status.rsplit("store_failures=").next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(failures > 0, "the failures were counted: {status}");
+    assert!(d1.log_text().contains("redis store"), "and logged");
+    assert!(d1.terminate(10));
+}
+
+/// `greyhook db migrate`: a redb file to Redis and back, with the records'
+/// remaining lifetimes; expired records stay behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_migrate_copies_records_with_their_remaining_ttl_both_ways() {
+    use greyhook::store::{Condition, Durability, RedbStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let src = dir.path().join("one-host.db");
+    {
+        let s = RedbStore::open(&src, Durability::Immediate).unwrap();
+        for i in 0..1500u64 {
+            s.set(&format!("greylist/t/{i:04}"), format!("r{i}").as_bytes(), now + 1000 + i, Condition::Any, now).await.unwrap();
+        }
+        s.set("greylist/t/old", b"gone", now.saturating_sub(5), Condition::Any, now.saturating_sub(100)).await.unwrap();
+    }
+    let run = |from: String, to: String| {
+        let out = std::process::Command::new(greyhook_bin()).args(["db", "migrate", "--from", &from, "--to", &to]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = redis.url();
+    let out = tokio::task::spawn_blocking({
+        let (src, url) = (src.clone(), url.clone());
+        move || run(format!("redb:{}", src.display()), url)
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("copied 1500 records"), "{out}");
+    assert_eq!(redis.cli(&["HGET", "greyhook:greylist/t/0007", "v"]).trim(), "r7");
+    let ttl: u64 = redis.cli(&["TTL", "greyhook:greylist/t/0007"]).trim().parse().unwrap();
+    assert!((1000..=1007).contains(&ttl), "the remaining lifetime: {ttl}");
+    assert_eq!(redis.cli(&["EXISTS", "greyhook:greylist/t/old"]).trim(), "0");
+    // And back, to a new file.
+    let back = dir.path().join("back.db");
+    let out = tokio::task::spawn_blocking({
+        let back = back.clone();
+        move || run(url, format!("redb:{}", back.display()))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("copied 1500 records"), "{out}");
+    let s = RedbStore::open(&back, Durability::Immediate).unwrap();
+    let e = s.get("greylist/t/1499", now).await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.expires_at), (&b"r1499"[..], now + 2499));
+}
