@@ -216,6 +216,16 @@ impl Milter for Conversation {
         Ok(b.contin())
     }
 
+    async fn quit_nc(&mut self) -> Result<(), Self::Error> {
+        // The MTA reuses this connection for another SMTP session.
+        self.session = None;
+        self.auth_user = None;
+        self.queue_id = None;
+        self.headers.clear();
+        self.pending_headers.clear();
+        Ok(())
+    }
+
     async fn abort(&mut self) -> Result<(), Self::Error> {
         // The transaction ended (RSET, a new MAIL, a rejected DATA...).
         self.headers.clear();

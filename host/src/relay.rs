@@ -211,7 +211,8 @@ impl Relay {
                 .read_until(b'\n', &mut raw)
                 .await
                 .map_err(|e| RelayError::Io(addr.clone(), e))?;
-            let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+            // Passed on to our client: no control characters survive.
+            let line: String = String::from_utf8_lossy(&raw).trim_end().chars().map(|c| if c.is_control() { '?' } else { c }).collect();
             if n == 0 {
                 return Err(RelayError::Io(addr, std::io::ErrorKind::UnexpectedEof.into()));
             }

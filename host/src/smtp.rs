@@ -446,12 +446,10 @@ impl Connection {
                 }
                 Ok(Err(reply)) => {
                     tracing::warn!(code = reply.code, "next hop refused the session");
-                    let code = if reply.code >= 500 { 554 } else { 451 };
-                    return Err(format!("{code} 4.4.1 Next hop refused: {}\r\n", reply.lines.join(" ")).replacen(
-                        " 4.4.1",
-                        if code == 554 { " 5.4.1" } else { " 4.4.1" },
-                        1,
-                    ));
+                    // Its greeting or EHLO refused us: tell the client in our
+                    // words, keeping the class (permanent or temporary).
+                    let (code, enhanced) = if reply.code >= 500 { (554, "5.4.1") } else { (451, "4.4.1") };
+                    return Err(format!("{code} {enhanced} Next hop refused the session: {}\r\n", reply.lines.join(" ")));
                 }
                 Err(e) => {
                     tracing::warn!("{e}");
