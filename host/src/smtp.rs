@@ -549,15 +549,19 @@ impl Connection {
                 }
                 Line::Text(l) => l,
             };
-            let content = line.strip_suffix(b"\n").unwrap_or(&line);
-            let content = content.strip_suffix(b"\r").unwrap_or(content);
-            if content == b"." {
+            // Only CRLF.CRLF ends the message: a "." line ended by a bare LF
+            // is data (SMTP smuggling, CVE-2023-51764 and kin). It is
+            // relayed dot-stuffed, so the next hop cannot take it for an end
+            // either.
+            if line == b".\r\n" {
                 return Ok(refused.map_or(Ok(body), Err));
             }
             if !line.ends_with(b"\n") {
                 // End of stream without the final dot: the client vanished.
                 return Err(End::Closed);
             }
+            let content = &line[..line.len() - 1];
+            let content = content.strip_suffix(b"\r").unwrap_or(content);
             let content = content.strip_prefix(b".").unwrap_or(content);
             if refused.is_none() {
                 if body.len() + content.len() + 2 > self.config.max_message_size {

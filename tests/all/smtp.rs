@@ -345,3 +345,30 @@ fn lmtp_next_hop_answers_per_recipient() {
     assert_eq!(deliver(port), "250 2.0.0 Ok: delivered\r\n", "one reply per recipient read, all good");
     assert_eq!(deliver(port2), "452 4.2.2 Mailbox full\r\n", "a refusal among them is passed on");
 }
+
+/// SMTP smuggling: a "." line ended by a bare LF does not end the message,
+/// so commands after it are data, not a second transaction.
+#[test]
+fn a_bare_lf_dot_does_not_end_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, "");
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO client.example.org");
+    c.send("MAIL FROM:<a@example.org>");
+    c.send("RCPT TO:<u@example.com>");
+    assert!(c.send("DATA").starts_with("354"));
+    c.w.write_all(
+        b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: forged\r\n",
+    )
+    .unwrap();
+    assert_eq!(c.send("."), "250 2.0.0 Ok: queued as SINK\r\n", "one message, one reply");
+    assert_eq!(c.send("QUIT"), "221 2.0.0 Bye\r\n");
+    let got = sink.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].contains("MAIL FROM:<ceo@example.com>\r\n") && got[0].contains("Subject: forged"),
+        "the smuggled lines are data: {got:?}"
+    );
+}
