@@ -1,0 +1,55 @@
+//! The control socket `greyhook reload` and `greyhook status` talk to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::listen::Listener;
+
+/// The control socket: one command a connection (`reload` or `status`),
+/// one line back.
+pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let (conn, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(conn);
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(r.take(256));
+            let read = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+            let reply = match (read, line.trim()) {
+                (Ok(Ok(_)), "reload") => match shared.reload().await {
+                    Ok(o) => format!("ok {o}\n"),
+                    Err(e) => format!("refused {e}\n"),
+                },
+                (Ok(Ok(_)), "status") => {
+                    let parts: Vec<String> = shared
+                        .reloaders
+                        .iter()
+                        .map(|r| {
+                            let f = r.filter();
+                            let s = f.stats();
+                            format!(
+                                "{} {} namespace={} calls={} failures={}",
+                                f.info().name,
+                                f.info().version,
+                                f.options().namespace,
+                                s.calls.load(std::sync::atomic::Ordering::Relaxed),
+                                s.failures.load(std::sync::atomic::Ordering::Relaxed)
+                            )
+                        })
+                        .collect();
+                    format!("ok {}; store_failures={}\n", parts.join("; "), shared.store.failures())
+                }
+                _ => "error expected `reload` or `status`\n".to_string(),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+        });
+    }
+}

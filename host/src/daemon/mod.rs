@@ -1,0 +1,354 @@
+//! `greyhook serve` and `greyhook smtp`: the daemon that loads the filter
+//! chain, opens the store, runs the front ends (policy, milter, SMTP), and
+//! reloads on file changes, SIGHUP and the control socket.
+//!
+//! Configuration layers, lowest first: built-in defaults, the TOML file
+//! (`--config`, [`config`]), then the command line's flags (`--policy`,
+//! `--db`, `--filter`, `--set`...).
+
+mod config;
+mod control;
+mod watch;
+
+pub use self::config::*;
+use self::control::control_service;
+use self::watch::{watch, watch_breaker};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::artifact_cache::ArtifactCache;
+use crate::chain::Chain;
+use crate::clock::Clock;
+use crate::engine::{FilterOptions, Limits, Runtime, RuntimeConfig};
+use crate::listen::{ListenAddr, Listener, UnixPerms};
+use crate::policy::PolicyServer;
+use crate::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
+use crate::session::Hooks;
+use crate::store::Store;
+
+/// How the daemon rereads its configuration at a reload: the files to
+/// watch, and a function that reads them again (with the command line's
+/// overrides applied on top).
+#[derive(Clone)]
+pub struct Reconfigure {
+    /// Files whose change triggers a reload (the configuration file).
+    pub files: Vec<PathBuf>,
+    /// Reads the configuration again.
+    pub load: Arc<dyn Fn() -> Result<DaemonConfig, DaemonError> + Send + Sync>,
+}
+
+/// What the daemon needs to load one filter of the chain.
+struct FilterSpec {
+    source: FilterSource,
+    options: FilterOptions,
+    /// The Wasm stack cap, bytes: an engine-wide setting in wasmtime, so
+    /// one [`Runtime`] per distinct value.
+    stack: usize,
+}
+
+fn filter_specs(config: &DaemonConfig) -> Result<Vec<FilterSpec>, DaemonError> {
+    let chain = config.chain()?;
+    let mut specs: Vec<FilterSpec> = Vec::new();
+    for f in &chain {
+        let spec = filter_spec(f)?;
+        if specs.iter().any(|s| s.options.namespace == spec.options.namespace) {
+            return Err(DaemonError::Invalid(format!(
+                "two filters share the store namespace {:?}: give each its own",
+                spec.options.namespace
+            )));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
+    let memory = f
+        .memory_mib
+        .checked_shl(20)
+        .filter(|m| (1 << 20..=1 << 30).contains(m))
+        .ok_or_else(|| DaemonError::Invalid("filter.memory_mib must be 1 to 1024".into()))?;
+    if f.deadline.is_zero() || f.deadline > Duration::from_secs(30) {
+        return Err(DaemonError::Invalid("filter.deadline must be between 1ms and 30s".into()));
+    }
+    if !(64..=16 << 10).contains(&f.stack_kib) {
+        return Err(DaemonError::Invalid("filter.stack_kib must be 64 to 16384".into()));
+    }
+    let source = f.path.clone().map_or(FilterSource::Embedded, FilterSource::File);
+    let options = FilterOptions {
+        config: toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?,
+        namespace: f.namespace.clone(),
+        limits: Limits { deadline: f.deadline, memory, store_calls: f.store_calls, ..Limits::default() },
+        failure_policy: f.failure_policy,
+    };
+    Ok(FilterSpec { source, options, stack: f.stack_kib << 10 })
+}
+
+struct Shared {
+    reloaders: Vec<Reloader>,
+    /// Each filter's stack cap, fixed at start.
+    stacks: Vec<usize>,
+    store: Arc<dyn Store>,
+    reconfigure: Option<Reconfigure>,
+}
+
+/// What a reload did to each filter of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport(pub Vec<ReloadOutcome>);
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, o) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{o}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Reloads every filter of the chain (an unchanged one is left alone);
+    /// the first refusal is returned, the others still take effect.
+    async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let specs = match &self.reconfigure {
+            Some(r) => {
+                let cfg = (r.load)().map_err(|e| ReloadError::Options(e.to_string()))?;
+                let specs = filter_specs(&cfg).map_err(|e| ReloadError::Options(e.to_string()))?;
+                if specs.len() != self.reloaders.len() {
+                    return Err(ReloadError::Options("the number of filters changed: that needs a restart".into()));
+                }
+                if specs.iter().zip(&self.stacks).any(|(s, old)| s.stack != *old) {
+                    return Err(ReloadError::Options("filter.stack_kib changed: that needs a restart".into()));
+                }
+                specs.into_iter().map(|s| Some((s.source, s.options))).collect()
+            }
+            None => vec![None; self.reloaders.len()],
+        };
+        let mut outcomes = Vec::new();
+        let mut refused = None;
+        for (r, spec) in self.reloaders.iter().zip(specs) {
+            let result = match spec {
+                Some((source, options)) => r.reload_with(Some(source), Some(options)).await,
+                None => r.reload().await,
+            };
+            match result {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ReloadReport(outcomes)),
+        }
+    }
+}
+
+/// A running daemon: its listeners' addresses and the handle to stop it.
+pub struct Daemon {
+    /// The policy listeners' bound addresses.
+    pub policy_addrs: Vec<ListenAddr>,
+    /// The milter listeners' bound addresses.
+    pub milter_addrs: Vec<ListenAddr>,
+    /// The SMTP front end's bound addresses.
+    pub smtp_addrs: Vec<ListenAddr>,
+    /// The control socket's path.
+    pub control_path: PathBuf,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Loads the filter, opens the store, binds the listeners and starts
+    /// serving in the background, with reloads on file changes and on the
+    /// control socket.
+    pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
+        let specs = filter_specs(config)?;
+        let chain_sections = config.chain()?;
+        let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
+        // wasmtime caps the stack per engine: one runtime per distinct cap
+        // (usually one for the whole chain).
+        let mut runtimes: Vec<(usize, Runtime)> = Vec::new();
+        for s in &specs {
+            if !runtimes.iter().any(|(stack, _)| *stack == s.stack) {
+                let rc = RuntimeConfig { max_memory, max_stack: s.stack, ..RuntimeConfig::default() };
+                runtimes.push((s.stack, Runtime::new(rc)?));
+            }
+        }
+        let db_path = config.store.redb_path();
+        let store = config.store.open()?;
+        let cache_dir = chain_sections
+            .iter()
+            .find_map(|f| f.cache_dir.clone())
+            .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")));
+        let cache = match cache_dir {
+            Some(d) => match ArtifactCache::open(&d) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("no compiled-filter cache in {}: {e}", d.display());
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut reloaders = Vec::new();
+        let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
+        let mut stacks = Vec::new();
+        for FilterSpec { source, options, stack } in specs {
+            if let FilterSource::File(p) = &source {
+                watched.push(p.clone());
+            }
+            let runtime = runtimes.iter().find(|(s, _)| *s == stack).map(|(_, r)| r.clone()).unwrap_or_else(|| unreachable!("built above"));
+            stacks.push(stack);
+            let reloader = Reloader::start(runtime, store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
+                ReloadError::Load(l) => DaemonError::Load(l),
+                ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
+                other => DaemonError::Invalid(other.to_string()),
+            })?;
+            let info = reloader.filter().info().clone();
+            tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().options().namespace, "filter loaded");
+            reloaders.push(reloader);
+        }
+        let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
+        let hooks = Hooks { chain: chain.clone(), clock: clock.clone() };
+        let server = Arc::new(PolicyServer::new(chain, clock.clone(), config.policy_config()?));
+        let (milter_config, milter_perms) = config.milter_config()?;
+        let smtp_config = config.smtp_config()?;
+        if config.policy.listen.is_empty() && config.milter.listen.is_empty() && smtp_config.is_none() {
+            return Err(DaemonError::Invalid("nothing to listen on: give policy.listen, milter.listen or smtp.listen".into()));
+        }
+        let perms = config.unix_perms()?;
+        let mut listeners = Vec::new();
+        for a in &config.policy.listen {
+            let l = Listener::bind(a, &perms).await?;
+            tracing::info!("policy service listening on {}", l.local_addr());
+            listeners.push(l);
+        }
+        let mut milters = Vec::new();
+        for a in &config.milter.listen {
+            let l = Listener::bind(a, &milter_perms).await?.quickack();
+            tracing::info!("milter service listening on {}", l.local_addr());
+            milters.push(l);
+        }
+        let mut smtps = Vec::new();
+        for a in &config.smtp.listen {
+            let l = Listener::bind(a, &UnixPerms::default()).await?;
+            tracing::info!("SMTP front end listening on {}", l.local_addr());
+            smtps.push(l);
+        }
+        let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
+        let control =
+            Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
+        let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
+        let milter_addrs = milters.iter().map(Listener::local_addr).collect();
+        let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared { reloaders, stacks, store: store.clone(), reconfigure });
+        let mut tasks: Vec<_> =
+            listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
+        for l in milters {
+            tasks.push(tokio::spawn(crate::milter::serve(l, hooks.clone(), milter_config.clone(), shutdown.clone())));
+        }
+        if let Some(c) = smtp_config {
+            let c = Arc::new(c);
+            for l in smtps {
+                tasks.push(tokio::spawn(crate::smtp::serve(l, hooks.clone(), c.clone(), shutdown.clone())));
+            }
+        }
+        tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
+        for (i, f) in chain_sections.iter().enumerate() {
+            let breaker = BreakerConfig {
+                failures: f.breaker_failures,
+                window: f.breaker_window.max(Duration::from_millis(10)),
+                backoff: f.breaker_backoff,
+            };
+            tasks.push(tokio::spawn(watch_breaker(shared.clone(), i, breaker, shutdown.clone())));
+        }
+        match watch(watched, shared.clone(), shutdown.clone()) {
+            Ok(t) => tasks.push(t),
+            Err(e) => tracing::warn!("cannot watch the filter and configuration files (reload with SIGHUP or `greyhook reload`): {e}"),
+        }
+        let done = tokio::spawn(async move {
+            for t in tasks {
+                let _ = t.await;
+            }
+            match store.flush().await {
+                Ok(()) => tracing::info!("store flushed; stopped"),
+                Err(e) => tracing::error!("flushing the store at shutdown failed: {e}"),
+            }
+        });
+        Ok(Daemon { policy_addrs, milter_addrs, smtp_addrs, control_path, shared, shutdown, done })
+    }
+
+    /// Reloads the filter (rereading the configuration, if the daemon was
+    /// started with a [`Reconfigure`]). A refused version leaves the current
+    /// one serving.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.shared.reload().await
+    }
+
+    /// The last filter of the chain, as serving now.
+    pub fn filter(&self) -> Arc<crate::engine::Filter> {
+        self.shared.reloaders.last().map(Reloader::filter).unwrap_or_else(|| unreachable!("a chain has at least one filter"))
+    }
+
+    /// Every filter of the chain, in order, as serving now.
+    pub fn filters(&self) -> Vec<Arc<crate::engine::Filter>> {
+        self.shared.reloaders.iter().map(Reloader::filter).collect()
+    }
+
+    /// A handle that reloads the filter, for signal handlers.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.shared.clone())
+    }
+
+    /// A token that stops the daemon when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, lets requests in flight finish, flushes the store.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Waits until the daemon stops (its shutdown token was cancelled).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Reloads the daemon's filter from anywhere (a signal handler).
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Shared>);
+
+impl ReloadHandle {
+    /// Reloads; see [`Daemon::reload`].
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.0.reload().await
+    }
+}
+
+async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreSection, shutdown: CancellationToken) {
+    let mut sweep = tokio::time::interval(cfg.sweep_interval.max(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => match store.sweep(clock.now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("swept {n} expired records"),
+                Err(e) => tracing::error!("store sweep failed: {e}"),
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
