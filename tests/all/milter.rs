@@ -27,13 +27,22 @@ async fn start(filter_config: &str) -> (Daemon, u16, tempfile::TempDir) {
     (d, port, dir)
 }
 
-struct Mta(TcpStream);
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+struct Mta(Box<dyn Stream>);
 
 impl Mta {
     fn connect(port: u16) -> Mta {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Mta(s)
+        Mta(Box::new(s))
+    }
+
+    fn connect_unix(path: &std::path::Path) -> Mta {
+        let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Mta(Box::new(s))
     }
 
     fn send(&mut self, cmd: u8, data: &[u8]) {
@@ -177,4 +186,34 @@ async fn hostile_milter_peers_are_cut_off_and_the_service_stays() {
     .await
     .unwrap();
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn milter_over_a_unix_socket_with_its_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("milter.sock");
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"unix:{s}\"]\nsocket_mode = \"0660\"\n",
+        d = dir.path().display(),
+        s = sock.display()
+    );
+    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let daemon = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    let s = sock.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut m = Mta::connect_unix(&s);
+        m.negotiate();
+        m.connect_from("192.0.2.30");
+        m.ask(b'H', &nul("h.example.org"));
+        m.ask(b'M', &nul("<s@example.org>"));
+        let (c, text) = m.ask(b'R', &nul("<user@example.com>"));
+        assert_eq!((c, text.as_str()), (b'y', "451 4.7.1 Greylisted, please try again later retry=00:05:00\0"));
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+    assert!(!sock.exists(), "the socket is removed at shutdown");
 }

@@ -104,7 +104,12 @@ impl RedbStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         }
-        let db = Database::create(path).map_err(|e| open_err(&e))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                &"it is in use by another process (one greyhook process can serve every front end: `greyhook smtp --policy ADDR --milter ADDR`; several hosts share a Redis store)",
+            ),
+            e => open_err(&e),
+        })?;
         let txn = db.begin_write().map_err(|e| open_err(&e))?;
         {
             txn.open_table(RECORDS).map_err(|e| open_err(&e))?;
