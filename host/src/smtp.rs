@@ -398,6 +398,7 @@ impl Connection {
             return self.write(&render(r)).await;
         }
         // The next hop must take the sender too before the client hears 250.
+        let xf = self.session.as_ref().map(|s| xforward(s.session()));
         let hop = match self.relay_ready().await {
             Ok(r) => r,
             Err(reply) => {
@@ -405,6 +406,19 @@ impl Connection {
                 return self.write(&reply).await;
             }
         };
+        // Tell it who the client is (Postfix resets XFORWARD attributes
+        // after every transaction, so before every MAIL).
+        if hop.has("XFORWARD")
+            && let Some(line) = xf
+            && !matches!(hop.command(&line).await, Ok(ref rep) if rep.is_positive())
+        {
+            tracing::debug!("next hop refused XFORWARD; relaying without it");
+        }
+        // Only the parameters it announced.
+        forward.retain(|p| {
+            let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
+            (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME"))
+        });
         match hop.mail(&sender, &forward.join(" ")).await {
             Ok(r) if r.is_positive() => {
                 self.in_transaction = true;
@@ -425,23 +439,12 @@ impl Connection {
         }
     }
 
-    /// The relay connection, opened (and told who the client is, when it
-    /// speaks XFORWARD) if there is none yet; or the reply for our client.
+    /// The relay connection, opened if there is none yet; or the reply for
+    /// our client.
     async fn relay_ready(&mut self) -> Result<&mut Relay, String> {
         if self.relay.is_none() {
             match Relay::connect(&self.config.next_hop).await {
-                Ok(Ok(mut r)) => {
-                    if r.has("XFORWARD") {
-                        let s = self.session.as_ref().map(|s| s.session().clone());
-                        if let Some(s) = s {
-                            let name = s.client_name.as_deref().unwrap_or("[UNAVAILABLE]");
-                            let helo = s.helo.as_deref().unwrap_or("[UNAVAILABLE]");
-                            let line = format!("XFORWARD ADDR={} NAME={name} HELO={helo} PROTO=ESMTP", s.client_address);
-                            if !matches!(r.command(&line).await, Ok(ref rep) if rep.is_positive()) {
-                                tracing::debug!("next hop refused XFORWARD; relaying without it");
-                            }
-                        }
-                    }
+                Ok(Ok(r)) => {
                     self.relay = Some(r);
                 }
                 Ok(Err(reply)) => {
@@ -610,6 +613,15 @@ impl Connection {
             }
         }
     }
+}
+
+/// The XFORWARD line for a session: client address, name, HELO.
+fn xforward(s: &crate::types::Session) -> String {
+    // XFORWARD values are xtext-like: no spaces or controls.
+    let clean = |v: &str| v.chars().filter(|c| c.is_ascii_graphic() && *c != '+' && *c != '=').collect::<String>();
+    let name = s.client_name.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
+    let helo = s.helo.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
+    format!("XFORWARD ADDR={} NAME={name} HELO={helo} PROTO=ESMTP", s.client_address)
 }
 
 /// The header section of a message (up to the first empty line), unfolded,
