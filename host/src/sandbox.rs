@@ -169,6 +169,9 @@ impl wit_store::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         Ok(match self.store.get(&key, self.now).await {
+            // A shared store (Redis) can hold anything another writer put
+            // there: what reaches the filter is held to the write limit.
+            Ok(Some(e)) if e.value.len() > MAX_VALUE => Err(self.fail(format!("stored value of {} bytes under {key}", e.value.len()))),
             Ok(e) => Ok(e.map(|e| wit_store::Entry { value: e.value, version: e.version })),
             Err(e) => Err(self.fail(e.to_string())),
         })

@@ -180,3 +180,21 @@ async fn redb_survives_a_restart() {
     c.now = T0 + 60;
     assert!(passes(&c.attempt("a@x.org", "b@y.org").await));
 }
+
+/// Another writer on a shared Redis can put anything under a key: what
+/// reaches the filter is held to the store's value limit, and the call is
+/// answered by the failure policy instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_record_from_a_shared_store_never_reaches_the_filter() {
+    let redis = RedisServer::start();
+    let store: Arc<dyn Store> =
+        Arc::new(RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(redis.url()) }).unwrap());
+    let big = "9".repeat(100_000);
+    let exp = (T0 + 3600).to_string();
+    redis.cli(&["HSET", "greyhook:chaos/counter", "v", &big, "ver", "7", "exp", &exp]);
+    let f = runtime().load(CHAOS_FILTER, greyhook::FilterOptions { namespace: "chaos".into(), ..Default::default() }, store).await.unwrap();
+    let c = Client::new(&f, "192.0.2.1", T0);
+    let e = f.try_on_rcpt(&c.ctx(), "counter@x").await.unwrap_err();
+    assert!(e.to_string().contains("100000 bytes"), "{e}");
+    assert!(passes(&f.on_rcpt(&c.ctx(), "counter@x").await), "the failure policy (continue) answers");
+}
