@@ -300,13 +300,14 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut r = RedisServer { port: free_port(), dir, child: None };
+        let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new() };
         r.restart();
         r
     }
@@ -335,6 +336,7 @@ impl RedisServer {
         let child = std::process::Command::new(bin)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -357,5 +359,45 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A private three-node Redis Cluster (no replicas) on free loopback ports,
+/// built with `redis-cli --cluster create`; its nodes die when dropped.
+pub struct RedisCluster {
+    /// The nodes (each a [`RedisServer`]).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, joins them and waits until the cluster is ok.
+    pub fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new() };
+            r.extra = vec!["--cluster-enabled".into(), "yes".into(), "--cluster-config-file".into(), "nodes.conf".into()];
+            r.restart();
+            nodes.push(r);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs (installed with redis-server)");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(std::time::Instant::now() < until, "the cluster did not come up");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    /// `redis+cluster://` with two of the nodes (the third is discovered).
+    pub fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
     }
 }

@@ -125,6 +125,16 @@ async fn redis_store_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_store_suite() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.unwrap();
+    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(cluster.url()) }).unwrap();
+    suite(Arc::new(store)).await;
+    // The records are spread over the nodes.
+    let per_node: Vec<usize> = cluster.nodes.iter().map(|n| n.cli(&["DBSIZE"]).trim().parse().unwrap()).collect();
+    assert!(per_node.iter().filter(|n| **n > 0).count() >= 2, "{per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn filter_cas_through_wasm_loses_no_update() {
     // Many concurrent hook calls of the chaos filter's CAS counter, through
     // the real host imports and every backend.

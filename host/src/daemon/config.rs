@@ -114,7 +114,12 @@ impl StoreSection {
     pub fn open(&self) -> Result<Arc<dyn Store>, DaemonError> {
         Ok(match self.path.as_deref() {
             Some("memory") => Arc::new(MemoryStore::new()),
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") => {
+            Some(url)
+                if url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://")
+                    || url.starts_with("redis+cluster://") =>
+            {
                 if self.timeout.is_zero() || self.timeout > Duration::from_secs(30) {
                     return Err(DaemonError::Invalid("store.timeout must be between 1ms and 30s".into()));
                 }

@@ -5,8 +5,9 @@
 //! `ver` (version) and `exp` (expiry, Unix seconds by the caller's clock).
 //! Writes and deletes are Lua scripts, so a compare-and-swap is atomic in
 //! Redis: two hosts deciding the same triplet at once cannot lose an
-//! update. Every operation touches exactly one key, so the layout also
-//! suits Redis Cluster (not wired up or tested here; see docs).
+//! update. Every operation touches exactly one key, so the layout suits
+//! Redis Cluster too: `redis+cluster://host1:port1,host2:port2` connects to
+//! a cluster (slots followed, redirections handled by the `redis` crate).
 //!
 //! Expiry: the record is live while `exp > now` (`now` is injected, as for
 //! every backend), and Redis expires the key itself `exp - now` seconds
@@ -29,7 +30,9 @@ use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 /// Settings of the Redis store.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db`.
+    /// `redis://[user:password@]host:port/db`, or
+    /// `redis+cluster://host1:port1,host2:port2` for a Redis Cluster (any
+    /// reachable nodes; the rest are discovered).
     pub url: String,
     /// Put before every key, so several deployments can share a server.
     pub prefix: String,
@@ -44,9 +47,45 @@ impl RedisConfig {
     }
 }
 
+/// A connection to one server (reconnecting by itself) or to a cluster
+/// (following its slots by itself).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        p: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(p, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(p, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A [`Store`] in Redis.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     config: RedisConfig,
     set_script: Script,
     delete_script: Script,
@@ -135,13 +174,27 @@ impl RedisStore {
     /// call tries again (bounded by the timeout) until it is back.
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: config.url.clone(), reason: e.to_string() };
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| open_err(&e))?;
-        let mgr = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| open_err(&e))?;
+        let conn = match config.url.strip_prefix("redis+cluster://") {
+            Some(nodes) => {
+                let nodes: Vec<String> =
+                    nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("redis://{n}")).collect();
+                if nodes.is_empty() {
+                    return Err(open_err(&"no cluster nodes: redis+cluster://host1:port1,host2:port2"));
+                }
+                let client = redis::cluster::ClusterClient::new(nodes).map_err(|e| open_err(&e))?;
+                let cfg = redis::cluster::ClusterConfig::new().set_connection_timeout(config.timeout).set_response_timeout(config.timeout);
+                Conn::Cluster(client.get_pending_async_connection_with_config(cfg))
+            }
+            None => {
+                let client = redis::Client::open(config.url.as_str()).map_err(|e| open_err(&e))?;
+                let mgr = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.timeout))
+                    .set_response_timeout(Some(config.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Conn::Single(ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| open_err(&e))?)
+            }
+        };
         Ok(RedisStore {
             conn,
             config,
@@ -161,7 +214,7 @@ impl RedisStore {
     /// flood the log).
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let r = tokio::time::timeout(self.config.timeout, f(self.conn.clone())).await;
@@ -231,35 +284,38 @@ impl Store for RedisStore {
     async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
         // Redis expires records by itself; this catches records whose
         // expiry by the caller's clock came first (clock skew, tests).
-        let mut cursor: u64 = 0;
         let mut total = 0;
-        let pattern = format!("{}*", self.config.prefix);
-        loop {
-            let (next, keys): (u64, Vec<String>) = {
-                let p = pattern.clone();
-                self.call("sweep", |mut c| async move {
-                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&p).arg("COUNT").arg(1000).query_async(&mut c).await
-                })
-                .await?
-            };
-            if !keys.is_empty() {
-                let script = &self.sweep_script;
-                let n: u64 = self
-                    .call("sweep", |mut c| async move {
-                        let mut inv = script.prepare_invoke();
-                        for k in &keys {
-                            inv.key(k);
-                        }
-                        inv.arg(now).invoke_async(&mut c).await
-                    })
-                    .await?;
-                total += n;
+        for node in self.nodes().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self.scan_node(node.as_ref(), cursor, 1000).await?;
+                // One key per script call on a cluster (keys of one call
+                // must share a slot); all of a batch on one server.
+                let batches: Vec<Vec<String>> = match node {
+                    Some(_) => keys.into_iter().map(|k| vec![k]).collect(),
+                    None if keys.is_empty() => Vec::new(),
+                    None => vec![keys],
+                };
+                for batch in batches {
+                    let script = &self.sweep_script;
+                    let n: u64 = self
+                        .call("sweep", |mut c| async move {
+                            let mut inv = script.prepare_invoke();
+                            for k in &batch {
+                                inv.key(k);
+                            }
+                            inv.arg(now).invoke_async(&mut c).await
+                        })
+                        .await?;
+                    total += n;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(total);
-            }
-            cursor = next;
         }
+        Ok(total)
     }
 
     fn failures(&self) -> u64 {
@@ -272,18 +328,24 @@ impl Store for RedisStore {
     }
 
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
-        let start: u64 = match cursor {
-            Some(c) => c.parse().map_err(|_| StoreError::Backend(format!("bad redis scan cursor {c:?}")))?,
-            None => 0,
+        // The cursor is `NODE:CURSOR`: the index of the node (a cluster's
+        // primaries in address order; 0 for one server) and its SCAN cursor.
+        let (node_index, start): (usize, u64) = match &cursor {
+            Some(c) => c
+                .split_once(':')
+                .and_then(|(n, c)| Some((n.parse().ok()?, c.parse().ok()?)))
+                .ok_or_else(|| StoreError::Backend(format!("bad redis scan cursor {c:?}")))?,
+            None => (0, 0),
         };
-        let pattern = format!("{}*", self.config.prefix);
-        let count = limit.clamp(1, 10_000);
-        let (next, keys): (u64, Vec<String>) = self
-            .call("scan", |mut c| async move {
-                redis::cmd("SCAN").arg(start).arg("MATCH").arg(&pattern).arg("COUNT").arg(count).query_async(&mut c).await
-            })
-            .await?;
-        let mut page = Page { entries: Vec::with_capacity(keys.len()), next: (next != 0).then(|| next.to_string()) };
+        let nodes = self.nodes().await?;
+        let Some(node) = nodes.get(node_index) else { return Ok(Page::default()) };
+        let (next, keys) = self.scan_node(node.as_ref(), start, limit.clamp(1, 10_000)).await?;
+        let next = match (next, node_index + 1 < nodes.len()) {
+            (0, true) => Some(format!("{}:0", node_index + 1)),
+            (0, false) => None,
+            (n, _) => Some(format!("{node_index}:{n}")),
+        };
+        let mut page = Page { entries: Vec::with_capacity(keys.len()), next };
         for k in keys {
             let Some(short) = k.strip_prefix(&self.config.prefix) else { continue };
             let kk = k.clone();
@@ -295,5 +357,53 @@ impl Store for RedisStore {
             }
         }
         Ok(page)
+    }
+}
+
+impl RedisStore {
+    /// The nodes to SCAN: `[None]` for one server; each primary of a
+    /// cluster, in address order.
+    async fn nodes(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        if matches!(self.conn, Conn::Single(_)) {
+            return Ok(vec![None]);
+        }
+        let text: String =
+            self.call("cluster nodes", |mut c| async move { redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await }).await?;
+        let mut primaries: Vec<(String, u16)> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let flags = f.get(2)?;
+                if !flags.split(',').any(|x| x == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let addr = f.get(1)?.split('@').next()?;
+                let (host, port) = addr.rsplit_once(':')?;
+                Some((host.to_string(), port.parse().ok()?))
+            })
+            .collect();
+        primaries.sort();
+        Ok(primaries.into_iter().map(Some).collect())
+    }
+
+    /// One SCAN step on `node` (`None`: the only server).
+    async fn scan_node(&self, node: Option<&(String, u16)>, cursor: u64, count: usize) -> Result<(u64, Vec<String>), StoreError> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(format!("{}*", self.config.prefix)).arg("COUNT").arg(count);
+        match node {
+            None => self.call("scan", |mut c| async move { cmd.query_async(&mut c).await }).await,
+            Some((host, port)) => {
+                let routing = redis::cluster_routing::RoutingInfo::SingleNode(redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                self.call("scan", |c| async move {
+                    let Conn::Cluster(mut c) = c else { unreachable!("nodes() gives addresses only for a cluster") };
+                    let v = c.route_command(cmd, routing).await?;
+                    Ok(redis::from_redis_value(v)?)
+                })
+                .await
+            }
+        }
     }
 }
