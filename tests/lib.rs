@@ -306,8 +306,13 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub fn start() -> RedisServer {
+        RedisServer::with_args(&[])
+    }
+
+    /// Starts one with extra `redis-server` arguments (e.g. `--replicaof`).
+    pub fn with_args(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new() };
+        let mut r = RedisServer { port: free_port(), dir, child: None, extra: extra.iter().map(|a| a.to_string()).collect() };
         r.restart();
         r
     }
@@ -399,5 +404,58 @@ impl RedisCluster {
     /// `redis+cluster://` with two of the nodes (the third is discovered).
     pub fn url(&self) -> String {
         format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+    }
+}
+
+/// A Redis Sentinel (redis-server in sentinel mode) watching `master` as
+/// `mymaster`, quorum 1, quick to fail over; killed when dropped.
+pub struct Sentinel {
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Sentinel {
+    /// Starts one and waits until it answers.
+    pub fn start(master: &RedisServer) -> Sentinel {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n",
+                dir.path().display(),
+                master.port
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel starts");
+        wait_for_port(port, 20);
+        Sentinel { port, _dir: dir, child }
+    }
+
+    /// The port of the master it names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -199,3 +199,42 @@ async fn db_migrate_copies_records_with_their_remaining_ttl_both_ways() {
     let e = s.get("greylist/t/1499", now).await.unwrap().unwrap();
     assert_eq!((e.value.as_slice(), e.expires_at), (&b"r1499"[..], now + 2499));
 }
+
+/// Redis Sentinel: greyhook asks the sentinel for the master, and when the
+/// master dies and the sentinel promotes the replica, greyhook follows
+/// without a restart; records written before the failover are still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed_without_a_restart() {
+    use greyhook::store::{Condition, RedisConfig, RedisStore, Store, WriteOutcome};
+    let mut master = RedisServer::start();
+    let replica_of = master.port.to_string();
+    let replica = RedisServer::with_args(&["--replicaof", "127.0.0.1", &replica_of]);
+    let sentinel = Sentinel::start(&master);
+    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(url) }).unwrap();
+    assert!(matches!(store.set("before", b"1", T0 + 3600, Condition::Absent, T0).await.unwrap(), WriteOutcome::Written(_)));
+    // Make sure the replica has it before the master dies.
+    assert_eq!(master.cli(&["WAIT", "1", "5000"]).trim(), "1");
+    master.kill();
+    let until = Instant::now() + Duration::from_secs(30);
+    while sentinel.master_port() != Some(replica.port) {
+        assert!(Instant::now() < until, "the sentinel did not fail over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        match store.get("before", T0).await {
+            Ok(e) => {
+                assert_eq!(e.map(|e| e.value), Some(b"1".to_vec()), "written before the failover");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < until, "greyhook did not follow the failover: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(matches!(store.set("after", b"2", T0 + 3600, Condition::Absent, T0).await.unwrap(), WriteOutcome::Written(_)));
+    assert_eq!(replica.cli(&["HGET", "greyhook:after", "v"]).trim(), "2", "written to the promoted replica");
+    assert!(store.failures() > 0, "the outage was counted");
+}

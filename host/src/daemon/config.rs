@@ -118,7 +118,8 @@ impl StoreSection {
                 if url.starts_with("redis://")
                     || url.starts_with("rediss://")
                     || url.starts_with("redis+unix://")
-                    || url.starts_with("redis+cluster://") =>
+                    || url.starts_with("redis+cluster://")
+                    || url.starts_with("redis+sentinel://") =>
             {
                 if self.timeout.is_zero() || self.timeout > Duration::from_secs(30) {
                     return Err(DaemonError::Invalid("store.timeout must be between 1ms and 30s".into()));

@@ -53,6 +53,20 @@ impl RedisConfig {
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    /// The master a sentinel named (see [`Backend::Sentinel`]).
+    Master(redis::aio::MultiplexedConnection),
+}
+
+/// Where connections come from.
+enum Backend {
+    /// One connection that looks after itself (server or cluster).
+    Fixed(Conn),
+    /// Redis Sentinel: the master is asked of the sentinels, and asked again
+    /// after any failure (a failover moves it).
+    Sentinel {
+        client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+        current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    },
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -60,6 +74,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Master(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -72,6 +87,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(p, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(p, offset, count),
+            Conn::Master(c) => c.req_packed_commands(p, offset, count),
         }
     }
 
@@ -79,13 +95,14 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Master(c) => c.get_db(),
         }
     }
 }
 
 /// A [`Store`] in Redis.
 pub struct RedisStore {
-    conn: Conn,
+    backend: Backend,
     config: RedisConfig,
     set_script: Script,
     delete_script: Script,
@@ -174,8 +191,27 @@ impl RedisStore {
     /// call tries again (bounded by the timeout) until it is back.
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: config.url.clone(), reason: e.to_string() };
-        let conn = match config.url.strip_prefix("redis+cluster://") {
-            Some(nodes) => {
+        let sentinel = config.url.strip_prefix("redis+sentinel://");
+        let cluster = config.url.strip_prefix("redis+cluster://");
+        let backend = match (sentinel, cluster) {
+            (Some(rest), _) => {
+                // redis+sentinel://host1:26379,host2:26379/SERVICE
+                let (hosts, service) = rest.split_once('/').unwrap_or((rest, ""));
+                let service = service.trim_end_matches('/');
+                let sentinels: Vec<String> = hosts.split(',').filter(|n| !n.is_empty()).map(|n| format!("redis://{n}")).collect();
+                if sentinels.is_empty() || service.is_empty() || service.contains('/') {
+                    return Err(open_err(&"expected redis+sentinel://host1:port1,host2:port2/SERVICE"));
+                }
+                let client = redis::sentinel::SentinelClient::build(
+                    sentinels,
+                    service.to_string(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| open_err(&e))?;
+                Backend::Sentinel { client: tokio::sync::Mutex::new(client), current: std::sync::Mutex::new(None) }
+            }
+            (None, Some(nodes)) => {
                 let nodes: Vec<String> =
                     nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("redis://{n}")).collect();
                 if nodes.is_empty() {
@@ -183,20 +219,20 @@ impl RedisStore {
                 }
                 let client = redis::cluster::ClusterClient::new(nodes).map_err(|e| open_err(&e))?;
                 let cfg = redis::cluster::ClusterConfig::new().set_connection_timeout(config.timeout).set_response_timeout(config.timeout);
-                Conn::Cluster(client.get_pending_async_connection_with_config(cfg))
+                Backend::Fixed(Conn::Cluster(client.get_pending_async_connection_with_config(cfg)))
             }
-            None => {
+            (None, None) => {
                 let client = redis::Client::open(config.url.as_str()).map_err(|e| open_err(&e))?;
                 let mgr = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.timeout))
                     .set_response_timeout(Some(config.timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                Conn::Single(ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| open_err(&e))?)
+                Backend::Fixed(Conn::Single(ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| open_err(&e))?))
             }
         };
         Ok(RedisStore {
-            conn,
+            backend,
             config,
             set_script: Script::new(SET),
             delete_script: Script::new(DELETE),
@@ -217,12 +253,21 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let r = tokio::time::timeout(self.config.timeout, f(self.conn.clone())).await;
+        let r = tokio::time::timeout(self.config.timeout, async {
+            let conn = self.connection().await?;
+            f(conn).await
+        })
+        .await;
         let err = match r {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.config.timeout),
         };
+        if let Backend::Sentinel { current, .. } = &self.backend {
+            // Ask the sentinels again next time: the master may have moved
+            // (a demoted master answers READONLY, a dead one not at all).
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         static LAST_LOG: AtomicU64 = AtomicU64::new(0);
         let sec = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -230,6 +275,25 @@ impl RedisStore {
             tracing::warn!(failures = n, "redis store: {what} failed: {err} (the filter's failure policy answers)");
         }
         Err(StoreError::Backend(format!("redis {what}: {err}")))
+    }
+}
+
+impl RedisStore {
+    /// A connection: the fixed one, or the sentinel's current master
+    /// (asked for, and connected to, when there is none).
+    async fn connection(&self) -> redis::RedisResult<Conn> {
+        match &self.backend {
+            Backend::Fixed(c) => Ok(c.clone()),
+            Backend::Sentinel { client, current } => {
+                if let Some(c) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Ok(Conn::Master(c));
+                }
+                let master = client.lock().await.async_get_client().await?;
+                let c = master.get_multiplexed_async_connection().await?;
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Ok(Conn::Master(c))
+            }
+        }
     }
 }
 
@@ -364,7 +428,7 @@ impl RedisStore {
     /// The nodes to SCAN: `[None]` for one server; each primary of a
     /// cluster, in address order.
     async fn nodes(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
-        if matches!(self.conn, Conn::Single(_)) {
+        if !matches!(self.backend, Backend::Fixed(Conn::Cluster(_))) {
             return Ok(vec![None]);
         }
         let text: String =
