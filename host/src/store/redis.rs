@@ -64,7 +64,7 @@ enum Backend {
     /// Redis Sentinel: the master is asked of the sentinels, and asked again
     /// after any failure (a failover moves it).
     Sentinel {
-        client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+        client: Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
         current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     },
 }
@@ -209,7 +209,7 @@ impl RedisStore {
                     redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(|e| open_err(&e))?;
-                Backend::Sentinel { client: tokio::sync::Mutex::new(client), current: std::sync::Mutex::new(None) }
+                Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some(nodes)) => {
                 let nodes: Vec<String> =
