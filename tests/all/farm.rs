@@ -9,10 +9,20 @@ use greyhook_tests::*;
 
 /// A `greyhook serve` on its own policy port, on the shared Redis.
 fn daemon(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str]) -> (Process, u16) {
+    daemon_with(dir, name, redis, sets, "250ms")
+}
+
+/// The same, with another store timeout.
+fn daemon_with(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str], store_timeout: &str) -> (Process, u16) {
     let port = free_port();
     let control = dir.join(format!("{name}.sock"));
+    let cfg = dir.join(format!("{name}.toml"));
+    // The hook's deadline bounds its store calls too: keep it above them.
+    std::fs::write(&cfg, format!("[store]\ntimeout = \"{store_timeout}\"\n[filter]\ndeadline = \"20s\"\n")).unwrap();
     let mut args = vec![
         "serve".to_string(),
+        "--config".into(),
+        cfg.display().to_string(),
         "--policy".into(),
         format!("127.0.0.1:{port}"),
         "--db".into(),
@@ -79,8 +89,10 @@ fn two_daemons_under_load_on_the_same_triplets_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start();
     let sets = ["delay=0", "auto_whitelist_after=1000000"];
-    let (_d1, mx1) = daemon(dir.path(), "mx1", &redis, &sets);
-    let (_d2, mx2) = daemon(dir.path(), "mx2", &redis, &sets);
+    // A generous store timeout: on a loaded CI machine a write that lands
+    // but answers late would be counted as failed (and fail open).
+    let (_d1, mx1) = daemon_with(dir.path(), "mx1", &redis, &sets, "10s");
+    let (_d2, mx2) = daemon_with(dir.path(), "mx2", &redis, &sets, "10s");
     let triplets = 400;
     let load = |port: u16| {
         std::process::Command::new(policy_load_bin())
