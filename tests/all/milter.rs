@@ -217,3 +217,50 @@ async fn milter_over_a_unix_socket_with_its_mode() {
     daemon.stop().await;
     assert!(!sock.exists(), "the socket is removed at shutdown");
 }
+
+/// Random packets (well-framed and not) never take the service down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_milter_packets_leave_the_service_answering() {
+    let (daemon, port, _dir) = start("delay = 300\n").await;
+    tokio::task::spawn_blocking(move || {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let cmds = b"OCHMRLNEABDQKTUZ";
+        for _ in 0..100 {
+            let mut m = Mta::connect(port);
+            if next() % 2 == 0 {
+                m.negotiate();
+            }
+            for _ in 0..(next() % 12) {
+                let cmd = cmds[(next() % cmds.len() as u64) as usize];
+                let data: Vec<u8> = (0..next() % 64).map(|_| if next() % 4 == 0 { 0 } else { (next() & 0xff) as u8 }).collect();
+                if next() % 8 == 0 {
+                    // A frame whose length lies.
+                    let _ = m.0.write_all(&((next() % 100_000) as u32).to_be_bytes());
+                    let _ = m.0.write_all(&data);
+                    break;
+                }
+                let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+                p.push(cmd);
+                p.extend_from_slice(&data);
+                if m.0.write_all(&p).is_err() {
+                    break;
+                }
+            }
+        }
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.connect_from("192.0.2.77");
+        m.ask(b'H', &nul("h.example.org"));
+        m.ask(b'M', &nul("<s@example.org>"));
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'y', "still greylisting");
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+}

@@ -372,3 +372,64 @@ fn a_bare_lf_dot_does_not_end_the_message() {
         "the smuggled lines are data: {got:?}"
     );
 }
+
+/// Random sessions: fragments of real commands, garbage bytes, stray
+/// CR/LF, dots, long runs, cut at random. Every reply line is an SMTP
+/// reply, and the daemon still serves a clean session afterwards.
+#[test]
+fn random_sessions_get_well_formed_replies_and_leave_the_daemon_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (mut d, port) = start(dir.path(), GREYLIST, sink.port, "");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pieces: [&[u8]; 16] = [
+        b"EHLO x.example.org\r\n",
+        b"HELO \r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<u@example.com>\r\n",
+        b"RCPT TO:<\r\n",
+        b"DATA\r\n",
+        b"Subject: x\r\n\r\nbody\r\n",
+        b".\r\n",
+        b"\n.\n",
+        b"RSET\r\n",
+        b"STARTTLS\r\n",
+        b"\r\r\n\n",
+        b"\x00\xff\x1b[31m",
+        b"NOOP",
+        b"QUIT\r\n",
+    ];
+    for round in 0..60 {
+        let mut c = Raw::connect(port);
+        c.w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut blob = Vec::new();
+        for _ in 0..(next() % 40) {
+            match next() % 10 {
+                0 => blob.extend((0..next() % 3000).map(|_| (next() & 0xff) as u8)),
+                _ => blob.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]),
+            }
+        }
+        let _ = c.w.write_all(&blob);
+        let _ = c.w.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut c.r, &mut out);
+        for line in out.lines() {
+            let ok = line.len() >= 4
+                && line.as_bytes()[..3].iter().all(u8::is_ascii_digit)
+                && matches!(line.as_bytes()[3], b' ' | b'-')
+                && line.bytes().all(|b| b == b'\r' || (32..127).contains(&b));
+            assert!(ok, "round {round}: not an SMTP reply line: {line:?}\nafter {:?}", String::from_utf8_lossy(&blob));
+        }
+    }
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO clean.example.org").starts_with("250-greyhook.test"));
+    assert!(d.terminate(10), "{}", d.log_text());
+}
