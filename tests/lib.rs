@@ -459,3 +459,17 @@ impl Drop for Sentinel {
         let _ = self.child.wait();
     }
 }
+
+/// A tiny deterministic generator (xorshift64) for random-input tests:
+/// the same seed gives the same inputs, so a failure can be replayed.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

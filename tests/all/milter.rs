@@ -223,13 +223,8 @@ async fn milter_over_a_unix_socket_with_its_mode() {
 async fn random_milter_packets_leave_the_service_answering() {
     let (daemon, port, _dir) = start("delay = 300\n").await;
     tokio::task::spawn_blocking(move || {
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         let cmds = b"OCHMRLNEABDQKTUZ";
         for _ in 0..100 {
             let mut m = Mta::connect(port);

@@ -381,13 +381,8 @@ fn random_sessions_get_well_formed_replies_and_leave_the_daemon_serving() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
     let (mut d, port) = start(dir.path(), GREYLIST, sink.port, "");
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let pieces: [&[u8]; 16] = [
         b"EHLO x.example.org\r\n",
         b"HELO \r\n",
