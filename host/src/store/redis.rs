@@ -116,29 +116,13 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// `KEYS[1]` the record; `ARGV`: value, exp, ttl seconds, condition (`any`,
-/// `absent` or a version), now, two version candidates. Returns the new
-/// version, or 0 on a conflict.
-const SET: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'ver', 'exp')
-local live = cur[1] and cur[2] and tonumber(cur[2]) > tonumber(ARGV[5])
-local cond = ARGV[4]
-if cond == 'absent' then
-  if live then return 0 end
-elseif cond ~= 'any' then
-  if not live or cur[1] ~= cond then return 0 end
-end
-local ver = ARGV[6]
-if cur[1] == ver then ver = ARGV[7] end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ver', ver, 'exp', ARGV[2])
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('DEL', KEYS[1]) end
-return ver
-"#;
-
-/// `KEYS[1]` the record; `ARGV`: condition, now. Returns 1 if a live record
-/// was deleted.
-const DELETE: &str = r#"
+/// The start of [`SET`] and [`DELETE`]: reads the record and returns 0
+/// unless the condition holds against its live entry (the same rule as
+/// [`Condition::holds`]). `KEYS[1]` the record; `ARGV[1]` the condition
+/// (`any`, `absent` or a version), `ARGV[2]` now. Leaves `cur` and `live`.
+macro_rules! check_condition {
+    () => {
+        r#"
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'exp')
 local live = cur[1] and cur[2] and tonumber(cur[2]) > tonumber(ARGV[2])
 local cond = ARGV[1]
@@ -147,9 +131,33 @@ if cond == 'absent' then
 elseif cond ~= 'any' then
   if not live or cur[1] ~= cond then return 0 end
 end
+"#
+    };
+}
+
+/// `KEYS[1]` the record; `ARGV`: condition, now, value, exp, ttl seconds,
+/// two version candidates. Returns the new version, or 0 on a conflict.
+const SET: &str = concat!(
+    check_condition!(),
+    r#"
+local ver = ARGV[6]
+if cur[1] == ver then ver = ARGV[7] end
+redis.call('HSET', KEYS[1], 'v', ARGV[3], 'ver', ver, 'exp', ARGV[4])
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('DEL', KEYS[1]) end
+return ver
+"#
+);
+
+/// `KEYS[1]` the record; `ARGV`: condition, now. Returns 1 if a live record
+/// was deleted.
+const DELETE: &str = concat!(
+    check_condition!(),
+    r#"
 redis.call('DEL', KEYS[1])
 if live then return 1 else return 0 end
-"#;
+"#
+);
 
 /// `KEYS` records; `ARGV[1]` now. Deletes those expired by the caller's
 /// clock; returns how many.
@@ -304,14 +312,20 @@ fn parse_entry(fields: (Option<Vec<u8>>, Option<String>, Option<String>)) -> Opt
     }
 }
 
+impl RedisStore {
+    /// The live entry under `full_key` (prefix included), if any.
+    async fn read(&self, what: &str, full_key: String, now: u64) -> Result<Option<Entry>, StoreError> {
+        let fields: (Option<Vec<u8>>, Option<String>, Option<String>) = self
+            .call(what, |mut c| async move { redis::cmd("HMGET").arg(&full_key).arg("v").arg("ver").arg("exp").query_async(&mut c).await })
+            .await?;
+        Ok(parse_entry(fields).filter(|e| e.expires_at > now))
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str, now: u64) -> Result<Option<Entry>, StoreError> {
-        let k = self.key(key);
-        let fields: (Option<Vec<u8>>, Option<String>, Option<String>) = self
-            .call("get", |mut c| async move { redis::cmd("HMGET").arg(&k).arg("v").arg("ver").arg("exp").query_async(&mut c).await })
-            .await?;
-        Ok(parse_entry(fields).filter(|e| e.expires_at > now))
+        self.read("get", self.key(key), now).await
     }
 
     async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError> {
@@ -323,11 +337,11 @@ impl Store for RedisStore {
             .call("set", |mut c| async move {
                 script
                     .key(&k)
+                    .arg(cond_arg(cond))
+                    .arg(now)
                     .arg(value)
                     .arg(expires_at)
                     .arg(ttl)
-                    .arg(cond_arg(cond))
-                    .arg(now)
                     .arg(v1)
                     .arg(if v2 == v1 { v1 ^ 1 } else { v2 })
                     .invoke_async(&mut c)
@@ -412,11 +426,7 @@ impl Store for RedisStore {
         let mut page = Page { entries: Vec::with_capacity(keys.len()), next };
         for k in keys {
             let Some(short) = k.strip_prefix(&self.config.prefix) else { continue };
-            let kk = k.clone();
-            let fields: (Option<Vec<u8>>, Option<String>, Option<String>) = self
-                .call("scan", |mut c| async move { redis::cmd("HMGET").arg(&kk).arg("v").arg("ver").arg("exp").query_async(&mut c).await })
-                .await?;
-            if let Some(e) = parse_entry(fields).filter(|e| e.expires_at > now) {
+            if let Some(e) = self.read("scan", k.clone(), now).await? {
                 page.entries.push((short.to_string(), e));
             }
         }
