@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::listen::{Conn, Listener};
 use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
-use crate::session::{Hooks, SmtpSession, message_id};
+use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
 use crate::types::{Decision, Header, Message, Reply, Verdict};
 
 /// Limits of the milter front end.
@@ -175,7 +175,10 @@ impl Milter for Conversation {
         }
         let sender = strip_brackets(&m.sender());
         let v = s.mail(&sender).await;
-        self.keep_headers(&v);
+        // Headers given at MAIL/RCPT can only be added at end of message.
+        if v.reply().is_none() {
+            keep_headers(&mut self.pending_headers, &v);
+        }
         Ok(action(&v))
     }
 
@@ -183,7 +186,10 @@ impl Milter for Conversation {
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         let rcpt = strip_brackets(&r.recipient());
         let v = s.rcpt(&rcpt).await;
-        self.keep_headers(&v);
+        // Headers given at MAIL/RCPT can only be added at end of message.
+        if v.reply().is_none() {
+            keep_headers(&mut self.pending_headers, &v);
+        }
         Ok(action(&v))
     }
 
@@ -234,19 +240,6 @@ impl Milter for Conversation {
             s.reset();
         }
         Ok(())
-    }
-}
-
-impl Conversation {
-    /// Headers given at MAIL/RCPT can only be added at end of message.
-    fn keep_headers(&mut self, v: &Verdict) {
-        if v.reply().is_none() {
-            for h in &v.add_headers {
-                if self.pending_headers.len() < crate::reply::MAX_HEADERS && !self.pending_headers.contains(h) {
-                    self.pending_headers.push(h.clone());
-                }
-            }
-        }
     }
 }
 

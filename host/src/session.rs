@@ -126,6 +126,17 @@ impl SmtpSession {
     }
 }
 
+/// Adds the headers a passing verdict asked for to those kept for the
+/// message (front ends add them at delivery): each once, at most
+/// [`crate::reply::MAX_HEADERS`] in all.
+pub fn keep_headers(kept: &mut Vec<crate::types::Header>, v: &Verdict) {
+    for h in &v.add_headers {
+        if kept.len() < crate::reply::MAX_HEADERS && !kept.contains(h) {
+            kept.push(h.clone());
+        }
+    }
+}
+
 /// The value of the first `Message-ID` header among `headers`, trimmed.
 pub fn message_id(headers: &[crate::types::Header]) -> Option<String> {
     headers.iter().find(|h| h.name.eq_ignore_ascii_case("message-id")).map(|h| h.value.trim().to_string()).filter(|v| !v.is_empty())

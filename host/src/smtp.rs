@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::listen::{Conn, Listener};
 use crate::relay::{HopReply, NextHop, Relay};
 use crate::reply::render;
-use crate::session::{Hooks, SmtpSession, message_id};
+use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
 use crate::types::{Header, Message, Verdict};
 
 /// Settings of the SMTP front end.
@@ -305,15 +305,6 @@ impl Connection {
         self.session().reset();
     }
 
-    /// Keeps the headers of a passing MAIL/RCPT verdict for delivery.
-    fn keep_headers(&mut self, v: &Verdict) {
-        for h in &v.add_headers {
-            if self.headers.len() < crate::reply::MAX_HEADERS && !self.headers.contains(h) {
-                self.headers.push(h.clone());
-            }
-        }
-    }
-
     async fn ehlo(&mut self, name: &str, extended: bool) -> Result<(), End> {
         if name.len() > 255 || name.bytes().any(|b| b.is_ascii_control()) {
             return self.error("501 5.5.4 Invalid hostname\r\n").await;
@@ -423,7 +414,7 @@ impl Connection {
             Ok(r) if r.is_positive() => {
                 self.in_transaction = true;
                 self.headers.clear();
-                self.keep_headers(&v);
+                keep_headers(&mut self.headers, &v);
                 self.write("250 2.1.0 Ok\r\n").await
             }
             Ok(r) => {
@@ -489,7 +480,7 @@ impl Connection {
         match hop.rcpt(&rcpt).await {
             Ok(r) if r.is_positive() => {
                 self.recipients += 1;
-                self.keep_headers(&v);
+                keep_headers(&mut self.headers, &v);
                 self.write("250 2.1.5 Ok\r\n").await
             }
             Ok(r) => {
@@ -591,7 +582,7 @@ impl Connection {
             return self.write(&render(r)).await;
         }
         let mut out = Vec::with_capacity(body.len() + 256);
-        self.keep_headers(&v);
+        keep_headers(&mut self.headers, &v);
         for h in &self.headers {
             out.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
         }
