@@ -78,6 +78,9 @@ impl SmtpConfig {
     }
 }
 
+/// Our reply when the next hop cannot be reached or dropped the connection.
+const HOP_UNAVAILABLE: &str = "451 4.4.1 Next hop unavailable, try again later\r\n";
+
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
 
@@ -425,7 +428,7 @@ impl Connection {
                 tracing::warn!("{e}");
                 self.relay = None;
                 self.session().reset();
-                self.write("451 4.4.1 Next hop unavailable, try again later\r\n").await
+                self.write(HOP_UNAVAILABLE).await
             }
         }
     }
@@ -447,11 +450,11 @@ impl Connection {
                 }
                 Err(e) => {
                     tracing::warn!("{e}");
-                    return Err("451 4.4.1 Next hop unavailable, try again later\r\n".into());
+                    return Err(HOP_UNAVAILABLE.into());
                 }
             }
         }
-        self.relay.as_mut().ok_or_else(|| "451 4.4.1 Next hop unavailable, try again later\r\n".to_string())
+        self.relay.as_mut().ok_or_else(|| HOP_UNAVAILABLE.to_string())
     }
 
     async fn rcpt(&mut self, arg: &str) -> Result<(), End> {
@@ -475,7 +478,7 @@ impl Connection {
             return self.write(&render(r)).await;
         }
         let Some(hop) = self.relay.as_mut() else {
-            return self.write("451 4.4.1 Next hop unavailable, try again later\r\n").await;
+            return self.write(HOP_UNAVAILABLE).await;
         };
         match hop.rcpt(&rcpt).await {
             Ok(r) if r.is_positive() => {
@@ -493,7 +496,7 @@ impl Connection {
                 self.in_transaction = false;
                 self.recipients = 0;
                 self.session().reset();
-                self.write("451 4.4.1 Next hop unavailable, try again later\r\n").await
+                self.write(HOP_UNAVAILABLE).await
             }
         }
     }
@@ -588,7 +591,7 @@ impl Connection {
         }
         out.extend_from_slice(&body);
         let Some(hop) = self.relay.as_mut() else {
-            return self.write("451 4.4.1 Next hop unavailable, try again later\r\n").await;
+            return self.write(HOP_UNAVAILABLE).await;
         };
         match hop.data(&out).await {
             Ok(r) => {

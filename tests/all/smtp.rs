@@ -63,6 +63,21 @@ impl Raw {
         self.reply()
     }
 
+    /// Connects, says EHLO, MAIL FROM `a@example.org` and RCPT TO each of
+    /// `recipients`, checking each is accepted, and sends DATA: ready for
+    /// the message.
+    fn at_data(port: u16, recipients: &[&str]) -> Raw {
+        let mut c = Raw::connect(port);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.send("EHLO client.example.org").starts_with("250"));
+        assert_eq!(c.send("MAIL FROM:<a@example.org>"), "250 2.1.0 Ok\r\n");
+        for r in recipients {
+            assert_eq!(c.send(&format!("RCPT TO:<{r}>")), "250 2.1.5 Ok\r\n");
+        }
+        assert!(c.send("DATA").starts_with("354"));
+        c
+    }
+
     /// True once the server has closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
@@ -270,12 +285,7 @@ fn a_next_hop_tempfail_comes_back_as_a_tempfail() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::with_data_reply("451 4.3.0 Sink is full");
     let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, "");
-    let mut c = Raw::connect(port);
-    c.reply();
-    c.send("EHLO client.example.org");
-    c.send("MAIL FROM:<a@example.org>");
-    c.send("RCPT TO:<u@example.com>");
-    c.send("DATA");
+    let mut c = Raw::at_data(port, &["u@example.com"]);
     assert_eq!(c.send("Subject: x\r\n\r\nbody\r\n."), "451 4.3.0 Sink is full\r\n");
     // A dead next hop: a tempfail at MAIL.
     let dead = free_port();
@@ -332,16 +342,7 @@ fn lmtp_next_hop_answers_per_recipient() {
     let dir2 = tempfile::tempdir().unwrap();
     let mixed = Sink::spawn(vec!["250 2.0.0 Ok: delivered", "452 4.2.2 Mailbox full"]);
     let (_d2, port2) = start(dir2.path(), white, mixed.port, "next_hop_protocol = \"lmtp\"\n");
-    let deliver = |port: u16| {
-        let mut c = Raw::connect(port);
-        c.reply();
-        c.send("EHLO client.example.org");
-        c.send("MAIL FROM:<a@example.org>");
-        c.send("RCPT TO:<u1@example.com>");
-        c.send("RCPT TO:<u2@example.com>");
-        c.send("DATA");
-        c.send("Subject: x\r\n\r\nbody\r\n.")
-    };
+    let deliver = |port: u16| Raw::at_data(port, &["u1@example.com", "u2@example.com"]).send("Subject: x\r\n\r\nbody\r\n.");
     assert_eq!(deliver(port), "250 2.0.0 Ok: delivered\r\n", "one reply per recipient read, all good");
     assert_eq!(deliver(port2), "452 4.2.2 Mailbox full\r\n", "a refusal among them is passed on");
 }
@@ -353,12 +354,7 @@ fn a_bare_lf_dot_does_not_end_the_message() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
     let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, "");
-    let mut c = Raw::connect(port);
-    c.reply();
-    c.send("EHLO client.example.org");
-    c.send("MAIL FROM:<a@example.org>");
-    c.send("RCPT TO:<u@example.com>");
-    assert!(c.send("DATA").starts_with("354"));
+    let mut c = Raw::at_data(port, &["u@example.com"]);
     c.w.write_all(
         b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: forged\r\n",
     )
