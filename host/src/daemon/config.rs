@@ -112,26 +112,25 @@ impl StoreSection {
     /// Opens the store this section names: `memory`, a `redis://` URL, or
     /// a redb file (the default path if unset).
     pub fn open(&self) -> Result<Arc<dyn Store>, DaemonError> {
-        Ok(match self.path.as_deref() {
-            Some("memory") => Arc::new(MemoryStore::new()),
-            Some(url)
-                if url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("redis+unix://")
-                    || url.starts_with("redis+cluster://")
-                    || url.starts_with("redis+sentinel://") =>
+        if let Some(p) = self.redb_path() {
+            return Ok(Arc::new(RedbStore::open(&p, self.durability)?));
+        }
+        Ok(match self.path.as_deref().unwrap_or_default() {
+            "memory" => Arc::new(MemoryStore::new()),
+            url if ["redis://", "rediss://", "redis+unix://", "redis+cluster://", "redis+sentinel://"]
+                .iter()
+                .any(|s| url.starts_with(s)) =>
             {
                 if self.timeout.is_zero() || self.timeout > Duration::from_secs(30) {
                     return Err(DaemonError::Invalid("store.timeout must be between 1ms and 30s".into()));
                 }
                 Arc::new(RedisStore::open(RedisConfig { url: url.to_string(), prefix: self.prefix.clone(), timeout: self.timeout })?)
             }
-            Some(p) => Arc::new(RedbStore::open(Path::new(p), self.durability)?),
-            None => Arc::new(RedbStore::open(&default_db_path(), self.durability)?),
+            other => return Err(DaemonError::Invalid(format!("store.path {other:?}: a file, \"memory\" or a redis:// URL"))),
         })
     }
 
-    /// The redb file, if the store is one.
+    /// The redb file, if the store is one: anything but `memory` and a URL.
     pub fn redb_path(&self) -> Option<PathBuf> {
         match self.path.as_deref() {
             Some("memory") => None,
