@@ -473,3 +473,173 @@ impl Xorshift {
         self.0
     }
 }
+
+/// Postfix's own `smtp-sink` (Debian's postfix package) as a next hop: a
+/// real Postfix SMTP reader (it takes a bare LF as a line end, as lenient
+/// servers do, so it sees whatever a smuggler could make a next hop see),
+/// dumping every message it accepts into its own file. Killed when dropped.
+pub struct PostfixSink {
+    /// Its port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl PostfixSink {
+    /// Starts one and waits until it answers. A missing smtp-sink fails
+    /// the test: `.ci/run` installs Postfix.
+    pub fn start() -> PostfixSink {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = "/usr/sbin/smtp-sink";
+        assert!(std::path::Path::new(bin).exists(), "{bin} is missing: run .ci/run (it installs Debian's postfix package)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        // smtp-sink drops privileges to `postfix`, which must write here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let port = free_port();
+        let child = std::process::Command::new(bin)
+            .arg("-u")
+            .arg("postfix")
+            .arg("-d")
+            .arg(format!("{}/msg.", dir.path().display()))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("64")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("smtp-sink starts");
+        wait_for_port(port, 20);
+        PostfixSink { port, dir, child }
+    }
+
+    /// The messages it took (whole dump files), waiting up to a second
+    /// for files still being written.
+    pub fn messages(&self) -> Vec<String> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path()).expect("dump dir").flatten() {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            out.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        out
+    }
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `from`
+/// (any 127.x.y.z is a distinct client).
+pub fn connect_from(from: &str, port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(format!("{from}:0").parse().expect("a loopback address"))?;
+        sock.connect(([127, 0, 0, 1], port).into()).await
+    });
+    let s = s.expect("connect from a loopback alias").into_std().expect("std stream");
+    s.set_nonblocking(false).expect("blocking");
+    s
+}
+
+/// Whether the peer closed `s` within `secs`: EOF or a reset, read after
+/// any bytes still pending; a read timeout is *not* a close (the peer is
+/// still there).
+pub fn closed_within(s: &mut std::net::TcpStream, secs: u64) -> bool {
+    use std::io::Read;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut b = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).expect("timeout");
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Peak resident memory of process `pid` so far (`VmHWM`), KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmHWM")
+}
+
+/// Writes `text` as greyhook.toml in `dir` and starts `greyhook CMD
+/// --config` on it (logging to `dir/log`).
+pub fn greyhook_with(dir: &std::path::Path, cmd: &str, text: &str) -> Process {
+    let cfg = dir.join("greyhook.toml");
+    std::fs::write(&cfg, text).expect("config");
+    Process::greyhook(&[cmd, "--config", cfg.to_str().expect("utf-8 path")], dir.join("log"))
+}
+
+/// A raw client: send lines, read replies.
+pub struct Raw {
+    /// The writing half.
+    pub w: std::net::TcpStream,
+    /// The reading half.
+    pub r: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Raw {
+    /// Connects to 127.0.0.1:`port`.
+    pub fn connect(port: u16) -> Raw {
+        Raw::over(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+    }
+
+    /// Over a connected stream.
+    pub fn over(s: std::net::TcpStream) -> Raw {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+        Raw { w: s.try_clone().expect("clone"), r: std::io::BufReader::new(s) }
+    }
+
+    /// One whole reply (all its lines).
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut self.r, &mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    /// Sends one line (CRLF added), reads the reply.
+    pub fn send(&mut self, line: &str) -> String {
+        std::io::Write::write_all(&mut self.w, format!("{line}\r\n").as_bytes()).unwrap();
+        self.reply()
+    }
+
+    /// Connects, says EHLO, MAIL FROM `a@example.org` and RCPT TO each of
+    /// `recipients`, checking each is accepted, and sends DATA: ready for
+    /// the message.
+    pub fn at_data(port: u16, recipients: &[&str]) -> Raw {
+        let mut c = Raw::connect(port);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.send("EHLO client.example.org").starts_with("250"));
+        assert_eq!(c.send("MAIL FROM:<a@example.org>"), "250 2.1.0 Ok\r\n");
+        for r in recipients {
+            assert_eq!(c.send(&format!("RCPT TO:<{r}>")), "250 2.1.5 Ok\r\n");
+        }
+        assert!(c.send("DATA").starts_with("354"));
+        c
+    }
+
+    /// True once the server has closed the connection (within 10 s; a
+    /// timeout is not a close).
+    pub fn closed(&mut self) -> bool {
+        closed_within(self.r.get_mut(), 10)
+    }
+}

@@ -285,6 +285,34 @@ impl Greylist {
         })
     }
 
+    /// The sender as it goes into a triplet key. An address the filter
+    /// cannot normalise (spaces, a quoted local part, controls, over 320
+    /// bytes, U+FFFD from invalid UTF-8) is client input, not a host fault:
+    /// it is keyed on its raw bytes and greylisted like any other, never
+    /// let through.
+    fn key_sender(&self, ctx: &Ctx, sender: &str, kv: &mut dyn Kv) -> String {
+        match check_address(sender) {
+            Ok(()) if self.config.normalize_sender => normalize_sender(sender),
+            Ok(()) => sender.to_ascii_lowercase(),
+            Err(e) => {
+                kv.log(Level::Info, &format!("session {}: sender keyed on its raw bytes: {}", ctx.session.id, e.0));
+                raw_key(sender)
+            }
+        }
+    }
+
+    /// The recipient as it goes into a triplet key (see [`Self::key_sender`]).
+    fn key_recipient(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> String {
+        match check_address(recipient) {
+            Ok(()) if !recipient.is_empty() => normalize_recipient(recipient),
+            Ok(()) => raw_key(recipient),
+            Err(e) => {
+                kv.log(Level::Info, &format!("session {}: recipient keyed on its raw bytes: {}", ctx.session.id, e.0));
+                raw_key(recipient)
+            }
+        }
+    }
+
     /// The connect hook: greylists the client network at stage `connect`.
     pub fn on_connect(&self, ctx: &Ctx, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
         if self.config.stage != Stage::Connect {
@@ -308,12 +336,7 @@ impl Greylist {
     /// The RCPT hook.
     pub fn on_rcpt(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
         let sender = ctx.sender.as_deref().unwrap_or("");
-        let nonempty = |r: &str| if r.is_empty() { Err(normalize::BadAddress("empty recipient")) } else { Ok(()) };
-        if let Err(e) = nonempty(recipient).and_then(|_| check_address(recipient)).and_then(|_| check_address(sender)) {
-            kv.log(Level::Warn, &format!("session {}: not greylisting, unusable address: {}", ctx.session.id, e.0));
-            return Ok(Verdict::cont());
-        }
-        let rcpt = normalize_recipient(recipient);
+        let rcpt = self.key_recipient(ctx, recipient, kv);
         let always = self.config.whitelist_recipients.iter().any(|p| p.matches(&rcpt));
         let (group, greylist, delay) = self.config.policy_for(&rcpt);
         // Seed 000: without PRDR, accept only recipients that share the
@@ -344,7 +367,7 @@ impl Greylist {
             kv.log(Level::Debug, &format!("{net}: {why}"));
             return Ok(Verdict::cont().group(&group));
         }
-        let sender = if self.config.normalize_sender { normalize_sender(sender) } else { sender.to_ascii_lowercase() };
+        let sender = self.key_sender(ctx, sender, kv);
         Ok(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?.group(&group))
     }
 
@@ -353,10 +376,6 @@ impl Greylist {
         let sender = ctx.sender.as_deref().unwrap_or("");
         let at_data = self.config.stage == Stage::Data || (self.config.stage == Stage::Rcpt && sender.is_empty());
         if !at_data || ctx.recipients.is_empty() {
-            return Ok(Verdict::cont());
-        }
-        if let Err(e) = check_address(sender) {
-            kv.log(Level::Warn, &format!("session {}: not greylisting, unusable sender: {}", ctx.session.id, e.0));
             return Ok(Verdict::cont());
         }
         let whitelisted = |r: &str| self.config.whitelist_recipients.iter().any(|p| p.matches(&normalize_recipient(r)));
@@ -373,18 +392,24 @@ impl Greylist {
             kv.log(Level::Debug, &format!("{net}: {why}"));
             return Ok(Verdict::cont());
         }
-        let sender = if self.config.normalize_sender { normalize_sender(sender) } else { sender.to_ascii_lowercase() };
+        let sender = self.key_sender(ctx, sender, kv);
         // The Message-ID joins the key; without one, the recipients stand in.
         let mid = match message_id.map(str::trim).filter(|m| !m.is_empty() && m.len() <= 998) {
             Some(m) => m.to_string(),
             None => {
-                let mut r: Vec<String> = ctx.recipients.iter().map(|(a, _)| normalize_recipient(a)).collect();
+                let mut r: Vec<String> = ctx.recipients.iter().map(|(a, _)| self.key_recipient(ctx, a, kv)).collect();
                 r.sort();
                 r.join(",")
             }
         };
         self.greylist(ctx, &net, &[&net, &sender, &mid], delay, 451, kv)
     }
+}
+
+/// The key form of an address that cannot be normalised: its bytes as
+/// they are, marked so that no normalised address can collide with it.
+fn raw_key(a: &str) -> String {
+    format!("raw:{a}")
 }
 
 /// Re-exported for the glue: the address checks.
@@ -445,5 +470,36 @@ mod tests {
         assert_eq!(v.decision, Decision::Continue);
         assert_eq!(v.headers, vec![("X-Greylist".to_string(), "delayed 300 seconds by greyhook".to_string())]);
         assert_eq!(v.group.as_deref(), Some("default"));
+    }
+
+    /// Client input the filter cannot normalise is greylisted on its raw
+    /// bytes, never let through; distinct raw addresses are distinct keys.
+    #[test]
+    fn unusable_addresses_are_greylisted_on_their_raw_bytes() {
+        let g = Greylist::new(Config::default());
+        let long = format!("{}@evil.example", "x".repeat(400));
+        for (sender, rcpt) in [
+            ("\"a b\"@evil.example", "v@d.example"),
+            ("spam@evil.example", "\"v w\"@d.example"),
+            (long.as_str(), "v@d.example"),
+            ("a\tb@evil.example", "v@d.example"),
+            ("a\u{7f}@evil.example", "v@d.example"),
+            ("\u{fffd}@evil.example", "v@d.example"),
+            ("spam@evil.example", ""),
+        ] {
+            let mut kv = Mem::default();
+            let v = g.on_rcpt(&ctx("192.0.2.1", sender, 1000), rcpt, &mut kv).unwrap();
+            assert_eq!(retry(&v), Some(300), "{sender:?} -> {rcpt:?}");
+            let v = g.on_rcpt(&ctx("192.0.2.1", sender, 1400), rcpt, &mut kv).unwrap();
+            assert_eq!(v.decision, Decision::Continue, "the retry passes: {sender:?}");
+            let other = g.on_rcpt(&ctx("192.0.2.1", &format!("{sender}x"), 1400), rcpt, &mut kv).unwrap();
+            assert_eq!(retry(&other), Some(300), "another raw sender is another triplet");
+        }
+        // At DATA (null sender, or stage data) too.
+        let mut kv = Mem::default();
+        let mut c = ctx("192.0.2.1", "\"a b\"@evil.example", 1000);
+        c.recipients = vec![("v@d.example".into(), "default".into())];
+        let g = Greylist::new(Config { stage: Stage::Data, ..Config::default() });
+        assert_eq!(retry(&g.on_data(&c, None, &mut kv).unwrap()), Some(300));
     }
 }

@@ -21,8 +21,20 @@ use crate::sandbox::{self, HostState, bindings};
 use crate::store::Store;
 use crate::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
 
-/// How often the epoch advances; deadlines are whole ticks.
-const TICK: Duration = Duration::from_millis(5);
+/// How often the epoch advances: a call still running at a tick is a slow
+/// call (see `Limits`), and deadlines are checked at ticks.
+const TICK: Duration = Duration::from_millis(1);
+/// A call is slow once it has run this many ticks (at least two whole
+/// milliseconds): far past any sane decision, and past what a thread
+/// preempted for a moment adds.
+const SLOW_AFTER_TICKS: u64 = 3;
+/// Ticks at which a call cut at its deadline must have been found running
+/// for its filter to become a suspect: a decision that needs microseconds
+/// is found running at one or two even on a starved machine; a loop sharing
+/// two CPUs with thirty others, at several.
+const SUSPECT_TICKS: u64 = 4;
+/// How long a filter stays a suspect after a call ran past its deadline.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 /// Settings of the [`Runtime`] shared by all filters.
 #[derive(Debug, Clone)]
@@ -35,11 +47,18 @@ pub struct RuntimeConfig {
     pub max_memory: usize,
     /// The Wasm stack cap, bytes.
     pub max_stack: usize,
+    /// Calls of *suspect* filters (one of whose calls was still running at
+    /// its deadline in the last ten seconds) that may run at once, over all
+    /// filters (default: half the CPUs, at least one): the rest wait,
+    /// within their deadlines, so a runaway filter never holds every thread
+    /// and other filters' calls keep their latency.
+    pub slow_calls: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { max_instances: 64, max_memory: 64 << 20, max_stack: 512 << 10 }
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        RuntimeConfig { max_instances: 64, max_memory: 64 << 20, max_stack: 512 << 10, slow_calls: (cpus / 2).max(1) }
     }
 }
 
@@ -200,6 +219,8 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     config: RuntimeConfig,
     _ticker: Ticker,
+    /// [`RuntimeConfig::slow_calls`].
+    slow_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -251,7 +272,8 @@ impl Runtime {
                 })
                 .map_err(|e| LoadError::Engine(e.to_string()))?;
         }
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop } }) })
+        let slow_slots = Arc::new(tokio::sync::Semaphore::new(config.slow_calls.max(1)));
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop }, slow_slots }) })
     }
 
     /// Compiles `bytes` into a component, with a clear error for what is
@@ -327,10 +349,12 @@ impl Runtime {
             runtime: self.clone(),
             pre,
             store,
-            options,
             name: Arc::from("filter"),
             idle: Mutex::new(Vec::new()),
             stats: Stats::default(),
+            suspect_until: AtomicU64::new(0),
+            clock: std::time::Instant::now(),
+            options,
         };
         let mut first = inner.instantiate().await.map_err(|e| match e {
             StartError::Init(m) => LoadError::Init(m),
@@ -377,9 +401,22 @@ struct FilterInner {
     name: Arc<str>,
     idle: Mutex<Vec<Pooled>>,
     stats: Stats,
+    /// Until when (ms on [`FilterInner::clock`]) calls take a slow-call
+    /// slot before they start.
+    suspect_until: AtomicU64,
+    clock: std::time::Instant,
 }
 
 impl FilterInner {
+    fn suspect(&self) -> bool {
+        (self.clock.elapsed().as_millis() as u64) < self.suspect_until.load(Ordering::Relaxed)
+    }
+
+    fn mark_suspect(&self) {
+        let until = (self.clock.elapsed() + SUSPECT_FOR).as_millis() as u64;
+        self.suspect_until.store(until, Ordering::Relaxed);
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
         // Pushing or popping a Vec cannot be interrupted half-way.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
@@ -390,8 +427,20 @@ impl FilterInner {
         let state = HostState::new(self.store.clone(), &self.options.namespace, self.name.clone(), l.memory, l.store_calls);
         let mut store = wasmtime::Store::new(&self.runtime.inner.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(l.deadline.max(Duration::from_secs(1))));
+        // A call still running a few epoch ticks after it began yields to
+        // the runtime at every tick from then on, so it shares its thread
+        // with other requests, and traps once past its deadline. A filter
+        // whose call trapped so lately is a suspect (see `call`).
+        store.epoch_deadline_callback(|mut ctx| {
+            let d = ctx.data_mut();
+            d.busy_ticks += 1;
+            if d.call_deadline.is_some_and(|end| std::time::Instant::now() >= end) {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        store.set_epoch_deadline(SLOW_AFTER_TICKS);
+        store.data_mut().call_deadline = Some(std::time::Instant::now() + l.deadline.max(Duration::from_secs(1)));
         let trap = |e: wasmtime::Error, s: &wasmtime::Store<HostState>| StartError::Trap(describe_trap(&e, s.data()));
         let world = match self.pre.instantiate_async(&mut store).await {
             Ok(w) => w,
@@ -417,10 +466,6 @@ impl FilterInner {
 
 fn sanitize(s: &str, max: usize) -> String {
     s.chars().take(max).map(|c| if c.is_control() { ' ' } else { c }).collect()
-}
-
-fn deadline_ticks(d: Duration) -> u64 {
-    (d.as_micros() / TICK.as_micros()).max(1) as u64 + 1
 }
 
 fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
@@ -571,6 +616,22 @@ impl Filter {
         let inner = &self.inner;
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
+        let end = tokio::time::Instant::now() + deadline;
+        // A filter that ran past its deadline lately is a suspect: each of
+        // its calls takes a slow-call slot before it starts (waiting counts
+        // against the deadline), so its runaway calls queue instead of
+        // crowding the threads.
+        let early_slot = if inner.suspect() {
+            match tokio::time::timeout_at(end, inner.runtime.inner.slow_slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => Some(p),
+                _ => {
+                    inner.mark_suspect();
+                    return Err(FilterError::Deadline(deadline));
+                }
+            }
+        } else {
+            None
+        };
         let popped = inner.idle().pop();
         // Beyond the pooling allocator's size, instantiation fails and the
         // failure policy answers: bounded, never a queue that grows.
@@ -580,11 +641,15 @@ impl Filter {
                 StartError::Init(m) | StartError::Trap(m) => FilterError::Instantiate(m),
             })?,
         };
-        pooled.store.data_mut().begin_call(now);
-        pooled.store.set_epoch_deadline(deadline_ticks(deadline));
-        // The epoch deadline stops runaway Wasm; the timeout also bounds
+        // The deadline counts from here: an instance just made (or a slot
+        // just taken) does not eat into the call's own time.
+        let end = tokio::time::Instant::now() + deadline;
+        pooled.store.data_mut().begin_call(now, end.into_std(), early_slot);
+        pooled.store.set_epoch_deadline(SLOW_AFTER_TICKS);
+        // The epoch callback stops runaway Wasm; the timeout also bounds
         // time spent waiting in host calls (a slow store).
-        let result = tokio::time::timeout(deadline + TICK * 2, invoke(&mut pooled, call)).await;
+        let result = tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call)).await;
+        pooled.store.data().release_slow_slot();
         match result {
             Ok(Ok(answer)) => {
                 let failure = pooled.store.data_mut().store_failure.take();
@@ -596,9 +661,17 @@ impl Filter {
             }
             Ok(Err(e)) => {
                 if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
-                    return Err(FilterError::Deadline(deadline));
+                    // Its own code was running at the deadline, and was
+                    // found running at several ticks (not a slow store, not
+                    // a healthy call a busy machine left waiting, which runs
+                    // at one or two): a runaway.
+                    if pooled.store.data().busy_ticks >= SUSPECT_TICKS {
+                        inner.mark_suspect();
+                    }
+                    Err(FilterError::Deadline(deadline))
+                } else {
+                    Err(FilterError::Trap(describe_trap(&e, pooled.store.data())))
                 }
-                Err(FilterError::Trap(describe_trap(&e, pooled.store.data())))
             }
             Err(_) => Err(FilterError::Deadline(deadline)),
         }

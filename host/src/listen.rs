@@ -39,6 +39,9 @@ pub enum ListenError {
         /// The error.
         source: std::io::Error,
     },
+    /// A live process answers on the unix socket already.
+    #[error("{0} is in use: another process (a running greyhook?) answers on it; stop it or choose another path")]
+    InUse(String),
     /// The socket's owner or mode could not be set.
     #[error("cannot set owner/mode of {path}: {reason}")]
     Permissions {
@@ -102,8 +105,9 @@ impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
 pub enum Listener {
     /// TCP; `quickack` as set by [`Listener::quickack`].
     Tcp(TcpListener, bool),
-    /// Unix socket (removed again when dropped).
-    Unix(UnixListener, PathBuf),
+    /// Unix socket, removed again when dropped if it is still the one
+    /// bound (device and inode checked).
+    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
 }
 
 /// Looks a user or group up by name in `/etc/passwd` or `/etc/group` (or
@@ -126,7 +130,9 @@ fn lookup_id(name: &str, file: &str) -> Result<u32, String> {
 }
 
 impl Listener {
-    /// Binds `addr`; a unix socket left over from a previous run is replaced.
+    /// Binds `addr`. A unix socket left over from a previous run (nobody
+    /// answers on it) is replaced; one a live process answers on is not
+    /// taken over: [`ListenError::InUse`].
     pub async fn bind(addr: &ListenAddr, perms: &UnixPerms) -> Result<Listener, ListenError> {
         let bind_err = |source| ListenError::Bind { addr: addr.to_string(), source };
         match addr {
@@ -136,9 +142,13 @@ impl Listener {
                     std::fs::create_dir_all(dir).map_err(bind_err)?;
                 }
                 if p.exists() {
+                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                        return Err(ListenError::InUse(p.display().to_string()));
+                    }
                     std::fs::remove_file(p).map_err(bind_err)?;
                 }
                 let l = UnixListener::bind(p).map_err(bind_err)?;
+                let id = file_id(p);
                 let perm_err = |reason: String| ListenError::Permissions { path: p.display().to_string(), reason };
                 if perms.owner.is_some() || perms.group.is_some() {
                     let uid = perms.owner.as_deref().map(|o| lookup_id(o, "/etc/passwd")).transpose().map_err(perm_err)?;
@@ -149,7 +159,7 @@ impl Listener {
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| perm_err(e.to_string()))?;
                 }
-                Ok(Listener::Unix(l, p.clone()))
+                Ok(Listener::Unix(l, p.clone(), id))
             }
         }
     }
@@ -158,7 +168,7 @@ impl Listener {
     pub fn local_addr(&self) -> ListenAddr {
         match self {
             Listener::Tcp(l, _) => ListenAddr::Tcp(l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))),
-            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            Listener::Unix(_, p, _) => ListenAddr::Unix(p.clone()),
         }
     }
 
@@ -182,7 +192,7 @@ impl Listener {
                 let conn: Conn = if *quickack { Box::pin(QuickAck(s)) } else { Box::pin(s) };
                 Ok((conn, peer.to_string()))
             }
-            Listener::Unix(l, p) => {
+            Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept().await?;
                 Ok((Box::pin(s), format!("unix:{}", p.display())))
             }
@@ -221,23 +231,113 @@ impl AsyncWrite for QuickAck {
     }
 }
 
+/// How busy a listener is: connections in hand against its limit, and
+/// whether it is under stress (at least three quarters full). Front ends
+/// shorten their idle and read timeouts under stress, the way Postfix's
+/// stress-adaptive `smtpd_timeout` does, so that peers holding connections
+/// open without progress make room for others within seconds.
+#[derive(Debug)]
+pub struct Load {
+    max: usize,
+    active: std::sync::atomic::AtomicUsize,
+    stress: tokio::sync::watch::Sender<bool>,
+}
+
+impl Load {
+    /// A listener's load with at most `max` connections at once.
+    pub fn new(max: usize) -> Arc<Load> {
+        Arc::new(Load { max: max.max(1), active: 0.into(), stress: tokio::sync::watch::Sender::new(false) })
+    }
+
+    /// The most connections at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections in hand.
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether at least three quarters of the slots are taken.
+    pub fn stressed(&self) -> bool {
+        *self.stress.borrow()
+    }
+
+    fn update(&self, delta: isize) {
+        use std::sync::atomic::Ordering;
+        let n = if delta > 0 {
+            self.active.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.active.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
+        };
+        let stressed = n * 4 >= self.max * 3;
+        self.stress.send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
+    }
+
+    /// Runs `fut` for at most `normal`, or `stressed` while the listener
+    /// is under stress (counted from the start, re-checked when the stress
+    /// changes, so a wait that began calm is cut short when stress comes).
+    /// `None` when the time ran out.
+    pub async fn timeout<F: std::future::Future>(&self, normal: Duration, stressed: Duration, fut: F) -> Option<F::Output> {
+        let start = tokio::time::Instant::now();
+        let mut rx = self.stress.subscribe();
+        tokio::pin!(fut);
+        loop {
+            let limit = if *rx.borrow_and_update() { stressed.min(normal) } else { normal };
+            tokio::select! {
+                v = &mut fut => return Some(v),
+                _ = tokio::time::sleep_until(start + limit) => return None,
+                r = rx.changed() => if r.is_err() {
+                    return tokio::time::timeout_at(start + normal, fut).await.ok();
+                },
+            }
+        }
+    }
+}
+
+/// Counts a connection in its listener's [`Load`] while it lives.
+struct Slot(Arc<Load>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.update(-1);
+    }
+}
+
+/// What to do with a connection that finds every slot taken.
+#[derive(Debug, Clone, Copy)]
+pub enum WhenFull {
+    /// Leave it in the kernel's backlog until a slot frees (policy,
+    /// milter: the MTA waits, and stress timeouts free slots soon).
+    Wait,
+    /// Accept it, send these bytes (an SMTP `421`) and close it, so a
+    /// client hears why instead of waiting in silence.
+    Refuse(&'static str),
+}
+
 /// Accepts connections on `listener` until `shutdown` is cancelled, at
-/// most `max_connections` at once (more wait in the kernel's backlog), each
-/// served by `handle(conn, peer)` in its own task; then waits for the
-/// connections in hand to finish (each handler watches `shutdown` itself).
-pub async fn accept_loop<F, Fut>(listener: Listener, max_connections: usize, shutdown: CancellationToken, handle: F)
+/// most `load.max()` at once, each served by `handle(conn, peer)` in its
+/// own task; then waits for the connections in hand to finish (each
+/// handler watches `shutdown` itself).
+pub async fn accept_loop<F, Fut>(listener: Listener, load: Arc<Load>, when_full: WhenFull, shutdown: CancellationToken, handle: F)
 where
     F: Fn(Conn, String) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let tracker = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(load.max()));
+    // Refusals in flight (each a short write), bounded too.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
+        let permit = match when_full {
+            WhenFull::Wait => tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            },
+            WhenFull::Refuse(_) => None,
         };
-        let (conn, peer) = tokio::select! {
+        let (mut conn, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -249,9 +349,30 @@ where
             },
             _ = shutdown.cancelled() => break,
         };
+        let permit = match (permit, when_full) {
+            (Some(p), _) => p,
+            (None, WhenFull::Refuse(reply)) => match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::warn!(%peer, max = load.max(), "connection refused: every slot is taken");
+                    if let Ok(r) = refusals.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), conn.write_all(reply.as_bytes())).await;
+                            drop(r);
+                        });
+                    }
+                    continue;
+                }
+            },
+            (None, WhenFull::Wait) => continue,
+        };
+        load.update(1);
+        let slot = Slot(load.clone());
         let served = handle(conn, peer);
         tracker.spawn(async move {
             served.await;
+            drop(slot);
             drop(permit);
         });
     }
@@ -260,9 +381,19 @@ where
     tracker.wait().await;
 }
 
+/// A file's device and inode.
+fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
+        // Only the socket we bound: another process may have replaced it.
+        if let Listener::Unix(_, p, id) = self
+            && id.is_some()
+            && file_id(p) == *id
+        {
             let _ = std::fs::remove_file(p);
         }
     }

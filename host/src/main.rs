@@ -33,6 +33,14 @@ enum DbCommand {
         #[arg(long, default_value = "greyhook:")]
         prefix: String,
     },
+    /// Check a redb store file (stop the daemon using it first: it is
+    /// locked): redb's integrity check and every record read. Prints the
+    /// number of records, or why the file cannot be used and what to do;
+    /// exits 1 then.
+    Check {
+        /// The redb file.
+        path: PathBuf,
+    },
 }
 
 /// Opens a store named on the command line: `redb:PATH`, a path, `memory`
@@ -266,10 +274,10 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
             cfg.smtp.next_hop_protocol = greyhook::daemon::HopProtocol::Lmtp;
         }
     }
-    if !o.policy.is_empty() {
+    // Naming any listener on the command line names them all: the ones
+    // not named (the default policy listener among them) are off.
+    if !o.policy.is_empty() || !o.milter.is_empty() {
         cfg.policy.listen = addrs("--policy", &o.policy)?;
-    }
-    if !o.milter.is_empty() {
         cfg.milter.listen = addrs("--milter", &o.milter)?;
     }
     let c = &o.common;
@@ -321,7 +329,7 @@ async fn serve(overrides: Overrides) -> Result<()> {
 /// `greyhook reload` / `greyhook status`: one command on the control socket.
 async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let path = path.unwrap_or_else(greyhook::daemon::default_control_path);
+    let path = path.unwrap_or_else(greyhook::daemon::find_control_path);
     let mut s = tokio::net::UnixStream::connect(&path).await.with_context(|| {
         format!("cannot reach the daemon at {} (is `greyhook serve` running? --control names another socket)", path.display())
     })?;
@@ -359,6 +367,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
             let _log = init_logging("warn");
             return migrate(&from, &to, &prefix).await;
+        }
+        Command::Db { command: DbCommand::Check { path } } => {
+            let _log = init_logging("error");
+            let n = greyhook::store::RedbStore::check(&path)?;
+            println!("ok: {} holds {n} records", path.display());
+            return Ok(());
         }
         _ => {}
     }

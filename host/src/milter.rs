@@ -22,6 +22,7 @@
 //! then applies `milter_default_action` (set it to `accept` to fail open).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,7 +35,7 @@ use miltr_server::{Error as MilterError, Milter, Server};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::listen::{Conn, Listener};
+use crate::listen::{Conn, Listener, Load};
 use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
 use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
 use crate::types::{Decision, Header, Message, Reply, Verdict};
@@ -48,13 +49,25 @@ pub struct MilterConfig {
     pub max_headers: usize,
     /// A connection with nothing to say for this long is closed.
     pub idle_timeout: Duration,
+    /// The idle timeout while three quarters of `max_connections` are in use.
+    pub stress_idle_timeout: Duration,
+    /// A packet, once begun, must arrive whole within this; and the MTA
+    /// must take our reply within it.
+    pub frame_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
 }
 
 impl Default for MilterConfig {
     fn default() -> Self {
-        MilterConfig { max_packet: 64 << 10, max_headers: 200, idle_timeout: Duration::from_secs(600), max_connections: 512 }
+        MilterConfig {
+            max_packet: 64 << 10,
+            max_headers: 200,
+            idle_timeout: Duration::from_secs(600),
+            stress_idle_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(10),
+            max_connections: 512,
+        }
     }
 }
 
@@ -250,8 +263,8 @@ fn strip_brackets(s: &str) -> String {
 
 /// Serves one milter connection until the MTA quits, it idles out, it
 /// sends something malformed, or shutdown is asked for.
-async fn handle(hooks: Hooks, config: MilterConfig, conn: Conn, peer: String, shutdown: CancellationToken) {
-    let idle = config.idle_timeout;
+async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn, peer: String, shutdown: CancellationToken) {
+    let deadlines = Deadlines { idle: config.idle_timeout, stress_idle: config.stress_idle_timeout, frame: config.frame_timeout, load };
     let max_packet = config.max_packet;
     let mut conv = Conversation {
         hooks,
@@ -263,7 +276,7 @@ async fn handle(hooks: Hooks, config: MilterConfig, conn: Conn, peer: String, sh
         headers: Vec::new(),
         pending_headers: Vec::new(),
     };
-    let io = IdleTimeout::new(conn, idle).compat();
+    let io = PeerDeadlines::new(conn, deadlines).compat();
     let mut server = Server::new(&mut conv, false, max_packet);
     tokio::select! {
         r = server.handle_connection(io) => match r {
@@ -276,28 +289,106 @@ async fn handle(hooks: Hooks, config: MilterConfig, conn: Conn, peer: String, sh
 
 /// Accepts milter connections on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
-    let max = config.max_connections;
+    let load = crate::listen::Load::new(config.max_connections);
     let stop = shutdown.clone();
-    crate::listen::accept_loop(listener, max, stop, move |conn, peer| handle(hooks.clone(), config.clone(), conn, peer, shutdown.clone()))
-        .await
+    let l = load.clone();
+    crate::listen::accept_loop(listener, load, crate::listen::WhenFull::Wait, stop, move |conn, peer| {
+        handle(hooks.clone(), config.clone(), l.clone(), conn, peer, shutdown.clone())
+    })
+    .await
 }
 
-/// A stream whose reads fail with `TimedOut` after `idle` without data:
-/// `miltr-server` reads without a deadline, and a peer that stops talking
-/// must not hold a connection slot for ever.
-struct IdleTimeout {
-    inner: Conn,
+/// The time limits of one milter connection.
+struct Deadlines {
     idle: Duration,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    stress_idle: Duration,
+    frame: Duration,
+    load: Arc<Load>,
 }
 
-impl IdleTimeout {
-    fn new(inner: Conn, idle: Duration) -> IdleTimeout {
-        IdleTimeout { inner, idle, timer: Box::pin(tokio::time::sleep(idle)) }
+/// A stream whose reads fail with `TimedOut` when the MTA idles between
+/// packets longer than the idle timeout (shorter while the listener is under
+/// stress), or takes longer than the frame timeout to send a packet it has
+/// begun, and whose writes fail when the MTA does not take them within the
+/// frame timeout. `miltr-server` reads and writes without deadlines; this
+/// follows the packet framing (a 4-byte big-endian length, then that many
+/// bytes) as the bytes go by, so a peer announcing a large packet and
+/// trickling it cannot hold a slot.
+struct PeerDeadlines {
+    inner: Conn,
+    d: Deadlines,
+    /// Length bytes of the packet being read, and how many so far.
+    head: [u8; 4],
+    head_len: usize,
+    /// Bytes of the current packet's body still to come.
+    body_left: usize,
+    /// When the wait in hand ends: idle or inside a packet.
+    read_deadline: tokio::time::Instant,
+    since: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    write_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl PeerDeadlines {
+    fn new(inner: Conn, d: Deadlines) -> PeerDeadlines {
+        let now = tokio::time::Instant::now();
+        PeerDeadlines {
+            inner,
+            head: [0; 4],
+            head_len: 0,
+            body_left: 0,
+            read_deadline: now + d.idle,
+            since: now,
+            timer: Box::pin(tokio::time::sleep(d.idle)),
+            write_timer: None,
+            d,
+        }
+    }
+
+    fn in_packet(&self) -> bool {
+        self.head_len > 0 || self.body_left > 0
+    }
+
+    /// Follows the framing over bytes just read; a packet that begins
+    /// starts the frame deadline.
+    fn track(&mut self, mut bytes: &[u8]) {
+        let now = tokio::time::Instant::now();
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.head_len == 0 {
+                self.read_deadline = now + self.d.frame;
+            }
+            self.head[self.head_len] = bytes[0];
+            self.head_len += 1;
+            bytes = &bytes[1..];
+            if self.head_len == 4 {
+                self.head_len = 0;
+                self.body_left = u32::from_be_bytes(self.head) as usize;
+            }
+        }
+        if !self.in_packet() {
+            self.since = now;
+        }
+    }
+
+    /// When the current wait must end: the frame deadline inside a packet,
+    /// else the idle limit (re-checked each second for stress).
+    fn deadline(&self) -> tokio::time::Instant {
+        if self.in_packet() {
+            return self.read_deadline;
+        }
+        let idle = if self.d.load.stressed() { self.d.stress_idle.min(self.d.idle) } else { self.d.idle };
+        let end = self.since + idle;
+        end.min(tokio::time::Instant::now() + Duration::from_secs(1))
     }
 }
 
-impl tokio::io::AsyncRead for IdleTimeout {
+impl tokio::io::AsyncRead for PeerDeadlines {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -305,27 +396,61 @@ impl tokio::io::AsyncRead for IdleTimeout {
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
         let this = &mut *self;
+        let before = buf.filled().len();
         match this.inner.as_mut().poll_read(cx, buf) {
             Poll::Ready(r) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                let new = buf.filled()[before..].to_vec();
+                this.track(&new);
                 Poll::Ready(r)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "milter peer idle"))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                let end = this.deadline();
+                if this.timer.deadline() != end {
+                    this.timer.as_mut().reset(end);
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        let now = tokio::time::Instant::now();
+                        let over = if this.in_packet() {
+                            now >= this.read_deadline
+                        } else {
+                            let idle = if this.d.load.stressed() { this.d.stress_idle.min(this.d.idle) } else { this.d.idle };
+                            now >= this.since + idle
+                        };
+                        if over {
+                            let what = if this.in_packet() { "milter peer stalled inside a packet" } else { "milter peer idle" };
+                            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what)));
+                        }
+                    }
+                }
             },
         }
     }
 }
 
-impl tokio::io::AsyncWrite for IdleTimeout {
+impl tokio::io::AsyncWrite for PeerDeadlines {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.as_mut().poll_write(cx, buf)
+        use std::task::Poll;
+        let this = &mut *self;
+        match this.inner.as_mut().poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                this.write_timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let frame = this.d.frame;
+                let t = this.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(frame)));
+                match t.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "milter peer does not read"))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
     fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         self.inner.as_mut().poll_flush(cx)

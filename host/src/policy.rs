@@ -53,8 +53,12 @@ pub struct PolicyConfig {
     pub max_attributes: usize,
     /// A connection idle this long is closed (Postfix reconnects).
     pub idle_timeout: Duration,
-    /// A request must be complete this long after its first line.
+    /// A request must be complete this long after its first byte, and
+    /// the peer must take our answer within it.
     pub request_timeout: Duration,
+    /// The idle timeout while three quarters of `max_connections` are in
+    /// use: idle peers make room for others.
+    pub stress_idle_timeout: Duration,
     /// Most connections at once; more wait to be accepted.
     pub max_connections: usize,
     /// Most transactions (Postfix `instance`s) tracked at once.
@@ -71,6 +75,7 @@ impl Default for PolicyConfig {
             max_attributes: 100,
             idle_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(10),
+            stress_idle_timeout: Duration::from_secs(5),
             max_connections: 512,
             max_transactions: 50_000,
             transaction_ttl: Duration::from_secs(1800),
@@ -119,10 +124,11 @@ impl PolicyServer {
     /// Answers one request (its attribute lines, without the final empty
     /// line): the `action=...` value.
     pub async fn answer(&self, request: &[u8]) -> String {
-        let Ok(text) = std::str::from_utf8(request) else {
-            tracing::warn!("policy request with invalid UTF-8: DUNNO");
-            return "DUNNO".into();
-        };
+        // Invalid UTF-8 (a client's bytes in sender, recipient or HELO) is
+        // not a reason to let the mail through: the filters see it with
+        // U+FFFD in place of the bad bytes, and greylist it like any other.
+        let text = String::from_utf8_lossy(request);
+        let text: &str = &text;
         // A request has a few dozen attributes: a linear scan beats hashing.
         let mut attrs: Vec<(&str, &str)> = Vec::with_capacity(32);
         for l in text.split('\n') {
@@ -255,9 +261,9 @@ impl PolicyServer {
 
     /// Serves one connection until the peer closes it, it idles out, it
     /// breaks a limit, or shutdown is asked for (after the request in hand).
-    pub async fn handle(self: Arc<Self>, conn: Conn, peer: String, shutdown: CancellationToken) {
+    pub async fn handle(self: Arc<Self>, conn: Conn, peer: String, load: Arc<crate::listen::Load>, shutdown: CancellationToken) {
         let (r, mut w) = tokio::io::split(conn);
-        let mut reader = RequestReader::new(r, &self.config);
+        let mut reader = RequestReader::new(r, &self.config, load);
         let mut out = Vec::with_capacity(256);
         loop {
             match reader.next(&shutdown).await {
@@ -267,9 +273,16 @@ impl PolicyServer {
                     out.extend_from_slice(b"action=");
                     out.extend_from_slice(action.as_bytes());
                     out.extend_from_slice(b"\n\n");
-                    if let Err(e) = w.write_all(&out).await {
-                        tracing::debug!(%peer, "policy client went away: {e}");
-                        return;
+                    match tokio::time::timeout(self.config.request_timeout, w.write_all(&out)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "policy client went away: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "policy client does not read its answers: closing");
+                            return;
+                        }
                     }
                 }
                 Ok(None) => return,
@@ -307,11 +320,13 @@ struct RequestReader<R> {
     max_line: usize,
     max_attributes: usize,
     idle: Duration,
+    stress_idle: Duration,
     request_timeout: Duration,
+    load: Arc<crate::listen::Load>,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
-    fn new(r: R, c: &PolicyConfig) -> Self {
+    fn new(r: R, c: &PolicyConfig, load: Arc<crate::listen::Load>) -> Self {
         RequestReader {
             r,
             buf: Vec::with_capacity(4096),
@@ -321,7 +336,9 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
             max_line: c.max_line,
             max_attributes: c.max_attributes,
             idle: c.idle_timeout,
+            stress_idle: c.stress_idle_timeout,
             request_timeout: c.request_timeout,
+            load,
         }
     }
 
@@ -371,9 +388,9 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
                     .await
                     .map_err(|_| ConnError::Timeout(self.request_timeout))??,
                 None => tokio::select! {
-                    r = tokio::time::timeout(self.idle, self.r.read_buf(&mut self.buf)) => match r {
-                        Err(_) => return Ok(None),
-                        Ok(r) => r?,
+                    r = self.load.timeout(self.idle, self.stress_idle, self.r.read_buf(&mut self.buf)) => match r {
+                        None => return Ok(None),
+                        Some(r) => r?,
                     },
                     _ = shutdown.cancelled() => return Ok(None),
                 },
@@ -388,7 +405,11 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 /// Accepts connections on `listener` until `shutdown` is cancelled, then
 /// lets every connection finish the request in hand and returns.
 pub async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
-    let max = server.config.max_connections;
+    let load = crate::listen::Load::new(server.config.max_connections);
     let stop = shutdown.clone();
-    crate::listen::accept_loop(listener, max, stop, move |conn, peer| server.clone().handle(conn, peer, shutdown.clone())).await
+    let l = load.clone();
+    crate::listen::accept_loop(listener, load, crate::listen::WhenFull::Wait, stop, move |conn, peer| {
+        server.clone().handle(conn, peer, l.clone(), shutdown.clone())
+    })
+    .await
 }

@@ -135,26 +135,20 @@ impl Relay {
         Ok(r)
     }
 
-    /// DATA, the message (dot-stuffed here) and the final dot: the next
-    /// hop's verdict, or for LMTP the first failure among the per-recipient
-    /// replies (or the first success when all succeeded).
-    pub async fn data(&mut self, message: &[u8]) -> Result<HopReply, RelayError> {
+    /// DATA, then `prefix` (header lines of ours) and `message` (CRLF
+    /// lines, already dot-stuffed: [`crate::smtp::wire::DataFramer`]'s
+    /// output) and the final dot: the next hop's verdict, or for LMTP the
+    /// first failure among the per-recipient replies (or the first success
+    /// when all succeeded). Written as it is, without a copy.
+    pub async fn data(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
         let go = self.command("DATA").await?;
         if go.code != 354 {
             return Ok(go);
         }
-        let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 8);
-        for line in message.split_inclusive(|b| *b == b'\n') {
-            if line.first() == Some(&b'.') {
-                out.push(b'.');
-            }
-            out.extend_from_slice(line);
-        }
-        if !out.is_empty() && !out.ends_with(b"\r\n") {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b".\r\n");
-        self.write(&out).await?;
+        self.write(prefix).await?;
+        self.write(message).await?;
+        let end: &[u8] = if message.is_empty() || message.ends_with(b"\r\n") { b".\r\n" } else { b"\r\n.\r\n" };
+        self.write(end).await?;
         if !self.hop.lmtp {
             return self.reply().await;
         }

@@ -41,6 +41,14 @@ pub enum InvalidVerdict {
     /// Too many lines.
     #[error("reply has more than 16 lines")]
     TooManyLines,
+    /// A text line carries its own `retry=` hint: only the host writes
+    /// the hint (from `retry-after`), once, on the last line.
+    #[error("reply text line {0} contains \"retry=\": set retry-after instead")]
+    HintInText(usize),
+    /// A retry hint on a code that cannot carry one: the draft's
+    /// greylisting codes are 421, 450 and 451.
+    #[error("reply code {0} cannot carry a retry hint (the draft allows 421, 450 and 451)")]
+    HintCode(u16),
     /// A header is malformed.
     #[error("header {0} is malformed (name: printable ASCII without ':' up to 64; value: printable up to 998, no CR/LF)")]
     Header(usize),
@@ -84,6 +92,12 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
         if l.len() > MAX_TEXT_LINE || !printable(l) {
             return Err(InvalidVerdict::Text(i));
         }
+        if l.to_ascii_lowercase().contains("retry=") {
+            return Err(InvalidVerdict::HintInText(i));
+        }
+    }
+    if r.retry_after.is_some() && !matches!(r.code, 421 | 450 | 451) {
+        return Err(InvalidVerdict::HintCode(r.code));
     }
     Ok(())
 }
@@ -158,7 +172,9 @@ pub fn render_lines(r: &Reply) -> Vec<String> {
                 line.push(' ');
             }
             line.push_str(t);
+            // The hint belongs to a tempfail (4yz) only.
             if i + 1 == n
+                && r.code / 100 == 4
                 && let Some(s) = r.retry_after
             {
                 if !line.ends_with(' ') {
@@ -218,5 +234,12 @@ mod tests {
         assert!(check_header(&Header { name: "X-Greylist".into(), value: "delayed 3 seconds".into() }));
         assert!(!check_header(&Header { name: "X-A".into(), value: "a\r\nBcc: evil".into() }));
         assert!(!check_header(&Header { name: "X A:".into(), value: "v".into() }));
+        // Only the host writes the hint, and only on a greylisting code.
+        assert_eq!(check_reply(&reply(451, &["wait", "then RETRY=24:00:00"], Some(300)), true), Err(InvalidVerdict::HintInText(1)));
+        assert_eq!(check_reply(&reply(452, &["x"], Some(300)), true), Err(InvalidVerdict::HintCode(452)));
+        assert_eq!(check_reply(&reply(550, &["x"], Some(300)), false), Err(InvalidVerdict::HintCode(550)));
+        assert!(check_reply(&reply(450, &["x"], Some(300)), true).is_ok());
+        assert!(check_reply(&reply(452, &["x"], None), true).is_ok());
+        assert_eq!(render(&reply(550, &["x"], Some(300))), "550 5.7.1 x\r\n", "no hint on a 5yz");
     }
 }

@@ -82,6 +82,13 @@ pub(crate) struct HostState {
     max_store_calls: u32,
     /// The first store failure or limit breach of the call in progress.
     pub(crate) store_failure: Option<String>,
+    /// When the call in progress (or `init`) must be over.
+    pub(crate) call_deadline: Option<std::time::Instant>,
+    /// Epoch ticks at which the call in progress was running Wasm (about
+    /// the milliseconds of its own CPU time past the first few).
+    pub(crate) busy_ticks: u64,
+    /// The slow-call slot this call holds (a suspect filter's calls).
+    slow_held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
 }
 
 impl HostState {
@@ -104,6 +111,9 @@ impl HostState {
             prefix: format!("{namespace}/"),
             filter,
             now: 0,
+            call_deadline: None,
+            slow_held: Arc::default(),
+            busy_ticks: 0,
             store_calls: 0,
             max_store_calls,
             store_failure: None,
@@ -111,7 +121,15 @@ impl HostState {
     }
 
     /// Resets the per-call state.
-    pub(crate) fn begin_call(&mut self, now: u64) {
+    /// Gives back the slow-call slot, if the call took one.
+    pub(crate) fn release_slow_slot(&self) {
+        self.slow_held.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub(crate) fn begin_call(&mut self, now: u64, deadline: std::time::Instant, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
+        self.call_deadline = Some(deadline);
+        self.busy_ticks = 0;
+        *self.slow_held.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         self.now = now;
         self.store_calls = 0;
         self.store_failure = None;

@@ -4,6 +4,7 @@
 mod cli;
 mod farm;
 mod greylist;
+mod hostile;
 mod milter;
 mod policy;
 mod postfix;
@@ -12,3 +13,4 @@ mod reply;
 mod sandbox;
 mod smtp;
 mod store;
+mod storefault;

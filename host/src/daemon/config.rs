@@ -162,9 +162,12 @@ pub struct PolicySection {
     /// Idle connections are closed after this.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// A request must be complete within this.
+    /// A request must be complete within this (and our answer taken).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The idle timeout while three quarters of `max_connections` are in use.
+    #[serde(with = "humantime_serde")]
+    pub stress_idle_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
 }
@@ -182,6 +185,7 @@ impl Default for PolicySection {
             max_attributes: p.max_attributes,
             idle_timeout: p.idle_timeout,
             request_timeout: p.request_timeout,
+            stress_idle_timeout: p.stress_idle_timeout,
             max_connections: p.max_connections,
         }
     }
@@ -204,6 +208,12 @@ pub struct MilterSection {
     /// Idle connections are closed after this.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The idle timeout while three quarters of `max_connections` are in use.
+    #[serde(with = "humantime_serde")]
+    pub stress_idle_timeout: Duration,
+    /// A packet, once begun, must arrive whole within this (and our replies be taken).
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
 }
@@ -218,6 +228,8 @@ impl Default for MilterSection {
             socket_group: None,
             max_packet: m.max_packet,
             idle_timeout: m.idle_timeout,
+            stress_idle_timeout: m.stress_idle_timeout,
+            frame_timeout: m.frame_timeout,
             max_connections: m.max_connections,
         }
     }
@@ -261,8 +273,22 @@ pub struct SmtpSection {
     /// Wait for message data at most this long.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
-    /// Most connections at once.
+    /// Both timeouts while three quarters of `max_connections` are in use.
+    #[serde(with = "humantime_serde")]
+    pub stress_timeout: Duration,
+    /// A whole session lasts at most this long.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Commands without progress (NOOP, RSET, HELP, VRFY, EHLO) before closing.
+    pub junk_command_limit: u32,
+    /// Most connections at once (more hear `421`).
     pub max_connections: usize,
+    /// Most connections at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Bytes of message data held in memory across all connections.
+    pub max_data_memory: usize,
+    /// `reject` (521 and close) or `normalize` a bare LF or CR from a client.
+    pub bare_newline: crate::smtp::BareNewline,
     /// PEM certificate chain: enables STARTTLS (with `tls_key`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key.
@@ -284,7 +310,13 @@ impl Default for SmtpSection {
             max_line: c.max_line,
             command_timeout: c.command_timeout,
             data_timeout: c.data_timeout,
+            stress_timeout: c.stress_timeout,
+            session_timeout: c.session_timeout,
+            junk_command_limit: c.junk_command_limit,
             max_connections: c.max_connections,
+            max_connections_per_client: c.max_connections_per_client,
+            max_data_memory: c.max_data_memory,
+            bare_newline: c.bare_newline,
             tls_cert: None,
             tls_key: None,
         }
@@ -430,6 +462,8 @@ impl DaemonConfig {
         let config = MilterConfig {
             max_packet: m.max_packet,
             idle_timeout: m.idle_timeout,
+            stress_idle_timeout: m.stress_idle_timeout,
+            frame_timeout: m.frame_timeout,
             max_connections: m.max_connections,
             ..MilterConfig::default()
         };
@@ -447,8 +481,18 @@ impl DaemonConfig {
         if !next_hop.contains(':') {
             return Err(bad("next_hop must be HOST:PORT"));
         }
-        if s.max_line < 512 || s.max_recipients < 1 || s.max_message_size < 1024 || s.max_connections == 0 {
-            return Err(bad("max_line must be at least 512, max_message_size 1024, max_recipients and max_connections 1"));
+        if s.max_line < 512
+            || s.max_recipients < 1
+            || s.max_message_size < 1024
+            || s.max_connections == 0
+            || s.max_connections_per_client == 0
+        {
+            return Err(bad(
+                "max_line must be at least 512, max_message_size 1024, max_recipients, max_connections and max_connections_per_client 1",
+            ));
+        }
+        if s.max_data_memory < s.max_message_size.min(1 << 20) {
+            return Err(bad("max_data_memory must hold at least one message of max_message_size (or 1 MiB)"));
         }
         let hostname = s.hostname.clone().unwrap_or_else(system_hostname);
         let tls = match (&s.tls_cert, &s.tls_key) {
@@ -469,7 +513,13 @@ impl DaemonConfig {
             max_recipients: s.max_recipients,
             command_timeout: s.command_timeout,
             data_timeout: s.data_timeout,
+            stress_timeout: s.stress_timeout,
+            session_timeout: s.session_timeout,
+            junk_command_limit: s.junk_command_limit,
             max_connections: s.max_connections,
+            max_connections_per_client: s.max_connections_per_client,
+            max_data_memory: s.max_data_memory,
+            bare_newline: s.bare_newline,
             tls,
             ..SmtpConfig::new(hop)
         }))
@@ -486,6 +536,7 @@ impl DaemonConfig {
             max_attributes: p.max_attributes,
             idle_timeout: p.idle_timeout,
             request_timeout: p.request_timeout,
+            stress_idle_timeout: p.stress_idle_timeout,
             max_connections: p.max_connections,
             ..PolicyConfig::default()
         })
@@ -561,6 +612,23 @@ fn tempfile_probe(dir: &Path) -> bool {
     let ok = std::fs::write(&p, b"").is_ok();
     let _ = std::fs::remove_file(&p);
     ok
+}
+
+/// Where `greyhook status` and `greyhook reload` look for a daemon's
+/// control socket when none is named: the first of the places
+/// [`default_control_path`] would choose that holds a socket, found
+/// without creating or writing anything (they only read).
+pub fn find_control_path() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        candidates.push(PathBuf::from(d).join("control.sock"));
+    }
+    candidates.push(PathBuf::from("/run/greyhook/control.sock"));
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        candidates.push(PathBuf::from(d).join("greyhook").join("control.sock"));
+    }
+    candidates.push(default_db_path().with_file_name("control.sock"));
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| candidates[0].clone())
 }
 
 /// The control socket's path by default: `$RUNTIME_DIRECTORY/control.sock`

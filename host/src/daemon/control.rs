@@ -45,7 +45,8 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                             )
                         })
                         .collect();
-                    format!("ok {}; store_failures={}\n", parts.join("; "), shared.store.failures())
+                    let health = if shared.store.degraded() { "degraded" } else { "ok" };
+                    format!("ok {}; store={health} store_failures={}\n", parts.join("; "), shared.store.failures())
                 }
                 _ => "error expected `reload` or `status`\n".to_string(),
             };

@@ -117,6 +117,12 @@ pub trait Store: Send + Sync + 'static {
     fn failures(&self) -> u64 {
         0
     }
+
+    /// Whether the backend is degraded: records it could not write wait
+    /// in memory (for `greyhook status`).
+    fn degraded(&self) -> bool {
+        false
+    }
 }
 
 /// A page of [`Store::scan`].

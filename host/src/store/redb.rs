@@ -9,14 +9,29 @@
 //! and when the store is dropped): a crash or power cut loses at most the
 //! last second of greylist records, which only means those clients are
 //! greylisted once more. redb keeps the file consistent in both modes.
+//!
+//! Faults: a write that fails (a full disk, an I/O error) puts the store in
+//! a *degraded* state instead of losing records: the records stay in the
+//! overlay (in `immediate` mode too), every read and compare-and-swap still
+//! sees them, the database handle is closed and opened again (redb refuses
+//! all work after an I/O error until then), and the flusher retries every
+//! second until the disk takes them, then logs the recovery. Meanwhile the
+//! fault is logged and counted ([`Store::failures`], [`Store::degraded`],
+//! `greyhook status`). The overlay is bounded ([`OVERLAY_HARD_MAX`]): past
+//! it, writes fail and the failure policy answers.
+//!
+//! A damaged file is never a panic: opening walks the whole file (redb's
+//! integrity check, then every record) and refuses with a message that
+//! says what to do.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 
@@ -41,8 +56,12 @@ pub enum Durability {
 
 /// How often the periodic flusher writes the overlay.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// An overlay this large is flushed by the writer itself.
+/// An overlay this large is flushed by the writer itself (unless the store
+/// is degraded: then the flusher keeps trying on its own).
 const OVERLAY_MAX: usize = 100_000;
+/// Records the overlay holds at most while the file cannot be written;
+/// past this, writes fail (about 200 bytes each: some 400 MB).
+pub const OVERLAY_HARD_MAX: usize = 2_000_000;
 
 /// A [`Store`] in a redb file.
 pub struct RedbStore {
@@ -50,8 +69,14 @@ pub struct RedbStore {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` between closing after an I/O error and opening again.
+    db: RwLock<Option<Database>>,
+    path: PathBuf,
     durability: Durability,
+    /// A write to the file failed and records wait in the overlay.
+    degraded: AtomicBool,
+    /// Backend failures since start.
+    failures: AtomicU64,
     overlay: Mutex<Overlay>,
     /// Serialises flushes.
     flushing: Mutex<()>,
@@ -98,54 +123,64 @@ fn encode(version: u64, expires_at: u64, value: &[u8]) -> Vec<u8> {
 
 impl RedbStore {
     /// Opens (creating if needed) the store at `path`. Fails if another
-    /// process has it open.
+    /// process has it open, or if the file is damaged (never a panic).
     pub fn open(path: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                &"it is in use by another process (one greyhook process can serve every front end: `greyhook smtp --policy ADDR --milter ADDR`; several hosts share a Redis store)",
-            ),
-            e => open_err(&e),
-        })?;
-        let txn = db.begin_write().map_err(|e| open_err(&e))?;
-        {
-            txn.open_table(RECORDS).map_err(|e| open_err(&e))?;
-            txn.open_table(EXPIRY).map_err(|e| open_err(&e))?;
-            txn.open_table(META).map_err(|e| open_err(&e))?;
-        }
-        txn.commit().map_err(|e| open_err(&e))?;
-        let last_version = {
-            let txn = db.begin_read().map_err(|e| open_err(&e))?;
-            let meta = txn.open_table(META).map_err(|e| open_err(&e))?;
-            meta.get("last_version").map_err(|e| open_err(&e))?.map_or(0, |g| g.value())
-        };
+        let (db, last_version) = open_checked(path)?;
         let inner = Arc::new(Inner {
-            db,
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
             durability,
+            degraded: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
             overlay: Mutex::new(Overlay { last_version, ..Overlay::default() }),
             flushing: Mutex::new(()),
         });
-        if durability == Durability::Periodic {
-            let weak = Arc::downgrade(&inner);
-            std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
-        }
+        // The flusher runs in both modes: in `immediate` mode it writes what
+        // a disk fault left in the overlay.
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
         Ok(RedbStore { inner })
+    }
+
+    /// Checks the file at `path` the way [`RedbStore::open`] does (integrity
+    /// check, every record read), without keeping it open: the number of
+    /// records, or why it cannot be used. For `greyhook db check`.
+    pub fn check(path: &Path) -> Result<u64, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Open { path: path.display().to_string(), reason: "no such file".into() });
+        }
+        let damaged = |what: String| StoreError::Open { path: path.display().to_string(), reason: format!("the file is damaged ({what})") };
+        quiet_catch(|| {
+            let (db, _) = open_checked(path)?;
+            let txn = db.begin_read().map_err(backend)?;
+            let rec = txn.open_table(RECORDS).map_err(backend)?;
+            rec.len().map_err(backend)
+        })
+        .map_err(damaged)?
+    }
+
+    /// Whether writes wait in memory for the disk (for tests and status).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
     }
 
     /// Runs one write transaction; `f` returns whether to commit it, and a result.
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(bool, T), StoreError>) -> Result<T, StoreError> {
         let run = || {
-            let txn = self.inner.db.begin_write().map_err(backend)?;
-            let (commit, v) = f(&txn)?;
-            if commit {
-                txn.commit().map_err(backend)?;
-            } else {
-                txn.abort().map_err(backend)?;
-            }
-            Ok(v)
+            self.inner.with_db(|db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let (commit, v) = f(&txn)?;
+                if commit {
+                    txn.commit().map_err(backend)?;
+                } else {
+                    txn.abort().map_err(backend)?;
+                }
+                Ok(v)
+            })
         };
         // An fsync per write must not stall the async runtime's worker.
         match (self.inner.durability, tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())) {
@@ -187,9 +222,45 @@ impl RedbStore {
 
 impl RedbStore {
     fn read_file(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(RECORDS).map_err(backend)?;
-        Ok(table.get(key).map_err(backend)?.and_then(|g| decode(g.value())))
+        self.inner.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(RECORDS).map_err(backend)?;
+            Ok(table.get(key).map_err(backend)?.and_then(|g| decode(g.value())))
+        })
+    }
+
+    /// A write or deletion: to the overlay in `periodic` mode, or while
+    /// degraded; else to the file, falling back to the overlay when the
+    /// file fails (the record is kept, the flusher writes it later).
+    fn write_any(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
+        if self.inner.durability == Durability::Periodic || self.is_degraded() || !self.overlay().dirty.is_empty() {
+            return self.update_overlay(key, value, cond, now);
+        }
+        match self.update(key, value, cond, now) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if !self.inner.degraded.swap(true, Ordering::Relaxed) {
+                    tracing::error!("store degraded: cannot write {} ({e}); records kept in memory", self.inner.path.display());
+                }
+                self.inner.reopen();
+                // Versions continue from the file's.
+                {
+                    let mut o = self.overlay();
+                    if o.last_version == 0 {
+                        o.last_version = self.read_last_version().unwrap_or(0);
+                    }
+                }
+                self.update_overlay(key, value, cond, now)
+            }
+        }
+    }
+
+    fn read_last_version(&self) -> Result<u64, StoreError> {
+        self.inner.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            Ok(meta.get("last_version").map_err(backend)?.map_or(0, |g| g.value()))
+        })
     }
 
     fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
@@ -199,6 +270,12 @@ impl RedbStore {
     /// Periodic mode: a conditional write or deletion in the overlay.
     fn update_overlay(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
         let mut o = self.overlay();
+        if o.dirty.len() >= OVERLAY_HARD_MAX {
+            self.inner.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Backend(format!(
+                "the store file cannot be written and {OVERLAY_HARD_MAX} records wait in memory: refusing more"
+            )));
+        }
         let current = match o.lookup(key) {
             Some(e) => e.clone(),
             // Read under the lock, so no write slips in between; redb
@@ -221,13 +298,91 @@ impl RedbStore {
                 live
             }
         };
-        let full = o.dirty.len() >= OVERLAY_MAX;
+        let n = o.dirty.len();
         drop(o);
-        if full {
-            self.inner.flush()?;
+        if n >= OVERLAY_MAX && !self.is_degraded() {
+            // Flush here (a degraded store leaves it to the flusher, so
+            // calls do not wait on a disk that cannot take the records).
+            if let Err(e) = self.inner.flush() {
+                tracing::error!("store flush failed, records kept in memory: {e}");
+            }
         }
         Ok(result)
     }
+}
+
+/// Opens the database at `path`, runs redb's integrity check and reads
+/// every record and index entry, so that a damaged file is refused here
+/// with a clear message (redb can panic on some damage: caught, never
+/// passed on). Returns the database and the last version handed out.
+fn open_checked(path: &Path) -> Result<(Database, u64), StoreError> {
+    let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
+    let damaged = |detail: &dyn std::fmt::Display| {
+        open_err(&format!(
+            "the file is damaged ({detail}); move it aside and start greyhook again (it starts with an empty greylist: \
+             known clients are greylisted once more), or restore a copy; `greyhook db check PATH` checks a file"
+        ))
+    };
+    let attempt = quiet_catch(|| -> Result<(Database, u64), StoreError> {
+        let mut db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                &"it is in use by another process (one greyhook process can serve every front end: `greyhook smtp --policy ADDR --milter ADDR`; several hosts share a Redis store)",
+            ),
+            redb::DatabaseError::Storage(redb::StorageError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => open_err(&e),
+            e => damaged(&e),
+        })?;
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => return Err(damaged(&"redb's integrity check repaired it, but records may be lost")),
+            Err(e) => return Err(damaged(&e)),
+        }
+        let txn = db.begin_write().map_err(|e| open_err(&e))?;
+        {
+            txn.open_table(RECORDS).map_err(|e| damaged(&e))?;
+            txn.open_table(EXPIRY).map_err(|e| damaged(&e))?;
+            txn.open_table(META).map_err(|e| damaged(&e))?;
+        }
+        txn.commit().map_err(|e| open_err(&e))?;
+        let last_version = {
+            let txn = db.begin_read().map_err(|e| open_err(&e))?;
+            let meta = txn.open_table(META).map_err(|e| damaged(&e))?;
+            let rec = txn.open_table(RECORDS).map_err(|e| damaged(&e))?;
+            for item in rec.iter().map_err(|e| damaged(&e))? {
+                let (_, v) = item.map_err(|e| damaged(&e))?;
+                if decode(v.value()).is_none() {
+                    return Err(damaged(&"a record is malformed"));
+                }
+            }
+            let exp = txn.open_table(EXPIRY).map_err(|e| damaged(&e))?;
+            for item in exp.iter().map_err(|e| damaged(&e))? {
+                item.map_err(|e| damaged(&e))?;
+            }
+            meta.get("last_version").map_err(|e| damaged(&e))?.map_or(0, |g| g.value())
+        };
+        Ok((db, last_version))
+    });
+    match attempt {
+        Ok(r) => r,
+        Err(what) => Err(damaged(&format!("redb could not read it: {what}"))),
+    }
+}
+
+/// Runs `f`, turning a panic into `Err(message)` without the panic being
+/// printed (a damaged file is reported once, as an error that says what
+/// to do). Used at start, before other threads run; the panic hook is
+/// process-wide, so it is put back at once.
+fn quiet_catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    r.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown damage".into())
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -248,8 +403,8 @@ impl Inner {
             o.in_flight = batch.clone();
             (batch, o.last_version)
         };
-        let result = (|| {
-            let txn = self.db.begin_write().map_err(backend)?;
+        let result = self.with_db(|db| {
+            let txn = db.begin_write().map_err(backend)?;
             {
                 let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
@@ -272,7 +427,7 @@ impl Inner {
                 meta.insert("last_version", last_version).map_err(backend)?;
             }
             txn.commit().map_err(backend)
-        })();
+        });
         let mut o = lock(&self.overlay);
         if result.is_err() {
             // Put the batch back under anything written since, to retry.
@@ -281,7 +436,57 @@ impl Inner {
             }
         }
         o.in_flight = Arc::new(HashMap::new());
+        let waiting = o.dirty.len();
+        drop(o);
+        match &result {
+            Ok(()) => {
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        records = batch.len(),
+                        "store recovered: the records kept in memory are written to {}",
+                        self.path.display()
+                    );
+                }
+            }
+            Err(e) => {
+                if !self.degraded.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        "store degraded: cannot write {} ({e}); {waiting} records kept in memory, retried every second",
+                        self.path.display()
+                    );
+                }
+                self.reopen();
+            }
+        }
         result
+    }
+
+    /// Runs `f` on the open database; a failure counts, and an I/O failure
+    /// marks the store degraded (the handle is reopened by the next flush).
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = guard.as_ref() else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Backend(format!("{} is closed after an I/O error; reopening", self.path.display())));
+        };
+        let r = f(db);
+        if r.is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Closes the database and opens it again: after an I/O error redb
+    /// refuses all work until then.
+    fn reopen(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *guard = None;
+        let reopened = std::panic::catch_unwind(|| Database::create(&self.path));
+        match reopened {
+            Ok(Ok(db)) => *guard = Some(db),
+            Ok(Err(e)) => tracing::debug!("reopening {} failed (will retry): {e}", self.path.display()),
+            Err(_) => tracing::error!("reopening {} panicked in redb (will retry)", self.path.display()),
+        }
     }
 }
 
@@ -297,49 +502,42 @@ fn flusher(store: Weak<Inner>) {
     loop {
         std::thread::sleep(FLUSH_EVERY);
         let Some(inner) = store.upgrade() else { return };
-        if let Err(e) = inner.flush() {
-            tracing::error!("store flush failed (will retry): {e}");
+        if inner.db.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            inner.reopen();
         }
+        // Errors are logged by `flush` (once when the store degrades).
+        let _ = inner.flush();
     }
 }
 
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &str, now: u64) -> Result<Option<Entry>, StoreError> {
-        let entry = match self.inner.durability {
-            Durability::Periodic => match self.overlay().lookup(key) {
-                Some(e) => e.clone(),
-                None => self.read_file(key)?,
-            },
-            Durability::Immediate => self.read_file(key)?,
+        // The overlay first in both modes: in `immediate` mode it holds
+        // what a disk fault could not write yet.
+        let pending = self.overlay().lookup(key).cloned();
+        let entry = match pending {
+            Some(e) => e,
+            None => self.read_file(key)?,
         };
         Ok(entry.filter(|e| e.expires_at > now))
     }
 
     async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError> {
-        let written = match self.inner.durability {
-            Durability::Periodic => self.update_overlay(key, Some((value, expires_at)), cond, now)?,
-            Durability::Immediate => self.update(key, Some((value, expires_at)), cond, now)?,
-        };
+        let written = self.write_any(key, Some((value, expires_at)), cond, now)?;
         Ok(written.map_or(WriteOutcome::Conflict, WriteOutcome::Written))
     }
 
     async fn delete(&self, key: &str, cond: Condition, now: u64) -> Result<bool, StoreError> {
-        Ok(match self.inner.durability {
-            Durability::Periodic => self.update_overlay(key, None, cond, now)?,
-            Durability::Immediate => self.update(key, None, cond, now)?,
-        }
-        .is_some())
+        Ok(self.write_any(key, None, cond, now)?.is_some())
     }
 
     async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
         // At most this many a transaction, so a large backlog does not hold
         // the write lock for long.
         const BATCH: usize = 10_000;
-        if self.inner.durability == Durability::Periodic {
-            // The overlay's entries are swept once they are in the file.
-            self.inner.flush()?;
-        }
+        // The overlay's entries are swept once they are in the file.
+        self.inner.flush()?;
         let mut total = 0;
         loop {
             let n = self.write(|txn| {
@@ -369,17 +567,22 @@ impl Store for RedbStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        match self.inner.durability {
-            Durability::Periodic => self.inner.flush(),
-            Durability::Immediate => Ok(()),
-        }
+        self.inner.flush()
+    }
+
+    fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    fn degraded(&self) -> bool {
+        self.is_degraded()
     }
 
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
-        if self.inner.durability == Durability::Periodic {
-            self.inner.flush()?;
-        }
-        let txn = self.inner.db.begin_read().map_err(backend)?;
+        self.inner.flush()?;
+        let guard = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = guard.as_ref().ok_or_else(|| StoreError::Backend("the store file is closed after an I/O error".into()))?;
+        let txn = db.begin_read().map_err(backend)?;
         let rec = txn.open_table(RECORDS).map_err(backend)?;
         let limit = limit.max(1);
         let mut page = Page::default();

@@ -92,6 +92,23 @@ impl Guest for Chaos {
             "huge-reply" => {
                 verdict(Decision::Tempfail(Reply { code: 451, enhanced: None, text: vec!["x".repeat(1 << 20)], retry_after: None }))
             }
+            // Replies the host must refuse (only it writes the hint; the
+            // hint only on 421/450/451), and a 421 that must close.
+            "hint-in-text" => verdict(Decision::Tempfail(Reply {
+                code: 451,
+                enhanced: Some("4.7.1".into()),
+                text: vec!["Wait retry=24:00:00".into()],
+                retry_after: Some(300),
+            })),
+            "hint-on-452" => {
+                verdict(Decision::Tempfail(Reply { code: 452, enhanced: None, text: vec!["full".into()], retry_after: Some(300) }))
+            }
+            "close-421" => verdict(Decision::Tempfail(Reply {
+                code: 421,
+                enhanced: Some("4.7.0".into()),
+                text: vec!["Go away".into()],
+                retry_after: Some(60),
+            })),
             "bad-code" => verdict(Decision::Tempfail(Reply { code: 250, enhanced: None, text: vec!["ok?".into()], retry_after: None })),
             "inject" => {
                 verdict(Decision::Reject(Reply { code: 550, enhanced: None, text: vec!["no\r\n250 OK".into()], retry_after: None }))

@@ -20,20 +20,35 @@
 //! dot-stuffing, RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a
 //! certificate is configured (input pipelined after STARTTLS is refused,
 //! CVE-2011-0411).
+//!
+//! Against hostile clients ([`wire`] has the byte-level rules): only
+//! `CRLF . CRLF` ends the data, and a bare LF or CR is refused with `521`
+//! or taken as a line end ([`BareNewline`]); every read and write has a
+//! deadline, shortened while the listener is under stress; a client address
+//! may hold only so many connections, a session only so much time, and
+//! commands that make no progress are counted; message data held in memory
+//! across all connections has a budget (`452 4.3.1` when it is spent).
+//! The next hop is connected only once a recipient is accepted.
 
+pub mod wire;
+
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::listen::{Conn, Listener};
+use crate::listen::{Conn, Listener, Load, WhenFull};
 use crate::relay::{HopReply, NextHop, Relay};
 use crate::reply::render;
 use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
 use crate::types::{Header, Message, Verdict};
+pub use wire::BareNewline;
+use wire::{DataFramer, Ending, Fed, Line, PathError, parse_path, read_line, split_ending};
 
 /// Settings of the SMTP front end.
 #[derive(Clone)]
@@ -48,14 +63,30 @@ pub struct SmtpConfig {
     pub max_message_size: usize,
     /// Most recipients per message (RFC 5321: at least 100).
     pub max_recipients: usize,
-    /// Wait for a command at most this long.
+    /// Wait for a command (or for the client to take a reply) at most this long.
     pub command_timeout: Duration,
     /// Wait for message data (between lines) at most this long.
     pub data_timeout: Duration,
+    /// Both timeouts while the listener is under stress (three quarters
+    /// of `max_connections` in use).
+    pub stress_timeout: Duration,
+    /// A whole session lasts at most this long.
+    pub session_timeout: Duration,
     /// Errors (bad commands) before the connection is closed.
     pub max_errors: u32,
-    /// Most connections at once.
+    /// NOOP, RSET, HELP, VRFY and EHLO/HELO without a message in between
+    /// before the connection is closed (Postfix `smtpd_junk_command_limit`).
+    pub junk_command_limit: u32,
+    /// Most connections at once; more hear `421` and are closed.
     pub max_connections: usize,
+    /// Most connections at once from one client address (Postfix
+    /// `smtpd_client_connection_count_limit`).
+    pub max_connections_per_client: usize,
+    /// Bytes of message data held in memory across all connections; a
+    /// message that does not fit gets `452 4.3.1`.
+    pub max_data_memory: usize,
+    /// What a bare LF or CR from a client does.
+    pub bare_newline: BareNewline,
     /// STARTTLS, when a certificate is configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -71,8 +102,14 @@ impl SmtpConfig {
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            stress_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(1800),
             max_errors: 20,
+            junk_command_limit: 20,
             max_connections: 256,
+            max_connections_per_client: 10,
+            max_data_memory: 256 << 20,
+            bare_newline: BareNewline::Reject,
             tls: None,
         }
     }
@@ -84,18 +121,85 @@ const HOP_UNAVAILABLE: &str = "451 4.4.1 Next hop unavailable, try again later\r
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
 
+/// The data memory budget counts in units of this many bytes.
+const BUDGET_UNIT: usize = 1024;
+
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What every connection of one front end shares: the hooks, the
+/// settings, the listener's load, the connections per client address and
+/// the message memory budget.
+struct Shared {
+    hooks: Hooks,
+    config: Arc<SmtpConfig>,
+    load: Arc<Load>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    data_budget: Arc<Semaphore>,
+}
+
+/// A client address's connection, counted while it lives.
+struct ClientSlot<'a>(&'a Shared, IpAddr);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn client_slot(&self, ip: IpAddr) -> Option<ClientSlot<'_>> {
+        let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.config.max_connections_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self, ip))
+    }
+}
 
 /// Accepts SMTP connections on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, shutdown: CancellationToken) {
-    let max = config.max_connections;
+    let load = Load::new(config.max_connections);
+    let units = (config.max_data_memory / BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS);
+    let shared = Arc::new(Shared {
+        hooks,
+        config,
+        load: load.clone(),
+        per_client: Mutex::new(HashMap::new()),
+        data_budget: Arc::new(Semaphore::new(units)),
+    });
     let stop = shutdown.clone();
-    crate::listen::accept_loop(listener, max, stop, move |conn, peer| {
-        let (hooks, config, shutdown) = (hooks.clone(), config.clone(), shutdown.clone());
+    let full = WhenFull::Refuse("421 4.3.2 Too many connections, try again later\r\n");
+    crate::listen::accept_loop(listener, load, full, stop, move |conn, peer| {
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
         async move {
-            let mut c = Connection::new(conn, &peer, hooks, config);
+            let ip: IpAddr = match peer.parse::<std::net::SocketAddr>() {
+                Ok(a) => a.ip(),
+                Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            };
+            let mut c = Connection::new(conn, &peer, shared.clone());
+            let Some(_slot) = shared.client_slot(ip) else {
+                tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
+                let _ = c.write("421 4.7.0 Too many connections from your address, try again later\r\n").await;
+                return;
+            };
+            let limit = shared.config.session_timeout;
             tokio::select! {
-                r = c.run() => if let Err(e) = r { tracing::debug!(%peer, "smtp connection ended: {e}") },
+                r = tokio::time::timeout(limit, c.run(ip)) => match r {
+                    Ok(Err(e)) => tracing::debug!(%peer, "smtp connection ended: {e}"),
+                    Ok(Ok(())) => {}
+                    Err(_) => {
+                        tracing::info!(%peer, "smtp session over its time limit {limit:?}");
+                        let _ = c.write("421 4.4.2 Session time limit exceeded, closing\r\n").await;
+                    }
+                },
                 _ = shutdown.cancelled() => { let _ = c.write("421 4.3.2 Shutting down\r\n").await; }
             }
             if let Some(relay) = c.relay.take() {
@@ -115,113 +219,90 @@ enum End {
     Timeout,
     #[error("client closed the connection")]
     Closed,
+    #[error("client sent a bare newline")]
+    BareNewline,
 }
 
-/// One line from the client.
-enum Line {
-    Text(Vec<u8>),
-    TooLong,
-}
-
-/// Reads one LF-ended line, keeping at most `max` bytes; the rest of a
-/// longer line is read and dropped, so memory stays bounded.
-async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Line>, std::io::Error> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    loop {
-        let buf = r.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(match (too_long, line.is_empty()) {
-                (true, _) => Some(Line::TooLong),
-                (false, true) => None,
-                (false, false) => Some(Line::Text(line)),
-            });
-        }
-        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (&buf[..=i], true),
-            None => (buf, false),
-        };
-        let n = chunk.len();
-        if !too_long {
-            if line.len() + n > max + 2 {
-                too_long = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(chunk);
-            }
-        }
-        r.consume(n);
-        if done {
-            return Ok(Some(if too_long { Line::TooLong } else { Line::Text(line) }));
-        }
-    }
-}
-
-/// The address inside `<...>` after `FROM:` / `TO:`, and the parameters.
-fn parse_path<'a>(arg: &'a str, prefix: &str) -> Option<(String, &'a str)> {
-    let rest = arg.get(..prefix.len()).filter(|p| p.eq_ignore_ascii_case(prefix)).map(|_| &arg[prefix.len()..])?;
-    let rest = rest.trim_start();
-    let rest = rest.strip_prefix('<')?;
-    let end = rest.find('>')?;
-    let addr = &rest[..end];
-    // Source routes (`<@a,@b:user@c>`) are allowed and ignored (RFC 5321 4.1.2).
-    let addr = match addr.starts_with('@') {
-        true => addr.split_once(':').map_or(addr, |(_, a)| a),
-        false => addr,
-    };
-    if addr.len() > 254 || addr.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'<') {
-        return None;
-    }
-    Some((addr.to_string(), rest[end + 1..].trim()))
+/// The next hop's part of the current transaction.
+enum Hop {
+    /// Not yet asked (no recipient accepted so far).
+    Idle,
+    /// MAIL accepted by the next hop.
+    Open,
+    /// The next hop refused MAIL (or could not be reached): this reply
+    /// answers every recipient of the transaction.
+    Refused(String),
 }
 
 struct Connection {
     io: BufReader<Conn>,
     peer: String,
-    hooks: Hooks,
+    shared: Arc<Shared>,
     config: Arc<SmtpConfig>,
     session: Option<SmtpSession>,
     relay: Option<Relay>,
+    hop: Hop,
     greeted: bool,
     tls: bool,
     in_transaction: bool,
+    /// MAIL parameters to forward to the next hop.
+    mail_params: Vec<String>,
     recipients: usize,
     errors: u32,
+    junk: u32,
     /// Headers the filters asked for at MAIL and RCPT, added at delivery.
     headers: Vec<Header>,
 }
 
+/// A message read into memory, with its share of the data budget.
+struct Body {
+    bytes: Vec<u8>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
 impl Connection {
-    fn new(conn: Conn, peer: &str, hooks: Hooks, config: Arc<SmtpConfig>) -> Connection {
+    fn new(conn: Conn, peer: &str, shared: Arc<Shared>) -> Connection {
         Connection {
             io: BufReader::new(conn),
             peer: peer.to_string(),
-            hooks,
-            config,
+            config: shared.config.clone(),
+            shared,
             session: None,
             relay: None,
+            hop: Hop::Idle,
             greeted: false,
             tls: false,
             in_transaction: false,
+            mail_params: Vec::new(),
             recipients: 0,
             errors: 0,
+            junk: 0,
             headers: Vec::new(),
         }
     }
 
+    /// Writes to the client, which must take it within the command timeout
+    /// (a client that pipelines and never reads cannot hold us).
     async fn write(&mut self, text: &str) -> Result<(), End> {
+        let (normal, stressed) = (self.config.command_timeout, self.config.stress_timeout);
         let w = self.io.get_mut();
-        w.write_all(text.as_bytes()).await?;
-        w.flush().await?;
-        Ok(())
+        let written = self.shared.load.timeout(normal, stressed, async {
+            w.write_all(text.as_bytes()).await?;
+            w.flush().await
+        });
+        match written.await {
+            Some(r) => Ok(r?),
+            None => Err(End::Timeout),
+        }
     }
 
     async fn line(&mut self, max: usize, timeout: Duration) -> Result<Line, End> {
-        match tokio::time::timeout(timeout, read_line(&mut self.io, max)).await {
-            Err(_) => Err(End::Timeout),
-            Ok(Err(e)) => Err(End::Io(e)),
-            Ok(Ok(None)) => Err(End::Closed),
-            Ok(Ok(Some(l))) => Ok(l),
+        let stressed = self.config.stress_timeout;
+        match self.shared.load.timeout(timeout, stressed, read_line(&mut self.io, max)).await {
+            None => Err(End::Timeout),
+            Some(Err(e)) => Err(End::Io(e)),
+            Some(Ok(None)) => Err(End::Closed),
+            Some(Ok(Some(l))) => Ok(l),
         }
     }
 
@@ -235,13 +316,32 @@ impl Connection {
         self.write(reply).await
     }
 
-    async fn run(&mut self) -> Result<(), End> {
-        let ip: IpAddr = match self.peer.parse::<std::net::SocketAddr>() {
-            Ok(a) => a.ip(),
-            Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-        };
+    /// Counts a command that makes no progress; too many close the connection.
+    async fn junk(&mut self, reply: &str) -> Result<(), End> {
+        self.junk += 1;
+        if self.junk > self.config.junk_command_limit {
+            self.write("421 4.7.0 Too many commands without mail, closing\r\n").await?;
+            return Err(End::Closed);
+        }
+        self.write(reply).await
+    }
+
+    /// Tells the client about a bare newline and ends the session.
+    async fn bare_newline(&mut self) -> Result<(), End> {
+        tracing::info!(peer = %self.peer, "bare <LF> or <CR> from the client: 521 and closing");
+        self.write("521 5.5.2 Error: bare <LF> or <CR> received; lines end with <CR><LF>\r\n").await?;
+        Err(End::BareNewline)
+    }
+
+    /// Sends a filter's reply; a `421` closes the connection (RFC 5321 3.8).
+    async fn filter_reply(&mut self, r: &crate::types::Reply) -> Result<(), End> {
+        self.write(&render(r)).await?;
+        if r.code == 421 { Err(End::Closed) } else { Ok(()) }
+    }
+
+    async fn run(&mut self, ip: IpAddr) -> Result<(), End> {
         let id = format!("smtp{}", SESSIONS.fetch_add(1, Ordering::Relaxed));
-        let mut session = SmtpSession::new(self.hooks.clone(), id, ip);
+        let mut session = SmtpSession::new(self.shared.hooks.clone(), id, ip);
         let v = session.connect().await;
         if let Some(r) = v.reply() {
             // The draft: 421 at the greeting, then the client goes away.
@@ -263,9 +363,20 @@ impl Connection {
                 }
                 Err(e) => return Err(e),
             };
-            let text = String::from_utf8_lossy(&raw);
-            let text = text.trim_end_matches(['\r', '\n']);
-            let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
+            let (content, ending) = split_ending(&raw);
+            match (ending, self.config.bare_newline) {
+                // The stream ended in the middle of a command: nobody is
+                // left to answer.
+                (Ending::None, _) => return Err(End::Closed),
+                (Ending::Bare, BareNewline::Reject) => return self.bare_newline().await,
+                _ => {}
+            }
+            if content.contains(&b'\r') {
+                self.error("500 5.5.2 Bare <CR> in command\r\n").await?;
+                continue;
+            }
+            let text = String::from_utf8_lossy(content);
+            let (verb, arg) = text.split_once(' ').unwrap_or((&text, ""));
             let arg = arg.trim();
             match verb.to_ascii_uppercase().as_str() {
                 "EHLO" | "HELO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
@@ -277,11 +388,11 @@ impl Connection {
                 "DATA" => self.data().await?,
                 "RSET" => {
                     self.reset().await;
-                    self.write("250 2.0.0 Ok\r\n").await?;
+                    self.junk("250 2.0.0 Ok\r\n").await?;
                 }
-                "NOOP" => self.write("250 2.0.0 Ok\r\n").await?,
-                "HELP" => self.write("214 2.0.0 See RFC 5321\r\n").await?,
-                "VRFY" => self.write("252 2.0.0 Cannot VRFY; send some mail and we will see\r\n").await?,
+                "NOOP" => self.junk("250 2.0.0 Ok\r\n").await?,
+                "HELP" => self.junk("214 2.0.0 See RFC 5321\r\n").await?,
+                "VRFY" => self.junk("252 2.0.0 Cannot VRFY; send some mail and we will see\r\n").await?,
                 "QUIT" => {
                     self.write("221 2.0.0 Bye\r\n").await?;
                     return Ok(());
@@ -295,14 +406,21 @@ impl Connection {
         self.session.as_mut().unwrap_or_else(|| unreachable!("set before the command loop"))
     }
 
+    /// Ends the transaction, here and at the next hop.
     async fn reset(&mut self) {
-        if self.in_transaction
+        if matches!(self.hop, Hop::Open)
             && let Some(r) = self.relay.as_mut()
             && r.rset().await.is_err()
         {
             self.relay = None;
         }
+        self.end_transaction();
+    }
+
+    fn end_transaction(&mut self) {
+        self.hop = Hop::Idle;
         self.in_transaction = false;
+        self.mail_params.clear();
         self.recipients = 0;
         self.headers.clear();
         self.session().reset();
@@ -312,12 +430,16 @@ impl Connection {
         if name.len() > 255 || name.bytes().any(|b| b.is_ascii_control()) {
             return self.error("501 5.5.4 Invalid hostname\r\n").await;
         }
+        self.junk += 1;
+        if self.junk > self.config.junk_command_limit {
+            self.write("421 4.7.0 Too many commands without mail, closing\r\n").await?;
+            return Err(End::Closed);
+        }
         self.reset().await;
         let v = self.session().ehlo(name).await;
         if let Some(r) = v.verdict.reply() {
-            let close = r.code == 421;
-            self.write(&render(r)).await?;
-            return if close { Err(End::Closed) } else { Ok(()) };
+            let r = r.clone();
+            return self.filter_reply(&r).await;
         }
         self.greeted = true;
         if !extended {
@@ -369,8 +491,10 @@ impl Connection {
         if self.in_transaction {
             return self.error("503 5.5.1 Nested MAIL command\r\n").await;
         }
-        let Some((sender, params)) = parse_path(arg, "FROM:") else {
-            return self.error("501 5.5.4 Syntax: MAIL FROM:<address>\r\n").await;
+        let (sender, params) = match parse_path(arg, "FROM:") {
+            Ok(p) => p,
+            Err(PathError::TooLong) => return self.error("501 5.1.7 Sender address too long\r\n").await,
+            Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n").await,
         };
         let mut forward = Vec::new();
         for p in params.split_whitespace() {
@@ -389,17 +513,41 @@ impl Connection {
         }
         let v = self.session().mail(&sender).await;
         if let Some(r) = v.reply() {
-            return self.write(&render(r)).await;
+            let r = r.clone();
+            return self.filter_reply(&r).await;
         }
-        // The next hop must take the sender too before the client hears 250.
+        // The next hop hears of the transaction only when a recipient
+        // passes the filters: a greylisted attempt costs it nothing.
+        self.in_transaction = true;
+        self.hop = Hop::Idle;
+        self.mail_params = forward;
+        self.headers.clear();
+        keep_headers(&mut self.headers, &v);
+        self.write("250 2.1.0 Ok\r\n").await
+    }
+
+    /// Opens the transaction at the next hop (connecting if needed): the
+    /// client's address with XFORWARD, then MAIL. `Err` is the reply for
+    /// the client's recipient.
+    async fn open_hop(&mut self) -> Result<(), String> {
+        match &self.hop {
+            Hop::Open => return Ok(()),
+            Hop::Refused(reply) => return Err(reply.clone()),
+            Hop::Idle => {}
+        }
+        let sender = self.session().transaction().sender.clone().unwrap_or_default();
         let xf = self.session.as_ref().map(|s| xforward(s.session()));
-        let hop = match self.relay_ready().await {
-            Ok(r) => r,
-            Err(reply) => {
-                self.session().reset();
-                return self.write(&reply).await;
-            }
+        let params = self.mail_params.clone();
+        let result = self.hop_mail(&sender, params, xf).await;
+        self.hop = match &result {
+            Ok(()) => Hop::Open,
+            Err(reply) => Hop::Refused(reply.clone()),
         };
+        result
+    }
+
+    async fn hop_mail(&mut self, sender: &str, mut forward: Vec<String>, xf: Option<String>) -> Result<(), String> {
+        let hop = self.relay_ready().await?;
         // Tell it who the client is (Postfix resets XFORWARD attributes
         // after every transaction, so before every MAIL).
         if hop.has("XFORWARD")
@@ -413,22 +561,13 @@ impl Connection {
             let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
             (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME"))
         });
-        match hop.mail(&sender, &forward.join(" ")).await {
-            Ok(r) if r.is_positive() => {
-                self.in_transaction = true;
-                self.headers.clear();
-                keep_headers(&mut self.headers, &v);
-                self.write("250 2.1.0 Ok\r\n").await
-            }
-            Ok(r) => {
-                self.session().reset();
-                self.write(&r.render()).await
-            }
+        match hop.mail(sender, &forward.join(" ")).await {
+            Ok(r) if r.is_positive() => Ok(()),
+            Ok(r) => Err(r.render()),
             Err(e) => {
                 tracing::warn!("{e}");
                 self.relay = None;
-                self.session().reset();
-                self.write(HOP_UNAVAILABLE).await
+                Err(HOP_UNAVAILABLE.into())
             }
         }
     }
@@ -461,8 +600,10 @@ impl Connection {
         if !self.in_transaction {
             return self.error("503 5.5.1 Need MAIL before RCPT\r\n").await;
         }
-        let Some((rcpt, params)) = parse_path(arg, "TO:") else {
-            return self.error("501 5.5.4 Syntax: RCPT TO:<address>\r\n").await;
+        let (rcpt, params) = match parse_path(arg, "TO:") {
+            Ok(p) => p,
+            Err(PathError::TooLong) => return self.error("501 5.1.3 Recipient address too long\r\n").await,
+            Err(PathError::Syntax) => return self.error("501 5.1.3 Bad recipient address syntax\r\n").await,
         };
         if !params.is_empty() {
             return self.error("555 5.5.4 Unsupported RCPT parameter\r\n").await;
@@ -475,14 +616,21 @@ impl Connection {
         }
         let v = self.session().rcpt(&rcpt).await;
         if let Some(r) = v.reply() {
-            return self.write(&render(r)).await;
+            let r = r.clone();
+            return self.filter_reply(&r).await;
+        }
+        if let Err(reply) = self.open_hop().await {
+            self.forget_last_recipient();
+            return self.write(&reply).await;
         }
         let Some(hop) = self.relay.as_mut() else {
+            self.forget_last_recipient();
             return self.write(HOP_UNAVAILABLE).await;
         };
         match hop.rcpt(&rcpt).await {
             Ok(r) if r.is_positive() => {
                 self.recipients += 1;
+                self.junk = 0;
                 keep_headers(&mut self.headers, &v);
                 self.write("250 2.1.5 Ok\r\n").await
             }
@@ -493,9 +641,7 @@ impl Connection {
             Err(e) => {
                 tracing::warn!("{e}");
                 self.relay = None;
-                self.in_transaction = false;
-                self.recipients = 0;
-                self.session().reset();
+                self.end_transaction();
                 self.write(HOP_UNAVAILABLE).await
             }
         }
@@ -522,21 +668,27 @@ impl Connection {
         self.write("354 End data with <CR><LF>.<CR><LF>\r\n").await?;
         let message = self.read_message().await?;
         let result = match message {
-            Err(reply) => self.write(reply).await,
+            Err(reply) => {
+                if let Some(hop) = self.relay.as_mut()
+                    && hop.rset().await.is_err()
+                {
+                    self.relay = None;
+                }
+                self.write(reply).await
+            }
             Ok(body) => self.deliver(body).await,
         };
-        self.in_transaction = false;
-        self.recipients = 0;
-        self.headers.clear();
-        self.session().reset();
+        self.end_transaction();
         result
     }
 
-    /// Reads the message up to the final dot, undoing dot-stuffing and
-    /// normalising line ends to CRLF; a message over the size limit or with
-    /// an overlong line is read to its end and refused.
-    async fn read_message(&mut self) -> Result<Result<Vec<u8>, &'static str>, End> {
-        let mut body = Vec::new();
+    /// Reads the message up to `CRLF . CRLF` ([`DataFramer`]); a message
+    /// over the size limit, with an overlong line or a NUL, or that does
+    /// not fit in the data memory budget is read to its end and refused.
+    async fn read_message(&mut self) -> Result<Result<Body, &'static str>, End> {
+        let mut framer = DataFramer::new(self.config.bare_newline);
+        let mut body = Body { bytes: Vec::new(), _budget: None };
+        let mut reserved = 0usize;
         let mut refused: Option<&'static str> = None;
         loop {
             let line = match self.line(MAX_DATA_LINE, self.config.data_timeout).await? {
@@ -546,34 +698,55 @@ impl Connection {
                 }
                 Line::Text(l) => l,
             };
-            // Only CRLF.CRLF ends the message: a "." line ended by a bare LF
-            // is data (SMTP smuggling, CVE-2023-51764 and kin). It is
-            // relayed dot-stuffed, so the next hop cannot take it for an end
-            // either.
-            if line == b".\r\n" {
-                return Ok(refused.map_or(Ok(body), Err));
-            }
             if !line.ends_with(b"\n") {
                 // End of stream without the final dot: the client vanished.
                 return Err(End::Closed);
             }
-            let content = &line[..line.len() - 1];
-            let content = content.strip_suffix(b"\r").unwrap_or(content);
-            let content = content.strip_prefix(b".").unwrap_or(content);
-            if refused.is_none() {
-                if body.len() + content.len() + 2 > self.config.max_message_size {
-                    refused = Some("552 5.3.4 Message size exceeds fixed limit\r\n");
-                    body = Vec::new();
-                } else {
-                    body.extend_from_slice(content);
-                    body.extend_from_slice(b"\r\n");
+            match framer.feed(&line, &mut body.bytes, refused.is_some()) {
+                Fed::End => break,
+                Fed::BareNewline => {
+                    self.bare_newline().await?;
+                    return Err(End::BareNewline);
+                }
+                Fed::Data => {}
+            }
+            if refused.is_some() {
+                continue;
+            }
+            let (len, cap) = (body.bytes.len(), body.bytes.capacity());
+            if len > self.config.max_message_size {
+                refused = Some("552 5.3.4 Message size exceeds fixed limit\r\n");
+            } else if cap > reserved {
+                // What the message really holds in memory (the vector grows
+                // geometrically) is charged to the budget.
+                let units = (cap - reserved).div_ceil(BUDGET_UNIT).min(u32::MAX as usize) as u32;
+                match self.shared.data_budget.clone().try_acquire_many_owned(units) {
+                    Ok(p) => {
+                        reserved += units as usize * BUDGET_UNIT;
+                        match body._budget.as_mut() {
+                            Some(all) => all.merge(p),
+                            None => body._budget = Some(p),
+                        }
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %self.peer, "message data memory budget spent: 452");
+                        refused = Some("452 4.3.1 Insufficient system storage, try again later\r\n");
+                    }
                 }
             }
+            if refused.is_some() {
+                body = Body { bytes: Vec::new(), _budget: None };
+                reserved = 0;
+            }
         }
+        if framer.saw_nul() {
+            refused.get_or_insert("554 5.6.0 Message contains NUL characters\r\n");
+        }
+        Ok(refused.map_or(Ok(body), Err))
     }
 
-    async fn deliver(&mut self, body: Vec<u8>) -> Result<(), End> {
-        let headers = parse_headers(&body);
+    async fn deliver(&mut self, body: Body) -> Result<(), End> {
+        let headers = parse_headers(&body.bytes);
         let message = Message { message_id: message_id(&headers), headers };
         let v: Verdict = self.session().data(&message).await;
         if let Some(r) = v.reply() {
@@ -582,20 +755,21 @@ impl Connection {
             {
                 self.relay = None;
             }
-            return self.write(&render(r)).await;
+            let r = r.clone();
+            return self.filter_reply(&r).await;
         }
-        let mut out = Vec::with_capacity(body.len() + 256);
+        let mut prefix = Vec::with_capacity(256);
         keep_headers(&mut self.headers, &v);
         for h in &self.headers {
-            out.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
+            prefix.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
         }
-        out.extend_from_slice(&body);
         let Some(hop) = self.relay.as_mut() else {
             return self.write(HOP_UNAVAILABLE).await;
         };
-        match hop.data(&out).await {
+        match hop.data(&prefix, &body.bytes).await {
             Ok(r) => {
                 let reply: HopReply = r;
+                self.junk = 0;
                 self.write(&reply.render()).await
             }
             Err(e) => {
@@ -652,32 +826,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_and_parameters() {
-        assert_eq!(parse_path("FROM:<a@b.c> SIZE=10", "FROM:"), Some(("a@b.c".into(), "SIZE=10")));
-        assert_eq!(parse_path("from: <>", "FROM:"), Some(("".into(), "")));
-        assert_eq!(parse_path("TO:<@r1,@r2:u@d>", "TO:"), Some(("u@d".into(), "")));
-        assert_eq!(parse_path("TO:u@d", "TO:"), None);
-        assert_eq!(parse_path("TO:<u@d", "TO:"), None);
-        assert_eq!(parse_path("FROM:<a\u{1}b>", "FROM:"), None);
-    }
-
-    #[test]
     fn headers_are_unfolded_and_end_at_the_empty_line() {
         let h = parse_headers(b"Subject: a\r\n b\r\nMessage-ID: <x@y>\r\n\r\nNot: a header\r\n");
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].value, "a b");
         assert_eq!(message_id(&h).as_deref(), Some("<x@y>"));
-    }
-
-    #[tokio::test]
-    async fn long_lines_are_dropped_not_kept() {
-        let input = [b'a'; 100_000];
-        let mut r = tokio::io::BufReader::new(&input[..]);
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Some(Line::TooLong)), "cut off by the end of the stream");
-        let data = [vec![b'x'; 5000], b"\r\nNOOP\r\n".to_vec()].concat();
-        let mut r = tokio::io::BufReader::new(&data[..]);
-        assert!(matches!(read_line(&mut r, 512).await.unwrap(), Some(Line::TooLong)));
-        assert!(matches!(read_line(&mut r, 512).await.unwrap(), Some(Line::Text(t)) if t == b"NOOP\r\n"));
-        assert!(read_line(&mut r, 512).await.unwrap().is_none());
     }
 }

@@ -1,0 +1,503 @@
+//! The hostile internet against the running `greyhook` binary, the way
+//! each attack was found: raw sockets, a real next hop (Postfix's
+//! `smtp-sink`), slow and greedy clients, and counted results.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use greyhook_tests::*;
+
+/// `greyhook smtp` relaying to 127.0.0.1:`hop`, with `smtp` lines added to
+/// its `[smtp]` table and `filter` as the filter's configuration.
+fn smtp_daemon(dir: &Path, hop: u16, smtp: &str, filter: &str) -> (Process, u16) {
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\nhostname = \"greyhook.test\"\n\
+         next_hop_timeout = \"5s\"\n{smtp}\n[filter.config]\n{filter}\n",
+        d = dir.display()
+    );
+    let p = greyhook_with(dir, "smtp", &text);
+    wait_for_port(port, 30);
+    (p, port)
+}
+
+const WHITE: &str = "whitelist_clients = [\"127.0.0.0/8\"]";
+
+/// SMTP smuggling (CVE-2023-51764 and kin): every known end-of-data
+/// variant, under both bare-newline rules, against Postfix's smtp-sink as
+/// the next hop; the messages that arrive are counted.
+#[test]
+fn smuggled_messages_never_reach_a_real_next_hop() {
+    let variants: [(&str, &[u8]); 6] = [
+        ("LF.LF", b"\n.\n"),
+        ("LF.CRLF", b"\n.\r\n"),
+        ("CRLF.LF", b"\r\n.\n"),
+        ("CR.CR", b"\r.\r"),
+        ("CRLF.CRCRLF", b"\r\n.\r\r\n"),
+        ("CRLF.NUL.CRLF", b"\r\n.\0\r\n"),
+    ];
+    for mode in ["reject", "normalize"] {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = PostfixSink::start();
+        let (_d, port) = smtp_daemon(dir.path(), sink.port, &format!("bare_newline = \"{mode}\""), WHITE);
+        for (name, v) in variants {
+            let mut c = Raw::at_data(port, &["u@example.com"]);
+            let mut data = b"Subject: one\r\n\r\nhello".to_vec();
+            data.extend_from_slice(v);
+            data.extend_from_slice(
+                b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<v@d.example>\r\nDATA\r\nSubject: forged\r\n\r\nforged\r\n.\r\nQUIT\r\n",
+            );
+            c.w.write_all(&data).unwrap();
+            let mut replies = String::new();
+            let _ = c.r.read_to_string(&mut replies);
+            let nul = name.contains("NUL");
+            match (mode, nul) {
+                (_, true) => assert!(replies.starts_with("554 5.6.0"), "{mode} {name}: {replies:?}"),
+                ("reject", false) => {
+                    assert!(replies.starts_with("521 5.5.2"), "{mode} {name}: {replies:?}");
+                    assert!(!replies.contains("221"), "closed after the 521: {replies:?}");
+                }
+                _ => assert!(replies.starts_with("250 ") && replies.matches("250 ").count() == 1, "{mode} {name}: {replies:?}"),
+            }
+        }
+        let got = sink.messages();
+        let with_data: Vec<&String> = got.iter().filter(|m| m.contains("hello") || m.contains("forged")).collect();
+        let forged_alone = with_data.iter().filter(|m| m.contains("Subject: forged") && !m.contains("hello")).count();
+        assert_eq!(forged_alone, 0, "{mode}: a forged message arrived on its own: {with_data:#?}");
+        let expected = if mode == "reject" { 0 } else { 5 };
+        assert_eq!(with_data.len(), expected, "{mode}: {with_data:#?}");
+        // Under normalize, the would-be commands arrived as the data of the one message.
+        for m in &with_data {
+            assert!(m.contains("MAIL FROM:<ceo@bank.example>"), "{m}");
+        }
+    }
+}
+
+/// A bare LF ending a command is refused too (reject) or taken as CRLF
+/// (normalize).
+#[test]
+fn bare_lf_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "", WHITE);
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.w.write_all(b"EHLO x.example.org\n").unwrap();
+    assert!(c.reply().starts_with("521 5.5.2"));
+    assert!(c.closed());
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "bare_newline = \"normalize\"", WHITE);
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.w.write_all(b"EHLO x.example.org\n").unwrap();
+    assert!(c.reply().starts_with("250-greyhook.test"));
+}
+
+/// A quoted local part RFC 5321 allows works end to end: greylisted
+/// first (keyed on its raw bytes), accepted on retry, relayed as written.
+/// Addresses RFC 5321 forbids are refused with 501.
+#[test]
+fn quoted_local_parts_are_greylisted_and_relayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "", "delay = 1");
+    let attempt = |expect: &str| {
+        let mut c = Raw::connect(port);
+        c.reply();
+        c.send("EHLO client.example.org");
+        assert_eq!(c.send("MAIL FROM:<\"a b\"@evil.example>"), "250 2.1.0 Ok\r\n");
+        let r = c.send("RCPT TO:<\"v w\"@d.example>");
+        assert!(r.starts_with(expect), "{r}");
+        c
+    };
+    attempt("451 4.7.1");
+    std::thread::sleep(Duration::from_millis(2100));
+    let mut c = attempt("250 2.1.5");
+    assert!(c.send("DATA").starts_with("354"));
+    assert!(c.send("Subject: q\r\n\r\nbody\r\n.").starts_with("250"));
+    assert_eq!(sink.received().len(), 1);
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO client.example.org");
+    for bad in ["MAIL FROM:<a b@evil.example>", "MAIL FROM:<a\tb@evil.example>", "MAIL FROM:<a\x7f@evil.example>"] {
+        assert!(c.send(bad).starts_with("501 5.1.7"), "{bad:?}");
+    }
+    let long = format!("MAIL FROM:<{}@evil.example>", "x".repeat(300));
+    assert!(c.send(&long).starts_with("501 5.1.7"));
+}
+
+/// The policy service greylists what the filter cannot normalise (it used
+/// to answer DUNNO): spaces, quotes, over 320 bytes, TAB, DEL, invalid UTF-8.
+#[test]
+fn policy_greylists_unusable_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        d = dir.path().display()
+    );
+    let _d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let long = format!("{}@evil.example", "x".repeat(330));
+    let senders: Vec<Vec<u8>> = vec![
+        b"spam@evil.example".to_vec(),
+        b"\"a b\"@evil.example".to_vec(),
+        long.into_bytes(),
+        b"a\tb@evil.example".to_vec(),
+        b"a\x7fb@evil.example".to_vec(),
+        b"a\xff\xfeb@evil.example".to_vec(),
+    ];
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (i, sender) in senders.iter().enumerate() {
+        for rcpt in [&b"v@d.example"[..], b"\"v w\"@d.example", b"v\xc3(@d.example"] {
+            let mut req =
+                format!("request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.{i}\ninstance={i}\nsender=").into_bytes();
+            req.extend_from_slice(sender);
+            req.extend_from_slice(b"\nrecipient=");
+            req.extend_from_slice(rcpt);
+            req.extend_from_slice(b"\n\n");
+            s.write_all(&req).unwrap();
+            let mut answer = Vec::new();
+            let mut b = [0u8; 1];
+            while !answer.ends_with(b"\n\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1, "an answer");
+                answer.push(b[0]);
+            }
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("action=451 4.7.1"),
+                "{:?} -> {:?}: {answer}",
+                String::from_utf8_lossy(sender),
+                String::from_utf8_lossy(rcpt)
+            );
+        }
+    }
+}
+
+/// One client address may hold only so many connections; a full server
+/// says 421 instead of leaving clients in silence; NOOP loops and endless
+/// sessions are cut.
+#[test]
+fn greedy_clients_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let smtp =
+        "max_connections = 8\nmax_connections_per_client = 3\njunk_command_limit = 5\nsession_timeout = \"3s\"\nstress_timeout = \"1s\"";
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+    let mut held: Vec<Raw> = (0..3).map(|_| Raw::over(connect_from("127.0.0.9", port))).collect();
+    for c in &mut held {
+        assert!(c.reply().starts_with("220"));
+    }
+    let mut fourth = Raw::over(connect_from("127.0.0.9", port));
+    assert!(fourth.reply().starts_with("421 4.7.0"), "a fourth from one address");
+    assert!(fourth.closed());
+    let mut other = Raw::over(connect_from("127.0.0.10", port));
+    assert!(other.reply().starts_with("220"), "another address is served");
+    // NOOP loop.
+    let mut last = String::new();
+    for _ in 0..6 {
+        last = other.send("NOOP");
+    }
+    assert!(last.starts_with("421 4.7.0"), "{last}");
+    assert!(other.closed());
+    drop(held);
+    // A session that makes slow progress forever is cut at session_timeout.
+    let mut slow = Raw::over(connect_from("127.0.0.11", port));
+    slow.reply();
+    let start = Instant::now();
+    let mut ended = false;
+    'session: for i in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut cmds = vec![format!("EHLO n{i}.example.org")];
+        if i % 4 == 3 {
+            // Progress resets the junk counter: a whole transaction.
+            cmds.extend(["MAIL FROM:<a@example.org>".into(), "RCPT TO:<u@example.com>".into(), "RSET".into()]);
+        }
+        for cmd in cmds {
+            if slow.w.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
+                break 'session;
+            }
+            let r = slow.reply();
+            if r.is_empty() || r.starts_with("421") {
+                ended = r.starts_with("421 4.4.2");
+                break 'session;
+            }
+        }
+    }
+    assert!(ended && start.elapsed() < Duration::from_secs(8), "cut after {:?}", start.elapsed());
+}
+
+/// Slow clients cannot take every slot: when the listener is under
+/// stress, clients that trickle bytes are timed out within the stress
+/// timeout, and new clients are greeted.
+#[test]
+fn slow_clients_do_not_starve_the_smtp_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let smtp = "max_connections = 8\nmax_connections_per_client = 8\nstress_timeout = \"1s\"\ncommand_timeout = \"300s\"";
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut trickle = Vec::new();
+    for i in 0..8 {
+        let stop = stop.clone();
+        trickle.push(std::thread::spawn(move || {
+            let mut s = connect_from(&format!("127.0.1.{i}"), port);
+            let started = Instant::now();
+            // A byte every 300 ms, never a whole line.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(20) {
+                if s.write_all(b"N").is_err() {
+                    return Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            None
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Every slot taken: a newcomer hears 421, not silence.
+    let mut c = Raw::over(connect_from("127.0.2.1", port));
+    let first = c.reply();
+    assert!(first.starts_with("421 4.3.2") || first.starts_with("220"), "{first}");
+    // Within a few seconds the tricklers are gone and newcomers are served.
+    let until = Instant::now() + Duration::from_secs(8);
+    loop {
+        let mut c = Raw::over(connect_from("127.0.2.2", port));
+        if c.reply().starts_with("220") {
+            break;
+        }
+        assert!(Instant::now() < until, "no slot freed while clients trickle");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cut = trickle.into_iter().filter_map(|t| t.join().unwrap()).count();
+    assert!(cut >= 1, "tricklers were cut off");
+}
+
+/// A client that pipelines commands and never reads the replies is cut
+/// off at the command timeout: writes have a deadline too.
+#[test]
+fn a_client_that_never_reads_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (d, port) = smtp_daemon(dir.path(), sink.port, "command_timeout = \"2s\"", WHITE);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let batch = "HELO x\r\nMAIL FROM:<a@example.org>\r\n".to_string() + &"RCPT TO:<u@example.com>\r\n".repeat(10_000);
+    let start = Instant::now();
+    let mut failed = false;
+    for _ in 0..200 {
+        if s.write_all(batch.as_bytes()).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the server kept reading a client that never reads: {}", d.log_text());
+    assert!(start.elapsed() < Duration::from_secs(25), "{:?}", start.elapsed());
+}
+
+/// Unfinished large messages on many connections: greyhook's memory for
+/// message data stays within its budget (peak RSS measured), and a
+/// message that does not fit is refused with 452.
+#[test]
+fn message_memory_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let smtp = "max_data_memory = 67108864\nmax_message_size = 26214400\nmax_connections_per_client = 30";
+    let (d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+    let pid = d.child.id();
+    let base = peak_rss_kib(pid);
+    let chunk = vec![b'x'; 998].into_iter().chain(*b"\r\n").collect::<Vec<u8>>().repeat(1024); // 1 MiB
+    let mut conns: Vec<Raw> = (0..20).map(|_| Raw::at_data(port, &["u@example.com"])).collect();
+    for c in &mut conns {
+        c.w.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        for _ in 0..24 {
+            c.w.write_all(&chunk).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let peak = peak_rss_kib(pid);
+    let grew = peak.saturating_sub(base) / 1024;
+    eprintln!("peak RSS {} MiB (from {} MiB) with 20 x 24 MiB unfinished messages", peak / 1024, base / 1024);
+    assert!(grew < 64 + 48, "RSS grew by {grew} MiB with a 64 MiB data budget");
+    // Finished: those that fit are relayed, the others hear 452.
+    let (mut ok, mut full) = (0, 0);
+    for c in &mut conns {
+        let r = c.send(".");
+        match r.get(..3) {
+            Some("250") => ok += 1,
+            Some("452") => full += 1,
+            _ => panic!("{r}"),
+        }
+    }
+    assert!(ok >= 1 && full >= 1, "ok={ok} full={full}");
+    assert_eq!(sink.received().len(), ok);
+}
+
+/// The host refuses replies that break the draft (a hint in the filter's
+/// text, a hint on a code other than 421/450/451): the failure policy
+/// answers instead. A 421 at RCPT closes the connection (RFC 5321 3.8).
+#[test]
+fn replies_keep_to_the_draft_and_421_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\nhostname = \"greyhook.test\"\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\n",
+        d = dir.path().display(),
+        hop = sink.port
+    );
+    let d = greyhook_with(dir.path(), "smtp", &text);
+    wait_for_port(port, 30);
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO client.example.org");
+    assert_eq!(c.send("MAIL FROM:<a@example.org>"), "250 2.1.0 Ok\r\n");
+    for bad in ["hint-in-text@example.com", "hint-on-452@example.com"] {
+        let r = c.send(&format!("RCPT TO:<{bad}>"));
+        assert_eq!(r, "250 2.1.5 Ok\r\n", "{bad}: the invalid verdict is a filter failure (fail open): {r}");
+    }
+    assert!(d.log_text().contains("retry="), "the refusal is logged: {}", d.log_text());
+    let r = c.send("RCPT TO:<close-421@example.com>");
+    assert_eq!(r, "421 4.7.0 Go away retry=00:01:00\r\n");
+    assert!(c.closed(), "421 closes the connection");
+}
+
+/// A second daemon on the same control socket refuses to start (it used
+/// to take the socket over and delete it on exit); the first stays
+/// manageable. `status` against no daemon creates nothing.
+#[test]
+fn a_second_daemon_does_not_take_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("control.sock");
+    let (p1, p2) = (free_port(), free_port());
+    let text = |port: u16| {
+        format!("[control]\nsocket = \"{}\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n", ctl.display())
+    };
+    let d1dir = dir.path().join("one");
+    let d2dir = dir.path().join("two");
+    std::fs::create_dir_all(&d1dir).unwrap();
+    std::fs::create_dir_all(&d2dir).unwrap();
+    let mut d1 = greyhook_with(&d1dir, "serve", &text(p1));
+    wait_for_port(p1, 30);
+    let mut d2 = greyhook_with(&d2dir, "serve", &text(p2));
+    let st = d2.child.wait().unwrap();
+    assert!(!st.success(), "the second daemon must refuse to start");
+    assert!(d2.log_text().contains("in use"), "{}", d2.log_text());
+    let status = std::process::Command::new(greyhook_bin()).args(["status", "--control", ctl.to_str().unwrap()]).output().unwrap();
+    assert!(status.status.success() && String::from_utf8_lossy(&status.stdout).contains("greylist"), "{status:?}");
+    assert!(d1.terminate(10), "{}", d1.log_text());
+    assert!(!ctl.exists(), "the owner removes its socket on exit");
+    // Read-only commands write nothing (no /run/greyhook, no probe file).
+    let home = tempfile::tempdir().unwrap();
+    let created_before = std::path::Path::new("/run/greyhook").exists();
+    let out = std::process::Command::new(greyhook_bin())
+        .arg("status")
+        .env("HOME", home.path())
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(std::path::Path::new("/run/greyhook").exists(), created_before, "status created /run/greyhook");
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0, "status wrote under HOME");
+}
+
+/// Naming a listener on the command line replaces the defaults: `serve
+/// --milter ADDR` does not also open the policy port 10023.
+#[test]
+fn naming_a_listener_replaces_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let ctl = dir.path().join("control.sock");
+    let mut d = Process::greyhook(
+        &["serve", "--db", "memory", "--milter", &format!("127.0.0.1:{port}"), "--control", ctl.to_str().unwrap()],
+        dir.path().join("log"),
+    );
+    wait_for_port(port, 30);
+    let log = d.log_text();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 10023)).is_err() || !log.contains("10023"), "{log}");
+    assert!(!log.contains("127.0.0.1:10023"), "the default policy listener was opened: {log}");
+    assert!(d.terminate(10));
+}
+
+/// One policy request on `s`: the action line.
+fn policy_ask(s: &mut std::net::TcpStream, client: &str, rcpt: &str) -> String {
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender=a@example.org\nrecipient={rcpt}\ninstance=i\n\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut b = [0u8; 256];
+    while !out.ends_with(b"\n\n") {
+        let n = s.read(&mut b).unwrap();
+        assert!(n > 0, "policy connection closed");
+        out.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A runaway filter does not slow every request: while 32 calls loop
+/// until their deadline in the chaos filter, requests the healthy
+/// greylist filter answers (it stands first and lets only `loop@` through)
+/// keep a low p99. (Its deadline is long, so that a test machine busy with
+/// other tests measures latency, not deadlines.)
+#[test]
+fn a_runaway_filter_does_not_starve_other_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[filters]]\nnamespace = \"greylist\"\ndeadline = \"2s\"\n[filters.config]\nwhitelist_recipients = [\"loop@\"]\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\n",
+        d = dir.path().display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let measure = |label: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut times: Vec<Duration> = (0..300)
+            .map(|i| {
+                let t = Instant::now();
+                let a = policy_ask(&mut s, "192.0.2.7", &format!("{label}{i}@example.com"));
+                assert!(a.starts_with("action=451"), "{a}\n{}", std::fs::read_to_string(dir.path().join("log")).unwrap_or_default());
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[times.len() * 99 / 100]
+    };
+    let calm = measure("calm");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loopers: Vec<_> = (0..32)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 2000 {
+                    policy_ask(&mut s, "192.0.2.8", "loop@example.com");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = measure("busy");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let looped: u32 = loopers.into_iter().map(|t| t.join().unwrap()).sum();
+    eprintln!("p99 calm {calm:?}, with 32 runaway calls {busy:?} ({looped} runaway calls)");
+    assert!(looped >= 32, "the runaway calls ran");
+    assert!(busy < Duration::from_millis(250), "p99 {busy:?} (calm {calm:?}) while a filter loops");
+    assert!(d.terminate(10), "{}", d.log_text());
+}

@@ -1,0 +1,251 @@
+//! The redb store meets a full disk and damaged files, through the running
+//! `greyhook serve`: records are never silently lost, a file is never a
+//! panic.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use greyhook_tests::*;
+
+/// One policy request on a fresh connection: the action.
+fn ask(port: u16, client: &str, sender: &str, rcpt: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={rcpt}\ninstance=x\n\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while !out.ends_with(b"\n\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        out.push(b[0]);
+    }
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+/// A distinct sender for triplet `i` (letters only: the reference filter
+/// folds digits in senders together, VERP-style).
+fn sender(i: usize) -> String {
+    let mut n = i;
+    let mut s = String::new();
+    loop {
+        s.push((b'a' + (n % 26) as u8) as char);
+        n /= 26;
+        if n == 0 {
+            break;
+        }
+    }
+    format!("{s}@example.org")
+}
+
+/// A distinct client network for triplet `i`.
+fn client(i: usize) -> String {
+    format!("10.{}.{}.1", i / 250, i % 250)
+}
+
+fn serve_on(dir: &Path, db: &Path, durability: &str, port: u16) -> Process {
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\ndurability = \"{durability}\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = 1\n",
+        d = dir.display(),
+        db = db.display()
+    );
+    let p = greyhook_with(dir, "serve", &text);
+    wait_for_port(port, 30);
+    p
+}
+
+fn status(dir: &Path) -> String {
+    let out = std::process::Command::new(greyhook_bin())
+        .args(["status", "--control", dir.join("control.sock").to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A private tmpfs of `size` mounted at a temp dir (unmounted when dropped):
+/// a disk that can really fill up.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills it to the last byte; returns the filler file.
+    fn fill(&self) -> PathBuf {
+        let p = self.path().join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8]);
+        p
+    }
+
+    fn remount_ro(&self) {
+        let st = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(self.path()).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Disk full, then space freed: records written meanwhile are kept,
+/// greylisting goes on, `status` says the store is degraded, and once the
+/// disk has room they reach the file without a restart (a restart then
+/// finds every one of them).
+#[test]
+fn a_full_disk_loses_no_records() {
+    for durability in ["periodic", "immediate"] {
+        let disk = SmallDisk::mount("8m");
+        let dir = tempfile::tempdir().unwrap();
+        let db = disk.path().join("greyhook.db");
+        let port = free_port();
+        let mut d = serve_on(dir.path(), &db, durability, port);
+        assert!(ask(port, "192.0.2.1", "warm@example.org", "u@example.com").starts_with("action=451"));
+        std::thread::sleep(Duration::from_millis(1500));
+        let filler = disk.fill();
+        // First sightings while the disk is full: still greylisted.
+        let n = 300;
+        for i in 0..n {
+            let a = ask(port, &client(i), &sender(i), "u@example.com");
+            assert!(a.starts_with("action=451"), "{durability} {i}: {a}\n{}", d.log_text());
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while !status(dir.path()).contains("store=degraded") {
+            assert!(Instant::now() < until, "{durability}: status never said degraded: {}\n{}", status(dir.path()), d.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(d.log_text().contains("store degraded"), "{}", d.log_text());
+        std::fs::remove_file(filler).unwrap();
+        let until = Instant::now() + Duration::from_secs(15);
+        while !status(dir.path()).contains("store=ok") {
+            assert!(Instant::now() < until, "{durability}: never recovered: {}\n{}", status(dir.path()), d.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(d.log_text().contains("store recovered"), "{}", d.log_text());
+        assert!(d.terminate(10), "{}", d.log_text());
+        // A new process on the same file knows every triplet.
+        std::thread::sleep(Duration::from_millis(1100));
+        let d2 = serve_on(dir.path(), &db, durability, port);
+        let again = (0..n)
+            .filter(|i| !ask(port, &client(*i), &sender(*i), "u@example.com").starts_with("action=PREPEND X-Greylist: delayed"))
+            .count();
+        // A retry after the delay passes with the X-Greylist header only if
+        // its first-sighting record was kept.
+        assert_eq!(again, 0, "{durability}: {again} of {n} triplets were forgotten\n{}", d2.log_text());
+    }
+}
+
+/// Damaged and unwritable store files: greyhook refuses with a message
+/// that says what to do, never a panic; `greyhook db check` says the same.
+#[test]
+fn damaged_store_files_are_refused_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.db");
+    let port = free_port();
+    let mut d = serve_on(dir.path(), &good, "immediate", port);
+    for i in 0..2000 {
+        assert!(ask(port, &client(i), &sender(i), "u@example.com").starts_with("action=451"));
+    }
+    assert!(d.terminate(10));
+    let bytes = std::fs::read(&good).unwrap();
+    assert!(bytes.len() > 16 << 10, "a store with some pages: {}", bytes.len());
+    let mut rng = Xorshift(0x5eed);
+    let mut random_middle = bytes.clone();
+    let mid = bytes.len() / 2;
+    for b in &mut random_middle[mid - bytes.len() / 8..mid + bytes.len() / 8] {
+        *b = rng.next_u64() as u8;
+    }
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("zeroed", vec![0u8; bytes.len()]),
+        ("random-middle", random_middle),
+        ("header-garbage", (0..4096).map(|_| rng.next_u64() as u8).chain(bytes[4096..].iter().copied()).collect()),
+        ("empty", Vec::new()),
+    ];
+    for (name, content) in cases {
+        let case = tempfile::tempdir().unwrap();
+        let db = case.path().join("g.db");
+        std::fs::write(&db, &content).unwrap();
+        let check = std::process::Command::new(greyhook_bin()).args(["db", "check"]).arg(&db).output().unwrap();
+        let check_err = String::from_utf8_lossy(&check.stderr).into_owned();
+        assert!(!check_err.contains("panicked") && check.status.code() != Some(101), "{name}: db check panicked: {check_err}");
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+            d = case.path().display(),
+            db = db.display()
+        );
+        let mut p = greyhook_with(case.path(), "serve", &text);
+        let until = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                break Some(st);
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break None;
+            }
+            assert!(Instant::now() < until, "{name}: neither served nor refused");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = p.log_text();
+        assert!(!log.contains("panicked"), "{name}: {log}");
+        match outcome {
+            Some(st) => {
+                assert_ne!(st.code(), Some(101), "{name}: a panic exit: {log}");
+                assert!(!st.success(), "{name}");
+                assert!(log.contains("damaged") && log.contains("move it aside"), "{name}: the message says what to do: {log}");
+                assert!(!check.status.success() && check_err.contains("damaged"), "{name}: db check agrees: {check_err}");
+            }
+            None => {
+                // redb repaired or the damage hit free space: it must serve.
+                assert!(ask(port, "192.0.2.1", "a@example.org", "u@example.com").starts_with("action="), "{name}");
+                assert!(p.terminate(10), "{name}: {}", p.log_text());
+            }
+        }
+    }
+    // A good file checks fine.
+    let check = std::process::Command::new(greyhook_bin()).args(["db", "check"]).arg(&good).output().unwrap();
+    let out = String::from_utf8_lossy(&check.stdout).into_owned();
+    let n: u64 = out.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(check.status.success() && n >= 2000, "{check:?}");
+    // On a read-only file system: a clear refusal, not a panic.
+    let disk = SmallDisk::mount("16m");
+    let db = disk.path().join("g.db");
+    std::fs::copy(&good, &db).unwrap();
+    disk.remount_ro();
+    let case = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{p}\"]\n",
+        d = case.path().display(),
+        db = db.display(),
+        p = free_port()
+    );
+    let mut p = greyhook_with(case.path(), "serve", &text);
+    let st = p.child.wait().unwrap();
+    let log = p.log_text();
+    assert!(!st.success() && st.code() != Some(101) && !log.contains("panicked"), "{log}");
+    assert!(log.contains("g.db"), "names the file: {log}");
+}
