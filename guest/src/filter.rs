@@ -346,6 +346,17 @@ impl Greylist {
             Some((_, first)) if always => first.clone(),
             Some((_, first)) if first != group => {
                 kv.log(Level::Info, &format!("{recipient}: policy group {group} differs from {first}: retry at once"));
+                // Its greylist record starts now, so the client's retry in a
+                // new transaction waits out one delay, not two.
+                if greylist && self.config.stage == Stage::Rcpt && !sender.is_empty() {
+                    let net = self.net(ctx);
+                    if self.client_exempt(ctx, &net, kv)?.is_none() {
+                        let s = self.key_sender(ctx, sender, kv);
+                        self.check(&format!("t/{}", triplet_key(&[&net, &s, &rcpt])), delay, ctx.now, kv)?;
+                    }
+                }
+                // The group goes with the answer, so the host logs it as
+                // what it is (action=policy-group).
                 return Ok(Verdict {
                     decision: self.tempfail(
                         451,
@@ -353,7 +364,8 @@ impl Greylist {
                         0,
                     ),
                     ..Verdict::cont()
-                });
+                }
+                .group(group));
             }
             _ => group.to_string(),
         };

@@ -13,6 +13,9 @@ pub fn action(v: &Verdict) -> &'static str {
     match &v.decision {
         Decision::Continue if v.add_headers.is_empty() => "dunno",
         Decision::Continue | Decision::Accept => "pass",
+        // Seed 000: a recipient of another policy group, sent to a new
+        // transaction at once (`retry=00:00:00`), is not greylisting.
+        Decision::Tempfail(r) if r.retry_after == Some(0) && v.policy_group.is_some() => "policy-group",
         Decision::Tempfail(_) => "greylist",
         Decision::Reject(_) => "reject",
     }

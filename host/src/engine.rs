@@ -28,11 +28,6 @@ const TICK: Duration = Duration::from_millis(1);
 /// milliseconds): far past any sane decision, and past what a thread
 /// preempted for a moment adds.
 const SLOW_AFTER_TICKS: u64 = 3;
-/// Ticks at which a call cut at its deadline must have been found running
-/// for its filter to become a suspect: a decision that needs microseconds
-/// is found running at one or two even on a starved machine; a loop sharing
-/// two CPUs with thirty others, at several.
-const SUSPECT_TICKS: u64 = 4;
 /// How long a filter stays a suspect after a call ran past its deadline.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
@@ -47,11 +42,11 @@ pub struct RuntimeConfig {
     pub max_memory: usize,
     /// The Wasm stack cap, bytes.
     pub max_stack: usize,
-    /// Calls of *suspect* filters (one of whose calls was still running at
-    /// its deadline in the last ten seconds) that may run at once, over all
-    /// filters (default: half the CPUs, at least one): the rest wait,
-    /// within their deadlines, so a runaway filter never holds every thread
-    /// and other filters' calls keep their latency.
+    /// Calls of a *suspect* filter (one of whose calls was still running
+    /// at its deadline in the last ten seconds) that may run at once
+    /// (default: half the CPUs, at least one): the rest wait, within their
+    /// deadlines, so a runaway filter never holds every thread and other
+    /// filters' calls keep their latency.
     pub slow_calls: usize,
 }
 
@@ -73,11 +68,29 @@ pub struct Limits {
     pub store_calls: u32,
     /// Idle instances kept for reuse.
     pub idle_instances: usize,
+    /// Longest record lifetime, seconds; a longer TTL is cut to this.
+    pub max_ttl: u32,
+    /// Bytes (keys and values) this filter may write to the store per
+    /// minute, all instances together; past it a write is a store `limit`
+    /// error (the failure policy answers), not a full disk.
+    pub write_bytes_per_minute: u64,
+    /// Log lines this filter may write per second, all instances together
+    /// (and at most a tenth of it in one call); the rest are dropped and
+    /// counted in one line.
+    pub log_lines_per_second: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_millis(100), memory: 32 << 20, store_calls: 64, idle_instances: 16 }
+        Limits {
+            deadline: Duration::from_millis(100),
+            memory: 32 << 20,
+            store_calls: 64,
+            idle_instances: 16,
+            max_ttl: 100 * 86_400,
+            write_bytes_per_minute: 64 << 20,
+            log_lines_per_second: 200,
+        }
     }
 }
 
@@ -219,8 +232,6 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     config: RuntimeConfig,
     _ticker: Ticker,
-    /// [`RuntimeConfig::slow_calls`].
-    slow_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -272,8 +283,7 @@ impl Runtime {
                 })
                 .map_err(|e| LoadError::Engine(e.to_string()))?;
         }
-        let slow_slots = Arc::new(tokio::sync::Semaphore::new(config.slow_calls.max(1)));
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop }, slow_slots }) })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop } }) })
     }
 
     /// Compiles `bytes` into a component, with a clear error for what is
@@ -354,6 +364,8 @@ impl Runtime {
             stats: Stats::default(),
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
+            quota: Arc::new(sandbox::Quota::new(&options.limits)),
+            slow_slots: Arc::new(tokio::sync::Semaphore::new(self.inner.config.slow_calls.max(1))),
             options,
         };
         let mut first = inner.instantiate().await.map_err(|e| match e {
@@ -405,6 +417,11 @@ struct FilterInner {
     /// slot before they start.
     suspect_until: AtomicU64,
     clock: std::time::Instant,
+    /// What all instances of this filter may write and log.
+    quota: Arc<sandbox::Quota>,
+    /// Calls that may run at once while the filter is a suspect
+    /// ([`RuntimeConfig::slow_calls`]).
+    slow_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl FilterInner {
@@ -424,17 +441,16 @@ impl FilterInner {
 
     async fn instantiate(&self) -> Result<Pooled, StartError> {
         let l = &self.options.limits;
-        let state = HostState::new(self.store.clone(), &self.options.namespace, self.name.clone(), l.memory, l.store_calls);
+        let mut state = HostState::new(self.store.clone(), &self.options.namespace, self.name.clone(), l.memory, l.store_calls);
+        state.quota = self.quota.clone();
         let mut store = wasmtime::Store::new(&self.runtime.inner.engine, state);
         store.limiter(|s| &mut s.limits);
         // A call still running a few epoch ticks after it began yields to
         // the runtime at every tick from then on, so it shares its thread
         // with other requests, and traps once past its deadline. A filter
         // whose call trapped so lately is a suspect (see `call`).
-        store.epoch_deadline_callback(|mut ctx| {
-            let d = ctx.data_mut();
-            d.busy_ticks += 1;
-            if d.call_deadline.is_some_and(|end| std::time::Instant::now() >= end) {
+        store.epoch_deadline_callback(|ctx| {
+            if ctx.data().call_deadline.is_some_and(|end| std::time::Instant::now() >= end) {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
             Ok(wasmtime::UpdateDeadline::Yield(1))
@@ -622,7 +638,7 @@ impl Filter {
         // against the deadline), so its runaway calls queue instead of
         // crowding the threads.
         let early_slot = if inner.suspect() {
-            match tokio::time::timeout_at(end, inner.runtime.inner.slow_slots.clone().acquire_owned()).await {
+            match tokio::time::timeout_at(end, inner.slow_slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => Some(p),
                 _ => {
                     inner.mark_suspect();
@@ -661,13 +677,12 @@ impl Filter {
             }
             Ok(Err(e)) => {
                 if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
-                    // Its own code was running at the deadline, and was
-                    // found running at several ticks (not a slow store, not
-                    // a healthy call a busy machine left waiting, which runs
-                    // at one or two): a runaway.
-                    if pooled.store.data().busy_ticks >= SUSPECT_TICKS {
-                        inner.mark_suspect();
-                    }
+                    // Its own code was running at the deadline (not a slow
+                    // store): a runaway, or a call a starved machine left
+                    // waiting. Either way its filter's calls now queue for
+                    // the filter's own slow-call slots, which costs a healthy
+                    // filter (calls of microseconds) next to nothing.
+                    inner.mark_suspect();
                     Err(FilterError::Deadline(deadline))
                 } else {
                     Err(FilterError::Trap(describe_trap(&e, pooled.store.data())))

@@ -80,10 +80,14 @@ struct Conversation {
     /// Macros seen so far (`{auth_authen}`, `i`, ...), bounded.
     auth_user: Option<String>,
     queue_id: Option<String>,
+    /// This connection's name (`milter<N>`), for sessions without a queue ID yet.
+    conn_id: String,
     headers: Vec<Header>,
     /// Headers the filters asked for at MAIL/RCPT, added at end of message.
     pending_headers: Vec<Header>,
 }
+
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The milter reply for a verdict: continue, or the filter's reply as
 /// `SMFIR_REPLYCODE`. An accept is sent as continue too: a milter accept
@@ -109,6 +113,23 @@ fn replycode(r: &Reply) -> Replycode {
 impl Conversation {
     fn session(&mut self) -> Option<&mut SmtpSession> {
         self.session.as_mut()
+    }
+
+    /// The session's name in the decision log: the message's queue ID
+    /// once the MTA has told it, else the connection's own name.
+    fn name_session(&mut self) {
+        let id = self.queue_id.clone().unwrap_or_else(|| self.conn_id.clone());
+        if let Some(s) = self.session.as_mut() {
+            s.session_mut().id = id;
+        }
+    }
+
+    /// Forgets what belonged to the transaction that ended.
+    fn end_transaction(&mut self) {
+        self.headers.clear();
+        self.pending_headers.clear();
+        self.queue_id = None;
+        self.name_session();
     }
 }
 
@@ -138,13 +159,17 @@ impl Milter for Conversation {
             }
             match name {
                 b"{auth_authen}" if !value.is_empty() => self.auth_user = Some(value.into_owned()),
-                b"i" if !value.is_empty() => self.queue_id = Some(value.into_owned()),
+                // Postfix sends `i` empty (or not at all) at MAIL and
+                // assigns the queue ID later: an empty value clears it, so
+                // the previous message's ID never names this one.
+                b"i" => self.queue_id = Some(value.into_owned()).filter(|v| !v.is_empty()),
                 _ => {}
             }
         }
         if let (Some(s), Some(u)) = (self.session.as_mut(), &self.auth_user) {
             s.session_mut().auth_user = Some(u.clone());
         }
+        self.name_session();
         Ok(())
     }
 
@@ -158,7 +183,7 @@ impl Milter for Conversation {
             tracing::debug!(peer = %self.peer, "milter: non-IP client, accepted without asking");
             return Ok(Continue.into());
         };
-        let mut s = SmtpSession::new(self.hooks.clone(), String::new(), addr);
+        let mut s = SmtpSession::new(self.hooks.clone(), self.conn_id.clone(), addr);
         let name = c.hostname();
         // Postfix sends `unknown` or `[address]` for an unverified name.
         if name != "unknown" && !name.starts_with('[') && !name.is_empty() && name.len() <= 255 {
@@ -180,12 +205,9 @@ impl Milter for Conversation {
         self.headers.clear();
         self.pending_headers.clear();
         let auth = self.auth_user.clone();
-        let queue = self.queue_id.clone();
+        self.name_session();
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         s.session_mut().auth_user = auth;
-        if let Some(q) = queue {
-            s.session_mut().id = q;
-        }
         let sender = strip_brackets(&m.sender());
         let v = s.mail(&sender).await;
         // Headers given at MAIL/RCPT can only be added at end of message.
@@ -224,6 +246,7 @@ impl Milter for Conversation {
         let message = Message { message_id: message_id(&headers), headers };
         let v = s.data(&message).await;
         s.reset();
+        self.end_transaction();
         if let Some(r) = v.reply() {
             return Ok(ModificationResponse::builder().build(replycode(r)));
         }
@@ -239,19 +262,16 @@ impl Milter for Conversation {
         // The MTA reuses this connection for another SMTP session.
         self.session = None;
         self.auth_user = None;
-        self.queue_id = None;
-        self.headers.clear();
-        self.pending_headers.clear();
+        self.end_transaction();
         Ok(())
     }
 
     async fn abort(&mut self) -> Result<(), Self::Error> {
         // The transaction ended (RSET, a new MAIL, a rejected DATA...).
-        self.headers.clear();
-        self.pending_headers.clear();
         if let Some(s) = self.session() {
             s.reset();
         }
+        self.end_transaction();
         Ok(())
     }
 }
@@ -273,6 +293,7 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         session: None,
         auth_user: None,
         queue_id: None,
+        conn_id: format!("milter{}", CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         headers: Vec::new(),
         pending_headers: Vec::new(),
     };

@@ -84,9 +84,10 @@ pub(crate) struct HostState {
     pub(crate) store_failure: Option<String>,
     /// When the call in progress (or `init`) must be over.
     pub(crate) call_deadline: Option<std::time::Instant>,
-    /// Epoch ticks at which the call in progress was running Wasm (about
-    /// the milliseconds of its own CPU time past the first few).
-    pub(crate) busy_ticks: u64,
+    /// The filter's shared write and log budgets.
+    pub(crate) quota: Arc<Quota>,
+    /// Log lines written in the call in progress.
+    log_lines: u32,
     /// The slow-call slot this call holds (a suspect filter's calls).
     slow_held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
 }
@@ -113,7 +114,8 @@ impl HostState {
             now: 0,
             call_deadline: None,
             slow_held: Arc::default(),
-            busy_ticks: 0,
+            quota: Arc::new(Quota::new(&crate::engine::Limits::default())),
+            log_lines: 0,
             store_calls: 0,
             max_store_calls,
             store_failure: None,
@@ -128,7 +130,7 @@ impl HostState {
 
     pub(crate) fn begin_call(&mut self, now: u64, deadline: std::time::Instant, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.call_deadline = Some(deadline);
-        self.busy_ticks = 0;
+        self.log_lines = 0;
         *self.slow_held.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         self.now = now;
         self.store_calls = 0;
@@ -211,7 +213,14 @@ impl wit_store::Host for HostState {
             self.fail(m.clone());
             return Ok(Err(wit_store::StoreError::Limit(m)));
         }
-        let expires_at = self.now.saturating_add(u64::from(ttl.max(1)));
+        let cost = (key.len() + value.len()) as u64;
+        if !self.quota.writes.take(cost) {
+            let m = format!("write budget of {} bytes a minute spent", self.quota.writes.per_minute());
+            self.fail(m.clone());
+            return Ok(Err(wit_store::StoreError::Limit(m)));
+        }
+        let ttl = ttl.clamp(1, self.quota.max_ttl);
+        let expires_at = self.now.saturating_add(u64::from(ttl));
         Ok(match self.store.set(&key, &value, expires_at, Condition::from_wit(if_version), self.now).await {
             Ok(WriteOutcome::Written(v)) => Ok(wit_store::WriteOutcome::Written(v)),
             Ok(WriteOutcome::Conflict) => Ok(wit_store::WriteOutcome::Conflict),
@@ -242,6 +251,16 @@ impl wit_log::Host for HostState {
         if !enabled {
             return Ok(());
         }
+        // A flood of lines (one call logged 10,005) is cut: per call, and
+        // per filter per second; what is dropped is counted in one line.
+        self.log_lines += 1;
+        if self.log_lines > self.quota.log_per_call || !self.quota.logs.take(1) {
+            let dropped = self.quota.logs_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(target: "greyhook::filter", filter = &*self.filter, "filter log lines over the limit: {dropped} dropped so far");
+            }
+            return Ok(());
+        }
         let msg: String = message.chars().take(MAX_LOG).map(|c| if c.is_control() { ' ' } else { c }).collect();
         let filter = &*self.filter;
         match level {
@@ -251,6 +270,64 @@ impl wit_log::Host for HostState {
             wit_log::Level::Error => tracing::error!(target: "greyhook::filter", filter, "{msg}"),
         }
         Ok(())
+    }
+}
+
+/// A token bucket: `rate` a second, holding at most `burst`.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket { rate, burst, state: std::sync::Mutex::new((burst, std::time::Instant::now())) }
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub(crate) fn take(&self, n: u64) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
+        s.1 = now;
+        if s.0 >= n as f64 {
+            s.0 -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn per_minute(&self) -> u64 {
+        (self.rate * 60.0) as u64
+    }
+}
+
+/// What all instances of one filter may write and log (see
+/// [`crate::engine::Limits`]).
+#[derive(Debug)]
+pub(crate) struct Quota {
+    writes: Bucket,
+    logs: Bucket,
+    log_per_call: u32,
+    logs_dropped: std::sync::atomic::AtomicU64,
+    max_ttl: u32,
+}
+
+impl Quota {
+    pub(crate) fn new(l: &crate::engine::Limits) -> Quota {
+        let per_sec = l.write_bytes_per_minute as f64 / 60.0;
+        let logs = f64::from(l.log_lines_per_second.max(1));
+        Quota {
+            // A minute's worth at once at most.
+            writes: Bucket::new(per_sec, l.write_bytes_per_minute as f64),
+            logs: Bucket::new(logs, logs),
+            log_per_call: (l.log_lines_per_second / 10).max(1),
+            logs_dropped: std::sync::atomic::AtomicU64::new(0),
+            max_ttl: l.max_ttl.max(1),
+        }
     }
 }
 

@@ -309,3 +309,30 @@ async fn bad_config_is_refused_naming_the_key() {
         assert!(e.to_string().contains(key), "{cfg}: {e}");
     }
 }
+
+/// Seed 000: a recipient sent away with `retry=00:00:00` has its greylist
+/// record started then, so its retry in a new transaction waits out one
+/// delay, not two; the answer carries its group (logged as
+/// `action=policy-group`, not as greylisting).
+#[tokio::test]
+async fn seed_000_retry_pays_one_delay_not_two() {
+    let cfg = "[[policy]]\nname = \"strict\"\nrecipients = [\"two@example.com\"]\ndelay = \"10m\"\n";
+    let f = reference(cfg).await;
+    let mut c = Client::new(&f, "198.51.100.7", T0);
+    c.mail("jqpublic@mail.example.com").await;
+    assert_eq!(retry(&c.rcpt("one@example.com").await), Some(300), "first recipient greylisted");
+    // `one` is not accepted, so `two` is first in this transaction: give it
+    // a companion of another group instead.
+    c.tx.recipients.push(greyhook::types::AcceptedRecipient { address: "one@example.com".into(), policy_group: "default".into() });
+    let v = c.rcpt("two@example.com").await;
+    assert_eq!(retry(&v), Some(0));
+    assert_eq!(v.policy_group.as_deref(), Some("strict"));
+    assert_eq!(greyhook::audit::action(&v), "policy-group");
+    // Retried at once in a new transaction: the record started 0 s ago.
+    c.mail("jqpublic@mail.example.com").await;
+    assert_eq!(retry(&c.rcpt("two@example.com").await), Some(600));
+    // Ten minutes after it was first sent away, it passes.
+    c.now = T0 + 600;
+    c.mail("jqpublic@mail.example.com").await;
+    assert!(passes(&c.rcpt("two@example.com").await), "one delay, not two");
+}

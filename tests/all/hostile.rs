@@ -249,11 +249,12 @@ fn slow_clients_do_not_starve_the_smtp_front_end() {
             // A byte every 300 ms, never a whole line.
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(20) {
                 if s.write_all(b"N").is_err() {
-                    return Some(started.elapsed());
+                    return true;
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
-            None
+            // Cut off by the server (EOF or reset), not still held open.
+            closed_within(&mut s, 5)
         }));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -272,7 +273,7 @@ fn slow_clients_do_not_starve_the_smtp_front_end() {
         std::thread::sleep(Duration::from_millis(200));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let cut = trickle.into_iter().filter_map(|t| t.join().unwrap()).count();
+    let cut = trickle.into_iter().filter(|_| true).map(|t| t.join().unwrap()).filter(|c| *c).count();
     assert!(cut >= 1, "tricklers were cut off");
 }
 
@@ -473,9 +474,9 @@ fn a_runaway_filter_does_not_starve_other_requests() {
             })
             .collect();
         times.sort();
-        times[times.len() * 99 / 100]
+        (times[times.len() / 2], times[times.len() * 99 / 100])
     };
-    let calm = measure("calm");
+    let (_, calm) = measure("calm");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loopers: Vec<_> = (0..32)
         .map(|_| {
@@ -493,11 +494,126 @@ fn a_runaway_filter_does_not_starve_other_requests() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let busy = measure("busy");
+    let (median, busy) = measure("busy");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let looped: u32 = loopers.into_iter().map(|t| t.join().unwrap()).sum();
-    eprintln!("p99 calm {calm:?}, with 32 runaway calls {busy:?} ({looped} runaway calls)");
+    eprintln!("p99 calm {calm:?}, with 32 runaway calls median {median:?} p99 {busy:?} ({looped} runaway calls)");
     assert!(looped >= 32, "the runaway calls ran");
-    assert!(busy < Duration::from_millis(250), "p99 {busy:?} (calm {calm:?}) while a filter loops");
+    // Before the fix: median 1.1 s, p99 over 2 s. The bounds leave room for
+    // a CI machine running other tests at the same time.
+    assert!(median < Duration::from_millis(100), "median {median:?} (calm p99 {calm:?}) while a filter loops");
+    assert!(busy < Duration::from_millis(1000), "p99 {busy:?} (calm {calm:?}) while a filter loops");
     assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// Idle and stalled peers cannot block the policy and milter listeners:
+/// under stress idle peers are closed within the stress idle timeout, a
+/// request or milter packet begun and not finished is cut at its own
+/// deadline (an EOF, not a read timeout, is what the peer sees), and a
+/// newcomer is served meanwhile.
+#[test]
+fn stalled_policy_and_milter_peers_do_not_block_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pport, mport) = (free_port(), free_port());
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{pport}\"]\nmax_connections = 8\nstress_idle_timeout = \"1s\"\nrequest_timeout = \"1s\"\n\
+         [milter]\nlisten = [\"127.0.0.1:{mport}\"]\nmax_connections = 8\nstress_idle_timeout = \"1s\"\nframe_timeout = \"1s\"\n",
+        d = dir.path().display()
+    );
+    let _d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(pport, 30);
+    wait_for_port(mport, 30);
+    // Policy: eight silent peers, then a newcomer with a request.
+    let mut idle: Vec<std::net::TcpStream> = (0..8).map(|_| std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let a = policy_ask(&mut s, "192.0.2.9", "u@example.com");
+    assert!(a.starts_with("action=451"), "{a}");
+    assert!(start.elapsed() < Duration::from_secs(5), "the newcomer waited {:?}", start.elapsed());
+    assert!(closed_within(&mut idle[0], 5), "an idle peer is closed under stress");
+    drop(idle);
+    // A request begun and never finished is cut at request_timeout.
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
+    half.write_all(b"request=smtpd_access_policy\nprotocol_state=RC").unwrap();
+    let t = Instant::now();
+    assert!(closed_within(&mut half, 5), "a half request is cut");
+    assert!(t.elapsed() >= Duration::from_millis(800), "not before request_timeout: {:?}", t.elapsed());
+    // Milter: eight peers announce a 64 KiB packet and trickle it.
+    let mut stalled: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+            s.write_all(&65_536u32.to_be_bytes()).unwrap();
+            s.write_all(b"O").unwrap();
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    for _ in 0..3 {
+        for s in &mut stalled {
+            let _ = s.write_all(b"x");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(closed_within(&mut stalled[0], 5), "a peer trickling a packet is cut at frame_timeout");
+    assert!(t.elapsed() < Duration::from_secs(6));
+    // A newcomer negotiates at once.
+    let mut m = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut optneg = 13u32.to_be_bytes().to_vec();
+    optneg.push(b'O');
+    for v in [6u32, 0x1ff, 0x1f_ffff] {
+        optneg.extend_from_slice(&v.to_be_bytes());
+    }
+    m.write_all(&optneg).unwrap();
+    let mut len = [0u8; 4];
+    m.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    m.read_exact(&mut body).unwrap();
+    assert_eq!(body.first(), Some(&b'O'), "option negotiation answered");
+}
+
+/// Per-filter quotas: a filter that writes 64 records of 16 KiB with a
+/// 136-year TTL and logs 10,000 lines a call is held to its write budget
+/// (a store `limit` error past it), its records to the maximum TTL (seen
+/// in a real Redis), and its log to its line rate.
+#[test]
+fn a_filter_is_held_to_its_quotas() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{url}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\ndeadline = \"5s\"\n\
+         max_ttl = \"1d\"\nwrite_bytes_per_minute = 262144\nlog_lines_per_second = 100\n",
+        d = dir.path().display(),
+        url = redis.url()
+    );
+    let d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for _ in 0..3 {
+        // Over budget, the call fails (a store limit) and the failure
+        // policy answers.
+        let a = policy_ask(&mut s, "192.0.2.1", "quota-flood@example.com");
+        assert!(a.starts_with("action=DUNNO"), "{a}");
+    }
+    // 256 KiB a minute: about 16 records of 16 KiB, not 3 x 64.
+    let keys: Vec<String> =
+        redis.cli(&["--scan", "--pattern", "greyhook:chaos/qf*"]).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+    assert!((10..=20).contains(&keys.len()), "{} records written: {keys:?}", keys.len());
+    assert!(d.log_text().contains("write budget"), "the refusal is logged");
+    for k in &keys {
+        let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
+        assert!((1..=86_400).contains(&ttl), "{k}: TTL {ttl}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log_text();
+    let lines = log.lines().filter(|l| l.contains("chaos flood line")).count();
+    assert!(lines <= 3 * 10 + 5, "{lines} filter log lines kept of 30,000");
+    assert!(log.contains("dropped so far"), "the drops are counted");
 }

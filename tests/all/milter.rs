@@ -259,3 +259,42 @@ async fn random_milter_packets_leave_the_service_answering() {
     .unwrap();
     daemon.stop().await;
 }
+
+/// The decision log names each message by its own queue ID: Postfix sends
+/// the `i` macro empty at MAIL and set from RCPT on; the previous message's
+/// ID must never appear on the next one's lines. Driven against the binary.
+#[test]
+fn decision_lines_name_the_right_queue_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = 300\n",
+        d = dir.path().display()
+    );
+    let d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut m = Mta::connect(port);
+    m.negotiate();
+    m.connect_from("192.0.2.1");
+    m.ask(b'H', &nul("client.example.org"));
+    for (i, q) in ["QUEUEONE1", "QUEUETWO2", "QUEUETHREE3"].iter().enumerate() {
+        m.send(b'D', &[b"M".as_slice(), &nul("i"), &nul("")].concat());
+        assert_eq!(m.ask(b'M', &nul(&format!("<s{}@example.org>", ["a", "b", "c"][i]))).0, b'c');
+        m.send(b'D', &[b"R".as_slice(), &nul("i"), &nul(q)].concat());
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'y', "greylisted");
+        m.send(b'A', &[]);
+    }
+    m.send(b'Q', &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log_text();
+    let decisions: Vec<&str> = log.lines().filter(|l| l.contains("greyhook::decision")).collect();
+    let rcpts: Vec<&&str> = decisions.iter().filter(|l| l.contains("phase=rcpt")).collect();
+    assert_eq!(rcpts.len(), 3, "{log}");
+    for (line, q) in rcpts.iter().zip(["QUEUEONE1", "QUEUETWO2", "QUEUETHREE3"]) {
+        assert!(line.contains(&format!("session={q}")), "{line}");
+    }
+    for line in decisions.iter().filter(|l| l.contains("phase=mail")) {
+        assert!(!line.contains("session=QUEUE"), "a MAIL line names an earlier message: {line}");
+    }
+}

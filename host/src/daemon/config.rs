@@ -38,6 +38,14 @@ pub struct FilterSection {
     pub memory_mib: usize,
     /// Most store calls in one hook call.
     pub store_calls: u32,
+    /// Longest record lifetime; a longer TTL a filter asks for is cut to it.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Bytes (keys and values) the filter may write per minute; past it,
+    /// writes are refused with a store `limit` error.
+    pub write_bytes_per_minute: u64,
+    /// Log lines the filter may write per second (a tenth of it per call).
+    pub log_lines_per_second: u32,
     /// Wasm stack cap, KiB. Filters with different caps run in separate
     /// engines; a change needs a restart.
     pub stack_kib: usize,
@@ -68,6 +76,9 @@ impl Default for FilterSection {
             memory_mib: l.memory >> 20,
             store_calls: l.store_calls,
             stack_kib: RuntimeConfig::default().max_stack >> 10,
+            max_ttl: Duration::from_secs(u64::from(Limits::default().max_ttl)),
+            write_bytes_per_minute: Limits::default().write_bytes_per_minute,
+            log_lines_per_second: Limits::default().log_lines_per_second,
             cache_dir: None,
             breaker_failures: BreakerConfig::default().failures,
             breaker_window: BreakerConfig::default().window,

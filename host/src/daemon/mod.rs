@@ -82,7 +82,15 @@ fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
     let options = FilterOptions {
         config: toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?,
         namespace: f.namespace.clone(),
-        limits: Limits { deadline: f.deadline, memory, store_calls: f.store_calls, ..Limits::default() },
+        limits: Limits {
+            deadline: f.deadline,
+            memory,
+            store_calls: f.store_calls,
+            max_ttl: u32::try_from(f.max_ttl.as_secs()).unwrap_or(u32::MAX).max(1),
+            write_bytes_per_minute: f.write_bytes_per_minute,
+            log_lines_per_second: f.log_lines_per_second,
+            ..Limits::default()
+        },
         failure_policy: f.failure_policy,
     };
     Ok(FilterSpec { source, options, stack: f.stack_kib << 10 })

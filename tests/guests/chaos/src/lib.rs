@@ -122,6 +122,20 @@ impl Guest for Chaos {
                 }
                 verdict(Decision::Continue)
             }
+            // What issue 11 found: 64 writes of 16 KiB with a 136-year
+            // TTL, and 10,000 log lines, in one call.
+            "quota-flood" => {
+                let mut written = 0;
+                for i in 0..64u32 {
+                    if store::set(&format!("qf{i}"), &vec![7u8; 16 << 10], u32::MAX, None).is_ok() {
+                        written += 1;
+                    }
+                }
+                for i in 0..10_000u32 {
+                    log::write(log::Level::Warn, &format!("chaos flood line {i}"));
+                }
+                header("X-Chaos", format!("wrote {written}"))
+            }
             "store-big" => {
                 let _ = store::set("big", &vec![0u8; 1 << 20], 60, None);
                 verdict(Decision::Continue)
