@@ -303,3 +303,46 @@ fn greyhook_smtp_relays_to_postfix() {
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
+
+/// The README's Postfix lines, exactly as shown (the port changed), with
+/// a real Postfix: an ordinary sender is greylisted at RCPT and the null
+/// sender at DATA; both pass on retry.
+#[test]
+fn the_readme_postfix_lines_greylist_the_null_sender_too() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let block = readme
+        .split("# /etc/postfix/main.cf\n")
+        .nth(1)
+        .and_then(|r| r.split("```").next())
+        .expect("the README shows main.cf lines")
+        .to_string();
+    assert!(block.contains("smtpd_data_restrictions"), "{block}");
+    let port = free_port();
+    let lines = block.replace("127.0.0.1:10023", &format!("127.0.0.1:{port}"));
+    let mut daemon = greyhook_with(
+        root.path(),
+        "serve",
+        &format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [filter.config]\ndelay = 2\n",
+            d = root.path().display()
+        ),
+    );
+    wait_for_port(port, 20);
+    let pf = Postfix::start(root.path(), None, &lines);
+    let first = pf.send("sender@example.org", "user@e2e.test", "127.0.0.1");
+    rcpt_tempfail(&first, "451", "retry=00:00:02");
+    let bounce = pf.send("<>", "user@e2e.test", "127.0.0.1");
+    let line = bounce.lines().find(|l| l.starts_with("<** 4")).unwrap_or_else(|| panic!("the null sender is greylisted:\n{bounce}"));
+    assert!(line.starts_with("<** 451 4.7.1") && line.ends_with("retry=00:00:02"), "{line}");
+    assert!(bounce.contains("~> DATA") || bounce.contains(" -> DATA"), "at DATA: {bounce}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert!(pf.send("sender@example.org", "user@e2e.test", "127.0.0.1").contains("queued as"));
+    let again = pf.send("<>", "user@e2e.test", "127.0.0.1");
+    assert!(again.contains("queued as"), "the bounce passes on retry:\n{again}\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("action=greylist phase=data"), "{}", daemon.log_text());
+    drop(pf);
+    assert!(daemon.terminate(10));
+}
