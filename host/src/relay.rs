@@ -113,6 +113,41 @@ impl Relay {
         self.keywords.iter().any(|k| k.split_whitespace().next() == Some(keyword))
     }
 
+    /// Tells the next hop who the real client is with Postfix's XCLIENT
+    /// (it then treats the session as that client's: its restrictions, its
+    /// logs, its `Received:` line), if the next hop offers it: `attrs` are
+    /// `NAME=VALUE` pairs, sent only when the next hop listed the name.
+    /// XCLIENT restarts the session (a new greeting), so EHLO is said again.
+    /// True if the next hop took it.
+    pub async fn xclient(&mut self, attrs: &[(&str, String)]) -> Result<bool, RelayError> {
+        let Some(offered) = self.keywords.iter().find(|k| k.split_whitespace().next() == Some("XCLIENT")).cloned() else {
+            return Ok(false);
+        };
+        let names: Vec<&str> = offered.split_whitespace().skip(1).collect();
+        let sent: Vec<String> = attrs.iter().filter(|(n, _)| names.contains(n)).map(|(n, v)| format!("{n}={}", xtext(v))).collect();
+        if sent.is_empty() {
+            return Ok(false);
+        }
+        let r = self.command(&format!("XCLIENT {}", sent.join(" "))).await?;
+        if r.code != 220 {
+            tracing::debug!(code = r.code, "next hop refused XCLIENT");
+            return Ok(false);
+        }
+        // Postfix takes the HELO of this EHLO over XCLIENT's: say the
+        // client's own.
+        let hello = if self.hop.lmtp { "LHLO" } else { "EHLO" };
+        let name = attrs
+            .iter()
+            .find(|(n, v)| *n == "HELO" && !v.starts_with('[') && !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| self.hop.helo_name.clone(), |(_, v)| v.clone());
+        let ehlo = self.command(&format!("{hello} {name}")).await?;
+        if ehlo.code != 250 {
+            return Err(RelayError::Malformed(self.hop.address.clone(), format!("EHLO after XCLIENT: {}", ehlo.code)));
+        }
+        self.keywords = ehlo.lines.iter().skip(1).map(|l| l.to_ascii_uppercase()).collect();
+        Ok(true)
+    }
+
     /// Sends one command line and reads the reply.
     pub async fn command(&mut self, line: &str) -> Result<HopReply, RelayError> {
         self.write(format!("{line}\r\n").as_bytes()).await?;
@@ -226,9 +261,29 @@ impl Relay {
     }
 }
 
+/// RFC 3461 xtext, as XCLIENT and XFORWARD values are written: `+`, `=`
+/// and bytes outside `!`..`~` as `+HH`.
+pub fn xtext(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xtext_encodes_what_it_must() {
+        assert_eq!(xtext("mx.example.org"), "mx.example.org");
+        assert_eq!(xtext("a b+c=d"), "a+20b+2Bc+3Dd");
+    }
 
     #[test]
     fn replies_render_with_the_code_on_every_line() {

@@ -271,7 +271,7 @@ fn greyhook_smtp_relays_to_postfix() {
     let root = tempfile::tempdir().unwrap();
     traversable(root.path());
     let r = root.path();
-    let pf = Postfix::start(r, None, "smtpd_authorized_xforward_hosts = 127.0.0.0/8\n");
+    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
     let sport = free_port();
     let mut daemon = Process::greyhook(
         &[
@@ -290,7 +290,13 @@ fn greyhook_smtp_relays_to_postfix() {
         r.join("greyhook.log"),
     );
     wait_for_port(sport, 20);
-    let send = || swaks(sport, &["--from", "sender@example.org", "--to", "user@e2e.test", "--ehlo", "client.example.org"]);
+    // The client comes from 127.0.0.5; greyhook talks to Postfix from 127.0.0.1.
+    let send = || {
+        swaks(
+            sport,
+            &["--from", "sender@example.org", "--to", "user@e2e.test", "--ehlo", "client.example.org", "--local-interface", "127.0.0.5"],
+        )
+    };
     let first = send();
     assert!(first.contains("<-  250-GREYLIST"), "EHLO advertises GREYLIST:\n{first}");
     rcpt_tempfail(&first, "451", "Greylisted, please try again later retry=00:00:02");
@@ -299,7 +305,16 @@ fn greyhook_smtp_relays_to_postfix() {
     assert!(second.contains("<-  250 2.0.0 Ok: queued as"), "Postfix's reply reaches the client:\n{second}\n{}", daemon.log_text());
     let msg = pf.message(&second);
     assert!(msg.contains("X-Greylist: delayed"), "{msg}");
-    assert!(pf.log().contains("client=client.example.org[127.0.0.1]") || pf.log().contains("[127.0.0.1]"), "{}", pf.log());
+    // XCLIENT: Postfix sees the real client, in its log and its own Received line.
+    assert!(pf.log().contains("client=unknown[127.0.0.5]"), "{}", pf.log());
+    let postfix_received = msg.lines().find(|l| l.contains("Received: from")).unwrap_or_default().to_string();
+    assert!(postfix_received.contains("client.example.org (unknown [127.0.0.5])"), "{msg}");
+    // And greyhook's own trace line names the client and its HELO.
+    assert!(
+        msg.contains("Received: from client.example.org (unknown [127.0.0.5])") && msg.contains("(greyhook) with ESMTP id smtp"),
+        "{msg}"
+    );
+    assert!(!msg.contains("[127.0.0.1]"), "loopback is named nowhere: {msg}");
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }

@@ -241,6 +241,8 @@ struct Connection {
     config: Arc<SmtpConfig>,
     session: Option<SmtpSession>,
     relay: Option<Relay>,
+    /// The relay connection took XCLIENT.
+    xclient_done: bool,
     hop: Hop,
     greeted: bool,
     tls: bool,
@@ -269,6 +271,7 @@ impl Connection {
             shared,
             session: None,
             relay: None,
+            xclient_done: false,
             hop: Hop::Idle,
             greeted: false,
             tls: false,
@@ -547,10 +550,26 @@ impl Connection {
     }
 
     async fn hop_mail(&mut self, sender: &str, mut forward: Vec<String>, xf: Option<String>) -> Result<(), String> {
+        let fresh = self.relay.is_none();
+        let xclient = self.session.as_ref().map(|s| xclient_attrs(s.session())).unwrap_or_default();
         let hop = self.relay_ready().await?;
-        // Tell it who the client is (Postfix resets XFORWARD attributes
-        // after every transaction, so before every MAIL).
-        if hop.has("XFORWARD")
+        // Tell it who the client is: XCLIENT once per connection where it
+        // is offered (the next hop then treats the session as the client's),
+        // else XFORWARD before every MAIL (Postfix resets XFORWARD
+        // attributes after every transaction).
+        if fresh {
+            self.xclient_done = match hop.xclient(&xclient).await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    self.relay = None;
+                    return Err(HOP_UNAVAILABLE.into());
+                }
+            };
+        }
+        let Some(hop) = self.relay.as_mut() else { return Err(HOP_UNAVAILABLE.into()) };
+        if !self.xclient_done
+            && hop.has("XFORWARD")
             && let Some(line) = xf
             && !matches!(hop.command(&line).await, Ok(ref rep) if rep.is_positive())
         {
@@ -759,6 +778,9 @@ impl Connection {
             return self.filter_reply(&r).await;
         }
         let mut prefix = Vec::with_capacity(256);
+        // Our own trace line first (RFC 5321 4.4): whoever reads the
+        // message downstream sees the real client, XCLIENT or not.
+        prefix.extend_from_slice(self.received_line().as_bytes());
         keep_headers(&mut self.headers, &v);
         for h in &self.headers {
             prefix.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
@@ -781,6 +803,46 @@ impl Connection {
             }
         }
     }
+}
+
+impl Connection {
+    /// `Received: from HELO (NAME [IP]) by HOST (greyhook) with ESMTP id
+    /// ID for <RCPT>; DATE`, folded, CRLF-ended.
+    fn received_line(&mut self) -> String {
+        let (hostname, tls) = (self.config.hostname.clone(), self.tls);
+        let s = self.session();
+        let clean = |v: &str| {
+            v.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '[' | ']' | ';' | '\\')).take(255).collect::<String>()
+        };
+        let helo = s.session().helo.as_deref().map(clean).filter(|h| !h.is_empty()).unwrap_or_else(|| "unknown".into());
+        let name = s.session().client_name.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "unknown".into());
+        let addr = match s.session().client_address {
+            IpAddr::V6(a) => format!("IPv6:{a}"),
+            a => a.to_string(),
+        };
+        let id = clean(&s.session().id);
+        let rcpts = &s.transaction().recipients;
+        let whom = match rcpts.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", one.address.chars().filter(|c| !c.is_control()).collect::<String>()),
+            _ => String::new(),
+        };
+        let with = if tls { "ESMTPS" } else { "ESMTP" };
+        let date = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into());
+        format!("Received: from {helo} ({name} [{addr}])\r\n\tby {hostname} (greyhook) with {with} id {id}{whom};\r\n\t{date}\r\n")
+    }
+}
+
+/// The XCLIENT attributes for a session (values raw; xtext-encoded when sent).
+fn xclient_attrs(s: &crate::types::Session) -> Vec<(&'static str, String)> {
+    let addr = match s.client_address {
+        IpAddr::V6(a) => format!("IPV6:{a}"),
+        a => a.to_string(),
+    };
+    let name = s.client_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
+    let helo = s.helo.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
+    vec![("ADDR", addr), ("NAME", name), ("HELO", helo), ("PROTO", "ESMTP".into())]
 }
 
 /// The XFORWARD line for a session: client address, name, HELO.
