@@ -152,6 +152,20 @@ enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// Read the retry delay a server's reply asks for. Given one whole
+    /// reply on stdin (all its lines, as the server sent them), prints the
+    /// delay in whole seconds and exits 0, or prints nothing and exits 1
+    /// when the reply states none (only a 4yz reply carries a delay). With
+    /// `--log`, reads a Postfix or Exim log (FILE, or stdin) and prints one
+    /// line per deferral: the queue ID (Postfix) or recipient (Exim), and
+    /// the delay or `none`.
+    Hint {
+        /// Read a mail log instead of one reply.
+        #[arg(long)]
+        log: bool,
+        /// The log file (default: stdin).
+        file: Option<PathBuf>,
+    },
     /// Work on a store.
     Db {
         #[command(subcommand)]
@@ -326,6 +340,40 @@ async fn serve(overrides: Overrides) -> Result<()> {
     Ok(())
 }
 
+/// `greyhook hint`.
+fn hint(log: bool, file: Option<&Path>) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let input: Box<dyn std::io::Read> = match file {
+        Some(p) => Box::new(std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => Box::new(std::io::stdin()),
+    };
+    if log {
+        // A log line is bounded: longer ones are skipped, not held.
+        let mut r = std::io::BufReader::new(input);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut r).take(64 << 10).read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some((who, delay)) = greyhook::retry::log_deferral(&String::from_utf8_lossy(&line)) {
+                println!("{who} {}", delay.map_or_else(|| "none".to_string(), |d| d.to_string()));
+            }
+        }
+    }
+    // One reply: at most 100 lines of 512 bytes (RFC 5321's limits, with room).
+    let mut text = String::new();
+    input.take(64 << 10).read_to_string(&mut text).context("the reply must be text")?;
+    match greyhook::retry::reply_delay(&text) {
+        Some(d) => {
+            println!("{d}");
+            Ok(())
+        }
+        None => std::process::exit(1),
+    }
+}
+
 /// `greyhook reload` / `greyhook status`: one command on the control socket.
 async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -362,6 +410,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Smtp { common, listen, next_hop, lmtp, policy, milter } => {
             return serve(Overrides { common, policy, milter, smtp: Some(SmtpOverrides { listen, next_hop, lmtp }) }).await;
         }
+        Command::Hint { log, file } => return hint(log, file.as_deref()),
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c } => return control(c, "status").await,
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
@@ -379,7 +428,12 @@ async fn run(cli: Cli) -> Result<()> {
     let _log = init_logging("warn");
     let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
-        Command::Serve { .. } | Command::Smtp { .. } | Command::Reload { .. } | Command::Status { .. } | Command::Db { .. } => {
+        Command::Serve { .. }
+        | Command::Smtp { .. }
+        | Command::Reload { .. }
+        | Command::Status { .. }
+        | Command::Db { .. }
+        | Command::Hint { .. } => {
             unreachable!("handled above")
         }
         Command::Check { filter, config, set } => {

@@ -18,9 +18,48 @@ pub fn format_retry(secs: u64) -> String {
     if d > 0 { format!("retry={d:02}-{h:02}:{m:02}:{sec:02}") } else { format!("retry={h:02}:{m:02}:{sec:02}") }
 }
 
-/// Reads the retry hint from a reply (one or more lines, with or without
-/// reply codes): the draft's `retry=` on the last line first, then any
-/// known informal form on any line. Returns seconds.
+/// The delay a client should wait before retrying, read from a whole
+/// reply as the server sent it (every line with its code, `451-...` then
+/// `451 ...`; CRLF or LF between lines). Only a 4yz reply carries a delay:
+/// anything else is `None`, whatever its text says. For SMTP client and MTA
+/// authors, and `greyhook hint`.
+///
+/// ```
+/// use greyhook::retry::reply_delay;
+/// assert_eq!(reply_delay("451 4.7.1 Greylisted retry=00:05:00\r\n"), Some(300));
+/// assert_eq!(reply_delay("451-You should wait another 187 seconds.\r\n451 Try later\r\n"), Some(187));
+/// assert_eq!(reply_delay("554 5.4.7 unable to deliver in 840 minutes"), None);
+/// ```
+pub fn reply_delay(reply: &str) -> Option<u64> {
+    let code = reply_code(reply)?;
+    retry_delay(code, reply)
+}
+
+/// The code of a reply (its first line's), if it starts with one.
+pub fn reply_code(reply: &str) -> Option<u16> {
+    let first = reply.trim_start().lines().next()?;
+    let b = first.as_bytes();
+    if b.len() >= 3 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b.get(3), None | Some(b' ') | Some(b'-')) {
+        first[..3].parse().ok().filter(|c| (200..600).contains(c))
+    } else {
+        None
+    }
+}
+
+/// The delay of a reply whose code is known (`lines` with or without
+/// their codes): `None` unless `code` is 4yz.
+pub fn retry_delay(code: u16, lines: &str) -> Option<u64> {
+    if code / 100 != 4 {
+        return None;
+    }
+    parse_retry_hint(lines)
+}
+
+/// Reads the retry hint from a reply's text (one or more lines, with or
+/// without reply codes, whatever the code): the draft's `retry=` on the
+/// last line first, then any known informal form on any line, the last
+/// first. Returns seconds. Prefer [`reply_delay`], which also checks that
+/// the reply is a 4yz.
 pub fn parse_retry_hint(reply: &str) -> Option<u64> {
     let lines: Vec<String> = reply.lines().map(|l| strip_code(l).to_ascii_lowercase()).collect();
     if let Some(last) = lines.iter().rev().find(|l| !l.trim().is_empty())
@@ -58,8 +97,41 @@ fn informal(line: &str) -> Option<u64> {
         .or_else(|| find_after(line, "retry ", |s| strict_clock(s).or_else(|| amount(s, false))))
         .or_else(|| find_after(line, "time=", |s| amount(s, true)))
         .or_else(|| {
-            [" in ", " for ", " after ", "wait "].iter().find_map(|k| find_after(line, k, |s| loose_clock(s).or_else(|| amount(s, false))))
+            [" in ", " for ", " after ", "wait ", "another "]
+                .iter()
+                .find_map(|k| find_after(line, k, |s| loose_clock(s).or_else(|| go_duration(s)).or_else(|| amount(s, false))))
         })
+}
+
+/// One deferral in a Postfix or Exim log line: who (the Postfix queue
+/// ID, or the Exim recipient) and the delay the server's reply asked for
+/// (`None` when it asked for none). `None` for lines that are not a
+/// deferral with the server's reply.
+///
+/// Postfix: `... postfix/smtp[1]: 4BDAC992063: to=<u@example.com>, ...,
+/// status=deferred (host mx[192.0.2.1] said: 451 4.7.1 Greylisted
+/// retry=00:05:00 (in reply to RCPT TO command))`. Exim: `... 1abcDE-000123-AB
+/// == u@example.com R=dnslookup T=remote_smtp defer (-44) H=mx [192.0.2.1]:
+/// SMTP error from remote mail server after RCPT TO:<u@example.com>: 451
+/// 4.7.1 Greylisted retry=00:05:00`.
+pub fn log_deferral(line: &str) -> Option<(String, Option<u64>)> {
+    let line = line.trim_end();
+    if let Some(i) = line.find("status=deferred (") {
+        let id = line[..i].split("]: ").nth(1)?.split(':').next()?.trim().to_string();
+        let said = &line[i..];
+        let reply = said.split_once(" said: ")?.1;
+        let reply = reply.rfind(" (in reply to").map_or(reply, |j| &reply[..j]);
+        return Some((id, reply_delay(reply)));
+    }
+    if let Some(i) = line.find(" == ")
+        && let Some(j) = line.find("SMTP error from remote mail server after ")
+    {
+        let who = line[i + 4..].split_whitespace().next()?.to_string();
+        let rest = &line[j..];
+        let start = rest.match_indices(": ").map(|(k, _)| k + 2).find(|&k| reply_code(&rest[k..]).is_some())?;
+        return Some((who, reply_delay(&rest[start..])));
+    }
+    None
 }
 
 /// Leading decimal digits of `s` (at most 9) and the rest.
@@ -105,6 +177,26 @@ fn loose_clock(s: &str) -> Option<u64> {
         None if b < 60 => Some(a * 60 + b),
         _ => None,
     }
+}
+
+/// A Go duration (`4m59s`, `1h30m0s`, `90s`): at least two parts, or one
+/// part followed by the end of a word; units h, m, s.
+fn go_duration(s: &str) -> Option<u64> {
+    let mut rest = s;
+    let mut total = 0u64;
+    let mut parts = 0;
+    while let Some((n, r)) = digits(rest) {
+        let (mult, r) = match r.as_bytes().first() {
+            Some(b'h') => (3600, &r[1..]),
+            Some(b'm') if !r.starts_with("ms") && !r[1..].starts_with(|c: char| c.is_ascii_alphabetic()) => (60, &r[1..]),
+            Some(b's') if !r[1..].starts_with(|c: char| c.is_ascii_alphabetic()) => (1, &r[1..]),
+            _ => break,
+        };
+        total = total.checked_add(n.checked_mul(mult)?)?;
+        parts += 1;
+        rest = r;
+    }
+    (parts >= 2).then_some(total)
 }
 
 /// `300`, `300s`, `2 minutes`, `1 hour`, `2d`; a bare number is seconds
@@ -159,5 +251,32 @@ mod tests {
         }
         assert_eq!(parse_retry_hint("451 4.3.0 Try again later"), None);
         assert_eq!(parse_retry_hint("451 retry=24:00:00"), None);
+    }
+
+    #[test]
+    fn reads_postfix_and_exim_logs() {
+        let pf = "Nov 29 21:44:14 mx postfix/smtp[123]: 4BDAC992063: to=<u@example.com>, relay=mx.example.net[192.0.2.1]:25, delay=1.2, delays=0.1/0/0.5/0.6, dsn=4.7.1, status=deferred (host mx.example.net[192.0.2.1] said: 451 4.7.1 Greylisted, please try again later retry=00:05:00 (in reply to RCPT TO command))";
+        assert_eq!(log_deferral(pf), Some(("4BDAC992063".into(), Some(300))));
+        let none = pf.replace(" retry=00:05:00", "");
+        assert_eq!(log_deferral(&none), Some(("4BDAC992063".into(), None)));
+        let exim = "2026-11-29 21:44:14 1vQabc-000123-AB == u@example.com R=dnslookup T=remote_smtp defer (-44) H=mx.example.net [192.0.2.1]: SMTP error from remote mail server after RCPT TO:<u@example.com>: 451-4.7.1 Greylisted\n451 4.7.1 retry in 4m59s";
+        assert_eq!(log_deferral(exim), Some(("u@example.com".into(), Some(299))));
+        assert_eq!(log_deferral("Nov 29 mx postfix/smtpd[1]: connect from x[192.0.2.1]"), None);
+    }
+
+    /// The corpus of real replies in `tests/data/retry-hints.tsv`.
+    #[test]
+    fn reads_the_corpus() {
+        let corpus = include_str!("../../tests/data/retry-hints.tsv");
+        let mut n = 0;
+        for line in corpus.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let mut cols = line.split('\t');
+            let (want, reply, source) = (cols.next().unwrap(), cols.next().unwrap(), cols.next().unwrap_or(""));
+            let reply = reply.replace("\\r\\n", "\r\n");
+            let want: Option<u64> = if want == "none" { None } else { Some(want.parse().unwrap()) };
+            assert_eq!(reply_delay(&reply), want, "{reply:?} ({source})");
+            n += 1;
+        }
+        assert!(n >= 25, "{n} replies");
     }
 }

@@ -64,3 +64,37 @@ fn simulate_shows_the_replies_a_client_sees() {
     let (ok, _, err) = greyhook(&["simulate", script.to_str().unwrap()]);
     assert!(!ok && err.contains("line 1"), "{err}");
 }
+
+fn greyhook_stdin(args: &[&str], input: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new(greyhook_bin())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("greyhook runs");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `greyhook hint`: one reply on stdin → the delay, or exit 1; `--log`
+/// reads a Postfix log and lists the deferrals.
+#[test]
+fn hint_reads_replies_and_logs() {
+    assert_eq!(greyhook_stdin(&["hint"], "451-4.7.1 Greylisted\r\n451 4.7.1 Come back retry=00:05:00\r\n"), (Some(0), "300\n".into()));
+    assert_eq!(greyhook_stdin(&["hint"], "451-You should wait another 187 seconds.\r\n451 Later\r\n"), (Some(0), "187\n".into()));
+    assert_eq!(greyhook_stdin(&["hint"], "451 4.7.1 Try again later\r\n"), (Some(1), String::new()));
+    assert_eq!(greyhook_stdin(&["hint"], "554 5.4.7 unable to deliver in 840 minutes\r\n"), (Some(1), String::new()));
+    let log = "\
+Nov 29 21:44:14 mx postfix/smtp[123]: 4BDAC992063: to=<u@example.com>, relay=mx.example.net[192.0.2.1]:25, delay=1.2, delays=0.1/0/0.5/0.6, dsn=4.7.1, status=deferred (host mx.example.net[192.0.2.1] said: 451 4.7.1 Greylisted, please try again later retry=00:05:00 (in reply to RCPT TO command))
+Nov 29 21:44:15 mx postfix/smtp[124]: 5CDAC992064: to=<v@example.org>, relay=mx.example.org[192.0.2.2]:25, delay=1.2, delays=0.1/0/0.5/0.6, dsn=4.7.1, status=deferred (host mx.example.org[192.0.2.2] said: 451 4.7.1 Try again later (in reply to RCPT TO command))
+Nov 29 21:44:16 mx postfix/smtp[125]: 6DDAC992065: to=<w@example.org>, relay=mx.example.org[192.0.2.2]:25, delay=1, status=sent (250 2.0.0 Ok)
+";
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("maillog");
+    std::fs::write(&f, log).unwrap();
+    let (ok, out, _) = greyhook(&["hint", "--log", f.to_str().unwrap()]);
+    assert!(ok);
+    assert_eq!(out, "4BDAC992063 300\n5CDAC992064 none\n");
+}
