@@ -78,6 +78,11 @@ pub struct Limits {
     /// (and at most a tenth of it in one call); the rest are dropped and
     /// counted in one line.
     pub log_lines_per_second: u32,
+    /// Records this filter may hold in the store (its namespace); past it,
+    /// writes that would create a record are a store `limit` error. Counted
+    /// every minute where the store can count (memory, redb); not enforced
+    /// on Redis (bound it with `maxmemory` and TTLs).
+    pub max_records: u64,
 }
 
 impl Default for Limits {
@@ -90,6 +95,7 @@ impl Default for Limits {
             max_ttl: 100 * 86_400,
             write_bytes_per_minute: 64 << 20,
             log_lines_per_second: 200,
+            max_records: 5_000_000,
         }
     }
 }
@@ -633,6 +639,7 @@ impl Filter {
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
         let end = tokio::time::Instant::now() + deadline;
+        inner.quota.recount_if_due(&inner.store, format!("{}/", inner.options.namespace), now);
         // A filter that ran past its deadline lately is a suspect: each of
         // its calls takes a slow-call slot before it starts (waiting counts
         // against the deadline), so its runaway calls queue instead of

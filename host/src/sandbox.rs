@@ -219,10 +219,23 @@ impl wit_store::Host for HostState {
             self.fail(m.clone());
             return Ok(Err(wit_store::StoreError::Limit(m)));
         }
+        // A write that may create a record (not a compare-and-swap on an
+        // existing version) counts against the record budget.
+        let creating = !matches!(if_version, Some(v) if v > 0);
+        if creating && self.quota.records_full() {
+            let m = format!("record budget of {} records spent", self.quota.max_records);
+            self.fail(m.clone());
+            return Ok(Err(wit_store::StoreError::Limit(m)));
+        }
         let ttl = ttl.clamp(1, self.quota.max_ttl);
         let expires_at = self.now.saturating_add(u64::from(ttl));
         Ok(match self.store.set(&key, &value, expires_at, Condition::from_wit(if_version), self.now).await {
-            Ok(WriteOutcome::Written(v)) => Ok(wit_store::WriteOutcome::Written(v)),
+            Ok(WriteOutcome::Written(v)) => {
+                if creating {
+                    self.quota.records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(wit_store::WriteOutcome::Written(v))
+            }
             Ok(WriteOutcome::Conflict) => Ok(wit_store::WriteOutcome::Conflict),
             Err(e) => Err(self.fail(e.to_string())),
         })
@@ -314,6 +327,15 @@ pub(crate) struct Quota {
     log_per_call: u32,
     logs_dropped: std::sync::atomic::AtomicU64,
     max_ttl: u32,
+    /// The record budget, and the filter's records: counted in the store
+    /// every minute where the store can count ([`Store::count_prefix`]),
+    /// plus the records created since. Not enforced before a first count.
+    pub(crate) max_records: u64,
+    pub(crate) records: std::sync::atomic::AtomicU64,
+    counted: std::sync::atomic::AtomicBool,
+    /// When the last count was started (ms since `born`), or `u64::MAX` for never.
+    count_started: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
 }
 
 impl Quota {
@@ -327,7 +349,42 @@ impl Quota {
             log_per_call: (l.log_lines_per_second / 10).max(1),
             logs_dropped: std::sync::atomic::AtomicU64::new(0),
             max_ttl: l.max_ttl.max(1),
+            max_records: l.max_records,
+            records: std::sync::atomic::AtomicU64::new(0),
+            counted: std::sync::atomic::AtomicBool::new(false),
+            count_started: std::sync::atomic::AtomicU64::new(u64::MAX),
+            born: std::time::Instant::now(),
         }
+    }
+
+    fn records_full(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counted.load(Relaxed) && self.records.load(Relaxed) >= self.max_records
+    }
+
+    /// Counts the filter's records in the store if the last count is a
+    /// minute old (or there was none), in the background.
+    pub(crate) fn recount_if_due(self: &Arc<Self>, store: &Arc<dyn Store>, prefix: String, now: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ms = self.born.elapsed().as_millis() as u64;
+        let last = self.count_started.load(Relaxed);
+        if last != u64::MAX && ms.saturating_sub(last) < 60_000 {
+            return;
+        }
+        if self.count_started.compare_exchange(last, ms, Relaxed, Relaxed).is_err() {
+            return;
+        }
+        let (quota, store) = (self.clone(), store.clone());
+        tokio::spawn(async move {
+            match store.count_prefix(&prefix, now).await {
+                Ok(Some(n)) => {
+                    quota.records.store(n, Relaxed);
+                    quota.counted.store(true, Relaxed);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("counting the filter's records failed: {e}"),
+            }
+        });
     }
 }
 

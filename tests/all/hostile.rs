@@ -617,3 +617,34 @@ fn a_filter_is_held_to_its_quotas() {
     assert!(lines <= 3 * 10 + 5, "{lines} filter log lines kept of 30,000");
     assert!(log.contains("dropped so far"), "the drops are counted");
 }
+
+/// The record budget: a filter that creates records without end is held
+/// to `max_records` (counted in its redb store); the store file shows it.
+#[test]
+fn a_filter_is_held_to_its_record_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let db = dir.path().join("g.db");
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\ndeadline = \"5s\"\nmax_records = 100\n",
+        d = dir.path().display(),
+        db = db.display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for _ in 0..6 {
+        // Each call writes up to 64 new records (its store-call limit).
+        policy_ask(&mut s, "192.0.2.1", "store-flood@example.com");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.log_text().contains("record budget of 100 records spent"), "{}", d.log_text());
+    assert!(d.terminate(10));
+    let out = std::process::Command::new(greyhook_bin()).args(["db", "check"]).arg(&db).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let n: u64 = text.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!((64..=110).contains(&n), "{n} records (budget 100, 6 x 64 attempted): {text}");
+}

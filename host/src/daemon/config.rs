@@ -46,6 +46,8 @@ pub struct FilterSection {
     pub write_bytes_per_minute: u64,
     /// Log lines the filter may write per second (a tenth of it per call).
     pub log_lines_per_second: u32,
+    /// Records the filter may hold (memory and redb stores).
+    pub max_records: u64,
     /// Wasm stack cap, KiB. Filters with different caps run in separate
     /// engines; a change needs a restart.
     pub stack_kib: usize,
@@ -79,6 +81,7 @@ impl Default for FilterSection {
             max_ttl: Duration::from_secs(u64::from(Limits::default().max_ttl)),
             write_bytes_per_minute: Limits::default().write_bytes_per_minute,
             log_lines_per_second: Limits::default().log_lines_per_second,
+            max_records: Limits::default().max_records,
             cache_dir: None,
             breaker_failures: BreakerConfig::default().failures,
             breaker_window: BreakerConfig::default().window,

@@ -89,6 +89,7 @@ fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
             max_ttl: u32::try_from(f.max_ttl.as_secs()).unwrap_or(u32::MAX).max(1),
             write_bytes_per_minute: f.write_bytes_per_minute,
             log_lines_per_second: f.log_lines_per_second,
+            max_records: f.max_records,
             ..Limits::default()
         },
         failure_policy: f.failure_policy,

@@ -83,6 +83,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        let g = self.lock();
+        Ok(Some(g.map.iter().filter(|(k, e)| k.starts_with(prefix) && live(Some(*e), now).is_some()).count() as u64))
+    }
+
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
         let g = self.lock();
         let mut keys: Vec<&String> = g.map.keys().filter(|k| cursor.as_ref().is_none_or(|c| *k > c)).collect();

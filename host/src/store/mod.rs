@@ -113,6 +113,14 @@ pub trait Store: Send + Sync + 'static {
     /// written during a scan may or may not be seen.
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError>;
 
+    /// Live entries whose key starts with `prefix` (a filter's namespace,
+    /// for its record budget), or `None` where counting is not cheap enough
+    /// to do every minute (Redis: bound it with `maxmemory` and TTLs).
+    async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        let _ = (prefix, now);
+        Ok(None)
+    }
+
     /// Calls that failed in the backend since start (for `greyhook status`).
     fn failures(&self) -> u64 {
         0

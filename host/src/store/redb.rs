@@ -570,6 +570,24 @@ impl Store for RedbStore {
         self.inner.flush()
     }
 
+    async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        // The overlay's entries count once they are in the file.
+        self.inner.flush()?;
+        let end = format!("{prefix}\u{10FFFF}");
+        self.inner.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let rec = txn.open_table(RECORDS).map_err(backend)?;
+            let mut n = 0u64;
+            for item in rec.range::<&str>(prefix..end.as_str()).map_err(backend)? {
+                let (_, v) = item.map_err(backend)?;
+                if decode(v.value()).is_some_and(|e| e.expires_at > now) {
+                    n += 1;
+                }
+            }
+            Ok(Some(n))
+        })
+    }
+
     fn failures(&self) -> u64 {
         self.inner.failures.load(Ordering::Relaxed)
     }
