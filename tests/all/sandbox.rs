@@ -15,7 +15,9 @@ async fn chaos(policy: FailurePolicy) -> (greyhook::Filter, Arc<MemoryStore>) {
     let options = FilterOptions {
         namespace: "chaos".into(),
         failure_policy: policy,
-        limits: Limits { deadline: Duration::from_millis(50), memory: 16 << 20, ..Limits::default() },
+        // A deadline long enough for the memory mode to reach its cap on a
+        // busy machine (calls yield at every tick), short for the loop.
+        limits: Limits { deadline: Duration::from_millis(250), memory: 16 << 20, ..Limits::default() },
         ..FilterOptions::default()
     };
     (runtime().load(CHAOS_FILTER, options, store.clone()).await.unwrap(), store)
