@@ -374,8 +374,11 @@ impl Quota {
         if self.count_started.compare_exchange(last, ms, Relaxed, Relaxed).is_err() {
             return;
         }
-        let (quota, store) = (self.clone(), store.clone());
+        // A weak reference: a count not yet run must not keep a store (and
+        // its file lock) alive after its filter is gone.
+        let (quota, store) = (self.clone(), Arc::downgrade(store));
         tokio::spawn(async move {
+            let Some(store) = store.upgrade() else { return };
             match store.count_prefix(&prefix, now).await {
                 Ok(Some(n)) => {
                     quota.records.store(n, Relaxed);
