@@ -648,3 +648,44 @@ fn a_filter_is_held_to_its_record_budget() {
     let n: u64 = text.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!((64..=110).contains(&n), "{n} records (budget 100, 6 x 64 attempted): {text}");
 }
+
+/// A policy peer that pipelines requests and never reads the answers is
+/// cut off at `request_timeout`: the answers' writes have a deadline too.
+#[test]
+fn a_policy_peer_that_never_reads_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\nrequest_timeout = \"1s\"\n",
+        d = dir.path().display()
+    );
+    let d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    // A small receive buffer, so that a few thousand answers fill the way.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut s = rt
+        .block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.set_recv_buffer_size(4096)?;
+            sock.connect(([127, 0, 0, 1], port).into()).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let one =
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.org\nrecipient=u@example.com\n\n";
+    let batch = one.repeat(200);
+    let start = Instant::now();
+    let mut failed = false;
+    for _ in 0..2000 {
+        if s.write_all(batch.as_bytes()).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the server kept reading a peer that never reads: {}", d.log_text());
+    assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
+    assert!(d.log_text().contains("does not read its answers"), "{}", d.log_text());
+}
