@@ -643,3 +643,22 @@ impl Raw {
         closed_within(self.r.get_mut(), 10)
     }
 }
+
+/// Sends one Postfix policy request at RCPT (`client`, `sender`,
+/// `recipient`, `instance`) on `s` and reads the answer up to its empty
+/// line (`action=...\n\n`). Panics if the connection closes first.
+pub fn policy_rcpt(s: &mut std::net::TcpStream, client: &str, sender: &str, rcpt: &str, instance: &str) -> String {
+    use std::io::{Read, Write};
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={rcpt}\ninstance={instance}\n\n"
+    );
+    s.write_all(req.as_bytes()).expect("send a policy request");
+    let mut out = Vec::new();
+    let mut b = [0u8; 256];
+    while !out.ends_with(b"\n\n") {
+        let n = s.read(&mut b).expect("read a policy answer");
+        assert!(n > 0, "policy connection closed");
+        out.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

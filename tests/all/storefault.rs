@@ -2,7 +2,7 @@
 //! `greyhook serve`: records are never silently lost, a file is never a
 //! panic.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,19 +12,7 @@ use greyhook_tests::*;
 fn ask(port: u16, client: &str, sender: &str, rcpt: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={rcpt}\ninstance=x\n\n"
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while !out.ends_with(b"\n\n") {
-        if s.read(&mut b).unwrap_or(0) == 0 {
-            break;
-        }
-        out.push(b[0]);
-    }
-    String::from_utf8_lossy(&out).trim().to_string()
+    policy_rcpt(&mut s, client, sender, rcpt, "x")
 }
 
 /// A distinct sender for triplet `i` (letters only: the reference filter
