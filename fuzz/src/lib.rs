@@ -16,3 +16,17 @@ pub mod reply;
 /// The SMTP front end's wire syntax (`host/src/smtp/wire.rs`).
 #[path = "../../host/src/smtp/wire.rs"]
 pub mod smtp_wire;
+
+/// The policy protocol's request framing and attribute parsing
+/// (`host/src/policy/request.rs`).
+#[path = "../../host/src/policy/request.rs"]
+pub mod policy_request;
+
+/// The milter packet-boundary tracker behind the milter deadlines
+/// (`host/src/milter/frames.rs`).
+#[path = "../../host/src/milter/frames.rs"]
+pub mod milter_frames;
+
+/// `--set KEY=VALUE` layering over a filter's TOML (`host/src/config.rs`).
+#[path = "../../host/src/config.rs"]
+pub mod config;

@@ -98,3 +98,44 @@ Nov 29 21:44:16 mx postfix/smtp[125]: 6DDAC992065: to=<w@example.org>, relay=mx.
     assert!(ok);
     assert_eq!(out, "4BDAC992063 300\n5CDAC992064 none\n");
 }
+
+/// Found by fuzzing the configuration: a duration near `u64::MAX` seconds
+/// parsed, and the first milter packet then panicked a worker ("overflow
+/// when adding duration to instant"). The daemon must refuse it at start,
+/// naming the key.
+#[test]
+fn serve_refuses_durations_that_would_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    for (table, key) in [("policy", "idle_timeout"), ("milter", "frame_timeout"), ("smtp", "next_hop_timeout"), ("filter", "max_ttl")] {
+        let cfg = dir.path().join("g.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[{table}]\n{key} = \"18446744073709551615s\"\n",
+                dir.path().join("c.sock").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(greyhook_bin())
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("greyhook serve started with {table}.{key} of 2^64 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success() && err.contains(key) && err.contains("10 years"), "{table}.{key}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

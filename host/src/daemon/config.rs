@@ -21,6 +21,25 @@ use crate::reload::BreakerConfig;
 use crate::smtp::SmtpConfig;
 use crate::store::{Durability, MemoryStore, RedbStore, RedisConfig, RedisStore, Store, StoreError};
 
+/// The longest duration any setting takes: ten years. Every timeout, TTL
+/// and interval is added to "now" somewhere; a value near `u64::MAX`
+/// seconds (which `humantime` parses) would overflow that addition and
+/// panic the task holding a peer's connection.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// A humantime duration (`"300s"`, `"5m"`, `"100d"`) of at most
+/// [`MAX_DURATION`].
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    if v > MAX_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "{} is longer than the 10 years any duration may be",
+            humantime_serde::re::humantime::format_duration(v)
+        )));
+    }
+    Ok(v)
+}
+
 /// The `[filter]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,14 +51,14 @@ pub struct FilterSection {
     /// `continue` (fail open) or `tempfail`.
     pub failure_policy: FailurePolicy,
     /// Deadline of one hook call.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub deadline: Duration,
     /// Memory cap of one instance, MiB.
     pub memory_mib: usize,
     /// Most store calls in one hook call.
     pub store_calls: u32,
     /// Longest record lifetime; a longer TTL a filter asks for is cut to it.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub max_ttl: Duration,
     /// Bytes (keys and values) the filter may write per minute; past it,
     /// writes are refused with a store `limit` error.
@@ -55,10 +74,10 @@ pub struct FilterSection {
     /// at least half the calls) put the previous version back.
     pub breaker_failures: u64,
     /// The breaker's window.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub breaker_window: Duration,
     /// How long a reverted version is refused (doubling each time).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub breaker_backoff: Duration,
     /// Where compiled filters are kept across restarts (default: `cache/`
     /// beside the store file; none with the memory store).
@@ -100,12 +119,12 @@ pub struct StoreSection {
     /// `periodic` (written and fsynced every second) or `immediate` (every write).
     pub durability: Durability,
     /// How often expired records are swept.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
     /// Redis only: put before every key (several deployments on one server).
     pub prefix: String,
     /// Redis only: the bound of every store call.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
 }
 
@@ -174,13 +193,13 @@ pub struct PolicySection {
     /// Most attributes in one request.
     pub max_attributes: usize,
     /// Idle connections are closed after this.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
     /// A request must be complete within this (and our answer taken).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
     /// The idle timeout while three quarters of `max_connections` are in use.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub stress_idle_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
@@ -220,13 +239,13 @@ pub struct MilterSection {
     /// Largest milter packet, bytes.
     pub max_packet: usize,
     /// Idle connections are closed after this.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
     /// The idle timeout while three quarters of `max_connections` are in use.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub stress_idle_timeout: Duration,
     /// A packet, once begun, must arrive whole within this (and our replies be taken).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub frame_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
@@ -271,7 +290,7 @@ pub struct SmtpSection {
     /// `smtp` or `lmtp`.
     pub next_hop_protocol: HopProtocol,
     /// Deadline of connecting to the next hop and of each of its replies.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub next_hop_timeout: Duration,
     /// Our name in the greeting (default: the system's host name).
     pub hostname: Option<String>,
@@ -282,16 +301,16 @@ pub struct SmtpSection {
     /// Longest command line, bytes.
     pub max_line: usize,
     /// Wait for a command at most this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub command_timeout: Duration,
     /// Wait for message data at most this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub data_timeout: Duration,
     /// Both timeouts while three quarters of `max_connections` are in use.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub stress_timeout: Duration,
     /// A whole session lasts at most this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Commands without progress (NOOP, RSET, HELP, VRFY, EHLO) before closing.
     pub junk_command_limit: u32,
@@ -657,4 +676,103 @@ pub fn default_control_path() -> PathBuf {
         return PathBuf::from(d).join("greyhook").join("control.sock");
     }
     default_db_path().with_file_name("control.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every setting in one file, as an operator might write it.
+    const FULL: &str = r#"
+[filter]
+namespace = "greylist"
+failure_policy = "continue"
+deadline = "100ms"
+memory_mib = 64
+max_ttl = "100d"
+breaker_window = "1m"
+[filter.config]
+delay = "5m"
+[store]
+path = "memory"
+sweep_interval = "60s"
+timeout = "2s"
+[policy]
+listen = ["127.0.0.1:10023"]
+max_line = 2048
+max_attributes = 100
+idle_timeout = "10m"
+request_timeout = "30s"
+[milter]
+listen = ["127.0.0.1:10024"]
+max_packet = 65536
+frame_timeout = "10s"
+[smtp]
+listen = ["127.0.0.1:2525"]
+next_hop = "127.0.0.1:25"
+max_line = 1000
+max_message_size = 10485760
+session_timeout = "30m"
+bare_newline = "reject"
+[control]
+socket = "/tmp/greyhook-test.sock"
+[log]
+"#;
+
+    /// A bounded, deterministic mutation run over the daemon's TOML (the
+    /// cargo-fuzz build leaves out the daemon, which links wasmtime): byte
+    /// flips, truncations and numbers swapped for extremes never panic the
+    /// parser or the validation the daemon runs at start.
+    #[test]
+    fn mutated_configuration_never_panics() {
+        let extremes = ["0", "-1", "18446744073709551615", "\"18446744073709551615s\"", "\"0s\"", "1e308", "\"\"", "[]", "{}"];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let base = FULL.as_bytes();
+        for i in 0..4000 {
+            let mut text = base.to_vec();
+            match i % 4 {
+                0 => {
+                    let at = (next() as usize) % text.len();
+                    text[at] = next() as u8;
+                }
+                1 => text.truncate((next() as usize) % text.len()),
+                _ => {
+                    let lines: Vec<&str> = FULL.lines().collect();
+                    let n = (next() as usize) % lines.len();
+                    let out: Vec<String> = lines
+                        .iter()
+                        .enumerate()
+                        .map(|(j, l)| match (j == n, l.split_once(" = ")) {
+                            (true, Some((k, _))) => format!("{k} = {}", extremes[(next() as usize) % extremes.len()]),
+                            _ => l.to_string(),
+                        })
+                        .collect();
+                    text = out.join("\n").into_bytes();
+                }
+            }
+            let text = String::from_utf8_lossy(&text);
+            if let Ok(c) = DaemonConfig::parse(&text, "fuzz.toml") {
+                let _ = crate::daemon::filter_specs(&c);
+                // Every timeout is added to "now" somewhere.
+                let fits = |d: Duration| assert!(std::time::Instant::now().checked_add(d).is_some(), "{d:?} accepted in {text}");
+                if let Ok(p) = c.policy_config() {
+                    [p.idle_timeout, p.request_timeout, p.stress_idle_timeout].into_iter().for_each(fits);
+                }
+                if let Ok((m, _)) = c.milter_config() {
+                    [m.idle_timeout, m.frame_timeout, m.stress_idle_timeout].into_iter().for_each(fits);
+                }
+                if let Ok(Some(s)) = c.smtp_config() {
+                    [s.command_timeout, s.data_timeout, s.session_timeout, s.stress_timeout].into_iter().for_each(fits);
+                }
+                let _ = c.unix_perms();
+                let _ = c.store.redb_path();
+            }
+        }
+    }
 }

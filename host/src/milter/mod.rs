@@ -35,10 +35,13 @@ use miltr_server::{Error as MilterError, Milter, Server};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
+pub mod frames;
+
 use crate::listen::{Conn, Listener, Load};
 use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
 use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
 use crate::types::{Decision, Header, Message, Reply, Verdict};
+use frames::FrameTracker;
 
 /// Limits of the milter front end.
 #[derive(Debug, Clone)]
@@ -338,11 +341,8 @@ struct Deadlines {
 struct PeerDeadlines {
     inner: Conn,
     d: Deadlines,
-    /// Length bytes of the packet being read, and how many so far.
-    head: [u8; 4],
-    head_len: usize,
-    /// Bytes of the current packet's body still to come.
-    body_left: usize,
+    /// Where the stream stands in the packet framing.
+    frames: FrameTracker,
     /// When the wait in hand ends: idle or inside a packet.
     read_deadline: tokio::time::Instant,
     since: tokio::time::Instant,
@@ -355,9 +355,7 @@ impl PeerDeadlines {
         let now = tokio::time::Instant::now();
         PeerDeadlines {
             inner,
-            head: [0; 4],
-            head_len: 0,
-            body_left: 0,
+            frames: FrameTracker::default(),
             read_deadline: now + d.idle,
             since: now,
             timer: Box::pin(tokio::time::sleep(d.idle)),
@@ -367,30 +365,15 @@ impl PeerDeadlines {
     }
 
     fn in_packet(&self) -> bool {
-        self.head_len > 0 || self.body_left > 0
+        self.frames.in_packet()
     }
 
     /// Follows the framing over bytes just read; a packet that begins
     /// starts the frame deadline.
-    fn track(&mut self, mut bytes: &[u8]) {
+    fn track(&mut self, bytes: &[u8]) {
         let now = tokio::time::Instant::now();
-        while !bytes.is_empty() {
-            if self.body_left > 0 {
-                let n = self.body_left.min(bytes.len());
-                self.body_left -= n;
-                bytes = &bytes[n..];
-                continue;
-            }
-            if self.head_len == 0 {
-                self.read_deadline = now + self.d.frame;
-            }
-            self.head[self.head_len] = bytes[0];
-            self.head_len += 1;
-            bytes = &bytes[1..];
-            if self.head_len == 4 {
-                self.head_len = 0;
-                self.body_left = u32::from_be_bytes(self.head) as usize;
-            }
+        if self.frames.track(bytes).began {
+            self.read_deadline = now + self.d.frame;
         }
         if !self.in_packet() {
             self.since = now;
