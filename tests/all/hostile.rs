@@ -608,20 +608,38 @@ fn a_filter_is_held_to_its_quotas() {
 }
 
 /// The record budget: a filter that creates records without end is held
-/// to `max_records` (counted in its redb store); the store file shows it.
+/// to `max_records`, counted in its store — a redb file (read back with
+/// `greyhook db check`) and a real Redis (its keys counted with SCAN).
 #[test]
 fn a_filter_is_held_to_its_record_budget() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
-    let port = free_port();
     let db = dir.path().join("g.db");
+    let n = flood_records(dir.path(), &db.display().to_string());
+    assert!(n.contains("record budget of 100 records spent"), "{n}");
+    let out = std::process::Command::new(greyhook_bin()).args(["db", "check"]).arg(&db).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let n: u64 = text.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!((64..=110).contains(&n), "{n} records (budget 100, 6 x 64 attempted): {text}");
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = flood_records(dir.path(), &redis.url());
+    assert!(log.contains("record budget of 100 records spent"), "{log}");
+    let keys = redis.cli(&["--scan", "--pattern", "greyhook:chaos/*"]).lines().filter(|l| !l.is_empty()).count();
+    assert!((64..=110).contains(&keys), "{keys} records in Redis (budget 100, 6 x 64 attempted)");
+}
+
+/// Runs the chaos filter's record flood (6 calls of up to 64 new records,
+/// `max_records = 100`) against the store at `store`; the daemon's log.
+fn flood_records(dir: &std::path::Path, store: &str) -> String {
+    std::fs::write(dir.join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
     let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{store}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\ndeadline = \"5s\"\nmax_records = 100\n",
-        d = dir.path().display(),
-        db = db.display()
+        d = dir.display(),
     );
-    let mut d = greyhook_with(dir.path(), "serve", &text);
+    let mut d = greyhook_with(dir, "serve", &text);
     wait_for_port(port, 30);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -630,12 +648,8 @@ fn a_filter_is_held_to_its_record_budget() {
         policy_ask(&mut s, "192.0.2.1", "store-flood@example.com");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(d.log_text().contains("record budget of 100 records spent"), "{}", d.log_text());
     assert!(d.terminate(10));
-    let out = std::process::Command::new(greyhook_bin()).args(["db", "check"]).arg(&db).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let n: u64 = text.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!((64..=110).contains(&n), "{n} records (budget 100, 6 x 64 attempted): {text}");
+    d.log_text()
 }
 
 /// A policy peer that pipelines requests and never reads the answers is

@@ -114,8 +114,9 @@ pub trait Store: Send + Sync + 'static {
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError>;
 
     /// Live entries whose key starts with `prefix` (a filter's namespace,
-    /// for its record budget), or `None` where counting is not cheap enough
-    /// to do every minute (Redis: bound it with `maxmemory` and TTLs).
+    /// for its record budget, counted once a minute in the background), or
+    /// `None` where the backend cannot count (the default for a new
+    /// backend: the budget is then not enforced).
     async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
         let _ = (prefix, now);
         Ok(None)
