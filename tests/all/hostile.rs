@@ -692,3 +692,65 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.log_text().contains("does not read its answers"), "{}", d.log_text());
 }
+
+/// A milter peer that sends commands and never reads the answers is cut
+/// off once a write has waited `frame_timeout`: the milter's writes have a
+/// deadline too (`miltr-server` writes without one).
+#[test]
+fn a_milter_peer_that_never_reads_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"127.0.0.1:{port}\"]\nframe_timeout = \"1s\"\n",
+        d = dir.path().display()
+    );
+    let d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut s = rt
+        .block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.set_recv_buffer_size(4096)?;
+            sock.connect(([127, 0, 0, 1], port).into()).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let packet = |cmd: u8, data: &[u8]| {
+        let mut p = (data.len() as u32 + 1).to_be_bytes().to_vec();
+        p.push(cmd);
+        p.extend_from_slice(data);
+        p
+    };
+    let mut optneg = Vec::new();
+    for v in [6u32, 0x1ff, 0] {
+        optneg.extend_from_slice(&v.to_be_bytes());
+    }
+    s.write_all(&packet(b'O', &optneg)).unwrap();
+    s.write_all(&packet(b'C', b"client.example\x004\x00\x19192.0.2.1\x00")).unwrap();
+    s.write_all(&packet(b'H', b"helo.example\0")).unwrap();
+    s.write_all(&packet(b'M', b"<a@example.org>\0")).unwrap();
+    // Each recipient is greylisted: a reply several times the size of the
+    // request, so the answers pile up fast.
+    let batch: Vec<u8> = (0..1000).flat_map(|_| packet(b'R', b"<u@example.com>\0")).collect();
+    let start = Instant::now();
+    let mut failed = None;
+    for _ in 0..2000 {
+        if let Err(e) = s.write_all(&batch) {
+            failed = Some(e.kind());
+            break;
+        }
+    }
+    eprintln!("cut off after {:?}: {failed:?}", start.elapsed());
+    // Reset by greyhook, not our own write timeout running out.
+    assert!(
+        matches!(failed, Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "{failed:?}: the milter kept a peer that never reads: {}",
+        d.log_text()
+    );
+    assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
+    assert!(d.log_text().contains("does not read"), "{}", d.log_text());
+}
