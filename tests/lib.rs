@@ -172,7 +172,19 @@ impl Process {
         }
     }
 
-    /// What it logged so far.
+    /// Waits up to `secs` for `needle` to appear in the log; whether it did.
+    pub fn wait_log(&self, needle: &str, secs: u64) -> bool {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.log_text().contains(needle)
+    }
+
+    /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -718,7 +718,9 @@ impl Connection {
                 Line::Text(l) => l,
             };
             if !line.ends_with(b"\n") {
-                // End of stream without the final dot: the client vanished.
+                // End of stream without the final dot: the client vanished
+                // (Postfix: "lost connection after DATA").
+                tracing::info!(peer = %self.peer, "lost connection in DATA: nothing relayed");
                 return Err(End::Closed);
             }
             match framer.feed(&line, &mut body.bytes, refused.is_some()) {

@@ -2,7 +2,8 @@
 //! recipient's local part at RCPT (`panic@x`, `loop@x`, ...). Any other
 //! recipient gets `accept` with an `X-Chaos: ok` header, and the sender
 //! `store@x` exercises the store; the sender `tempfail-mail@x` gets a
-//! two-line 451 at MAIL. `init` refuses the configuration `fail`.
+//! two-line 451 at MAIL, a message with the Message-ID
+//! `<tempfail-data@...>` a 451 at the end of DATA. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -170,7 +171,16 @@ impl Guest for Chaos {
         }
     }
 
-    fn on_data(_c: Context, _m: Message) -> Verdict {
+    fn on_data(_c: Context, m: Message) -> Verdict {
+        // A tempfail at the end of DATA, for the front ends' tests.
+        if m.message_id.as_deref().is_some_and(|id| id.starts_with("<tempfail-data@")) {
+            return verdict(Decision::Tempfail(Reply {
+                code: 451,
+                enhanced: Some("4.7.1".into()),
+                text: vec!["Not this message, not now".into()],
+                retry_after: Some(120),
+            }));
+        }
         verdict(Decision::Continue)
     }
 }
