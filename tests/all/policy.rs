@@ -1,6 +1,6 @@
 //! The policy protocol from a client's side, with the clock injected.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
