@@ -263,23 +263,17 @@ fn postfix_milter_greylists_at_end_of_data() {
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
 
-/// `greyhook smtp` in front of a real Postfix: greylisted at RCPT, the
-/// retry is relayed (with XFORWARD) and Postfix's own `250 ... queued as`
-/// reaches the client; the message in Postfix's queue carries the header.
-#[test]
-fn greyhook_smtp_relays_to_postfix() {
-    let root = tempfile::tempdir().unwrap();
-    traversable(root.path());
-    let r = root.path();
-    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
+/// `greyhook smtp` on a free port in front of the Postfix at `next_hop`
+/// (2 s delay), and a send from client 127.0.0.5 through it.
+fn greyhook_smtp_before(r: &Path, next_hop: u16) -> (Process, impl Fn() -> String) {
     let sport = free_port();
-    let mut daemon = Process::greyhook(
+    let daemon = Process::greyhook(
         &[
             "smtp",
             "--listen",
             &format!("127.0.0.1:{sport}"),
             "--next-hop",
-            &format!("127.0.0.1:{}", pf.port),
+            &format!("127.0.0.1:{next_hop}"),
             "--db",
             "memory",
             "--control",
@@ -291,12 +285,25 @@ fn greyhook_smtp_relays_to_postfix() {
     );
     wait_for_port(sport, 20);
     // The client comes from 127.0.0.5; greyhook talks to Postfix from 127.0.0.1.
-    let send = || {
+    let send = move || {
         swaks(
             sport,
             &["--from", "sender@example.org", "--to", "user@e2e.test", "--ehlo", "client.example.org", "--local-interface", "127.0.0.5"],
         )
     };
+    (daemon, send)
+}
+
+/// `greyhook smtp` in front of a real Postfix: greylisted at RCPT, the
+/// retry is relayed (with XCLIENT) and Postfix's own `250 ... queued as`
+/// reaches the client; the message in Postfix's queue carries the header.
+#[test]
+fn greyhook_smtp_relays_to_postfix() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
+    let (mut daemon, send) = greyhook_smtp_before(r, pf.port);
     let first = send();
     assert!(first.contains("<-  250-GREYLIST"), "EHLO advertises GREYLIST:\n{first}");
     rcpt_tempfail(&first, "451", "Greylisted, please try again later retry=00:00:02");
@@ -315,6 +322,28 @@ fn greyhook_smtp_relays_to_postfix() {
         "{msg}"
     );
     assert!(!msg.contains("[127.0.0.1]"), "loopback is named nowhere: {msg}");
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
+/// A next hop that allows XFORWARD but not XCLIENT: Postfix logs the
+/// original client (`orig_client=`) beside the connecting one (greyhook on
+/// 127.0.0.1), and greyhook's own Received: line names the client.
+#[test]
+fn greyhook_smtp_falls_back_to_xforward() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, "smtpd_authorized_xforward_hosts = 127.0.0.1\n");
+    let (mut daemon, send) = greyhook_smtp_before(r, pf.port);
+    rcpt_tempfail(&send(), "451", "Greylisted, please try again later retry=00:00:02");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = send();
+    assert!(second.contains("<-  250 2.0.0 Ok: queued as"), "{second}\n{}", daemon.log_text());
+    let log = pf.log();
+    assert!(log.contains("orig_client=unknown[127.0.0.5]"), "Postfix saw the XFORWARD attributes:\n{log}");
+    let msg = pf.message(&second);
+    assert!(msg.contains("Received: from client.example.org (unknown [127.0.0.5])"), "{msg}");
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }

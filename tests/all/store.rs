@@ -174,8 +174,12 @@ async fn filter_cas_through_wasm_loses_no_update() {
     }
 }
 
+/// In one process: a flushed record is read back after the store is
+/// closed and opened again, and a second opener is refused while the first
+/// holds the file. (A real daemon killed and restarted on its file:
+/// `storefault::records_survive_a_restart_of_the_daemon`.)
 #[tokio::test]
-async fn redb_survives_a_restart() {
+async fn redb_reads_back_a_flushed_record_after_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greyhook.db");
     {

@@ -36,9 +36,13 @@ fn client(i: usize) -> String {
 }
 
 fn serve_on(dir: &Path, db: &Path, durability: &str, port: u16) -> Process {
+    serve_with_delay(dir, db, durability, port, 1)
+}
+
+fn serve_with_delay(dir: &Path, db: &Path, durability: &str, port: u16, delay: u64) -> Process {
     let text = format!(
         "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\ndurability = \"{durability}\"\n\
-         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = 1\n",
+         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = {delay}\n",
         d = dir.display(),
         db = db.display()
     );
@@ -236,4 +240,30 @@ fn damaged_store_files_are_refused_not_panicked_on() {
     let log = p.log_text();
     assert!(!st.success() && st.code() != Some(101) && !log.contains("panicked"), "{log}");
     assert!(log.contains("g.db"), "names the file: {log}");
+}
+
+/// Records survive the daemon's end, on its redb file: a clean stop
+/// (SIGTERM), a SIGKILL once the periodic flush (1 s) has run, and a
+/// SIGKILL right after the answer with `durability = "immediate"`. After
+/// the restart the same triplet is told the time *left* (under a minute);
+/// a lost record would start a new minute.
+#[test]
+fn records_survive_a_restart_of_the_daemon() {
+    for (durability, signal, before_kill) in [("periodic", "TERM", 0), ("periodic", "KILL", 2500), ("immediate", "KILL", 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("greyhook.db");
+        let port = free_port();
+        let mut p = serve_with_delay(dir.path(), &db, durability, port, 60);
+        let first = ask(port, "192.0.2.1", "a@example.org", "u@example.com");
+        assert!(first.trim_end().ends_with("retry=00:01:00"), "{first}");
+        std::thread::sleep(Duration::from_millis(before_kill));
+        let pid = p.child.id().to_string();
+        assert!(std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
+        let st = p.child.wait().unwrap();
+        assert_eq!(st.success(), signal == "TERM", "{durability}/{signal}: {st:?}");
+        std::thread::sleep(Duration::from_millis(1100));
+        let _p = serve_with_delay(dir.path(), &db, durability, port, 60);
+        let again = ask(port, "192.0.2.1", "a@example.org", "u@example.com");
+        assert!(again.contains("retry=00:00:5"), "{durability}/{signal}: the record was lost: {again}");
+    }
 }
