@@ -342,6 +342,15 @@ impl RedisServer {
         }
     }
 
+    /// Sends it SIGSTOP (`true`) or SIGCONT (`false`): a server that
+    /// keeps its connections and answers nothing, like a hung one.
+    pub fn pause(&self, stop: bool) {
+        let c = self.child.as_ref().expect("running");
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill").args([sig, &c.id().to_string()]).status().expect("kill runs").success();
+        assert!(ok, "kill {sig}");
+    }
+
     /// Starts it again on the same port (after [`RedisServer::kill`]).
     pub fn restart(&mut self) {
         self.kill();
