@@ -72,7 +72,12 @@ async fn tempfail_policy_answers_451_and_421_at_connect() {
     let c = Client::new(&f, "192.0.2.1", T0);
     let v = f.on_rcpt(&c.ctx(), "panic@x").await;
     assert_eq!(greyhook::reply::render(v.reply().unwrap()), "451 4.3.0 Temporary local problem, please try again later\r\n");
-    assert_eq!(FailurePolicy::Tempfail.verdict(greyhook::types::Phase::Connect).reply().unwrap().code, 421);
+    // A trap in on-connect itself: the greeting-stage answer is 421.
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    c.session.client_name = Some("panic.example".into());
+    assert!(matches!(f.try_on_connect(&c.ctx()).await, Err(FilterError::Trap(_))));
+    let v = f.on_connect(&c.ctx()).await;
+    assert_eq!(greyhook::reply::render(v.reply().unwrap()), "421 4.3.0 Temporary local problem, please try again later\r\n");
 }
 
 #[tokio::test]
@@ -121,4 +126,65 @@ async fn load_errors_name_the_problem() {
     let e = load(CHAOS_FILTER.to_vec(), "fail").await.unwrap_err();
     assert!(matches!(e, LoadError::Init(_)), "{e}");
     assert!(e.to_string().contains("`fail`"), "{e}");
+}
+
+/// The `[filter]` limits and failure policy through the daemon, as an
+/// operator sets them: `failure_policy = "tempfail"` answers 451 (421 at
+/// connect) for a trap, `deadline` cuts a loop at its value, `memory_mib`
+/// caps a memory bomb, `store_calls` bounds the writes of one call (counted
+/// in a real Redis).
+#[test]
+fn filter_limits_and_failure_policy_through_the_daemon() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{url}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [filter]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\nfailure_policy = \"tempfail\"\ndeadline = \"400ms\"\n\
+         memory_mib = 16\nstore_calls = 10\n",
+        d = dir.path().display(),
+        url = redis.url()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let tempfail = "action=451 4.3.0 Temporary local problem, please try again later";
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "panic@x.example", "i1");
+    assert_eq!(a.trim_end(), tempfail);
+    // A trap at connect is answered with 421.
+    s.write_all(b"request=smtpd_access_policy\nprotocol_state=CONNECT\nclient_address=192.0.2.1\nclient_name=panic.example\n\n").unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim_end(), "action=421 4.3.0 Temporary local problem, please try again later");
+    // The deadline: a loop is cut at 400 ms, not before, not much after.
+    let t = Instant::now();
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "loop@x.example", "i2");
+    let took = t.elapsed();
+    assert_eq!(a.trim_end(), tempfail);
+    assert!(took >= Duration::from_millis(380) && took < Duration::from_secs(3), "loop cut after {took:?}");
+    // The memory cap: a bomb traps; a probe gets under 16 MiB (the
+    // default cap is 64).
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "memory@x.example", "i3");
+    assert_eq!(a.trim_end(), tempfail);
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "memory-probe@x.example", "i3");
+    let mib: u32 =
+        a.trim_end().strip_prefix("action=PREPEND X-Chaos: memory ").and_then(|r| r.strip_suffix(" MiB")).unwrap().parse().unwrap();
+    assert!((8..16).contains(&mib), "{mib} MiB with memory_mib = 16");
+    // Store calls: 10 writes, then a store limit error.
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "store-flood@x.example", "i4");
+    assert_eq!(a.trim_end(), tempfail);
+    let keys = redis.cli(&["--scan", "--pattern", "greyhook:chaos/k*"]).lines().filter(|l| !l.is_empty()).count();
+    assert_eq!(keys, 10, "store_calls = 10");
+    // And an ordinary call still works.
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "fine@x.example", "i5");
+    assert_eq!(a.trim_end(), "action=PREPEND X-Chaos: ok");
+    let log = d.log_text();
+    assert!(log.contains("exceeded its deadline of 400ms") && log.contains("chaos: panic at connect"), "{log}");
+    // The filter's "chaos: ok\r\nforged log line" stays one line.
+    assert!(log.contains("chaos: ok  forged log line"), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("forged")), "a filter forged a log line: {log}");
+    assert!(d.terminate(10));
 }

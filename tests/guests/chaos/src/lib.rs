@@ -3,7 +3,8 @@
 //! recipient gets `accept` with an `X-Chaos: ok` header, and the sender
 //! `store@x` exercises the store; the sender `tempfail-mail@x` gets a
 //! two-line 451 at MAIL, a message with the Message-ID
-//! `<tempfail-data@...>` a 451 at the end of DATA. `init` refuses the configuration `fail`.
+//! `<tempfail-data@...>` a 451 at the end of DATA, and a client named
+//! `panic.example` a trap at connect. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -45,7 +46,11 @@ impl Guest for Chaos {
         Ok(FilterInfo { name: "chaos".into(), version: "0.0.1".into() })
     }
 
-    fn on_connect(_c: Context) -> Verdict {
+    fn on_connect(c: Context) -> Verdict {
+        // A trap at connect when the client's name asks for it.
+        if c.session.client_name.as_deref() == Some("panic.example") {
+            panic!("chaos: panic at connect");
+        }
         verdict(Decision::Continue)
     }
 
@@ -81,6 +86,19 @@ impl Guest for Chaos {
                 loop {
                     hog.push(vec![1u8; 1 << 20]);
                     std::hint::black_box(&hog);
+                }
+            }
+            // How much memory the instance may take: MiB allocated until
+            // the cap refuses one more (without trapping).
+            "memory-probe" => {
+                let mut hog: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut v: Vec<u8> = Vec::new();
+                    if v.try_reserve_exact(1 << 20).is_err() {
+                        return header("X-Chaos", format!("memory {} MiB", hog.len()));
+                    }
+                    v.resize(1 << 20, 1);
+                    hog.push(std::hint::black_box(v));
                 }
             }
             "recurse" => header("X-Chaos", recurse(0).to_string()),
