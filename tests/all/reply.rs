@@ -50,6 +50,14 @@ fn is_retrytime(s: &str) -> bool {
     days.is_none_or(|d| two(d, 99)) && parts.len() == 3 && two(parts[0], 23) && two(parts[1], 59) && two(parts[2], 59)
 }
 
+/// `[DD-]HH:MM:SS` for `secs`, capped at 99-23:59:59, written without
+/// the crate's formatter.
+fn independent_hint(secs: u32) -> String {
+    let secs = u64::from(secs).min(100 * 86_400 - 1);
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 { format!("{d:02}-{h:02}:{m:02}:{s:02}") } else { format!("{h:02}:{m:02}:{s:02}") }
+}
+
 fn reply(code: u16, text: Vec<String>, retry: u32) -> Reply {
     Reply { code, enhanced: Some(format!("{}.7.1", code / 100)), text, retry_after: Some(retry) }
 }
@@ -85,9 +93,22 @@ proptest! {
     fn render_matches_abnf_and_parses_back(code in prop_oneof![Just(421u16), Just(450), Just(451)],
                                            text in proptest::collection::vec(line(), 0..5),
                                            secs in any::<u32>()) {
-        let r = reply(code, text, secs);
+        let r = reply(code, text.clone(), secs);
         let wire = render(&r);
         prop_assert!(matches_abnf(&wire), "{wire:?}");
+        // Independent of the crate's own parser: the hint written out by
+        // hand, the code and enhanced code on every line, the text in order.
+        let hint = independent_hint(secs);
+        prop_assert!(wire.ends_with(&format!("retry={hint}\r\n")), "{wire:?} should end with retry={hint}");
+        let lines: Vec<&str> = wire.trim_end_matches("\r\n").split("\r\n").collect();
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            let prefix = format!("{code}{sep}{}.7.1", code / 100);
+            prop_assert!(l.starts_with(&prefix), "line {i} {l:?} should start with {prefix:?}");
+        }
+        for t in text.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            prop_assert!(wire.contains(t), "{t:?} missing from {wire:?}");
+        }
         prop_assert_eq!(parse_retry_hint(&wire), Some(u64::from(secs).min(MAX_RETRY)));
         let lines = render_lines(&r);
         prop_assert!(lines.iter().all(|l| l.len() <= 512));
