@@ -683,3 +683,19 @@ pub fn policy_rcpt(s: &mut std::net::TcpStream, client: &str, sender: &str, rcpt
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The delay an `X-Greylist: delayed N seconds by greyhook` header in
+/// `text` states, checked to be at least `min` seconds and at most the time
+/// since `first_try` (rounded up: records keep whole seconds). A bound from
+/// the test's own clock, not a guess at how fast a loaded machine is.
+pub fn assert_delayed(text: &str, min: u64, first_try: std::time::Instant) -> u64 {
+    let n: u64 = text
+        .split("X-Greylist: delayed ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no X-Greylist header in {text:?}"));
+    let max = first_try.elapsed().as_secs() + 1;
+    assert!((min..=max).contains(&n), "delayed {n} seconds; expected {min} to {max}: {text:?}");
+    n
+}

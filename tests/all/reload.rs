@@ -66,7 +66,10 @@ async fn start(dir: &Path, clock: Arc<ManualClock>, watch: bool) -> (Daemon, u16
 
 fn config(dir: &Path, delay: u32) -> String {
     format!(
-        "[filter]\npath = \"{d}/filter.wasm\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
+        // A deadline far above a call's cost: on a loaded 2-core machine a
+        // call that misses the default 100 ms would answer DUNNO and fail
+        // tests that check every reply, while measuring nothing.
+        "[filter]\npath = \"{d}/filter.wasm\"\ndeadline = \"5s\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
         d = dir.display()
     )
 }
@@ -354,7 +357,7 @@ fn policy_load_sees_only_the_two_builds_while_they_swap_a_hundred_times() {
     let control = d.join("control.sock");
     let write_cfg = |delay: &str| {
         let text = format!(
-            "[filter]\npath = \"{f}\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{c}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
+            "[filter]\npath = \"{f}\"\ndeadline = \"5s\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{c}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\nauto_whitelist_after = 0\ndelay = {delay}\n",
             f = filter.display(),
             c = control.display()
         );
