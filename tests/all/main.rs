@@ -6,6 +6,7 @@ mod farm;
 mod greylist;
 mod hostile;
 mod milter;
+mod options;
 mod policy;
 mod postfix;
 mod reload;

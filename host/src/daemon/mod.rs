@@ -66,6 +66,14 @@ fn filter_specs(config: &DaemonConfig) -> Result<Vec<FilterSpec>, DaemonError> {
     Ok(specs)
 }
 
+/// A store URL for the log, without a password (`redis://:secret@host`).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
 fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
     let memory = f
         .memory_mib
@@ -194,6 +202,10 @@ impl Daemon {
         }
         let db_path = config.store.redb_path();
         let store = config.store.open()?;
+        match &db_path {
+            Some(p) => tracing::info!(durability = ?config.store.durability, "store: redb file {}", p.display()),
+            None => tracing::info!("store: {}", config.store.path.as_deref().map(redact_url).unwrap_or_default()),
+        }
         let cache_dir = chain_sections
             .iter()
             .find_map(|f| f.cache_dir.clone())
@@ -256,6 +268,7 @@ impl Daemon {
         let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
+        tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
         let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
         let milter_addrs = milters.iter().map(Listener::local_addr).collect();
         let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();

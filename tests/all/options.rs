@@ -1,0 +1,312 @@
+//! Documented options and defaults (README.md, docs/configuration.md),
+//! each through the running `greyhook` binary: a test here fails when the
+//! behaviour an operator reads about breaks.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use greyhook_tests::*;
+
+/// Runs `greyhook ARGS` with `env` to its end (at most 20 s): (success, stderr).
+fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(greyhook_bin());
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("greyhook runs");
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("greyhook {args:?} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    (status.success(), err)
+}
+
+/// Starts `greyhook ARGS` with `env` (not `GREYHOOK_LOG` unless given),
+/// stderr to `dir/log`.
+fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+    let log = dir.join("log");
+    let mut cmd = Command::new(greyhook_bin());
+    cmd.args(args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).expect("log")).env_remove("GREYHOOK_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Process { child: cmd.spawn().expect("greyhook starts"), log }
+}
+
+fn ask(port: u16, sender: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    policy_rcpt(&mut s, "192.0.2.1", sender, "u@example.com", "i").trim_end().to_string()
+}
+
+/// Where the store, its compiled-filter cache and the control socket go by
+/// default (systemd's `STATE_DIRECTORY` and `RUNTIME_DIRECTORY`), the
+/// control socket's mode 0600, and `greyhook status` finding it there.
+#[test]
+fn default_paths_follow_systemd_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    let port = free_port();
+    let env = [("STATE_DIRECTORY", state.to_str().unwrap()), ("RUNTIME_DIRECTORY", run.to_str().unwrap()), ("GREYHOOK_LOG", "info")];
+    let mut d = spawn_with_env(dir.path(), &["serve", "--policy", &format!("127.0.0.1:{port}")], &env);
+    wait_for_port(port, 30);
+    assert!(ask(port, "a@example.org").starts_with("action=451 4.7.1"));
+    assert!(state.join("greyhook.db").is_file(), "the default store is $STATE_DIRECTORY/greyhook.db");
+    let cached = std::fs::read_dir(state.join("cache")).map(|r| r.count()).unwrap_or(0);
+    assert!(cached >= 1, "compiled filters are cached in cache/ beside the store");
+    let sock = run.join("control.sock");
+    let mode = std::fs::metadata(&sock).expect("the control socket is $RUNTIME_DIRECTORY/control.sock").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {:o}", mode & 0o777);
+    let out = Command::new(greyhook_bin()).arg("status").env("RUNTIME_DIRECTORY", &run).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("greylist 0.1.0"), "{out:?}");
+    let log = d.log_text();
+    assert!(log.contains(&state.join("greyhook.db").display().to_string()), "the startup log says where the store is:\n{log}");
+    assert!(d.terminate(10));
+    assert!(!sock.exists(), "the daemon removes its control socket on exit");
+}
+
+/// `cache_dir` names where compiled filters are kept; the memory store has
+/// no cache by default.
+#[test]
+fn cache_dir_is_where_compiled_filters_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("mycache");
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [filter]\ncache_dir = \"{c}\"\n",
+        d = dir.path().display(),
+        c = cache.display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let n = std::fs::read_dir(&cache).map(|r| r.count()).unwrap_or(0);
+    assert!(n >= 1, "nothing cached in {}", cache.display());
+    assert!(d.terminate(10));
+}
+
+/// `log.level` and the `GREYHOOK_LOG` variable that overrides it: at
+/// `warn` no decision lines, at `info` one per decision.
+#[test]
+fn log_level_and_its_environment_override() {
+    for (level, env, decisions) in
+        [("warn", None, false), ("warn", Some("info"), true), ("info", None, true), ("info", Some("error"), false)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [log]\nlevel = \"{level}\"\n",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("g.toml"), text).unwrap();
+        let cfg = dir.path().join("g.toml");
+        let env: Vec<(&str, &str)> = env.map(|e| ("GREYHOOK_LOG", e)).into_iter().collect();
+        let mut d = spawn_with_env(dir.path(), &["serve", "--config", cfg.to_str().unwrap()], &env);
+        wait_for_port(port, 30);
+        assert!(ask(port, "a@example.org").starts_with("action=451"));
+        std::thread::sleep(Duration::from_millis(200));
+        let log = d.log_text();
+        assert_eq!(log.contains("action=greylist"), decisions, "level {level}, GREYHOOK_LOG {env:?}:\n{log}");
+        assert!(d.terminate(10));
+    }
+}
+
+/// Store settings: an unknown URL scheme and a Redis `timeout` out of its
+/// range are refused at start; `prefix` is where greyhook's keys go.
+#[test]
+fn store_settings_are_checked_and_the_prefix_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c.sock");
+    let (ok, err) = run_to_end(&["serve", "--db", "foo://x", "--control", c.to_str().unwrap()], &[]);
+    assert!(!ok && err.contains("foo://x") && err.contains("redis://"), "{err}");
+    let redis = RedisServer::start();
+    for t in ["0s", "31s"] {
+        let cfg = dir.path().join("t.toml");
+        std::fs::write(&cfg, format!("[store]\npath = \"{}\"\ntimeout = \"{t}\"\n[control]\nsocket = \"{}\"\n", redis.url(), c.display()))
+            .unwrap();
+        let (ok, err) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()], &[]);
+        assert!(!ok && err.contains("store.timeout"), "timeout {t}: {err}");
+    }
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{}\"\n[store]\npath = \"{}\"\nprefix = \"mx7:\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        c.display(),
+        redis.url()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    assert!(ask(port, "a@example.org").starts_with("action=451"));
+    let keys = redis.cli(&["--scan", "--pattern", "*"]);
+    assert!(keys.lines().any(|k| k.starts_with("mx7:greylist/")), "{keys}");
+    assert!(!keys.lines().any(|k| k.starts_with("greyhook:")), "{keys}");
+    assert!(d.terminate(10));
+}
+
+/// The policy listener on IPv6 loopback, and a unix socket with the
+/// documented owner, group and mode.
+#[test]
+fn policy_listens_on_ipv6_and_unix_sockets_with_owner_group_and_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let sock = dir.path().join("policy.sock");
+    // Root runs the tests in CI; the `postfix` group comes with Postfix.
+    let postfix_gid = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("postfix:").and_then(|r| r.split(':').nth(1)).and_then(|g| g.parse::<u32>().ok()))
+        .expect("a postfix group (.ci/run installs Postfix)");
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [policy]\nlisten = [\"[::1]:{port}\", \"unix:{s}\"]\nsocket_mode = \"0640\"\nsocket_group = \"postfix\"\n",
+        d = dir.path().display(),
+        s = sock.display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("::1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("nothing on [::1]:{port}: {e}\n{}", d.log_text()),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let a = policy_rcpt(&mut s, "2001:db8::1", "a@example.org", "u@example.com", "i");
+    assert!(a.starts_with("action=451 4.7.1"), "{a}");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(meta.gid(), postfix_gid, "socket_group");
+    let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    u.write_all(
+        b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.9\nsender=b@example.org\nrecipient=u@example.com\n\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let n = u.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("action=451 4.7.1"));
+    assert!(d.terminate(10));
+}
+
+/// `max_connections` on the policy and milter listeners: past it a new
+/// peer waits (Postfix queues on its side) and is served once a slot frees.
+#[test]
+fn policy_and_milter_hold_new_peers_at_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pport, mport) = (free_port(), free_port());
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{pport}\"]\nmax_connections = 2\n\
+         [milter]\nlisten = [\"127.0.0.1:{mport}\"]\nmax_connections = 2\n",
+        d = dir.path().display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(pport, 30);
+    wait_for_port(mport, 30);
+    let req =
+        b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.org\nrecipient=u@example.com\n\n";
+    let mut held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(req).unwrap();
+            let mut b = [0u8; 256];
+            assert!(s.read(&mut b).unwrap() > 0, "the first two are served");
+            s
+        })
+        .collect();
+    let mut third = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
+    third.write_all(req).unwrap();
+    third.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut b = [0u8; 256];
+    let e = third.read(&mut b).expect_err("a third policy peer is not served while two are connected");
+    assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+    held.pop();
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(third.read(&mut b).unwrap() > 0, "served once a slot is free");
+
+    let optneg = {
+        let mut p = 13u32.to_be_bytes().to_vec();
+        p.push(b'O');
+        for v in [6u32, 0x1ff, 0] {
+            p.extend_from_slice(&v.to_be_bytes());
+        }
+        p
+    };
+    let mut mheld: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&optneg).unwrap();
+            let mut b = [0u8; 64];
+            assert!(s.read(&mut b).unwrap() > 0);
+            s
+        })
+        .collect();
+    let mut m3 = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    m3.write_all(&optneg).unwrap();
+    m3.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    assert!(m3.read(&mut b).is_err(), "a third milter peer waits");
+    mheld.pop();
+    m3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(m3.read(&mut b).unwrap() > 0, "and is served once a slot is free");
+    assert!(d.terminate(10));
+}
+
+/// The milter's `max_packet`: a packet over it closes the connection; one
+/// under it is read.
+#[test]
+fn milter_max_packet_is_the_configured_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"127.0.0.1:{port}\"]\nmax_packet = 2048\n",
+        d = dir.path().display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let packet = |cmd: u8, data: &[u8]| {
+        let mut p = (data.len() as u32 + 1).to_be_bytes().to_vec();
+        p.push(cmd);
+        p.extend_from_slice(data);
+        p
+    };
+    let optneg: Vec<u8> = [6u32, 0x1ff, 0].iter().flat_map(|v| v.to_be_bytes()).collect();
+    for (size, served) in [(1500usize, true), (4000, false)] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&packet(b'O', &optneg)).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        let mut helo = vec![b'h'; size];
+        helo.push(0);
+        s.write_all(&packet(b'H', &helo)).unwrap();
+        let got = s.read(&mut len);
+        if served {
+            assert_eq!(got.unwrap(), 4, "a {size}-byte packet is answered");
+        } else {
+            assert!(matches!(got, Ok(0)) || got.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{got:?}");
+            assert!(closed_within(&mut s, 5), "a {size}-byte packet closes the connection");
+        }
+    }
+    assert!(d.terminate(10));
+}
