@@ -310,3 +310,105 @@ fn milter_max_packet_is_the_configured_one() {
     }
     assert!(d.terminate(10));
 }
+
+/// `[smtp]` settings through `greyhook smtp`: the configured `max_line`,
+/// `max_recipients` and `max_message_size` (announced with SIZE and not),
+/// `command_timeout`, `data_timeout`, `next_hop_timeout`, the default
+/// hostname, `next_hop` required, and `--lmtp` on the command line.
+#[test]
+fn smtp_settings_are_the_configured_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    // A next hop that accepts connections and never greets.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    let start = |hop: u16, extra: &str| {
+        let port = free_port();
+        let sub = tempfile::tempdir().unwrap().keep();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\n{extra}\n\
+             [filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n",
+            d = sub.display()
+        );
+        let p = greyhook_with(&sub, "smtp", &text);
+        wait_for_port(port, 30);
+        (p, port)
+    };
+    let (_d, port) =
+        start(sink.port, "max_line = 600\nmax_recipients = 2\nmax_message_size = 2048\ncommand_timeout = \"1s\"\ndata_timeout = \"1s\"");
+    let mut c = Raw::connect(port);
+    let greeting = c.reply();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert!(greeting.starts_with(&format!("220 {} ", host.trim())), "the default hostname is the system's: {greeting}");
+    assert!(c.send(&format!("NOOP {}", "x".repeat(580))).starts_with("250"), "590 bytes fit max_line 600");
+    assert_eq!(c.send(&format!("NOOP {}", "x".repeat(600))), "500 5.5.2 Line too long\r\n");
+    let ehlo = c.send("EHLO client.example.org");
+    assert!(ehlo.contains("250-SIZE 2048\r\n") || ehlo.contains("250 SIZE 2048\r\n"), "{ehlo}");
+    assert!(c.send("MAIL FROM:<a@example.org> SIZE=4096").starts_with("552 5.3.4"));
+    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+    assert!(c.send("RCPT TO:<u1@example.com>").starts_with("250"));
+    assert!(c.send("RCPT TO:<u2@example.com>").starts_with("250"));
+    assert_eq!(c.send("RCPT TO:<u3@example.com>"), "452 4.5.3 Too many recipients\r\n");
+    assert!(c.send("DATA").starts_with("354"));
+    // Over the size without SIZE: read to its end, then refused.
+    let big = format!("Subject: big\r\n\r\n{}\r\n.", "y".repeat(70).repeat(40).as_str().replace("yy", "y\r\n"));
+    assert!(big.len() > 2048);
+    assert!(c.send(&big).starts_with("552 5.3.4"), "oversize without SIZE");
+    assert!(sink.received().is_empty());
+    // command_timeout: silence after a command gets 421 and a close.
+    let t = Instant::now();
+    assert_eq!(c.reply(), "421 4.4.2 Timeout exceeded, closing\r\n");
+    assert!(t.elapsed() >= Duration::from_millis(800), "{:?}", t.elapsed());
+    assert!(c.closed());
+    // data_timeout: silence inside DATA.
+    let mut c = Raw::at_data(port, &["u@example.com"]);
+    c.w.write_all(b"Subject: slow\r\n").unwrap();
+    let t = Instant::now();
+    assert!(c.reply().starts_with("421 4.4.2"));
+    assert!(t.elapsed() >= Duration::from_millis(800) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // next_hop_timeout: a next hop that never greets.
+    let (_m, mport) = start(mute_port, "next_hop_timeout = \"1s\"");
+    let mut c = Raw::connect(mport);
+    c.reply();
+    c.send("EHLO client.example.org");
+    c.send("MAIL FROM:<a@example.org>");
+    let t = Instant::now();
+    assert_eq!(c.send("RCPT TO:<u@example.com>"), "451 4.4.1 Next hop unavailable, try again later\r\n");
+    assert!(t.elapsed() >= Duration::from_millis(800) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop(mute);
+
+    // next_hop is required.
+    let c2 = dir.path().join("c2.sock");
+    let (ok, err) = run_to_end(&["smtp", "--listen", "127.0.0.1:0", "--db", "memory", "--control", c2.to_str().unwrap()], &[]);
+    assert!(!ok && err.contains("next_hop is required"), "{err}");
+
+    // --lmtp on the command line: the next hop is spoken to with LHLO and
+    // answers per recipient.
+    let lmtp = Sink::spawn(vec!["250 2.0.0 Ok: delivered", "452 4.2.2 Mailbox full"]);
+    let lport = free_port();
+    let cfg = dir.path().join("l.toml");
+    std::fs::write(&cfg, "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n").unwrap();
+    let mut l = Process::greyhook(
+        &[
+            "smtp",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{lport}"),
+            "--next-hop",
+            &format!("127.0.0.1:{}", lmtp.port),
+            "--lmtp",
+            "--db",
+            "memory",
+            "--control",
+            dir.path().join("l.sock").to_str().unwrap(),
+        ],
+        dir.path().join("l.log"),
+    );
+    wait_for_port(lport, 30);
+    let reply = Raw::at_data(lport, &["u1@example.com", "u2@example.com"]).send("Subject: x\r\n\r\nbody\r\n.");
+    assert_eq!(reply, "452 4.2.2 Mailbox full\r\n", "per-recipient LMTP replies: {}", l.log_text());
+    assert!(l.terminate(10));
+}

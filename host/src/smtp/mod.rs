@@ -710,12 +710,20 @@ impl Connection {
         let mut reserved = 0usize;
         let mut refused: Option<&'static str> = None;
         loop {
-            let line = match self.line(MAX_DATA_LINE, self.config.data_timeout).await? {
-                Line::TooLong => {
+            let line = match self.line(MAX_DATA_LINE, self.config.data_timeout).await {
+                Err(End::Timeout) => {
+                    // As at a command: say why before closing (Postfix:
+                    // "421 4.4.2 Error: timeout exceeded").
+                    tracing::info!(peer = %self.peer, "timeout in DATA: nothing relayed");
+                    self.write("421 4.4.2 Timeout exceeded, closing\r\n").await?;
+                    return Err(End::Timeout);
+                }
+                Err(e) => return Err(e),
+                Ok(Line::TooLong) => {
                     refused.get_or_insert("552 5.3.4 Message line too long\r\n");
                     continue;
                 }
-                Line::Text(l) => l,
+                Ok(Line::Text(l)) => l,
             };
             if !line.ends_with(b"\n") {
                 // End of stream without the final dot: the client vanished
