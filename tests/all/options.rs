@@ -412,3 +412,48 @@ fn smtp_settings_are_the_configured_ones() {
     assert_eq!(reply, "452 4.2.2 Mailbox full\r\n", "per-recipient LMTP replies: {}", l.log_text());
     assert!(l.terminate(10));
 }
+
+/// A chain through `greyhook smtp`: every filter's headers reach the
+/// message, and `--filter` and `--set` apply to the last filter (the
+/// configuration names a missing file there, and a 300 s delay).
+#[test]
+fn a_chain_adds_every_filters_headers_and_the_command_line_sets_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    std::fs::write(d.join("ref.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    let sink = Sink::start();
+    let port = free_port();
+    let cfg = d.join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\n\
+             [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\n\
+             [[filters]]\npath = \"{d}/missing.wasm\"\nnamespace = \"greylist\"\n[filters.config]\ndelay = 300\n",
+            d = d.display(),
+            hop = sink.port
+        ),
+    )
+    .unwrap();
+    let mut p = Process::greyhook(
+        &["smtp", "--config", cfg.to_str().unwrap(), "--filter", d.join("ref.wasm").to_str().unwrap(), "--set", "delay=1"],
+        d.join("log"),
+    );
+    wait_for_port(port, 30);
+    let first_try = Instant::now();
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.send("EHLO client.example.org");
+    c.send("MAIL FROM:<a@example.org>");
+    assert!(c.send("RCPT TO:<continue@example.com>").ends_with("retry=00:00:01\r\n"), "--set delay=1 reached the last filter");
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut c = Raw::at_data(port, &["continue@example.com"]);
+    assert!(c.send("Subject: x\r\n\r\nbody\r\n.").starts_with("250"));
+    let got = sink.received();
+    assert_eq!(got.len(), 1, "{}", p.log_text());
+    assert!(got[0].contains("X-Chaos: passed on\r\n"), "the first filter's header: {got:?}");
+    assert_delayed(&got[0], 1, first_try);
+    assert!(p.terminate(10));
+}

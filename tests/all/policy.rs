@@ -230,3 +230,113 @@ fn config_errors_name_file_line_and_key() {
     let e = DaemonConfig::parse("[store]\nsweep_interval = \"often\"\n", "g.toml").unwrap_err().to_string();
     assert!(e.contains("g.toml") && e.contains("line 2") && e.contains("sweep_interval"), "{e}");
 }
+
+const GREYLISTED: &str = "451 4.7.1 Greylisted, please try again later retry=00:05:00";
+
+/// The reference filter's documented keys through the daemon (time
+/// injected): `add_header = false`, `ipv6_prefix`, the auto-whitelist's
+/// life (`max_age`), `reply_text` lines (up to 8, joined with `; ` by this
+/// protocol), `whitelist_client_names` subdomains and suffixes, and
+/// `whitelist_recipients` patterns with the always-passing `postmaster@`
+/// and `abuse@`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_filter_keys_through_the_daemon() {
+    let (d, clock, port) = daemon(
+        "add_header = false\nipv6_prefix = 48\nauto_whitelist_after = 1\nmax_age = \"1d\"\n\
+         whitelist_client_names = [\"mx.example.org\", \".trusted.example\"]\n\
+         whitelist_recipients = [\"hostmaster@\", \"vip@example.com\", \"open.example\"]",
+        "",
+    )
+    .await;
+    let c2 = clock.clone();
+    tokio::task::spawn_blocking(move || {
+        let clock = c2;
+        let mut c = Conn::open(port);
+        let v6 = |addr: &str, sender: &str| vec![("client_address", addr.to_string()), ("sender", sender.to_string())];
+        let ask = |c: &mut Conn, kv: Vec<(&str, String)>| {
+            let kv: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            c.ask(&kv)
+        };
+        assert_eq!(ask(&mut c, v6("2001:db8:1:2::1", "a@x.org")), GREYLISTED);
+        clock.advance(300);
+        // Another /64 in the same /48 is the same client network; no header.
+        assert_eq!(ask(&mut c, v6("2001:db8:1:ff::9", "a@x.org")), "DUNNO", "ipv6_prefix = 48, add_header = false");
+        // One pass auto-whitelists the /48 ...
+        assert_eq!(ask(&mut c, v6("2001:db8:1:3::1", "new@x.org")), "DUNNO", "auto_whitelist_after = 1");
+        assert_eq!(ask(&mut c, v6("2001:db8:2::1", "new@x.org")), GREYLISTED, "another /48 is another network");
+        // ... for max_age.
+        clock.advance(86_400 + 1);
+        assert_eq!(ask(&mut c, v6("2001:db8:1:4::1", "later@x.org")), GREYLISTED, "the auto-whitelist lives max_age");
+
+        let named = |name: &str| {
+            vec![("client_address", "192.0.2.50".to_string()), ("client_name", name.to_string()), ("sender", format!("s@{name}"))]
+        };
+        assert_eq!(ask(&mut c, named("mx.example.org")), "DUNNO");
+        assert_eq!(ask(&mut c, named("out3.mx.example.org")), "DUNNO", "and its subdomains");
+        assert_eq!(ask(&mut c, named("evilmx.example.org")), GREYLISTED, "not a subdomain");
+        assert_eq!(ask(&mut c, named("a.trusted.example")), "DUNNO", "a suffix");
+        assert_eq!(ask(&mut c, named("trusted.example.evil")), GREYLISTED);
+
+        let rcpt =
+            |r: &str| vec![("client_address", "192.0.2.60".to_string()), ("sender", "z@y.org".to_string()), ("recipient", r.to_string())];
+        for r in ["hostmaster@any.example", "vip@example.com", "anyone@open.example", "postmaster@x.example", "abuse@x.example"] {
+            assert_eq!(ask(&mut c, rcpt(r)), "DUNNO", "{r} is never greylisted");
+        }
+        for r in ["vip@example.net", "anyone@sub.open.example.evil", "user@example.com"] {
+            assert_eq!(ask(&mut c, rcpt(r)), GREYLISTED, "{r} is greylisted");
+        }
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+
+    // reply_text: eight lines are joined with "; " by the policy protocol;
+    // nine are refused at start, naming the key.
+    let eight: Vec<String> = (1..=8).map(|i| format!("\"line {i}\"")).collect();
+    let (d, _clock, port) = daemon(&format!("reply_text = [{}]", eight.join(", ")), "").await;
+    let a = tokio::task::spawn_blocking(move || Conn::open(port).ask(&[])).await.unwrap();
+    assert_eq!(a, "451 4.7.1 line 1; line 2; line 3; line 4; line 5; line 6; line 7; line 8 retry=00:05:00");
+    d.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[filter.config]\nreply_text = [{}, \"line 9\"]\n",
+        dir.path().join("c.sock").display(),
+        eight.join(", ")
+    );
+    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let e = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.err().expect("nine lines are refused");
+    assert!(e.to_string().contains("reply_text"), "{e}");
+}
+
+/// In a chain the first filter that names a policy group decides it: two
+/// reference filters (namespaces `a` and `b`) group `one@` and `two@`
+/// differently (`a`: two groups; `b`: one). Seed 000 then sends `two@` away
+/// with `retry=00:00:00` only if the first filter's groups count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_chain_the_first_policy_group_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[filters]]\nnamespace = \"a\"\n[filters.config]\n\
+         [[filters.config.policy]]\nname = \"x\"\nrecipients = [\"one@example.com\"]\ngreylist = false\n\
+         [[filters.config.policy]]\nname = \"y\"\nrecipients = [\"two@example.com\"]\ngreylist = false\n\
+         [[filters]]\nnamespace = \"b\"\n[filters.config]\n\
+         [[filters.config.policy]]\nname = \"p\"\nrecipients = [\"one@example.com\", \"two@example.com\"]\ngreylist = false\n",
+        dir.path().join("c.sock").display()
+    );
+    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let d = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
+    let port = match &d.policy_addrs[0] {
+        ListenAddr::Tcp(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut c = Conn::open(port);
+        assert_eq!(c.ask(&[("recipient", "one@example.com"), ("instance", "t1")]), "DUNNO");
+        let a = c.ask(&[("recipient", "two@example.com"), ("instance", "t1")]);
+        assert!(a.starts_with("451 4.7.1 ") && a.ends_with("retry=00:00:00"), "the first filter's groups decide: {a}");
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
