@@ -7,7 +7,12 @@
 #
 #   bench/policy-vs-postgrey.sh            # 16 connections x 2000 requests
 #   CONNS=4 REQS=500 bench/policy-vs-postgrey.sh
+#   GH_LOG=warn bench/policy-vs-postgrey.sh  # greyhook without its decision log
 set -euo pipefail
+# A failed step inside $(...) must stop the script too: no figures from a
+# failed run.
+shopt -s inherit_errexit
+fail() { echo "FAILED: $*" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 CONNS=${CONNS:-16}
 REQS=${REQS:-2000}
@@ -33,10 +38,12 @@ hz=$(getconf CLK_TCK)
 # run NAME PORT PID: prints "NAME rps p50 p99 cpu_us"
 run() {
   local name=$1 port=$2 pid=$3
-  "$load" --target "127.0.0.1:$port" --connections 4 --requests 200 --triplets 800 --salt "warm-$name" >/dev/null
+  "$load" --target "127.0.0.1:$port" --connections 4 --requests 200 --triplets 800 --salt "warm-$name" >/dev/null ||
+    fail "$name: warm-up"
   local t0 t1 out
   t0=$(ticks "$pid")
-  out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer)
+  out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer) ||
+    fail "$name: policy-load --expect-defer: not every answer was a deferral: $out"
   t1=$(ticks "$pid")
   echo "$name: $out" >&2
   local n rps p50 p99
@@ -56,13 +63,13 @@ pg=$(run postgrey "$pg_port" "${pids[0]}")
 kill "${pids[0]}"
 
 gh_port=$(free_port)
-GREYHOOK_LOG=info target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" >"$work/greyhook.log" 2>&1 &
+GREYHOOK_LOG=${GH_LOG:-info} target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[1]}")
 
 echo
-echo "policy load: $CONNS connections x $REQS requests, $TRIPLETS triplets, Postfix 3.7.11 RCPT attributes; $(nproc) cores"
+echo "policy load: $CONNS connections x $REQS requests, $TRIPLETS triplets, Postfix 3.7.11 RCPT attributes; $(nproc) cores; greyhook log level ${GH_LOG:-info}"
 printf '%-10s %12s %10s %10s %14s\n' server "requests/s" "p50 µs" "p99 µs" "CPU µs/req"
 for row in "$pg" "$gh"; do
   read -r name rps p50 p99 cpu <<<"$row"

@@ -7,6 +7,10 @@
 #   bench/redb-vs-redis.sh                # 16 connections x 2000 requests
 #   CONNS=4 REQS=500 bench/redb-vs-redis.sh
 set -euo pipefail
+# A failed step inside $(...) must stop the script too: no figures from a
+# failed run.
+shopt -s inherit_errexit
+fail() { echo "FAILED: $*" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 CONNS=${CONNS:-16}
 REQS=${REQS:-2000}
@@ -28,10 +32,12 @@ hz=$(getconf CLK_TCK)
 # run NAME PORT GREYHOOK_PID [OTHER_PID]: "NAME rps p50 p99 greyhook_cpu_us server_cpu_us"
 run() {
   local name=$1 port=$2 pid=$3 other=${4:-}
-  "$load" --target "127.0.0.1:$port" --connections 4 --requests 200 --triplets 800 --salt "warm-$name" >/dev/null
+  "$load" --target "127.0.0.1:$port" --connections 4 --requests 200 --triplets 800 --salt "warm-$name" >/dev/null ||
+    fail "$name: warm-up"
   local g0 g1 s0 s1 out
   g0=$(ticks "$pid"); s0=$(ticks "$pid" $other)
-  out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer)
+  out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer) ||
+    fail "$name: policy-load --expect-defer: not every answer was a deferral: $out"
   g1=$(ticks "$pid"); s1=$(ticks "$pid" $other)
   echo "$name: $out" >&2
   local n rps p50 p99

@@ -4,13 +4,18 @@
 # Postfix's own smtp-source is the client. Prints messages/s, greyhook's
 # CPU per message, and the whole machine's CPU per message, with ratios.
 #
-# greyhook runs the reference filter with delay=0 (every message passes, so
-# every message does the full work: filter calls, store reads and writes,
-# relay). Postfix delivers to `discard`, so the MTA's own cost stays small.
+# greyhook runs the reference filter with delay=0 and every message has its
+# own recipient (a new triplet), so every message does the full work: filter
+# calls, a record written, the relay. Every message must be delivered, or
+# the script fails without figures. Postfix delivers to `discard`, so the MTA's own cost stays small.
 #
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
 set -euo pipefail
+# A failed step inside $(...) must stop the script too: no figures from a
+# failed run.
+shopt -s inherit_errexit
+fail() { echo "FAILED: $*" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-4}
 MSGS=${MSGS:-4000}
@@ -87,32 +92,50 @@ EOF
   wait_port "$port"
 }
 
-# send NAME PORT [GREYHOOK_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg"
+# Messages Postfix has delivered (to `discard`) according to MAILLOG.
+delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
+
+# send NAME PORT MAILLOG [GREYHOOK_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg".
+# Every message has its own recipient (smtp-source -N numbers them), so
+# every message is a new triplet: the filter's first-sight path (a record
+# written, then passed with delay=0), not the cached "already passed" one.
+# Fails unless Postfix delivers every message.
 send() {
-  local name=$1 port=$2 pid=${3:-}
-  /usr/sbin/smtp-source -s "$SESSIONS" -m 200 -f bench@sender.test -t user@bench.test "127.0.0.1:$port" # warm-up
+  local name=$1 port=$2 maillog=$3 pid=${4:-}
+  local before
+  before=$(delivered "$maillog")
+  /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name@bench.test" "127.0.0.1:$port" ||
+    fail "$name: smtp-source warm-up"
   local t0 t1 m0 m1 g0=0 g1=0
   [ -n "$pid" ] && g0=$(ticks "$pid")
   m0=$(machine)
   t0=$(date +%s.%N)
-  /usr/sbin/smtp-source -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t user@bench.test "127.0.0.1:$port"
+  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name@bench.test" "127.0.0.1:$port" ||
+    fail "$name: smtp-source"
   t1=$(date +%s.%N)
   m1=$(machine)
   [ -n "$pid" ] && g1=$(ticks "$pid")
+  local want=$((before + 200 + MSGS)) got
+  for _ in $(seq 1 600); do
+    got=$(delivered "$maillog")
+    [ "$got" -ge "$want" ] && break
+    sleep 0.1
+  done
+  [ "$got" -ge "$want" ] || fail "$name: Postfix delivered $((got - before)) of $((200 + MSGS)) messages"
   awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v g=$((g1 - g0)) -v m=$((m1 - m0)) -v hz="$hz" -v name="$name" \
     'BEGIN { printf "%s %.0f %.1f %.1f\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n }'
 }
 
 pf_port=$(free_port)
 postfix_start "$work/pf" "$pf_port" ""
-straight=$(send straight "$pf_port")
+straight=$(send straight "$pf_port" "$work/pf/maillog")
 
 gh_port=$(free_port)
 target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
   --control "$work/smtp.sock" --set delay=0 --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
-via=$(send via-greyhook-smtp "$gh_port" "${pids[-1]}")
+via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "${pids[-1]}")
 
 m_port=$(free_port)
 MILTER_ADDR=${MILTER_ADDR:-inet:127.0.0.1:$m_port}
@@ -123,7 +146,7 @@ pids+=($!)
 [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ] && wait_port "$m_port" || sleep 1
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
 milter_default_action = tempfail"
-milter=$(send postfix-with-milter "$pf2_port" "${pids[-1]}")
+milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "${pids[-1]}")
 
 echo
 printf "%-22s %10s %18s %20s\n" "path" "msgs/s" "greyhook µs/msg" "machine CPU µs/msg"
@@ -140,4 +163,3 @@ awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm
   printf "machine CPU per message, via greyhook smtp / straight: %.2f\n", vm / sm
   printf "machine CPU per message, with milter / straight:       %.2f\n", mm / sm
 }'
-grep -c "status=sent" "$work/pf/maillog" >/dev/null || true
