@@ -483,3 +483,55 @@ async fn the_stack_cap_is_per_filter() {
     assert!(e.to_string().contains("stack_kib"), "{e}");
     daemon.stop().await;
 }
+
+/// The crash-loop breaker's rules, sampled by hand: it trips only when the
+/// failures reach `failures` *and* at least half the calls in the window;
+/// a tripped version is refused for `backoff`, then accepted again; a
+/// second trip of the same version refuses it twice as long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_needs_half_the_calls_and_doubles_its_backoff() {
+    use greyhook::reload::{BreakerConfig, FilterSource, Reloader};
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = dir.path().join("chaos.wasm");
+    std::fs::write(&chaos, CHAOS_FILTER).unwrap();
+    let store: Arc<dyn greyhook::store::Store> = Arc::new(greyhook::store::MemoryStore::new());
+    let r = Reloader::start(runtime(), store, FilterSource::Embedded, greyhook::FilterOptions::default(), None).await.unwrap();
+    let config = BreakerConfig { failures: 5, window: Duration::from_secs(1), backoff: Duration::from_millis(400) };
+    let chaos_options = greyhook::FilterOptions { namespace: "chaos".into(), ..Default::default() };
+    let load_chaos = || r.reload_with(Some(FilterSource::File(chaos.clone())), Some(chaos_options.clone()));
+    assert!(load_chaos().await.unwrap().to_string().starts_with("loaded chaos"));
+    let calls = |fail: usize, ok: usize| {
+        let f = r.filter();
+        async move {
+            let c = Client::new(&f, "192.0.2.1", T0);
+            for _ in 0..fail {
+                f.on_rcpt(&c.ctx(), "panic@x").await;
+            }
+            for _ in 0..ok {
+                f.on_rcpt(&c.ctx(), "fine@x").await;
+            }
+        }
+    };
+    // 5 failures in 25 calls: enough failures, not half the calls.
+    calls(5, 20).await;
+    assert_eq!(r.check_breaker(&config).await, None, "under half the calls");
+    // 4 failures in 4 calls: half, but fewer than `failures`.
+    calls(4, 0).await;
+    assert_eq!(r.check_breaker(&config).await, None, "fewer than breaker_failures");
+    // 6 failures in 8 calls: trips, back to the reference filter.
+    calls(6, 2).await;
+    let why = r.check_breaker(&config).await.expect("tripped");
+    assert!(why.contains("failed 6 of 8 calls"), "{why}");
+    assert_eq!(r.filter().info().name, "greylist");
+    let e = load_chaos().await.unwrap_err().to_string();
+    assert!(e.contains("crash-loop breaker"), "{e}");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(load_chaos().await.unwrap().to_string().starts_with("loaded chaos"), "accepted after the back-off");
+    // Trip it again: now refused for 800 ms.
+    calls(6, 0).await;
+    assert!(r.check_breaker(&config).await.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(load_chaos().await.is_err(), "still refused after the first back-off: it doubled");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(load_chaos().await.is_ok(), "accepted after the doubled back-off");
+}
