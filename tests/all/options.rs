@@ -457,3 +457,35 @@ fn a_chain_adds_every_filters_headers_and_the_command_line_sets_the_last() {
     assert_delayed(&got[0], 1, first_try);
     assert!(p.terminate(10));
 }
+
+/// A reload applies the filter tables only: a change to `[policy]` (or any
+/// other table the docs say needs a restart) is reported by `greyhook
+/// reload` and logged, and the running listener keeps its settings.
+#[test]
+fn reload_says_which_changes_need_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = |max_attributes: u32| {
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+             [policy]\nlisten = [\"127.0.0.1:{port}\"]\nmax_attributes = {max_attributes}\n[filter.config]\ndelay = 300\n",
+            d = dir.path().display()
+        )
+    };
+    let mut d = greyhook_with(dir.path(), "serve", &text(100));
+    wait_for_port(port, 30);
+    let reload = || {
+        let out =
+            Command::new(greyhook_bin()).args(["reload", "--control", dir.path().join("control.sock").to_str().unwrap()]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!reload().contains("restart"), "nothing changed");
+    std::fs::write(dir.path().join("greyhook.toml"), text(5)).unwrap();
+    let out = reload();
+    assert!(out.contains("[policy] changed: not applied, that needs a restart"), "{out}");
+    assert!(d.wait_log("[policy] changed in the configuration file", 5), "{}", d.log_text());
+    // The old limit (100 attributes) still holds: a 10-attribute request is served.
+    let a = ask(port, "a@example.org");
+    assert!(a.starts_with("action=451"), "{a}");
+    assert!(d.terminate(10));
+}

@@ -107,6 +107,8 @@ fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
 
 struct Shared {
     reloaders: Vec<Reloader>,
+    /// The tables a reload cannot change, as started (see [`fixed_tables`]).
+    fixed: Vec<(&'static str, String)>,
     /// Each filter's stack cap, fixed at start.
     stacks: Vec<usize>,
     store: Arc<dyn Store>,
@@ -115,27 +117,58 @@ struct Shared {
 
 /// What a reload did to each filter of the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadReport(pub Vec<ReloadOutcome>);
+pub struct ReloadReport {
+    /// Each filter's outcome, in chain order.
+    pub outcomes: Vec<ReloadOutcome>,
+    /// Tables changed in the configuration file that a reload does not
+    /// apply (`[policy]`, `[store]`, ...): they need a restart.
+    pub need_restart: Vec<&'static str>,
+}
 
 impl std::fmt::Display for ReloadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, o) in self.0.iter().enumerate() {
+        for (i, o) in self.outcomes.iter().enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
             write!(f, "{o}")?;
         }
+        if !self.need_restart.is_empty() {
+            let tables: Vec<String> = self.need_restart.iter().map(|t| format!("[{t}]")).collect();
+            write!(f, "; {} changed: not applied, that needs a restart", tables.join(", "))?;
+        }
         Ok(())
     }
+}
+
+/// The tables a reload leaves alone, each as its settings' debug text (a
+/// change of any field changes the text; the sections have no `PartialEq`
+/// because some hold types without one).
+fn fixed_tables(c: &DaemonConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("store", format!("{:?}", c.store)),
+        ("policy", format!("{:?}", c.policy)),
+        ("milter", format!("{:?}", c.milter)),
+        ("smtp", format!("{:?}", c.smtp)),
+        ("control", format!("{:?}", c.control)),
+        ("log", format!("{:?}", c.log)),
+    ]
 }
 
 impl Shared {
     /// Reloads every filter of the chain (an unchanged one is left alone);
     /// the first refusal is returned, the others still take effect.
     async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let mut need_restart = Vec::new();
         let specs = match &self.reconfigure {
             Some(r) => {
                 let cfg = (r.load)().map_err(|e| ReloadError::Options(e.to_string()))?;
+                for ((table, now), (_, then)) in fixed_tables(&cfg).iter().zip(&self.fixed) {
+                    if now != then {
+                        tracing::warn!("[{table}] changed in the configuration file: not applied until a restart");
+                        need_restart.push(*table);
+                    }
+                }
                 let specs = filter_specs(&cfg).map_err(|e| ReloadError::Options(e.to_string()))?;
                 if specs.len() != self.reloaders.len() {
                     return Err(ReloadError::Options("the number of filters changed: that needs a restart".into()));
@@ -163,7 +196,7 @@ impl Shared {
         }
         match refused {
             Some(e) => Err(e),
-            None => Ok(ReloadReport(outcomes)),
+            None => Ok(ReloadReport { outcomes, need_restart }),
         }
     }
 }
@@ -273,7 +306,7 @@ impl Daemon {
         let milter_addrs = milters.iter().map(Listener::local_addr).collect();
         let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();
         let shutdown = CancellationToken::new();
-        let shared = Arc::new(Shared { reloaders, stacks, store: store.clone(), reconfigure });
+        let shared = Arc::new(Shared { reloaders, fixed: fixed_tables(config), stacks, store: store.clone(), reconfigure });
         let mut tasks: Vec<_> =
             listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
         for l in milters {
