@@ -489,3 +489,45 @@ fn reload_says_which_changes_need_a_restart() {
     assert!(a.starts_with("action=451"), "{a}");
     assert!(d.terminate(10));
 }
+
+/// The files the daemon watches are the configuration file and every
+/// filter file, as its startup log lists them: a change to either is
+/// applied without a command (no SIGHUP, no `greyhook reload`).
+#[test]
+fn the_configuration_and_filter_files_are_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let filter = d.join("f.wasm");
+    std::fs::write(&filter, greyhook::REFERENCE_FILTER).unwrap();
+    let text = |delay: u32| {
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [filter]\npath = \"{f}\"\n[filter.config]\ndelay = {delay}\n",
+            d = d.display(),
+            f = filter.display()
+        )
+    };
+    let mut p = greyhook_with(d, "serve", &text(300));
+    wait_for_port(port, 30);
+    let log = p.log_text();
+    let cfg = d.join("greyhook.toml");
+    let line = log.lines().find(|l| l.contains("watching for changes")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&cfg.display().to_string()) && line.contains(&filter.display().to_string()), "{line}");
+    let until = |what: &str, f: &mut dyn FnMut() -> bool| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < end, "{what} was not applied by itself");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::fs::write(&cfg, text(120)).unwrap();
+    let mut n = 0;
+    until("a configuration change", &mut || {
+        n += 1;
+        ask(port, &format!("c{}@example.org", "x".repeat(n))).ends_with("retry=00:02:00")
+    });
+    std::fs::write(&filter, CHAOS_FILTER).unwrap();
+    until("a filter change", &mut || ask(port, "z@example.org") == "action=PREPEND X-Chaos: ok");
+    assert!(p.terminate(10));
+}

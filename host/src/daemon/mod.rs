@@ -328,8 +328,14 @@ impl Daemon {
             };
             tasks.push(tokio::spawn(watch_breaker(shared.clone(), i, breaker, shutdown.clone())));
         }
+        let names: Vec<String> = watched.iter().map(|p| p.display().to_string()).collect();
         match watch(watched, shared.clone(), shutdown.clone()) {
-            Ok(t) => tasks.push(t),
+            Ok(t) => {
+                if !names.is_empty() {
+                    tracing::info!("watching for changes (then reloading): {}", names.join(", "));
+                }
+                tasks.push(t)
+            }
             Err(e) => tracing::warn!("cannot watch the filter and configuration files (reload with SIGHUP or `greyhook reload`): {e}"),
         }
         let done = tokio::spawn(async move {
