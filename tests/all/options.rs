@@ -531,3 +531,31 @@ fn the_configuration_and_filter_files_are_watched() {
     until("a filter change", &mut || ask(port, "z@example.org") == "action=PREPEND X-Chaos: ok");
     assert!(p.terminate(10));
 }
+
+/// A new version whose smoke call fails (here: every on-ehlo traps) is
+/// refused at reload, and the serving version stays; at start, such a
+/// filter stops the daemon with the reason.
+#[test]
+fn a_version_that_fails_its_smoke_call_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    std::fs::write(d.join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let text = |filter: &str| {
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n{filter}\n",
+            d = d.display()
+        )
+    };
+    let mut p = greyhook_with(d, "serve", &text(""));
+    wait_for_port(port, 30);
+    let bad = format!("[filter]\npath = \"{}/chaos.wasm\"\n[filter.config]\nehlo_panic = true\n", d.display());
+    std::fs::write(d.join("greyhook.toml"), text(&bad)).unwrap();
+    let out = Command::new(greyhook_bin()).args(["reload", "--control", d.join("control.sock").to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refused") && err.contains("chaos: panic at ehlo"), "{err}");
+    assert!(ask(port, "a@example.org").starts_with("action=451 4.7.1 Greylisted"), "the reference filter still serves");
+    assert!(p.terminate(10));
+    let (ok, err) = run_to_end(&["serve", "--config", d.join("greyhook.toml").to_str().unwrap()], &[]);
+    assert!(!ok && err.contains("chaos: panic at ehlo"), "{err}");
+}

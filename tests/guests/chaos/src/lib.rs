@@ -15,6 +15,8 @@ use exports::greyhook::filter::hooks::Guest;
 use greyhook::filter::types::{Context, Decision, EhloVerdict, FilterInfo, Header, Message, Reply, Verdict};
 use greyhook::filter::{log, store};
 
+static EHLO_PANIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn verdict(decision: Decision) -> Verdict {
     Verdict { decision, add_headers: Vec::new(), policy_group: None }
 }
@@ -43,6 +45,9 @@ impl Guest for Chaos {
         if config.trim() == "fail" {
             return Err("key `fail`: this configuration is refused on purpose".into());
         }
+        // A configuration with `ehlo_panic` makes every on-ehlo trap: the
+        // host's smoke call at load must refuse such a version.
+        EHLO_PANIC.store(config.contains("ehlo_panic"), std::sync::atomic::Ordering::Relaxed);
         Ok(FilterInfo { name: "chaos".into(), version: "0.0.1".into() })
     }
 
@@ -55,6 +60,9 @@ impl Guest for Chaos {
     }
 
     fn on_ehlo(c: Context) -> EhloVerdict {
+        if EHLO_PANIC.load(std::sync::atomic::Ordering::Relaxed) {
+            panic!("chaos: panic at ehlo");
+        }
         // An invalid keyword only when asked (HELO `bad-ehlo`), so the
         // filter passes the host's reload smoke test otherwise.
         let keywords = if c.session.helo.as_deref() == Some("bad-ehlo") { vec!["X\r\n250 INJECTED".into()] } else { vec!["CHAOS".into()] };
