@@ -46,12 +46,12 @@ pub enum FilterSource {
 #[derive(Debug, Error)]
 pub enum ReloadError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: String,
-        /// The error.
-        source: std::io::Error,
+        /// The error (its text is in the message: not a `source` too).
+        error: std::io::Error,
     },
     /// The new version failed to load.
     #[error(transparent)]
@@ -161,7 +161,7 @@ fn hash(bytes: &[u8], options: &FilterOptions) -> String {
 fn read(source: &FilterSource) -> Result<Vec<u8>, ReloadError> {
     match source {
         FilterSource::Embedded => Ok(crate::REFERENCE_FILTER.to_vec()),
-        FilterSource::File(p) => std::fs::read(p).map_err(|source| ReloadError::Read { path: p.display().to_string(), source }),
+        FilterSource::File(p) => std::fs::read(p).map_err(|error| ReloadError::Read { path: p.display().to_string(), error }),
     }
 }
 

@@ -558,4 +558,37 @@ fn a_version_that_fails_its_smoke_call_is_refused() {
     assert!(p.terminate(10));
     let (ok, err) = run_to_end(&["serve", "--config", d.join("greyhook.toml").to_str().unwrap()], &[]);
     assert!(!ok && err.contains("chaos: panic at ehlo"), "{err}");
+    assert_eq!(err.matches("chaos: panic at ehlo").count(), 1, "the reason once: {err}");
+    let (ok, err) =
+        run_to_end(&["serve", "--filter", "/nonexistent/f.wasm", "--db", "memory", "--control", d.join("c2.sock").to_str().unwrap()], &[]);
+    assert!(!ok && err.matches("No such file").count() == 1 && err.contains("/nonexistent/f.wasm"), "{err}");
+}
+
+/// `sweep_interval`: expired records leave the redb file at the interval
+/// (five unretried records with a 1 s retry window are gone after the
+/// sweep runs; with an hourly sweep they are still in the file).
+#[test]
+fn sweep_interval_removes_expired_records() {
+    for (sweep, left) in [("1s", 0u64), ("1h", 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let db = d.join("g.db");
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\nsweep_interval = \"{sweep}\"\n\
+             [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = 1\nretry_window = \"1s\"\n",
+            d = d.display(),
+            db = db.display()
+        );
+        let mut p = greyhook_with(d, "serve", &text);
+        wait_for_port(port, 30);
+        for s in ["a", "b", "c", "d", "e"] {
+            assert!(ask(port, &format!("{s}@example.org")).starts_with("action=451"));
+        }
+        std::thread::sleep(Duration::from_millis(3500));
+        assert!(p.terminate(10));
+        let out = Command::new(greyhook_bin()).args(["db", "check"]).arg(&db).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains(&format!(" holds {left} records")), "sweep_interval {sweep}: {text}");
+    }
 }

@@ -416,22 +416,30 @@ pub enum DaemonError {
     #[error("invalid configuration: {0}")]
     Invalid(String),
     /// The filter file cannot be read.
-    #[error("cannot read filter {path}: {source}")]
+    // The messages hold their cause's text, so the cause is not also a
+    // `source` (an error chain printed whole would say it twice).
+    #[error("cannot read filter {path}: {error}")]
     FilterFile {
         /// The file.
         path: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The filter was refused.
     #[error("filter refused: {0}")]
-    Load(#[from] LoadError),
+    Load(LoadError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A listener failed.
     #[error(transparent)]
     Listen(#[from] ListenError),
+}
+
+impl From<LoadError> for DaemonError {
+    fn from(e: LoadError) -> DaemonError {
+        DaemonError::Load(e)
+    }
 }
 
 impl DaemonConfig {

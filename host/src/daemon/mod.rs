@@ -264,7 +264,7 @@ impl Daemon {
             stacks.push(stack);
             let reloader = Reloader::start(runtime, store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
                 ReloadError::Load(l) => DaemonError::Load(l),
-                ReloadError::Read { path, source } => DaemonError::FilterFile { path, source },
+                ReloadError::Read { path, error } => DaemonError::FilterFile { path, error },
                 other => DaemonError::Invalid(other.to_string()),
             })?;
             let info = reloader.filter().info().clone();
