@@ -664,19 +664,7 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     );
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
-    // A small receive buffer, so that a few thousand answers fill the way.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut s = rt
-        .block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.set_recv_buffer_size(4096)?;
-            sock.connect(([127, 0, 0, 1], port).into()).await
-        })
-        .unwrap()
-        .into_std()
-        .unwrap();
-    s.set_nonblocking(false).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = never_reading_peer(port);
     let one =
         "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.org\nrecipient=u@example.com\n\n";
     let batch = one.repeat(200);
@@ -707,18 +695,7 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     );
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut s = rt
-        .block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.set_recv_buffer_size(4096)?;
-            sock.connect(([127, 0, 0, 1], port).into()).await
-        })
-        .unwrap()
-        .into_std()
-        .unwrap();
-    s.set_nonblocking(false).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = never_reading_peer(port);
     let packet = |cmd: u8, data: &[u8]| {
         let mut p = (data.len() as u32 + 1).to_be_bytes().to_vec();
         p.push(cmd);
@@ -753,4 +730,24 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     );
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.log_text().contains("does not read"), "{}", d.log_text());
+}
+
+/// A connection to 127.0.0.1:`port` with a small receive buffer (so that
+/// a few thousand unread answers fill the way back) and a 30 s write
+/// timeout (so that a server that stops reading shows as our timeout, not
+/// a hang).
+fn never_reading_peer(port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = rt
+        .block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.set_recv_buffer_size(4096)?;
+            sock.connect(([127, 0, 0, 1], port).into()).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
 }
