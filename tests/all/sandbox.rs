@@ -15,9 +15,10 @@ async fn chaos(policy: FailurePolicy) -> (greyhook::Filter, Arc<MemoryStore>) {
     let options = FilterOptions {
         namespace: "chaos".into(),
         failure_policy: policy,
-        // A deadline long enough for the memory mode to reach its cap on a
-        // busy machine (calls yield at every tick), short for the loop.
-        limits: Limits { deadline: Duration::from_millis(250), memory: 16 << 20, ..Limits::default() },
+        // A deadline long enough for the memory mode to reach its cap, and
+        // for every ordinary call, on a busy 2-core machine running the
+        // other tests (calls yield at every tick); the loop pays it once.
+        limits: Limits { deadline: Duration::from_secs(1), memory: 16 << 20, ..Limits::default() },
         ..FilterOptions::default()
     };
     (runtime().load(CHAOS_FILTER, options, store.clone()).await.unwrap(), store)
@@ -49,7 +50,8 @@ async fn every_misbehaviour_is_contained_and_the_next_call_works() {
             FilterError::Instantiate(_) => "instantiate",
         };
         assert_eq!(kind, expect, "{what}: {e}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{what} took {:?}", started.elapsed());
+        // Contained within the deadline and some slack for a loaded machine.
+        assert!(started.elapsed() < Duration::from_secs(4), "{what} took {:?}", started.elapsed());
         // The policy answers through the non-try API, and the next call works.
         assert_eq!(f.on_rcpt(&c.ctx(), &format!("{what}@x")).await.decision, Decision::Continue);
         let ok = f.try_on_rcpt(&c.ctx(), "fine@x").await.expect("the next call works");
