@@ -644,3 +644,49 @@ fn every_documented_key_is_set_by_some_test() {
     let missing: Vec<&String> = keys.iter().filter(|k| !set(k)).collect();
     assert!(missing.is_empty(), "documented keys no test sets: {missing:?}");
 }
+
+/// `ehlo_keyword` and `normalize_sender` through `greyhook smtp`, set on
+/// the command line: with `ehlo_keyword=false` EHLO does not advertise
+/// GREYLIST; with `normalize_sender=false` VERP senders `bounce-1@` and
+/// `bounce-2@` are two triplets (folded into one by default).
+#[test]
+fn ehlo_keyword_and_normalize_sender_through_the_smtp_front_end() {
+    let sink = Sink::start();
+    for (sets, advertised, folded) in [(&[][..], true, true), (&["ehlo_keyword=false", "normalize_sender=false"][..], false, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec![
+            "smtp".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--next-hop".into(),
+            format!("127.0.0.1:{}", sink.port),
+            "--db".into(),
+            "memory".into(),
+            "--control".into(),
+            dir.path().join("c.sock").display().to_string(),
+            "--set".into(),
+            "delay=1".into(),
+        ];
+        for s in sets {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = Process::greyhook(&args, dir.path().join("log"));
+        wait_for_port(port, 30);
+        let attempt = |sender: &str| {
+            let mut c = Raw::connect(port);
+            c.reply();
+            let ehlo = c.send("EHLO client.example.org");
+            c.send(&format!("MAIL FROM:<{sender}>"));
+            (ehlo.contains("GREYLIST"), c.send("RCPT TO:<u@example.com>"))
+        };
+        let (ehlo, first) = attempt("bounce-1@lists.example");
+        assert_eq!(ehlo, advertised, "{sets:?}");
+        assert!(first.starts_with("451 4.7.1"), "{first}");
+        std::thread::sleep(Duration::from_millis(1100));
+        let (_, second) = attempt("bounce-2@lists.example");
+        assert_eq!(second.starts_with("250"), folded, "{sets:?}: {second}");
+        assert!(p.terminate(10));
+    }
+}
