@@ -340,3 +340,32 @@ async fn in_a_chain_the_first_policy_group_wins() {
     .unwrap();
     d.stop().await;
 }
+
+/// Seed 000 through the policy protocol (time injected): a recipient sent
+/// away with `retry=00:00:00` starts its greylist record then, so when the
+/// client retries it in a new transaction five minutes later it is told
+/// the five minutes left of its ten, and passes at ten — one delay, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_000_sent_away_recipient_pays_one_delay() {
+    let (d, clock, port) = daemon(
+        "[[filter.config.policy]]\nname = \"open\"\nrecipients = [\"one@example.com\"]\ngreylist = false\n\
+         [[filter.config.policy]]\nname = \"strict\"\nrecipients = [\"two@example.com\"]\ndelay = \"10m\"\n",
+        "",
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = Conn::open(port);
+        let rcpt = |c: &mut Conn, r: &str, t: &str| c.ask(&[("recipient", r), ("instance", t), ("sender", "jq@mail.example.com")]);
+        assert_eq!(rcpt(&mut c, "one@example.com", "t1"), "DUNNO");
+        let a = rcpt(&mut c, "two@example.com", "t1");
+        assert!(a.starts_with("451 4.7.1 ") && a.ends_with("retry=00:00:00"), "{a}");
+        clock.advance(300);
+        assert_eq!(rcpt(&mut c, "two@example.com", "t2"), "451 4.7.1 Greylisted, please try again later retry=00:05:00");
+        clock.advance(300);
+        let a = rcpt(&mut c, "two@example.com", "t3");
+        assert!(a.starts_with("PREPEND X-Greylist: delayed 600 seconds"), "one delay, not two: {a}");
+    })
+    .await
+    .unwrap();
+    d.stop().await;
+}
