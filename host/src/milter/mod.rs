@@ -35,7 +35,7 @@ use miltr_server::{Error as MilterError, Milter, Server};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
-pub mod frames;
+mod frames;
 
 use crate::listen::{Conn, Listener, Load};
 use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-pub mod request;
+mod request;
 
 use crate::audit::log_decision;
 use crate::chain::Chain;
