@@ -16,6 +16,10 @@ pub fn action(v: &Verdict) -> &'static str {
         // Seed 000: a recipient of another policy group, sent to a new
         // transaction at once (`retry=00:00:00`), is not greylisting.
         Decision::Tempfail(r) if r.retry_after == Some(0) && v.policy_group.is_some() => "policy-group",
+        // Greylisting states its delay; a tempfail without one is something
+        // else (the failure policy answering for a failed filter, or a
+        // filter's own temporary refusal), and an operator must tell them apart.
+        Decision::Tempfail(r) if r.retry_after.is_none() => "tempfail",
         Decision::Tempfail(_) => "greylist",
         Decision::Reject(_) => "reject",
     }

@@ -185,6 +185,9 @@ fn filter_limits_and_failure_policy_through_the_daemon() {
     assert_eq!(a.trim_end(), "action=PREPEND X-Chaos: ok");
     let log = d.log_text();
     assert!(log.contains("exceeded its deadline of 400ms") && log.contains("chaos: panic at connect"), "{log}");
+    // The failure policy's answers are logged as what they are.
+    assert!(log.contains("action=tempfail phase=rcpt") && log.contains("action=tempfail phase=connect"), "{log}");
+    assert!(!log.contains("action=greylist"), "a failed filter is not greylisting: {log}");
     // The filter's "chaos: ok\r\nforged log line" stays one line.
     assert!(log.contains("chaos: ok  forged log line"), "{log}");
     assert!(!log.lines().any(|l| l.starts_with("forged")), "a filter forged a log line: {log}");
