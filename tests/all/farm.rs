@@ -246,7 +246,22 @@ async fn sentinel_failover_is_followed_without_a_restart() {
     let sentinel = Sentinel::start(&master);
     let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
     let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(url) }).unwrap();
-    assert!(matches!(store.set("before", b"1", T0 + 3600, Condition::Absent, T0).await.unwrap(), WriteOutcome::Written(_)));
+    // The sentinel may take a moment to answer for its master after start
+    // (longer on a loaded machine): retry the first write, bounded.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        // `Any`: a retried write whose first try landed still succeeds.
+        match store.set("before", b"1", T0 + 3600, Condition::Any, T0).await {
+            Ok(w) => {
+                assert!(matches!(w, WriteOutcome::Written(_)), "{w:?}");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < until, "the first write through the sentinel failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
     // Make sure the replica has it before the master dies.
     assert_eq!(master.cli(&["WAIT", "1", "5000"]).trim(), "1");
     master.kill();
