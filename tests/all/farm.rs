@@ -183,7 +183,7 @@ fn redis_down_fails_open_within_the_timeout_and_greylisting_resumes_when_it_retu
     let status = String::from_utf8_lossy(&status.stdout);
     let failures: u64 = status.rsplit("store_failures=").next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
     assert!(failures > 0, "the failures were counted: {status}");
-    assert!(d1.log_text().contains("redis store"), "and logged");
+    assert!(d1.wait_log("redis store", 10), "and logged");
     assert!(d1.terminate(10));
 }
 

@@ -363,7 +363,7 @@ fn replies_keep_to_the_draft_and_421_closes() {
         let r = c.send(&format!("RCPT TO:<{bad}>"));
         assert_eq!(r, "250 2.1.5 Ok\r\n", "{bad}: the invalid verdict is a filter failure (fail open): {r}");
     }
-    assert!(d.log_text().contains("retry="), "the refusal is logged: {}", d.log_text());
+    assert!(d.wait_log("retry=", 10), "the refusal is logged: {}", d.log_text());
     let r = c.send("RCPT TO:<close-421@example.com>");
     assert_eq!(r, "421 4.7.0 Go away retry=00:01:00\r\n");
     assert!(c.closed(), "421 closes the connection");
@@ -389,7 +389,7 @@ fn a_second_daemon_does_not_take_the_control_socket() {
     let mut d2 = greyhook_with(&d2dir, "serve", &text(p2));
     let st = d2.child.wait().unwrap();
     assert!(!st.success(), "the second daemon must refuse to start");
-    assert!(d2.log_text().contains("in use"), "{}", d2.log_text());
+    assert!(d2.wait_log("in use", 10), "{}", d2.log_text());
     let status = std::process::Command::new(greyhook_bin()).args(["status", "--control", ctl.to_str().unwrap()]).output().unwrap();
     assert!(status.status.success() && String::from_utf8_lossy(&status.stdout).contains("greylist"), "{status:?}");
     assert!(d1.terminate(10), "{}", d1.log_text());
@@ -524,7 +524,7 @@ fn stalled_policy_and_milter_peers_do_not_block_others() {
     let a = policy_ask(&mut s, "192.0.2.9", "u@example.com");
     assert!(a.starts_with("action=451"), "{a}");
     assert!(start.elapsed() < Duration::from_secs(5), "the newcomer waited {:?}", start.elapsed());
-    assert!(closed_within(&mut idle[0], 5), "an idle peer is closed under stress");
+    assert!(closed_within(&mut idle[0], 15), "an idle peer is closed under stress");
     drop(idle);
     // A request begun and never finished is cut at request_timeout.
     let mut half = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
@@ -583,7 +583,7 @@ fn a_filter_is_held_to_its_quotas() {
         d = dir.path().display(),
         url = redis.url()
     );
-    let d = greyhook_with(dir.path(), "serve", &text);
+    let mut d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -597,12 +597,14 @@ fn a_filter_is_held_to_its_quotas() {
     let keys: Vec<String> =
         redis.cli(&["--scan", "--pattern", "greyhook:chaos/qf*"]).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
     assert!((10..=20).contains(&keys.len()), "{} records written: {keys:?}", keys.len());
-    assert!(d.log_text().contains("write budget"), "the refusal is logged");
+    assert!(d.wait_log("write budget", 10), "the refusal is logged");
     for k in &keys {
         let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
         assert!((1..=86_400).contains(&ttl), "{k}: TTL {ttl}");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The log is written by a background thread: stop the daemon (it
+    // flushes at exit) before counting.
+    assert!(d.terminate(10));
     let log = d.log_text();
     let lines = log.lines().filter(|l| l.contains("chaos flood line")).count();
     assert!(lines <= 3 * 10 + 5, "{lines} filter log lines kept of 30,000");
@@ -680,7 +682,7 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     }
     assert!(failed, "the server kept reading a peer that never reads: {}", d.log_text());
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
-    assert!(d.log_text().contains("does not read its answers"), "{}", d.log_text());
+    assert!(d.wait_log("does not read its answers", 10), "{}", d.log_text());
 }
 
 /// A milter peer that sends commands and never reads the answers is cut
@@ -731,7 +733,7 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
         d.log_text()
     );
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
-    assert!(d.log_text().contains("does not read"), "{}", d.log_text());
+    assert!(d.wait_log("does not read", 10), "{}", d.log_text());
 }
 
 /// A connection to 127.0.0.1:`port` with a small receive buffer (so that

@@ -283,7 +283,7 @@ fn decision_lines_name_the_right_queue_id() {
          [milter]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = 300\n",
         d = dir.path().display()
     );
-    let d = greyhook_with(dir.path(), "serve", &text);
+    let mut d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut m = Mta::connect(port);
     m.negotiate();
@@ -297,7 +297,9 @@ fn decision_lines_name_the_right_queue_id() {
         m.send(b'A', &[]);
     }
     m.send(b'Q', &[]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The log is written by a background thread: stop the daemon (it
+    // flushes at exit) before reading it.
+    assert!(d.terminate(10));
     let log = d.log_text();
     let decisions: Vec<&str> = log.lines().filter(|l| l.contains("greyhook::decision")).collect();
     let rcpts: Vec<&&str> = decisions.iter().filter(|l| l.contains("phase=rcpt")).collect();

@@ -74,8 +74,8 @@ fn default_paths_follow_systemd_directories() {
     assert_eq!(mode & 0o777, 0o600, "control socket mode {:o}", mode & 0o777);
     let out = Command::new(greyhook_bin()).arg("status").env("RUNTIME_DIRECTORY", &run).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("greylist 0.1.0"), "{out:?}");
-    let log = d.log_text();
-    assert!(log.contains(&state.join("greyhook.db").display().to_string()), "the startup log says where the store is:\n{log}");
+    let db = state.join("greyhook.db").display().to_string();
+    assert!(d.wait_log(&db, 10), "the startup log says where the store is:\n{}", d.log_text());
     assert!(d.terminate(10));
     assert!(!sock.exists(), "the daemon removes its control socket on exit");
 }
@@ -526,6 +526,7 @@ fn the_configuration_and_filter_files_are_watched() {
     };
     let mut p = greyhook_with(d, "serve", &text(300));
     wait_for_port(port, 30);
+    assert!(p.wait_log("watching for changes", 10), "{}", p.log_text());
     let log = p.log_text();
     let cfg = d.join("greyhook.toml");
     let line = log.lines().find(|l| l.contains("watching for changes")).unwrap_or_else(|| panic!("{log}"));

@@ -94,6 +94,18 @@ impl Postfix {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
     }
+
+    /// Waits up to 10 s for `what` in Postfix's log (postlogd writes it
+    /// asynchronously); whether it came.
+    fn log_has(&self, what: &str) -> bool {
+        for _ in 0..200 {
+            if self.log().contains(what) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
 }
 
 /// Runs swaks against 127.0.0.1:`port` with `args`; returns its transcript.
@@ -168,6 +180,7 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     assert!(white.contains("queued as"), "a whitelisted client passes at once:\n{white}");
     assert!(!pf.message(&white).contains("X-Greylist"), "and carries no header");
 
+    wait_for_log(&daemon, "action=greylist phase=rcpt client=127.0.0.1");
     let log = daemon.log_text();
     assert!(
         log.contains("action=greylist phase=rcpt client=127.0.0.1")
@@ -176,7 +189,7 @@ fn greylist_through_postfix(root: &Path, listen: &str, policy: &str, extra_confi
     );
     drop(pf);
     assert!(daemon.terminate(10), "clean exit on SIGTERM: {}", daemon.log_text());
-    assert!(daemon.log_text().contains("store flushed; stopped"));
+    assert!(daemon.wait_log("store flushed; stopped", 10));
 }
 
 fn traversable(dir: &Path) {
@@ -312,7 +325,7 @@ fn greyhook_smtp_relays_to_postfix() {
     let msg = pf.message(&second);
     assert!(msg.contains("X-Greylist: delayed"), "{msg}");
     // XCLIENT: Postfix sees the real client, in its log and its own Received line.
-    assert!(pf.log().contains("client=unknown[127.0.0.5]"), "{}", pf.log());
+    assert!(pf.log_has("client=unknown[127.0.0.5]"), "{}", pf.log());
     let postfix_received = msg.lines().find(|l| l.contains("Received: from")).unwrap_or_default().to_string();
     assert!(postfix_received.contains("client.example.org (unknown [127.0.0.5])"), "{msg}");
     // And greyhook's own trace line names the client and its HELO.
@@ -339,8 +352,7 @@ fn greyhook_smtp_falls_back_to_xforward() {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let second = send();
     assert!(second.contains("<-  250 2.0.0 Ok: queued as"), "{second}\n{}", daemon.log_text());
-    let log = pf.log();
-    assert!(log.contains("orig_client=unknown[127.0.0.5]"), "Postfix saw the XFORWARD attributes:\n{log}");
+    assert!(pf.log_has("orig_client=unknown[127.0.0.5]"), "Postfix saw the XFORWARD attributes:\n{}", pf.log());
     let msg = pf.message(&second);
     assert!(msg.contains("Received: from client.example.org (unknown [127.0.0.5])"), "{msg}");
     drop(pf);
@@ -385,7 +397,7 @@ fn the_readme_postfix_lines_greylist_the_null_sender_too() {
     assert!(pf.send("sender@example.org", "user@e2e.test", "127.0.0.1").contains("queued as"));
     let again = pf.send("<>", "user@e2e.test", "127.0.0.1");
     assert!(again.contains("queued as"), "the bounce passes on retry:\n{again}\n{}", daemon.log_text());
-    assert!(daemon.log_text().contains("action=greylist phase=data"), "{}", daemon.log_text());
+    assert!(daemon.wait_log("action=greylist phase=data", 10), "{}", daemon.log_text());
     drop(pf);
     assert!(daemon.terminate(10));
 }

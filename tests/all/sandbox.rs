@@ -183,6 +183,8 @@ fn filter_limits_and_failure_policy_through_the_daemon() {
     // And an ordinary call still works.
     let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "fine@x.example", "i5");
     assert_eq!(a.trim_end(), "action=PREPEND X-Chaos: ok");
+    // The log is written by a background thread: wait for the last call's line.
+    assert!(d.wait_log("forged log line", 10), "{}", d.log_text());
     let log = d.log_text();
     assert!(log.contains("exceeded its deadline of 400ms") && log.contains("chaos: panic at connect"), "{log}");
     // The failure policy's answers are logged as what they are.

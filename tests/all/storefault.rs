@@ -129,14 +129,14 @@ fn a_full_disk_loses_no_records() {
             assert!(Instant::now() < until, "{durability}: status never said degraded: {}\n{}", status(dir.path()), d.log_text());
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(d.log_text().contains("store degraded"), "{}", d.log_text());
+        assert!(d.wait_log("store degraded", 10), "{}", d.log_text());
         std::fs::remove_file(filler).unwrap();
         let until = Instant::now() + Duration::from_secs(15);
         while !status(dir.path()).contains("store=ok") {
             assert!(Instant::now() < until, "{durability}: never recovered: {}\n{}", status(dir.path()), d.log_text());
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(d.log_text().contains("store recovered"), "{}", d.log_text());
+        assert!(d.wait_log("store recovered", 10), "{}", d.log_text());
         assert!(d.terminate(10), "{}", d.log_text());
         // A new process on the same file knows every triplet.
         std::thread::sleep(Duration::from_millis(1100));
