@@ -3,7 +3,7 @@
 //! reloads on file changes, SIGHUP and the control socket.
 //!
 //! Configuration layers, lowest first: built-in defaults, the TOML file
-//! (`--config`, [`config`]), then the command line's flags (`--policy`,
+//! (`--config`, [`DaemonConfig`]), then the command line's flags (`--policy`,
 //! `--db`, `--filter`, `--set`...).
 
 mod config;
