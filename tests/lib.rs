@@ -699,3 +699,20 @@ pub fn assert_delayed(text: &str, min: u64, first_try: std::time::Instant) -> u6
     assert!((min..=max).contains(&n), "delayed {n} seconds; expected {min} to {max}: {text:?}");
     n
 }
+
+/// One milter packet as an MTA sends it: the 4-byte big-endian length of
+/// what follows, the command byte, the data.
+pub fn milter_packet(cmd: u8, data: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(data.len() + 1).expect("a test packet fits a u32 length");
+    let mut p = len.to_be_bytes().to_vec();
+    p.push(cmd);
+    p.extend_from_slice(data);
+    p
+}
+
+/// An MTA's option negotiation packet: protocol version 6, every action
+/// (0x1ff), and the `protocol` flags it offers.
+pub fn milter_optneg(protocol: u32) -> Vec<u8> {
+    let data: Vec<u8> = [6u32, 0x1ff, protocol].iter().flat_map(|v| v.to_be_bytes()).collect();
+    milter_packet(b'O', &data)
+}

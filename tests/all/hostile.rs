@@ -553,11 +553,7 @@ fn stalled_policy_and_milter_peers_do_not_block_others() {
     // A newcomer negotiates at once.
     let mut m = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
     m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut optneg = 13u32.to_be_bytes().to_vec();
-    optneg.push(b'O');
-    for v in [6u32, 0x1ff, 0x1f_ffff] {
-        optneg.extend_from_slice(&v.to_be_bytes());
-    }
+    let optneg = milter_optneg(0x1f_ffff);
     m.write_all(&optneg).unwrap();
     let mut len = [0u8; 4];
     m.read_exact(&mut len).unwrap();
@@ -700,23 +696,13 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = never_reading_peer(port);
-    let packet = |cmd: u8, data: &[u8]| {
-        let mut p = (data.len() as u32 + 1).to_be_bytes().to_vec();
-        p.push(cmd);
-        p.extend_from_slice(data);
-        p
-    };
-    let mut optneg = Vec::new();
-    for v in [6u32, 0x1ff, 0] {
-        optneg.extend_from_slice(&v.to_be_bytes());
-    }
-    s.write_all(&packet(b'O', &optneg)).unwrap();
-    s.write_all(&packet(b'C', b"client.example\x004\x00\x19192.0.2.1\x00")).unwrap();
-    s.write_all(&packet(b'H', b"helo.example\0")).unwrap();
-    s.write_all(&packet(b'M', b"<a@example.org>\0")).unwrap();
+    s.write_all(&milter_optneg(0)).unwrap();
+    s.write_all(&milter_packet(b'C', b"client.example\x004\x00\x19192.0.2.1\x00")).unwrap();
+    s.write_all(&milter_packet(b'H', b"helo.example\0")).unwrap();
+    s.write_all(&milter_packet(b'M', b"<a@example.org>\0")).unwrap();
     // Each recipient is greylisted: a reply several times the size of the
     // request, so the answers pile up fast.
-    let batch: Vec<u8> = (0..1000).flat_map(|_| packet(b'R', b"<u@example.com>\0")).collect();
+    let batch: Vec<u8> = (0..1000).flat_map(|_| milter_packet(b'R', b"<u@example.com>\0")).collect();
     let start = Instant::now();
     let mut failed = None;
     for _ in 0..2000 {

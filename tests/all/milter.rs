@@ -46,10 +46,7 @@ impl Mta {
     }
 
     fn send(&mut self, cmd: u8, data: &[u8]) {
-        let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
-        p.push(cmd);
-        p.extend_from_slice(data);
-        self.0.write_all(&p).unwrap();
+        self.0.write_all(&milter_packet(cmd, data)).unwrap();
     }
 
     /// One reply packet: (command, data); `None` if greyhook closed the
@@ -251,10 +248,7 @@ async fn random_milter_packets_leave_the_service_answering() {
                     let _ = m.0.write_all(&data);
                     break;
                 }
-                let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
-                p.push(cmd);
-                p.extend_from_slice(&data);
-                if m.0.write_all(&p).is_err() {
+                if m.0.write_all(&milter_packet(cmd, &data)).is_err() {
                     break;
                 }
             }

@@ -257,14 +257,7 @@ fn policy_and_milter_hold_new_peers_at_max_connections() {
     third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert!(third.read(&mut b).unwrap() > 0, "served once a slot is free");
 
-    let optneg = {
-        let mut p = 13u32.to_be_bytes().to_vec();
-        p.push(b'O');
-        for v in [6u32, 0x1ff, 0] {
-            p.extend_from_slice(&v.to_be_bytes());
-        }
-        p
-    };
+    let optneg = milter_optneg(0);
     let mut mheld: Vec<std::net::TcpStream> = (0..2)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
@@ -298,24 +291,17 @@ fn milter_max_packet_is_the_configured_one() {
     );
     let mut d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
-    let packet = |cmd: u8, data: &[u8]| {
-        let mut p = (data.len() as u32 + 1).to_be_bytes().to_vec();
-        p.push(cmd);
-        p.extend_from_slice(data);
-        p
-    };
-    let optneg: Vec<u8> = [6u32, 0x1ff, 0].iter().flat_map(|v| v.to_be_bytes()).collect();
     for (size, served) in [(1500usize, true), (4000, false)] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(&packet(b'O', &optneg)).unwrap();
+        s.write_all(&milter_optneg(0)).unwrap();
         let mut len = [0u8; 4];
         s.read_exact(&mut len).unwrap();
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         s.read_exact(&mut body).unwrap();
         let mut helo = vec![b'h'; size];
         helo.push(0);
-        s.write_all(&packet(b'H', &helo)).unwrap();
+        s.write_all(&milter_packet(b'H', &helo)).unwrap();
         let got = s.read(&mut len);
         if served {
             assert_eq!(got.unwrap(), 4, "a {size}-byte packet is answered");
