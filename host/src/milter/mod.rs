@@ -386,9 +386,13 @@ impl PeerDeadlines {
         if self.in_packet() {
             return self.read_deadline;
         }
-        let idle = if self.d.load.stressed() { self.d.stress_idle.min(self.d.idle) } else { self.d.idle };
-        let end = self.since + idle;
+        let end = self.since + self.idle_limit();
         end.min(tokio::time::Instant::now() + Duration::from_secs(1))
+    }
+
+    /// The idle limit now: shorter while the listener is under stress.
+    fn idle_limit(&self) -> Duration {
+        if self.d.load.stressed() { self.d.stress_idle.min(self.d.idle) } else { self.d.idle }
     }
 }
 
@@ -416,12 +420,7 @@ impl tokio::io::AsyncRead for PeerDeadlines {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => {
                         let now = tokio::time::Instant::now();
-                        let over = if this.in_packet() {
-                            now >= this.read_deadline
-                        } else {
-                            let idle = if this.d.load.stressed() { this.d.stress_idle.min(this.d.idle) } else { this.d.idle };
-                            now >= this.since + idle
-                        };
+                        let over = if this.in_packet() { now >= this.read_deadline } else { now >= this.since + this.idle_limit() };
                         if over {
                             let what = if this.in_packet() { "milter peer stalled inside a packet" } else { "milter peer idle" };
                             return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what)));
