@@ -4,29 +4,30 @@
 //! host's file, unchanged.
 #![allow(dead_code, rustdoc::broken_intra_doc_links)]
 
-#[path = "../../host/src/types.rs"]
-pub mod types;
+/// The host's `domain` module (`host/src/domain/`), as the other files
+/// name it (`crate::domain::…`).
+#[path = "../../host/src/domain"]
+pub mod domain {
+    pub mod reply;
+    pub mod retry;
+    pub mod types;
+}
+pub use domain::{reply, retry, types};
 
-#[path = "../../host/src/retry.rs"]
-pub mod retry;
-
-#[path = "../../host/src/reply.rs"]
-pub mod reply;
-
-/// The SMTP front end's wire syntax (`host/src/smtp/wire.rs`).
-#[path = "../../host/src/smtp/wire.rs"]
+/// The SMTP front end's wire syntax (`host/src/frontend/smtp/wire.rs`).
+#[path = "../../host/src/frontend/smtp/wire.rs"]
 pub mod smtp_wire;
 
 /// The policy protocol's request framing and attribute parsing
-/// (`host/src/policy/request.rs`).
-#[path = "../../host/src/policy/request.rs"]
+/// (`host/src/frontend/policy/request.rs`).
+#[path = "../../host/src/frontend/policy/request.rs"]
 pub mod policy_request;
 
 /// The milter packet-boundary tracker behind the milter deadlines
-/// (`host/src/milter/frames.rs`).
-#[path = "../../host/src/milter/frames.rs"]
+/// (`host/src/frontend/milter/frames.rs`).
+#[path = "../../host/src/frontend/milter/frames.rs"]
 pub mod milter_frames;
 
-/// `--set KEY=VALUE` layering over a filter's TOML (`host/src/config.rs`).
-#[path = "../../host/src/config.rs"]
+/// `--set KEY=VALUE` layering over a filter's TOML (`host/src/cli/overrides.rs`).
+#[path = "../../host/src/cli/overrides.rs"]
 pub mod config;

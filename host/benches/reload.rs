@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use greyhook::clock::SystemClock;
 use greyhook::daemon::{Daemon, DaemonConfig, Reconfigure};
-use greyhook::listen::ListenAddr;
+use greyhook::frontend::ListenAddr;
 
 /// The reference filter with a custom section appended: the same filter,
 /// different bytes (so it must be compiled again).
@@ -77,7 +77,7 @@ fn watched(rt: &tokio::runtime::Runtime) -> Vec<Duration> {
     let reconf = Reconfigure { files: vec![cfg_path.clone()], load: Arc::new(move || DaemonConfig::load(&p)) };
     let daemon =
         rt.block_on(Daemon::start(&DaemonConfig::load(&cfg_path).expect("config"), Arc::new(SystemClock), Some(reconf))).expect("daemon");
-    let port = match &daemon.policy_addrs[0] {
+    let port = match &daemon.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
@@ -136,7 +136,7 @@ fn main() {
     let reconf = Reconfigure { files: Vec::new(), load: Arc::new(move || DaemonConfig::load(&p)) };
     let daemon =
         rt.block_on(Daemon::start(&DaemonConfig::load(&cfg_path).expect("config"), Arc::new(SystemClock), Some(reconf))).expect("daemon");
-    let port = match &daemon.policy_addrs[0] {
+    let port = match &daemon.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
@@ -149,14 +149,14 @@ fn main() {
         cold.push(t.elapsed());
     }
     // A file seen before (e.g. after a restart): its artifact from the disk cache.
-    let cache = greyhook::artifact_cache::ArtifactCache::open(&d.join("artifacts")).expect("cache");
+    let cache = greyhook::runtime::artifact_cache::ArtifactCache::open(&d.join("artifacts")).expect("cache");
     let runtime = greyhook::Runtime::new(greyhook::RuntimeConfig::default()).expect("engine");
     let mut disk = Vec::new();
     for i in 0..6 {
         let bytes = variant(100 + i % 2);
         let t = Instant::now();
         let (_, origin) = cache.compile(&runtime, &bytes).expect("compile");
-        if origin == greyhook::artifact_cache::Origin::Cached {
+        if origin == greyhook::runtime::artifact_cache::Origin::Cached {
             disk.push(t.elapsed());
         }
     }

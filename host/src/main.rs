@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use greyhook::clock::{Clock, SystemClock};
-use greyhook::store::{Durability, MemoryStore, RedbStore, Store};
-use greyhook::{FilterOptions, Runtime, RuntimeConfig};
+use greyhook::store::{MemoryStore, Store};
 
 /// greyhook: greylisting for MTAs, with filters as WebAssembly components.
 #[derive(Parser)]
@@ -46,7 +45,7 @@ enum DbCommand {
 /// Opens a store named on the command line: `redb:PATH`, a path, `memory`
 /// or a `redis://` URL.
 fn open_store(spec: &str, prefix: &str) -> Result<Arc<dyn Store>> {
-    let section = greyhook::daemon::StoreSection {
+    let section = greyhook::store::StoreConfig {
         path: Some(spec.strip_prefix("redb:").unwrap_or(spec).to_string()),
         prefix: prefix.to_string(),
         timeout: std::time::Duration::from_secs(5),
@@ -76,7 +75,8 @@ async fn migrate(from: &str, to: &str, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Options `serve` and `smtp` share.
+/// Options every daemon command shares (`serve`, `smtp`, and the front
+/// ends' own commands such as `opensmtpd`).
 #[derive(clap::Args, Clone)]
 struct Common {
     /// The configuration file (TOML; see docs/configuration.md).
@@ -171,38 +171,31 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
-    /// Load and type-check a filter, run its init, and print its name,
-    /// version and imports.
+    /// Load and type-check the filters of the configured chain (or the one
+    /// named), run their init, and print each one's name, version and
+    /// imports.
     Check {
-        /// The filter (.wasm component); the embedded reference filter if omitted.
+        /// The filter (.wasm component), in place of the main filter of
+        /// the chain (the embedded reference filter if none is configured).
         filter: Option<PathBuf>,
-        /// The filter's configuration (TOML).
+        /// The configuration file (TOML; see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Override a key of the filter's configuration (repeatable).
+        /// Override a key of the main filter's configuration (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Replay a scripted SMTP session against a filter and print the replies
-    /// as a client sees them.
+    /// Replay a scripted SMTP session through the configured filter chain
+    /// and print the replies as a client sees them. The store is a fresh
+    /// in-memory one unless `--db` names another.
     Simulate {
         /// The script (plain commands, or JSON events); `-` reads stdin.
         script: PathBuf,
-        /// The filter (.wasm component); the embedded reference filter if omitted.
-        #[arg(long)]
-        filter: Option<PathBuf>,
-        /// The filter's configuration (TOML).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a key of the filter's configuration (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
+        #[command(flatten)]
+        common: Common,
         /// Unix time at which the script starts (default: now).
         #[arg(long)]
         start: Option<u64>,
-        /// A redb file to use as the store (default: a fresh in-memory store).
-        #[arg(long)]
-        db: Option<PathBuf>,
     },
 }
 
@@ -213,21 +206,6 @@ fn read(path: &Path) -> Result<Vec<u8>> {
         return Ok(b);
     }
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn filter_config(config: Option<&Path>, set: &[String]) -> Result<String> {
-    let (text, origin) = match config {
-        Some(p) => (String::from_utf8(read(p)?).with_context(|| format!("{} is not UTF-8", p.display()))?, p.display().to_string()),
-        None => (String::new(), "--set".to_string()),
-    };
-    Ok(greyhook::config::merge_settings(&text, &origin, set)?)
-}
-
-fn filter_bytes(filter: Option<&Path>) -> Result<Vec<u8>> {
-    match filter {
-        Some(p) => read(p),
-        None => Ok(greyhook::REFERENCE_FILTER.to_vec()),
-    }
 }
 
 /// Logs to stderr through a writer thread, so a decision line costs the
@@ -252,6 +230,16 @@ struct Overrides {
     /// `greyhook smtp`: the SMTP listeners (the policy listener is off
     /// unless `--policy` names one).
     smtp: Option<SmtpOverrides>,
+    /// `greyhook NAME` for a front end with a command: only it runs.
+    only: Option<String>,
+}
+
+impl Overrides {
+    /// A tool's (`check`, `simulate`): the chain and store of the file, no
+    /// front end started.
+    fn tool(common: Common) -> Overrides {
+        Overrides { common, policy: Vec::new(), milter: Vec::new(), smtp: None, only: None }
+    }
 }
 
 #[derive(Clone)]
@@ -261,7 +249,7 @@ struct SmtpOverrides {
     lmtp: bool,
 }
 
-fn addrs(flag: &str, list: &[String]) -> Result<Vec<greyhook::listen::ListenAddr>, greyhook::daemon::DaemonError> {
+fn addrs(flag: &str, list: &[String]) -> Result<Vec<greyhook::frontend::ListenAddr>, greyhook::daemon::DaemonError> {
     list.iter().map(|p| p.parse()).collect::<Result<_, _>>().map_err(|e| greyhook::daemon::DaemonError::Invalid(format!("{flag}: {e}")))
 }
 
@@ -285,7 +273,7 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
             cfg.smtp.next_hop = smtp.next_hop.clone();
         }
         if smtp.lmtp {
-            cfg.smtp.next_hop_protocol = greyhook::daemon::HopProtocol::Lmtp;
+            cfg.smtp.next_hop_protocol = greyhook::frontend::smtp::HopProtocol::Lmtp;
         }
     }
     // Naming any listener on the command line names them all: the ones
@@ -293,6 +281,9 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
     if !o.policy.is_empty() || !o.milter.is_empty() {
         cfg.policy.listen = addrs("--policy", &o.policy)?;
         cfg.milter.listen = addrs("--milter", &o.milter)?;
+    }
+    if let Some(name) = &o.only {
+        cfg.only_front_end(name);
     }
     let c = &o.common;
     if c.db.is_some() {
@@ -405,10 +396,10 @@ async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { common, policy, milter } => {
-            return serve(Overrides { common, policy, milter, smtp: None }).await;
+            return serve(Overrides { common, policy, milter, smtp: None, only: None }).await;
         }
         Command::Smtp { common, listen, next_hop, lmtp, policy, milter } => {
-            return serve(Overrides { common, policy, milter, smtp: Some(SmtpOverrides { listen, next_hop, lmtp }) }).await;
+            return serve(Overrides { common, policy, milter, smtp: Some(SmtpOverrides { listen, next_hop, lmtp }), only: None }).await;
         }
         Command::Hint { log, file } => return hint(log, file.as_deref()),
         Command::Reload { control: c } => return control(c, "reload").await,
@@ -426,7 +417,6 @@ async fn run(cli: Cli) -> Result<()> {
         _ => {}
     }
     let _log = init_logging("warn");
-    let runtime = Runtime::new(RuntimeConfig::default())?;
     match cli.command {
         Command::Serve { .. }
         | Command::Smtp { .. }
@@ -437,41 +427,68 @@ async fn run(cli: Cli) -> Result<()> {
             unreachable!("handled above")
         }
         Command::Check { filter, config, set } => {
-            let name = filter.as_ref().map_or("the reference filter".to_string(), |p| p.display().to_string());
-            let bytes = filter_bytes(filter.as_deref())?;
-            let options = FilterOptions { config: filter_config(config.as_deref(), &set)?, ..FilterOptions::default() };
-            let f = runtime.load(&bytes, options, Arc::new(MemoryStore::new())).await.with_context(|| format!("{name} is refused"))?;
-            println!("ok: {name}");
-            println!("name: {}", f.info().name);
-            println!("version: {}", f.info().version);
-            println!("world: greyhook:filter/filter@0.1.0");
-            println!("imports:");
-            for i in f.imports() {
-                let note = if i.starts_with("greyhook:") { "" } else { "  (linked empty: no capability granted)" };
-                println!("  {i}{note}");
+            let common = Common { config, db: Some("memory".into()), filter, set, log: None, control: None };
+            let cfg = load_config(common.config.clone().as_deref(), &Overrides::tool(common))?;
+            let loaded = greyhook::daemon::load_chain(&cfg, Arc::new(MemoryStore::new()), None).await?;
+            for r in &loaded.reloaders {
+                let f = r.filter();
+                let name = f.info().name.clone();
+                println!("ok: {name}");
+                println!("name: {name}");
+                println!("version: {}", f.info().version);
+                println!("namespace: {}", f.options().namespace);
+                println!("world: greyhook:filter/filter@0.1.0");
+                println!("imports:");
+                for i in f.imports() {
+                    let note = if i.starts_with("greyhook:") { "" } else { "  (linked empty: no capability granted)" };
+                    println!("  {i}{note}");
+                }
             }
         }
-        Command::Simulate { script, filter, config, set, start, db } => {
-            let bytes = filter_bytes(filter.as_deref())?;
-            let store: Arc<dyn Store> = match db {
-                Some(p) => Arc::new(RedbStore::open(&p, Durability::Immediate)?),
-                None => Arc::new(MemoryStore::new()),
-            };
-            let options = FilterOptions { config: filter_config(config.as_deref(), &set)?, ..FilterOptions::default() };
-            let f = runtime.load(&bytes, options, store).await.context("the filter is refused")?;
+        Command::Simulate { script, mut common, start } => {
+            // A simulation never touches the daemon's store unless told to.
+            common.db.get_or_insert_with(|| "memory".into());
+            let cfg = load_config(common.config.clone().as_deref(), &Overrides::tool(common))?;
+            let store = cfg.store.open().context("cannot open the store")?;
+            let loaded = greyhook::daemon::load_chain(&cfg, store.clone(), None).await.context("the filter chain is refused")?;
             let text = String::from_utf8(read(&script)?).context("the script is not UTF-8")?;
-            let events = greyhook::simulate::parse_script(&text)?;
+            let events = greyhook::cli::simulate::parse_script(&text)?;
             let start = start.unwrap_or_else(|| SystemClock.now());
-            for line in greyhook::simulate::run(&f, &events, start).await? {
+            for line in greyhook::cli::simulate::run(&loaded.chain(), &events, start).await? {
                 println!("{line}");
             }
+            store.flush().await?;
         }
     }
     Ok(())
 }
 
+/// What the command line asks for: one of the commands above, or a front
+/// end's own command (`greyhook opensmtpd`), which the front ends declare
+/// (`greyhook::frontend::commands`), not this file.
+enum Invocation {
+    Cli(Cli),
+    FrontEnd(String, Common),
+}
+
+fn parse_command_line() -> Invocation {
+    let mut cmd = Cli::command();
+    let front_ends = greyhook::frontend::commands();
+    for (name, about) in &front_ends {
+        cmd = cmd.subcommand(Common::augment_args(clap::Command::new(*name).about(*about)));
+    }
+    let matches = cmd.get_matches();
+    let parsed = match matches.subcommand() {
+        Some((name, sub)) if front_ends.iter().any(|(n, _)| *n == name) => {
+            Common::from_arg_matches(sub).map(|c| Invocation::FrontEnd(name.to_string(), c))
+        }
+        _ => Cli::from_arg_matches(&matches).map(Invocation::Cli),
+    };
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let invocation = parse_command_line();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -479,7 +496,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = match invocation {
+        Invocation::Cli(cli) => rt.block_on(run(cli)),
+        Invocation::FrontEnd(name, common) => {
+            rt.block_on(serve(Overrides { common, policy: Vec::new(), milter: Vec::new(), smtp: None, only: Some(name) }))
+        }
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("greyhook: {e:#}");

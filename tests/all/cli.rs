@@ -29,7 +29,7 @@ fn check_prints_name_version_and_imports() {
     assert!(!ok && err.contains("not a WebAssembly file"), "{err}");
 
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "delay = 300\ncolour = \"grey\"\n").unwrap();
+    std::fs::write(&cfg, "[filter.config]\ndelay = 300\ncolour = \"grey\"\n").unwrap();
     let (ok, _, err) = greyhook(&["check", "--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("colour"), "{err}");
     let (ok, _, err) = greyhook(&["check", "--set", "delay=soon"]);

@@ -327,7 +327,7 @@ async fn seed_000_retry_pays_one_delay_not_two() {
     let v = c.rcpt("two@example.com").await;
     assert_eq!(retry(&v), Some(0));
     assert_eq!(v.policy_group.as_deref(), Some("strict"));
-    assert_eq!(greyhook::audit::action(&v), "policy-group");
+    assert_eq!(greyhook::session::audit::action(&v), "policy-group");
     // Retried at once in a new transaction: the record started 0 s ago.
     c.mail("jqpublic@mail.example.com").await;
     assert_eq!(retry(&c.rcpt("two@example.com").await), Some(600));

@@ -741,3 +741,29 @@ fn never_reading_peer(port: u16) -> std::net::TcpStream {
     s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     s
 }
+
+/// `max_errors`: bad commands are answered, and the one that reaches the
+/// limit closes the connection with `421` (a client probing syntax cannot
+/// keep a slot); the default (20) lets the same client go on.
+#[test]
+fn bad_commands_close_the_session_at_max_errors() {
+    let sink = Sink::start();
+    for (smtp, closes_after) in [("max_errors = 3", Some(3)), ("", None)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+        let mut c = Raw::over(connect_from("127.0.0.12", port));
+        assert!(c.reply().starts_with("220"));
+        for i in 1..=5 {
+            let r = c.send("FROBNICATE");
+            if Some(i) == closes_after {
+                assert!(r.starts_with("421 4.7.0"), "[smtp] {smtp:?}: bad command {i}: {r}");
+                assert!(c.closed(), "[smtp] {smtp:?}: closed after the limit");
+                break;
+            }
+            assert!(r.starts_with("5"), "[smtp] {smtp:?}: bad command {i}: {r}");
+        }
+        if closes_after.is_none() {
+            assert!(c.send("NOOP").starts_with("250"), "the session goes on under the default");
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod farm;
 mod greylist;
 mod hostile;
 mod milter;
+mod opensmtpd;
 mod options;
 mod policy;
 mod postfix;

@@ -9,22 +9,30 @@ use std::time::Duration;
 
 use greyhook::clock::ManualClock;
 use greyhook::daemon::{Daemon, DaemonConfig};
-use greyhook::listen::ListenAddr;
+use greyhook::frontend::ListenAddr;
 use greyhook_tests::*;
 
 async fn start(filter_config: &str) -> (Daemon, u16, tempfile::TempDir) {
+    let (d, port, dir, _) = start_with(filter_config, "").await;
+    (d, port, dir)
+}
+
+/// A daemon with one milter listener, `milter` added to its table, and
+/// the clock it hands the filters.
+async fn start_with(filter_config: &str, milter: &str) -> (Daemon, u16, tempfile::TempDir, Arc<ManualClock>) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"2s\"\n[filter.config]\n{filter_config}\n",
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"2s\"\n{milter}\n[filter.config]\n{filter_config}\n",
         dir.path().display()
     );
     let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
-    let d = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
-    let port = match &d.milter_addrs[0] {
+    let clock = Arc::new(ManualClock::new(T0));
+    let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
+    let port = match &d.endpoints("milter")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
-    (d, port, dir)
+    (d, port, dir, clock)
 }
 
 trait Stream: Read + Write + Send {}
@@ -303,5 +311,41 @@ fn decision_lines_name_the_right_queue_id() {
     }
     for line in decisions.iter().filter(|l| l.contains("phase=mail")) {
         assert!(!line.contains("session=QUEUE"), "a MAIL line names an earlier message: {line}");
+    }
+}
+
+/// `max_headers`: only so many headers of a message are looked at. The
+/// null sender is greylisted at end of message keyed on its Message-ID;
+/// with `max_headers = 1` a Message-ID in second place is not seen, the
+/// key falls back to the recipients, and a second bounce to the same
+/// recipient passes as the first did (by default it is a new triplet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_headers_bounds_the_headers_looked_at() {
+    for (milter, second_is_new) in [("", true), ("max_headers = 1", false)] {
+        let (daemon, port, _dir, clock) = start_with("delay = 300\n", milter).await;
+        tokio::task::spawn_blocking(move || {
+            let bounce = |message_id: &str| {
+                let mut m = Mta::connect(port);
+                m.negotiate();
+                m.connect_from("192.0.2.40");
+                m.ask(b'H', &nul("client.example.org"));
+                assert_eq!(m.ask(b'M', &nul("<>")).0, b'c');
+                assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c', "the null sender passes RCPT");
+                assert_eq!(m.ask(b'L', &[nul("Subject"), nul("bounce")].concat()).0, b'c');
+                assert_eq!(m.ask(b'L', &[nul("Message-ID"), nul(message_id)].concat()).0, b'c');
+                assert_eq!(m.ask(b'N', &[]).0, b'c');
+                m.send(b'E', &[]);
+                let (c, _) = m.reply().expect("an answer at end of message");
+                c
+            };
+            assert_eq!(bounce("<one@example.org>"), b'y', "[milter] {milter}: first sight");
+            clock.advance(301);
+            assert_eq!(bounce("<one@example.org>"), b'h', "[milter] {milter}: the retry passes (header added)");
+            let second = bounce("<two@example.org>");
+            assert_eq!(second == b'y', second_is_new, "[milter] {milter}: a second bounce, another Message-ID");
+        })
+        .await
+        .unwrap();
+        daemon.stop().await;
     }
 }

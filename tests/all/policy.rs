@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use greyhook::clock::ManualClock;
 use greyhook::daemon::{Daemon, DaemonConfig};
-use greyhook::listen::ListenAddr;
+use greyhook::frontend::ListenAddr;
 use greyhook_tests::*;
 
 /// The exact request a Postfix 3.7.11 smtpd sent at RCPT (a copy of shared/data/).
@@ -92,7 +92,7 @@ async fn daemon(filter_config: &str, policy: &str) -> (Daemon, Arc<ManualClock>,
     let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
     let clock = Arc::new(ManualClock::new(T0));
     let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
-    let port = match &d.policy_addrs[0] {
+    let port = match &d.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
@@ -326,7 +326,7 @@ async fn in_a_chain_the_first_policy_group_wins() {
     );
     let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
     let d = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
-    let port = match &d.policy_addrs[0] {
+    let port = match &d.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
@@ -368,4 +368,33 @@ async fn seed_000_sent_away_recipient_pays_one_delay() {
     .await
     .unwrap();
     d.stop().await;
+}
+
+/// `max_transactions` and `transaction_ttl`: Postfix sends one recipient
+/// per request, so a session's accepted recipients (and their policy
+/// groups) are kept between requests, within both limits. Past either, the
+/// transaction is forgotten: the next recipient is the first again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_kept_within_max_transactions_and_transaction_ttl() {
+    let cfg = "whitelist_clients = [\"127.0.0.0/8\"]\n[[filter.config.policy]]\nname = \"strict\"\nrecipients = [\"two@e2e.test\"]\n";
+    let sent_away =
+        "451 4.7.1 This recipient has a different policy than the first one; please retry it in a new transaction retry=00:00:00";
+    for (policy, forgotten) in [("", false), ("max_transactions = 1\n", true), ("transaction_ttl = \"1s\"\n", true)] {
+        let (d, _clock, port) = daemon(cfg, policy).await;
+        tokio::task::spawn_blocking(move || {
+            let mut c = Conn::open(port);
+            assert_eq!(c.ask(&[("recipient", "one@e2e.test"), ("instance", "i1")]), "DUNNO");
+            // Another session's transaction, then a pause longer than 1 s.
+            assert_eq!(c.ask(&[("recipient", "one@e2e.test"), ("instance", "other")]), "DUNNO");
+            std::thread::sleep(Duration::from_millis(1300));
+            let answer = c.ask(&[("recipient", "two@e2e.test"), ("instance", "i1")]);
+            match forgotten {
+                false => assert_eq!(answer, sent_away, "[policy] {policy:?}"),
+                true => assert_eq!(answer, "DUNNO", "[policy] {policy:?}: the transaction of i1 is forgotten"),
+            }
+        })
+        .await
+        .unwrap();
+        d.stop().await;
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use greyhook::clock::ManualClock;
 use greyhook::daemon::{Daemon, DaemonConfig, Reconfigure};
-use greyhook::listen::ListenAddr;
+use greyhook::frontend::ListenAddr;
 use greyhook_tests::*;
 
 fn ask(c: &mut (TcpStream, BufReader<TcpStream>), sender: &str) -> String {
@@ -57,7 +57,7 @@ async fn start(dir: &Path, clock: Arc<ManualClock>, watch: bool) -> (Daemon, u16
     let files = if watch { vec![cfg_path] } else { Vec::new() };
     let reconfigure = Reconfigure { files, load: Arc::new(load) };
     let d = Daemon::start(&cfg, clock, Some(reconfigure)).await.unwrap();
-    let port = match &d.policy_addrs[0] {
+    let port = match &d.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
@@ -490,7 +490,7 @@ async fn the_stack_cap_is_per_filter() {
 /// second trip of the same version refuses it twice as long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_needs_half_the_calls_and_doubles_its_backoff() {
-    use greyhook::reload::{BreakerConfig, FilterSource, Reloader};
+    use greyhook::runtime::reload::{BreakerConfig, FilterSource, Reloader};
     let dir = tempfile::tempdir().unwrap();
     let chaos = dir.path().join("chaos.wasm");
     std::fs::write(&chaos, CHAOS_FILTER).unwrap();

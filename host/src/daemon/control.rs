@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::listen::Listener;
+use crate::frontend::listen::Listener;
 
 /// The control socket: one command a connection (`reload` or `status`),
 /// one line back.

@@ -1,6 +1,7 @@
-//! `greyhook serve` and `greyhook smtp`: the daemon that loads the filter
-//! chain, opens the store, runs the front ends (policy, milter, SMTP), and
-//! reloads on file changes, SIGHUP and the control socket.
+//! The daemon behind `greyhook serve`, `greyhook smtp` and every front
+//! end's command: it loads the filter chain, opens the store, starts the
+//! front ends the configuration turns on (see [`crate::frontend`]), and
+//! reloads the chain on file changes, SIGHUP and the control socket.
 //!
 //! Configuration layers, lowest first: built-in defaults, the TOML file
 //! (`--config`, [`DaemonConfig`]), then the command line's flags (`--policy`,
@@ -20,15 +21,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::artifact_cache::ArtifactCache;
-use crate::chain::Chain;
-use crate::clock::Clock;
-use crate::engine::{FilterOptions, Limits, Runtime, RuntimeConfig};
-use crate::listen::{ListenAddr, Listener, UnixPerms};
-use crate::policy::PolicyServer;
-use crate::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
-use crate::session::Hooks;
-use crate::store::Store;
+use futures::future::BoxFuture;
+
+use crate::domain::clock::Clock;
+use crate::frontend::listen::{ListenAddr, Listener, UnixPerms};
+use crate::frontend::{FrontEnd, Hooks};
+use crate::runtime::Chain;
+use crate::runtime::artifact_cache::ArtifactCache;
+use crate::runtime::reload::{BreakerConfig, FilterSource, ReloadError, ReloadOutcome, Reloader};
+use crate::runtime::{FilterOptions, Limits, Runtime, RuntimeConfig};
+use crate::store::{Store, StoreConfig};
 
 /// How the daemon rereads its configuration at a reload: the files to
 /// watch, and a function that reads them again (with the command line's
@@ -66,15 +68,7 @@ fn filter_specs(config: &DaemonConfig) -> Result<Vec<FilterSpec>, DaemonError> {
     Ok(specs)
 }
 
-/// A store URL for the log, without a password (`redis://:secret@host`).
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
-        _ => url.to_string(),
-    }
-}
-
-fn filter_spec(f: &FilterSection) -> Result<FilterSpec, DaemonError> {
+fn filter_spec(f: &FilterConfig) -> Result<FilterSpec, DaemonError> {
     let memory = f
         .memory_mib
         .checked_shl(20)
@@ -145,15 +139,38 @@ impl std::fmt::Display for ReloadReport {
 /// change of any field changes the text; the sections have no `PartialEq`
 /// because some hold types without one).
 fn fixed_tables(c: &DaemonConfig) -> Vec<(&'static str, String)> {
-    vec![
-        ("store", format!("{:?}", c.store)),
-        ("policy", format!("{:?}", c.policy)),
-        ("milter", format!("{:?}", c.milter)),
-        ("smtp", format!("{:?}", c.smtp)),
-        ("control", format!("{:?}", c.control)),
-        ("log", format!("{:?}", c.log)),
-    ]
+    let mut t = vec![("store", format!("{:?}", c.store)), ("control", format!("{:?}", c.control)), ("log", format!("{:?}", c.log))];
+    t.extend(c.front_end_tables());
+    t
 }
+
+/// A front end started: its name, where it listens, and its serving task.
+struct Started {
+    name: &'static str,
+    endpoints: Vec<ListenAddr>,
+    serve: BoxFuture<'static, ()>,
+}
+
+macro_rules! start_front_ends {
+    ($($table:ident => $front_end:ty,)*) => {
+        /// Starts every front end the configuration turns on.
+        async fn start_front_ends(config: &DaemonConfig, hooks: &Hooks, shutdown: &CancellationToken) -> Result<Vec<Started>, DaemonError> {
+            let mut started = Vec::new();
+            $(
+                if <$front_end as FrontEnd>::enabled(&config.$table) {
+                    let f = <$front_end as FrontEnd>::start(&config.$table).await?;
+                    started.push(Started {
+                        name: <$front_end as FrontEnd>::NAME,
+                        endpoints: f.endpoints(),
+                        serve: Box::pin(f.serve(hooks.clone(), shutdown.clone())),
+                    });
+                }
+            )*
+            Ok(started)
+        }
+    };
+}
+crate::frontend::front_ends!(start_front_ends);
 
 impl Shared {
     /// Reloads every filter of the chain (an unchanged one is left alone);
@@ -201,14 +218,61 @@ impl Shared {
     }
 }
 
-/// A running daemon: its listeners' addresses and the handle to stop it.
+/// The chain's filters, loaded, each behind its [`Reloader`].
+pub struct Loaded {
+    /// One per filter, in chain order.
+    pub reloaders: Vec<Reloader>,
+    /// Each filter's Wasm stack cap (fixed until a restart).
+    stacks: Vec<usize>,
+    /// The filter files (to watch for changes).
+    files: Vec<PathBuf>,
+}
+
+impl Loaded {
+    /// The chain of these filters, following their reloads.
+    pub fn chain(&self) -> Chain {
+        Chain::new(self.reloaders.iter().map(Reloader::slot).collect())
+    }
+}
+
+/// Loads the configured chain (`[filter]` or `[[filters]]`, with their
+/// limits) on `store`: what the daemon serves, and what `greyhook
+/// simulate` and `greyhook check` run.
+pub async fn load_chain(config: &DaemonConfig, store: Arc<dyn Store>, cache: Option<ArtifactCache>) -> Result<Loaded, DaemonError> {
+    let specs = filter_specs(config)?;
+    let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
+    // wasmtime caps the stack per engine: one runtime per distinct cap
+    // (usually one for the whole chain).
+    let mut runtimes: Vec<(usize, Runtime)> = Vec::new();
+    for s in &specs {
+        if !runtimes.iter().any(|(stack, _)| *stack == s.stack) {
+            let rc = RuntimeConfig { max_memory, max_stack: s.stack, ..RuntimeConfig::default() };
+            runtimes.push((s.stack, Runtime::new(rc)?));
+        }
+    }
+    let (mut reloaders, mut stacks, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    for FilterSpec { source, options, stack } in specs {
+        if let FilterSource::File(p) = &source {
+            files.push(p.clone());
+        }
+        let runtime = runtimes.iter().find(|(s, _)| *s == stack).map(|(_, r)| r.clone()).unwrap_or_else(|| unreachable!("built above"));
+        stacks.push(stack);
+        let reloader = Reloader::start(runtime, store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
+            ReloadError::Load(l) => DaemonError::Load(l),
+            ReloadError::Read { path, error } => DaemonError::FilterFile { path, error },
+            other => DaemonError::Invalid(other.to_string()),
+        })?;
+        let info = reloader.filter().info().clone();
+        tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().options().namespace, "filter loaded");
+        reloaders.push(reloader);
+    }
+    Ok(Loaded { reloaders, stacks, files })
+}
+
+/// A running daemon: where its front ends listen and the handle to stop it.
 pub struct Daemon {
-    /// The policy listeners' bound addresses.
-    pub policy_addrs: Vec<ListenAddr>,
-    /// The milter listeners' bound addresses.
-    pub milter_addrs: Vec<ListenAddr>,
-    /// The SMTP front end's bound addresses.
-    pub smtp_addrs: Vec<ListenAddr>,
+    /// Each running front end's name and the addresses it is bound to.
+    endpoints: Vec<(&'static str, Vec<ListenAddr>)>,
     /// The control socket's path.
     pub control_path: PathBuf,
     shared: Arc<Shared>,
@@ -221,24 +285,10 @@ impl Daemon {
     /// serving in the background, with reloads on file changes and on the
     /// control socket.
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
-        let specs = filter_specs(config)?;
         let chain_sections = config.chain()?;
-        let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
-        // wasmtime caps the stack per engine: one runtime per distinct cap
-        // (usually one for the whole chain).
-        let mut runtimes: Vec<(usize, Runtime)> = Vec::new();
-        for s in &specs {
-            if !runtimes.iter().any(|(stack, _)| *stack == s.stack) {
-                let rc = RuntimeConfig { max_memory, max_stack: s.stack, ..RuntimeConfig::default() };
-                runtimes.push((s.stack, Runtime::new(rc)?));
-            }
-        }
         let db_path = config.store.redb_path();
         let store = config.store.open()?;
-        match &db_path {
-            Some(p) => tracing::info!(durability = ?config.store.durability, "store: redb file {}", p.display()),
-            None => tracing::info!("store: {}", config.store.path.as_deref().map(redact_url).unwrap_or_default()),
-        }
+        tracing::info!("store: {}", config.store.describe());
         let cache_dir = chain_sections
             .iter()
             .find_map(|f| f.cache_dir.clone())
@@ -253,70 +303,41 @@ impl Daemon {
             },
             None => None,
         };
-        let mut reloaders = Vec::new();
+        let Loaded { reloaders, stacks, files } = load_chain(config, store.clone(), cache).await?;
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
-        let mut stacks = Vec::new();
-        for FilterSpec { source, options, stack } in specs {
-            if let FilterSource::File(p) = &source {
-                watched.push(p.clone());
-            }
-            let runtime = runtimes.iter().find(|(s, _)| *s == stack).map(|(_, r)| r.clone()).unwrap_or_else(|| unreachable!("built above"));
-            stacks.push(stack);
-            let reloader = Reloader::start(runtime, store.clone(), source, options, cache.clone()).await.map_err(|e| match e {
-                ReloadError::Load(l) => DaemonError::Load(l),
-                ReloadError::Read { path, error } => DaemonError::FilterFile { path, error },
-                other => DaemonError::Invalid(other.to_string()),
-            })?;
-            let info = reloader.filter().info().clone();
-            tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().options().namespace, "filter loaded");
-            reloaders.push(reloader);
-        }
+        watched.extend(files);
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
-        let hooks = Hooks { chain: chain.clone(), clock: clock.clone() };
-        let server = Arc::new(PolicyServer::new(chain, clock.clone(), config.policy_config()?));
-        let (milter_config, milter_perms) = config.milter_config()?;
-        let smtp_config = config.smtp_config()?;
-        if config.policy.listen.is_empty() && config.milter.listen.is_empty() && smtp_config.is_none() {
+        let hooks = Hooks { chain, clock: clock.clone() };
+        let shutdown = CancellationToken::new();
+        let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
+        if front_ends.is_empty() {
             return Err(DaemonError::Invalid("nothing to listen on: give policy.listen, milter.listen or smtp.listen".into()));
         }
-        let perms = config.unix_perms()?;
-        let mut listeners = Vec::new();
-        for a in &config.policy.listen {
-            let l = Listener::bind(a, &perms).await?;
-            tracing::info!("policy service listening on {}", l.local_addr());
-            listeners.push(l);
-        }
-        let mut milters = Vec::new();
-        for a in &config.milter.listen {
-            let l = Listener::bind(a, &milter_perms).await?.quickack();
-            tracing::info!("milter service listening on {}", l.local_addr());
-            milters.push(l);
-        }
-        let mut smtps = Vec::new();
-        for a in &config.smtp.listen {
-            let l = Listener::bind(a, &UnixPerms::default()).await?;
-            tracing::info!("SMTP front end listening on {}", l.local_addr());
-            smtps.push(l);
+        for f in &front_ends {
+            let at: Vec<String> = f.endpoints.iter().map(ToString::to_string).collect();
+            match at.is_empty() {
+                true => tracing::info!("{} front end started", f.name),
+                false => tracing::info!("{} front end listening on {}", f.name, at.join(", ")),
+            }
         }
         let control_path = config.control.socket.clone().map_or_else(default_control_path, PathBuf::from);
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
-        let policy_addrs = listeners.iter().map(Listener::local_addr).collect();
-        let milter_addrs = milters.iter().map(Listener::local_addr).collect();
-        let smtp_addrs = smtps.iter().map(Listener::local_addr).collect();
-        let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared { reloaders, fixed: fixed_tables(config), stacks, store: store.clone(), reconfigure });
-        let mut tasks: Vec<_> =
-            listeners.into_iter().map(|l| tokio::spawn(crate::policy::serve(l, server.clone(), shutdown.clone()))).collect();
-        for l in milters {
-            tasks.push(tokio::spawn(crate::milter::serve(l, hooks.clone(), milter_config.clone(), shutdown.clone())));
-        }
-        if let Some(c) = smtp_config {
-            let c = Arc::new(c);
-            for l in smtps {
-                tasks.push(tokio::spawn(crate::smtp::serve(l, hooks.clone(), c.clone(), shutdown.clone())));
-            }
+        let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
+        let mut tasks = Vec::new();
+        for f in front_ends {
+            // A front end that ends by itself (its MTA closed the pipe)
+            // ends the daemon; a listener ends only at shutdown.
+            let (name, stop) = (f.name, shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                f.serve.await;
+                if !stop.is_cancelled() {
+                    tracing::info!("the {name} front end ended: stopping");
+                    stop.cancel();
+                }
+            }));
         }
         tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
@@ -347,7 +368,13 @@ impl Daemon {
                 Err(e) => tracing::error!("flushing the store at shutdown failed: {e}"),
             }
         });
-        Ok(Daemon { policy_addrs, milter_addrs, smtp_addrs, control_path, shared, shutdown, done })
+        Ok(Daemon { endpoints, control_path, shared, shutdown, done })
+    }
+
+    /// The addresses front end `name` (`policy`, `milter`, `smtp`...) is
+    /// bound to; empty if it does not run or does not listen.
+    pub fn endpoints(&self, name: &str) -> Vec<ListenAddr> {
+        self.endpoints.iter().find(|(n, _)| *n == name).map(|(_, e)| e.clone()).unwrap_or_default()
     }
 
     /// Reloads the filter (rereading the configuration, if the daemon was
@@ -358,12 +385,12 @@ impl Daemon {
     }
 
     /// The last filter of the chain, as serving now.
-    pub fn filter(&self) -> Arc<crate::engine::Filter> {
+    pub fn filter(&self) -> Arc<crate::runtime::Filter> {
         self.shared.reloaders.last().map(Reloader::filter).unwrap_or_else(|| unreachable!("a chain has at least one filter"))
     }
 
     /// Every filter of the chain, in order, as serving now.
-    pub fn filters(&self) -> Vec<Arc<crate::engine::Filter>> {
+    pub fn filters(&self) -> Vec<Arc<crate::runtime::Filter>> {
         self.shared.reloaders.iter().map(Reloader::filter).collect()
     }
 
@@ -400,7 +427,7 @@ impl ReloadHandle {
     }
 }
 
-async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreSection, shutdown: CancellationToken) {
+async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreConfig, shutdown: CancellationToken) {
     let mut sweep = tokio::time::interval(cfg.sweep_interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::reload::BreakerConfig;
+use crate::runtime::reload::BreakerConfig;
 
 /// Watches `files` (through their directories, so an atomic rename into
 /// place is seen) and reloads, debounced, when one changes.

@@ -98,3 +98,8 @@ impl Store for MemoryStore {
         Ok(Page { entries, next })
     }
 }
+
+/// Opens the `memory` backend (see [`super::BACKENDS`]).
+pub(super) fn open(_path: &str, _config: &super::StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(std::sync::Arc::new(MemoryStore::new()))
+}

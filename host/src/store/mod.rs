@@ -4,8 +4,11 @@
 //! Backends: [`MemoryStore`] (tests, throwaway runs), [`RedbStore`] (the
 //! embedded default, one file) and [`RedisStore`] (shared by the MX hosts
 //! of a farm). The trait is async so that a networked backend waits on the
-//! network without blocking the runtime; adding one means adding a module
-//! here and nothing in the engine.
+//! network without blocking the runtime.
+//!
+//! **Adding a backend** is one module here and one line in [`BACKENDS`]:
+//! the URL schemes it answers to in `[store] path` (or `--db`) and how it
+//! opens from the `[store]` table ([`StoreConfig`]).
 //!
 //! Time is given by the caller (`now`, Unix seconds), never read here, so the
 //! expiry of records follows the same injected clock as the filter.
@@ -17,6 +20,10 @@ mod redis;
 pub use self::memory::MemoryStore;
 pub use self::redb::{Durability, RedbStore};
 pub use self::redis::{RedisConfig, RedisStore};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -141,4 +148,121 @@ pub struct Page {
     pub entries: Vec<(String, Entry)>,
     /// Where the next page starts; `None` at the end.
     pub next: Option<String>,
+}
+
+/// A store backend: the `[store] path` forms it answers to, and how it
+/// opens from the `[store]` table.
+pub struct Backend {
+    /// Its name in the log.
+    pub name: &'static str,
+    /// The prefixes of `path` it answers to (`redis://`, `memory`).
+    pub schemes: &'static [&'static str],
+    /// Opens it; `path` is the whole `[store] path`.
+    pub open: OpenFn,
+}
+
+/// How a [`Backend`] opens: the whole `[store] path` and the table.
+pub type OpenFn = fn(path: &str, config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>;
+
+/// Every backend but the default (a redb file: any `path` no scheme here
+/// matches), in the order they are tried.
+pub const BACKENDS: &[Backend] = &[
+    Backend { name: "memory", schemes: &["memory"], open: memory::open },
+    Backend {
+        name: "redis",
+        schemes: &["redis://", "rediss://", "redis+unix://", "redis+cluster://", "redis+sentinel://"],
+        open: redis::open,
+    },
+];
+
+/// The `[store]` table: which backend and its settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The redb file (default: [`default_db_path`]), `memory` for a store
+    /// that is lost on exit, or a `redis://` URL (see [`BACKENDS`]).
+    pub path: Option<String>,
+    /// How often expired records are swept.
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub sweep_interval: Duration,
+    /// redb: `periodic` (written and fsynced every second) or `immediate`
+    /// (every write).
+    pub durability: Durability,
+    /// Redis: put before every key (several deployments on one server).
+    pub prefix: String,
+    /// Redis: the bound of every store call (1 ms to 30 s).
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let r = RedisConfig::new("");
+        StoreConfig {
+            path: None,
+            durability: Durability::Periodic,
+            sweep_interval: Duration::from_secs(60),
+            prefix: r.prefix,
+            timeout: r.timeout,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Opens the store this table names: the backend whose scheme `path`
+    /// starts with, else a redb file (the default path if unset).
+    pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
+        let path = self.path.as_deref().unwrap_or_default();
+        if let Some(b) = self.backend() {
+            return (b.open)(path, self);
+        }
+        if path.contains("://") {
+            return Err(StoreError::Open { path: path.to_string(), reason: "unknown scheme: a file, \"memory\" or a redis:// URL".into() });
+        }
+        Ok(Arc::new(RedbStore::open(&self.redb_path().unwrap_or_else(default_db_path), self.durability)?))
+    }
+
+    /// The backend `path` names, `None` for a redb file.
+    pub fn backend(&self) -> Option<&'static Backend> {
+        let path = self.path.as_deref()?;
+        BACKENDS.iter().find(|b| b.schemes.iter().any(|s| path.starts_with(s)))
+    }
+
+    /// The redb file, if the store is one: anything no backend claims.
+    pub fn redb_path(&self) -> Option<PathBuf> {
+        match self.path.as_deref() {
+            _ if self.backend().is_some() => None,
+            Some(u) if u.contains("://") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(default_db_path()),
+        }
+    }
+
+    /// `path` for the log, without a password (`redis://:secret@host`).
+    pub fn describe(&self) -> String {
+        match self.redb_path() {
+            Some(p) => format!("redb file {} (durability {:?})", p.display(), self.durability),
+            None => {
+                let url = self.path.as_deref().unwrap_or_default();
+                match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+                    _ => url.to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// Where the store lives by default: `$STATE_DIRECTORY` (systemd's
+/// `StateDirectory=`), else `/var/lib/greyhook` when it can be created
+/// (root), else `$XDG_STATE_HOME/greyhook` or `~/.local/state/greyhook`.
+pub fn default_db_path() -> PathBuf {
+    if let Some(p) = crate::settings::systemd_or_system("STATE_DIRECTORY", "/var/lib/greyhook", "greyhook.db") {
+        return p;
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    state.join("greyhook").join("greyhook.db")
 }

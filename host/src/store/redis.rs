@@ -521,3 +521,12 @@ impl RedisStore {
         }
     }
 }
+
+/// Opens the Redis backend from the `[store]` table (see [`super::BACKENDS`]).
+pub(super) fn open(url: &str, config: &super::StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if config.timeout.is_zero() || config.timeout > Duration::from_secs(30) {
+        return Err(StoreError::Open { path: url.to_string(), reason: "store.timeout must be between 1ms and 30s".into() });
+    }
+    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout };
+    Ok(std::sync::Arc::new(RedisStore::open(c)?))
+}

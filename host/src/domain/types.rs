@@ -1,5 +1,5 @@
 //! The host-side view of the filter contract: plain Rust types that front
-//! ends fill in and read back. [`crate::engine`] converts them to and from
+//! ends fill in and read back. [`crate::runtime`] converts them to and from
 //! the WIT types of `wit/greyhook.wit`.
 
 use std::net::IpAddr;
@@ -75,7 +75,7 @@ pub struct Message {
     pub headers: Vec<Header>,
 }
 
-/// A structured SMTP reply; see [`crate::reply`] for how it is checked and rendered.
+/// A structured SMTP reply; see [`crate::domain::reply`] for how it is checked and rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// Reply code (4yz or 5yz).

@@ -25,13 +25,36 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
-use crate::artifact_cache::ArtifactCache;
-use crate::engine::{CompiledFilter, Filter, FilterOptions, LoadError, Runtime};
+use crate::domain::types::{Context, Session, Transaction};
+use crate::runtime::artifact_cache::ArtifactCache;
+use crate::runtime::{CompiledFilter, Filter, FilterOptions, LoadError, Runtime};
 use crate::store::Store;
-use crate::types::{Context, Session, Transaction};
 
-/// The filter in service, swappable: readers take a snapshot per request.
-pub type FilterSlot = Arc<ArcSwap<Filter>>;
+/// One link of a [`crate::Chain`]: the filter in service, which a
+/// [`Reloader`] can swap while requests run (each request takes a snapshot
+/// and finishes on the version it started with).
+#[derive(Clone)]
+pub struct FilterSlot(Arc<ArcSwap<Filter>>);
+
+impl FilterSlot {
+    /// A slot holding `filter` for good (nothing reloads it).
+    pub fn fixed(filter: Filter) -> FilterSlot {
+        FilterSlot(Arc::new(ArcSwap::from_pointee(filter)))
+    }
+
+    /// The filter serving now.
+    pub fn load(&self) -> Arc<Filter> {
+        self.0.load_full()
+    }
+
+    fn swap(&self, filter: Arc<Filter>) -> Arc<Filter> {
+        self.0.swap(filter)
+    }
+
+    fn store(&self, filter: Arc<Filter>) {
+        self.0.store(filter)
+    }
+}
 
 /// Where a filter comes from: a file, or the embedded reference filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +183,12 @@ fn hash(bytes: &[u8], options: &FilterOptions) -> String {
 
 fn read(source: &FilterSource) -> Result<Vec<u8>, ReloadError> {
     match source {
+        #[cfg(feature = "reference-filter")]
         FilterSource::Embedded => Ok(crate::REFERENCE_FILTER.to_vec()),
+        #[cfg(not(feature = "reference-filter"))]
+        FilterSource::Embedded => {
+            Err(ReloadError::Options("no filter named, and this build embeds none (feature reference-filter)".into()))
+        }
         FilterSource::File(p) => std::fs::read(p).map_err(|error| ReloadError::Read { path: p.display().to_string(), error }),
     }
 }
@@ -183,7 +211,7 @@ impl Reloader {
         Ok(Reloader {
             runtime,
             store,
-            slot: Arc::new(ArcSwap::from_pointee(filter)),
+            slot: FilterSlot::fixed(filter),
             current: Mutex::new(Current { source, options, hash: h }),
             compiled: std::sync::Mutex::new(vec![(hex(&Sha256::digest(&bytes)), compiled)]),
             cache,
@@ -198,7 +226,7 @@ impl Reloader {
 
     /// The filter serving now.
     pub fn filter(&self) -> Arc<Filter> {
-        self.slot.load_full()
+        self.slot.load()
     }
 
     /// Reloads from the same source with the same options (the file may have changed).
@@ -256,7 +284,7 @@ impl Reloader {
     /// why, if it tripped.
     pub async fn check_breaker(&self, config: &BreakerConfig) -> Option<String> {
         let mut cur = self.current.lock().await;
-        let filter = self.slot.load_full();
+        let filter = self.slot.load();
         let (calls, failures) = (filter.stats().calls.load(Ordering::Relaxed), filter.stats().failures.load(Ordering::Relaxed));
         let mut b = self.breaker();
         let (dc, df) = (calls.saturating_sub(b.last.0), failures.saturating_sub(b.last.1));

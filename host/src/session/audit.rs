@@ -6,7 +6,7 @@
 //! INFO greyhook::decision: action=pass phase=rcpt client=192.0.2.1 ... header="X-Greylist: delayed 312 seconds by greyhook" group=default
 //! ```
 
-use crate::types::{Context, Decision, Phase, Verdict};
+use crate::domain::types::{Context, Decision, Phase, Verdict};
 
 /// The short name of a verdict's action.
 pub fn action(v: &Verdict) -> &'static str {

@@ -1,6 +1,6 @@
-//! `greyhook simulate`: replays a scripted SMTP session against a filter and
-//! shows the replies as a client would see them, so an operator can try a
-//! policy before deploying it.
+//! `greyhook simulate`: replays a scripted SMTP session through the
+//! configured filter chain and shows the replies as a client would see
+//! them, so an operator can try a policy before deploying it.
 //!
 //! A plain script has one command a line (`#` starts a comment):
 //!
@@ -22,12 +22,15 @@
 //! (`at` optional), with the same commands.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::engine::Filter;
-use crate::reply::render_lines;
-use crate::types::{AcceptedRecipient, Context, Decision, Message, Session, Transaction, Verdict};
+use crate::domain::clock::{Clock, ManualClock};
+use crate::domain::reply::render_lines;
+use crate::domain::types::{Decision, Header, Message, Verdict};
+use crate::runtime::Chain;
+use crate::session::{Hooks, SmtpSession, keep_headers};
 
 /// A script that cannot be run.
 #[derive(Debug, Error)]
@@ -111,44 +114,46 @@ fn duration(s: &str) -> Option<u64> {
     })
 }
 
-/// Runs `events` against `filter` with the clock starting at `start`, and
+/// Runs `events` through `chain` with the clock starting at `start`, and
 /// returns the transcript (`C:` and `S:` lines, and `H:` for headers the
-/// filter adds to an accepted message).
-pub async fn run(filter: &Filter, events: &[Event], start: u64) -> Result<Vec<String>, ScriptError> {
+/// filters add to an accepted message). Each `CONNECT` opens an
+/// [`SmtpSession`], the same session model the front ends drive.
+pub async fn run(chain: &Chain, events: &[Event], start: u64) -> Result<Vec<String>, ScriptError> {
+    let clock = Arc::new(ManualClock::new(start));
+    let hooks = Hooks { chain: chain.clone(), clock: clock.clone() };
     let mut out = Vec::new();
-    let mut now = start;
-    let mut session: Option<Session> = None;
-    let mut tx = Transaction::default();
-    let mut headers: Vec<String> = Vec::new();
+    let mut session: Option<SmtpSession> = None;
+    let mut headers: Vec<Header> = Vec::new();
     let mut banner_refused = false;
     for (i, ev) in events.iter().enumerate() {
         let err = |m: String| ScriptError { line: i + 1, message: m };
         if let Some(at) = ev.at {
-            now = start.saturating_add(at);
+            clock.set(start.saturating_add(at));
         }
         let (verb, arg) = ev.command.split_once(char::is_whitespace).map_or((ev.command.as_str(), ""), |(v, a)| (v, a.trim()));
         let verb = verb.to_ascii_uppercase();
         match verb.as_str() {
             "WAIT" => {
-                now = now.saturating_add(duration(arg).ok_or_else(|| err(format!("WAIT {arg:?}: expected e.g. 300, 90s, 5m, 2h, 1d")))?);
-                out.push(format!("-- {} s later", duration(arg).unwrap_or(0)));
+                let d = duration(arg).ok_or_else(|| err(format!("WAIT {arg:?}: expected e.g. 300, 90s, 5m, 2h, 1d")))?;
+                clock.set(clock.now().saturating_add(d));
+                out.push(format!("-- {d} s later"));
                 continue;
             }
             "AT" => {
-                now = start.saturating_add(arg.parse().map_err(|_| err("AT takes whole seconds".into()))?);
+                clock.set(start.saturating_add(arg.parse().map_err(|_| err("AT takes whole seconds".into()))?));
                 continue;
             }
             "CONNECT" => {
                 let mut words = arg.split_whitespace();
                 let ip: IpAddr =
                     words.next().and_then(|w| w.parse().ok()).ok_or_else(|| err("CONNECT needs a client IP address".into()))?;
-                let mut s = Session::new(format!("sim-{}", i + 1), ip);
-                s.client_name = words.next().map(str::to_string);
+                let mut s = SmtpSession::new(hooks.clone(), format!("sim-{}", i + 1), ip);
+                s.session_mut().client_name = words.next().map(str::to_string);
                 out.push(format!("-- connect from {ip}"));
-                tx = Transaction::default();
-                let v = filter.on_connect(&ctx(&s, &tx, now)).await;
+                let v = s.connect().await;
                 banner_refused = v.reply().is_some();
                 show(&mut out, &v, "220 greyhook ESMTP (simulation)");
+                headers.clear();
                 session = Some(s);
                 continue;
             }
@@ -162,9 +167,8 @@ pub async fn run(filter: &Filter, events: &[Event], start: u64) -> Result<Vec<St
         }
         match verb.as_str() {
             "EHLO" | "HELO" => {
-                s.helo = Some(arg.to_string());
-                tx = Transaction::default();
-                let v = filter.on_ehlo(&ctx(s, &tx, now)).await;
+                let v = s.ehlo(arg).await;
+                headers.clear();
                 if v.verdict.reply().is_some() {
                     show(&mut out, &v.verdict, "");
                 } else if verb == "HELO" {
@@ -180,33 +184,30 @@ pub async fn run(filter: &Filter, events: &[Event], start: u64) -> Result<Vec<St
                 }
             }
             "AUTH" => {
-                s.auth_user = Some(arg.to_string());
+                s.session_mut().auth_user = Some(arg.to_string());
                 out.push("S: 235 2.7.0 Authentication successful".into());
             }
             "MAIL" => {
                 let from = path_arg(arg, "FROM:").ok_or_else(|| err("expected MAIL FROM:<address>".into()))?;
-                tx = Transaction::default();
                 headers.clear();
-                let v = filter.on_mail(&ctx(s, &tx, now), &from).await;
+                let v = s.mail(&from).await;
                 if show(&mut out, &v, "250 2.1.0 Ok") {
-                    tx.sender = Some(from);
-                    headers.extend(v.add_headers.iter().map(|h| format!("{}: {}", h.name, h.value)));
+                    keep_headers(&mut headers, &v);
                 }
             }
             "RCPT" => {
                 let to = path_arg(arg, "TO:").ok_or_else(|| err("expected RCPT TO:<address>".into()))?;
-                if tx.sender.is_none() {
+                if s.transaction().sender.is_none() {
                     out.push("S: 503 5.5.1 Error: need MAIL command".into());
                     continue;
                 }
-                let v = filter.on_rcpt(&ctx(s, &tx, now), &to).await;
+                let v = s.rcpt(&to).await;
                 if show(&mut out, &v, "250 2.1.5 Ok") {
-                    headers.extend(v.add_headers.iter().map(|h| format!("{}: {}", h.name, h.value)));
-                    tx.recipients.push(AcceptedRecipient { address: to, policy_group: v.policy_group.unwrap_or_default() });
+                    keep_headers(&mut headers, &v);
                 }
             }
             "DATA" => {
-                if tx.recipients.is_empty() {
+                if s.transaction().recipients.is_empty() {
                     out.push("S: 554 5.5.1 Error: no valid recipients".into());
                     continue;
                 }
@@ -214,32 +215,27 @@ pub async fn run(filter: &Filter, events: &[Event], start: u64) -> Result<Vec<St
                 out.push("C: (message)".into());
                 let message_id = (!arg.is_empty()).then(|| arg.to_string());
                 let msg = Message { message_id, headers: Vec::new() };
-                let v = filter.on_data(&ctx(s, &tx, now), &msg).await;
+                let v = s.data(&msg).await;
                 if show(&mut out, &v, "250 2.0.0 Ok: queued") {
-                    headers.extend(v.add_headers.iter().map(|h| format!("{}: {}", h.name, h.value)));
-                    out.extend(headers.iter().map(|h| format!("H: {h}")));
+                    keep_headers(&mut headers, &v);
+                    out.extend(headers.iter().map(|h| format!("H: {}: {}", h.name, h.value)));
                 }
-                tx = Transaction::default();
+                s.reset();
                 headers.clear();
             }
             "RSET" => {
-                tx = Transaction::default();
+                s.reset();
                 headers.clear();
                 out.push("S: 250 2.0.0 Ok".into());
             }
             "QUIT" => {
                 out.push("S: 221 2.0.0 Bye".into());
                 session = None;
-                tx = Transaction::default();
             }
             _ => return Err(err(format!("unknown command {verb:?}"))),
         }
     }
     Ok(out)
-}
-
-fn ctx(s: &Session, tx: &Transaction, now: u64) -> Context {
-    Context { session: s.clone(), transaction: tx.clone(), now }
 }
 
 /// Prints the verdict's reply, or `ok` if it has none; true if accepted.

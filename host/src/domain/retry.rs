@@ -267,7 +267,7 @@ mod tests {
     /// The corpus of real replies in `tests/data/retry-hints.tsv`.
     #[test]
     fn reads_the_corpus() {
-        let corpus = include_str!("../../tests/data/retry-hints.tsv");
+        let corpus = include_str!("../../../tests/data/retry-hints.tsv");
         let mut n = 0;
         for line in corpus.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
             let mut cols = line.split('\t');

@@ -4,13 +4,15 @@
 //! groups), and one call per phase that asks the chain, logs the decision
 //! and keeps the transaction up to date.
 
+pub mod audit;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::audit::log_decision;
-use crate::chain::Chain;
-use crate::clock::Clock;
-use crate::types::{AcceptedRecipient, Context, EhloVerdict, Message, Phase, Session, Transaction, Verdict};
+use crate::domain::clock::Clock;
+use crate::domain::types::{AcceptedRecipient, Context, EhloVerdict, Message, Phase, Session, Transaction, Verdict};
+use crate::runtime::Chain;
+use crate::session::audit::log_decision;
 
 /// Most recipients remembered in one transaction (the SMTP front end
 /// refuses more before asking; a milter peer cannot make us hold more).
@@ -114,6 +116,15 @@ impl SmtpSession {
         v
     }
 
+    /// For a front end that hears the sender again with every command (the
+    /// policy protocol, OpenSMTPD's filters): makes the transaction this
+    /// sender's, starting a new one if it was another's or none.
+    pub fn continue_transaction(&mut self, sender: &str) {
+        if self.transaction.sender.as_deref() != Some(sender) {
+            self.transaction = Transaction { sender: Some(sender.to_string()), recipients: Vec::new() };
+        }
+    }
+
     /// Puts a transaction back (a front end whose next hop refused a
     /// recipient the filters accepted drops it this way).
     pub fn restore(&mut self, sender: Option<String>, recipients: Vec<AcceptedRecipient>) {
@@ -128,16 +139,16 @@ impl SmtpSession {
 
 /// Adds the headers a passing verdict asked for to those kept for the
 /// message (front ends add them at delivery): each once, at most
-/// [`crate::reply::MAX_HEADERS`] in all.
-pub fn keep_headers(kept: &mut Vec<crate::types::Header>, v: &Verdict) {
+/// [`crate::domain::reply::MAX_HEADERS`] in all.
+pub fn keep_headers(kept: &mut Vec<crate::domain::types::Header>, v: &Verdict) {
     for h in &v.add_headers {
-        if kept.len() < crate::reply::MAX_HEADERS && !kept.contains(h) {
+        if kept.len() < crate::domain::reply::MAX_HEADERS && !kept.contains(h) {
             kept.push(h.clone());
         }
     }
 }
 
 /// The value of the first `Message-ID` header among `headers`, trimmed.
-pub fn message_id(headers: &[crate::types::Header]) -> Option<String> {
+pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
     headers.iter().find(|h| h.name.eq_ignore_ascii_case("message-id")).map(|h| h.value.trim().to_string()).filter(|v| !v.is_empty())
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::engine::{CompiledFilter, LoadError, Runtime};
+use crate::runtime::{CompiledFilter, LoadError, Runtime};
 
 /// A directory of compiled artifacts.
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ impl ArtifactCache {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "reference-filter"))]
 mod tests {
     use super::*;
     use crate::RuntimeConfig;

@@ -16,10 +16,10 @@ use thiserror::Error;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::reply::{self, InvalidVerdict};
-use crate::sandbox::{self, HostState, bindings};
+use crate::domain::reply::{self, InvalidVerdict};
+use crate::domain::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
+use crate::runtime::sandbox::{self, HostState, bindings};
 use crate::store::Store;
-use crate::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
 
 /// How often the epoch advances: a call still running at a tick is a slow
 /// call (see `Limits`), and deadlines are checked at ticks.
@@ -307,7 +307,7 @@ impl Runtime {
         Ok(CompiledFilter { component })
     }
 
-    /// The compiled artifact of a component, for [`crate::artifact_cache`].
+    /// The compiled artifact of a component, for [`crate::runtime::artifact_cache`].
     pub(crate) fn serialize(&self, c: &CompiledFilter) -> Result<Vec<u8>, LoadError> {
         c.component.serialize().map_err(|e| LoadError::Compile(format!("{e:#}")))
     }

@@ -8,7 +8,7 @@
 //!   recipients of another policy group, seed 000);
 //! - end of DATA: `451 ... retry=`, keyed with the Message-ID.
 //!
-//! Accepted mail is relayed to the next hop ([`crate::relay`]) command by
+//! Accepted mail is relayed to the next hop ([`crate::frontend::smtp::relay`]) command by
 //! command; the client's `250` after DATA is the next hop's `250`, so
 //! nothing is lost and nothing is accepted twice. A next-hop tempfail comes
 //! back as a tempfail.
@@ -30,10 +30,12 @@
 //! across all connections has a budget (`452 4.3.1` when it is spent).
 //! The next hop is connected only once a recipient is accepted.
 
+pub mod relay;
 pub mod wire;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,35 +44,61 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::listen::{Conn, Listener, Load, WhenFull};
-use crate::relay::{HopReply, NextHop, Relay};
-use crate::reply::render;
-use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
-use crate::types::{Header, Message, Verdict};
+use crate::domain::reply::render;
+use crate::domain::types::{Header, Message, Verdict};
+use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms, WhenFull};
+use crate::frontend::smtp::relay::{HopReply, NextHop, Relay};
+use crate::frontend::{FrontEnd, FrontEndError, invalid};
+use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers, message_id};
 pub use wire::BareNewline;
 use wire::{DataFramer, Ending, Fed, Line, PathError, parse_path, read_line, split_ending};
 
-/// Settings of the SMTP front end.
-#[derive(Clone)]
+/// `smtp` or `lmtp`: how the next hop is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HopProtocol {
+    /// SMTP (EHLO).
+    #[default]
+    Smtp,
+    /// LMTP (LHLO; one reply per recipient after the data).
+    Lmtp,
+}
+
+/// The `[smtp]` table: the reference SMTP front end (`greyhook smtp`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
-    /// Our name in the greeting and EHLO reply.
-    pub hostname: String,
-    /// Where accepted mail goes.
-    pub next_hop: NextHop,
+    /// Addresses (none by default): `0.0.0.0:25`, `127.0.0.1:2525`.
+    pub listen: Vec<ListenAddr>,
+    /// Where accepted mail goes, `HOST:PORT` (required with `listen`).
+    pub next_hop: Option<String>,
+    /// `smtp` or `lmtp`.
+    pub next_hop_protocol: HopProtocol,
+    /// Deadline of connecting to the next hop and of each of its replies.
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub next_hop_timeout: Duration,
+    /// Our name in the greeting, the EHLO reply and to the next hop
+    /// (default: the system's host name).
+    pub hostname: Option<String>,
     /// Longest command line, bytes (RFC 5321 says at least 512).
     pub max_line: usize,
     /// Largest message, bytes (announced with SIZE).
     pub max_message_size: usize,
-    /// Most recipients per message (RFC 5321: at least 100).
+    /// Most recipients per message (RFC 5321: at least 100; at most
+    /// [`MAX_TRANSACTION_RECIPIENTS`]).
     pub max_recipients: usize,
     /// Wait for a command (or for the client to take a reply) at most this long.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub command_timeout: Duration,
     /// Wait for message data (between lines) at most this long.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub data_timeout: Duration,
     /// Both timeouts while the listener is under stress (three quarters
     /// of `max_connections` in use).
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub stress_timeout: Duration,
     /// A whole session lasts at most this long.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub session_timeout: Duration,
     /// Errors (bad commands) before the connection is closed.
     pub max_errors: u32,
@@ -87,16 +115,20 @@ pub struct SmtpConfig {
     pub max_data_memory: usize,
     /// What a bare LF or CR from a client does.
     pub bare_newline: BareNewline,
-    /// STARTTLS, when a certificate is configured.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// PEM certificate chain: enables STARTTLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
 }
 
-impl SmtpConfig {
-    /// Defaults relaying to `next_hop`.
-    pub fn new(next_hop: NextHop) -> SmtpConfig {
+impl Default for SmtpConfig {
+    fn default() -> Self {
         SmtpConfig {
-            hostname: next_hop.helo_name.clone(),
-            next_hop,
+            listen: Vec::new(),
+            next_hop: None,
+            next_hop_protocol: HopProtocol::Smtp,
+            next_hop_timeout: Duration::from_secs(300),
+            hostname: None,
             max_line: 2048,
             max_message_size: 25 << 20,
             max_recipients: 100,
@@ -110,9 +142,120 @@ impl SmtpConfig {
             max_connections_per_client: 10,
             max_data_memory: 256 << 20,
             bare_newline: BareNewline::Reject,
-            tls: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
+}
+
+/// What the settings resolve to at start: our name, the next hop, the TLS
+/// acceptor.
+struct Resolved {
+    hostname: String,
+    next_hop: NextHop,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The SMTP front end: its listeners, bound, and its resolved settings.
+pub struct Smtp {
+    config: Arc<SmtpConfig>,
+    resolved: Arc<Resolved>,
+    listeners: Vec<Listener>,
+}
+
+impl FrontEnd for Smtp {
+    const NAME: &'static str = "smtp";
+    type Config = SmtpConfig;
+
+    fn enabled(config: &SmtpConfig) -> bool {
+        !config.listen.is_empty()
+    }
+
+    fn disable(config: &mut SmtpConfig) {
+        config.listen.clear();
+    }
+
+    async fn start(config: &SmtpConfig) -> Result<Smtp, FrontEndError> {
+        let s = config;
+        let bad = |m: &dyn std::fmt::Display| invalid::<Smtp>(m);
+        let address = s.next_hop.clone().ok_or_else(|| bad(&"next_hop is required (HOST:PORT of the MTA behind greyhook)"))?;
+        if !address.contains(':') {
+            return Err(bad(&"next_hop must be HOST:PORT"));
+        }
+        if s.max_line < 512
+            || s.max_recipients < 1
+            || s.max_recipients > MAX_TRANSACTION_RECIPIENTS
+            || s.max_message_size < 1024
+            || s.max_connections == 0
+            || s.max_connections_per_client == 0
+            || s.max_errors == 0
+        {
+            return Err(bad(&format!(
+                "max_line must be at least 512, max_message_size 1024, max_recipients 1 to {MAX_TRANSACTION_RECIPIENTS}, \
+                 max_connections, max_connections_per_client and max_errors at least 1"
+            )));
+        }
+        if s.max_data_memory < s.max_message_size.min(1 << 20) {
+            return Err(bad(&"max_data_memory must hold at least one message of max_message_size (or 1 MiB)"));
+        }
+        let hostname = s.hostname.clone().unwrap_or_else(system_hostname);
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(tls_acceptor(c, k).map_err(|e| bad(&e))?),
+            _ => return Err(bad(&"tls_cert and tls_key go together")),
+        };
+        let next_hop =
+            NextHop { address, lmtp: s.next_hop_protocol == HopProtocol::Lmtp, timeout: s.next_hop_timeout, helo_name: hostname.clone() };
+        let mut listeners = Vec::new();
+        for a in &s.listen {
+            listeners.push(Listener::bind(a, &UnixPerms::default()).await?);
+        }
+        Ok(Smtp { config: Arc::new(config.clone()), resolved: Arc::new(Resolved { hostname, next_hop, tls }), listeners })
+    }
+
+    fn endpoints(&self) -> Vec<ListenAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
+    }
+
+    async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
+        let tasks: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|l| tokio::spawn(serve(l, hooks.clone(), self.config.clone(), self.resolved.clone(), shutdown.clone())))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.len() <= 253)
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A TLS acceptor from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &Path, e: String| format!("TLS: {}: {e}", what.display());
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(cert, e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Our reply when the next hop cannot be reached or dropped the connection.
@@ -132,6 +275,7 @@ static SESSIONS: AtomicU64 = AtomicU64::new(0);
 struct Shared {
     hooks: Hooks,
     config: Arc<SmtpConfig>,
+    resolved: Arc<Resolved>,
     load: Arc<Load>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     data_budget: Arc<Semaphore>,
@@ -165,19 +309,20 @@ impl Shared {
 }
 
 /// Accepts SMTP connections on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, shutdown: CancellationToken) {
+async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolved: Arc<Resolved>, shutdown: CancellationToken) {
     let load = Load::new(config.max_connections);
     let units = (config.max_data_memory / BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS);
     let shared = Arc::new(Shared {
         hooks,
         config,
+        resolved,
         load: load.clone(),
         per_client: Mutex::new(HashMap::new()),
         data_budget: Arc::new(Semaphore::new(units)),
     });
     let stop = shutdown.clone();
     let full = WhenFull::Refuse("421 4.3.2 Too many connections, try again later\r\n");
-    crate::listen::accept_loop(listener, load, full, stop, move |conn, peer| {
+    crate::frontend::listen::accept_loop(listener, load, full, stop, move |conn, peer| {
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         async move {
             let ip: IpAddr = match peer.parse::<std::net::SocketAddr>() {
@@ -239,6 +384,7 @@ struct Connection {
     peer: String,
     shared: Arc<Shared>,
     config: Arc<SmtpConfig>,
+    resolved: Arc<Resolved>,
     session: Option<SmtpSession>,
     relay: Option<Relay>,
     /// The relay connection took XCLIENT.
@@ -268,6 +414,7 @@ impl Connection {
             io: BufReader::new(conn),
             peer: peer.to_string(),
             config: shared.config.clone(),
+            resolved: shared.resolved.clone(),
             shared,
             session: None,
             relay: None,
@@ -337,7 +484,7 @@ impl Connection {
     }
 
     /// Sends a filter's reply; a `421` closes the connection (RFC 5321 3.8).
-    async fn filter_reply(&mut self, r: &crate::types::Reply) -> Result<(), End> {
+    async fn filter_reply(&mut self, r: &crate::domain::types::Reply) -> Result<(), End> {
         self.write(&render(r)).await?;
         if r.code == 421 { Err(End::Closed) } else { Ok(()) }
     }
@@ -352,7 +499,7 @@ impl Connection {
             return Ok(());
         }
         self.session = Some(session);
-        self.write(&format!("220 {} ESMTP greyhook\r\n", self.config.hostname)).await?;
+        self.write(&format!("220 {} ESMTP greyhook\r\n", self.resolved.hostname)).await?;
         loop {
             let raw = match self.line(self.config.max_line, self.config.command_timeout).await {
                 Ok(Line::Text(t)) => t,
@@ -446,16 +593,16 @@ impl Connection {
         }
         self.greeted = true;
         if !extended {
-            return self.write(&format!("250 {}\r\n", self.config.hostname)).await;
+            return self.write(&format!("250 {}\r\n", self.resolved.hostname)).await;
         }
         let mut lines = vec![
-            self.config.hostname.clone(),
+            self.resolved.hostname.clone(),
             "PIPELINING".into(),
             format!("SIZE {}", self.config.max_message_size),
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
-        if self.config.tls.is_some() && !self.tls {
+        if self.resolved.tls.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
         lines.extend(v.keywords.iter().cloned());
@@ -466,7 +613,7 @@ impl Connection {
     }
 
     async fn starttls(&mut self) -> Result<(), End> {
-        let Some(acceptor) = self.config.tls.clone().filter(|_| !self.tls) else {
+        let Some(acceptor) = self.resolved.tls.clone().filter(|_| !self.tls) else {
             return self.error("502 5.5.1 STARTTLS not available\r\n").await;
         };
         if !self.io.buffer().is_empty() {
@@ -595,7 +742,7 @@ impl Connection {
     /// our client.
     async fn relay_ready(&mut self) -> Result<&mut Relay, String> {
         if self.relay.is_none() {
-            match Relay::connect(&self.config.next_hop).await {
+            match Relay::connect(&self.resolved.next_hop).await {
                 Ok(Ok(r)) => {
                     self.relay = Some(r);
                 }
@@ -819,7 +966,7 @@ impl Connection {
     /// `Received: from HELO (NAME [IP]) by HOST (greyhook) with ESMTP id
     /// ID for <RCPT>; DATE`, folded, CRLF-ended.
     fn received_line(&mut self) -> String {
-        let (hostname, tls) = (self.config.hostname.clone(), self.tls);
+        let (hostname, tls) = (self.resolved.hostname.clone(), self.tls);
         let s = self.session();
         let clean = |v: &str| {
             v.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '[' | ']' | ';' | '\\')).take(255).collect::<String>()
@@ -845,7 +992,7 @@ impl Connection {
 }
 
 /// The XCLIENT attributes for a session (values raw; xtext-encoded when sent).
-fn xclient_attrs(s: &crate::types::Session) -> Vec<(&'static str, String)> {
+fn xclient_attrs(s: &crate::domain::types::Session) -> Vec<(&'static str, String)> {
     let addr = match s.client_address {
         IpAddr::V6(a) => format!("IPV6:{a}"),
         a => a.to_string(),
@@ -856,7 +1003,7 @@ fn xclient_attrs(s: &crate::types::Session) -> Vec<(&'static str, String)> {
 }
 
 /// The XFORWARD line for a session: client address, name, HELO.
-fn xforward(s: &crate::types::Session) -> String {
+fn xforward(s: &crate::domain::types::Session) -> String {
     // XFORWARD values are xtext-like: no spaces or controls.
     let clean = |v: &str| v.chars().filter(|c| c.is_ascii_graphic() && *c != '+' && *c != '=').collect::<String>();
     let name = s.client_name.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());

@@ -93,6 +93,23 @@ pub struct UnixPerms {
     pub group: Option<String>,
 }
 
+impl UnixPerms {
+    /// The permissions a front end's table names: `socket_mode` (octal
+    /// text, `"0660"`), `socket_owner`, `socket_group`.
+    pub fn from_settings(mode: &Option<String>, owner: &Option<String>, group: &Option<String>) -> Result<UnixPerms, String> {
+        let mode = match mode {
+            Some(m) => Some(
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| format!("socket_mode {m:?} is not an octal mode (e.g. \"0660\")"))?,
+            ),
+            None => None,
+        };
+        Ok(UnixPerms { mode, owner: owner.clone(), group: group.clone() })
+    }
+}
+
 /// A stream from either kind of listener.
 pub type Conn = Pin<Box<dyn AsyncReadWrite>>;
 

@@ -1,10 +1,10 @@
-//! Compiles the reference filter (`guest/`) to `greylist.wasm`, which the
-//! host embeds as its default filter.
+//! Compiles the reference filter (`guest/`) to `greylist.wasm` for
+//! `wasm32-wasip2` (through `tools/wasm-build`), to be embedded.
 use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest.parent().expect("host/ is inside the workspace").to_path_buf();
+    let workspace = manifest.parent().expect("reference/ is inside the workspace").to_path_buf();
     let wasm = wasm_build::build_component(&workspace, "greylist-guest", "greylist_guest.wasm", &["guest/src", "guest/Cargo.toml", "wit"]);
     println!("cargo:rustc-env=GREYHOOK_REFERENCE_FILTER={}", wasm.display());
 }

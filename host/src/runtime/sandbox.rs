@@ -1,6 +1,6 @@
 //! What a filter sees: the generated bindings of `wit/greyhook.wit`, the
 //! per-instance host state, and the host side of the `store` and `log`
-//! imports. Also the conversions between the WIT types and [`crate::types`].
+//! imports. Also the conversions between the WIT types and [`crate::domain::types`].
 //!
 //! The sandbox grants no WASI capability. Rust's `std` on `wasm32-wasip2`
 //! makes every component import `wasi:cli`, `wasi:io`, `wasi:clocks`,
@@ -20,8 +20,8 @@ use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use crate::domain::types;
 use crate::store::{Condition, Store, WriteOutcome};
-use crate::types;
 
 /// The bindings generated from `wit/greyhook.wit`.
 pub(crate) mod bindings {
@@ -114,7 +114,7 @@ impl HostState {
             now: 0,
             call_deadline: None,
             slow_held: Arc::default(),
-            quota: Arc::new(Quota::new(&crate::engine::Limits::default())),
+            quota: Arc::new(Quota::new(&crate::runtime::Limits::default())),
             log_lines: 0,
             store_calls: 0,
             max_store_calls,
@@ -319,7 +319,7 @@ impl Bucket {
 }
 
 /// What all instances of one filter may write and log (see
-/// [`crate::engine::Limits`]).
+/// [`crate::runtime::Limits`]).
 #[derive(Debug)]
 pub(crate) struct Quota {
     writes: Bucket,
@@ -339,7 +339,7 @@ pub(crate) struct Quota {
 }
 
 impl Quota {
-    pub(crate) fn new(l: &crate::engine::Limits) -> Quota {
+    pub(crate) fn new(l: &crate::runtime::Limits) -> Quota {
         let per_sec = l.write_bytes_per_minute as f64 / 60.0;
         let logs = f64::from(l.log_lines_per_second.max(1));
         Quota {
@@ -391,7 +391,7 @@ impl Quota {
     }
 }
 
-// ---- conversions between crate::types and the WIT types ----
+// ---- conversions between crate::domain::types and the WIT types ----
 
 pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
     let s = &c.session;

@@ -23,12 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 mod request;
 
-use crate::audit::log_decision;
-use crate::chain::Chain;
-use crate::clock::Clock;
-use crate::listen::{Conn, Listener};
-use crate::reply::render_single_line;
-use crate::types::{AcceptedRecipient, Context, Decision, Message, Phase, Session, Transaction, Verdict};
+use crate::domain::reply::render_single_line;
+use crate::domain::types::{Decision, Message, Phase, Session, Verdict};
+use crate::frontend::listen::{Conn, ListenAddr, Listener, UnixPerms};
+use crate::frontend::{FrontEnd, FrontEndError, invalid};
+use crate::session::{Hooks, SmtpSession};
 use request::{Attrs, FrameError, Framer};
 
 /// How a tempfail is sent to Postfix.
@@ -45,9 +44,18 @@ pub enum TempfailAction {
     DeferIfPermit,
 }
 
-/// Limits and behaviour of the policy server.
-#[derive(Debug, Clone)]
+/// The `[policy]` table: the Postfix policy listener.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
+    /// Addresses: `127.0.0.1:10023`, `[::1]:10023`, `unix:/path`.
+    pub listen: Vec<ListenAddr>,
+    /// Mode of unix sockets, octal text (`"0660"`).
+    pub socket_mode: Option<String>,
+    /// Owner of unix sockets (user name or uid).
+    pub socket_owner: Option<String>,
+    /// Group of unix sockets (group name or gid).
+    pub socket_group: Option<String>,
     /// How tempfails are sent.
     pub tempfail_action: TempfailAction,
     /// Longest attribute line, bytes.
@@ -55,24 +63,32 @@ pub struct PolicyConfig {
     /// Most attributes in one request.
     pub max_attributes: usize,
     /// A connection idle this long is closed (Postfix reconnects).
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub idle_timeout: Duration,
     /// A request must be complete this long after its first byte, and
     /// the peer must take our answer within it.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub request_timeout: Duration,
     /// The idle timeout while three quarters of `max_connections` are in
     /// use: idle peers make room for others.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub stress_idle_timeout: Duration,
     /// Most connections at once; more wait to be accepted.
     pub max_connections: usize,
     /// Most transactions (Postfix `instance`s) tracked at once.
     pub max_transactions: usize,
     /// A transaction not seen for this long is forgotten.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub transaction_ttl: Duration,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
+            listen: vec![ListenAddr::Tcp(([127, 0, 0, 1], 10023).into())],
+            socket_mode: None,
+            socket_owner: None,
+            socket_group: None,
             tempfail_action: TempfailAction::Reply,
             max_line: 4096,
             max_attributes: 100,
@@ -86,18 +102,65 @@ impl Default for PolicyConfig {
     }
 }
 
-struct TxState {
-    sender: String,
-    recipients: Vec<AcceptedRecipient>,
+/// The policy front end: its listeners, bound.
+pub struct Policy {
+    config: PolicyConfig,
+    listeners: Vec<Listener>,
+}
+
+impl FrontEnd for Policy {
+    const NAME: &'static str = "policy";
+    type Config = PolicyConfig;
+
+    fn enabled(config: &PolicyConfig) -> bool {
+        !config.listen.is_empty()
+    }
+
+    fn disable(config: &mut PolicyConfig) {
+        config.listen.clear();
+    }
+
+    async fn start(config: &PolicyConfig) -> Result<Policy, FrontEndError> {
+        let p = config;
+        if p.max_line < 256 || p.max_attributes == 0 || p.max_connections == 0 || p.max_transactions == 0 {
+            return Err(invalid::<Policy>(
+                "max_line must be at least 256, max_attributes, max_connections and max_transactions at least 1",
+            ));
+        }
+        let perms = UnixPerms::from_settings(&p.socket_mode, &p.socket_owner, &p.socket_group).map_err(invalid::<Policy>)?;
+        let mut listeners = Vec::new();
+        for a in &p.listen {
+            listeners.push(Listener::bind(a, &perms).await?);
+        }
+        Ok(Policy { config: config.clone(), listeners })
+    }
+
+    fn endpoints(&self) -> Vec<ListenAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
+    }
+
+    async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
+        let server = Arc::new(PolicyServer::new(hooks, self.config));
+        let tasks: Vec<_> = self.listeners.into_iter().map(|l| tokio::spawn(serve(l, server.clone(), shutdown.clone()))).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// A Postfix session (`instance`) between two requests: the one session
+/// model every front end drives, and when it was last asked about.
+struct Tracked {
+    session: SmtpSession,
     touched: Instant,
 }
 
-/// The policy service: a filter chain, a clock, and transaction state.
+/// The policy service: the hooks, and the sessions of the Postfix
+/// `instance`s in flight.
 pub struct PolicyServer {
-    chain: Chain,
-    clock: Arc<dyn Clock>,
+    hooks: Hooks,
     config: PolicyConfig,
-    transactions: Mutex<HashMap<String, TxState>>,
+    transactions: Mutex<HashMap<String, Tracked>>,
 }
 
 /// Why a connection was closed on the client.
@@ -112,12 +175,12 @@ enum ConnError {
 }
 
 impl PolicyServer {
-    /// A server answering with `chain`, reading time from `clock`.
-    pub fn new(chain: Chain, clock: Arc<dyn Clock>, config: PolicyConfig) -> PolicyServer {
-        PolicyServer { chain, clock, config, transactions: Mutex::new(HashMap::new()) }
+    /// A server answering with `hooks`' chain and clock.
+    pub fn new(hooks: Hooks, config: PolicyConfig) -> PolicyServer {
+        PolicyServer { hooks, config, transactions: Mutex::new(HashMap::new()) }
     }
 
-    fn txs(&self) -> std::sync::MutexGuard<'_, HashMap<String, TxState>> {
+    fn txs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tracked>> {
         // Every critical section is a single map operation.
         self.transactions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -158,7 +221,9 @@ impl PolicyServer {
             }
         };
         let instance = get("instance").unwrap_or("");
-        let session = Session {
+        // Postfix sends every session fact with every request: they are
+        // the truth, whatever the session held before.
+        let facts = Session {
             id: instance.to_string(),
             client_address: client,
             client_name: get("client_name").filter(|n| *n != "unknown").map(str::to_string),
@@ -168,41 +233,42 @@ impl PolicyServer {
         };
         let sender = attrs.get("sender").unwrap_or("");
         let recipient = attrs.get("recipient").unwrap_or("");
-        let transaction = match phase {
-            Phase::Connect | Phase::Ehlo => Transaction::default(),
-            Phase::Mail => Transaction { sender: None, recipients: Vec::new() },
-            Phase::Rcpt | Phase::Data => {
-                let recipients = self.recipients_of(instance, sender);
-                Transaction { sender: Some(sender.to_string()), recipients }
+        let mut session = self.take(instance, client).unwrap_or_else(|| SmtpSession::new(self.hooks.clone(), instance, client));
+        *session.session_mut() = facts;
+        let verdict = match phase {
+            Phase::Connect => session.connect().await,
+            Phase::Ehlo => session.ehlo(get("helo_name").unwrap_or("")).await.verdict,
+            Phase::Mail => session.mail(sender).await,
+            Phase::Rcpt => {
+                // One recipient per request, the sender with each: a policy
+                // service asked only at RCPT never saw the MAIL.
+                session.continue_transaction(sender);
+                session.rcpt(recipient).await
+            }
+            Phase::Data => {
+                session.continue_transaction(sender);
+                session.data(&Message::default()).await
             }
         };
-        let ctx = Context { session, transaction, now: self.clock.now() };
-        let filter = &self.chain;
-        let verdict = match phase {
-            Phase::Connect => filter.on_connect(&ctx).await,
-            Phase::Ehlo => filter.on_ehlo(&ctx).await.verdict,
-            Phase::Mail => filter.on_mail(&ctx, sender).await,
-            Phase::Rcpt => filter.on_rcpt(&ctx, recipient).await,
-            Phase::Data => filter.on_data(&ctx, &Message::default()).await,
-        };
-        log_decision(phase, &ctx, (phase == Phase::Rcpt).then_some(recipient), &verdict);
-        if phase == Phase::Rcpt && verdict.reply().is_none() && !instance.is_empty() {
-            self.remember(instance, sender, recipient, verdict.policy_group.clone().unwrap_or_default());
+        if !instance.is_empty() {
+            self.keep(instance, session);
         }
         self.action(&verdict)
     }
 
-    fn recipients_of(&self, instance: &str, sender: &str) -> Vec<AcceptedRecipient> {
+    /// The session of `instance` from an earlier request, if it is still
+    /// live and from the same client.
+    fn take(&self, instance: &str, client: IpAddr) -> Option<SmtpSession> {
         if instance.is_empty() {
-            return Vec::new();
+            return None;
         }
-        match self.txs().get(instance) {
-            Some(t) if t.sender == sender && t.touched.elapsed() < self.config.transaction_ttl => t.recipients.clone(),
-            _ => Vec::new(),
-        }
+        let t = self.txs().remove(instance)?;
+        (t.touched.elapsed() < self.config.transaction_ttl && t.session.session().client_address == client).then_some(t.session)
     }
 
-    fn remember(&self, instance: &str, sender: &str, recipient: &str, group: String) {
+    /// Keeps the session of `instance` for its next request, within
+    /// `max_transactions` (the expired, then the oldest, make room).
+    fn keep(&self, instance: &str, session: SmtpSession) {
         let ttl = self.config.transaction_ttl;
         let max = self.config.max_transactions;
         let mut txs = self.txs();
@@ -215,19 +281,7 @@ impl PolicyServer {
                 }
             }
         }
-        let t = txs.entry(instance.to_string()).or_insert_with(|| TxState {
-            sender: sender.to_string(),
-            recipients: Vec::new(),
-            touched: Instant::now(),
-        });
-        if t.sender != sender {
-            t.sender = sender.to_string();
-            t.recipients.clear();
-        }
-        t.touched = Instant::now();
-        if t.recipients.len() < 1000 {
-            t.recipients.push(AcceptedRecipient { address: recipient.to_string(), policy_group: group });
-        }
+        txs.insert(instance.to_string(), Tracked { session, touched: Instant::now() });
     }
 
     /// How many transactions are tracked.
@@ -244,7 +298,7 @@ impl PolicyServer {
             },
             Decision::Tempfail(r) if self.config.tempfail_action == TempfailAction::DeferIfPermit => {
                 // Postfix supplies the code (450 4.7.1); the text keeps the hint last.
-                let line = render_single_line(&crate::types::Reply { enhanced: None, ..r.clone() });
+                let line = render_single_line(&crate::domain::types::Reply { enhanced: None, ..r.clone() });
                 format!("DEFER_IF_PERMIT {}", line.get(4..).unwrap_or(""))
             }
             Decision::Tempfail(r) | Decision::Reject(r) => render_single_line(r),
@@ -253,7 +307,7 @@ impl PolicyServer {
 
     /// Serves one connection until the peer closes it, it idles out, it
     /// breaks a limit, or shutdown is asked for (after the request in hand).
-    pub async fn handle(self: Arc<Self>, conn: Conn, peer: String, load: Arc<crate::listen::Load>, shutdown: CancellationToken) {
+    pub async fn handle(self: Arc<Self>, conn: Conn, peer: String, load: Arc<crate::frontend::listen::Load>, shutdown: CancellationToken) {
         let (r, mut w) = tokio::io::split(conn);
         let mut reader = RequestReader::new(r, &self.config, load);
         let mut out = Vec::with_capacity(256);
@@ -295,11 +349,11 @@ struct RequestReader<R> {
     idle: Duration,
     stress_idle: Duration,
     request_timeout: Duration,
-    load: Arc<crate::listen::Load>,
+    load: Arc<crate::frontend::listen::Load>,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
-    fn new(r: R, c: &PolicyConfig, load: Arc<crate::listen::Load>) -> Self {
+    fn new(r: R, c: &PolicyConfig, load: Arc<crate::frontend::listen::Load>) -> Self {
         RequestReader {
             r,
             framer: Framer::new(c.max_line, c.max_attributes),
@@ -343,11 +397,11 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, then
 /// lets every connection finish the request in hand and returns.
-pub async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
-    let load = crate::listen::Load::new(server.config.max_connections);
+async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
+    let load = crate::frontend::listen::Load::new(server.config.max_connections);
     let stop = shutdown.clone();
     let l = load.clone();
-    crate::listen::accept_loop(listener, load, crate::listen::WhenFull::Wait, stop, move |conn, peer| {
+    crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {
         server.clone().handle(conn, peer, l.clone(), shutdown.clone())
     })
     .await

@@ -171,7 +171,7 @@ impl Relay {
     }
 
     /// DATA, then `prefix` (header lines of ours) and `message` (CRLF
-    /// lines, already dot-stuffed: [`crate::smtp::wire::DataFramer`]'s
+    /// lines, already dot-stuffed: [`crate::frontend::smtp::wire::DataFramer`]'s
     /// output) and the final dot: the next hop's verdict, or for LMTP the
     /// first failure among the per-recipient replies (or the first success
     /// when all succeeded). Written as it is, without a copy.

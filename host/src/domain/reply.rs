@@ -7,8 +7,8 @@
 
 use thiserror::Error;
 
-use crate::retry::format_retry;
-use crate::types::{Decision, EhloVerdict, Header, Reply, Verdict};
+use crate::domain::retry::format_retry;
+use crate::domain::types::{Decision, EhloVerdict, Header, Reply, Verdict};
 
 /// Longest text line a filter may return (leaves room for code and hint
 /// within RFC 5321's 512-octet reply line).

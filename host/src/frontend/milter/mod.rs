@@ -31,31 +31,44 @@ use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macr
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
-use miltr_server::{Error as MilterError, Milter, Server};
+use miltr_server::{Error as MilterError, Milter as MilterProtocol, Server};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 mod frames;
 
-use crate::listen::{Conn, Listener, Load};
-use crate::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
+use crate::domain::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
+use crate::domain::types::{Decision, Header, Message, Reply, Verdict};
+use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms};
+use crate::frontend::{FrontEnd, FrontEndError, invalid};
 use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
-use crate::types::{Decision, Header, Message, Reply, Verdict};
 use frames::FrameTracker;
 
-/// Limits of the milter front end.
-#[derive(Debug, Clone)]
+/// The `[milter]` table: the milter listener (Postfix `smtpd_milters`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MilterConfig {
+    /// Addresses (none by default): `127.0.0.1:10024`, `unix:/path`.
+    pub listen: Vec<ListenAddr>,
+    /// Mode of unix sockets, octal text (`"0660"`).
+    pub socket_mode: Option<String>,
+    /// Owner of unix sockets (user name or uid).
+    pub socket_owner: Option<String>,
+    /// Group of unix sockets (group name or gid).
+    pub socket_group: Option<String>,
     /// Largest packet accepted, bytes (a larger one closes the connection).
     pub max_packet: usize,
     /// Most headers collected per message (the rest are not looked at).
     pub max_headers: usize,
     /// A connection with nothing to say for this long is closed.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub idle_timeout: Duration,
     /// The idle timeout while three quarters of `max_connections` are in use.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub stress_idle_timeout: Duration,
     /// A packet, once begun, must arrive whole within this; and the MTA
     /// must take our reply within it.
+    #[serde(deserialize_with = "crate::settings::duration")]
     pub frame_timeout: Duration,
     /// Most connections at once.
     pub max_connections: usize,
@@ -64,12 +77,60 @@ pub struct MilterConfig {
 impl Default for MilterConfig {
     fn default() -> Self {
         MilterConfig {
+            listen: Vec::new(),
+            socket_mode: None,
+            socket_owner: None,
+            socket_group: None,
             max_packet: 64 << 10,
             max_headers: 200,
             idle_timeout: Duration::from_secs(600),
             stress_idle_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(10),
             max_connections: 512,
+        }
+    }
+}
+
+/// The milter front end: its listeners, bound.
+pub struct Milter {
+    config: MilterConfig,
+    listeners: Vec<Listener>,
+}
+
+impl FrontEnd for Milter {
+    const NAME: &'static str = "milter";
+    type Config = MilterConfig;
+
+    fn enabled(config: &MilterConfig) -> bool {
+        !config.listen.is_empty()
+    }
+
+    fn disable(config: &mut MilterConfig) {
+        config.listen.clear();
+    }
+
+    async fn start(config: &MilterConfig) -> Result<Milter, FrontEndError> {
+        let m = config;
+        if !(1024..=16 << 20).contains(&m.max_packet) || m.max_connections == 0 || m.max_headers == 0 {
+            return Err(invalid::<Milter>("max_packet must be 1024 to 16777216, max_connections and max_headers at least 1"));
+        }
+        let perms = UnixPerms::from_settings(&m.socket_mode, &m.socket_owner, &m.socket_group).map_err(invalid::<Milter>)?;
+        let mut listeners = Vec::new();
+        for a in &m.listen {
+            listeners.push(Listener::bind(a, &perms).await?.quickack());
+        }
+        Ok(Milter { config: config.clone(), listeners })
+    }
+
+    fn endpoints(&self) -> Vec<ListenAddr> {
+        self.listeners.iter().map(Listener::local_addr).collect()
+    }
+
+    async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
+        let tasks: Vec<_> =
+            self.listeners.into_iter().map(|l| tokio::spawn(serve(l, hooks.clone(), self.config.clone(), shutdown.clone()))).collect();
+        for t in tasks {
+            let _ = t.await;
         }
     }
 }
@@ -106,7 +167,7 @@ fn replycode(r: &Reply) -> Replycode {
     // The rendered reply, lines joined by CRLF; `Replycode` writes the
     // code and a space in front, so the first line's code is left off.
     // Postfix rewrites the separator of every line but the last to `-`.
-    let lines = crate::reply::render_lines(r);
+    let lines = crate::domain::reply::render_lines(r);
     let joined = lines.join("\r\n");
     // The code is validated (4xx/5xx) before it gets here.
     let digits = [(r.code / 100 % 10) as u8, (r.code / 10 % 10) as u8, (r.code % 10) as u8];
@@ -137,7 +198,7 @@ impl Conversation {
 }
 
 #[async_trait]
-impl Milter for Conversation {
+impl MilterProtocol for Conversation {
     type Error = std::convert::Infallible;
 
     async fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, MilterError<Self::Error>> {
@@ -312,11 +373,11 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
 }
 
 /// Accepts milter connections on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
-    let load = crate::listen::Load::new(config.max_connections);
+async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
+    let load = crate::frontend::listen::Load::new(config.max_connections);
     let stop = shutdown.clone();
     let l = load.clone();
-    crate::listen::accept_loop(listener, load, crate::listen::WhenFull::Wait, stop, move |conn, peer| {
+    crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {
         handle(hooks.clone(), config.clone(), l.clone(), conn, peer, shutdown.clone())
     })
     .await

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use crate::reload::FilterSlot;
-use crate::reply::MAX_HEADERS;
-use crate::types::{Context, Decision, EhloVerdict, Message, Verdict};
+use crate::domain::reply::MAX_HEADERS;
+use crate::domain::types::{Context, Decision, EhloVerdict, Message, Verdict};
+use crate::runtime::Filter;
+use crate::runtime::reload::FilterSlot;
 
 /// Filters in order.
 #[derive(Clone)]
@@ -38,7 +39,7 @@ macro_rules! hook {
         pub async fn $name(&self, ctx: &Context $(, $arg: $ty)*) -> Verdict {
             let mut acc = Verdict::cont();
             for link in self.links.iter() {
-                let filter = link.load_full();
+                let filter = link.load();
                 if merge(&mut acc, filter.$name(ctx $(, $arg)*).await) {
                     break;
                 }
@@ -49,9 +50,17 @@ macro_rules! hook {
 }
 
 impl Chain {
-    /// A chain of these slots, asked in order.
+    /// A chain of these slots, asked in order (a [`Reloader`]'s slot
+    /// follows its reloads; [`FilterSlot::fixed`] holds one filter).
+    ///
+    /// [`Reloader`]: crate::runtime::reload::Reloader
     pub fn new(links: Vec<FilterSlot>) -> Chain {
         Chain { links: Arc::new(links) }
+    }
+
+    /// A chain of one filter that nothing reloads.
+    pub fn single(filter: Filter) -> Chain {
+        Chain::new(vec![FilterSlot::fixed(filter)])
     }
 
     /// The slots.
@@ -81,7 +90,7 @@ impl Chain {
         let mut acc = Verdict::cont();
         let mut keywords: Vec<String> = Vec::new();
         for link in self.links.iter() {
-            let e = link.load_full().on_ehlo(ctx).await;
+            let e = link.load().on_ehlo(ctx).await;
             for k in e.keywords {
                 if !keywords.iter().any(|have| have.eq_ignore_ascii_case(&k)) {
                     keywords.push(k);

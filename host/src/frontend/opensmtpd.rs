@@ -1,0 +1,644 @@
+//! The OpenSMTPD front end (`greyhook opensmtpd`): smtpd runs greyhook as a
+//! filter process and talks its line protocol (`smtpd-filters(7)`) on
+//! stdin and stdout:
+//!
+//! ```text
+//! filter "greyhook" proc-exec "/usr/bin/greyhook opensmtpd --config /etc/greyhook.toml"
+//! listen on 0.0.0.0 port 25 filter "greyhook"
+//! ```
+//!
+//! After smtpd's `config|…` lines, greyhook registers for the filter phases
+//! `connect`, `helo`, `ehlo`, `mail-from`, `rcpt-to`, `data`, `data-line`
+//! and `commit`, and for the reports that keep a session's facts
+//! (`link-connect`, `link-tls`, `link-auth`, `tx-reset`,
+//! `link-disconnect`). Every request drives the session's
+//! [`SmtpSession`]:
+//!
+//! - connect: a refusal is `disconnect|421 … retry=…` (the draft's 421 at
+//!   the greeting, then the connection closes);
+//! - HELO/EHLO, MAIL, RCPT: `reject|451 4.7.1 … retry=…`;
+//! - DATA: the header section is held (at most `max_header_bytes`), the
+//!   data hook runs on it with the Message-ID, the filters' headers
+//!   (`X-Greylist`) go out first, then the message unchanged; a refusal is
+//!   answered at `commit`, after the final dot — the draft's `451` at end
+//!   of DATA.
+//!
+//! smtpd's replies through a filter are one line, so a reply's lines are
+//! joined (the hint stays last); the EHLO keyword `GREYLIST` cannot be
+//! advertised through this protocol.
+//!
+//! smtpd sends every session over the one pipe and lets each wait for its
+//! answer: greyhook answers each session in order, sessions side by side (a
+//! slow store delays only the session that waits on it).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::reply::{check_header, render_single_line};
+use crate::domain::types::{Header, Message, Verdict};
+use crate::frontend::{FrontEnd, FrontEndError, invalid};
+use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
+
+/// The `[opensmtpd]` table: the OpenSMTPD filter front end. It runs only
+/// as `greyhook opensmtpd`, started by smtpd.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenSmtpdConfig {
+    /// Most sessions tracked at once; a new one past it is refused at
+    /// connect (`421 4.3.2`).
+    pub max_sessions: usize,
+    /// Longest line from smtpd, bytes (its own SMTP line limit is 64 KiB).
+    pub max_line: usize,
+    /// Header section held per message to find the Message-ID before the
+    /// data hook runs; past it, the hook runs on what was read.
+    pub max_header_bytes: usize,
+    /// Set by `greyhook opensmtpd`: this front end serves stdin/stdout.
+    #[serde(skip)]
+    pub run: bool,
+}
+
+impl Default for OpenSmtpdConfig {
+    fn default() -> Self {
+        OpenSmtpdConfig { max_sessions: 4096, max_line: 128 << 10, max_header_bytes: 64 << 10, run: false }
+    }
+}
+
+/// The OpenSMTPD front end, on stdin and stdout.
+pub struct OpenSmtpd {
+    config: OpenSmtpdConfig,
+}
+
+impl FrontEnd for OpenSmtpd {
+    const NAME: &'static str = "opensmtpd";
+    const COMMAND: Option<&'static str> = Some(
+        "Run as an OpenSMTPD filter (smtpd-filters(7)) on stdin/stdout, started by smtpd: \
+         `filter \"greyhook\" proc-exec \"greyhook opensmtpd --config FILE\"`. Give it a store and a \
+         control socket the filter's user can write (--db, --control).",
+    );
+    type Config = OpenSmtpdConfig;
+
+    fn enabled(config: &OpenSmtpdConfig) -> bool {
+        config.run
+    }
+
+    fn enable(config: &mut OpenSmtpdConfig) {
+        config.run = true;
+    }
+
+    fn disable(config: &mut OpenSmtpdConfig) {
+        config.run = false;
+    }
+
+    async fn start(config: &OpenSmtpdConfig) -> Result<OpenSmtpd, FrontEndError> {
+        if config.max_sessions == 0 || config.max_line < 1024 || config.max_header_bytes < 1024 {
+            return Err(invalid::<OpenSmtpd>("max_sessions must be at least 1, max_line and max_header_bytes at least 1024"));
+        }
+        Ok(OpenSmtpd { config: config.clone() })
+    }
+
+    async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
+        if let Err(e) = serve_io(tokio::io::stdin(), tokio::io::stdout(), hooks, self.config, shutdown).await {
+            tracing::error!("opensmtpd: {e}");
+        }
+    }
+}
+
+/// Why the conversation with smtpd ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Reading or writing the pipe failed.
+    #[error("the pipe to smtpd failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// smtpd sent a line longer than `max_line`.
+    #[error("smtpd sent a line longer than {0} bytes (opensmtpd.max_line)")]
+    LineTooLong(usize),
+    /// A filter protocol version this front end does not speak.
+    #[error("filter protocol version {0} is not supported (0.5 or later is)")]
+    Version(String),
+}
+
+/// One request or report for a session, in the order smtpd sent them.
+#[derive(Debug)]
+enum Event {
+    /// `report|…|link-connect|SESSION|rdns|fcrdns|src|dest`.
+    LinkConnect { rdns: String, client: Option<IpAddr> },
+    /// `report|…|link-tls`.
+    Tls,
+    /// `report|…|link-auth|SESSION|user|pass`.
+    Auth(String),
+    /// `report|…|tx-reset`.
+    TxReset,
+    /// A filter request: its phase, token and parameters.
+    Filter { phase: String, token: String, params: String },
+}
+
+/// Serves smtpd's filter protocol on `input`/`output` until the input
+/// ends or `shutdown` is cancelled. `greyhook opensmtpd` runs it on stdin
+/// and stdout; tests on a pipe.
+pub async fn serve_io<R, W>(
+    input: R,
+    output: W,
+    hooks: Hooks,
+    config: OpenSmtpdConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut input = BufReader::new(input);
+    let (out_tx, out_rx) = mpsc::channel::<String>(1024);
+    let writer = tokio::spawn(write_lines(output, out_rx));
+    let mut line = Vec::new();
+    // The handshake: configuration lines until `config|ready`.
+    loop {
+        let Some(l) = read_line(&mut input, &mut line, config.max_line, &shutdown).await? else {
+            return Ok(());
+        };
+        if l == "config|ready" {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("config|smtpd-version|") {
+            tracing::info!("opensmtpd: smtpd {v}");
+        }
+    }
+    let mut hello = String::new();
+    for phase in ["connect", "helo", "ehlo", "mail-from", "rcpt-to", "data", "data-line", "commit"] {
+        hello.push_str(&format!("register|filter|smtp-in|{phase}\n"));
+    }
+    for event in ["link-connect", "link-tls", "link-auth", "tx-reset", "link-disconnect"] {
+        hello.push_str(&format!("register|report|smtp-in|{event}\n"));
+    }
+    hello.push_str("register|ready");
+    let _ = out_tx.send(hello).await;
+
+    let mut sessions: HashMap<String, mpsc::Sender<Event>> = HashMap::new();
+    loop {
+        let Some(l) = read_line(&mut input, &mut line, config.max_line, &shutdown).await? else {
+            break;
+        };
+        // stream|version|timestamp|subsystem|phase|session|token-or-params…
+        let mut f = l.splitn(7, '|');
+        let (Some(stream), Some(version), Some(_ts), Some(subsystem), Some(phase), Some(session)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            tracing::warn!("opensmtpd: a line that is neither a report nor a filter request: {l:?}");
+            continue;
+        };
+        let rest = f.next().unwrap_or("");
+        if !version_ok(version) {
+            return Err(ProtocolError::Version(version.to_string()));
+        }
+        if subsystem != "smtp-in" {
+            continue;
+        }
+        let event = match (stream, phase) {
+            ("report", "link-disconnect") => {
+                sessions.remove(session);
+                continue;
+            }
+            ("report", "link-connect") => {
+                let mut p = rest.split('|');
+                let rdns = p.next().unwrap_or("").to_string();
+                Event::LinkConnect { rdns, client: p.find_map(parse_address) }
+            }
+            ("report", "link-tls") => Event::Tls,
+            ("report", "link-auth") => {
+                // 0.5/0.6: `user|result`; 0.7: `result|user`.
+                let mut p = rest.splitn(2, '|');
+                let (a, b) = (p.next().unwrap_or(""), p.next().unwrap_or(""));
+                match (a, b) {
+                    (user, "pass") | ("pass", user) => Event::Auth(user.to_string()),
+                    _ => continue,
+                }
+            }
+            ("report", "tx-reset") => Event::TxReset,
+            ("report", _) => continue,
+            ("filter", _) => {
+                let (token, params) = rest.split_once('|').unwrap_or((rest, ""));
+                Event::Filter { phase: phase.to_string(), token: token.to_string(), params: params.to_string() }
+            }
+            _ => continue,
+        };
+        if !sessions.contains_key(session) {
+            // Only a connection (its report or its filter request) opens a
+            // session: a stray report for an unknown one holds nothing.
+            if !matches!(event, Event::LinkConnect { .. } | Event::Filter { .. }) {
+                continue;
+            }
+            // smtpd reports every disconnect, which frees a session.
+            if sessions.len() >= config.max_sessions {
+                tracing::warn!(session, limit = config.max_sessions, "opensmtpd: too many sessions: refusing this one");
+                if let Event::Filter { phase, token, params } = event {
+                    let _ = out_tx.send(overloaded(session, &phase, &token, &params)).await;
+                }
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(256);
+            tokio::spawn(run_session(session.to_string(), rx, out_tx.clone(), hooks.clone(), config.clone()));
+            sessions.insert(session.to_string(), tx);
+        }
+        if let Some(tx) = sessions.get(session) {
+            // A session task ends only when its sender is dropped.
+            let _ = tx.send(event).await;
+        }
+    }
+    drop(sessions);
+    drop(out_tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+/// The answer for a session refused because too many are tracked: smtpd
+/// waits for one to every request.
+fn overloaded(session: &str, phase: &str, token: &str, params: &str) -> String {
+    match phase {
+        "data-line" => format!("filter-dataline|{session}|{token}|{params}"),
+        "connect" => format!("filter-result|{session}|{token}|disconnect|421 4.3.2 Too many sessions, try again later"),
+        _ => format!("filter-result|{session}|{token}|reject|451 4.3.2 Too many sessions, try again later"),
+    }
+}
+
+/// `0.5`, `0.6`, `0.7`…: the versions with the session before the token.
+fn version_ok(v: &str) -> bool {
+    let mut p = v.split('.');
+    match (p.next().and_then(|m| m.parse::<u32>().ok()), p.next().and_then(|n| n.parse::<u32>().ok())) {
+        (Some(0), Some(minor)) => minor >= 5,
+        (Some(major), Some(_)) => major >= 1,
+        _ => false,
+    }
+}
+
+/// A client address as smtpd writes it: `192.0.2.1`, `192.0.2.1:25`,
+/// `[IPv6:2001:db8::1]:25`, `IPv6:2001:db8::1`; `None` for a unix socket.
+fn parse_address(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    let unbracketed = match s.strip_prefix('[') {
+        Some(r) => r.split(']').next()?,
+        None => s,
+    };
+    let bare = unbracketed.get(..5).filter(|p| p.eq_ignore_ascii_case("ipv6:")).map_or(unbracketed, |_| &unbracketed[5..]);
+    bare.parse().ok()
+}
+
+/// Reads one line (without its newline) of at most `max` bytes; `None` at
+/// the end of the input or at shutdown.
+async fn read_line<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<String>, ProtocolError> {
+    buf.clear();
+    let read = async {
+        loop {
+            let available = r.fill_buf().await?;
+            if available.is_empty() {
+                return Ok::<bool, ProtocolError>(!buf.is_empty());
+            }
+            let (take, done) = match available.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            if buf.len() + take > max + 1 {
+                return Err(ProtocolError::LineTooLong(max));
+            }
+            buf.extend_from_slice(&available[..take]);
+            r.consume(take);
+            if done {
+                return Ok(true);
+            }
+        }
+    };
+    let got = tokio::select! {
+        r = read => r?,
+        _ = shutdown.cancelled() => return Ok(None),
+    };
+    if !got {
+        return Ok(None);
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(buf).into_owned()))
+}
+
+/// Writes the answers, as they come, to smtpd.
+async fn write_lines<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<String>) {
+    let mut out = Vec::with_capacity(4096);
+    while let Some(first) = rx.recv().await {
+        out.clear();
+        out.extend_from_slice(first.as_bytes());
+        out.push(b'\n');
+        // Whatever else is ready goes in the same write.
+        while let Ok(more) = rx.try_recv() {
+            out.extend_from_slice(more.as_bytes());
+            out.push(b'\n');
+        }
+        if let Err(e) = async {
+            w.write_all(&out).await?;
+            w.flush().await
+        }
+        .await
+        {
+            tracing::error!("opensmtpd: cannot write to smtpd: {e}");
+            return;
+        }
+    }
+}
+
+/// Where a message's data stands.
+enum Data {
+    /// Not in DATA.
+    Idle,
+    /// Holding the header section (dot-escaped lines as smtpd sent them).
+    Headers { lines: Vec<String>, bytes: usize },
+    /// Headers sent on: the rest of the message is echoed.
+    Body,
+}
+
+/// One smtpd session: its facts, transaction and message data.
+struct Conversation {
+    id: String,
+    hooks: Hooks,
+    config: OpenSmtpdConfig,
+    out: mpsc::Sender<String>,
+    session: Option<SmtpSession>,
+    rdns: Option<String>,
+    tls: bool,
+    auth: Option<String>,
+    /// Headers the filters asked for at MAIL and RCPT.
+    headers: Vec<Header>,
+    data: Data,
+    /// The data hook's verdict, answered at `commit`.
+    data_verdict: Option<Verdict>,
+}
+
+async fn run_session(id: String, mut rx: mpsc::Receiver<Event>, out: mpsc::Sender<String>, hooks: Hooks, config: OpenSmtpdConfig) {
+    let mut c = Conversation {
+        id,
+        hooks,
+        config,
+        out,
+        session: None,
+        rdns: None,
+        tls: false,
+        auth: None,
+        headers: Vec::new(),
+        data: Data::Idle,
+        data_verdict: None,
+    };
+    while let Some(event) = rx.recv().await {
+        c.event(event).await;
+    }
+}
+
+impl Conversation {
+    async fn send(&self, line: String) {
+        let _ = self.out.send(line).await;
+    }
+
+    async fn result(&self, token: &str, answer: &str) {
+        self.send(format!("filter-result|{}|{token}|{answer}", self.id)).await;
+    }
+
+    async fn dataline(&self, token: &str, line: &str) {
+        self.send(format!("filter-dataline|{}|{token}|{line}", self.id)).await;
+    }
+
+    /// The session, created from what is known when the client is.
+    fn begin(&mut self, client: Option<IpAddr>) {
+        if self.session.is_none()
+            && let Some(ip) = client
+        {
+            let mut s = SmtpSession::new(self.hooks.clone(), self.id.clone(), ip);
+            let f = s.session_mut();
+            f.client_name = self.rdns.clone().filter(|n| !n.is_empty() && !n.starts_with('['));
+            f.tls = self.tls;
+            f.auth_user = self.auth.clone();
+            self.session = Some(s);
+        }
+    }
+
+    async fn event(&mut self, e: Event) {
+        match e {
+            Event::LinkConnect { rdns, client } => {
+                self.rdns = Some(rdns);
+                self.begin(client);
+            }
+            Event::Tls => {
+                self.tls = true;
+                if let Some(s) = self.session.as_mut() {
+                    s.session_mut().tls = true;
+                }
+            }
+            Event::Auth(user) => {
+                self.auth = Some(user.clone());
+                if let Some(s) = self.session.as_mut() {
+                    s.session_mut().auth_user = Some(user);
+                }
+            }
+            Event::TxReset => self.end_transaction(),
+            Event::Filter { phase, token, params } => self.filter(&phase, &token, &params).await,
+        }
+    }
+
+    fn end_transaction(&mut self) {
+        self.headers.clear();
+        self.data = Data::Idle;
+        self.data_verdict = None;
+        if let Some(s) = self.session.as_mut() {
+            s.reset();
+        }
+    }
+
+    async fn filter(&mut self, phase: &str, token: &str, params: &str) {
+        if phase == "data-line" {
+            return self.data_line(token, params).await;
+        }
+        if phase == "connect" {
+            let mut p = params.split('|');
+            let rdns = p.next().unwrap_or("").to_string();
+            if self.rdns.is_none() {
+                self.rdns = Some(rdns);
+            }
+            self.begin(p.find_map(parse_address));
+        }
+        let Some(s) = self.session.as_mut() else {
+            // A unix-socket (local) session: nothing to greylist on.
+            tracing::debug!(session = %self.id, phase, "opensmtpd: no client address (local submission): proceed");
+            return self.result(token, "proceed").await;
+        };
+        let verdict = match phase {
+            "connect" => {
+                let v = s.connect().await;
+                if let Some(r) = v.reply() {
+                    return self.result(token, &format!("disconnect|{}", render_single_line(r))).await;
+                }
+                v
+            }
+            "helo" | "ehlo" => s.ehlo(params).await.verdict,
+            "mail-from" => {
+                self.headers.clear();
+                self.data = Data::Idle;
+                self.data_verdict = None;
+                let v = s.mail(params).await;
+                keep_headers(&mut self.headers, &v);
+                v
+            }
+            "rcpt-to" => {
+                let v = s.rcpt(params).await;
+                if v.reply().is_none() {
+                    keep_headers(&mut self.headers, &v);
+                }
+                v
+            }
+            "data" => {
+                self.data = Data::Headers { lines: Vec::new(), bytes: 0 };
+                self.data_verdict = None;
+                return self.result(token, "proceed").await;
+            }
+            "commit" => {
+                let v = self.data_verdict.take();
+                self.end_transaction();
+                match v.as_ref().and_then(Verdict::reply) {
+                    Some(r) => return self.result(token, &format!("reject|{}", render_single_line(r))).await,
+                    None => return self.result(token, "proceed").await,
+                }
+            }
+            other => {
+                tracing::debug!(session = %self.id, phase = other, "opensmtpd: a phase greyhook did not register for: proceed");
+                return self.result(token, "proceed").await;
+            }
+        };
+        match verdict.reply() {
+            Some(r) => self.result(token, &format!("reject|{}", render_single_line(r))).await,
+            None => self.result(token, "proceed").await,
+        }
+    }
+
+    /// One line of message data: held while in the header section, then
+    /// echoed. The end of the headers (or of the data, or of the budget)
+    /// runs the data hook.
+    async fn data_line(&mut self, token: &str, line: &str) {
+        let Data::Headers { lines, bytes } = &mut self.data else {
+            return self.dataline(token, line).await;
+        };
+        let end_of_headers = line.is_empty() || line == ".";
+        if !end_of_headers {
+            *bytes += line.len() + 2;
+            lines.push(line.to_string());
+            if *bytes <= self.config.max_header_bytes {
+                return;
+            }
+            tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: the data hook runs on what was read");
+        }
+        let held = std::mem::take(lines);
+        self.data = Data::Body;
+        let headers = parse_headers(&held);
+        let message = Message { message_id: message_id(&headers), headers };
+        if let Some(s) = self.session.as_mut() {
+            let v = s.data(&message).await;
+            if v.reply().is_none() {
+                keep_headers(&mut self.headers, &v);
+            }
+            self.data_verdict = Some(v);
+        }
+        // The filters' headers first, then the message as it came.
+        let added: Vec<String> = self.headers.iter().filter(|h| check_header(h)).map(|h| format!("{}: {}", h.name, h.value)).collect();
+        for h in added {
+            self.dataline(token, &h).await;
+        }
+        for l in held {
+            self.dataline(token, &l).await;
+        }
+        if end_of_headers {
+            self.dataline(token, line).await;
+        }
+        if line == "." {
+            self.data = Data::Idle;
+        }
+    }
+}
+
+/// The header section's fields (unfolded; a dot-escaped line unescaped).
+fn parse_headers(lines: &[String]) -> Vec<Header> {
+    let mut out: Vec<Header> = Vec::new();
+    for raw in lines {
+        let l = raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw);
+        if l.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut()
+                && last.value.len() < 998
+            {
+                last.value.push(' ');
+                last.value.push_str(l.trim());
+            }
+            continue;
+        }
+        if out.len() >= 200 {
+            break;
+        }
+        if let Some((name, value)) = l.split_once(':') {
+            out.push(Header { name: name.trim().to_string(), value: value.trim().to_string() });
+        }
+    }
+    out
+}
+
+/// How long a test waits for an answer.
+#[cfg(test)]
+const ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_in_every_form_smtpd_writes() {
+        assert_eq!(parse_address("127.0.0.1"), Some([127, 0, 0, 1].into()));
+        assert_eq!(parse_address("192.0.2.7:2525"), Some([192, 0, 2, 7].into()));
+        assert_eq!(parse_address("[IPv6:2001:db8::1]:25"), "2001:db8::1".parse().ok());
+        assert_eq!(parse_address("IPv6:2001:db8::1"), "2001:db8::1".parse().ok());
+        assert_eq!(parse_address("unix:/var/run/smtpd.sock"), None);
+        assert_eq!(parse_address("localhost"), None);
+    }
+
+    #[test]
+    fn versions() {
+        assert!(version_ok("0.5") && version_ok("0.6") && version_ok("0.7") && version_ok("1.0"));
+        assert!(!version_ok("0.4") && !version_ok("x") && !version_ok(""));
+    }
+
+    #[test]
+    fn headers_are_unfolded_and_unescaped() {
+        let h = parse_headers(&["Subject: a".into(), "\tb".into(), "Message-ID: <x@y>".into(), "..X: dot".into()]);
+        assert_eq!(h[0].value, "a b");
+        assert_eq!(message_id(&h).as_deref(), Some("<x@y>"));
+        assert_eq!(h[2].name, ".X");
+    }
+
+    /// A line longer than the limit ends the conversation with an error,
+    /// without holding it.
+    #[tokio::test]
+    async fn overlong_lines_end_the_conversation() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(server);
+        let long = format!("config|x|{}\n", "a".repeat(4096));
+        client.write_all(long.as_bytes()).await.unwrap();
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(r);
+        let got = tokio::time::timeout(ANSWER, read_line(&mut reader, &mut line, 1024, &CancellationToken::new())).await.unwrap();
+        assert!(matches!(got, Err(ProtocolError::LineTooLong(1024))), "{got:?}");
+        drop(w);
+    }
+}

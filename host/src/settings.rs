@@ -1,0 +1,43 @@
+//! What every settings table shares: durations written as text (`"300s"`,
+//! `"5m"`), bounded so that adding one to "now" never overflows.
+//!
+//! Each part of greyhook owns its settings: a front end its table
+//! (`[policy]`, `[milter]`, `[smtp]`, `[opensmtpd]`, see
+//! [`crate::frontend`]), the store `[store]` ([`crate::store::StoreConfig`]),
+//! a filter `[filter]` ([`crate::daemon::FilterConfig`]). Every key is in
+//! `docs/configuration.md`, which a test checks against these types.
+
+use std::time::Duration;
+
+/// The longest duration any setting takes: ten years. Every timeout, TTL
+/// and interval is added to "now" somewhere; a value near `u64::MAX`
+/// seconds (which `humantime` parses) would overflow that addition and
+/// panic the task holding a peer's connection.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Deserializes a humantime duration (`"300s"`, `"5m"`, `"100d"`) of at
+/// most [`MAX_DURATION`]; for `#[serde(deserialize_with = ...)]`.
+pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    if v > MAX_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "{} is longer than the 10 years any duration may be",
+            humantime_serde::re::humantime::format_duration(v)
+        )));
+    }
+    Ok(v)
+}
+
+/// `$ENV/file` when systemd set `ENV`, else `system/file` when that
+/// directory can be created and written.
+pub(crate) fn systemd_or_system(env: &str, system: &str, file: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(d) = std::env::var_os(env).filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join(file));
+    }
+    let system = PathBuf::from(system);
+    let probe = system.join(".greyhook-write-test");
+    let writable = std::fs::create_dir_all(&system).is_ok() && std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    writable.then(|| system.join(file))
+}

@@ -1,0 +1,405 @@
+//! greyhook as an OpenSMTPD filter: a real `smtpd` (Debian's package,
+//! unpacked privately by `.ci/run` through `tests/setup-opensmtpd.sh`, since
+//! it conflicts with Postfix as an installed MTA) runs `greyhook opensmtpd`
+//! as its `proc-exec` filter on loopback, relays what it accepts to a sink,
+//! and swaks is the client.
+//!
+//! smtpd's spool and control socket paths are compiled in: one instance
+//! at a time, so everything runs in one test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use greyhook_tests::{Sink, free_port, greyhook_bin, wait_for_port};
+
+/// Where `tests/setup-opensmtpd.sh` unpacks the package (or
+/// `$GREYHOOK_SMTPD`, the `smtpd` binary).
+const DEFAULT_SMTPD: &str = "/opt/greyhook-ci/opensmtpd/usr/sbin/smtpd";
+
+/// smtpd's spool (compiled in).
+const SPOOL: &str = "/var/spool/smtpd";
+
+fn smtpd_bin() -> PathBuf {
+    let p = std::env::var_os("GREYHOOK_SMTPD").map_or_else(|| PathBuf::from(DEFAULT_SMTPD), PathBuf::from);
+    assert!(p.exists(), "no OpenSMTPD at {} (run tests/setup-opensmtpd.sh, as .ci/run does, or set GREYHOOK_SMTPD)", p.display());
+    p
+}
+
+/// A private `smtpd -d`, stopped when dropped.
+struct Smtpd {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Smtpd {
+    fn start(dir: &Path, conf: &str, port: u16) -> Smtpd {
+        // The spool is compiled in and outlives a run: a message an earlier
+        // run queued would be delivered to this run's sink.
+        for sub in std::fs::read_dir(SPOOL).into_iter().flatten().flatten() {
+            for entry in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        let cfg = dir.join("smtpd.conf");
+        std::fs::write(&cfg, conf).unwrap();
+        let log = dir.join("smtpd.log");
+        let child = Command::new(smtpd_bin())
+            .args(["-d", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
+            .spawn()
+            .expect("smtpd starts");
+        let s = Smtpd { child, log };
+        wait_for_port(port, 60);
+        // The filter registers before smtpd accepts: wait for greyhook's word.
+        assert!(s.wait_log("opensmtpd front end started", 60), "greyhook did not start under smtpd:\n{}", s.log());
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str, secs: u64) -> bool {
+        for _ in 0..secs * 20 {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Smtpd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn swaks(port: u16, args: &[&str]) -> String {
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{port}"), "--helo", "client.example.org", "--timeout", "30"])
+        .args(args)
+        .output()
+        .expect("swaks runs (installed by .ci/run)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The reply after `command` in a swaks transcript (`.` is the end of the
+/// data, a line of its own).
+fn reply_to<'a>(transcript: &'a str, command: &str) -> &'a str {
+    let sent = |l: &str| if command == "." { l == " -> ." } else { l.contains(command) };
+    let mut lines = transcript.lines().skip_while(|l| !sent(l));
+    lines.next();
+    lines.find(|l| l.starts_with("<-") || l.starts_with("<**")).unwrap_or_else(|| panic!("no reply to {command} in:\n{transcript}"))
+}
+
+#[test]
+fn opensmtpd_greylists_through_greyhook_and_delivers_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // smtpd runs the filter as its unprivileged user: the binary, and a
+    // directory for the store and the control socket, must be its to use.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = d.join("greyhook");
+    std::fs::copy(greyhook_bin(), &bin).unwrap();
+    let state = d.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let control = state.join("control.sock");
+    let db = state.join("greyhook.db");
+    let sink = Sink::start();
+    let port = free_port();
+    let conf = format!(
+        "filter \"greyhook\" proc-exec \"{bin} opensmtpd --db {db} --control {control} --set delay=3 --log info\"\n\
+         listen on 127.0.0.1 port {port} filter \"greyhook\"\n\
+         action \"sink\" relay host smtp://127.0.0.1:{sink}\n\
+         match from any for any action \"sink\"\n",
+        bin = bin.display(),
+        db = db.display(),
+        control = control.display(),
+        sink = sink.port,
+    );
+    let smtpd = Smtpd::start(d, &conf, port);
+    let log = || smtpd.log();
+
+    // 1. A new triplet: 451 at RCPT with the draft's hint, one line.
+    let first = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com"]);
+    let rcpt = reply_to(&first, "RCPT TO:<bob@example.com>");
+    assert!(rcpt.starts_with("<** 451 4.7.1 ") && rcpt.ends_with("retry=00:00:03"), "{rcpt}\n{first}");
+    assert!(sink.received().is_empty());
+
+    // 2. Too early: still greylisted, with the time left.
+    let early = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com"]);
+    assert!(reply_to(&early, "RCPT TO:").starts_with("<** 451 4.7.1 "), "{early}");
+
+    // 3. After the delay: accepted, relayed, with X-Greylist added by the
+    //    filter through the data-line stream, the message otherwise whole.
+    std::thread::sleep(Duration::from_secs(4));
+    let retry = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com", "--body", "first line\n.dot line\nlast"]);
+    assert!(reply_to(&retry, "RCPT TO:").starts_with("<-  250"), "{retry}");
+    assert!(reply_to(&retry, ".").starts_with("<-  250"), "{retry}");
+    let delivered = wait_messages(&sink, 1);
+    assert!(delivered[0].contains("X-Greylist: delayed "), "{}", delivered[0]);
+    assert!(delivered[0].contains("\r\n.dot line\r\n") && delivered[0].contains("last"), "{}", delivered[0]);
+
+    // 4. The null sender is greylisted at the end of DATA, keyed on the
+    //    Message-ID (the draft's 451 after the final dot), then passes.
+    //    (From another client: 127.0.0.1 may be auto-whitelisted by now.)
+    let bounce = [
+        "--local-interface",
+        "127.0.0.2",
+        "--from",
+        "<>",
+        "--to",
+        "carol@example.com",
+        "--header",
+        "Message-Id: <bounce-1@sender.example>",
+    ];
+    let t = swaks(port, &bounce);
+    assert!(reply_to(&t, "RCPT TO:").starts_with("<-  250"), "{t}");
+    let end = reply_to(&t, ".");
+    assert!(end.starts_with("<** 451 4.7.1 ") && end.contains("retry=00:00:0"), "{end}\n{t}");
+    std::thread::sleep(Duration::from_secs(4));
+    let t = swaks(port, &bounce);
+    assert!(reply_to(&t, ".").starts_with("<-  250"), "{t}");
+    let delivered = wait_messages(&sink, 2);
+    assert!(delivered[1].contains("bounce-1@sender.example") && delivered[1].contains("X-Greylist: "), "{}", delivered[1]);
+
+    // 5. Hot reload through the control socket, as with any front end;
+    //    the decisions were logged with smtpd's session IDs.
+    let out = Command::new(greyhook_bin()).args(["reload", "--control"]).arg(&control).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = log();
+    assert!(l.contains("greyhook::decision: action=greylist phase=rcpt"), "{l}");
+    assert!(l.contains("phase=data") && l.contains("action=greylist"), "{l}");
+
+    // 6. After the reload the same store serves: the triplet passes at once.
+    let again = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com"]);
+    assert!(reply_to(&again, "RCPT TO:").starts_with("<-  250"), "{again}\n{}", log());
+}
+
+fn wait_messages(sink: &Sink, n: usize) -> Vec<String> {
+    for _ in 0..600 {
+        let m = sink.received();
+        if m.len() >= n {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("smtpd relayed {} of {n} messages to the sink", sink.received().len());
+}
+
+/// `greyhook opensmtpd` spoken to as smtpd speaks, on its stdin and
+/// stdout (no smtpd: every line is ours to choose, hostile ones too).
+struct Pipe {
+    child: Child,
+    /// `None` once closed (smtpd went away).
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Pipe {
+    fn start(dir: &Path, opensmtpd: &str, filter: &str) -> Pipe {
+        let cfg = dir.join("greyhook.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[opensmtpd]\n{opensmtpd}\n[filter.config]\n{filter}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("log");
+        let mut child = Command::new(greyhook_bin())
+            .args(["opensmtpd", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("greyhook opensmtpd starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut p = Pipe { child, stdin: Some(stdin), lines, log };
+        p.send("config|smtpd-version|6.8.0p2");
+        p.send("config|smtp-session-timeout|300");
+        p.send("config|ready");
+        let mut registered = Vec::new();
+        loop {
+            let l = p.next();
+            if l == "register|ready" {
+                break;
+            }
+            registered.push(l);
+        }
+        for phase in ["connect", "helo", "ehlo", "mail-from", "rcpt-to", "data", "data-line", "commit"] {
+            assert!(registered.contains(&format!("register|filter|smtp-in|{phase}")), "{phase} not registered: {registered:?}");
+        }
+        assert!(registered.contains(&"register|report|smtp-in|link-disconnect".to_string()), "{registered:?}");
+        p
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("the pipe is open");
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The next line greyhook writes (60 s: the first one waits for the
+    /// filter to compile).
+    fn next(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("greyhook opensmtpd wrote nothing:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()))
+    }
+
+    fn filter(&mut self, session: &str, phase: &str, params: &str) -> String {
+        self.send(&format!("filter|0.6|1796002401.160410|smtp-in|{phase}|{session}|tok-{phase}|{params}"));
+        self.next()
+    }
+
+    fn report(&mut self, session: &str, event: &str, params: &str) {
+        self.send(&format!("report|0.6|1796002401.160410|smtp-in|{event}|{session}|{params}"));
+    }
+
+    /// A whole session up to the DATA command from `ip`, sender `from`.
+    fn open(&mut self, session: &str, ip: &str, from: &str, to: &str) {
+        self.report(session, "link-connect", &format!("mx.example.org|pass|{ip}:40000|127.0.0.1:25"));
+        assert_eq!(
+            self.filter(session, "connect", &format!("mx.example.org|{ip}")),
+            format!("filter-result|{session}|tok-connect|proceed")
+        );
+        assert_eq!(self.filter(session, "ehlo", "mx.example.org"), format!("filter-result|{session}|tok-ehlo|proceed"));
+        assert_eq!(self.filter(session, "mail-from", from), format!("filter-result|{session}|tok-mail-from|proceed"));
+        assert!(self.filter(session, "rcpt-to", to).ends_with("|proceed"), "the null sender passes RCPT");
+        assert_eq!(self.filter(session, "data", ""), format!("filter-result|{session}|tok-data|proceed"));
+    }
+
+    /// Sends a message's lines and the final dot; returns the lines echoed
+    /// (without the dot) and the answer at `commit`.
+    fn message(&mut self, session: &str, lines: &[String]) -> (Vec<String>, String) {
+        for l in lines {
+            self.send(&format!("filter|0.6|1796002401.2|smtp-in|data-line|{session}|tok-dl|{l}"));
+        }
+        self.send(&format!("filter|0.6|1796002401.2|smtp-in|data-line|{session}|tok-dl|."));
+        let mut echoed = Vec::new();
+        loop {
+            let l = self.next();
+            let body = l.strip_prefix(&format!("filter-dataline|{session}|tok-dl|")).unwrap_or_else(|| panic!("not a data line: {l}"));
+            if body == "." {
+                break;
+            }
+            echoed.push(body.to_string());
+        }
+        (echoed, self.filter(session, "commit", ""))
+    }
+
+    fn exited_within(&mut self, secs: u64) -> bool {
+        for _ in 0..secs * 20 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The front end over its pipe: headers held until the Message-ID is seen
+/// (at most `max_header_bytes`), the filters' headers first, the message
+/// otherwise unchanged (dot-escaped lines too); `max_sessions`; hostile and
+/// stray lines; a line over `max_line` ends it with a clear error; and the
+/// end of its input ends it.
+#[test]
+fn the_filter_protocol_over_a_pipe() {
+    let headers = |mid: &str| -> Vec<String> {
+        let mut h: Vec<String> =
+            (0..40).map(|i| format!("Received: from relay{i}.example.net by mx.example.org; padding padding")).collect();
+        h.extend([format!("Message-ID: {mid}"), "Subject: bounce".into(), String::new(), "..dot-escaped".into(), "body".into()]);
+        h
+    };
+    for (limit, second_is_new) in [("", true), ("max_header_bytes = 1024", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Pipe::start(dir.path(), &format!("max_sessions = 2\nmax_line = 4096\n{limit}"), "delay = 1\n");
+        // A stray line, a report for an unknown session, an unknown phase.
+        p.send("what is this");
+        p.report("0000000000000000", "link-tls", "TLSv1.3");
+        // First sight of a bounce: held headers come back whole after the
+        // hook ran, and commit answers 451 with the hint.
+        p.open("aaaa", "192.0.2.50", "", "user@example.com");
+        let (echoed, commit) = p.message("aaaa", &headers("<one@example.org>"));
+        assert_eq!(echoed, headers("<one@example.org>"), "[opensmtpd] {limit}: the message unchanged");
+        assert_eq!(commit, "filter-result|aaaa|tok-commit|reject|451 4.7.1 Greylisted, please try again later retry=00:00:01");
+        // The retry after the delay: X-Greylist first, then the message.
+        std::thread::sleep(Duration::from_millis(1100));
+        p.open("aaaa", "192.0.2.50", "", "user@example.com");
+        let (echoed, commit) = p.message("aaaa", &headers("<one@example.org>"));
+        assert!(echoed[0].starts_with("X-Greylist: delayed "), "{echoed:?}");
+        assert_eq!(echoed[1..], headers("<one@example.org>")[..]);
+        assert_eq!(commit, "filter-result|aaaa|tok-commit|proceed");
+        // Another Message-ID: a new triplet, unless the Message-ID lay past
+        // max_header_bytes (then the recipients key it, as the first).
+        p.open("aaaa", "192.0.2.50", "", "user@example.com");
+        let (_, commit) = p.message("aaaa", &headers("<two@example.org>"));
+        assert_eq!(commit.contains("reject|451"), second_is_new, "[opensmtpd] {limit}: {commit}");
+
+        // max_sessions = 2: a third session at once is refused at connect.
+        p.report("bbbb", "link-connect", "b.example.org|pass|192.0.2.51:1|127.0.0.1:25");
+        assert!(p.filter("bbbb", "connect", "b.example.org|192.0.2.51").ends_with("|proceed"));
+        assert_eq!(
+            p.filter("cccc", "connect", "c.example.org|192.0.2.52"),
+            "filter-result|cccc|tok-connect|disconnect|421 4.3.2 Too many sessions, try again later"
+        );
+        p.report("bbbb", "link-disconnect", "");
+        p.report("cccc", "link-disconnect", "");
+        p.report("dddd", "link-connect", "d.example.org|pass|192.0.2.53:1|127.0.0.1:25");
+        assert!(p.filter("dddd", "connect", "d.example.org|192.0.2.53").ends_with("|proceed"), "room again after a disconnect");
+        // A local (unix socket) session has no client address to key on.
+        p.report("dddd", "link-disconnect", "");
+        assert!(p.filter("eeee", "connect", "localhost|unix:/var/run/smtpd.sock").ends_with("|proceed"));
+
+        if limit.is_empty() {
+            // A line over max_line ends the filter with a clear error.
+            p.send(&format!("filter|0.6|1.0|smtp-in|rcpt-to|dddd|t|{}", "x".repeat(5000)));
+            assert!(p.exited_within(10), "greyhook opensmtpd goes on after an overlong line");
+            let log = std::fs::read_to_string(&p.log).unwrap();
+            assert!(log.contains("longer than 4096 bytes (opensmtpd.max_line)"), "{log}");
+        } else {
+            // smtpd closing the pipe ends it.
+            drop(p.stdin.take());
+            assert!(p.exited_within(10), "greyhook opensmtpd goes on after its input ended");
+        }
+    }
+}
