@@ -10,7 +10,7 @@
 pub mod domain {
     pub mod reply;
     pub mod retry;
-    pub mod types;
+    pub use greyhook_types as types;
 }
 pub use domain::{reply, retry, types};
 

@@ -12,7 +12,9 @@ wit_bindgen::generate!({
 });
 
 use exports::greyhook::filter::hooks::Guest;
-use greyhook::filter::types::{Context, Decision, EhloVerdict, FilterInfo, Header, IpAddress, Message, Reply, Verdict};
+use greyhook::filter::types::{
+    AcceptedRecipient, Context, Decision, EhloVerdict, FilterInfo, Header, IpAddress, Message, Reply, Session, Transaction, Verdict,
+};
 use greyhook::filter::{log, store};
 
 thread_local! {
@@ -54,40 +56,47 @@ fn store_error(e: store::StoreError) -> KvError {
     }
 }
 
-fn ctx(c: Context) -> filter::Ctx {
-    let client = match c.session.client_address {
+/// The WIT context as the contract's Rust types. Every record is taken
+/// apart whole (no `..`): a field added to the WIT stops this compiling
+/// until it is carried.
+fn ctx(c: Context) -> filter::Context {
+    let Context { session, transaction, now } = c;
+    let Session { id, client_address, client_name, helo, auth_user, tls } = session;
+    let client_address = match client_address {
         IpAddress::Ipv4((a, b, cc, d)) => IpAddr::V4(Ipv4Addr::new(a, b, cc, d)),
         IpAddress::Ipv6((a, b, cc, d, e, f, g, h)) => IpAddr::V6(Ipv6Addr::new(a, b, cc, d, e, f, g, h)),
     };
-    filter::Ctx {
-        session: filter::Session {
-            id: c.session.id,
-            client,
-            client_name: c.session.client_name,
-            helo: c.session.helo,
-            auth_user: c.session.auth_user,
-            tls: c.session.tls,
+    let Transaction { sender, recipients } = transaction;
+    filter::Context {
+        session: filter::Session { id, client_address, client_name, helo, auth_user, tls },
+        transaction: filter::Transaction {
+            sender,
+            recipients: recipients
+                .into_iter()
+                .map(|AcceptedRecipient { address, policy_group }| filter::AcceptedRecipient { address, policy_group })
+                .collect(),
         },
-        sender: c.transaction.sender,
-        recipients: c.transaction.recipients.into_iter().map(|r| (r.address, r.policy_group)).collect(),
-        now: c.now,
+        now,
     }
 }
 
 fn reply(r: filter::Reply) -> Reply {
-    Reply { code: r.code, enhanced: r.enhanced, text: r.text, retry_after: r.retry_after }
+    let filter::Reply { code, enhanced, text, retry_after } = r;
+    Reply { code, enhanced, text, retry_after }
 }
 
+/// The filter's verdict as the WIT's (taken apart whole, as [`ctx`]).
 fn verdict(v: filter::Verdict) -> Verdict {
+    let filter::Verdict { decision, add_headers, policy_group } = v;
     Verdict {
-        decision: match v.decision {
+        decision: match decision {
             filter::Decision::Continue => Decision::Continue,
             filter::Decision::Accept => Decision::Accept,
             filter::Decision::Tempfail(r) => Decision::Tempfail(reply(r)),
             filter::Decision::Reject(r) => Decision::Reject(reply(r)),
         },
-        add_headers: v.headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
-        policy_group: v.group,
+        add_headers: add_headers.into_iter().map(|filter::Header { name, value }| Header { name, value }).collect(),
+        policy_group,
     }
 }
 

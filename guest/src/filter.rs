@@ -1,11 +1,10 @@
 //! The greylisting decisions, independent of how they are called.
 //!
 //! [`Greylist`] holds the validated configuration; each hook takes the
-//! context and a [`Kv`] store. The component glue maps the WIT types to these
-//! and the WIT store to [`Kv`]; the native benchmark maps them to the host's
-//! store directly.
-
-use std::net::IpAddr;
+//! context (the contract's own types, [`greyhook_types`], which the host
+//! uses too) and a [`Kv`] store. The component glue converts the WIT
+//! bindings to those types once and maps the WIT store to [`Kv`]; the native
+//! benchmark maps them to the host's store directly.
 
 use crate::config::{Config, Stage};
 use crate::normalize::{self, check_address, client_network, normalize_recipient, normalize_sender, triplet_key};
@@ -39,82 +38,12 @@ pub trait Kv {
     fn log(&mut self, level: Level, msg: &str);
 }
 
-/// The session, as in the WIT `session` record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    /// Session id, for logs.
-    pub id: String,
-    /// Client address.
-    pub client: IpAddr,
-    /// Verified client name.
-    pub client_name: Option<String>,
-    /// HELO argument.
-    pub helo: Option<String>,
-    /// Authenticated identity.
-    pub auth_user: Option<String>,
-    /// TLS in use.
-    pub tls: bool,
-}
+pub use greyhook_types::{AcceptedRecipient, Context, Decision, Header, Reply, Session, Transaction, Verdict};
 
-/// The context of a hook call, as in the WIT `context` record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ctx {
-    /// The session.
-    pub session: Session,
-    /// MAIL FROM (`Some("")` is `<>`).
-    pub sender: Option<String>,
-    /// Accepted recipients with their policy groups.
-    pub recipients: Vec<(String, String)>,
-    /// Unix seconds.
-    pub now: u64,
-}
-
-/// A structured reply (the host renders it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// Reply code.
-    pub code: u16,
-    /// Enhanced status code.
-    pub enhanced: Option<String>,
-    /// Text lines.
-    pub text: Vec<String>,
-    /// Retry hint in seconds.
-    pub retry_after: Option<u32>,
-}
-
-/// A decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// No opinion.
-    Continue,
-    /// Accept (final).
-    Accept,
-    /// Temporary failure.
-    Tempfail(Reply),
-    /// Permanent failure.
-    Reject(Reply),
-}
-
-/// A hook's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    /// The decision.
-    pub decision: Decision,
-    /// Headers to add: `(name, value)`.
-    pub headers: Vec<(String, String)>,
-    /// The recipient's policy group (RCPT only).
-    pub group: Option<String>,
-}
-
-impl Verdict {
-    /// No opinion.
-    pub fn cont() -> Verdict {
-        Verdict { decision: Decision::Continue, headers: Vec::new(), group: None }
-    }
-    fn group(mut self, g: &str) -> Verdict {
-        self.group = Some(g.to_string());
-        self
-    }
+/// The verdict with its policy group set (RCPT).
+fn with_group(mut v: Verdict, g: &str) -> Verdict {
+    v.policy_group = Some(g.to_string());
+    v
 }
 
 /// The filter's name as reported by `init`.
@@ -170,8 +99,8 @@ impl Greylist {
         Greylist { config }
     }
 
-    fn net(&self, ctx: &Ctx) -> String {
-        client_network(ctx.session.client, self.config.ipv4_prefix, self.config.ipv6_prefix)
+    fn net(&self, ctx: &Context) -> String {
+        client_network(ctx.session.client_address, self.config.ipv4_prefix, self.config.ipv6_prefix)
     }
 
     fn tempfail(&self, code: u16, text: Vec<String>, retry: u64) -> Decision {
@@ -185,12 +114,12 @@ impl Greylist {
 
     /// True if the client is exempt from greylisting: authenticated,
     /// whitelisted by network or name, or auto-whitelisted.
-    fn client_exempt(&self, ctx: &Ctx, net: &str, kv: &mut dyn Kv) -> Result<Option<&'static str>, KvError> {
+    fn client_exempt(&self, ctx: &Context, net: &str, kv: &mut dyn Kv) -> Result<Option<&'static str>, KvError> {
         let s = &ctx.session;
         if s.auth_user.as_deref().is_some_and(|u| !u.is_empty()) {
             return Ok(Some("authenticated"));
         }
-        if self.config.whitelist_clients.iter().any(|c| c.contains(s.client)) {
+        if self.config.whitelist_clients.iter().any(|c| c.contains(s.client_address)) {
             return Ok(Some("whitelisted client"));
         }
         if let Some(name) = s.client_name.as_deref() {
@@ -267,7 +196,7 @@ impl Greylist {
     }
 
     /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
-    fn greylist(&self, ctx: &Ctx, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    fn greylist(&self, ctx: &Context, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = format!("{prefix}{}", triplet_key(parts));
         Ok(match self.check(&key, delay, ctx.now, kv)? {
@@ -277,7 +206,7 @@ impl Greylist {
                 self.count_pass(net, kv)?;
                 let mut v = Verdict::cont();
                 if self.config.add_header {
-                    v.headers.push(("X-Greylist".into(), format!("delayed {waited} seconds by greyhook")));
+                    v.add_headers.push(Header { name: "X-Greylist".into(), value: format!("delayed {waited} seconds by greyhook") });
                 }
                 v
             }
@@ -290,7 +219,7 @@ impl Greylist {
     /// bytes, U+FFFD from invalid UTF-8) is client input, not a host fault:
     /// it is keyed on its raw bytes and greylisted like any other, never
     /// let through.
-    fn key_sender(&self, ctx: &Ctx, sender: &str, kv: &mut dyn Kv) -> String {
+    fn key_sender(&self, ctx: &Context, sender: &str, kv: &mut dyn Kv) -> String {
         match check_address(sender) {
             Ok(()) if self.config.normalize_sender => normalize_sender(sender),
             Ok(()) => sender.to_ascii_lowercase(),
@@ -302,7 +231,7 @@ impl Greylist {
     }
 
     /// The recipient as it goes into a triplet key (see [`Self::key_sender`]).
-    fn key_recipient(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> String {
+    fn key_recipient(&self, ctx: &Context, recipient: &str, kv: &mut dyn Kv) -> String {
         match check_address(recipient) {
             Ok(()) if !recipient.is_empty() => normalize_recipient(recipient),
             Ok(()) => raw_key(recipient),
@@ -314,7 +243,7 @@ impl Greylist {
     }
 
     /// The connect hook: greylists the client network at stage `connect`.
-    pub fn on_connect(&self, ctx: &Ctx, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    pub fn on_connect(&self, ctx: &Context, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
         if self.config.stage != Stage::Connect {
             return Ok(Verdict::cont());
         }
@@ -325,7 +254,7 @@ impl Greylist {
         }
         let v = self.greylist(ctx, &net, &[&net], self.config.delay, 421, kv)?;
         // No message to put a header in yet.
-        Ok(Verdict { headers: Vec::new(), ..v })
+        Ok(Verdict { add_headers: Vec::new(), ..v })
     }
 
     /// The EHLO hook: advertises `GREYLIST`.
@@ -334,17 +263,17 @@ impl Greylist {
     }
 
     /// The RCPT hook.
-    pub fn on_rcpt(&self, ctx: &Ctx, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
-        let sender = ctx.sender.as_deref().unwrap_or("");
+    pub fn on_rcpt(&self, ctx: &Context, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        let sender = ctx.transaction.sender.as_deref().unwrap_or("");
         let rcpt = self.key_recipient(ctx, recipient, kv);
         let always = self.config.whitelist_recipients.iter().any(|p| p.matches(&rcpt));
         let (group, greylist, delay) = self.config.policy_for(&rcpt);
         // Seed 000: without PRDR, accept only recipients that share the
         // first accepted recipient's policy; ask for the others again at once
         // in a new transaction. Whitelisted recipients (postmaster) fit any.
-        let group = match ctx.recipients.first() {
-            Some((_, first)) if always => first.clone(),
-            Some((_, first)) if first != group => {
+        let group = match ctx.transaction.recipients.first().map(|r| &r.policy_group) {
+            Some(first) if always => first.clone(),
+            Some(first) if first != group => {
                 kv.log(Level::Info, &format!("{recipient}: policy group {group} differs from {first}: retry at once"));
                 // Its greylist record starts now, so the client's retry in a
                 // new transaction waits out one delay, not two.
@@ -357,44 +286,42 @@ impl Greylist {
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).
-                return Ok(Verdict {
-                    decision: self.tempfail(
-                        451,
-                        vec!["This recipient has a different policy than the first one; please retry it in a new transaction".into()],
-                        0,
-                    ),
-                    ..Verdict::cont()
-                }
-                .group(group));
+                let decision = self.tempfail(
+                    451,
+                    vec!["This recipient has a different policy than the first one; please retry it in a new transaction".into()],
+                    0,
+                );
+                return Ok(with_group(Verdict { decision, ..Verdict::cont() }, group));
             }
             _ => group.to_string(),
         };
         if always || !greylist || self.config.stage != Stage::Rcpt || sender.is_empty() {
             // Whitelisted or opted out, or decided at another stage (the
             // null sender is greylisted at DATA, never at RCPT).
-            return Ok(Verdict::cont().group(&group));
+            return Ok(with_group(Verdict::cont(), &group));
         }
         let net = self.net(ctx);
         if let Some(why) = self.client_exempt(ctx, &net, kv)? {
             kv.log(Level::Debug, &format!("{net}: {why}"));
-            return Ok(Verdict::cont().group(&group));
+            return Ok(with_group(Verdict::cont(), &group));
         }
         let sender = self.key_sender(ctx, sender, kv);
-        Ok(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?.group(&group))
+        Ok(with_group(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?, &group))
     }
 
     /// The DATA hook: greylists at stage `data`, and the null sender at stage `rcpt`.
-    pub fn on_data(&self, ctx: &Ctx, message_id: Option<&str>, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
-        let sender = ctx.sender.as_deref().unwrap_or("");
+    pub fn on_data(&self, ctx: &Context, message_id: Option<&str>, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+        let sender = ctx.transaction.sender.as_deref().unwrap_or("");
         let at_data = self.config.stage == Stage::Data || (self.config.stage == Stage::Rcpt && sender.is_empty());
-        if !at_data || ctx.recipients.is_empty() {
+        let recipients = &ctx.transaction.recipients;
+        if !at_data || recipients.is_empty() {
             return Ok(Verdict::cont());
         }
         let whitelisted = |r: &str| self.config.whitelist_recipients.iter().any(|p| p.matches(&normalize_recipient(r)));
-        if ctx.recipients.iter().all(|(r, _)| whitelisted(r)) {
+        if recipients.iter().all(|r| whitelisted(&r.address)) {
             return Ok(Verdict::cont());
         }
-        let group = &ctx.recipients[0].1;
+        let group = &recipients[0].policy_group;
         let (greylist, delay) = self.config.policy_named(group);
         if !greylist {
             return Ok(Verdict::cont());
@@ -409,7 +336,7 @@ impl Greylist {
         let mid = match message_id.map(str::trim).filter(|m| !m.is_empty() && m.len() <= 998) {
             Some(m) => m.to_string(),
             None => {
-                let mut r: Vec<String> = ctx.recipients.iter().map(|(a, _)| self.key_recipient(ctx, a, kv)).collect();
+                let mut r: Vec<String> = recipients.iter().map(|a| self.key_recipient(ctx, &a.address, kv)).collect();
                 r.sort();
                 r.join(",")
             }
@@ -454,11 +381,10 @@ mod tests {
         fn log(&mut self, _: Level, _: &str) {}
     }
 
-    fn ctx(ip: &str, sender: &str, now: u64) -> Ctx {
-        Ctx {
-            session: Session { id: "t".into(), client: ip.parse().unwrap(), client_name: None, helo: None, auth_user: None, tls: false },
-            sender: Some(sender.into()),
-            recipients: Vec::new(),
+    fn ctx(ip: &str, sender: &str, now: u64) -> Context {
+        Context {
+            session: Session::new("t", ip.parse().unwrap()),
+            transaction: Transaction { sender: Some(sender.into()), recipients: Vec::new() },
             now,
         }
     }
@@ -480,8 +406,8 @@ mod tests {
         assert_eq!(retry(&v), Some(200));
         let v = g.on_rcpt(&ctx("192.0.2.200", "a@x.org", 1300), "b@y.org", &mut kv).unwrap();
         assert_eq!(v.decision, Decision::Continue);
-        assert_eq!(v.headers, vec![("X-Greylist".to_string(), "delayed 300 seconds by greyhook".to_string())]);
-        assert_eq!(v.group.as_deref(), Some("default"));
+        assert_eq!(v.add_headers, vec![Header { name: "X-Greylist".into(), value: "delayed 300 seconds by greyhook".into() }]);
+        assert_eq!(v.policy_group.as_deref(), Some("default"));
     }
 
     /// Client input the filter cannot normalise is greylisted on its raw
@@ -510,7 +436,7 @@ mod tests {
         // At DATA (null sender, or stage data) too.
         let mut kv = Mem::default();
         let mut c = ctx("192.0.2.1", "\"a b\"@evil.example", 1000);
-        c.recipients = vec![("v@d.example".into(), "default".into())];
+        c.transaction.recipients = vec![AcceptedRecipient { address: "v@d.example".into(), policy_group: "default".into() }];
         let g = Greylist::new(Config { stage: Stage::Data, ..Config::default() });
         assert_eq!(retry(&g.on_data(&c, None, &mut kv).unwrap()), Some(300));
     }

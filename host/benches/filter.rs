@@ -14,7 +14,7 @@ use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, Store, Writ
 use greyhook::types::{Context, Session, Transaction};
 use greyhook::{FilterOptions, Runtime, RuntimeConfig};
 use greylist_guest::config::Config;
-use greylist_guest::filter::{Ctx, Greylist, Kv, KvError, Level};
+use greylist_guest::filter::{Greylist, Kv, KvError, Level};
 
 const T0: u64 = 1_700_000_000;
 const TRIPLETS: u64 = 5_000;
@@ -57,19 +57,9 @@ fn native(store: &dyn Store, n: u64) -> f64 {
     let start = Instant::now();
     for i in 0..n {
         let (ip, sender, now) = workload(i);
-        let ctx = Ctx {
-            session: greylist_guest::filter::Session {
-                id: "b".into(),
-                client: ip,
-                client_name: None,
-                helo: None,
-                auth_user: None,
-                tls: false,
-            },
-            sender: Some(sender),
-            recipients: Vec::new(),
-            now,
-        };
+        // The same types the host hands the Wasm filter (greyhook-types).
+        let ctx =
+            Context { session: Session::new("b", ip), transaction: Transaction { sender: Some(sender), recipients: Vec::new() }, now };
         let v = g.on_rcpt(&ctx, "user@example.com", &mut HostKv { store, now }).expect("native call");
         std::hint::black_box(v);
     }

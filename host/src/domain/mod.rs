@@ -6,4 +6,4 @@
 pub mod clock;
 pub mod reply;
 pub mod retry;
-pub mod types;
+pub use greyhook_types as types;

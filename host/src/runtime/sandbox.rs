@@ -392,10 +392,14 @@ impl Quota {
 }
 
 // ---- conversions between crate::domain::types and the WIT types ----
+// Both sides have the WIT's names (`greyhook-types`). Every record is taken
+// apart whole and built whole (no `..`): a field added to either side stops
+// these compiling until it is carried.
 
 pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
-    let s = &c.session;
-    let client_address = match s.client_address {
+    let types::Context { session, transaction, now } = c;
+    let types::Session { id, client_address, client_name, helo, auth_user, tls } = session;
+    let client_address = match client_address {
         IpAddr::V4(a) => {
             let o = a.octets();
             wit::IpAddress::Ipv4((o[0], o[1], o[2], o[3]))
@@ -411,52 +415,58 @@ pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
             }
         },
     };
+    let types::Transaction { sender, recipients } = transaction;
     wit::Context {
         session: wit::Session {
-            id: s.id.clone(),
+            id: id.clone(),
             client_address,
-            client_name: s.client_name.clone(),
-            helo: s.helo.clone(),
-            auth_user: s.auth_user.clone(),
-            tls: s.tls,
+            client_name: client_name.clone(),
+            helo: helo.clone(),
+            auth_user: auth_user.clone(),
+            tls: *tls,
         },
         transaction: wit::Transaction {
-            sender: c.transaction.sender.clone(),
-            recipients: c
-                .transaction
-                .recipients
+            sender: sender.clone(),
+            recipients: recipients
                 .iter()
-                .map(|r| wit::AcceptedRecipient { address: r.address.clone(), policy_group: r.policy_group.clone() })
+                .map(|types::AcceptedRecipient { address, policy_group }| wit::AcceptedRecipient {
+                    address: address.clone(),
+                    policy_group: policy_group.clone(),
+                })
                 .collect(),
         },
-        now: c.now,
+        now: *now,
     }
 }
 
 pub(crate) fn message_to_wit(m: &types::Message) -> wit::Message {
+    let types::Message { message_id, headers } = m;
     wit::Message {
-        message_id: m.message_id.clone(),
-        headers: m.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
+        message_id: message_id.clone(),
+        headers: headers.iter().map(|types::Header { name, value }| wit::Header { name: name.clone(), value: value.clone() }).collect(),
     }
 }
 
 fn reply_from_wit(r: wit::Reply) -> types::Reply {
-    types::Reply { code: r.code, enhanced: r.enhanced, text: r.text, retry_after: r.retry_after }
+    let wit::Reply { code, enhanced, text, retry_after } = r;
+    types::Reply { code, enhanced, text, retry_after }
 }
 
 pub(crate) fn verdict_from_wit(v: wit::Verdict) -> types::Verdict {
+    let wit::Verdict { decision, add_headers, policy_group } = v;
     types::Verdict {
-        decision: match v.decision {
+        decision: match decision {
             wit::Decision::Continue => types::Decision::Continue,
             wit::Decision::Accept => types::Decision::Accept,
             wit::Decision::Tempfail(r) => types::Decision::Tempfail(reply_from_wit(r)),
             wit::Decision::Reject(r) => types::Decision::Reject(reply_from_wit(r)),
         },
-        add_headers: v.add_headers.into_iter().map(|h| types::Header { name: h.name, value: h.value }).collect(),
-        policy_group: v.policy_group,
+        add_headers: add_headers.into_iter().map(|wit::Header { name, value }| types::Header { name, value }).collect(),
+        policy_group,
     }
 }
 
 pub(crate) fn ehlo_from_wit(v: wit::EhloVerdict) -> types::EhloVerdict {
-    types::EhloVerdict { verdict: verdict_from_wit(v.verdict), keywords: v.keywords }
+    let wit::EhloVerdict { verdict, keywords } = v;
+    types::EhloVerdict { verdict: verdict_from_wit(verdict), keywords }
 }

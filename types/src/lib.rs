@@ -1,6 +1,16 @@
-//! The host-side view of the filter contract: plain Rust types that front
-//! ends fill in and read back. [`crate::runtime`] converts them to and from
-//! the WIT types of `wit/greyhook.wit`.
+//! The filter contract's types (`wit/greyhook.wit`, `greyhook:filter/types`)
+//! as plain Rust, with the WIT's names (`client-address` is
+//! `client_address`, `add-headers` is `add_headers`): what a host hands a
+//! filter and what the filter answers.
+//!
+//! One definition for both sides: the greyhook host's front ends fill them
+//! in and read them back (and convert them to and from the wasmtime
+//! bindings at the component boundary), and a Rust filter converts the
+//! wit-bindgen bindings to them once and writes its logic, and its native
+//! tests, against them. No hand-written mirror can drift: a field added to
+//! the WIT is added here, and both conversions stop compiling until they
+//! carry it.
+#![deny(missing_docs)]
 
 use std::net::IpAddr;
 
@@ -75,7 +85,8 @@ pub struct Message {
     pub headers: Vec<Header>,
 }
 
-/// A structured SMTP reply; see [`crate::domain::reply`] for how it is checked and rendered.
+/// A structured SMTP reply (the host checks it and renders it, with the
+/// `retry=` hint on the last line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// Reply code (4yz or 5yz).
