@@ -28,6 +28,6 @@ pub mod policy_request;
 #[path = "../../host/src/frontend/milter/frames.rs"]
 pub mod milter_frames;
 
-/// `--set KEY=VALUE` layering over a filter's TOML (`host/src/cli/overrides.rs`).
-#[path = "../../host/src/cli/overrides.rs"]
+/// `--set KEY=VALUE` layering over a filter's TOML (`host/src/daemon/overrides.rs`).
+#[path = "../../host/src/daemon/overrides.rs"]
 pub mod config;

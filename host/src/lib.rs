@@ -16,7 +16,8 @@
 //! - [`frontend`] — the MTA protocols (Postfix policy, milter, an SMTP
 //!   server, OpenSMTPD), each behind [`frontend::FrontEnd`];
 //! - [`daemon`] — the configuration file and the running daemon that puts
-//!   them together; [`cli`] — the command line's other tools.
+//!   them together (the `greyhook` command is a thin layer over it, in
+//!   `src/bin/greyhook/`).
 //!
 //! An MTA that embeds greyhook needs the first four: load a filter, make a
 //! session per connection, call it at each SMTP command, send the reply it
@@ -40,13 +41,12 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod cli;
 pub mod daemon;
 mod domain;
 pub mod frontend;
 pub mod runtime;
 pub mod session;
-pub mod settings;
+mod settings;
 pub mod store;
 
 pub use domain::{clock, reply, retry, types};

@@ -254,7 +254,7 @@ impl DaemonConfig {
         }
         let f = self.main_filter_mut();
         let base = toml::to_string(&f.config).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        let merged = crate::cli::overrides::merge_settings(&base, "--set", sets).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        let merged = super::overrides::merge_settings(&base, "--set", sets).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         f.config = merged.parse().map_err(|e: toml::de::Error| DaemonError::Invalid(e.to_string()))?;
         Ok(())
     }

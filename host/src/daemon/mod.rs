@@ -9,6 +9,7 @@
 
 mod config;
 mod control;
+mod overrides;
 mod watch;
 
 pub use self::config::*;

@@ -271,11 +271,6 @@ impl Load {
         self.max
     }
 
-    /// Connections in hand.
-    pub fn active(&self) -> usize {
-        self.active.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Whether at least three quarters of the slots are taken.
     pub fn stressed(&self) -> bool {
         *self.stress.borrow()

@@ -25,7 +25,7 @@ use std::future::Future;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-pub mod listen;
+pub(crate) mod listen;
 pub mod milter;
 pub mod opensmtpd;
 pub mod policy;

@@ -157,7 +157,7 @@ struct Tracked {
 
 /// The policy service: the hooks, and the sessions of the Postfix
 /// `instance`s in flight.
-pub struct PolicyServer {
+pub(crate) struct PolicyServer {
     hooks: Hooks,
     config: PolicyConfig,
     transactions: Mutex<HashMap<String, Tracked>>,
@@ -282,11 +282,6 @@ impl PolicyServer {
             }
         }
         txs.insert(instance.to_string(), Tracked { session, touched: Instant::now() });
-    }
-
-    /// How many transactions are tracked.
-    pub fn tracked_transactions(&self) -> usize {
-        self.txs().len()
     }
 
     fn action(&self, v: &Verdict) -> String {

@@ -8,7 +8,7 @@
 //!   recipients of another policy group, seed 000);
 //! - end of DATA: `451 ... retry=`, keyed with the Message-ID.
 //!
-//! Accepted mail is relayed to the next hop ([`crate::frontend::smtp::relay`]) command by
+//! Accepted mail is relayed to the next hop (`relay.rs`) command by
 //! command; the client's `250` after DATA is the next hop's `250`, so
 //! nothing is lost and nothing is accepted twice. A next-hop tempfail comes
 //! back as a tempfail.
@@ -21,7 +21,7 @@
 //! certificate is configured (input pipelined after STARTTLS is refused,
 //! CVE-2011-0411).
 //!
-//! Against hostile clients ([`wire`] has the byte-level rules): only
+//! Against hostile clients (`wire.rs` has the byte-level rules): only
 //! `CRLF . CRLF` ends the data, and a bare LF or CR is refused with `521`
 //! or taken as a line end ([`BareNewline`]); every read and write has a
 //! deadline, shortened while the listener is under stress; a client address
@@ -30,8 +30,8 @@
 //! across all connections has a budget (`452 4.3.1` when it is spent).
 //! The next hop is connected only once a recipient is accepted.
 
-pub mod relay;
-pub mod wire;
+pub(crate) mod relay;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

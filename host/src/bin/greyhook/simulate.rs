@@ -26,11 +26,11 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::domain::clock::{Clock, ManualClock};
-use crate::domain::reply::render_lines;
-use crate::domain::types::{Decision, Header, Message, Verdict};
-use crate::runtime::Chain;
-use crate::session::{Hooks, SmtpSession, keep_headers};
+use greyhook::Chain;
+use greyhook::clock::{Clock, ManualClock};
+use greyhook::reply::render_lines;
+use greyhook::session::{Hooks, SmtpSession, keep_headers};
+use greyhook::types::{Decision, Header, Message, Verdict};
 
 /// A script that cannot be run.
 #[derive(Debug, Error)]

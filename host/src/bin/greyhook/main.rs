@@ -1,5 +1,7 @@
 //! The `greyhook` command.
 
+mod simulate;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -452,9 +454,9 @@ async fn run(cli: Cli) -> Result<()> {
             let store = cfg.store.open().context("cannot open the store")?;
             let loaded = greyhook::daemon::load_chain(&cfg, store.clone(), None).await.context("the filter chain is refused")?;
             let text = String::from_utf8(read(&script)?).context("the script is not UTF-8")?;
-            let events = greyhook::cli::simulate::parse_script(&text)?;
+            let events = simulate::parse_script(&text)?;
             let start = start.unwrap_or_else(|| SystemClock.now());
-            for line in greyhook::cli::simulate::run(&loaded.chain(), &events, start).await? {
+            for line in simulate::run(&loaded.chain(), &events, start).await? {
                 println!("{line}");
             }
             store.flush().await?;
