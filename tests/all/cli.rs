@@ -139,3 +139,32 @@ fn serve_refuses_durations_that_would_overflow() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `simulate --config` runs the whole configured chain, as the daemon
+/// would: with two greylisting filters (delays 2 and 7 minutes, their own
+/// namespaces) the first answers first; once it lets the triplet pass, the
+/// second is asked and greylists in turn.
+#[test]
+fn simulate_runs_the_configured_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        "[[filters]]\nnamespace = \"first\"\n[filters.config]\ndelay = \"2m\"\n\
+         [[filters]]\nnamespace = \"second\"\n[filters.config]\ndelay = \"7m\"\n",
+    )
+    .unwrap();
+    let script = dir.path().join("s.txt");
+    std::fs::write(
+        &script,
+        "CONNECT 192.0.2.1\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.com>\nQUIT\n\
+         @121 CONNECT 192.0.2.1\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.com>\nQUIT\n",
+    )
+    .unwrap();
+    let (ok, out, err) = greyhook(&["simulate", script.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--start", "1700000000"]);
+    assert!(ok, "{err}");
+    let tempfails: Vec<&str> = out.lines().filter(|l| l.starts_with("S: 451")).collect();
+    assert_eq!(tempfails.len(), 2, "{out}");
+    assert!(tempfails[0].ends_with("retry=00:02:00"), "the first filter answers first:\n{out}");
+    assert!(tempfails[1].ends_with("retry=00:07:00"), "then the second is asked:\n{out}");
+}
