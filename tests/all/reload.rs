@@ -497,7 +497,7 @@ async fn the_breaker_needs_half_the_calls_and_doubles_its_backoff() {
     let store: Arc<dyn greyhook::store::Store> = Arc::new(greyhook::store::MemoryStore::new());
     let r = Reloader::start(runtime(), store, FilterSource::Embedded, greyhook::FilterOptions::default(), None).await.unwrap();
     let config = BreakerConfig { failures: 5, window: Duration::from_secs(1), backoff: Duration::from_millis(400) };
-    let chaos_options = greyhook::FilterOptions { namespace: "chaos".into(), ..Default::default() };
+    let chaos_options = greyhook::FilterOptions { namespace: Some("chaos".into()), ..Default::default() };
     let load_chaos = || r.reload_with(Some(FilterSource::File(chaos.clone())), Some(chaos_options.clone()));
     assert!(load_chaos().await.unwrap().to_string().starts_with("loaded chaos"));
     let calls = |fail: usize, ok: usize| {
@@ -534,4 +534,54 @@ async fn the_breaker_needs_half_the_calls_and_doubles_its_backoff() {
     assert!(load_chaos().await.is_err(), "still refused after the first back-off: it doubled");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(load_chaos().await.is_ok(), "accepted after the doubled back-off");
+}
+
+/// A filter's store namespace is its own name from `init` unless its table
+/// names one: two different filters never share records by accident, two
+/// copies of one filter are refused until they are named apart, and a
+/// reload that swaps in another filter moves to that filter's namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filters_namespace_is_its_name_unless_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("front.wasm"), CHAOS_FILTER).unwrap();
+    let base = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n",
+        d = d.display()
+    );
+    let start = |chain: String| {
+        let text = format!("{base}{chain}");
+        async move {
+            let cfg = DaemonConfig::parse(&text, "g.toml").unwrap();
+            Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await
+        }
+    };
+    let front = format!("[[filters]]\npath = \"{}/front.wasm\"\n", d.display());
+    let daemon = start(format!("{front}[[filters]]\n")).await.unwrap();
+    let namespaces: Vec<String> = daemon.filters().iter().map(|f| f.namespace().to_string()).collect();
+    assert_eq!(namespaces, ["chaos", "greylist"]);
+    // Swap the chaos filter for the reference one: another name, so
+    // another namespace (not chaos's records) — but the second filter's:
+    // refused, the chaos filter keeps serving.
+    std::fs::write(d.join("front.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    let e = daemon.reload().await.expect_err("a reload into another filter's namespace is refused");
+    assert!(e.to_string().contains("namespace \"greylist\" is another filter's"), "{e}");
+    assert_eq!(daemon.filters()[0].namespace(), "chaos");
+    daemon.stop().await;
+    // With the second filter named apart, the same swap moves the first
+    // link to the reference filter's own namespace.
+    std::fs::write(d.join("front.wasm"), CHAOS_FILTER).unwrap();
+    let daemon = start(format!("{front}[[filters]]\nnamespace = \"main\"\n")).await.unwrap();
+    std::fs::write(d.join("front.wasm"), greyhook::REFERENCE_FILTER).unwrap();
+    assert!(daemon.reload().await.is_ok());
+    let namespaces: Vec<String> = daemon.filters().iter().map(|f| f.namespace().to_string()).collect();
+    assert_eq!(namespaces, ["greylist", "main"]);
+    daemon.stop().await;
+
+    let e = start("[[filters]]\n[[filters]]\n".into()).await.err().expect("two reference filters share a namespace");
+    assert!(e.to_string().contains("share the store namespace \"greylist\""), "{e}");
+    let daemon = start("[[filters]]\nnamespace = \"strict\"\n[[filters]]\n".into()).await.unwrap();
+    let namespaces: Vec<String> = daemon.filters().iter().map(|f| f.namespace().to_string()).collect();
+    assert_eq!(namespaces, ["strict", "greylist"]);
+    daemon.stop().await;
 }

@@ -13,7 +13,7 @@ use greyhook_tests::*;
 async fn chaos(policy: FailurePolicy) -> (greyhook::Filter, Arc<MemoryStore>) {
     let store = Arc::new(MemoryStore::new());
     let options = FilterOptions {
-        namespace: "chaos".into(),
+        namespace: Some("chaos".into()),
         failure_policy: policy,
         // A deadline long enough for the memory mode to reach its cap, and
         // for every ordinary call, on a busy 2-core machine running the

@@ -148,7 +148,7 @@ async fn filter_cas_through_wasm_loses_no_update() {
     // Eight callers on one key retry a lot (more over the network): room
     // for the retries, so the test is about lost updates, not limits.
     let options = greyhook::FilterOptions {
-        namespace: "chaos".into(),
+        namespace: Some("chaos".into()),
         limits: greyhook::Limits { store_calls: 10_000, deadline: std::time::Duration::from_secs(20), ..Default::default() },
         ..Default::default()
     };
@@ -210,7 +210,10 @@ async fn an_oversized_record_from_a_shared_store_never_reaches_the_filter() {
     let big = "9".repeat(100_000);
     let exp = (T0 + 3600).to_string();
     redis.cli(&["HSET", "greyhook:chaos/counter", "v", &big, "ver", "7", "exp", &exp]);
-    let f = runtime().load(CHAOS_FILTER, greyhook::FilterOptions { namespace: "chaos".into(), ..Default::default() }, store).await.unwrap();
+    let f = runtime()
+        .load(CHAOS_FILTER, greyhook::FilterOptions { namespace: Some("chaos".into()), ..Default::default() }, store)
+        .await
+        .unwrap();
     let c = Client::new(&f, "192.0.2.1", T0);
     let e = f.try_on_rcpt(&c.ctx(), "counter@x").await.unwrap_err();
     assert!(e.to_string().contains("100000 bytes"), "{e}");

@@ -26,8 +26,9 @@ pub use crate::settings::MAX_DURATION;
 pub struct FilterConfig {
     /// The filter component; the embedded reference filter if unset.
     pub path: Option<PathBuf>,
-    /// Store namespace of the filter's keys.
-    pub namespace: String,
+    /// Store namespace of the filter's keys (default: the filter's name
+    /// from its `init`, `greylist` for the reference filter).
+    pub namespace: Option<String>,
     /// `continue` (fail open) or `tempfail`.
     pub failure_policy: FailurePolicy,
     /// Deadline of one hook call.
@@ -71,7 +72,7 @@ impl Default for FilterConfig {
         let l = Limits::default();
         FilterConfig {
             path: None,
-            namespace: "greylist".into(),
+            namespace: None,
             failure_policy: FailurePolicy::Continue,
             deadline: l.deadline,
             memory_mib: l.memory >> 20,

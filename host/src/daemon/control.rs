@@ -39,7 +39,7 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                                 "{} {} namespace={} calls={} failures={}",
                                 f.info().name,
                                 f.info().version,
-                                f.options().namespace,
+                                f.namespace(),
                                 s.calls.load(std::sync::atomic::Ordering::Relaxed),
                                 s.failures.load(std::sync::atomic::Ordering::Relaxed)
                             )

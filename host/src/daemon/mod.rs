@@ -58,11 +58,10 @@ fn filter_specs(config: &DaemonConfig) -> Result<Vec<FilterSpec>, DaemonError> {
     let mut specs: Vec<FilterSpec> = Vec::new();
     for f in &chain {
         let spec = filter_spec(f)?;
-        if specs.iter().any(|s| s.options.namespace == spec.options.namespace) {
-            return Err(DaemonError::Invalid(format!(
-                "two filters share the store namespace {:?}: give each its own",
-                spec.options.namespace
-            )));
+        if let Some(ns) = &spec.options.namespace
+            && specs.iter().any(|s| s.options.namespace.as_ref() == Some(ns))
+        {
+            return Err(DaemonError::Invalid(format!("two filters share the store namespace {ns:?}: give each its own")));
         }
         specs.push(spec);
     }
@@ -200,11 +199,29 @@ impl Shared {
         };
         let mut outcomes = Vec::new();
         let mut refused = None;
-        for (r, spec) in self.reloaders.iter().zip(specs) {
-            let result = match spec {
-                Some((source, options)) => r.reload_with(Some(source), Some(options)).await,
-                None => r.reload().await,
+        for (i, (r, spec)) in self.reloaders.iter().zip(specs).enumerate() {
+            let namespace = r.filter().namespace().to_string();
+            // A version whose namespace another filter of the chain uses
+            // (a filter swapped for another with no `namespace` set) would
+            // read and overwrite that filter's records: refused.
+            let others: Vec<String> =
+                self.reloaders.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.filter().namespace().to_string()).collect();
+            let check = move |f: &crate::runtime::Filter| match others.iter().any(|o| o == f.namespace()) {
+                true => Err(format!(
+                    "its store namespace {:?} is another filter's of the chain (a filter's namespace is its name unless \
+                     `namespace` sets one): give it its own",
+                    f.namespace()
+                )),
+                false => Ok(()),
             };
+            let (source, options) = spec.map_or((None, None), |(s, o)| (Some(s), Some(o)));
+            let result = r.reload_checked(source, options, &check).await;
+            let now = r.filter().namespace().to_string();
+            if now != namespace {
+                // A new filter (another name) with no `namespace` set: it
+                // does not see the old one's records, by design.
+                tracing::warn!("the reloaded filter keeps its records in namespace {now:?}, no longer {namespace:?}");
+            }
             match result {
                 Ok(o) => outcomes.push(o),
                 Err(e) => {
@@ -264,8 +281,18 @@ pub async fn load_chain(config: &DaemonConfig, store: Arc<dyn Store>, cache: Opt
             other => DaemonError::Invalid(other.to_string()),
         })?;
         let info = reloader.filter().info().clone();
-        tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().options().namespace, "filter loaded");
+        tracing::info!(name = %info.name, version = %info.version, namespace = %reloader.filter().namespace(), "filter loaded");
         reloaders.push(reloader);
+    }
+    // A namespace left to the filter's name is known only now.
+    let names: Vec<String> = reloaders.iter().map(|r| r.filter().namespace().to_string()).collect();
+    if let Some((i, ns)) = names.iter().enumerate().find(|(i, ns)| names[..*i].contains(ns)) {
+        return Err(DaemonError::Invalid(format!(
+            "filters {} and {} of the chain share the store namespace {ns:?} (a filter's namespace is its name unless \
+             `namespace` sets one): give each its own",
+            names.iter().position(|n| n == ns).map_or(0, |p| p + 1),
+            i + 1
+        )));
     }
     Ok(Loaded { reloaders, stacks, files })
 }

@@ -137,8 +137,12 @@ pub struct FilterOptions {
     /// The configuration text handed to the filter's `init`.
     pub config: String,
     /// The store namespace: the filter's keys are stored as `namespace/key`.
-    /// Letters, digits, `-`, `_` and `.`; 1 to 64 characters.
-    pub namespace: String,
+    /// Letters, digits, `-`, `_` and `.`; 1 to 64 characters. `None` (the
+    /// default): the filter's own name from `init`, so that two different
+    /// filters never share records by accident (the store is not open to
+    /// `init` then: the name is not known before it returns). Name the
+    /// same namespace for two filters only to share their records on purpose.
+    pub namespace: Option<String>,
     /// Limits.
     pub limits: Limits,
     /// What answers when the filter fails.
@@ -147,12 +151,7 @@ pub struct FilterOptions {
 
 impl Default for FilterOptions {
     fn default() -> Self {
-        FilterOptions {
-            config: String::new(),
-            namespace: "greylist".into(),
-            limits: Limits::default(),
-            failure_policy: FailurePolicy::Continue,
-        }
+        FilterOptions { config: String::new(), namespace: None, limits: Limits::default(), failure_policy: FailurePolicy::Continue }
     }
 }
 
@@ -348,8 +347,9 @@ impl Runtime {
         options: FilterOptions,
         store: Arc<dyn Store>,
     ) -> Result<Filter, LoadError> {
-        let ns = &options.namespace;
-        if ns.is_empty() || ns.len() > 64 || !ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        if let Some(ns) = &options.namespace
+            && !valid_namespace(ns)
+        {
             return Err(LoadError::Options(format!("namespace {ns:?}: use 1 to 64 letters, digits, '-', '_' or '.'")));
         }
         if options.limits.memory > self.inner.config.max_memory {
@@ -379,11 +379,29 @@ impl Runtime {
             StartError::Trap(m) => LoadError::Start(m),
         })?;
         let info = first.info.clone();
-        let inner = FilterInner { name: Arc::from(info.name.as_str()), ..inner };
+        let namespace = match &inner.options.namespace {
+            Some(ns) => ns.clone(),
+            None if valid_namespace(&info.name) => info.name.clone(),
+            None => {
+                return Err(LoadError::Options(format!(
+                    "the filter's name {:?} cannot be its store namespace (1 to 64 letters, digits, '-', '_' or '.'): set `namespace`",
+                    info.name
+                )));
+            }
+        };
+        let options = FilterOptions { namespace: Some(namespace.clone()), ..inner.options.clone() };
+        let inner = FilterInner { name: Arc::from(info.name.as_str()), options, ..inner };
         first.store.data_mut().filter = inner.name.clone();
+        first.store.data_mut().set_namespace(&namespace);
         inner.checkin(first);
         Ok(Filter { inner: Arc::new(inner), info, imports })
     }
+}
+
+/// Whether `ns` can be a store namespace: 1 to 64 letters, digits, `-`,
+/// `_` and `.`.
+fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty() && ns.len() <= 64 && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// A compiled (not yet type-checked) component.
@@ -431,6 +449,11 @@ struct FilterInner {
 }
 
 impl FilterInner {
+    /// The namespace, resolved at load (the options' or the filter's name).
+    fn namespace(&self) -> &str {
+        self.options.namespace.as_deref().unwrap_or_default()
+    }
+
     fn suspect(&self) -> bool {
         (self.clock.elapsed().as_millis() as u64) < self.suspect_until.load(Ordering::Relaxed)
     }
@@ -447,7 +470,7 @@ impl FilterInner {
 
     async fn instantiate(&self) -> Result<Pooled, StartError> {
         let l = &self.options.limits;
-        let mut state = HostState::new(self.store.clone(), &self.options.namespace, self.name.clone(), l.memory, l.store_calls);
+        let mut state = HostState::new(self.store.clone(), self.options.namespace.as_deref(), self.name.clone(), l.memory, l.store_calls);
         state.quota = self.quota.clone();
         let mut store = wasmtime::Store::new(&self.runtime.inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -527,7 +550,7 @@ pub struct Filter {
 
 impl std::fmt::Debug for Filter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Filter").field("info", &self.info).field("namespace", &self.inner.options.namespace).finish()
+        f.debug_struct("Filter").field("info", &self.info).field("namespace", &self.inner.namespace()).finish()
     }
 }
 
@@ -535,6 +558,12 @@ impl Filter {
     /// The name and version the filter's `init` reported.
     pub fn info(&self) -> &FilterInfo {
         &self.info
+    }
+
+    /// The store namespace its keys live in: the one its options named, or
+    /// its name from `init`.
+    pub fn namespace(&self) -> &str {
+        self.inner.namespace()
     }
 
     /// What the component imports.
@@ -639,7 +668,7 @@ impl Filter {
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
         let end = tokio::time::Instant::now() + deadline;
-        inner.quota.recount_if_due(&inner.store, format!("{}/", inner.options.namespace), now);
+        inner.quota.recount_if_due(&inner.store, format!("{}/", inner.namespace()), now);
         // A filter that ran past its deadline lately is a suspect: each of
         // its calls takes a slow-call slot before it starts (waiting counts
         // against the deadline), so its runaway calls queue instead of

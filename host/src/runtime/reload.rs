@@ -177,7 +177,7 @@ fn hash(bytes: &[u8], options: &FilterOptions) -> String {
     let mut h = Sha256::new();
     h.update(Sha256::digest(bytes));
     h.update(options.config.as_bytes());
-    h.update(format!("{:?}{:?}{}", options.limits, options.failure_policy, options.namespace).as_bytes());
+    h.update(format!("{:?}{:?}{:?}", options.limits, options.failure_policy, options.namespace).as_bytes());
     hex(&h.finalize())
 }
 
@@ -236,6 +236,18 @@ impl Reloader {
 
     /// Reloads, optionally from a new source and with new options.
     pub async fn reload_with(&self, source: Option<FilterSource>, options: Option<FilterOptions>) -> Result<ReloadOutcome, ReloadError> {
+        self.reload_checked(source, options, &|_| Ok(())).await
+    }
+
+    /// Like [`Reloader::reload_with`], and `check` may refuse the new
+    /// version once it is loaded, before it serves (the daemon refuses one
+    /// whose store namespace another filter of the chain uses).
+    pub async fn reload_checked(
+        &self,
+        source: Option<FilterSource>,
+        options: Option<FilterOptions>,
+        check: &(dyn Fn(&Filter) -> Result<(), String> + Sync),
+    ) -> Result<ReloadOutcome, ReloadError> {
         let mut cur = self.current.lock().await;
         let source = source.unwrap_or_else(|| cur.source.clone());
         let options = options.unwrap_or_else(|| cur.options.clone());
@@ -254,6 +266,7 @@ impl Reloader {
                 )));
             }
             let filter = load_checked(&self.runtime, compiled, options.clone(), self.store.clone()).await?;
+            check(&filter).map_err(ReloadError::Options)?;
             let info = filter.info().clone();
             let old = self.slot.swap(Arc::new(filter));
             let mut b = self.breaker();

@@ -72,8 +72,9 @@ pub(crate) struct HostState {
     pub(crate) limits: StoreLimits,
     stderr: MemoryOutputPipe,
     store: Arc<dyn Store>,
-    /// `namespace/`, prefixed to every key.
-    prefix: String,
+    /// `namespace/`, prefixed to every key; `None` until the namespace is
+    /// known (during `init` of a filter whose namespace is its name).
+    prefix: Option<String>,
     /// The filter's name, for its log lines.
     pub(crate) filter: Arc<str>,
     /// The context's `now` of the call in progress: the base of TTLs.
@@ -93,7 +94,7 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(store: Arc<dyn Store>, namespace: &str, filter: Arc<str>, memory: usize, max_store_calls: u32) -> HostState {
+    pub(crate) fn new(store: Arc<dyn Store>, namespace: Option<&str>, filter: Arc<str>, memory: usize, max_store_calls: u32) -> HostState {
         let stderr = MemoryOutputPipe::new(STDERR_KEEP);
         let wasi = WasiCtxBuilder::new()
             .stderr(stderr.clone())
@@ -109,7 +110,7 @@ impl HostState {
             limits: StoreLimitsBuilder::new().memory_size(memory).instances(32).tables(64).memories(8).build(),
             stderr,
             store,
-            prefix: format!("{namespace}/"),
+            prefix: namespace.map(|n| format!("{n}/")),
             filter,
             now: 0,
             call_deadline: None,
@@ -122,7 +123,11 @@ impl HostState {
         }
     }
 
-    /// Resets the per-call state.
+    /// Sets the namespace once it is known (after `init`).
+    pub(crate) fn set_namespace(&mut self, namespace: &str) {
+        self.prefix = Some(format!("{namespace}/"));
+    }
+
     /// Gives back the slow-call slot, if the call took one.
     pub(crate) fn release_slow_slot(&self) {
         self.slow_held.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -163,7 +168,13 @@ impl HostState {
             self.fail(m.clone());
             return Err(wit_store::StoreError::Limit(m));
         }
-        Ok(format!("{}{key}", self.prefix))
+        match &self.prefix {
+            Some(p) => Ok(format!("{p}{key}")),
+            None => Err(self.fail(
+                "no store during init: the namespace is the filter's name, known when init returns (set `namespace` to use the store in init)"
+                    .into(),
+            )),
+        }
     }
 }
 

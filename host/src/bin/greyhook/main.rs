@@ -438,7 +438,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("ok: {name}");
                 println!("name: {name}");
                 println!("version: {}", f.info().version);
-                println!("namespace: {}", f.options().namespace);
+                println!("namespace: {}", f.namespace());
                 println!("world: greyhook:filter/filter@0.1.0");
                 println!("imports:");
                 for i in f.imports() {
