@@ -677,3 +677,35 @@ fn ehlo_keyword_and_normalize_sender_through_the_smtp_front_end() {
         assert!(p.terminate(10));
     }
 }
+
+/// A SIGTERM that comes the moment greyhook listens is a clean shutdown
+/// (exit 0), not death by the signal's default action: the handlers are
+/// installed before the first listener. Found in CI, where a test stopped
+/// a daemon just after its first answer and saw it killed.
+#[test]
+fn sigterm_at_once_after_start_is_a_clean_shutdown() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+            d = dir.path().display()
+        );
+        let mut d = greyhook_with(dir.path(), "serve", &text);
+        let until = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "greyhook never listened:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = d.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = loop {
+            if let Some(s) = d.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < until, "greyhook did not stop after SIGTERM:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "SIGTERM right after start: {status:?}\n{}", d.log_text());
+    }
+}

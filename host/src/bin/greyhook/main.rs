@@ -311,11 +311,14 @@ async fn serve(overrides: Overrides) -> Result<()> {
     let _log = init_logging(&cfg.log.level);
     let reconfigure =
         Reconfigure { files: file.iter().cloned().collect(), load: Arc::new(move || load_config(file.as_deref(), &overrides)) };
+    // The handlers are in place before anything listens: a SIGTERM that
+    // comes as soon as the first front end answers is a clean shutdown,
+    // not death by the default action (seen under load in CI).
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let daemon = Daemon::start(&cfg, Arc::new(SystemClock), Some(reconfigure)).await?;
     let token = daemon.shutdown_token();
     let reload = daemon.reload_handle();
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     tokio::spawn(async move {
         loop {
             tokio::select! {
