@@ -571,28 +571,10 @@ impl Conversation {
     }
 }
 
-/// The header section's fields (unfolded; a dot-escaped line unescaped).
+/// The header section's fields (a dot-escaped line unescaped, then as the
+/// SMTP front end reads them).
 fn parse_headers(lines: &[String]) -> Vec<Header> {
-    let mut out: Vec<Header> = Vec::new();
-    for raw in lines {
-        let l = raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw);
-        if l.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut()
-                && last.value.len() < 998
-            {
-                last.value.push(' ');
-                last.value.push_str(l.trim());
-            }
-            continue;
-        }
-        if out.len() >= 200 {
-            break;
-        }
-        if let Some((name, value)) = l.split_once(':') {
-            out.push(Header { name: name.trim().to_string(), value: value.trim().to_string() });
-        }
-    }
-    out
+    crate::session::unfold_headers(lines.iter().map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
 }
 
 /// How long a test waits for an answer.

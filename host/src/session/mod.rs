@@ -152,3 +152,33 @@ pub fn keep_headers(kept: &mut Vec<crate::domain::types::Header>, v: &Verdict) {
 pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
     headers.iter().find(|h| h.name.eq_ignore_ascii_case("message-id")).map(|h| h.value.trim().to_string()).filter(|v| !v.is_empty())
 }
+
+/// A message's header section from its lines (CR/LF already cut), up to
+/// the first empty line: folded lines unfolded (a value kept to 4096
+/// bytes), at most 200 headers. Shared by the front ends that see the
+/// message (SMTP, OpenSMTPD).
+pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<crate::domain::types::Header> {
+    let mut out: Vec<crate::domain::types::Header> = Vec::new();
+    for line in lines {
+        let text = line.as_ref();
+        if text.is_empty() {
+            break;
+        }
+        if text.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut()
+                && last.value.len() < 4096
+            {
+                last.value.push(' ');
+                last.value.push_str(text.trim());
+            }
+            continue;
+        }
+        if out.len() >= 200 {
+            break;
+        }
+        if let Some((name, value)) = text.split_once(':') {
+            out.push(crate::domain::types::Header { name: name.trim().to_string(), value: value.trim().to_string() });
+        }
+    }
+    out
+}

@@ -1014,30 +1014,7 @@ fn xforward(s: &crate::domain::types::Session) -> String {
 /// The header section of a message (up to the first empty line), unfolded,
 /// at most 200 headers.
 pub fn parse_headers(message: &[u8]) -> Vec<Header> {
-    let mut out: Vec<Header> = Vec::new();
-    for line in message.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
-        let text = String::from_utf8_lossy(line);
-        if line[0] == b' ' || line[0] == b'\t' {
-            if let Some(last) = out.last_mut()
-                && last.value.len() < 4096
-            {
-                last.value.push(' ');
-                last.value.push_str(text.trim());
-            }
-            continue;
-        }
-        if out.len() >= 200 {
-            break;
-        }
-        if let Some((name, value)) = text.split_once(':') {
-            out.push(Header { name: name.trim().to_string(), value: value.trim().to_string() });
-        }
-    }
-    out
+    crate::session::unfold_headers(message.split(|b| *b == b'\n').map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l))))
 }
 
 #[cfg(test)]
