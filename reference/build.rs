@@ -9,7 +9,7 @@ fn main() {
         &workspace,
         "greylist-guest",
         "greylist_guest.wasm",
-        &["guest/src", "guest/Cargo.toml", "types/src", "wit"],
+        &["guest/src", "guest/Cargo.toml", "types/src", "sdk/rust/src", "sdk/rust/wit", "sdk/rust/Cargo.toml"],
     );
     println!("cargo:rustc-env=GREYHOOK_REFERENCE_FILTER={}", wasm.display());
 }

@@ -1,4 +1,5 @@
-//! Compiles the chaos filter (`tests/guests/chaos`) for the tests.
+//! Compiles the chaos filter (`tests/guests/chaos`, contract 0.1.0) and
+//! the walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.0) for the tests.
 use std::path::PathBuf;
 
 fn main() {
@@ -8,7 +9,21 @@ fn main() {
         &workspace,
         "chaos-guest",
         "chaos_guest.wasm",
-        &["tests/guests/chaos/src", "tests/guests/chaos/Cargo.toml", "wit"],
+        &["tests/guests/chaos/src", "tests/guests/chaos/Cargo.toml", "wit/v0.1"],
     );
     println!("cargo:rustc-env=GREYHOOK_CHAOS_FILTER={}", wasm.display());
+    // The walkthrough's filter (docs/writing-filters.md), on the SDK.
+    let wasm = wasm_build::build_component(
+        &workspace,
+        "spf-domain-filter",
+        "spf_domain_filter.wasm",
+        &[
+            "examples/filters/spf-domain/src",
+            "examples/filters/spf-domain/Cargo.toml",
+            "sdk/rust/src",
+            "sdk/rust/wit",
+            "sdk/rust/Cargo.toml",
+        ],
+    );
+    println!("cargo:rustc-env=GREYHOOK_SPF_DOMAIN_FILTER={}", wasm.display());
 }

@@ -1,7 +1,7 @@
 //! Helpers for greyhook's integration tests (`tests/all`).
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use greyhook::store::{MemoryStore, Store};
@@ -10,6 +10,74 @@ use greyhook::{Filter, FilterOptions, Runtime, RuntimeConfig};
 
 /// The chaos filter: misbehaves on demand (see `tests/guests/chaos`).
 pub const CHAOS_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_CHAOS_FILTER"));
+/// The walkthrough's filter (`examples/filters/spf-domain`): greylisting
+/// keyed on the SPF-validated sender domain, built on the SDK (0.2.0).
+pub const SPF_DOMAIN_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_SPF_DOMAIN_FILTER"));
+
+/// A real DNS server (dnsmasq) on a free loopback port, answering only
+/// from `records` (dnsmasq options such as `--txt-record=NAME,TEXT`,
+/// `--host-record=NAME,ADDR` (A and PTR), `--ptr-record=...`), with a TTL
+/// of 300 s and every query logged (to count what reached it).
+pub struct DnsServer {
+    child: std::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DnsServer {
+    /// Starts dnsmasq (Debian's `dnsmasq-base`; the test fails if it is missing).
+    pub fn start(records: &[&str]) -> DnsServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("dnsmasq.log");
+        let port = free_udp_port();
+        let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("dnsmasq is not installed (apt-get install dnsmasq-base): the DNS tests need a real DNS server");
+        let child = std::process::Command::new(bin)
+            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", "--local-ttl=300", "--log-queries", "--user=root", "--pid-file="])
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-facility={}", log.display()))
+            .args(records)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq starts");
+        wait_for_port(port, 10);
+        DnsServer { child, port, log, _dir: dir }
+    }
+
+    /// `127.0.0.1:PORT`, for `--dns`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// How many queries for `name` (any type) it answered.
+    pub fn queries(&self, name: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains("query[") && l.contains(&format!(" {name} from"))).count()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free for both UDP and TCP on loopback.
+pub fn free_udp_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
 
 /// A fixed start time for tests: 2023-11-14T22:13:20Z.
 pub const T0: u64 = 1_700_000_000;
@@ -170,6 +238,22 @@ impl Process {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `secs` for something to listen on 127.0.0.1:`port`;
+    /// panics at once, with the log, if the process exits first.
+    pub fn wait_listening(&mut self, port: u16, secs: u64) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("greyhook exited ({st}) before listening on {port}:\n{}", self.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("nothing listens on 127.0.0.1:{port} after {secs}s:\n{}", self.log_text());
     }
 
     /// Waits up to `secs` for `needle` to appear in the log; whether it did.

@@ -9,33 +9,19 @@
 use crate::config::{Config, Stage};
 use crate::normalize::{self, check_address, client_network, normalize_recipient, normalize_sender, triplet_key};
 
-/// A log level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    /// Debugging detail.
-    Debug,
-    /// Normal operation.
-    Info,
-    /// Worth an operator's look.
-    Warn,
-    /// A failure.
-    Error,
+pub use greyhook_filter::{Error, Host, Level};
+
+/// Reads a key as `(value, version)`.
+fn get(kv: &mut dyn Host, key: &str) -> Result<Option<(Vec<u8>, u64)>, Error> {
+    Ok(kv.get(key)?.map(|e| (e.value, e.version)))
 }
 
-/// A store failure; the filter gives up on the call and answers `continue`
-/// (the host applies the failure policy to a call whose store failed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KvError(pub String);
-
-/// The store and log a filter is given (the WIT `store` and `log` imports).
-pub trait Kv {
-    /// Reads a key: `(value, version)`.
-    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, KvError>;
-    /// Writes a key with a TTL, if its version is `if_version` (0 = absent;
-    /// `None` = unconditionally). `Ok(None)` is a version conflict.
-    fn set(&mut self, key: &str, value: &[u8], ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, KvError>;
-    /// Writes a log line.
-    fn log(&mut self, level: Level, msg: &str);
+/// A conditional write; `None` is a version conflict.
+fn set(kv: &mut dyn Host, key: &str, value: &[u8], ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, Error> {
+    Ok(match kv.set(key, value, ttl, if_version)? {
+        greyhook_filter::WriteOutcome::Written(v) => Some(v),
+        greyhook_filter::WriteOutcome::Conflict => None,
+    })
 }
 
 pub use greyhook_types::{AcceptedRecipient, Context, Decision, Header, Reply, Session, Transaction, Verdict};
@@ -114,7 +100,7 @@ impl Greylist {
 
     /// True if the client is exempt from greylisting: authenticated,
     /// whitelisted by network or name, or auto-whitelisted.
-    fn client_exempt(&self, ctx: &Context, net: &str, kv: &mut dyn Kv) -> Result<Option<&'static str>, KvError> {
+    fn client_exempt(&self, ctx: &Context, net: &str, kv: &mut dyn Host) -> Result<Option<&'static str>, Error> {
         let s = &ctx.session;
         if s.auth_user.as_deref().is_some_and(|u| !u.is_empty()) {
             return Ok(Some("authenticated"));
@@ -136,7 +122,7 @@ impl Greylist {
             }
         }
         if self.config.auto_whitelist_after > 0
-            && let Some((v, _)) = kv.get(&format!("awl/{net}"))?
+            && let Some((v, _)) = get(kv, &format!("awl/{net}"))?
         {
             let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
             if n >= self.config.auto_whitelist_after {
@@ -147,29 +133,19 @@ impl Greylist {
     }
 
     /// Counts a pass of the client network towards auto-whitelisting.
-    fn count_pass(&self, net: &str, kv: &mut dyn Kv) -> Result<(), KvError> {
+    fn count_pass(&self, net: &str, kv: &mut dyn Host) -> Result<(), Error> {
         if self.config.auto_whitelist_after == 0 {
             return Ok(());
         }
-        let key = format!("awl/{net}");
-        for _ in 0..CAS_TRIES {
-            let (n, ver) = match kv.get(&key)? {
-                Some((v, ver)) => (std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0), ver),
-                None => (0, 0),
-            };
-            let next = n.saturating_add(1).to_string();
-            if kv.set(&key, next.as_bytes(), ttl(self.config.max_age), Some(ver))?.is_some() {
-                return Ok(());
-            }
-        }
+        greyhook_filter::store::increment(kv, &format!("awl/{net}"), 1, ttl(self.config.max_age))?;
         Ok(())
     }
 
     /// Looks up and updates a greylist record under compare-and-swap.
-    fn check(&self, key: &str, delay: u64, now: u64, kv: &mut dyn Kv) -> Result<Outcome, KvError> {
+    fn check(&self, key: &str, delay: u64, now: u64, kv: &mut dyn Host) -> Result<Outcome, Error> {
         let c = &self.config;
         for _ in 0..CAS_TRIES {
-            let (rec, ver) = match kv.get(key)? {
+            let (rec, ver) = match get(kv, key)? {
                 Some((v, ver)) => (Record::decode(&v), ver),
                 None => (None, 0),
             };
@@ -188,15 +164,15 @@ impl Greylist {
                     (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age)
                 }
             };
-            if kv.set(key, &next.encode(), ttl(life), Some(ver))?.is_some() {
+            if set(kv, key, &next.encode(), ttl(life), Some(ver))?.is_some() {
                 return Ok(outcome);
             }
         }
-        Err(KvError("the record kept changing under compare-and-swap".into()))
+        Err(Error(format!("{key}: the record kept changing under compare-and-swap")))
     }
 
     /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
-    fn greylist(&self, ctx: &Context, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    fn greylist(&self, ctx: &Context, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = format!("{prefix}{}", triplet_key(parts));
         Ok(match self.check(&key, delay, ctx.now, kv)? {
@@ -219,7 +195,7 @@ impl Greylist {
     /// bytes, U+FFFD from invalid UTF-8) is client input, not a host fault:
     /// it is keyed on its raw bytes and greylisted like any other, never
     /// let through.
-    fn key_sender(&self, ctx: &Context, sender: &str, kv: &mut dyn Kv) -> String {
+    fn key_sender(&self, ctx: &Context, sender: &str, kv: &mut dyn Host) -> String {
         match check_address(sender) {
             Ok(()) if self.config.normalize_sender => normalize_sender(sender),
             Ok(()) => sender.to_ascii_lowercase(),
@@ -231,7 +207,7 @@ impl Greylist {
     }
 
     /// The recipient as it goes into a triplet key (see [`Self::key_sender`]).
-    fn key_recipient(&self, ctx: &Context, recipient: &str, kv: &mut dyn Kv) -> String {
+    fn key_recipient(&self, ctx: &Context, recipient: &str, kv: &mut dyn Host) -> String {
         match check_address(recipient) {
             Ok(()) if !recipient.is_empty() => normalize_recipient(recipient),
             Ok(()) => raw_key(recipient),
@@ -243,7 +219,7 @@ impl Greylist {
     }
 
     /// The connect hook: greylists the client network at stage `connect`.
-    pub fn on_connect(&self, ctx: &Context, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    pub fn on_connect(&self, ctx: &Context, kv: &mut dyn Host) -> Result<Verdict, Error> {
         if self.config.stage != Stage::Connect {
             return Ok(Verdict::cont());
         }
@@ -263,7 +239,7 @@ impl Greylist {
     }
 
     /// The RCPT hook.
-    pub fn on_rcpt(&self, ctx: &Context, recipient: &str, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    pub fn on_rcpt(&self, ctx: &Context, recipient: &str, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let sender = ctx.transaction.sender.as_deref().unwrap_or("");
         let rcpt = self.key_recipient(ctx, recipient, kv);
         let always = self.config.whitelist_recipients.iter().any(|p| p.matches(&rcpt));
@@ -310,7 +286,7 @@ impl Greylist {
     }
 
     /// The DATA hook: greylists at stage `data`, and the null sender at stage `rcpt`.
-    pub fn on_data(&self, ctx: &Context, message_id: Option<&str>, kv: &mut dyn Kv) -> Result<Verdict, KvError> {
+    pub fn on_data(&self, ctx: &Context, message_id: Option<&str>, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let sender = ctx.transaction.sender.as_deref().unwrap_or("");
         let at_data = self.config.stage == Stage::Data || (self.config.stage == Stage::Rcpt && sender.is_empty());
         let recipients = &ctx.transaction.recipients;
@@ -357,29 +333,8 @@ pub use normalize::BadAddress;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    #[derive(Default)]
-    struct Mem {
-        map: HashMap<String, (Vec<u8>, u64)>,
-        next: u64,
-    }
-
-    impl Kv for Mem {
-        fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, KvError> {
-            Ok(self.map.get(key).cloned())
-        }
-        fn set(&mut self, key: &str, value: &[u8], _ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, KvError> {
-            let cur = self.map.get(key).map_or(0, |e| e.1);
-            if if_version.is_some_and(|v| v != cur) {
-                return Ok(None);
-            }
-            self.next += 1;
-            self.map.insert(key.into(), (value.to_vec(), self.next));
-            Ok(Some(self.next))
-        }
-        fn log(&mut self, _: Level, _: &str) {}
-    }
+    use greyhook_filter::testing::TestHost as Mem;
 
     fn ctx(ip: &str, sender: &str, now: u64) -> Context {
         Context {

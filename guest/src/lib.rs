@@ -7,12 +7,14 @@
 //!
 //! - [`config`]: the operator's configuration (TOML), parsed and validated.
 //! - [`normalize`]: client networks, sender and recipient normalisation, the triplet key.
-//! - [`filter`]: the decisions, against a [`filter::Kv`] store.
+//! - [`filter`]: the decisions, against the SDK's [`greyhook_filter::Host`].
+//!
+//! It is written on the filter SDK (`sdk/rust`, crate `greyhook-filter`):
+//! `component.rs` implements [`greyhook_filter::Filter`] and exports it.
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod filter;
 pub mod normalize;
 
-#[cfg(target_arch = "wasm32")]
 mod component;

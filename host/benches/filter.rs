@@ -13,34 +13,65 @@ use std::time::Instant;
 use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, Store, WriteOutcome};
 use greyhook::types::{Context, Session, Transaction};
 use greyhook::{FilterOptions, Runtime, RuntimeConfig};
+use greyhook_filter::host::Write;
+use greyhook_filter::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, StoreError, WriteOutcome as SdkOutcome};
 use greylist_guest::config::Config;
-use greylist_guest::filter::{Greylist, Kv, KvError, Level};
+use greylist_guest::filter::Greylist;
 
 const T0: u64 = 1_700_000_000;
 const TRIPLETS: u64 = 5_000;
 
-/// The guest logic's store, over the host's store (as the Wasm imports do).
+/// The guest logic's host, over the host's store (as the Wasm imports
+/// do); it makes no DNS calls.
 struct HostKv<'a> {
     store: &'a dyn Store,
     now: u64,
 }
 
-impl Kv for HostKv<'_> {
-    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, KvError> {
+fn err(e: greyhook::store::StoreError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl Host for HostKv<'_> {
+    fn get(&mut self, key: &str) -> Result<Option<Entry>, StoreError> {
         let k = format!("greylist/{key}");
         futures::executor::block_on(self.store.get(&k, self.now))
-            .map(|e| e.map(|e| (e.value, e.version)))
-            .map_err(|e| KvError(e.to_string()))
+            .map(|e| e.map(|e| Entry { value: e.value, version: e.version }))
+            .map_err(err)
     }
-    fn set(&mut self, key: &str, value: &[u8], ttl: u32, if_version: Option<u64>) -> Result<Option<u64>, KvError> {
+    fn get_many(&mut self, keys: &[&str]) -> Result<Vec<Option<Entry>>, StoreError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+    fn set(&mut self, key: &str, value: &[u8], ttl: u32, if_version: Option<u64>) -> Result<SdkOutcome, StoreError> {
         let k = format!("greylist/{key}");
         let at = self.now + u64::from(ttl.max(1));
         match futures::executor::block_on(self.store.set(&k, value, at, Condition::from_wit(if_version), self.now)) {
-            Ok(WriteOutcome::Written(v)) => Ok(Some(v)),
-            Ok(WriteOutcome::Conflict) => Ok(None),
-            Err(e) => Err(KvError(e.to_string())),
+            Ok(WriteOutcome::Written(v)) => Ok(SdkOutcome::Written(v)),
+            Ok(WriteOutcome::Conflict) => Ok(SdkOutcome::Conflict),
+            Err(e) => Err(err(e)),
         }
     }
+    fn set_many(&mut self, writes: &[Write<'_>]) -> Result<Vec<SdkOutcome>, StoreError> {
+        writes.iter().map(|w| self.set(w.key, w.value, w.ttl, w.if_version)).collect()
+    }
+    fn delete(&mut self, key: &str, if_version: Option<u64>) -> Result<bool, StoreError> {
+        let k = format!("greylist/{key}");
+        futures::executor::block_on(self.store.delete(&k, Condition::from_wit(if_version), self.now)).map_err(err)
+    }
+    fn lookup(&mut self, _: &str, _: RecordType) -> Result<Vec<String>, DnsError> {
+        Err(DnsError::NoData)
+    }
+    fn reverse(&mut self, _: IpAddr) -> Result<Vec<String>, DnsError> {
+        Err(DnsError::NoData)
+    }
+    fn spf(&mut self, _: IpAddr, _: &str, _: &str) -> Result<SpfOutcome, DnsError> {
+        Err(DnsError::NoData)
+    }
+    fn forward_confirmed_name(&mut self, _: IpAddr) -> Result<Option<String>, DnsError> {
+        Ok(None)
+    }
+    fn counter_add(&mut self, _: &str, _: &[(&str, &str)], _: u64) {}
+    fn observe(&mut self, _: &str, _: &[(&str, &str)], _: f64) {}
     fn log(&mut self, _: Level, _: &str) {}
 }
 

@@ -30,7 +30,7 @@
 //! use greyhook::{clock::SystemClock, store::MemoryStore};
 //! let runtime = Runtime::new(RuntimeConfig::default())?;
 //! let filter = runtime.load(greyhook::REFERENCE_FILTER, FilterOptions::default(), Arc::new(MemoryStore::new())).await?;
-//! let hooks = Hooks { chain: Chain::single(filter), clock: Arc::new(SystemClock) };
+//! let hooks = Hooks { chain: Chain::single(filter), clock: Arc::new(SystemClock), resolver: None };
 //! let mut session = SmtpSession::new(hooks, "s1", "192.0.2.1".parse()?);
 //! session.mail("a@example.org").await;
 //! let verdict = session.rcpt("b@example.com").await;
@@ -42,6 +42,7 @@
 #![deny(missing_docs)]
 
 pub mod daemon;
+pub mod dns;
 mod domain;
 pub mod frontend;
 pub mod runtime;

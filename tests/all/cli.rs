@@ -14,14 +14,18 @@ fn check_prints_name_version_and_imports() {
     let (ok, out, err) = greyhook(&["check"]);
     assert!(ok, "{err}");
     assert!(out.contains("name: greylist") && out.contains("version: 0.1.0"), "{out}");
-    assert!(out.contains("greyhook:filter/store@0.1.0") && out.contains("greyhook:filter/log@0.1.0"), "{out}");
+    assert!(out.contains("contract: greyhook:filter@0.2.0"), "{out}");
+    assert!(out.contains("capabilities: store, log"), "{out}");
+    assert!(out.contains("greyhook:filter/store@0.2.0") && out.contains("greyhook:filter/log@0.2.0"), "{out}");
     assert!(out.contains("wasi:cli/environment") && out.contains("linked empty"), "{out}");
 
+    // A filter built against 0.1.0 (the chaos filter) loads unchanged.
     let dir = tempfile::tempdir().unwrap();
     let chaos = dir.path().join("chaos.wasm");
     std::fs::write(&chaos, CHAOS_FILTER).unwrap();
     let (ok, out, _) = greyhook(&["check", chaos.to_str().unwrap()]);
     assert!(ok && out.contains("name: chaos"), "{out}");
+    assert!(out.contains("contract: greyhook:filter@0.1.0") && out.contains("capabilities: store, log\n"), "{out}");
 
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"not wasm").unwrap();
@@ -167,4 +171,38 @@ fn simulate_runs_the_configured_chain() {
     assert_eq!(tempfails.len(), 2, "{out}");
     assert!(tempfails[0].ends_with("retry=00:02:00"), "the first filter answers first:\n{out}");
     assert!(tempfails[1].ends_with("retry=00:07:00"), "then the second is asked:\n{out}");
+}
+
+/// What the host does not provide is refused before anything runs, with a
+/// message that names the import and says how to build without it (not
+/// wasmtime's linker text): `wasi:http` (componentize-js adds it unless
+/// told not to), a newer contract, a component that is no filter.
+#[test]
+fn unknown_imports_and_contracts_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            r#"(component (import "wasi:http/outgoing-handler@0.2.3" (instance)) (instance $h) (export "greyhook:filter/hooks@0.2.0" (instance $h)))"#,
+            &["it imports wasi:http/outgoing-handler@0.2.3, which greyhook does not provide", "--disable http"][..],
+        ),
+        (
+            r#"(component (import "greyhook:filter/dns@0.2.0" (instance)) (instance $h) (export "greyhook:filter/hooks@0.1.0" (instance $h)))"#,
+            &["it imports greyhook:filter/dns@0.2.0, which a greyhook:filter@0.1.0 filter cannot import"][..],
+        ),
+        (
+            r#"(component (instance $h) (export "greyhook:filter/hooks@0.3.0" (instance $h)))"#,
+            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0 and @0.2.0 filters"][..],
+        ),
+        (r#"(component)"#, &["it exports no greyhook:filter/hooks interface"][..]),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("f{i}.wasm"));
+        std::fs::write(&path, wat::parse_str(text).unwrap()).unwrap();
+        let (ok, _, err) = greyhook(&["check", path.to_str().unwrap()]);
+        assert!(!ok, "case {i} was accepted");
+        for n in *needles {
+            assert!(err.contains(n), "case {i}: {n:?} not in {err}");
+        }
+        assert!(!err.contains("matching implementation was not found in the linker"), "{err}");
+    }
 }

@@ -2,9 +2,11 @@
 //! the filters run as real components in the real host.
 
 mod cli;
+mod dns;
 mod farm;
 mod greylist;
 mod hostile;
+mod languages;
 mod milter;
 mod opensmtpd;
 mod options;
@@ -13,6 +15,7 @@ mod postfix;
 mod reload;
 mod reply;
 mod sandbox;
+mod sdk;
 mod smtp;
 mod store;
 mod storefault;

@@ -21,8 +21,11 @@ pub struct Session {
     pub id: String,
     /// The client's address.
     pub client_address: IpAddr,
-    /// The client's verified reverse name, if any.
+    /// The client's forward-confirmed name, if any (Postfix's `client_name`).
     pub client_name: Option<String>,
+    /// The name its PTR record gives, confirmed or not (Postfix's
+    /// `reverse_client_name`); not to be trusted on its own.
+    pub reverse_client_name: Option<String>,
     /// The HELO/EHLO argument, once sent.
     pub helo: Option<String>,
     /// The authenticated identity, if any.
@@ -34,7 +37,15 @@ pub struct Session {
 impl Session {
     /// A session for `client` with nothing else known yet.
     pub fn new(id: impl Into<String>, client: IpAddr) -> Session {
-        Session { id: id.into(), client_address: client, client_name: None, helo: None, auth_user: None, tls: false }
+        Session {
+            id: id.into(),
+            client_address: client,
+            client_name: None,
+            reverse_client_name: None,
+            helo: None,
+            auth_user: None,
+            tls: false,
+        }
     }
 }
 

@@ -131,6 +131,8 @@ macro_rules! daemon_config {
             pub control: ControlConfig,
             /// Logging.
             pub log: LogConfig,
+            /// The resolver filters and front ends use.
+            pub dns: crate::dns::DnsConfig,
             $(
                 #[doc = concat!("The `[", stringify!($table), "]` front end's table.")]
                 pub $table: <$front_end as FrontEnd>::Config,
@@ -451,6 +453,7 @@ socket = "/tmp/greyhook-test.sock"
         let mut tables = vec![
             ("filter", fields::<FilterConfig>()),
             ("store", fields::<StoreConfig>()),
+            ("dns", fields::<crate::dns::DnsConfig>()),
             ("control", fields::<ControlConfig>()),
             ("log", fields::<LogConfig>()),
         ];

@@ -35,13 +35,17 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                         .map(|r| {
                             let f = r.filter();
                             let s = f.stats();
+                            // What the filter counts itself (the `metrics` import).
+                            let metrics: Vec<String> = f.metrics().snapshot().iter().map(|m| m.render()).collect();
                             format!(
-                                "{} {} namespace={} calls={} failures={}",
+                                "{} {} namespace={} contract={} calls={} failures={}{}",
                                 f.info().name,
                                 f.info().version,
                                 f.namespace(),
+                                f.contract().version(),
                                 s.calls.load(std::sync::atomic::Ordering::Relaxed),
-                                s.failures.load(std::sync::atomic::Ordering::Relaxed)
+                                s.failures.load(std::sync::atomic::Ordering::Relaxed),
+                                if metrics.is_empty() { String::new() } else { format!(" metrics=[{}]", metrics.join(", ")) }
                             )
                         })
                         .collect();

@@ -139,7 +139,12 @@ impl std::fmt::Display for ReloadReport {
 /// change of any field changes the text; the sections have no `PartialEq`
 /// because some hold types without one).
 fn fixed_tables(c: &DaemonConfig) -> Vec<(&'static str, String)> {
-    let mut t = vec![("store", format!("{:?}", c.store)), ("control", format!("{:?}", c.control)), ("log", format!("{:?}", c.log))];
+    let mut t = vec![
+        ("store", format!("{:?}", c.store)),
+        ("dns", format!("{:?}", c.dns)),
+        ("control", format!("{:?}", c.control)),
+        ("log", format!("{:?}", c.log)),
+    ];
     t.extend(c.front_end_tables());
     t
 }
@@ -244,6 +249,9 @@ pub struct Loaded {
     stacks: Vec<usize>,
     /// The filter files (to watch for changes).
     files: Vec<PathBuf>,
+    /// The resolver the filters' `dns` and `auth` imports use (`[dns]`),
+    /// for the front ends to share.
+    pub resolver: crate::dns::Resolver,
 }
 
 impl Loaded {
@@ -258,13 +266,14 @@ impl Loaded {
 /// simulate` and `greyhook check` run.
 pub async fn load_chain(config: &DaemonConfig, store: Arc<dyn Store>, cache: Option<ArtifactCache>) -> Result<Loaded, DaemonError> {
     let specs = filter_specs(config)?;
+    let resolver = crate::dns::Resolver::new(config.dns.clone());
     let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
     // wasmtime caps the stack per engine: one runtime per distinct cap
     // (usually one for the whole chain).
     let mut runtimes: Vec<(usize, Runtime)> = Vec::new();
     for s in &specs {
         if !runtimes.iter().any(|(stack, _)| *stack == s.stack) {
-            let rc = RuntimeConfig { max_memory, max_stack: s.stack, ..RuntimeConfig::default() };
+            let rc = RuntimeConfig { max_memory, max_stack: s.stack, resolver: resolver.clone(), ..RuntimeConfig::default() };
             runtimes.push((s.stack, Runtime::new(rc)?));
         }
     }
@@ -294,7 +303,7 @@ pub async fn load_chain(config: &DaemonConfig, store: Arc<dyn Store>, cache: Opt
             i + 1
         )));
     }
-    Ok(Loaded { reloaders, stacks, files })
+    Ok(Loaded { reloaders, stacks, files, resolver })
 }
 
 /// A running daemon: where its front ends listen and the handle to stop it.
@@ -320,7 +329,10 @@ impl Daemon {
         let cache_dir = chain_sections
             .iter()
             .find_map(|f| f.cache_dir.clone())
-            .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")));
+            .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")))
+            // A store that is no file (memory, Redis) still keeps compiled
+            // filters: systemd's CacheDirectory, else /var/cache/greyhook.
+            .or_else(|| crate::settings::systemd_or_system("CACHE_DIRECTORY", "/var/cache/greyhook", "filters"));
         let cache = match cache_dir {
             Some(d) => match ArtifactCache::open(&d) {
                 Ok(c) => Some(c),
@@ -331,11 +343,11 @@ impl Daemon {
             },
             None => None,
         };
-        let Loaded { reloaders, stacks, files } = load_chain(config, store.clone(), cache).await?;
+        let Loaded { reloaders, stacks, files, resolver } = load_chain(config, store.clone(), cache).await?;
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         watched.extend(files);
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
-        let hooks = Hooks { chain, clock: clock.clone() };
+        let hooks = Hooks { chain, clock: clock.clone(), resolver: config.dns.resolve_clients.then_some(resolver) };
         let shutdown = CancellationToken::new();
         let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
         if front_ends.is_empty() {

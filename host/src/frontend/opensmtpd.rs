@@ -125,7 +125,7 @@ pub enum ProtocolError {
 #[derive(Debug)]
 enum Event {
     /// `report|…|link-connect|SESSION|rdns|fcrdns|src|dest`.
-    LinkConnect { rdns: String, client: Option<IpAddr> },
+    LinkConnect { rdns: String, fcrdns: bool, client: Option<IpAddr> },
     /// `report|…|link-tls`.
     Tls,
     /// `report|…|link-auth|SESSION|user|pass`.
@@ -204,7 +204,8 @@ where
             ("report", "link-connect") => {
                 let mut p = rest.split('|');
                 let rdns = p.next().unwrap_or("").to_string();
-                Event::LinkConnect { rdns, client: p.find_map(parse_address) }
+                let fcrdns = p.next() == Some("pass");
+                Event::LinkConnect { rdns, fcrdns, client: p.find_map(parse_address) }
             }
             ("report", "link-tls") => Event::Tls,
             ("report", "link-auth") => {
@@ -375,6 +376,8 @@ struct Conversation {
     out: mpsc::Sender<String>,
     session: Option<SmtpSession>,
     rdns: Option<String>,
+    /// Whether smtpd forward-confirmed `rdns`.
+    fcrdns: bool,
     tls: bool,
     auth: Option<String>,
     /// Headers the filters asked for at MAIL and RCPT.
@@ -392,6 +395,7 @@ async fn run_session(id: String, mut rx: mpsc::Receiver<Event>, out: mpsc::Sende
         out,
         session: None,
         rdns: None,
+        fcrdns: false,
         tls: false,
         auth: None,
         headers: Vec::new(),
@@ -416,14 +420,23 @@ impl Conversation {
         self.send(format!("filter-dataline|{}|{token}|{line}", self.id)).await;
     }
 
-    /// The session, created from what is known when the client is.
-    fn begin(&mut self, client: Option<IpAddr>) {
+    /// The session, created from what is known when the client is. The
+    /// client's names come from greyhook's resolver when it has one (the
+    /// one the filters' lookups use, so both agree), else from smtpd's
+    /// `rdns` and `fcrdns`.
+    async fn begin(&mut self, client: Option<IpAddr>) {
         if self.session.is_none()
             && let Some(ip) = client
         {
             let mut s = SmtpSession::new(self.hooks.clone(), self.id.clone(), ip);
+            if self.hooks.resolver.is_some() {
+                s.resolve_client().await;
+            } else {
+                let rdns = self.rdns.clone().filter(|n| !n.is_empty() && !n.starts_with('['));
+                s.session_mut().client_name = rdns.clone().filter(|_| self.fcrdns);
+                s.session_mut().reverse_client_name = rdns;
+            }
             let f = s.session_mut();
-            f.client_name = self.rdns.clone().filter(|n| !n.is_empty() && !n.starts_with('['));
             f.tls = self.tls;
             f.auth_user = self.auth.clone();
             self.session = Some(s);
@@ -432,9 +445,10 @@ impl Conversation {
 
     async fn event(&mut self, e: Event) {
         match e {
-            Event::LinkConnect { rdns, client } => {
+            Event::LinkConnect { rdns, fcrdns, client } => {
                 self.rdns = Some(rdns);
-                self.begin(client);
+                self.fcrdns = fcrdns;
+                self.begin(client).await;
             }
             Event::Tls => {
                 self.tls = true;
@@ -472,7 +486,7 @@ impl Conversation {
             if self.rdns.is_none() {
                 self.rdns = Some(rdns);
             }
-            self.begin(p.find_map(parse_address));
+            self.begin(p.find_map(parse_address)).await;
         }
         let Some(s) = self.session.as_mut() else {
             // A unix-socket (local) session: nothing to greylist on.

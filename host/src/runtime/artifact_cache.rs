@@ -61,6 +61,36 @@ impl ArtifactCache {
         self.dir.join(format!("{digest}-{:016x}.cwasm", runtime.compatibility_hash()))
     }
 
+    /// Whether `bytes` has an artifact here (a compile will be a load).
+    pub fn holds(&self, runtime: &Runtime, bytes: &[u8]) -> bool {
+        std::fs::symlink_metadata(self.path(runtime, bytes)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Deletes the artifact of `bytes` (a component that was refused: its
+    /// artifact, tens of megabytes for some languages, would never be used).
+    pub fn forget(&self, runtime: &Runtime, bytes: &[u8]) {
+        let _ = std::fs::remove_file(self.path(runtime, bytes));
+    }
+
+    /// Deletes the artifacts not used (loaded or written) for `max_age`,
+    /// and temporary files of writes that never finished: a cache that
+    /// only grows would fill the disk with every version ever deployed.
+    /// Returns how many files it removed.
+    pub fn evict_unused(&self, max_age: std::time::Duration) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return 0 };
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for e in dir.flatten() {
+            let path = e.path();
+            let ours = path.extension().is_some_and(|x| x == "cwasm" || x.to_string_lossy().starts_with("tmp"));
+            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
+            if ours && old && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// The compiled filter for `bytes`: from the cache, or compiled and cached.
     pub fn compile(&self, runtime: &Runtime, bytes: &[u8]) -> Result<(CompiledFilter, Origin), LoadError> {
         let path = self.path(runtime, bytes);
@@ -70,7 +100,12 @@ impl ArtifactCache {
                 // writable only by us, named by the content's hash and this
                 // engine's compatibility hash: this cache wrote it.
                 match unsafe { runtime.deserialize_file(&path) } {
-                    Ok(c) => return Ok((c, Origin::Cached)),
+                    Ok(c) => {
+                        // Used now: not evicted for its age.
+                        let _ =
+                            std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                        return Ok((c, Origin::Cached));
+                    }
                     Err(e) => tracing::warn!("discarding cached artifact {}: {e}", path.display()),
                 }
             }

@@ -18,7 +18,8 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::domain::reply::{self, InvalidVerdict};
 use crate::domain::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
-use crate::runtime::sandbox::{self, HostState, bindings};
+use crate::runtime::metrics::FilterMetrics;
+use crate::runtime::sandbox::{self, HostState, bindings, bindings_v01};
 use crate::store::Store;
 
 /// How often the epoch advances: a call still running at a tick is a slow
@@ -48,12 +49,21 @@ pub struct RuntimeConfig {
     /// deadlines, so a runaway filter never holds every thread and other
     /// filters' calls keep their latency.
     pub slow_calls: usize,
+    /// The resolver behind the `dns` and `auth` imports (default: the
+    /// system's configuration, read on first use).
+    pub resolver: crate::dns::Resolver,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        RuntimeConfig { max_instances: 64, max_memory: 64 << 20, max_stack: 512 << 10, slow_calls: (cpus / 2).max(1) }
+        RuntimeConfig {
+            max_instances: 64,
+            max_memory: 64 << 20,
+            max_stack: 512 << 10,
+            slow_calls: (cpus / 2).max(1),
+            resolver: crate::dns::Resolver::default(),
+        }
     }
 }
 
@@ -170,8 +180,9 @@ pub enum LoadError {
     /// The component failed to compile.
     #[error("invalid component: {0}")]
     Compile(String),
-    /// The component is not of the `greyhook:filter/filter` world.
-    #[error("not a greyhook:filter@0.1.0 filter: {0}")]
+    /// The component is not of a `greyhook:filter/filter` world this host
+    /// provides (0.1.0 or 0.2.0), or imports what the host does not give.
+    #[error("not a greyhook filter this host can run: {0}")]
     World(String),
     /// The filter's `init` refused its configuration.
     #[error("the filter refused its configuration: {0}")]
@@ -272,6 +283,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
         bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
+        bindings_v01::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let (stop, engine) = (stop.clone(), engine.weak());
@@ -358,8 +370,13 @@ impl Runtime {
                 options.limits.memory, self.inner.config.max_memory
             )));
         }
+        let contract = compiled.contract(self)?;
         let pre = self.inner.linker.instantiate_pre(&compiled.component).map_err(|e| LoadError::World(format!("{e:#}")))?;
-        let pre = bindings::FilterPre::new(pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let world = |e: wasmtime::Error| LoadError::World(format!("{e:#}"));
+        let pre = match contract {
+            Contract::V0_1 => Pre::V1(bindings_v01::FilterPre::new(pre).map_err(world)?),
+            Contract::V0_2 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
+        };
         let imports = compiled.imports(self);
         let inner = FilterInner {
             runtime: self.clone(),
@@ -371,6 +388,8 @@ impl Runtime {
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
             quota: Arc::new(sandbox::Quota::new(&options.limits)),
+            metrics: Arc::default(),
+            contract,
             slow_slots: Arc::new(tokio::sync::Semaphore::new(self.inner.config.slow_calls.max(1))),
             options,
         };
@@ -410,18 +429,113 @@ pub struct CompiledFilter {
     component: Component,
 }
 
+/// A version of the filter contract (`greyhook:filter`) this host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `greyhook:filter@0.1.0` (`wit/v0.1/`): store and log.
+    V0_1,
+    /// `greyhook:filter@0.2.0` (`wit/greyhook.wit`): adds dns, auth,
+    /// metrics and batched store calls.
+    V0_2,
+}
+
+impl Contract {
+    /// The package version, e.g. `0.2.0`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_1 => "0.1.0",
+            Contract::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The interfaces of the contract a filter of this version may import.
+    fn provides(self) -> &'static [&'static str] {
+        match self {
+            Contract::V0_1 => &["types", "store", "log"],
+            Contract::V0_2 => &["types", "store", "log", "dns", "auth", "metrics"],
+        }
+    }
+}
+
+impl std::fmt::Display for Contract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "greyhook:filter@{}", self.version())
+    }
+}
+
+/// The WASI packages whose interfaces the sandbox links (empty: see
+/// [`crate::runtime::sandbox`]); `wasi:http` and anything else is refused.
+const WASI_LINKED: &[&str] = &["wasi:cli/", "wasi:clocks/", "wasi:filesystem/", "wasi:io/", "wasi:random/", "wasi:sockets/"];
+
+/// How to build a filter without an import the host refuses.
+const BUILD_WITHOUT: &str = "greyhook gives filters no network or HTTP: build the filter without it \
+    (componentize-js: `--disable http --disable fetch-event`; componentize-py: do not import `wasi:http`; \
+    Rust: do not depend on an HTTP client); see docs/writing-filters.md";
+
 impl CompiledFilter {
-    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.1.0`).
+    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.0`).
     pub fn imports(&self, runtime: &Runtime) -> Vec<String> {
         self.component.component_type().imports(&runtime.inner.engine).map(|(name, _)| name.to_string()).collect()
+    }
+
+    /// Which contract the component is built for (by the `hooks` it
+    /// exports), with every import checked: an import the host does not
+    /// provide is named in the error with how to build without it, instead
+    /// of the linker's text.
+    pub fn contract(&self, runtime: &Runtime) -> Result<Contract, LoadError> {
+        let ty = self.component.component_type();
+        let engine = &runtime.inner.engine;
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.0") {
+            Contract::V0_2
+        } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.1.0") {
+            Contract::V0_1
+        } else if let Some(other) = exports.iter().find(|e| e.starts_with("greyhook:filter/hooks")) {
+            return Err(LoadError::World(format!(
+                "it exports {other}; this host runs greyhook:filter@0.1.0 and @0.2.0 filters (upgrade greyhook, or build the filter against one of those)"
+            )));
+        } else {
+            return Err(LoadError::World(format!(
+                "it exports no greyhook:filter/hooks interface (exports: {}); build it for the `greyhook:filter/filter` world",
+                if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+            )));
+        };
+        for name in self.imports(runtime) {
+            if WASI_LINKED.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            if let Some(rest) = name.strip_prefix("greyhook:filter/") {
+                let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
+                if version == contract.version() && contract.provides().contains(&iface) {
+                    continue;
+                }
+                return Err(LoadError::World(format!(
+                    "it imports {name}, which a {contract} filter cannot import (mixing contract versions, or an interface of a newer contract)"
+                )));
+            }
+            return Err(LoadError::World(format!("it imports {name}, which greyhook does not provide; {BUILD_WITHOUT}")));
+        }
+        Ok(contract)
     }
 }
 
 /// One instance in the pool.
 struct Pooled {
     store: wasmtime::Store<HostState>,
-    world: bindings::Filter,
+    world: World,
     info: FilterInfo,
+}
+
+/// The pre-linked component, by contract version.
+enum Pre {
+    V1(bindings_v01::FilterPre<HostState>),
+    V2(bindings::FilterPre<HostState>),
+}
+
+/// An instance, by contract version.
+enum World {
+    V1(bindings_v01::Filter),
+    V2(bindings::Filter),
 }
 
 enum StartError {
@@ -431,7 +545,10 @@ enum StartError {
 
 struct FilterInner {
     runtime: Runtime,
-    pre: bindings::FilterPre<HostState>,
+    pre: Pre,
+    contract: Contract,
+    /// What the filter counts through the `metrics` import.
+    metrics: Arc<FilterMetrics>,
     store: Arc<dyn Store>,
     options: FilterOptions,
     name: Arc<str>,
@@ -472,6 +589,8 @@ impl FilterInner {
         let l = &self.options.limits;
         let mut state = HostState::new(self.store.clone(), self.options.namespace.as_deref(), self.name.clone(), l.memory, l.store_calls);
         state.quota = self.quota.clone();
+        state.resolver = self.runtime.inner.config.resolver.clone();
+        state.metrics = self.metrics.clone();
         let mut store = wasmtime::Store::new(&self.runtime.inner.engine, state);
         store.limiter(|s| &mut s.limits);
         // A call still running a few epoch ticks after it began yields to
@@ -487,13 +606,24 @@ impl FilterInner {
         store.set_epoch_deadline(SLOW_AFTER_TICKS);
         store.data_mut().call_deadline = Some(std::time::Instant::now() + l.deadline.max(Duration::from_secs(1)));
         let trap = |e: wasmtime::Error, s: &wasmtime::Store<HostState>| StartError::Trap(describe_trap(&e, s.data()));
-        let world = match self.pre.instantiate_async(&mut store).await {
+        let world = match &self.pre {
+            Pre::V1(p) => p.instantiate_async(&mut store).await.map(World::V1),
+            Pre::V2(p) => p.instantiate_async(&mut store).await.map(World::V2),
+        };
+        let world = match world {
             Ok(w) => w,
             Err(e) => return Err(trap(e, &store)),
         };
-        let init = world.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await;
+        let init = match &world {
+            World::V1(w) => {
+                w.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await.map(|r| r.map(|i| (i.name, i.version)))
+            }
+            World::V2(w) => {
+                w.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await.map(|r| r.map(|i| (i.name, i.version)))
+            }
+        };
         let info = match init {
-            Ok(Ok(i)) => FilterInfo { name: sanitize(&i.name, 64), version: sanitize(&i.version, 64) },
+            Ok(Ok((name, version))) => FilterInfo { name: sanitize(&name, 64), version: sanitize(&version, 64) },
             Ok(Err(m)) => return Err(StartError::Init(sanitize(&m, 1024))),
             Err(e) => return Err(trap(e, &store)),
         };
@@ -569,6 +699,16 @@ impl Filter {
     /// What the component imports.
     pub fn imports(&self) -> &[String] {
         &self.imports
+    }
+
+    /// The contract version it is built for.
+    pub fn contract(&self) -> Contract {
+        self.inner.contract
+    }
+
+    /// What it counts through the contract's `metrics` import.
+    pub fn metrics(&self) -> &FilterMetrics {
+        &self.inner.metrics
     }
 
     /// The options it was loaded with.
@@ -730,8 +870,21 @@ impl Filter {
 }
 
 async fn invoke(p: &mut Pooled, call: Call) -> wasmtime::Result<Answer> {
-    let hooks = p.world.greyhook_filter_hooks();
     let s = &mut p.store;
+    let hooks = match &p.world {
+        World::V2(w) => w.greyhook_filter_hooks(),
+        World::V1(w) => {
+            use sandbox::{context_to_v01 as c01, ehlo_from_v01, message_to_v01, verdict_from_v01};
+            let hooks = w.greyhook_filter_hooks();
+            return Ok(match call {
+                Call::Connect(c) => Answer::Verdict(verdict_from_v01(hooks.call_on_connect(s, &c01(c)).await?)),
+                Call::Ehlo(c) => Answer::Ehlo(ehlo_from_v01(hooks.call_on_ehlo(s, &c01(c)).await?)),
+                Call::Mail(c, a) => Answer::Verdict(verdict_from_v01(hooks.call_on_mail(s, &c01(c), &a).await?)),
+                Call::Rcpt(c, a) => Answer::Verdict(verdict_from_v01(hooks.call_on_rcpt(s, &c01(c), &a).await?)),
+                Call::Data(c, m) => Answer::Verdict(verdict_from_v01(hooks.call_on_data(s, &c01(c), &message_to_v01(m)).await?)),
+            });
+        }
+    };
     Ok(match call {
         Call::Connect(c) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_connect(s, &c).await?)),
         Call::Ehlo(c) => Answer::Ehlo(sandbox::ehlo_from_wit(hooks.call_on_ehlo(s, &c).await?)),

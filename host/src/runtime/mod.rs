@@ -6,6 +6,7 @@
 pub mod artifact_cache;
 mod chain;
 mod engine;
+pub mod metrics;
 pub mod reload;
 pub(crate) mod sandbox;
 

@@ -206,7 +206,19 @@ impl Reloader {
     ) -> Result<Reloader, ReloadError> {
         let bytes = read(&source)?;
         let compiled = compile(&runtime, &bytes, cache.clone()).await?;
-        let filter = load_checked(&runtime, compiled.clone(), options.clone(), store.clone()).await?;
+        let filter = match load_checked(&runtime, compiled.clone(), options.clone(), store.clone()).await {
+            Ok(f) => f,
+            Err(e) => {
+                // A refused component's artifact would never be used (a
+                // refused configuration of a good one keeps it).
+                if matches!(e, ReloadError::Load(LoadError::World(_) | LoadError::Compile(_)))
+                    && let Some(c) = &cache
+                {
+                    c.forget(&runtime, &bytes);
+                }
+                return Err(e);
+            }
+        };
         let h = hash(&bytes, &options);
         Ok(Reloader {
             runtime,
@@ -265,7 +277,19 @@ impl Reloader {
                     left.as_secs() + 1
                 )));
             }
-            let filter = load_checked(&self.runtime, compiled, options.clone(), self.store.clone()).await?;
+            let filter = match load_checked(&self.runtime, compiled, options.clone(), self.store.clone()).await {
+                Ok(f) => f,
+                Err(e) => {
+                    // A refused component's artifact would never be used
+                    // (a refused *configuration* of a good component keeps it).
+                    if matches!(e, ReloadError::Load(LoadError::World(_) | LoadError::Compile(_)))
+                        && let Some(c) = &self.cache
+                    {
+                        c.forget(&self.runtime, &bytes);
+                    }
+                    return Err(e);
+                }
+            };
             check(&filter).map_err(ReloadError::Options)?;
             let info = filter.info().clone();
             let old = self.slot.swap(Arc::new(filter));
@@ -349,18 +373,54 @@ impl Reloader {
 
 /// Compiles (or loads the cached artifact) on a blocking thread: a compile
 /// is hundreds of milliseconds of CPU.
+///
+/// A component from componentize-js or componentize-py is 12–18 MB and
+/// takes tens of seconds to compile: the log says so when it starts, every
+/// [`PROGRESS_EVERY`] while it runs, and when it is done; a cached artifact
+/// loads in milliseconds. Artifacts unused for [`EVICT_AFTER`] are removed.
 async fn compile(runtime: &Runtime, bytes: &[u8], cache: Option<ArtifactCache>) -> Result<CompiledFilter, ReloadError> {
     let rt = runtime.clone();
     let owned = bytes.to_vec();
+    let cached = cache.as_ref().is_some_and(|c| c.holds(runtime, bytes));
+    let mb = bytes.len() as f64 / 1e6;
+    let started = std::time::Instant::now();
+    if !cached {
+        tracing::info!("compiling the filter ({mb:.1} MB of WebAssembly){}", if mb > 4.0 { "; this can take a while" } else { "" });
+    }
     let work = move || match &cache {
-        Some(c) => c.compile(&rt, &owned).map(|(compiled, origin)| {
-            tracing::debug!(?origin, "filter compiled");
-            compiled
-        }),
+        Some(c) => {
+            let evicted = c.evict_unused(EVICT_AFTER);
+            if evicted > 0 {
+                tracing::info!("removed {evicted} compiled filters unused for {} days", EVICT_AFTER.as_secs() / 86_400);
+            }
+            c.compile(&rt, &owned).map(|(compiled, origin)| {
+                tracing::debug!(?origin, "filter compiled");
+                compiled
+            })
+        }
         None => rt.compile(&owned),
     };
-    Ok(tokio::task::spawn_blocking(work).await.map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??)
+    let mut task = tokio::task::spawn_blocking(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let done = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tick.tick() => tracing::info!("still compiling the filter ({} s so far)", started.elapsed().as_secs()),
+        }
+    };
+    let compiled = done.map_err(|e| ReloadError::Options(format!("compile task failed: {e}")))??;
+    if cached {
+        tracing::info!("filter loaded from the compiled-filter cache in {:.0?}", started.elapsed());
+    } else {
+        tracing::info!("filter compiled in {:.1?}", started.elapsed());
+    }
+    Ok(compiled)
 }
+
+/// How often a long compile is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Compiled artifacts not used for this long are removed from the cache.
+const EVICT_AFTER: Duration = Duration::from_secs(30 * 86_400);
 
 /// Type-checks, initialises and smoke-tests a compiled filter.
 async fn load_checked(

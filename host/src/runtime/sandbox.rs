@@ -1,6 +1,9 @@
-//! What a filter sees: the generated bindings of `wit/greyhook.wit`, the
-//! per-instance host state, and the host side of the `store` and `log`
-//! imports. Also the conversions between the WIT types and [`crate::domain::types`].
+//! What a filter sees: the generated bindings of the contract's two
+//! versions (`wit/greyhook.wit`, 0.2.0, and `wit/v0.1/greyhook.wit`), the
+//! per-instance host state, and the host side of the imports (`store`,
+//! `log`, `dns`, `auth`, `metrics`; a 0.1.0 filter's `store` and `log` are
+//! the same code behind the older types). Also the conversions between the
+//! WIT types and [`crate::domain::types`].
 //!
 //! The sandbox grants no WASI capability. Rust's `std` on `wasm32-wasip2`
 //! makes every component import `wasi:cli`, `wasi:io`, `wasi:clocks`,
@@ -20,10 +23,12 @@ use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use crate::dns::{self, Resolver};
 use crate::domain::types;
+use crate::runtime::metrics::FilterMetrics;
 use crate::store::{Condition, Store, WriteOutcome};
 
-/// The bindings generated from `wit/greyhook.wit`.
+/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.0`).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -33,7 +38,21 @@ pub(crate) mod bindings {
     });
 }
 
-use bindings::greyhook::filter::{log as wit_log, store as wit_store, types as wit};
+/// The bindings of `greyhook:filter@0.1.0` (`wit/v0.1/`), for filters built
+/// before 0.2.0: loaded unchanged.
+pub(crate) mod bindings_v01 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1",
+        world: "filter",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use bindings::greyhook::filter::{
+    auth as wit_auth, dns as wit_dns, log as wit_log, metrics as wit_metrics, store as wit_store, types as wit,
+};
+use bindings_v01::greyhook::filter::{log as v01_log, store as v01_store, types as v01};
 
 /// Longest store key a filter may use (before namespacing).
 pub const MAX_KEY: usize = 256;
@@ -91,6 +110,12 @@ pub(crate) struct HostState {
     log_lines: u32,
     /// The slow-call slot this call holds (a suspect filter's calls).
     slow_held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+    /// The host's resolver (the `dns` and `auth` imports).
+    pub(crate) resolver: Resolver,
+    /// DNS and `auth` calls made in the call in progress.
+    dns_calls: u32,
+    /// The filter's metrics (the `metrics` import).
+    pub(crate) metrics: Arc<FilterMetrics>,
 }
 
 impl HostState {
@@ -120,6 +145,9 @@ impl HostState {
             store_calls: 0,
             max_store_calls,
             store_failure: None,
+            resolver: Resolver::default(),
+            dns_calls: 0,
+            metrics: Arc::default(),
         }
     }
 
@@ -139,7 +167,28 @@ impl HostState {
         *self.slow_held.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         self.now = now;
         self.store_calls = 0;
+        self.dns_calls = 0;
         self.store_failure = None;
+    }
+
+    /// Counts a DNS or `auth` call; the time it may take: the resolver's
+    /// timeout cut at what is left of the hook's deadline (less a margin,
+    /// so that the filter gets `timeout` and can still answer).
+    fn admit_dns(&mut self) -> Result<std::time::Duration, wit_dns::DnsError> {
+        self.dns_calls += 1;
+        let max = self.resolver.config().max_lookups;
+        if self.dns_calls > max {
+            return Err(wit_dns::DnsError::Limit(format!("more than {max} DNS lookups in one hook call")));
+        }
+        let left = self
+            .call_deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(self.resolver.config().timeout)
+            .saturating_sub(std::time::Duration::from_millis(2));
+        if left.is_zero() {
+            return Err(wit_dns::DnsError::Timeout);
+        }
+        Ok(left.min(self.resolver.config().timeout))
     }
 
     /// What the filter wrote to stderr (e.g. a panic message), lossy.
@@ -193,6 +242,60 @@ impl HasData for Host {
 
 impl wit::Host for HostState {}
 
+impl HostState {
+    /// What a read hands the filter: a shared store (Redis) can hold
+    /// anything another writer put there, so it is held to the write limit.
+    fn entry(&mut self, key: &str, e: Option<crate::store::Entry>) -> Result<Option<wit_store::Entry>, wit_store::StoreError> {
+        match e {
+            Some(e) if e.value.len() > MAX_VALUE => Err(self.fail(format!("stored value of {} bytes under {key}", e.value.len()))),
+            e => Ok(e.map(|e| wit_store::Entry { value: e.value, version: e.version })),
+        }
+    }
+
+    /// Checks a write against the limits and budgets; the namespaced key
+    /// and whether it may create a record.
+    fn admit_write(&mut self, key: &str, value: &[u8], if_version: Option<u64>) -> Result<(String, bool), wit_store::StoreError> {
+        let key = self.admit(key)?;
+        if value.len() > MAX_VALUE {
+            let m = format!("store value of {} bytes (at most {MAX_VALUE})", value.len());
+            self.fail(m.clone());
+            return Err(wit_store::StoreError::Limit(m));
+        }
+        let cost = (key.len() + value.len()) as u64;
+        if !self.quota.writes.take(cost) {
+            let m = format!("write budget of {} bytes a minute spent", self.quota.writes.per_minute());
+            self.fail(m.clone());
+            return Err(wit_store::StoreError::Limit(m));
+        }
+        // A write that may create a record (not a compare-and-swap on an
+        // existing version) counts against the record budget.
+        let creating = !matches!(if_version, Some(v) if v > 0);
+        if creating && self.quota.records_full() {
+            let m = format!("record budget of {} records spent", self.quota.max_records);
+            self.fail(m.clone());
+            return Err(wit_store::StoreError::Limit(m));
+        }
+        Ok((key, creating))
+    }
+
+    fn written(
+        &mut self,
+        creating: bool,
+        r: Result<WriteOutcome, crate::store::StoreError>,
+    ) -> Result<wit_store::WriteOutcome, wit_store::StoreError> {
+        match r {
+            Ok(WriteOutcome::Written(v)) => {
+                if creating {
+                    self.quota.records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(wit_store::WriteOutcome::Written(v))
+            }
+            Ok(WriteOutcome::Conflict) => Ok(wit_store::WriteOutcome::Conflict),
+            Err(e) => Err(self.fail(e.to_string())),
+        }
+    }
+}
+
 impl wit_store::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<wit_store::Entry>, wit_store::StoreError>> {
         let key = match self.admit(&key) {
@@ -200,12 +303,60 @@ impl wit_store::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         Ok(match self.store.get(&key, self.now).await {
-            // A shared store (Redis) can hold anything another writer put
-            // there: what reaches the filter is held to the write limit.
-            Ok(Some(e)) if e.value.len() > MAX_VALUE => Err(self.fail(format!("stored value of {} bytes under {key}", e.value.len()))),
-            Ok(e) => Ok(e.map(|e| wit_store::Entry { value: e.value, version: e.version })),
+            Ok(e) => self.entry(&key, e),
             Err(e) => Err(self.fail(e.to_string())),
         })
+    }
+
+    async fn get_many(&mut self, keys: Vec<String>) -> wasmtime::Result<Result<Vec<Option<wit_store::Entry>>, wit_store::StoreError>> {
+        let mut full = Vec::with_capacity(keys.len());
+        for k in &keys {
+            match self.admit(k) {
+                Ok(k) => full.push(k),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        let entries = match self.store.get_many(&full, self.now).await {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(self.fail(e.to_string()))),
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, e) in full.iter().zip(entries) {
+            match self.entry(k, e) {
+                Ok(e) => out.push(e),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    async fn set_many(
+        &mut self,
+        writes: Vec<wit_store::Write>,
+    ) -> wasmtime::Result<Result<Vec<wit_store::WriteOutcome>, wit_store::StoreError>> {
+        let mut batch = Vec::with_capacity(writes.len());
+        let mut creating = Vec::with_capacity(writes.len());
+        for wit_store::Write { key, value, ttl_seconds, if_version } in writes {
+            let (key, c) = match self.admit_write(&key, &value, if_version) {
+                Ok(k) => k,
+                Err(e) => return Ok(Err(e)),
+            };
+            let expires_at = self.now.saturating_add(u64::from(ttl_seconds.clamp(1, self.quota.max_ttl)));
+            creating.push(c);
+            batch.push(crate::store::Write { key, value, expires_at, cond: Condition::from_wit(if_version) });
+        }
+        let outcomes = match self.store.set_many(&batch, self.now).await {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(self.fail(e.to_string()))),
+        };
+        let mut out = Vec::with_capacity(outcomes.len());
+        for (c, o) in creating.into_iter().zip(outcomes) {
+            match self.written(c, Ok(o)) {
+                Ok(o) => out.push(o),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(out))
     }
 
     async fn set(
@@ -215,41 +366,14 @@ impl wit_store::Host for HostState {
         ttl: u32,
         if_version: Option<u64>,
     ) -> wasmtime::Result<Result<wit_store::WriteOutcome, wit_store::StoreError>> {
-        let key = match self.admit(&key) {
+        let (key, creating) = match self.admit_write(&key, &value, if_version) {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        if value.len() > MAX_VALUE {
-            let m = format!("store value of {} bytes (at most {MAX_VALUE})", value.len());
-            self.fail(m.clone());
-            return Ok(Err(wit_store::StoreError::Limit(m)));
-        }
-        let cost = (key.len() + value.len()) as u64;
-        if !self.quota.writes.take(cost) {
-            let m = format!("write budget of {} bytes a minute spent", self.quota.writes.per_minute());
-            self.fail(m.clone());
-            return Ok(Err(wit_store::StoreError::Limit(m)));
-        }
-        // A write that may create a record (not a compare-and-swap on an
-        // existing version) counts against the record budget.
-        let creating = !matches!(if_version, Some(v) if v > 0);
-        if creating && self.quota.records_full() {
-            let m = format!("record budget of {} records spent", self.quota.max_records);
-            self.fail(m.clone());
-            return Ok(Err(wit_store::StoreError::Limit(m)));
-        }
         let ttl = ttl.clamp(1, self.quota.max_ttl);
         let expires_at = self.now.saturating_add(u64::from(ttl));
-        Ok(match self.store.set(&key, &value, expires_at, Condition::from_wit(if_version), self.now).await {
-            Ok(WriteOutcome::Written(v)) => {
-                if creating {
-                    self.quota.records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(wit_store::WriteOutcome::Written(v))
-            }
-            Ok(WriteOutcome::Conflict) => Ok(wit_store::WriteOutcome::Conflict),
-            Err(e) => Err(self.fail(e.to_string())),
-        })
+        let r = self.store.set(&key, &value, expires_at, Condition::from_wit(if_version), self.now).await;
+        Ok(self.written(creating, r))
     }
 
     async fn delete(&mut self, key: String, if_version: Option<u64>) -> wasmtime::Result<Result<bool, wit_store::StoreError>> {
@@ -294,6 +418,157 @@ impl wit_log::Host for HostState {
             wit_log::Level::Error => tracing::error!(target: "greyhook::filter", filter, "{msg}"),
         }
         Ok(())
+    }
+}
+
+fn ip_from_wit(a: wit::IpAddress) -> IpAddr {
+    match a {
+        wit::IpAddress::Ipv4((a, b, c, d)) => IpAddr::from([a, b, c, d]),
+        wit::IpAddress::Ipv6((a, b, c, d, e, f, g, h)) => IpAddr::from([a, b, c, d, e, f, g, h]),
+    }
+}
+
+fn dns_error(e: dns::DnsError) -> wit_dns::DnsError {
+    match e {
+        dns::DnsError::NxDomain => wit_dns::DnsError::Nxdomain,
+        dns::DnsError::NoData => wit_dns::DnsError::NoData,
+        dns::DnsError::Timeout => wit_dns::DnsError::Timeout,
+        dns::DnsError::ServFail(m) => wit_dns::DnsError::Servfail(m),
+        dns::DnsError::Limit(m) => wit_dns::DnsError::Limit(m),
+    }
+}
+
+/// Runs a resolver call within `time`; past it, `timeout`.
+async fn within<T>(time: std::time::Duration, f: impl Future<Output = Result<T, dns::DnsError>>) -> Result<T, wit_dns::DnsError> {
+    match tokio::time::timeout(time, f).await {
+        Ok(r) => r.map_err(dns_error),
+        Err(_) => Err(wit_dns::DnsError::Timeout),
+    }
+}
+
+impl wit_dns::Host for HostState {
+    async fn lookup(&mut self, name: String, kind: wit_dns::RecordType) -> wasmtime::Result<Result<Vec<String>, wit_dns::DnsError>> {
+        let time = match self.admit_dns() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let kind = match kind {
+            wit_dns::RecordType::A => dns::RecordType::A,
+            wit_dns::RecordType::Aaaa => dns::RecordType::Aaaa,
+            wit_dns::RecordType::Mx => dns::RecordType::Mx,
+            wit_dns::RecordType::Txt => dns::RecordType::Txt,
+            wit_dns::RecordType::Ptr => dns::RecordType::Ptr,
+        };
+        let r = self.resolver.clone();
+        Ok(within(time, r.lookup(&name, kind)).await)
+    }
+
+    async fn reverse(&mut self, address: wit::IpAddress) -> wasmtime::Result<Result<Vec<String>, wit_dns::DnsError>> {
+        let time = match self.admit_dns() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let r = self.resolver.clone();
+        Ok(within(time, r.reverse(ip_from_wit(address))).await)
+    }
+}
+
+impl wit_auth::Host for HostState {
+    async fn spf(
+        &mut self,
+        address: wit::IpAddress,
+        helo: String,
+        sender: String,
+    ) -> wasmtime::Result<Result<wit_auth::SpfOutcome, wit_dns::DnsError>> {
+        let time = match self.admit_dns() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let r = self.resolver.clone();
+        let out = match within(time, async { Ok(r.spf(ip_from_wit(address), &helo, &sender).await) }).await {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e)),
+        };
+        let result = match out.result {
+            dns::SpfResult::Pass => wit_auth::SpfResult::Pass,
+            dns::SpfResult::Fail => wit_auth::SpfResult::Fail,
+            dns::SpfResult::SoftFail => wit_auth::SpfResult::Softfail,
+            dns::SpfResult::Neutral => wit_auth::SpfResult::Neutral,
+            dns::SpfResult::None => wit_auth::SpfResult::None,
+            dns::SpfResult::TempError => wit_auth::SpfResult::Temperror,
+            dns::SpfResult::PermError => wit_auth::SpfResult::Permerror,
+        };
+        Ok(Ok(wit_auth::SpfOutcome { result, domain: out.domain }))
+    }
+
+    async fn forward_confirmed_name(&mut self, address: wit::IpAddress) -> wasmtime::Result<Result<Option<String>, wit_dns::DnsError>> {
+        let time = match self.admit_dns() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let r = self.resolver.clone();
+        Ok(within(time, r.forward_confirmed(ip_from_wit(address))).await)
+    }
+}
+
+impl wit_metrics::Host for HostState {
+    async fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> wasmtime::Result<()> {
+        self.metrics.counter_add(&name, labels, value);
+        Ok(())
+    }
+
+    async fn histogram_observe(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
+        self.metrics.observe(&name, labels, value);
+        Ok(())
+    }
+}
+
+// ---- greyhook:filter@0.1.0: the same store and log behind the old types ----
+
+impl v01::Host for HostState {}
+
+fn v01_store_error(e: wit_store::StoreError) -> v01_store::StoreError {
+    match e {
+        wit_store::StoreError::Unavailable(m) => v01_store::StoreError::Unavailable(m),
+        wit_store::StoreError::Limit(m) => v01_store::StoreError::Limit(m),
+    }
+}
+
+impl v01_store::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<v01_store::Entry>, v01_store::StoreError>> {
+        let r = wit_store::Host::get(self, key).await?;
+        Ok(r.map(|e| e.map(|wit_store::Entry { value, version }| v01_store::Entry { value, version })).map_err(v01_store_error))
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl: u32,
+        if_version: Option<u64>,
+    ) -> wasmtime::Result<Result<v01_store::WriteOutcome, v01_store::StoreError>> {
+        let r = wit_store::Host::set(self, key, value, ttl, if_version).await?;
+        Ok(r.map(|o| match o {
+            wit_store::WriteOutcome::Written(v) => v01_store::WriteOutcome::Written(v),
+            wit_store::WriteOutcome::Conflict => v01_store::WriteOutcome::Conflict,
+        })
+        .map_err(v01_store_error))
+    }
+
+    async fn delete(&mut self, key: String, if_version: Option<u64>) -> wasmtime::Result<Result<bool, v01_store::StoreError>> {
+        Ok(wit_store::Host::delete(self, key, if_version).await?.map_err(v01_store_error))
+    }
+}
+
+impl v01_log::Host for HostState {
+    async fn write(&mut self, level: v01_log::Level, message: String) -> wasmtime::Result<()> {
+        let level = match level {
+            v01_log::Level::Debug => wit_log::Level::Debug,
+            v01_log::Level::Info => wit_log::Level::Info,
+            v01_log::Level::Warn => wit_log::Level::Warn,
+            v01_log::Level::Error => wit_log::Level::Error,
+        };
+        wit_log::Host::write(self, level, message).await
     }
 }
 
@@ -409,7 +684,7 @@ impl Quota {
 
 pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
     let types::Context { session, transaction, now } = c;
-    let types::Session { id, client_address, client_name, helo, auth_user, tls } = session;
+    let types::Session { id, client_address, client_name, reverse_client_name, helo, auth_user, tls } = session;
     let client_address = match client_address {
         IpAddr::V4(a) => {
             let o = a.octets();
@@ -432,6 +707,7 @@ pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
             id: id.clone(),
             client_address,
             client_name: client_name.clone(),
+            reverse_client_name: reverse_client_name.clone(),
             helo: helo.clone(),
             auth_user: auth_user.clone(),
             tls: *tls,
@@ -480,4 +756,56 @@ pub(crate) fn verdict_from_wit(v: wit::Verdict) -> types::Verdict {
 pub(crate) fn ehlo_from_wit(v: wit::EhloVerdict) -> types::EhloVerdict {
     let wit::EhloVerdict { verdict, keywords } = v;
     types::EhloVerdict { verdict: verdict_from_wit(verdict), keywords }
+}
+
+// ---- 0.1.0 conversions: the 0.2.0 records less what 0.1.0 lacks ----
+
+pub(crate) fn context_to_v01(c: wit::Context) -> v01::Context {
+    let wit::Context { session, transaction, now } = c;
+    let wit::Session { id, client_address, client_name, reverse_client_name: _, helo, auth_user, tls } = session;
+    let client_address = match client_address {
+        wit::IpAddress::Ipv4(a) => v01::IpAddress::Ipv4(a),
+        wit::IpAddress::Ipv6(a) => v01::IpAddress::Ipv6(a),
+    };
+    let wit::Transaction { sender, recipients } = transaction;
+    v01::Context {
+        session: v01::Session { id, client_address, client_name, helo, auth_user, tls },
+        transaction: v01::Transaction {
+            sender,
+            recipients: recipients
+                .into_iter()
+                .map(|wit::AcceptedRecipient { address, policy_group }| v01::AcceptedRecipient { address, policy_group })
+                .collect(),
+        },
+        now,
+    }
+}
+
+pub(crate) fn message_to_v01(m: wit::Message) -> v01::Message {
+    let wit::Message { message_id, headers } = m;
+    v01::Message { message_id, headers: headers.into_iter().map(|wit::Header { name, value }| v01::Header { name, value }).collect() }
+}
+
+fn reply_from_v01(r: v01::Reply) -> types::Reply {
+    let v01::Reply { code, enhanced, text, retry_after } = r;
+    types::Reply { code, enhanced, text, retry_after }
+}
+
+pub(crate) fn verdict_from_v01(v: v01::Verdict) -> types::Verdict {
+    let v01::Verdict { decision, add_headers, policy_group } = v;
+    types::Verdict {
+        decision: match decision {
+            v01::Decision::Continue => types::Decision::Continue,
+            v01::Decision::Accept => types::Decision::Accept,
+            v01::Decision::Tempfail(r) => types::Decision::Tempfail(reply_from_v01(r)),
+            v01::Decision::Reject(r) => types::Decision::Reject(reply_from_v01(r)),
+        },
+        add_headers: add_headers.into_iter().map(|v01::Header { name, value }| types::Header { name, value }).collect(),
+        policy_group,
+    }
+}
+
+pub(crate) fn ehlo_from_v01(v: v01::EhloVerdict) -> types::EhloVerdict {
+    let v01::EhloVerdict { verdict, keywords } = v;
+    types::EhloVerdict { verdict: verdict_from_v01(verdict), keywords }
 }

@@ -18,13 +18,17 @@ use crate::session::audit::log_decision;
 /// refuses more before asking; a milter peer cannot make us hold more).
 pub const MAX_TRANSACTION_RECIPIENTS: usize = 1000;
 
-/// The chain and clock shared by every session of a front end.
+/// The chain, clock and resolver shared by every session of a front end.
 #[derive(Clone)]
 pub struct Hooks {
     /// The filters.
     pub chain: Chain,
     /// The clock handed to the filters as `now`.
     pub clock: Arc<dyn Clock>,
+    /// The resolver a front end that is not told its clients' names (the
+    /// SMTP server, OpenSMTPD) looks them up with
+    /// ([`SmtpSession::resolve_client`]); `None`: it does not.
+    pub resolver: Option<crate::dns::Resolver>,
 }
 
 /// The state of one SMTP session.
@@ -38,6 +42,17 @@ impl SmtpSession {
     /// A session with the client at `client`; `id` names it in logs.
     pub fn new(hooks: Hooks, id: impl Into<String>, client: IpAddr) -> SmtpSession {
         SmtpSession { hooks, session: Session::new(id, client), transaction: Transaction::default() }
+    }
+
+    /// Looks up the client's names (PTR, then forward confirmation) with
+    /// the hooks' resolver, if there is one, into `client_name` and
+    /// `reverse_client_name`: for front ends whose MTA does not say them.
+    pub async fn resolve_client(&mut self) {
+        if let Some(r) = &self.hooks.resolver {
+            let (confirmed, reverse) = r.client_names(self.session.client_address).await;
+            self.session.client_name = confirmed;
+            self.session.reverse_client_name = reverse;
+        }
     }
 
     /// The session facts, for the front end to fill in (client name, TLS,

@@ -70,6 +70,19 @@ impl Condition {
     }
 }
 
+/// One write of [`Store::set_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// The key (namespaced).
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// When it expires, Unix seconds.
+    pub expires_at: u64,
+    /// The condition.
+    pub cond: Condition,
+}
+
 /// The outcome of a conditional write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -107,6 +120,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes `key` if `cond` holds; true if a live entry was deleted.
     async fn delete(&self, key: &str, cond: Condition, now: u64) -> Result<bool, StoreError>;
+
+    /// Reads several keys; the answers in the order of `keys`. A networked
+    /// backend answers in one round trip; the default asks one by one.
+    async fn get_many(&self, keys: &[String], now: u64) -> Result<Vec<Option<Entry>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.get(k, now).await?);
+        }
+        Ok(out)
+    }
+
+    /// Writes several keys, each under its own condition (not atomic
+    /// across keys); the outcomes in order. A networked backend answers in
+    /// one round trip; the default writes one by one.
+    async fn set_many(&self, writes: &[Write], now: u64) -> Result<Vec<WriteOutcome>, StoreError> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            out.push(self.set(&w.key, &w.value, w.expires_at, w.cond, now).await?);
+        }
+        Ok(out)
+    }
 
     /// Removes entries expired at `now`; returns how many.
     async fn sweep(&self, now: u64) -> Result<u64, StoreError>;

@@ -328,6 +328,21 @@ impl Store for RedisStore {
         self.read("get", self.key(key), now).await
     }
 
+    async fn get_many(&self, keys: &[String], now: u64) -> Result<Vec<Option<Entry>>, StoreError> {
+        // One pipeline: one round trip for the whole batch.
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        let rows: Vec<(Option<Vec<u8>>, Option<String>, Option<String>)> = self
+            .call("get_many", |mut c| async move {
+                let mut p = redis::pipe();
+                for k in &full {
+                    p.cmd("HMGET").arg(k).arg("v").arg("ver").arg("exp");
+                }
+                p.query_async(&mut c).await
+            })
+            .await?;
+        Ok(rows.into_iter().map(|f| parse_entry(f).filter(|e| e.expires_at > now)).collect())
+    }
+
     async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError> {
         let k = self.key(key);
         let ttl = expires_at.saturating_sub(now).min(i64::MAX as u64);

@@ -1,5 +1,6 @@
 //! The `greyhook` command.
 
+mod new_filter;
 mod simulate;
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,10 @@ struct Common {
     /// The control socket `greyhook reload` talks to.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// A DNS server for the filters' lookups and client names, `HOST:PORT`
+    /// (repeatable; replaces `[dns] servers`; default: the system's resolver).
+    #[arg(long = "dns", value_name = "HOST:PORT")]
+    dns: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -198,6 +203,20 @@ enum Command {
         /// Unix time at which the script starts (default: now).
         #[arg(long)]
         start: Option<u64>,
+    },
+    /// Create a filter crate on the Rust SDK (greyhook-filter): a
+    /// greylisting filter with its tests and a README, ready for `cargo
+    /// test` and `cargo build --target wasm32-wasip2 --release`.
+    NewFilter {
+        /// The filter's name (its crate name and store namespace).
+        name: String,
+        /// The directory to create (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The SDK (sdk/rust of the greyhook source; default: the one this
+        /// greyhook was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -299,6 +318,9 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
     }
     if let Some(ctl) = &c.control {
         cfg.control.socket = Some(ctl.display().to_string());
+    }
+    if !c.dns.is_empty() {
+        cfg.dns.servers = c.dns.clone();
     }
     cfg.set_filter_keys(&c.set)?;
     Ok(cfg)
@@ -407,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
             return serve(Overrides { common, policy, milter, smtp: Some(SmtpOverrides { listen, next_hop, lmtp }), only: None }).await;
         }
         Command::Hint { log, file } => return hint(log, file.as_deref()),
+        Command::NewFilter { name, dir, sdk } => return new_filter::run(&name, dir, sdk),
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c } => return control(c, "status").await,
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
@@ -428,11 +451,12 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Reload { .. }
         | Command::Status { .. }
         | Command::Db { .. }
+        | Command::NewFilter { .. }
         | Command::Hint { .. } => {
             unreachable!("handled above")
         }
         Command::Check { filter, config, set } => {
-            let common = Common { config, db: Some("memory".into()), filter, set, log: None, control: None };
+            let common = Common { config, db: Some("memory".into()), filter, set, log: None, control: None, dns: Vec::new() };
             let cfg = load_config(common.config.clone().as_deref(), &Overrides::tool(common))?;
             let loaded = greyhook::daemon::load_chain(&cfg, Arc::new(MemoryStore::new()), None).await?;
             for r in &loaded.reloaders {
@@ -442,7 +466,15 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("name: {name}");
                 println!("version: {}", f.info().version);
                 println!("namespace: {}", f.namespace());
-                println!("world: greyhook:filter/filter@0.1.0");
+                println!("contract: {}", f.contract());
+                let caps: Vec<&str> = f
+                    .imports()
+                    .iter()
+                    .filter_map(|i| i.strip_prefix("greyhook:filter/"))
+                    .map(|i| i.split('@').next().unwrap_or(i))
+                    .filter(|i| *i != "types")
+                    .collect();
+                println!("capabilities: {}", if caps.is_empty() { "none".to_string() } else { caps.join(", ") });
                 println!("imports:");
                 for i in f.imports() {
                     let note = if i.starts_with("greyhook:") { "" } else { "  (linked empty: no capability granted)" };

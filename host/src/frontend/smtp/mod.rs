@@ -492,6 +492,9 @@ impl Connection {
     async fn run(&mut self, ip: IpAddr) -> Result<(), End> {
         let id = format!("smtp{}", SESSIONS.fetch_add(1, Ordering::Relaxed));
         let mut session = SmtpSession::new(self.shared.hooks.clone(), id, ip);
+        // The client's names, as Postfix's smtpd finds them (bounded by
+        // `[dns] timeout`; a failure leaves them unknown).
+        session.resolve_client().await;
         let v = session.connect().await;
         if let Some(r) = v.reply() {
             // The draft: 421 at the greeting, then the client goes away.

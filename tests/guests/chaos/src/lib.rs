@@ -7,7 +7,7 @@
 //! `panic.example` a trap at connect. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
-    path: "../../../wit",
+    path: "../../../wit/v0.1",
     world: "filter",
 });
 

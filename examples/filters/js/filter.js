@@ -1,0 +1,78 @@
+// A greylisting filter in JavaScript, built with componentize-js against
+// greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.0): the first
+// attempt of a (client /24, sender, recipient) triplet is deferred with a
+// retry hint; a retry after `delay` seconds passes.
+//
+// jco's mapping: records are objects with camelCase fields, u64 is BigInt,
+// option<T> is T or undefined, a variant is { tag, val }, and a `result`
+// import throws its error.
+import { get, set } from 'greyhook:filter/store@0.2.0';
+import { write } from 'greyhook:filter/log@0.2.0';
+import { counterAdd } from 'greyhook:filter/metrics@0.2.0';
+
+let delay = 60;
+
+function network(addr) {
+  if (addr.tag === 'ipv4') {
+    const [a, b, c] = addr.val;
+    return `${a}.${b}.${c}.0/24`;
+  }
+  return addr.val.slice(0, 4).map((g) => g.toString(16)).join(':') + '::/64';
+}
+
+const cont = () => ({ decision: { tag: 'continue' }, addHeaders: [], policyGroup: undefined });
+
+export const hooks = {
+  init(config) {
+    // The configuration is TOML; this filter knows one key: `delay = N`.
+    for (const line of config.split('\n')) {
+      const m = line.match(/^\s*delay\s*=\s*(\d+)\s*$/);
+      if (m) delay = Number(m[1]);
+      else if (line.trim() !== '' && !line.trim().startsWith('#')) throw `unknown setting: ${line.trim()}`;
+    }
+    return { name: 'js-greylist', version: '0.1.0' };
+  },
+  onConnect(ctx) {
+    return cont();
+  },
+  onEhlo(ctx) {
+    return { verdict: cont(), keywords: ['GREYLIST'] };
+  },
+  onMail(ctx, sender) {
+    return cont();
+  },
+  onRcpt(ctx, recipient) {
+    const sender = (ctx.transaction.sender ?? '').toLowerCase();
+    const key = `t/${network(ctx.session.clientAddress)}/${sender}/${recipient.toLowerCase()}`.slice(0, 256);
+    const now = ctx.now;
+    const entry = get(key);
+    if (entry === undefined) {
+      set(key, new TextEncoder().encode(String(now)), 2 * 86400, 0n);
+      counterAdd('greylisted', [['stage', 'first']], 1n);
+      return tempfail(delay);
+    }
+    const first = BigInt(new TextDecoder().decode(entry.value));
+    const left = first + BigInt(delay) - now;
+    if (left > 0n) {
+      counterAdd('greylisted', [['stage', 'early']], 1n);
+      return tempfail(Number(left));
+    }
+    write('info', `passed ${key} after ${now - first} s`);
+    counterAdd('passed', [], 1n);
+    return cont();
+  },
+  onData(ctx, message) {
+    return cont();
+  },
+};
+
+function tempfail(retryAfter) {
+  return {
+    decision: {
+      tag: 'tempfail',
+      val: { code: 451, enhanced: '4.7.1', text: ['Greylisted by a JavaScript filter'], retryAfter },
+    },
+    addHeaders: [],
+    policyGroup: undefined,
+  };
+}

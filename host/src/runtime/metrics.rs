@@ -1,0 +1,200 @@
+//! The counters and histograms a filter defines through the contract's
+//! `metrics` import, kept per filter (so one filter's names never collide
+//! with another's) and bounded: a name or label that breaks the rules, or a
+//! series past [`MAX_SERIES`], is dropped and counted, never an error the
+//! filter must handle.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Most series (name and label values) one filter may define.
+pub const MAX_SERIES: usize = 256;
+/// Most labels on one series.
+pub const MAX_LABELS: usize = 4;
+/// Longest metric or label name.
+pub const MAX_NAME: usize = 64;
+/// Longest label value.
+pub const MAX_LABEL_VALUE: usize = 64;
+
+/// The upper bounds of histogram buckets (the last bucket is `+Inf`):
+/// from a millisecond to a day, for latencies and greylisting delays alike.
+pub const BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 86_400.0];
+
+/// One series' value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetricValue {
+    /// A counter's total.
+    Counter(u64),
+    /// A histogram: how many, their sum and the count per bucket of
+    /// [`BUCKETS`] (not cumulative; the last is above the last bound).
+    Histogram {
+        /// Observations.
+        count: u64,
+        /// Their sum.
+        sum: f64,
+        /// Observations per bucket ([`BUCKETS`], then `+Inf`).
+        buckets: Vec<u64>,
+    },
+}
+
+/// A series and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSample {
+    /// The metric's name.
+    pub name: String,
+    /// Its labels, sorted by name.
+    pub labels: Vec<(String, String)>,
+    /// Its value.
+    pub value: MetricValue,
+}
+
+type Key = (String, Vec<(String, String)>);
+
+/// The metrics of one filter.
+#[derive(Debug, Default)]
+pub struct FilterMetrics {
+    series: Mutex<BTreeMap<Key, MetricValue>>,
+    dropped: AtomicU64,
+}
+
+fn valid_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+fn valid_value(v: &str) -> bool {
+    v.len() <= MAX_LABEL_VALUE && v.chars().all(|c| !c.is_control())
+}
+
+impl FilterMetrics {
+    fn key(&self, name: &str, labels: Vec<(String, String)>) -> Option<Key> {
+        if !valid_name(name) || labels.len() > MAX_LABELS || !labels.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut labels = labels;
+        labels.sort();
+        labels.dedup_by(|a, b| a.0 == b.0);
+        Some((name.to_string(), labels))
+    }
+
+    fn update(&self, key: Key, new: impl FnOnce() -> MetricValue, f: impl FnOnce(&mut MetricValue) -> bool) {
+        // A map insert or update cannot be left half-done: the data is
+        // whole even if another thread panicked holding the lock.
+        let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let full = map.len() >= MAX_SERIES;
+        let ok = match map.get_mut(&key) {
+            Some(v) => f(v),
+            None if full => false,
+            None => {
+                let mut v = new();
+                let ok = f(&mut v);
+                if ok {
+                    map.insert(key, v);
+                }
+                ok
+            }
+        };
+        if !ok {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `value` to the counter `name{labels}`.
+    pub fn counter_add(&self, name: &str, labels: Vec<(String, String)>, value: u64) {
+        let Some(key) = self.key(name, labels) else { return };
+        self.update(
+            key,
+            || MetricValue::Counter(0),
+            |v| match v {
+                MetricValue::Counter(n) => {
+                    *n = n.saturating_add(value);
+                    true
+                }
+                // The name is a histogram already.
+                MetricValue::Histogram { .. } => false,
+            },
+        );
+    }
+
+    /// Records `value` in the histogram `name{labels}`.
+    pub fn observe(&self, name: &str, labels: Vec<(String, String)>, value: f64) {
+        if !value.is_finite() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(key) = self.key(name, labels) else { return };
+        self.update(
+            key,
+            || MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
+            |v| match v {
+                MetricValue::Histogram { count, sum, buckets } => {
+                    *count += 1;
+                    *sum += value;
+                    let i = BUCKETS.iter().position(|b| value <= *b).unwrap_or(BUCKETS.len());
+                    buckets[i] += 1;
+                    true
+                }
+                MetricValue::Counter(_) => false,
+            },
+        );
+    }
+
+    /// Every series, by name and labels.
+    pub fn snapshot(&self) -> Vec<MetricSample> {
+        let map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|((name, labels), value)| MetricSample { name: name.clone(), labels: labels.clone(), value: value.clone() })
+            .collect()
+    }
+
+    /// Updates dropped for breaking a rule or the series limit.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl MetricSample {
+    /// `name{a="b"} value` (histograms as `count=… sum=…`), for `greyhook status`.
+    pub fn render(&self) -> String {
+        let labels = if self.labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{}}}", self.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(","))
+        };
+        match &self.value {
+            MetricValue::Counter(n) => format!("{}{labels} {n}", self.name),
+            MetricValue::Histogram { count, sum, .. } => format!("{}{labels} count={count} sum={sum}", self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_bounded_and_bad_names_dropped() {
+        let m = FilterMetrics::default();
+        m.counter_add("greylisted", vec![("phase".into(), "rcpt".into())], 2);
+        m.counter_add("greylisted", vec![("phase".into(), "rcpt".into())], 3);
+        m.observe("delay_seconds", vec![], 300.0);
+        m.counter_add("Bad-Name", vec![], 1);
+        m.counter_add("delay_seconds", vec![], 1); // a histogram already
+        m.observe("x", vec![], f64::NAN);
+        let s = m.snapshot();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1].render(), "greylisted{phase=\"rcpt\"} 5");
+        assert_eq!(s[0].render(), "delay_seconds count=1 sum=300");
+        assert_eq!(m.dropped(), 3);
+        for i in 0..(MAX_SERIES + 10) {
+            m.counter_add("many", vec![("i".into(), i.to_string())], 1);
+        }
+        assert_eq!(m.snapshot().len(), MAX_SERIES);
+        assert_eq!(m.dropped(), 3 + 12);
+    }
+}

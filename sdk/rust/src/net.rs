@@ -1,0 +1,61 @@
+//! Address and name helpers filters keep writing: the client's network
+//! (the /24 and /64 greylisting tracks by default), a sender's domain.
+
+use std::net::IpAddr;
+
+/// The client's network in CIDR form, `v4_prefix` bits of an IPv4 address
+/// (24 for "class C" tracking) or `v6_prefix` bits of an IPv6 one (64);
+/// IPv4-mapped IPv6 addresses count as IPv4.
+pub fn client_network(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) => {
+            let p = v4_prefix.min(32);
+            let mask = if p == 0 { 0 } else { u32::MAX << (32 - u32::from(p)) };
+            format!("{}/{p}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let p = v6_prefix.min(128);
+            let mask = if p == 0 { 0 } else { u128::MAX << (128 - u32::from(p)) };
+            format!("{}/{p}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+/// The domain of an address (`user@Example.ORG` is `example.org`); `None`
+/// for the null sender or an address without `@`.
+pub fn domain_of(address: &str) -> Option<String> {
+    let (_, d) = address.rsplit_once('@')?;
+    let d = d.trim_end_matches('.').to_ascii_lowercase();
+    (!d.is_empty()).then_some(d)
+}
+
+/// The last `labels` labels of a name (`mail.eu.example.org`, 2:
+/// `example.org`): a crude organisational domain for names under a
+/// two-label suffix. Filters that need the Public Suffix List use a PSL
+/// crate (e.g. `psl`), which adds ~1 MB to the component.
+pub fn last_labels(name: &str, labels: usize) -> String {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let parts: Vec<&str> = name.split('.').collect();
+    parts[parts.len().saturating_sub(labels)..].join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_and_domains() {
+        assert_eq!(client_network("192.0.2.77".parse().unwrap(), 24, 64), "192.0.2.0/24");
+        assert_eq!(client_network("::ffff:192.0.2.77".parse().unwrap(), 24, 64), "192.0.2.0/24");
+        assert_eq!(client_network("2001:db8:1:2:3::1".parse().unwrap(), 24, 64), "2001:db8:1:2::/64");
+        assert_eq!(client_network("192.0.2.77".parse().unwrap(), 0, 64), "0.0.0.0/0");
+        assert_eq!(domain_of("A@Example.ORG").as_deref(), Some("example.org"));
+        assert_eq!(domain_of(""), None);
+        assert_eq!(last_labels("mail.eu.example.org.", 2), "example.org");
+        assert_eq!(last_labels("org", 2), "org");
+    }
+}

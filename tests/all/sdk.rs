@@ -1,0 +1,83 @@
+//! The filter kit as a third party meets it: `greyhook new-filter`
+//! scaffolds a crate outside this repository that tests natively, builds
+//! for wasm32-wasip2, passes `greyhook check` and greylists through
+//! `greyhook serve` as generated.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use greyhook_tests::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+/// `cargo ARGS` in `dir`, clean of the outer build's settings, with a
+/// target directory shared by every run (a second run is quick).
+fn cargo(dir: &Path, args: &[&str]) -> (bool, String) {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(dir).args(args).env("CARGO_TARGET_DIR", repo().join("target/scaffold"));
+    for v in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER", "CARGO_BUILD_TARGET", "CARGO_MAKEFLAGS", "CARGO_PRIMARY_PACKAGE"] {
+        c.env_remove(v);
+    }
+    let out = c.output().expect("cargo runs");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("demo-filter");
+    let out = Command::new(greyhook_bin()).args(["new-filter", "demo-filter", "--dir"]).arg(&krate).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["Cargo.toml", "src/lib.rs", "README.md", ".gitignore"] {
+        assert!(krate.join(f).exists(), "{f} was not generated");
+    }
+    // Refused: an existing directory, a name that cannot be a namespace.
+    let again = Command::new(greyhook_bin()).args(["new-filter", "demo-filter", "--dir"]).arg(&krate).output().unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let bad = Command::new(greyhook_bin()).args(["new-filter", "Demo Filter"]).current_dir(dir.path()).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("a filter name is"));
+
+    let (ok, log) = cargo(&krate, &["test", "--quiet"]);
+    assert!(ok, "the generated tests pass natively:\n{log}");
+    let (ok, log) = cargo(&krate, &["build", "--quiet", "--release", "--target", "wasm32-wasip2"]);
+    assert!(ok, "the generated crate builds a component:\n{log}");
+    let wasm = repo().join("target/scaffold/wasm32-wasip2/release/demo_filter.wasm");
+    assert!(wasm.exists());
+
+    let out = Command::new(greyhook_bin()).arg("check").arg(&wasm).args(["--set", "delay=1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.0"),
+        "{text}"
+    );
+
+    let port = free_port();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            "memory",
+            "--policy",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "delay=1",
+            "--filter",
+            wasm.to_str().unwrap(),
+            "--control",
+            dir.path().join("c.sock").to_str().unwrap(),
+        ],
+        dir.path().join("log"),
+    );
+    wait_for_port(port, 60);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let first = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", "bob@example.com", "i1");
+    assert!(first.starts_with("action=451 4.7.1 Greylisted, please try again later retry=00:00:01"), "{first}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let retry = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", "bob@example.com", "i2");
+    assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
+    assert!(d.terminate(10));
+}
