@@ -277,11 +277,16 @@ impl Greylist {
             return Ok(with_group(Verdict::cont(), &group));
         }
         let net = self.net(ctx);
+        let sender = self.key_sender(ctx, sender, kv);
+        // The auto-whitelist count and the triplet in one crossing (one
+        // round trip to Redis); the write after it is the second.
+        let (awl, triplet) = (format!("awl/{net}"), format!("t/{}", triplet_key(&[&net, &sender, &rcpt])));
+        let keys: &[&str] = if self.config.auto_whitelist_after > 0 { &[&awl, &triplet] } else { &[&triplet] };
+        let kv = &mut greyhook_filter::store::Prefetch::new(kv, keys)?;
         if let Some(why) = self.client_exempt(ctx, &net, kv)? {
             kv.log(Level::Debug, &format!("{net}: {why}"));
             return Ok(with_group(Verdict::cont(), &group));
         }
-        let sender = self.key_sender(ctx, sender, kv);
         Ok(with_group(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?, &group))
     }
 

@@ -190,3 +190,19 @@ fn the_resolver_answers_in_the_contracts_forms_and_caches() {
         eprintln!("warm cache, per call: lookup {lookup:?}, forward-confirmed name {fcrdns:?}, spf {spf:?}");
     });
 }
+
+/// `max_lookups` bounds a hook call's DNS and `auth` calls: with none
+/// allowed the filter's SPF check gets `limit` and it falls back to the
+/// client network (the farm's retry from another network waits again).
+#[test]
+fn the_lookup_limit_is_enforced_per_hook_call() {
+    let dns = zone();
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, port) = start(dir.path(), &dns.addr(), "max_lookups = 0\n", "", sink.port);
+    assert!(attempt(port, "127.0.0.2", "mx.big.test", "news@big.test").starts_with("451"));
+    std::thread::sleep(Duration::from_millis(1300));
+    let r = attempt(port, "127.7.7.7", "mx.big.test", "news@big.test");
+    assert!(r.starts_with("451"), "no SPF without lookups: keyed on the network: {r}\n{}", d.log_text());
+    assert_eq!(dns.queries("big.test"), 0, "nothing was asked");
+}

@@ -81,3 +81,20 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
     assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
     assert!(d.terminate(10));
 }
+
+/// docs/writing-filters.md shows the walkthrough's code as CI compiles and
+/// tests it: every block marked `<!-- file: PATH -->` is that file, whole.
+#[test]
+fn the_walkthrough_shows_the_code_ci_compiles() {
+    let doc = std::fs::read_to_string(repo().join("docs/writing-filters.md")).unwrap();
+    let mut shown = 0;
+    for part in doc.split("<!-- file: ").skip(1) {
+        let (path, rest) = part.split_once(" -->").expect("a closed file marker");
+        let body = rest.split_once("```").and_then(|(_, b)| b.split_once('\n')).map(|(_, b)| b).expect("a code block after the marker");
+        let code = body.split("```").next().unwrap_or("");
+        let file = std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(code == file, "docs/writing-filters.md shows an old {path}: update the page from the file");
+        shown += 1;
+    }
+    assert!(shown >= 2, "the walkthrough's code blocks are marked");
+}

@@ -39,10 +39,13 @@ fn serve_on(dir: &Path, db: &Path, durability: &str, port: u16) -> Process {
     serve_with_delay(dir, db, durability, port, 1)
 }
 
+/// (A 5 s hook deadline: these tests are about what the store keeps, and
+/// an fsync per write on a machine busy compiling must not turn a
+/// decision into the failure policy's.)
 fn serve_with_delay(dir: &Path, db: &Path, durability: &str, port: u16, delay: u64) -> Process {
     let text = format!(
         "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\ndurability = \"{durability}\"\n\
-         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter.config]\ndelay = {delay}\n",
+         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter]\ndeadline = \"5s\"\n[filter.config]\ndelay = {delay}\n",
         d = dir.display(),
         db = db.display()
     );

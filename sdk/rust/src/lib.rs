@@ -200,3 +200,16 @@ macro_rules! export {
         };
     };
 }
+
+#[cfg(test)]
+mod tests {
+    /// The vendored contract is the repository's: the SDK builds filters
+    /// for exactly what the host links.
+    #[test]
+    fn the_vendored_wit_is_the_contract() {
+        let vendored = include_str!("../wit/greyhook.wit");
+        let contract = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../wit/greyhook.wit")).unwrap();
+        assert_eq!(vendored, contract, "sdk/rust/wit/greyhook.wit differs from wit/greyhook.wit: copy it over");
+        assert!(vendored.contains(&format!("package {};", super::CONTRACT)));
+    }
+}

@@ -84,3 +84,97 @@ pub fn increment(host: &mut dyn Host, key: &str, by: u64, ttl: u32) -> Result<u6
         Update::Write(n.to_string().into_bytes(), ttl, n)
     })
 }
+
+/// A [`Host`] that answers the first read of each of `keys` from one
+/// `get-many` (one round trip to a networked store), then reads through:
+/// code written as a series of `get`s costs one crossing for them all.
+/// Everything else goes to the host as it is.
+pub struct Prefetch<'h> {
+    host: &'h mut dyn Host,
+    fetched: Vec<(String, Option<crate::host::Entry>)>,
+}
+
+impl<'h> Prefetch<'h> {
+    /// Reads `keys` at once.
+    pub fn new(host: &'h mut dyn Host, keys: &[&str]) -> Result<Prefetch<'h>> {
+        let got = host.get_many(keys)?;
+        Ok(Prefetch { host, fetched: keys.iter().map(|k| k.to_string()).zip(got).collect() })
+    }
+}
+
+impl Host for Prefetch<'_> {
+    fn get(&mut self, key: &str) -> std::result::Result<Option<crate::host::Entry>, crate::host::StoreError> {
+        match self.fetched.iter().position(|(k, _)| k == key) {
+            // Once: a second read (after a conflict) must see the store.
+            Some(i) => Ok(self.fetched.swap_remove(i).1),
+            None => self.host.get(key),
+        }
+    }
+    fn get_many(&mut self, keys: &[&str]) -> std::result::Result<Vec<Option<crate::host::Entry>>, crate::host::StoreError> {
+        self.host.get_many(keys)
+    }
+    fn set(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        ttl: u32,
+        if_version: Option<u64>,
+    ) -> std::result::Result<WriteOutcome, crate::host::StoreError> {
+        self.fetched.retain(|(k, _)| k != key);
+        self.host.set(key, value, ttl, if_version)
+    }
+    fn set_many(&mut self, writes: &[crate::host::Write<'_>]) -> std::result::Result<Vec<WriteOutcome>, crate::host::StoreError> {
+        self.fetched.retain(|(k, _)| !writes.iter().any(|w| w.key == k));
+        self.host.set_many(writes)
+    }
+    fn delete(&mut self, key: &str, if_version: Option<u64>) -> std::result::Result<bool, crate::host::StoreError> {
+        self.fetched.retain(|(k, _)| k != key);
+        self.host.delete(key, if_version)
+    }
+    fn lookup(&mut self, name: &str, kind: crate::RecordType) -> std::result::Result<Vec<String>, crate::DnsError> {
+        self.host.lookup(name, kind)
+    }
+    fn reverse(&mut self, ip: std::net::IpAddr) -> std::result::Result<Vec<String>, crate::DnsError> {
+        self.host.reverse(ip)
+    }
+    fn spf(&mut self, ip: std::net::IpAddr, helo: &str, sender: &str) -> std::result::Result<crate::SpfOutcome, crate::DnsError> {
+        self.host.spf(ip, helo, sender)
+    }
+    fn forward_confirmed_name(&mut self, ip: std::net::IpAddr) -> std::result::Result<Option<String>, crate::DnsError> {
+        self.host.forward_confirmed_name(ip)
+    }
+    fn counter_add(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.host.counter_add(name, labels, value)
+    }
+    fn observe(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.host.observe(name, labels, value)
+    }
+    fn log(&mut self, level: crate::Level, message: &str) {
+        self.host.log(level, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestHost;
+
+    #[test]
+    fn prefetch_reads_once_then_through_and_update_retries() {
+        let mut h = TestHost::new(100);
+        set_u64(&mut h, "a", 1, 60).unwrap();
+        let calls = h.store_calls;
+        let mut p = Prefetch::new(&mut h, &["a", "b"]).unwrap();
+        assert_eq!(get_u64(&mut p, "a").unwrap(), Some(1));
+        assert_eq!(get_u64(&mut p, "b").unwrap(), None);
+        assert_eq!(h.store_calls, calls + 2, "two keys, one batch");
+        let mut p = Prefetch::new(&mut h, &["a"]).unwrap();
+        // A write between: the next read sees the store, not the batch.
+        set_u64(&mut p, "a", 2, 60).unwrap();
+        assert_eq!(get_u64(&mut p, "a").unwrap(), Some(2));
+        assert_eq!(increment(&mut h, "n", 2, 60).unwrap(), 2);
+        assert_eq!(increment(&mut h, "n", 3, 60).unwrap(), 5);
+        h.now += 61;
+        assert_eq!(get_u64(&mut h, "n").unwrap(), None, "expired");
+    }
+}

@@ -1,0 +1,85 @@
+//! What DNS and SPF cost a filter once the cache is warm: the host's
+//! resolver called natively (a lookup, a forward-confirmed name, an SPF
+//! check), and the walkthrough's SPF filter's on-rcpt decision through
+//! Wasm with its `auth.spf` import against the same decision with the
+//! import refused at once (`max_lookups = 0`): the difference is the
+//! import's cost as a filter pays it. Ratios measured in one run; a real
+//! DNS server (dnsmasq) answers.
+//!
+//! `cargo bench -p greyhook-tests --bench dns`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use greyhook::dns::{DnsConfig, RecordType, Resolver};
+use greyhook::store::MemoryStore;
+use greyhook::types::{Context, Session, Transaction};
+use greyhook::{FilterOptions, Runtime, RuntimeConfig};
+use greyhook_tests::{DnsServer, SPF_DOMAIN_FILTER};
+
+fn per_call(n: u32, start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let dns = DnsServer::start(&[
+        "--txt-record=big.test,v=spf1 ip4:192.0.2.0/24 -all",
+        "--host-record=mx.big.test,192.0.2.10",
+        "--local=/test/",
+        "--local=/2.0.192.in-addr.arpa/",
+    ]);
+    let config = DnsConfig { servers: vec![dns.addr().parse().expect("address")], ..DnsConfig::default() };
+    let r = Resolver::new(config.clone());
+    let ip = "192.0.2.10".parse().expect("ip");
+    let n = 20_000;
+    // Warm the caches.
+    r.lookup("big.test", RecordType::Txt).await.expect("lookup");
+    r.forward_confirmed(ip).await.expect("fcrdns");
+    r.spf(ip, "mx.big.test", "a@big.test").await;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(r.lookup("big.test", RecordType::Txt).await.expect("lookup"));
+    }
+    let lookup = per_call(n, t);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(r.forward_confirmed(ip).await.expect("fcrdns"));
+    }
+    let fcrdns = per_call(n, t);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(r.spf(ip, "mx.big.test", "a@big.test").await);
+    }
+    let spf = per_call(n, t);
+    println!("native, warm cache: lookup {lookup:.2} µs, forward-confirmed name {fcrdns:.2} µs, spf {spf:.2} µs per call");
+
+    // Through Wasm: the SPF filter's decision with and without its import.
+    let mut rates = Vec::new();
+    for max_lookups in [20, 0] {
+        let resolver = Resolver::new(DnsConfig { max_lookups, ..config.clone() });
+        let rt = Runtime::new(RuntimeConfig { resolver, ..RuntimeConfig::default() }).expect("runtime");
+        let f = rt
+            .load(SPF_DOMAIN_FILTER, FilterOptions { config: "delay = 1".into(), ..FilterOptions::default() }, Arc::new(MemoryStore::new()))
+            .await
+            .expect("the SPF filter loads");
+        let ctx = |now| {
+            let mut s = Session::new("bench", ip);
+            s.helo = Some("mx.big.test".into());
+            Context { session: s, transaction: Transaction { sender: Some("a@big.test".into()), recipients: Vec::new() }, now }
+        };
+        f.on_rcpt(&ctx(1_700_000_000), "b@example.com").await;
+        let t = Instant::now();
+        for i in 0..n {
+            std::hint::black_box(f.on_rcpt(&ctx(1_700_000_100 + u64::from(i)), "b@example.com").await);
+        }
+        rates.push(per_call(n, t));
+    }
+    println!(
+        "through Wasm, on-rcpt of the SPF filter: {:.2} µs with the spf import, {:.2} µs with it refused at once: the import costs {:.2} µs ({:.2}x)",
+        rates[0],
+        rates[1],
+        rates[0] - rates[1],
+        rates[0] / rates[1]
+    );
+}
