@@ -205,4 +205,21 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
         }
         assert!(!err.contains("matching implementation was not found in the linker"), "{err}");
     }
+    // The daemon refuses it too, and its compiled artifact does not stay
+    // in the cache (a componentize-js artifact is tens of megabytes).
+    let cfg = dir.path().join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{}\"]\n[control]\nsocket = \"{d}/c.sock\"\n\
+             [filter]\npath = \"{d}/f0.wasm\"\ncache_dir = \"{d}/cache\"\n",
+            free_port(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = greyhook(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("wasi:http/outgoing-handler"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("cache")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "a refused component's artifact stayed: {left:?}");
 }

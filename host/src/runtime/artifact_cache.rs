@@ -154,4 +154,21 @@ mod tests {
         assert_eq!(o, Origin::Compiled);
         assert_eq!(cache.compile(&rt, crate::REFERENCE_FILTER).unwrap().1, Origin::Cached);
     }
+
+    #[test]
+    fn refused_and_unused_artifacts_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        let cache = ArtifactCache::open(&dir.path().join("cache")).unwrap();
+        cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        assert!(cache.holds(&rt, crate::REFERENCE_FILTER));
+        // Used a moment ago: kept by a day's age limit, removed by none.
+        assert_eq!(cache.evict_unused(std::time::Duration::from_secs(86_400)), 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(cache.evict_unused(std::time::Duration::from_millis(10)), 1);
+        assert!(!cache.holds(&rt, crate::REFERENCE_FILTER));
+        cache.compile(&rt, crate::REFERENCE_FILTER).unwrap();
+        cache.forget(&rt, crate::REFERENCE_FILTER);
+        assert!(!cache.holds(&rt, crate::REFERENCE_FILTER));
+    }
 }
