@@ -1,12 +1,14 @@
 // A greylisting filter in JavaScript, built with componentize-js against
 // greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.0): the first
 // attempt of a (client /24, sender, recipient) triplet is deferred with a
-// retry hint; a retry after `delay` seconds passes.
+// retry hint; a retry after `delay` seconds passes. It reads the triplet
+// and a per-sender count with one getMany and writes both with one
+// setMany (one round trip each to a networked store).
 //
 // jco's mapping: records are objects with camelCase fields, u64 is BigInt,
 // option<T> is T or undefined, a variant is { tag, val }, and a `result`
 // import throws its error.
-import { get, set } from 'greyhook:filter/store@0.2.0';
+import { getMany, setMany } from 'greyhook:filter/store@0.2.0';
 import { write } from 'greyhook:filter/log@0.2.0';
 import { counterAdd } from 'greyhook:filter/metrics@0.2.0';
 
@@ -45,9 +47,18 @@ export const hooks = {
     const sender = (ctx.transaction.sender ?? '').toLowerCase();
     const key = `t/${network(ctx.session.clientAddress)}/${sender}/${recipient.toLowerCase()}`.slice(0, 256);
     const now = ctx.now;
-    const entry = get(key);
+    // The triplet and the sender's deferral count in one call (one round
+    // trip to a networked store), written back in one call too.
+    const countKey = `deferred/${sender}`.slice(0, 256);
+    const [entry, count] = getMany([key, countKey]);
     if (entry === undefined) {
-      set(key, new TextEncoder().encode(String(now)), 2 * 86400, 0n);
+      const n = count === undefined ? 0 : Number(new TextDecoder().decode(count.value));
+      const [written] = setMany([
+        { key, value: new TextEncoder().encode(String(now)), ttlSeconds: 2 * 86400, ifVersion: 0n },
+        { key: countKey, value: new TextEncoder().encode(String(n + 1)), ttlSeconds: 86400, ifVersion: count?.version ?? 0n },
+      ]);
+      // Another instance wrote the triplet first: its first sighting stands.
+      if (written.tag === 'conflict') write('debug', `${key}: first sighting raced`);
       counterAdd('greylisted', [['stage', 'first']], 1n);
       return tempfail(delay);
     }
