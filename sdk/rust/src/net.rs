@@ -1,5 +1,6 @@
 //! Address and name helpers filters keep writing: the client's network
-//! (the /24 and /64 greylisting tracks by default), a sender's domain.
+//! (the /24 and /64 greylisting tracks by default), a sender's domain, the
+//! organisational domain of a name (feature `psl`).
 
 use std::net::IpAddr;
 
@@ -33,10 +34,20 @@ pub fn domain_of(address: &str) -> Option<String> {
     (!d.is_empty()).then_some(d)
 }
 
+/// The organisational domain of a name by the Public Suffix List:
+/// `out3.mail.example.co.uk` is `example.co.uk`, `a.b.outlook.com` is
+/// `outlook.com`; `None` for a public suffix itself or a name that is not
+/// one. (Feature `psl`: the list is compiled in, about a megabyte.)
+#[cfg(feature = "psl")]
+pub fn org_domain(name: &str) -> Option<String> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    psl::domain_str(&name).map(str::to_string)
+}
+
 /// The last `labels` labels of a name (`mail.eu.example.org`, 2:
 /// `example.org`): a crude organisational domain for names under a
-/// two-label suffix. Filters that need the Public Suffix List use a PSL
-/// crate (e.g. `psl`), which adds ~1 MB to the component.
+/// one-label suffix, without the Public Suffix List (see `org_domain`,
+/// feature `psl`).
 pub fn last_labels(name: &str, labels: usize) -> String {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let parts: Vec<&str> = name.split('.').collect();
@@ -57,5 +68,13 @@ mod tests {
         assert_eq!(domain_of(""), None);
         assert_eq!(last_labels("mail.eu.example.org.", 2), "example.org");
         assert_eq!(last_labels("org", 2), "org");
+    }
+
+    #[cfg(feature = "psl")]
+    #[test]
+    fn organisational_domains_by_the_public_suffix_list() {
+        assert_eq!(org_domain("out3.Mail.Example.co.uk.").as_deref(), Some("example.co.uk"));
+        assert_eq!(org_domain("mail-db5eur01.outbound.protection.outlook.com").as_deref(), Some("outlook.com"));
+        assert_eq!(org_domain("co.uk"), None);
     }
 }
