@@ -672,6 +672,26 @@ pub fn closed_within(s: &mut std::net::TcpStream, secs: u64) -> bool {
     }
 }
 
+/// Whether any of `streams` is closed by the server within `secs`
+/// (polled in turns of 50 ms each).
+pub fn any_closed_within(streams: &mut [std::net::TcpStream], secs: u64) -> bool {
+    use std::io::Read;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut b = [0u8; 4096];
+    while std::time::Instant::now() < until {
+        for s in streams.iter_mut() {
+            s.set_read_timeout(Some(std::time::Duration::from_millis(50))).expect("timeout");
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+        }
+    }
+    false
+}
+
 /// Peak resident memory of process `pid` so far (`VmHWM`), KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");

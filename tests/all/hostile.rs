@@ -524,7 +524,9 @@ fn stalled_policy_and_milter_peers_do_not_block_others() {
     let a = policy_ask(&mut s, "192.0.2.9", "u@example.com");
     assert!(a.starts_with("action=451"), "{a}");
     assert!(start.elapsed() < Duration::from_secs(5), "the newcomer waited {:?}", start.elapsed());
-    assert!(closed_within(&mut idle[0], 15), "an idle peer is closed under stress");
+    // Idle peers are closed until the listener is out of stress: which ones
+    // is the timers' order, so any of them may be the first.
+    assert!(any_closed_within(&mut idle, 15), "an idle peer is closed under stress");
     drop(idle);
     // A request begun and never finished is cut at request_timeout.
     let mut half = std::net::TcpStream::connect(("127.0.0.1", pport)).unwrap();
