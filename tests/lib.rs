@@ -69,6 +69,49 @@ impl Drop for DnsServer {
     }
 }
 
+/// A DNS server that answers every query at once with NXDOMAIN, in a
+/// thread of the test process (so it lives and dies with it): what the
+/// daemons the tests start use unless a test gives them a real zone
+/// ([`DnsServer`]). Hand-written (a dozen lines of the RFC 1035 header)
+/// because it must outlive no test and start in no time; the real DNS
+/// tests use dnsmasq. Returns `127.0.0.1:PORT`.
+pub fn null_dns() -> &'static str {
+    static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDR.get_or_init(|| {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+        let addr = sock.local_addr().expect("its address").to_string();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                // Header, then the question: labels up to the root, type, class.
+                let mut end = 12;
+                while end < n && buf[end] != 0 {
+                    end += 1 + usize::from(buf[end]);
+                }
+                end += 5;
+                if n < 12 || end > n {
+                    continue;
+                }
+                let mut reply = buf[..end].to_vec();
+                reply[2] = 0x84 | (buf[2] & 0x01); // QR, AA, RD as asked
+                reply[3] = 0x83; // RA, NXDOMAIN
+                reply[6..12].fill(0); // no answers, authority or additional records
+                let _ = sock.send_to(&reply, peer);
+            }
+        });
+        addr
+    })
+}
+
+/// `cfg` with its resolver set to [`null_dns`] unless it names servers:
+/// for the daemons the tests start in-process.
+pub fn hermetic(mut cfg: greyhook::daemon::DaemonConfig) -> greyhook::daemon::DaemonConfig {
+    if cfg.dns.servers.is_empty() {
+        cfg.dns.servers = vec![null_dns().parse().expect("an address")];
+    }
+    cfg
+}
+
 /// A port free for both UDP and TCP on loopback.
 pub fn free_udp_port() -> u16 {
     loop {
@@ -211,11 +254,25 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `greyhook ARGS`, logging to `log`.
+    /// Starts `greyhook ARGS`, logging to `log`. A daemon command that
+    /// names no DNS server (no `--dns`, no `[dns]` in its `--config`) gets
+    /// [`null_dns`]: the tests never ask the machine's resolver (whose
+    /// answers, and silences, differ from machine to machine).
     pub fn greyhook(args: &[&str], log: PathBuf) -> Process {
         let err = std::fs::File::create(&log).expect("log file");
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let daemon = matches!(args.first().map(String::as_str), Some("serve" | "smtp"));
+        let config_names_dns = args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|t| t.contains("[dns]"));
+        if daemon && !config_names_dns && !args.iter().any(|a| a == "--dns") {
+            args.extend(["--dns".to_string(), null_dns().to_string()]);
+        }
         let child = std::process::Command::new(greyhook_bin())
-            .args(args)
+            .args(&args)
             .env("GREYHOOK_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(err)

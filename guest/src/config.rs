@@ -8,6 +8,12 @@
 //! ipv4_prefix = 24             # client grouping ("class C" tracking)
 //! ipv6_prefix = 64
 //! stage = "rcpt"               # "connect", "rcpt" or "data"
+//! identity = ["spf", "fcrdns-org", "network"]  # who the client is, first that applies
+//! spf_min_ipv4_prefix = 16     # an SPF record authorising a wider network is no identity
+//! spf_min_ipv6_prefix = 32
+//! greylist_only = []           # e.g. ["no-fcrdns", "dynamic-name", "dnsbl"]: greylist only these clients
+//! dnsbl = []                   # e.g. ["zen.spamhaus.org"]
+//! dnswl = []                   # e.g. ["list.dnswl.org"]: clients listed skip greylisting
 //! whitelist_clients = ["192.0.2.0/24", "2001:db8::/32"]
 //! whitelist_client_names = [".google.com"]
 //! whitelist_recipients = ["postmaster@", "abuse@", "example.org", "user@example.com"]
@@ -35,6 +41,47 @@ pub enum Stage {
     /// At the end of DATA (`451`), keyed on client network, sender and
     /// Message-ID; one decision covers all recipients.
     Data,
+}
+
+/// One way to tell who a client is, for the triplet key and the
+/// auto-whitelist (`identity = [...]`, tried in order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityKind {
+    /// The MAIL FROM domain (the HELO name for `<>`) when SPF passes for
+    /// the client and the domain's SPF record is specific.
+    Spf,
+    /// The organisational domain (Public Suffix List) of the client's
+    /// forward-confirmed name, unless the name looks dynamic.
+    FcrdnsOrg,
+    /// The client's network (`ipv4_prefix`, `ipv6_prefix`): always the last
+    /// resort.
+    Network,
+}
+
+impl IdentityKind {
+    /// Its name in the configuration and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentityKind::Spf => "spf",
+            IdentityKind::FcrdnsOrg => "fcrdns-org",
+            IdentityKind::Network => "network",
+        }
+    }
+}
+
+/// What makes a client suspicious, for selective greylisting
+/// (`greylist_only = [...]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Suspicion {
+    /// The client has no forward-confirmed name.
+    NoFcrdns,
+    /// The client's name (confirmed, else its PTR) looks like an end-user
+    /// access line (`dsl-…`, its address in the name).
+    DynamicName,
+    /// The client is listed on one of the `dnsbl` zones.
+    Dnsbl,
 }
 
 /// A duration in the configuration: a bare number of seconds, or a string
@@ -109,6 +156,12 @@ struct RawConfig {
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     stage: Stage,
+    identity: Vec<IdentityKind>,
+    spf_min_ipv4_prefix: u8,
+    spf_min_ipv6_prefix: u8,
+    greylist_only: Vec<Suspicion>,
+    dnsbl: Vec<String>,
+    dnswl: Vec<String>,
     normalize_sender: bool,
     add_header: bool,
     ehlo_keyword: bool,
@@ -129,6 +182,12 @@ impl Default for RawConfig {
             ipv4_prefix: 24,
             ipv6_prefix: 64,
             stage: Stage::Rcpt,
+            identity: vec![IdentityKind::Spf, IdentityKind::FcrdnsOrg, IdentityKind::Network],
+            spf_min_ipv4_prefix: 16,
+            spf_min_ipv6_prefix: 32,
+            greylist_only: Vec::new(),
+            dnsbl: Vec::new(),
+            dnswl: Vec::new(),
             normalize_sender: true,
             add_header: true,
             ehlo_keyword: true,
@@ -255,6 +314,16 @@ pub struct Config {
     pub ipv6_prefix: u8,
     /// Where to greylist.
     pub stage: Stage,
+    /// How the client is identified, in order; always ends with `Network`.
+    pub identity: Vec<IdentityKind>,
+    /// An SPF record is an identity only if no passing mechanism is wider.
+    pub spf_limits: greyhook_filter::spf::Limits,
+    /// Greylist only clients that meet one of these (empty: every client).
+    pub greylist_only: Vec<Suspicion>,
+    /// DNS block lists (zones) for [`Suspicion::Dnsbl`].
+    pub dnsbl: Vec<String>,
+    /// DNS allow lists (zones): listed clients skip greylisting.
+    pub dnswl: Vec<String>,
     /// Whether senders are normalised (case, +ext, BATV, SRS, digits).
     pub normalize_sender: bool,
     /// Whether the first pass adds `X-Greylist`.
@@ -284,6 +353,17 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Most zones in `dnsbl` and in `dnswl` (each costs a lookup per client).
+pub const MAX_ZONES: usize = 8;
+
+/// A plausible DNS zone name: labels of letters, digits, `-` and `_`.
+fn valid_zone(z: &str) -> bool {
+    let z = z.trim_end_matches('.');
+    !z.is_empty()
+        && z.len() <= 200
+        && z.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
 
 /// The name of the policy group of recipients no `[[policy]]` matches.
 pub const DEFAULT_GROUP: &str = "default";
@@ -317,6 +397,38 @@ impl Config {
         }
         if raw.max_age.0 == 0 || raw.retry_window.0 == 0 {
             return Err(bad(if raw.max_age.0 == 0 { "max_age" } else { "retry_window" }, "must be positive".into()));
+        }
+        if raw.spf_min_ipv4_prefix > 32 {
+            return Err(bad("spf_min_ipv4_prefix", format!("{} is over 32", raw.spf_min_ipv4_prefix)));
+        }
+        if raw.spf_min_ipv6_prefix > 128 {
+            return Err(bad("spf_min_ipv6_prefix", format!("{} is over 128", raw.spf_min_ipv6_prefix)));
+        }
+        let mut identity = Vec::new();
+        for k in raw.identity {
+            if identity.contains(&k) {
+                return Err(bad("identity", format!("{:?} is listed twice", k.name())));
+            }
+            identity.push(k);
+        }
+        if let Some(i) = identity.iter().position(|k| *k == IdentityKind::Network)
+            && i + 1 != identity.len()
+        {
+            return Err(bad("identity", "\"network\" matches every client: it must come last".into()));
+        }
+        if identity.last() != Some(&IdentityKind::Network) {
+            identity.push(IdentityKind::Network);
+        }
+        for (key, zones) in [("dnsbl", &raw.dnsbl), ("dnswl", &raw.dnswl)] {
+            if zones.len() > MAX_ZONES {
+                return Err(bad(key, format!("at most {MAX_ZONES} zones")));
+            }
+            if let Some(z) = zones.iter().find(|z| !valid_zone(z)) {
+                return Err(bad(key, format!("{z:?} is not a DNS zone name")));
+            }
+        }
+        if raw.greylist_only.contains(&Suspicion::Dnsbl) && raw.dnsbl.is_empty() {
+            return Err(bad("greylist_only", "\"dnsbl\" needs at least one zone in `dnsbl`".into()));
         }
         let reply_text = match raw.reply_text {
             ReplyText::One(t) => vec![t],
@@ -363,6 +475,15 @@ impl Config {
             ipv4_prefix: raw.ipv4_prefix,
             ipv6_prefix: raw.ipv6_prefix,
             stage: raw.stage,
+            identity,
+            spf_limits: greyhook_filter::spf::Limits {
+                min_ipv4_prefix: raw.spf_min_ipv4_prefix,
+                min_ipv6_prefix: raw.spf_min_ipv6_prefix,
+                ..Default::default()
+            },
+            greylist_only: raw.greylist_only,
+            dnsbl: raw.dnsbl.iter().map(|z| z.trim_end_matches('.').to_ascii_lowercase()).collect(),
+            dnswl: raw.dnswl.iter().map(|z| z.trim_end_matches('.').to_ascii_lowercase()).collect(),
             normalize_sender: raw.normalize_sender,
             add_header: raw.add_header,
             ehlo_keyword: raw.ehlo_keyword,
@@ -421,6 +542,32 @@ mod tests {
         assert!(e.contains("whitelist_clients"), "{e}");
         let e = Config::parse("[[policy]]\nname = \"x\"\nrecipients = [\"a@\"]\ncolour = 1").unwrap_err().0;
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn identity_and_selective() {
+        let c = Config::default();
+        assert_eq!(c.identity, vec![IdentityKind::Spf, IdentityKind::FcrdnsOrg, IdentityKind::Network]);
+        assert_eq!((c.spf_limits.min_ipv4_prefix, c.spf_limits.min_ipv6_prefix), (16, 32));
+        assert!(c.greylist_only.is_empty() && c.dnsbl.is_empty() && c.dnswl.is_empty());
+        let c = Config::parse("identity = [\"fcrdns-org\"]").unwrap();
+        assert_eq!(c.identity, vec![IdentityKind::FcrdnsOrg, IdentityKind::Network], "network is implied last");
+        assert_eq!(Config::parse("identity = [\"network\"]").unwrap().identity, vec![IdentityKind::Network]);
+        for (text, key) in [
+            ("identity = [\"network\", \"spf\"]", "identity"),
+            ("identity = [\"spf\", \"spf\"]", "identity"),
+            ("identity = [\"dkim\"]", "identity"),
+            ("spf_min_ipv4_prefix = 33", "spf_min_ipv4_prefix"),
+            ("greylist_only = [\"dnsbl\"]", "greylist_only"),
+            ("greylist_only = [\"ugly\"]", "greylist_only"),
+            ("dnsbl = [\"bad zone\"]", "dnsbl"),
+            ("dnswl = [\"\"]", "dnswl"),
+        ] {
+            let e = Config::parse(text).unwrap_err().0;
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let c = Config::parse("greylist_only = [\"no-fcrdns\", \"dnsbl\"]\ndnsbl = [\"BL.Example.\"]").unwrap();
+        assert_eq!((c.greylist_only.len(), c.dnsbl.as_slice()), (2, &["bl.example".to_string()][..]));
     }
 
     #[test]

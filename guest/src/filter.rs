@@ -6,8 +6,9 @@
 //! bindings to those types once and maps the WIT store to [`Kv`]; the native
 //! benchmark maps them to the host's store directly.
 
-use crate::config::{Config, Stage};
-use crate::normalize::{self, check_address, client_network, normalize_recipient, normalize_sender, triplet_key};
+use crate::config::{Config, IdentityKind, Stage};
+use crate::identity::{self, Identity, Screen};
+use crate::normalize::{self, check_address, normalize_recipient, normalize_sender, triplet_key};
 
 pub use greyhook_filter::{Error, Host, Level};
 
@@ -85,10 +86,6 @@ impl Greylist {
         Greylist { config }
     }
 
-    fn net(&self, ctx: &Context) -> String {
-        client_network(ctx.session.client_address, self.config.ipv4_prefix, self.config.ipv6_prefix)
-    }
-
     fn tempfail(&self, code: u16, text: Vec<String>, retry: u64) -> Decision {
         Decision::Tempfail(Reply {
             code,
@@ -98,46 +95,37 @@ impl Greylist {
         })
     }
 
-    /// True if the client is exempt from greylisting: authenticated,
-    /// whitelisted by network or name, or auto-whitelisted.
-    fn client_exempt(&self, ctx: &Context, net: &str, kv: &mut dyn Host) -> Result<Option<&'static str>, Error> {
-        let s = &ctx.session;
-        if s.auth_user.as_deref().is_some_and(|u| !u.is_empty()) {
-            return Ok(Some("authenticated"));
-        }
-        if self.config.whitelist_clients.iter().any(|c| c.contains(s.client_address)) {
-            return Ok(Some("whitelisted client"));
-        }
-        if let Some(name) = s.client_name.as_deref() {
-            let name = name.to_ascii_lowercase();
-            let hit = self.config.whitelist_client_names.iter().any(|suffix| {
-                if suffix.starts_with('.') {
-                    name.ends_with(suffix.as_str())
-                } else {
-                    name == *suffix || name.ends_with(&format!(".{suffix}"))
-                }
-            });
-            if hit {
-                return Ok(Some("whitelisted client name"));
+    /// Screens the client (see [`crate::identity`]); an exemption is
+    /// logged at debug, an identity other than the network at info.
+    fn screen(&self, ctx: &Context, kv: &mut dyn Host) -> Result<Option<Identity>, Error> {
+        match identity::screen(&self.config, ctx, kv)? {
+            Screen::Exempt(why) => {
+                kv.log(Level::Debug, &format!("session {}: {}: {why}", ctx.session.id, ctx.session.client_address));
+                Ok(None)
             }
+            Screen::Greylist(id) => Ok(Some(id)),
         }
-        if self.config.auto_whitelist_after > 0
-            && let Some((v, _)) = get(kv, &format!("awl/{net}"))?
-        {
-            let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-            if n >= self.config.auto_whitelist_after {
-                return Ok(Some("auto-whitelisted"));
-            }
-        }
-        Ok(None)
     }
 
-    /// Counts a pass of the client network towards auto-whitelisting.
-    fn count_pass(&self, net: &str, kv: &mut dyn Host) -> Result<(), Error> {
+    /// True if the identity is auto-whitelisted (`awl/IDENTITY` counts its passes).
+    fn auto_whitelisted(&self, id: &Identity, kv: &mut dyn Host) -> Result<bool, Error> {
+        if self.config.auto_whitelist_after == 0 {
+            return Ok(false);
+        }
+        Ok(match get(kv, &format!("awl/{}", id.key))? {
+            Some((v, _)) => {
+                std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= self.config.auto_whitelist_after
+            }
+            None => false,
+        })
+    }
+
+    /// Counts a pass of the client identity towards auto-whitelisting.
+    fn count_pass(&self, id: &Identity, kv: &mut dyn Host) -> Result<(), Error> {
         if self.config.auto_whitelist_after == 0 {
             return Ok(());
         }
-        greyhook_filter::store::increment(kv, &format!("awl/{net}"), 1, ttl(self.config.max_age))?;
+        greyhook_filter::store::increment(kv, &format!("awl/{}", id.key), 1, ttl(self.config.max_age))?;
         Ok(())
     }
 
@@ -172,17 +160,37 @@ impl Greylist {
     }
 
     /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
-    fn greylist(&self, ctx: &Context, net: &str, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
+    fn greylist(&self, ctx: &Context, id: &Identity, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = format!("{prefix}{}", triplet_key(parts));
-        Ok(match self.check(&key, delay, ctx.now, kv)? {
-            // The host logs every decision; the filter logs only the unusual.
+        let outcome = self.check(&key, delay, ctx.now, kv)?;
+        let (name, kind) = (
+            match outcome {
+                Outcome::Defer(_) => "greylisted",
+                Outcome::FirstPass(_) => "passed",
+                Outcome::Known => "known",
+            },
+            id.kind.name(),
+        );
+        kv.counter_add("triplets_total", &[("outcome", name), ("identity", kind)], 1);
+        // The host logs every decision; the filter adds the identity (the
+        // same session id) when it is not the client network.
+        if id.kind != IdentityKind::Network && !matches!(outcome, Outcome::Known) {
+            kv.log(Level::Info, &format!("session {}: {name} identity={} ({kind})", ctx.session.id, id.key));
+        }
+        Ok(match outcome {
             Outcome::Defer(left) => Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() },
             Outcome::FirstPass(waited) => {
-                self.count_pass(net, kv)?;
+                self.count_pass(id, kv)?;
+                kv.observe("delay_seconds", &[("identity", kind)], waited as f64);
                 let mut v = Verdict::cont();
                 if self.config.add_header {
-                    v.add_headers.push(Header { name: "X-Greylist".into(), value: format!("delayed {waited} seconds by greyhook") });
+                    // The client network is in the Received header already.
+                    let value = match id.kind {
+                        IdentityKind::Network => format!("delayed {waited} seconds by greyhook"),
+                        _ => format!("delayed {waited} seconds by greyhook, identity {}", id.key),
+                    };
+                    v.add_headers.push(Header { name: "X-Greylist".into(), value });
                 }
                 v
             }
@@ -223,12 +231,11 @@ impl Greylist {
         if self.config.stage != Stage::Connect {
             return Ok(Verdict::cont());
         }
-        let net = self.net(ctx);
-        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
-            kv.log(Level::Debug, &format!("{net}: {why}"));
+        let Some(id) = self.screen(ctx, kv)? else { return Ok(Verdict::cont()) };
+        if self.auto_whitelisted(&id, kv)? {
             return Ok(Verdict::cont());
         }
-        let v = self.greylist(ctx, &net, &[&net], self.config.delay, 421, kv)?;
+        let v = self.greylist(ctx, &id, &[&id.key], self.config.delay, 421, kv)?;
         // No message to put a header in yet.
         Ok(Verdict { add_headers: Vec::new(), ..v })
     }
@@ -253,12 +260,14 @@ impl Greylist {
                 kv.log(Level::Info, &format!("{recipient}: policy group {group} differs from {first}: retry at once"));
                 // Its greylist record starts now, so the client's retry in a
                 // new transaction waits out one delay, not two.
-                if greylist && self.config.stage == Stage::Rcpt && !sender.is_empty() {
-                    let net = self.net(ctx);
-                    if self.client_exempt(ctx, &net, kv)?.is_none() {
-                        let s = self.key_sender(ctx, sender, kv);
-                        self.check(&format!("t/{}", triplet_key(&[&net, &s, &rcpt])), delay, ctx.now, kv)?;
-                    }
+                if greylist
+                    && self.config.stage == Stage::Rcpt
+                    && !sender.is_empty()
+                    && let Some(id) = self.screen(ctx, kv)?
+                    && !self.auto_whitelisted(&id, kv)?
+                {
+                    let s = self.key_sender(ctx, sender, kv);
+                    self.check(&format!("t/{}", triplet_key(&[&id.key, &s, &rcpt])), delay, ctx.now, kv)?;
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).
@@ -276,18 +285,18 @@ impl Greylist {
             // null sender is greylisted at DATA, never at RCPT).
             return Ok(with_group(Verdict::cont(), &group));
         }
-        let net = self.net(ctx);
+        let Some(id) = self.screen(ctx, kv)? else { return Ok(with_group(Verdict::cont(), &group)) };
         let sender = self.key_sender(ctx, sender, kv);
         // The auto-whitelist count and the triplet in one crossing (one
         // round trip to Redis); the write after it is the second.
-        let (awl, triplet) = (format!("awl/{net}"), format!("t/{}", triplet_key(&[&net, &sender, &rcpt])));
+        let (awl, triplet) = (format!("awl/{}", id.key), format!("t/{}", triplet_key(&[&id.key, &sender, &rcpt])));
         let keys: &[&str] = if self.config.auto_whitelist_after > 0 { &[&awl, &triplet] } else { &[&triplet] };
         let kv = &mut greyhook_filter::store::Prefetch::new(kv, keys)?;
-        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
-            kv.log(Level::Debug, &format!("{net}: {why}"));
+        if self.auto_whitelisted(&id, kv)? {
+            kv.log(Level::Debug, &format!("session {}: {} auto-whitelisted", ctx.session.id, id.key));
             return Ok(with_group(Verdict::cont(), &group));
         }
-        Ok(with_group(self.greylist(ctx, &net, &[&net, &sender, &rcpt], delay, 451, kv)?, &group))
+        Ok(with_group(self.greylist(ctx, &id, &[&id.key, &sender, &rcpt], delay, 451, kv)?, &group))
     }
 
     /// The DATA hook: greylists at stage `data`, and the null sender at stage `rcpt`.
@@ -307,9 +316,8 @@ impl Greylist {
         if !greylist {
             return Ok(Verdict::cont());
         }
-        let net = self.net(ctx);
-        if let Some(why) = self.client_exempt(ctx, &net, kv)? {
-            kv.log(Level::Debug, &format!("{net}: {why}"));
+        let Some(id) = self.screen(ctx, kv)? else { return Ok(Verdict::cont()) };
+        if self.auto_whitelisted(&id, kv)? {
             return Ok(Verdict::cont());
         }
         let sender = self.key_sender(ctx, sender, kv);
@@ -322,7 +330,7 @@ impl Greylist {
                 r.join(",")
             }
         };
-        self.greylist(ctx, &net, &[&net, &sender, &mid], delay, 451, kv)
+        self.greylist(ctx, &id, &[&id.key, &sender, &mid], delay, 451, kv)
     }
 }
 

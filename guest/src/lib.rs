@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: the operator's configuration (TOML), parsed and validated.
 //! - [`normalize`]: client networks, sender and recipient normalisation, the triplet key.
+//! - [`identity`]: who the client is (SPF domain, FCrDNS organisation,
+//!   network) and whether to greylist it at all (DNSWL, selective greylisting).
 //! - [`filter`]: the decisions, against the SDK's [`greyhook_filter::Host`].
 //!
 //! It is written on the filter SDK (`sdk/rust`, crate `greyhook-filter`):
@@ -15,6 +17,7 @@
 
 pub mod config;
 pub mod filter;
+pub mod identity;
 pub mod normalize;
 
 mod component;

@@ -68,7 +68,7 @@ fn watched(rt: &tokio::runtime::Runtime) -> Vec<Duration> {
     let cfg_path = dir.path().join("greyhook.toml");
     let cfg = |delay: u32| {
         format!(
-            "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[log]\nlevel = \"warn\"\n[filter.config]\ndelay = {delay}\n",
+            "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[log]\nlevel = \"warn\"\n[filter.config]\ndelay = {delay}\nidentity = [\"network\"]\n",
             dir.path().join("control.sock").display()
         )
     };
@@ -126,7 +126,7 @@ fn main() {
     let cfg_path = d.join("greyhook.toml");
     let cfg = |delay: u32| {
         format!(
-            "[filter]\npath = \"{}\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[log]\nlevel = \"warn\"\n[filter.config]\ndelay = {delay}\n",
+            "[filter]\npath = \"{}\"\n[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n[log]\nlevel = \"warn\"\n[filter.config]\ndelay = {delay}\nidentity = [\"network\"]\n",
             wasm.display(),
             d.join("control.sock").display()
         )

@@ -36,6 +36,9 @@ use serde::Deserialize;
 pub const MAX_RECORDS: usize = 64;
 /// Most PTR names checked for forward confirmation.
 const MAX_FCRDNS_NAMES: usize = 10;
+/// Most lookups left running after the hook that asked was cut off by its
+/// deadline ([`Resolver::finish_detached`]); past it they are dropped.
+pub const MAX_DETACHED: usize = 256;
 
 /// The `[dns]` table.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -137,6 +140,9 @@ pub struct DnsStats {
     pub lookups: AtomicU64,
     /// Of those, the ones that failed (any [`DnsError`]).
     pub failures: AtomicU64,
+    /// Lookups a hook's deadline cut off that were left to finish (and
+    /// fill the cache) on their own.
+    pub detached: AtomicU64,
 }
 
 /// The host's resolver. Cheap to clone; built on first use, so that a
@@ -148,6 +154,7 @@ pub struct Resolver {
 }
 
 struct Inner {
+    detached: Arc<tokio::sync::Semaphore>,
     config: DnsConfig,
     auth: OnceLock<Result<MessageAuthenticator, SetupError>>,
     caches: Caches,
@@ -170,7 +177,15 @@ impl Resolver {
     /// A resolver with these settings (set up on first use).
     pub fn new(config: DnsConfig) -> Resolver {
         let cap = usize::try_from(config.cache_size).unwrap_or(usize::MAX).max(16);
-        Resolver { inner: Arc::new(Inner { caches: Caches::new(cap), config, auth: OnceLock::new(), stats: DnsStats::default() }) }
+        Resolver {
+            inner: Arc::new(Inner {
+                detached: Arc::new(tokio::sync::Semaphore::new(MAX_DETACHED)),
+                caches: Caches::new(cap),
+                config,
+                auth: OnceLock::new(),
+                stats: DnsStats::default(),
+            }),
+        }
     }
 
     /// Its settings.
@@ -191,6 +206,38 @@ impl Resolver {
 
     fn auth(&self) -> Result<&MessageAuthenticator, SetupError> {
         self.inner.auth.get_or_init(|| build(&self.inner.config)).as_ref().map_err(Clone::clone)
+    }
+
+    /// Runs the lookup `f` for at most `within`; past it, `Timeout` for the
+    /// caller while `f` goes on as its own task (it is bounded by
+    /// [`DnsConfig::timeout`] itself) and warms the cache. A cold SPF chain
+    /// may take longer than a hook's deadline; cut off, it would be asked
+    /// again cold at the client's retry and give another identity then.
+    /// At most [`MAX_DETACHED`] run on after their callers; beyond that the
+    /// lookup is dropped with the caller.
+    pub async fn finish_detached<T, F>(&self, within: Duration, f: F) -> Result<T, DnsError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, DnsError>> + Send + 'static,
+    {
+        match self.inner.detached.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let task = tokio::spawn(async move {
+                    let r = f.await;
+                    drop(permit);
+                    r
+                });
+                match tokio::time::timeout(within, task).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(DnsError::ServFail(format!("lookup task failed: {e}"))),
+                    Err(_) => {
+                        self.inner.stats.detached.fetch_add(1, Ordering::Relaxed);
+                        Err(DnsError::Timeout)
+                    }
+                }
+            }
+            Err(_) => tokio::time::timeout(within, f).await.unwrap_or(Err(DnsError::Timeout)),
+        }
     }
 
     fn count<T>(&self, r: Result<T, DnsError>) -> Result<T, DnsError> {

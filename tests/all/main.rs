@@ -4,6 +4,7 @@
 mod cli;
 mod dns;
 mod farm;
+mod farms;
 mod greylist;
 mod hostile;
 mod languages;

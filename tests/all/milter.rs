@@ -25,7 +25,7 @@ async fn start_with(filter_config: &str, milter: &str) -> (Daemon, u16, tempfile
         "[store]\npath = \"memory\"\n[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"2s\"\n{milter}\n[filter.config]\n{filter_config}\n",
         dir.path().display()
     );
-    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
     let clock = Arc::new(ManualClock::new(T0));
     let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
     let port = match &d.endpoints("milter")[0] {
@@ -214,7 +214,7 @@ async fn milter_over_a_unix_socket_with_its_mode() {
         d = dir.path().display(),
         s = sock.display()
     );
-    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
     let daemon = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);

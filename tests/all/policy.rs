@@ -89,7 +89,7 @@ async fn daemon(filter_config: &str, policy: &str) -> (Daemon, Arc<ManualClock>,
         "[store]\npath = \"memory\"\n[control]\nsocket = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n{policy}\n[filter.config]\n{filter_config}\n",
         dir.join("control.sock").display()
     );
-    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
     let clock = Arc::new(ManualClock::new(T0));
     let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
     let port = match &d.endpoints("policy")[0] {
@@ -303,7 +303,7 @@ async fn reference_filter_keys_through_the_daemon() {
         dir.path().join("c.sock").display(),
         eight.join(", ")
     );
-    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
     let e = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.err().expect("nine lines are refused");
     assert!(e.to_string().contains("reply_text"), "{e}");
 }
@@ -324,7 +324,7 @@ async fn in_a_chain_the_first_policy_group_wins() {
          [[filters.config.policy]]\nname = \"p\"\nrecipients = [\"one@example.com\", \"two@example.com\"]\ngreylist = false\n",
         dir.path().join("c.sock").display()
     );
-    let cfg = DaemonConfig::parse(&text, "test.toml").unwrap();
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
     let d = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
     let port = match &d.endpoints("policy")[0] {
         ListenAddr::Tcp(a) => a.port(),

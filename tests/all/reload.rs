@@ -52,7 +52,7 @@ fn replace(path: &Path, bytes: &[u8]) {
 async fn start(dir: &Path, clock: Arc<ManualClock>, watch: bool) -> (Daemon, u16) {
     let cfg_path = dir.join("greyhook.toml");
     let p = cfg_path.clone();
-    let load = move || DaemonConfig::load(&p);
+    let load = move || DaemonConfig::load(&p).map(hermetic);
     let cfg = load().unwrap();
     let files = if watch { vec![cfg_path] } else { Vec::new() };
     let reconfigure = Reconfigure { files, load: Arc::new(load) };
@@ -552,7 +552,7 @@ async fn a_filters_namespace_is_its_name_unless_set() {
     let start = |chain: String| {
         let text = format!("{base}{chain}");
         async move {
-            let cfg = DaemonConfig::parse(&text, "g.toml").unwrap();
+            let cfg = hermetic(DaemonConfig::parse(&text, "g.toml").unwrap());
             Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await
         }
     };

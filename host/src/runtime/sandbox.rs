@@ -104,6 +104,7 @@ pub(crate) struct HostState {
     pub(crate) store_failure: Option<String>,
     /// When the call in progress (or `init`) must be over.
     pub(crate) call_deadline: Option<std::time::Instant>,
+    dns_margin: std::time::Duration,
     /// The filter's shared write and log budgets.
     pub(crate) quota: Arc<Quota>,
     /// Log lines written in the call in progress.
@@ -139,6 +140,7 @@ impl HostState {
             filter,
             now: 0,
             call_deadline: None,
+            dns_margin: std::time::Duration::ZERO,
             slow_held: Arc::default(),
             quota: Arc::new(Quota::new(&crate::runtime::Limits::default())),
             log_lines: 0,
@@ -163,6 +165,9 @@ impl HostState {
 
     pub(crate) fn begin_call(&mut self, now: u64, deadline: std::time::Instant, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
         self.call_deadline = Some(deadline);
+        // A quarter of the hook's time is kept from DNS waits, so that a
+        // filter told `timeout` still has time to answer (and to store).
+        self.dns_margin = deadline.saturating_duration_since(std::time::Instant::now()) / 4;
         self.log_lines = 0;
         *self.slow_held.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         self.now = now;
@@ -172,8 +177,9 @@ impl HostState {
     }
 
     /// Counts a DNS or `auth` call; the time it may take: the resolver's
-    /// timeout cut at what is left of the hook's deadline (less a margin,
-    /// so that the filter gets `timeout` and can still answer).
+    /// timeout cut at what is left of the hook's deadline (less a quarter
+    /// of the hook's time, so that the filter gets `timeout` and can still
+    /// answer).
     fn admit_dns(&mut self) -> Result<std::time::Duration, wit_dns::DnsError> {
         self.dns_calls += 1;
         let max = self.resolver.config().max_lookups;
@@ -184,7 +190,7 @@ impl HostState {
             .call_deadline
             .map(|d| d.saturating_duration_since(std::time::Instant::now()))
             .unwrap_or(self.resolver.config().timeout)
-            .saturating_sub(std::time::Duration::from_millis(2));
+            .saturating_sub(self.dns_margin);
         if left.is_zero() {
             return Err(wit_dns::DnsError::Timeout);
         }
@@ -438,12 +444,15 @@ fn dns_error(e: dns::DnsError) -> wit_dns::DnsError {
     }
 }
 
-/// Runs a resolver call within `time`; past it, `timeout`.
-async fn within<T>(time: std::time::Duration, f: impl Future<Output = Result<T, dns::DnsError>>) -> Result<T, wit_dns::DnsError> {
-    match tokio::time::timeout(time, f).await {
-        Ok(r) => r.map_err(dns_error),
-        Err(_) => Err(wit_dns::DnsError::Timeout),
-    }
+/// Runs a resolver call within `time`; past it, `timeout` for the filter
+/// while the lookup finishes on its own and fills the cache for the retry
+/// ([`dns::Resolver::finish_detached`]).
+async fn within<T, F>(r: &dns::Resolver, time: std::time::Duration, f: F) -> Result<T, wit_dns::DnsError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, dns::DnsError>> + Send + 'static,
+{
+    r.finish_detached(time, f).await.map_err(dns_error)
 }
 
 impl wit_dns::Host for HostState {
@@ -460,7 +469,7 @@ impl wit_dns::Host for HostState {
             wit_dns::RecordType::Ptr => dns::RecordType::Ptr,
         };
         let r = self.resolver.clone();
-        Ok(within(time, r.lookup(&name, kind)).await)
+        Ok(within(&self.resolver, time, async move { r.lookup(&name, kind).await }).await)
     }
 
     async fn reverse(&mut self, address: wit::IpAddress) -> wasmtime::Result<Result<Vec<String>, wit_dns::DnsError>> {
@@ -468,8 +477,8 @@ impl wit_dns::Host for HostState {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
-        let r = self.resolver.clone();
-        Ok(within(time, r.reverse(ip_from_wit(address))).await)
+        let (r, ip) = (self.resolver.clone(), ip_from_wit(address));
+        Ok(within(&self.resolver, time, async move { r.reverse(ip).await }).await)
     }
 }
 
@@ -484,8 +493,8 @@ impl wit_auth::Host for HostState {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
-        let r = self.resolver.clone();
-        let out = match within(time, async { Ok(r.spf(ip_from_wit(address), &helo, &sender).await) }).await {
+        let (r, ip) = (self.resolver.clone(), ip_from_wit(address));
+        let out = match within(&self.resolver, time, async move { Ok(r.spf(ip, &helo, &sender).await) }).await {
             Ok(o) => o,
             Err(e) => return Ok(Err(e)),
         };
@@ -506,8 +515,8 @@ impl wit_auth::Host for HostState {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
-        let r = self.resolver.clone();
-        Ok(within(time, r.forward_confirmed(ip_from_wit(address))).await)
+        let (r, ip) = (self.resolver.clone(), ip_from_wit(address));
+        Ok(within(&self.resolver, time, async move { r.forward_confirmed(ip).await }).await)
     }
 }
 

@@ -60,6 +60,7 @@
 
 pub mod host;
 pub mod net;
+pub mod spf;
 pub mod store;
 pub mod testing;
 pub mod verdict;
