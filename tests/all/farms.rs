@@ -144,6 +144,8 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("identity_total{kind=\"spf\"} 2"), "{status}");
     assert!(status.contains("identity_total{kind=\"fcrdns-org\"} 2"), "{status}");
+    let lookups: u64 = status.split("dns lookups=").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(lookups >= 10, "the resolver's own count: {status}");
     // The host's caches: the farm's record was fetched once for its SPF
     // checks and the scope walk (then remembered in the store).
     assert_eq!(dns.queries("farm.test"), 1, "TXT queries for farm.test");
@@ -182,6 +184,38 @@ fn selective_greylisting_against_real_dnsbl_and_dnswl_zones() {
     std::thread::sleep(Duration::from_millis(1300));
     let a = ask(port, "198.51.100.11", "unknown", "unknown", "news@farm.test");
     assert!(passed(&a), "{a}");
+}
+
+/// A resolver slower than the hook's deadline: the answer comes within
+/// the deadline (the filter is told `timeout` with a quarter of it left to
+/// answer), the client is greylisted on its network, and the lookup cut off
+/// goes on in the background to fill the cache for the retry (counted).
+#[test]
+fn the_hook_deadline_bounds_dns_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = free_port();
+    let mut d = greyhook_with(
+        dir.path(),
+        "serve",
+        &format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [dns]\nservers = [\"{dns}\"]\ntimeout = \"5s\"\n[filter]\ndeadline = \"400ms\"\n[filter.config]\ndelay = 1\n",
+            d = dir.path().display(),
+            dns = silent.local_addr().unwrap()
+        ),
+    );
+    d.wait_listening(port, 60);
+    let t = Instant::now();
+    let a = ask(port, "198.51.100.10", "unknown", "unknown", "news@farm.test");
+    assert!(deferred(&a), "{a}\n{}", d.log_text());
+    assert!(t.elapsed() < Duration::from_millis(2500), "bounded by the 400 ms deadline, not the 5 s DNS timeout: {:?}", t.elapsed());
+    let out =
+        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    let filter = status.split("; dns").next().unwrap_or("");
+    assert!(filter.contains(" failures=0 ") && filter.contains("dns_failures_total{check=\"spf\"} 1"), "answered in time: {status}");
+    assert!(!status.contains("cut_by_deadline=0"), "{status}");
 }
 
 /// One SMTP transaction from `from`: the RCPT reply.

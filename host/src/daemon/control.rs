@@ -50,7 +50,16 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                         })
                         .collect();
                     let health = if shared.store.degraded() { "degraded" } else { "ok" };
-                    format!("ok {}; store={health} store_failures={}\n", parts.join("; "), shared.store.failures())
+                    let dns = shared.resolver.stats();
+                    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                    format!(
+                        "ok {}; dns lookups={} failures={} cut_by_deadline={}; store={health} store_failures={}\n",
+                        parts.join("; "),
+                        n(&dns.lookups),
+                        n(&dns.failures),
+                        n(&dns.detached),
+                        shared.store.failures()
+                    )
                 }
                 _ => "error expected `reload` or `status`\n".to_string(),
             };

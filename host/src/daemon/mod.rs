@@ -106,6 +106,8 @@ struct Shared {
     /// Each filter's stack cap, fixed at start.
     stacks: Vec<usize>,
     store: Arc<dyn Store>,
+    /// The filters' resolver, for its counters in `status`.
+    resolver: crate::dns::Resolver,
     reconfigure: Option<Reconfigure>,
 }
 
@@ -347,7 +349,7 @@ impl Daemon {
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         watched.extend(files);
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
-        let hooks = Hooks { chain, clock: clock.clone(), resolver: config.dns.resolve_clients.then_some(resolver) };
+        let hooks = Hooks { chain, clock: clock.clone(), resolver: config.dns.resolve_clients.then_some(resolver.clone()) };
         let shutdown = CancellationToken::new();
         let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
         if front_ends.is_empty() {
@@ -364,7 +366,7 @@ impl Daemon {
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
-        let shared = Arc::new(Shared { reloaders, fixed: fixed_tables(config), stacks, store: store.clone(), reconfigure });
+        let shared = Arc::new(Shared { reloaders, fixed: fixed_tables(config), stacks, store: store.clone(), resolver, reconfigure });
         let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
         let mut tasks = Vec::new();
         for f in front_ends {

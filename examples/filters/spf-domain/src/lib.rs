@@ -9,7 +9,8 @@
 //! keys on the client network, as classic greylisting does.
 //!
 //! (A production filter also refuses SPF records that allow everyone —
-//! `+all`, huge ranges — as an identity: see the reference filter.)
+//! `+all`, huge ranges — as an identity: `greyhook_filter::spf::scope`
+//! tells, and the reference filter uses it; see docs/sender-farms.md.)
 
 use greyhook_filter::net::{client_network, domain_of};
 use greyhook_filter::store::{Update, days, update};
