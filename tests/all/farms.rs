@@ -43,21 +43,22 @@ fn zone() -> DnsServer {
     ])
 }
 
-/// `greyhook serve` with a policy listener, the resolver at `dns`, a
-/// one-second delay and `filter_config` added to the filter's table.
+/// `greyhook serve --dns DNS` with a policy listener, a one-second delay,
+/// `dns_table` in `[dns]` and `filter_config` added to the filter's table.
 fn serve(dir: &Path, dns: &str, dns_table: &str, filter_config: &str) -> (Process, u16) {
     let port = free_port();
-    let mut p = greyhook_with(
-        dir,
-        "serve",
-        &format!(
+    let cfg = dir.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
             "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
-             [policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [dns]\nservers = [\"{dns}\"]\n{dns_table}\n\
+             [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[dns]\n{dns_table}\n\
              [filter]\ndeadline = \"2s\"\n[filter.config]\ndelay = 1\n{filter_config}\n",
             d = dir.display()
         ),
-    );
+    )
+    .unwrap();
+    let mut p = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap(), "--dns", dns], dir.join("log"));
     p.wait_listening(port, 60);
     (p, port)
 }
