@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use greyhook_tests::{Sink, free_port, greyhook_bin, wait_for_port};
+use greyhook_tests::{Sink, free_port, greyhook_bin, null_dns, wait_for_port};
 
 /// Where `tests/setup-opensmtpd.sh` unpacks the package (or
 /// `$GREYHOOK_SMTPD`, the `smtpd` binary).
@@ -124,7 +124,7 @@ fn opensmtpd_greylists_through_greyhook_and_delivers_the_retry() {
     let sink = Sink::start();
     let port = free_port();
     let conf = format!(
-        "filter \"greyhook\" proc-exec \"{bin} opensmtpd --db {db} --control {control} --set delay=3 --log info\"\n\
+        "filter \"greyhook\" proc-exec \"{bin} opensmtpd --db {db} --control {control} --set delay=3 --log info --dns {dns}\"\n\
          listen on 127.0.0.1 port {port} filter \"greyhook\"\n\
          action \"sink\" relay host smtp://127.0.0.1:{sink}\n\
          match from any for any action \"sink\"\n",
@@ -132,6 +132,7 @@ fn opensmtpd_greylists_through_greyhook_and_delivers_the_retry() {
         db = db.display(),
         control = control.display(),
         sink = sink.port,
+        dns = null_dns(),
     );
     let smtpd = Smtpd::start(d, &conf, port);
     let log = || smtpd.log();
@@ -226,7 +227,7 @@ impl Pipe {
         .unwrap();
         let log = dir.join("log");
         let mut child = Command::new(greyhook_bin())
-            .args(["opensmtpd", "--config"])
+            .args(["opensmtpd", "--dns", null_dns(), "--config"])
             .arg(&cfg)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
