@@ -220,6 +220,11 @@ impl Resolver {
         T: Send + 'static,
         F: Future<Output = Result<T, DnsError>> + Send + 'static,
     {
+        // A cache hit is ready at the first poll: no task for it.
+        let mut f = Box::pin(f);
+        if let std::task::Poll::Ready(r) = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await {
+            return r;
+        }
         match self.inner.detached.clone().try_acquire_owned() {
             Ok(permit) => {
                 let task = tokio::spawn(async move {
