@@ -18,7 +18,7 @@ use greyhook_filter::spf::{self, Scope};
 
 use crate::config::{Config, IdentityKind, Suspicion};
 use crate::filter::{Context, Error};
-use crate::normalize::client_network;
+use crate::normalize::{client_network, triplet_key};
 
 /// How long a domain's SPF scope (specific or wide) is remembered in the
 /// store, so that its record is walked once an hour, not at every RCPT.
@@ -33,6 +33,18 @@ pub struct Identity {
     /// as before (`192.0.2.0/24`), so that records written with
     /// `identity = ["network"]` stay valid.
     pub key: String,
+}
+
+/// The longest domain kept readable in a store key (`awl/spf:…`,
+/// `spfscope/…`); a longer one — the sender's domain is the client's to
+/// choose, up to 253 bytes — is keyed by its SHA1 (BASE32), so that no key
+/// breaks the host's 256-byte limit and turns client input into a filter
+/// failure.
+pub const MAX_READABLE: usize = 100;
+
+/// `prefix` + `domain`, or + `#` and the domain's hash if it is long.
+fn bounded(prefix: &str, domain: &str) -> String {
+    if domain.len() <= MAX_READABLE { format!("{prefix}{domain}") } else { format!("{prefix}#{}", triplet_key(&[domain])) }
 }
 
 /// What the filter does with a client.
@@ -166,7 +178,7 @@ fn suspicion(c: &Config, l: &mut Lookups<'_>, kv: &mut dyn Host) -> Option<Strin
 /// True if the domain's SPF record is specific (see
 /// [`greyhook_filter::spf`]); remembered in the store for an hour.
 fn spf_specific(c: &Config, domain: &str, kv: &mut dyn Host) -> Result<bool, Error> {
-    let key = format!("spfscope/{domain}");
+    let key = bounded("spfscope/", domain);
     if let Some(e) = kv.get(&key)? {
         return Ok(e.value.first() == Some(&b'1'));
     }
@@ -202,7 +214,7 @@ fn identity(c: &Config, l: &mut Lookups<'_>, kv: &mut dyn Host) -> Result<Identi
                     Ok(out) if out.result == SpfResult::Pass => {
                         let domain = out.domain.trim_end_matches('.').to_ascii_lowercase();
                         if !domain.is_empty() && spf_specific(c, &domain, kv)? {
-                            return Ok(Identity { kind: *kind, key: format!("spf:{domain}") });
+                            return Ok(Identity { kind: *kind, key: bounded("spf:", &domain) });
                         }
                     }
                     Ok(out) if out.result == SpfResult::TempError => dns_failed(kv, "spf", &DnsError::ServFail("temperror".into())),
@@ -213,7 +225,7 @@ fn identity(c: &Config, l: &mut Lookups<'_>, kv: &mut dyn Host) -> Result<Identi
             IdentityKind::FcrdnsOrg => match l.confirmed_name(kv) {
                 Ok(Some(name)) if name.contains('.') && !looks_dynamic(&name, l.ip()) => {
                     if let Some(org) = org_domain(&name) {
-                        return Ok(Identity { kind: *kind, key: format!("org:{org}") });
+                        return Ok(Identity { kind: *kind, key: bounded("org:", &org) });
                     }
                 }
                 Ok(_) => {}
@@ -336,6 +348,21 @@ mod tests {
         // With today's rule, the farm is greylisted again.
         let mut h = farm("identity = [\"network\"]");
         assert!(!retry_passes(&mut h, "198.51.100.10", "203.0.113.20", "news@farm.example"));
+    }
+
+    /// The sender's domain is client input: a 249-byte one still keys its
+    /// records within the host's limits (here the harness's 256 bytes),
+    /// and the farm still passes at its retry.
+    #[test]
+    fn long_domains_are_hashed_in_keys() {
+        let long = format!("{}.example", ["abcdefghij"; 22].join("."));
+        assert!(long.len() > 240 && long.len() <= 253);
+        let mut h = farm("");
+        h.dns().add(&long, RecordType::Txt, &[FARM_SPF]).spf(&long, SpfResult::Pass);
+        assert!(retry_passes(&mut h, "198.51.100.10", "203.0.113.20", &format!("a@{long}")));
+        assert!(h.host.keys().iter().all(|k| k.len() <= 64), "{:?}", h.host.keys());
+        assert!(h.host.keys().iter().any(|k| k.starts_with("awl/spf:#")), "{:?}", h.host.keys());
+        assert!(!h.host.logs.iter().any(|(l, _)| *l >= Level::Warn), "{:?}", h.host.logs);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use greyhook_tests::*;
 ///   confirm (spoofed).
 /// - `bl.test` lists 192.0.2.66 and 127.0.5.5; `wl.test` lists 192.0.2.99.
 fn zone() -> DnsServer {
+    let long = format!("--txt-record={},v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/24 -all", long_domain());
     DnsServer::start(&[
+        long.as_str(),
         "--txt-record=farm.test,v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/24 ip4:127.0.1.0/24 ip4:127.0.2.0/24 -all",
         "--txt-record=open.test,v=spf1 +all",
         "--txt-record=wide.test,v=spf1 ip4:192.0.0.0/8 ip4:127.0.0.0/8 -all",
@@ -41,6 +43,13 @@ fn zone() -> DnsServer {
         "--local=/2.0.192.in-addr.arpa/",
         "--local=/3.0.192.in-addr.arpa/",
     ])
+}
+
+/// A 249-byte sender domain (the client chooses it): its keys must stay
+/// within the host's 256-byte limit, or the filter fails and the failure
+/// policy answers for it.
+fn long_domain() -> String {
+    format!("{}.test", ["abcdefghij"; 22].join("."))
 }
 
 /// `greyhook serve --dns DNS` with a policy listener, a one-second delay,
@@ -113,6 +122,8 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     assert!(deferred(&org), "{org}");
     let spoof = ask(port, "192.0.2.66", "unknown", "out-x.mail.bigfarm.test", "alerts@nospf.test");
     assert!(deferred(&spoof), "{spoof}");
+    let long = ask(port, "198.51.100.10", "unknown", "unknown", &format!("a@{}", long_domain()));
+    assert!(deferred(&long), "a long SPF domain is greylisted, not answered by the failure policy: {long}");
     std::thread::sleep(Duration::from_millis(1300));
 
     // The farm retries from another /24, inside its SPF record: passes, keyed on the domain.
@@ -133,6 +144,8 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     // A PTR into the same organisation that does not confirm is no identity.
     let spoof = ask(port, "192.0.3.66", "unknown", "out-y.mail.bigfarm.test", "alerts@nospf.test");
     assert!(deferred(&spoof), "a spoofed PTR is no identity: {spoof}");
+    let long = ask(port, "203.0.113.20", "unknown", "unknown", &format!("a@{}", long_domain()));
+    assert!(long.starts_with("action=PREPEND X-Greylist: delayed") && long.contains("identity spf:#"), "{long}");
     // The network identity still works for the same /24.
     let same = ask(port, "192.0.2.67", "unknown", "unknown", "bulk@open.test");
     assert!(passed(&same), "{same}");
@@ -143,7 +156,8 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     let out =
         std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
-    assert!(status.contains("identity_total{kind=\"spf\"} 2"), "{status}");
+    assert!(status.contains("identity_total{kind=\"spf\"} 4"), "{status}");
+    assert!(status.contains("calls=") && status.split("; dns").next().is_some_and(|f| f.contains(" failures=0 ")), "{status}");
     assert!(status.contains("identity_total{kind=\"fcrdns-org\"} 2"), "{status}");
     let lookups: u64 = status.split("dns lookups=").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(lookups >= 10, "the resolver's own count: {status}");
