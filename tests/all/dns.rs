@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use greyhook_tests::*;
 
-/// The zone: `big.test` publishes SPF for all of 127/8 (a farm) and
+/// The zone: `big.test` publishes SPF for 127.0/16 and 127.7/16 (a farm:
+/// the filter keys only on specific records, nothing wider than a /16) and
 /// 192.0.2.0/24, with a forward-confirmed `mx.big.test` = 192.0.2.10 (and
 /// 2001:db8::10); `small.test` publishes SPF that never passes a 127.x
 /// client; 192.0.2.11's PTR names `liar.test`, which has no A record.
@@ -16,7 +17,7 @@ use greyhook_tests::*;
 /// resolver's own tests use the 192.0.2.x names.)
 fn zone() -> DnsServer {
     DnsServer::start(&[
-        "--txt-record=big.test,v=spf1 ip4:127.0.0.0/8 ip4:192.0.2.0/24 -all",
+        "--txt-record=big.test,v=spf1 ip4:127.0.0.0/16 ip4:127.7.0.0/16 ip4:192.0.2.0/24 -all",
         "--txt-record=small.test,v=spf1 ip4:192.0.2.0/24 -all",
         "--host-record=mx.big.test,192.0.2.10,2001:db8::10",
         "--ptr-record=11.2.0.192.in-addr.arpa,liar.test",
@@ -153,7 +154,10 @@ fn the_resolver_answers_in_the_contracts_forms_and_caches() {
         assert_eq!(r.lookup("mx.big.test", RecordType::A).await.unwrap(), vec!["192.0.2.10"]);
         assert_eq!(r.lookup("MX.big.test.", RecordType::Aaaa).await.unwrap(), vec!["2001:db8::10"]);
         assert_eq!(r.lookup("big.test", RecordType::Mx).await.unwrap(), vec!["10 mx.big.test"]);
-        assert_eq!(r.lookup("big.test", RecordType::Txt).await.unwrap(), vec!["v=spf1 ip4:127.0.0.0/8 ip4:192.0.2.0/24 -all"]);
+        assert_eq!(
+            r.lookup("big.test", RecordType::Txt).await.unwrap(),
+            vec!["v=spf1 ip4:127.0.0.0/16 ip4:127.7.0.0/16 ip4:192.0.2.0/24 -all"]
+        );
         assert_eq!(r.lookup("10.2.0.192.in-addr.arpa", RecordType::Ptr).await.unwrap(), vec!["mx.big.test"]);
         assert_eq!(r.lookup("nowhere.test", RecordType::A).await, Err(DnsError::NxDomain));
         assert_eq!(r.lookup("mx.big.test", RecordType::Txt).await, Err(DnsError::NoData));

@@ -8,11 +8,13 @@
 //! passes from any address the domain's SPF record allows. Otherwise it
 //! keys on the client network, as classic greylisting does.
 //!
-//! (A production filter also refuses SPF records that allow everyone —
-//! `+all`, huge ranges — as an identity: `greyhook_filter::spf::scope`
-//! tells, and the reference filter uses it; see docs/sender-farms.md.)
+//! A pass vouches for the client only if the domain's SPF record is
+//! specific: spammers publish `v=spf1 +all` or huge ranges, and a botnet
+//! retrying from random addresses must not become one identity.
+//! `greyhook_filter::spf::scope` walks the record (see docs/sender-farms.md).
 
 use greyhook_filter::net::{client_network, domain_of};
+use greyhook_filter::spf::{Limits, Scope, scope};
 use greyhook_filter::store::{Update, days, update};
 use greyhook_filter::{Context, Filter, Host, Result, SpfResult, Verdict, tempfail, verdict::with_header};
 use serde::Deserialize;
@@ -55,7 +57,7 @@ impl Filter for SpfDomain {
         // record passes the client, else only the client's network.
         let identity = match domain_of(sender) {
             Some(_) => match host.spf(ip, helo, sender) {
-                Ok(spf) if spf.result == SpfResult::Pass => format!("spf:{}", spf.domain),
+                Ok(spf) if spf.result == SpfResult::Pass && specific(host, &spf.domain) => format!("spf:{}", spf.domain),
                 // A failed or slow lookup is no identity: fall back.
                 _ => format!("net:{}", client_network(ip, 24, 64)),
             },
@@ -92,11 +94,19 @@ impl Filter for SpfDomain {
     }
 }
 
+/// True if `domain`'s SPF record authorises nothing wider than a /16 (an
+/// IPv6 /32), without `+all`, `exists` or macros. A lookup that fails is
+/// "no": no identity, never a pass.
+fn specific(host: &mut dyn Host, domain: &str) -> bool {
+    matches!(scope(host, domain, &Limits::default()), Ok(Scope::Specific))
+}
+
 greyhook_filter::export!(SpfDomain);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use greyhook_filter::RecordType;
     use greyhook_filter::testing::Harness;
     use greyhook_filter::verdict::VerdictExt;
 
@@ -104,6 +114,7 @@ mod tests {
     fn an_spf_pass_retry_passes_from_another_network() {
         let mut h = Harness::<SpfDomain>::new("delay = 60").unwrap();
         h.dns().spf("big.example", SpfResult::Pass);
+        h.dns().add("big.example", RecordType::Txt, &["v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/24 -all"]);
         let mut s = h.session("198.51.100.7");
         s.ehlo("out1.big.example");
         s.mail("news@big.example");
@@ -117,6 +128,20 @@ mod tests {
         s.mail("news@big.example");
         assert!(s.rcpt("bob@example.com").passes());
         assert_eq!(h.host.counters["identity{kind=\"spf\"}"], 2);
+    }
+
+    #[test]
+    fn an_spf_record_that_allows_everyone_is_no_identity() {
+        let mut h = Harness::<SpfDomain>::new("delay = 60").unwrap();
+        h.dns().spf("open.example", SpfResult::Pass);
+        h.dns().add("open.example", RecordType::Txt, &["v=spf1 +all"]);
+        let mut s = h.session("198.51.100.7");
+        s.mail("a@open.example");
+        assert!(s.rcpt("bob@example.com").is_tempfail());
+        h.advance(61);
+        let mut s = h.session("203.0.113.9");
+        s.mail("a@open.example");
+        assert!(s.rcpt("bob@example.com").is_tempfail(), "a bot's retry from elsewhere is a new triplet");
     }
 
     #[test]
