@@ -96,7 +96,7 @@ impl Greylist {
     }
 
     /// Screens the client (see [`crate::identity`]); an exemption is
-    /// logged at debug, an identity other than the network at info.
+    /// logged at debug (the identity is logged with the triplet's outcome).
     fn screen(&self, ctx: &Context, kv: &mut dyn Host) -> Result<Option<Identity>, Error> {
         match identity::screen(&self.config, ctx, kv)? {
             Screen::Exempt(why) => {
