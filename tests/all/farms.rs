@@ -161,6 +161,21 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     assert!(status.contains("identity_total{kind=\"fcrdns-org\"} 2"), "{status}");
     let lookups: u64 = status.split("dns lookups=").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(lookups >= 10, "the resolver's own count: {status}");
+    // The same for scripts.
+    let out = std::process::Command::new(greyhook_bin())
+        .args(["status", "--json", "--control"])
+        .arg(dir.path().join("control.sock"))
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let f = &json["filters"][0];
+    assert_eq!((f["name"].as_str(), f["contract"].as_str(), f["failures"].as_u64()), (Some("greylist"), Some("0.2.0"), Some(0)), "{json}");
+    let spf = f["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "identity_total" && m["labels"]["kind"] == "spf");
+    assert_eq!(spf.map(|m| m["value"].clone()), Some(serde_json::json!(4)), "{json}");
+    let delay = f["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "delay_seconds").expect("a histogram");
+    assert!(delay["value"]["count"].as_u64().is_some_and(|n| n >= 1) && delay["value"]["bounds"].as_array().is_some(), "{json}");
+    assert!(json["dns"]["lookups"].as_u64() >= Some(10) && json["store"]["health"] == "ok", "{json}");
+    assert!(json["version"].is_string() && json["uptime_seconds"].is_u64(), "{json}");
     // The host's caches: the farm's record was fetched once for its SPF
     // checks and the scope walk (then remembered in the store).
     assert_eq!(dns.queries("farm.test"), 1, "TXT queries for farm.test");

@@ -61,9 +61,61 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                         shared.store.failures()
                     )
                 }
-                _ => "error expected `reload` or `status`\n".to_string(),
+                (Ok(Ok(_)), "status json") => format!("ok {}\n", status_json(&shared)),
+                _ => "error expected `reload`, `status` or `status json`\n".to_string(),
             };
             let _ = w.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+/// `greyhook status --json`: what `status` says, for scripts — the version,
+/// uptime, each filter with its counters and its own metrics (counters as
+/// numbers, histograms as count, sum and buckets), the resolver's and the
+/// store's counts. One line of JSON.
+fn status_json(shared: &Shared) -> String {
+    use crate::runtime::metrics::{BUCKETS, MetricValue};
+    use std::sync::atomic::Ordering::Relaxed;
+    let filters: Vec<serde_json::Value> = shared
+        .reloaders
+        .iter()
+        .map(|r| {
+            let f = r.filter();
+            let metrics: Vec<serde_json::Value> = f
+                .metrics()
+                .snapshot()
+                .into_iter()
+                .map(|m| {
+                    let labels: serde_json::Map<String, serde_json::Value> = m.labels.into_iter().map(|(k, v)| (k, v.into())).collect();
+                    let value = match m.value {
+                        MetricValue::Counter(n) => serde_json::json!(n),
+                        MetricValue::Histogram { count, sum, buckets } => {
+                            let bounds: Vec<serde_json::Value> =
+                                BUCKETS.iter().map(|b| serde_json::json!(b)).chain([serde_json::json!("+Inf")]).collect();
+                            serde_json::json!({ "count": count, "sum": sum, "bounds": bounds, "buckets": buckets })
+                        }
+                    };
+                    serde_json::json!({ "name": m.name, "labels": labels, "value": value })
+                })
+                .collect();
+            serde_json::json!({
+                "name": f.info().name,
+                "version": f.info().version,
+                "namespace": f.namespace(),
+                "contract": f.contract().version(),
+                "calls": f.stats().calls.load(Relaxed),
+                "failures": f.stats().failures.load(Relaxed),
+                "metrics": metrics,
+            })
+        })
+        .collect();
+    let dns = shared.resolver.stats();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "filters": filters,
+        "dns": { "lookups": dns.lookups.load(Relaxed), "failures": dns.failures.load(Relaxed), "cut_by_deadline": dns.detached.load(Relaxed) },
+        "store": { "health": if shared.store.degraded() { "degraded" } else { "ok" }, "failures": shared.store.failures() },
+    })
+    .to_string()
 }

@@ -108,6 +108,8 @@ struct Shared {
     store: Arc<dyn Store>,
     /// The filters' resolver, for its counters in `status`.
     resolver: crate::dns::Resolver,
+    /// When the daemon started (`status`'s uptime).
+    started: std::time::Instant,
     reconfigure: Option<Reconfigure>,
 }
 
@@ -366,7 +368,15 @@ impl Daemon {
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
-        let shared = Arc::new(Shared { reloaders, fixed: fixed_tables(config), stacks, store: store.clone(), resolver, reconfigure });
+        let shared = Arc::new(Shared {
+            reloaders,
+            fixed: fixed_tables(config),
+            stacks,
+            store: store.clone(),
+            resolver,
+            started: std::time::Instant::now(),
+            reconfigure,
+        });
         let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
         let mut tasks = Vec::new();
         for f in front_ends {

@@ -158,6 +158,10 @@ enum Command {
         /// The daemon's control socket.
         #[arg(long)]
         control: Option<PathBuf>,
+        /// One line of JSON (version, uptime, filters with their counters
+        /// and metrics, resolver, store), for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Read the retry delay a server's reply asks for. Given one whole
     /// reply on stdin (all its lines, as the server sent them), prints the
@@ -431,7 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Hint { log, file } => return hint(log, file.as_deref()),
         Command::NewFilter { name, dir, sdk } => return new_filter::run(&name, dir, sdk),
         Command::Reload { control: c } => return control(c, "reload").await,
-        Command::Status { control: c } => return control(c, "status").await,
+        Command::Status { control: c, json } => return control(c, if json { "status json" } else { "status" }).await,
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
             let _log = init_logging("warn");
             return migrate(&from, &to, &prefix).await;
