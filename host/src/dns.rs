@@ -65,6 +65,24 @@ impl Default for DnsConfig {
     }
 }
 
+impl DnsConfig {
+    /// One line for the startup log: which servers, and the limits.
+    pub fn describe(&self) -> String {
+        let servers = if self.servers.is_empty() {
+            "the system's resolver (/etc/resolv.conf)".to_string()
+        } else {
+            format!("servers {}", self.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+        };
+        format!(
+            "{servers}, timeout {:?}, at most {} lookups a hook call, {} cached answers, client names {}",
+            self.timeout,
+            self.max_lookups,
+            self.cache_size,
+            if self.resolve_clients { "resolved" } else { "not resolved" }
+        )
+    }
+}
+
 /// A DNS record type a filter may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RecordType {

@@ -150,6 +150,8 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     let same = ask(port, "192.0.2.67", "unknown", "unknown", "bulk@open.test");
     assert!(passed(&same), "{same}");
 
+    // The startup log names the resolver the filters use.
+    assert!(d.wait_log(&format!("dns: servers {}, timeout 3s", dns.addr()), 5), "{}", d.log_text());
     // The log names the identities; the filter's metrics count them.
     assert!(d.wait_log("identity=spf:farm.test (spf)", 5), "{}", d.log_text());
     assert!(d.log_text().contains("open.test: SPF passes but is no identity"), "{}", d.log_text());

@@ -330,6 +330,7 @@ impl Daemon {
         let db_path = config.store.redb_path();
         let store = config.store.open()?;
         tracing::info!("store: {}", config.store.describe());
+        tracing::info!("dns: {}", config.dns.describe());
         let cache_dir = chain_sections
             .iter()
             .find_map(|f| f.cache_dir.clone())
