@@ -763,6 +763,19 @@ pub fn greyhook_with(dir: &std::path::Path, cmd: &str, text: &str) -> Process {
     Process::greyhook(&[cmd, "--config", cfg.to_str().expect("utf-8 path")], dir.join("log"))
 }
 
+/// One SMTP transaction from the loopback address `from`: greeting, EHLO
+/// `helo`, MAIL FROM `sender` (each checked), RCPT TO `rcpt`, QUIT; the
+/// RCPT reply.
+pub fn rcpt_reply(port: u16, from: &str, helo: &str, sender: &str, rcpt: &str) -> String {
+    let mut c = Raw::over(connect_from(from, port));
+    assert!(c.reply().starts_with("220"), "greeting");
+    assert!(c.send(&format!("EHLO {helo}")).starts_with("250"));
+    assert!(c.send(&format!("MAIL FROM:<{sender}>")).starts_with("250"));
+    let r = c.send(&format!("RCPT TO:<{rcpt}>"));
+    let _ = c.send("QUIT");
+    r
+}
+
 /// A raw client: send lines, read replies.
 pub struct Raw {
     /// The writing half.

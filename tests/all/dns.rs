@@ -48,13 +48,7 @@ fn start(dir: &Path, dns: &str, dns_table: &str, filter_table: &str, sink: u16) 
 
 /// One transaction from `from` (a loopback address): the RCPT reply.
 fn attempt(port: u16, from: &str, helo: &str, sender: &str) -> String {
-    let mut c = Raw::over(connect_from(from, port));
-    assert!(c.reply().starts_with("220"), "greeting");
-    assert!(c.send(&format!("EHLO {helo}")).starts_with("250"));
-    assert!(c.send(&format!("MAIL FROM:<{sender}>")).starts_with("250"));
-    let r = c.send("RCPT TO:<bob@example.com>");
-    let _ = c.send("QUIT");
-    r
+    rcpt_reply(port, from, helo, sender, "bob@example.com")
 }
 
 /// The "done when": a filter keyed on the SPF-validated sender

@@ -252,13 +252,7 @@ fn the_hook_deadline_bounds_dns_waits() {
 
 /// One SMTP transaction from `from`: the RCPT reply.
 fn attempt(port: u16, from: &str, sender: &str) -> String {
-    let mut c = Raw::over(connect_from(from, port));
-    assert!(c.reply().starts_with("220"), "greeting");
-    assert!(c.send("EHLO mx.sender.test").starts_with("250"));
-    assert!(c.send(&format!("MAIL FROM:<{sender}>")).starts_with("250"));
-    let r = c.send("RCPT TO:<user@dest.test>");
-    let _ = c.send("QUIT");
-    r
+    rcpt_reply(port, from, "mx.sender.test", sender, "user@dest.test")
 }
 
 /// The same through `greyhook smtp`, from loopback addresses in several /24s.

@@ -23,6 +23,26 @@ fn per_call(n: u32, start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
 }
 
+/// µs per on-rcpt call of the filter `wasm` (configured with `config`,
+/// its lookups through `resolver`): the same client (HELO `mx.big.test`),
+/// sender and recipient each call, after one call that warms everything.
+async fn on_rcpt_cost(resolver: Resolver, wasm: &[u8], config: String, ip: std::net::IpAddr, n: u32) -> f64 {
+    let rt = Runtime::new(RuntimeConfig { resolver, ..RuntimeConfig::default() }).expect("runtime");
+    let options = FilterOptions { config, ..FilterOptions::default() };
+    let f = rt.load(wasm, options, Arc::new(MemoryStore::new())).await.expect("the filter loads");
+    let ctx = |now| {
+        let mut s = Session::new("bench", ip);
+        s.helo = Some("mx.big.test".into());
+        Context { session: s, transaction: Transaction { sender: Some("a@big.test".into()), recipients: Vec::new() }, now }
+    };
+    f.on_rcpt(&ctx(1_700_000_000), "b@example.com").await;
+    let t = Instant::now();
+    for i in 0..n {
+        std::hint::black_box(f.on_rcpt(&ctx(1_700_000_100 + u64::from(i)), "b@example.com").await);
+    }
+    per_call(n, t)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dns = DnsServer::start(&[
@@ -60,22 +80,7 @@ async fn main() {
     let mut rates = Vec::new();
     for max_lookups in [20, 0] {
         let resolver = Resolver::new(DnsConfig { max_lookups, ..config.clone() });
-        let rt = Runtime::new(RuntimeConfig { resolver, ..RuntimeConfig::default() }).expect("runtime");
-        let f = rt
-            .load(SPF_DOMAIN_FILTER, FilterOptions { config: "delay = 1".into(), ..FilterOptions::default() }, Arc::new(MemoryStore::new()))
-            .await
-            .expect("the SPF filter loads");
-        let ctx = |now| {
-            let mut s = Session::new("bench", ip);
-            s.helo = Some("mx.big.test".into());
-            Context { session: s, transaction: Transaction { sender: Some("a@big.test".into()), recipients: Vec::new() }, now }
-        };
-        f.on_rcpt(&ctx(1_700_000_000), "b@example.com").await;
-        let t = Instant::now();
-        for i in 0..n {
-            std::hint::black_box(f.on_rcpt(&ctx(1_700_000_100 + u64::from(i)), "b@example.com").await);
-        }
-        rates.push(per_call(n, t));
+        rates.push(on_rcpt_cost(resolver, SPF_DOMAIN_FILTER, "delay = 1".into(), ip, n).await);
     }
     println!(
         "through Wasm, on-rcpt of the SPF filter: {:.2} µs with its imports (spf, the record's TXT), {:.2} µs with them refused at once: they cost {:.2} µs ({:.2}x)",
@@ -90,20 +95,8 @@ async fn main() {
     // store) against `identity = ["network"]`, the same triplet each call.
     let mut rates = Vec::new();
     for identity in ["", "identity = [\"network\"]"] {
-        let rt = Runtime::new(RuntimeConfig { resolver: Resolver::new(config.clone()), ..RuntimeConfig::default() }).expect("runtime");
-        let options = FilterOptions { config: format!("delay = 1\nauto_whitelist_after = 0\n{identity}"), ..FilterOptions::default() };
-        let f = rt.load(greyhook::REFERENCE_FILTER, options, Arc::new(MemoryStore::new())).await.expect("the reference filter loads");
-        let ctx = |now| {
-            let mut s = Session::new("bench", ip);
-            s.helo = Some("mx.big.test".into());
-            Context { session: s, transaction: Transaction { sender: Some("a@big.test".into()), recipients: Vec::new() }, now }
-        };
-        f.on_rcpt(&ctx(1_700_000_000), "b@example.com").await;
-        let t = Instant::now();
-        for i in 0..n {
-            std::hint::black_box(f.on_rcpt(&ctx(1_700_000_100 + u64::from(i)), "b@example.com").await);
-        }
-        rates.push(per_call(n, t));
+        let options = format!("delay = 1\nauto_whitelist_after = 0\n{identity}");
+        rates.push(on_rcpt_cost(Resolver::new(config.clone()), greyhook::REFERENCE_FILTER, options, ip, n).await);
     }
     println!(
         "through Wasm, on-rcpt of the reference filter: {:.2} µs DNS-aware (identity spf), {:.2} µs identity network: {:.2}x",
