@@ -17,6 +17,7 @@
 //! whitelist_clients = ["192.0.2.0/24", "2001:db8::/32"]
 //! whitelist_client_names = [".google.com"]
 //! whitelist_recipients = ["postmaster@", "abuse@", "example.org", "user@example.com"]
+//! privacy = false              # true: records keep only the hashed triplet, not the readable one
 //! [[policy]]                   # per-recipient policy groups, first match wins
 //! name = "no-greylist"
 //! recipients = ["vip@example.com", "partner.example"]
@@ -165,6 +166,7 @@ struct RawConfig {
     normalize_sender: bool,
     add_header: bool,
     ehlo_keyword: bool,
+    privacy: bool,
     reply_text: ReplyText,
     whitelist_clients: Vec<String>,
     whitelist_client_names: Vec<String>,
@@ -191,6 +193,7 @@ impl Default for RawConfig {
             normalize_sender: true,
             add_header: true,
             ehlo_keyword: true,
+            privacy: false,
             reply_text: ReplyText::One("Greylisted, please try again later".into()),
             whitelist_clients: Vec::new(),
             whitelist_client_names: Vec::new(),
@@ -330,6 +333,10 @@ pub struct Config {
     pub add_header: bool,
     /// Whether `GREYLIST` is advertised in EHLO.
     pub ehlo_keyword: bool,
+    /// Keep only the hashed triplet in a record (the draft's privacy
+    /// advice, postgrey's `--privacy`); otherwise the readable triplet is
+    /// kept beside it for `greyhook db`.
+    pub privacy: bool,
     /// The reply text for a greylisted attempt.
     pub reply_text: Vec<String>,
     /// Client networks never greylisted.
@@ -485,6 +492,7 @@ impl Config {
             dnsbl: raw.dnsbl.iter().map(|z| z.trim_end_matches('.').to_ascii_lowercase()).collect(),
             dnswl: raw.dnswl.iter().map(|z| z.trim_end_matches('.').to_ascii_lowercase()).collect(),
             normalize_sender: raw.normalize_sender,
+            privacy: raw.privacy,
             add_header: raw.add_header,
             ehlo_keyword: raw.ehlo_keyword,
             reply_text,

@@ -40,8 +40,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How a triplet stands.
 enum Outcome {
-    /// Blocked for this many more seconds.
-    Defer(u64),
+    /// Blocked for this many more seconds; `first`: seen for the first time.
+    Defer { left: u64, first: bool },
     /// Passed now for the first time, after waiting this many seconds.
     FirstPass(u64),
     /// Passed before.
@@ -49,6 +49,10 @@ enum Outcome {
 }
 
 /// A triplet record: when first seen and when it passed (0 = not yet).
+///
+/// Stored as `FIRST_SEEN PASSED`, then (unless `privacy`) a tab and the
+/// readable triplet, its parts separated by tabs (identity, sender,
+/// recipient or Message-ID) — the layout `greyhook db` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Record {
     first_seen: u64,
@@ -56,11 +60,18 @@ struct Record {
 }
 
 impl Record {
-    fn encode(&self) -> Vec<u8> {
-        format!("{} {}", self.first_seen, self.passed).into_bytes()
+    fn encode(&self, readable: Option<&[&str]>) -> Vec<u8> {
+        let mut s = format!("{} {}", self.first_seen, self.passed);
+        for p in readable.into_iter().flatten() {
+            s.push('\t');
+            // A tab or line break in a part would break the layout.
+            s.extend(p.chars().map(|c| if c.is_control() { ' ' } else { c }));
+        }
+        s.into_bytes()
     }
     fn decode(b: &[u8]) -> Option<Record> {
         let s = std::str::from_utf8(b).ok()?;
+        let s = s.split('\t').next()?;
         let (a, b) = s.split_once(' ')?;
         Some(Record { first_seen: a.parse().ok()?, passed: b.parse().ok()? })
     }
@@ -100,6 +111,13 @@ impl Greylist {
     fn screen(&self, ctx: &Context, kv: &mut dyn Host) -> Result<Option<Identity>, Error> {
         match identity::screen(&self.config, ctx, kv)? {
             Screen::Exempt(why) => {
+                let reason = match why.as_str() {
+                    "authenticated" => "authenticated",
+                    w if w.starts_with("whitelisted client") => "whitelist-client",
+                    // Listed on a DNSWL or not suspicious (`selective_total` says which).
+                    _ => "selective",
+                };
+                kv.counter_add("skipped_total", &[("reason", reason)], 1);
                 kv.log(Level::Debug, &format!("session {}: {}: {why}", ctx.session.id, ctx.session.client_address));
                 Ok(None)
             }
@@ -130,7 +148,8 @@ impl Greylist {
     }
 
     /// Looks up and updates a greylist record under compare-and-swap.
-    fn check(&self, key: &str, delay: u64, now: u64, kv: &mut dyn Host) -> Result<Outcome, Error> {
+    fn check(&self, key: &str, parts: &[&str], delay: u64, now: u64, kv: &mut dyn Host) -> Result<Outcome, Error> {
+        let readable = (!self.config.privacy).then_some(parts);
         let c = &self.config;
         for _ in 0..CAS_TRIES {
             let (rec, ver) = match get(kv, key)? {
@@ -143,16 +162,16 @@ impl Greylist {
             let (next, outcome, life) = match live {
                 // No blocking time: the first sighting passes.
                 None if delay == 0 => (Record { first_seen: now, passed: now }, Outcome::FirstPass(0), c.max_age),
-                None => (Record { first_seen: now, passed: 0 }, Outcome::Defer(delay), c.retry_window),
+                None => (Record { first_seen: now, passed: 0 }, Outcome::Defer { left: delay, first: true }, c.retry_window),
                 Some(r) if r.passed > 0 => (Record { first_seen: r.first_seen, passed: now }, Outcome::Known, c.max_age),
                 Some(r) if now < r.first_seen.saturating_add(delay) => {
-                    return Ok(Outcome::Defer(r.first_seen.saturating_add(delay) - now));
+                    return Ok(Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false });
                 }
                 Some(r) => {
                     (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age)
                 }
             };
-            if set(kv, key, &next.encode(), ttl(life), Some(ver))?.is_some() {
+            if set(kv, key, &next.encode(readable), ttl(life), Some(ver))?.is_some() {
                 return Ok(outcome);
             }
         }
@@ -163,10 +182,11 @@ impl Greylist {
     fn greylist(&self, ctx: &Context, id: &Identity, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = format!("{prefix}{}", triplet_key(parts));
-        let outcome = self.check(&key, delay, ctx.now, kv)?;
+        let outcome = self.check(&key, parts, delay, ctx.now, kv)?;
         let (name, kind) = (
             match outcome {
-                Outcome::Defer(_) => "greylisted",
+                Outcome::Defer { first: true, .. } => "new",
+                Outcome::Defer { first: false, .. } => "too-early",
                 Outcome::FirstPass(_) => "passed",
                 Outcome::Known => "known",
             },
@@ -176,10 +196,13 @@ impl Greylist {
         // The host logs every decision; the filter adds the identity (the
         // same session id) when it is not the client network.
         if id.kind != IdentityKind::Network && !matches!(outcome, Outcome::Known) {
-            kv.log(Level::Info, &format!("session {}: {name} identity={} ({kind})", ctx.session.id, id.key));
+            let said = if matches!(outcome, Outcome::Defer { .. }) { "greylisted" } else { name };
+            kv.log(Level::Info, &format!("session {}: {said} identity={} ({kind})", ctx.session.id, id.key));
         }
         Ok(match outcome {
-            Outcome::Defer(left) => Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() },
+            Outcome::Defer { left, .. } => {
+                Verdict { decision: self.tempfail(code, self.config.reply_text.clone(), left), ..Verdict::cont() }
+            }
             Outcome::FirstPass(waited) => {
                 self.count_pass(id, kv)?;
                 kv.observe("delay_seconds", &[("identity", kind)], waited as f64);
@@ -233,6 +256,7 @@ impl Greylist {
         }
         let Some(id) = self.screen(ctx, kv)? else { return Ok(Verdict::cont()) };
         if self.auto_whitelisted(&id, kv)? {
+            kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             return Ok(Verdict::cont());
         }
         let v = self.greylist(ctx, &id, &[&id.key], self.config.delay, 421, kv)?;
@@ -267,7 +291,8 @@ impl Greylist {
                     && !self.auto_whitelisted(&id, kv)?
                 {
                     let s = self.key_sender(ctx, sender, kv);
-                    self.check(&format!("t/{}", triplet_key(&[&id.key, &s, &rcpt])), delay, ctx.now, kv)?;
+                    let parts = [id.key.as_str(), &s, &rcpt];
+                    self.check(&format!("t/{}", triplet_key(&parts)), &parts, delay, ctx.now, kv)?;
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).
@@ -283,6 +308,11 @@ impl Greylist {
         if always || !greylist || self.config.stage != Stage::Rcpt || sender.is_empty() {
             // Whitelisted or opted out, or decided at another stage (the
             // null sender is greylisted at DATA, never at RCPT).
+            if always {
+                kv.counter_add("skipped_total", &[("reason", "whitelist-recipient")], 1);
+            } else if !greylist {
+                kv.counter_add("skipped_total", &[("reason", "policy-off")], 1);
+            }
             return Ok(with_group(Verdict::cont(), &group));
         }
         let Some(id) = self.screen(ctx, kv)? else { return Ok(with_group(Verdict::cont(), &group)) };
@@ -293,6 +323,7 @@ impl Greylist {
         let keys: &[&str] = if self.config.auto_whitelist_after > 0 { &[&awl, &triplet] } else { &[&triplet] };
         let kv = &mut greyhook_filter::store::Prefetch::new(kv, keys)?;
         if self.auto_whitelisted(&id, kv)? {
+            kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             kv.log(Level::Debug, &format!("session {}: {} auto-whitelisted", ctx.session.id, id.key));
             return Ok(with_group(Verdict::cont(), &group));
         }
@@ -309,6 +340,7 @@ impl Greylist {
         }
         let whitelisted = |r: &str| self.config.whitelist_recipients.iter().any(|p| p.matches(&normalize_recipient(r)));
         if recipients.iter().all(|r| whitelisted(&r.address)) {
+            kv.counter_add("skipped_total", &[("reason", "whitelist-recipient")], 1);
             return Ok(Verdict::cont());
         }
         let group = &recipients[0].policy_group;
@@ -318,6 +350,7 @@ impl Greylist {
         }
         let Some(id) = self.screen(ctx, kv)? else { return Ok(Verdict::cont()) };
         if self.auto_whitelisted(&id, kv)? {
+            kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             return Ok(Verdict::cont());
         }
         let sender = self.key_sender(ctx, sender, kv);

@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     //    `runtime::reload::Reloader` slot for hot reload) and the clock that
     //    hands filters `now` (a manual one, so the 5 minutes pass at once).
     let clock = Arc::new(ManualClock::new(1_700_000_000));
-    let hooks = Hooks { chain: Chain::single(filter), clock: clock.clone(), resolver: None };
+    let hooks = Hooks { chain: Chain::single(filter), clock: clock.clone(), resolver: None, front_end: Hooks::EMBEDDED };
 
     // 5. One SMTP session per client connection; one call per command.
     for attempt in 1..=2 {

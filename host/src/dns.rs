@@ -271,11 +271,22 @@ impl Resolver {
         r
     }
 
+    /// Runs a lookup within the resolver's timeout, counting it (an answer
+    /// ready at the first poll came from a cache) and its latency.
     async fn timed<T>(&self, f: impl Future<Output = Result<T, DnsError>>) -> Result<T, DnsError> {
-        let r = match tokio::time::timeout(self.inner.config.timeout, f).await {
-            Ok(r) => r,
-            Err(_) => Err(DnsError::Timeout),
+        let start = std::time::Instant::now();
+        let mut f = std::pin::pin!(f);
+        let r = match std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await {
+            std::task::Poll::Ready(r) => {
+                crate::telemetry::host().dns_cache_hits.inc();
+                r
+            }
+            std::task::Poll::Pending => match tokio::time::timeout(self.inner.config.timeout, f).await {
+                Ok(r) => r,
+                Err(_) => Err(DnsError::Timeout),
+            },
         };
+        crate::telemetry::host().dns_latency.observe(start.elapsed().as_secs_f64());
         self.count(r)
     }
 

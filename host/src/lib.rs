@@ -30,7 +30,7 @@
 //! use greyhook::{clock::SystemClock, store::MemoryStore};
 //! let runtime = Runtime::new(RuntimeConfig::default())?;
 //! let filter = runtime.load(greyhook::REFERENCE_FILTER, FilterOptions::default(), Arc::new(MemoryStore::new())).await?;
-//! let hooks = Hooks { chain: Chain::single(filter), clock: Arc::new(SystemClock), resolver: None };
+//! let hooks = Hooks { chain: Chain::single(filter), clock: Arc::new(SystemClock), resolver: None, front_end: Hooks::EMBEDDED };
 //! let mut session = SmtpSession::new(hooks, "s1", "192.0.2.1".parse()?);
 //! session.mail("a@example.org").await;
 //! let verdict = session.rcpt("b@example.com").await;
@@ -41,14 +41,17 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod daemon;
 pub mod dns;
 mod domain;
 pub mod frontend;
+pub mod report;
 pub mod runtime;
 pub mod session;
 mod settings;
 pub mod store;
+pub mod telemetry;
 
 pub use domain::{clock, reply, retry, types};
 pub use runtime::{Chain, CompiledFilter, FailurePolicy, Filter, FilterError, FilterOptions, Limits, LoadError, Runtime, RuntimeConfig};

@@ -181,7 +181,12 @@ fn redis_down_fails_open_within_the_timeout_and_greylisting_resumes_when_it_retu
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
-    let failures: u64 = status.rsplit("store_failures=").next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    let failures: u64 = status
+        .split("store_failures=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("status names store_failures");
     assert!(failures > 0, "the failures were counted: {status}");
     assert!(d1.wait_log("redis store", 10), "and logged");
     assert!(d1.terminate(10));

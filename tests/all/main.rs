@@ -9,6 +9,7 @@ mod greylist;
 mod hostile;
 mod languages;
 mod milter;
+mod observe;
 mod opensmtpd;
 mod options;
 mod policy;

@@ -73,7 +73,7 @@ fn default_paths_follow_systemd_directories() {
     let mode = std::fs::metadata(&sock).expect("the control socket is $RUNTIME_DIRECTORY/control.sock").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {:o}", mode & 0o777);
     let out = Command::new(greyhook_bin()).arg("status").env("RUNTIME_DIRECTORY", &run).output().unwrap();
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("greylist 0.1.0"), "{out:?}");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\nfilter greylist 0.1.0 "), "{out:?}");
     let db = state.join("greyhook.db").display().to_string();
     assert!(d.wait_log(&db, 10), "the startup log says where the store is:\n{}", d.log_text());
     assert!(d.terminate(10));

@@ -234,7 +234,7 @@ fn greyhook_reload_and_status_talk_to_the_daemon() {
     let (ok, out, err) = run(&["reload", "--control", c]);
     assert!(ok && out.starts_with("unchanged"), "{out}{err}");
     let (ok, out, _) = run(&["status", "--control", c]);
-    assert!(ok && out.starts_with("greylist 0.1.0"), "{out}");
+    assert!(ok && out.contains("\nfilter greylist 0.1.0 "), "{out}");
     std::fs::write(&filter, b"not wasm at all").unwrap();
     let (ok, _, err) = run(&["reload", "--control", c]);
     assert!(!ok && err.contains("refused") && err.contains("not a WebAssembly file"), "{err}");
@@ -399,7 +399,7 @@ fn policy_load_sees_only_the_two_builds_while_they_swap_a_hundred_times() {
         let (ok, out) = reload();
         assert!(ok && (out.starts_with(&format!("loaded {name}")) || out.starts_with("unchanged")), "swap {i}: {out}");
         let (ok, out) = control("status");
-        assert!(ok && out.starts_with(name), "swap {i}: {out}");
+        assert!(ok && out.contains(&format!("\nfilter {name} ")), "swap {i}: {out}");
         if i % 10 == 5 {
             let bads = [
                 (&b"garbage"[..], "not a WebAssembly file"),

@@ -128,14 +128,14 @@ fn a_full_disk_loses_no_records() {
             assert!(a.starts_with("action=451"), "{durability} {i}: {a}\n{}", d.log_text());
         }
         let until = Instant::now() + Duration::from_secs(10);
-        while !status(dir.path()).contains("store=degraded") {
+        while !status(dir.path()).contains(" health=degraded ") {
             assert!(Instant::now() < until, "{durability}: status never said degraded: {}\n{}", status(dir.path()), d.log_text());
             std::thread::sleep(Duration::from_millis(200));
         }
         assert!(d.wait_log("store degraded", 10), "{}", d.log_text());
         std::fs::remove_file(filler).unwrap();
         let until = Instant::now() + Duration::from_secs(15);
-        while !status(dir.path()).contains("store=ok") {
+        while !status(dir.path()).contains(" health=ok ") {
             assert!(Instant::now() < until, "{durability}: never recovered: {}\n{}", status(dir.path()), d.log_text());
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -182,14 +182,21 @@ pub enum Phase {
     Data,
 }
 
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Phase {
+    /// Its name in logs and metrics: `connect`, `ehlo`, `mail`, `rcpt`, `data`.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Phase::Connect => "connect",
             Phase::Ehlo => "ehlo",
             Phase::Mail => "mail",
             Phase::Rcpt => "rcpt",
             Phase::Data => "data",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

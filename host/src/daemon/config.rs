@@ -1,5 +1,5 @@
 //! The daemon's configuration file: one table per part (`[filter]` or
-//! `[[filters]]`, `[store]`, `[control]`, `[log]`, and one per front end:
+//! `[[filters]]`, `[store]`, `[control]`, `[log]`, `[dns]`, `[metrics]`, and one per front end:
 //! `[policy]`, `[milter]`, `[smtp]`, `[opensmtpd]`), parsed strictly (an
 //! unknown key or a bad value stops the start with the file, line and key
 //! named). Each part owns its table's type; this file only puts them
@@ -106,11 +106,14 @@ pub struct LogConfig {
     /// `error`, `warn`, `info` (one line per decision), `debug`, or a
     /// tracing filter such as `info,greyhook::filter=debug`.
     pub level: String,
+    /// How decision lines are written: `text` (`key=value`) or `json`
+    /// (one object a line, for `greyhook report` and `greyhook replay`).
+    pub decisions: crate::session::audit::DecisionFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig { level: "info".into(), decisions: Default::default() }
     }
 }
 
@@ -133,6 +136,8 @@ macro_rules! daemon_config {
             pub log: LogConfig,
             /// The resolver filters and front ends use.
             pub dns: crate::dns::DnsConfig,
+            /// The metrics listener and status page.
+            pub metrics: super::MetricsConfig,
             $(
                 #[doc = concat!("The `[", stringify!($table), "]` front end's table.")]
                 pub $table: <$front_end as FrontEnd>::Config,
@@ -198,6 +203,9 @@ pub enum DaemonError {
     /// A front end's settings are refused.
     #[error("invalid configuration: {0}")]
     FrontEnd(FrontEndError),
+    /// The metrics listener cannot start.
+    #[error(transparent)]
+    Metrics(#[from] super::WebError),
 }
 
 impl From<FrontEndError> for DaemonError {
@@ -456,6 +464,7 @@ socket = "/tmp/greyhook-test.sock"
             ("dns", fields::<crate::dns::DnsConfig>()),
             ("control", fields::<ControlConfig>()),
             ("log", fields::<LogConfig>()),
+            ("metrics", fields::<crate::daemon::MetricsConfig>()),
         ];
         tables.extend(crate::frontend::front_ends!(front_end_tables));
         let top = fields::<DaemonConfig>();

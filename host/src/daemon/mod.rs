@@ -10,11 +10,15 @@
 mod config;
 mod control;
 mod overrides;
+mod page;
+mod status;
 mod watch;
+mod web;
 
 pub use self::config::*;
 use self::control::control_service;
 use self::watch::{watch, watch_breaker};
+pub use self::web::{MetricsConfig, WebError};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,7 +114,23 @@ struct Shared {
     resolver: crate::dns::Resolver,
     /// When the daemon started (`status`'s uptime).
     started: std::time::Instant,
+    /// The same, as a wall-clock time.
+    started_at: std::time::SystemTime,
     reconfigure: Option<Reconfigure>,
+    /// Each filter's last reload (or breaker revert), for `status`.
+    last_reload: std::sync::Mutex<Vec<Option<status::LastReload>>>,
+    /// Live records in the store at the last count (`u64::MAX`: not counted).
+    records: std::sync::atomic::AtomicU64,
+    /// The store's backend name (`redb`, `memory`, `redis`).
+    store_kind: &'static str,
+    /// The store as the log names it (a Redis password hidden).
+    store_desc: String,
+    /// The redb file, for its size.
+    store_file: Option<PathBuf>,
+    /// Everything the daemon listens on: front ends, metrics, control.
+    listeners: Vec<(String, Vec<String>)>,
+    /// The filters' clock (`greyhook db` works at its `now`).
+    clock: Arc<dyn Clock>,
 }
 
 /// What a reload did to each filter of the chain.
@@ -148,6 +168,7 @@ fn fixed_tables(c: &DaemonConfig) -> Vec<(&'static str, String)> {
         ("dns", format!("{:?}", c.dns)),
         ("control", format!("{:?}", c.control)),
         ("log", format!("{:?}", c.log)),
+        ("metrics", format!("{:?}", c.metrics)),
     ];
     t.extend(c.front_end_tables());
     t
@@ -171,7 +192,7 @@ macro_rules! start_front_ends {
                     started.push(Started {
                         name: <$front_end as FrontEnd>::NAME,
                         endpoints: f.endpoints(),
-                        serve: Box::pin(f.serve(hooks.clone(), shutdown.clone())),
+                        serve: Box::pin(f.serve(Hooks { front_end: <$front_end as FrontEnd>::NAME, ..hooks.clone() }, shutdown.clone())),
                     });
                 }
             )*
@@ -185,6 +206,30 @@ impl Shared {
     /// Reloads every filter of the chain (an unchanged one is left alone);
     /// the first refusal is returned, the others still take effect.
     async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let r = self.reload_chain().await;
+        if let Err(e) = &r {
+            // Refused before any filter was tried (the configuration):
+            // every filter's last reload says so.
+            let mut last = self.last_reload.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(e, ReloadError::Options(_)) && last.iter().all(|l| l.as_ref().is_none_or(|l| l.ok)) {
+                for l in last.iter_mut() {
+                    *l = Some(status::LastReload::now(false, format!("refused: {e}")));
+                }
+            }
+        }
+        r
+    }
+
+    /// Records filter `i`'s reload (or revert) for `status` and the counters.
+    fn record_reload(&self, i: usize, ok: bool, result: String, kind: &'static str) {
+        crate::telemetry::host().reloads.get_or_create(&crate::telemetry::ResultLabel { result: kind }).inc();
+        let mut last = self.last_reload.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = last.get_mut(i) {
+            *l = Some(status::LastReload::now(ok, result));
+        }
+    }
+
+    async fn reload_chain(&self) -> Result<ReloadReport, ReloadError> {
         let mut need_restart = Vec::new();
         let specs = match &self.reconfigure {
             Some(r) => {
@@ -232,8 +277,13 @@ impl Shared {
                 tracing::warn!("the reloaded filter keeps its records in namespace {now:?}, no longer {namespace:?}");
             }
             match result {
-                Ok(o) => outcomes.push(o),
+                Ok(o) => {
+                    let kind = if matches!(o, ReloadOutcome::Unchanged { .. }) { "unchanged" } else { "loaded" };
+                    self.record_reload(i, true, o.to_string(), kind);
+                    outcomes.push(o)
+                }
                 Err(e) => {
+                    self.record_reload(i, false, format!("refused: {e}"), "refused");
                     refused.get_or_insert(e);
                 }
             }
@@ -328,7 +378,8 @@ impl Daemon {
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
         let chain_sections = config.chain()?;
         let db_path = config.store.redb_path();
-        let store = config.store.open()?;
+        let store: Arc<dyn Store> = Arc::new(crate::store::Metered::new(config.store.open()?));
+        crate::session::audit::set_format(config.log.decisions);
         tracing::info!("store: {}", config.store.describe());
         tracing::info!("dns: {}", config.dns.describe());
         let cache_dir = chain_sections
@@ -352,7 +403,12 @@ impl Daemon {
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         watched.extend(files);
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());
-        let hooks = Hooks { chain, clock: clock.clone(), resolver: config.dns.resolve_clients.then_some(resolver.clone()) };
+        let hooks = Hooks {
+            chain,
+            clock: clock.clone(),
+            resolver: config.dns.resolve_clients.then_some(resolver.clone()),
+            front_end: Hooks::EMBEDDED,
+        };
         let shutdown = CancellationToken::new();
         let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
         if front_ends.is_empty() {
@@ -369,6 +425,15 @@ impl Daemon {
         let control =
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
+        let web = web::bind(&config.metrics).await?;
+        let mut listeners: Vec<(String, Vec<String>)> =
+            front_ends.iter().map(|f| (f.name.to_string(), f.endpoints.iter().map(ToString::to_string).collect())).collect();
+        if let Some(addr) = web.as_ref().and_then(|w| w.local_addr().ok()) {
+            tracing::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
+            listeners.push(("metrics".into(), vec![addr.to_string()]));
+        }
+        listeners.push(("control".into(), vec![control_path.display().to_string()]));
+        let n = reloaders.len();
         let shared = Arc::new(Shared {
             reloaders,
             fixed: fixed_tables(config),
@@ -376,7 +441,15 @@ impl Daemon {
             store: store.clone(),
             resolver,
             started: std::time::Instant::now(),
+            started_at: std::time::SystemTime::now(),
             reconfigure,
+            last_reload: std::sync::Mutex::new(vec![None; n]),
+            records: std::sync::atomic::AtomicU64::new(u64::MAX),
+            store_kind: config.store.backend().map_or("redb", |b| b.name),
+            store_desc: config.store.describe(),
+            store_file: db_path.clone(),
+            listeners,
+            clock: clock.clone(),
         });
         let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
         let mut tasks = Vec::new();
@@ -392,7 +465,10 @@ impl Daemon {
                 }
             }));
         }
-        tasks.push(tokio::spawn(housekeeping(store.clone(), clock, config.store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(housekeeping(shared.clone(), clock, config.store.clone(), shutdown.clone())));
+        if let Some(w) = web {
+            tasks.push(tokio::spawn(web::serve(w, config.metrics.max_connections, shared.clone(), shutdown.clone())));
+        }
         tasks.push(tokio::spawn(control_service(control, shared.clone(), shutdown.clone())));
         for (i, f) in chain_sections.iter().enumerate() {
             let breaker = BreakerConfig {
@@ -480,15 +556,23 @@ impl ReloadHandle {
     }
 }
 
-async fn housekeeping(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: StoreConfig, shutdown: CancellationToken) {
+/// Sweeps expired records every `sweep_interval`, then counts the live
+/// ones (for `status` and `greyhook_store_records`).
+async fn housekeeping(shared: Arc<Shared>, clock: Arc<dyn Clock>, cfg: StoreConfig, shutdown: CancellationToken) {
+    let store = &shared.store;
     let mut sweep = tokio::time::interval(cfg.sweep_interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
-            _ = sweep.tick() => match store.sweep(clock.now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!("swept {n} expired records"),
-                Err(e) => tracing::error!("store sweep failed: {e}"),
-            },
+            _ = sweep.tick() => {
+                match store.sweep(clock.now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!("swept {n} expired records"),
+                    Err(e) => tracing::error!("store sweep failed: {e}"),
+                }
+                if let Ok(Some(n)) = store.count_prefix("", clock.now()).await {
+                    shared.records.store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }

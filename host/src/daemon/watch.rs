@@ -55,7 +55,11 @@ pub(super) async fn watch_breaker(shared: Arc<Shared>, link: usize, config: Brea
     let mut tick = tokio::time::interval(config.window);
     loop {
         tokio::select! {
-            _ = tick.tick() => { let _ = shared.reloaders[link].check_breaker(&config).await; }
+            _ = tick.tick() => if let Some(why) = shared.reloaders[link].check_breaker(&config).await {
+                let name = shared.reloaders[link].filter().info().name.clone();
+                crate::telemetry::host().breaker_trips.get_or_create(&crate::telemetry::FilterLabel { filter: name }).inc();
+                shared.record_reload(link, false, format!("reverted: {why}"), "reverted");
+            },
             _ = shutdown.cancelled() => return,
         }
     }

@@ -255,15 +255,22 @@ impl AsyncWrite for QuickAck {
 /// open without progress make room for others within seconds.
 #[derive(Debug)]
 pub struct Load {
+    /// The front end's name, for the connection counters.
+    front_end: &'static str,
     max: usize,
     active: std::sync::atomic::AtomicUsize,
     stress: tokio::sync::watch::Sender<bool>,
 }
 
 impl Load {
-    /// A listener's load with at most `max` connections at once.
-    pub fn new(max: usize) -> Arc<Load> {
-        Arc::new(Load { max: max.max(1), active: 0.into(), stress: tokio::sync::watch::Sender::new(false) })
+    /// The load of front end `front_end`'s listeners, with at most `max`
+    /// connections at once.
+    pub fn new(front_end: &'static str, max: usize) -> Arc<Load> {
+        Arc::new(Load { front_end, max: max.max(1), active: 0.into(), stress: tokio::sync::watch::Sender::new(false) })
+    }
+
+    fn label(&self) -> crate::telemetry::FrontEndLabel {
+        crate::telemetry::FrontEndLabel { front_end: self.front_end }
     }
 
     /// The most connections at once.
@@ -283,6 +290,11 @@ impl Load {
         } else {
             self.active.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
         };
+        let m = crate::telemetry::host();
+        m.connections_active.get_or_create(&self.label()).set(i64::try_from(n).unwrap_or(i64::MAX));
+        if delta > 0 {
+            m.connections.get_or_create(&self.label()).inc();
+        }
         let stressed = n * 4 >= self.max * 3;
         self.stress.send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
     }
@@ -367,6 +379,7 @@ where
                 Ok(p) => p,
                 Err(_) => {
                     tracing::warn!(%peer, max = load.max(), "connection refused: every slot is taken");
+                    crate::telemetry::host().connections_refused.get_or_create(&load.label()).inc();
                     if let Ok(r) = refusals.clone().try_acquire_owned() {
                         tokio::spawn(async move {
                             use tokio::io::AsyncWriteExt;

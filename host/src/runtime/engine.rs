@@ -786,6 +786,15 @@ impl Filter {
             Ok(v) => v,
             Err(e) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+                let kind = match &e {
+                    FilterError::Trap(_) => "trap",
+                    FilterError::Deadline(_) => "deadline",
+                    FilterError::Invalid(_) => "invalid_verdict",
+                    FilterError::Store(_) => "store",
+                    FilterError::Instantiate(_) => "instantiate",
+                };
+                let labels = crate::telemetry::FailureLabels { filter: self.info.name.clone(), kind };
+                crate::telemetry::host().filter_failures.get_or_create(&labels).inc();
                 let policy = self.inner.options.failure_policy;
                 tracing::warn!(filter = %self.info.name, session = %ctx.session.id, %phase, ?policy, "filter failed: {e}");
                 policy.verdict(phase)

@@ -5,8 +5,133 @@
 //! INFO greyhook::decision: action=greylist phase=rcpt client=192.0.2.1 client_name=mx.example.org sender=<a@example.org> recipient=<b@example.com> code=451 retry=300
 //! INFO greyhook::decision: action=pass phase=rcpt client=192.0.2.1 ... header="X-Greylist: delayed 312 seconds by greyhook" group=default
 //! ```
+//!
+//! With `[log] decisions = "json"` the line's message is one JSON object
+//! instead, for `greyhook report`, `greyhook replay` and other programs
+//! ([`DecisionRecord`]):
+//!
+//! ```text
+//! INFO greyhook::decision: {"v":1,"ts":1700000000,"front_end":"policy","action":"greylist","phase":"rcpt","client":"192.0.2.1",...}
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 use crate::domain::types::{Context, Decision, Phase, Verdict};
+
+/// How decision lines are written (`[log] decisions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionFormat {
+    /// `key=value` words, postgrey-like (the default).
+    #[default]
+    Text,
+    /// One JSON object ([`DecisionRecord`]).
+    Json,
+}
+
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Sets the format of every decision line the process writes (the
+/// daemon does, from `[log] decisions`).
+pub fn set_format(f: DecisionFormat) {
+    JSON.store(f == DecisionFormat::Json, Ordering::Relaxed);
+}
+
+/// One decision as the JSON decision log writes it (version 1). Fields
+/// that do not apply are left out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// The format's version: 1.
+    pub v: u32,
+    /// When, Unix seconds (the `now` the filters were given).
+    pub ts: u64,
+    /// The front end (`policy`, `milter`, `smtp`, `opensmtpd`, `embedded`).
+    #[serde(default)]
+    pub front_end: String,
+    /// As in the text line: `greylist`, `pass`, `dunno`, `tempfail`, `reject`, `policy-group`.
+    pub action: String,
+    /// `connect`, `ehlo`, `mail`, `rcpt`, `data`.
+    pub phase: String,
+    /// The client's address.
+    pub client: String,
+    /// Its forward-confirmed name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_name: Option<String>,
+    /// Its HELO name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo: Option<String>,
+    /// The envelope sender (empty for `<>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// The recipient (RCPT decisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    /// The accepted recipients (DATA decisions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// The reply code, when the verdict is a reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    /// The retry hint, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u32>,
+    /// The first header the verdict adds (`X-Greylist: delayed …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The recipient's policy group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The session's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+impl DecisionRecord {
+    /// The record of a decision.
+    pub fn new(front_end: &str, phase: Phase, ctx: &Context, recipient: Option<&str>, v: &Verdict) -> DecisionRecord {
+        let s = &ctx.session;
+        let reply = v.reply();
+        DecisionRecord {
+            v: 1,
+            ts: ctx.now,
+            front_end: front_end.to_string(),
+            action: action(v).to_string(),
+            phase: phase.as_str().to_string(),
+            client: s.client_address.to_string(),
+            client_name: s.client_name.clone(),
+            helo: s.helo.clone(),
+            sender: ctx.transaction.sender.clone(),
+            recipient: recipient.map(str::to_string),
+            recipients: if phase == Phase::Data {
+                ctx.transaction.recipients.iter().map(|r| r.address.clone()).collect()
+            } else {
+                Vec::new()
+            },
+            code: reply.map(|r| r.code),
+            retry: reply.and_then(|r| r.retry_after),
+            header: v.add_headers.first().map(|h| format!("{}: {}", h.name, h.value)),
+            group: v.policy_group.clone(),
+            session: Some(s.id.clone()).filter(|i| !i.is_empty()),
+        }
+    }
+
+    /// Reads the record from a log line: the JSON object after the
+    /// `greyhook::decision:` target (or the whole line); `None` for any
+    /// other line.
+    pub fn parse_line(line: &str) -> Option<DecisionRecord> {
+        let json = match line.find("greyhook::decision: ") {
+            Some(i) => &line[i + "greyhook::decision: ".len()..],
+            None => line,
+        };
+        let json = json.trim();
+        if !json.starts_with('{') {
+            return None;
+        }
+        serde_json::from_str(json).ok().filter(|r: &DecisionRecord| r.v == 1)
+    }
+}
 
 /// The short name of a verdict's action.
 pub fn action(v: &Verdict) -> &'static str {
@@ -25,9 +150,16 @@ pub fn action(v: &Verdict) -> &'static str {
     }
 }
 
-/// Logs one decision.
-pub fn log_decision(phase: Phase, ctx: &Context, recipient: Option<&str>, v: &Verdict) {
+/// Logs one decision (from front end `front_end`).
+pub fn log_decision(front_end: &str, phase: Phase, ctx: &Context, recipient: Option<&str>, v: &Verdict) {
     if !tracing::enabled!(target: "greyhook::decision", tracing::Level::INFO) {
+        return;
+    }
+    if JSON.load(Ordering::Relaxed) {
+        let r = DecisionRecord::new(front_end, phase, ctx, recipient, v);
+        // Serialising plain strings and numbers cannot fail.
+        let line = serde_json::to_string(&r).unwrap_or_default();
+        tracing::info!(target: "greyhook::decision", "{line}");
         return;
     }
     let s = &ctx.session;

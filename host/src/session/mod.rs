@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::domain::clock::Clock;
 use crate::domain::types::{AcceptedRecipient, Context, EhloVerdict, Message, Phase, Session, Transaction, Verdict};
 use crate::runtime::Chain;
-use crate::session::audit::log_decision;
+use crate::session::audit::{action, log_decision};
 
 /// Most recipients remembered in one transaction (the SMTP front end
 /// refuses more before asking; a milter peer cannot make us hold more).
@@ -29,6 +29,16 @@ pub struct Hooks {
     /// SMTP server, OpenSMTPD) looks them up with
     /// ([`SmtpSession::resolve_client`]); `None`: it does not.
     pub resolver: Option<crate::dns::Resolver>,
+    /// The front end these sessions come from, for the decision counters
+    /// (`greyhook_decisions_total{front_end=…}`); the daemon sets each
+    /// front end's name, an MTA that drives sessions itself says
+    /// [`Hooks::EMBEDDED`].
+    pub front_end: &'static str,
+}
+
+impl Hooks {
+    /// The front-end name of sessions an embedding MTA drives itself.
+    pub const EMBEDDED: &'static str = "embedded";
 }
 
 /// The state of one SMTP session.
@@ -71,6 +81,12 @@ impl SmtpSession {
         &self.transaction
     }
 
+    /// Logs and counts a decision.
+    fn decided(&self, phase: Phase, ctx: &Context, recipient: Option<&str>, v: &Verdict) {
+        crate::telemetry::host().decision(self.hooks.front_end, phase.as_str(), action(v));
+        log_decision(self.hooks.front_end, phase, ctx, recipient, v);
+    }
+
     fn ctx(&self) -> Context {
         Context { session: self.session.clone(), transaction: self.transaction.clone(), now: self.hooks.clock.now() }
     }
@@ -79,7 +95,7 @@ impl SmtpSession {
     pub async fn connect(&mut self) -> Verdict {
         let ctx = self.ctx();
         let v = self.hooks.chain.on_connect(&ctx).await;
-        log_decision(Phase::Connect, &ctx, None, &v);
+        self.decided(Phase::Connect, &ctx, None, &v);
         v
     }
 
@@ -90,7 +106,7 @@ impl SmtpSession {
         self.reset();
         let ctx = self.ctx();
         let v = self.hooks.chain.on_ehlo(&ctx).await;
-        log_decision(Phase::Ehlo, &ctx, None, &v.verdict);
+        self.decided(Phase::Ehlo, &ctx, None, &v.verdict);
         v
     }
 
@@ -102,7 +118,7 @@ impl SmtpSession {
         let v = self.hooks.chain.on_mail(&ctx, sender).await;
         let mut logged = ctx;
         logged.transaction.sender = Some(sender.to_string());
-        log_decision(Phase::Mail, &logged, None, &v);
+        self.decided(Phase::Mail, &logged, None, &v);
         if v.reply().is_none() {
             self.transaction.sender = Some(sender.to_string());
         }
@@ -114,7 +130,7 @@ impl SmtpSession {
     pub async fn rcpt(&mut self, recipient: &str) -> Verdict {
         let ctx = self.ctx();
         let v = self.hooks.chain.on_rcpt(&ctx, recipient).await;
-        log_decision(Phase::Rcpt, &ctx, Some(recipient), &v);
+        self.decided(Phase::Rcpt, &ctx, Some(recipient), &v);
         if v.reply().is_none() && self.transaction.recipients.len() < MAX_TRANSACTION_RECIPIENTS {
             self.transaction
                 .recipients
@@ -127,7 +143,7 @@ impl SmtpSession {
     pub async fn data(&mut self, message: &Message) -> Verdict {
         let ctx = self.ctx();
         let v = self.hooks.chain.on_data(&ctx, message).await;
-        log_decision(Phase::Data, &ctx, None, &v);
+        self.decided(Phase::Data, &ctx, None, &v);
         v
     }
 

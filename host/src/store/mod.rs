@@ -14,10 +14,12 @@
 //! expiry of records follows the same injected clock as the filter.
 
 mod memory;
+mod metered;
 mod redb;
 mod redis;
 
 pub use self::memory::MemoryStore;
+pub use self::metered::Metered;
 pub use self::redb::{Durability, RedbStore};
 pub use self::redis::{RedisConfig, RedisStore};
 

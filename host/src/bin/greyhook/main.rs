@@ -19,8 +19,78 @@ struct Cli {
     command: Command,
 }
 
+/// Where `greyhook db` finds the records.
+#[derive(clap::Args, Clone)]
+struct DbTarget {
+    /// A store to open directly: a stopped daemon's redb file (a running
+    /// daemon locks it), or `redis://…`. Default: the running daemon's
+    /// store, through its control socket.
+    #[arg(long)]
+    db: Option<String>,
+    /// The running daemon's control socket. Default: as `greyhook status`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// The filter's store namespace. Default: `greylist` (the reference filter's).
+    #[arg(long, default_value = "greylist")]
+    namespace: String,
+    /// Redis key prefix, with a `redis://` store.
+    #[arg(long, default_value = "greyhook:")]
+    prefix: String,
+}
+
 #[derive(Subcommand)]
 enum DbCommand {
+    /// List greylist records (readable triplets unless the filter runs
+    /// with `privacy = true`); every option narrows.
+    List {
+        #[command(flatten)]
+        target: DbTarget,
+        /// A substring of the client identity (network, `spf:domain`…). Default: any.
+        #[arg(long)]
+        client: Option<String>,
+        /// A substring of the sender. Default: any.
+        #[arg(long)]
+        sender: Option<String>,
+        /// A substring of the recipient. Default: any.
+        #[arg(long)]
+        recipient: Option<String>,
+        /// Only greylisted (not passed yet) or passed records. Default: both.
+        #[arg(long, value_enum)]
+        state: Option<greyhook::admin::State>,
+        /// Only records first seen at least this long ago (`10m`, `2h`). Default: any age.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        /// Most records printed.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one record in full.
+    Show {
+        #[command(flatten)]
+        target: DbTarget,
+        /// The key as `list` prints it (with or without the namespace).
+        key: String,
+    },
+    /// Let a greylisted triplet pass at its next attempt.
+    Release {
+        #[command(flatten)]
+        target: DbTarget,
+        /// The key as `list` prints it.
+        key: String,
+    },
+    /// Delete a record (the triplet is greylisted afresh).
+    Delete {
+        #[command(flatten)]
+        target: DbTarget,
+        /// The key as `list` prints it.
+        key: String,
+    },
+    /// Count the records by namespace and kind (greylisted, passed,
+    /// auto-whitelist counts, …).
+    Stats {
+        #[command(flatten)]
+        target: DbTarget,
+    },
     /// Copy every live record, with its remaining lifetime, from one store
     /// to another (a redb file to Redis when one host becomes a farm, or
     /// back). Stop the daemons using a redb file first (it is locked).
@@ -57,6 +127,21 @@ fn open_store(spec: &str, prefix: &str) -> Result<Arc<dyn Store>> {
     section.open().with_context(|| format!("cannot open {spec}"))
 }
 
+/// `greyhook db list|show|release|delete|stats`: on the store named, or
+/// the live daemon's through its control socket.
+async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()> {
+    match &target.db {
+        Some(spec) => {
+            let store = open_store(spec, &target.prefix)?;
+            let out = greyhook::admin::run(&*store, &cmd, SystemClock.now()).await?;
+            store.flush().await?;
+            println!("{out}");
+            Ok(())
+        }
+        None => control(target.control, &format!("db {}", serde_json::to_string(&cmd)?)).await,
+    }
+}
+
 /// `greyhook db migrate`.
 async fn migrate(from: &str, to: &str, prefix: &str) -> Result<()> {
     let (src, dst) = (open_store(from, prefix)?, open_store(to, prefix)?);
@@ -82,28 +167,43 @@ async fn migrate(from: &str, to: &str, prefix: &str) -> Result<()> {
 /// ends' own commands such as `opensmtpd`).
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// The configuration file (TOML; see docs/configuration.md).
+    /// The configuration file (TOML; see docs/configuration.md). Default:
+    /// none, the built-in defaults.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The store: a redb file, `memory`, or `redis://HOST:PORT/DB` (shared by an MX farm).
+    /// The store: a redb file, `memory`, or `redis://HOST:PORT/DB` (shared
+    /// by an MX farm). Default: `[store] path`, else
+    /// `$STATE_DIRECTORY/greyhook.db`, `/var/lib/greyhook/greyhook.db` (root)
+    /// or `~/.local/state/greyhook/greyhook.db`.
     #[arg(long)]
     db: Option<String>,
-    /// The filter component (.wasm).
+    /// The filter component (.wasm). Default: `[filter] path`, else the
+    /// embedded reference filter.
     #[arg(long)]
     filter: Option<PathBuf>,
-    /// Override a key of the filter's configuration (repeatable), e.g. `delay=2`.
+    /// Override a key of the filter's configuration (repeatable), e.g.
+    /// `delay=2`. Default: none, the file's or the filter's defaults.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Log level or filter (`info`, `debug`, `info,greyhook::filter=debug`).
+    /// Default: `$GREYHOOK_LOG`, else `[log] level`, else `info`.
     #[arg(long)]
     log: Option<String>,
-    /// The control socket `greyhook reload` talks to.
+    /// The control socket `greyhook reload` talks to. Default: `[control]
+    /// socket`, else `$RUNTIME_DIRECTORY/control.sock`,
+    /// `/run/greyhook/control.sock` (root) or
+    /// `$XDG_RUNTIME_DIR/greyhook/control.sock`.
     #[arg(long)]
     control: Option<PathBuf>,
     /// A DNS server for the filters' lookups and client names, `HOST:PORT`
     /// (repeatable; replaces `[dns] servers`; default: the system's resolver).
     #[arg(long = "dns", value_name = "HOST:PORT")]
     dns: Vec<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`/metrics`) and a status page (`/`) on
+    /// `HOST:PORT`, e.g. `127.0.0.1:9640`; replaces `[metrics] listen`
+    /// (default: off; a loopback address unless `[metrics] public = true`).
+    #[arg(long = "metrics", value_name = "HOST:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -115,11 +215,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Policy listener, replacing the file's (repeatable):
-        /// `127.0.0.1:10023`, `[::1]:10023` or `unix:/path`.
+        /// `127.0.0.1:10023`, `[::1]:10023` or `unix:/path`. Default:
+        /// `[policy] listen`, else `127.0.0.1:10023`.
         #[arg(long = "policy", value_name = "ADDR")]
         policy: Vec<String>,
         /// Milter listener, replacing the file's (repeatable):
         /// `127.0.0.1:10024` or `unix:/path` (Postfix `smtpd_milters`).
+        /// Default: `[milter] listen`, else none.
         #[arg(long = "milter", value_name = "ADDR")]
         milter: Vec<String>,
     },
@@ -130,36 +232,45 @@ enum Command {
     Smtp {
         #[command(flatten)]
         common: Common,
-        /// Where to listen (repeatable), e.g. `0.0.0.0:25`; replaces `smtp.listen`.
+        /// Where to listen (repeatable), e.g. `0.0.0.0:25`; replaces
+        /// `smtp.listen`. Default: `[smtp] listen` (one is needed).
         #[arg(long = "listen", value_name = "ADDR")]
         listen: Vec<String>,
         /// The MTA behind greyhook, `HOST:PORT`; replaces `smtp.next_hop`.
+        /// Default: `[smtp] next_hop` (one is needed).
         #[arg(long = "next-hop", value_name = "HOST:PORT")]
         next_hop: Option<String>,
-        /// Speak LMTP to the next hop.
+        /// Speak LMTP to the next hop. Default: SMTP (`[smtp] next_hop_protocol`).
         #[arg(long)]
         lmtp: bool,
-        /// Also serve the policy protocol here (repeatable).
+        /// Also serve the policy protocol here (repeatable). Default: none.
         #[arg(long = "policy", value_name = "ADDR")]
         policy: Vec<String>,
-        /// Also serve milter here (repeatable).
+        /// Also serve milter here (repeatable). Default: none.
         #[arg(long = "milter", value_name = "ADDR")]
         milter: Vec<String>,
     },
     /// Tell the running daemon to reload its filter and configuration now;
     /// prints the version loaded, or why it was refused (exit 1).
     Reload {
-        /// The daemon's control socket.
+        /// The daemon's control socket. Default: the first that exists of
+        /// `$RUNTIME_DIRECTORY/control.sock`, `/run/greyhook/control.sock`,
+        /// `$XDG_RUNTIME_DIR/greyhook/control.sock`, beside the default store.
         #[arg(long)]
         control: Option<PathBuf>,
     },
-    /// Print the running daemon's filter and counters.
+    /// Print what the running daemon is doing: version, uptime, listeners,
+    /// store (kind, path, size, records, health), resolver, decisions by
+    /// action, and each filter with its last reload and its counters.
     Status {
-        /// The daemon's control socket.
+        /// The daemon's control socket. Default: the first that exists of
+        /// `$RUNTIME_DIRECTORY/control.sock`, `/run/greyhook/control.sock`,
+        /// `$XDG_RUNTIME_DIR/greyhook/control.sock`, beside the default store.
         #[arg(long)]
         control: Option<PathBuf>,
-        /// One line of JSON (version, uptime, filters with their counters
-        /// and metrics, resolver, store), for scripts.
+        /// One line of JSON (version, uptime, listeners, store, resolver,
+        /// decisions, filters with their last reload and metrics), for
+        /// scripts. Default: lines for a person.
         #[arg(long)]
         json: bool,
     },
@@ -171,11 +282,27 @@ enum Command {
     /// line per deferral: the queue ID (Postfix) or recipient (Exim), and
     /// the delay or `none`.
     Hint {
-        /// Read a mail log instead of one reply.
+        /// Read a mail log instead of one reply. Default: one reply.
         #[arg(long)]
         log: bool,
         /// The log file (default: stdin).
         file: Option<PathBuf>,
+    },
+    /// Summarise what greylisting did from a JSON decision log (`[log]
+    /// decisions = "json"`): mails stopped and delayed, the delay
+    /// distribution, the senders and domains delayed most, farms deferred
+    /// from many networks, clients that follow retry hints. Text on stdout,
+    /// or with `--html FILE` a self-contained page with charts.
+    Report {
+        /// The log files (greyhook's stderr or journal output; other lines
+        /// are skipped). Default: stdin.
+        files: Vec<PathBuf>,
+        /// Also write the report as HTML to this file. Default: text only.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Print the report as JSON instead of text. Default: text.
+        #[arg(long)]
+        json: bool,
     },
     /// Work on a store.
     Db {
@@ -190,9 +317,11 @@ enum Command {
         /// the chain (the embedded reference filter if none is configured).
         filter: Option<PathBuf>,
         /// The configuration file (TOML; see docs/configuration.md).
+        /// Default: none, the built-in defaults.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a key of the main filter's configuration (repeatable).
+        /// Default: none.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
@@ -326,6 +455,9 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
     if !c.dns.is_empty() {
         cfg.dns.servers = c.dns.clone();
     }
+    if c.metrics.is_some() {
+        cfg.metrics.listen = c.metrics;
+    }
     cfg.set_filter_keys(&c.set)?;
     Ok(cfg)
 }
@@ -359,6 +491,44 @@ async fn serve(overrides: Overrides) -> Result<()> {
         token.cancel();
     });
     daemon.wait().await;
+    Ok(())
+}
+
+/// `greyhook report`.
+fn report(files: &[PathBuf], html: Option<&Path>, json: bool) -> Result<()> {
+    use std::io::BufRead;
+    let mut records = Vec::new();
+    let mut read = |r: Box<dyn BufRead>, name: &str| -> Result<()> {
+        for line in r.split(b'\n') {
+            let line = line.with_context(|| format!("reading {name}"))?;
+            // Decision lines are short; anything longer is not one.
+            if line.len() <= 64 * 1024
+                && let Some(d) = greyhook::session::audit::DecisionRecord::parse_line(&String::from_utf8_lossy(&line))
+            {
+                records.push(d);
+            }
+        }
+        Ok(())
+    };
+    if files.is_empty() {
+        read(Box::new(std::io::stdin().lock()), "stdin")?;
+    }
+    for f in files {
+        let file = std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+        read(Box::new(std::io::BufReader::new(file)), &f.display().to_string())?;
+    }
+    if records.is_empty() {
+        anyhow::bail!("no JSON decision lines found: run the daemon with `[log] decisions = \"json\"` (docs/operating.md)");
+    }
+    let r = greyhook::report::build(records);
+    if let Some(p) = html {
+        std::fs::write(p, r.html()).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", r.text());
+    }
     Ok(())
 }
 
@@ -436,10 +606,38 @@ async fn run(cli: Cli) -> Result<()> {
         Command::NewFilter { name, dir, sdk } => return new_filter::run(&name, dir, sdk),
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c, json } => return control(c, if json { "status json" } else { "status" }).await,
+        Command::Report { files, html, json } => return report(&files, html.as_deref(), json),
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
             let _log = init_logging("warn");
             return migrate(&from, &to, &prefix).await;
         }
+        Command::Db { command: DbCommand::List { target, client, sender, recipient, state, older_than, limit } } => {
+            let _log = init_logging("warn");
+            let older_than = match older_than {
+                Some(d) => Some(
+                    humantime_serde::re::humantime::parse_duration(&d)
+                        .with_context(|| format!("--older-than {d:?}: a duration such as 10m or 2h"))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            let filter = greyhook::admin::ListFilter { client, sender, recipient, state, older_than, limit: Some(limit) };
+            let namespace = target.namespace.clone();
+            return db_admin(target, greyhook::admin::Command::List { namespace, filter }).await;
+        }
+        Command::Db { command: DbCommand::Show { target, key } } => {
+            let namespace = target.namespace.clone();
+            return db_admin(target, greyhook::admin::Command::Show { namespace, key }).await;
+        }
+        Command::Db { command: DbCommand::Release { target, key } } => {
+            let namespace = target.namespace.clone();
+            return db_admin(target, greyhook::admin::Command::Release { namespace, key }).await;
+        }
+        Command::Db { command: DbCommand::Delete { target, key } } => {
+            let namespace = target.namespace.clone();
+            return db_admin(target, greyhook::admin::Command::Delete { namespace, key }).await;
+        }
+        Command::Db { command: DbCommand::Stats { target } } => return db_admin(target, greyhook::admin::Command::Stats).await,
         Command::Db { command: DbCommand::Check { path } } => {
             let _log = init_logging("error");
             let n = greyhook::store::RedbStore::check(&path)?;
@@ -455,12 +653,14 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Reload { .. }
         | Command::Status { .. }
         | Command::Db { .. }
+        | Command::Report { .. }
         | Command::NewFilter { .. }
         | Command::Hint { .. } => {
             unreachable!("handled above")
         }
         Command::Check { filter, config, set } => {
-            let common = Common { config, db: Some("memory".into()), filter, set, log: None, control: None, dns: Vec::new() };
+            let common =
+                Common { config, db: Some("memory".into()), filter, set, log: None, control: None, dns: Vec::new(), metrics: None };
             let cfg = load_config(common.config.clone().as_deref(), &Overrides::tool(common))?;
             let loaded = greyhook::daemon::load_chain(&cfg, Arc::new(MemoryStore::new()), None).await?;
             for r in &loaded.reloaders {
@@ -512,13 +712,18 @@ enum Invocation {
     FrontEnd(String, Common),
 }
 
-fn parse_command_line() -> Invocation {
+/// The whole command line: [`Cli`] and the front ends' own commands.
+fn command() -> clap::Command {
     let mut cmd = Cli::command();
-    let front_ends = greyhook::frontend::commands();
-    for (name, about) in &front_ends {
-        cmd = cmd.subcommand(Common::augment_args(clap::Command::new(*name).about(*about)));
+    for (name, about) in greyhook::frontend::commands() {
+        cmd = cmd.subcommand(Common::augment_args(clap::Command::new(name).about(about)));
     }
-    let matches = cmd.get_matches();
+    cmd
+}
+
+fn parse_command_line() -> Invocation {
+    let front_ends = greyhook::frontend::commands();
+    let matches = command().get_matches();
     let parsed = match matches.subcommand() {
         Some((name, sub)) if front_ends.iter().any(|(n, _)| *n == name) => {
             Common::from_arg_matches(sub).map(|c| Invocation::FrontEnd(name.to_string(), c))
@@ -549,5 +754,30 @@ fn main() -> std::process::ExitCode {
             eprintln!("greyhook: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every option that takes a value says its default in `--help`.
+    #[test]
+    fn every_flag_says_its_default() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let takes_value = a.get_action().takes_values() && !a.is_positional() && !a.is_required_set();
+                let help = a.get_long_help().or(a.get_help()).map(ToString::to_string).unwrap_or_default().to_lowercase();
+                if takes_value && a.get_default_values().is_empty() && !help.contains("default") {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap_or(a.get_id().as_str())));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&command(), "greyhook", &mut missing);
+        assert!(missing.is_empty(), "flags whose --help gives no default: {missing:?}");
     }
 }

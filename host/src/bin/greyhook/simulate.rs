@@ -120,7 +120,7 @@ fn duration(s: &str) -> Option<u64> {
 /// [`SmtpSession`], the same session model the front ends drive.
 pub async fn run(chain: &Chain, events: &[Event], start: u64) -> Result<Vec<String>, ScriptError> {
     let clock = Arc::new(ManualClock::new(start));
-    let hooks = Hooks { chain: chain.clone(), clock: clock.clone(), resolver: None };
+    let hooks = Hooks { chain: chain.clone(), clock: clock.clone(), resolver: None, front_end: Hooks::EMBEDDED };
     let mut out = Vec::new();
     let mut session: Option<SmtpSession> = None;
     let mut headers: Vec<Header> = Vec::new();

@@ -374,7 +374,7 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
 
 /// Accepts milter connections on `listener` until `shutdown` is cancelled.
 async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
-    let load = crate::frontend::listen::Load::new(config.max_connections);
+    let load = crate::frontend::listen::Load::new(<Milter as FrontEnd>::NAME, config.max_connections);
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {

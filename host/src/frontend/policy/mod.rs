@@ -394,7 +394,7 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 /// Accepts connections on `listener` until `shutdown` is cancelled, then
 /// lets every connection finish the request in hand and returns.
 async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
-    let load = crate::frontend::listen::Load::new(server.config.max_connections);
+    let load = crate::frontend::listen::Load::new(<Policy as FrontEnd>::NAME, server.config.max_connections);
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {

@@ -310,7 +310,7 @@ impl Shared {
 
 /// Accepts SMTP connections on `listener` until `shutdown` is cancelled.
 async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolved: Arc<Resolved>, shutdown: CancellationToken) {
-    let load = Load::new(config.max_connections);
+    let load = Load::new(<Smtp as FrontEnd>::NAME, config.max_connections);
     let units = (config.max_data_memory / BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS);
     let shared = Arc::new(Shared {
         hooks,

@@ -1,0 +1,332 @@
+//! `greyhook db list|show|release|delete|stats`: the greylist records an
+//! operator can read and change, on any [`Store`] — a stopped daemon's redb
+//! file, Redis, or a live daemon's store through its control socket (the
+//! daemon runs the same [`run`]).
+//!
+//! It reads the reference filter's layout (docs/operating.md): keys
+//! `NAMESPACE/t/KEY` (a triplet; `c/` at the connect stage) whose value is
+//! `FIRST_SEEN PASSED`, then — unless the filter runs with `privacy = true`
+//! — a tab and the readable triplet (identity, sender, recipient or
+//! Message-ID, tab-separated). Other keys are counted by `stats` and shown
+//! raw by `show`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Condition, Store, StoreError, WriteOutcome};
+
+/// Most records one `list` prints.
+pub const MAX_LIST: usize = 10_000;
+
+/// How long a released record lives at least: the reference filter's
+/// default `max_age`.
+pub const RELEASE_TTL: u64 = 35 * 86_400;
+
+/// A record's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Seen, not passed yet.
+    Greylisted,
+    /// Passed (retried after the delay, or released).
+    Passed,
+}
+
+/// Which records `list` shows; every field narrows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// A substring of the identity (the client network, `spf:domain`…).
+    pub client: Option<String>,
+    /// A substring of the sender.
+    pub sender: Option<String>,
+    /// A substring of the recipient (or Message-ID).
+    pub recipient: Option<String>,
+    /// Only this state.
+    pub state: Option<State>,
+    /// Only records first seen at least this many seconds ago.
+    pub older_than: Option<u64>,
+    /// At most this many (default 100, at most [`MAX_LIST`]).
+    pub limit: Option<usize>,
+}
+
+/// What to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Command {
+    /// The greylist records that match.
+    List {
+        /// The filter's namespace.
+        namespace: String,
+        /// Which.
+        filter: ListFilter,
+    },
+    /// One record in full.
+    Show {
+        /// The filter's namespace.
+        namespace: String,
+        /// The key, with or without the namespace.
+        key: String,
+    },
+    /// Lets a greylisted triplet pass at its next attempt.
+    Release {
+        /// The filter's namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+    },
+    /// Deletes a record.
+    Delete {
+        /// The filter's namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+    },
+    /// Records by namespace and kind.
+    Stats,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No such record.
+    #[error("no record {0}")]
+    NotFound(String),
+    /// The record is not a greylist record.
+    #[error("{0} is not a greylist record of the reference filter's layout")]
+    NotGreylist(String),
+    /// It changed while being released (a delivery attempt at that moment).
+    #[error("{0} changed meanwhile: try again")]
+    Conflict(String),
+}
+
+/// A greylist record, read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// The full key.
+    pub key: String,
+    /// When first seen, Unix seconds.
+    pub first_seen: u64,
+    /// When it passed (0: not yet).
+    pub passed: u64,
+    /// When it expires.
+    pub expires_at: u64,
+    /// The readable triplet (empty under `privacy`).
+    pub triplet: Vec<String>,
+}
+
+impl Record {
+    fn state(&self) -> State {
+        if self.passed > 0 { State::Passed } else { State::Greylisted }
+    }
+
+    /// Reads `value` as a greylist record, if `key` is one.
+    fn parse(key: &str, namespace: &str, value: &[u8], expires_at: u64) -> Option<Record> {
+        let rest = key.strip_prefix(namespace)?.strip_prefix('/')?;
+        if !(rest.starts_with("t/") || rest.starts_with("c/")) {
+            return None;
+        }
+        let text = std::str::from_utf8(value).ok()?;
+        let mut parts = text.split('\t');
+        let (a, b) = parts.next()?.split_once(' ')?;
+        Some(Record {
+            key: key.to_string(),
+            first_seen: a.parse().ok()?,
+            passed: b.parse().ok()?,
+            expires_at,
+            triplet: parts.map(str::to_string).collect(),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut s = format!("{} {}", self.first_seen, self.passed);
+        for p in &self.triplet {
+            s.push('\t');
+            s.push_str(p);
+        }
+        s.into_bytes()
+    }
+
+    fn line(&self) -> String {
+        let passed = if self.passed == 0 { "-".to_string() } else { time(self.passed) };
+        let triplet = if self.triplet.is_empty() { "(privacy: hashed only)".to_string() } else { self.triplet.join(" ") };
+        format!(
+            "{}  {:<10}  first={}  passed={}  expires={}  {}",
+            self.key,
+            match self.state() {
+                State::Greylisted => "greylisted",
+                State::Passed => "passed",
+            },
+            time(self.first_seen),
+            passed,
+            time(self.expires_at),
+            triplet
+        )
+    }
+}
+
+fn time(t: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
+fn full_key(namespace: &str, key: &str) -> String {
+    if key.starts_with(&format!("{namespace}/")) { key.to_string() } else { format!("{namespace}/{key}") }
+}
+
+fn contains(hay: Option<&String>, needle: &Option<String>) -> bool {
+    match needle {
+        None => true,
+        Some(n) => hay.is_some_and(|h| h.to_ascii_lowercase().contains(&n.to_ascii_lowercase())),
+    }
+}
+
+/// Runs `cmd` on `store` at `now`; the text to print.
+pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, AdminError> {
+    match cmd {
+        Command::List { namespace, filter } => {
+            let limit = filter.limit.unwrap_or(100).clamp(1, MAX_LIST);
+            let (mut out, mut shown, mut matched) = (String::new(), 0usize, 0u64);
+            let prefix = format!("{namespace}/");
+            let mut cursor = None;
+            loop {
+                let page = store.scan(cursor, 1000, now).await?;
+                for (key, e) in &page.entries {
+                    if !key.starts_with(&prefix) {
+                        continue;
+                    }
+                    let Some(r) = Record::parse(key, namespace, &e.value, e.expires_at) else { continue };
+                    let ok = contains(r.triplet.first(), &filter.client)
+                        && contains(r.triplet.get(1), &filter.sender)
+                        && contains(r.triplet.get(2), &filter.recipient)
+                        && filter.state.is_none_or(|s| s == r.state())
+                        && filter.older_than.is_none_or(|o| r.first_seen.saturating_add(o) <= now);
+                    if ok {
+                        matched += 1;
+                        if shown < limit {
+                            let _ = writeln!(out, "{}", r.line());
+                            shown += 1;
+                        }
+                    }
+                }
+                match page.next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            let _ = write!(out, "{matched} records match, {shown} shown");
+            Ok(out)
+        }
+        Command::Show { namespace, key } => {
+            let key = full_key(namespace, key);
+            let e = store.get(&key, now).await?.ok_or_else(|| AdminError::NotFound(key.clone()))?;
+            Ok(match Record::parse(&key, namespace, &e.value, e.expires_at) {
+                Some(r) => format!(
+                    "{}\nversion {}\nidentity {}\nsender {}\nrecipient {}",
+                    r.line(),
+                    e.version,
+                    r.triplet.first().map_or("-", String::as_str),
+                    r.triplet.get(1).map_or("-", String::as_str),
+                    r.triplet.get(2).map_or("-", String::as_str),
+                ),
+                None => {
+                    format!("{key}  expires={}  version {}  value {:?}", time(e.expires_at), e.version, String::from_utf8_lossy(&e.value))
+                }
+            })
+        }
+        Command::Release { namespace, key } => {
+            let key = full_key(namespace, key);
+            let e = store.get(&key, now).await?.ok_or_else(|| AdminError::NotFound(key.clone()))?;
+            let mut r = Record::parse(&key, namespace, &e.value, e.expires_at).ok_or_else(|| AdminError::NotGreylist(key.clone()))?;
+            if r.passed > 0 {
+                return Ok(format!("{key} has passed already"));
+            }
+            r.passed = now;
+            let expires = e.expires_at.max(now.saturating_add(RELEASE_TTL));
+            match store.set(&key, &r.encode(), expires, Condition::Version(e.version), now).await? {
+                WriteOutcome::Written(_) => Ok(format!("released {key}: its next attempt passes")),
+                WriteOutcome::Conflict => Err(AdminError::Conflict(key)),
+            }
+        }
+        Command::Delete { namespace, key } => {
+            let key = full_key(namespace, key);
+            match store.delete(&key, Condition::Any, now).await? {
+                true => Ok(format!("deleted {key}")),
+                false => Err(AdminError::NotFound(key)),
+            }
+        }
+        Command::Stats => {
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            let mut cursor = None;
+            loop {
+                let page = store.scan(cursor, 1000, now).await?;
+                for (key, e) in &page.entries {
+                    let mut parts = key.splitn(3, '/');
+                    let (ns, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                    let kind = match kind {
+                        "t" | "c" => match Record::parse(key, ns, &e.value, e.expires_at).map(|r| r.state()) {
+                            Some(State::Passed) => format!("{kind} passed"),
+                            Some(State::Greylisted) => format!("{kind} greylisted"),
+                            None => format!("{kind} other"),
+                        },
+                        k => k.to_string(),
+                    };
+                    *counts.entry(format!("{ns} {kind}")).or_default() += 1;
+                }
+                match page.next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            let total: u64 = counts.values().sum();
+            let mut out: String = counts.iter().map(|(k, n)| format!("{k} {n}\n")).collect();
+            let _ = write!(out, "total {total}");
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn list_release_show_delete_stats() {
+        let s = MemoryStore::new();
+        let now = 1_000_000;
+        s.set("greylist/t/AAA", b"999000 0\t192.0.2\ta@x.test\tb@y.test", now + 100, Condition::Any, now).await.unwrap();
+        s.set("greylist/t/BBB", b"990000 995000\t198.51.100\tc@z.test\tb@y.test", now + 100, Condition::Any, now).await.unwrap();
+        s.set("greylist/t/CCC", b"999999 0", now + 100, Condition::Any, now).await.unwrap();
+        s.set("greylist/awl/192.0.2", b"3", now + 100, Condition::Any, now).await.unwrap();
+        let list = |f: ListFilter| Command::List { namespace: "greylist".into(), filter: f };
+        let out = run(&s, &list(ListFilter { sender: Some("A@X".into()), ..Default::default() }), now).await.unwrap();
+        assert!(out.contains("greylist/t/AAA  greylisted") && out.ends_with("1 records match, 1 shown"), "{out}");
+        let out = run(&s, &list(ListFilter { state: Some(State::Greylisted), ..Default::default() }), now).await.unwrap();
+        assert!(out.contains("(privacy: hashed only)") && out.ends_with("2 records match, 2 shown"), "{out}");
+        let out = run(&s, &list(ListFilter { older_than: Some(5000), ..Default::default() }), now).await.unwrap();
+        assert!(out.ends_with("1 records match, 1 shown") && out.contains("BBB"), "{out}");
+        let ns = || "greylist".to_string();
+        let out = run(&s, &Command::Release { namespace: ns(), key: "t/AAA".into() }, now).await.unwrap();
+        assert!(out.starts_with("released greylist/t/AAA"), "{out}");
+        let v = s.get("greylist/t/AAA", now).await.unwrap().unwrap();
+        assert_eq!(v.value, b"999000 1000000\t192.0.2\ta@x.test\tb@y.test");
+        assert!(v.expires_at >= now + RELEASE_TTL);
+        let out = run(&s, &Command::Show { namespace: ns(), key: "greylist/t/AAA".into() }, now).await.unwrap();
+        assert!(out.contains("passed=") && out.contains("sender a@x.test"), "{out}");
+        let out = run(&s, &Command::Stats, now).await.unwrap();
+        assert!(out.contains("greylist t passed 2") && out.contains("greylist t greylisted 1") && out.ends_with("total 4"), "{out}");
+        run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now).await.unwrap();
+        assert!(matches!(run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now).await, Err(AdminError::NotFound(_))));
+        assert!(matches!(
+            run(&s, &Command::Release { namespace: ns(), key: "awl/192.0.2".into() }, now).await,
+            Err(AdminError::NotGreylist(_))
+        ));
+    }
+}

@@ -1,0 +1,208 @@
+//! What `greyhook status` says: gathered once into [`Status`], rendered as
+//! text for an operator or as JSON for scripts (the same facts both ways).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::Shared;
+use crate::runtime::metrics::{BUCKETS, MetricValue};
+
+/// The last reload of one filter (or the crash-loop breaker's revert).
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct LastReload {
+    /// When, RFC 3339.
+    pub at: String,
+    /// Whether the new version (or configuration) took effect.
+    pub ok: bool,
+    /// What happened (`loaded …`, `unchanged …`, `refused: …`, `reverted: …`).
+    pub result: String,
+}
+
+impl LastReload {
+    pub(super) fn now(ok: bool, result: impl Into<String>) -> LastReload {
+        LastReload { at: rfc3339(SystemTime::now()), ok, result: result.into() }
+    }
+}
+
+/// A time as RFC 3339 (UTC, seconds).
+pub(super) fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+#[derive(Debug, Serialize)]
+struct FilterStatus {
+    name: String,
+    version: String,
+    namespace: String,
+    contract: String,
+    calls: u64,
+    failures: u64,
+    last_reload: Option<LastReload>,
+    metrics: Vec<serde_json::Value>,
+    /// The metrics as `name{labels} value` (text only).
+    #[serde(skip)]
+    metrics_text: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Listener {
+    name: String,
+    addresses: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StoreStatus {
+    kind: String,
+    path: String,
+    size_bytes: Option<u64>,
+    records: Option<u64>,
+    health: &'static str,
+    failures: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct DnsStatus {
+    lookups: u64,
+    failures: u64,
+    cut_by_deadline: u64,
+}
+
+/// Everything `status` reports.
+#[derive(Debug, Serialize)]
+pub(super) struct Status {
+    version: &'static str,
+    started_at: String,
+    uptime_seconds: u64,
+    listeners: Vec<Listener>,
+    store: StoreStatus,
+    dns: DnsStatus,
+    decisions: serde_json::Map<String, serde_json::Value>,
+    filters: Vec<FilterStatus>,
+}
+
+fn metric_json(m: crate::runtime::metrics::MetricSample) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> = m.labels.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let value = match m.value {
+        MetricValue::Counter(n) => serde_json::json!(n),
+        MetricValue::Histogram { count, sum, buckets } => {
+            let bounds: Vec<serde_json::Value> = BUCKETS.iter().map(|b| serde_json::json!(b)).chain([serde_json::json!("+Inf")]).collect();
+            serde_json::json!({ "count": count, "sum": sum, "bounds": bounds, "buckets": buckets })
+        }
+    };
+    serde_json::json!({ "name": m.name, "labels": labels, "value": value })
+}
+
+impl Status {
+    /// Reads the daemon's state now.
+    pub(super) fn gather(shared: &Shared) -> Status {
+        let reloads = shared.last_reload.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let filters = shared
+            .reloaders
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let f = r.filter();
+                let samples = f.metrics().snapshot();
+                FilterStatus {
+                    name: f.info().name.clone(),
+                    version: f.info().version.clone(),
+                    namespace: f.namespace().to_string(),
+                    contract: f.contract().version().to_string(),
+                    calls: f.stats().calls.load(Relaxed),
+                    failures: f.stats().failures.load(Relaxed),
+                    last_reload: reloads.get(i).cloned().flatten(),
+                    metrics_text: samples.iter().map(|m| m.render()).collect(),
+                    metrics: samples.into_iter().map(metric_json).collect(),
+                }
+            })
+            .collect();
+        let dns = shared.resolver.stats();
+        let records = shared.records.load(Relaxed);
+        let store = StoreStatus {
+            kind: shared.store_kind.to_string(),
+            path: shared.store_desc.clone(),
+            size_bytes: shared.store_file.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()),
+            records: (records != u64::MAX).then_some(records),
+            health: if shared.store.degraded() { "degraded" } else { "ok" },
+            failures: shared.store.failures(),
+        };
+        let decisions = crate::telemetry::host().decisions_by_action().into_iter().map(|(a, n)| (a.to_string(), n.into())).collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: rfc3339(shared.started_at),
+            uptime_seconds: shared.started.elapsed().as_secs(),
+            listeners: shared.listeners.iter().map(|(n, a)| Listener { name: n.clone(), addresses: a.clone() }).collect(),
+            store,
+            dns: DnsStatus {
+                lookups: dns.lookups.load(Relaxed),
+                failures: dns.failures.load(Relaxed),
+                cut_by_deadline: dns.detached.load(Relaxed),
+            },
+            decisions,
+            filters,
+        }
+    }
+
+    /// One line of JSON.
+    pub(super) fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+    }
+
+    /// Lines for an operator.
+    pub(super) fn text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let up = self.uptime_seconds;
+        let _ = writeln!(
+            out,
+            "greyhook {}, up {}d {:02}h{:02}m{:02}s (since {})",
+            self.version,
+            up / 86_400,
+            up / 3600 % 24,
+            up / 60 % 60,
+            up % 60,
+            self.started_at
+        );
+        for l in &self.listeners {
+            let _ = writeln!(
+                out,
+                "listener {}: {}",
+                l.name,
+                if l.addresses.is_empty() { "(its MTA's pipe)".into() } else { l.addresses.join(", ") }
+            );
+        }
+        let s = &self.store;
+        let size = s.size_bytes.map_or(String::new(), |b| format!(" size={b}"));
+        let records = s.records.map_or(String::new(), |n| format!(" records={n}"));
+        let _ = writeln!(out, "store {}: {}{size}{records} health={} store_failures={}", s.kind, s.path, s.health, s.failures);
+        let _ =
+            writeln!(out, "dns lookups={} failures={} cut_by_deadline={}", self.dns.lookups, self.dns.failures, self.dns.cut_by_deadline);
+        let d: Vec<String> = self.decisions.iter().map(|(a, n)| format!("{a}={n}")).collect();
+        let _ = writeln!(out, "decisions {}", d.join(" "));
+        for f in &self.filters {
+            let _ = writeln!(
+                out,
+                "filter {} {} namespace={} contract={} calls={} failures={}",
+                f.name, f.version, f.namespace, f.contract, f.calls, f.failures
+            );
+            match &f.last_reload {
+                Some(r) => {
+                    let _ = writeln!(out, "  last reload {}: {}", r.at, r.result);
+                }
+                None => {
+                    let _ = writeln!(out, "  last reload: none since start");
+                }
+            }
+            if !f.metrics_text.is_empty() {
+                let _ = writeln!(out, "  metrics {}", f.metrics_text.join(", "));
+            }
+        }
+        out.trim_end().to_string()
+    }
+}

@@ -1,0 +1,483 @@
+//! The operator's view from outside: the Prometheus endpoint scraped under
+//! load and parsed by the `prometheus_client` Python package's parser
+//! (Debian's `python3-prometheus-client`), its counters against the load
+//! sent; the status page and `greyhook status` after reloads, good and bad.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use greyhook_tests::*;
+
+/// Parses `/metrics` with the Prometheus project's own Python parser and
+/// returns every sample as `name{k="v",...} value` lines (labels sorted).
+fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
+    let script = format!(
+        r#"
+import urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        print("%s{{%s}} %r" % (s.name, labels, s.value))
+"#
+    );
+    // Debian's python3 (where python3-prometheus-client is installed),
+    // not a python3 some version manager put first on PATH.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let out = std::process::Command::new(python).args(["-c", &script]).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape (is python3-prometheus-client installed? .ci/run installs it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_string(), v.parse::<f64>().unwrap_or(f64::NAN)))
+        .collect()
+}
+
+fn value(m: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+fn http(port: u16, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn status(control: &std::path::Path, json: bool) -> String {
+    let mut args = vec!["status", "--control", control.to_str().unwrap()];
+    if json {
+        args.insert(1, "--json");
+    }
+    let out = std::process::Command::new(greyhook_bin()).args(&args).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Load through the policy front end, scraped while it runs and after:
+/// every scrape parses, and the counters are the load sent — decisions,
+/// connections, the filter's own outcomes and delays, store operations.
+#[test]
+fn the_metrics_endpoint_counts_the_load_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, metrics) = (free_port(), free_port());
+    let control = dir.path().join("control.sock");
+    let db = dir.path().join("greyhook.db");
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            db.to_str().unwrap(),
+            "--policy",
+            &format!("127.0.0.1:{policy}"),
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+            "--control",
+            control.to_str().unwrap(),
+            "--set",
+            "delay=4",
+        ],
+        dir.path().join("log"),
+    );
+    d.wait_listening(metrics, 60);
+    wait_for_port(policy, 30);
+    assert!(d.wait_log(&format!("metrics on http://127.0.0.1:{metrics}/metrics"), 5), "{}", d.log_text());
+    let before = scrape(metrics);
+    let conn_before = value(&before, "greyhook_connections_total{front_end=\"policy\"}");
+
+    // 4 connections × 150 requests over 60 triplets, all within the delay:
+    // 60 first sightings, 540 retries too early.
+    let load = std::process::Command::new(policy_load_bin())
+        .args(["--target", &format!("127.0.0.1:{policy}"), "--connections", "4", "--requests", "150", "--triplets", "60"])
+        .args(["--salt", "observe", "--expect-defer"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Scrapes during the load parse too.
+    for _ in 0..3 {
+        let _ = scrape(metrics);
+    }
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let m = scrape(metrics);
+    let greylisted = value(&m, "greyhook_decisions_total{action=\"greylist\",front_end=\"policy\",phase=\"rcpt\"}");
+    assert_eq!(greylisted, 600.0, "every request was a decision: {m:#?}");
+    assert_eq!(value(&m, "greyhook_connections_total{front_end=\"policy\"}") - conn_before, 4.0);
+    let f = |o: &str| value(&m, &format!("greyhook_filter_triplets_total{{filter=\"greylist\",identity=\"network\",outcome=\"{o}\"}}"));
+    assert_eq!((f("new"), f("too-early"), f("passed")), (60.0, 540.0, 0.0), "{m:#?}");
+    assert!(value(&m, "greyhook_store_operation_seconds_count{op=\"set\"}") >= 60.0, "{m:#?}");
+    assert!(value(&m, "greyhook_filter_calls_total{filter=\"greylist\"}") >= 600.0);
+    assert_eq!(value(&m, "greyhook_filter_info{contract=\"0.2.0\",filter=\"greylist\",namespace=\"greylist\",version=\"0.1.0\"}"), 1.0);
+
+    // After the delay, one triplet's retry passes: the delay it suffered
+    // lands in the filter's histogram.
+    std::thread::sleep(Duration::from_millis(4100));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", policy)).unwrap();
+    let req = "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.9\nsender=a@late.test\nrecipient=b@dest.test\n\n";
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("action=451"), "first sight");
+    std::thread::sleep(Duration::from_millis(4100));
+    s.write_all(req.as_bytes()).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("action=PREPEND X-Greylist"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let m = scrape(metrics);
+    assert_eq!(value(&m, "greyhook_decisions_total{action=\"pass\",front_end=\"policy\",phase=\"rcpt\"}"), 1.0, "{m:#?}");
+    assert_eq!(value(&m, "greyhook_filter_delay_seconds_count{filter=\"greylist\",identity=\"network\"}"), 1.0, "{m:#?}");
+    assert_eq!(m["greyhook_filter_delay_seconds_bucket{filter=\"greylist\",identity=\"network\",le=\"1\"}"], 0.0);
+    assert_eq!(value(&m, "greyhook_filter_delay_seconds_bucket{filter=\"greylist\",identity=\"network\",le=\"5\"}"), 1.0, "{m:#?}");
+
+    // Every metric the shipped Grafana dashboard queries exists: the host's
+    // are in the scrape (or registered, for a family with no series yet:
+    // no failures, no breaker trips), the reference filter's are counted by it.
+    let raw = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard = std::fs::read_to_string(root.join("contrib/grafana/greyhook.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let guest = ["filter.rs", "identity.rs"].map(|f| std::fs::read_to_string(root.join("guest/src").join(f)).unwrap()).concat();
+    let registered = std::fs::read_to_string(root.join("host/src/telemetry.rs")).unwrap();
+    let mut checked = 0;
+    for name in dashboard.split("greyhook_").skip(1).map(|r| r.split(|c: char| !(c.is_ascii_lowercase() || c == '_')).next().unwrap_or(""))
+    {
+        let base = ["_bucket", "_count", "_sum"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        let found = match base.strip_prefix("filter_") {
+            Some(own) if !["calls_total", "failures_total", "info"].contains(&own) => guest.contains(&format!("\"{own}\"")),
+            _ => {
+                let family = base.strip_suffix("_total").unwrap_or(base);
+                raw.contains(&format!("# TYPE greyhook_{family} "))
+                    || raw.contains(&format!("# TYPE greyhook_{base} "))
+                    || registered.contains(&format!("r.register(\"{family}\""))
+            }
+        };
+        assert!(found, "the dashboard queries greyhook_{name}, which nothing exports");
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked} names checked");
+
+    // The same counts in `greyhook status`, and the store's file and records.
+    let text = status(&control, false);
+    assert!(text.contains("greylist=601") && text.contains("pass=1"), "{text}");
+    assert!(text.contains(&format!("listener policy: 127.0.0.1:{policy}")), "{text}");
+    assert!(text.contains(&format!("listener metrics: 127.0.0.1:{metrics}")), "{text}");
+    assert!(text.contains(&format!("store redb: redb file {}", db.display())) && text.contains(" size="), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&status(&control, true)).unwrap();
+    assert_eq!(json["decisions"]["greylist"], 601, "{json}");
+    assert_eq!(json["store"]["kind"], "redb", "{json}");
+    assert!(json["store"]["size_bytes"].as_u64().is_some_and(|b| b > 0), "{json}");
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// `greyhook status` and the metrics say what the last reload did, a
+/// refused one included; the status page is one self-contained document;
+/// the listener answers only what it serves.
+#[test]
+fn status_tells_the_last_reload_and_the_page_is_self_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, metrics) = (free_port(), free_port());
+    let control = dir.path().join("control.sock");
+    let filter = dir.path().join("filter.wasm");
+    std::fs::write(&filter, greyhook::REFERENCE_FILTER).unwrap();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            "memory",
+            "--filter",
+            filter.to_str().unwrap(),
+            "--policy",
+            &format!("127.0.0.1:{policy}"),
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        dir.path().join("log"),
+    );
+    d.wait_listening(metrics, 60);
+    let text = status(&control, false);
+    assert!(text.contains("filter greylist 0.1.0 namespace=greylist") && text.contains("last reload: none since start"), "{text}");
+
+    let reload = |expect_ok: bool| {
+        let out = std::process::Command::new(greyhook_bin()).args(["reload", "--control", control.to_str().unwrap()]).output().unwrap();
+        assert_eq!(out.status.success(), expect_ok, "{out:?}");
+    };
+    reload(true);
+    assert!(status(&control, false).contains(": unchanged (sha256"), "{}", status(&control, false));
+    // A broken file: refused, the old version serves, status says so.
+    std::fs::write(&filter, b"not wasm").unwrap();
+    reload(false);
+    let text = status(&control, false);
+    assert!(text.contains(": refused: ") && text.contains("not a WebAssembly file"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&status(&control, true)).unwrap();
+    assert_eq!(json["filters"][0]["last_reload"]["ok"], false, "{json}");
+    let m = scrape(metrics);
+    assert!(value(&m, "greyhook_reloads_total{result=\"refused\"}") >= 1.0, "{m:#?}");
+    assert!(value(&m, "greyhook_reloads_total{result=\"unchanged\"}") >= 1.0, "{m:#?}");
+
+    // The page: HTML with inline SVG charts, nothing fetched from elsewhere.
+    let page = http(metrics, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 200") && page.contains("content-type: text/html"), "{page}");
+    assert!(page.contains("<svg") && page.contains("decisions by action") && page.contains("not a WebAssembly file"), "{page}");
+    for external in ["src=", "href=", "@import", "url("] {
+        assert!(!page.contains(external), "the page loads nothing from elsewhere ({external}): {page}");
+    }
+    let body = page.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let saved = dir.path().join("status.html");
+    std::fs::write(&saved, body).unwrap();
+    render_in_chromium(&saved, &["decisions by action", "Listeners", "not a WebAssembly file"]);
+    let other = http(metrics, "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let post = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let junk = http(metrics, "\x16\x03\x01 garbage\r\n\r\n");
+    assert!(junk.is_empty() || junk.starts_with("HTTP/1.1 400"), "{junk}");
+    // Still serving after all that.
+    let _ = scrape(metrics);
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// The metrics listener stays on loopback unless the operator opts in.
+#[test]
+fn a_public_metrics_address_needs_an_explicit_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            "memory",
+            "--control",
+            dir.path().join("c.sock").to_str().unwrap(),
+            "--policy",
+            &format!("127.0.0.1:{}", free_port()),
+            "--metrics",
+            &format!("0.0.0.0:{}", free_port()),
+        ],
+        dir.path().join("log"),
+    );
+    let st = d.child.wait().unwrap();
+    assert!(!st.success());
+    assert!(d.log_text().contains("public = true"), "{}", d.log_text());
+    // Opted in through the file: served on every address, loopback included.
+    let port = free_port();
+    let config = dir.path().join("greyhook.toml");
+    std::fs::write(&config, format!("[metrics]\nlisten = \"0.0.0.0:{port}\"\npublic = true\nmax_connections = 4\n")).unwrap();
+    let mut d = serve_with(dir.path(), &config, free_port(), dir.path().join("log2"));
+    d.wait_listening(port, 60);
+    assert!(scrape(port).contains_key("greyhook_uptime_seconds{}"));
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// `greyhook serve` with `config`, the memory store and a policy listener.
+fn serve_with(dir: &std::path::Path, config: &std::path::Path, policy: u16, log: std::path::PathBuf) -> Process {
+    let control = dir.join("c.sock");
+    let args = ["serve", "--config", config.to_str().unwrap(), "--db", "memory", "--control", control.to_str().unwrap()];
+    Process::greyhook(&[&args[..], &["--policy", &format!("127.0.0.1:{policy}")]].concat(), log)
+}
+
+/// One policy request; the action.
+fn policy_ask(port: u16, client: &str, sender: &str, recipient: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name=unknown\nsender={sender}\nrecipient={recipient}\n\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    while !out.ends_with(b"\n\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the daemon closed the connection");
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+/// The JSON decision log of a daemon under traffic, summarised by
+/// `greyhook report`: stopped, delayed (and by how much), farms deferred
+/// from many networks; the HTML page rendered by headless Chromium.
+#[test]
+fn the_report_summarises_a_json_decision_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("greyhook.toml");
+    std::fs::write(&config, "[log]\ndecisions = \"json\"\n\n[filter.config]\ndelay = 2\nidentity = [\"network\"]\n").unwrap();
+    let log = dir.path().join("greyhook.log");
+    let mut d = serve_with(dir.path(), &config, port, log.clone());
+    d.wait_listening(port, 60);
+    // Ten bots that never retry; three senders that retry after the delay;
+    // a farm whose one mail is deferred from three networks before its
+    // retry from the first network passes.
+    for i in 0..10 {
+        assert!(
+            policy_ask(port, &format!("198.51.100.{i}"), &format!("bot{}@spam.test", (b'a' + i) as char), "x@dest.test").contains("451")
+        );
+    }
+    for s in ["one", "two", "three"] {
+        assert!(policy_ask(port, "192.0.2.7", &format!("{s}@legit.test"), "x@dest.test").contains("451"));
+    }
+    for net in ["203.0.113.5", "203.0.114.5", "203.0.115.5"] {
+        assert!(policy_ask(port, net, "news@farm.test", "y@dest.test").contains("451"));
+    }
+    std::thread::sleep(Duration::from_millis(3100));
+    for s in ["one", "two", "three"] {
+        assert!(policy_ask(port, "192.0.2.7", &format!("{s}@legit.test"), "x@dest.test").contains("PREPEND X-Greylist"));
+    }
+    assert!(policy_ask(port, "203.0.113.9", "news@farm.test", "y@dest.test").contains("PREPEND X-Greylist"));
+    assert!(d.terminate(10), "{}", d.log_text());
+    assert!(d.log_text().contains("greyhook::decision: {\"v\":1,"), "JSON decision lines: {}", d.log_text());
+
+    let html = dir.path().join("report.html");
+    let out = std::process::Command::new(greyhook_bin())
+        .args(["report", log.to_str().unwrap(), "--html", html.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("mails greylisted: 14 — stopped (never retried): 10, delayed then passed: 4"), "{text}");
+    assert!(text.contains("actions: greylist=16 pass=4"), "{text}");
+    assert!(text.lines().any(|l| l.trim() == "< 1 min  4"), "four delays of about 3 s: {text}");
+    assert!(text.contains("  farm.test  3 networks  1"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new(greyhook_bin()).args(["report", "--json", log.to_str().unwrap()]).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert_eq!((json["stopped"].as_u64(), json["delayed"].as_u64()), (Some(10), Some(4)), "{json}");
+    // A log without JSON lines is an error that says what to turn on.
+    let plain = dir.path().join("plain.log");
+    std::fs::write(&plain, "INFO greyhook::decision: action=greylist phase=rcpt client=192.0.2.1\n").unwrap();
+    let out = std::process::Command::new(greyhook_bin()).args(["report", plain.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("decisions = \"json\""), "{out:?}");
+
+    render_in_chromium(&html, &["stopped (never retried)", "farm.test", "delay suffered before passing"]);
+}
+
+/// Renders `page` in headless Chromium (Debian's `chromium`; `.ci/run`
+/// installs it): the DOM it built holds `texts` and an SVG chart, and a
+/// screenshot is not blank.
+pub fn render_in_chromium(page: &std::path::Path, texts: &[&str]) {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("headless Chromium is missing: .ci/run installs Debian's chromium");
+    let profile = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], target: &std::path::Path| {
+        let out = std::process::Command::new(chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions", "--window-size=900,1400"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(format!("file://{}", target.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let dom = String::from_utf8_lossy(&run(&["--dump-dom"], page).stdout).into_owned();
+    assert!(dom.contains("<svg") && dom.contains("<rect"), "{dom}");
+    for t in texts {
+        assert!(dom.contains(t), "the rendered page lacks {t:?}");
+    }
+    // A screenshot holds more than a blank page's (charts and text do not
+    // compress to nothing the way an empty white page does).
+    let shot = |target: &std::path::Path| {
+        let png = profile.path().join("shot.png");
+        run(&[&format!("--screenshot={}", png.display())], target);
+        let bytes = std::fs::read(&png).expect("a screenshot");
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        bytes.len()
+    };
+    let blank = profile.path().join("blank.html");
+    std::fs::write(&blank, "<!DOCTYPE html><html><body></body></html>").unwrap();
+    let (page_size, blank_size) = (shot(page), shot(&blank));
+    assert!(page_size > blank_size * 3, "the screenshot looks blank: {page_size} bytes against {blank_size} for an empty page");
+}
+
+fn greyhook_db(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(greyhook_bin()).arg("db").args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `greyhook db` on a live daemon under load (through its control socket)
+/// and on its redb file once stopped: readable records, filtered lists,
+/// a release that lets the next attempt pass, a delete, stats; with
+/// `privacy = true` only hashes are kept.
+#[test]
+fn greyhook_db_lists_releases_and_deletes_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, control, db) = (free_port(), dir.path().join("c.sock"), dir.path().join("greyhook.db"));
+    let c = control.to_str().unwrap();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            db.to_str().unwrap(),
+            "--control",
+            c,
+            "--policy",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "identity=[\"network\"]",
+        ],
+        dir.path().join("log"),
+    );
+    d.wait_listening(port, 60);
+    // Load in the background while the records are listed and changed.
+    let load = std::process::Command::new(policy_load_bin())
+        .args(["--target", &format!("127.0.0.1:{port}"), "--connections", "2", "--requests", "300", "--triplets", "50"])
+        .args(["--salt", "dbload", "--expect-defer"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test").contains("451"));
+    assert!(policy_ask(port, "198.51.100.7", "carol@other.test", "dan@dest.test").contains("451"));
+    let (ok, out) = greyhook_db(&["list", "--control", c, "--sender", "alice@sender.test"]);
+    assert!(ok && out.contains("greylisted") && out.contains("192.0.2.0/24 alice@sender.test bob@dest.test"), "{out}");
+    assert!(out.contains("1 records match, 1 shown"), "{out}");
+    let key = out.split_whitespace().next().unwrap().to_string();
+    assert!(key.starts_with("greylist/t/"), "{key}");
+    let (ok, out) = greyhook_db(&["show", "--control", c, &key]);
+    assert!(ok && out.contains("sender alice@sender.test"), "{out}");
+    // Released: the next attempt passes at once, long before the delay.
+    let (ok, out) = greyhook_db(&["release", "--control", c, &key]);
+    assert!(ok && out.starts_with("released "), "{out}");
+    assert!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test").starts_with("action=DUNNO"), "released");
+    let (ok, out) = greyhook_db(&["list", "--control", c, "--state", "passed"]);
+    assert!(ok && out.contains("alice@sender.test") && !out.contains("carol@other.test"), "{out}");
+    // Deleted: the triplet starts over.
+    let (_, out) = greyhook_db(&["list", "--control", c, "--recipient", "dan@dest.test"]);
+    let carol = out.split_whitespace().next().unwrap().to_string();
+    let (ok, out) = greyhook_db(&["delete", "--control", c, &carol]);
+    assert!(ok && out.starts_with("deleted "), "{out}");
+    let (ok, out) = greyhook_db(&["delete", "--control", c, &carol]);
+    assert!(!ok && out.contains("no record"), "{out}");
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let (ok, out) = greyhook_db(&["stats", "--control", c]);
+    assert!(ok && out.contains("greylist t greylisted 50") && out.contains("greylist t passed 1"), "{out}");
+    let (ok, out) = greyhook_db(&["list", "--control", c, "--older-than", "1h"]);
+    assert!(ok && out.contains("0 records match"), "{out}");
+    assert!(d.terminate(10), "{}", d.log_text());
+
+    // The stopped daemon's file, read directly.
+    let (ok, out) = greyhook_db(&["list", "--db", db.to_str().unwrap(), "--sender", "alice@"]);
+    assert!(ok && out.contains("passed") && out.contains("alice@sender.test bob@dest.test"), "{out}");
+
+    // privacy = true: only the hashed key.
+    let (port, db2) = (free_port(), dir.path().join("private.db"));
+    let mut d = Process::greyhook(
+        &["serve", "--db", db2.to_str().unwrap(), "--control", c, "--policy", &format!("127.0.0.1:{port}"), "--set", "privacy=true"],
+        dir.path().join("log2"),
+    );
+    d.wait_listening(port, 60);
+    assert!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test").contains("451"));
+    let (ok, out) = greyhook_db(&["list", "--control", c]);
+    assert!(ok && out.contains("(privacy: hashed only)") && !out.contains("alice"), "{out}");
+    assert!(d.terminate(10), "{}", d.log_text());
+}
