@@ -46,6 +46,7 @@ pub mod daemon;
 pub mod dns;
 mod domain;
 pub mod frontend;
+pub mod replay;
 pub mod report;
 pub mod runtime;
 pub mod session;

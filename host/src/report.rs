@@ -107,6 +107,91 @@ pub struct Report {
     pub not_followed: u64,
 }
 
+/// Follows the mails `d` is about; how many it could not follow (past [`MAX_MAILS`]).
+fn track(mails: &mut HashMap<(String, String), Mail>, d: &DecisionRecord) -> u64 {
+    let sender = d.sender.clone().unwrap_or_default().to_ascii_lowercase();
+    let recipients: Vec<String> = match (&d.recipient, d.phase.as_str()) {
+        (Some(rc), _) => vec![rc.clone()],
+        (None, "data") => d.recipients.clone(),
+        _ => return 0,
+    };
+    let mut lost = 0;
+    for rc in recipients {
+        let key = (sender.clone(), rc.to_ascii_lowercase());
+        let len = mails.len();
+        let m = match mails.get_mut(&key) {
+            Some(m) => m,
+            None if len >= MAX_MAILS => {
+                lost += 1;
+                continue;
+            }
+            None => mails.entry(key).or_default(),
+        };
+        match d.action.as_str() {
+            "greylist" if m.passed.is_none() => {
+                m.first_deferred.get_or_insert(d.ts);
+                if d.retry.is_some() {
+                    m.hint = d.retry;
+                }
+                m.networks.insert(network(&d.client));
+            }
+            "pass" | "dunno" if m.passed.is_none() => {
+                m.passed = Some(d.ts);
+                m.client_at_pass = Some(network(&d.client));
+            }
+            _ => {}
+        }
+    }
+    lost
+}
+
+/// What greylisting did to one mail (a sender, recipient pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailOutcome {
+    /// Passed without a deferral.
+    Untouched,
+    /// Deferred, then passed this many seconds after the first deferral.
+    Delayed(u64),
+    /// Deferred and never passed.
+    Stopped,
+    /// Neither deferred nor passed (rejected, or only a tempfail).
+    Other,
+}
+
+impl std::fmt::Display for MailOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MailOutcome::Untouched => f.write_str("passed at once"),
+            MailOutcome::Delayed(s) => write!(f, "delayed {}", human(*s)),
+            MailOutcome::Stopped => f.write_str("never passed"),
+            MailOutcome::Other => f.write_str("neither"),
+        }
+    }
+}
+
+/// Each mail's outcome in these records, by (sender, recipient), lowercase.
+pub fn outcomes(records: &[DecisionRecord]) -> BTreeMap<(String, String), MailOutcome> {
+    let mut sorted: Vec<&DecisionRecord> = records.iter().collect();
+    sorted.sort_by_key(|d| d.ts);
+    let mut mails = HashMap::new();
+    for d in sorted {
+        track(&mut mails, d);
+    }
+    mails
+        .into_iter()
+        .map(|(k, m)| {
+            let o = match (m.first_deferred, m.passed) {
+                (Some(f), Some(p)) => MailOutcome::Delayed(p.saturating_sub(f)),
+                (Some(_), None) => MailOutcome::Stopped,
+                (None, Some(_)) => MailOutcome::Untouched,
+                (None, None) => MailOutcome::Other,
+            };
+            (k, o)
+        })
+        .collect()
+}
+
 /// Builds the report from decision records (in log order).
 pub fn build(records: impl IntoIterator<Item = DecisionRecord>) -> Report {
     let mut r = Report::default();
@@ -119,38 +204,7 @@ pub fn build(records: impl IntoIterator<Item = DecisionRecord>) -> Report {
         r.decisions += 1;
         *r.by_action.entry(d.action.clone()).or_default() += 1;
         r.span = Some(r.span.map_or((d.ts, d.ts), |(a, b)| (a.min(d.ts), b.max(d.ts))));
-        let sender = d.sender.clone().unwrap_or_default().to_ascii_lowercase();
-        let recipients: Vec<String> = match (&d.recipient, d.phase.as_str()) {
-            (Some(rc), _) => vec![rc.clone()],
-            (None, "data") => d.recipients.clone(),
-            _ => continue,
-        };
-        for rc in recipients {
-            let key = (sender.clone(), rc.to_ascii_lowercase());
-            let len = mails.len();
-            let m = match mails.get_mut(&key) {
-                Some(m) => m,
-                None if len >= MAX_MAILS => {
-                    r.not_followed += 1;
-                    continue;
-                }
-                None => mails.entry(key).or_default(),
-            };
-            match d.action.as_str() {
-                "greylist" if m.passed.is_none() => {
-                    m.first_deferred.get_or_insert(d.ts);
-                    if d.retry.is_some() {
-                        m.hint = d.retry;
-                    }
-                    m.networks.insert(network(&d.client));
-                }
-                "pass" | "dunno" if m.passed.is_none() => {
-                    m.passed = Some(d.ts);
-                    m.client_at_pass = Some(network(&d.client));
-                }
-                _ => {}
-            }
-        }
+        r.not_followed += track(&mut mails, &d);
     }
     let mut delays = Vec::new();
     let mut by_domain: HashMap<String, (u64, u64)> = HashMap::new();

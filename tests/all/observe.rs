@@ -357,6 +357,35 @@ fn the_report_summarises_a_json_decision_log() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("decisions = \"json\""), "{out:?}");
 
     render_in_chromium(&html, &["stopped (never retried)", "farm.test", "delay suffered before passing"]);
+
+    // What if: the recorded log replayed through the same configuration
+    // reproduces every decision; through a changed one, the differences.
+    let replay = |sets: &[&str]| {
+        let mut args = vec!["replay", log.to_str().unwrap(), "--config", config.to_str().unwrap(), "--dns", null_dns()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = std::process::Command::new(greyhook_bin()).args(&args).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let same = replay(&[]);
+    assert!(same.starts_with("replayed 20 decisions: 20 the same, 0 different"), "{same}");
+    assert!(same.contains("14 mails: 14 unchanged"), "{same}");
+    // A longer delay: the four retries after ~3 s are deferred again and
+    // never pass in this log.
+    let longer = replay(&["delay=60"]);
+    assert!(
+        longer.contains(
+            "14 mails: 10 unchanged; 0 would now be delayed or stopped that were not; 0 would now pass sooner; 4 would now wait longer"
+        ),
+        "{longer}"
+    );
+    assert!(longer.lines().any(|l| l.starts_with("one@legit.test") && l.contains("delayed 3s") && l.ends_with("never passed")), "{longer}");
+    // No greylisting for dest.test's x@: the bots and legit mail pass at once.
+    let off = replay(&["delay=0"]);
+    assert!(off.contains("would now pass sooner"), "{off}");
+    assert!(off.lines().any(|l| l.contains("bota@spam.test") && l.contains("never passed") && l.contains("passed at once")), "{off}");
 }
 
 /// Renders `page` in headless Chromium (Debian's `chromium`; `.ci/run`

@@ -304,6 +304,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What if: replay a recorded JSON decision log through the configured
+    /// (candidate) filter chain offline, at the recorded times, on a fresh
+    /// in-memory store, and print what would change — mails that would be
+    /// delayed (and by how much) or pass sooner, side by side with what
+    /// happened. Run it before `greyhook reload`.
+    Replay {
+        /// The log files (as for `report`). Default: stdin.
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// Print the result as JSON. Default: text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work on a store.
     Db {
         #[command(subcommand)]
@@ -494,8 +508,8 @@ async fn serve(overrides: Overrides) -> Result<()> {
     Ok(())
 }
 
-/// `greyhook report`.
-fn report(files: &[PathBuf], html: Option<&Path>, json: bool) -> Result<()> {
+/// The JSON decision lines of `files` (stdin if none), in order read.
+fn read_decisions(files: &[PathBuf]) -> Result<Vec<greyhook::session::audit::DecisionRecord>> {
     use std::io::BufRead;
     let mut records = Vec::new();
     let mut read = |r: Box<dyn BufRead>, name: &str| -> Result<()> {
@@ -520,7 +534,12 @@ fn report(files: &[PathBuf], html: Option<&Path>, json: bool) -> Result<()> {
     if records.is_empty() {
         anyhow::bail!("no JSON decision lines found: run the daemon with `[log] decisions = \"json\"` (docs/operating.md)");
     }
-    let r = greyhook::report::build(records);
+    Ok(records)
+}
+
+/// `greyhook report`.
+fn report(files: &[PathBuf], html: Option<&Path>, json: bool) -> Result<()> {
+    let r = greyhook::report::build(read_decisions(files)?);
     if let Some(p) = html {
         std::fs::write(p, r.html()).with_context(|| format!("cannot write {}", p.display()))?;
     }
@@ -684,6 +703,18 @@ async fn run(cli: Cli) -> Result<()> {
                     let note = if i.starts_with("greyhook:") { "" } else { "  (linked empty: no capability granted)" };
                     println!("  {i}{note}");
                 }
+            }
+        }
+        Command::Replay { files, mut common, json } => {
+            common.db = Some("memory".into());
+            let records = read_decisions(&files)?;
+            let cfg = load_config(common.config.clone().as_deref(), &Overrides::tool(common))?;
+            let store = cfg.store.open().context("cannot open the store")?;
+            let loaded = greyhook::daemon::load_chain(&cfg, store, None).await.context("the filter chain is refused")?;
+            let r = greyhook::replay::replay(&loaded.chain(), records).await;
+            match json {
+                true => println!("{}", serde_json::to_string(&r)?),
+                false => print!("{}", r.text()),
             }
         }
         Command::Simulate { script, mut common, start } => {
