@@ -125,6 +125,32 @@ impl Greylist {
         }
     }
 
+    /// The store-held whitelist keys for this client, sender and
+    /// recipients (`greyhook db whitelist` writes them, with their
+    /// lifetime): `wl/client/NETWORK` (the client's /24 or /64 as the
+    /// filter groups it), `wl/sender/DOMAIN`, `wl/rcpt/ADDRESS`.
+    fn whitelist_keys(&self, ctx: &Context, sender: &str, recipients: &[String]) -> Vec<String> {
+        let c = &self.config;
+        let mut keys = vec![format!("wl/client/{}", normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix))];
+        // Bounded so a key stays within the host's 256 bytes.
+        if let Some((_, d)) = sender.rsplit_once('@').filter(|(_, d)| !d.is_empty() && d.len() <= 200) {
+            keys.push(format!("wl/sender/{}", d.to_ascii_lowercase()));
+        }
+        keys.extend(recipients.iter().filter_map(|r| rcpt_whitelist_key(r)));
+        keys
+    }
+
+    /// True if one of `keys` (see [`Self::whitelist_keys`]) is in the store.
+    fn db_whitelisted(&self, keys: &[String], kv: &mut dyn Host) -> Result<bool, Error> {
+        for k in keys {
+            if get(kv, k)?.is_some() {
+                kv.counter_add("skipped_total", &[("reason", "whitelist-db")], 1);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// True if the identity is auto-whitelisted (`awl/IDENTITY` counts its passes).
     fn auto_whitelisted(&self, id: &Identity, kv: &mut dyn Host) -> Result<bool, Error> {
         if self.config.auto_whitelist_after == 0 {
@@ -259,6 +285,9 @@ impl Greylist {
             kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             return Ok(Verdict::cont());
         }
+        if self.db_whitelisted(&self.whitelist_keys(ctx, "", &[]), kv)? {
+            return Ok(Verdict::cont());
+        }
         let v = self.greylist(ctx, &id, &[&id.key], self.config.delay, 421, kv)?;
         // No message to put a header in yet.
         Ok(Verdict { add_headers: Vec::new(), ..v })
@@ -320,8 +349,17 @@ impl Greylist {
         // The auto-whitelist count and the triplet in one crossing (one
         // round trip to Redis); the write after it is the second.
         let (awl, triplet) = (format!("awl/{}", id.key), format!("t/{}", triplet_key(&[&id.key, &sender, &rcpt])));
-        let keys: &[&str] = if self.config.auto_whitelist_after > 0 { &[&awl, &triplet] } else { &[&triplet] };
-        let kv = &mut greyhook_filter::store::Prefetch::new(kv, keys)?;
+        let wl = self.whitelist_keys(ctx, ctx.transaction.sender.as_deref().unwrap_or(""), std::slice::from_ref(&rcpt));
+        let mut keys: Vec<&str> = wl.iter().map(String::as_str).collect();
+        if self.config.auto_whitelist_after > 0 {
+            keys.push(&awl);
+        }
+        keys.push(&triplet);
+        let kv = &mut greyhook_filter::store::Prefetch::new(kv, &keys)?;
+        if self.db_whitelisted(&wl, kv)? {
+            kv.log(Level::Debug, &format!("session {}: whitelisted in the store", ctx.session.id));
+            return Ok(with_group(Verdict::cont(), &group));
+        }
         if self.auto_whitelisted(&id, kv)? {
             kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             kv.log(Level::Debug, &format!("session {}: {} auto-whitelisted", ctx.session.id, id.key));
@@ -353,6 +391,16 @@ impl Greylist {
             kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             return Ok(Verdict::cont());
         }
+        // The client or sender whitelisted, or every recipient: the message goes through.
+        if self.db_whitelisted(&self.whitelist_keys(ctx, sender, &[]), kv)? {
+            return Ok(Verdict::cont());
+        }
+        let rcpt_keys: Option<Vec<String>> = recipients.iter().map(|r| rcpt_whitelist_key(&normalize_recipient(&r.address))).collect();
+        if let Some(k) = rcpt_keys.filter(|k| !k.is_empty())
+            && all_listed(&k, kv)?
+        {
+            return Ok(Verdict::cont());
+        }
         let sender = self.key_sender(ctx, sender, kv);
         // The Message-ID joins the key; without one, the recipients stand in.
         let mid = match message_id.map(str::trim).filter(|m| !m.is_empty() && m.len() <= 998) {
@@ -375,6 +423,24 @@ fn raw_key(a: &str) -> String {
 
 /// Re-exported for the glue: the address checks.
 pub use normalize::BadAddress;
+
+/// The store-held whitelist key of a normalised recipient (none past 200
+/// bytes: such a recipient cannot be whitelisted this way).
+fn rcpt_whitelist_key(rcpt: &str) -> Option<String> {
+    (rcpt.len() <= 200).then(|| format!("wl/rcpt/{rcpt}"))
+}
+
+/// True if every key is in the store (a DATA-stage message whose recipients
+/// are all whitelisted).
+fn all_listed(keys: &[String], kv: &mut dyn Host) -> Result<bool, Error> {
+    for k in keys {
+        if get(kv, k)?.is_none() {
+            return Ok(false);
+        }
+    }
+    kv.counter_add("skipped_total", &[("reason", "whitelist-db")], 1);
+    Ok(true)
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! `greyhook db list|show|release|delete|stats`: the greylist records an
+//! `greyhook db list|show|release|delete|whitelist|stats`: the greylist records an
 //! operator can read and change, on any [`Store`] — a stopped daemon's redb
 //! file, Redis, or a live daemon's store through its control socket (the
 //! daemon runs the same [`run`]).
@@ -49,6 +49,9 @@ pub struct ListFilter {
     pub older_than: Option<u64>,
     /// At most this many (default 100, at most [`MAX_LIST`]).
     pub limit: Option<usize>,
+    /// List the whitelist entries (`wl/…`) instead of the greylist records.
+    #[serde(default)]
+    pub whitelists: bool,
 }
 
 /// What to do.
@@ -83,8 +86,90 @@ pub enum Command {
         /// The key.
         key: String,
     },
+    /// Whitelists a client network, a sender domain or a recipient for a
+    /// time (the reference filter reads `wl/…` keys before greylisting).
+    Whitelist {
+        /// The filter's namespace.
+        namespace: String,
+        /// What is whitelisted.
+        kind: WhitelistKind,
+        /// The network, domain or address.
+        value: String,
+        /// For how long, seconds.
+        ttl: u64,
+    },
     /// Records by namespace and kind.
     Stats,
+}
+
+/// What `whitelist` applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhitelistKind {
+    /// A client network (`192.0.2.0/24`, or an address: its /24 or /64).
+    Client,
+    /// A sender domain.
+    Sender,
+    /// A recipient address.
+    Recipient,
+}
+
+/// The longest whitelist lifetime: ten years.
+pub const MAX_WHITELIST_TTL: u64 = 10 * 366 * 86_400;
+
+/// The store key (without namespace) of a whitelist entry, the value
+/// checked and normalised as the reference filter keys it; an error says
+/// what is wrong.
+pub fn whitelist_key(kind: WhitelistKind, value: &str) -> Result<String, String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let v = value.trim();
+    match kind {
+        WhitelistKind::Client => {
+            let (ip, len) = match v.split_once('/') {
+                Some((ip, len)) => (ip, Some(len.parse::<u8>().map_err(|_| format!("{v:?}: a prefix length after /"))?)),
+                None => (v, None),
+            };
+            let ip: IpAddr = ip.parse().map_err(|_| format!("{v:?}: an IP address or network such as 192.0.2.0/24"))?;
+            let net = match ip {
+                IpAddr::V4(a) => {
+                    let len = len.unwrap_or(24);
+                    if !(8..=32).contains(&len) {
+                        return Err(format!("{v:?}: an IPv4 prefix of 8 to 32"));
+                    }
+                    format!("{}/{len}", Ipv4Addr::from(u32::from(a) & (u32::MAX << (32 - u32::from(len)))))
+                }
+                IpAddr::V6(a) => {
+                    let len = len.unwrap_or(64);
+                    if !(16..=128).contains(&len) {
+                        return Err(format!("{v:?}: an IPv6 prefix of 16 to 128"));
+                    }
+                    format!("{}/{len}", Ipv6Addr::from(u128::from(a) & (u128::MAX << (128 - u32::from(len)))))
+                }
+            };
+            Ok(format!("wl/client/{net}"))
+        }
+        WhitelistKind::Sender => {
+            let d = v.trim_start_matches('@').to_ascii_lowercase();
+            let ok = !d.is_empty()
+                && d.len() <= 200
+                && d.contains('.')
+                && d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+            if !ok {
+                return Err(format!("{v:?}: a sender domain such as example.org"));
+            }
+            Ok(format!("wl/sender/{d}"))
+        }
+        WhitelistKind::Recipient => {
+            let a = v.trim_start_matches('<').trim_end_matches('>').to_ascii_lowercase();
+            let ok = a.len() <= 200
+                && a.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+                && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(format!("{v:?}: a recipient address such as user@example.org"));
+            }
+            Ok(format!("wl/rcpt/{a}"))
+        }
+    }
 }
 
 /// Why a command failed.
@@ -102,6 +187,9 @@ pub enum AdminError {
     /// It changed while being released (a delivery attempt at that moment).
     #[error("{0} changed meanwhile: try again")]
     Conflict(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A greylist record, read.
@@ -201,6 +289,16 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
                     if !key.starts_with(&prefix) {
                         continue;
                     }
+                    if filter.whitelists {
+                        if key[prefix.len()..].starts_with("wl/") {
+                            matched += 1;
+                            if shown < limit {
+                                let _ = writeln!(out, "{key}  until {}", time(e.expires_at));
+                                shown += 1;
+                            }
+                        }
+                        continue;
+                    }
                     let Some(r) = Record::parse(key, namespace, &e.value, e.expires_at) else { continue };
                     let ok = contains(r.triplet.first(), &filter.client)
                         && contains(r.triplet.get(1), &filter.sender)
@@ -260,6 +358,15 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
                 true => Ok(format!("deleted {key}")),
                 false => Err(AdminError::NotFound(key)),
             }
+        }
+        Command::Whitelist { namespace, kind, value, ttl } => {
+            let key = full_key(namespace, &whitelist_key(*kind, value).map_err(AdminError::Invalid)?);
+            if *ttl == 0 || *ttl > MAX_WHITELIST_TTL {
+                return Err(AdminError::Invalid("the whitelist's time must be 1 second to 10 years".into()));
+            }
+            let until = now.saturating_add(*ttl);
+            store.set(&key, format!("whitelisted at {now}").as_bytes(), until, Condition::Any, now).await?;
+            Ok(format!("whitelisted {key} until {}", time(until)))
         }
         Command::Stats => {
             let mut counts: BTreeMap<String, u64> = BTreeMap::new();
@@ -328,5 +435,20 @@ mod tests {
             run(&s, &Command::Release { namespace: ns(), key: "awl/192.0.2".into() }, now).await,
             Err(AdminError::NotGreylist(_))
         ));
+        let wl = |kind, value: &str| Command::Whitelist { namespace: ns(), kind, value: value.into(), ttl: 3600 };
+        run(&s, &wl(WhitelistKind::Client, "192.0.2.77"), now).await.unwrap();
+        assert!(s.get("greylist/wl/client/192.0.2.0/24", now).await.unwrap().is_some_and(|e| e.expires_at == now + 3600));
+        run(&s, &wl(WhitelistKind::Sender, "@Example.ORG"), now).await.unwrap();
+        assert!(s.get("greylist/wl/sender/example.org", now).await.unwrap().is_some());
+        assert_eq!(whitelist_key(WhitelistKind::Client, "2001:db8::1").unwrap(), "wl/client/2001:db8::/64");
+        assert_eq!(whitelist_key(WhitelistKind::Recipient, "<Bob@Y.test>").unwrap(), "wl/rcpt/bob@y.test");
+        for (k, bad) in
+            [(WhitelistKind::Client, "10.0.0.0/4"), (WhitelistKind::Sender, "no spaces.org x"), (WhitelistKind::Recipient, "nobody")]
+        {
+            assert!(matches!(run(&s, &wl(k, bad), now).await, Err(AdminError::Invalid(_))), "{bad}");
+        }
+        let f = ListFilter { whitelists: true, ..Default::default() };
+        let out = run(&s, &Command::List { namespace: ns(), filter: f }, now).await.unwrap();
+        assert!(out.contains("greylist/wl/sender/example.org  until") && out.ends_with("2 records match, 2 shown"), "{out}");
     }
 }

@@ -492,6 +492,20 @@ fn greyhook_db_lists_releases_and_deletes_records() {
     assert!(ok && out.contains("greylist t greylisted 50") && out.contains("greylist t passed 1"), "{out}");
     let (ok, out) = greyhook_db(&["list", "--control", c, "--older-than", "1h"]);
     assert!(ok && out.contains("0 records match"), "{out}");
+    // Whitelisted for a time: a sender domain, a client network, a
+    // recipient — their next first-time mail passes without greylisting.
+    let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--sender", "partner.test", "--for", "1h"]);
+    assert!(ok && out.starts_with("whitelisted greylist/wl/sender/partner.test until"), "{out}");
+    assert_eq!(policy_ask(port, "203.0.113.50", "news@partner.test", "bob@dest.test"), "action=DUNNO");
+    greyhook_db(&["whitelist", "--control", c, "--client", "198.18.7.9"]);
+    assert_eq!(policy_ask(port, "198.18.7.200", "x@anyone.test", "bob@dest.test"), "action=DUNNO", "the client's /24");
+    greyhook_db(&["whitelist", "--control", c, "--recipient", "VIP@dest.test"]);
+    assert_eq!(policy_ask(port, "192.0.2.99", "x@anyone.test", "vip@dest.test"), "action=DUNNO");
+    assert!(policy_ask(port, "192.0.2.99", "x@anyone.test", "other@dest.test").contains("451"), "only the whitelisted recipient");
+    let (ok, out) = greyhook_db(&["list", "--control", c, "--whitelists"]);
+    assert!(ok && out.contains("greylist/wl/client/198.18.7.0/24") && out.contains("3 records match"), "{out}");
+    let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "10.0.0.0/4"]);
+    assert!(!ok && out.contains("prefix of 8 to 32"), "{out}");
     assert!(d.terminate(10), "{}", d.log_text());
 
     // The stopped daemon's file, read directly.

@@ -63,6 +63,29 @@ enum DbCommand {
         /// Most records printed.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// List the whitelist entries (`greyhook db whitelist`) instead.
+        /// Default: the greylist records.
+        #[arg(long)]
+        whitelists: bool,
+    },
+    /// Whitelist a client network, a sender domain or a recipient for a
+    /// time: the reference filter lets their mail through without
+    /// greylisting until it expires (`db delete` ends it sooner).
+    Whitelist {
+        #[command(flatten)]
+        target: DbTarget,
+        /// A client address (its /24 or /64) or network (`192.0.2.0/24`).
+        #[arg(long, group = "what")]
+        client: Option<String>,
+        /// A sender domain (`example.org`).
+        #[arg(long, group = "what")]
+        sender: Option<String>,
+        /// A recipient address (`user@example.org`).
+        #[arg(long, group = "what")]
+        recipient: Option<String>,
+        /// For how long (`7d`, `12h`; at most 10 years).
+        #[arg(long = "for", value_name = "DURATION", default_value = "30d")]
+        duration: String,
     },
     /// Show one record in full.
     Show {
@@ -630,7 +653,21 @@ async fn run(cli: Cli) -> Result<()> {
             let _log = init_logging("warn");
             return migrate(&from, &to, &prefix).await;
         }
-        Command::Db { command: DbCommand::List { target, client, sender, recipient, state, older_than, limit } } => {
+        Command::Db { command: DbCommand::Whitelist { target, client, sender, recipient, duration } } => {
+            use greyhook::admin::WhitelistKind;
+            let (kind, value) = match (client, sender, recipient) {
+                (Some(c), _, _) => (WhitelistKind::Client, c),
+                (_, Some(s), _) => (WhitelistKind::Sender, s),
+                (_, _, Some(r)) => (WhitelistKind::Recipient, r),
+                _ => anyhow::bail!("name what to whitelist: --client, --sender or --recipient"),
+            };
+            let ttl = humantime_serde::re::humantime::parse_duration(&duration)
+                .with_context(|| format!("--for {duration:?}: a duration such as 7d or 12h"))?
+                .as_secs();
+            let namespace = target.namespace.clone();
+            return db_admin(target, greyhook::admin::Command::Whitelist { namespace, kind, value, ttl }).await;
+        }
+        Command::Db { command: DbCommand::List { target, client, sender, recipient, state, older_than, limit, whitelists } } => {
             let _log = init_logging("warn");
             let older_than = match older_than {
                 Some(d) => Some(
@@ -640,7 +677,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            let filter = greyhook::admin::ListFilter { client, sender, recipient, state, older_than, limit: Some(limit) };
+            let filter = greyhook::admin::ListFilter { client, sender, recipient, state, older_than, limit: Some(limit), whitelists };
             let namespace = target.namespace.clone();
             return db_admin(target, greyhook::admin::Command::List { namespace, filter }).await;
         }
