@@ -115,6 +115,16 @@ pub struct HostMetrics {
     pub reloads: Family<ResultLabel, Counter>,
     /// Decisions by action over every front end, for `greyhook status`.
     actions: [std::sync::atomic::AtomicU64; ACTIONS.len()],
+    /// Decisions by action in each of the last 24 hours (the status page's chart).
+    hours: [Hour; 24],
+}
+
+/// One hour's decisions by action; a slot is reused 24 hours later.
+#[derive(Debug, Default)]
+struct Hour {
+    /// Which hour (Unix seconds / 3600) the counts are of.
+    hour: std::sync::atomic::AtomicU64,
+    counts: [std::sync::atomic::AtomicU64; ACTIONS.len()],
 }
 
 /// The actions a decision can have ([`crate::session::audit::action`]).
@@ -135,6 +145,7 @@ impl HostMetrics {
             dns_cache_hits: Counter::default(),
             reloads: Family::default(),
             actions: Default::default(),
+            hours: Default::default(),
         }
     }
 
@@ -158,8 +169,38 @@ impl HostMetrics {
     pub fn decision(&self, front_end: &'static str, phase: &'static str, action: &'static str) {
         self.decisions.get_or_create(&DecisionLabels { front_end, phase, action }).inc();
         if let Some(i) = ACTIONS.iter().position(|a| *a == action) {
-            self.actions[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            use std::sync::atomic::Ordering::Relaxed;
+            self.actions[i].fetch_add(1, Relaxed);
+            let hour = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 3600);
+            let slot = &self.hours[(hour % 24) as usize];
+            let seen = slot.hour.load(Relaxed);
+            // A new hour takes the slot over; the one thread that wins
+            // clears it (a decision racing with the clearing may be lost:
+            // this is a chart, the counters above are exact).
+            if seen != hour && slot.hour.compare_exchange(seen, hour, Relaxed, Relaxed).is_ok() {
+                for c in &slot.counts {
+                    c.store(0, Relaxed);
+                }
+            }
+            slot.counts[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// The last 24 hours' decisions by action, oldest first: (hour start
+    /// in Unix seconds, counts in [`ACTIONS`] order); hours with none are
+    /// left out.
+    pub fn last_day(&self) -> Vec<(u64, Vec<u64>)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 3600);
+        let mut out: Vec<(u64, Vec<u64>)> = self
+            .hours
+            .iter()
+            .map(|h| (h.hour.load(Relaxed), h.counts.iter().map(|c| c.load(Relaxed)).collect::<Vec<u64>>()))
+            .filter(|(h, c)| *h + 24 > now && *h <= now && c.iter().any(|n| *n > 0))
+            .map(|(h, c)| (h * 3600, c))
+            .collect();
+        out.sort_by_key(|(h, _)| *h);
+        out
     }
 
     /// Decisions so far by action, over every front end (each of [`ACTIONS`]).

@@ -170,6 +170,8 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     assert!(text.contains(&format!("store redb: redb file {}", db.display())) && text.contains(" size="), "{text}");
     let json: serde_json::Value = serde_json::from_str(&status(&control, true)).unwrap();
     assert_eq!(json["decisions"]["greylist"], 601, "{json}");
+    let last_day: u64 = json["last_day"].as_array().unwrap().iter().map(|h| h["decisions"]["greylist"].as_u64().unwrap()).sum();
+    assert_eq!(last_day, 601, "the hours of the last day add up: {json}");
     assert_eq!(json["store"]["kind"], "redb", "{json}");
     assert!(json["store"]["size_bytes"].as_u64().is_some_and(|b| b > 0), "{json}");
     assert!(d.terminate(10), "{}", d.log_text());
@@ -223,7 +225,9 @@ fn status_tells_the_last_reload_and_the_page_is_self_contained() {
     assert!(value(&m, "greyhook_reloads_total{result=\"unchanged\"}") >= 1.0, "{m:#?}");
 
     // The page: HTML with inline SVG charts, nothing fetched from elsewhere.
+    assert!(policy_ask(policy, "192.0.2.1", "a@page.test", "b@dest.test").contains("451"));
     let page = http(metrics, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(page.contains("greylisted per hour (UTC)"), "{page}");
     assert!(page.starts_with("HTTP/1.1 200") && page.contains("content-type: text/html"), "{page}");
     assert!(page.contains("<svg") && page.contains("decisions by action") && page.contains("not a WebAssembly file"), "{page}");
     for external in ["src=", "href=", "@import", "url("] {
@@ -232,7 +236,7 @@ fn status_tells_the_last_reload_and_the_page_is_self_contained() {
     let body = page.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let saved = dir.path().join("status.html");
     std::fs::write(&saved, body).unwrap();
-    render_in_chromium(&saved, &["decisions by action", "Listeners", "not a WebAssembly file"]);
+    render_in_chromium(&saved, &["decisions by action", "Listeners", "not a WebAssembly file", "greylisted per hour"]);
     let other = http(metrics, "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     let post = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

@@ -53,6 +53,22 @@ pub(super) fn render(st: &Status) -> String {
         v["decisions"].as_object().into_iter().flatten().map(|(k, n)| (k.clone(), n.as_f64().unwrap_or(0.0))).collect();
     body.push_str("<h2>Decisions since start</h2>");
     body.push_str(&bar_chart("decisions by action", &decisions));
+    // The last day, hour by hour: what was greylisted and what passed.
+    let hours = v["last_day"].as_array().cloned().unwrap_or_default();
+    if !hours.is_empty() {
+        let per_hour = |action: &str| -> Vec<(String, f64)> {
+            hours
+                .iter()
+                .map(|h| {
+                    let label = h["hour"].as_str().unwrap_or("").get(..16).unwrap_or("").replace('T', " ");
+                    (label, h["decisions"][action].as_f64().unwrap_or(0.0))
+                })
+                .collect()
+        };
+        body.push_str("<h2>The last 24 hours</h2>");
+        body.push_str(&bar_chart("greylisted per hour (UTC)", &per_hour("greylist")));
+        body.push_str(&bar_chart("passed per hour (UTC)", &per_hour("pass")));
+    }
     let d = &v["dns"];
     let _ = write!(
         body,

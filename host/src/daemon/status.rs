@@ -83,7 +83,16 @@ pub(super) struct Status {
     store: StoreStatus,
     dns: DnsStatus,
     decisions: serde_json::Map<String, serde_json::Value>,
+    /// The last 24 hours: each hour with decisions, by action.
+    last_day: Vec<HourStatus>,
     filters: Vec<FilterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct HourStatus {
+    /// The hour's start, RFC 3339.
+    hour: String,
+    decisions: serde_json::Map<String, serde_json::Value>,
 }
 
 fn metric_json(m: crate::runtime::metrics::MetricSample) -> serde_json::Value {
@@ -145,6 +154,14 @@ impl Status {
                 cut_by_deadline: dns.detached.load(Relaxed),
             },
             decisions,
+            last_day: crate::telemetry::host()
+                .last_day()
+                .into_iter()
+                .map(|(h, counts)| HourStatus {
+                    hour: rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(h)),
+                    decisions: crate::telemetry::ACTIONS.iter().zip(counts).map(|(a, n)| (a.to_string(), n.into())).collect(),
+                })
+                .collect(),
             filters,
         }
     }
