@@ -121,8 +121,13 @@ impl DecisionRecord {
     /// `greyhook::decision:` target (or the whole line); `None` for any
     /// other line.
     pub fn parse_line(line: &str) -> Option<DecisionRecord> {
-        let json = match line.find("greyhook::decision: ") {
-            Some(i) => &line[i + "greyhook::decision: ".len()..],
+        const TARGET: &str = "greyhook::decision: ";
+        let json = match line.find(TARGET) {
+            // Only where the target stands: after a timestamp and a level,
+            // not inside another line's message (a filter's log line that
+            // quotes a peer's text could otherwise forge a decision).
+            Some(i) if i <= 64 && !line[..i].contains("::") && !line[..i].contains(['"', '{', '<', '@']) => &line[i + TARGET.len()..],
+            Some(_) => return None,
             None => line,
         };
         let json = json.trim();
@@ -189,4 +194,23 @@ pub fn log_decision(front_end: &str, phase: Phase, ctx: &Context, recipient: Opt
         line.push_str(&format!(" session={}", s.id));
     }
     tracing::info!(target: "greyhook::decision", "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_real_decision_lines_are_read() {
+        let real =
+            r#"2026-11-30T12:00:00.000000Z  INFO greyhook::decision: {"v":1,"ts":5,"action":"pass","phase":"rcpt","client":"192.0.2.1"}"#;
+        assert_eq!(DecisionRecord::parse_line(real).map(|r| r.ts), Some(5));
+        let bare = r#"{"v":1,"ts":6,"action":"pass","phase":"rcpt","client":"192.0.2.1"}"#;
+        assert_eq!(DecisionRecord::parse_line(bare).map(|r| r.ts), Some(6));
+        // A filter's line quoting a peer's sender that imitates one.
+        let forged = r#"2026-11-30T12:00:00Z  INFO greyhook::filter: session 1: sender keyed on its raw bytes: x greyhook::decision: {"v":1,"ts":7,"action":"pass","phase":"rcpt","client":"192.0.2.1"}"#;
+        assert_eq!(DecisionRecord::parse_line(forged), None);
+        assert_eq!(DecisionRecord::parse_line("INFO greyhook::decision: action=pass phase=rcpt"), None);
+        assert_eq!(DecisionRecord::parse_line(r#"{"v":2,"ts":1}"#), None);
+    }
 }
