@@ -528,3 +528,28 @@ fn greyhook_db_lists_releases_and_deletes_records() {
     assert!(ok && out.contains("(privacy: hashed only)") && !out.contains("alice"), "{out}");
     assert!(d.terminate(10), "{}", d.log_text());
 }
+
+/// `greyhook db` on Redis, the store an MX farm shares: what a daemon
+/// wrote there is listed, released and counted from another host's view.
+#[test]
+fn greyhook_db_works_on_a_shared_redis_store() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let c = dir.path().join("c.sock");
+    let mut d = Process::greyhook(
+        &["serve", "--db", &redis.url(), "--control", c.to_str().unwrap(), "--policy", &format!("127.0.0.1:{port}")],
+        dir.path().join("log"),
+    );
+    d.wait_listening(port, 60);
+    assert!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test").contains("451"));
+    let (ok, out) = greyhook_db(&["list", "--db", &redis.url(), "--sender", "alice@"]);
+    assert!(ok && out.contains("alice@sender.test bob@dest.test") && out.contains("1 records match"), "{out}");
+    let key = out.split_whitespace().next().unwrap().to_string();
+    let (ok, out) = greyhook_db(&["release", "--db", &redis.url(), &key]);
+    assert!(ok && out.starts_with("released"), "{out}");
+    assert_eq!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test"), "action=DUNNO", "the daemon sees the release");
+    let (ok, out) = greyhook_db(&["stats", "--db", &redis.url()]);
+    assert!(ok && out.contains("greylist t passed 1"), "{out}");
+    assert!(d.terminate(10), "{}", d.log_text());
+}
