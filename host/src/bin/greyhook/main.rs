@@ -75,12 +75,13 @@ enum DbCommand {
         #[command(flatten)]
         target: DbTarget,
         /// A client address (its /24 or /64) or network (`192.0.2.0/24`).
+        /// Default: none; name one of --client, --sender, --recipient.
         #[arg(long, group = "what")]
         client: Option<String>,
-        /// A sender domain (`example.org`).
+        /// A sender domain (`example.org`). Default: none.
         #[arg(long, group = "what")]
         sender: Option<String>,
-        /// A recipient address (`user@example.org`).
+        /// A recipient address (`user@example.org`). Default: none.
         #[arg(long, group = "what")]
         recipient: Option<String>,
         /// For how long (`7d`, `12h`; at most 10 years).
