@@ -15,6 +15,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::clock::rfc3339;
 use crate::store::{Condition, Store, StoreError, WriteOutcome};
 
 /// Most records one `list` prints.
@@ -240,7 +241,7 @@ impl Record {
     }
 
     fn line(&self) -> String {
-        let passed = if self.passed == 0 { "-".to_string() } else { time(self.passed) };
+        let passed = if self.passed == 0 { "-".to_string() } else { rfc3339(self.passed) };
         let triplet = if self.triplet.is_empty() { "(privacy: hashed only)".to_string() } else { self.triplet.join(" ") };
         format!(
             "{}  {:<10}  first={}  passed={}  expires={}  {}",
@@ -249,19 +250,12 @@ impl Record {
                 State::Greylisted => "greylisted",
                 State::Passed => "passed",
             },
-            time(self.first_seen),
+            rfc3339(self.first_seen),
             passed,
-            time(self.expires_at),
+            rfc3339(self.expires_at),
             triplet
         )
     }
-}
-
-fn time(t: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| t.to_string())
 }
 
 fn full_key(namespace: &str, key: &str) -> String {
@@ -293,7 +287,7 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
                         if key[prefix.len()..].starts_with("wl/") {
                             matched += 1;
                             if shown < limit {
-                                let _ = writeln!(out, "{key}  until {}", time(e.expires_at));
+                                let _ = writeln!(out, "{key}  until {}", rfc3339(e.expires_at));
                                 shown += 1;
                             }
                         }
@@ -334,7 +328,12 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
                     r.triplet.get(2).map_or("-", String::as_str),
                 ),
                 None => {
-                    format!("{key}  expires={}  version {}  value {:?}", time(e.expires_at), e.version, String::from_utf8_lossy(&e.value))
+                    format!(
+                        "{key}  expires={}  version {}  value {:?}",
+                        rfc3339(e.expires_at),
+                        e.version,
+                        String::from_utf8_lossy(&e.value)
+                    )
                 }
             })
         }
@@ -366,7 +365,7 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
             }
             let until = now.saturating_add(*ttl);
             store.set(&key, format!("whitelisted at {now}").as_bytes(), until, Condition::Any, now).await?;
-            Ok(format!("whitelisted {key} until {}", time(until)))
+            Ok(format!("whitelisted {key} until {}", rfc3339(until)))
         }
         Command::Stats => {
             let mut counts: BTreeMap<String, u64> = BTreeMap::new();

@@ -257,14 +257,14 @@ pub fn build(records: impl IntoIterator<Item = DecisionRecord>) -> Report {
             (name.to_string(), delays.iter().filter(|d| **d >= lo && **d < *hi).count() as u64)
         })
         .collect();
-    let top3 = |m: HashMap<String, (u64, u64)>| {
+    let top = |m: HashMap<String, (u64, u64)>| {
         let mut v: Vec<(String, u64, u64)> = m.into_iter().map(|(k, (s, n))| (k, s, n)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(TOP);
         v
     };
-    r.delayed_domains = top3(by_domain);
-    r.delayed_senders = top3(by_sender);
+    r.delayed_domains = top(by_domain);
+    r.delayed_senders = top(by_sender);
     let mut f: Vec<(String, usize, u64)> = farms.into_iter().map(|(k, (n, m))| (k, n, m)).collect();
     f.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
     f.truncate(TOP);

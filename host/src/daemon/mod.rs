@@ -220,6 +220,16 @@ impl Shared {
         r
     }
 
+    /// Live records at the last count, if counted yet.
+    fn records(&self) -> Option<u64> {
+        Some(self.records.load(std::sync::atomic::Ordering::Relaxed)).filter(|n| *n != u64::MAX)
+    }
+
+    /// The redb file's size now (none for memory and Redis stores).
+    fn store_size(&self) -> Option<u64> {
+        self.store_file.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())
+    }
+
     /// Records filter `i`'s reload (or revert) for `status` and the counters.
     fn record_reload(&self, i: usize, ok: bool, result: String, kind: &'static str) {
         crate::telemetry::host().reloads.get_or_create(&crate::telemetry::ResultLabel { result: kind }).inc();

@@ -26,13 +26,9 @@ impl LastReload {
     }
 }
 
-/// A time as RFC 3339 (UTC, seconds).
-pub(super) fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| secs.to_string())
+/// A wall-clock time as RFC 3339 (UTC, seconds).
+fn rfc3339(t: SystemTime) -> String {
+    crate::domain::clock::rfc3339(t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
 #[derive(Debug, Serialize)]
@@ -132,12 +128,11 @@ impl Status {
             })
             .collect();
         let dns = shared.resolver.stats();
-        let records = shared.records.load(Relaxed);
         let store = StoreStatus {
             kind: shared.store_kind.to_string(),
             path: shared.store_desc.clone(),
-            size_bytes: shared.store_file.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()),
-            records: (records != u64::MAX).then_some(records),
+            size_bytes: shared.store_size(),
+            records: shared.records(),
             health: if shared.store.degraded() { "degraded" } else { "ok" },
             failures: shared.store.failures(),
         };
@@ -158,7 +153,7 @@ impl Status {
                 .last_day()
                 .into_iter()
                 .map(|(h, counts)| HourStatus {
-                    hour: rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(h)),
+                    hour: crate::domain::clock::rfc3339(h),
                     decisions: crate::telemetry::ACTIONS.iter().zip(counts).map(|(a, n)| (a.to_string(), n.into())).collect(),
                 })
                 .collect(),

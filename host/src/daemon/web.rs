@@ -182,11 +182,10 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
             MetricType::Gauge,
             if s.store.degraded() { 1.0 } else { 0.0 },
         )?;
-        let records = s.records.load(Relaxed);
-        if records != u64::MAX {
+        if let Some(records) = s.records() {
             encode_value(e, "store_records", "Live records at the last count (each sweep)", MetricType::Gauge, records as f64)?;
         }
-        if let Some(size) = s.store_file.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
+        if let Some(size) = s.store_size() {
             encode_value(e, "store_size_bytes", "The store file's size", MetricType::Gauge, size as f64)?;
         }
         Ok(())
