@@ -6,6 +6,7 @@ mod dns;
 mod farm;
 mod farms;
 mod greylist;
+mod haraka;
 mod hostile;
 mod languages;
 mod milter;

@@ -119,3 +119,59 @@ proptest! {
         let _ = parse_retry_hint(&s);
     }
 }
+
+/// The verdict test vectors both hosts pass (`tests/data/verdict-vectors.json`;
+/// haraka-plugin-greyhook runs the same file in `hosts/haraka/test/`).
+#[test]
+fn shared_verdict_vectors() {
+    use greyhook::reply::{check_ehlo, check_verdict, render_single_line};
+    use greyhook::types::{Decision, EhloVerdict, Header, Verdict};
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/verdict-vectors.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vectors = doc["vectors"].as_array().unwrap();
+    assert!(vectors.len() >= 40);
+    for v in vectors {
+        let name = v["name"].as_str().unwrap();
+        let j = &v["verdict"];
+        let reply = j.get("reply").map(|r| Reply {
+            code: r["code"].as_u64().unwrap() as u16,
+            enhanced: r.get("enhanced").and_then(|e| e.as_str()).map(String::from),
+            text: r["text"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect(),
+            retry_after: r.get("retry_after").and_then(|n| n.as_u64()).map(|n| n as u32),
+        });
+        let decision = match j["decision"].as_str().unwrap() {
+            "continue" => Decision::Continue,
+            "accept" => Decision::Accept,
+            "tempfail" => Decision::Tempfail(reply.clone().unwrap()),
+            "reject" => Decision::Reject(reply.clone().unwrap()),
+            d => panic!("{name}: decision {d}"),
+        };
+        let add_headers = j
+            .get("add_headers")
+            .and_then(|h| h.as_array())
+            .map(|hs| {
+                hs.iter().map(|h| Header { name: h["name"].as_str().unwrap().into(), value: h["value"].as_str().unwrap().into() }).collect()
+            })
+            .unwrap_or_default();
+        let verdict = Verdict { decision, add_headers, policy_group: j.get("policy_group").and_then(|g| g.as_str()).map(String::from) };
+        let checked = match j.get("keywords").and_then(|k| k.as_array()) {
+            Some(k) => check_ehlo(&EhloVerdict { verdict, keywords: k.iter().map(|k| k.as_str().unwrap().to_string()).collect() }),
+            None => check_verdict(&verdict),
+        };
+        let e = &v["expect"];
+        if e["valid"].as_bool().unwrap() {
+            assert!(checked.is_ok(), "{name}: {checked:?}");
+            if let Some(lines) = e.get("lines") {
+                let want: Vec<&str> = lines.as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+                assert_eq!(render_lines(reply.as_ref().unwrap()), want, "{name}");
+            }
+            if let Some(single) = e.get("single_line") {
+                assert_eq!(render_single_line(reply.as_ref().unwrap()), single.as_str().unwrap(), "{name}");
+            }
+        } else {
+            let err = format!("{:?}", checked.expect_err(name));
+            let kind = err.split('(').next().unwrap();
+            assert_eq!(kind, e["error"].as_str().unwrap(), "{name}: {err}");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+'use strict'
+// haraka-plugin-greyhook: a greyhook filter (a WebAssembly component built
+// for the `greyhook:filter` world) inside Haraka. Haraka's connection and
+// transaction become the WIT context at connect, HELO/EHLO, MAIL, RCPT and
+// end of DATA; the filter's verdict is checked and rendered as greyhook's
+// own front ends render it (lib/reply.js). The filter runs in worker
+// threads with a deadline (lib/filter.js); its store is in memory or in
+// Redis with greyhook's key layout (lib/store.js).
+
+const path = require('node:path')
+const fs = require('node:fs')
+const ipaddr = require('ipaddr.js')
+const { Filter } = require('./lib/filter')
+const { openStore } = require('./lib/store')
+const { renderLines } = require('./lib/reply')
+
+/** The reference filter, shipped in the package (npm run build-filter). */
+const REFERENCE = path.join(__dirname, 'filters', 'greylist.wasm')
+
+/** Haraka's own DSN class is recognised by its name; this one carries lines already rendered. */
+class DSN {
+    constructor(code, reply) {
+        this.code = code
+        this.reply = reply
+    }
+}
+
+exports.register = function () {
+    this.load_greyhook_ini()
+    this.greyhook_ready = this.start_greyhook().catch((e) => {
+        this.logcrit(`greyhook: the filter did not load: ${e.message}; its failure policy answers every call`)
+        return null
+    })
+    this.register_hook('connect', 'greyhook_connect')
+    this.register_hook('helo', 'greyhook_helo')
+    this.register_hook('ehlo', 'greyhook_helo')
+    this.register_hook('capabilities', 'greyhook_capabilities')
+    this.register_hook('mail', 'greyhook_mail')
+    this.register_hook('rcpt', 'greyhook_rcpt')
+    this.register_hook('rcpt_ok', 'greyhook_rcpt_ok')
+    this.register_hook('data_post', 'greyhook_data_post')
+}
+
+exports.load_greyhook_ini = function () {
+    this.cfg = this.config.get('greyhook.ini', { booleans: ['+filter.watch'] }, () => this.load_greyhook_ini())
+}
+
+/** Where a configured path points: relative paths are in Haraka's config directory. */
+function sitePath(p) {
+    return path.resolve(process.env.HARAKA || process.cwd(), 'config', p)
+}
+
+exports.start_greyhook = async function () {
+    const f = this.cfg.filter || {}
+    const s = this.cfg.store || {}
+    const d = this.cfg.dns || {}
+    const file = f.path ? sitePath(f.path) : REFERENCE
+    const config = f.config ? fs.readFileSync(sitePath(f.config), 'utf8') : ''
+    const store = openStore({ kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records })
+    const limits = {}
+    if (f.deadline_ms) limits.deadlineMs = Number(f.deadline_ms)
+    if (f.store_calls) limits.storeCalls = Number(f.store_calls)
+    if (f.memory_mb) limits.memory = Number(f.memory_mb) << 20
+    if (!(limits.deadlineMs === undefined || (limits.deadlineMs >= 1 && limits.deadlineMs <= 60000))) {
+        throw new Error('filter.deadline_ms must be between 1 and 60000')
+    }
+    const level = { debug: 'logdebug', info: 'loginfo', notice: 'lognotice', warn: 'logwarn', error: 'logerror' }
+    const filter = new Filter({
+        path: file,
+        config,
+        namespace: f.namespace,
+        failurePolicy: f.failure_policy,
+        store,
+        limits,
+        workers: f.workers,
+        dns: { servers: d.servers ? String(d.servers).split(/[\s,]+/).filter(Boolean) : [], timeoutMs: d.timeout_ms },
+        logger: (l, m) => this[level[l] || 'loginfo'](m),
+    })
+    const info = await filter.load()
+    this.loginfo(`greyhook: loaded ${info.name} ${info.version} from ${file} (store ${store.kind}, ${filter.workerCount} worker(s), deadline ${filter.limits.deadlineMs} ms)`)
+    if (this.cfg.filter?.watch !== false) filter.watch()
+    this.greyhook = filter
+    return filter
+}
+
+exports.shutdown = function () {
+    this.greyhook?.close()
+    this.greyhook?.store?.close()
+}
+
+/** The client's address as the WIT `ip-address` (IPv4-mapped IPv6 as IPv4). */
+function witAddress(ip) {
+    const a = ipaddr.process(String(ip))
+    return a.kind() === 'ipv4' ? { tag: 'ipv4', val: a.octets } : { tag: 'ipv6', val: a.parts }
+}
+
+/** An envelope address as the WIT gives it (`''` for the null sender). */
+function addressOf(a) {
+    if (!a || a.isNull?.()) return ''
+    return String(typeof a.address === 'function' ? a.address() : a.address)
+}
+
+const orNone = (s) => (typeof s === 'string' && s.length ? s : undefined)
+
+/** Haraka's connection and transaction as the WIT `context`. */
+function context(connection) {
+    const r = connection.remote || {}
+    const rdns = ['NXDOMAIN', 'DNSERROR', 'Unknown', ''].includes(r.host) ? undefined : orNone(r.host)
+    const fcrdns = connection.results?.get?.('fcrdns')?.fcrdns
+    const txn = connection.transaction
+    const g = txn?.notes?.greyhook
+    let sender
+    if (txn?.mail_from) sender = addressOf(txn.mail_from)
+    return {
+        session: {
+            id: String(connection.uuid),
+            clientAddress: witAddress(r.ip),
+            clientName: Array.isArray(fcrdns) ? orNone(fcrdns[0]) : undefined,
+            reverseClientName: rdns,
+            helo: orNone(connection.hello?.host),
+            authUser: orNone(connection.notes?.auth_user),
+            tls: !!connection.tls?.enabled,
+        },
+        transaction: { sender, recipients: g ? g.recipients : [] },
+        now: BigInt(Math.floor(Date.now() / 1000)),
+    }
+}
+
+/** The reply as Haraka sends it: the lines greyhook renders, without their codes. */
+function dsn(reply) {
+    const lines = renderLines(reply).map((l) => l.slice(4))
+    // Haraka drops blank lines and would send nothing for a reply with no
+    // text and no enhanced code: give it one word.
+    if (!lines.some((l) => /\S/.test(l))) lines.push(reply.code >= 500 ? 'Rejected' : 'Try again later')
+    return new DSN(reply.code, lines)
+}
+
+/** Calls the filter; `undefined` when it is not loaded (its failure policy then answers). */
+async function ask(plugin, hook, connection, arg) {
+    const filter = await plugin.greyhook_ready
+    if (!filter) return null
+    return filter.call(hook, context(connection), arg)
+}
+
+/** Answers Haraka for a verdict; `connect` closes after a tempfail/reject, as the draft's 421. */
+function answer(next, verdict, phase) {
+    const d = verdict.decision
+    const constants = require('haraka-constants')
+    if (d.tag === 'tempfail') return next(phase === 'connect' ? constants.denysoftdisconnect : constants.denysoft, dsn(d.val))
+    if (d.tag === 'reject') return next(phase === 'connect' ? constants.denydisconnect : constants.deny, dsn(d.val))
+    // `accept` ends the filter chain in greyhook; in Haraka it must not
+    // accept a recipient on the MTA's behalf (that would bypass relay
+    // control), so it lets Haraka's other plugins decide, as `continue`.
+    return next()
+}
+
+/** Keeps the headers a verdict adds, for the end of DATA. */
+function keepHeaders(connection, verdict) {
+    const hs = verdict.addHeaders || []
+    if (!hs.length || !connection.transaction) return
+    const g = notes(connection)
+    for (const h of hs) {
+        if (!g.headers.some((x) => x.name === h.name && x.value === h.value) && g.headers.length < 16) g.headers.push(h)
+    }
+}
+
+function notes(connection) {
+    const n = connection.transaction.notes
+    if (!n.greyhook) n.greyhook = { recipients: [], pending: new Map(), headers: [] }
+    return n.greyhook
+}
+
+/** Runs a hook and answers; a failure before the filter answers is the failure policy's (continue). */
+function hookRunner(hook, argOf, after) {
+    return function (next, connection, params) {
+        run(this, hook, connection, argOf ? argOf(connection, params) : undefined, next, (r) => {
+            if (after) after(connection, r, params)
+        })
+    }
+}
+
+/**
+ * Asks the filter and answers Haraka exactly once: a fault on this side
+ * (not the client's input) lets the mail go on, as the failure policy
+ * `continue` does.
+ */
+function run(plugin, hook, connection, arg, next, before) {
+    let r
+    ask(plugin, hook, connection, arg)
+        .then((got) => {
+            r = got
+            if (r) {
+                if (r.failure) connection.results?.add?.(plugin, { err: r.failure })
+                keepHeaders(connection, r.verdict)
+                before(r)
+            }
+        })
+        .catch((e) => {
+            plugin.logerror(`greyhook: ${hook}: ${e.message}`, connection)
+            r = null
+        })
+        .then(() => (r ? answer(next, r.verdict, hook) : next()))
+}
+
+exports.greyhook_connect = hookRunner('connect')
+
+exports.greyhook_helo = hookRunner('ehlo', null, (connection, r) => {
+    connection.notes.greyhook_keywords = r.keywords || []
+})
+
+exports.greyhook_capabilities = function (next, connection) {
+    for (const k of connection.notes.greyhook_keywords || []) {
+        if (!connection.capabilities.includes(k)) connection.capabilities.push(k)
+    }
+    next()
+}
+
+exports.greyhook_mail = hookRunner('mail', (connection, params) => addressOf(params[0]))
+
+exports.greyhook_rcpt = hookRunner(
+    'rcpt',
+    (connection, params) => addressOf(params[0]),
+    (connection, r, params) => {
+        if (r.verdict.policyGroup != null) notes(connection).pending.set(addressOf(params[0]), r.verdict.policyGroup)
+    },
+)
+
+exports.greyhook_rcpt_ok = function (next, connection, rcpt) {
+    // The recipients Haraka accepted, with the policy group the filter gave each.
+    if (connection.transaction) {
+        const g = notes(connection)
+        const address = addressOf(rcpt)
+        if (g.recipients.length < 1000) g.recipients.push({ address, policyGroup: g.pending.get(address) ?? '' })
+    }
+    next()
+}
+
+exports.greyhook_data_post = function (next, connection) {
+    const txn = connection.transaction
+    const headers = []
+    for (const raw of txn.header.header_list.slice(0, 500)) {
+        const line = raw.replace(/\r?\n([ \t])/g, '$1').replace(/[\r\n]+$/, '')
+        const i = line.indexOf(':')
+        if (i <= 0) continue
+        headers.push({ name: line.slice(0, i).slice(0, 64), value: line.slice(i + 1).trim().replace(/[\r\n]/g, ' ').slice(0, 998) })
+    }
+    const id = txn.header.get('Message-ID')
+    const message = { messageId: orNone(String(id || '').trim().slice(0, 998)), headers }
+    run(this, 'data', connection, message, next, (r) => {
+        // The headers every verdict of the transaction added, once the
+        // filter lets the message through.
+        const d = r.verdict.decision.tag
+        if (d !== 'tempfail' && d !== 'reject') for (const h of notes(connection).headers) txn.add_header(h.name, h.value)
+    })
+}
+
+// For tests and tools: the pieces, without Haraka.
+exports._internals = { context, dsn, witAddress }

@@ -1,0 +1,465 @@
+'use strict'
+// A loaded filter on Haraka's main thread: a small pool of worker threads
+// (lib/worker.js), each running one instance of the component; a watchdog
+// per call; the host side of the store and DNS imports; checking and the
+// failure policy; hot reload of the component file.
+
+const fs = require('node:fs')
+const path = require('node:path')
+const crypto = require('node:crypto')
+const { Worker, MessageChannel } = require('node:worker_threads')
+const dns = require('node:dns')
+const { checkVerdict, checkEhlo } = require('./reply')
+const { StoreError } = require('./store')
+
+const WORKER = path.join(__dirname, 'worker.js')
+
+// Compile a filter's Wasm whole at load, not function by function on its
+// first calls: a first call that compiles as it goes can overrun the
+// deadline. (A V8 flag, process-wide; workers created later inherit it.)
+require('node:v8').setFlagsFromString('--no-wasm-lazy-compilation')
+
+/** Defaults, as greyhook's `[limits]` (docs/configuration.md). */
+const DEFAULT_LIMITS = {
+    deadlineMs: 100,
+    memory: 32 << 20,
+    storeCalls: 64,
+    maxTtl: 100 * 86400,
+    dnsLookups: 16,
+    logLinesPerCall: 32,
+    logLineBytes: 1024,
+    maxQueue: 1000,
+    loadMs: 30000,
+}
+
+/** The verdict the failure policy gives at `phase` (as greyhook's `FailurePolicy::verdict`). */
+function failureVerdict(policy, phase) {
+    if (policy !== 'tempfail') return { decision: { tag: 'continue' }, addHeaders: [] }
+    return {
+        decision: {
+            tag: 'tempfail',
+            val: { code: phase === 'connect' ? 421 : 451, enhanced: '4.3.0', text: ['Temporary local problem, please try again later'] },
+        },
+        addHeaders: [],
+    }
+}
+
+/** One worker thread and its bridge. */
+class Slot {
+    constructor(filter, source) {
+        this.filter = filter
+        this.ctrl = new SharedArrayBuffer(4)
+        this.ctrlView = new Int32Array(this.ctrl)
+        const { port1, port2 } = new MessageChannel()
+        this.port = port1
+        this.worker = new Worker(WORKER, {
+            workerData: { ...source, config: filter.config, namespace: filter.namespace, limits: filter.limits, ctrl: this.ctrl, port: port2 },
+            transferList: [port2],
+            // The JavaScript heap of the bindings; Wasm memory is checked after every call.
+            resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16 },
+            stdout: true,
+            stderr: true,
+        })
+        this.worker.stdout.resume()
+        this.worker.stderr.resume()
+        this.busy = null
+        this.dead = false
+        this.ready = new Promise((resolve, reject) => {
+            this.readyResolve = resolve
+            this.readyReject = reject
+        })
+        this.worker.on('message', (m) => this.onMessage(m))
+        this.worker.on('error', (e) => this.onExit(`worker error: ${e.message}`))
+        this.worker.on('exit', (code) => this.onExit(`worker exited (${code})`))
+    }
+
+    onMessage(m) {
+        switch (m.type) {
+            case 'ready':
+                this.isReady = true
+                this.readyResolve(m)
+                break
+            case 'failed':
+                this.dead = true
+                this.readyReject(new Error(m.message))
+                this.worker.terminate()
+                break
+            case 'result': {
+                const b = this.busy
+                if (!b || b.id !== m.id) return
+                this.busy = null
+                clearTimeout(b.timer)
+                b.resolve(m)
+                // A worker of a generation a reload replaced ends after its call.
+                if (this.retire) this.kill('reloaded')
+                else this.filter.dispatch()
+                break
+            }
+            case 'host':
+                this.filter.hostCall(this, m)
+                break
+            case 'log':
+                this.filter.log(m.level, m.message, this)
+                break
+            case 'metric':
+                this.filter.metric(m)
+                break
+            case 'broken':
+                this.filter.log('error', `cannot make a fresh instance: ${m.message}`)
+                this.kill()
+                break
+        }
+    }
+
+    onExit(why) {
+        if (this.dead && !this.busy) return
+        this.dead = true
+        this.readyReject(new Error(why))
+        const b = this.busy
+        if (b) {
+            this.busy = null
+            clearTimeout(b.timer)
+            b.resolve({ ok: false, kind: 'trap', message: why })
+        }
+        this.filter.replace(this)
+    }
+
+    /** Stops the worker (a runaway call, or a reload): its call gets `why`. */
+    kill(why = 'stopped') {
+        const b = this.busy
+        this.busy = null
+        if (b) {
+            clearTimeout(b.timer)
+            b.resolve({ ok: false, kind: 'deadline', message: why })
+        }
+        this.dead = true
+        this.worker.terminate()
+        this.port.close()
+    }
+
+    run(job) {
+        this.busy = job
+        job.timer = setTimeout(() => {
+            // Stuck in its own code (or waiting on a store past the deadline):
+            // the only way to stop a thread is to end it; a fresh one replaces it.
+            this.filter.counts.deadline++
+            this.kill(`no answer within ${this.filter.limits.deadlineMs} ms`)
+            this.filter.replace(this)
+        }, this.filter.limits.deadlineMs + 10)
+        this.worker.postMessage({ type: 'call', id: job.id, hook: job.hook, ctx: job.ctx, arg: job.arg })
+    }
+
+    reply(seq, message) {
+        if (this.dead) return
+        this.port.postMessage({ seq, ...message })
+        Atomics.store(this.ctrlView, 0, 1)
+        Atomics.notify(this.ctrlView, 0)
+    }
+}
+
+/** A filter loaded from a component file, run in `workers` threads. */
+class Filter {
+    /**
+     * @param {object} o
+     * @param {string} o.path the component (`.wasm`)
+     * @param {string} [o.config] TOML for the filter's `init`
+     * @param {string} [o.namespace] store namespace (default: the filter's name)
+     * @param {'continue'|'tempfail'} [o.failurePolicy]
+     * @param {object} o.store a store from lib/store.js
+     * @param {object} [o.limits] overrides of DEFAULT_LIMITS
+     * @param {number} [o.workers] worker threads (default 1)
+     * @param {{servers?: string[], timeoutMs?: number}} [o.dns] the resolver of the `dns` import
+     * @param {(level: string, message: string) => void} [o.logger]
+     */
+    constructor(o) {
+        this.path = o.path
+        this.config = o.config ?? ''
+        this.namespace = o.namespace || null
+        this.failurePolicy = o.failurePolicy === 'tempfail' ? 'tempfail' : 'continue'
+        this.store = o.store
+        this.limits = { ...DEFAULT_LIMITS, ...(o.limits || {}) }
+        this.workerCount = Math.max(1, Math.min(Number(o.workers) || 1, 64))
+        this.logger = o.logger || (() => {})
+        this.slots = []
+        this.queue = []
+        this.nextId = 1
+        this.generation = null
+        this.counts = { calls: 0, failures: 0, deadline: 0, trap: 0, store: 0, invalid_verdict: 0, overloaded: 0, reloads: 0, refused: 0 }
+        this.metrics = new Map()
+        // The filter's DNS: the servers the operator names (default: the system's).
+        this.resolver = new dns.promises.Resolver({ timeout: Number(o.dns?.timeoutMs) || 2000, tries: 1 })
+        if (o.dns?.servers?.length) this.resolver.setServers(o.dns.servers)
+        this.closed = false
+    }
+
+    /** Loads the component (transpiling it in a worker); throws why it cannot. */
+    async load() {
+        const bytes = fs.readFileSync(this.path)
+        const gen = await this.start(bytes)
+        this.generation = gen
+        this.slots = gen.slots
+        this.dispatch()
+        return gen.info
+    }
+
+    /** Starts a generation: one worker transpiles and initialises, the others reuse its files. */
+    async start(bytes) {
+        const hash = crypto.createHash('sha256').update(bytes).digest('hex')
+        const first = new Slot(this, { component: bytes })
+        const timer = setTimeout(() => first.kill('load timed out'), this.limits.loadMs)
+        let ready
+        try {
+            ready = await first.ready
+        } finally {
+            clearTimeout(timer)
+        }
+        const gen = { hash, info: ready.info, contract: ready.contract, files: ready.files, slots: [first] }
+        this.namespace = this.namespace || ready.namespace
+        for (let i = 1; i < this.workerCount; i++) gen.slots.push(new Slot(this, { files: gen.files }))
+        await Promise.all(gen.slots.map((s) => s.ready))
+        return gen
+    }
+
+    /** Replaces a dead worker of the current generation with a fresh one. */
+    replace(slot) {
+        const i = this.slots.indexOf(slot)
+        if (i < 0 || this.closed) return
+        const fresh = new Slot(this, { files: this.generation.files })
+        this.slots[i] = fresh
+        fresh.ready.then(
+            () => this.dispatch(),
+            (e) => this.logger('error', `greyhook: a fresh worker failed: ${e.message}`),
+        )
+    }
+
+    /** Reloads if the component file changed; a filter that fails to load is not swapped in. */
+    async reload() {
+        let bytes
+        try {
+            bytes = fs.readFileSync(this.path)
+        } catch (e) {
+            this.counts.refused++
+            this.logger('error', `greyhook: reload of ${this.path} refused: ${e.message}; the running filter stays`)
+            return { result: 'refused', reason: e.message }
+        }
+        const hash = crypto.createHash('sha256').update(bytes).digest('hex')
+        if (this.generation && hash === this.generation.hash) return { result: 'unchanged' }
+        let gen
+        try {
+            gen = await this.start(bytes)
+        } catch (e) {
+            this.counts.refused++
+            this.logger('error', `greyhook: reload of ${this.path} refused: ${e.message}; the running filter stays`)
+            return { result: 'refused', reason: e.message }
+        }
+        const old = this.slots
+        this.generation = gen
+        this.slots = gen.slots
+        this.counts.reloads++
+        // Calls in flight on the old workers finish there; idle ones end now.
+        for (const s of old) {
+            if (!s.busy) s.kill('reloaded')
+            else s.retire = true
+        }
+        this.dispatch()
+        this.logger('notice', `greyhook: loaded ${gen.info.name} ${gen.info.version} from ${this.path}`)
+        return { result: 'loaded', info: gen.info }
+    }
+
+    /** Polls the component file every `intervalMs` and reloads when it changes. */
+    watch(intervalMs = 1000) {
+        let busy = false
+        this.watcher = setInterval(async () => {
+            if (busy) return
+            busy = true
+            try {
+                await this.reload()
+            } finally {
+                busy = false
+            }
+        }, intervalMs)
+        this.watcher.unref()
+    }
+
+    idleSlot() {
+        return this.slots.find((s) => !s.busy && !s.dead && s.isReady)
+    }
+
+    dispatch() {
+        while (this.queue.length) {
+            const slot = this.idleSlot()
+            if (!slot) return
+            const job = this.queue.shift()
+            if (job.cancelled) continue
+            clearTimeout(job.queueTimer)
+            slot.run(job)
+        }
+    }
+
+    /**
+     * Calls `hook` (`connect`, `ehlo`, `mail`, `rcpt`, `data`) and answers
+     * with a checked verdict: `{verdict, keywords?, failure?}`. Never throws:
+     * a failure gives the failure policy's verdict and says why.
+     */
+    async call(hook, ctx, arg) {
+        this.counts.calls++
+        let r
+        if (this.queue.length >= this.limits.maxQueue) {
+            r = { ok: false, kind: 'overloaded', message: `more than ${this.limits.maxQueue} calls waiting` }
+        } else {
+            r = await new Promise((resolve) => {
+                const job = { id: this.nextId++, hook, ctx, arg, resolve }
+                // Waiting for a worker is bounded too: at most the deadline
+                // again, then the failure policy answers.
+                job.queueTimer = setTimeout(() => {
+                    if (this.queue.includes(job)) {
+                        job.cancelled = true
+                        this.queue.splice(this.queue.indexOf(job), 1)
+                        resolve({ ok: false, kind: 'overloaded', message: 'no worker free within the deadline' })
+                    }
+                }, this.limits.deadlineMs * 10)
+                this.queue.push(job)
+                this.dispatch()
+            })
+        }
+        if (r.ok) {
+            try {
+                if (hook === 'ehlo') {
+                    checkEhlo(r.value)
+                    return { verdict: r.value.verdict, keywords: r.value.keywords ?? [] }
+                }
+                checkVerdict(r.value)
+                return { verdict: r.value }
+            } catch (e) {
+                r = { ok: false, kind: 'invalid_verdict', message: e.message }
+            }
+        }
+        this.counts.failures++
+        this.counts[r.kind] = (this.counts[r.kind] || 0) + 1
+        this.logger('error', `greyhook: filter ${this.generation?.info?.name ?? this.path} failed at ${hook}: ${r.kind}: ${r.message}; failure policy ${this.failurePolicy}`)
+        return { verdict: failureVerdict(this.failurePolicy, hook), keywords: [], failure: `${r.kind}: ${r.message}` }
+    }
+
+    /** Serves a worker's store or DNS call. */
+    async hostCall(slot, m) {
+        let answer
+        try {
+            const a = m.args
+            switch (m.op) {
+                case 'get':
+                    answer = { ok: true, value: await this.store.get(a.key, a.now) }
+                    break
+                case 'getMany':
+                    answer = { ok: true, value: await this.store.getMany(a.keys, a.now) }
+                    break
+                case 'set':
+                    answer = { ok: true, value: await this.store.set(a.key, a.value, a.expiresAt, a.cond, a.now) }
+                    break
+                case 'setMany': {
+                    const out = []
+                    for (const w of a.writes) out.push(await this.store.set(w.key, w.value, w.expiresAt, w.cond, a.now))
+                    answer = { ok: true, value: out }
+                    break
+                }
+                case 'delete':
+                    answer = { ok: true, value: await this.store.delete(a.key, a.cond, a.now) }
+                    break
+                case 'dns':
+                case 'reverse':
+                case 'fcrdns':
+                    answer = await this.dns(m.op, a)
+                    break
+                default:
+                    answer = { ok: false, kind: 'unavailable', message: `unknown host call ${m.op}` }
+            }
+        } catch (e) {
+            answer = { ok: false, kind: e instanceof StoreError ? e.kind : 'unavailable', message: e.message }
+        }
+        slot.reply(m.seq, answer)
+    }
+
+    /** DNS through Node's resolver (answers bounded to 64 records). */
+    async dns(op, a) {
+        const err = (e) => {
+            const code = e?.code
+            if (code === 'ENOTFOUND') return { ok: false, error: { tag: 'nxdomain' } }
+            if (code === 'ENODATA') return { ok: false, error: { tag: 'no-data' } }
+            if (code === 'ETIMEOUT') return { ok: false, error: { tag: 'timeout' } }
+            return { ok: false, error: { tag: 'servfail', val: String(code || e?.message || e) } }
+        }
+        const ip = (addr) =>
+            addr.tag === 'ipv4' ? addr.val.join('.') : addr.val.map((g) => g.toString(16)).join(':')
+        try {
+            if (op === 'dns') {
+                const name = String(a.name).replace(/\.$/, '')
+                if (!/^[A-Za-z0-9_.-]{1,253}$/.test(name)) return { ok: false, error: { tag: 'limit', val: 'not a valid domain name' } }
+                let out
+                switch (a.kind) {
+                    case 'a':
+                        out = await this.resolver.resolve4(name)
+                        break
+                    case 'aaaa':
+                        out = await this.resolver.resolve6(name)
+                        break
+                    case 'mx':
+                        out = (await this.resolver.resolveMx(name)).map((r) => `${r.priority} ${r.exchange.toLowerCase()}`)
+                        break
+                    case 'txt':
+                        out = (await this.resolver.resolveTxt(name)).map((r) => r.join(''))
+                        break
+                    case 'ptr':
+                        out = (await this.resolver.resolvePtr(name)).map((n) => n.toLowerCase())
+                        break
+                    default:
+                        return { ok: false, error: { tag: 'limit', val: `record type ${a.kind}` } }
+                }
+                return { ok: true, value: out.slice(0, 64) }
+            }
+            const names = (await this.resolver.reverse(ip(a.address))).map((n) => n.toLowerCase().replace(/\.$/, '')).slice(0, 64)
+            if (op === 'reverse') return { ok: true, value: names }
+            const want = ip(a.address)
+            for (const n of names.slice(0, 10)) {
+                const addrs = await (a.address.tag === 'ipv4' ? this.resolver.resolve4(n) : this.resolver.resolve6(n)).catch(() => [])
+                if (addrs.includes(want)) return { ok: true, value: n }
+            }
+            return { ok: true, value: undefined }
+        } catch (e) {
+            return err(e)
+        }
+    }
+
+    /** A filter's log line: control characters stripped, length and count bounded. */
+    log(level, message, slot) {
+        if (slot) {
+            const b = slot.busy
+            if (b) {
+                b.logLines = (b.logLines || 0) + 1
+                if (b.logLines > this.limits.logLinesPerCall) return
+            }
+        }
+        const clean = String(message).replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, this.limits.logLineBytes)
+        this.logger(level, `greyhook[${this.generation?.info?.name ?? 'filter'}]: ${clean}`)
+    }
+
+    /** A filter's counter or histogram, kept in memory (at most 256 series). */
+    metric(m) {
+        if (!/^[a-z][a-z0-9_]{0,63}$/.test(m.name) || !Array.isArray(m.labels) || m.labels.length > 4) return
+        const key = `${m.name}{${m.labels.map(([k, v]) => `${k}=${JSON.stringify(String(v).slice(0, 64))}`).join(',')}}`
+        if (!this.metrics.has(key) && this.metrics.size >= 256) return
+        const cur = this.metrics.get(key) || { kind: m.kind, sum: 0, count: 0 }
+        cur.sum += Number(m.value) || 0
+        cur.count += 1
+        this.metrics.set(key, cur)
+    }
+
+    /** Stops every worker and the file watch. */
+    async close() {
+        this.closed = true
+        clearInterval(this.watcher)
+        for (const s of this.slots) s.kill('closed')
+        for (const j of this.queue) j.resolve({ ok: false, kind: 'overloaded', message: 'closed' })
+        this.queue = []
+    }
+}
+
+module.exports = { Filter, failureVerdict, DEFAULT_LIMITS }

@@ -1,0 +1,276 @@
+'use strict'
+// The stores a filter's `store` import reaches, with the semantics of
+// greyhook's `Store` trait (host/src/store/mod.rs): every entry has a
+// version (never 0, changed by every write) and an expiry by the caller's
+// `now`; a write or delete may be conditional: `any`, `absent` (version 0)
+// or a version. They run on Haraka's main thread; the filter's worker waits
+// for them (lib/bridge.js).
+
+const crypto = require('node:crypto')
+
+/** A store failure: `kind` is `unavailable` or `limit`, as in the WIT `store-error`. */
+class StoreError extends Error {
+    constructor(kind, message) {
+        super(message)
+        this.kind = kind
+    }
+}
+
+/** `cond` as the Redis scripts take it: `any`, `absent` or a version. */
+function condArg(cond) {
+    if (cond === undefined || cond === null) return 'any'
+    if (BigInt(cond) === 0n) return 'absent'
+    return BigInt(cond).toString()
+}
+
+/** A store in this process's memory (lost at restart), bounded in records. */
+class MemoryStore {
+    constructor({ maxRecords = 1_000_000 } = {}) {
+        this.kind = 'memory'
+        this.map = new Map()
+        this.maxRecords = maxRecords
+        this.nextVersion = 1n
+        this.failures = 0
+    }
+
+    live(key, now) {
+        const e = this.map.get(key)
+        return e && e.expiresAt > now ? e : null
+    }
+
+    async get(key, now) {
+        const e = this.live(key, now)
+        return e ? { value: e.value, version: e.version } : null
+    }
+
+    async getMany(keys, now) {
+        return keys.map((k) => {
+            const e = this.live(k, now)
+            return e ? { value: e.value, version: e.version } : null
+        })
+    }
+
+    holds(cond, e) {
+        const c = condArg(cond)
+        if (c === 'any') return true
+        if (c === 'absent') return !e
+        return !!e && e.version.toString() === c
+    }
+
+    async set(key, value, expiresAt, cond, now) {
+        const e = this.live(key, now)
+        if (!this.holds(cond, e)) return 0n
+        if (!this.map.has(key) && this.map.size >= this.maxRecords) {
+            this.sweep(now)
+            if (this.map.size >= this.maxRecords) {
+                throw new StoreError('limit', `memory store full (${this.maxRecords} records)`)
+            }
+        }
+        const version = this.nextVersion++
+        this.map.set(key, { value: Buffer.from(value), version, expiresAt })
+        return version
+    }
+
+    async delete(key, cond, now) {
+        const e = this.live(key, now)
+        if (!this.holds(cond, e)) return false
+        this.map.delete(key)
+        return !!e
+    }
+
+    /** Drops expired records; returns how many. */
+    sweep(now) {
+        let n = 0
+        for (const [k, e] of this.map) {
+            if (e.expiresAt <= now) {
+                this.map.delete(k)
+                n++
+            }
+        }
+        return n
+    }
+
+    async close() {}
+}
+
+// The same scripts as greyhook's Redis store (host/src/store/redis.rs),
+// byte for byte: one Redis hash `PREFIX NAMESPACE/KEY` with the fields `v`,
+// `ver`, `exp`, written by compare-and-swap inside Redis, so Haraka nodes
+// and `greyhook serve` daemons share one greylist without losing updates.
+// tests/all/haraka.rs checks that the two copies stay identical.
+const CHECK_CONDITION = `
+local cur = redis.call('HMGET', KEYS[1], 'ver', 'exp')
+local live = cur[1] and cur[2] and tonumber(cur[2]) > tonumber(ARGV[2])
+local cond = ARGV[1]
+if cond == 'absent' then
+  if live then return 0 end
+elseif cond ~= 'any' then
+  if not live or cur[1] ~= cond then return 0 end
+end
+`
+const SET =
+    CHECK_CONDITION +
+    `
+local ver = ARGV[6]
+if cur[1] == ver then ver = ARGV[7] end
+redis.call('HSET', KEYS[1], 'v', ARGV[3], 'ver', ver, 'exp', ARGV[4])
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('DEL', KEYS[1]) end
+return ver
+`
+const DELETE =
+    CHECK_CONDITION +
+    `
+redis.call('DEL', KEYS[1])
+if live then return 1 else return 0 end
+`
+
+/** A fresh version: random, never 0, exact in a Lua double (53 bits), as greyhook's. */
+function newVersion() {
+    const v = crypto.randomBytes(8).readBigUInt64BE() >> 11n
+    return v === 0n ? 1n : v
+}
+
+/** A store in Redis with greyhook's key layout and scripts. */
+class RedisStore {
+    constructor({ url, prefix = 'greyhook:', timeoutMs = 250 }) {
+        const { createClient, RESP_TYPES } = require('redis')
+        this.kind = 'redis'
+        this.url = url
+        this.prefix = prefix
+        this.timeoutMs = timeoutMs
+        this.failures = 0
+        this.client = createClient({
+            url,
+            socket: { connectTimeout: timeoutMs, reconnectStrategy: (n) => Math.min(n * 100, 1000) },
+            disableOfflineQueue: true,
+        })
+        // A down Redis must not crash Haraka: errors are counted and the
+        // filter's failure policy answers.
+        this.client.on('error', () => {})
+        this.buffers = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } }
+        this.sha = {}
+        for (const [name, src] of Object.entries({ set: SET, delete: DELETE })) {
+            this.sha[name] = { src, sha: crypto.createHash('sha1').update(src).digest('hex') }
+        }
+        this.connecting = null
+    }
+
+    async connected() {
+        if (this.client.isReady) return
+        if (!this.connecting) {
+            this.connecting = this.client.connect().catch((e) => {
+                this.connecting = null
+                throw e
+            })
+        }
+        await this.connecting
+    }
+
+    /** Runs `f`, bounded by the timeout; failures become `unavailable`. */
+    async call(what, f) {
+        let timer
+        try {
+            return await Promise.race([
+                (async () => {
+                    await this.connected()
+                    return await f()
+                })(),
+                new Promise((_, reject) => {
+                    timer = setTimeout(() => reject(new Error(`no answer within ${this.timeoutMs} ms`)), this.timeoutMs)
+                }),
+            ])
+        } catch (e) {
+            this.failures++
+            throw new StoreError('unavailable', `redis ${what}: ${e.message}`)
+        } finally {
+            clearTimeout(timer)
+        }
+    }
+
+    async script(name, keys, args) {
+        const { src, sha } = this.sha[name]
+        try {
+            return await this.client.sendCommand(['EVALSHA', sha, String(keys.length), ...keys, ...args])
+        } catch (e) {
+            if (!String(e.message).startsWith('NOSCRIPT')) throw e
+            return await this.client.sendCommand(['EVAL', src, String(keys.length), ...keys, ...args])
+        }
+    }
+
+    static entry(fields, now) {
+        const [v, ver, exp] = fields ?? []
+        if (v == null || ver == null || exp == null) return null
+        if (!(Number(exp.toString()) > now)) return null
+        let version
+        try {
+            version = BigInt(ver.toString())
+        } catch {
+            return null
+        }
+        return { value: Buffer.from(v), version }
+    }
+
+    async get(key, now) {
+        const fields = await this.call('get', () => this.client.sendCommand(['HMGET', this.prefix + key, 'v', 'ver', 'exp'], this.buffers))
+        return RedisStore.entry(fields, now)
+    }
+
+    async getMany(keys, now) {
+        // Sent together: node-redis pipelines commands of one tick, one round trip.
+        const rows = await this.call('get_many', () =>
+            Promise.all(keys.map((k) => this.client.sendCommand(['HMGET', this.prefix + k, 'v', 'ver', 'exp'], this.buffers))),
+        )
+        return rows.map((f) => RedisStore.entry(f, now))
+    }
+
+    async set(key, value, expiresAt, cond, now) {
+        const ttl = Math.max(0, expiresAt - now)
+        const v1 = newVersion()
+        let v2 = newVersion()
+        if (v2 === v1) v2 = v1 ^ 1n
+        const ver = await this.call('set', () =>
+            this.script(
+                'set',
+                [this.prefix + key],
+                [condArg(cond), String(now), Buffer.from(value), String(expiresAt), String(ttl), v1.toString(), v2.toString()],
+            ),
+        )
+        return BigInt(ver)
+    }
+
+    async delete(key, cond, now) {
+        const n = await this.call('delete', () => this.script('delete', [this.prefix + key], [condArg(cond), String(now)]))
+        return Number(n) === 1
+    }
+
+    sweep() {
+        // Redis expires records by itself.
+        return 0
+    }
+
+    async close() {
+        // A client still trying to connect is dropped; a ready one finishes its commands.
+        try {
+            if (this.client.isReady) await this.client.close()
+            else if (this.client.isOpen) this.client.destroy()
+        } catch {
+            // already closed
+        }
+    }
+}
+
+/** Opens the store the `[store]` section names. */
+function openStore(cfg = {}) {
+    const kind = cfg.kind || 'memory'
+    if (kind === 'memory') return new MemoryStore({ maxRecords: Number(cfg.max_records) || 1_000_000 })
+    if (kind === 'redis') {
+        if (!/^rediss?:\/\//.test(cfg.url || '')) throw new Error(`store.url ${JSON.stringify(cfg.url)}: expected redis://host:port[/db]`)
+        const timeoutMs = Number(cfg.timeout_ms ?? 250)
+        if (!(timeoutMs >= 1 && timeoutMs <= 30000)) throw new Error('store.timeout_ms must be between 1 and 30000')
+        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs })
+    }
+    throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
+}
+
+module.exports = { MemoryStore, RedisStore, StoreError, openStore, SCRIPTS: { CHECK_CONDITION, SET, DELETE } }

@@ -1,0 +1,316 @@
+'use strict'
+// A filter's worker thread: it transpiles the component with jco (when
+// given one), instantiates it, and runs one hook call at a time. The main
+// thread's watchdog terminates it when a call overruns its deadline, which
+// is the only way to stop a JavaScript thread stuck in a Wasm loop (there
+// is no epoch interruption in V8). Host calls (store, DNS) are synchronous
+// imports, so the worker asks the main thread and blocks on an Atomics
+// wait until the answer is in its reply port (Node 20 has no JSPI).
+
+const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads')
+const { wasiImports, Sink, NotOffered } = require('./wasi')
+
+const { config, limits, ctrl: ctrlBuffer, port } = workerData
+const ctrl = new Int32Array(ctrlBuffer)
+const MAX_KEY = 256
+const MAX_VALUE = 16 * 1024
+const LEVELS = ['debug', 'info', 'warn', 'error']
+
+/** The greyhook interfaces a filter may import (besides WASI), by contract. */
+const PROVIDED = {
+    '0.1.0': ['greyhook:filter/types', 'greyhook:filter/store', 'greyhook:filter/log'],
+    '0.2.0': [
+        'greyhook:filter/types',
+        'greyhook:filter/store',
+        'greyhook:filter/log',
+        'greyhook:filter/dns',
+        'greyhook:filter/auth',
+        'greyhook:filter/metrics',
+    ],
+}
+
+let hooks = null
+let namespace = workerData.namespace || null
+let memories = []
+let files = workerData.files || null
+const output = new Sink()
+
+// The call in progress.
+let now = 0
+let deadlineAt = 0
+let storeCalls = 0
+let dnsCalls = 0
+let storeFailure = null
+let seq = 0
+
+const storeError = (tag, message) => ({ payload: { tag, val: message } })
+
+/** Asks the main thread and waits for its answer (bounded by the call's deadline). */
+function host(op, args, reserveMs = 0) {
+    const id = ++seq
+    Atomics.store(ctrl, 0, 0)
+    parentPort.postMessage({ type: 'host', seq: id, op, args })
+    for (;;) {
+        Atomics.store(ctrl, 0, 0)
+        let m
+        while ((m = receiveMessageOnPort(port))) {
+            if (m.message.seq === id) return m.message
+        }
+        const left = deadlineAt - reserveMs - Date.now()
+        if (left <= 0) {
+            return { ok: false, kind: 'unavailable', message: 'no answer from the host within the deadline', error: { tag: 'timeout' } }
+        }
+        Atomics.wait(ctrl, 0, 0, left)
+    }
+}
+
+function fail(message) {
+    if (storeFailure === null) storeFailure = message
+    return storeError('unavailable', message)
+}
+
+function admit(key) {
+    storeCalls++
+    if (storeCalls > limits.storeCalls) {
+        const m = `more than ${limits.storeCalls} store calls in one hook call`
+        fail(m)
+        throw storeError('limit', m)
+    }
+    if (typeof key !== 'string' || Buffer.byteLength(key) === 0 || Buffer.byteLength(key) > MAX_KEY) {
+        const m = `store key of ${Buffer.byteLength(String(key))} bytes (1 to ${MAX_KEY} allowed)`
+        fail(m)
+        throw storeError('limit', m)
+    }
+    if (namespace === null) {
+        throw fail('no store during init: the namespace is the filter\'s name, known when init returns (set `namespace` to use the store in init)')
+    }
+    return `${namespace}/${key}`
+}
+
+function admitWrite(key, value) {
+    const k = admit(key)
+    if (value.byteLength > MAX_VALUE) {
+        const m = `store value of ${value.byteLength} bytes (at most ${MAX_VALUE})`
+        fail(m)
+        throw storeError('limit', m)
+    }
+    return k
+}
+
+function checkRead(key, e) {
+    if (e && e.value.byteLength > MAX_VALUE) throw fail(`stored value of ${e.value.byteLength} bytes under ${key}`)
+    return e ? { value: new Uint8Array(e.value), version: BigInt(e.version) } : undefined
+}
+
+/** The answer of a host call, or the store error it becomes. */
+function answer(r) {
+    if (r.ok) return r.value
+    if (r.kind === 'limit') {
+        fail(r.message)
+        throw storeError('limit', r.message)
+    }
+    throw fail(r.message)
+}
+
+const ttlOf = (ttl) => Math.min(Math.max(1, Number(ttl)), limits.maxTtl)
+const condOf = (v) => (v === undefined || v === null ? null : BigInt(v))
+
+const store = {
+    get(key) {
+        const k = admit(key)
+        return checkRead(key, answer(host('get', { key: k, now })))
+    },
+    getMany(keys) {
+        const ks = keys.map(admit)
+        return answer(host('getMany', { keys: ks, now })).map((e, i) => checkRead(keys[i], e))
+    },
+    set(key, value, ttl, ifVersion) {
+        const k = admitWrite(key, value)
+        const v = answer(host('set', { key: k, value, expiresAt: now + ttlOf(ttl), cond: condOf(ifVersion), now }))
+        return v === 0n ? { tag: 'conflict' } : { tag: 'written', val: v }
+    },
+    delete(key, ifVersion) {
+        const k = admit(key)
+        return answer(host('delete', { key: k, cond: condOf(ifVersion), now }))
+    },
+    setMany(writes) {
+        const ws = writes.map((w) => ({ key: admitWrite(w.key, w.value), value: w.value, expiresAt: now + ttlOf(w.ttlSeconds), cond: condOf(w.ifVersion) }))
+        return answer(host('setMany', { writes: ws, now })).map((v) => (v === 0n ? { tag: 'conflict' } : { tag: 'written', val: v }))
+    },
+}
+
+function admitDns() {
+    dnsCalls++
+    if (dnsCalls > limits.dnsLookups) {
+        throw { payload: { tag: 'limit', val: `more than ${limits.dnsLookups} DNS lookups in one hook call` } }
+    }
+}
+
+function dnsAnswer(r) {
+    if (r.ok) return r.value
+    throw { payload: r.error ?? { tag: 'servfail', val: String(r.message) } }
+}
+
+/** A quarter of the hook's time is kept from DNS waits, so that the filter can still answer (as in greyhook). */
+const dnsReserve = () => limits.deadlineMs / 4
+
+const imports = {
+    ...wasiImports(() => now, output),
+    'greyhook:filter/store': store,
+    'greyhook:filter/log': {
+        write(level, message) {
+            parentPort.postMessage({ type: 'log', level: LEVELS.includes(level) ? level : 'info', message: String(message) })
+        },
+    },
+    'greyhook:filter/metrics': {
+        counterAdd(name, labels, value) {
+            parentPort.postMessage({ type: 'metric', kind: 'counter', name, labels, value: Number(value) })
+        },
+        histogramObserve(name, labels, value) {
+            parentPort.postMessage({ type: 'metric', kind: 'histogram', name, labels, value })
+        },
+    },
+    'greyhook:filter/dns': {
+        lookup(name, kind) {
+            admitDns()
+            return dnsAnswer(host('dns', { name, kind }, dnsReserve()))
+        },
+        reverse(address) {
+            admitDns()
+            return dnsAnswer(host('reverse', { address }, dnsReserve()))
+        },
+    },
+    'greyhook:filter/auth': {
+        spf() {
+            admitDns()
+            throw { payload: { tag: 'servfail', val: 'SPF is not offered by the Haraka host (use Haraka\'s spf plugin)' } }
+        },
+        forwardConfirmedName(address) {
+            admitDns()
+            return dnsAnswer(host('fcrdns', { address }, dnsReserve()))
+        },
+    },
+}
+
+/** Transpiles the component (once per load; respawned workers reuse the files). */
+async function transpile(bytes) {
+    const { transpile } = await import('@bytecodealliance/jco')
+    const out = await transpile(bytes, { name: 'filter', instantiation: 'sync', typescript: false, base64Cutoff: 0 })
+    const hooksExport = out.exports.map(([n]) => n).find((n) => n.startsWith('greyhook:filter/hooks@'))
+    if (!hooksExport) {
+        throw new Error(`it exports no greyhook:filter/hooks interface (exports: ${out.exports.map(([n]) => n).join(', ') || 'none'}); build it for the greyhook:filter/filter world`)
+    }
+    const version = hooksExport.split('@')[1]
+    if (!PROVIDED[version]) {
+        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0 and @0.2.0 filters`)
+    }
+    const offered = new Set([...PROVIDED[version], ...Object.keys(wasiImports(() => 0, new Sink()))])
+    const refused = out.imports.filter((i) => !offered.has(i))
+    if (refused.length) {
+        throw new Error(`it imports ${refused.join(', ')}, which this host does not offer: greyhook gives filters no network, HTTP or files (see docs/writing-filters.md)`)
+    }
+    const entries = Object.entries(out.files)
+    const js = Buffer.from(entries.find(([n]) => n.endsWith('.js'))[1]).toString('utf8')
+    const modules = Object.fromEntries(entries.filter(([n]) => n.endsWith('.wasm')).map(([n, b]) => [n, new Uint8Array(b)]))
+    return { js, modules, hooksExport, version }
+}
+
+let instantiateFn = null
+let compiled = null
+
+/** A fresh instance, initialised with the operator's configuration. */
+function instantiate() {
+    memories = []
+    const instantiateCore = (module, importObject) => {
+        const inst = new WebAssembly.Instance(module, importObject)
+        for (const v of Object.values(inst.exports)) if (v instanceof WebAssembly.Memory) memories.push(v)
+        return inst
+    }
+    const exported = instantiateFn((name) => compiled[name], imports, instantiateCore)
+    const h = exported[files.hooksExport]
+    // init runs with the store closed until the namespace is known.
+    now = Math.floor(Date.now() / 1000)
+    deadlineAt = Date.now() + limits.deadlineMs
+    storeCalls = 0
+    let info
+    try {
+        info = h.init(config)
+    } catch (e) {
+        const why = e && Object.hasOwn(e, 'payload') ? e.payload : e?.message || String(e)
+        throw new Error(`init refused the configuration: ${why}`)
+    }
+    if (!namespace) {
+        if (!/^[A-Za-z0-9._-]{1,64}$/.test(info.name)) {
+            throw new Error(`the filter's name ${JSON.stringify(info.name)} cannot be its store namespace: set namespace`)
+        }
+        namespace = info.name
+    }
+    hooks = h
+    return info
+}
+
+function memoryBytes() {
+    return memories.reduce((n, m) => n + m.buffer.byteLength, 0)
+}
+
+const HOOKS = {
+    connect: (ctx) => hooks.onConnect(ctx),
+    ehlo: (ctx) => hooks.onEhlo(ctx),
+    mail: (ctx, arg) => hooks.onMail(ctx, arg),
+    rcpt: (ctx, arg) => hooks.onRcpt(ctx, arg),
+    data: (ctx, arg) => hooks.onData(ctx, arg),
+}
+
+function call({ id, hook, ctx, arg }) {
+    now = Number(ctx.now)
+    deadlineAt = Date.now() + limits.deadlineMs
+    storeCalls = 0
+    dnsCalls = 0
+    storeFailure = null
+    output.take()
+    let result
+    try {
+        result = { ok: true, value: HOOKS[hook](ctx, arg) }
+        if (storeFailure !== null) result = { ok: false, kind: 'store', message: storeFailure }
+        else if (memoryBytes() > limits.memory) {
+            result = { ok: false, kind: 'trap', message: `memory of ${memoryBytes()} bytes, over the limit of ${limits.memory}` }
+        }
+    } catch (e) {
+        const stderr = output.take()
+        const what = e instanceof NotOffered ? e.message : e?.message || String(e)
+        result = { ok: false, kind: 'trap', message: stderr ? `${what} (stderr: ${stderr})` : what }
+    }
+    if (!result.ok && result.kind === 'trap') {
+        // A trapped component instance cannot be entered again: a fresh one.
+        try {
+            instantiate()
+        } catch (e) {
+            parentPort.postMessage({ type: 'result', id, ...result })
+            parentPort.postMessage({ type: 'broken', message: e.message })
+            return
+        }
+    }
+    parentPort.postMessage({ type: 'result', id, ...result })
+}
+
+async function main() {
+    try {
+        if (!files) files = await transpile(workerData.component)
+        const source = `data:text/javascript;base64,${Buffer.from(files.js).toString('base64')}`
+        instantiateFn = (await import(source)).instantiate
+        compiled = Object.fromEntries(Object.entries(files.modules).map(([n, b]) => [n, new WebAssembly.Module(b)]))
+        const info = instantiate()
+        // Let what loading left queued run now (after a transpile, jco's
+        // module setup takes a few hundred ms), not in the first call's time.
+        await new Promise((r) => setTimeout(r, 0))
+        parentPort.postMessage({ type: 'ready', info, contract: files.version, namespace, files: workerData.files ? null : files })
+    } catch (e) {
+        parentPort.postMessage({ type: 'failed', message: e?.message || String(e) })
+        return
+    }
+    parentPort.on('message', (m) => {
+        if (m.type === 'call') call(m)
+    })
+}
+
+main()

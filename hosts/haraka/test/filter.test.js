@@ -1,0 +1,86 @@
+'use strict'
+// The worker pool: a trap gets a fresh instance, an endless loop is cut at
+// the deadline and the worker replaced, invalid verdicts are refused, a
+// changed component file is reloaded and a broken one refused. Needs the
+// chaos filter (GREYHOOK_CHAOS_WASM, set by tests/all/haraka.rs).
+const test = require('node:test')
+const assert = require('node:assert')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+const { Filter } = require('../lib/filter')
+const { MemoryStore } = require('../lib/store')
+
+function chaos() {
+    const p = process.env.GREYHOOK_CHAOS_WASM
+    assert.ok(p && fs.existsSync(p), 'GREYHOOK_CHAOS_WASM names the chaos filter (tests/all/haraka.rs sets it)')
+    return p
+}
+
+const ctx = (now = 1000) => ({
+    session: { id: 's', clientAddress: { tag: 'ipv4', val: [192, 0, 2, 1] }, helo: 'h.example', tls: false },
+    transaction: { sender: 'a@example.org', recipients: [] },
+    now: BigInt(now),
+})
+
+test('traps, loops and invalid verdicts', async () => {
+    const logs = []
+    const f = new Filter({ path: chaos(), store: new MemoryStore(), failurePolicy: 'tempfail', limits: { deadlineMs: 200 }, logger: (l, m) => logs.push(m) })
+    await f.load()
+    try {
+        let r = await f.call('rcpt', ctx(), 'ok@example.com')
+        assert.strictEqual(r.failure, undefined)
+        assert.deepStrictEqual(r.verdict.addHeaders, [{ name: 'X-Chaos', value: 'ok' }])
+        r = await f.call('rcpt', ctx(), 'panic@example.com')
+        assert.match(r.failure, /^trap: /)
+        assert.strictEqual(r.verdict.decision.val.code, 451)
+        r = await f.call('rcpt', ctx(), 'ok@example.com')
+        assert.strictEqual(r.failure, undefined, 'a fresh instance after the trap')
+        const t = Date.now()
+        r = await f.call('rcpt', ctx(), 'loop@example.com')
+        assert.match(r.failure, /^deadline: /)
+        assert.ok(Date.now() - t < 2000)
+        r = await f.call('rcpt', ctx(), 'ok@example.com')
+        assert.strictEqual(r.failure, undefined, 'a fresh worker after the loop')
+        r = await f.call('rcpt', ctx(), 'bad-code@example.com')
+        assert.match(r.failure, /^invalid_verdict: reply code 250/)
+        r = await f.call('rcpt', ctx(), 'inject-header@example.com')
+        assert.match(r.failure, /^invalid_verdict: header 0/)
+        r = await f.call('rcpt', ctx(), 'store-flood@example.com')
+        assert.match(r.failure, /^store: more than 64 store calls/)
+        r = await f.call('connect', ctx())
+        assert.strictEqual(r.failure, undefined)
+        // The log line a filter writes cannot forge another.
+        assert.ok(logs.some((m) => m.includes('chaos: ok  forged log line')), logs.join('\n'))
+        // While one call loops, the others queue and are answered after it.
+        const many = await Promise.all([f.call('rcpt', ctx(), 'loop@example.com'), f.call('rcpt', ctx(), 'ok@example.com')])
+        assert.match(many[0].failure, /^deadline/)
+        assert.strictEqual(many[1].failure, undefined)
+    } finally {
+        await f.close()
+    }
+})
+
+test('reload: a new file is swapped in, a broken one refused', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'greyhook-reload-'))
+    const file = path.join(dir, 'f.wasm')
+    fs.copyFileSync(chaos(), file)
+    const f = new Filter({ path: file, store: new MemoryStore(), logger: () => {} })
+    await f.load()
+    try {
+        assert.deepStrictEqual(await f.reload(), { result: 'unchanged' })
+        fs.writeFileSync(file, 'not wasm')
+        const r = await f.reload()
+        assert.strictEqual(r.result, 'refused')
+        assert.strictEqual((await f.call('rcpt', ctx(), 'ok@example.com')).failure, undefined, 'the running filter stays')
+        // A changed component (one custom section more) is loaded.
+        const bytes = fs.readFileSync(chaos())
+        const section = Buffer.concat([Buffer.from([0, 6, 5]), Buffer.from('greyx')])
+        fs.writeFileSync(file, Buffer.concat([bytes, section]))
+        assert.strictEqual((await f.reload()).result, 'loaded')
+        assert.strictEqual((await f.call('rcpt', ctx(), 'ok@example.com')).failure, undefined)
+    } finally {
+        await f.close()
+        fs.rmSync(dir, { recursive: true })
+    }
+})

@@ -1,0 +1,360 @@
+//! greyhook inside Haraka (`hosts/haraka/`, the npm package
+//! `haraka-plugin-greyhook`): a real Haraka 3 on loopback, installed by
+//! `.ci/run` (`npm ci` in `hosts/haraka`), loading the unmodified reference
+//! filter and the chaos filter through jco; swaks and raw sockets are the
+//! clients; a real redis-server is shared with a `greyhook serve` daemon.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use greyhook_tests::{CHAOS_FILTER, Process, Raw, RedisServer, free_port, null_dns, policy_rcpt};
+
+fn package() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka").canonicalize().expect("hosts/haraka")
+}
+
+fn haraka_bin() -> PathBuf {
+    let p = package().join("node_modules/.bin/haraka");
+    assert!(p.exists(), "no Haraka at {} (run `npm ci` in hosts/haraka, as .ci/run does)", p.display());
+    p
+}
+
+/// A queue plugin for the test site: writes each accepted message (with
+/// the headers the plugins added) to `SITE/delivered/`.
+const SINK_PLUGIN: &str = r#"
+const fs = require('node:fs')
+const path = require('node:path')
+exports.register = function () { this.register_hook('queue', 'sink') }
+exports.sink = function (next, connection) {
+    const txn = connection.transaction
+    const dir = path.join(process.env.HARAKA, 'delivered')
+    fs.mkdirSync(dir, { recursive: true })
+    const out = fs.createWriteStream(path.join(dir, `${txn.uuid}.eml`))
+    out.on('finish', () => next(OK))
+    txn.message_stream.pipe(out)
+}
+"#;
+
+/// A private Haraka, stopped when dropped.
+struct Haraka {
+    child: Child,
+    site: PathBuf,
+    port: u16,
+}
+
+impl Haraka {
+    /// Creates a site in `dir` (`haraka -i`), configures greyhook with
+    /// `greyhook_ini` and the filter's TOML `filter_toml`, and starts it.
+    fn start(dir: &Path, greyhook_ini: &str, filter_toml: &str) -> Haraka {
+        let site = dir.to_path_buf();
+        let st = Command::new(haraka_bin()).arg("-i").arg(&site).stdout(Stdio::null()).status().expect("haraka -i");
+        assert!(st.success(), "haraka -i");
+        let port = free_port();
+        let cfg = site.join("config");
+        std::fs::write(cfg.join("plugins"), "greyhook\nrcpt_to.in_host_list\nsink\n").unwrap();
+        std::fs::write(cfg.join("host_list"), "example.com\n").unwrap();
+        std::fs::write(cfg.join("smtp.ini"), format!("[main]\nlisten=127.0.0.1:{port}\nnodes=0\n")).unwrap();
+        std::fs::write(cfg.join("log.ini"), "[main]\nlevel=info\n").unwrap();
+        std::fs::write(cfg.join("greyhook.ini"), greyhook_ini).unwrap();
+        std::fs::write(cfg.join("filter.toml"), filter_toml).unwrap();
+        std::fs::write(site.join("plugins/sink.js"), SINK_PLUGIN).unwrap();
+        std::fs::create_dir_all(site.join("node_modules")).unwrap();
+        std::os::unix::fs::symlink(package(), site.join("node_modules/haraka-plugin-greyhook")).unwrap();
+        let log = std::fs::File::create(site.join("haraka.log")).unwrap();
+        let child =
+            Command::new(haraka_bin()).arg("-c").arg(&site).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("haraka starts");
+        let mut h = Haraka { child, site, port };
+        h.wait_loaded();
+        h
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.site.join("haraka.log")).unwrap_or_default()
+    }
+
+    /// Waits for the port and for the filter to be loaded (or to fail).
+    fn wait_loaded(&mut self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if log.contains("greyhook: loaded ") && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(!log.contains("the filter did not load"), "the filter did not load:\n{log}");
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("haraka exited ({st}):\n{log}");
+            }
+            assert!(Instant::now() < until, "haraka did not start in 60 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The messages delivered so far.
+    fn delivered(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.site.join("delivered")).into_iter().flatten().flatten() {
+            out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+        out
+    }
+}
+
+impl Drop for Haraka {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One SMTP transaction from 127.0.0.1; the replies to EHLO, RCPT and
+/// (when RCPT passed) the end of DATA.
+fn transaction(port: u16, sender: &str, rcpt: &str) -> (String, String, Option<String>) {
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"), "greeting");
+    let ehlo = c.send("EHLO client.example.org");
+    assert!(c.send(&format!("MAIL FROM:<{sender}>")).starts_with("250"));
+    let r = c.send(&format!("RCPT TO:<{rcpt}>"));
+    let mut data = None;
+    if r.starts_with("250") {
+        assert!(c.send("DATA").starts_with("354"));
+        data = Some(c.send("Subject: t\r\nMessage-ID: <m1@example.org>\r\n\r\nhello\r\n."));
+    }
+    let _ = c.send("QUIT");
+    (ehlo, r, data)
+}
+
+fn reference_wasm(dir: &Path) -> PathBuf {
+    let p = dir.join("greylist.wasm");
+    std::fs::write(&p, greyhook_reference::WASM).unwrap();
+    p
+}
+
+#[test]
+fn haraka_greylists_with_the_reference_filter_and_accepts_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let site = dir.path().join("site");
+    let ini = format!("[filter]\npath={}\nconfig=filter.toml\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let h = Haraka::start(&site, &ini, "delay = 2\n");
+    let first = Instant::now();
+    let (ehlo, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
+    assert!(ehlo.lines().any(|l| l == "250-GREYLIST" || l == "250 GREYLIST"), "EHLO advertises GREYLIST:\n{ehlo}");
+    // Rendered as greyhook renders it: enhanced code, the hint last.
+    assert_eq!(r.trim_end(), "451 4.7.1 Greylisted, please try again later retry=00:00:02", "{}", h.log());
+    // Too early: still greylisted, with what is left of the delay.
+    let (_, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let (_, r, data) = transaction(h.port, "alice@example.org", "bob@example.com");
+    assert!(r.starts_with("250"), "the retry after the delay passes: {r}\n{}", h.log());
+    assert!(data.as_deref().is_some_and(|d| d.starts_with("250")), "{data:?}");
+    let got = h.delivered();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].contains("X-Greylist: delayed "), "the header the verdict added:\n{}", got[0]);
+    // swaks, a real SMTP client, sees the same.
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{}", h.port), "--from", "carol@example.org", "--to", "dave@example.com"])
+        .args(["--quit-after", "RCPT"])
+        .output()
+        .expect("swaks");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("<** 451 4.7.1 Greylisted, please try again later retry=00:00:02"), "{out}");
+}
+
+#[test]
+fn haraka_contains_the_chaos_filter_traps_loops_and_bad_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let site = dir.path().join("site");
+    let ini = format!(
+        "[filter]\npath={}\nfailure_policy=tempfail\ndeadline_ms=300\nwatch=false\n[dns]\nservers={}\n",
+        dir.path().join("chaos.wasm").display(),
+        null_dns()
+    );
+    let h = Haraka::start(&site, &ini, "");
+    let policy = "451 4.3.0 Temporary local problem, please try again later";
+    // A trap: the failure policy answers, and the next call gets a fresh instance.
+    let (_, r, _) = transaction(h.port, "a@example.org", "panic@example.com");
+    assert_eq!(r.trim_end(), policy);
+    let (_, r, data) = transaction(h.port, "a@example.org", "ok@example.com");
+    assert!(r.starts_with("250"), "after a trap the filter still answers: {r}\n{}", h.log());
+    assert!(data.is_some_and(|d| d.starts_with("250")));
+    assert!(h.delivered().iter().any(|m| m.contains("X-Chaos: ok")), "the verdict's header");
+    // An endless loop is cut at the deadline, Haraka answers, and keeps answering.
+    for _ in 0..2 {
+        let t = Instant::now();
+        let (_, r, _) = transaction(h.port, "a@example.org", "loop@example.com");
+        let took = t.elapsed();
+        assert_eq!(r.trim_end(), policy);
+        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "loop cut after {took:?}");
+        let (_, r, _) = transaction(h.port, "a@example.org", "ok@example.com");
+        assert!(r.starts_with("250"), "{r}");
+    }
+    // Invalid verdicts are refused, never sent: a "tempfail" with code 250,
+    // a hint in the text, CR LF in a header.
+    for bad in ["bad-code", "hint-in-text", "inject"] {
+        let (_, r, _) = transaction(h.port, "a@example.org", &format!("{bad}@example.com"));
+        assert_eq!(r.trim_end(), policy, "{bad}");
+    }
+    // A multi-line tempfail at MAIL, rendered as greyhook does.
+    let mut c = Raw::connect(h.port);
+    c.reply();
+    c.send("EHLO x.example.org");
+    let r = c.send("MAIL FROM:<tempfail-mail@example.org>");
+    assert_eq!(r, "451-4.7.1 Not now.\r\n451 4.7.1 Senders like you wait a minute retry=00:01:00\r\n");
+    let log = h.log();
+    assert!(log.contains("failed at rcpt: trap") && log.contains("failed at rcpt: deadline"), "{log}");
+    assert!(log.contains("invalid_verdict"), "{log}");
+    assert!(log.contains("chaos: ok  forged log line"), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("forged log line")), "a filter's CR LF does not forge a log line");
+}
+
+/// Lua scripts: the package's copy is greyhook's, byte for byte.
+#[test]
+fn the_haraka_redis_scripts_are_greyhooks() {
+    let js = std::fs::read_to_string(package().join("lib/store.js")).unwrap();
+    let rs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/src/store/redis.rs")).unwrap();
+    let between = |s: &str, start: &str, end: &str| -> String {
+        let a = s.find(start).unwrap_or_else(|| panic!("{start}")) + start.len();
+        let b = s[a..].find(end).unwrap_or_else(|| panic!("{end}")) + a;
+        s[a..b].to_string()
+    };
+    assert_eq!(between(&js, "const CHECK_CONDITION = `", "`"), between(&rs, "() => {\n        r#\"", "\"#"));
+    assert_eq!(between(&js, "CHECK_CONDITION +\n    `", "`"), between(&rs, "check_condition!(),\n    r#\"", "\"#"));
+    let js_delete = &js[js.find("const DELETE").unwrap()..];
+    let rs_delete = &rs[rs.find("const DELETE").unwrap()..];
+    assert_eq!(between(js_delete, "CHECK_CONDITION +\n    `", "`"), between(rs_delete, "check_condition!(),\n    r#\"", "\"#"));
+}
+
+fn greyhook_serve(dir: &Path, redis: &RedisServer, filter: &[&str], sets: &[&str]) -> (Process, u16) {
+    let port = free_port();
+    let cfg = dir.join("greyhook.toml");
+    let mut text = format!("[store]\npath = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n", redis.url());
+    for line in filter {
+        text.push_str(line);
+        text.push('\n');
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let mut args = vec!["serve", "--config", cfg.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let mut p = Process::greyhook(&args, dir.join("greyhook.log"));
+    p.wait_listening(port, 30);
+    (p, port)
+}
+
+#[test]
+fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let (_d, policy) = greyhook_serve(dir.path(), &redis, &[], &["delay=2"]);
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\n[store]\nkind=redis\nurl={}\n[dns]\nservers={}\n",
+        wasm.display(),
+        redis.url(),
+        null_dns()
+    );
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
+    // First attempt on Haraka, the retry through the daemon.
+    let first = Instant::now();
+    let (_, r, _) = transaction(h.port, "erin@example.org", "frank@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", policy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let a = policy_rcpt(&mut s, "127.0.0.1", "erin@example.org", "frank@example.com", "i1");
+    assert!(a.starts_with("action=451 4.7.1 "), "the daemon sees Haraka's record, too early: {a}");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let a = policy_rcpt(&mut s, "127.0.0.1", "erin@example.org", "frank@example.com", "i2");
+    assert!(!a.contains("451"), "the retry on the daemon passes: {a}");
+    // First attempt on the daemon, the retry on Haraka.
+    let first = Instant::now();
+    let a = policy_rcpt(&mut s, "127.0.0.1", "gina@example.org", "hank@example.com", "i3");
+    assert!(a.starts_with("action=451 4.7.1 "), "{a}");
+    let (_, r, _) = transaction(h.port, "gina@example.org", "hank@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "Haraka sees the daemon's record, too early: {r}");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let (_, r, _) = transaction(h.port, "gina@example.org", "hank@example.com");
+    assert!(r.starts_with("250"), "the retry on Haraka passes: {r}\n{}", h.log());
+}
+
+/// Compare-and-swap across hosts: the chaos filter's `counter` recipient
+/// increments one record by read, then conditional write, retrying on a
+/// conflict. Haraka (four connections at a time) and the daemon (four
+/// more) race on it; no increment is lost.
+#[test]
+fn no_update_is_lost_between_haraka_and_greyhook_on_one_redis() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = dir.path().join("chaos.wasm");
+    std::fs::write(&chaos, CHAOS_FILTER).unwrap();
+    let filter = format!("[filter]\npath = \"{}\"\nnamespace = \"chaos\"\ndeadline = \"5s\"", chaos.display());
+    let (_d, policy) = greyhook_serve(dir.path(), &redis, &[&filter], &[]);
+    let ini = format!(
+        "[filter]\npath={}\nnamespace=chaos\ndeadline_ms=5000\nworkers=2\nwatch=false\n[store]\nkind=redis\nurl={}\ntimeout_ms=2000\n",
+        chaos.display(),
+        redis.url()
+    );
+    let h = Haraka::start(&dir.path().join("site"), &ini, "");
+    const EACH: usize = 50;
+    let port = h.port;
+    let mut threads = Vec::new();
+    for t in 0..4 {
+        threads.push(std::thread::spawn(move || {
+            for i in 0..EACH {
+                let mut c = Raw::connect(port);
+                c.reply();
+                c.send("EHLO x.example.org");
+                c.send("MAIL FROM:<a@example.org>");
+                let r = c.send("RCPT TO:<counter@example.com>");
+                assert!(r.starts_with("250"), "haraka {t}/{i}: {r}");
+                assert!(c.send("DATA").starts_with("354"));
+                assert!(c.send("Subject: n\r\n\r\nx\r\n.").starts_with("250"));
+                c.send("QUIT");
+            }
+            Vec::new()
+        }));
+        threads.push(std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", policy)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            (0..EACH).map(|i| policy_rcpt(&mut s, "192.0.2.9", "a@example.org", "counter@example.com", &format!("{t}-{i}"))).collect()
+        }));
+    }
+    // Every increment, from either host, saw a value no other saw: the
+    // values are exactly 1..=400 (a lost update would repeat one).
+    let mut seen: Vec<u64> = Vec::new();
+    let counted = |text: &str| -> Option<u64> { text.split("X-Chaos: ").nth(1)?.split_whitespace().next()?.parse().ok() };
+    for t in threads {
+        for a in t.join().expect("a client thread") {
+            seen.push(counted(&a).unwrap_or_else(|| panic!("the daemon's answer has no count: {a}")));
+        }
+    }
+    for m in h.delivered() {
+        seen.push(counted(&m).unwrap_or_else(|| panic!("a message Haraka passed has no count:\n{m}\n{}", h.log())));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=(8 * EACH) as u64).collect::<Vec<_>>(), "{}", h.log());
+    let out = Command::new("redis-cli").args(["-p", &redis.port.to_string(), "HGET", "greyhook:chaos/counter", "v"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (8 * EACH).to_string());
+}
+
+/// The package's own tests (`node --test`): the shared verdict vectors,
+/// the stores (Redis against this redis-server), the worker pool.
+#[test]
+fn the_haraka_package_tests_pass() {
+    let redis = RedisServer::start();
+    let out = Command::new("node")
+        .args(["--test", "test/"])
+        .current_dir(package())
+        .env("GREYHOOK_TEST_REDIS", redis.url())
+        .env("GREYHOOK_CHAOS_WASM", env!("GREYHOOK_CHAOS_FILTER"))
+        .output()
+        .expect("node");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("# fail 0") && !text.contains("# pass 0"), "{text}");
+    let _ = std::io::stdout().write_all(b"");
+}
