@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use greyhook_tests::{CHAOS_FILTER, Process, Raw, RedisServer, free_port, null_dns, policy_rcpt};
+use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, free_port, null_dns, policy_rcpt};
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka").canonicalize().expect("hosts/haraka")
@@ -279,6 +279,40 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
     let (_, r, _) = transaction(h.port, "gina@example.org", "hank@example.com");
     assert!(r.starts_with("250"), "the retry on Haraka passes: {r}\n{}", h.log());
+}
+
+/// A big sender retrying from another address of its SPF record: the
+/// reference filter keys it by its SPF-authorised domain on both hosts (the
+/// Haraka host's `auth.spf` is Haraka's SPF library over the same DNS
+/// server), so the first attempt on Haraka from 127.0.0.1 and the retry on
+/// the daemon from 127.0.5.2 (another /24: not the same network identity)
+/// are one triplet.
+#[test]
+fn haraka_and_greyhook_key_an_spf_sender_alike() {
+    let redis = RedisServer::start();
+    let dns = DnsServer::start(&["--txt-record=farm.test,v=spf1 ip4:127.0.0.0/16 -all", "--local=/test/", "--local=/127.in-addr.arpa/"]);
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let (_d, policy) = greyhook_serve(dir.path(), &redis, &[&format!("[dns]\nservers = [\"{}\"]", dns.addr())], &["delay=2"]);
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\n[store]\nkind=redis\nurl={}\n[dns]\nservers={}\n",
+        wasm.display(),
+        redis.url(),
+        dns.addr()
+    );
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
+    let first = Instant::now();
+    let (_, r, _) = transaction(h.port, "news@farm.test", "ivan@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    assert!(dns.queries("farm.test") >= 1, "Haraka asked the DNS server for the SPF record");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", policy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let a = policy_rcpt(&mut s, "127.0.5.2", "news@farm.test", "ivan@example.com", "i1");
+    assert!(!a.contains("451"), "the retry from another address of the SPF record passes on the daemon: {a}\n{}", h.log());
+    // Not authorised by the record: another identity, greylisted anew.
+    let a = policy_rcpt(&mut s, "192.0.2.7", "news@farm.test", "ivan@example.com", "i2");
+    assert!(a.starts_with("action=451"), "{a}");
 }
 
 /// Compare-and-swap across hosts: the chaos filter's `counter` recipient

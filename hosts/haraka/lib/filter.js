@@ -32,6 +32,22 @@ const DEFAULT_LIMITS = {
     loadMs: 30000,
 }
 
+/**
+ * Haraka's SPF class. Its default debug log writes every step to stderr
+ * (its recursions for `include:` make new instances, so an instance's
+ * override is not enough): quietened, unless Haraka's spf plugin has set
+ * its own logger.
+ */
+function spfClass() {
+    const { SPF } = require('haraka-plugin-spf/lib/spf')
+    if (!SPF.prototype.log_debug.greyhookQuiet && /console\.error/.test(String(SPF.prototype.log_debug))) {
+        const quiet = () => {}
+        quiet.greyhookQuiet = true
+        SPF.prototype.log_debug = quiet
+    }
+    return SPF
+}
+
 /** The verdict the failure policy gives at `phase` (as greyhook's `FailurePolicy::verdict`). */
 function failureVerdict(policy, phase) {
     if (policy !== 'tempfail') return { decision: { tag: 'continue' }, addHeaders: [] }
@@ -187,7 +203,8 @@ class Filter {
         this.counts = { calls: 0, failures: 0, deadline: 0, trap: 0, store: 0, invalid_verdict: 0, overloaded: 0, reloads: 0, refused: 0 }
         this.metrics = new Map()
         // The filter's DNS: the servers the operator names (default: the system's).
-        this.resolver = new dns.promises.Resolver({ timeout: Number(o.dns?.timeoutMs) || 2000, tries: 1 })
+        this.dnsTimeoutMs = Number(o.dns?.timeoutMs) || 2000
+        this.resolver = new dns.promises.Resolver({ timeout: this.dnsTimeoutMs, tries: 1 })
         if (o.dns?.servers?.length) this.resolver.setServers(o.dns.servers)
         this.closed = false
     }
@@ -369,6 +386,9 @@ class Filter {
                 case 'fcrdns':
                     answer = await this.dns(m.op, a)
                     break
+                case 'spf':
+                    answer = await this.spf(a)
+                    break
                 default:
                     answer = { ok: false, kind: 'unavailable', message: `unknown host call ${m.op}` }
             }
@@ -425,6 +445,30 @@ class Filter {
             return { ok: true, value: undefined }
         } catch (e) {
             return err(e)
+        }
+    }
+
+    /**
+     * SPF (RFC 7208) for the `auth.spf` import, by Haraka's own SPF library
+     * (haraka-plugin-spf) over this filter's resolver: the MAIL FROM
+     * identity, or for the null sender `postmaster@` the HELO name, as
+     * greyhook's host does; a failure on the way is `temperror`.
+     */
+    async spf(a) {
+        const SPF = spfClass()
+        const domain = (a.sender.includes('@') && a.sender ? a.sender.slice(a.sender.lastIndexOf('@') + 1) : a.helo).toLowerCase()
+        const ip = a.address.tag === 'ipv4' ? a.address.val.join('.') : a.address.val.map((g) => g.toString(16)).join(':')
+        const names = ['none', 'none', 'pass', 'fail', 'softfail', 'neutral', 'temperror', 'permerror']
+        if (!/^[a-z0-9_.-]{1,253}$/.test(domain) || !domain.includes('.')) return { ok: true, value: { result: 'none', domain } }
+        try {
+            const spf = new SPF()
+            spf.resolver = this.resolver
+            spf.helo = a.helo || 'unknown'
+            spf.dns_timeout_ms = this.dnsTimeoutMs
+            const r = await spf.check_host(ip, domain, a.sender || `postmaster@${domain}`)
+            return { ok: true, value: { result: names[r] || 'temperror', domain } }
+        } catch {
+            return { ok: true, value: { result: 'temperror', domain } }
         }
     }
 

@@ -181,9 +181,9 @@ const imports = {
         },
     },
     'greyhook:filter/auth': {
-        spf() {
+        spf(address, helo, sender) {
             admitDns()
-            throw { payload: { tag: 'servfail', val: 'SPF is not offered by the Haraka host (use Haraka\'s spf plugin)' } }
+            return dnsAnswer(host('spf', { address, helo, sender }, dnsReserve()))
         },
         forwardConfirmedName(address) {
             admitDns()
