@@ -211,6 +211,43 @@ fn haraka_contains_the_chaos_filter_traps_loops_and_bad_verdicts() {
     assert!(!log.lines().any(|l| l.starts_with("forged log line")), "a filter's CR LF does not forge a log line");
 }
 
+/// Hot reload: the component file is replaced under a running Haraka (the
+/// chaos filter, then the reference filter, then garbage); the new filter
+/// answers within seconds, the broken file is refused and the running
+/// filter stays.
+#[test]
+fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("filter.wasm");
+    std::fs::write(&file, CHAOS_FILTER).unwrap();
+    let ini = format!("[filter]\npath={}\nconfig=filter.toml\n[dns]\nservers={}\n", file.display(), null_dns());
+    let h = Haraka::start(&dir.path().join("site"), &ini, "");
+    let (ehlo, r, _) = transaction(h.port, "a@example.org", "ok@example.com");
+    assert!(ehlo.contains("CHAOS") && r.starts_with("250"), "{ehlo}{r}");
+    // Replaced as a deployment would: written aside, renamed over.
+    let swap = |bytes: &[u8]| {
+        let tmp = dir.path().join("filter.wasm.new");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    swap(greyhook_reference::WASM);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !h.log().contains("greyhook: loaded greylist") {
+        assert!(Instant::now() < until, "not reloaded:\n{}", h.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ehlo, r, _) = transaction(h.port, "a@example.org", "ok@example.com");
+    assert!(ehlo.contains("GREYLIST") && r.starts_with("451 4.7.1 Greylisted"), "the new filter answers: {ehlo}{r}");
+    swap(b"not a component");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !h.log().contains("refused") {
+        assert!(Instant::now() < until, "the broken file was not noticed:\n{}", h.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, r, _) = transaction(h.port, "b@example.org", "ok@example.com");
+    assert!(r.starts_with("451 4.7.1 Greylisted"), "the running filter stays: {r}");
+}
+
 /// Lua scripts: the package's copy is greyhook's, byte for byte.
 #[test]
 fn the_haraka_redis_scripts_are_greyhooks() {

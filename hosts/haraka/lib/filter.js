@@ -62,14 +62,14 @@ function failureVerdict(policy, phase) {
 
 /** One worker thread and its bridge. */
 class Slot {
-    constructor(filter, source) {
+    constructor(filter, source, namespace) {
         this.filter = filter
         this.ctrl = new SharedArrayBuffer(4)
         this.ctrlView = new Int32Array(this.ctrl)
         const { port1, port2 } = new MessageChannel()
         this.port = port1
         this.worker = new Worker(WORKER, {
-            workerData: { ...source, config: filter.config, namespace: filter.namespace, limits: filter.limits, ctrl: this.ctrl, port: port2 },
+            workerData: { ...source, config: filter.config, namespace, limits: filter.limits, ctrl: this.ctrl, port: port2 },
             transferList: [port2],
             // The JavaScript heap of the bindings; Wasm memory is checked after every call.
             resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16 },
@@ -90,6 +90,8 @@ class Slot {
     }
 
     onMessage(m) {
+        // The logs and metrics of a call travel with its host calls and result.
+        if (m.events) for (const e of m.events) this.onMessage(e)
         switch (m.type) {
             case 'ready':
                 this.isReady = true
@@ -222,7 +224,7 @@ class Filter {
     /** Starts a generation: one worker transpiles and initialises, the others reuse its files. */
     async start(bytes) {
         const hash = crypto.createHash('sha256').update(bytes).digest('hex')
-        const first = new Slot(this, { component: bytes })
+        const first = new Slot(this, { component: bytes }, this.namespace)
         const timer = setTimeout(() => first.kill('load timed out'), this.limits.loadMs)
         let ready
         try {
@@ -230,9 +232,9 @@ class Filter {
         } finally {
             clearTimeout(timer)
         }
-        const gen = { hash, info: ready.info, contract: ready.contract, files: ready.files, slots: [first] }
-        this.namespace = this.namespace || ready.namespace
-        for (let i = 1; i < this.workerCount; i++) gen.slots.push(new Slot(this, { files: gen.files }))
+        // The namespace: the configured one, else each generation's filter's name.
+        const gen = { hash, info: ready.info, contract: ready.contract, files: ready.files, namespace: ready.namespace, slots: [first] }
+        for (let i = 1; i < this.workerCount; i++) gen.slots.push(new Slot(this, { files: gen.files }, gen.namespace))
         await Promise.all(gen.slots.map((s) => s.ready))
         return gen
     }
@@ -241,7 +243,7 @@ class Filter {
     replace(slot) {
         const i = this.slots.indexOf(slot)
         if (i < 0 || this.closed) return
-        const fresh = new Slot(this, { files: this.generation.files })
+        const fresh = new Slot(this, { files: this.generation.files }, this.generation.namespace)
         this.slots[i] = fresh
         fresh.ready.then(
             () => this.dispatch(),

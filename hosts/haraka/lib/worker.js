@@ -9,6 +9,7 @@
 
 const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads')
 const { wasiImports, Sink, NotOffered } = require('./wasi')
+const { capMemory } = require('./memcap')
 
 const { config, limits, ctrl: ctrlBuffer, port } = workerData
 const ctrl = new Int32Array(ctrlBuffer)
@@ -43,13 +44,31 @@ let dnsCalls = 0
 let storeFailure = null
 let seq = 0
 
+// Log lines and metrics of the call in progress: they travel with its next
+// message to the main thread (a host call or the result) rather than one
+// message each. Outside a call (init) they are posted at once.
+let events = null
+const MAX_EVENTS = 256
+
+function emit(e) {
+    if (events === null) parentPort.postMessage(e)
+    else if (events.length < MAX_EVENTS) events.push(e)
+}
+
+/** The events gathered so far, handed over with a message. */
+function takeEvents() {
+    const e = events
+    events = events === null ? null : []
+    return e && e.length ? e : undefined
+}
+
 const storeError = (tag, message) => ({ payload: { tag, val: message } })
 
 /** Asks the main thread and waits for its answer (bounded by the call's deadline). */
 function host(op, args, reserveMs = 0) {
     const id = ++seq
     Atomics.store(ctrl, 0, 0)
-    parentPort.postMessage({ type: 'host', seq: id, op, args })
+    parentPort.postMessage({ type: 'host', seq: id, op, args, events: takeEvents() })
     for (;;) {
         Atomics.store(ctrl, 0, 0)
         let m
@@ -159,15 +178,15 @@ const imports = {
     'greyhook:filter/store': store,
     'greyhook:filter/log': {
         write(level, message) {
-            parentPort.postMessage({ type: 'log', level: LEVELS.includes(level) ? level : 'info', message: String(message) })
+            emit({ type: 'log', level: LEVELS.includes(level) ? level : 'info', message: String(message) })
         },
     },
     'greyhook:filter/metrics': {
         counterAdd(name, labels, value) {
-            parentPort.postMessage({ type: 'metric', kind: 'counter', name, labels, value: Number(value) })
+            emit({ type: 'metric', kind: 'counter', name, labels, value: Number(value) })
         },
         histogramObserve(name, labels, value) {
-            parentPort.postMessage({ type: 'metric', kind: 'histogram', name, labels, value })
+            emit({ type: 'metric', kind: 'histogram', name, labels, value })
         },
     },
     'greyhook:filter/dns': {
@@ -267,6 +286,7 @@ function call({ id, hook, ctx, arg }) {
     storeCalls = 0
     dnsCalls = 0
     storeFailure = null
+    events = []
     output.take()
     let result
     try {
@@ -285,12 +305,14 @@ function call({ id, hook, ctx, arg }) {
         try {
             instantiate()
         } catch (e) {
-            parentPort.postMessage({ type: 'result', id, ...result })
+            parentPort.postMessage({ type: 'result', id, ...result, events: takeEvents() })
+            events = null
             parentPort.postMessage({ type: 'broken', message: e.message })
             return
         }
     }
-    parentPort.postMessage({ type: 'result', id, ...result })
+    parentPort.postMessage({ type: 'result', id, ...result, events: takeEvents() })
+    events = null
 }
 
 async function main() {
@@ -298,7 +320,7 @@ async function main() {
         if (!files) files = await transpile(workerData.component)
         const source = `data:text/javascript;base64,${Buffer.from(files.js).toString('base64')}`
         instantiateFn = (await import(source)).instantiate
-        compiled = Object.fromEntries(Object.entries(files.modules).map(([n, b]) => [n, new WebAssembly.Module(b)]))
+        compiled = Object.fromEntries(Object.entries(files.modules).map(([n, b]) => [n, new WebAssembly.Module(capMemory(b, limits.memory))]))
         const info = instantiate()
         // Let what loading left queued run now (after a transpile, jco's
         // module setup takes a few hundred ms), not in the first call's time.
