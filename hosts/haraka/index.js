@@ -10,7 +10,7 @@
 const path = require('node:path')
 const fs = require('node:fs')
 const ipaddr = require('ipaddr.js')
-const { Filter } = require('./lib/filter')
+const { Filter, failureVerdict } = require('./lib/filter')
 const { openStore } = require('./lib/store')
 const { renderLines } = require('./lib/reply')
 
@@ -135,10 +135,10 @@ function dsn(reply) {
     return new DSN(reply.code, lines)
 }
 
-/** Calls the filter; `undefined` when it is not loaded (its failure policy then answers). */
+/** Calls the filter; when it could not be loaded, its failure policy answers. */
 async function ask(plugin, hook, connection, arg) {
     const filter = await plugin.greyhook_ready
-    if (!filter) return null
+    if (!filter) return { verdict: failureVerdict(plugin.cfg.filter?.failure_policy, hook), failure: 'the filter is not loaded' }
     return filter.call(hook, context(connection), arg)
 }
 

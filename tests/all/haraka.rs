@@ -48,6 +48,11 @@ impl Haraka {
     /// Creates a site in `dir` (`haraka -i`), configures greyhook with
     /// `greyhook_ini` and the filter's TOML `filter_toml`, and starts it.
     fn start(dir: &Path, greyhook_ini: &str, filter_toml: &str) -> Haraka {
+        Haraka::start_until(dir, greyhook_ini, filter_toml, "greyhook: loaded ")
+    }
+
+    /// As `start`, until `ready` is in the log.
+    fn start_until(dir: &Path, greyhook_ini: &str, filter_toml: &str, ready: &str) -> Haraka {
         let site = dir.to_path_buf();
         let st = Command::new(haraka_bin()).arg("-i").arg(&site).stdout(Stdio::null()).status().expect("haraka -i");
         assert!(st.success(), "haraka -i");
@@ -66,7 +71,7 @@ impl Haraka {
         let child =
             Command::new(haraka_bin()).arg("-c").arg(&site).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("haraka starts");
         let mut h = Haraka { child, site, port };
-        h.wait_loaded();
+        h.wait_for(ready);
         h
     }
 
@@ -74,15 +79,16 @@ impl Haraka {
         std::fs::read_to_string(self.site.join("haraka.log")).unwrap_or_default()
     }
 
-    /// Waits for the port and for the filter to be loaded (or to fail).
-    fn wait_loaded(&mut self) {
+    /// Waits for the port and for `ready` in the log (a filter that does
+    /// not load fails the wait, unless that is what is awaited).
+    fn wait_for(&mut self, ready: &str) {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log();
-            if log.contains("greyhook: loaded ") && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if log.contains(ready) && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            assert!(!log.contains("the filter did not load"), "the filter did not load:\n{log}");
+            assert!(ready.contains("did not load") || !log.contains("the filter did not load"), "the filter did not load:\n{log}");
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("haraka exited ({st}):\n{log}");
             }
@@ -246,6 +252,24 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
     }
     let (_, r, _) = transaction(h.port, "b@example.org", "ok@example.com");
     assert!(r.starts_with("451 4.7.1 Greylisted"), "the running filter stays: {r}");
+}
+
+/// A component that cannot be loaded: Haraka still runs, says why at CRIT,
+/// and the failure policy answers every call (here `tempfail`).
+#[test]
+fn haraka_with_a_filter_it_cannot_load_answers_by_the_failure_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.wasm");
+    std::fs::write(&file, b"\0asm garbage").unwrap();
+    let ini = format!("[filter]\npath={}\nfailure_policy=tempfail\n", file.display());
+    let h = Haraka::start_until(&dir.path().join("site"), &ini, "", "the filter did not load");
+    // At the greeting, as greyhook answers a failed connect hook: 421, closed.
+    let mut c = Raw::connect(h.port);
+    assert_eq!(c.reply(), "421 4.3.0 Temporary local problem, please try again later\r\n", "{}", h.log());
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut c.r, &mut rest);
+    assert_eq!(rest, "", "the connection is closed after the 421");
+    assert!(h.log().contains("[CRIT]"), "{}", h.log());
 }
 
 /// Lua scripts: the package's copy is greyhook's, byte for byte.
