@@ -4,7 +4,9 @@
 //! rates and the ratio, measured in one run.
 //!
 //! `cargo bench -p greyhook --bench filter` (or `-- --quick`; `-- --mail`
-//! times a bare hook call with no store calls).
+//! times a bare hook call with no store calls; `-- --haraka` runs the same
+//! workload inside the Haraka host, `hosts/haraka/bench/percall.js`, and
+//! prints the ratio to this host's).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -139,6 +141,10 @@ fn main() {
         });
         return;
     }
+    if std::env::args().any(|a| a == "--haraka") {
+        haraka(&rt, &runtime, n);
+        return;
+    }
     println!("on-rcpt decisions, {n} calls over {TRIPLETS} triplets, one thread");
     println!("{:<16} {:>14} {:>14} {:>12} {:>12} {:>12}", "store", "native/s", "wasm/s", "native µs", "wasm µs", "wasm/native");
     for (name, mk) in [
@@ -156,5 +162,34 @@ fn main() {
         let w = rt.block_on(wasm(&runtime, mk(2), n));
         let nat = native(&*mk(3), n);
         println!("{name:<16} {nat:>14.0} {w:>14.0} {:>12.2} {:>12.2} {:>12.2}", 1e6 / nat, 1e6 / w, nat / w);
+    }
+}
+
+/// The same on-rcpt workload through wasmtime (here) and through the
+/// Haraka host (jco in a worker thread; node, with `npm ci` done in
+/// `hosts/haraka`), in one run.
+fn haraka(rt: &tokio::runtime::Runtime, runtime: &Runtime, n: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wasm_file = dir.path().join("greylist.wasm");
+    std::fs::write(&wasm_file, greyhook::REFERENCE_FILTER).expect("write the filter");
+    rt.block_on(wasm(runtime, Arc::new(MemoryStore::new()), n / 10));
+    let w = rt.block_on(wasm(runtime, Arc::new(MemoryStore::new()), n));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka/bench/percall.js");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(&wasm_file)
+        .arg(n.to_string())
+        .arg("--json")
+        .output()
+        .expect("node (the Haraka host's bench)");
+    assert!(out.status.success(), "the Haraka bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the Haraka bench's JSON");
+    let f = |k: &str, m: &str| v[k][m].as_f64().expect("a figure");
+    let us = 1e6 / w;
+    println!("on-rcpt, {n} calls over {TRIPLETS} triplets, memory store, the reference filter");
+    println!("{:<34} {:>12} {:>12} {:>14}", "host", "wall µs", "CPU µs", "CPU / wasmtime");
+    println!("{:<34} {:>12.2} {:>12.2} {:>14.2}", "wasmtime (one thread)", us, us, 1.0);
+    for (name, k) in [("haraka, 1 call in flight", "one"), ("haraka, 8 calls in flight", "eight")] {
+        println!("{name:<34} {:>12.2} {:>12.2} {:>14.2}", f(k, "wall"), f(k, "cpu"), f(k, "cpu") / us);
     }
 }

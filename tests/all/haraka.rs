@@ -159,14 +159,24 @@ fn haraka_greylists_with_the_reference_filter_and_accepts_the_retry() {
     let got = h.delivered();
     assert_eq!(got.len(), 1);
     assert!(got[0].contains("X-Greylist: delayed "), "the header the verdict added:\n{}", got[0]);
-    // swaks, a real SMTP client, sees the same.
-    let out = Command::new("swaks")
-        .args(["--server", &format!("127.0.0.1:{}", h.port), "--from", "carol@example.org", "--to", "dave@example.com"])
-        .args(["--quit-after", "RCPT"])
-        .output()
-        .expect("swaks");
-    let out = String::from_utf8_lossy(&out.stdout);
+    // swaks, a real SMTP client, sees the same: the hint on the first
+    // attempt, then 250 after the delay with the header added.
+    let swaks = |from: &str| -> String {
+        let out = Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{}", h.port), "--from", from, "--to", "dave@example.com"])
+            .args(["--header", "Message-ID: <swaks@example.org>"])
+            .output()
+            .expect("swaks");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = Instant::now();
+    let out = swaks("carol@example.org");
     assert!(out.contains("<** 451 4.7.1 Greylisted, please try again later retry=00:00:02"), "{out}");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let out = swaks("carol@example.org");
+    assert!(out.contains("<-  250 ") && !out.contains("<** "), "the retry passes:\n{out}");
+    assert_eq!(h.delivered().len(), 2);
+    assert!(h.delivered().iter().all(|m| m.contains("X-Greylist: delayed ")));
 }
 
 #[test]
