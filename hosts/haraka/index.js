@@ -221,7 +221,8 @@ exports.greyhook_rcpt = hookRunner(
     'rcpt',
     (connection, params) => addressOf(params[0]),
     (connection, r, params) => {
-        if (r.verdict.policyGroup != null) notes(connection).pending.set(addressOf(params[0]), r.verdict.policyGroup)
+        const g = notes(connection)
+        if (r.verdict.policyGroup != null && g.pending.size < 1000) g.pending.set(addressOf(params[0]), r.verdict.policyGroup)
     },
 )
 

@@ -27,6 +27,7 @@ const DEFAULT_LIMITS = {
     maxTtl: 100 * 86400,
     dnsLookups: 16,
     logLinesPerCall: 32,
+    logLinesPerSecond: 200,
     logLineBytes: 1024,
     maxQueue: 1000,
     loadMs: 30000,
@@ -482,6 +483,18 @@ class Filter {
                 b.logLines = (b.logLines || 0) + 1
                 if (b.logLines > this.limits.logLinesPerCall) return
             }
+        }
+        // And at most logLinesPerSecond a second for the filter as a whole.
+        const sec = Math.floor(Date.now() / 1000)
+        if (this.logSecond !== sec) {
+            if (this.logDropped) this.logger('warn', `greyhook: ${this.logDropped} log lines of the filter dropped (over ${this.limits.logLinesPerSecond} a second)`)
+            this.logSecond = sec
+            this.logLines = 0
+            this.logDropped = 0
+        }
+        if (++this.logLines > this.limits.logLinesPerSecond) {
+            this.logDropped++
+            return
         }
         const clean = String(message).replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, this.limits.logLineBytes)
         this.logger(level, `greyhook[${this.generation?.info?.name ?? 'filter'}]: ${clean}`)

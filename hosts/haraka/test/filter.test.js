@@ -69,6 +69,25 @@ test('traps, loops and invalid verdicts', async () => {
     }
 })
 
+test('a filter logs at most logLinesPerSecond lines a second', async () => {
+    const logs = []
+    const f = new Filter({ path: chaos(), store: new MemoryStore(), limits: { logLinesPerSecond: 50 }, logger: (l, m) => logs.push(m) })
+    await f.load()
+    try {
+        // Within one second by the clock: at most 50 of the filter's lines.
+        const until = Math.floor(Date.now() / 1000) + 1
+        while (Math.floor(Date.now() / 1000) < until) await new Promise((r) => setTimeout(r, 5))
+        for (let i = 0; i < 120; i++) await f.call('rcpt', ctx(), 'ok@example.com')
+        const inSecond = logs.filter((m) => m.includes('chaos: ok')).length
+        assert.ok(inSecond <= 100 && inSecond >= 50, `${inSecond} lines`)
+        await new Promise((r) => setTimeout(r, 1100))
+        await f.call('rcpt', ctx(), 'ok@example.com')
+        assert.ok(logs.some((m) => /log lines of the filter dropped/.test(m)), logs.slice(-3).join('\n'))
+    } finally {
+        await f.close()
+    }
+})
+
 test('reload: a new file is swapped in, a broken one refused', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'greyhook-reload-'))
     const file = path.join(dir, 'f.wasm')
