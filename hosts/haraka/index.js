@@ -31,6 +31,7 @@ exports.register = function () {
         this.logcrit(`greyhook: the filter did not load: ${e.message}; its failure policy answers every call`)
         return null
     })
+    this.watch_filter_config()
     this.register_hook('connect', 'greyhook_connect')
     this.register_hook('helo', 'greyhook_helo')
     this.register_hook('ehlo', 'greyhook_helo')
@@ -42,7 +43,61 @@ exports.register = function () {
 }
 
 exports.load_greyhook_ini = function () {
-    this.cfg = this.config.get('greyhook.ini', { booleans: ['+filter.watch'] }, () => this.load_greyhook_ini())
+    const first = !this.cfg
+    this.cfg = this.config.get('greyhook.ini', { booleans: ['+filter.watch'] }, () => {
+        this.load_greyhook_ini()
+    })
+    if (!first) this.restart_greyhook('config/greyhook.ini changed')
+}
+
+/** Polls the filter's own configuration file and reloads when it changes. */
+exports.watch_filter_config = function () {
+    let seen = null
+    const stamp = () => {
+        const f = this.cfg.filter?.config
+        if (!f) return ''
+        try {
+            const st = fs.statSync(sitePath(f))
+            return `${f}:${st.mtimeMs}:${st.size}`
+        } catch {
+            return `${f}:missing`
+        }
+    }
+    seen = stamp()
+    this.greyhook_config_watch = setInterval(() => {
+        const now = stamp()
+        if (now !== seen) {
+            seen = now
+            this.restart_greyhook(`${this.cfg.filter?.config} changed`)
+        }
+    }, 1000)
+    this.greyhook_config_watch.unref()
+}
+
+/**
+ * Loads the filter again with the current configuration and swaps it in
+ * once it answers; the old one finishes its calls first. A configuration
+ * that does not load is refused and the running filter stays. The store
+ * is kept (records survive) unless its own settings changed.
+ */
+exports.restart_greyhook = function (why) {
+    const previous = this.greyhook_ready
+    this.greyhook_ready = (async () => {
+        const old = await previous
+        try {
+            const fresh = await this.start_greyhook(old)
+            this.lognotice(`greyhook: reloaded (${why})`)
+            if (old && old !== fresh) {
+                old.close({ graceful: true }).then(() => {
+                    if (old.store !== fresh.store) old.store.close()
+                })
+            }
+            return fresh
+        } catch (e) {
+            this.logerror(`greyhook: reload refused (${why}): ${e.message}; the running filter stays`)
+            return old
+        }
+    })()
 }
 
 /** Where a configured path points: relative paths are in Haraka's config directory. */
@@ -50,20 +105,39 @@ function sitePath(p) {
     return path.resolve(process.env.HARAKA || process.cwd(), 'config', p)
 }
 
-exports.start_greyhook = async function () {
+/** `section.key` as a whole number in [min, max], or its default; throws naming the key. */
+function whole(section, key, min, max) {
+    const v = section[key]
+    if (v === undefined || v === '') return undefined
+    const n = Number(v)
+    if (!Number.isInteger(n) || n < min || n > max) throw new Error(`${key} = ${JSON.stringify(v)}: a whole number from ${min} to ${max}`)
+    return n
+}
+
+/** Starts the configured filter; `old`'s store is reused when its settings are unchanged. */
+exports.start_greyhook = async function (old) {
     const f = this.cfg.filter || {}
     const s = this.cfg.store || {}
     const d = this.cfg.dns || {}
     const file = f.path ? sitePath(f.path) : REFERENCE
     const config = f.config ? fs.readFileSync(sitePath(f.config), 'utf8') : ''
-    const store = openStore({ kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records })
-    const limits = {}
-    if (f.deadline_ms) limits.deadlineMs = Number(f.deadline_ms)
-    if (f.store_calls) limits.storeCalls = Number(f.store_calls)
-    if (f.memory_mb) limits.memory = Number(f.memory_mb) << 20
-    if (!(limits.deadlineMs === undefined || (limits.deadlineMs >= 1 && limits.deadlineMs <= 60000))) {
-        throw new Error('filter.deadline_ms must be between 1 and 60000')
+    if (f.failure_policy && !['continue', 'tempfail'].includes(f.failure_policy)) {
+        throw new Error(`filter.failure_policy = ${JSON.stringify(f.failure_policy)}: continue or tempfail`)
     }
+    if (f.namespace && !/^[A-Za-z0-9._-]{1,64}$/.test(f.namespace)) {
+        throw new Error(`filter.namespace = ${JSON.stringify(f.namespace)}: 1 to 64 letters, digits, '-', '_' or '.'`)
+    }
+    const storeSettings = { kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records }
+    const storeKey = JSON.stringify(storeSettings)
+    const store = old && old.storeKey === storeKey ? old.store : openStore(storeSettings)
+    const limits = {}
+    const deadline = whole(f, 'deadline_ms', 1, 60000)
+    if (deadline !== undefined) limits.deadlineMs = deadline
+    const calls = whole(f, 'store_calls', 1, 10000)
+    if (calls !== undefined) limits.storeCalls = calls
+    const mem = whole(f, 'memory_mb', 1, 4096)
+    if (mem !== undefined) limits.memory = mem * 1024 * 1024
+    const workers = whole(f, 'workers', 1, 64)
     const level = { debug: 'logdebug', info: 'loginfo', notice: 'lognotice', warn: 'logwarn', error: 'logerror' }
     const filter = new Filter({
         path: file,
@@ -72,20 +146,30 @@ exports.start_greyhook = async function () {
         failurePolicy: f.failure_policy,
         store,
         limits,
-        workers: f.workers,
+        workers,
         dns: { servers: d.servers ? String(d.servers).split(/[\s,]+/).filter(Boolean) : [], timeoutMs: d.timeout_ms },
         logger: (l, m) => this[level[l] || 'loginfo'](m),
     })
-    const info = await filter.load()
+    filter.storeKey = storeKey
+    let info
+    try {
+        info = await filter.load()
+    } catch (e) {
+        await filter.close()
+        if (store !== old?.store) await store.close()
+        throw e
+    }
     this.loginfo(`greyhook: loaded ${info.name} ${info.version} from ${file} (store ${store.kind}, ${filter.workerCount} worker(s), deadline ${filter.limits.deadlineMs} ms)`)
     if (this.cfg.filter?.watch !== false) filter.watch()
-    this.greyhook = filter
     return filter
 }
 
 exports.shutdown = function () {
-    this.greyhook?.close()
-    this.greyhook?.store?.close()
+    clearInterval(this.greyhook_config_watch)
+    this.greyhook_ready?.then((f) => {
+        f?.close()
+        f?.store?.close()
+    })
 }
 
 /** The client's address as the WIT `ip-address` (IPv4-mapped IPv6 as IPv4). */

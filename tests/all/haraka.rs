@@ -264,6 +264,43 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
     assert!(r.starts_with("451 4.7.1 Greylisted"), "the running filter stays: {r}");
 }
 
+/// A changed filter configuration is loaded into the running Haraka (the
+/// new policy answers) and the records stay (a triplet deferred before the
+/// reload passes its retry after it); a configuration that does not load
+/// is refused and the running filter stays.
+#[test]
+fn haraka_reloads_its_configuration_keeping_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
+    let first = Instant::now();
+    let (_, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    let (_, r, _) = transaction(h.port, "alice@example.org", "vip@example.com");
+    assert!(r.starts_with("451 4.7.1 "), "{r}");
+    let toml = h.site.join("config/filter.toml");
+    let wait_log = |needle: &str, n: usize| {
+        let until = Instant::now() + Duration::from_secs(20);
+        while h.log().matches(needle).count() < n {
+            assert!(Instant::now() < until, "no {needle:?} in the log:\n{}", h.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::fs::write(&toml, "delay = 2\nwhitelist_recipients = [\"vip@example.com\"]\n").unwrap();
+    wait_log("greyhook: reloaded", 1);
+    let (_, r, _) = transaction(h.port, "carol@example.org", "vip@example.com");
+    assert!(r.starts_with("250"), "the new configuration answers: {r}");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let (_, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
+    assert!(r.starts_with("250"), "the record from before the reload is still there: {r}\n{}", h.log());
+    // A key the filter refuses: the reload is refused, the filter stays.
+    std::fs::write(&toml, "delay = \"soon\"\n").unwrap();
+    wait_log("greyhook: reload refused", 1);
+    let (_, r, _) = transaction(h.port, "dave@example.org", "vip@example.com");
+    assert!(r.starts_with("250"), "the running configuration stays: {r}");
+}
+
 /// A component that cannot be loaded: Haraka still runs, says why at CRIT,
 /// and the failure policy answers every call (here `tempfail`).
 #[test]

@@ -512,9 +512,20 @@ class Filter {
     }
 
     /** Stops every worker and the file watch. */
-    async close() {
-        this.closed = true
+    /**
+     * Stops the file watch and the workers. Graceful (a configuration
+     * reload): calls in flight and queued finish first, so no request is
+     * lost; otherwise (shutdown) they get the failure policy at once.
+     */
+    async close({ graceful = false } = {}) {
         clearInterval(this.watcher)
+        if (graceful) {
+            const until = Date.now() + this.limits.deadlineMs * 10 + 1000
+            while ((this.queue.length || this.slots.some((s) => s.busy)) && Date.now() < until) {
+                await new Promise((r) => setTimeout(r, 10))
+            }
+        }
+        this.closed = true
         for (const s of this.slots) s.kill('closed')
         for (const j of this.queue) j.resolve({ ok: false, kind: 'overloaded', message: 'closed' })
         this.queue = []
