@@ -264,6 +264,26 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
     assert!(r.starts_with("451 4.7.1 Greylisted"), "the running filter stays: {r}");
 }
 
+/// Greylisting at the greeting (`stage = "connect"`): Haraka answers the
+/// draft's 421 with the hint and closes; after the delay the client is in.
+#[test]
+fn haraka_greylists_at_connect_with_421() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\nstage = \"connect\"\n");
+    let first = Instant::now();
+    let mut c = Raw::connect(h.port);
+    let greeting = c.reply();
+    assert!(greeting.starts_with("421 4.7.1 ") && greeting.trim_end().ends_with(" retry=00:00:02"), "{greeting}\n{}", h.log());
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut c.r, &mut rest);
+    assert_eq!(rest, "", "closed after the 421");
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let (_, r, data) = transaction(h.port, "a@example.org", "b@example.com");
+    assert!(r.starts_with("250") && data.is_some_and(|d| d.starts_with("250")), "{r}");
+}
+
 /// A changed filter configuration is loaded into the running Haraka (the
 /// new policy answers) and the records stay (a triplet deferred before the
 /// reload passes its retry after it); a configuration that does not load
