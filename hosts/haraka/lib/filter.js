@@ -72,7 +72,7 @@ class Slot {
         this.worker = new Worker(WORKER, {
             workerData: { ...source, config: filter.config, namespace, limits: filter.limits, ctrl: this.ctrl, port: port2 },
             transferList: [port2],
-            // The JavaScript heap of the bindings; Wasm memory is checked after every call.
+            // The JavaScript heap of the bindings; Wasm memory is capped in the module (lib/memcap.js).
             resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16 },
             stdout: true,
             stderr: true,
@@ -124,8 +124,10 @@ class Slot {
                 this.filter.metric(m)
                 break
             case 'broken':
+                // No fresh instance in this worker: a fresh worker tries again.
                 this.filter.log('error', `cannot make a fresh instance: ${m.message}`)
                 this.kill()
+                this.filter.replace(this)
                 break
         }
     }
