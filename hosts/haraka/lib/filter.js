@@ -11,6 +11,7 @@ const { Worker, MessageChannel } = require('node:worker_threads')
 const dns = require('node:dns')
 const { checkVerdict, checkEhlo } = require('./reply')
 const { StoreError } = require('./store')
+const ipaddr = require('ipaddr.js')
 
 const WORKER = path.join(__dirname, 'worker.js')
 
@@ -47,6 +48,20 @@ function spfClass() {
         SPF.prototype.log_debug = quiet
     }
     return SPF
+}
+
+/** A WIT `ip-address` as text, IPv6 in RFC 5952 form (`2001:db8::5`), as resolvers answer. */
+function ipText(addr) {
+    return (addr.tag === 'ipv4' ? new ipaddr.IPv4(addr.val) : new ipaddr.IPv6(addr.val)).toString()
+}
+
+/** `text` as the same RFC 5952 spelling, for comparing addresses; null if not an address. */
+function sameSpelling(text) {
+    try {
+        return ipaddr.parse(text).toString()
+    } catch {
+        return null
+    }
 }
 
 /** The verdict the failure policy gives at `phase` (as greyhook's `FailurePolicy::verdict`). */
@@ -412,8 +427,6 @@ class Filter {
             if (code === 'ETIMEOUT') return { ok: false, error: { tag: 'timeout' } }
             return { ok: false, error: { tag: 'servfail', val: String(code || e?.message || e) } }
         }
-        const ip = (addr) =>
-            addr.tag === 'ipv4' ? addr.val.join('.') : addr.val.map((g) => g.toString(16)).join(':')
         try {
             if (op === 'dns') {
                 const name = String(a.name).replace(/\.$/, '')
@@ -440,12 +453,12 @@ class Filter {
                 }
                 return { ok: true, value: out.slice(0, 64) }
             }
-            const names = (await this.resolver.reverse(ip(a.address))).map((n) => n.toLowerCase().replace(/\.$/, '')).slice(0, 64)
+            const want = ipText(a.address)
+            const names = (await this.resolver.reverse(want)).map((n) => n.toLowerCase().replace(/\.$/, '')).slice(0, 64)
             if (op === 'reverse') return { ok: true, value: names }
-            const want = ip(a.address)
             for (const n of names.slice(0, 10)) {
                 const addrs = await (a.address.tag === 'ipv4' ? this.resolver.resolve4(n) : this.resolver.resolve6(n)).catch(() => [])
-                if (addrs.includes(want)) return { ok: true, value: n }
+                if (addrs.some((x) => sameSpelling(x) === want)) return { ok: true, value: n }
             }
             return { ok: true, value: undefined }
         } catch (e) {
@@ -462,7 +475,7 @@ class Filter {
     async spf(a) {
         const SPF = spfClass()
         const domain = (a.sender.includes('@') && a.sender ? a.sender.slice(a.sender.lastIndexOf('@') + 1) : a.helo).toLowerCase()
-        const ip = a.address.tag === 'ipv4' ? a.address.val.join('.') : a.address.val.map((g) => g.toString(16)).join(':')
+        const ip = ipText(a.address)
         const names = ['none', 'none', 'pass', 'fail', 'softfail', 'neutral', 'temperror', 'permerror']
         if (!/^[a-z0-9_.-]{1,253}$/.test(domain) || !domain.includes('.')) return { ok: true, value: { result: 'none', domain } }
         try {

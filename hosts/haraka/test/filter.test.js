@@ -109,3 +109,19 @@ test('reload: a new file is swapped in, a broken one refused', async () => {
         fs.rmSync(dir, { recursive: true })
     }
 })
+
+test('forward-confirmed names compare addresses, not their spellings (IPv6)', async () => {
+    const f = new Filter({ path: chaos(), store: new MemoryStore() })
+    // A resolver that answers as Node's does: AAAA records in RFC 5952 form.
+    f.resolver = {
+        reverse: async () => ['mx.example.test.'],
+        resolve4: async () => ['192.0.2.5'],
+        resolve6: async () => ['2001:db8::5'],
+    }
+    const v6 = { tag: 'ipv6', val: [0x2001, 0xdb8, 0, 0, 0, 0, 0, 5] }
+    assert.deepStrictEqual(await f.dns('fcrdns', { address: v6 }), { ok: true, value: 'mx.example.test' })
+    const other = { tag: 'ipv6', val: [0x2001, 0xdb8, 0, 0, 0, 0, 0, 6] }
+    assert.deepStrictEqual(await f.dns('fcrdns', { address: other }), { ok: true, value: undefined })
+    const v4 = { tag: 'ipv4', val: [192, 0, 2, 5] }
+    assert.deepStrictEqual(await f.dns('fcrdns', { address: v4 }), { ok: true, value: 'mx.example.test' })
+})
