@@ -10,6 +10,7 @@
 const path = require('node:path')
 const fs = require('node:fs')
 const ipaddr = require('ipaddr.js')
+const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
 const { openStore } = require('./lib/store')
 const { renderLines } = require('./lib/reply')
@@ -229,7 +230,6 @@ async function ask(plugin, hook, connection, arg) {
 /** Answers Haraka for a verdict; `connect` closes after a tempfail/reject, as the draft's 421. */
 function answer(next, verdict, phase) {
     const d = verdict.decision
-    const constants = require('haraka-constants')
     if (d.tag === 'tempfail') return next(phase === 'connect' ? constants.denysoftdisconnect : constants.denysoft, dsn(d.val))
     if (d.tag === 'reject') return next(phase === 'connect' ? constants.denydisconnect : constants.deny, dsn(d.val))
     // `accept` ends the filter chain in greyhook; in Haraka it must not
@@ -273,11 +273,9 @@ function run(plugin, hook, connection, arg, next, before) {
     ask(plugin, hook, connection, arg)
         .then((got) => {
             r = got
-            if (r) {
-                if (r.failure) connection.results?.add?.(plugin, { err: r.failure })
-                keepHeaders(connection, r.verdict)
-                before(r)
-            }
+            if (r.failure) connection.results?.add?.(plugin, { err: r.failure })
+            keepHeaders(connection, r.verdict)
+            before(r)
         })
         .catch((e) => {
             plugin.logerror(`greyhook: ${hook}: ${e.message}`, connection)

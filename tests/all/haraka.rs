@@ -97,6 +97,15 @@ impl Haraka {
         }
     }
 
+    /// Waits up to 20 s for `needle` to be in the log (at least once).
+    fn wait_log(&self, needle: &str) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < until, "no {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The messages delivered so far.
     fn delivered(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -131,6 +140,13 @@ fn transaction(port: u16, sender: &str, rcpt: &str) -> (String, String, Option<S
     (ehlo, r, data)
 }
 
+/// greyhook.ini for the component `wasm` with its TOML in
+/// `config/filter.toml`, a deadline that holds on a loaded machine (what
+/// these tests check is not the deadline) and the null DNS server.
+fn filter_ini(wasm: &Path) -> String {
+    format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns())
+}
+
 fn reference_wasm(dir: &Path) -> PathBuf {
     let p = dir.join("greylist.wasm");
     std::fs::write(&p, greyhook_reference::WASM).unwrap();
@@ -142,7 +158,7 @@ fn haraka_greylists_with_the_reference_filter_and_accepts_the_retry() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = reference_wasm(dir.path());
     let site = dir.path().join("site");
-    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let ini = filter_ini(&wasm);
     let h = Haraka::start(&site, &ini, "delay = 2\n");
     let first = Instant::now();
     let (ehlo, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
@@ -236,7 +252,7 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("filter.wasm");
     std::fs::write(&file, CHAOS_FILTER).unwrap();
-    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", file.display(), null_dns());
+    let ini = filter_ini(&file);
     let h = Haraka::start(&dir.path().join("site"), &ini, "");
     let (ehlo, r, _) = transaction(h.port, "a@example.org", "ok@example.com");
     assert!(ehlo.contains("CHAOS") && r.starts_with("250"), "{ehlo}{r}");
@@ -247,19 +263,11 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
         std::fs::rename(&tmp, &file).unwrap();
     };
     swap(greyhook_reference::WASM);
-    let until = Instant::now() + Duration::from_secs(20);
-    while !h.log().contains("greyhook: loaded greylist") {
-        assert!(Instant::now() < until, "not reloaded:\n{}", h.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    h.wait_log("greyhook: loaded greylist");
     let (ehlo, r, _) = transaction(h.port, "a@example.org", "ok@example.com");
     assert!(ehlo.contains("GREYLIST") && r.starts_with("451 4.7.1 Greylisted"), "the new filter answers: {ehlo}{r}");
     swap(b"not a component");
-    let until = Instant::now() + Duration::from_secs(20);
-    while !h.log().contains("refused") {
-        assert!(Instant::now() < until, "the broken file was not noticed:\n{}", h.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    h.wait_log("refused");
     let (_, r, _) = transaction(h.port, "b@example.org", "ok@example.com");
     assert!(r.starts_with("451 4.7.1 Greylisted"), "the running filter stays: {r}");
 }
@@ -270,7 +278,7 @@ fn haraka_reloads_a_changed_component_and_refuses_a_broken_one() {
 fn haraka_greylists_at_connect_with_421() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = reference_wasm(dir.path());
-    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let ini = filter_ini(&wasm);
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\nstage = \"connect\"\n");
     let first = Instant::now();
     let mut c = Raw::connect(h.port);
@@ -292,7 +300,7 @@ fn haraka_greylists_at_connect_with_421() {
 fn haraka_reloads_its_configuration_keeping_the_records() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = reference_wasm(dir.path());
-    let ini = format!("[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[dns]\nservers={}\n", wasm.display(), null_dns());
+    let ini = filter_ini(&wasm);
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
     let first = Instant::now();
     let (_, r, _) = transaction(h.port, "alice@example.org", "bob@example.com");
@@ -300,15 +308,8 @@ fn haraka_reloads_its_configuration_keeping_the_records() {
     let (_, r, _) = transaction(h.port, "alice@example.org", "vip@example.com");
     assert!(r.starts_with("451 4.7.1 "), "{r}");
     let toml = h.site.join("config/filter.toml");
-    let wait_log = |needle: &str, n: usize| {
-        let until = Instant::now() + Duration::from_secs(20);
-        while h.log().matches(needle).count() < n {
-            assert!(Instant::now() < until, "no {needle:?} in the log:\n{}", h.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     std::fs::write(&toml, "delay = 2\nwhitelist_recipients = [\"vip@example.com\"]\n").unwrap();
-    wait_log("greyhook: reloaded", 1);
+    h.wait_log("greyhook: reloaded");
     let (_, r, _) = transaction(h.port, "carol@example.org", "vip@example.com");
     assert!(r.starts_with("250"), "the new configuration answers: {r}");
     std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
@@ -316,7 +317,7 @@ fn haraka_reloads_its_configuration_keeping_the_records() {
     assert!(r.starts_with("250"), "the record from before the reload is still there: {r}\n{}", h.log());
     // A key the filter refuses: the reload is refused, the filter stays.
     std::fs::write(&toml, "delay = \"soon\"\n").unwrap();
-    wait_log("greyhook: reload refused", 1);
+    h.wait_log("greyhook: reload refused");
     let (_, r, _) = transaction(h.port, "dave@example.org", "vip@example.com");
     assert!(r.starts_with("250"), "the running configuration stays: {r}");
 }

@@ -50,6 +50,11 @@ function spfClass() {
     return SPF
 }
 
+/** The hash a generation is known by (an unchanged file is not reloaded). */
+function sha256(bytes) {
+    return crypto.createHash('sha256').update(bytes).digest('hex')
+}
+
 /** A WIT `ip-address` as text, IPv6 in RFC 5952 form (`2001:db8::5`), as resolvers answer. */
 function ipText(addr) {
     return (addr.tag === 'ipv4' ? new ipaddr.IPv4(addr.val) : new ipaddr.IPv6(addr.val)).toString()
@@ -178,7 +183,6 @@ class Slot {
         job.timer = setTimeout(() => {
             // Stuck in its own code (or waiting on a store past the deadline):
             // the only way to stop a thread is to end it; a fresh one replaces it.
-            this.filter.counts.deadline++
             this.kill(`no answer within ${this.filter.limits.deadlineMs} ms`)
             this.filter.replace(this)
         }, this.filter.limits.deadlineMs + 10)
@@ -232,7 +236,7 @@ class Filter {
     /** Loads the component (transpiling it in a worker); throws why it cannot. */
     async load() {
         const bytes = fs.readFileSync(this.path)
-        const gen = await this.start(bytes)
+        const gen = await this.start(bytes, sha256(bytes))
         this.generation = gen
         this.slots = gen.slots
         this.dispatch()
@@ -240,8 +244,7 @@ class Filter {
     }
 
     /** Starts a generation: one worker transpiles and initialises, the others reuse its files. */
-    async start(bytes) {
-        const hash = crypto.createHash('sha256').update(bytes).digest('hex')
+    async start(bytes, hash) {
         const first = new Slot(this, { component: bytes }, this.namespace)
         const timer = setTimeout(() => first.kill('load timed out'), this.limits.loadMs)
         let ready
@@ -271,19 +274,12 @@ class Filter {
 
     /** Reloads if the component file changed; a filter that fails to load is not swapped in. */
     async reload() {
-        let bytes
-        try {
-            bytes = fs.readFileSync(this.path)
-        } catch (e) {
-            this.counts.refused++
-            this.logger('error', `greyhook: reload of ${this.path} refused: ${e.message}; the running filter stays`)
-            return { result: 'refused', reason: e.message }
-        }
-        const hash = crypto.createHash('sha256').update(bytes).digest('hex')
-        if (this.generation && hash === this.generation.hash) return { result: 'unchanged' }
         let gen
         try {
-            gen = await this.start(bytes)
+            const bytes = fs.readFileSync(this.path)
+            const hash = sha256(bytes)
+            if (this.generation && hash === this.generation.hash) return { result: 'unchanged' }
+            gen = await this.start(bytes, hash)
         } catch (e) {
             this.counts.refused++
             this.logger('error', `greyhook: reload of ${this.path} refused: ${e.message}; the running filter stays`)

@@ -38,16 +38,18 @@ class MemoryStore {
         return e && e.expiresAt > now ? e : null
     }
 
-    async get(key, now) {
+    /** The live entry under `key` as the store interface gives it, or null. */
+    read(key, now) {
         const e = this.live(key, now)
         return e ? { value: e.value, version: e.version } : null
     }
 
+    async get(key, now) {
+        return this.read(key, now)
+    }
+
     async getMany(keys, now) {
-        return keys.map((k) => {
-            const e = this.live(k, now)
-            return e ? { value: e.value, version: e.version } : null
-        })
+        return keys.map((k) => this.read(k, now))
     }
 
     holds(cond, e) {
