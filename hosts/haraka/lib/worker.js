@@ -67,7 +67,6 @@ const storeError = (tag, message) => ({ payload: { tag, val: message } })
 /** Asks the main thread and waits for its answer (bounded by the call's deadline). */
 function host(op, args, reserveMs = 0) {
     const id = ++seq
-    Atomics.store(ctrl, 0, 0)
     parentPort.postMessage({ type: 'host', seq: id, op, args, events: takeEvents() })
     for (;;) {
         Atomics.store(ctrl, 0, 0)
@@ -88,17 +87,22 @@ function fail(message) {
     return storeError('unavailable', message)
 }
 
+/** A broken store limit: the call's failure, and the `limit` error the filter sees. */
+function limit(message) {
+    fail(message)
+    return storeError('limit', message)
+}
+
+/** A write's outcome in the WIT's shape (version 0: conflict). */
+const outcome = (v) => (v === 0n ? { tag: 'conflict' } : { tag: 'written', val: v })
+
 function admit(key) {
     storeCalls++
     if (storeCalls > limits.storeCalls) {
-        const m = `more than ${limits.storeCalls} store calls in one hook call`
-        fail(m)
-        throw storeError('limit', m)
+        throw limit(`more than ${limits.storeCalls} store calls in one hook call`)
     }
     if (typeof key !== 'string' || Buffer.byteLength(key) === 0 || Buffer.byteLength(key) > MAX_KEY) {
-        const m = `store key of ${Buffer.byteLength(String(key))} bytes (1 to ${MAX_KEY} allowed)`
-        fail(m)
-        throw storeError('limit', m)
+        throw limit(`store key of ${Buffer.byteLength(String(key))} bytes (1 to ${MAX_KEY} allowed)`)
     }
     if (namespace === null) {
         throw fail('no store during init: the namespace is the filter\'s name, known when init returns (set `namespace` to use the store in init)')
@@ -109,9 +113,7 @@ function admit(key) {
 function admitWrite(key, value) {
     const k = admit(key)
     if (value.byteLength > MAX_VALUE) {
-        const m = `store value of ${value.byteLength} bytes (at most ${MAX_VALUE})`
-        fail(m)
-        throw storeError('limit', m)
+        throw limit(`store value of ${value.byteLength} bytes (at most ${MAX_VALUE})`)
     }
     return k
 }
@@ -124,11 +126,7 @@ function checkRead(key, e) {
 /** The answer of a host call, or the store error it becomes. */
 function answer(r) {
     if (r.ok) return r.value
-    if (r.kind === 'limit') {
-        fail(r.message)
-        throw storeError('limit', r.message)
-    }
-    throw fail(r.message)
+    throw r.kind === 'limit' ? limit(r.message) : fail(r.message)
 }
 
 const ttlOf = (ttl) => Math.min(Math.max(1, Number(ttl)), limits.maxTtl)
@@ -145,8 +143,7 @@ const store = {
     },
     set(key, value, ttl, ifVersion) {
         const k = admitWrite(key, value)
-        const v = answer(host('set', { key: k, value, expiresAt: now + ttlOf(ttl), cond: condOf(ifVersion), now }))
-        return v === 0n ? { tag: 'conflict' } : { tag: 'written', val: v }
+        return outcome(answer(host('set', { key: k, value, expiresAt: now + ttlOf(ttl), cond: condOf(ifVersion), now })))
     },
     delete(key, ifVersion) {
         const k = admit(key)
@@ -154,7 +151,7 @@ const store = {
     },
     setMany(writes) {
         const ws = writes.map((w) => ({ key: admitWrite(w.key, w.value), value: w.value, expiresAt: now + ttlOf(w.ttlSeconds), cond: condOf(w.ifVersion) }))
-        return answer(host('setMany', { writes: ws, now })).map((v) => (v === 0n ? { tag: 'conflict' } : { tag: 'written', val: v }))
+        return answer(host('setMany', { writes: ws, now })).map(outcome)
     },
 }
 
