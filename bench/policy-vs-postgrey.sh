@@ -8,6 +8,7 @@
 #   bench/policy-vs-postgrey.sh            # 16 connections x 2000 requests
 #   CONNS=4 REQS=500 bench/policy-vs-postgrey.sh
 #   GH_LOG=warn bench/policy-vs-postgrey.sh  # greyhook without its decision log
+#   GH_SET='identity=["network"]' bench/policy-vs-postgrey.sh  # the filter without SPF lookups
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -29,6 +30,7 @@ chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+source bench/dns.sh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
@@ -63,7 +65,7 @@ pg=$(run postgrey "$pg_port" "${pids[0]}")
 kill "${pids[0]}"
 
 gh_port=$(free_port)
-GREYHOOK_LOG=${GH_LOG:-info} target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" >"$work/greyhook.log" 2>&1 &
+GREYHOOK_LOG=${GH_LOG:-info} target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[1]}")

@@ -23,6 +23,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+source bench/dns.sh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
@@ -50,7 +51,7 @@ run() {
 }
 
 p1=$(free_port)
-target/release/greyhook serve --policy "127.0.0.1:$p1" --db "$work/greyhook.db" --control "$work/a.sock" --log warn >"$work/a.log" 2>&1 &
+target/release/greyhook serve --policy "127.0.0.1:$p1" --db "$work/greyhook.db" --control "$work/a.sock" --dns "127.0.0.1:$dns_port" --log warn >"$work/a.log" 2>&1 &
 pids+=($!)
 wait_port "$p1"
 redb=$(run redb "$p1" "${pids[-1]}")
@@ -63,7 +64,7 @@ pids+=($!)
 rpid=${pids[-1]}
 wait_port "$rport"
 p2=$(free_port)
-target/release/greyhook serve --policy "127.0.0.1:$p2" --db "redis://127.0.0.1:$rport/0" --control "$work/b.sock" --log warn >"$work/b.log" 2>&1 &
+target/release/greyhook serve --policy "127.0.0.1:$p2" --db "redis://127.0.0.1:$rport/0" --control "$work/b.sock" --dns "127.0.0.1:$dns_port" --log warn >"$work/b.log" 2>&1 &
 pids+=($!)
 wait_port "$p2"
 red=$(run redis "$p2" "${pids[-1]}" "$rpid")

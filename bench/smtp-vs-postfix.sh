@@ -11,6 +11,7 @@
 #
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
+#   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -126,13 +127,15 @@ send() {
     'BEGIN { printf "%s %.0f %.1f %.1f\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n }'
 }
 
+source bench/dns.sh
+
 pf_port=$(free_port)
 postfix_start "$work/pf" "$pf_port" ""
 straight=$(send straight "$pf_port" "$work/pf/maillog")
 
 gh_port=$(free_port)
 target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
-  --control "$work/smtp.sock" --set delay=0 --log warn >"$work/smtp.log" 2>&1 &
+  --control "$work/smtp.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "${pids[-1]}")
@@ -141,7 +144,7 @@ m_port=$(free_port)
 MILTER_ADDR=${MILTER_ADDR:-inet:127.0.0.1:$m_port}
 pf2_port=$(free_port)
 target/release/greyhook serve --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
-  --control "$work/milter.sock" --set delay=0 --log warn >"$work/milter.log" 2>&1 &
+  --control "$work/milter.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/milter.log" 2>&1 &
 pids+=($!)
 [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ] && wait_port "$m_port" || sleep 1
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR

@@ -1,5 +1,7 @@
 //! Compiles the chaos filter (`tests/guests/chaos`, contract 0.1.0) and
-//! the walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.0) for the tests.
+//! the walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.0) and a
+//! filter that keeps state with the SDK's arena on (`tests/guests/stateful`)
+//! for the tests.
 use std::path::PathBuf;
 
 fn main() {
@@ -26,4 +28,12 @@ fn main() {
         ],
     );
     println!("cargo:rustc-env=GREYHOOK_SPF_DOMAIN_FILTER={}", wasm.display());
+    // A filter that keeps state between calls with the SDK's arena on.
+    let wasm = wasm_build::build_component(
+        &workspace,
+        "stateful-guest",
+        "stateful_guest.wasm",
+        &["tests/guests/stateful/src", "tests/guests/stateful/Cargo.toml", "sdk/rust/src", "sdk/rust/wit", "sdk/rust/Cargo.toml"],
+    );
+    println!("cargo:rustc-env=GREYHOOK_STATEFUL_FILTER={}", wasm.display());
 }

@@ -13,6 +13,8 @@ pub const CHAOS_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_CHAOS_FILTER"));
 /// The walkthrough's filter (`examples/filters/spf-domain`): greylisting
 /// keyed on the SPF-validated sender domain, built on the SDK (0.2.0).
 pub const SPF_DOMAIN_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_SPF_DOMAIN_FILTER"));
+/// `tests/guests/stateful`: keeps state between calls, with the SDK's arena.
+pub const STATEFUL_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_STATEFUL_FILTER"));
 
 /// A real DNS server (dnsmasq) on a free loopback port, answering only
 /// from `records` (dnsmasq options such as `--txt-record=NAME,TEXT`,

@@ -8,7 +8,7 @@
 
 use crate::config::{Config, IdentityKind, Stage};
 use crate::identity::{self, Identity, Screen};
-use crate::normalize::{self, check_address, normalize_recipient, normalize_sender, triplet_key};
+use crate::normalize::{self, check_address, normalize_recipient, normalize_sender, prefixed_triplet_key};
 
 pub use greyhook_filter::{Error, Host, Level};
 
@@ -61,7 +61,13 @@ struct Record {
 
 impl Record {
     fn encode(&self, readable: Option<&[&str]>) -> Vec<u8> {
-        let mut s = format!("{} {}", self.first_seen, self.passed);
+        // Written directly: this runs at every decision, and `format!` is
+        // several times dearer in Wasm.
+        let mut s = String::with_capacity(24 + readable.map_or(0, |r| r.iter().map(|p| p.len() + 1).sum()));
+        let mut digits = itoa::Buffer::new();
+        s.push_str(digits.format(self.first_seen));
+        s.push(' ');
+        s.push_str(digits.format(self.passed));
         for p in readable.into_iter().flatten() {
             s.push('\t');
             // A tab or line break in a part would break the layout.
@@ -129,12 +135,20 @@ impl Greylist {
     /// recipients (`greyhook db whitelist` writes them, with their
     /// lifetime): `wl/client/NETWORK` (the client's /24 or /64 as the
     /// filter groups it), `wl/sender/DOMAIN`, `wl/rcpt/ADDRESS`.
-    fn whitelist_keys(&self, ctx: &Context, sender: &str, recipients: &[String]) -> Vec<String> {
+    fn whitelist_keys(&self, ctx: &Context, id: &Identity, sender: &str, recipients: &[String]) -> Vec<String> {
         let c = &self.config;
-        let mut keys = vec![format!("wl/client/{}", normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix))];
+        // The network identity's key is the client network already.
+        let key = match id.kind {
+            IdentityKind::Network => ["wl/client/", &id.key].concat(),
+            _ => ["wl/client/", &normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix)].concat(),
+        };
+        let mut keys = Vec::with_capacity(2 + recipients.len());
+        keys.push(key);
         // Bounded so a key stays within the host's 256 bytes.
         if let Some((_, d)) = sender.rsplit_once('@').filter(|(_, d)| !d.is_empty() && d.len() <= 200) {
-            keys.push(format!("wl/sender/{}", d.to_ascii_lowercase()));
+            let mut k = ["wl/sender/", d].concat();
+            k.make_ascii_lowercase();
+            keys.push(k);
         }
         keys.extend(recipients.iter().filter_map(|r| rcpt_whitelist_key(r)));
         keys
@@ -156,7 +170,7 @@ impl Greylist {
         if self.config.auto_whitelist_after == 0 {
             return Ok(false);
         }
-        Ok(match get(kv, &format!("awl/{}", id.key))? {
+        Ok(match get(kv, &["awl/", &id.key].concat())? {
             Some((v, _)) => {
                 std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0) >= self.config.auto_whitelist_after
             }
@@ -169,7 +183,7 @@ impl Greylist {
         if self.config.auto_whitelist_after == 0 {
             return Ok(());
         }
-        greyhook_filter::store::increment(kv, &format!("awl/{}", id.key), 1, ttl(self.config.max_age))?;
+        greyhook_filter::store::increment(kv, &["awl/", &id.key].concat(), 1, ttl(self.config.max_age))?;
         Ok(())
     }
 
@@ -207,7 +221,7 @@ impl Greylist {
     /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
     fn greylist(&self, ctx: &Context, id: &Identity, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let prefix = if code == 421 { "c/" } else { "t/" };
-        let key = format!("{prefix}{}", triplet_key(parts));
+        let key = prefixed_triplet_key(prefix, parts);
         let outcome = self.check(&key, parts, delay, ctx.now, kv)?;
         let (name, kind) = (
             match outcome {
@@ -285,7 +299,7 @@ impl Greylist {
             kv.counter_add("skipped_total", &[("reason", "auto-whitelist")], 1);
             return Ok(Verdict::cont());
         }
-        if self.db_whitelisted(&self.whitelist_keys(ctx, "", &[]), kv)? {
+        if self.db_whitelisted(&self.whitelist_keys(ctx, &id, "", &[]), kv)? {
             return Ok(Verdict::cont());
         }
         let v = self.greylist(ctx, &id, &[&id.key], self.config.delay, 421, kv)?;
@@ -321,7 +335,7 @@ impl Greylist {
                 {
                     let s = self.key_sender(ctx, sender, kv);
                     let parts = [id.key.as_str(), &s, &rcpt];
-                    self.check(&format!("t/{}", triplet_key(&parts)), &parts, delay, ctx.now, kv)?;
+                    self.check(&prefixed_triplet_key("t/", &parts), &parts, delay, ctx.now, kv)?;
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).
@@ -348,8 +362,8 @@ impl Greylist {
         let sender = self.key_sender(ctx, sender, kv);
         // The auto-whitelist count and the triplet in one crossing (one
         // round trip to Redis); the write after it is the second.
-        let (awl, triplet) = (format!("awl/{}", id.key), format!("t/{}", triplet_key(&[&id.key, &sender, &rcpt])));
-        let wl = self.whitelist_keys(ctx, ctx.transaction.sender.as_deref().unwrap_or(""), std::slice::from_ref(&rcpt));
+        let (awl, triplet) = (["awl/", &id.key].concat(), prefixed_triplet_key("t/", &[&id.key, &sender, &rcpt]));
+        let wl = self.whitelist_keys(ctx, &id, ctx.transaction.sender.as_deref().unwrap_or(""), std::slice::from_ref(&rcpt));
         let mut keys: Vec<&str> = wl.iter().map(String::as_str).collect();
         if self.config.auto_whitelist_after > 0 {
             keys.push(&awl);
@@ -392,7 +406,7 @@ impl Greylist {
             return Ok(Verdict::cont());
         }
         // The client or sender whitelisted, or every recipient: the message goes through.
-        if self.db_whitelisted(&self.whitelist_keys(ctx, sender, &[]), kv)? {
+        if self.db_whitelisted(&self.whitelist_keys(ctx, &id, sender, &[]), kv)? {
             return Ok(Verdict::cont());
         }
         let rcpt_keys: Option<Vec<String>> = recipients.iter().map(|r| rcpt_whitelist_key(&normalize_recipient(&r.address))).collect();
@@ -427,7 +441,7 @@ pub use normalize::BadAddress;
 /// The store-held whitelist key of a normalised recipient (none past 200
 /// bytes: such a recipient cannot be whitelisted this way).
 fn rcpt_whitelist_key(rcpt: &str) -> Option<String> {
-    (rcpt.len() <= 200).then(|| format!("wl/rcpt/{rcpt}"))
+    (rcpt.len() <= 200).then(|| ["wl/rcpt/", rcpt].concat())
 }
 
 /// True if every key is in the store (a DATA-stage message whose recipients

@@ -16,7 +16,19 @@ pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> String {
         IpAddr::V4(a) => {
             let len = v4.min(32);
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-            format!("{}/{len}", Ipv4Addr::from(u32::from(a) & mask))
+            // At every decision: digits written directly (`format!` and
+            // `Ipv4Addr`'s `Display` cost several times more in Wasm).
+            let mut s = String::with_capacity(18);
+            let mut digits = itoa::Buffer::new();
+            for (i, o) in Ipv4Addr::from(u32::from(a) & mask).octets().iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                s.push_str(digits.format(*o));
+            }
+            s.push('/');
+            s.push_str(digits.format(len));
+            s
         }
         IpAddr::V6(a) => {
             let len = v6.min(128);
@@ -57,45 +69,52 @@ pub fn normalize_recipient(a: &str) -> String {
 /// the local part replaced by `#`.
 pub fn normalize_sender(a: &str) -> String {
     let a = a.to_ascii_lowercase();
+    // Slices of `a`, not copies (this runs at every decision); only an SRS1
+    // address needs a new string.
     let (mut local, mut domain) = match a.rsplit_once('@') {
-        Some((l, d)) => (l.to_string(), d.to_string()),
+        Some((l, d)) => (l, d),
         None => return a,
     };
     // SRS1=HHH=fwd.example==HHH=TT=orig.example=user@relay: the part after
     // `==` has the SRS0 shape.
+    let srs0: String;
     if let Some(rest) = local.strip_prefix("srs1=")
-        && let Some((_, srs0)) = rest.split_once("==")
+        && let Some((_, tail)) = rest.split_once("==")
     {
-        local = format!("srs0={srs0}");
+        srs0 = ["srs0=", tail].concat();
+        local = &srs0;
     }
     if let Some(rest) = local.strip_prefix("srs0=") {
         // HHH=TT=orig-domain=orig-local (orig-local may itself contain `=`).
-        let parts: Vec<&str> = rest.splitn(4, '=').collect();
-        if parts.len() == 4 && !parts[2].is_empty() && !parts[3].is_empty() {
-            domain = parts[2].to_string();
-            local = parts[3].to_string();
+        let mut parts = rest.splitn(4, '=');
+        if let (Some(_), Some(_), Some(d), Some(l)) = (parts.next(), parts.next(), parts.next(), parts.next())
+            && !d.is_empty()
+            && !l.is_empty()
+        {
+            domain = d;
+            local = l;
         }
     }
     if let Some(rest) = local.strip_prefix("prvs=") {
         // prvs=KDDDSSSSSS=user (RFC draft) or prvs=user=KDDDSSSSSS (some MTAs).
         if let Some((a, b)) = rest.split_once('=') {
             local = if is_batv_tag(a) {
-                b.to_string()
+                b
             } else if is_batv_tag(b) {
-                a.to_string()
+                a
             } else {
-                b.to_string()
+                b
             };
         }
     } else if let Some(rest) = local.strip_prefix("btv1==")
         && let Some((_, user)) = rest.split_once("==")
     {
-        local = user.to_string();
+        local = user;
     }
     if let Some((base, _ext)) = local.split_once('+')
         && !base.is_empty()
     {
-        local = base.to_string();
+        local = base;
     }
     let mut out = String::with_capacity(local.len() + domain.len() + 1);
     let mut in_digits = false;
@@ -111,7 +130,7 @@ pub fn normalize_sender(a: &str) -> String {
         }
     }
     out.push('@');
-    out.push_str(&domain);
+    out.push_str(domain);
     out
 }
 
@@ -123,6 +142,11 @@ fn is_batv_tag(s: &str) -> bool {
 /// padding) of the SHA1 of the client network, sender and recipient (or
 /// whatever the stage keys on), each separated by a NUL byte.
 pub fn triplet_key(parts: &[&str]) -> String {
+    prefixed_triplet_key("", parts)
+}
+
+/// `prefix` followed by [`triplet_key`], built in one allocation.
+pub fn prefixed_triplet_key(prefix: &str, parts: &[&str]) -> String {
     let mut h = Sha1::new();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -130,7 +154,12 @@ pub fn triplet_key(parts: &[&str]) -> String {
         }
         h.update(p.as_bytes());
     }
-    data_encoding::BASE32_NOPAD.encode(&h.finalize())
+    let enc = &data_encoding::BASE32_NOPAD;
+    let digest = h.finalize();
+    let mut key = String::with_capacity(prefix.len() + enc.encode_len(digest.len()));
+    key.push_str(prefix);
+    enc.encode_append(&digest, &mut key);
+    key
 }
 
 #[cfg(test)]
@@ -143,6 +172,8 @@ mod tests {
         assert_eq!(client_network("192.0.2.77".parse().unwrap(), 32, 64), "192.0.2.77/32");
         assert_eq!(client_network("2001:db8:1:2:3:4:5:6".parse().unwrap(), 24, 64), "2001:db8:1:2::/64");
         assert_eq!(client_network("::ffff:192.0.2.9".parse().unwrap(), 24, 64), "192.0.2.0/24");
+        assert_eq!(client_network("10.200.3.4".parse().unwrap(), 0, 64), "0.0.0.0/0");
+        assert_eq!(client_network("10.200.3.4".parse().unwrap(), 16, 64), "10.200.0.0/16");
     }
 
     #[test]

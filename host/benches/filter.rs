@@ -6,7 +6,8 @@
 //! `cargo bench -p greyhook --bench filter` (or `-- --quick`; `-- --mail`
 //! times a bare hook call with no store calls; `-- --haraka` runs the same
 //! workload inside the Haraka host, `hosts/haraka/bench/percall.js`, and
-//! prints the ratio to this host's).
+//! prints the ratio to this host's; `-- --instructions` counts instructions
+//! a decision under callgrind, see [`instructions`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -122,6 +123,15 @@ async fn wasm(rt: &Runtime, store: Arc<dyn Store>, n: u64) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--ir-child") {
+        ir_child(&args[i + 1], args[i + 2].parse().expect("a call count"), std::path::Path::new(&args[i + 3]));
+        return;
+    }
+    if args.iter().any(|a| a == "--instructions") {
+        instructions();
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 20_000 } else { 200_000 };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
@@ -191,5 +201,151 @@ fn haraka(rt: &tokio::runtime::Runtime, runtime: &Runtime, n: u64) {
     println!("{:<34} {:>12.2} {:>12.2} {:>14.2}", "wasmtime (one thread)", us, us, 1.0);
     for (name, k) in [("haraka, 1 call in flight", "one"), ("haraka, 8 calls in flight", "eight")] {
         println!("{name:<34} {:>12.2} {:>12.2} {:>14.2}", f(k, "wall"), f(k, "cpu"), f(k, "cpu") / us);
+    }
+}
+
+/// Calls per run under callgrind: the figure is the difference between the
+/// two runs divided by the difference in calls, so loading, compiling and
+/// the first call's warm-up cancel out.
+const IR_CALLS: [u64; 2] = [2_000, 12_000];
+
+/// Instructions a decision, native and through Wasm, counted by callgrind
+/// (deterministic, unlike time on a shared machine): each side runs
+/// [`IR_CALLS`] decisions in a child process under `valgrind --tool=callgrind`
+/// and the per-call figure is the difference. The breakdown groups the
+/// Wasm side's instructions by where they ran (callgrind's self cost per
+/// function, also differenced): the guest's own code (JIT code, which
+/// callgrind cannot name), wasmtime (calls in and out, lifting and
+/// lowering, the fiber), greyhook's host glue (imports, limits,
+/// conversions), the store, the host's allocator, and the rest.
+fn instructions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let me = std::env::current_exe().expect("own path");
+    let child = |tool: &[&str], side: &str, n: u64| {
+        let status = std::process::Command::new("valgrind")
+            .args(tool)
+            .args(["--smc-check=all-non-file", "-q"])
+            .arg(&me)
+            .args(["--ir-child", side, &n.to_string()])
+            .arg(dir.path().join("cache"))
+            .status()
+            .expect("valgrind (Debian's `valgrind` package)");
+        assert!(status.success(), "{side} under valgrind failed");
+    };
+    // The filter is compiled once, under valgrind (whose CPU the compiled
+    // code must match), into an artifact cache the measured runs load.
+    child(&["--tool=none"], "wasm", 1);
+    let mut per_call = Vec::new();
+    for side in ["native", "wasm"] {
+        let mut totals = Vec::new();
+        for n in IR_CALLS {
+            let out = dir.path().join(format!("cg.{side}.{n}"));
+            child(&["--tool=callgrind", &format!("--callgrind-out-file={}", out.display())], side, n);
+            totals.push(groups(&out));
+        }
+        let calls = (IR_CALLS[1] - IR_CALLS[0]) as f64;
+        let diff: Vec<(&str, f64)> =
+            totals[1].iter().zip(&totals[0]).map(|((name, b), (_, a))| (*name, (*b as f64 - *a as f64) / calls)).collect();
+        per_call.push(diff);
+    }
+    let total = |g: &[(&str, f64)]| g.iter().map(|(_, v)| v).sum::<f64>();
+    let (native, wasm) = (total(&per_call[0]), total(&per_call[1]));
+    println!("on-rcpt decisions, memory store, instructions a call (callgrind, {} − {} calls)", IR_CALLS[1], IR_CALLS[0]);
+    println!("{:<12} {:>10.0}", "native", native);
+    println!("{:<12} {:>10.0}", "wasm", wasm);
+    println!("{:<12} {:>10.2}", "wasm/native", wasm / native);
+    for (title, side, all) in [("the Wasm side", &per_call[1], wasm), ("the native side", &per_call[0], native)] {
+        println!("\nwhere {title}'s instructions go, a call:");
+        for (name, v) in side.iter().filter(|(_, v)| v.abs() >= 0.5) {
+            println!("  {name:<40} {v:>8.0} {:>6.1}%", 100.0 * v / all);
+        }
+    }
+}
+
+/// The groups of [`instructions`]' breakdown, in order: a function counts
+/// in the first whose test matches its (file, function, object).
+const GROUPS: [&str; 7] = [
+    "guest code (JIT: filter, its allocator)",
+    "wasmtime (calls, lift/lower, fiber)",
+    "store (greyhook::store)",
+    "host glue (greyhook: imports, limits)",
+    "host allocator (libc malloc/free)",
+    "libc mem*/str*",
+    "other (std, tokio, hashing, fmt)",
+];
+
+fn group_of(file: &str, func: &str, object: &str) -> usize {
+    if object == "???" {
+        0
+    } else if func.starts_with("wasmtime") || func.starts_with("<wasmtime") || func.starts_with("cranelift") {
+        1
+    } else if func.contains("greyhook::store::") {
+        2
+    } else if func.contains("greyhook::") || func.contains("greyhook_types::") || func.contains("greylist_guest::") {
+        3
+    } else if file.contains("malloc") {
+        4
+    } else if object.contains("libc.so") {
+        5
+    } else {
+        6
+    }
+}
+
+/// Self instructions in a callgrind output file, summed per [`GROUPS`]
+/// (parsed from `callgrind_annotate --inclusive=no`, whose lines read
+/// `COUNT (PERCENT)  FILE:FUNCTION [OBJECT]`).
+fn groups(file: &std::path::Path) -> Vec<(&'static str, u64)> {
+    let out = std::process::Command::new("callgrind_annotate")
+        .args(["--inclusive=no", "--threshold=100", "--context=0"])
+        .arg(file)
+        .output()
+        .expect("callgrind_annotate");
+    assert!(out.status.success(), "callgrind_annotate failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut sums: Vec<(&str, u64)> = GROUPS.iter().map(|n| (*n, 0)).collect();
+    let mut seen = false;
+    for line in text.lines() {
+        let line = line.trim_start();
+        let Some((count, rest)) = line.split_once(' ') else { continue };
+        let Ok(count) = count.replace(',', "").parse::<u64>() else { continue };
+        let Some((_, rest)) = rest.split_once(")  ") else { continue };
+        if rest.starts_with("PROGRAM TOTALS") {
+            continue;
+        }
+        let (location, object) = rest.rsplit_once(" [").map_or((rest, ""), |(l, o)| (l, o.trim_end_matches(']')));
+        let (file, func) = location.split_once(':').unwrap_or(("", location));
+        sums[group_of(file, func, object)].1 += count;
+        seen = true;
+    }
+    assert!(seen, "no function costs in callgrind_annotate's output:\n{text}");
+    sums
+}
+
+/// One side's decisions for [`instructions`], run under callgrind.
+fn ir_child(side: &str, n: u64, cache: &std::path::Path) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    match side {
+        "native" => {
+            native(&*store, n);
+        }
+        _ => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+            let runtime = Runtime::new(RuntimeConfig::default()).expect("engine");
+            let cache = greyhook::runtime::artifact_cache::ArtifactCache::open(cache).expect("cache dir");
+            let (compiled, _) = cache.compile(&runtime, greyhook::REFERENCE_FILTER).expect("the reference filter");
+            rt.block_on(async {
+                let f = runtime.instantiate_filter(compiled, options(), store).await.expect("instantiates");
+                for i in 0..n {
+                    let (ip, sender, now) = workload(i);
+                    let ctx = Context {
+                        session: Session::new("b", ip),
+                        transaction: Transaction { sender: Some(sender), recipients: Vec::new() },
+                        now,
+                    };
+                    std::hint::black_box(f.try_on_rcpt(&ctx, "user@example.com").await.expect("wasm call"));
+                }
+            });
+        }
     }
 }

@@ -155,6 +155,9 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     // The log names the identities; the filter's metrics count them.
     assert!(d.wait_log("identity=spf:farm.test (spf)", 5), "{}", d.log_text());
     assert!(d.log_text().contains("open.test: SPF passes but is no identity"), "{}", d.log_text());
+    // Every path above (DNS, SPF, hashed keys) kept nothing past its call:
+    // the reference filter's per-call arena was rewound after each.
+    assert!(!d.log_text().contains("per-call arena cannot be rewound"), "{}", d.log_text());
     let out =
         std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);

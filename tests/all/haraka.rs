@@ -460,10 +460,13 @@ fn no_update_is_lost_between_haraka_and_greyhook_on_one_redis() {
     let dir = tempfile::tempdir().unwrap();
     let chaos = dir.path().join("chaos.wasm");
     std::fs::write(&chaos, CHAOS_FILTER).unwrap();
-    let filter = format!("[filter]\npath = \"{}\"\nnamespace = \"chaos\"\ndeadline = \"5s\"", chaos.display());
+    // Eight racers on one key: a slow one can lose many rounds in a row,
+    // so both hosts get room for the filter's own retry bound (1,000
+    // rounds of get+set); the test is about lost updates, not limits.
+    let filter = format!("[filter]\npath = \"{}\"\nnamespace = \"chaos\"\ndeadline = \"5s\"\nstore_calls = 2000", chaos.display());
     let (_d, policy) = greyhook_serve(dir.path(), &redis, &[&filter], &[]);
     let ini = format!(
-        "[filter]\npath={}\nnamespace=chaos\ndeadline_ms=5000\nworkers=2\nwatch=false\n[store]\nkind=redis\nurl={}\ntimeout_ms=2000\n",
+        "[filter]\npath={}\nnamespace=chaos\ndeadline_ms=5000\nstore_calls=2000\nworkers=2\nwatch=false\n[store]\nkind=redis\nurl={}\ntimeout_ms=2000\n",
         chaos.display(),
         redis.url()
     );

@@ -87,12 +87,19 @@ impl Mta {
     /// Option negotiation as Postfix 3.7 offers it (version 6, all actions,
     /// all protocol steps skippable).
     fn negotiate(&mut self) -> (u32, u32) {
+        self.negotiate_offering(0x1f_ffff)
+    }
+
+    /// Option negotiation offering the protocol steps `protocol`: the
+    /// actions and protocol steps greyhook asks for.
+    fn negotiate_offering(&mut self, protocol: u32) -> (u32, u32) {
         let mut o = 6u32.to_be_bytes().to_vec();
         o.extend_from_slice(&0x1ffu32.to_be_bytes());
-        o.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
-        let (c, d) = self.ask(b'O', &o);
+        o.extend_from_slice(&protocol.to_be_bytes());
+        // Raw bytes: the flags are not text.
+        self.send(b'O', &o);
+        let (c, d) = self.reply().expect("a reply");
         assert_eq!(c, b'O');
-        let d = d.as_bytes().to_vec();
         let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
         (word(4), word(8))
     }
@@ -123,6 +130,7 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
         let (actions, protocol) = m.negotiate();
         assert_eq!(actions, 0x01, "we only add headers");
         assert_eq!(protocol & 0x10, 0x10, "no body wanted (SMFIP_NOBODY)");
+        assert_eq!(protocol & 0xc0, 0xc0, "no end of headers (SMFIP_NOEOH), no reply to headers (SMFIP_NR_HDR)");
         assert_eq!(m.connect_from("192.0.2.1"), (b'c', String::new()));
         assert_eq!(m.ask(b'H', &nul("client.example.org")).0, b'c');
         m.send(b'D', &[b"M".as_slice(), &nul("i"), &nul("4AF799A60FE")].concat());
@@ -143,12 +151,30 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
         m.ask(b'H', &nul("client.example.org"));
         assert_eq!(m.ask(b'M', &nul("<sender@example.org>")).0, b'c');
         assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c');
-        assert_eq!(m.ask(b'L', &[nul("Message-ID"), nul("<x@y>")].concat()).0, b'c');
-        assert_eq!(m.ask(b'N', &[]).0, b'c');
+        // Headers get no reply (SMFIP_NR_HDR) and there is no end of
+        // headers (SMFIP_NOEOH): the next packet we hear is end of message's.
+        m.send(b'L', &[nul("Subject"), nul("hi")].concat());
+        m.send(b'L', &[nul("Message-ID"), nul("<x@y>")].concat());
         m.send(b'E', &[]);
         let (c, d) = m.reply().unwrap();
         assert_eq!(c, b'h', "add header");
         assert_eq!(d, [nul("X-Greylist"), nul("delayed 0 seconds by greyhook")].concat());
+        assert_eq!(m.reply().unwrap().0, b'c', "then continue");
+
+        // An MTA that cannot skip those replies (protocol steps offered
+        // without the no-reply bits) gets one for each header and for end
+        // of headers, as milter version 2 wants.
+        let mut m = Mta::connect(port);
+        let (_, protocol) = m.negotiate_offering(0x3f);
+        assert_eq!(protocol & 0xffff_ff80, 0, "nothing asked that the MTA did not offer: {protocol:#x}");
+        m.connect_from("198.51.100.3");
+        m.ask(b'H', &nul("client.example.org"));
+        assert_eq!(m.ask(b'M', &nul("<other@example.org>")).0, b'c');
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c');
+        assert_eq!(m.ask(b'L', &[nul("Message-ID"), nul("<z@y>")].concat()).0, b'c');
+        assert_eq!(m.ask(b'N', &[]).0, b'c');
+        m.send(b'E', &[]);
+        assert_eq!(m.reply().unwrap().0, b'h', "add header");
         assert_eq!(m.reply().unwrap().0, b'c', "then continue");
     })
     .await
@@ -331,9 +357,8 @@ async fn max_headers_bounds_the_headers_looked_at() {
                 m.ask(b'H', &nul("client.example.org"));
                 assert_eq!(m.ask(b'M', &nul("<>")).0, b'c');
                 assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c', "the null sender passes RCPT");
-                assert_eq!(m.ask(b'L', &[nul("Subject"), nul("bounce")].concat()).0, b'c');
-                assert_eq!(m.ask(b'L', &[nul("Message-ID"), nul(message_id)].concat()).0, b'c');
-                assert_eq!(m.ask(b'N', &[]).0, b'c');
+                m.send(b'L', &[nul("Subject"), nul("bounce")].concat());
+                m.send(b'L', &[nul("Message-ID"), nul(message_id)].concat());
                 m.send(b'E', &[]);
                 let (c, _) = m.reply().expect("an answer at end of message");
                 c

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use greyhook::FilterOptions;
 use greyhook_tests::*;
 
 fn repo() -> PathBuf {
@@ -97,4 +98,69 @@ fn the_walkthrough_shows_the_code_ci_compiles() {
         shown += 1;
     }
     assert!(shown >= 2, "the walkthrough's code blocks are marked");
+}
+
+/// The SDK's per-call arena (feature `arena`, on in the reference filter)
+/// with a filter that breaks the contract's "hooks keep no state": memory
+/// allocated in one call and kept in a `thread_local` must stay intact
+/// while later calls allocate and free around it (the arena is rewound only
+/// when nothing in it is alive), and calls that allocate more than the
+/// arena holds are served by the system allocator.
+#[tokio::test]
+async fn a_filter_that_keeps_state_still_works_with_the_sdk_arena() {
+    let rt = runtime();
+    let f = rt
+        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+        .await
+        .expect("the stateful filter loads");
+    let header = |v: &greyhook::types::Verdict| v.add_headers.iter().map(|h| format!("{}: {}", h.name, h.value)).collect::<String>();
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    // Allocation-heavy calls that keep nothing: the arena rewinds each time.
+    for _ in 0..3 {
+        let v = f.try_on_mail(&c.ctx(), "a@example.org").await.expect("on-mail");
+        assert_eq!(header(&v), format!("X-Mail: {}", 300 * 1024 + (0..1000).map(|i| format!("a@example.org{i}").len()).sum::<usize>()));
+    }
+    c.tx.sender = Some("a@example.org".into());
+    let mut want = Vec::new();
+    for r in ["r1@example.com", "r2@example.com", "r3@example.com", "r4@example.com"] {
+        want.push(r);
+        // Allocations in between: freed arena memory would be handed out again here.
+        f.try_on_mail(&c.ctx(), "b@example.org").await.expect("on-mail");
+        let v = f.try_on_rcpt(&c.ctx(), r).await.expect("on-rcpt");
+        assert_eq!(header(&v), format!("X-Seen: {}", want.join(",")), "what the filter kept is intact");
+    }
+}
+
+/// The same filter under `greyhook serve`: that the arena cannot be
+/// rewound is in the log, once.
+#[test]
+fn the_arena_turning_off_is_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("stateful.wasm");
+    std::fs::write(&wasm, STATEFUL_FILTER).unwrap();
+    let port = free_port();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--db",
+            "memory",
+            "--policy",
+            &format!("127.0.0.1:{port}"),
+            "--filter",
+            wasm.to_str().unwrap(),
+            "--control",
+            dir.path().join("c.sock").to_str().unwrap(),
+        ],
+        dir.path().join("log"),
+    );
+    wait_for_port(port, 60);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..6 {
+        let a = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", &format!("r{i}@example.com"), &format!("i{i}"));
+        assert!(a.starts_with("action=PREPEND X-Seen: "), "{a}");
+    }
+    assert!(d.wait_log("the per-call arena cannot be rewound", 10), "{}", d.log_text());
+    assert_eq!(d.log_text().matches("per-call arena cannot be rewound").count(), 1, "{}", d.log_text());
+    assert!(d.terminate(10));
 }

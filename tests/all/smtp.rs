@@ -384,3 +384,154 @@ fn random_sessions_get_well_formed_replies_and_leave_the_daemon_serving() {
     assert!(c.send("EHLO clean.example.org").starts_with("250-greyhook.test"));
     assert!(d.terminate(10), "{}", d.log_text());
 }
+
+/// A next hop that offers PIPELINING and XFORWARD, counts connections,
+/// notes for every MAIL whether the RCPT came in the same write, and can
+/// be told to close each connection after its message (as a next hop that
+/// times idle clients out does).
+struct PipeHop {
+    port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    messages: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// For each MAIL: (XFORWARD came before it in this transaction, RCPT was already in hand).
+    mails: std::sync::Arc<std::sync::Mutex<Vec<(bool, bool)>>>,
+    close_after_data: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PipeHop {
+    fn start() -> PipeHop {
+        use std::io::BufRead;
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let hop = PipeHop {
+            port: l.local_addr().unwrap().port(),
+            connections: Default::default(),
+            messages: Default::default(),
+            mails: Default::default(),
+            close_after_data: Default::default(),
+        };
+        let (connections, messages, mails, close) =
+            (hop.connections.clone(), hop.messages.clone(), hop.mails.clone(), hop.close_after_data.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                connections.fetch_add(1, SeqCst);
+                let (messages, mails, close) = (messages.clone(), mails.clone(), close.clone());
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().unwrap();
+                    let mut r = std::io::BufReader::new(c);
+                    let _ = w.write_all(b"220 hop ESMTP\r\n");
+                    let mut line = String::new();
+                    let mut xforward = false;
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n",
+                            "XFOR" => {
+                                xforward = true;
+                                b"250 2.0.0 Ok\r\n"
+                            }
+                            "MAIL" => {
+                                mails.lock().unwrap().push((xforward, r.buffer().starts_with(b"RCPT")));
+                                b"250 2.1.0 Ok\r\n"
+                            }
+                            "RCPT" => b"250 2.1.5 Ok\r\n",
+                            "RSET" => {
+                                xforward = false;
+                                b"250 2.0.0 Ok\r\n"
+                            }
+                            "DATA" => {
+                                let _ = w.write_all(b"354 go\r\n");
+                                loop {
+                                    line.clear();
+                                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
+                                        break;
+                                    }
+                                }
+                                messages.fetch_add(1, SeqCst);
+                                xforward = false;
+                                let _ = w.write_all(b"250 2.0.0 Ok: queued\r\n");
+                                if close.load(SeqCst) {
+                                    let _ = w.write_all(b"421 4.4.2 hop closing idle connection\r\n");
+                                    return;
+                                }
+                                continue;
+                            }
+                            "QUIT" => {
+                                let _ = w.write_all(b"221 bye\r\n");
+                                return;
+                            }
+                            _ => b"502 5.5.2 no\r\n",
+                        };
+                        let _ = w.write_all(reply);
+                    }
+                });
+            }
+        });
+        hop
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn messages(&self) -> usize {
+        self.messages.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `n` messages, each in its own SMTP session, from smtplib; `pause`
+/// seconds between sessions.
+fn send_sessions(port: u16, n: usize, pause: f64) {
+    let out = python(&format!(
+        "import smtplib, time\n\
+         for i in range({n}):\n\
+         \x20   s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)\n\
+         \x20   s.sendmail('a@sender.test', ['b%d@dest.test' % i], 'Subject: %d\\r\\n\\r\\nhi\\r\\n' % i)\n\
+         \x20   s.quit()\n\
+         \x20   time.sleep({pause})\n\
+         print('sent')\n"
+    ));
+    assert_eq!(out.trim(), "sent");
+}
+
+/// Found by measuring: every session opened its own next-hop connection
+/// (greeting, EHLO and QUIT each time) and sent XFORWARD, MAIL and RCPT
+/// one round trip at a time. Now idle connections are pooled between
+/// sessions and the envelope is pipelined to a next hop that offers it.
+#[test]
+fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
+    let dir = tempfile::tempdir().unwrap();
+    let hop = PipeHop::start();
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop.port, "next_hop_pool = 2\nnext_hop_idle = \"1s\"\n");
+    send_sessions(port, 3, 0.0);
+    assert_eq!(hop.messages(), 3, "{}", std::fs::read_to_string(dir.path().join("log")).unwrap_or_default());
+    assert_eq!(hop.connections(), 1, "three sessions, one next-hop connection");
+    let mails = hop.mails.lock().unwrap().clone();
+    assert_eq!(mails, vec![(true, true); 3], "XFORWARD before every MAIL, RCPT in the same write");
+
+    // A kept connection the next hop closed is noticed: a new one is opened.
+    hop.close_after_data.store(true, std::sync::atomic::Ordering::SeqCst);
+    send_sessions(port, 2, 0.2);
+    assert_eq!(hop.messages(), 5, "no message lost to a closed connection");
+    assert_eq!(hop.connections(), 2, "the first kept connection carried one more message, then a new one");
+    hop.close_after_data.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // next_hop_idle: one idle longer is not used again.
+    send_sessions(port, 1, 0.0);
+    let before = hop.connections();
+    std::thread::sleep(Duration::from_millis(1500));
+    send_sessions(port, 1, 0.0);
+    assert_eq!(hop.connections(), before + 1, "a connection idle past next_hop_idle is closed, not reused");
+    assert_eq!(hop.messages(), 7);
+
+    // next_hop_pool = 0: a connection per session, as before.
+    let dir2 = tempfile::tempdir().unwrap();
+    let hop2 = PipeHop::start();
+    let (_d2, port2) = start(dir2.path(), "[filter.config]\ndelay = 0\n", hop2.port, "next_hop_pool = 0\n");
+    send_sessions(port2, 2, 0.0);
+    assert_eq!((hop2.messages(), hop2.connections()), (2, 2));
+}

@@ -270,3 +270,72 @@ fn records_survive_a_restart_of_the_daemon() {
         assert!(again.contains("retry=00:00:5"), "{durability}/{signal}: the record was lost: {again}");
     }
 }
+
+/// A file larger than `[store] check_at_open_mib` opens at once (a restart
+/// at millions of records must not take seconds) and is read through in
+/// the background: a malformed record, which the full check at open
+/// refuses, is then found while greyhook serves and logged with what to
+/// do; requests are answered meanwhile, never a panic. A good file read
+/// through this way says so.
+#[test]
+fn a_large_store_opens_at_once_and_is_checked_in_the_background() {
+    use greyhook::store::{Durability, RedbStore};
+    const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, malformed: bool| {
+        let db = dir.path().join(name);
+        let s = RedbStore::open(&db, Durability::Immediate).unwrap();
+        s.import((0..20_000u64).map(|i| (format!("greylist/t/{i:08}"), vec![b'v'; 40], 4_000_000_000))).unwrap();
+        drop(s);
+        if malformed {
+            // Shorter than a record's version and expiry: no record at all.
+            let r = redb::Database::create(&db).unwrap();
+            let txn = r.begin_write().unwrap();
+            txn.open_table(RECORDS).unwrap().insert("greylist/t/00012345", b"bad".as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        db
+    };
+    let serve = |db: &Path, check_at_open_mib: u64| {
+        let case = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\ncheck_at_open_mib = {check_at_open_mib}\n\
+             [policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+            d = case.path().display(),
+            db = db.display()
+        );
+        let p = greyhook_with(case.path(), "serve", &text);
+        (p, port, case)
+    };
+    let bad = make("bad.db", true);
+    // Within the bound (the default, 256 MiB): refused before serving.
+    let (mut p, _, _case) = serve(&bad, 256);
+    let until = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < until, "a malformed record within the bound must be refused: {}", p.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = p.log_text();
+    assert!(!st.success() && log.contains("malformed") && log.contains("move it aside"), "{st:?}: {log}");
+    // Past the bound: served at once, the damage found and logged.
+    let (mut p, port, _case) = serve(&bad, 0);
+    p.wait_listening(port, 30);
+    assert!(ask(port, "192.0.2.1", "a@example.org", "u@example.com").starts_with("action="));
+    assert!(p.wait_log("move it aside", 20), "the damage is logged: {}", p.log_text());
+    let log = p.log_text();
+    assert!(log.contains("malformed") && !log.contains("panicked"), "{log}");
+    assert!(ask(port, "192.0.2.2", "b@example.org", "u@example.com").starts_with("action="), "still answering");
+    assert!(p.terminate(10), "{}", p.log_text());
+    // A good file past the bound: read through, nothing found.
+    let good = make("good.db", false);
+    let (mut p, port, _case) = serve(&good, 0);
+    p.wait_listening(port, 30);
+    assert!(p.wait_log("no damage found", 20), "{}", p.log_text());
+    assert!(p.log_text().contains("records=20000"), "{}", p.log_text());
+    assert!(ask(port, "192.0.2.1", "a@example.org", "u@example.com").starts_with("action="));
+    assert!(p.terminate(10), "{}", p.log_text());
+}

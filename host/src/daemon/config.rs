@@ -320,6 +320,7 @@ delay = "5m"
 [store]
 path = "memory"
 sweep_interval = "60s"
+check_at_open_mib = 256
 timeout = "2s"
 [policy]
 listen = ["127.0.0.1:10023"]
@@ -388,7 +389,9 @@ socket = "/tmp/greyhook-test.sock"
                 let (p, m, s) = (&c.policy, &c.milter, &c.smtp);
                 [p.idle_timeout, p.request_timeout, p.stress_idle_timeout, p.transaction_ttl].into_iter().for_each(fits);
                 [m.idle_timeout, m.frame_timeout, m.stress_idle_timeout].into_iter().for_each(fits);
-                [s.command_timeout, s.data_timeout, s.session_timeout, s.stress_timeout, s.next_hop_timeout].into_iter().for_each(fits);
+                [s.command_timeout, s.data_timeout, s.session_timeout, s.stress_timeout, s.next_hop_timeout, s.next_hop_idle]
+                    .into_iter()
+                    .for_each(fits);
                 [c.store.sweep_interval, c.store.timeout].into_iter().for_each(fits);
                 for perms in [(&p.socket_mode, &p.socket_owner, &p.socket_group), (&m.socket_mode, &m.socket_owner, &m.socket_group)] {
                     let _ = crate::frontend::listen::UnixPerms::from_settings(perms.0, perms.1, perms.2);

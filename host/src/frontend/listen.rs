@@ -114,14 +114,35 @@ impl UnixPerms {
 pub type Conn = Pin<Box<dyn AsyncReadWrite>>;
 
 /// What a connection is: bytes both ways.
-pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
-impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {
+    /// Sends the ACK for what was read now instead of after the kernel's
+    /// delayed-ACK timer (TCP on Linux; nothing elsewhere). For protocols
+    /// whose peer sends packets that get no reply and does not disable
+    /// Nagle (Postfix's milter client), or its next packet waits 40 ms.
+    fn ack_now(&self) {}
+}
+
+impl AsyncReadWrite for tokio::net::TcpStream {
+    fn ack_now(&self) {
+        #[cfg(target_os = "linux")]
+        let _ = self.set_quickack(true);
+    }
+}
+
+impl AsyncReadWrite for tokio::net::UnixStream {}
+impl AsyncReadWrite for tokio::io::Empty {}
+impl AsyncReadWrite for Conn {
+    fn ack_now(&self) {
+        self.as_ref().get_ref().ack_now();
+    }
+}
+impl<S: AsyncReadWrite + Unpin> AsyncReadWrite for tokio_rustls::server::TlsStream<S> {}
 
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
-    /// TCP; `quickack` as set by [`Listener::quickack`].
-    Tcp(TcpListener, bool),
+    /// TCP.
+    Tcp(TcpListener),
     /// Unix socket, removed again when dropped if it is still the one
     /// bound (device and inode checked).
     Unix(UnixListener, PathBuf, Option<(u64, u64)>),
@@ -153,7 +174,7 @@ impl Listener {
     pub async fn bind(addr: &ListenAddr, perms: &UnixPerms) -> Result<Listener, ListenError> {
         let bind_err = |source| ListenError::Bind { addr: addr.to_string(), source };
         match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(bind_err)?, false)),
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(bind_err)?)),
             ListenAddr::Unix(p) => {
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(bind_err)?;
@@ -184,67 +205,24 @@ impl Listener {
     /// The bound address (with the real port when bound to port 0).
     pub fn local_addr(&self) -> ListenAddr {
         match self {
-            Listener::Tcp(l, _) => ListenAddr::Tcp(l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))),
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))),
             Listener::Unix(_, p, _) => ListenAddr::Unix(p.clone()),
         }
-    }
-
-    /// Acknowledges every TCP segment at once on accepted connections, for
-    /// protocols whose peer sends commands that get no reply (milter's
-    /// abort and macros) and does not disable Nagle (Postfix): otherwise
-    /// the next command waits for our delayed ACK, 40 ms each time.
-    pub fn quickack(mut self) -> Listener {
-        if let Listener::Tcp(_, q) = &mut self {
-            *q = true;
-        }
-        self
     }
 
     /// Accepts a connection: the stream and a peer description for logs.
     pub async fn accept(&self) -> std::io::Result<(Conn, String)> {
         match self {
-            Listener::Tcp(l, quickack) => {
+            Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                let conn: Conn = if *quickack { Box::pin(QuickAck(s)) } else { Box::pin(s) };
-                Ok((conn, peer.to_string()))
+                Ok((Box::pin(s), peer.to_string()))
             }
             Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept().await?;
                 Ok((Box::pin(s), format!("unix:{}", p.display())))
             }
         }
-    }
-}
-
-/// A TCP stream that turns quick-ack mode back on after every read (the
-/// kernel leaves it on its own after a while).
-struct QuickAck(tokio::net::TcpStream);
-
-impl AsyncRead for QuickAck {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.0).poll_read(cx, buf);
-        #[cfg(target_os = "linux")]
-        if r.is_ready() {
-            let _ = self.0.set_quickack(true);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for QuickAck {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

@@ -817,7 +817,7 @@ impl Filter {
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
         let end = tokio::time::Instant::now() + deadline;
-        inner.quota.recount_if_due(&inner.store, format!("{}/", inner.namespace()), now);
+        inner.quota.recount_if_due(&inner.store, inner.namespace(), now);
         // A filter that ran past its deadline lately is a suspect: each of
         // its calls takes a slow-call slot before it starts (waiting counts
         // against the deadline), so its runaway calls queue instead of

@@ -659,7 +659,7 @@ impl Quota {
 
     /// Counts the filter's records in the store if the last count is a
     /// minute old (or there was none), in the background.
-    pub(crate) fn recount_if_due(self: &Arc<Self>, store: &Arc<dyn Store>, prefix: String, now: u64) {
+    pub(crate) fn recount_if_due(self: &Arc<Self>, store: &Arc<dyn Store>, namespace: &str, now: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let ms = self.born.elapsed().as_millis() as u64;
         let last = self.count_started.load(Relaxed);
@@ -669,6 +669,8 @@ impl Quota {
         if self.count_started.compare_exchange(last, ms, Relaxed, Relaxed).is_err() {
             return;
         }
+        // Built only when due: this check runs at every hook call.
+        let prefix = format!("{namespace}/");
         // A weak reference: a count not yet run must not keep a store (and
         // its file lock) alive after its filter is gone.
         let (quota, store) = (self.clone(), Arc::downgrade(store));

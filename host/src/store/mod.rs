@@ -20,7 +20,7 @@ mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::metered::Metered;
-pub use self::redb::{Durability, RedbStore};
+pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, Durability, RedbStore};
 pub use self::redis::{RedisConfig, RedisStore};
 
 use std::path::PathBuf;
@@ -159,7 +159,10 @@ pub trait Store: Send + Sync + 'static {
     /// Live entries whose key starts with `prefix` (a filter's namespace,
     /// for its record budget, counted once a minute in the background), or
     /// `None` where the backend cannot count (the default for a new
-    /// backend: the budget is then not enforced).
+    /// backend: the budget is then not enforced). For the empty prefix a
+    /// backend may answer from its table's size without walking it, expired
+    /// records not yet swept included (the daemon counts right after a
+    /// sweep, for `status` and `greyhook_store_records`).
     async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
         let _ = (prefix, now);
         Ok(None)
@@ -224,6 +227,11 @@ pub struct StoreConfig {
     /// redb: `periodic` (written and fsynced every second) or `immediate`
     /// (every write).
     pub durability: Durability,
+    /// redb: files up to this many MiB are checked in full (every page's
+    /// checksum, every record) before greyhook serves; a larger one opens
+    /// at once and is read through in the background, so that a restart
+    /// stays quick at millions of records.
+    pub check_at_open_mib: u64,
     /// Redis: put before every key (several deployments on one server).
     pub prefix: String,
     /// Redis: the bound of every store call (1 ms to 30 s).
@@ -238,6 +246,7 @@ impl Default for StoreConfig {
             path: None,
             durability: Durability::Periodic,
             sweep_interval: Duration::from_secs(60),
+            check_at_open_mib: self::redb::CHECK_AT_OPEN_MAX_BYTES >> 20,
             prefix: r.prefix,
             timeout: r.timeout,
         }
@@ -255,7 +264,8 @@ impl StoreConfig {
         if path.contains("://") {
             return Err(StoreError::Open { path: path.to_string(), reason: "unknown scheme: a file, \"memory\" or a redis:// URL".into() });
         }
-        Ok(Arc::new(RedbStore::open(&self.redb_path().unwrap_or_else(default_db_path), self.durability)?))
+        let path = self.redb_path().unwrap_or_else(default_db_path);
+        Ok(Arc::new(RedbStore::open_checking(&path, self.durability, self.check_at_open_mib.saturating_mul(1 << 20))?))
     }
 
     /// The backend `path` names, `None` for a redb file.

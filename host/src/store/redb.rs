@@ -62,6 +62,17 @@ const OVERLAY_MAX: usize = 100_000;
 /// Records the overlay holds at most while the file cannot be written;
 /// past this, writes fail (about 200 bytes each: some 400 MB).
 pub const OVERLAY_HARD_MAX: usize = 2_000_000;
+/// Records a sweep removes per transaction: each holds redb's write lock
+/// (which the flusher needs) for a few milliseconds at most.
+const SWEEP_BATCH: usize = 1_000;
+
+/// By default, files up to this size are checked in full before the store opens
+/// (redb's check of every page's checksum, then every record and index
+/// entry read); a larger file opens at once and is read through by a
+/// background thread, so that a restart stays quick at millions of records
+/// (the full check of a 5M-record file took seconds). `greyhook db check`
+/// always checks in full. `[store] check_at_open_mib` sets it.
+pub const CHECK_AT_OPEN_MAX_BYTES: u64 = 256 << 20;
 
 /// A [`Store`] in a redb file.
 pub struct RedbStore {
@@ -78,8 +89,14 @@ struct Inner {
     /// Backend failures since start.
     failures: AtomicU64,
     overlay: Mutex<Overlay>,
+    /// Flushes completed (bumped under the overlay's lock when a flushed
+    /// batch leaves the overlay): a file read made while it did not move
+    /// is still current for a key the overlay does not hold.
+    flushed: AtomicU64,
     /// Serialises flushes.
     flushing: Mutex<()>,
+    /// The flusher thread, woken early when the overlay grows large.
+    flusher: std::sync::OnceLock<std::thread::Thread>,
 }
 
 /// Writes not yet in the file: key → entry, or `None` for a deletion.
@@ -125,11 +142,19 @@ impl RedbStore {
     /// Opens (creating if needed) the store at `path`. Fails if another
     /// process has it open, or if the file is damaged (never a panic).
     pub fn open(path: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
+        RedbStore::open_checking(path, durability, CHECK_AT_OPEN_MAX_BYTES)
+    }
+
+    /// [`RedbStore::open`], checking the file in full before it returns
+    /// only if it is at most `full_check_max` bytes; a larger file is read
+    /// through in the background, and damage found then is logged (see
+    /// [`CHECK_AT_OPEN_MAX_BYTES`]).
+    pub fn open_checking(path: &Path, durability: Durability, full_check_max: u64) -> Result<RedbStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         }
-        let (db, last_version) = open_checked(path)?;
+        let (db, last_version, unread) = open_checked(path, Check::UpTo(full_check_max))?;
         let inner = Arc::new(Inner {
             db: RwLock::new(Some(db)),
             path: path.to_path_buf(),
@@ -137,12 +162,22 @@ impl RedbStore {
             degraded: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             overlay: Mutex::new(Overlay { last_version, ..Overlay::default() }),
+            flushed: AtomicU64::new(0),
             flushing: Mutex::new(()),
+            flusher: std::sync::OnceLock::new(),
         });
         // The flusher runs in both modes: in `immediate` mode it writes what
         // a disk fault left in the overlay.
         let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
+        let t = std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
+        let _ = inner.flusher.set(t.thread().clone());
+        if unread {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("greyhook-redb-check".into())
+                .spawn(move || Inner::read_through(&weak))
+                .map_err(|e| open_err(&e))?;
+        }
         Ok(RedbStore { inner })
     }
 
@@ -155,12 +190,53 @@ impl RedbStore {
         }
         let damaged = |what: String| StoreError::Open { path: path.display().to_string(), reason: format!("the file is damaged ({what})") };
         quiet_catch(|| {
-            let (db, _) = open_checked(path)?;
+            let (db, _, _) = open_checked(path, Check::Full)?;
             let txn = db.begin_read().map_err(backend)?;
             let rec = txn.open_table(RECORDS).map_err(backend)?;
             rec.len().map_err(backend)
         })
         .map_err(damaged)?
+    }
+
+    /// Writes `records` (key, value, expires_at) straight to the file in
+    /// large transactions, past the overlay and without conditions (an
+    /// existing key is replaced): for migrations, and for filling a store
+    /// with millions of records in a benchmark. The number written.
+    pub fn import(&self, records: impl IntoIterator<Item = (String, Vec<u8>, u64)>) -> Result<u64, StoreError> {
+        const CHUNK: usize = 100_000;
+        self.inner.flush()?;
+        let mut records = records.into_iter().peekable();
+        let mut total = 0u64;
+        while records.peek().is_some() {
+            let n = self.inner.with_db(|db| {
+                let mut txn = db.begin_write().map_err(backend)?;
+                txn.set_quick_repair(true);
+                let mut n = 0;
+                {
+                    let mut rec = txn.open_table(RECORDS).map_err(backend)?;
+                    let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
+                    let mut meta = txn.open_table(META).map_err(backend)?;
+                    let mut version =
+                        meta.get("last_version").map_err(backend)?.map_or(0, |g| g.value()).max(lock(&self.inner.overlay).last_version);
+                    for (key, value, expires_at) in records.by_ref().take(CHUNK) {
+                        if let Some(old) = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())) {
+                            exp.remove((old.expires_at, key.as_str())).map_err(backend)?;
+                        }
+                        version += 1;
+                        rec.insert(key.as_str(), encode(version, expires_at, &value).as_slice()).map_err(backend)?;
+                        exp.insert((expires_at, key.as_str()), ()).map_err(backend)?;
+                        n += 1;
+                    }
+                    meta.insert("last_version", version).map_err(backend)?;
+                    let mut o = lock(&self.inner.overlay);
+                    o.last_version = o.last_version.max(version);
+                }
+                txn.commit().map_err(backend)?;
+                Ok(n)
+            })?;
+            total += n;
+        }
+        Ok(total)
     }
 
     /// Whether writes wait in memory for the disk (for tests and status).
@@ -269,19 +345,41 @@ impl RedbStore {
 
     /// Periodic mode: a conditional write or deletion in the overlay.
     fn update_overlay(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
-        let mut o = self.overlay();
+        // The file is read before the lock is taken, so that the lock is
+        // held only for the overlay's lookup and insert (reading under it
+        // serialised every write behind a redb read transaction, and the
+        // store stopped scaling past 4 cores). The read is used only if no
+        // flush completed meanwhile: only a flush moves records from the
+        // overlay into the file, and a record being flushed is still in
+        // the overlay until then.
+        let (mut o, current) = loop {
+            let flushed = self.inner.flushed.load(Ordering::Acquire);
+            {
+                // Held in the overlay (hot keys, and everything a degraded
+                // store keeps): no file read at all.
+                let o = self.overlay();
+                if let Some(e) = o.lookup(key) {
+                    let e = e.clone();
+                    break (o, e);
+                }
+            }
+            let in_file = self.read_file(key)?;
+            let o = self.overlay();
+            match o.lookup(key) {
+                Some(e) => {
+                    let e = e.clone();
+                    break (o, e);
+                }
+                None if self.inner.flushed.load(Ordering::Acquire) == flushed => break (o, in_file),
+                None => continue,
+            }
+        };
         if o.dirty.len() >= OVERLAY_HARD_MAX {
             self.inner.failures.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Backend(format!(
                 "the store file cannot be written and {OVERLAY_HARD_MAX} records wait in memory: refusing more"
             )));
         }
-        let current = match o.lookup(key) {
-            Some(e) => e.clone(),
-            // Read under the lock, so no write slips in between; redb
-            // readers never wait for its writer.
-            None => self.read_file(key)?,
-        };
         let live = current.as_ref().filter(|e| e.expires_at > now).map(|e| e.version);
         if !cond.holds(live) {
             return Ok(None);
@@ -300,28 +398,43 @@ impl RedbStore {
         };
         let n = o.dirty.len();
         drop(o);
-        if n >= OVERLAY_MAX && !self.is_degraded() {
-            // Flush here (a degraded store leaves it to the flusher, so
-            // calls do not wait on a disk that cannot take the records).
-            if let Err(e) = self.inner.flush() {
-                tracing::error!("store flush failed, records kept in memory: {e}");
-            }
+        if n >= OVERLAY_MAX
+            && let Some(t) = self.inner.flusher.get()
+        {
+            // The flusher writes it now rather than at its next second; the
+            // call that found the overlay large does not wait for the disk
+            // (requests never flush: a flush of 100k records, or one behind
+            // a sweep's transaction, would stall whoever made it).
+            t.unpark();
         }
         Ok(result)
     }
 }
 
+/// How much [`open_checked`] checks before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// redb's integrity check and every record and index entry read.
+    Full,
+    /// The full check for a file up to this many bytes; a larger one only
+    /// as far as redb's open goes (a file that crashed is repaired from its
+    /// last commit's allocator state), the rest left to
+    /// [`Inner::read_through`] in the background.
+    UpTo(u64),
+}
+
 /// Opens the database at `path`, runs redb's integrity check and reads
-/// every record and index entry, so that a damaged file is refused here
-/// with a clear message (redb can panic on some damage: caught, never
-/// passed on). Returns the database and the last version handed out.
-fn open_checked(path: &Path) -> Result<(Database, u64), StoreError> {
+/// every record and index entry (see [`Check`]), so that a damaged file is
+/// refused here with a clear message (redb can panic on some damage:
+/// caught, never passed on). Returns the database, the last version handed
+/// out, and whether the records are still to be read through.
+fn open_checked(path: &Path, check: Check) -> Result<(Database, u64, bool), StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
-    let damaged = |detail: &dyn std::fmt::Display| {
-        open_err(&format!(
-            "the file is damaged ({detail}); move it aside and start greyhook again (it starts with an empty greylist: \
-             known clients are greylisted once more), or restore a copy; `greyhook db check PATH` checks a file"
-        ))
+    let damaged = |detail: &dyn std::fmt::Display| open_err(&damaged_advice(detail));
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    let full = match check {
+        Check::Full => true,
+        Check::UpTo(max) => size <= max,
     };
     let attempt = quiet_catch(|| -> Result<(Database, u64), StoreError> {
         let mut db = Database::create(path).map_err(|e| match e {
@@ -331,40 +444,110 @@ fn open_checked(path: &Path) -> Result<(Database, u64), StoreError> {
             redb::DatabaseError::Storage(redb::StorageError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => open_err(&e),
             e => damaged(&e),
         })?;
-        match db.check_integrity() {
-            Ok(true) => {}
-            Ok(false) => return Err(damaged(&"redb's integrity check repaired it, but records may be lost")),
-            Err(e) => return Err(damaged(&e)),
+        if full {
+            match db.check_integrity() {
+                Ok(true) => {}
+                Ok(false) => return Err(damaged(&"redb's integrity check repaired it, but records may be lost")),
+                Err(e) => return Err(damaged(&e)),
+            }
         }
-        let txn = db.begin_write().map_err(|e| open_err(&e))?;
+        let mut txn = db.begin_write().map_err(|e| open_err(&e))?;
+        txn.set_quick_repair(true);
         {
             txn.open_table(RECORDS).map_err(|e| damaged(&e))?;
             txn.open_table(EXPIRY).map_err(|e| damaged(&e))?;
             txn.open_table(META).map_err(|e| damaged(&e))?;
         }
         txn.commit().map_err(|e| open_err(&e))?;
+        if full {
+            read_through(&db).map_err(|e| damaged(&e))?;
+        }
         let last_version = {
             let txn = db.begin_read().map_err(|e| open_err(&e))?;
             let meta = txn.open_table(META).map_err(|e| damaged(&e))?;
-            let rec = txn.open_table(RECORDS).map_err(|e| damaged(&e))?;
-            for item in rec.iter().map_err(|e| damaged(&e))? {
-                let (_, v) = item.map_err(|e| damaged(&e))?;
-                if decode(v.value()).is_none() {
-                    return Err(damaged(&"a record is malformed"));
-                }
-            }
-            let exp = txn.open_table(EXPIRY).map_err(|e| damaged(&e))?;
-            for item in exp.iter().map_err(|e| damaged(&e))? {
-                item.map_err(|e| damaged(&e))?;
-            }
             meta.get("last_version").map_err(|e| damaged(&e))?.map_or(0, |g| g.value())
         };
         Ok((db, last_version))
     });
     match attempt {
-        Ok(r) => r,
+        Ok(r) => r.map(|(db, v)| (db, v, !full)),
         Err(what) => Err(damaged(&format!("redb could not read it: {what}"))),
     }
+}
+
+/// What to do about a damaged file, after what was found.
+fn damaged_advice(detail: &dyn std::fmt::Display) -> String {
+    format!(
+        "the file is damaged ({detail}); move it aside and start greyhook again (it starts with an empty greylist: \
+         known clients are greylisted once more), or restore a copy; `greyhook db check PATH` checks a file"
+    )
+}
+
+/// Records (then index entries) a background read-through reads per read
+/// transaction; between chunks it lets go of the store.
+const READ_THROUGH_CHUNK: usize = 50_000;
+
+/// Where a read-through is: in the records after a key, in the expiry
+/// index after an entry, or done.
+enum Cursor {
+    Records(Option<String>),
+    Expiry(Option<(u64, String)>),
+    Done,
+}
+
+/// Reads up to `limit` records or index entries after `cursor`: where to go
+/// on, and the number of records read, or what is wrong (a malformed
+/// record; redb's own errors).
+fn read_through_step(db: &Database, cursor: Cursor, limit: usize) -> Result<(Cursor, u64), StoreError> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let txn = db.begin_read().map_err(backend)?;
+    match cursor {
+        Cursor::Records(after) => {
+            let rec = txn.open_table(RECORDS).map_err(backend)?;
+            let range = match &after {
+                Some(k) => rec.range::<&str>((Excluded(k.as_str()), Unbounded)),
+                None => rec.range::<&str>(..),
+            };
+            let (mut n, mut last) = (0, None);
+            for item in range.map_err(backend)?.take(limit) {
+                let (k, v) = item.map_err(backend)?;
+                if decode(v.value()).is_none() {
+                    return Err(StoreError::Backend("a record is malformed".into()));
+                }
+                n += 1;
+                last = Some(k.value().to_string());
+            }
+            let next = if (n as usize) < limit { Cursor::Expiry(None) } else { Cursor::Records(last) };
+            Ok((next, n))
+        }
+        Cursor::Expiry(after) => {
+            let exp = txn.open_table(EXPIRY).map_err(backend)?;
+            let range = match &after {
+                Some((at, k)) => exp.range::<(u64, &str)>((Excluded((*at, k.as_str())), Unbounded)),
+                None => exp.range::<(u64, &str)>(..),
+            };
+            let (mut n, mut last) = (0, None);
+            for item in range.map_err(backend)?.take(limit) {
+                let (k, _) = item.map_err(backend)?;
+                let (at, key) = k.value();
+                n += 1;
+                last = Some((at, key.to_string()));
+            }
+            Ok((if n < limit { Cursor::Done } else { Cursor::Expiry(last) }, 0))
+        }
+        Cursor::Done => Ok((Cursor::Done, 0)),
+    }
+}
+
+/// Reads every record and index entry in one go: the number of records, or
+/// what is wrong.
+fn read_through(db: &Database) -> Result<u64, StoreError> {
+    let (mut cursor, mut n) = (Cursor::Records(None), 0);
+    while !matches!(cursor, Cursor::Done) {
+        let (next, read) = read_through_step(db, cursor, usize::MAX)?;
+        (cursor, n) = (next, n + read);
+    }
+    Ok(n)
 }
 
 /// Runs `f`, turning a panic into `Err(message)` without the panic being
@@ -404,7 +587,11 @@ impl Inner {
             (batch, o.last_version)
         };
         let result = self.with_db(|db| {
-            let txn = db.begin_write().map_err(backend)?;
+            // Quick repair: the commit records redb's allocator state (and
+            // commits in two phases), so that opening the file after a crash
+            // loads it instead of walking the whole file to rebuild it.
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_quick_repair(true);
             {
                 let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
@@ -436,6 +623,7 @@ impl Inner {
             }
         }
         o.in_flight = Arc::new(HashMap::new());
+        self.flushed.fetch_add(1, Ordering::Release);
         let waiting = o.dirty.len();
         drop(o);
         match &result {
@@ -469,11 +657,36 @@ impl Inner {
             self.failures.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Backend(format!("{} is closed after an I/O error; reopening", self.path.display())));
         };
-        let r = f(db);
+        // redb can panic on a damaged page (a file larger than
+        // CHECK_AT_OPEN_MAX_BYTES is not read through before it serves):
+        // that is a store failure, answered by the failure policy, not a
+        // panic in whatever thread asked.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(db)))
+            .unwrap_or_else(|_| Err(StoreError::Backend(format!("redb panicked on {}: the file is damaged", self.path.display()))));
         if r.is_err() {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// The background half of the check at open for a large file (see
+    /// [`CHECK_AT_OPEN_MAX_BYTES`]): reads every record and index entry,
+    /// [`READ_THROUGH_CHUNK`] at a time (holding the store only meanwhile),
+    /// and logs what it finds. Damage found here cannot refuse the start
+    /// any more: it is logged as an error that says what to do, and
+    /// counted as a store failure; calls that meet it fail (the failure
+    /// policy answers them) rather than panic.
+    fn read_through(store: &Weak<Inner>) {
+        let t = std::time::Instant::now();
+        let (mut cursor, mut n) = (Cursor::Records(None), 0);
+        while !matches!(cursor, Cursor::Done) {
+            let Some(inner) = store.upgrade() else { return };
+            match inner.with_db(|db| read_through_step(db, cursor, READ_THROUGH_CHUNK)) {
+                Ok((next, read)) => (cursor, n) = (next, n + read),
+                Err(e) => return tracing::error!("{}: {}", inner.path.display(), damaged_advice(&e)),
+            }
+        }
+        tracing::info!(records = n, "store read through in {:.1} s: no damage found", t.elapsed().as_secs_f64());
     }
 
     /// Closes the database and opens it again: after an I/O error redb
@@ -500,7 +713,8 @@ impl Drop for Inner {
 
 fn flusher(store: Weak<Inner>) {
     loop {
-        std::thread::sleep(FLUSH_EVERY);
+        // Woken early (unparked) when the overlay reaches OVERLAY_MAX.
+        std::thread::park_timeout(FLUSH_EVERY);
         let Some(inner) = store.upgrade() else { return };
         if inner.db.read().unwrap_or_else(|p| p.into_inner()).is_none() {
             inner.reopen();
@@ -533,59 +747,16 @@ impl Store for RedbStore {
     }
 
     async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
-        // At most this many a transaction, so a large backlog does not hold
-        // the write lock for long.
-        const BATCH: usize = 10_000;
-        // The overlay's entries are swept once they are in the file.
-        self.inner.flush()?;
-        let mut total = 0;
-        loop {
-            let n = self.write(|txn| {
-                let mut rec = txn.open_table(RECORDS).map_err(backend)?;
-                let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
-                let mut due = Vec::new();
-                for item in exp.range((0u64, "")..=(now, "\u{10FFFF}")).map_err(backend)?.take(BATCH) {
-                    let (k, _) = item.map_err(backend)?;
-                    let (at, key) = k.value();
-                    due.push((at, key.to_string()));
-                }
-                for (at, key) in &due {
-                    exp.remove((*at, key.as_str())).map_err(backend)?;
-                    let stale =
-                        rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())).is_some_and(|e| e.expires_at == *at);
-                    if stale {
-                        rec.remove(key.as_str()).map_err(backend)?;
-                    }
-                }
-                Ok((true, due.len()))
-            })?;
-            total += n as u64;
-            if n < BATCH {
-                return Ok(total);
-            }
-        }
+        off_runtime(&self.inner, move |inner| inner.sweep(now)).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
+        off_runtime(&self.inner, Inner::flush).await
     }
 
     async fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
-        // The overlay's entries count once they are in the file.
-        self.inner.flush()?;
-        let end = format!("{prefix}\u{10FFFF}");
-        self.inner.with_db(|db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let rec = txn.open_table(RECORDS).map_err(backend)?;
-            let mut n = 0u64;
-            for item in rec.range::<&str>(prefix..end.as_str()).map_err(backend)? {
-                let (_, v) = item.map_err(backend)?;
-                if decode(v.value()).is_some_and(|e| e.expires_at > now) {
-                    n += 1;
-                }
-            }
-            Ok(Some(n))
-        })
+        let prefix = prefix.to_string();
+        off_runtime(&self.inner, move |inner| inner.count_prefix(&prefix, now)).await
     }
 
     fn failures(&self) -> u64 {
@@ -597,8 +768,120 @@ impl Store for RedbStore {
     }
 
     async fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
-        self.inner.flush()?;
-        let guard = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        off_runtime(&self.inner, move |inner| inner.scan(cursor, limit, now)).await
+    }
+}
+
+/// Runs `f` (work that walks the file or waits for the disk: a sweep, a
+/// flush, a count, a scan) on tokio's blocking pool when called from a
+/// multi-threaded runtime, so the threads that answer peers never do it;
+/// inline otherwise (a current-thread runtime, or no runtime).
+async fn off_runtime<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            let inner = inner.clone();
+            tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+        }
+        _ => f(inner),
+    }
+}
+
+impl Inner {
+    /// Removes records expired at `now`, in short transactions
+    /// ([`SWEEP_BATCH`] records each) so that the flusher, which needs the
+    /// same write lock, never waits long behind a sweep.
+    fn sweep(&self, now: u64) -> Result<u64, StoreError> {
+        // The overlay's entries are swept once they are in the file.
+        self.flush()?;
+        let mut total = 0;
+        let mut flushed_at = std::time::Instant::now();
+        loop {
+            // The flusher would wait behind these transactions for redb's
+            // write lock (and lose the race for it each time): the sweep
+            // flushes the overlay itself as often as the flusher would.
+            if flushed_at.elapsed() >= FLUSH_EVERY || lock(&self.overlay).dirty.len() >= OVERLAY_MAX {
+                self.flush()?;
+                flushed_at = std::time::Instant::now();
+            }
+            let n = self.with_db(|db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let n = {
+                    let mut rec = txn.open_table(RECORDS).map_err(backend)?;
+                    let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
+                    let mut due = Vec::with_capacity(SWEEP_BATCH);
+                    for item in exp.range((0u64, "")..=(now, "\u{10FFFF}")).map_err(backend)?.take(SWEEP_BATCH) {
+                        let (k, _) = item.map_err(backend)?;
+                        let (at, key) = k.value();
+                        due.push((at, key.to_string()));
+                    }
+                    for (at, key) in &due {
+                        exp.remove((*at, key.as_str())).map_err(backend)?;
+                        // Only if the record was not written again since
+                        // (then it has a later expiry and its own index entry).
+                        let stale =
+                            rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())).is_some_and(|e| e.expires_at == *at);
+                        if stale {
+                            rec.remove(key.as_str()).map_err(backend)?;
+                        }
+                    }
+                    due.len()
+                };
+                // Durable, with quick repair like a flush: redb's
+                // non-durable commits leave their pages in its write buffer,
+                // which readers then write back themselves when the file
+                // outgrows the cache (request stalls of over a second at 5M
+                // records), and a crash after one would cost a full repair.
+                // Nothing removed: nothing to commit (a durable commit is
+                // two fsyncs, every sweep interval).
+                let mut txn = txn;
+                if n == 0 {
+                    txn.abort().map_err(backend)?;
+                } else {
+                    txn.set_quick_repair(true);
+                    txn.commit().map_err(backend)?;
+                }
+                Ok(n)
+            })?;
+            total += n as u64;
+            if n < SWEEP_BATCH {
+                return Ok(total);
+            }
+            // Let a waiting flush have the write lock between batches.
+            std::thread::yield_now();
+        }
+    }
+
+    /// Live records under `prefix`; all records (live or expired but not yet
+    /// swept) for the empty prefix, read from the table's length at once
+    /// instead of walking millions of records.
+    fn count_prefix(&self, prefix: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        // The overlay's entries count once they are in the file.
+        self.flush()?;
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let rec = txn.open_table(RECORDS).map_err(backend)?;
+            if prefix.is_empty() {
+                return Ok(Some(rec.len().map_err(backend)?));
+            }
+            let end = format!("{prefix}\u{10FFFF}");
+            let mut n = 0u64;
+            for item in rec.range::<&str>(prefix..end.as_str()).map_err(backend)? {
+                let (_, v) = item.map_err(backend)?;
+                if decode(v.value()).is_some_and(|e| e.expires_at > now) {
+                    n += 1;
+                }
+            }
+            Ok(Some(n))
+        })
+    }
+
+    /// One page of live records after `cursor`.
+    fn scan(&self, cursor: Option<String>, limit: usize, now: u64) -> Result<Page, StoreError> {
+        self.flush()?;
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
         let db = guard.as_ref().ok_or_else(|| StoreError::Backend("the store file is closed after an I/O error".into()))?;
         let txn = db.begin_read().map_err(backend)?;
         let rec = txn.open_table(RECORDS).map_err(backend)?;

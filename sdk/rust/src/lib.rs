@@ -55,9 +55,11 @@
 //! Modules: [`host`] (what the host offers: store, DNS, SPF, metrics, log),
 //! [`verdict`] (reply builders), [`store`] (typed values and a bounded
 //! compare-and-swap loop), [`net`] (client networks, domains), [`testing`]
-//! (the native harness).
+//! (the native harness), [`arena`] (the per-call arena allocator, feature
+//! `arena`).
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod host;
 pub mod net;
 pub mod spf;

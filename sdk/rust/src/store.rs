@@ -102,9 +102,22 @@ impl<'h> Prefetch<'h> {
     }
 }
 
+/// `a == b`, eight bytes at a time. In a component `==` on strings is
+/// wasi-libc's byte-at-a-time `memcmp`, and a prefetched key (40-odd
+/// bytes) is compared at every read.
+fn same_key(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).ok().map(u64::from_ne_bytes);
+    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    (&mut ca).zip(&mut cb).all(|(x, y)| word(x) == word(y)) && ca.remainder().iter().zip(cb.remainder()).all(|(x, y)| x == y)
+}
+
 impl Host for Prefetch<'_> {
     fn get(&mut self, key: &str) -> std::result::Result<Option<crate::host::Entry>, crate::host::StoreError> {
-        match self.fetched.iter().position(|(k, _)| k == key) {
+        match self.fetched.iter().position(|(k, _)| same_key(k, key)) {
             // Once: a second read (after a conflict) must see the store.
             Some(i) => Ok(self.fetched.swap_remove(i).1),
             None => self.host.get(key),
@@ -120,15 +133,15 @@ impl Host for Prefetch<'_> {
         ttl: u32,
         if_version: Option<u64>,
     ) -> std::result::Result<WriteOutcome, crate::host::StoreError> {
-        self.fetched.retain(|(k, _)| k != key);
+        self.fetched.retain(|(k, _)| !same_key(k, key));
         self.host.set(key, value, ttl, if_version)
     }
     fn set_many(&mut self, writes: &[crate::host::Write<'_>]) -> std::result::Result<Vec<WriteOutcome>, crate::host::StoreError> {
-        self.fetched.retain(|(k, _)| !writes.iter().any(|w| w.key == k));
+        self.fetched.retain(|(k, _)| !writes.iter().any(|w| same_key(w.key, k)));
         self.host.set_many(writes)
     }
     fn delete(&mut self, key: &str, if_version: Option<u64>) -> std::result::Result<bool, crate::host::StoreError> {
-        self.fetched.retain(|(k, _)| k != key);
+        self.fetched.retain(|(k, _)| !same_key(k, key));
         self.host.delete(key, if_version)
     }
     fn lookup(&mut self, name: &str, kind: crate::RecordType) -> std::result::Result<Vec<String>, crate::DnsError> {
@@ -158,6 +171,17 @@ impl Host for Prefetch<'_> {
 mod tests {
     use super::*;
     use crate::testing::TestHost;
+
+    #[test]
+    fn keys_compare_as_strings_do() {
+        let keys =
+            ["", "a", "abcdefgh", "abcdefgh1", "abcdefgh2", "t/ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "t/ABCDEFGHIJKLMNOPQRSTUVWXYZ234568"];
+        for a in keys {
+            for b in keys {
+                assert_eq!(same_key(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn prefetch_reads_once_then_through_and_update_retries() {

@@ -209,34 +209,51 @@ fn run<F: Filter, T>(default: impl FnOnce() -> T, f: impl FnOnce(&F, &mut WasmHo
 
 /// `init`.
 pub fn init<F: Filter>(config: String) -> Result<wit_hooks::FilterInfo, String> {
-    let f = F::init(&config)?;
-    FILTER.with(|cell| *cell.borrow_mut() = Some(Box::new(f)));
-    Ok(wit_hooks::FilterInfo { name: F::NAME.into(), version: F::VERSION.into() })
+    // The filter lasts: never in the per-call arena.
+    crate::arena::lasting(|| {
+        let f = F::init(&config)?;
+        FILTER.with(|cell| *cell.borrow_mut() = Some(Box::new(f)));
+        Ok(wit_hooks::FilterInfo { name: F::NAME.into(), version: F::VERSION.into() })
+    })
+}
+
+/// Runs one hook's glue, warning once if the per-call arena
+/// ([`crate::arena`]) is held by something the filter keeps between calls.
+fn hook<T>(f: impl FnOnce() -> T) -> T {
+    if crate::arena::begin_call() {
+        WasmHost.log(
+            Level::Warn,
+            "memory allocated in hook calls is kept between them (hooks should keep no state); the per-call arena cannot be rewound and the system allocator serves what does not fit",
+        );
+    }
+    f()
 }
 
 /// `on-connect`.
 pub fn on_connect<F: Filter>(c: wit::Context) -> wit::Verdict {
-    verdict(run::<F, _>(Verdict::cont, |f, h| f.on_connect(&context(c), h)))
+    hook(move || verdict(run::<F, _>(Verdict::cont, |f, h| f.on_connect(&context(c), h))))
 }
 
 /// `on-ehlo`.
 pub fn on_ehlo<F: Filter>(c: wit::Context) -> wit::EhloVerdict {
-    let none = || crate::EhloVerdict { verdict: Verdict::cont(), keywords: Vec::new() };
-    let crate::EhloVerdict { verdict: v, keywords } = run::<F, _>(none, |f, h| f.on_ehlo(&context(c), h));
-    wit::EhloVerdict { verdict: verdict(v), keywords }
+    hook(move || {
+        let none = || crate::EhloVerdict { verdict: Verdict::cont(), keywords: Vec::new() };
+        let crate::EhloVerdict { verdict: v, keywords } = run::<F, _>(none, |f, h| f.on_ehlo(&context(c), h));
+        wit::EhloVerdict { verdict: verdict(v), keywords }
+    })
 }
 
 /// `on-mail`.
 pub fn on_mail<F: Filter>(c: wit::Context, sender: String) -> wit::Verdict {
-    verdict(run::<F, _>(Verdict::cont, |f, h| f.on_mail(&context(c), &sender, h)))
+    hook(move || verdict(run::<F, _>(Verdict::cont, |f, h| f.on_mail(&context(c), &sender, h))))
 }
 
 /// `on-rcpt`.
 pub fn on_rcpt<F: Filter>(c: wit::Context, recipient: String) -> wit::Verdict {
-    verdict(run::<F, _>(Verdict::cont, |f, h| f.on_rcpt(&context(c), &recipient, h)))
+    hook(move || verdict(run::<F, _>(Verdict::cont, |f, h| f.on_rcpt(&context(c), &recipient, h))))
 }
 
 /// `on-data`.
 pub fn on_data<F: Filter>(c: wit::Context, m: wit::Message) -> wit::Verdict {
-    verdict(run::<F, _>(Verdict::cont, |f, h| f.on_data(&context(c), &message(m), h)))
+    hook(move || verdict(run::<F, _>(Verdict::cont, |f, h| f.on_data(&context(c), &message(m), h))))
 }

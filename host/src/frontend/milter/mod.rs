@@ -31,10 +31,10 @@ use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macr
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
-use miltr_server::{Error as MilterError, Milter as MilterProtocol, Server};
-use tokio_util::compat::TokioAsyncReadCompatExt;
+use miltr_server::{Error as MilterError, Milter as MilterProtocol};
 use tokio_util::sync::CancellationToken;
 
+mod dialogue;
 mod frames;
 
 use crate::domain::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
@@ -117,7 +117,7 @@ impl FrontEnd for Milter {
         let perms = UnixPerms::from_settings(&m.socket_mode, &m.socket_owner, &m.socket_group).map_err(invalid::<Milter>)?;
         let mut listeners = Vec::new();
         for a in &m.listen {
-            listeners.push(Listener::bind(a, &perms).await?.quickack());
+            listeners.push(Listener::bind(a, &perms).await?);
         }
         Ok(Milter { config: config.clone(), listeners })
     }
@@ -204,8 +204,10 @@ impl MilterProtocol for Conversation {
     async fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, MilterError<Self::Error>> {
         let ours = OptNeg {
             capabilities: Capability::SMFIF_ADDHDRS,
-            // No body, no DATA command, no unknown commands: we need none of them.
-            protocol: Protocol::NO_BODY | Protocol::NO_DATA | Protocol::NO_UNKNOWN,
+            // No body, no DATA command, no end of headers, no unknown
+            // commands: we need none of them. Headers without waiting for
+            // a reply to each (`SMFIP_NR_HDR`): we only collect them.
+            protocol: Protocol::NO_BODY | Protocol::NO_DATA | Protocol::NO_END_OF_HEADER | Protocol::NO_UNKNOWN | Protocol::NR_HEADER,
             ..OptNeg::default()
         };
         let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
@@ -361,10 +363,9 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         headers: Vec::new(),
         pending_headers: Vec::new(),
     };
-    let io = PeerDeadlines::new(conn, deadlines).compat();
-    let mut server = Server::new(&mut conv, false, max_packet);
+    let mut io = PeerDeadlines::new(conn, deadlines);
     tokio::select! {
-        r = server.handle_connection(io) => match r {
+        r = dialogue::run(&mut conv, &mut io, max_packet) => match r {
             Ok(()) => tracing::debug!(%peer, "milter connection closed"),
             Err(e) => tracing::info!(%peer, "milter connection closed: {e}"),
         },
@@ -454,6 +455,12 @@ impl PeerDeadlines {
     /// The idle limit now: shorter while the listener is under stress.
     fn idle_limit(&self) -> Duration {
         if self.d.load.stressed() { self.d.stress_idle.min(self.d.idle) } else { self.d.idle }
+    }
+}
+
+impl dialogue::AckNow for PeerDeadlines {
+    fn ack_now(&self) {
+        self.inner.as_ref().get_ref().ack_now();
     }
 }
 

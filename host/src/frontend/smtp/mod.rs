@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::reply::render;
 use crate::domain::types::{Header, Message, Verdict};
 use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms, WhenFull};
-use crate::frontend::smtp::relay::{HopReply, NextHop, Relay};
+use crate::frontend::smtp::relay::{HopReply, NextHop, Pool, Relay};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
 use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers, message_id};
 pub use wire::BareNewline;
@@ -77,6 +77,14 @@ pub struct SmtpConfig {
     /// Deadline of connecting to the next hop and of each of its replies.
     #[serde(deserialize_with = "crate::settings::duration")]
     pub next_hop_timeout: Duration,
+    /// Idle next-hop connections kept for the next session (0: a new
+    /// connection for every session). Connections that took XCLIENT are
+    /// never kept.
+    pub next_hop_pool: usize,
+    /// Longest a kept connection waits idle (keep it below the next hop's
+    /// own idle timeout: Postfix's `smtpd_timeout` is 300 s).
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub next_hop_idle: Duration,
     /// Our name in the greeting, the EHLO reply and to the next hop
     /// (default: the system's host name).
     pub hostname: Option<String>,
@@ -128,6 +136,8 @@ impl Default for SmtpConfig {
             next_hop: None,
             next_hop_protocol: HopProtocol::Smtp,
             next_hop_timeout: Duration::from_secs(300),
+            next_hop_pool: 16,
+            next_hop_idle: Duration::from_secs(10),
             hostname: None,
             max_line: 2048,
             max_message_size: 25 << 20,
@@ -153,7 +163,20 @@ impl Default for SmtpConfig {
 struct Resolved {
     hostname: String,
     next_hop: NextHop,
+    /// Idle next-hop connections for the next session.
+    pool: Pool,
     tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Where the session's next-hop connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The session had it already (an earlier transaction).
+    Session,
+    /// The pool of idle connections.
+    Pooled,
+    /// Opened now.
+    New,
 }
 
 /// The SMTP front end: its listeners, bound, and its resolved settings.
@@ -210,7 +233,11 @@ impl FrontEnd for Smtp {
         for a in &s.listen {
             listeners.push(Listener::bind(a, &UnixPerms::default()).await?);
         }
-        Ok(Smtp { config: Arc::new(config.clone()), resolved: Arc::new(Resolved { hostname, next_hop, tls }), listeners })
+        Ok(Smtp {
+            config: Arc::new(config.clone()),
+            resolved: Arc::new(Resolved { hostname, next_hop, pool: Pool::new(s.next_hop_pool, s.next_hop_idle), tls }),
+            listeners,
+        })
     }
 
     fn endpoints(&self) -> Vec<ListenAddr> {
@@ -348,7 +375,8 @@ async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolv
                 _ = shutdown.cancelled() => { let _ = c.write("421 4.3.2 Shutting down\r\n").await; }
             }
             if let Some(relay) = c.relay.take() {
-                relay.quit().await;
+                // The pool keeps it only if it may serve another client.
+                shared.resolved.pool.give_back(relay).await;
             }
         }
     })
@@ -387,8 +415,6 @@ struct Connection {
     resolved: Arc<Resolved>,
     session: Option<SmtpSession>,
     relay: Option<Relay>,
-    /// The relay connection took XCLIENT.
-    xclient_done: bool,
     hop: Hop,
     greeted: bool,
     tls: bool,
@@ -418,7 +444,6 @@ impl Connection {
             shared,
             session: None,
             relay: None,
-            xclient_done: false,
             hop: Hop::Idle,
             greeted: false,
             tls: false,
@@ -679,90 +704,101 @@ impl Connection {
         self.write("250 2.1.0 Ok\r\n").await
     }
 
-    /// Opens the transaction at the next hop (connecting if needed): the
-    /// client's address with XFORWARD, then MAIL. `Err` is the reply for
-    /// the client's recipient.
-    async fn open_hop(&mut self) -> Result<(), String> {
+    /// Opens the transaction at the next hop (taking a pooled connection
+    /// or connecting): the client's address with XFORWARD, MAIL, and the
+    /// first recipient `rcpt` (pipelined when the next hop allows). The
+    /// next hop's reply to `rcpt`, or `None` when the transaction was open
+    /// already (then the caller sends RCPT); `Err` is the reply for the
+    /// client's recipient.
+    async fn open_hop(&mut self, rcpt: &str) -> Result<Option<HopReply>, String> {
         match &self.hop {
-            Hop::Open => return Ok(()),
+            Hop::Open => return Ok(None),
             Hop::Refused(reply) => return Err(reply.clone()),
             Hop::Idle => {}
         }
         let sender = self.session().transaction().sender.clone().unwrap_or_default();
         let xf = self.session.as_ref().map(|s| xforward(s.session()));
-        let params = self.mail_params.clone();
-        let result = self.hop_mail(&sender, params, xf).await;
+        let params = std::mem::take(&mut self.mail_params);
+        let result = self.hop_mail(&sender, params, xf, rcpt).await;
         self.hop = match &result {
-            Ok(()) => Hop::Open,
+            Ok(_) => Hop::Open,
             Err(reply) => Hop::Refused(reply.clone()),
         };
-        result
+        result.map(Some)
     }
 
-    async fn hop_mail(&mut self, sender: &str, mut forward: Vec<String>, xf: Option<String>) -> Result<(), String> {
-        let fresh = self.relay.is_none();
-        let xclient = self.session.as_ref().map(|s| xclient_attrs(s.session())).unwrap_or_default();
-        let hop = self.relay_ready().await?;
-        // Tell it who the client is: XCLIENT once per connection where it
-        // is offered (the next hop then treats the session as the client's),
-        // else XFORWARD before every MAIL (Postfix resets XFORWARD
-        // attributes after every transaction).
-        if fresh {
-            self.xclient_done = match hop.xclient(&xclient).await {
-                Ok(done) => done,
+    async fn hop_mail(&mut self, sender: &str, mut forward: Vec<String>, xf: Option<String>, rcpt: &str) -> Result<HopReply, String> {
+        // A pooled connection the next hop dropped meanwhile fails at once:
+        // then once more on a new connection.
+        for attempt in 0..2 {
+            let origin = self.relay_ready().await?;
+            let xclient = self.session.as_ref().map(|s| xclient_attrs(s.session())).unwrap_or_default();
+            let Some(hop) = self.relay.as_mut() else { return Err(HOP_UNAVAILABLE.into()) };
+            // Tell it who the client is: XCLIENT once per new connection
+            // where it is offered (the next hop then treats the session as
+            // the client's; such a connection is never pooled), else
+            // XFORWARD before every MAIL (Postfix resets XFORWARD
+            // attributes after every transaction).
+            if origin == Origin::New
+                && let Err(e) = hop.xclient(&xclient).await
+            {
+                tracing::warn!("{e}");
+                self.relay = None;
+                return Err(HOP_UNAVAILABLE.into());
+            }
+            let Some(hop) = self.relay.as_mut() else { return Err(HOP_UNAVAILABLE.into()) };
+            // XCLIENT is asked of a new connection only: the pool never
+            // holds one that took it.
+            let xf = xf.as_deref().filter(|_| !hop.took_xclient() && hop.has("XFORWARD"));
+            // Only the parameters it announced.
+            forward.retain(|p| {
+                let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
+                (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME"))
+            });
+            match hop.open(xf, sender, &forward.join(" "), Some(rcpt)).await {
+                Ok((mail, Some(first))) if mail.is_positive() => return Ok(first),
+                Ok((mail, _)) => return Err(mail.render()),
+                Err(e) if origin == Origin::Pooled && attempt == 0 => {
+                    tracing::debug!("pooled next-hop connection failed ({e}); opening a new one");
+                    self.relay = None;
+                }
                 Err(e) => {
                     tracing::warn!("{e}");
                     self.relay = None;
                     return Err(HOP_UNAVAILABLE.into());
                 }
-            };
+            }
         }
-        let Some(hop) = self.relay.as_mut() else { return Err(HOP_UNAVAILABLE.into()) };
-        if !self.xclient_done
-            && hop.has("XFORWARD")
-            && let Some(line) = xf
-            && !matches!(hop.command(&line).await, Ok(ref rep) if rep.is_positive())
-        {
-            tracing::debug!("next hop refused XFORWARD; relaying without it");
+        Err(HOP_UNAVAILABLE.into())
+    }
+
+    /// The relay connection: the session's own, one from the pool, or a new
+    /// one; or the reply for our client.
+    async fn relay_ready(&mut self) -> Result<Origin, String> {
+        if self.relay.is_some() {
+            return Ok(Origin::Session);
         }
-        // Only the parameters it announced.
-        forward.retain(|p| {
-            let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
-            (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME"))
-        });
-        match hop.mail(sender, &forward.join(" ")).await {
-            Ok(r) if r.is_positive() => Ok(()),
-            Ok(r) => Err(r.render()),
+        if let Some(r) = self.resolved.pool.take() {
+            self.relay = Some(r);
+            return Ok(Origin::Pooled);
+        }
+        match Relay::connect(&self.resolved.next_hop).await {
+            Ok(Ok(r)) => {
+                self.relay = Some(r);
+                Ok(Origin::New)
+            }
+            Ok(Err(reply)) => {
+                tracing::warn!(code = reply.code, "next hop refused the session");
+                // Its greeting or EHLO refused us: tell the client in our
+                // words, keeping the class (permanent or temporary).
+                let (code, enhanced) = if reply.code >= 500 { (554, "5.4.1") } else { (451, "4.4.1") };
+                Err(format!("{code} {enhanced} Next hop refused the session: {}\r\n", reply.lines.join(" ")))
+            }
             Err(e) => {
                 tracing::warn!("{e}");
-                self.relay = None;
                 Err(HOP_UNAVAILABLE.into())
             }
         }
-    }
-
-    /// The relay connection, opened if there is none yet; or the reply for
-    /// our client.
-    async fn relay_ready(&mut self) -> Result<&mut Relay, String> {
-        if self.relay.is_none() {
-            match Relay::connect(&self.resolved.next_hop).await {
-                Ok(Ok(r)) => {
-                    self.relay = Some(r);
-                }
-                Ok(Err(reply)) => {
-                    tracing::warn!(code = reply.code, "next hop refused the session");
-                    // Its greeting or EHLO refused us: tell the client in our
-                    // words, keeping the class (permanent or temporary).
-                    let (code, enhanced) = if reply.code >= 500 { (554, "5.4.1") } else { (451, "4.4.1") };
-                    return Err(format!("{code} {enhanced} Next hop refused the session: {}\r\n", reply.lines.join(" ")));
-                }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    return Err(HOP_UNAVAILABLE.into());
-                }
-            }
-        }
-        self.relay.as_mut().ok_or_else(|| HOP_UNAVAILABLE.to_string())
     }
 
     async fn rcpt(&mut self, arg: &str) -> Result<(), End> {
@@ -788,15 +824,22 @@ impl Connection {
             let r = r.clone();
             return self.filter_reply(&r).await;
         }
-        if let Err(reply) = self.open_hop().await {
-            self.forget_last_recipient();
-            return self.write(&reply).await;
-        }
+        let first = match self.open_hop(&rcpt).await {
+            Ok(first) => first,
+            Err(reply) => {
+                self.forget_last_recipient();
+                return self.write(&reply).await;
+            }
+        };
         let Some(hop) = self.relay.as_mut() else {
             self.forget_last_recipient();
             return self.write(HOP_UNAVAILABLE).await;
         };
-        match hop.rcpt(&rcpt).await {
+        let answer = match first {
+            Some(r) => Ok(r),
+            None => hop.rcpt(&rcpt).await,
+        };
+        match answer {
             Ok(r) if r.is_positive() => {
                 self.recipients += 1;
                 self.junk = 0;

@@ -1,7 +1,10 @@
-//! The SMTP/LMTP client the SMTP front end relays through: one connection
-//! to the next hop per client session, opened at the first MAIL, each
-//! command forwarded as the client's is accepted, so that the client hears
-//! `250` for its message only after the next hop said so.
+//! The SMTP/LMTP client the SMTP front end relays through: a connection to
+//! the next hop taken at a session's first accepted recipient (from a small
+//! pool of idle ones, [`Pool`], or opened), each command forwarded as the
+//! client's is accepted, so that the client hears `250` for its message
+//! only after the next hop said so; given back to the pool when the session
+//! ends. When the next hop offers PIPELINING, the envelope the client has
+//! already had accepted (XFORWARD, MAIL, the first RCPT) goes in one write.
 //!
 //! Written by hand rather than with an SMTP client crate: the front end must
 //! pass the next hop's exact reply (code, enhanced code, text) back to its
@@ -9,7 +12,8 @@
 //! end of data); the crates we looked at (lettre) send whole messages and
 //! map replies to their own error types, and have no LMTP.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -32,6 +36,74 @@ pub struct NextHop {
     pub helo_name: String,
 }
 
+/// Idle connections to the next hop, kept for the next session instead of
+/// a new connection, greeting and EHLO every time (Postfix's own SMTP
+/// client keeps a connection cache for the same reason). Bounded in number
+/// and idle time; a connection comes back only between transactions and
+/// only if it never took XCLIENT (that makes it the client's session at the
+/// next hop); one the next hop closed while idle is noticed and dropped
+/// before use.
+#[derive(Debug)]
+pub struct Pool {
+    idle: Mutex<Vec<(Relay, Instant)>>,
+    /// Most idle connections kept (0: no pooling).
+    max: usize,
+    /// Longest a connection waits idle.
+    max_idle: Duration,
+}
+
+/// Transactions one pooled connection carries at most, then it is closed
+/// (a bound on what one next-hop session accumulates).
+const MAX_REUSE: u32 = 100;
+
+impl Pool {
+    /// A pool keeping at most `max` idle connections, each for at most
+    /// `max_idle`.
+    pub fn new(max: usize, max_idle: Duration) -> Pool {
+        Pool { idle: Mutex::new(Vec::new()), max, max_idle }
+    }
+
+    /// An idle connection still fit for use, newest first; stale ones are
+    /// closed on the way.
+    pub fn take(&self) -> Option<Relay> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let Some((r, since)) = idle.pop() else { break None };
+                if since.elapsed() < self.max_idle && r.alive() {
+                    break Some(r);
+                }
+                stale.push(r);
+            }
+        };
+        // Dropped outside the lock: closing is a system call.
+        drop(stale);
+        found
+    }
+
+    /// Gives `relay` back after a session: kept if it is between
+    /// transactions (an open one is reset first), never took XCLIENT, has
+    /// carried fewer than [`MAX_REUSE`] transactions and there is room;
+    /// else it is sent QUIT.
+    pub async fn give_back(&self, mut relay: Relay) {
+        let room = self.max > 0 && self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() < self.max;
+        if !room || relay.xclient || relay.transactions >= MAX_REUSE || !relay.alive() {
+            relay.quit().await;
+            return;
+        }
+        if relay.in_transaction && !matches!(relay.rset().await, Ok(ref r) if r.code == 250) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop the oldest when over (another session gave one back meanwhile).
+        if idle.len() >= self.max {
+            idle.remove(0);
+        }
+        idle.push((relay, Instant::now()));
+    }
+}
+
 /// A reply from the next hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopReply {
@@ -49,12 +121,14 @@ impl HopReply {
 
     /// As it goes to our client, CRLF-ended lines.
     pub fn render(&self) -> String {
+        use std::fmt::Write;
         let n = self.lines.len().max(1);
-        let mut out = String::new();
+        let mut out = String::with_capacity(self.lines.iter().map(|l| l.len() + 6).sum::<usize>().max(6));
         for i in 0..n {
             let text = self.lines.get(i).map(String::as_str).unwrap_or("");
             let sep = if i + 1 == n { ' ' } else { '-' };
-            out.push_str(&format!("{}{sep}{text}\r\n", self.code));
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{}{sep}{text}\r\n", self.code);
         }
         out
     }
@@ -83,6 +157,20 @@ pub struct Relay {
     /// Recipients the next hop accepted in this transaction (LMTP replies
     /// once per each after the data).
     accepted: usize,
+    /// A MAIL was sent and the transaction has not ended (data or RSET).
+    in_transaction: bool,
+    /// It took XCLIENT: the next hop sees it as one client's session.
+    xclient: bool,
+    /// Transactions it carried.
+    transactions: u32,
+    /// One buffer for the commands written (no allocation per command).
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("address", &self.hop.address).field("transactions", &self.transactions).finish()
+    }
 }
 
 impl Relay {
@@ -94,7 +182,16 @@ impl Relay {
             .map_err(|_| RelayError::Timeout(hop.address.clone(), hop.timeout))?
             .map_err(|e| RelayError::Io(hop.address.clone(), e))?;
         let _ = stream.set_nodelay(true);
-        let mut r = Relay { hop: hop.clone(), conn: BufReader::new(stream), keywords: Vec::new(), accepted: 0 };
+        let mut r = Relay {
+            hop: hop.clone(),
+            conn: BufReader::new(stream),
+            keywords: Vec::new(),
+            accepted: 0,
+            in_transaction: false,
+            xclient: false,
+            transactions: 0,
+            out: Vec::with_capacity(512),
+        };
         let greeting = r.reply().await?;
         if greeting.code != 220 {
             return Ok(Err(greeting));
@@ -106,6 +203,22 @@ impl Relay {
         }
         r.keywords = ehlo.lines.iter().skip(1).map(|l| l.to_ascii_uppercase()).collect();
         Ok(Ok(r))
+    }
+
+    /// Whether the connection is still usable while idle: nothing unread
+    /// (a next hop that timed us out sends `421` and closes) and not closed.
+    fn alive(&self) -> bool {
+        if !self.conn.buffer().is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.conn.get_ref().try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Whether the next hop took XCLIENT on this connection (it then sees
+    /// the session as the client's, and XFORWARD is not needed).
+    pub fn took_xclient(&self) -> bool {
+        self.xclient
     }
 
     /// Whether the next hop announced `keyword` (e.g. `XFORWARD`).
@@ -133,6 +246,7 @@ impl Relay {
             tracing::debug!(code = r.code, "next hop refused XCLIENT");
             return Ok(false);
         }
+        self.xclient = true;
         // Postfix takes the HELO of this EHLO over XCLIENT's: say the
         // client's own.
         let hello = if self.hop.lmtp { "LHLO" } else { "EHLO" };
@@ -150,20 +264,99 @@ impl Relay {
 
     /// Sends one command line and reads the reply.
     pub async fn command(&mut self, line: &str) -> Result<HopReply, RelayError> {
-        self.write(format!("{line}\r\n").as_bytes()).await?;
+        self.push(&[line]);
+        self.send().await?;
         self.reply().await
     }
 
-    /// MAIL FROM.
-    pub async fn mail(&mut self, from: &str, params: &str) -> Result<HopReply, RelayError> {
+    /// Adds a command line (its parts, then CRLF) to what goes out next.
+    fn push(&mut self, parts: &[&str]) {
+        for p in parts {
+            self.out.extend_from_slice(p.as_bytes());
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Writes what was pushed, in one write.
+    async fn send(&mut self) -> Result<(), RelayError> {
+        let out = std::mem::take(&mut self.out);
+        let r = self.write(&out).await;
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Whether the next hop takes commands in groups (RFC 2920).
+    pub fn pipelining(&self) -> bool {
+        self.has("PIPELINING")
+    }
+
+    /// Opens a transaction: `xforward` (a whole XFORWARD line, if any),
+    /// MAIL FROM and, if given, the first RCPT TO — written together when
+    /// the next hop offers PIPELINING, one at a time otherwise. The MAIL
+    /// reply, and the RCPT reply if one was sent and MAIL was accepted. A
+    /// refused XFORWARD is logged and the transaction goes on without it.
+    pub async fn open(
+        &mut self,
+        xforward: Option<&str>,
+        from: &str,
+        params: &str,
+        rcpt: Option<&str>,
+    ) -> Result<(HopReply, Option<HopReply>), RelayError> {
         self.accepted = 0;
+        self.in_transaction = true;
+        self.transactions += 1;
+        let pipelined = self.pipelining();
+        if let Some(x) = xforward {
+            self.push(&[x]);
+            if !pipelined {
+                self.send().await?;
+                self.xforward_reply().await?;
+            }
+        }
         let sep = if params.is_empty() { "" } else { " " };
-        self.command(&format!("MAIL FROM:<{from}>{sep}{params}")).await
+        self.push(&["MAIL FROM:<", from, ">", sep, params]);
+        if let (true, Some(to)) = (pipelined, rcpt) {
+            self.push(&["RCPT TO:<", to, ">"]);
+        }
+        self.send().await?;
+        if pipelined && xforward.is_some() {
+            self.xforward_reply().await?;
+        }
+        let mail = self.reply().await?;
+        let first = match rcpt {
+            // Pipelined: its reply comes whatever MAIL's was.
+            Some(_) if pipelined => Some(self.reply().await?),
+            Some(to) if mail.is_positive() => {
+                self.push(&["RCPT TO:<", to, ">"]);
+                self.send().await?;
+                Some(self.reply().await?)
+            }
+            _ => None,
+        };
+        if let Some(r) = &first
+            && r.is_positive()
+            && mail.is_positive()
+        {
+            self.accepted += 1;
+        }
+        let first = first.filter(|_| mail.is_positive());
+        Ok((mail, first))
+    }
+
+    async fn xforward_reply(&mut self) -> Result<(), RelayError> {
+        let r = self.reply().await?;
+        if !r.is_positive() {
+            tracing::debug!(code = r.code, "next hop refused XFORWARD; relaying without it");
+        }
+        Ok(())
     }
 
     /// RCPT TO; counts the recipients the next hop accepted.
     pub async fn rcpt(&mut self, to: &str) -> Result<HopReply, RelayError> {
-        let r = self.command(&format!("RCPT TO:<{to}>")).await?;
+        self.push(&["RCPT TO:<", to, ">"]);
+        self.send().await?;
+        let r = self.reply().await?;
         if r.is_positive() {
             self.accepted += 1;
         }
@@ -184,6 +377,7 @@ impl Relay {
         self.write(message).await?;
         let end: &[u8] = if message.is_empty() || message.ends_with(b"\r\n") { b".\r\n" } else { b"\r\n.\r\n" };
         self.write(end).await?;
+        self.in_transaction = false;
         if !self.hop.lmtp {
             return self.reply().await;
         }
@@ -206,7 +400,9 @@ impl Relay {
     /// RSET (the transaction is abandoned).
     pub async fn rset(&mut self) -> Result<HopReply, RelayError> {
         self.accepted = 0;
-        self.command("RSET").await
+        let r = self.command("RSET").await?;
+        self.in_transaction = false;
+        Ok(r)
     }
 
     /// QUIT, without waiting long for the answer.
@@ -233,15 +429,23 @@ impl Relay {
     async fn read_reply(&mut self) -> Result<HopReply, RelayError> {
         let addr = self.hop.address.clone();
         let mut lines = Vec::new();
+        let mut raw = Vec::with_capacity(128);
         loop {
-            let mut raw = Vec::new();
+            raw.clear();
             let n = (&mut self.conn)
                 .take(MAX_REPLY_LINE as u64)
                 .read_until(b'\n', &mut raw)
                 .await
                 .map_err(|e| RelayError::Io(addr.clone(), e))?;
-            // Passed on to our client: no control characters survive.
-            let line: String = String::from_utf8_lossy(&raw).trim_end().chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+            // Passed on to our client: no control characters survive (the
+            // common case, none, is one copy rather than one push a character).
+            let text = String::from_utf8_lossy(&raw);
+            let text = text.trim_end();
+            let line: String = if text.contains(char::is_control) {
+                text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+            } else {
+                text.to_string()
+            };
             if n == 0 {
                 return Err(RelayError::Io(addr, std::io::ErrorKind::UnexpectedEof.into()));
             }
