@@ -261,6 +261,11 @@ impl Process {
     /// [`null_dns`]: the tests never ask the machine's resolver (whose
     /// answers, and silences, differ from machine to machine).
     pub fn greyhook(args: &[&str], log: PathBuf) -> Process {
+        Process::greyhook_env(args, log, &[])
+    }
+
+    /// [`Process::greyhook`] with `env` added to its environment.
+    pub fn greyhook_env(args: &[&str], log: PathBuf, env: &[(&str, &std::ffi::OsStr)]) -> Process {
         let err = std::fs::File::create(&log).expect("log file");
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let daemon = matches!(args.first().map(String::as_str), Some("serve" | "smtp"));
@@ -276,6 +281,7 @@ impl Process {
         let child = std::process::Command::new(greyhook_bin())
             .args(&args)
             .env("GREYHOOK_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(err)
             .spawn()

@@ -106,6 +106,71 @@ impl Drop for SmallDisk {
     }
 }
 
+/// An LD_PRELOAD shim that makes every fsync and fdatasync take
+/// `SLOW_SYNC_MS` milliseconds longer: a slow disk.
+const SLOW_SYNC_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void slow(void) { const char *e = getenv("SLOW_SYNC_MS"); usleep((e ? atoi(e) : 1000) * 1000); }
+int fsync(int fd) { int (*f)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync"); slow(); return f(fd); }
+int fdatasync(int fd) { int (*f)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync"); slow(); return f(fd); }
+"#;
+
+/// A disk whose every fsync takes 1.5 s under a daemon whose redb file
+/// grows: no request waits for the disk. redb holds its page allocator's
+/// lock across the fsync that makes a grown file durable, and every read
+/// transaction begun meanwhile waited for it, so a request waited a whole
+/// fsync (found by `cargo bench --bench store` with fsync slowed: 110 ms
+/// stalls at 5M records with a 100 ms fsync). Requests now read a snapshot
+/// taken by the thread that committed. The shim is built with the
+/// system's C compiler (the one that links Rust).
+#[test]
+fn requests_never_wait_for_a_slow_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("slowsync.c");
+    let shim = dir.path().join("slowsync.so");
+    std::fs::write(&src, SLOW_SYNC_C).unwrap();
+    let built = std::process::Command::new("cc").args(["-shared", "-fPIC", "-O2", "-o"]).arg(&shim).arg(&src).arg("-ldl").status();
+    assert!(built.is_ok_and(|s| s.success()), "cc builds the slow-fsync shim");
+    let db = dir.path().join("g.db");
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{port}\"]\n[filter]\ndeadline = \"10s\"\n[filter.config]\ndelay = 60\n",
+        d = dir.path().display(),
+        db = db.display()
+    );
+    let cfg = dir.path().join("greyhook.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut d = Process::greyhook_env(
+        &["serve", "--config", cfg.to_str().unwrap()],
+        dir.path().join("log"),
+        &[("LD_PRELOAD", shim.as_os_str()), ("SLOW_SYNC_MS", "1500".as_ref())],
+    );
+    wait_for_port(port, 60);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.child.id())).unwrap();
+    assert!(maps.contains("slowsync.so"), "the shim is loaded");
+    let size = || std::fs::metadata(&db).map_or(0, |m| m.len());
+    let start_size = size();
+    // New triplets for 10 s: every flush (one fsync of 1.5 s, two with
+    // redb's quick repair) writes thousands of records and the file grows.
+    let (mut worst, mut n) = (Duration::ZERO, 0);
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until && n < 50_000 {
+        let t = Instant::now();
+        let a = ask(port, &client(n), &sender(n), "u@example.com");
+        worst = worst.max(t.elapsed());
+        assert!(a.starts_with("action=451"), "{n}: {a}\n{}", d.log_text());
+        n += 1;
+    }
+    let grown = size();
+    assert!(d.terminate(60), "{}", d.log_text());
+    assert!(grown > start_size, "the file grew meanwhile ({start_size} -> {grown} bytes): else this shows nothing");
+    assert!(worst < Duration::from_secs(1), "{n} requests: the slowest took {worst:?} (an fsync is 1.5 s)\n{}", d.log_text());
+}
+
 /// Disk full, then space freed: records written meanwhile are kept,
 /// greylisting goes on, `status` says the store is degraded, and once the
 /// disk has room they reach the file without a restart (a restart then

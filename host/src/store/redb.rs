@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -88,29 +88,104 @@ struct Inner {
     degraded: AtomicBool,
     /// Backend failures since start.
     failures: AtomicU64,
-    overlay: Mutex<Overlay>,
-    /// Flushes completed (bumped under the overlay's lock when a flushed
-    /// batch leaves the overlay): a file read made while it did not move
-    /// is still current for a key the overlay does not hold.
+    overlay: Overlay,
+    /// Flushes completed (bumped just before a flushed batch leaves the
+    /// overlay): a file read made while it did not move is still current
+    /// for a key the overlay does not hold.
     flushed: AtomicU64,
     /// Serialises flushes.
     flushing: Mutex<()>,
     /// The flusher thread, woken early when the overlay grows large.
     flusher: std::sync::OnceLock<std::thread::Thread>,
+    /// What the calls that answer peers read the file through.
+    snapshot: RwLock<Snapshot>,
 }
 
-/// Writes not yet in the file: key → entry, or `None` for a deletion.
+/// The records table as of the last commit, read by every call that
+/// answers a peer instead of each beginning its own read transaction.
+///
+/// Why: redb's `begin_read` takes the lock of its page allocator, and redb
+/// holds that lock across an fsync whenever the file grows
+/// (`TransactionalMemory::grow`). With a slow disk, every request then
+/// waited one fsync (110 ms at 5M records with a 100 ms fsync, measured by
+/// `cargo bench -p greyhook --bench store` with fsync slowed). The snapshot
+/// is taken again by the thread that committed, right after its commit and
+/// before a flushed batch leaves the overlay, so a reader never misses a
+/// flushed record; only those background threads wait for the allocator.
 #[derive(Default)]
+struct Snapshot {
+    /// `None` before the first commit is seen, after a failed refresh and
+    /// while the file is reopened: readers then begin their own
+    /// transaction (never a stale snapshot).
+    current: Option<Arc<Records>>,
+    /// Replaced snapshots that a reader may still hold. Ending one ends a
+    /// redb read transaction, which takes redb's transaction-tracker lock
+    /// (held meanwhile by a `begin_read` waiting on the allocator): so they
+    /// are dropped by the refreshing thread, once no reader holds them.
+    retired: Vec<Arc<Records>>,
+}
+
+type Records = redb::ReadOnlyTable<&'static str, &'static [u8]>;
+
+/// Shards of the overlay, each behind its own lock.
+///
+/// Why: one lock over one map made every request wait while any request
+/// grew the map (a rehash of hundreds of thousands of entries when a slow
+/// disk held a flush back: 10-30 ms, measured by `--bench store` with fsync
+/// slowed), and serialised all writers, which stops scaling with cores. A
+/// key's shard is fixed by its hash, so a compare-and-swap stays atomic
+/// under its shard's lock alone.
+const OVERLAY_SHARDS: usize = 64;
+
+/// Writes not yet in the file, in [`OVERLAY_SHARDS`] shards.
 struct Overlay {
+    shards: Box<[Mutex<Shard>]>,
+    /// Entries in all shards' `dirty` maps.
+    pending: AtomicUsize,
+    /// The last version handed out.
+    last_version: AtomicU64,
+}
+
+/// One shard: key → entry, or `None` for a deletion.
+#[derive(Default)]
+struct Shard {
     dirty: HashMap<String, Option<Entry>>,
-    /// The batch being written by a flush, still visible to readers.
+    /// This shard's part of the batch a flush is writing, still visible
+    /// to readers.
     in_flight: Arc<HashMap<String, Option<Entry>>>,
-    last_version: u64,
+}
+
+impl Shard {
+    fn lookup(&self, key: &str) -> Option<&Option<Entry>> {
+        self.dirty.get(key).or_else(|| self.in_flight.get(key))
+    }
 }
 
 impl Overlay {
-    fn lookup(&self, key: &str) -> Option<&Option<Entry>> {
-        self.dirty.get(key).or_else(|| self.in_flight.get(key))
+    fn new(last_version: u64) -> Overlay {
+        Overlay {
+            shards: (0..OVERLAY_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            pending: AtomicUsize::new(0),
+            last_version: AtomicU64::new(last_version),
+        }
+    }
+
+    /// The locked shard that holds `key`.
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        // A fixed hasher, only to spread keys: the maps inside keep their
+        // own random keys against crafted collisions.
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+        lock(&self.shards[(h as usize) % OVERLAY_SHARDS])
+    }
+
+    /// A copy of what the overlay holds for `key`, if anything.
+    fn lookup(&self, key: &str) -> Option<Option<Entry>> {
+        self.shard(key).lookup(key).cloned()
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
     }
 }
 
@@ -161,11 +236,13 @@ impl RedbStore {
             durability,
             degraded: AtomicBool::new(false),
             failures: AtomicU64::new(0),
-            overlay: Mutex::new(Overlay { last_version, ..Overlay::default() }),
+            overlay: Overlay::new(last_version),
             flushed: AtomicU64::new(0),
             flushing: Mutex::new(()),
             flusher: std::sync::OnceLock::new(),
+            snapshot: RwLock::new(Snapshot::default()),
         });
+        inner.refresh_snapshot();
         // The flusher runs in both modes: in `immediate` mode it writes what
         // a disk fault left in the overlay.
         let weak = Arc::downgrade(&inner);
@@ -216,8 +293,11 @@ impl RedbStore {
                     let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                     let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
                     let mut meta = txn.open_table(META).map_err(backend)?;
-                    let mut version =
-                        meta.get("last_version").map_err(backend)?.map_or(0, |g| g.value()).max(lock(&self.inner.overlay).last_version);
+                    let mut version = meta
+                        .get("last_version")
+                        .map_err(backend)?
+                        .map_or(0, |g| g.value())
+                        .max(self.inner.overlay.last_version.load(Ordering::Acquire));
                     for (key, value, expires_at) in records.by_ref().take(CHUNK) {
                         if let Some(old) = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())) {
                             exp.remove((old.expires_at, key.as_str())).map_err(backend)?;
@@ -228,12 +308,12 @@ impl RedbStore {
                         n += 1;
                     }
                     meta.insert("last_version", version).map_err(backend)?;
-                    let mut o = lock(&self.inner.overlay);
-                    o.last_version = o.last_version.max(version);
+                    self.inner.overlay.last_version.fetch_max(version, Ordering::AcqRel);
                 }
                 txn.commit().map_err(backend)?;
                 Ok(n)
             })?;
+            self.inner.refresh_snapshot();
             total += n;
         }
         Ok(total)
@@ -247,16 +327,23 @@ impl RedbStore {
     /// Runs one write transaction; `f` returns whether to commit it, and a result.
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(bool, T), StoreError>) -> Result<T, StoreError> {
         let run = || {
-            self.inner.with_db(|db| {
-                let txn = db.begin_write().map_err(backend)?;
-                let (commit, v) = f(&txn)?;
-                if commit {
-                    txn.commit().map_err(backend)?;
-                } else {
-                    txn.abort().map_err(backend)?;
-                }
-                Ok(v)
-            })
+            self.inner
+                .with_db(|db| {
+                    let txn = db.begin_write().map_err(backend)?;
+                    let (commit, v) = f(&txn)?;
+                    if commit {
+                        txn.commit().map_err(backend)?;
+                    } else {
+                        txn.abort().map_err(backend)?;
+                    }
+                    Ok((commit, v))
+                })
+                .map(|(commit, v)| {
+                    if commit {
+                        self.inner.refresh_snapshot();
+                    }
+                    v
+                })
         };
         // An fsync per write must not stall the async runtime's worker.
         match (self.inner.durability, tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())) {
@@ -298,6 +385,10 @@ impl RedbStore {
 
 impl RedbStore {
     fn read_file(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let snapshot = self.inner.snapshot.read().unwrap_or_else(|p| p.into_inner()).current.clone();
+        if let Some(records) = snapshot {
+            return self.inner.guarded(|| Ok(records.get(key).map_err(backend)?.and_then(|g| decode(g.value()))));
+        }
         self.inner.with_db(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECORDS).map_err(backend)?;
@@ -309,7 +400,7 @@ impl RedbStore {
     /// degraded; else to the file, falling back to the overlay when the
     /// file fails (the record is kept, the flusher writes it later).
     fn write_any(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
-        if self.inner.durability == Durability::Periodic || self.is_degraded() || !self.overlay().dirty.is_empty() {
+        if self.inner.durability == Durability::Periodic || self.is_degraded() || self.inner.overlay.pending() > 0 {
             return self.update_overlay(key, value, cond, now);
         }
         match self.update(key, value, cond, now) {
@@ -320,11 +411,8 @@ impl RedbStore {
                 }
                 self.inner.reopen();
                 // Versions continue from the file's.
-                {
-                    let mut o = self.overlay();
-                    if o.last_version == 0 {
-                        o.last_version = self.read_last_version().unwrap_or(0);
-                    }
+                if self.inner.overlay.last_version.load(Ordering::Acquire) == 0 {
+                    self.inner.overlay.last_version.fetch_max(self.read_last_version().unwrap_or(0), Ordering::AcqRel);
                 }
                 self.update_overlay(key, value, cond, now)
             }
@@ -339,10 +427,6 @@ impl RedbStore {
         })
     }
 
-    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
-        lock(&self.inner.overlay)
-    }
-
     /// Periodic mode: a conditional write or deletion in the overlay.
     fn update_overlay(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
         // The file is read before the lock is taken, so that the lock is
@@ -352,19 +436,20 @@ impl RedbStore {
         // flush completed meanwhile: only a flush moves records from the
         // overlay into the file, and a record being flushed is still in
         // the overlay until then.
+        let overlay = &self.inner.overlay;
         let (mut o, current) = loop {
             let flushed = self.inner.flushed.load(Ordering::Acquire);
             {
                 // Held in the overlay (hot keys, and everything a degraded
                 // store keeps): no file read at all.
-                let o = self.overlay();
+                let o = overlay.shard(key);
                 if let Some(e) = o.lookup(key) {
                     let e = e.clone();
                     break (o, e);
                 }
             }
             let in_file = self.read_file(key)?;
-            let o = self.overlay();
+            let o = overlay.shard(key);
             match o.lookup(key) {
                 Some(e) => {
                     let e = e.clone();
@@ -374,7 +459,7 @@ impl RedbStore {
                 None => continue,
             }
         };
-        if o.dirty.len() >= OVERLAY_HARD_MAX {
+        if overlay.pending() >= OVERLAY_HARD_MAX {
             self.inner.failures.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Backend(format!(
                 "the store file cannot be written and {OVERLAY_HARD_MAX} records wait in memory: refusing more"
@@ -386,18 +471,21 @@ impl RedbStore {
         }
         let result = match value {
             Some((value, expires_at)) => {
-                o.last_version += 1;
-                let version = o.last_version;
-                o.dirty.insert(key.to_string(), Some(Entry { value: value.to_vec(), version, expires_at }));
+                let version = overlay.last_version.fetch_add(1, Ordering::AcqRel) + 1;
+                if o.dirty.insert(key.to_string(), Some(Entry { value: value.to_vec(), version, expires_at })).is_none() {
+                    overlay.pending.fetch_add(1, Ordering::AcqRel);
+                }
                 Some(version)
             }
             None => {
-                o.dirty.insert(key.to_string(), None);
+                if o.dirty.insert(key.to_string(), None).is_none() {
+                    overlay.pending.fetch_add(1, Ordering::AcqRel);
+                }
                 live
             }
         };
-        let n = o.dirty.len();
         drop(o);
+        let n = overlay.pending();
         if n >= OVERLAY_MAX
             && let Some(t) = self.inner.flusher.get()
         {
@@ -577,15 +665,27 @@ impl Inner {
     /// Writes the overlay to the file in one fsynced transaction.
     fn flush(&self) -> Result<(), StoreError> {
         let _one_at_a_time = lock(&self.flushing);
-        let (batch, last_version) = {
-            let mut o = lock(&self.overlay);
-            if o.dirty.is_empty() {
-                return Ok(());
-            }
-            let batch = Arc::new(std::mem::take(&mut o.dirty));
-            o.in_flight = batch.clone();
-            (batch, o.last_version)
-        };
+        let overlay = &self.overlay;
+        if overlay.pending() == 0 {
+            return Ok(());
+        }
+        // Each shard's entries move to its `in_flight`, where readers still
+        // find them until the file holds them.
+        let batch: Vec<Arc<HashMap<String, Option<Entry>>>> = overlay
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut s = lock(shard);
+                let taken = Arc::new(std::mem::take(&mut s.dirty));
+                overlay.pending.fetch_sub(taken.len(), Ordering::AcqRel);
+                s.in_flight = taken.clone();
+                taken
+            })
+            .collect();
+        // Every version in the batch was handed out before its shard was
+        // taken, so none is above this.
+        let last_version = overlay.last_version.load(Ordering::Acquire);
+        let records: usize = batch.iter().map(|b| b.len()).sum();
         let result = self.with_db(|db| {
             // Quick repair: the commit records redb's allocator state (and
             // commits in two phases), so that opening the file after a crash
@@ -596,7 +696,7 @@ impl Inner {
                 let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
                 let mut meta = txn.open_table(META).map_err(backend)?;
-                for (key, entry) in batch.iter() {
+                for (key, entry) in batch.iter().flat_map(|b| b.iter()) {
                     let old = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value()));
                     if let Some(o) = old {
                         exp.remove((o.expires_at, key.as_str())).map_err(backend)?;
@@ -615,25 +715,32 @@ impl Inner {
             }
             txn.commit().map_err(backend)
         });
-        let mut o = lock(&self.overlay);
-        if result.is_err() {
-            // Put the batch back under anything written since, to retry.
-            for (k, v) in batch.iter() {
-                o.dirty.entry(k.clone()).or_insert_with(|| v.clone());
-            }
+        if result.is_ok() {
+            // Before the batch leaves the overlay: see `Snapshot`.
+            self.refresh_snapshot();
         }
-        o.in_flight = Arc::new(HashMap::new());
-        self.flushed.fetch_add(1, Ordering::Release);
-        let waiting = o.dirty.len();
-        drop(o);
+        // Counted before any shard lets its batch go: a reader that then
+        // misses the key in the overlay sees that a flush completed and
+        // reads the file again.
+        self.flushed.fetch_add(1, Ordering::AcqRel);
+        for (shard, taken) in overlay.shards.iter().zip(&batch) {
+            let mut s = lock(shard);
+            if result.is_err() {
+                // Put the batch back under anything written since, to retry.
+                for (k, v) in taken.iter() {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = s.dirty.entry(k.clone()) {
+                        slot.insert(v.clone());
+                        overlay.pending.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+            s.in_flight = Arc::new(HashMap::new());
+        }
+        let waiting = overlay.pending();
         match &result {
             Ok(()) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        records = batch.len(),
-                        "store recovered: the records kept in memory are written to {}",
-                        self.path.display()
-                    );
+                    tracing::warn!(records, "store recovered: the records kept in memory are written to {}", self.path.display());
                 }
             }
             Err(e) => {
@@ -657,16 +764,46 @@ impl Inner {
             self.failures.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Backend(format!("{} is closed after an I/O error; reopening", self.path.display())));
         };
-        // redb can panic on a damaged page (a file larger than
-        // CHECK_AT_OPEN_MAX_BYTES is not read through before it serves):
-        // that is a store failure, answered by the failure policy, not a
-        // panic in whatever thread asked.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(db)))
+        self.guarded(|| f(db))
+    }
+
+    /// Runs `f`, a call into redb, counting a failure. redb can panic on a
+    /// damaged page (a file larger than CHECK_AT_OPEN_MAX_BYTES is not read
+    /// through before it serves): that is a store failure, answered by the
+    /// failure policy, not a panic in whatever thread asked.
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
             .unwrap_or_else(|_| Err(StoreError::Backend(format!("redb panicked on {}: the file is damaged", self.path.display()))));
         if r.is_err() {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Takes the [`Snapshot`] again after a commit; on a failure, readers
+    /// begin their own transactions until the next commit succeeds.
+    fn refresh_snapshot(&self) {
+        let fresh = self.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            Ok(Arc::new(txn.open_table(RECORDS).map_err(backend)?))
+        });
+        let unheld = {
+            let mut s = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = std::mem::replace(&mut s.current, fresh.ok()) {
+                s.retired.push(old);
+            }
+            // Ended here, outside the lock: see `Snapshot::retired`.
+            let (unheld, held) = std::mem::take(&mut s.retired).into_iter().partition(|t| Arc::strong_count(t) == 1);
+            s.retired = held;
+            unheld
+        };
+        drop::<Vec<Arc<Records>>>(unheld);
+    }
+
+    /// Ends every snapshot (before the database is closed).
+    fn drop_snapshots(&self) {
+        let old = std::mem::take(&mut *self.snapshot.write().unwrap_or_else(|p| p.into_inner()));
+        drop(old);
     }
 
     /// The background half of the check at open for a large file (see
@@ -692,14 +829,18 @@ impl Inner {
     /// Closes the database and opens it again: after an I/O error redb
     /// refuses all work until then.
     fn reopen(&self) {
-        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
-        *guard = None;
-        let reopened = std::panic::catch_unwind(|| Database::create(&self.path));
-        match reopened {
-            Ok(Ok(db)) => *guard = Some(db),
-            Ok(Err(e)) => tracing::debug!("reopening {} failed (will retry): {e}", self.path.display()),
-            Err(_) => tracing::error!("reopening {} panicked in redb (will retry)", self.path.display()),
+        self.drop_snapshots();
+        {
+            let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+            *guard = None;
+            let reopened = std::panic::catch_unwind(|| Database::create(&self.path));
+            match reopened {
+                Ok(Ok(db)) => *guard = Some(db),
+                Ok(Err(e)) => tracing::debug!("reopening {} failed (will retry): {e}", self.path.display()),
+                Err(_) => tracing::error!("reopening {} panicked in redb (will retry)", self.path.display()),
+            }
         }
+        self.refresh_snapshot();
     }
 }
 
@@ -708,6 +849,8 @@ impl Drop for Inner {
         if let Err(e) = self.flush() {
             tracing::error!("flushing the store on close failed: {e}");
         }
+        // Before the database they read (a field dropped after this).
+        self.drop_snapshots();
     }
 }
 
@@ -729,7 +872,7 @@ impl Store for RedbStore {
     async fn get(&self, key: &str, now: u64) -> Result<Option<Entry>, StoreError> {
         // The overlay first in both modes: in `immediate` mode it holds
         // what a disk fault could not write yet.
-        let pending = self.overlay().lookup(key).cloned();
+        let pending = self.inner.overlay.lookup(key);
         let entry = match pending {
             Some(e) => e,
             None => self.read_file(key)?,
@@ -802,7 +945,7 @@ impl Inner {
             // The flusher would wait behind these transactions for redb's
             // write lock (and lose the race for it each time): the sweep
             // flushes the overlay itself as often as the flusher would.
-            if flushed_at.elapsed() >= FLUSH_EVERY || lock(&self.overlay).dirty.len() >= OVERLAY_MAX {
+            if flushed_at.elapsed() >= FLUSH_EVERY || self.overlay.pending() >= OVERLAY_MAX {
                 self.flush()?;
                 flushed_at = std::time::Instant::now();
             }
@@ -845,6 +988,11 @@ impl Inner {
                 }
                 Ok(n)
             })?;
+            if n > 0 {
+                // Also lets redb reuse the pages this batch freed, which
+                // the previous snapshot still pinned.
+                self.refresh_snapshot();
+            }
             total += n as u64;
             if n < SWEEP_BATCH {
                 return Ok(total);
