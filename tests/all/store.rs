@@ -226,7 +226,12 @@ async fn an_oversized_record_from_a_shared_store_never_reaches_the_filter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redb_cas_loses_no_update_while_flushes_run() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("f.db"), Durability::Periodic).unwrap());
+    let redb = RedbStore::open(&dir.path().join("f.db"), Durability::Periodic).unwrap();
+    // Expired records for a sweep to commit batches of meanwhile: the
+    // sweep and the flushes both take the read snapshot again after they
+    // commit, and a snapshot older than the last flush would hide records.
+    redb.import((0..30_000).map(|i| (format!("old{i}"), vec![b'x'; 8], T0 - 1))).unwrap();
+    let store: Arc<dyn Store> = Arc::new(redb);
     let flusher = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -235,6 +240,10 @@ async fn redb_cas_loses_no_update_while_flushes_run() {
                 tokio::task::yield_now().await;
             }
         })
+    };
+    let sweeper = {
+        let store = store.clone();
+        tokio::spawn(async move { store.sweep(T0).await.unwrap() })
     };
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -250,6 +259,7 @@ async fn redb_cas_loses_no_update_while_flushes_run() {
         t.await.unwrap();
     }
     flusher.await.unwrap();
+    assert_eq!(sweeper.await.unwrap(), 30_000, "the sweep removed every expired record");
     let mut total = 0;
     for i in 0..5 {
         let e = store.get(&format!("k{i}"), T0).await.unwrap().unwrap();

@@ -107,16 +107,8 @@ impl Drop for SmallDisk {
 }
 
 /// An LD_PRELOAD shim that makes every fsync and fdatasync take
-/// `SLOW_SYNC_MS` milliseconds longer: a slow disk.
-const SLOW_SYNC_C: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <unistd.h>
-static void slow(void) { const char *e = getenv("SLOW_SYNC_MS"); usleep((e ? atoi(e) : 1000) * 1000); }
-int fsync(int fd) { int (*f)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync"); slow(); return f(fd); }
-int fdatasync(int fd) { int (*f)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync"); slow(); return f(fd); }
-"#;
+/// `SLOW_SYNC_MS` milliseconds longer: a slow disk (also for the benches).
+const SLOW_SYNC_C: &str = include_str!("../../bench/slowsync.c");
 
 /// A disk whose every fsync takes 1.5 s under a daemon whose redb file
 /// grows: no request waits for the disk. redb holds its page allocator's

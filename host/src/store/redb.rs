@@ -99,6 +99,11 @@ struct Inner {
     flusher: std::sync::OnceLock<std::thread::Thread>,
     /// What the calls that answer peers read the file through.
     snapshot: RwLock<Snapshot>,
+    /// Serialises taking a snapshot and installing it: each thread that
+    /// committed begins its read under this, so none installs a snapshot
+    /// older than the one before (a reader would then miss a flushed
+    /// record that has left the overlay).
+    refreshing: Mutex<()>,
 }
 
 /// The records table as of the last commit, read by every call that
@@ -241,6 +246,7 @@ impl RedbStore {
             flushing: Mutex::new(()),
             flusher: std::sync::OnceLock::new(),
             snapshot: RwLock::new(Snapshot::default()),
+            refreshing: Mutex::new(()),
         });
         inner.refresh_snapshot();
         // The flusher runs in both modes: in `immediate` mode it writes what
@@ -783,6 +789,7 @@ impl Inner {
     /// Takes the [`Snapshot`] again after a commit; on a failure, readers
     /// begin their own transactions until the next commit succeeds.
     fn refresh_snapshot(&self) {
+        let one_at_a_time = lock(&self.refreshing);
         let fresh = self.with_db(|db| {
             let txn = db.begin_read().map_err(backend)?;
             Ok(Arc::new(txn.open_table(RECORDS).map_err(backend)?))
@@ -797,11 +804,13 @@ impl Inner {
             s.retired = held;
             unheld
         };
+        drop(one_at_a_time);
         drop::<Vec<Arc<Records>>>(unheld);
     }
 
     /// Ends every snapshot (before the database is closed).
     fn drop_snapshots(&self) {
+        let _one_at_a_time = lock(&self.refreshing);
         let old = std::mem::take(&mut *self.snapshot.write().unwrap_or_else(|p| p.into_inner()));
         drop(old);
     }
