@@ -56,24 +56,7 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
         "{text}"
     );
 
-    let port = free_port();
-    let mut d = Process::greyhook(
-        &[
-            "serve",
-            "--db",
-            "memory",
-            "--policy",
-            &format!("127.0.0.1:{port}"),
-            "--set",
-            "delay=1",
-            "--filter",
-            wasm.to_str().unwrap(),
-            "--control",
-            dir.path().join("c.sock").to_str().unwrap(),
-        ],
-        dir.path().join("log"),
-    );
-    wait_for_port(port, 60);
+    let (mut d, port) = serve_filter(dir.path(), &wasm, &["--set", "delay=1"]);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let first = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", "bob@example.com", "i1");
     assert!(first.starts_with("action=451 4.7.1 Greylisted, please try again later retry=00:00:01"), "{first}");
@@ -81,6 +64,20 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
     let retry = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", "bob@example.com", "i2");
     assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
     assert!(d.terminate(10));
+}
+
+/// `greyhook serve` on the memory store with the filter at `wasm` (and
+/// `extra` arguments), listening for policy requests: the daemon and its port.
+fn serve_filter(dir: &std::path::Path, wasm: &std::path::Path, extra: &[&str]) -> (Process, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let control = dir.join("c.sock");
+    let mut args =
+        vec!["serve", "--db", "memory", "--policy", &listen, "--filter", wasm.to_str().unwrap(), "--control", control.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let d = Process::greyhook(&args, dir.join("log"));
+    wait_for_port(port, 60);
+    (d, port)
 }
 
 /// docs/writing-filters.md shows the walkthrough's code as CI compiles and
@@ -138,22 +135,7 @@ fn the_arena_turning_off_is_logged_once() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("stateful.wasm");
     std::fs::write(&wasm, STATEFUL_FILTER).unwrap();
-    let port = free_port();
-    let mut d = Process::greyhook(
-        &[
-            "serve",
-            "--db",
-            "memory",
-            "--policy",
-            &format!("127.0.0.1:{port}"),
-            "--filter",
-            wasm.to_str().unwrap(),
-            "--control",
-            dir.path().join("c.sock").to_str().unwrap(),
-        ],
-        dir.path().join("log"),
-    );
-    wait_for_port(port, 60);
+    let (mut d, port) = serve_filter(dir.path(), &wasm, &[]);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     for i in 0..6 {
