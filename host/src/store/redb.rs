@@ -204,6 +204,35 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// The record under `key` in a records table (read-only or being written).
+fn record(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Option<Entry>, StoreError> {
+    Ok(table.get(key).map_err(backend)?.and_then(|g| decode(g.value())))
+}
+
+/// Replaces the record under `key` with `entry` (version, expiry, value),
+/// or removes it for `None`, keeping the expiry index in step: the old
+/// record's index entry goes, the new one's is added.
+fn put_record(
+    rec: &mut redb::Table<&'static str, &'static [u8]>,
+    exp: &mut redb::Table<(u64, &'static str), ()>,
+    key: &str,
+    entry: Option<(u64, u64, &[u8])>,
+) -> Result<(), StoreError> {
+    if let Some(old) = record(rec, key)? {
+        exp.remove((old.expires_at, key)).map_err(backend)?;
+    }
+    match entry {
+        Some((version, expires_at, value)) => {
+            rec.insert(key, encode(version, expires_at, value).as_slice()).map_err(backend)?;
+            exp.insert((expires_at, key), ()).map_err(backend)?;
+        }
+        None => {
+            rec.remove(key).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
 fn decode(b: &[u8]) -> Option<Entry> {
     let version = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
     let expires_at = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
@@ -305,12 +334,8 @@ impl RedbStore {
                         .map_or(0, |g| g.value())
                         .max(self.inner.overlay.last_version.load(Ordering::Acquire));
                     for (key, value, expires_at) in records.by_ref().take(CHUNK) {
-                        if let Some(old) = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())) {
-                            exp.remove((old.expires_at, key.as_str())).map_err(backend)?;
-                        }
                         version += 1;
-                        rec.insert(key.as_str(), encode(version, expires_at, &value).as_slice()).map_err(backend)?;
-                        exp.insert((expires_at, key.as_str()), ()).map_err(backend)?;
+                        put_record(&mut rec, &mut exp, &key, Some((version, expires_at, &value)))?;
                         n += 1;
                     }
                     meta.insert("last_version", version).map_err(backend)?;
@@ -363,7 +388,7 @@ impl RedbStore {
         self.write(|txn| {
             let mut rec = txn.open_table(RECORDS).map_err(backend)?;
             let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
-            let old = rec.get(key).map_err(backend)?.and_then(|g| decode(g.value()));
+            let old = record(&rec, key)?;
             let live = old.as_ref().filter(|e| e.expires_at > now).map(|e| e.version);
             if !cond.holds(live) {
                 return Ok((false, None));
@@ -393,12 +418,12 @@ impl RedbStore {
     fn read_file(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let snapshot = self.inner.snapshot.read().unwrap_or_else(|p| p.into_inner()).current.clone();
         if let Some(records) = snapshot {
-            return self.inner.guarded(|| Ok(records.get(key).map_err(backend)?.and_then(|g| decode(g.value()))));
+            return self.inner.guarded(|| record(&*records, key));
         }
         self.inner.with_db(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECORDS).map_err(backend)?;
-            Ok(table.get(key).map_err(backend)?.and_then(|g| decode(g.value())))
+            record(&table, key)
         })
     }
 
@@ -703,19 +728,7 @@ impl Inner {
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
                 let mut meta = txn.open_table(META).map_err(backend)?;
                 for (key, entry) in batch.iter().flat_map(|b| b.iter()) {
-                    let old = rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value()));
-                    if let Some(o) = old {
-                        exp.remove((o.expires_at, key.as_str())).map_err(backend)?;
-                    }
-                    match entry {
-                        Some(e) => {
-                            rec.insert(key.as_str(), encode(e.version, e.expires_at, &e.value).as_slice()).map_err(backend)?;
-                            exp.insert((e.expires_at, key.as_str()), ()).map_err(backend)?;
-                        }
-                        None => {
-                            rec.remove(key.as_str()).map_err(backend)?;
-                        }
-                    }
+                    put_record(&mut rec, &mut exp, key, entry.as_ref().map(|e| (e.version, e.expires_at, e.value.as_slice())))?;
                 }
                 meta.insert("last_version", last_version).map_err(backend)?;
             }
@@ -973,8 +986,7 @@ impl Inner {
                         exp.remove((*at, key.as_str())).map_err(backend)?;
                         // Only if the record was not written again since
                         // (then it has a later expiry and its own index entry).
-                        let stale =
-                            rec.get(key.as_str()).map_err(backend)?.and_then(|g| decode(g.value())).is_some_and(|e| e.expires_at == *at);
+                        let stale = record(&rec, key.as_str())?.is_some_and(|e| e.expires_at == *at);
                         if stale {
                             rec.remove(key.as_str()).map_err(backend)?;
                         }
