@@ -267,8 +267,15 @@ async fn sentinel_failover_is_followed_without_a_restart() {
             }
         }
     }
-    // Make sure the replica has it before the master dies.
-    assert_eq!(master.cli(&["WAIT", "1", "5000"]).trim(), "1");
+    // Make sure the replica has it before the master dies. Its first sync
+    // can take longer than one WAIT on a loaded machine (CI once saw "0"
+    // after 5 s): asked again, bounded at 30 s in all.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut acked = master.cli(&["WAIT", "1", "5000"]);
+    while acked.trim() != "1" && Instant::now() < until {
+        acked = master.cli(&["WAIT", "1", "5000"]);
+    }
+    assert_eq!(acked.trim(), "1", "the replica never acknowledged the write");
     master.kill();
     let until = Instant::now() + Duration::from_secs(30);
     while sentinel.master_port() != Some(replica.port) {
