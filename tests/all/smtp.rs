@@ -395,6 +395,9 @@ struct PipeHop {
     messages: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// For each MAIL: (XFORWARD came before it in this transaction, RCPT was already in hand).
     mails: std::sync::Arc<std::sync::Mutex<Vec<(bool, bool)>>>,
+    /// For each message: it arrived whole (our header, the body, the final
+    /// dot) in the first read after `354`, i.e. in one write.
+    whole: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
     close_after_data: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -408,14 +411,15 @@ impl PipeHop {
             connections: Default::default(),
             messages: Default::default(),
             mails: Default::default(),
+            whole: Default::default(),
             close_after_data: Default::default(),
         };
-        let (connections, messages, mails, close) =
-            (hop.connections.clone(), hop.messages.clone(), hop.mails.clone(), hop.close_after_data.clone());
+        let (connections, messages, mails, close, whole) =
+            (hop.connections.clone(), hop.messages.clone(), hop.mails.clone(), hop.close_after_data.clone(), hop.whole.clone());
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
                 connections.fetch_add(1, SeqCst);
-                let (messages, mails, close) = (messages.clone(), mails.clone(), close.clone());
+                let (messages, mails, close, whole) = (messages.clone(), mails.clone(), close.clone(), whole.clone());
                 std::thread::spawn(move || {
                     let mut w = c.try_clone().unwrap();
                     let mut r = std::io::BufReader::new(c);
@@ -445,6 +449,8 @@ impl PipeHop {
                             }
                             "DATA" => {
                                 let _ = w.write_all(b"354 go\r\n");
+                                let first = r.fill_buf().map(|b| b.starts_with(b"Received:") && b.ends_with(b"\r\n.\r\n"));
+                                whole.lock().unwrap().push(first.unwrap_or(false));
                                 loop {
                                     line.clear();
                                     if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
@@ -512,6 +518,8 @@ fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
     assert_eq!(hop.connections(), 1, "three sessions, one next-hop connection");
     let mails = hop.mails.lock().unwrap().clone();
     assert_eq!(mails, vec![(true, true); 3], "XFORWARD before every MAIL, RCPT in the same write");
+    let whole = hop.whole.lock().unwrap().clone();
+    assert_eq!(whole, vec![true; 3], "our Received: line, the message and the final dot in one write");
 
     // A kept connection the next hop closed is noticed: a new one is opened.
     hop.close_after_data.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -372,7 +372,10 @@ where
         };
         load.update(1);
         let slot = Slot(load.clone());
-        let served = handle(conn, peer);
+        // Boxed: a session's future is large (every await point of an SMTP
+        // dialogue and its filter calls, ~12 KB), and a task moves its
+        // future on spawn, into its cell and out again; a box moves once.
+        let served = Box::pin(handle(conn, peer));
         tracker.spawn(async move {
             served.await;
             drop(slot);

@@ -12,6 +12,7 @@
 //! end of data); the crates we looked at (lettre) send whole messages and
 //! map replies to their own error types, and have no LMTP.
 
+use std::io::IoSlice;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -367,16 +368,14 @@ impl Relay {
     /// lines, already dot-stuffed: [`crate::frontend::smtp::wire::DataFramer`]'s
     /// output) and the final dot: the next hop's verdict, or for LMTP the
     /// first failure among the per-recipient replies (or the first success
-    /// when all succeeded). Written as it is, without a copy.
+    /// when all succeeded). Written as it is, in one write, without a copy.
     pub async fn data(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
         let go = self.command("DATA").await?;
         if go.code != 354 {
             return Ok(go);
         }
-        self.write(prefix).await?;
-        self.write(message).await?;
         let end: &[u8] = if message.is_empty() || message.ends_with(b"\r\n") { b".\r\n" } else { b"\r\n.\r\n" };
-        self.write(end).await?;
+        self.write_all_vectored(&mut [IoSlice::new(prefix), IoSlice::new(message), IoSlice::new(end)]).await?;
         self.in_transaction = false;
         if !self.hop.lmtp {
             return self.reply().await;
@@ -411,58 +410,72 @@ impl Relay {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+        self.write_all_vectored(&mut [IoSlice::new(bytes)]).await
+    }
+
+    /// Writes `parts` in as few system calls as the socket takes (one,
+    /// usually), each byte once, within the timeout.
+    async fn write_all_vectored(&mut self, mut parts: &mut [IoSlice<'_>]) -> Result<(), RelayError> {
         let t = self.hop.timeout;
-        let addr = self.hop.address.clone();
-        tokio::time::timeout(t, self.conn.get_mut().write_all(bytes))
-            .await
-            .map_err(|_| RelayError::Timeout(addr.clone(), t))?
-            .map_err(|e| RelayError::Io(addr, e))
+        let stream = self.conn.get_mut();
+        let written = tokio::time::timeout(t, async {
+            IoSlice::advance_slices(&mut parts, 0);
+            while !parts.is_empty() {
+                match stream.write_vectored(parts).await? {
+                    0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                    n => IoSlice::advance_slices(&mut parts, n),
+                }
+            }
+            Ok(())
+        });
+        match written.await {
+            Err(_) => Err(RelayError::Timeout(self.hop.address.clone(), t)),
+            Ok(r) => r.map_err(|e| RelayError::Io(self.hop.address.clone(), e)),
+        }
     }
 
     /// Reads one (possibly multi-line) reply, bounded in size and time.
     async fn reply(&mut self) -> Result<HopReply, RelayError> {
         let t = self.hop.timeout;
-        let addr = self.hop.address.clone();
-        tokio::time::timeout(t, self.read_reply()).await.map_err(|_| RelayError::Timeout(addr, t))?
+        match tokio::time::timeout(t, self.read_reply()).await {
+            Ok(r) => r,
+            Err(_) => Err(RelayError::Timeout(self.hop.address.clone(), t)),
+        }
     }
 
     async fn read_reply(&mut self) -> Result<HopReply, RelayError> {
-        let addr = self.hop.address.clone();
+        let addr = || self.hop.address.clone();
         let mut lines = Vec::new();
         let mut raw = Vec::with_capacity(128);
         loop {
             raw.clear();
-            let n = (&mut self.conn)
-                .take(MAX_REPLY_LINE as u64)
-                .read_until(b'\n', &mut raw)
-                .await
-                .map_err(|e| RelayError::Io(addr.clone(), e))?;
-            // Passed on to our client: no control characters survive (the
-            // common case, none, is one copy rather than one push a character).
+            let n =
+                (&mut self.conn).take(MAX_REPLY_LINE as u64).read_until(b'\n', &mut raw).await.map_err(|e| RelayError::Io(addr(), e))?;
+            if n == 0 {
+                return Err(RelayError::Io(addr(), std::io::ErrorKind::UnexpectedEof.into()));
+            }
             let text = String::from_utf8_lossy(&raw);
             let text = text.trim_end();
-            let line: String = if text.contains(char::is_control) {
-                text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
-            } else {
-                text.to_string()
-            };
-            if n == 0 {
-                return Err(RelayError::Io(addr, std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            let code: Option<u16> = line.get(..3).and_then(|c| c.parse().ok()).filter(|c| (200..600).contains(c));
-            let sep = line.as_bytes().get(3).copied();
+            let code: Option<u16> = text.get(..3).and_then(|c| c.parse().ok()).filter(|c| (200..600).contains(c));
+            let sep = text.as_bytes().get(3).copied();
             let (Some(code), true) = (code, matches!(sep, None | Some(b' ') | Some(b'-'))) else {
-                return Err(RelayError::Malformed(addr, line));
+                return Err(RelayError::Malformed(addr(), printable(text)));
             };
-            lines.push(line.get(4..).unwrap_or("").to_string());
+            lines.push(printable(text.get(4..).unwrap_or("")));
             if sep != Some(b'-') {
                 return Ok(HopReply { code, lines });
             }
             if lines.len() >= MAX_REPLY_LINES {
-                return Err(RelayError::Malformed(addr, "reply too long".into()));
+                return Err(RelayError::Malformed(addr(), "reply too long".into()));
             }
         }
     }
+}
+
+/// A reply line as it may go to our client: no control characters survive
+/// (the common case, none, is one copy rather than one push a character).
+fn printable(text: &str) -> String {
+    if text.contains(char::is_control) { text.chars().map(|c| if c.is_control() { '?' } else { c }).collect() } else { text.to_string() }
 }
 
 /// RFC 3461 xtext, as XCLIENT and XFORWARD values are written: `+`, `=`
