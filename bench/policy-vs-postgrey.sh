@@ -47,6 +47,7 @@ run() {
   out=$("$load" --target "127.0.0.1:$port" --connections "$CONNS" --requests "$REQS" --triplets "$TRIPLETS" --salt "main-$name" --expect-defer) ||
     fail "$name: policy-load --expect-defer: not every answer was a deferral: $out"
   t1=$(ticks "$pid")
+  [ "$t1" -gt "$t0" ] || fail "$name: no CPU time counted for pid $pid"
   echo "$name: $out" >&2
   local n rps p50 p99
   n=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$out")
@@ -61,14 +62,15 @@ mkdir -p "$work/pg" && chown postgrey "$work/pg" 2>/dev/null || true
 postgrey --inet="127.0.0.1:$pg_port" --dbdir="$work/pg" --delay=300 >"$work/postgrey.log" 2>&1 &
 pids+=($!)
 wait_port "$pg_port"
-pg=$(run postgrey "$pg_port" "${pids[0]}")
-kill "${pids[0]}"
+# (pids[0] is bench/dns.sh's dnsmasq.)
+pg=$(run postgrey "$pg_port" "${pids[-1]}")
+kill "${pids[-1]}"
 
 gh_port=$(free_port)
 GREYHOOK_LOG=${GH_LOG:-info} target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
-gh=$(run greyhook "$gh_port" "${pids[1]}")
+gh=$(run greyhook "$gh_port" "${pids[-1]}")
 
 echo
 echo "policy load: $CONNS connections x $REQS requests, $TRIPLETS triplets, Postfix 3.7.11 RCPT attributes; $(nproc) cores; greyhook log level ${GH_LOG:-info}"
