@@ -304,6 +304,58 @@ fn policy_ask(port: u16, client: &str, sender: &str, recipient: &str) -> String 
     String::from_utf8_lossy(&out).trim().to_string()
 }
 
+/// Decision lines are written by greyhook itself, not tracing's formatter
+/// (the cost of a policy request): each is one whole line in tracing's
+/// format, between the daemon's other lines, with a client's control
+/// characters escaped (an ESC from a sender address never reaches an
+/// operator's terminal), and as many lines as decisions even when many
+/// are written at once.
+#[test]
+fn decision_lines_are_whole_escaped_lines_in_the_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("greyhook.toml");
+    std::fs::write(&config, "[filter.config]\nidentity = [\"network\"]\n").unwrap();
+    let log = dir.path().join("greyhook.log");
+    let mut d = serve_with(dir.path(), &config, port, log.clone());
+    d.wait_listening(port, 60);
+    assert!(policy_ask(port, "192.0.2.1", "evil\u{1b}[31m\u{85}@x.test", "a@dest.test").contains("451"));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    assert!(policy_ask(port, &format!("198.51.{t}.{i}"), "s@x.test", "a@dest.test").contains("451"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(d.terminate(10), "{}", d.log_text());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}') && !text.contains('\u{85}'), "raw control characters in the log:\n{text}");
+    let decisions: Vec<&str> = text.lines().filter(|l| l.contains("greyhook::decision")).collect();
+    assert_eq!(decisions.len(), 201, "{text}");
+    for l in &decisions {
+        // 2026-12-01T11:01:31.039877Z  INFO greyhook::decision: action=...
+        let b = l.as_bytes();
+        let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
+        assert!(digits(0..4) && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && digits(20..26) && b[26] == b'Z', "timestamp: {l}");
+        assert_eq!(*l, l.trim_end(), "trailing space: {l:?}");
+        assert!(l[27..].starts_with("  INFO greyhook::decision: action=greylist phase=rcpt client="), "{l}");
+    }
+    assert!(
+        decisions[0].contains("sender=<evil\\x1b[31m\\u{85}@x.test>"),
+        "the control characters are written as escapes: {}",
+        decisions[0]
+    );
+    // The daemon's own lines are still there, in order around the decisions.
+    let first = text.find("greyhook::decision").unwrap();
+    assert!(text[..first].contains("policy front end listening"), "{text}");
+    assert!(text[first..].contains("store flushed; stopped"), "{text}");
+}
+
 /// The JSON decision log of a daemon under traffic, summarised by
 /// `greyhook report`: stopped, delayed (and by how much), farms deferred
 /// from many networks; the HTML page rendered by headless Chromium.

@@ -401,13 +401,27 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Logs to stderr through a writer thread, so a decision line costs the
-/// request path a channel send, not a write(2). Lines are never dropped
-/// (the channel blocks when full); the guard flushes them at exit.
+/// request path a channel send, not a write(2). The thread writes through
+/// a buffer it flushes whenever it has written every line in hand: one
+/// write(2) for all the lines that queued meanwhile (one a line before),
+/// and no line waits for a later one. Lines are never dropped (the channel
+/// blocks when full); the guard flushes them at exit. Decision lines, the
+/// most frequent, are formatted by `session::audit` itself into the same
+/// writer (unless stderr is a terminal, where tracing colours them).
 fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::fmt::MakeWriter;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let out = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(out);
+    if !ansi {
+        let decisions = writer.clone();
+        greyhook::session::audit::write_decisions_to(move |line| {
+            // The writer only fails once its thread is gone (at exit).
+            let _ = std::io::Write::write_all(&mut decisions.make_writer(), line);
+        });
+    }
     // Only fails if a subscriber is already set, which nothing here does.
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).try_init();
     guard
