@@ -224,7 +224,12 @@ impl HostState {
             return Err(wit_store::StoreError::Limit(m));
         }
         match &self.prefix {
-            Some(p) => Ok(format!("{p}{key}")),
+            Some(p) => {
+                let mut k = String::with_capacity(p.len() + key.len());
+                k.push_str(p);
+                k.push_str(key);
+                Ok(k)
+            }
             None => Err(self.fail(
                 "no store during init: the namespace is the filter's name, known when init returns (set `namespace` to use the store in init)"
                     .into(),

@@ -92,7 +92,10 @@ fn write_timestamp(out: &mut String, now: time::OffsetDateTime) {
 /// Appends `text` with its control characters written as escapes.
 fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
-    if !text.chars().any(|c| c.is_control()) {
+    // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
+    // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0): a byte
+    // scan finds there are none, the common case.
+    if !text.as_bytes().iter().any(|&b| b < 0x20 || b == 0x7f || b == 0xc2) {
         out.push_str(text);
         return;
     }
