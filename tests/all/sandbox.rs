@@ -195,3 +195,59 @@ fn filter_limits_and_failure_policy_through_the_daemon() {
     assert!(!log.lines().any(|l| l.starts_with("forged")), "a filter forged a log line: {log}");
     assert!(d.terminate(10));
 }
+
+/// Voluntary context switches of `pid`'s thread named `name`.
+fn thread_switches(pid: u32, name: &str) -> u64 {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no thread {name} in process {pid}");
+}
+
+/// An idle daemon sleeps: its epoch thread (which lets a deadline stop a
+/// runaway filter) used to wake every millisecond, busy or not, a thousand
+/// wake-ups a second for nothing. It now parks while no filter runs, and a
+/// runaway call after a long idle spell is still cut at its deadline.
+#[test]
+fn an_idle_daemon_sleeps_and_still_stops_a_runaway_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [filter]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\nfailure_policy = \"tempfail\"\ndeadline = \"400ms\"\n",
+        d = dir.path().display(),
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let pid = d.child.id();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "fine@x.example", "i1").trim_end(), "action=PREPEND X-Chaos: ok");
+    // Idle: after a moment the epoch thread stops waking up.
+    let idle = |label: &str| {
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = thread_switches(pid, "greyhook-epoch");
+        std::thread::sleep(Duration::from_secs(2));
+        let woke = thread_switches(pid, "greyhook-epoch") - before;
+        assert!(woke < 20, "{label}: the epoch thread woke {woke} times in 2 s of idleness");
+    };
+    idle("after a call");
+    // A runaway call now: the thread wakes and the deadline holds.
+    let t = Instant::now();
+    let a = policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "loop@x.example", "i2");
+    let took = t.elapsed();
+    assert_eq!(a.trim_end(), "action=451 4.3.0 Temporary local problem, please try again later");
+    assert!(took >= Duration::from_millis(380) && took < Duration::from_secs(3), "loop cut after {took:?}");
+    assert_eq!(policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "fine@x.example", "i3").trim_end(), "action=PREPEND X-Chaos: ok");
+    idle("after the runaway");
+    assert!(d.terminate(10), "{}", d.log_text());
+}

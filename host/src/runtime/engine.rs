@@ -8,7 +8,7 @@
 //! poisons the whole wasmtime `Store`) and the filter's [`FailurePolicy`]
 //! answers instead; the next call gets a fresh instance.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,9 +22,9 @@ use crate::runtime::metrics::FilterMetrics;
 use crate::runtime::sandbox::{self, HostState, bindings, bindings_v01};
 use crate::store::Store;
 
-/// How often the epoch advances: a call still running at a tick is a slow
-/// call (see `Limits`), and deadlines are checked at ticks.
-const TICK: Duration = Duration::from_millis(1);
+// How often the epoch advances: a call still running at a tick is a slow
+// call (see `Limits`), and deadlines are checked at ticks.
+use crate::runtime::ticker::{TICK, Ticker};
 /// A call is slow once it has run this many ticks (at least two whole
 /// milliseconds): far past any sane decision, and past what a thread
 /// preempted for a moment adds.
@@ -226,16 +226,6 @@ pub struct Stats {
     pub instances: AtomicU64,
 }
 
-struct Ticker {
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The engine shared by all filters: compiles, type-checks and instantiates.
 /// Cheap to clone.
 #[derive(Clone)]
@@ -247,7 +237,7 @@ struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
     config: RuntimeConfig,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -284,23 +274,10 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
         bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
         bindings_v01::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (stop, engine) = (stop.clone(), engine.weak());
-            std::thread::Builder::new()
-                .name("greyhook-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(TICK);
-                        match engine.upgrade() {
-                            Some(e) => e.increment_epoch(),
-                            None => break,
-                        }
-                    }
-                })
-                .map_err(|e| LoadError::Engine(e.to_string()))?;
-        }
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, _ticker: Ticker { stop } }) })
+        let weak = engine.weak();
+        let ticker =
+            Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker }) })
     }
 
     /// Compiles `bytes` into a component, with a clear error for what is
@@ -586,6 +563,8 @@ impl FilterInner {
     }
 
     async fn instantiate(&self) -> Result<Pooled, StartError> {
+        // `init` runs Wasm: the epoch must advance meanwhile.
+        let _busy = self.runtime.inner.ticker.busy();
         let l = &self.options.limits;
         let mut state = HostState::new(self.store.clone(), self.options.namespace.as_deref(), self.name.clone(), l.memory, l.store_calls);
         state.quota = self.quota.clone();
@@ -849,7 +828,10 @@ impl Filter {
         pooled.store.set_epoch_deadline(SLOW_AFTER_TICKS);
         // The epoch callback stops runaway Wasm; the timeout also bounds
         // time spent waiting in host calls (a slow store).
-        let result = tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call)).await;
+        let result = {
+            let _busy = inner.runtime.inner.ticker.busy();
+            tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call)).await
+        };
         pooled.store.data().release_slow_slot();
         match result {
             Ok(Ok(answer)) => {

@@ -9,6 +9,7 @@ mod engine;
 pub mod metrics;
 pub mod reload;
 pub(crate) mod sandbox;
+mod ticker;
 
 pub use self::chain::Chain;
 pub use self::engine::*;
