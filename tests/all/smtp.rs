@@ -543,3 +543,98 @@ fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
     send_sessions(port2, 2, 0.0);
     assert_eq!((hop2.messages(), hop2.connections()), (2, 2));
 }
+
+/// A next hop that offers CHUNKING gets the message as `BDAT <size> LAST`
+/// in the same write as its data (no `354` round trip), the client's
+/// dot-stuffing undone and the size exact; a refused chunk is followed by
+/// RSET before the connection serves another session.
+#[test]
+fn a_chunking_next_hop_gets_bdat_in_one_write() {
+    use std::io::{BufRead, Read};
+    use std::sync::{Arc, Mutex};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hop_port = l.local_addr().unwrap().port();
+    // (whole first read, the chunk's bytes) per BDAT; every command seen.
+    type Chunks = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
+    let chunks: Chunks = Default::default();
+    let commands: Arc<Mutex<Vec<String>>> = Default::default();
+    let refuse_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (chunks, commands, refuse_next) = (chunks.clone(), commands.clone(), refuse_next.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (chunks, commands, refuse_next) = (chunks.clone(), commands.clone(), refuse_next.clone());
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().unwrap();
+                    let mut r = std::io::BufReader::new(c);
+                    let _ = w.write_all(b"220 hop ESMTP\r\n");
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        commands.lock().unwrap().push(line.trim_end().to_string());
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n",
+                            "MAIL" | "RCPT" | "RSET" => b"250 2.0.0 Ok\r\n",
+                            "BDAT" => {
+                                let size: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                                assert!(line.trim_end().ends_with(" LAST"), "{line}");
+                                let whole = r.buffer().len() == size;
+                                let mut data = vec![0; size];
+                                r.read_exact(&mut data).unwrap();
+                                chunks.lock().unwrap().push((whole, data));
+                                if refuse_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                                    b"554 5.7.1 no thanks\r\n"
+                                } else {
+                                    b"250 2.0.0 Ok: queued\r\n"
+                                }
+                            }
+                            "DATA" => b"503 5.5.1 use BDAT\r\n",
+                            "QUIT" => {
+                                let _ = w.write_all(b"221 bye\r\n");
+                                return;
+                            }
+                            _ => b"502 5.5.2 no\r\n",
+                        };
+                        let _ = w.write_all(reply);
+                    }
+                });
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop_port, "next_hop_pool = 2\n");
+    let send = |body: &str| {
+        let mut c = Raw::connect(port);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.send("EHLO client.example").starts_with("250"));
+        assert!(c.send("MAIL FROM:<a@sender.test>").starts_with("250"));
+        assert!(c.send("RCPT TO:<b@dest.test>").starts_with("250"));
+        assert!(c.send("DATA").starts_with("354"));
+        let r = c.send(&format!("{body}\r\n."));
+        let _ = c.send("QUIT");
+        r
+    };
+    let r = send("Subject: dots\r\n\r\n..leading dot\r\n...two\r\nplain");
+    assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
+    let (whole, data) = chunks.lock().unwrap()[0].clone();
+    assert!(whole, "BDAT and its data in one write");
+    let text = String::from_utf8(data).unwrap();
+    assert!(text.starts_with("Received: from client.example"), "{text}");
+    assert!(text.ends_with("Subject: dots\r\n\r\n.leading dot\r\n..two\r\nplain\r\n"), "unstuffed, CRLF-ended: {text:?}");
+    // A refused chunk: the client hears the refusal; the connection is reset
+    // before the next session uses it.
+    refuse_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = send("Subject: no\r\n\r\nx");
+    assert!(r.starts_with("554 5.7.1 no thanks"), "{r}");
+    let r = send("Subject: again\r\n\r\ny");
+    assert!(r.starts_with("250"), "{r}");
+    let cmds = commands.lock().unwrap().clone();
+    assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
+    let second = cmds.iter().position(|c| c.starts_with("BDAT")).unwrap();
+    let refused = cmds.iter().skip(second + 1).position(|c| c.starts_with("BDAT")).unwrap() + second + 1;
+    assert_eq!(cmds.get(refused + 1).map(String::as_str), Some("RSET"), "{cmds:?}");
+}

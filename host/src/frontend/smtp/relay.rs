@@ -369,7 +369,14 @@ impl Relay {
     /// output) and the final dot: the next hop's verdict, or for LMTP the
     /// first failure among the per-recipient replies (or the first success
     /// when all succeeded). Written as it is, in one write, without a copy.
+    ///
+    /// A next hop that offers CHUNKING (RFC 3030; Postfix does) gets
+    /// `BDAT <size> LAST` and the message in the same write instead: no
+    /// wait for `354`, one round trip fewer a message.
     pub async fn data(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
+        if !self.hop.lmtp && self.has("CHUNKING") {
+            return self.bdat(prefix, message).await;
+        }
         let go = self.command("DATA").await?;
         if go.code != 354 {
             return Ok(go);
@@ -394,6 +401,24 @@ impl Relay {
             tracing::warn!(code = bad.code, "LMTP next hop accepted some recipients and refused others; the client is told the refusal");
         }
         first_bad.or(first_good).ok_or_else(|| RelayError::Malformed(self.hop.address.clone(), "no LMTP reply".into()))
+    }
+
+    /// The message in one `BDAT <size> LAST` chunk: `prefix` and `message`
+    /// with the dot-stuffing undone (BDAT data is sent as it is), CRLF-ended.
+    /// A refusal leaves the transaction to be reset (RFC 3030 lets the next
+    /// hop keep it).
+    async fn bdat(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
+        let body = unstuff(message);
+        let size = prefix.len() + body.len();
+        self.push(&["BDAT ", &size.to_string(), " LAST"]);
+        let head = std::mem::take(&mut self.out);
+        let written = self.write_all_vectored(&mut [IoSlice::new(&head), IoSlice::new(prefix), IoSlice::new(&body)]).await;
+        self.out = head;
+        self.out.clear();
+        written?;
+        let r = self.reply().await?;
+        self.in_transaction = !r.is_positive();
+        Ok(r)
     }
 
     /// RSET (the transaction is abandoned).
@@ -472,6 +497,24 @@ impl Relay {
     }
 }
 
+/// Message data as [`crate::frontend::smtp::wire::DataFramer`] writes it
+/// (CRLF-ended lines, dot-stuffed) with the stuffing undone, ending with
+/// CRLF: what BDAT carries.
+fn unstuff(stuffed: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stuffed.len() + 2);
+    let mut rest = stuffed;
+    while !rest.is_empty() {
+        let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+        let line = &rest[..end];
+        out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+        rest = &rest[end..];
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 /// A reply line as it may go to our client: no control characters survive
 /// (the common case, none, is one copy rather than one push a character).
 fn printable(text: &str) -> String {
@@ -495,6 +538,13 @@ pub fn xtext(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bdat_data_is_unstuffed_and_crlf_ended() {
+        assert_eq!(unstuff(b"a\r\n..b\r\n.\r\n...\r\nc.d\r\n"), b"a\r\n.b\r\n\r\n..\r\nc.d\r\n");
+        assert_eq!(unstuff(b"x"), b"x\r\n");
+        assert_eq!(unstuff(b""), b"");
+    }
 
     #[test]
     fn xtext_encodes_what_it_must() {
