@@ -91,7 +91,7 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
         if l.len() > MAX_TEXT_LINE || !printable(l) {
             return Err(InvalidVerdict::Text(i));
         }
-        if l.to_ascii_lowercase().contains("retry=") {
+        if l.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"retry=")) {
             return Err(InvalidVerdict::HintInText(i));
         }
     }
