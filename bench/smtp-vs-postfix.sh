@@ -12,6 +12,8 @@
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
+#   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
+#     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -29,13 +31,16 @@ pids=()
 postfixes=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # A profiler writes its output as greyhook exits.
+  if [ -n "${GH_WRAP:-}" ]; then for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; fi
   for d in "${postfixes[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+# (Under GH_WRAP's profiler, greyhook takes minutes to start.)
+wait_port() { local n=200; [ -z "${GH_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
@@ -134,7 +139,7 @@ postfix_start "$work/pf" "$pf_port" ""
 straight=$(send straight "$pf_port" "$work/pf/maillog")
 
 gh_port=$(free_port)
-target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
+${GH_WRAP:-} target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
   --control "$work/smtp.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
