@@ -7,6 +7,7 @@
 
 use thiserror::Error;
 
+use crate::domain::retry::{push_digits, write_retry};
 use crate::domain::types::{Decision, EhloVerdict, Header, Reply, Verdict};
 
 /// Longest text line a filter may return (leaves room for code and hint
@@ -156,15 +157,20 @@ pub fn check_ehlo(v: &EhloVerdict) -> Result<(), InvalidVerdict> {
 /// line (`-` after it on all but the last), the enhanced code after it, and
 /// the retry hint at the end of the last line.
 pub fn render_lines(r: &Reply) -> Vec<String> {
-    let n = r.text.len().max(1);
-    (0..n)
-        .map(|i| {
+    lines(r)
+        .map(|(text, last)| {
             let mut line = String::with_capacity(64);
-            let text = r.text.get(i).map_or("", String::as_str);
-            write_line(&mut line, r, text, i + 1 == n);
+            write_line(&mut line, r, text, last);
             line
         })
         .collect()
+}
+
+/// A reply's text lines (one empty line if it has none), each with whether
+/// it is the last.
+fn lines(r: &Reply) -> impl Iterator<Item = (&str, bool)> {
+    let n = r.text.len().max(1);
+    (0..n).map(move |i| (r.text.get(i).map_or("", String::as_str), i + 1 == n))
 }
 
 /// Appends one reply line (no line end) with `text`: code, separator,
@@ -195,40 +201,11 @@ fn write_line(out: &mut String, r: &Reply, text: &str, last: bool) {
     out.truncate(kept);
 }
 
-/// Appends `v` with at least `width` digits, zero-padded.
-fn push_digits(out: &mut String, v: u64, width: u32) {
-    let mut n = 1;
-    while n < 20 && v >= 10u64.pow(n) {
-        n += 1;
-    }
-    for i in (0..n.max(width)).rev() {
-        out.push(char::from(b'0' + (v / 10u64.pow(i) % 10) as u8));
-    }
-}
-
-/// Appends the draft's retry hint (`retry=[DD-]HH:MM:SS`), as
-/// [`crate::domain::retry::format_retry`] writes it.
-fn write_retry(out: &mut String, secs: u64) {
-    let s = secs.min(crate::domain::retry::MAX_RETRY);
-    let (d, h, m, sec) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
-    out.push_str("retry=");
-    if d > 0 {
-        push_digits(out, d, 2);
-        out.push('-');
-    }
-    push_digits(out, h, 2);
-    out.push(':');
-    push_digits(out, m, 2);
-    out.push(':');
-    push_digits(out, sec, 2);
-}
-
 /// Renders a reply as it goes on the wire, every line ended by CRLF.
 pub fn render(r: &Reply) -> String {
-    let n = r.text.len().max(1);
-    let mut out = String::with_capacity(64 * n);
-    for i in 0..n {
-        write_line(&mut out, r, r.text.get(i).map_or("", String::as_str), i + 1 == n);
+    let mut out = String::with_capacity(64 * r.text.len().max(1));
+    for (text, last) in lines(r) {
+        write_line(&mut out, r, text, last);
         out.push_str("\r\n");
     }
     out
@@ -237,13 +214,6 @@ pub fn render(r: &Reply) -> String {
 /// Renders a reply on one line, for protocols that carry only one (the
 /// Postfix policy protocol): `451 4.7.1 text; more text retry=00:05:00`.
 pub fn render_single_line(r: &Reply) -> String {
-    let mut out = String::with_capacity(64);
-    write_single_line(&mut out, r);
-    out
-}
-
-/// Appends what [`render_single_line`] returns.
-pub fn write_single_line(out: &mut String, r: &Reply) {
     let joined;
     let text = match r.text.as_slice() {
         [] => "",
@@ -253,7 +223,9 @@ pub fn write_single_line(out: &mut String, r: &Reply) {
             joined.as_str()
         }
     };
-    write_line(out, r, text, true);
+    let mut out = String::with_capacity(64);
+    write_line(&mut out, r, text, true);
+    out
 }
 
 #[cfg(test)]
@@ -281,15 +253,32 @@ mod tests {
     }
 
     #[test]
-    fn the_hint_is_written_as_format_retry_writes_it() {
-        for secs in [0, 1, 59, 60, 3599, 3600, 86_399, 86_400, 90_061, 8_639_999, 8_640_000, u64::from(u32::MAX), u64::MAX] {
+    fn the_hint_and_the_digits_are_written_in_place() {
+        for (secs, want) in [
+            (0, "retry=00:00:00"),
+            (1, "retry=00:00:01"),
+            (59, "retry=00:00:59"),
+            (60, "retry=00:01:00"),
+            (3599, "retry=00:59:59"),
+            (3600, "retry=01:00:00"),
+            (86_399, "retry=23:59:59"),
+            (86_400, "retry=01-00:00:00"),
+            (90_061, "retry=01-01:01:01"),
+            (8_639_999, "retry=99-23:59:59"),
+            (8_640_000, "retry=99-23:59:59"),
+            (u64::from(u32::MAX), "retry=99-23:59:59"),
+            (u64::MAX, "retry=99-23:59:59"),
+        ] {
             let mut out = String::new();
             write_retry(&mut out, secs);
-            assert_eq!(out, crate::domain::retry::format_retry(secs), "{secs}");
+            assert_eq!(out, want, "{secs}");
         }
         let mut out = String::new();
         push_digits(&mut out, u64::MAX, 3);
         assert_eq!(out, u64::MAX.to_string());
+        out.clear();
+        push_digits(&mut out, 7, 3);
+        assert_eq!(out, "007");
         assert_eq!(render(&reply(451, &["a "], None)), "451 4.7.1 a\r\n", "no trailing blank");
         let bare = Reply { code: 250, enhanced: None, text: vec![], retry_after: Some(5) };
         assert_eq!(render(&bare), "250\r\n", "no hint but on a tempfail");

@@ -13,9 +13,44 @@ pub const MAX_RETRY: u64 = 99 * 86_400 + 86_399;
 /// Renders `secs` as `retry=HH:MM:SS`, or `retry=DD-HH:MM:SS` from one day
 /// on; clamped to `retry=99-23:59:59` (the ABNF allows two digits of days).
 pub fn format_retry(secs: u64) -> String {
+    let mut out = String::with_capacity(17);
+    write_retry(&mut out, secs);
+    out
+}
+
+/// Appends what [`format_retry`] returns (replies are rendered in place).
+pub(crate) fn write_retry(out: &mut String, secs: u64) {
     let s = secs.min(MAX_RETRY);
     let (d, h, m, sec) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
-    if d > 0 { format!("retry={d:02}-{h:02}:{m:02}:{sec:02}") } else { format!("retry={h:02}:{m:02}:{sec:02}") }
+    out.push_str("retry=");
+    if d > 0 {
+        push_digits(out, d, 2);
+        out.push('-');
+    }
+    push_digits(out, h, 2);
+    out.push(':');
+    push_digits(out, m, 2);
+    out.push(':');
+    push_digits(out, sec, 2);
+}
+
+/// Appends `v` in decimal, zero-padded to at least `width` digits (reply
+/// codes, the retry hint, log timestamps: written in place, no `format!`).
+pub(crate) fn push_digits(out: &mut String, v: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let (mut v, mut start) = (v, buf.len());
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for _ in buf.len() - start..width {
+        out.push('0');
+    }
+    out.extend(buf[start..].iter().map(|&b| char::from(b)));
 }
 
 /// The delay a client should wait before retrying, read from a whole

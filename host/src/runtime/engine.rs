@@ -20,11 +20,9 @@ use crate::domain::reply::{self, InvalidVerdict};
 use crate::domain::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
 use crate::runtime::metrics::FilterMetrics;
 use crate::runtime::sandbox::{self, HostState, bindings, bindings_v01};
+use crate::runtime::ticker::{TICK, Ticker};
 use crate::store::Store;
 
-// How often the epoch advances: a call still running at a tick is a slow
-// call (see `Limits`), and deadlines are checked at ticks.
-use crate::runtime::ticker::{TICK, Ticker};
 /// A call is slow once it has run this many ticks (at least two whole
 /// milliseconds): far past any sane decision, and past what a thread
 /// preempted for a moment adds.

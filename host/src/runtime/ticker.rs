@@ -94,9 +94,9 @@ impl Ticker {
         Busy(&self.state)
     }
 
-    /// Whether the ticker is parked (for tests and the status page).
-    #[allow(dead_code)]
-    pub(crate) fn parked(&self) -> bool {
+    /// Whether the ticker is parked.
+    #[cfg(test)]
+    fn parked(&self) -> bool {
         self.state.parked.load(SeqCst)
     }
 }

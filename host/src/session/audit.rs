@@ -66,26 +66,20 @@ pub fn write_decisions_to(sink: impl Fn(&[u8]) + Send + Sync + 'static) -> bool 
 /// Appends `now` as tracing's `fmt` writes its timestamps
 /// (`2026-11-30T12:00:00.000000Z`).
 fn write_timestamp(out: &mut String, now: time::OffsetDateTime) {
-    // `width` digits, zero-padded (every field here fits its width).
-    fn digits(out: &mut String, v: u32, width: u32) {
-        for i in (0..width).rev() {
-            let d = v / 10u32.pow(i) % 10;
-            out.push(char::from(b'0' + d as u8));
-        }
-    }
-    digits(out, u32::try_from(now.year()).unwrap_or(0), 4);
+    use crate::domain::retry::push_digits;
+    push_digits(out, u64::try_from(now.year()).unwrap_or(0), 4);
     out.push('-');
-    digits(out, u32::from(u8::from(now.month())), 2);
+    push_digits(out, u64::from(u8::from(now.month())), 2);
     out.push('-');
-    digits(out, u32::from(now.day()), 2);
+    push_digits(out, u64::from(now.day()), 2);
     out.push('T');
-    digits(out, u32::from(now.hour()), 2);
+    push_digits(out, u64::from(now.hour()), 2);
     out.push(':');
-    digits(out, u32::from(now.minute()), 2);
+    push_digits(out, u64::from(now.minute()), 2);
     out.push(':');
-    digits(out, u32::from(now.second()), 2);
+    push_digits(out, u64::from(now.second()), 2);
     out.push('.');
-    digits(out, now.microsecond(), 6);
+    push_digits(out, u64::from(now.microsecond()), 6);
     out.push('Z');
 }
 
