@@ -385,41 +385,56 @@ fn random_sessions_get_well_formed_replies_and_leave_the_daemon_serving() {
     assert!(d.terminate(10), "{}", d.log_text());
 }
 
-/// A next hop that offers PIPELINING and XFORWARD, counts connections,
-/// notes for every MAIL whether the RCPT came in the same write, and can
-/// be told to close each connection after its message (as a next hop that
-/// times idle clients out does).
+/// A next hop that offers PIPELINING and XFORWARD (and CHUNKING, started
+/// with [`PipeHop::chunking`]), counts connections, notes for every MAIL
+/// whether the RCPT came in the same write and for every message whether it
+/// came in one write, keeps every command and BDAT chunk, can refuse the
+/// next chunk, and can be told to close each connection after its message
+/// (as a next hop that times idle clients out does).
 struct PipeHop {
     port: u16,
-    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    messages: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    s: std::sync::Arc<HopState>,
+}
+
+#[derive(Default)]
+struct HopState {
+    connections: std::sync::atomic::AtomicUsize,
+    messages: std::sync::atomic::AtomicUsize,
     /// For each MAIL: (XFORWARD came before it in this transaction, RCPT was already in hand).
-    mails: std::sync::Arc<std::sync::Mutex<Vec<(bool, bool)>>>,
+    mails: std::sync::Mutex<Vec<(bool, bool)>>,
     /// For each message: it arrived whole (our header, the body, the final
-    /// dot) in the first read after `354`, i.e. in one write.
-    whole: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
-    close_after_data: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// dot or the whole chunk) in the first read after `354` or with its
+    /// BDAT line, i.e. in one write.
+    whole: std::sync::Mutex<Vec<bool>>,
+    /// Every command line, in order.
+    commands: std::sync::Mutex<Vec<String>>,
+    /// The data of every BDAT chunk.
+    chunks: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Answer the next BDAT with `554`.
+    refuse_next: std::sync::atomic::AtomicBool,
+    close_after_data: std::sync::atomic::AtomicBool,
 }
 
 impl PipeHop {
     fn start() -> PipeHop {
-        use std::io::BufRead;
+        PipeHop::start_with(false)
+    }
+
+    /// A next hop that also offers CHUNKING (and answers DATA `503`).
+    fn chunking() -> PipeHop {
+        PipeHop::start_with(true)
+    }
+
+    fn start_with(chunking: bool) -> PipeHop {
+        use std::io::{BufRead, Read};
         use std::sync::atomic::Ordering::SeqCst;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let hop = PipeHop {
-            port: l.local_addr().unwrap().port(),
-            connections: Default::default(),
-            messages: Default::default(),
-            mails: Default::default(),
-            whole: Default::default(),
-            close_after_data: Default::default(),
-        };
-        let (connections, messages, mails, close, whole) =
-            (hop.connections.clone(), hop.messages.clone(), hop.mails.clone(), hop.close_after_data.clone(), hop.whole.clone());
+        let hop = PipeHop { port: l.local_addr().unwrap().port(), s: Default::default() };
+        let hs = hop.s.clone();
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                connections.fetch_add(1, SeqCst);
-                let (messages, mails, close, whole) = (messages.clone(), mails.clone(), close.clone(), whole.clone());
+                hs.connections.fetch_add(1, SeqCst);
+                let hs = hs.clone();
                 std::thread::spawn(move || {
                     let mut w = c.try_clone().unwrap();
                     let mut r = std::io::BufReader::new(c);
@@ -431,15 +446,19 @@ impl PipeHop {
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
+                        hs.commands.lock().unwrap().push(line.trim_end().to_string());
                         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
                         let reply: &[u8] = match verb.as_str() {
+                            "EHLO" if chunking => {
+                                b"250-hop\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n"
+                            }
                             "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n",
                             "XFOR" => {
                                 xforward = true;
                                 b"250 2.0.0 Ok\r\n"
                             }
                             "MAIL" => {
-                                mails.lock().unwrap().push((xforward, r.buffer().starts_with(b"RCPT")));
+                                hs.mails.lock().unwrap().push((xforward, r.buffer().starts_with(b"RCPT")));
                                 b"250 2.1.0 Ok\r\n"
                             }
                             "RCPT" => b"250 2.1.5 Ok\r\n",
@@ -447,20 +466,36 @@ impl PipeHop {
                                 xforward = false;
                                 b"250 2.0.0 Ok\r\n"
                             }
+                            "DATA" if chunking => b"503 5.5.1 use BDAT\r\n",
+                            "BDAT" if chunking => {
+                                let size: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                                assert!(line.trim_end().ends_with(" LAST"), "{line}");
+                                hs.whole.lock().unwrap().push(r.buffer().len() == size);
+                                let mut data = vec![0; size];
+                                r.read_exact(&mut data).unwrap();
+                                hs.chunks.lock().unwrap().push(data);
+                                xforward = false;
+                                if hs.refuse_next.swap(false, SeqCst) {
+                                    b"554 5.7.1 no thanks\r\n"
+                                } else {
+                                    hs.messages.fetch_add(1, SeqCst);
+                                    b"250 2.0.0 Ok: queued\r\n"
+                                }
+                            }
                             "DATA" => {
                                 let _ = w.write_all(b"354 go\r\n");
                                 let first = r.fill_buf().map(|b| b.starts_with(b"Received:") && b.ends_with(b"\r\n.\r\n"));
-                                whole.lock().unwrap().push(first.unwrap_or(false));
+                                hs.whole.lock().unwrap().push(first.unwrap_or(false));
                                 loop {
                                     line.clear();
                                     if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
                                         break;
                                     }
                                 }
-                                messages.fetch_add(1, SeqCst);
+                                hs.messages.fetch_add(1, SeqCst);
                                 xforward = false;
                                 let _ = w.write_all(b"250 2.0.0 Ok: queued\r\n");
-                                if close.load(SeqCst) {
+                                if hs.close_after_data.load(SeqCst) {
                                     let _ = w.write_all(b"421 4.4.2 hop closing idle connection\r\n");
                                     return;
                                 }
@@ -481,11 +516,11 @@ impl PipeHop {
     }
 
     fn connections(&self) -> usize {
-        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+        self.s.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn messages(&self) -> usize {
-        self.messages.load(std::sync::atomic::Ordering::SeqCst)
+        self.s.messages.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -516,17 +551,17 @@ fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
     send_sessions(port, 3, 0.0);
     assert_eq!(hop.messages(), 3, "{}", std::fs::read_to_string(dir.path().join("log")).unwrap_or_default());
     assert_eq!(hop.connections(), 1, "three sessions, one next-hop connection");
-    let mails = hop.mails.lock().unwrap().clone();
+    let mails = hop.s.mails.lock().unwrap().clone();
     assert_eq!(mails, vec![(true, true); 3], "XFORWARD before every MAIL, RCPT in the same write");
-    let whole = hop.whole.lock().unwrap().clone();
+    let whole = hop.s.whole.lock().unwrap().clone();
     assert_eq!(whole, vec![true; 3], "our Received: line, the message and the final dot in one write");
 
     // A kept connection the next hop closed is noticed: a new one is opened.
-    hop.close_after_data.store(true, std::sync::atomic::Ordering::SeqCst);
+    hop.s.close_after_data.store(true, std::sync::atomic::Ordering::SeqCst);
     send_sessions(port, 2, 0.2);
     assert_eq!(hop.messages(), 5, "no message lost to a closed connection");
     assert_eq!(hop.connections(), 2, "the first kept connection carried one more message, then a new one");
-    hop.close_after_data.store(false, std::sync::atomic::Ordering::SeqCst);
+    hop.s.close_after_data.store(false, std::sync::atomic::Ordering::SeqCst);
 
     // next_hop_idle: one idle longer is not used again.
     send_sessions(port, 1, 0.0);
@@ -550,63 +585,10 @@ fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
 /// RSET before the connection serves another session.
 #[test]
 fn a_chunking_next_hop_gets_bdat_in_one_write() {
-    use std::io::{BufRead, Read};
-    use std::sync::{Arc, Mutex};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hop_port = l.local_addr().unwrap().port();
-    // (whole first read, the chunk's bytes) per BDAT; every command seen.
-    type Chunks = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
-    let chunks: Chunks = Default::default();
-    let commands: Arc<Mutex<Vec<String>>> = Default::default();
-    let refuse_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (chunks, commands, refuse_next) = (chunks.clone(), commands.clone(), refuse_next.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let (chunks, commands, refuse_next) = (chunks.clone(), commands.clone(), refuse_next.clone());
-                std::thread::spawn(move || {
-                    let mut w = c.try_clone().unwrap();
-                    let mut r = std::io::BufReader::new(c);
-                    let _ = w.write_all(b"220 hop ESMTP\r\n");
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        commands.lock().unwrap().push(line.trim_end().to_string());
-                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-                        let reply: &[u8] = match verb.as_str() {
-                            "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n",
-                            "MAIL" | "RCPT" | "RSET" => b"250 2.0.0 Ok\r\n",
-                            "BDAT" => {
-                                let size: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                                assert!(line.trim_end().ends_with(" LAST"), "{line}");
-                                let whole = r.buffer().len() == size;
-                                let mut data = vec![0; size];
-                                r.read_exact(&mut data).unwrap();
-                                chunks.lock().unwrap().push((whole, data));
-                                if refuse_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                                    b"554 5.7.1 no thanks\r\n"
-                                } else {
-                                    b"250 2.0.0 Ok: queued\r\n"
-                                }
-                            }
-                            "DATA" => b"503 5.5.1 use BDAT\r\n",
-                            "QUIT" => {
-                                let _ = w.write_all(b"221 bye\r\n");
-                                return;
-                            }
-                            _ => b"502 5.5.2 no\r\n",
-                        };
-                        let _ = w.write_all(reply);
-                    }
-                });
-            }
-        });
-    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let hop = PipeHop::chunking();
     let dir = tempfile::tempdir().unwrap();
-    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop_port, "next_hop_pool = 2\n");
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop.port, "next_hop_pool = 2\n");
     let send = |body: &str| {
         let mut c = Raw::connect(port);
         assert!(c.reply().starts_with("220"));
@@ -620,19 +602,18 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     };
     let r = send("Subject: dots\r\n\r\n..leading dot\r\n...two\r\nplain");
     assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
-    let (whole, data) = chunks.lock().unwrap()[0].clone();
-    assert!(whole, "BDAT and its data in one write");
-    let text = String::from_utf8(data).unwrap();
+    assert_eq!(hop.s.whole.lock().unwrap().clone(), vec![true], "BDAT and its data in one write");
+    let text = String::from_utf8(hop.s.chunks.lock().unwrap()[0].clone()).unwrap();
     assert!(text.starts_with("Received: from client.example"), "{text}");
     assert!(text.ends_with("Subject: dots\r\n\r\n.leading dot\r\n..two\r\nplain\r\n"), "unstuffed, CRLF-ended: {text:?}");
     // A refused chunk: the client hears the refusal; the connection is reset
     // before the next session uses it.
-    refuse_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    hop.s.refuse_next.store(true, SeqCst);
     let r = send("Subject: no\r\n\r\nx");
     assert!(r.starts_with("554 5.7.1 no thanks"), "{r}");
     let r = send("Subject: again\r\n\r\ny");
     assert!(r.starts_with("250"), "{r}");
-    let cmds = commands.lock().unwrap().clone();
+    let cmds = hop.s.commands.lock().unwrap().clone();
     assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
     let second = cmds.iter().position(|c| c.starts_with("BDAT")).unwrap();
     let refused = cmds.iter().skip(second + 1).position(|c| c.starts_with("BDAT")).unwrap() + second + 1;
