@@ -331,7 +331,11 @@ fn ir_child(side: &str, n: u64, cache: &std::path::Path) {
         }
         _ => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
-            let runtime = Runtime::new(RuntimeConfig::default()).expect("engine");
+            // Valgrind gives a process less address space than the default pool
+            // reserves; two instances' worth fits, and the figure is that of
+            // the production code (guard pages, no explicit bounds checks).
+            let runtime = Runtime::new(RuntimeConfig { max_instances: 2, ..RuntimeConfig::default() }).expect("engine");
+            assert!(runtime.guard_pages(), "memories got no guard-page reservation: the figure would be the slow fallback's");
             let cache = greyhook::runtime::artifact_cache::ArtifactCache::open(cache).expect("cache dir");
             let (compiled, _) = cache.compile(&runtime, greyhook::REFERENCE_FILTER).expect("the reference filter");
             rt.block_on(async {

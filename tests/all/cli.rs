@@ -75,6 +75,34 @@ fn simulate_shows_the_replies_a_client_sees() {
     assert!(!ok && err.contains("line 1"), "{err}");
 }
 
+/// Filters' memories reserve 4 GiB of address space each, so the compiled
+/// code needs no bounds checks; where `ulimit -v` refuses that, greyhook
+/// says so and runs them with explicit checks, with the same answers.
+#[test]
+fn filters_run_with_bounds_checks_when_address_space_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("s.txt");
+    std::fs::write(&script, "CONNECT 192.0.2.1\nMAIL FROM:<a@x.org>\nRCPT TO:<b@y.org>\nWAIT 6m\nRCPT TO:<b@y.org>\n").unwrap();
+    let run = |limit: Option<&str>| {
+        let shell = format!(
+            "{} exec \"$0\" simulate \"$1\" --start 1700000000 --dns {}",
+            limit.map(|l| format!("ulimit -v {l} &&")).unwrap_or_default(),
+            null_dns()
+        );
+        let out = Command::new("sh").args(["-c", &shell, greyhook_bin().to_str().unwrap(), script.to_str().unwrap()]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, fast, err) = run(None);
+    assert!(ok, "{err}");
+    assert!(!err.contains("bounds checks"), "no fallback without a limit: {err}");
+    assert!(fast.contains("retry=00:05:00") && fast.contains("S: 250 2.1.5 Ok"), "{fast}");
+    // 20 GB: room for every memory's cap, not for 4 GiB each.
+    let (ok, slow, err) = run(Some("20000000"));
+    assert!(ok, "{err}");
+    assert!(err.contains("explicit bounds checks"), "the fallback is logged: {err}");
+    assert_eq!(slow, fast);
+}
+
 fn greyhook_stdin(args: &[&str], input: &str) -> (Option<i32>, String) {
     use std::io::Write;
     let mut child = Command::new(greyhook_bin())

@@ -30,6 +30,15 @@ const SLOW_AFTER_TICKS: u64 = 3;
 /// How long a filter stays a suspect after a call ran past its deadline.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
+/// Address space reserved for each linear memory (not memory used: the
+/// pages past an instance's size are never mapped). With 4 GiB plus
+/// wasmtime's guard region a 32-bit memory's accesses need no bounds
+/// checks in the compiled code (the guard pages catch the out-of-bounds
+/// ones); with a reservation the size of the memory cap every load and
+/// store carried a compare and a Spectre-safe select. On a 32-bit host
+/// the memory cap is reserved instead.
+const MEMORY_RESERVATION: u64 = if cfg!(target_pointer_width = "64") { 1 << 32 } else { 0 };
+
 /// Settings of the [`Runtime`] shared by all filters.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -236,6 +245,32 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     config: RuntimeConfig,
     ticker: Ticker,
+    /// Whether memories got the large reservation ([`Runtime::guard_pages`]).
+    guarded: bool,
+}
+
+/// The engine's configuration: the pooling allocator sized by `config`,
+/// epoch interruption, and `reservation` bytes of address space a memory.
+fn engine_config(config: &RuntimeConfig, reservation: u64) -> wasmtime::Config {
+    let mut pool = PoolingAllocationConfig::new();
+    let n = config.max_instances.max(1);
+    pool.total_component_instances(n)
+        .total_core_instances(n * 8)
+        .total_memories(n * 2)
+        .total_tables(n * 8)
+        .total_stacks(n)
+        .max_memory_size(config.max_memory)
+        // Keep the top of each fiber stack resident: otherwise every
+        // call's stack is returned to the kernel (madvise) afterwards.
+        .async_stack_keep_resident(256 << 10);
+    let mut wc = wasmtime::Config::new();
+    wc.epoch_interruption(true)
+        .max_wasm_stack(config.max_stack)
+        .async_stack_size(config.max_stack + (1 << 20))
+        .memory_reservation(reservation)
+        .memory_reservation_for_growth(0)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wc
 }
 
 impl std::fmt::Debug for Runtime {
@@ -249,25 +284,21 @@ impl Runtime {
     /// linker with the host's imports.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
         let err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
-        let mut pool = PoolingAllocationConfig::new();
-        let n = config.max_instances.max(1);
-        pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
-            .total_stacks(n)
-            .max_memory_size(config.max_memory)
-            // Keep the top of each fiber stack resident: otherwise every
-            // call's stack is returned to the kernel (madvise) afterwards.
-            .async_stack_keep_resident(256 << 10);
-        let mut wc = wasmtime::Config::new();
-        wc.epoch_interruption(true)
-            .max_wasm_stack(config.max_stack)
-            .async_stack_size(config.max_stack + (1 << 20))
-            .memory_reservation(config.max_memory as u64)
-            .memory_reservation_for_growth(0)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wc).map_err(err)?;
+        let cap = config.max_memory as u64;
+        // The large reservation needs address space, which `ulimit -v` (or
+        // a tool such as valgrind) may refuse: then each memory reserves
+        // only its cap, and pays for bounds checks in the compiled code.
+        let (engine, guarded) = match Engine::new(&engine_config(&config, MEMORY_RESERVATION.max(cap))) {
+            Ok(engine) => (engine, MEMORY_RESERVATION > cap),
+            Err(e) if MEMORY_RESERVATION > cap => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot reserve address space for guard-page bounds checks; filters run with explicit bounds checks (slower)"
+                );
+                (Engine::new(&engine_config(&config, cap)).map_err(err)?, false)
+            }
+            Err(e) => return Err(err(e)),
+        };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
         bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
@@ -275,7 +306,14 @@ impl Runtime {
         let weak = engine.weak();
         let ticker =
             Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker }) })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker, guarded }) })
+    }
+
+    /// True if filters' memory accesses are bounds-checked by guard pages
+    /// (the fast way); false if the address space for them was refused
+    /// and the compiled code checks every access.
+    pub fn guard_pages(&self) -> bool {
+        self.inner.guarded
     }
 
     /// Compiles `bytes` into a component, with a clear error for what is
