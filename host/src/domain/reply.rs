@@ -92,7 +92,7 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
         if l.len() > MAX_TEXT_LINE || !printable(l) {
             return Err(InvalidVerdict::Text(i));
         }
-        if l.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"retry=")) {
+        if has_retry_hint(l.as_bytes()) {
             return Err(InvalidVerdict::HintInText(i));
         }
     }
@@ -100,6 +100,12 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
         return Err(InvalidVerdict::HintCode(r.code));
     }
     Ok(())
+}
+
+/// True if `line` holds `retry=` in any case (the host alone writes the
+/// hint). Looks only at each `=`, not at every six-byte window.
+fn has_retry_hint(line: &[u8]) -> bool {
+    (5..line.len()).any(|i| line[i] == b'=' && line[i - 5..i].eq_ignore_ascii_case(b"retry"))
 }
 
 /// Checks a header the filter wants added.
@@ -298,6 +304,17 @@ mod tests {
         assert!(!check_header(&Header { name: "X A:".into(), value: "v".into() }));
         // Only the host writes the hint, and only on a greylisting code.
         assert_eq!(check_reply(&reply(451, &["wait", "then RETRY=24:00:00"], Some(300)), true), Err(InvalidVerdict::HintInText(1)));
+        for (line, hint) in [
+            ("retry=1", true),
+            ("xRetry=", true),
+            ("retry =1", false),
+            ("=retry", false),
+            ("etry=", false),
+            ("retr=retry=", true),
+            ("", false),
+        ] {
+            assert_eq!(has_retry_hint(line.as_bytes()), hint, "{line:?}");
+        }
         assert_eq!(check_reply(&reply(452, &["x"], Some(300)), true), Err(InvalidVerdict::HintCode(452)));
         assert_eq!(check_reply(&reply(550, &["x"], Some(300)), false), Err(InvalidVerdict::HintCode(550)));
         assert!(check_reply(&reply(450, &["x"], Some(300)), true).is_ok());

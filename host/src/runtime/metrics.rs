@@ -49,12 +49,18 @@ pub struct MetricSample {
     pub value: MetricValue,
 }
 
-type Key = (String, Vec<(String, String)>);
+/// A metric's series: sorted label sets (each sorted by name) and values.
+type Series = Vec<(Vec<(String, String)>, MetricValue)>;
 
 /// The metrics of one filter.
 #[derive(Debug, Default)]
 pub struct FilterMetrics {
-    series: Mutex<BTreeMap<Key, MetricValue>>,
+    /// Series by metric name. Keyed by name alone so that an update of an
+    /// existing series (nearly every one) looks it up by `&str` and a
+    /// binary search over a few label sets, allocating nothing.
+    series: Mutex<BTreeMap<String, Series>>,
+    /// Series over all names (bounded by [`MAX_SERIES`]).
+    count: AtomicU64,
     dropped: AtomicU64,
 }
 
@@ -71,30 +77,42 @@ fn valid_value(v: &str) -> bool {
 }
 
 impl FilterMetrics {
-    fn key(&self, name: &str, labels: Vec<(String, String)>) -> Option<Key> {
+    /// The labels in canonical form (sorted, first of a duplicated name
+    /// kept), or `None` (counted as dropped) if the name or a label breaks
+    /// the rules.
+    fn labels(&self, name: &str, mut labels: Vec<(String, String)>) -> Option<Vec<(String, String)>> {
         if !valid_name(name) || labels.len() > MAX_LABELS || !labels.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let mut labels = labels;
         labels.sort();
         labels.dedup_by(|a, b| a.0 == b.0);
-        Some((name.to_string(), labels))
+        Some(labels)
     }
 
-    fn update(&self, key: Key, new: impl FnOnce() -> MetricValue, f: impl FnOnce(&mut MetricValue) -> bool) {
+    fn update(
+        &self,
+        name: &str,
+        labels: Vec<(String, String)>,
+        new: impl FnOnce() -> MetricValue,
+        f: impl FnOnce(&mut MetricValue) -> bool,
+    ) {
         // A map insert or update cannot be left half-done: the data is
         // whole even if another thread panicked holding the lock.
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let full = map.len() >= MAX_SERIES;
-        let ok = match map.get_mut(&key) {
-            Some(v) => f(v),
+        let full = self.count.load(Ordering::Relaxed) >= MAX_SERIES as u64;
+        let ok = match map.get_mut(name) {
+            Some(series) => match series.binary_search_by(|(l, _)| l.cmp(&labels)) {
+                Ok(i) => f(&mut series[i].1),
+                Err(_) if full => false,
+                Err(i) => insert(&self.count, series, i, labels, new, f),
+            },
             None if full => false,
             None => {
-                let mut v = new();
-                let ok = f(&mut v);
+                let mut series = Vec::new();
+                let ok = insert(&self.count, &mut series, 0, labels, new, f);
                 if ok {
-                    map.insert(key, v);
+                    map.insert(name.to_string(), series);
                 }
                 ok
             }
@@ -106,9 +124,10 @@ impl FilterMetrics {
 
     /// Adds `value` to the counter `name{labels}`.
     pub fn counter_add(&self, name: &str, labels: Vec<(String, String)>, value: u64) {
-        let Some(key) = self.key(name, labels) else { return };
+        let Some(labels) = self.labels(name, labels) else { return };
         self.update(
-            key,
+            name,
+            labels,
             || MetricValue::Counter(0),
             |v| match v {
                 MetricValue::Counter(n) => {
@@ -127,9 +146,10 @@ impl FilterMetrics {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(key) = self.key(name, labels) else { return };
+        let Some(labels) = self.labels(name, labels) else { return };
         self.update(
-            key,
+            name,
+            labels,
             || MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
             |v| match v {
                 MetricValue::Histogram { count, sum, buckets } => {
@@ -148,7 +168,9 @@ impl FilterMetrics {
     pub fn snapshot(&self) -> Vec<MetricSample> {
         let map = self.series.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .map(|((name, labels), value)| MetricSample { name: name.clone(), labels: labels.clone(), value: value.clone() })
+            .flat_map(|(name, series)| {
+                series.iter().map(|(labels, value)| MetricSample { name: name.clone(), labels: labels.clone(), value: value.clone() })
+            })
             .collect()
     }
 
@@ -156,6 +178,25 @@ impl FilterMetrics {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+}
+
+/// Adds a series at `i` of `series` (where its labels sort) if its first
+/// update `f` succeeds; true if it did.
+fn insert(
+    count: &AtomicU64,
+    series: &mut Series,
+    i: usize,
+    labels: Vec<(String, String)>,
+    new: impl FnOnce() -> MetricValue,
+    f: impl FnOnce(&mut MetricValue) -> bool,
+) -> bool {
+    let mut v = new();
+    let ok = f(&mut v);
+    if ok {
+        series.insert(i, (labels, v));
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
 }
 
 impl MetricSample {
