@@ -38,19 +38,27 @@ async fn start_with(filter_config: &str, milter: &str) -> (Daemon, u16, tempfile
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
-struct Mta(Box<dyn Stream>);
+/// A milter client as Postfix is one, and the protocol steps greyhook
+/// asked it for (after [`Mta::negotiate`]).
+struct Mta(Box<dyn Stream>, u32);
+
+/// The no-reply bits for connect, HELO and MAIL (`SMFIP_NR_CONN`,
+/// `SMFIP_NR_HELO`, `SMFIP_NR_MAIL`).
+const NR_CONN: u32 = 0x1000;
+const NR_HELO: u32 = 0x2000;
+const NR_MAIL: u32 = 0x4000;
 
 impl Mta {
     fn connect(port: u16) -> Mta {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Mta(Box::new(s))
+        Mta(Box::new(s), 0)
     }
 
     fn connect_unix(path: &std::path::Path) -> Mta {
         let s = std::os::unix::net::UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Mta(Box::new(s))
+        Mta(Box::new(s), 0)
     }
 
     fn send(&mut self, cmd: u8, data: &[u8]) {
@@ -78,8 +86,21 @@ impl Mta {
         Some((cmd, body[1..].to_vec()))
     }
 
+    /// Sends a command and reads its answer; for connect, HELO and MAIL
+    /// when greyhook asked not to be waited for, as Postfix then does,
+    /// reads nothing and gives `(b'c', "")`. (An answer greyhook sent
+    /// anyway would be read as the next command's, and fail that check.)
     fn ask(&mut self, cmd: u8, data: &[u8]) -> (u8, String) {
         self.send(cmd, data);
+        let no_reply = match cmd {
+            b'C' => NR_CONN,
+            b'H' => NR_HELO,
+            b'M' => NR_MAIL,
+            _ => 0,
+        };
+        if self.1 & no_reply != 0 {
+            return (b'c', String::new());
+        }
         let (c, d) = self.reply().expect("a reply");
         (c, String::from_utf8_lossy(&d).into_owned())
     }
@@ -101,6 +122,7 @@ impl Mta {
         let (c, d) = self.reply().expect("a reply");
         assert_eq!(c, b'O');
         let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+        self.1 = word(8);
         (word(4), word(8))
     }
 
@@ -131,6 +153,7 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
         assert_eq!(actions, 0x01, "we only add headers");
         assert_eq!(protocol & 0x10, 0x10, "no body wanted (SMFIP_NOBODY)");
         assert_eq!(protocol & 0xc0, 0xc0, "no end of headers (SMFIP_NOEOH), no reply to headers (SMFIP_NR_HDR)");
+        assert_eq!(protocol & 0x7000, NR_CONN | NR_HELO | NR_MAIL, "no reply awaited at connect, HELO, MAIL");
         assert_eq!(m.connect_from("192.0.2.1"), (b'c', String::new()));
         assert_eq!(m.ask(b'H', &nul("client.example.org")).0, b'c');
         m.send(b'D', &[b"M".as_slice(), &nul("i"), &nul("4AF799A60FE")].concat());
@@ -176,6 +199,82 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
         m.send(b'E', &[]);
         assert_eq!(m.reply().unwrap().0, b'h', "add header");
         assert_eq!(m.reply().unwrap().0, b'c', "then continue");
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+    d2.stop().await;
+}
+
+/// Postfix does not wait for our answer to connect, HELO and MAIL: a
+/// refusal the filter gives there is held and answered at each RCPT (and
+/// at end of message) for as long as it holds — the connection after
+/// connect, the transaction after MAIL — without asking the filter again.
+/// An MTA that offers no no-reply steps gets it where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_at_steps_postfix_does_not_wait_for_are_answered_at_rcpt() {
+    let (daemon, port, _dir) = start("delay = 300\nstage = \"connect\"\n").await;
+    // A test filter in front that tempfails MAIL from tempfail-mail@...,
+    // the reference filter behind it.
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::write(dir2.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\n[[filters]]\nnamespace = \"greylist\"\n[filters.config]\ndelay = 300\n",
+        d = dir2.path().display()
+    );
+    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
+    let d2 = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
+    let port2 = match &d2.endpoints("milter")[0] {
+        ListenAddr::Tcp(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    tokio::task::spawn_blocking(move || {
+        let greylisted = "421 4.7.1 Greylisted, please try again later retry=00:05:00\0";
+        // Connect-stage greylisting: nothing is sent at connect, HELO or
+        // MAIL (the next packet read is RCPT's answer), then 421 at RCPT.
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.send(b'C', &[b"client.example.org\0".as_slice(), b"4", &25u16.to_be_bytes(), b"192.0.2.50\0"].concat());
+        m.send(b'H', &nul("client.example.org"));
+        m.send(b'M', &nul("<s@example.org>"));
+        let (c, text) = m.ask(b'R', &nul("<user@example.com>"));
+        assert_eq!((c, text.as_str()), (b'y', greylisted));
+        // The whole connection stays refused: a new transaction, a new HELO.
+        m.send(b'A', &[]);
+        m.send(b'H', &nul("again.example.org"));
+        m.send(b'M', &nul("<t@example.org>"));
+        assert_eq!(m.ask(b'R', &nul("<user2@example.com>")), (b'y', greylisted.to_string()));
+        m.send(b'E', &[]);
+        assert_eq!(m.reply().map(|(c, _)| c), Some(b'y'), "and end of message");
+        // Postfix's next SMTP session on the same connection starts afresh:
+        // a new client, still within its delay for 192.0.2.50 but not for .51.
+        m.send(b'K', &[]);
+        m.send(b'C', &[b"other.example.org\0".as_slice(), b"4", &25u16.to_be_bytes(), b"192.0.2.51\0"].concat());
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")), (b'y', greylisted.to_string()), "a new client: greylisted itself");
+
+        // Without the no-reply steps (milter 2 style): 421 at connect.
+        let mut m = Mta::connect(port);
+        m.negotiate_offering(0x3f);
+        assert_eq!(m.connect_from("192.0.2.52"), (b'y', greylisted.to_string()));
+
+        // A refusal at MAIL holds for that transaction only.
+        let mut m = Mta::connect(port2);
+        m.negotiate();
+        m.connect_from("192.0.2.60");
+        m.ask(b'H', &nul("h.example.org"));
+        m.send(b'M', &nul("<tempfail-mail@example.org>"));
+        let (c, text) = m.ask(b'R', &nul("<a@example.com>"));
+        assert_eq!(c, b'y');
+        assert!(text.starts_with("451 4.7.1 Not now.") && text.contains("retry=00:01:00"), "the MAIL refusal, at RCPT: {text:?}");
+        assert_eq!(m.ask(b'R', &nul("<b@example.com>")).1, text, "every RCPT of that transaction");
+        m.send(b'A', &[]);
+        m.send(b'M', &nul("<s@example.org>"));
+        // (`continue@`: the test filter passes it on to the reference filter.)
+        let (c, text) = m.ask(b'R', &nul("<continue@example.com>"));
+        assert_eq!(c, b'y');
+        assert!(text.contains("retry=00:05:00"), "the next transaction asks the filters, nothing held: {text}");
     })
     .await
     .unwrap();

@@ -275,6 +275,44 @@ fn postfix_milter_greylists_at_end_of_data() {
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
 
+/// Postfix does not wait for the milter's answer at connect, HELO and MAIL
+/// (greyhook negotiates the no-reply steps): a connect-stage tempfail is
+/// held and given at RCPT, where Postfix answers it (and hangs up: a 421);
+/// the retry after the delay is delivered.
+#[test]
+fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let mport = free_port();
+    let cfg = r.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
+             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"connect\"\ndelay = 2\nipv4_prefix = 32\n",
+            d = r.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
+    wait_for_port(mport, 20);
+    let pf =
+        Postfix::start(r, None, &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = accept\nmilter_protocol = 6\n"));
+    let send = || swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test"]);
+    let first = send();
+    let refused: Vec<&str> = first.lines().filter(|l| l.starts_with("<** ")).collect();
+    assert_eq!(refused, ["<** 421 4.7.1 Greylisted, please try again later retry=00:00:02"], "421 at RCPT:\n{first}\n{}", pf.log());
+    assert!(first.contains("RCPT TO:<user@e2e.test>"), "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = send();
+    assert!(second.contains("queued as"), "the retry passes:\n{second}\n{}", daemon.log_text());
+    // (No X-Greylist header: at connect there is no message to put it in.)
+    wait_for_log(&daemon, "action=greylist phase=connect client=127.0.0.1");
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
 /// `greyhook smtp` on a free port in front of the Postfix at `next_hop`
 /// (2 s delay), and a send from client 127.0.0.5 through it.
 fn greyhook_smtp_before(r: &Path, next_hop: u16) -> (Process, impl Fn() -> String) {

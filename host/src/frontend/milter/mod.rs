@@ -6,8 +6,17 @@
 //! cap, parsers that return errors instead of panicking, fuzzed upstream.
 //! This module maps it onto the filter chain:
 //!
-//! - connect, HELO, MAIL and RCPT call the matching hooks at once, so a
-//!   tempfail is answered at the SMTP command it belongs to;
+//! - connect, HELO, MAIL and RCPT call the matching hooks at once. Postfix
+//!   does not wait for our answer to connect, HELO and MAIL
+//!   (`SMFIP_NR_CONN`, `SMFIP_NR_HELO`, `SMFIP_NR_MAIL` are negotiated:
+//!   three round trips fewer a message); a tempfail or reject the filters
+//!   give there is *held* and answered at the next step Postfix waits for
+//!   (each RCPT, then end of message), without asking the filters again:
+//!   for the rest of the connection after connect, until the next HELO
+//!   after HELO, for the transaction after MAIL. A connect-stage `421`
+//!   reaches the client at its first RCPT, where Postfix answers it and
+//!   hangs up; an MTA that does not offer the no-reply steps gets every
+//!   answer where it belongs;
 //! - headers are collected (bounded), and `on-data` runs at **end of
 //!   message**, with the Message-ID and the headers. Not at end of headers:
 //!   milter lets a filter add headers only at end of message, and the draft
@@ -149,7 +158,33 @@ struct Conversation {
     headers: Vec<Header>,
     /// Headers the filters asked for at MAIL/RCPT, added at end of message.
     pending_headers: Vec<Header>,
+    /// The steps the MTA does not wait for an answer to (negotiated).
+    no_reply: Protocol,
+    /// A refusal given at a step the MTA did not wait for, answered at the
+    /// steps it waits for until its scope ends.
+    held: Option<Held>,
 }
+
+/// A refusal held for the next answered step.
+struct Held {
+    action: Action,
+    /// What ends it.
+    until: HeldUntil,
+}
+
+/// What ends a [`Held`] refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldUntil {
+    /// The connection (refused at connect).
+    Connection,
+    /// The next HELO (refused at HELO).
+    Helo,
+    /// The transaction (refused at MAIL).
+    Transaction,
+}
+
+/// The steps whose answer we ask the MTA not to wait for.
+const NO_REPLY_EARLY: Protocol = Protocol::NR_CONNECT.union(Protocol::NR_HELO).union(Protocol::NR_MAIL);
 
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -179,6 +214,22 @@ impl Conversation {
         self.session.as_mut()
     }
 
+    /// The held refusal's answer, if one is in force.
+    fn held(&self) -> Option<Action> {
+        self.held.as_ref().map(|h| h.action.clone())
+    }
+
+    /// Holds `v`'s refusal if the MTA is not waiting for this step's
+    /// answer (`step`), to give it at the next step it waits for. Returns
+    /// the answer for this step.
+    fn answer_or_hold(&mut self, step: Protocol, until: HeldUntil, v: &Verdict) -> Action {
+        let a = action(v);
+        if v.reply().is_some() && self.no_reply.contains(step) {
+            self.held = Some(Held { action: a.clone(), until });
+        }
+        a
+    }
+
     /// The session's name in the decision log: the message's queue ID
     /// once the MTA has told it, else the connection's own name.
     fn name_session(&mut self) {
@@ -190,6 +241,9 @@ impl Conversation {
 
     /// Forgets what belonged to the transaction that ended.
     fn end_transaction(&mut self) {
+        if self.held.as_ref().is_some_and(|h| h.until == HeldUntil::Transaction) {
+            self.held = None;
+        }
         self.headers.clear();
         self.pending_headers.clear();
         self.queue_id = None;
@@ -207,13 +261,21 @@ impl MilterProtocol for Conversation {
             // No body, no DATA command, no end of headers, no unknown
             // commands: we need none of them. Headers without waiting for
             // a reply to each (`SMFIP_NR_HDR`): we only collect them.
-            protocol: Protocol::NO_BODY | Protocol::NO_DATA | Protocol::NO_END_OF_HEADER | Protocol::NO_UNKNOWN | Protocol::NR_HEADER,
+            // No answer awaited at connect, HELO and MAIL (a refusal
+            // there is held for RCPT; see the module's documentation).
+            protocol: Protocol::NO_BODY
+                | Protocol::NO_DATA
+                | Protocol::NO_END_OF_HEADER
+                | Protocol::NO_UNKNOWN
+                | Protocol::NR_HEADER
+                | NO_REPLY_EARLY,
             ..OptNeg::default()
         };
         let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
         // Ask only for protocol steps the MTA can skip; keep our wishes.
         merged.protocol = ours.protocol & theirs.protocol;
         merged.capabilities = ours.capabilities & theirs.capabilities;
+        self.no_reply = merged.protocol & NO_REPLY_EARLY;
         Ok(merged)
     }
 
@@ -257,19 +319,33 @@ impl MilterProtocol for Conversation {
         }
         let v = s.connect().await;
         self.session = Some(s);
-        Ok(action(&v))
+        self.held = None;
+        Ok(self.answer_or_hold(Protocol::NR_CONNECT, HeldUntil::Connection, &v))
     }
 
     async fn helo(&mut self, h: Helo) -> Result<Action, Self::Error> {
+        match &self.held {
+            Some(held) if held.until == HeldUntil::Connection => return Ok(held.action.clone()),
+            // A new HELO: the last one's refusal (and any transaction) ends.
+            Some(_) => self.held = None,
+            None => {}
+        }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         let name = h.helo();
         let v = s.ehlo(name.get(..255).unwrap_or(&name)).await;
-        Ok(action(&v.verdict))
+        Ok(self.answer_or_hold(Protocol::NR_HELO, HeldUntil::Helo, &v.verdict))
     }
 
     async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
         self.headers.clear();
         self.pending_headers.clear();
+        match &self.held {
+            // Refused for the session: no transaction, no filter asked.
+            Some(held) if held.until != HeldUntil::Transaction => return Ok(held.action.clone()),
+            // A new MAIL: the last transaction's refusal ends.
+            Some(_) => self.held = None,
+            None => {}
+        }
         let auth = self.auth_user.clone();
         self.name_session();
         let Some(s) = self.session() else { return Ok(Continue.into()) };
@@ -280,10 +356,13 @@ impl MilterProtocol for Conversation {
         if v.reply().is_none() {
             keep_headers(&mut self.pending_headers, &v);
         }
-        Ok(action(&v))
+        Ok(self.answer_or_hold(Protocol::NR_MAIL, HeldUntil::Transaction, &v))
     }
 
     async fn rcpt(&mut self, r: Recipient) -> Result<Action, Self::Error> {
+        if let Some(a) = self.held() {
+            return Ok(a);
+        }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         let rcpt = strip_brackets(&r.recipient());
         let v = s.rcpt(&rcpt).await;
@@ -306,6 +385,10 @@ impl MilterProtocol for Conversation {
     }
 
     async fn end_of_body(&mut self) -> Result<ModificationResponse, Self::Error> {
+        if let Some(Action::Replycode(r)) = self.held() {
+            self.end_transaction();
+            return Ok(ModificationResponse::builder().build(r));
+        }
         let headers = std::mem::take(&mut self.headers);
         let mut add = std::mem::take(&mut self.pending_headers);
         let Some(s) = self.session() else { return Ok(ModificationResponse::empty_continue()) };
@@ -328,6 +411,7 @@ impl MilterProtocol for Conversation {
         // The MTA reuses this connection for another SMTP session.
         self.session = None;
         self.auth_user = None;
+        self.held = None;
         self.end_transaction();
         Ok(())
     }
@@ -362,6 +446,8 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         conn_id: format!("milter{}", CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         headers: Vec::new(),
         pending_headers: Vec::new(),
+        no_reply: Protocol::empty(),
+        held: None,
     };
     let mut io = PeerDeadlines::new(conn, deadlines);
     tokio::select! {
