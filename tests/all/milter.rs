@@ -25,14 +25,21 @@ async fn start_with(filter_config: &str, milter: &str) -> (Daemon, u16, tempfile
         "[store]\npath = \"memory\"\n[control]\nsocket = \"{}/control.sock\"\n[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"2s\"\n{milter}\n[filter.config]\n{filter_config}\n",
         dir.path().display()
     );
-    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
+    let (d, port, clock) = start_config(&text).await;
+    (d, port, dir, clock)
+}
+
+/// A daemon on the configuration `text` (whose first milter listener is
+/// on TCP), its milter port, and the clock it hands the filters.
+async fn start_config(text: &str) -> (Daemon, u16, Arc<ManualClock>) {
+    let cfg = hermetic(DaemonConfig::parse(text, "test.toml").unwrap());
     let clock = Arc::new(ManualClock::new(T0));
     let d = Daemon::start(&cfg, clock.clone(), None).await.unwrap();
     let port = match &d.endpoints("milter")[0] {
         ListenAddr::Tcp(a) => a.port(),
         other => panic!("{other}"),
     };
-    (d, port, dir, clock)
+    (d, port, clock)
 }
 
 trait Stream: Read + Write + Send {}
@@ -224,12 +231,7 @@ async fn refusals_at_steps_postfix_does_not_wait_for_are_answered_at_rcpt() {
          [[filters]]\npath = \"{d}/chaos.wasm\"\nnamespace = \"chaos\"\n[[filters]]\nnamespace = \"greylist\"\n[filters.config]\ndelay = 300\n",
         d = dir2.path().display()
     );
-    let cfg = hermetic(DaemonConfig::parse(&text, "test.toml").unwrap());
-    let d2 = Daemon::start(&cfg, Arc::new(ManualClock::new(T0)), None).await.unwrap();
-    let port2 = match &d2.endpoints("milter")[0] {
-        ListenAddr::Tcp(a) => a.port(),
-        other => panic!("{other}"),
-    };
+    let (d2, port2, _) = start_config(&text).await;
     tokio::task::spawn_blocking(move || {
         let greylisted = "421 4.7.1 Greylisted, please try again later retry=00:05:00\0";
         // Connect-stage greylisting: nothing is sent at connect, HELO or

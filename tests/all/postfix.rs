@@ -223,31 +223,42 @@ fn wait_for_log(p: &Process, what: &str) {
     panic!("greyhook did not log {what:?}: {}", p.log_text());
 }
 
-/// Postfix asks greyhook over milter; the filter greylists at DATA with the
-/// Message-ID in the key; the retry passes and carries `X-Greylist`.
-#[test]
-fn postfix_milter_greylists_at_end_of_data() {
-    let root = tempfile::tempdir().unwrap();
-    traversable(root.path());
-    let r = root.path();
+/// `greyhook serve` with a milter listener and the reference filter
+/// configured by `filter_config` (its `[filter.config]` table), and a
+/// Postfix in `r` using it as its milter with `milter_default_action`.
+fn postfix_with_milter(r: &Path, filter_config: &str, default_action: &str) -> (Process, Postfix) {
+    traversable(r);
     let mport = free_port();
     let cfg = r.join("greyhook.toml");
     std::fs::write(
         &cfg,
         format!(
             "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
-             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"data\"\ndelay = 2\nipv4_prefix = 32\n\
-             reply_text = [\"Greylisted, please try again later\", \"See https://greyhook.test/why\"]\n",
+             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\n{filter_config}",
             d = r.display()
         ),
     )
     .unwrap();
-    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
+    let daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
     wait_for_port(mport, 20);
     let pf = Postfix::start(
         r,
         None,
-        &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = tempfail\nmilter_protocol = 6\n"),
+        &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = {default_action}\nmilter_protocol = 6\n"),
+    );
+    (daemon, pf)
+}
+
+/// Postfix asks greyhook over milter; the filter greylists at DATA with the
+/// Message-ID in the key; the retry passes and carries `X-Greylist`.
+#[test]
+fn postfix_milter_greylists_at_end_of_data() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut daemon, pf) = postfix_with_milter(
+        root.path(),
+        "stage = \"data\"\ndelay = 2\nipv4_prefix = 32\n\
+         reply_text = [\"Greylisted, please try again later\", \"See https://greyhook.test/why\"]\n",
+        "tempfail",
     );
     let send = |id: &str| {
         let mid = format!("Message-Id: <{id}@client.example.org>");
@@ -282,23 +293,7 @@ fn postfix_milter_greylists_at_end_of_data() {
 #[test]
 fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
     let root = tempfile::tempdir().unwrap();
-    traversable(root.path());
-    let r = root.path();
-    let mport = free_port();
-    let cfg = r.join("greyhook.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
-             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\nstage = \"connect\"\ndelay = 2\nipv4_prefix = 32\n",
-            d = r.display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
-    wait_for_port(mport, 20);
-    let pf =
-        Postfix::start(r, None, &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = accept\nmilter_protocol = 6\n"));
+    let (mut daemon, pf) = postfix_with_milter(root.path(), "stage = \"connect\"\ndelay = 2\nipv4_prefix = 32\n", "accept");
     let send = || swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test"]);
     let first = send();
     let refused: Vec<&str> = first.lines().filter(|l| l.starts_with("<** ")).collect();
