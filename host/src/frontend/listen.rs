@@ -283,11 +283,20 @@ impl Load {
     /// `None` when the time ran out.
     pub async fn timeout<F: std::future::Future>(&self, normal: Duration, stressed: Duration, fut: F) -> Option<F::Output> {
         let start = tokio::time::Instant::now();
-        let mut rx = self.stress.subscribe();
         tokio::pin!(fut);
+        // Most waits end at once (a reply the socket buffer takes, a line
+        // already in hand): those need no timer and no stress watch, whose
+        // registration and removal cost more than the wait itself. Polled
+        // with this task's waker, so a pending future is woken as usual.
+        if let std::task::Poll::Ready(v) = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
+            return Some(v);
+        }
+        let mut rx = self.stress.subscribe();
         loop {
             let limit = if *rx.borrow_and_update() { stressed.min(normal) } else { normal };
             tokio::select! {
+                // The future first: a timer is only armed for a wait.
+                biased;
                 v = &mut fut => return Some(v),
                 _ = tokio::time::sleep_until(start + limit) => return None,
                 r = rx.changed() => if r.is_err() {
