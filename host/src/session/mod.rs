@@ -44,14 +44,16 @@ impl Hooks {
 /// The state of one SMTP session.
 pub struct SmtpSession {
     hooks: Hooks,
-    session: Session,
-    transaction: Transaction,
+    /// The session and transaction as the filters see them, kept whole so
+    /// that a hook is handed it by reference (its `now` is set at each
+    /// call) rather than a copy of every string in it.
+    ctx: Context,
 }
 
 impl SmtpSession {
     /// A session with the client at `client`; `id` names it in logs.
     pub fn new(hooks: Hooks, id: impl Into<String>, client: IpAddr) -> SmtpSession {
-        SmtpSession { hooks, session: Session::new(id, client), transaction: Transaction::default() }
+        SmtpSession { hooks, ctx: Context { session: Session::new(id, client), transaction: Transaction::default(), now: 0 } }
     }
 
     /// Looks up the client's names (PTR, then forward confirmation) with
@@ -59,26 +61,26 @@ impl SmtpSession {
     /// `reverse_client_name`: for front ends whose MTA does not say them.
     pub async fn resolve_client(&mut self) {
         if let Some(r) = &self.hooks.resolver {
-            let (confirmed, reverse) = r.client_names(self.session.client_address).await;
-            self.session.client_name = confirmed;
-            self.session.reverse_client_name = reverse;
+            let (confirmed, reverse) = r.client_names(self.ctx.session.client_address).await;
+            self.ctx.session.client_name = confirmed;
+            self.ctx.session.reverse_client_name = reverse;
         }
     }
 
     /// The session facts, for the front end to fill in (client name, TLS,
     /// authenticated user).
     pub fn session_mut(&mut self) -> &mut Session {
-        &mut self.session
+        &mut self.ctx.session
     }
 
     /// The session facts.
     pub fn session(&self) -> &Session {
-        &self.session
+        &self.ctx.session
     }
 
     /// The transaction so far.
     pub fn transaction(&self) -> &Transaction {
-        &self.transaction
+        &self.ctx.transaction
     }
 
     /// Logs and counts a decision.
@@ -87,26 +89,27 @@ impl SmtpSession {
         log_decision(self.hooks.front_end, phase, ctx, recipient, v);
     }
 
-    fn ctx(&self) -> Context {
-        Context { session: self.session.clone(), transaction: self.transaction.clone(), now: self.hooks.clock.now() }
+    /// The context for a hook call now: its time set.
+    fn stamp(&mut self) {
+        self.ctx.now = self.hooks.clock.now();
     }
 
     /// The connect hook.
     pub async fn connect(&mut self) -> Verdict {
-        let ctx = self.ctx();
-        let v = self.hooks.chain.on_connect(&ctx).await;
-        self.decided(Phase::Connect, &ctx, None, &v);
+        self.stamp();
+        let v = self.hooks.chain.on_connect(&self.ctx).await;
+        self.decided(Phase::Connect, &self.ctx, None, &v);
         v
     }
 
     /// HELO/EHLO: records the name (a new EHLO also ends any transaction)
     /// and asks the chain.
     pub async fn ehlo(&mut self, helo: &str) -> EhloVerdict {
-        self.session.helo = Some(helo.to_string());
+        self.ctx.session.helo = Some(helo.to_string());
         self.reset();
-        let ctx = self.ctx();
-        let v = self.hooks.chain.on_ehlo(&ctx).await;
-        self.decided(Phase::Ehlo, &ctx, None, &v.verdict);
+        self.stamp();
+        let v = self.hooks.chain.on_ehlo(&self.ctx).await;
+        self.decided(Phase::Ehlo, &self.ctx, None, &v.verdict);
         v
     }
 
@@ -114,13 +117,13 @@ impl SmtpSession {
     /// transaction starts when the verdict lets it.
     pub async fn mail(&mut self, sender: &str) -> Verdict {
         self.reset();
-        let ctx = self.ctx();
-        let v = self.hooks.chain.on_mail(&ctx, sender).await;
-        let mut logged = ctx;
-        logged.transaction.sender = Some(sender.to_string());
-        self.decided(Phase::Mail, &logged, None, &v);
-        if v.reply().is_none() {
-            self.transaction.sender = Some(sender.to_string());
+        self.stamp();
+        let v = self.hooks.chain.on_mail(&self.ctx, sender).await;
+        // Logged with its sender; kept only if the transaction starts.
+        self.ctx.transaction.sender = Some(sender.to_string());
+        self.decided(Phase::Mail, &self.ctx, None, &v);
+        if v.reply().is_some() {
+            self.ctx.transaction.sender = None;
         }
         v
     }
@@ -128,11 +131,12 @@ impl SmtpSession {
     /// RCPT TO: asks the chain with the recipients accepted so far, and
     /// remembers the recipient (with its policy group) if it passes.
     pub async fn rcpt(&mut self, recipient: &str) -> Verdict {
-        let ctx = self.ctx();
-        let v = self.hooks.chain.on_rcpt(&ctx, recipient).await;
-        self.decided(Phase::Rcpt, &ctx, Some(recipient), &v);
-        if v.reply().is_none() && self.transaction.recipients.len() < MAX_TRANSACTION_RECIPIENTS {
-            self.transaction
+        self.stamp();
+        let v = self.hooks.chain.on_rcpt(&self.ctx, recipient).await;
+        self.decided(Phase::Rcpt, &self.ctx, Some(recipient), &v);
+        if v.reply().is_none() && self.ctx.transaction.recipients.len() < MAX_TRANSACTION_RECIPIENTS {
+            self.ctx
+                .transaction
                 .recipients
                 .push(AcceptedRecipient { address: recipient.to_string(), policy_group: v.policy_group.clone().unwrap_or_default() });
         }
@@ -141,9 +145,9 @@ impl SmtpSession {
 
     /// End of DATA: the message's headers (Message-ID among them).
     pub async fn data(&mut self, message: &Message) -> Verdict {
-        let ctx = self.ctx();
-        let v = self.hooks.chain.on_data(&ctx, message).await;
-        self.decided(Phase::Data, &ctx, None, &v);
+        self.stamp();
+        let v = self.hooks.chain.on_data(&self.ctx, message).await;
+        self.decided(Phase::Data, &self.ctx, None, &v);
         v
     }
 
@@ -151,20 +155,20 @@ impl SmtpSession {
     /// policy protocol, OpenSMTPD's filters): makes the transaction this
     /// sender's, starting a new one if it was another's or none.
     pub fn continue_transaction(&mut self, sender: &str) {
-        if self.transaction.sender.as_deref() != Some(sender) {
-            self.transaction = Transaction { sender: Some(sender.to_string()), recipients: Vec::new() };
+        if self.ctx.transaction.sender.as_deref() != Some(sender) {
+            self.ctx.transaction = Transaction { sender: Some(sender.to_string()), recipients: Vec::new() };
         }
     }
 
     /// Puts a transaction back (a front end whose next hop refused a
     /// recipient the filters accepted drops it this way).
     pub fn restore(&mut self, sender: Option<String>, recipients: Vec<AcceptedRecipient>) {
-        self.transaction = Transaction { sender, recipients };
+        self.ctx.transaction = Transaction { sender, recipients };
     }
 
     /// Ends the transaction (RSET, a new MAIL, after DATA, an abort).
     pub fn reset(&mut self) {
-        self.transaction = Transaction::default();
+        self.ctx.transaction = Transaction::default();
     }
 }
 
