@@ -561,13 +561,15 @@ impl tokio::io::AsyncRead for PeerDeadlines {
         let before = buf.filled().len();
         match this.inner.as_mut().poll_read(cx, buf) {
             Poll::Ready(r) => {
-                let new = buf.filled()[before..].to_vec();
-                this.track(&new);
+                this.track(&buf.filled()[before..]);
                 Poll::Ready(r)
             }
             Poll::Pending => loop {
                 let end = this.deadline();
-                if this.timer.deadline() != end {
+                // A timer set earlier than `end` stays: when it fires the
+                // limits are checked again and it is set anew (moving it
+                // later at every read cost a timer-wheel update each).
+                if this.timer.deadline() > end || this.timer.is_elapsed() {
                     this.timer.as_mut().reset(end);
                 }
                 match this.timer.as_mut().poll(cx) {
