@@ -191,7 +191,12 @@ impl PolicyServer {
         // Invalid UTF-8 (a client's bytes in sender, recipient or HELO) is
         // not a reason to let the mail through: the filters see it with
         // U+FFFD in place of the bad bytes, and greylist it like any other.
-        let text = String::from_utf8_lossy(request);
+        // (Checked with `from_utf8` first: its ASCII fast path is several
+        // times quicker than the lossy decoder on a request that is valid.)
+        let text = match std::str::from_utf8(request) {
+            Ok(t) => std::borrow::Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(request),
+        };
         let text: &str = &text;
         let attrs = match Attrs::parse(text) {
             Ok(a) => a,

@@ -57,7 +57,7 @@ impl Framer {
     /// buffer never holds more than one line over the limit: a caller that
     /// reads at most that much before calling again stays bounded.
     pub fn next_request(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        while let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
             let end = self.scanned + pos;
             self.scanned = end + 1;
             let line = &self.buf[self.line_start..end];
@@ -110,19 +110,19 @@ impl<'a> Attrs<'a> {
     pub fn parse(text: &'a str) -> Result<Attrs<'a>, Malformed> {
         // A request has a few dozen attributes: a linear scan beats hashing.
         let mut attrs: Vec<(&str, &str)> = Vec::with_capacity(32);
-        // Found with byte scans: a char pattern's searcher costs more than
-        // these short lines (it was ~400 instructions a line). '\n', '\r'
-        // and '=' are ASCII, so every cut is on a character boundary.
+        // Found with `memchr` (vectorised): a char pattern's searcher cost
+        // ~400 instructions a line, a byte loop ~5 a byte. '\n', '\r' and
+        // '=' are ASCII, so every cut is on a character boundary.
         let mut rest = text;
         while !rest.is_empty() {
-            let end = rest.as_bytes().iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            let end = memchr::memchr(b'\n', rest.as_bytes()).unwrap_or(rest.len());
             let line = &rest[..end];
             rest = rest.get(end + 1..).unwrap_or("");
             let l = line.strip_suffix('\r').unwrap_or(line);
             if l.is_empty() {
                 continue;
             }
-            match l.as_bytes().iter().position(|&b| b == b'=') {
+            match memchr::memchr(b'=', l.as_bytes()) {
                 Some(eq) => attrs.push((&l[..eq], &l[eq + 1..])),
                 None => return Err(Malformed(l.chars().take(200).collect())),
             }
