@@ -59,8 +59,6 @@ pub struct FilterMetrics {
     /// existing series (nearly every one) looks it up by `&str` and a
     /// binary search over a few label sets, allocating nothing.
     series: Mutex<BTreeMap<String, Series>>,
-    /// Series over all names (bounded by [`MAX_SERIES`]).
-    count: AtomicU64,
     dropped: AtomicU64,
 }
 
@@ -100,22 +98,22 @@ impl FilterMetrics {
         // A map insert or update cannot be left half-done: the data is
         // whole even if another thread panicked holding the lock.
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let full = self.count.load(Ordering::Relaxed) >= MAX_SERIES as u64;
-        let ok = match map.get_mut(name) {
-            Some(series) => match series.binary_search_by(|(l, _)| l.cmp(&labels)) {
-                Ok(i) => f(&mut series[i].1),
-                Err(_) if full => false,
-                Err(i) => insert(&self.count, series, i, labels, new, f),
-            },
-            None if full => false,
-            None => {
-                let mut series = Vec::new();
-                let ok = insert(&self.count, &mut series, 0, labels, new, f);
-                if ok {
-                    map.insert(name.to_string(), series);
-                }
-                ok
+        let ok = if let Some(series) = map.get_mut(name)
+            && let Ok(i) = series.binary_search_by(|(l, _)| l.cmp(&labels))
+        {
+            f(&mut series[i].1)
+        } else if map.values().map(Vec::len).sum::<usize>() >= MAX_SERIES {
+            // A new series (rare: counted only then) past the limit.
+            false
+        } else {
+            let mut v = new();
+            let ok = f(&mut v);
+            if ok {
+                let series = map.entry(name.to_string()).or_default();
+                let i = series.binary_search_by(|(l, _)| l.cmp(&labels)).unwrap_or_else(|i| i);
+                series.insert(i, (labels, v));
             }
+            ok
         };
         if !ok {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -178,25 +176,6 @@ impl FilterMetrics {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
-}
-
-/// Adds a series at `i` of `series` (where its labels sort) if its first
-/// update `f` succeeds; true if it did.
-fn insert(
-    count: &AtomicU64,
-    series: &mut Series,
-    i: usize,
-    labels: Vec<(String, String)>,
-    new: impl FnOnce() -> MetricValue,
-    f: impl FnOnce(&mut MetricValue) -> bool,
-) -> bool {
-    let mut v = new();
-    let ok = f(&mut v);
-    if ok {
-        series.insert(i, (labels, v));
-        count.fetch_add(1, Ordering::Relaxed);
-    }
-    ok
 }
 
 impl MetricSample {

@@ -172,15 +172,17 @@ struct Held {
     until: HeldUntil,
 }
 
-/// What ends a [`Held`] refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What ends a [`Held`] refusal, narrowest first: a step ends the
+/// refusals no wider than its own scope (MAIL a transaction's, HELO a
+/// HELO's or a transaction's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum HeldUntil {
-    /// The connection (refused at connect).
-    Connection,
-    /// The next HELO (refused at HELO).
-    Helo,
     /// The transaction (refused at MAIL).
     Transaction,
+    /// The next HELO (refused at HELO).
+    Helo,
+    /// The connection (refused at connect).
+    Connection,
 }
 
 /// The steps whose answer we ask the MTA not to wait for.
@@ -217,6 +219,19 @@ impl Conversation {
     /// The held refusal's answer, if one is in force.
     fn held(&self) -> Option<Action> {
         self.held.as_ref().map(|h| h.action.clone())
+    }
+
+    /// At a step that starts a new `scope` (HELO, MAIL): the held
+    /// refusal's answer if it outlives the scope (the step is refused
+    /// without asking the filters), else none, and a narrower one ends.
+    fn held_beyond(&mut self, scope: HeldUntil) -> Option<Action> {
+        match &self.held {
+            Some(h) if h.until > scope => Some(h.action.clone()),
+            _ => {
+                self.held = None;
+                None
+            }
+        }
     }
 
     /// Holds `v`'s refusal if the MTA is not waiting for this step's
@@ -324,11 +339,9 @@ impl MilterProtocol for Conversation {
     }
 
     async fn helo(&mut self, h: Helo) -> Result<Action, Self::Error> {
-        match &self.held {
-            Some(held) if held.until == HeldUntil::Connection => return Ok(held.action.clone()),
-            // A new HELO: the last one's refusal (and any transaction) ends.
-            Some(_) => self.held = None,
-            None => {}
+        // A new HELO: the last one's refusal (and any transaction's) ends.
+        if let Some(a) = self.held_beyond(HeldUntil::Helo) {
+            return Ok(a);
         }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         let name = h.helo();
@@ -339,12 +352,10 @@ impl MilterProtocol for Conversation {
     async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
         self.headers.clear();
         self.pending_headers.clear();
-        match &self.held {
-            // Refused for the session: no transaction, no filter asked.
-            Some(held) if held.until != HeldUntil::Transaction => return Ok(held.action.clone()),
-            // A new MAIL: the last transaction's refusal ends.
-            Some(_) => self.held = None,
-            None => {}
+        // Refused for the session: no transaction, no filter asked. A new
+        // MAIL: the last transaction's refusal ends.
+        if let Some(a) = self.held_beyond(HeldUntil::Transaction) {
+            return Ok(a);
         }
         let auth = self.auth_user.clone();
         self.name_session();
