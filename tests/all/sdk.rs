@@ -128,6 +128,27 @@ async fn a_filter_that_keeps_state_still_works_with_the_sdk_arena() {
     }
 }
 
+/// What a filter hands the `metrics` import is sorted out at the boundary
+/// (which the host reads in place from the filter's memory): label order
+/// does not make another series, the first of a duplicated label counts,
+/// and too many labels, bad names and control characters are dropped and
+/// counted, never stored.
+#[tokio::test]
+async fn metrics_from_a_filter_are_checked_at_the_boundary() {
+    let rt = runtime();
+    let f = rt
+        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+        .await
+        .expect("the stateful filter loads");
+    let c = Client::new(&f, "192.0.2.1", T0);
+    for _ in 0..2 {
+        f.try_on_ehlo(&c.ctx()).await.expect("on-ehlo");
+    }
+    let got: Vec<String> = f.metrics().snapshot().iter().map(|s| s.render()).collect();
+    assert_eq!(got, ["dup_total{k=\"first\"} 2", "odd_seconds{v=\"fine\"} count=2 sum=1", "odd_total{a=\"1\",b=\"2\"} 6"], "{got:#?}");
+    assert_eq!(f.metrics().dropped(), 2 * 4, "four updates a call dropped");
+}
+
 /// The same filter under `greyhook serve`: that the arena cannot be
 /// rewound is in the log, once.
 #[test]

@@ -270,6 +270,13 @@ fn engine_config(config: &RuntimeConfig, reservation: u64) -> wasmtime::Config {
         .memory_reservation(reservation)
         .memory_reservation_for_growth(0)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // For profiling: `GREYHOOK_PERFMAP=1` names the filters' compiled
+    // functions in /tmp/perf-PID.map, which `perf report` reads (and the
+    // breakdown of `cargo bench --bench filter -- --instructions` maps
+    // callgrind's addresses with; docs/performance.md).
+    if std::env::var_os("GREYHOOK_PERFMAP").is_some_and(|v| v == "1") {
+        wc.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     wc
 }
 
@@ -303,6 +310,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
         bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
         bindings_v01::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
+        sandbox::link_metrics(&mut linker).map_err(err)?;
         let weak = engine.weak();
         let ticker =
             Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;

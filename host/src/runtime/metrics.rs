@@ -74,32 +74,56 @@ fn valid_value(v: &str) -> bool {
     v.len() <= MAX_LABEL_VALUE && v.chars().all(|c| !c.is_control())
 }
 
+/// A label set in canonical form: sorted by name, the first of a
+/// duplicated name kept; borrowed from the caller (at most [`MAX_LABELS`]).
+struct Canonical<'a> {
+    labels: [(&'a str, &'a str); MAX_LABELS],
+    len: usize,
+}
+
+impl<'a> Canonical<'a> {
+    fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        &self.labels[..self.len]
+    }
+
+    /// How a stored label set orders against this one (as the stored
+    /// `Vec<(String, String)>`s order among themselves).
+    fn cmp_stored(&self, stored: &[(String, String)]) -> std::cmp::Ordering {
+        stored.iter().map(|(k, v)| (k.as_str(), v.as_str())).cmp(self.as_slice().iter().copied())
+    }
+
+    fn to_owned(&self) -> Vec<(String, String)> {
+        self.as_slice().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+}
+
 impl FilterMetrics {
-    /// The labels in canonical form (sorted, first of a duplicated name
-    /// kept), or `None` (counted as dropped) if the name or a label breaks
-    /// the rules.
-    fn labels(&self, name: &str, mut labels: Vec<(String, String)>) -> Option<Vec<(String, String)>> {
+    /// The labels in canonical form, or `None` (counted as dropped) if the
+    /// name or a label breaks the rules.
+    fn labels<'a>(&self, name: &str, labels: &[(&'a str, &'a str)]) -> Option<Canonical<'a>> {
         if !valid_name(name) || labels.len() > MAX_LABELS || !labels.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        labels.sort();
-        labels.dedup_by(|a, b| a.0 == b.0);
-        Some(labels)
+        let mut c = Canonical { labels: [("", ""); MAX_LABELS], len: 0 };
+        c.labels[..labels.len()].copy_from_slice(labels);
+        c.labels[..labels.len()].sort_by(|a, b| a.0.cmp(b.0));
+        // Stable sort: the first of a duplicated name stays first and is kept.
+        for i in 0..labels.len() {
+            if c.len == 0 || c.labels[c.len - 1].0 != c.labels[i].0 {
+                c.labels[c.len] = c.labels[i];
+                c.len += 1;
+            }
+        }
+        Some(c)
     }
 
-    fn update(
-        &self,
-        name: &str,
-        labels: Vec<(String, String)>,
-        new: impl FnOnce() -> MetricValue,
-        f: impl FnOnce(&mut MetricValue) -> bool,
-    ) {
+    fn update(&self, name: &str, labels: &Canonical<'_>, new: impl FnOnce() -> MetricValue, f: impl FnOnce(&mut MetricValue) -> bool) {
         // A map insert or update cannot be left half-done: the data is
         // whole even if another thread panicked holding the lock.
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let ok = if let Some(series) = map.get_mut(name)
-            && let Ok(i) = series.binary_search_by(|(l, _)| l.cmp(&labels))
+            && let Ok(i) = series.binary_search_by(|(l, _)| labels.cmp_stored(l))
         {
             f(&mut series[i].1)
         } else if map.values().map(Vec::len).sum::<usize>() >= MAX_SERIES {
@@ -110,8 +134,8 @@ impl FilterMetrics {
             let ok = f(&mut v);
             if ok {
                 let series = map.entry(name.to_string()).or_default();
-                let i = series.binary_search_by(|(l, _)| l.cmp(&labels)).unwrap_or_else(|i| i);
-                series.insert(i, (labels, v));
+                let i = series.binary_search_by(|(l, _)| labels.cmp_stored(l)).unwrap_or_else(|i| i);
+                series.insert(i, (labels.to_owned(), v));
             }
             ok
         };
@@ -121,11 +145,11 @@ impl FilterMetrics {
     }
 
     /// Adds `value` to the counter `name{labels}`.
-    pub fn counter_add(&self, name: &str, labels: Vec<(String, String)>, value: u64) {
+    pub fn counter_add(&self, name: &str, labels: &[(&str, &str)], value: u64) {
         let Some(labels) = self.labels(name, labels) else { return };
         self.update(
             name,
-            labels,
+            &labels,
             || MetricValue::Counter(0),
             |v| match v {
                 MetricValue::Counter(n) => {
@@ -139,7 +163,7 @@ impl FilterMetrics {
     }
 
     /// Records `value` in the histogram `name{labels}`.
-    pub fn observe(&self, name: &str, labels: Vec<(String, String)>, value: f64) {
+    pub fn observe(&self, name: &str, labels: &[(&str, &str)], value: f64) {
         if !value.is_finite() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -147,7 +171,7 @@ impl FilterMetrics {
         let Some(labels) = self.labels(name, labels) else { return };
         self.update(
             name,
-            labels,
+            &labels,
             || MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
             |v| match v {
                 MetricValue::Histogram { count, sum, buckets } => {
@@ -170,6 +194,12 @@ impl FilterMetrics {
                 series.iter().map(|(labels, value)| MetricSample { name: name.clone(), labels: labels.clone(), value: value.clone() })
             })
             .collect()
+    }
+
+    /// Counts an update dropped before it reached [`Self::counter_add`] or
+    /// [`Self::observe`] (e.g. more than [`MAX_LABELS`] labels).
+    pub fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Updates dropped for breaking a rule or the series limit.
@@ -200,19 +230,19 @@ mod tests {
     #[test]
     fn series_are_bounded_and_bad_names_dropped() {
         let m = FilterMetrics::default();
-        m.counter_add("greylisted", vec![("phase".into(), "rcpt".into())], 2);
-        m.counter_add("greylisted", vec![("phase".into(), "rcpt".into())], 3);
-        m.observe("delay_seconds", vec![], 300.0);
-        m.counter_add("Bad-Name", vec![], 1);
-        m.counter_add("delay_seconds", vec![], 1); // a histogram already
-        m.observe("x", vec![], f64::NAN);
+        m.counter_add("greylisted", &[("phase", "rcpt")], 2);
+        m.counter_add("greylisted", &[("phase", "rcpt")], 3);
+        m.observe("delay_seconds", &[], 300.0);
+        m.counter_add("Bad-Name", &[], 1);
+        m.counter_add("delay_seconds", &[], 1); // a histogram already
+        m.observe("x", &[], f64::NAN);
         let s = m.snapshot();
         assert_eq!(s.len(), 2);
         assert_eq!(s[1].render(), "greylisted{phase=\"rcpt\"} 5");
         assert_eq!(s[0].render(), "delay_seconds count=1 sum=300");
         assert_eq!(m.dropped(), 3);
         for i in 0..(MAX_SERIES + 10) {
-            m.counter_add("many", vec![("i".into(), i.to_string())], 1);
+            m.counter_add("many", &[("i", &i.to_string())], 1);
         }
         assert_eq!(m.snapshot().len(), MAX_SERIES);
         assert_eq!(m.dropped(), 3 + 12);

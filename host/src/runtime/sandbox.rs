@@ -18,8 +18,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{HasData, ResourceTable};
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::component::{HasData, ResourceTable, WasmList, WasmStr};
+use wasmtime::{AsContextMut, StoreContextMut, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -526,15 +526,75 @@ impl wit_auth::Host for HostState {
 }
 
 impl wit_metrics::Host for HostState {
+    // Shadowed at run time by `link_metrics` (which reads the strings in
+    // place); kept, and correct, because the generated linker needs it.
     async fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> wasmtime::Result<()> {
-        self.metrics.counter_add(&name, labels, value);
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.metrics.counter_add(&name, &labels, value);
         Ok(())
     }
 
     async fn histogram_observe(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
-        self.metrics.observe(&name, labels, value);
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.metrics.observe(&name, &labels, value);
         Ok(())
     }
+}
+
+/// A metric's labels as the filter passed them, still in its memory.
+type WasmLabels = WasmList<(WasmStr, WasmStr)>;
+
+/// Defines the `metrics` import by hand, over the generated one: the name
+/// and labels are read in place from the filter's memory (checked UTF-8,
+/// no copy), where the generated code copies each into a `String` and the
+/// labels into a vector: five allocations on a call that, for a known
+/// series, needs none. Synchronous: an update is a short lock.
+pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut m = linker.instance("greyhook:filter/metrics@0.2.0")?;
+    m.func_wrap("counter-add", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, u64)| {
+        with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.counter_add(name, labels, value))
+    })?;
+    m.func_wrap("histogram-observe", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, f64)| {
+        with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.observe(name, labels, value))
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Calls `f` with the filter's metrics, and the name and labels as `&str`s
+/// borrowed from the filter's memory. More labels than a series may have
+/// is counted as dropped without reading them; invalid UTF-8 traps, as it
+/// does for every string a filter passes.
+fn with_labels(
+    store: &mut StoreContextMut<'_, HostState>,
+    name: &WasmStr,
+    labels: &WasmLabels,
+    f: impl FnOnce(&FilterMetrics, &str, &[(&str, &str)]),
+) -> wasmtime::Result<()> {
+    use crate::runtime::metrics::MAX_LABELS;
+    use wasmtime::AsContext;
+    let n = labels.len();
+    if n > MAX_LABELS {
+        store.data().metrics.count_dropped();
+        return Ok(());
+    }
+    let mut handles: [Option<(WasmStr, WasmStr)>; MAX_LABELS] = Default::default();
+    for (slot, l) in handles.iter_mut().zip(labels.iter(store.as_context_mut())?) {
+        *slot = Some(l?);
+    }
+    let store = store.as_context();
+    let name = name.to_str(&store)?;
+    let mut strs: [(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>); MAX_LABELS] = Default::default();
+    for (slot, (k, v)) in strs.iter_mut().zip(handles.iter().flatten()) {
+        *slot = (k.to_str(&store)?, v.to_str(&store)?);
+    }
+    let mut refs = [("", ""); MAX_LABELS];
+    for (r, (k, v)) in refs.iter_mut().zip(&strs) {
+        *r = (k.as_ref(), v.as_ref());
+    }
+    f(&store.data().metrics, &name, &refs[..n]);
+    Ok(())
 }
 
 // ---- greyhook:filter@0.1.0: the same store and log behind the old types ----

@@ -17,6 +17,9 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__greyhook_export",
         default_bindings_module: "greyhook_filter::wasm::bindings",
+        // Imports take borrowed arguments (`&[&str]` keys, `&[(&str, &str)]`
+        // labels): a store or metrics call copies nothing before crossing.
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -67,17 +70,12 @@ fn ip_to_wit(ip: IpAddr) -> wit::IpAddress {
     }
 }
 
-fn labels(l: &[(&str, &str)]) -> Vec<(String, String)> {
-    l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
 impl Host for WasmHost {
     fn get(&mut self, key: &str) -> Result<Option<Entry>, StoreError> {
         store::get(key).map(|e| e.map(|e| Entry { value: e.value, version: e.version })).map_err(store_error)
     }
     fn get_many(&mut self, keys: &[&str]) -> Result<Vec<Option<Entry>>, StoreError> {
-        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        store::get_many(&keys)
+        store::get_many(keys)
             .map(|v| v.into_iter().map(|e| e.map(|e| Entry { value: e.value, version: e.version })).collect())
             .map_err(store_error)
     }
@@ -85,10 +83,8 @@ impl Host for WasmHost {
         store::set(key, value, ttl, if_version).map(outcome).map_err(store_error)
     }
     fn set_many(&mut self, writes: &[Write<'_>]) -> Result<Vec<WriteOutcome>, StoreError> {
-        let writes: Vec<store::Write> = writes
-            .iter()
-            .map(|w| store::Write { key: w.key.to_string(), value: w.value.to_vec(), ttl_seconds: w.ttl, if_version: w.if_version })
-            .collect();
+        let writes: Vec<store::Write<'_>> =
+            writes.iter().map(|w| store::Write { key: w.key, value: w.value, ttl_seconds: w.ttl, if_version: w.if_version }).collect();
         store::set_many(&writes).map(|v| v.into_iter().map(outcome).collect()).map_err(store_error)
     }
     fn delete(&mut self, key: &str, if_version: Option<u64>) -> Result<bool, StoreError> {
@@ -124,10 +120,10 @@ impl Host for WasmHost {
         auth::forward_confirmed_name(ip_to_wit(ip)).map_err(dns_error)
     }
     fn counter_add(&mut self, name: &str, l: &[(&str, &str)], value: u64) {
-        metrics::counter_add(name, &labels(l), value);
+        metrics::counter_add(name, l, value);
     }
     fn observe(&mut self, name: &str, l: &[(&str, &str)], value: f64) {
-        metrics::histogram_observe(name, &labels(l), value);
+        metrics::histogram_observe(name, l, value);
     }
     fn log(&mut self, level: Level, message: &str) {
         let level = match level {

@@ -6,10 +6,13 @@
 //! - `on-mail`: allocates and frees, past the arena's chunk too, keeping
 //!   nothing; answers `X-Mail: <bytes it built>`.
 //! - `on-rcpt`: remembers the recipient; answers `X-Seen: <all so far>`.
+//! - `on-ehlo`: keeps nothing; sends the `metrics` import what a careless
+//!   filter might (labels out of order, a duplicated label, too many
+//!   labels, bad names), which the host must sort out or drop.
 
 use std::cell::RefCell;
 
-use greyhook_filter::{Context, Filter, Header, Host, Result, Verdict};
+use greyhook_filter::{Context, EhloVerdict, Filter, Header, Host, Result, Verdict};
 
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 struct Stateful;
@@ -31,6 +34,21 @@ impl Filter for Stateful {
 
     fn init(_config: &str) -> std::result::Result<Self, String> {
         Ok(Stateful)
+    }
+
+    fn on_ehlo(&self, _ctx: &Context, host: &mut dyn Host) -> Result<EhloVerdict> {
+        // One series, whatever the order of its labels.
+        host.counter_add("odd_total", &[("b", "2"), ("a", "1")], 1);
+        host.counter_add("odd_total", &[("a", "1"), ("b", "2")], 2);
+        // A duplicated label: the first one given counts.
+        host.counter_add("dup_total", &[("k", "first"), ("k", "second")], 1);
+        // Dropped: five labels, a bad metric name, a bad label name, a control character.
+        host.counter_add("many_total", &[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("e", "5")], 1);
+        host.counter_add("Bad-Name", &[], 1);
+        host.counter_add("ok_total", &[("Bad Label", "x")], 1);
+        host.observe("odd_seconds", &[("v", "line\nbreak")], 1.0);
+        host.observe("odd_seconds", &[("v", "fine")], 0.5);
+        Ok(EhloVerdict { verdict: Verdict::cont(), keywords: Vec::new() })
     }
 
     fn on_mail(&self, _ctx: &Context, sender: &str, _host: &mut dyn Host) -> Result<Verdict> {
