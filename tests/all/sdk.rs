@@ -128,6 +128,41 @@ async fn a_filter_that_keeps_state_still_works_with_the_sdk_arena() {
     }
 }
 
+/// The store calls a filter of contract 0.2 makes (keys and values read in
+/// place from its memory): what it writes it reads back, through `get` and
+/// `get-many`; a compare-and-swap on a stale version conflicts; and an
+/// empty or too long key, more keys than the call limit and a value over
+/// the limit fail the call as a store failure, with the reason.
+#[tokio::test]
+async fn store_calls_of_a_filter_are_checked_at_the_boundary() {
+    let rt = runtime();
+    let f = rt
+        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+        .await
+        .expect("the stateful filter loads");
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    let mut connect = async |name: &str| {
+        c.session.client_name = Some(name.into());
+        f.try_on_connect(&c.ctx()).await
+    };
+    let header = |v: greyhook::types::Verdict| v.add_headers.iter().map(|h| h.value.clone()).collect::<String>();
+    assert_eq!(header(connect("roundtrip").await.expect("roundtrip")), "value-1 none value-1");
+    assert_eq!(header(connect("cas").await.expect("cas")), "conflict 1");
+    for (name, want) in [
+        ("long-key", "store key of 257 bytes (1 to 256 allowed)"),
+        ("empty-key", "store key of 0 bytes (1 to 256 allowed)"),
+        ("many-keys", "store calls in one hook call"),
+        ("big-value", "store value of 17408 bytes (at most 16384)"),
+    ] {
+        match connect(name).await {
+            Err(greyhook::FilterError::Store(m)) => assert!(m.contains(want), "{name}: {m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // The failures left the instance fit for the next call.
+    assert_eq!(header(connect("roundtrip").await.expect("roundtrip again")), "value-1 none value-1");
+}
+
 /// What a filter hands the `metrics` import is sorted out at the boundary
 /// (which the host reads in place from the filter's memory): label order
 /// does not make another series, the first of a duplicated label counts,

@@ -311,6 +311,7 @@ impl Runtime {
         bindings::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
         bindings_v01::Filter::add_to_linker::<HostState, sandbox::Host>(&mut linker, |s| s).map_err(err)?;
         sandbox::link_metrics(&mut linker).map_err(err)?;
+        sandbox::link_store(&mut linker).map_err(err)?;
         let weak = engine.weak();
         let ticker =
             Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;

@@ -117,6 +117,9 @@ pub(crate) struct HostState {
     dns_calls: u32,
     /// The filter's metrics (the `metrics` import).
     pub(crate) metrics: Arc<FilterMetrics>,
+    /// Namespaced keys of the store call in progress, kept between calls
+    /// so that building them allocates nothing once warm ([`link_store`]).
+    key_bufs: Vec<String>,
 }
 
 impl HostState {
@@ -150,6 +153,7 @@ impl HostState {
             resolver: Resolver::default(),
             dns_calls: 0,
             metrics: Arc::default(),
+            key_bufs: Vec::new(),
         }
     }
 
@@ -212,30 +216,63 @@ impl HostState {
 
     /// Counts a store call and checks the key; returns the namespaced key.
     fn admit(&mut self, key: &str) -> Result<String, wit_store::StoreError> {
+        let mut k = String::new();
+        let c = self.key_into(key, &mut k);
+        self.count_key(c)?;
+        Ok(k)
+    }
+
+    /// Checks a key and writes it, namespaced, into `out` (whose capacity
+    /// is reused); [`Self::count_key`] counts the call and reports. Split
+    /// in two so that `key` may borrow the filter's memory (which `&self`
+    /// allows and `&mut self` would not).
+    fn key_into(&self, key: &str, out: &mut String) -> KeyCheck {
+        if key.is_empty() || key.len() > MAX_KEY {
+            return KeyCheck::Length(key.len());
+        }
+        match &self.prefix {
+            Some(p) => {
+                out.clear();
+                out.push_str(p);
+                out.push_str(key);
+                KeyCheck::Fine
+            }
+            None => KeyCheck::NoNamespace,
+        }
+    }
+
+    /// Counts a store call against its limit, then reports the key's check.
+    fn count_key(&mut self, c: KeyCheck) -> Result<(), wit_store::StoreError> {
         self.store_calls += 1;
         if self.store_calls > self.max_store_calls {
             let m = format!("more than {} store calls in one hook call", self.max_store_calls);
             self.fail(m.clone());
             return Err(wit_store::StoreError::Limit(m));
         }
-        if key.is_empty() || key.len() > MAX_KEY {
-            let m = format!("store key of {} bytes (1 to {MAX_KEY} allowed)", key.len());
-            self.fail(m.clone());
-            return Err(wit_store::StoreError::Limit(m));
-        }
-        match &self.prefix {
-            Some(p) => {
-                let mut k = String::with_capacity(p.len() + key.len());
-                k.push_str(p);
-                k.push_str(key);
-                Ok(k)
+        match c {
+            KeyCheck::Fine => Ok(()),
+            KeyCheck::Length(n) => {
+                let m = format!("store key of {n} bytes (1 to {MAX_KEY} allowed)");
+                self.fail(m.clone());
+                Err(wit_store::StoreError::Limit(m))
             }
-            None => Err(self.fail(
+            KeyCheck::NoNamespace => Err(self.fail(
                 "no store during init: the namespace is the filter's name, known when init returns (set `namespace` to use the store in init)"
                     .into(),
             )),
         }
     }
+}
+
+/// How a key stands before its call is counted ([`HostState::key_into`]).
+#[derive(Debug, Clone, Copy)]
+enum KeyCheck {
+    /// Namespaced into the buffer.
+    Fine,
+    /// Empty or too long: its length.
+    Length(usize),
+    /// No namespace yet (during `init`).
+    NoNamespace,
 }
 
 impl WasiView for HostState {
@@ -266,13 +303,28 @@ impl HostState {
     /// Checks a write against the limits and budgets; the namespaced key
     /// and whether it may create a record.
     fn admit_write(&mut self, key: &str, value: &[u8], if_version: Option<u64>) -> Result<(String, bool), wit_store::StoreError> {
-        let key = self.admit(key)?;
-        if value.len() > MAX_VALUE {
-            let m = format!("store value of {} bytes (at most {MAX_VALUE})", value.len());
+        let mut k = String::new();
+        let c = self.key_into(key, &mut k);
+        let creating = self.admit_write_checked(c, k.len(), value.len(), if_version)?;
+        Ok((k, creating))
+    }
+
+    /// [`Self::admit_write`] after [`Self::key_into`]: a value of `len`
+    /// bytes under a namespaced key of `key_len` bytes.
+    fn admit_write_checked(
+        &mut self,
+        c: KeyCheck,
+        key_len: usize,
+        len: usize,
+        if_version: Option<u64>,
+    ) -> Result<bool, wit_store::StoreError> {
+        self.count_key(c)?;
+        if len > MAX_VALUE {
+            let m = format!("store value of {len} bytes (at most {MAX_VALUE})");
             self.fail(m.clone());
             return Err(wit_store::StoreError::Limit(m));
         }
-        let cost = (key.len() + value.len()) as u64;
+        let cost = (key_len + len) as u64;
         if !self.quota.writes.take(cost) {
             let m = format!("write budget of {} bytes a minute spent", self.quota.writes.per_minute());
             self.fail(m.clone());
@@ -286,7 +338,7 @@ impl HostState {
             self.fail(m.clone());
             return Err(wit_store::StoreError::Limit(m));
         }
-        Ok((key, creating))
+        Ok(creating)
     }
 
     fn written(
@@ -559,6 +611,113 @@ pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) 
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.observe(name, labels, value))
     })?;
     linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// What a store call answers the filter.
+type StoreResult<T> = Result<T, wit_store::StoreError>;
+
+/// Defines the hot store calls (`get`, `get-many`, `set`) by hand, over the
+/// generated ones: keys and values are read in place from the filter's
+/// memory (checked UTF-8) where the generated code copies each into a
+/// `String` or `Vec`, and the namespaced keys are written into buffers the
+/// instance keeps ([`HostState::key_into`]). The checks, budgets and
+/// failures are those of the generated path (`delete` and `set-many` still
+/// take it), through the same helpers.
+pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut m = linker.instance("greyhook:filter/store@0.2.0")?;
+    m.func_wrap_async("get", |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
+        Box::new(async move {
+            let mut bufs = take_key_bufs(&mut store, 1);
+            let r = match admit_keys(&mut store, std::iter::once(Ok(key)), &mut bufs) {
+                Ok(()) => {
+                    let (st, now) = (store.data().store.clone(), store.data().now);
+                    Ok(match st.get(&bufs[0], now).await {
+                        Ok(e) => store.data_mut().entry(&bufs[0], e),
+                        Err(e) => Err(store.data_mut().fail(e.to_string())),
+                    })
+                }
+                Err(e) => e.map(Err),
+            };
+            store.data_mut().key_bufs = bufs;
+            Ok((r?,))
+        })
+    })?;
+    m.func_wrap_async("get-many", |mut store: StoreContextMut<'_, HostState>, (keys,): (WasmList<WasmStr>,)| {
+        Box::new(async move {
+            // Every key counts as a store call: past the limit the call
+            // fails, so no more keys than that are read (or buffered).
+            let n = keys.len().min(store.data().max_store_calls as usize + 1);
+            let mut bufs = take_key_bufs(&mut store, n);
+            let handles: Vec<wasmtime::Result<WasmStr>> = keys.iter(store.as_context_mut())?.take(n).collect();
+            let r = match admit_keys(&mut store, handles, &mut bufs) {
+                Ok(()) => {
+                    let (st, now) = (store.data().store.clone(), store.data().now);
+                    Ok(match st.get_many(&bufs[..n], now).await {
+                        Ok(entries) => {
+                            let h = store.data_mut();
+                            bufs[..n].iter().zip(entries).map(|(k, e)| h.entry(k, e)).collect::<StoreResult<Vec<_>>>()
+                        }
+                        Err(e) => Err(store.data_mut().fail(e.to_string())),
+                    })
+                }
+                Err(e) => e.map(Err),
+            };
+            store.data_mut().key_bufs = bufs;
+            Ok((r?,))
+        })
+    })?;
+    m.func_wrap_async(
+        "set",
+        |mut store: StoreContextMut<'_, HostState>, (key, value, ttl, if_version): (WasmStr, WasmList<u8>, u32, Option<u64>)| {
+            Box::new(async move {
+                let mut bufs = take_key_bufs(&mut store, 1);
+                let c = store.data().key_into(&key.to_str(&store)?, &mut bufs[0]);
+                let admitted = store.data_mut().admit_write_checked(c, bufs[0].len(), value.len(), if_version);
+                let r = match admitted {
+                    Ok(creating) => {
+                        let (st, now, max_ttl) = (store.data().store.clone(), store.data().now, store.data().quota.max_ttl);
+                        let expires_at = now.saturating_add(u64::from(ttl.clamp(1, max_ttl)));
+                        let w = st.set(&bufs[0], value.as_le_slice(&store), expires_at, Condition::from_wit(if_version), now).await;
+                        store.data_mut().written(creating, w)
+                    }
+                    Err(e) => Err(e),
+                };
+                store.data_mut().key_bufs = bufs;
+                Ok((r,))
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The instance's key buffers, at least `n` of them (taken out of the
+/// state while the call uses the first `n`; put back after, strings and
+/// all, so that their capacity serves the next call).
+fn take_key_bufs(store: &mut StoreContextMut<'_, HostState>, n: usize) -> Vec<String> {
+    let mut bufs = std::mem::take(&mut store.data_mut().key_bufs);
+    if bufs.len() < n {
+        bufs.resize_with(n, String::new);
+    }
+    bufs
+}
+
+/// Reads each key from the filter's memory and admits it into `bufs`
+/// ([`HostState::key_into`], [`HostState::count_key`]). `Err(Ok(e))`: a store error the filter is
+/// answered; `Err(Err(e))`: a string that is not UTF-8 (a trap, as for
+/// every string a filter passes).
+fn admit_keys(
+    store: &mut StoreContextMut<'_, HostState>,
+    keys: impl IntoIterator<Item = wasmtime::Result<WasmStr>>,
+    bufs: &mut [String],
+) -> Result<(), wasmtime::Result<wit_store::StoreError>> {
+    for (k, out) in keys.into_iter().zip(bufs.iter_mut()) {
+        let k = k.map_err(Err)?;
+        let c = store.data().key_into(&k.to_str(&*store).map_err(Err)?, out);
+        store.data_mut().count_key(c).map_err(Ok)?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,9 @@
 //! - `on-mail`: allocates and frees, past the arena's chunk too, keeping
 //!   nothing; answers `X-Mail: <bytes it built>`.
 //! - `on-rcpt`: remembers the recipient; answers `X-Seen: <all so far>`.
+//! - `on-connect`: the store calls at and past their limits, chosen by the
+//!   client name (`roundtrip`, `cas`, `long-key`, `empty-key`, `many-keys`,
+//!   `big-value`); answers `X-Store: <what it read>`.
 //! - `on-ehlo`: keeps nothing; sends the `metrics` import what a careless
 //!   filter might (labels out of order, a duplicated label, too many
 //!   labels, bad names), which the host must sort out or drop.
@@ -34,6 +37,36 @@ impl Filter for Stateful {
 
     fn init(_config: &str) -> std::result::Result<Self, String> {
         Ok(Stateful)
+    }
+
+    fn on_connect(&self, ctx: &Context, host: &mut dyn Host) -> Result<Verdict> {
+        use greyhook_filter::WriteOutcome;
+        let read = |e: Option<greyhook_filter::Entry>| e.map_or("none".to_string(), |e| String::from_utf8_lossy(&e.value).into_owned());
+        let said = match ctx.session.client_name.as_deref().unwrap_or("") {
+            "roundtrip" => {
+                host.set("k", b"value-1", 60, None)?;
+                let one = read(host.get("k")?);
+                let many: Vec<String> = host.get_many(&["absent", "k"])?.into_iter().map(read).collect();
+                format!("{one} {}", many.join(" "))
+            }
+            "cas" => {
+                let WriteOutcome::Written(v) = host.set("c", b"1", 60, None)? else { return Ok(header("X-Store", "no write".into())) };
+                match host.set("c", b"2", 60, Some(v + 1))? {
+                    WriteOutcome::Conflict => format!("conflict {}", read(host.get("c")?)),
+                    WriteOutcome::Written(_) => "written".into(),
+                }
+            }
+            "long-key" => read(host.get(&"k".repeat(257))?),
+            "empty-key" => read(host.get("")?),
+            "many-keys" => {
+                let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                format!("{}", host.get_many(&keys)?.len())
+            }
+            "big-value" => format!("{:?}", host.set("big", &vec![0u8; 17 * 1024], 60, None)?),
+            _ => "nothing".into(),
+        };
+        Ok(header("X-Store", said))
     }
 
     fn on_ehlo(&self, _ctx: &Context, host: &mut dyn Host) -> Result<EhloVerdict> {
