@@ -68,10 +68,14 @@ fn printable(s: &str) -> bool {
 }
 
 fn valid_enhanced(e: &str, code: u16) -> bool {
-    let parts: Vec<&str> = e.split('.').collect();
-    parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-        && parts[0].parse::<u16>().ok() == Some(code / 100)
+    let digits = |p: &str| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = e.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(class), Some(subject), Some(detail), None) => {
+            digits(class) && digits(subject) && digits(detail) && class.parse::<u16>().ok() == Some(code / 100)
+        }
+        _ => false,
+    }
 }
 
 /// Checks a reply for a tempfail (`4yz`) or reject (`5yz`).
@@ -299,6 +303,20 @@ mod tests {
         let mut r = reply(451, &["x"], None);
         r.enhanced = Some("5.7.1".into());
         assert!(check_reply(&r, true).is_err());
+        for (e, ok) in [
+            ("4.7.1", true),
+            ("4.123.999", true),
+            ("4.7", false),
+            ("4.7.1.1", false),
+            ("4..1", false),
+            ("4.7.", false),
+            ("4.7.1234", false),
+            ("4.x.1", false),
+            ("04.7.1", true),
+            ("", false),
+        ] {
+            assert_eq!(valid_enhanced(e, 451), ok, "{e:?}");
+        }
         assert!(check_header(&Header { name: "X-Greylist".into(), value: "delayed 3 seconds".into() }));
         assert!(!check_header(&Header { name: "X-A".into(), value: "a\r\nBcc: evil".into() }));
         assert!(!check_header(&Header { name: "X A:".into(), value: "v".into() }));

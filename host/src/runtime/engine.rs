@@ -680,13 +680,14 @@ fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
     msg
 }
 
-/// The call a hook makes, with its WIT arguments.
-enum Call {
-    Connect(bindings::greyhook::filter::types::Context),
-    Ehlo(bindings::greyhook::filter::types::Context),
-    Mail(bindings::greyhook::filter::types::Context, String),
-    Rcpt(bindings::greyhook::filter::types::Context, String),
-    Data(bindings::greyhook::filter::types::Context, bindings::greyhook::filter::types::Message),
+/// The hook a call is for, with its arguments besides the context (all
+/// borrowed: [`invoke`] hands them to the filter as they are).
+enum Call<'a> {
+    Connect,
+    Ehlo,
+    Mail(&'a str),
+    Rcpt(&'a str),
+    Data(&'a Message),
 }
 
 enum Answer {
@@ -776,12 +777,12 @@ impl Filter {
 
     /// The connect hook, reporting a failure instead of applying the policy.
     pub async fn try_on_connect(&self, ctx: &Context) -> Result<Verdict, FilterError> {
-        self.verdict(Call::Connect(sandbox::context_to_wit(ctx)), ctx.now).await
+        self.verdict(Call::Connect, ctx).await
     }
 
     /// The EHLO hook, reporting a failure.
     pub async fn try_on_ehlo(&self, ctx: &Context) -> Result<EhloVerdict, FilterError> {
-        match self.call(Call::Ehlo(sandbox::context_to_wit(ctx)), ctx.now).await? {
+        match self.call(Call::Ehlo, ctx).await? {
             Answer::Ehlo(v) => {
                 reply::check_ehlo(&v)?;
                 Ok(v)
@@ -792,17 +793,17 @@ impl Filter {
 
     /// The MAIL hook, reporting a failure.
     pub async fn try_on_mail(&self, ctx: &Context, sender: &str) -> Result<Verdict, FilterError> {
-        self.verdict(Call::Mail(sandbox::context_to_wit(ctx), sender.to_string()), ctx.now).await
+        self.verdict(Call::Mail(sender), ctx).await
     }
 
     /// The RCPT hook, reporting a failure.
     pub async fn try_on_rcpt(&self, ctx: &Context, recipient: &str) -> Result<Verdict, FilterError> {
-        self.verdict(Call::Rcpt(sandbox::context_to_wit(ctx), recipient.to_string()), ctx.now).await
+        self.verdict(Call::Rcpt(recipient), ctx).await
     }
 
     /// The DATA hook, reporting a failure.
     pub async fn try_on_data(&self, ctx: &Context, message: &Message) -> Result<Verdict, FilterError> {
-        self.verdict(Call::Data(sandbox::context_to_wit(ctx), sandbox::message_to_wit(message)), ctx.now).await
+        self.verdict(Call::Data(message), ctx).await
     }
 
     fn or_policy(&self, phase: Phase, ctx: &Context, r: Result<Verdict, FilterError>) -> Verdict {
@@ -826,8 +827,8 @@ impl Filter {
         }
     }
 
-    async fn verdict(&self, call: Call, now: u64) -> Result<Verdict, FilterError> {
-        match self.call(call, now).await? {
+    async fn verdict(&self, call: Call<'_>, ctx: &Context) -> Result<Verdict, FilterError> {
+        match self.call(call, ctx).await? {
             Answer::Verdict(v) => {
                 reply::check_verdict(&v)?;
                 Ok(v)
@@ -836,7 +837,8 @@ impl Filter {
         }
     }
 
-    async fn call(&self, call: Call, now: u64) -> Result<Answer, FilterError> {
+    async fn call(&self, call: Call<'_>, ctx: &Context) -> Result<Answer, FilterError> {
+        let now = ctx.now;
         let inner = &self.inner;
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
@@ -875,7 +877,7 @@ impl Filter {
         // time spent waiting in host calls (a slow store).
         let result = {
             let _busy = inner.runtime.inner.ticker.busy();
-            tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call)).await
+            tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call, ctx)).await
         };
         pooled.store.data().release_slow_slot();
         match result {
@@ -905,27 +907,40 @@ impl Filter {
     }
 }
 
-async fn invoke(p: &mut Pooled, call: Call) -> wasmtime::Result<Answer> {
+async fn invoke(p: &mut Pooled, call: Call<'_>, ctx: &Context) -> wasmtime::Result<Answer> {
     let s = &mut p.store;
-    let hooks = match &p.world {
-        World::V2(w) => w.greyhook_filter_hooks(),
-        World::V1(w) => {
-            use sandbox::{context_to_v01 as c01, ehlo_from_v01, message_to_v01, verdict_from_v01};
+    match &p.world {
+        World::V2(w) => {
+            use sandbox::{ehlo_from_wit, verdict_from_wit};
             let hooks = w.greyhook_filter_hooks();
-            return Ok(match call {
-                Call::Connect(c) => Answer::Verdict(verdict_from_v01(hooks.call_on_connect(s, &c01(c)).await?)),
-                Call::Ehlo(c) => Answer::Ehlo(ehlo_from_v01(hooks.call_on_ehlo(s, &c01(c)).await?)),
-                Call::Mail(c, a) => Answer::Verdict(verdict_from_v01(hooks.call_on_mail(s, &c01(c), &a).await?)),
-                Call::Rcpt(c, a) => Answer::Verdict(verdict_from_v01(hooks.call_on_rcpt(s, &c01(c), &a).await?)),
-                Call::Data(c, m) => Answer::Verdict(verdict_from_v01(hooks.call_on_data(s, &c01(c), &message_to_v01(m)).await?)),
-            });
+            let recipients = sandbox::recipients_to_wit(ctx);
+            let c = sandbox::context_to_wit(ctx, &recipients);
+            Ok(match call {
+                Call::Connect => Answer::Verdict(verdict_from_wit(hooks.call_on_connect(s, c).await?)),
+                Call::Ehlo => Answer::Ehlo(ehlo_from_wit(hooks.call_on_ehlo(s, c).await?)),
+                Call::Mail(a) => Answer::Verdict(verdict_from_wit(hooks.call_on_mail(s, c, a).await?)),
+                Call::Rcpt(a) => Answer::Verdict(verdict_from_wit(hooks.call_on_rcpt(s, c, a).await?)),
+                Call::Data(m) => {
+                    let headers = sandbox::headers_to_wit(m);
+                    Answer::Verdict(verdict_from_wit(hooks.call_on_data(s, c, sandbox::message_to_wit(m, &headers)).await?))
+                }
+            })
         }
-    };
-    Ok(match call {
-        Call::Connect(c) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_connect(s, &c).await?)),
-        Call::Ehlo(c) => Answer::Ehlo(sandbox::ehlo_from_wit(hooks.call_on_ehlo(s, &c).await?)),
-        Call::Mail(c, a) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_mail(s, &c, &a).await?)),
-        Call::Rcpt(c, a) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_rcpt(s, &c, &a).await?)),
-        Call::Data(c, m) => Answer::Verdict(sandbox::verdict_from_wit(hooks.call_on_data(s, &c, &m).await?)),
-    })
+        World::V1(w) => {
+            use sandbox::{ehlo_from_v01, verdict_from_v01};
+            let hooks = w.greyhook_filter_hooks();
+            let recipients = sandbox::recipients_to_v01(ctx);
+            let c = sandbox::context_to_v01(ctx, &recipients);
+            Ok(match call {
+                Call::Connect => Answer::Verdict(verdict_from_v01(hooks.call_on_connect(s, c).await?)),
+                Call::Ehlo => Answer::Ehlo(ehlo_from_v01(hooks.call_on_ehlo(s, c).await?)),
+                Call::Mail(a) => Answer::Verdict(verdict_from_v01(hooks.call_on_mail(s, c, a).await?)),
+                Call::Rcpt(a) => Answer::Verdict(verdict_from_v01(hooks.call_on_rcpt(s, c, a).await?)),
+                Call::Data(m) => {
+                    let headers = sandbox::headers_to_v01(m);
+                    Answer::Verdict(verdict_from_v01(hooks.call_on_data(s, c, sandbox::message_to_v01(m, &headers)).await?))
+                }
+            })
+        }
+    }
 }

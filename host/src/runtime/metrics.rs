@@ -98,10 +98,12 @@ impl<'a> Canonical<'a> {
 }
 
 impl FilterMetrics {
-    /// The labels in canonical form, or `None` (counted as dropped) if the
-    /// name or a label breaks the rules.
-    fn labels<'a>(&self, name: &str, labels: &[(&'a str, &'a str)]) -> Option<Canonical<'a>> {
-        if !valid_name(name) || labels.len() > MAX_LABELS || !labels.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
+    /// The labels in canonical form, or `None` (counted as dropped) if
+    /// there are more than [`MAX_LABELS`]. The names and values are checked
+    /// only when a series is created ([`Self::update`]): an update of an
+    /// existing one matched a checked set exactly.
+    fn labels<'a>(&self, labels: &[(&'a str, &'a str)]) -> Option<Canonical<'a>> {
+        if labels.len() > MAX_LABELS {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -118,7 +120,17 @@ impl FilterMetrics {
         Some(c)
     }
 
-    fn update(&self, name: &str, labels: &Canonical<'_>, new: impl FnOnce() -> MetricValue, f: impl FnOnce(&mut MetricValue) -> bool) {
+    /// Applies `f` to the series `name{labels}`, created with `new` if it
+    /// is not there yet and `name` and every one of `given` (the labels as
+    /// the filter gave them) keep the rules, and the series limit allows.
+    fn update(
+        &self,
+        name: &str,
+        given: &[(&str, &str)],
+        labels: &Canonical<'_>,
+        new: impl FnOnce() -> MetricValue,
+        f: impl FnOnce(&mut MetricValue) -> bool,
+    ) {
         // A map insert or update cannot be left half-done: the data is
         // whole even if another thread panicked holding the lock.
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,6 +138,8 @@ impl FilterMetrics {
             && let Ok(i) = series.binary_search_by(|(l, _)| labels.cmp_stored(l))
         {
             f(&mut series[i].1)
+        } else if !valid_name(name) || !given.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
+            false
         } else if map.values().map(Vec::len).sum::<usize>() >= MAX_SERIES {
             // A new series (rare: counted only then) past the limit.
             false
@@ -146,10 +160,11 @@ impl FilterMetrics {
 
     /// Adds `value` to the counter `name{labels}`.
     pub fn counter_add(&self, name: &str, labels: &[(&str, &str)], value: u64) {
-        let Some(labels) = self.labels(name, labels) else { return };
+        let Some(canonical) = self.labels(labels) else { return };
         self.update(
             name,
-            &labels,
+            labels,
+            &canonical,
             || MetricValue::Counter(0),
             |v| match v {
                 MetricValue::Counter(n) => {
@@ -168,10 +183,11 @@ impl FilterMetrics {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(labels) = self.labels(name, labels) else { return };
+        let Some(canonical) = self.labels(labels) else { return };
         self.update(
             name,
-            &labels,
+            labels,
+            &canonical,
             || MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
             |v| match v {
                 MetricValue::Histogram { count, sum, buckets } => {

@@ -35,6 +35,9 @@ pub(crate) mod bindings {
         world: "filter",
         imports: { default: async | trappable },
         exports: { default: async },
+        // Hook arguments are borrowed (`&str`): a call lowers the host's
+        // context into the filter's memory without copying it first.
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -46,6 +49,9 @@ pub(crate) mod bindings_v01 {
         world: "filter",
         imports: { default: async | trappable },
         exports: { default: async },
+        // Hook arguments are borrowed (`&str`): a call lowers the host's
+        // context into the filter's memory without copying it first.
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -917,10 +923,10 @@ impl Quota {
 // apart whole and built whole (no `..`): a field added to either side stops
 // these compiling until it is carried.
 
-pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
-    let types::Context { session, transaction, now } = c;
-    let types::Session { id, client_address, client_name, reverse_client_name, helo, auth_user, tls } = session;
-    let client_address = match client_address {
+/// The client address as the contract has it (an IPv4-mapped IPv6 address
+/// as IPv4).
+fn ip_to_wit(ip: &IpAddr) -> wit::IpAddress {
+    match ip {
         IpAddr::V4(a) => {
             let o = a.octets();
             wit::IpAddress::Ipv4((o[0], o[1], o[2], o[3]))
@@ -935,38 +941,48 @@ pub(crate) fn context_to_wit(c: &types::Context) -> wit::Context {
                 wit::IpAddress::Ipv6((g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]))
             }
         },
-    };
-    let types::Transaction { sender, recipients } = transaction;
+    }
+}
+
+/// The accepted recipients, borrowed, for [`context_to_wit`].
+pub(crate) fn recipients_to_wit(c: &types::Context) -> Vec<wit::AcceptedRecipient<'_>> {
+    c.transaction
+        .recipients
+        .iter()
+        .map(|types::AcceptedRecipient { address, policy_group }| wit::AcceptedRecipient { address, policy_group })
+        .collect()
+}
+
+/// The context as the hook's argument, borrowed from `c` (nothing is
+/// copied until wasmtime writes it into the filter's memory).
+pub(crate) fn context_to_wit<'a>(c: &'a types::Context, recipients: &'a [wit::AcceptedRecipient<'a>]) -> wit::Context<'a> {
+    let types::Context { session, transaction, now } = c;
+    let types::Session { id, client_address, client_name, reverse_client_name, helo, auth_user, tls } = session;
+    let types::Transaction { sender, recipients: _ } = transaction;
     wit::Context {
         session: wit::Session {
-            id: id.clone(),
-            client_address,
-            client_name: client_name.clone(),
-            reverse_client_name: reverse_client_name.clone(),
-            helo: helo.clone(),
-            auth_user: auth_user.clone(),
+            id,
+            client_address: ip_to_wit(client_address),
+            client_name: client_name.as_deref(),
+            reverse_client_name: reverse_client_name.as_deref(),
+            helo: helo.as_deref(),
+            auth_user: auth_user.as_deref(),
             tls: *tls,
         },
-        transaction: wit::Transaction {
-            sender: sender.clone(),
-            recipients: recipients
-                .iter()
-                .map(|types::AcceptedRecipient { address, policy_group }| wit::AcceptedRecipient {
-                    address: address.clone(),
-                    policy_group: policy_group.clone(),
-                })
-                .collect(),
-        },
+        transaction: wit::Transaction { sender: sender.as_deref(), recipients },
         now: *now,
     }
 }
 
-pub(crate) fn message_to_wit(m: &types::Message) -> wit::Message {
-    let types::Message { message_id, headers } = m;
-    wit::Message {
-        message_id: message_id.clone(),
-        headers: headers.iter().map(|types::Header { name, value }| wit::Header { name: name.clone(), value: value.clone() }).collect(),
-    }
+/// The message's headers, borrowed, for [`message_to_wit`].
+pub(crate) fn headers_to_wit(m: &types::Message) -> Vec<wit::HeaderParam<'_>> {
+    m.headers.iter().map(|types::Header { name, value }| wit::HeaderParam { name, value }).collect()
+}
+
+/// The message as the DATA hook's argument, borrowed from `m`.
+pub(crate) fn message_to_wit<'a>(m: &'a types::Message, headers: &'a [wit::HeaderParam<'a>]) -> wit::Message<'a> {
+    let types::Message { message_id, headers: _ } = m;
+    wit::Message { message_id: message_id.as_deref(), headers }
 }
 
 fn reply_from_wit(r: wit::Reply) -> types::Reply {
@@ -983,7 +999,7 @@ pub(crate) fn verdict_from_wit(v: wit::Verdict) -> types::Verdict {
             wit::Decision::Tempfail(r) => types::Decision::Tempfail(reply_from_wit(r)),
             wit::Decision::Reject(r) => types::Decision::Reject(reply_from_wit(r)),
         },
-        add_headers: add_headers.into_iter().map(|wit::Header { name, value }| types::Header { name, value }).collect(),
+        add_headers: add_headers.into_iter().map(|wit::HeaderResult { name, value }| types::Header { name, value }).collect(),
         policy_group,
     }
 }
@@ -995,30 +1011,47 @@ pub(crate) fn ehlo_from_wit(v: wit::EhloVerdict) -> types::EhloVerdict {
 
 // ---- 0.1.0 conversions: the 0.2.0 records less what 0.1.0 lacks ----
 
-pub(crate) fn context_to_v01(c: wit::Context) -> v01::Context {
-    let wit::Context { session, transaction, now } = c;
-    let wit::Session { id, client_address, client_name, reverse_client_name: _, helo, auth_user, tls } = session;
-    let client_address = match client_address {
+/// The accepted recipients, borrowed, for [`context_to_v01`].
+pub(crate) fn recipients_to_v01(c: &types::Context) -> Vec<v01::AcceptedRecipient<'_>> {
+    c.transaction
+        .recipients
+        .iter()
+        .map(|types::AcceptedRecipient { address, policy_group }| v01::AcceptedRecipient { address, policy_group })
+        .collect()
+}
+
+/// [`context_to_wit`] for a 0.1.0 filter (which has no reverse client name).
+pub(crate) fn context_to_v01<'a>(c: &'a types::Context, recipients: &'a [v01::AcceptedRecipient<'a>]) -> v01::Context<'a> {
+    let types::Context { session, transaction, now } = c;
+    let types::Session { id, client_address, client_name, reverse_client_name: _, helo, auth_user, tls } = session;
+    let client_address = match ip_to_wit(client_address) {
         wit::IpAddress::Ipv4(a) => v01::IpAddress::Ipv4(a),
         wit::IpAddress::Ipv6(a) => v01::IpAddress::Ipv6(a),
     };
-    let wit::Transaction { sender, recipients } = transaction;
+    let types::Transaction { sender, recipients: _ } = transaction;
     v01::Context {
-        session: v01::Session { id, client_address, client_name, helo, auth_user, tls },
-        transaction: v01::Transaction {
-            sender,
-            recipients: recipients
-                .into_iter()
-                .map(|wit::AcceptedRecipient { address, policy_group }| v01::AcceptedRecipient { address, policy_group })
-                .collect(),
+        session: v01::Session {
+            id,
+            client_address,
+            client_name: client_name.as_deref(),
+            helo: helo.as_deref(),
+            auth_user: auth_user.as_deref(),
+            tls: *tls,
         },
-        now,
+        transaction: v01::Transaction { sender: sender.as_deref(), recipients },
+        now: *now,
     }
 }
 
-pub(crate) fn message_to_v01(m: wit::Message) -> v01::Message {
-    let wit::Message { message_id, headers } = m;
-    v01::Message { message_id, headers: headers.into_iter().map(|wit::Header { name, value }| v01::Header { name, value }).collect() }
+/// The message's headers, borrowed, for [`message_to_v01`].
+pub(crate) fn headers_to_v01(m: &types::Message) -> Vec<v01::HeaderParam<'_>> {
+    m.headers.iter().map(|types::Header { name, value }| v01::HeaderParam { name, value }).collect()
+}
+
+/// [`message_to_wit`] for a 0.1.0 filter.
+pub(crate) fn message_to_v01<'a>(m: &'a types::Message, headers: &'a [v01::HeaderParam<'a>]) -> v01::Message<'a> {
+    let types::Message { message_id, headers: _ } = m;
+    v01::Message { message_id: message_id.as_deref(), headers }
 }
 
 fn reply_from_v01(r: v01::Reply) -> types::Reply {
@@ -1035,7 +1068,7 @@ pub(crate) fn verdict_from_v01(v: v01::Verdict) -> types::Verdict {
             v01::Decision::Tempfail(r) => types::Decision::Tempfail(reply_from_v01(r)),
             v01::Decision::Reject(r) => types::Decision::Reject(reply_from_v01(r)),
         },
-        add_headers: add_headers.into_iter().map(|v01::Header { name, value }| types::Header { name, value }).collect(),
+        add_headers: add_headers.into_iter().map(|v01::HeaderResult { name, value }| types::Header { name, value }).collect(),
         policy_group,
     }
 }
