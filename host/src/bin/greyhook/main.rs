@@ -400,20 +400,53 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// The log's flushes are at least this far apart (see [`SpacedFlush`]).
+const LOG_FLUSH_GAP: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// stderr through a 64 KiB buffer whose flushes are at least
+/// [`LOG_FLUSH_GAP`] apart. The writer thread flushes whenever it has
+/// written every line in hand; under load that was nearly every line (it
+/// drained the queue faster than requests filled it: ~0.7 `write(2)` and
+/// a thread wake-up a policy request). A flush that comes sooner than the
+/// gap after the last one first sleeps out the rest of the gap, while the
+/// lines of that time queue for the next write. A line alone (a quiet
+/// daemon) is written at once; under load a line waits at most the gap.
+struct SpacedFlush {
+    out: std::io::BufWriter<std::io::Stderr>,
+    last: std::time::Instant,
+}
+
+impl std::io::Write for SpacedFlush {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.out.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(rest) = LOG_FLUSH_GAP.checked_sub(self.last.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let r = self.out.flush();
+        self.last = std::time::Instant::now();
+        r
+    }
+}
+
 /// Logs to stderr through a writer thread, so a decision line costs the
 /// request path a channel send, not a write(2). The thread writes through
-/// a buffer it flushes whenever it has written every line in hand: one
-/// write(2) for all the lines that queued meanwhile (one a line before),
-/// and no line waits for a later one. Lines are never dropped (the channel
-/// blocks when full); the guard flushes them at exit. Decision lines, the
-/// most frequent, are formatted by `session::audit` itself into the same
-/// writer (unless stderr is a terminal, where tracing colours them).
+/// a buffer ([`SpacedFlush`]): one write(2) for all the lines that queued
+/// meanwhile, at most one every [`LOG_FLUSH_GAP`]. Lines are never dropped
+/// (the channel blocks when full); the guard flushes them at exit.
+/// Decision lines, the most frequent, are formatted by `session::audit`
+/// itself into the same writer (unless stderr is a terminal, where tracing
+/// colours them).
 fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::fmt::MakeWriter;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let out = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
+    let out = SpacedFlush {
+        out: std::io::BufWriter::with_capacity(64 << 10, std::io::stderr()),
+        last: std::time::Instant::now().checked_sub(LOG_FLUSH_GAP).unwrap_or_else(std::time::Instant::now),
+    };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(out);
     if !ansi {
         let decisions = writer.clone();
