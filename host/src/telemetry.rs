@@ -113,6 +113,9 @@ pub struct HostMetrics {
     pub dns_cache_hits: Counter,
     /// `reloads_total{result}`: reloads by outcome, per filter.
     pub reloads: Family<ResultLabel, Counter>,
+    /// `log_writes_total`: writes of the log to its file descriptor (each
+    /// carries every line queued since the last; counted by the writer).
+    pub log_writes: Counter,
     /// Decisions by action over every front end, for `greyhook status`.
     actions: [std::sync::atomic::AtomicU64; ACTIONS.len()],
     /// Decisions by action in each of the last 24 hours (the status page's chart).
@@ -144,6 +147,7 @@ impl HostMetrics {
             dns_latency: latency(),
             dns_cache_hits: Counter::default(),
             reloads: Family::default(),
+            log_writes: Counter::default(),
             actions: Default::default(),
             hours: Default::default(),
         }
@@ -163,6 +167,7 @@ impl HostMetrics {
         r.register("dns_lookup_seconds", "DNS lookups and their latency (cache hits included)", self.dns_latency.clone());
         r.register("dns_cache_hits", "DNS lookups answered from the cache", self.dns_cache_hits.clone());
         r.register("reloads", "Filter reloads by result", self.reloads.clone());
+        r.register("log_writes", "Writes of the log (each carries every line queued since the last)", self.log_writes.clone());
     }
 
     /// Counts a decision.

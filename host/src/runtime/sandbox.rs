@@ -646,7 +646,7 @@ pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) ->
                 }
                 Err(e) => e.map(Err),
             };
-            store.data_mut().key_bufs = bufs;
+            put_key_bufs(&mut store, bufs);
             Ok((r?,))
         })
     })?;
@@ -670,7 +670,7 @@ pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) ->
                 }
                 Err(e) => e.map(Err),
             };
-            store.data_mut().key_bufs = bufs;
+            put_key_bufs(&mut store, bufs);
             Ok((r?,))
         })
     })?;
@@ -690,7 +690,7 @@ pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) ->
                     }
                     Err(e) => Err(e),
                 };
-                store.data_mut().key_bufs = bufs;
+                put_key_bufs(&mut store, bufs);
                 Ok((r,))
             })
         },
@@ -699,15 +699,25 @@ pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) ->
     Ok(())
 }
 
+/// Key buffers an instance keeps between calls (a call with more keys,
+/// up to the store-call limit, uses more, and the extra are dropped after).
+const KEEP_KEY_BUFS: usize = 16;
+
 /// The instance's key buffers, at least `n` of them (taken out of the
-/// state while the call uses the first `n`; put back after, strings and
-/// all, so that their capacity serves the next call).
+/// state while the call uses the first `n`; put back after by
+/// [`put_key_bufs`], so that their capacity serves the next call).
 fn take_key_bufs(store: &mut StoreContextMut<'_, HostState>, n: usize) -> Vec<String> {
     let mut bufs = std::mem::take(&mut store.data_mut().key_bufs);
     if bufs.len() < n {
         bufs.resize_with(n, String::new);
     }
     bufs
+}
+
+/// Gives the key buffers back to the instance, at most [`KEEP_KEY_BUFS`].
+fn put_key_bufs(store: &mut StoreContextMut<'_, HostState>, mut bufs: Vec<String>) {
+    bufs.truncate(KEEP_KEY_BUFS);
+    store.data_mut().key_bufs = bufs;
 }
 
 /// Reads each key from the filter's memory and admits it into `bufs`

@@ -411,6 +411,7 @@ const LOG_FLUSH_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 /// gap after the last one first sleeps out the rest of the gap, while the
 /// lines of that time queue for the next write. A line alone (a quiet
 /// daemon) is written at once; under load a line waits at most the gap.
+/// Each write is counted (`greyhook_log_writes_total`).
 struct SpacedFlush {
     out: std::io::BufWriter<std::io::Stderr>,
     last: std::time::Instant,
@@ -421,9 +422,13 @@ impl std::io::Write for SpacedFlush {
         self.out.write(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.buffer().is_empty() {
+            return self.out.flush();
+        }
         if let Some(rest) = LOG_FLUSH_GAP.checked_sub(self.last.elapsed()) {
             std::thread::sleep(rest);
         }
+        greyhook::telemetry::host().log_writes.inc();
         let r = self.out.flush();
         self.last = std::time::Instant::now();
         r
