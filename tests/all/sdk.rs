@@ -97,6 +97,14 @@ fn the_walkthrough_shows_the_code_ci_compiles() {
     assert!(shown >= 2, "the walkthrough's code blocks are marked");
 }
 
+/// The stateful test filter (`tests/guests/stateful`), over a memory store.
+async fn stateful() -> greyhook::Filter {
+    runtime()
+        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+        .await
+        .expect("the stateful filter loads")
+}
+
 /// The SDK's per-call arena (feature `arena`, on in the reference filter)
 /// with a filter that breaks the contract's "hooks keep no state": memory
 /// allocated in one call and kept in a `thread_local` must stay intact
@@ -105,11 +113,7 @@ fn the_walkthrough_shows_the_code_ci_compiles() {
 /// arena holds are served by the system allocator.
 #[tokio::test]
 async fn a_filter_that_keeps_state_still_works_with_the_sdk_arena() {
-    let rt = runtime();
-    let f = rt
-        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
-        .await
-        .expect("the stateful filter loads");
+    let f = stateful().await;
     let header = |v: &greyhook::types::Verdict| v.add_headers.iter().map(|h| format!("{}: {}", h.name, h.value)).collect::<String>();
     let mut c = Client::new(&f, "192.0.2.1", T0);
     // Allocation-heavy calls that keep nothing: the arena rewinds each time.
@@ -135,11 +139,7 @@ async fn a_filter_that_keeps_state_still_works_with_the_sdk_arena() {
 /// the limit fail the call as a store failure, with the reason.
 #[tokio::test]
 async fn store_calls_of_a_filter_are_checked_at_the_boundary() {
-    let rt = runtime();
-    let f = rt
-        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
-        .await
-        .expect("the stateful filter loads");
+    let f = stateful().await;
     let mut c = Client::new(&f, "192.0.2.1", T0);
     let mut connect = async |name: &str| {
         c.session.client_name = Some(name.into());
@@ -170,11 +170,7 @@ async fn store_calls_of_a_filter_are_checked_at_the_boundary() {
 /// counted, never stored.
 #[tokio::test]
 async fn metrics_from_a_filter_are_checked_at_the_boundary() {
-    let rt = runtime();
-    let f = rt
-        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
-        .await
-        .expect("the stateful filter loads");
+    let f = stateful().await;
     let c = Client::new(&f, "192.0.2.1", T0);
     for _ in 0..2 {
         f.try_on_ehlo(&c.ctx()).await.expect("on-ehlo");
