@@ -100,8 +100,9 @@ impl<'a> Canonical<'a> {
 impl FilterMetrics {
     /// The labels in canonical form, or `None` (counted as dropped) if
     /// there are more than [`MAX_LABELS`]. The names and values are checked
-    /// only when a series is created ([`Self::update`]): an update of an
-    /// existing one matched a checked set exactly.
+    /// by [`Self::update`] only when a series is created or a label was
+    /// given twice: an update of an existing series otherwise matched a
+    /// checked set exactly.
     fn labels<'a>(&self, labels: &[(&'a str, &'a str)]) -> Option<Canonical<'a>> {
         if labels.len() > MAX_LABELS {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -134,11 +135,15 @@ impl FilterMetrics {
         // A map insert or update cannot be left half-done: the data is
         // whole even if another thread panicked holding the lock.
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let valid = || valid_name(name) && given.iter().all(|(k, v)| valid_name(k) && valid_value(v));
         let ok = if let Some(series) = map.get_mut(name)
             && let Ok(i) = series.binary_search_by(|(l, _)| labels.cmp_stored(l))
+            // The set matched was checked; a duplicated label dropped from
+            // it was not, and must keep the rules too.
+            && (given.len() == labels.len || valid())
         {
             f(&mut series[i].1)
-        } else if !valid_name(name) || !given.iter().all(|(k, v)| valid_name(k) && valid_value(v)) {
+        } else if !valid() {
             false
         } else if map.values().map(Vec::len).sum::<usize>() >= MAX_SERIES {
             // A new series (rare: counted only then) past the limit.
@@ -257,10 +262,16 @@ mod tests {
         assert_eq!(s[1].render(), "greylisted{phase=\"rcpt\"} 5");
         assert_eq!(s[0].render(), "delay_seconds count=1 sum=300");
         assert_eq!(m.dropped(), 3);
+        // A label given twice counts the first, and both must keep the
+        // rules, for an existing series too.
+        m.counter_add("greylisted", &[("phase", "rcpt"), ("phase", "bad\n")], 1);
+        m.counter_add("greylisted", &[("phase", "rcpt"), ("phase", "data")], 1);
+        assert_eq!(m.snapshot()[1].render(), "greylisted{phase=\"rcpt\"} 6");
+        assert_eq!(m.dropped(), 4);
         for i in 0..(MAX_SERIES + 10) {
             m.counter_add("many", &[("i", &i.to_string())], 1);
         }
         assert_eq!(m.snapshot().len(), MAX_SERIES);
-        assert_eq!(m.dropped(), 3 + 12);
+        assert_eq!(m.dropped(), 4 + 12);
     }
 }
