@@ -365,6 +365,9 @@ impl HostState {
     }
 }
 
+// For a 0.2.0 filter, `get`, `get_many` and `set` are shadowed at run time
+// by `link_store` (which reads keys and values in place); `get` and `set`
+// still serve 0.1.0 filters, and the generated linker needs them all.
 impl wit_store::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<wit_store::Entry>, wit_store::StoreError>> {
         let key = match self.admit(&key) {

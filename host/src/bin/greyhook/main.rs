@@ -411,10 +411,23 @@ const LOG_FLUSH_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 /// gap after the last one first sleeps out the rest of the gap, while the
 /// lines of that time queue for the next write. A line alone (a quiet
 /// daemon) is written at once; under load a line waits at most the gap.
-/// Each write is counted (`greyhook_log_writes_total`).
 struct SpacedFlush {
-    out: std::io::BufWriter<std::io::Stderr>,
+    out: std::io::BufWriter<CountedStderr>,
     last: std::time::Instant,
+}
+
+/// stderr, each write counted (`greyhook_log_writes_total`): the
+/// buffer's flushes, and its own writes when lines overflow it.
+struct CountedStderr;
+
+impl std::io::Write for CountedStderr {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        greyhook::telemetry::host().log_writes.inc();
+        std::io::stderr().write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 impl std::io::Write for SpacedFlush {
@@ -428,7 +441,6 @@ impl std::io::Write for SpacedFlush {
         if let Some(rest) = LOG_FLUSH_GAP.checked_sub(self.last.elapsed()) {
             std::thread::sleep(rest);
         }
-        greyhook::telemetry::host().log_writes.inc();
         let r = self.out.flush();
         self.last = std::time::Instant::now();
         r
@@ -449,7 +461,7 @@ fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
         tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let out = SpacedFlush {
-        out: std::io::BufWriter::with_capacity(64 << 10, std::io::stderr()),
+        out: std::io::BufWriter::with_capacity(64 << 10, CountedStderr),
         last: std::time::Instant::now().checked_sub(LOG_FLUSH_GAP).unwrap_or_else(std::time::Instant::now),
     };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(out);
