@@ -88,8 +88,12 @@ fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
     // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
     // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0): a byte
-    // scan finds there are none, the common case.
-    if !text.as_bytes().iter().any(|&b| b < 0x20 || b == 0x7f || b == 0xc2) {
+    // scan finds there are none, the common case. The scan folds each
+    // 32-byte chunk without an early exit, which the compiler vectorises
+    // (`any` tests byte by byte: ~5 instructions a byte).
+    let control = |b: u8| (b < 0x20) | (b == 0x7f) | (b == 0xc2);
+    let chunks = text.as_bytes().chunks(32);
+    if !chunks.into_iter().any(|c| c.iter().fold(false, |acc, &b| acc | control(b))) {
         out.push_str(text);
         return;
     }
@@ -267,33 +271,49 @@ pub fn log_decision(front_end: &str, phase: Phase, ctx: &Context, recipient: Opt
 
 /// The text form of a decision line.
 fn write_text(line: &mut String, phase: Phase, ctx: &Context, recipient: Option<&str>, v: &Verdict) {
+    use crate::domain::retry::push_digits;
     use std::fmt::Write;
     let s = &ctx.session;
-    // Writing into a String cannot fail.
-    let _ = write!(line, "action={} phase={phase} client={}", action(v), s.client_address);
+    // Strings pushed as they are, numbers by `push_digits`: `write!` cost
+    // ~150 instructions a field. Writing into a String cannot fail.
+    for part in ["action=", action(v), " phase=", phase.as_str(), " client="] {
+        line.push_str(part);
+    }
+    let _ = write!(line, "{}", s.client_address);
     if let Some(n) = &s.client_name {
-        let _ = write!(line, " client_name={n}");
+        line.push_str(" client_name=");
+        line.push_str(n);
     }
     if let Some(snd) = &ctx.transaction.sender {
-        let _ = write!(line, " sender=<{snd}>");
+        for part in [" sender=<", snd, ">"] {
+            line.push_str(part);
+        }
     }
     if let Some(r) = recipient {
-        let _ = write!(line, " recipient=<{r}>");
+        for part in [" recipient=<", r, ">"] {
+            line.push_str(part);
+        }
     }
     if let Some(r) = v.reply() {
-        let _ = write!(line, " code={}", r.code);
+        line.push_str(" code=");
+        push_digits(line, u64::from(r.code), 0);
         if let Some(t) = r.retry_after {
-            let _ = write!(line, " retry={t}");
+            line.push_str(" retry=");
+            push_digits(line, u64::from(t), 0);
         }
     }
     if let Some(h) = v.add_headers.first() {
-        let _ = write!(line, " header=\"{}: {}\"", h.name, h.value);
+        for part in [" header=\"", &h.name, ": ", &h.value, "\""] {
+            line.push_str(part);
+        }
     }
     if let Some(g) = &v.policy_group {
-        let _ = write!(line, " group={g}");
+        line.push_str(" group=");
+        line.push_str(g);
     }
     if !s.id.is_empty() {
-        let _ = write!(line, " session={}", s.id);
+        line.push_str(" session=");
+        line.push_str(&s.id);
     }
 }
 

@@ -145,19 +145,27 @@ const OVERLAY_SHARDS: usize = 64;
 /// Writes not yet in the file, in [`OVERLAY_SHARDS`] shards.
 struct Overlay {
     shards: Box<[Mutex<Shard>]>,
+    /// Picks a key's shard (its own seed, apart from the maps').
+    spread: foldhash::fast::RandomState,
     /// Entries in all shards' `dirty` maps.
     pending: AtomicUsize,
     /// The last version handed out.
     last_version: AtomicU64,
 }
 
+/// Key → entry, or `None` for a deletion. Hashed with foldhash, seeded
+/// per process (so keys a peer influences cannot be crafted to collide
+/// offline): SipHash was ~2k instructions of a policy request, hashing
+/// each key twice (shard, then map).
+type OverlayMap = HashMap<String, Option<Entry>, foldhash::fast::RandomState>;
+
 /// One shard: key → entry, or `None` for a deletion.
 #[derive(Default)]
 struct Shard {
-    dirty: HashMap<String, Option<Entry>>,
+    dirty: OverlayMap,
     /// This shard's part of the batch a flush is writing, still visible
     /// to readers.
-    in_flight: Arc<HashMap<String, Option<Entry>>>,
+    in_flight: Arc<OverlayMap>,
 }
 
 impl Shard {
@@ -170,6 +178,7 @@ impl Overlay {
     fn new(last_version: u64) -> Overlay {
         Overlay {
             shards: (0..OVERLAY_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            spread: foldhash::fast::RandomState::default(),
             pending: AtomicUsize::new(0),
             last_version: AtomicU64::new(last_version),
         }
@@ -177,10 +186,8 @@ impl Overlay {
 
     /// The locked shard that holds `key`.
     fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        // A fixed hasher, only to spread keys: the maps inside keep their
-        // own random keys against crafted collisions.
-        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+        use std::hash::BuildHasher;
+        let h = self.spread.hash_one(key);
         lock(&self.shards[(h as usize) % OVERLAY_SHARDS])
     }
 
@@ -702,7 +709,7 @@ impl Inner {
         }
         // Each shard's entries move to its `in_flight`, where readers still
         // find them until the file holds them.
-        let batch: Vec<Arc<HashMap<String, Option<Entry>>>> = overlay
+        let batch: Vec<Arc<OverlayMap>> = overlay
             .shards
             .iter()
             .map(|shard| {
@@ -753,7 +760,7 @@ impl Inner {
                     }
                 }
             }
-            s.in_flight = Arc::new(HashMap::new());
+            s.in_flight = Arc::new(OverlayMap::default());
         }
         let waiting = overlay.pending();
         match &result {

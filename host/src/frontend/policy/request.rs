@@ -57,34 +57,41 @@ impl Framer {
     /// buffer never holds more than one line over the limit: a caller that
     /// reads at most that much before calling again stays bounded.
     pub fn next_request(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        while let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
-            let end = self.scanned + pos;
-            self.scanned = end + 1;
-            let line = &self.buf[self.line_start..end];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.len() > self.max_line {
-                return Err(FrameError::LineTooLong(self.max_line));
-            }
-            if line.is_empty() {
-                if self.lines == 0 {
-                    // A stray empty line between requests.
-                    self.buf.drain(..self.scanned);
-                    self.scanned = 0;
-                    self.line_start = 0;
-                    continue;
+        loop {
+            // Line ends found by one `memchr` iterator over the unscanned
+            // bytes (a call per line cost ~40 instructions of setup each).
+            let base = self.scanned;
+            let mut empty_line = false;
+            for pos in memchr::memchr_iter(b'\n', &self.buf[base..]) {
+                let end = base + pos;
+                self.scanned = end + 1;
+                let line = &self.buf[self.line_start..end];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.len() > self.max_line {
+                    return Err(FrameError::LineTooLong(self.max_line));
                 }
-                let request: Vec<u8> = self.buf[..self.line_start].to_vec();
-                self.buf.drain(..self.scanned);
-                self.scanned = 0;
-                self.line_start = 0;
-                self.lines = 0;
-                return Ok(Some(request));
+                if line.is_empty() {
+                    empty_line = true;
+                    break;
+                }
+                self.lines += 1;
+                if self.lines > self.max_attributes {
+                    return Err(FrameError::TooManyAttributes(self.max_attributes));
+                }
+                self.line_start = self.scanned;
             }
-            self.lines += 1;
-            if self.lines > self.max_attributes {
-                return Err(FrameError::TooManyAttributes(self.max_attributes));
+            if !empty_line {
+                break;
             }
-            self.line_start = self.scanned;
+            // An empty line: a stray one between requests, or the end of one.
+            let request = (self.lines > 0).then(|| self.buf[..self.line_start].to_vec());
+            self.buf.drain(..self.scanned);
+            self.scanned = 0;
+            self.line_start = 0;
+            self.lines = 0;
+            if request.is_some() {
+                return Ok(request);
+            }
         }
         // The line in progress, less a CR that may turn out to end it.
         let partial = &self.buf[self.line_start..];
@@ -110,22 +117,27 @@ impl<'a> Attrs<'a> {
     pub fn parse(text: &'a str) -> Result<Attrs<'a>, Malformed> {
         // A request has a few dozen attributes: a linear scan beats hashing.
         let mut attrs: Vec<(&str, &str)> = Vec::with_capacity(32);
-        // Found with `memchr` (vectorised): a char pattern's searcher cost
-        // ~400 instructions a line, a byte loop ~5 a byte. '\n', '\r' and
-        // '=' are ASCII, so every cut is on a character boundary.
-        let mut rest = text;
-        while !rest.is_empty() {
-            let end = memchr::memchr(b'\n', rest.as_bytes()).unwrap_or(rest.len());
-            let line = &rest[..end];
-            rest = rest.get(end + 1..).unwrap_or("");
-            let l = line.strip_suffix('\r').unwrap_or(line);
-            if l.is_empty() {
+        // One pass of `memchr2` (vectorised) for both '\n' and '=', about
+        // two hits a line: a char pattern's searcher cost ~400 instructions
+        // a line, a byte loop ~5 a byte, and a `memchr` call for each of the
+        // two ~40 each. '\n', '\r' and '=' are ASCII, so every cut is on a
+        // character boundary.
+        let bytes = text.as_bytes();
+        let (mut line_start, mut eq) = (0, None);
+        for i in memchr::memchr2_iter(b'\n', b'=', bytes).chain(std::iter::once(bytes.len())) {
+            if bytes.get(i) == Some(&b'=') {
+                // Only the first '=' of a line splits it.
+                eq = eq.or(Some(i));
                 continue;
             }
-            match memchr::memchr(b'=', l.as_bytes()) {
-                Some(eq) => attrs.push((&l[..eq], &l[eq + 1..])),
+            let line = &text[line_start..i];
+            let l = line.strip_suffix('\r').unwrap_or(line);
+            match eq {
+                Some(eq) => attrs.push((&text[line_start..eq], &text[eq + 1..line_start + l.len()])),
+                None if l.is_empty() => {}
                 None => return Err(Malformed(l.chars().take(200).collect())),
             }
+            (line_start, eq) = (i + 1, None);
         }
         Ok(Attrs(attrs))
     }
@@ -174,6 +186,82 @@ mod tests {
         assert_eq!(all(&mut Framer::new(10, 2), b"k=456789012"), Err(FrameError::LineTooLong(10)));
         assert_eq!(all(&mut Framer::new(10, 2), b"k=45678901\r").unwrap(), Vec::<Vec<u8>>::new());
         assert_eq!(all(&mut Framer::new(10, 2), b"a=1\nb=2\nc=3\n"), Err(FrameError::TooManyAttributes(2)));
+    }
+
+    /// What [`Framer`] must do, written the plain way: requests out of the
+    /// complete lines, then the first limit broken (or none).
+    fn framed_plainly(bytes: &[u8], max_line: usize, max_attributes: usize) -> (Vec<Vec<u8>>, Option<FrameError>) {
+        let (mut out, mut start, mut lines, mut pos) = (Vec::new(), 0, 0, 0);
+        while let Some(n) = bytes[pos..].iter().position(|&b| b == b'\n') {
+            let line = &bytes[pos..pos + n];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max_line {
+                return (out, Some(FrameError::LineTooLong(max_line)));
+            }
+            if line.is_empty() {
+                if lines > 0 {
+                    out.push(bytes[start..pos].to_vec());
+                }
+                (start, lines) = (pos + n + 1, 0);
+            } else {
+                lines += 1;
+                if lines > max_attributes {
+                    return (out, Some(FrameError::TooManyAttributes(max_attributes)));
+                }
+            }
+            pos += n + 1;
+        }
+        let partial = &bytes[pos..];
+        let too_long = partial.strip_suffix(b"\r").unwrap_or(partial).len() > max_line;
+        (out, too_long.then_some(FrameError::LineTooLong(max_line)))
+    }
+
+    /// What [`Attrs::parse`] must do, written the plain way.
+    fn parsed_plainly(text: &str) -> Result<Vec<(&str, &str)>, Malformed> {
+        let mut out = Vec::new();
+        for line in text.split('\n') {
+            let l = line.strip_suffix('\r').unwrap_or(line);
+            if l.is_empty() {
+                continue;
+            }
+            out.push(l.split_once('=').ok_or_else(|| Malformed(l.chars().take(200).collect()))?);
+        }
+        Ok(out)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn framing_matches_the_plain_reading_however_the_bytes_arrive(
+            parts in proptest::collection::vec(proptest::sample::select(vec!["a", "bc=d", "=", "\r", "\n", "\r\n", "é", "xxxxxxxxx"]), 0..60),
+            chunk in 1usize..40,
+        ) {
+            let bytes = parts.concat().into_bytes();
+            let want = framed_plainly(&bytes, 12, 4);
+            let mut f = Framer::new(12, 4);
+            let (mut got, mut err) = (Vec::new(), None);
+            'feed: for piece in bytes.chunks(chunk) {
+                f.buffer().extend_from_slice(piece);
+                loop {
+                    match f.next_request() {
+                        Ok(Some(r)) => got.push(r),
+                        Ok(None) => break,
+                        Err(e) => {
+                            err = Some(e);
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            proptest::prop_assert_eq!((got, err), want);
+        }
+
+        #[test]
+        fn attributes_match_the_plain_reading(
+            parts in proptest::collection::vec(proptest::sample::select(vec!["a", "bc", "=", "\r", "\n", "\r\n", "é", "=x="]), 0..40),
+        ) {
+            let text = parts.concat();
+            proptest::prop_assert_eq!(Attrs::parse(&text).map(|a| a.0), parsed_plainly(&text));
+        }
     }
 
     #[test]
