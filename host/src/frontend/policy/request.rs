@@ -117,27 +117,25 @@ impl<'a> Attrs<'a> {
     pub fn parse(text: &'a str) -> Result<Attrs<'a>, Malformed> {
         // A request has a few dozen attributes: a linear scan beats hashing.
         let mut attrs: Vec<(&str, &str)> = Vec::with_capacity(32);
-        // One pass of `memchr2` (vectorised) for both '\n' and '=', about
-        // two hits a line: a char pattern's searcher cost ~400 instructions
-        // a line, a byte loop ~5 a byte, and a `memchr` call for each of the
-        // two ~40 each. '\n', '\r' and '=' are ASCII, so every cut is on a
-        // character boundary.
-        let bytes = text.as_bytes();
-        let (mut line_start, mut eq) = (0, None);
-        for i in memchr::memchr2_iter(b'\n', b'=', bytes).chain(std::iter::once(bytes.len())) {
-            if bytes.get(i) == Some(&b'=') {
-                // Only the first '=' of a line splits it.
-                eq = eq.or(Some(i));
+        // Found with `memchr` (vectorised): a char pattern's searcher cost
+        // ~400 instructions a line, a byte loop ~5 a byte. '\n', '\r' and
+        // '=' are ASCII, so every cut is on a character boundary. (Measured
+        // on Postfix's request under callgrind: one `memchr2` iterator over
+        // the request for both bytes, memchr's portable iterators, and a
+        // hand-written 8-bytes-at-a-time scan all cost 13-40% more.)
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = memchr::memchr(b'\n', rest.as_bytes()).unwrap_or(rest.len());
+            let line = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or("");
+            let l = line.strip_suffix('\r').unwrap_or(line);
+            if l.is_empty() {
                 continue;
             }
-            let line = &text[line_start..i];
-            let l = line.strip_suffix('\r').unwrap_or(line);
-            match eq {
-                Some(eq) => attrs.push((&text[line_start..eq], &text[eq + 1..line_start + l.len()])),
-                None if l.is_empty() => {}
+            match memchr::memchr(b'=', l.as_bytes()) {
+                Some(eq) => attrs.push((&l[..eq], &l[eq + 1..])),
                 None => return Err(Malformed(l.chars().take(200).collect())),
             }
-            (line_start, eq) = (i + 1, None);
         }
         Ok(Attrs(attrs))
     }
