@@ -269,6 +269,13 @@ fn engine_config(config: &RuntimeConfig, reservation: u64) -> wasmtime::Config {
         .async_stack_size(config.max_stack + (1 << 20))
         .memory_reservation(reservation)
         .memory_reservation_for_growth(0)
+        // The pooling allocator never moves a memory (each has its slot,
+        // up to `max_memory`): compiled code may keep the base pointer in a
+        // register across loops instead of reloading it.
+        .memory_may_move(false)
+        // Tables initialised at instantiation: an indirect call (a `dyn`
+        // method, the formatting machinery) then skips the lazy-init check.
+        .table_lazy_init(false)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     // For profiling: `GREYHOOK_PERFMAP=1` names the filters' compiled
     // functions in /tmp/perf-PID.map, which `perf report` reads (and the
