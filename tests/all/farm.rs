@@ -9,11 +9,11 @@ use greyhook_tests::*;
 
 /// A `greyhook serve` on its own policy port, on the shared Redis.
 fn daemon(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str]) -> (Process, u16) {
-    daemon_with(dir, name, redis, sets, "250ms")
+    daemon_with(dir, name, &redis.url(), sets, "250ms")
 }
 
-/// The same, with another store timeout.
-fn daemon_with(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str], store_timeout: &str) -> (Process, u16) {
+/// The same on the store at `url`, with another store timeout.
+fn daemon_with(dir: &Path, name: &str, url: &str, sets: &[&str], store_timeout: &str) -> (Process, u16) {
     let port = free_port();
     let control = dir.join(format!("{name}.sock"));
     let cfg = dir.join(format!("{name}.toml"));
@@ -26,7 +26,7 @@ fn daemon_with(dir: &Path, name: &str, redis: &RedisServer, sets: &[&str], store
         "--policy".into(),
         format!("127.0.0.1:{port}"),
         "--db".into(),
-        redis.url(),
+        url.to_string(),
         "--control".into(),
         control.display().to_string(),
     ];
@@ -50,6 +50,31 @@ fn ask(port: u16, client: &str, sender: &str, recipient: &str) -> String {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     line.trim_end().trim_start_matches("action=").to_string()
+}
+
+/// Found by the store suite's `get_many` case: on a Redis Cluster, the
+/// reference filter's read of its keys in one call (which hash to
+/// different slots) failed with CROSSSLOT, so every RCPT was answered by
+/// the failure policy (let through) instead of greylisted.
+#[test]
+fn a_farm_on_a_redis_cluster_greylists_and_passes_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = RedisCluster::start();
+    let (_d1, mx1) = daemon_with(dir.path(), "mx1", &cluster.url(), &["delay=2", "auto_whitelist_after=2"], "2s");
+    let (_d2, mx2) = daemon_with(dir.path(), "mx2", &cluster.url(), &["delay=2", "auto_whitelist_after=2"], "2s");
+    let c = "192.0.2.10";
+    let first_try = Instant::now();
+    for (mx, sender) in [(mx1, "a@example.org"), (mx2, "a@example.org"), (mx1, "b@example.org")] {
+        let a = ask(mx, c, sender, "u@example.com");
+        assert!(a.starts_with("451 4.7.1 Greylisted, please try again later retry=00:00:0"), "greylisted, not the failure policy: {a}");
+    }
+    std::thread::sleep(Duration::from_millis(2100));
+    let a = ask(mx2, c, "a@example.org", "u@example.com");
+    assert!(a.starts_with("PREPEND X-Greylist: delayed "), "mx1's record counts on mx2: {a}");
+    assert_delayed(&a, 2, first_try);
+    assert!(ask(mx1, c, "b@example.org", "u@example.com").starts_with("PREPEND X-Greylist"));
+    // Two passes: the client network is auto-whitelisted, its count kept on the cluster.
+    assert_eq!(ask(mx2, c, "new@example.org", "u@example.com"), "DUNNO");
 }
 
 #[test]
@@ -90,8 +115,8 @@ fn two_daemons_under_load_on_the_same_triplets_lose_no_update() {
     let sets = ["delay=0", "auto_whitelist_after=1000000"];
     // A generous store timeout: on a loaded CI machine a write that lands
     // but answers late would be counted as failed (and fail open).
-    let (_d1, mx1) = daemon_with(dir.path(), "mx1", &redis, &sets, "10s");
-    let (_d2, mx2) = daemon_with(dir.path(), "mx2", &redis, &sets, "10s");
+    let (_d1, mx1) = daemon_with(dir.path(), "mx1", &redis.url(), &sets, "10s");
+    let (_d2, mx2) = daemon_with(dir.path(), "mx2", &redis.url(), &sets, "10s");
     let triplets = 400;
     let load = |port: u16| {
         std::process::Command::new(policy_load_bin())

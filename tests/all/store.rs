@@ -92,6 +92,21 @@ async fn suite(store: Arc<dyn Store>) {
     let mut want = want;
     want.sort();
     assert_eq!(seen, want, "every live entry once, the expired one left out");
+
+    // Reading several keys answers as reading each: live, missing, expired,
+    // deleted, repeated, in the order asked; with a write-behind store, some
+    // from the file (flushed) and some from what is not written yet.
+    store.flush().await.unwrap();
+    store.set("m/deleted", b"v", T0 + 100, Condition::Any, T0).await.unwrap();
+    assert!(store.delete("m/deleted", Condition::Any, T0).await.unwrap());
+    let keys: Vec<String> = ["p/03", "m/missing", "p/dead", "m/deleted", "counter", "p/03", "p/24"].iter().map(|k| k.to_string()).collect();
+    let many = store.get_many(&keys, T0 + 50).await.unwrap();
+    let mut each = Vec::new();
+    for k in &keys {
+        each.push(store.get(k, T0 + 50).await.unwrap());
+    }
+    assert_eq!(many, each, "get_many answers as get does for {keys:?}");
+    assert_eq!(many.iter().map(Option::is_some).collect::<Vec<_>>(), [true, false, false, false, true, true, true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -423,14 +423,31 @@ impl RedbStore {
 
 impl RedbStore {
     fn read_file(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut slot = [None];
+        self.read_file_into(std::iter::once(key).zip(&mut slot))?;
+        let [entry] = slot;
+        Ok(entry.flatten())
+    }
+
+    /// Reads each key of `slots` whose slot is `None` from the file, all
+    /// from one snapshot (or one read transaction), into its slot.
+    fn read_file_into<'k>(&self, slots: impl Iterator<Item = (&'k str, &'k mut Option<Option<Entry>>)>) -> Result<(), StoreError> {
         let snapshot = self.inner.snapshot.read().unwrap_or_else(|p| p.into_inner()).current.clone();
+        let fill = |table: &dyn Fn(&str) -> Result<Option<Entry>, StoreError>| {
+            for (key, slot) in slots {
+                if slot.is_none() {
+                    *slot = Some(table(key)?);
+                }
+            }
+            Ok(())
+        };
         if let Some(records) = snapshot {
-            return self.inner.guarded(|| record(&*records, key));
+            return self.inner.guarded(|| fill(&|key| record(&*records, key)));
         }
         self.inner.with_db(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECORDS).map_err(backend)?;
-            record(&table, key)
+            fill(&|key| record(&table, key))
         })
     }
 
@@ -907,6 +924,18 @@ impl Store for RedbStore {
             None => self.read_file(key)?,
         };
         Ok(entry.filter(|e| e.expires_at > now))
+    }
+
+    async fn get_many(&self, keys: &[String], now: u64) -> Result<Vec<Option<Entry>>, StoreError> {
+        // As `get` for each key, in two passes: the overlay for all, then
+        // one snapshot of the file for those it did not hold (taken after
+        // their misses, as in `get`). One call, not a boxed future, a
+        // snapshot and a panic guard a key.
+        let mut slots: Vec<Option<Option<Entry>>> = keys.iter().map(|k| self.inner.overlay.lookup(k)).collect();
+        if slots.iter().any(Option::is_none) {
+            self.read_file_into(keys.iter().map(String::as_str).zip(slots.iter_mut()))?;
+        }
+        Ok(slots.into_iter().map(|e| e.flatten().filter(|e| e.expires_at > now)).collect())
     }
 
     async fn set(&self, key: &str, value: &[u8], expires_at: u64, cond: Condition, now: u64) -> Result<WriteOutcome, StoreError> {

@@ -329,6 +329,13 @@ impl Store for RedisStore {
     }
 
     async fn get_many(&self, keys: &[String], now: u64) -> Result<Vec<Option<Entry>>, StoreError> {
+        if matches!(self.backend, Backend::Fixed(Conn::Cluster(_))) {
+            // A cluster refuses a pipeline whose keys hash to different
+            // slots (CROSSSLOT): each key is asked alone, all at once (the
+            // cluster connection multiplexes them: still one round trip).
+            let reads = keys.iter().map(|k| self.read("get_many", self.key(k), now));
+            return futures::future::try_join_all(reads).await;
+        }
         // One pipeline: one round trip for the whole batch.
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let rows: Vec<(Option<Vec<u8>>, Option<String>, Option<String>)> = self
