@@ -64,7 +64,11 @@ pub enum InvalidVerdict {
 }
 
 fn printable(s: &str) -> bool {
-    s.bytes().all(|b| b == b'\t' || (32..127).contains(&b))
+    // Each 32-byte chunk folded without an early exit, which the compiler
+    // vectorises (a byte at a time was ~6 instructions a byte of every
+    // reply line a filter returns).
+    let ok = |b: u8| (b == b'\t') | (b.wrapping_sub(32) < 95);
+    s.as_bytes().chunks(32).all(|c| c.iter().fold(true, |acc, &b| acc & ok(b)))
 }
 
 fn valid_enhanced(e: &str, code: u16) -> bool {
@@ -109,7 +113,7 @@ pub fn check_reply(r: &Reply, tempfail: bool) -> Result<(), InvalidVerdict> {
 /// True if `line` holds `retry=` in any case (the host alone writes the
 /// hint). Looks only at each `=`, not at every six-byte window.
 fn has_retry_hint(line: &[u8]) -> bool {
-    (5..line.len()).any(|i| line[i] == b'=' && line[i - 5..i].eq_ignore_ascii_case(b"retry"))
+    memchr::memchr_iter(b'=', line).any(|i| i >= 5 && line[i - 5..i].eq_ignore_ascii_case(b"retry"))
 }
 
 /// Checks a header the filter wants added.
@@ -316,6 +320,17 @@ mod tests {
             ("", false),
         ] {
             assert_eq!(valid_enhanced(e, 451), ok, "{e:?}");
+        }
+        // Printable: tab, space to '~'; a bad byte anywhere in a long line
+        // (across the 32-byte chunks the check folds) is found.
+        for (text, ok) in [("a\tb ~", true), ("\x1f", false), ("\x7f", false), ("é", false), ("", true)] {
+            assert_eq!(printable(text), ok, "{text:?}");
+        }
+        for at in [0, 31, 32, 33, 63, 64, 99] {
+            let mut line = vec![b'x'; 100];
+            line[at] = b'\n';
+            assert!(!printable(std::str::from_utf8(&line).unwrap()), "a newline at {at}");
+            assert!(printable(&"x".repeat(at + 1)));
         }
         assert!(check_header(&Header { name: "X-Greylist".into(), value: "delayed 3 seconds".into() }));
         assert!(!check_header(&Header { name: "X-A".into(), value: "a\r\nBcc: evil".into() }));
