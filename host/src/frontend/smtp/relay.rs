@@ -222,9 +222,18 @@ impl Relay {
         self.xclient
     }
 
-    /// Whether the next hop announced `keyword` (e.g. `XFORWARD`).
+    /// Whether the next hop announced `keyword` (upper case, e.g.
+    /// `XFORWARD`).
     pub fn has(&self, keyword: &str) -> bool {
-        self.keywords.iter().any(|k| k.split_whitespace().next() == Some(keyword))
+        self.offer(keyword).is_some()
+    }
+
+    /// The EHLO line of the next hop that announces `keyword`, if any.
+    fn offer(&self, keyword: &str) -> Option<&str> {
+        self.keywords
+            .iter()
+            .find(|k| k.split_ascii_whitespace().next() == Some(keyword))
+            .map(String::as_str)
     }
 
     /// Tells the next hop who the real client is with Postfix's XCLIENT
@@ -234,7 +243,7 @@ impl Relay {
     /// XCLIENT restarts the session (a new greeting), so EHLO is said again.
     /// True if the next hop took it.
     pub async fn xclient(&mut self, attrs: &[(&str, String)]) -> Result<bool, RelayError> {
-        let Some(offered) = self.keywords.iter().find(|k| k.split_whitespace().next() == Some("XCLIENT")).cloned() else {
+        let Some(offered) = self.offer("XCLIENT").map(str::to_string) else {
             return Ok(false);
         };
         let names: Vec<&str> = offered.split_whitespace().skip(1).collect();
