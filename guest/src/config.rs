@@ -275,7 +275,7 @@ impl RecipientPattern {
 
     /// True if the normalised (lower-case) `rcpt` matches.
     pub fn matches(&self, rcpt: &str) -> bool {
-        let (local, domain) = match rcpt.rsplit_once('@') {
+        let (local, domain) = match crate::normalize::split_at_last_at(rcpt) {
             Some((l, d)) => (l, d),
             None => (rcpt, ""),
         };

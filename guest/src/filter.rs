@@ -145,7 +145,7 @@ impl Greylist {
         let mut keys = Vec::with_capacity(2 + recipients.len());
         keys.push(key);
         // Bounded so a key stays within the host's 256 bytes.
-        if let Some((_, d)) = sender.rsplit_once('@').filter(|(_, d)| !d.is_empty() && d.len() <= 200) {
+        if let Some((_, d)) = normalize::split_at_last_at(sender).filter(|(_, d)| !d.is_empty() && d.len() <= 200) {
             let mut k = ["wl/sender/", d].concat();
             k.make_ascii_lowercase();
             keys.push(k);

@@ -58,6 +58,15 @@ pub fn check_address(a: &str) -> Result<(), BadAddress> {
     Ok(())
 }
 
+/// `a` split at its last `@` (local part, domain). A byte loop from the
+/// end: the domain is short, and `rsplit_once`'s word-at-a-time `memrchr`
+/// cost ~280 instructions a call compiled to Wasm (4 a decision), ~140
+/// native. `@` is ASCII, so the cut is on a character boundary.
+pub fn split_at_last_at(a: &str) -> Option<(&str, &str)> {
+    let i = a.bytes().rposition(|b| b == b'@')?;
+    Some((&a[..i], &a[i + 1..]))
+}
+
 /// Normalises a recipient: lower case.
 pub fn normalize_recipient(a: &str) -> String {
     a.to_ascii_lowercase()
@@ -71,7 +80,7 @@ pub fn normalize_sender(a: &str) -> String {
     let a = a.to_ascii_lowercase();
     // Slices of `a`, not copies (this runs at every decision); only an SRS1
     // address needs a new string.
-    let (mut local, mut domain) = match a.rsplit_once('@') {
+    let (mut local, mut domain) = match split_at_last_at(&a) {
         Some((l, d)) => (l, d),
         None => return a,
     };
@@ -111,10 +120,12 @@ pub fn normalize_sender(a: &str) -> String {
     {
         local = user;
     }
-    if let Some((base, _ext)) = local.split_once('+')
-        && !base.is_empty()
+    // (A byte search: `split_once('+')`'s char searcher cost ~340
+    // instructions compiled to Wasm.)
+    if let Some(plus) = local.bytes().position(|b| b == b'+')
+        && plus > 0
     {
-        local = base;
+        local = &local[..plus];
     }
     let mut out = String::with_capacity(local.len() + domain.len() + 1);
     let mut in_digits = false;
@@ -188,6 +199,15 @@ mod tests {
         assert_eq!(normalize_sender("SRS1=HHH=fwd1.example==HHH=TT=orig.example=alice@fwd2.example"), "alice@orig.example");
         assert_eq!(normalize_sender(""), "");
         assert_eq!(normalize_sender("postmaster"), "postmaster");
+        // The last `@` splits; a leading `+` is not an extension; the
+        // first `+` starts one.
+        assert_eq!(normalize_sender("\"a@b\"@X.org"), "\"a@b\"@x.org");
+        assert_eq!(normalize_sender("+tag@x.org"), "+tag@x.org");
+        assert_eq!(normalize_sender("a+b+c@x.org"), "a@x.org");
+        assert_eq!(normalize_sender("Ünï+x@Ex.org"), "Ünï@ex.org");
+        assert_eq!(split_at_last_at("a@b@c"), Some(("a@b", "c")));
+        assert_eq!(split_at_last_at("@"), Some(("", "")));
+        assert_eq!(split_at_last_at("é"), None);
     }
 
     #[test]

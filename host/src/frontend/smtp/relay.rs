@@ -230,10 +230,7 @@ impl Relay {
 
     /// The EHLO line of the next hop that announces `keyword`, if any.
     fn offer(&self, keyword: &str) -> Option<&str> {
-        self.keywords
-            .iter()
-            .find(|k| k.split_ascii_whitespace().next() == Some(keyword))
-            .map(String::as_str)
+        self.keywords.iter().find(|k| k.split_ascii_whitespace().next() == Some(keyword)).map(String::as_str)
     }
 
     /// Tells the next hop who the real client is with Postfix's XCLIENT
