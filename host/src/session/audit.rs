@@ -93,12 +93,8 @@ fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
     // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
     // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0): a byte
-    // scan finds there are none, the common case. The scan folds each
-    // 32-byte chunk without an early exit, which the compiler vectorises
-    // (`any` tests byte by byte: ~5 instructions a byte).
-    let control = |b: u8| (b < 0x20) | (b == 0x7f) | (b == 0xc2);
-    let chunks = text.as_bytes().chunks(32);
-    if !chunks.into_iter().any(|c| c.iter().fold(false, |acc, &b| acc | control(b))) {
+    // scan (vectorised) finds there are none, the common case.
+    if crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2)) {
         out.push_str(text);
         return;
     }
@@ -325,6 +321,22 @@ fn write_text(line: &mut String, phase: Phase, ctx: &Context, recipient: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_wherever_they_are() {
+        for (c, escaped) in [('\n', "\\x0a"), ('\u{7f}', "\\x7f"), ('\u{85}', "\\u{85}")] {
+            for at in [0, 31, 32, 33, 64, 90] {
+                let mut text = "x".repeat(100);
+                text.insert(at, c);
+                let mut out = String::new();
+                push_escaped(&mut out, &text);
+                assert_eq!(out, format!("{}{escaped}{}", &text[..at], &text[at + c.len_utf8()..]), "{c:?} at {at}");
+            }
+        }
+        let mut out = String::new();
+        push_escaped(&mut out, "plain é ünï");
+        assert_eq!(out, "plain é ünï");
+    }
 
     #[test]
     fn timestamps_are_written_as_tracing_writes_them() {
