@@ -1,7 +1,8 @@
-//! Compiles the chaos filter (`tests/guests/chaos`, contract 0.1.0) and
-//! the walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.0) and a
-//! filter that keeps state with the SDK's arena on (`tests/guests/stateful`)
-//! for the tests.
+//! Compiles the chaos filter (`tests/guests/chaos`, contract 0.1.0), the
+//! walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.1 through
+//! the SDK), a filter that keeps state with the SDK's arena on
+//! (`tests/guests/stateful`) and one built against 0.2.0 as released
+//! (`tests/guests/v020`) for the tests.
 use std::path::PathBuf;
 
 fn main() {
@@ -36,4 +37,12 @@ fn main() {
         &["tests/guests/stateful/src", "tests/guests/stateful/Cargo.toml", "sdk/rust/src", "sdk/rust/wit", "sdk/rust/Cargo.toml"],
     );
     println!("cargo:rustc-env=GREYHOOK_STATEFUL_FILTER={}", wasm.display());
+    // A filter built against 0.2.0 as released (`wit/v0.2.0`).
+    let wasm = wasm_build::build_component(
+        &workspace,
+        "v020-guest",
+        "v020_guest.wasm",
+        &["tests/guests/v020/src", "tests/guests/v020/Cargo.toml", "wit/v0.2.0"],
+    );
+    println!("cargo:rustc-env=GREYHOOK_V020_FILTER={}", wasm.display());
 }

@@ -11,10 +11,12 @@ use greyhook::{Filter, FilterOptions, Runtime, RuntimeConfig};
 /// The chaos filter: misbehaves on demand (see `tests/guests/chaos`).
 pub const CHAOS_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_CHAOS_FILTER"));
 /// The walkthrough's filter (`examples/filters/spf-domain`): greylisting
-/// keyed on the SPF-validated sender domain, built on the SDK (0.2.0).
+/// keyed on the SPF-validated sender domain, built on the SDK (0.2.1).
 pub const SPF_DOMAIN_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_SPF_DOMAIN_FILTER"));
 /// `tests/guests/stateful`: keeps state between calls, with the SDK's arena.
 pub const STATEFUL_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_STATEFUL_FILTER"));
+/// `tests/guests/v020`: built against the contract's 0.2.0 as released.
+pub const V020_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_V020_FILTER"));
 
 /// A real DNS server (dnsmasq) on a free loopback port, answering only
 /// from `records` (dnsmasq options such as `--txt-record=NAME,TEXT`,

@@ -20,9 +20,9 @@ fn check_prints_name_version_and_imports() {
     let (ok, out, err) = greyhook(&["check"]);
     assert!(ok, "{err}");
     assert!(out.contains("name: greylist") && out.contains("version: 0.1.0"), "{out}");
-    assert!(out.contains("contract: greyhook:filter@0.2.0"), "{out}");
+    assert!(out.contains("contract: greyhook:filter@0.2.1"), "{out}");
     assert!(out.contains("capabilities: store, log"), "{out}");
-    assert!(out.contains("greyhook:filter/store@0.2.0") && out.contains("greyhook:filter/log@0.2.0"), "{out}");
+    assert!(out.contains("greyhook:filter/store@0.2.1") && out.contains("greyhook:filter/log@0.2.1"), "{out}");
     assert!(out.contains("wasi:cli/environment") && out.contains("linked empty"), "{out}");
 
     // A filter built against 0.1.0 (the chaos filter) loads unchanged.
@@ -225,7 +225,7 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
         ),
         (
             r#"(component (instance $h) (export "greyhook:filter/hooks@0.3.0" (instance $h)))"#,
-            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0 and @0.2.0 filters"][..],
+            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters"][..],
         ),
         (r#"(component)"#, &["it exports no greyhook:filter/hooks interface"][..]),
     ];

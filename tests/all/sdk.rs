@@ -52,7 +52,7 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.0"),
+        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.1"),
         "{text}"
     );
 
@@ -176,8 +176,29 @@ async fn metrics_from_a_filter_are_checked_at_the_boundary() {
         f.try_on_ehlo(&c.ctx()).await.expect("on-ehlo");
     }
     let got: Vec<String> = f.metrics().snapshot().iter().map(|s| s.render()).collect();
-    assert_eq!(got, ["dup_total{k=\"first\"} 2", "odd_seconds{v=\"fine\"} count=2 sum=1", "odd_total{a=\"1\",b=\"2\"} 6"], "{got:#?}");
-    assert_eq!(f.metrics().dropped(), 2 * 4, "four updates a call dropped");
+    // odd_total: 1 + 2 by name, 3 through the raw handle, a call.
+    assert_eq!(got, ["dup_total{k=\"first\"} 2", "odd_seconds{v=\"fine\"} count=2 sum=1", "odd_total{a=\"1\",b=\"2\"} 12"], "{got:#?}");
+    assert_eq!(f.metrics().dropped(), 2 * 6, "six updates a call dropped (four by name, two by handle)");
+}
+
+/// A filter built against the contract's 0.2.0 as released (before metric
+/// handles) loads in this 0.2.1 host unchanged: its exports are found, its
+/// store calls and metric updates by name are answered.
+#[tokio::test]
+async fn a_filter_built_against_0_2_0_still_loads_and_runs() {
+    let f = runtime()
+        .load(V020_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+        .await
+        .expect("the 0.2.0 filter loads");
+    assert_eq!(f.contract().to_string(), "greyhook:filter@0.2.0");
+    let c = Client::new(&f, "192.0.2.1", T0);
+    let first = f.try_on_rcpt(&c.ctx(), "bob@example.org").await.expect("no trap");
+    assert_eq!((code(&first), retry(&first)), (Some(451), Some(60)), "{first:?}");
+    let again = f.try_on_rcpt(&c.ctx(), "bob@example.org").await.expect("no trap");
+    assert_eq!(code(&again), None, "{again:?}");
+    let got: Vec<String> = f.metrics().snapshot().iter().map(|s| s.render()).collect();
+    assert_eq!(got, ["delay_seconds count=1 sum=60", "greylisted_total 1", "passed_total{contract=\"0.2.0\"} 1"], "{got:#?}");
+    assert_eq!(f.metrics().dropped(), 0);
 }
 
 /// The same filter under `greyhook serve`: that the arena cannot be

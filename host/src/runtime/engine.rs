@@ -404,7 +404,10 @@ impl Runtime {
         let world = |e: wasmtime::Error| LoadError::World(format!("{e:#}"));
         let pre = match contract {
             Contract::V0_1 => Pre::V1(bindings_v01::FilterPre::new(pre).map_err(world)?),
-            Contract::V0_2 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
+            // A 0.2.0 filter is a 0.2.1 one that does not use the handles:
+            // the 0.2.1 bindings find its 0.2.0 exports (semver-compatible
+            // names), and the linker gives its imports the 0.2.1 functions.
+            Contract::V0_2 | Contract::V0_2_1 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
         };
         let imports = compiled.imports(self);
         let inner = FilterInner {
@@ -463,9 +466,11 @@ pub struct CompiledFilter {
 pub enum Contract {
     /// `greyhook:filter@0.1.0` (`wit/v0.1/`): store and log.
     V0_1,
-    /// `greyhook:filter@0.2.0` (`wit/greyhook.wit`): adds dns, auth,
-    /// metrics and batched store calls.
+    /// `greyhook:filter@0.2.0`: adds dns, auth, metrics and batched store
+    /// calls.
     V0_2,
+    /// `greyhook:filter@0.2.1` (`wit/greyhook.wit`): adds metric handles.
+    V0_2_1,
 }
 
 impl Contract {
@@ -474,6 +479,7 @@ impl Contract {
         match self {
             Contract::V0_1 => "0.1.0",
             Contract::V0_2 => "0.2.0",
+            Contract::V0_2_1 => "0.2.1",
         }
     }
 
@@ -481,7 +487,7 @@ impl Contract {
     fn provides(self) -> &'static [&'static str] {
         match self {
             Contract::V0_1 => &["types", "store", "log"],
-            Contract::V0_2 => &["types", "store", "log", "dns", "auth", "metrics"],
+            Contract::V0_2 | Contract::V0_2_1 => &["types", "store", "log", "dns", "auth", "metrics"],
         }
     }
 }
@@ -502,7 +508,7 @@ const BUILD_WITHOUT: &str = "greyhook gives filters no network or HTTP: build th
     Rust: do not depend on an HTTP client); see docs/writing-filters.md";
 
 impl CompiledFilter {
-    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.0`).
+    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.1`).
     pub fn imports(&self, runtime: &Runtime) -> Vec<String> {
         self.component.component_type().imports(&runtime.inner.engine).map(|(name, _)| name.to_string()).collect()
     }
@@ -515,13 +521,15 @@ impl CompiledFilter {
         let ty = self.component.component_type();
         let engine = &runtime.inner.engine;
         let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.0") {
+        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.1") {
+            Contract::V0_2_1
+        } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.0") {
             Contract::V0_2
         } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.1.0") {
             Contract::V0_1
         } else if let Some(other) = exports.iter().find(|e| e.starts_with("greyhook:filter/hooks")) {
             return Err(LoadError::World(format!(
-                "it exports {other}; this host runs greyhook:filter@0.1.0 and @0.2.0 filters (upgrade greyhook, or build the filter against one of those)"
+                "it exports {other}; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters (upgrade greyhook, or build the filter against one of those)"
             )));
         } else {
             return Err(LoadError::World(format!(

@@ -49,16 +49,52 @@ pub struct MetricSample {
     pub value: MetricValue,
 }
 
-/// A metric's series: sorted label sets (each sorted by name) and values.
-type Series = Vec<(Vec<(String, String)>, MetricValue)>;
+/// A metric's series: sorted label sets (each sorted by name), each with
+/// the index of its value in [`Table::values`].
+type Series = Vec<(Vec<(String, String)>, usize)>;
+
+/// What the lock guards: the series by name, and their values by handle.
+#[derive(Debug, Default)]
+struct Table {
+    /// Series by metric name. Keyed by name alone so that an update of an
+    /// existing series (nearly every one) looks it up by `&str` and a
+    /// binary search over a few label sets, allocating nothing.
+    by_name: BTreeMap<String, Series>,
+    /// Every series' value, in the order the series were created; the
+    /// index is the series' handle ([`FilterMetrics::define`]) and never
+    /// changes (series are never removed).
+    values: Vec<MetricValue>,
+}
+
+/// A metric's kind, for [`FilterMetrics::define`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A counter.
+    Counter,
+    /// A histogram.
+    Histogram,
+}
+
+impl MetricKind {
+    fn new_value(self) -> MetricValue {
+        match self {
+            MetricKind::Counter => MetricValue::Counter(0),
+            MetricKind::Histogram => MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
+        }
+    }
+
+    fn of(v: &MetricValue) -> MetricKind {
+        match v {
+            MetricValue::Counter(_) => MetricKind::Counter,
+            MetricValue::Histogram { .. } => MetricKind::Histogram,
+        }
+    }
+}
 
 /// The metrics of one filter.
 #[derive(Debug, Default)]
 pub struct FilterMetrics {
-    /// Series by metric name. Keyed by name alone so that an update of an
-    /// existing series (nearly every one) looks it up by `&str` and a
-    /// binary search over a few label sets, allocating nothing.
-    series: Mutex<BTreeMap<String, Series>>,
+    table: Mutex<Table>,
     dropped: AtomicU64,
 }
 
@@ -121,65 +157,105 @@ impl FilterMetrics {
         Some(c)
     }
 
-    /// Applies `f` to the series `name{labels}`, created with `new` if it
-    /// is not there yet and `name` and every one of `given` (the labels as
-    /// the filter gave them) keep the rules, and the series limit allows.
-    fn update(
-        &self,
-        name: &str,
-        given: &[(&str, &str)],
-        labels: &Canonical<'_>,
-        new: impl FnOnce() -> MetricValue,
-        f: impl FnOnce(&mut MetricValue) -> bool,
-    ) {
-        // A map insert or update cannot be left half-done: the data is
-        // whole even if another thread panicked holding the lock.
-        let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // An insert or update cannot be left half-done: the data is whole
+        // even if another thread panicked holding the lock.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handle of the series `name{labels}` of `kind`, created (at zero)
+    /// if it is not there yet and `name` and every one of `given` (the
+    /// labels as the filter gave them) keep the rules, and the series limit
+    /// allows; `None` otherwise, or if `name` is of the other kind.
+    fn find_or_create(&self, t: &mut Table, name: &str, given: &[(&str, &str)], labels: &Canonical<'_>, kind: MetricKind) -> Option<usize> {
         let valid = || valid_name(name) && given.iter().all(|(k, v)| valid_name(k) && valid_value(v));
-        let ok = if let Some(series) = map.get_mut(name)
+        if let Some(series) = t.by_name.get(name)
             && let Ok(i) = series.binary_search_by(|(l, _)| labels.cmp_stored(l))
             // The set matched was checked; a duplicated label dropped from
             // it was not, and must keep the rules too.
             && (given.len() == labels.len || valid())
         {
-            f(&mut series[i].1)
-        } else if !valid() {
-            false
-        } else if map.values().map(Vec::len).sum::<usize>() >= MAX_SERIES {
-            // A new series (rare: counted only then) past the limit.
-            false
-        } else {
-            let mut v = new();
-            let ok = f(&mut v);
-            if ok {
-                let series = map.entry(name.to_string()).or_default();
-                let i = series.binary_search_by(|(l, _)| labels.cmp_stored(l)).unwrap_or_else(|i| i);
-                series.insert(i, (labels.to_owned(), v));
+            let h = series[i].1;
+            return (MetricKind::of(&t.values[h]) == kind).then_some(h);
+        }
+        // A new series (rare: the checks run only then).
+        if !valid() || t.values.len() >= MAX_SERIES {
+            return None;
+        }
+        // One name is one kind (its first series').
+        if let Some(first) = t.by_name.get(name).and_then(|s| s.first())
+            && MetricKind::of(&t.values[first.1]) != kind
+        {
+            return None;
+        }
+        let h = t.values.len();
+        t.values.push(kind.new_value());
+        let series = t.by_name.entry(name.to_string()).or_default();
+        let i = series.binary_search_by(|(l, _)| labels.cmp_stored(l)).unwrap_or_else(|i| i);
+        series.insert(i, (labels.to_owned(), h));
+        Some(h)
+    }
+
+    /// Applies `f` to the series `name{labels}` of `kind` (see
+    /// [`Self::find_or_create`]); counts the update dropped if there is
+    /// none.
+    fn update(&self, name: &str, given: &[(&str, &str)], kind: MetricKind, f: impl FnOnce(&mut MetricValue)) {
+        let Some(labels) = self.labels(given) else { return };
+        let mut t = self.lock();
+        match self.find_or_create(&mut t, name, given, &labels, kind) {
+            Some(h) => f(&mut t.values[h]),
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            ok
-        };
-        if !ok {
+        }
+    }
+
+    /// The handle of the series `name{labels}` of `kind`, created at zero
+    /// if new: what a filter's `metrics.counter` and `metrics.histogram`
+    /// answer, for [`Self::add`] and [`Self::observe_by`]. `None` (counted
+    /// as dropped) where an update by name would be dropped: a name or
+    /// label that breaks a rule, the series limit, a name of the other
+    /// kind.
+    pub fn define(&self, kind: MetricKind, name: &str, labels: &[(&str, &str)]) -> Option<u32> {
+        let canonical = self.labels(labels)?;
+        let mut t = self.lock();
+        let h = self.find_or_create(&mut t, name, labels, &canonical, kind);
+        if h.is_none() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        h.and_then(|h| u32::try_from(h).ok())
+    }
+
+    /// Applies `f` to the series with handle `h` if it is one of `kind`;
+    /// counts the update dropped otherwise (a handle this filter was never
+    /// given).
+    fn update_by(&self, h: u32, kind: MetricKind, f: impl FnOnce(&mut MetricValue)) {
+        let mut t = self.lock();
+        match t.values.get_mut(h as usize) {
+            Some(v) if MetricKind::of(v) == kind => f(v),
+            _ => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds `value` to the counter with handle `h` (from [`Self::define`]).
+    pub fn add(&self, h: u32, value: u64) {
+        self.update_by(h, MetricKind::Counter, |v| add_to(v, value));
+    }
+
+    /// Records `value` in the histogram with handle `h` (from [`Self::define`]).
+    pub fn observe_by(&self, h: u32, value: f64) {
+        if !value.is_finite() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.update_by(h, MetricKind::Histogram, |v| observe_into(v, value));
     }
 
     /// Adds `value` to the counter `name{labels}`.
     pub fn counter_add(&self, name: &str, labels: &[(&str, &str)], value: u64) {
-        let Some(canonical) = self.labels(labels) else { return };
-        self.update(
-            name,
-            labels,
-            &canonical,
-            || MetricValue::Counter(0),
-            |v| match v {
-                MetricValue::Counter(n) => {
-                    *n = n.saturating_add(value);
-                    true
-                }
-                // The name is a histogram already.
-                MetricValue::Histogram { .. } => false,
-            },
-        );
+        self.update(name, labels, MetricKind::Counter, |v| add_to(v, value));
     }
 
     /// Records `value` in the histogram `name{labels}`.
@@ -188,31 +264,16 @@ impl FilterMetrics {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(canonical) = self.labels(labels) else { return };
-        self.update(
-            name,
-            labels,
-            &canonical,
-            || MetricValue::Histogram { count: 0, sum: 0.0, buckets: vec![0; BUCKETS.len() + 1] },
-            |v| match v {
-                MetricValue::Histogram { count, sum, buckets } => {
-                    *count += 1;
-                    *sum += value;
-                    let i = BUCKETS.iter().position(|b| value <= *b).unwrap_or(BUCKETS.len());
-                    buckets[i] += 1;
-                    true
-                }
-                MetricValue::Counter(_) => false,
-            },
-        );
+        self.update(name, labels, MetricKind::Histogram, |v| observe_into(v, value));
     }
 
     /// Every series, by name and labels.
     pub fn snapshot(&self) -> Vec<MetricSample> {
-        let map = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
+        let t = self.lock();
+        t.by_name
+            .iter()
             .flat_map(|(name, series)| {
-                series.iter().map(|(labels, value)| MetricSample { name: name.clone(), labels: labels.clone(), value: value.clone() })
+                series.iter().map(|(labels, h)| MetricSample { name: name.clone(), labels: labels.clone(), value: t.values[*h].clone() })
             })
             .collect()
     }
@@ -226,6 +287,23 @@ impl FilterMetrics {
     /// Updates dropped for breaking a rule or the series limit.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Adds to a counter (the caller checked the kind).
+fn add_to(v: &mut MetricValue, value: u64) {
+    if let MetricValue::Counter(n) = v {
+        *n = n.saturating_add(value);
+    }
+}
+
+/// Records a finite observation in a histogram (the caller checked the kind).
+fn observe_into(v: &mut MetricValue, value: f64) {
+    if let MetricValue::Histogram { count, sum, buckets } = v {
+        *count += 1;
+        *sum += value;
+        let i = BUCKETS.iter().position(|b| value <= *b).unwrap_or(BUCKETS.len());
+        buckets[i] += 1;
     }
 }
 
@@ -273,5 +351,41 @@ mod tests {
         }
         assert_eq!(m.snapshot().len(), MAX_SERIES);
         assert_eq!(m.dropped(), 4 + 12);
+    }
+
+    #[test]
+    fn handles_update_the_series_they_name_and_bad_ones_are_dropped() {
+        let m = FilterMetrics::default();
+        let c = m.define(MetricKind::Counter, "passed", &[("stage", "rcpt")]).unwrap();
+        // The same series by name or by handle, labels in any order.
+        assert_eq!(m.define(MetricKind::Counter, "passed", &[("stage", "rcpt")]), Some(c));
+        let two = m.define(MetricKind::Counter, "two", &[("b", "1"), ("a", "2")]).unwrap();
+        assert_eq!(m.define(MetricKind::Counter, "two", &[("a", "2"), ("b", "1")]), Some(two));
+        m.add(c, 2);
+        m.counter_add("passed", &[("stage", "rcpt")], 3);
+        let h = m.define(MetricKind::Histogram, "delay_seconds", &[]).unwrap();
+        m.observe_by(h, 300.0);
+        let s = m.snapshot();
+        assert_eq!(s[0].render(), "delay_seconds count=1 sum=300");
+        assert_eq!(s[1].render(), "passed{stage=\"rcpt\"} 5");
+        assert_eq!(s[2].render(), "two{a=\"2\",b=\"1\"} 0", "defined series show at zero");
+        assert_eq!(m.dropped(), 0);
+        // Wrong kind, unknown handle, bad name, bad value, other kind of a name.
+        m.add(h, 1);
+        m.observe_by(c, 1.0);
+        m.add(999, 1);
+        m.observe_by(h, f64::INFINITY);
+        assert_eq!(m.define(MetricKind::Counter, "Bad", &[]), None);
+        assert_eq!(m.define(MetricKind::Counter, "x", &[("k", "line\nbreak")]), None);
+        assert_eq!(m.define(MetricKind::Counter, "delay_seconds", &[("other", "set")]), None);
+        assert_eq!(m.define(MetricKind::Counter, "x", &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("e", "")]), None);
+        assert_eq!(m.dropped(), 8);
+        assert_eq!(m.snapshot().len(), 3, "nothing created by the bad ones");
+        // The limit holds for handles as for names.
+        for i in 0..MAX_SERIES {
+            m.define(MetricKind::Counter, "many", &[("i", &i.to_string())]);
+        }
+        assert_eq!(m.snapshot().len(), MAX_SERIES);
+        assert_eq!(m.dropped(), 8 + 3);
     }
 }

@@ -1,5 +1,5 @@
 //! What a filter sees: the generated bindings of the contract's two
-//! versions (`wit/greyhook.wit`, 0.2.0, and `wit/v0.1/greyhook.wit`), the
+//! versions (`wit/greyhook.wit`, 0.2.1 (and 0.2.0), and `wit/v0.1/greyhook.wit`), the
 //! per-instance host state, and the host side of the imports (`store`,
 //! `log`, `dns`, `auth`, `metrics`; a 0.1.0 filter's `store` and `log` are
 //! the same code behind the older types). Also the conversions between the
@@ -25,10 +25,11 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, 
 
 use crate::dns::{self, Resolver};
 use crate::domain::types;
-use crate::runtime::metrics::FilterMetrics;
+use crate::runtime::metrics::{FilterMetrics, MetricKind};
 use crate::store::{Condition, Store, WriteOutcome};
 
-/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.0`).
+/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.1`;
+/// they run 0.2.0 filters too).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -365,7 +366,7 @@ impl HostState {
     }
 }
 
-// For a 0.2.0 filter, `get`, `get_many` and `set` are shadowed at run time
+// For a 0.2 filter, `get`, `get_many` and `set` are shadowed at run time
 // by `link_store` (which reads keys and values in place); `get` and `set`
 // still serve 0.1.0 filters, and the generated linker needs them all.
 impl wit_store::Host for HostState {
@@ -600,6 +601,26 @@ impl wit_metrics::Host for HostState {
         self.metrics.observe(&name, &labels, value);
         Ok(())
     }
+
+    async fn counter(&mut self, name: String, labels: Vec<(String, String)>) -> wasmtime::Result<Option<u32>> {
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok(self.metrics.define(MetricKind::Counter, &name, &labels))
+    }
+
+    async fn histogram(&mut self, name: String, labels: Vec<(String, String)>) -> wasmtime::Result<Option<u32>> {
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok(self.metrics.define(MetricKind::Histogram, &name, &labels))
+    }
+
+    async fn add(&mut self, series: u32, value: u64) -> wasmtime::Result<()> {
+        self.metrics.add(series, value);
+        Ok(())
+    }
+
+    async fn observe(&mut self, series: u32, value: f64) -> wasmtime::Result<()> {
+        self.metrics.observe_by(series, value);
+        Ok(())
+    }
 }
 
 /// A metric's labels as the filter passed them, still in its memory.
@@ -612,12 +633,22 @@ type WasmLabels = WasmList<(WasmStr, WasmStr)>;
 /// series, needs none. Synchronous: an update is a short lock.
 pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/metrics@0.2.0")?;
+    let mut m = linker.instance("greyhook:filter/metrics@0.2.1")?;
     m.func_wrap("counter-add", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, u64)| {
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.counter_add(name, labels, value))
     })?;
     m.func_wrap("histogram-observe", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, f64)| {
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.observe(name, labels, value))
+    })?;
+    // The handles' updates: two integers in, nothing to read or check but
+    // the handle (the generated path would enter an async call for each).
+    m.func_wrap("add", |store: StoreContextMut<'_, HostState>, (series, value): (u32, u64)| {
+        store.data().metrics.add(series, value);
+        Ok(())
+    })?;
+    m.func_wrap("observe", |store: StoreContextMut<'_, HostState>, (series, value): (u32, f64)| {
+        store.data().metrics.observe_by(series, value);
+        Ok(())
     })?;
     linker.allow_shadowing(false);
     Ok(())
@@ -635,7 +666,7 @@ type StoreResult<T> = Result<T, wit_store::StoreError>;
 /// take it), through the same helpers.
 pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/store@0.2.0")?;
+    let mut m = linker.instance("greyhook:filter/store@0.2.1")?;
     m.func_wrap_async("get", |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
         Box::new(async move {
             let mut bufs = take_key_bufs(&mut store, 1);

@@ -29,6 +29,30 @@ const PROVIDED = {
         'greyhook:filter/metrics',
     ],
 }
+// 0.2.1 adds functions to `metrics` (handles), no interface.
+PROVIDED['0.2.1'] = PROVIDED['0.2.0']
+
+// Metric handles (0.2.1): the series this worker's instance asked for, by
+// handle. A series that breaks the rules, or past 256, gets no handle.
+const series = []
+const MAX_SERIES = 256
+function define(kind, name, labels) {
+    const ok =
+        /^[a-z][a-z0-9_]{0,63}$/.test(name) &&
+        Array.isArray(labels) &&
+        labels.length <= 4 &&
+        labels.every(([k, v]) => /^[a-z][a-z0-9_]{0,63}$/.test(k) && String(v).length <= 64 && !/[\x00-\x1f\x7f]/.test(String(v)))
+    if (!ok) return undefined
+    const found = series.findIndex((s) => s.kind === kind && s.name === name && JSON.stringify(s.labels) === JSON.stringify(labels))
+    if (found >= 0) return found
+    if (series.length >= MAX_SERIES) return undefined
+    series.push({ kind, name, labels })
+    return series.length - 1
+}
+function byHandle(kind, handle, value) {
+    const s = series[handle]
+    if (s && s.kind === kind) emit({ type: 'metric', kind, name: s.name, labels: s.labels, value })
+}
 
 let hooks = null
 let namespace = workerData.namespace || null
@@ -185,6 +209,18 @@ const imports = {
         histogramObserve(name, labels, value) {
             emit({ type: 'metric', kind: 'histogram', name, labels, value })
         },
+        counter(name, labels) {
+            return define('counter', name, labels)
+        },
+        histogram(name, labels) {
+            return define('histogram', name, labels)
+        },
+        add(handle, value) {
+            byHandle('counter', handle, Number(value))
+        },
+        observe(handle, value) {
+            byHandle('histogram', handle, value)
+        },
     },
     'greyhook:filter/dns': {
         lookup(name, kind) {
@@ -218,7 +254,7 @@ async function transpile(bytes) {
     }
     const version = hooksExport.split('@')[1]
     if (!PROVIDED[version]) {
-        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0 and @0.2.0 filters`)
+        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters`)
     }
     const offered = new Set([...PROVIDED[version], ...Object.keys(wasiImports(() => 0, new Sink()))])
     const refused = out.imports.filter((i) => !offered.has(i))

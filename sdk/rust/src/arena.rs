@@ -26,8 +26,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr;
 
-/// Bytes in the arena's one chunk (taken from the system allocator the
-/// first time a hook call allocates). A call that needs more gets the rest
+/// Bytes in the arena's one chunk (taken from the system allocator when
+/// the arena first serves, after `init`). A call that needs more gets the rest
 /// from the system allocator.
 pub const CHUNK: usize = 128 * 1024;
 
@@ -47,10 +47,12 @@ pub struct Arena {
     base: Cell<*mut u8>,
     /// Offset of the first free byte in the chunk.
     next: Cell<usize>,
+    /// Where allocations in the chunk must end: [`CHUNK`] while the arena
+    /// serves, 0 while it does not (during `init`, or without a chunk), so
+    /// that one comparison answers both "is there room" and "is it on".
+    limit: Cell<usize>,
     /// Allocations in the chunk not freed yet.
     live: Cell<usize>,
-    /// The arena serves allocations (off during `init`).
-    active: Cell<bool>,
     /// Calls begun since the chunk was last rewound.
     since_rewind: Cell<u32>,
     /// Whether being stuck was reported.
@@ -74,8 +76,8 @@ impl Arena {
         Arena {
             base: Cell::new(ptr::null_mut()),
             next: Cell::new(0),
+            limit: Cell::new(0),
             live: Cell::new(0),
-            active: Cell::new(false),
             since_rewind: Cell::new(0),
             reported: Cell::new(false),
         }
@@ -87,40 +89,42 @@ impl Arena {
     }
 
     /// A bump allocation in the chunk, or null if the arena is not serving
-    /// or has no room.
+    /// or has no room. (Called for every allocation of a hook call: one
+    /// comparison with `limit` covers room, serving and having a chunk.)
+    #[inline]
     fn bump(&self, layout: Layout) -> *mut u8 {
-        if !self.active.get() || layout.align() > CHUNK_ALIGN {
-            return ptr::null_mut();
-        }
-        let mut base = self.base.get();
-        if base.is_null() {
-            // SAFETY: a valid, non-zero layout.
-            base = unsafe { System.alloc(Layout::from_size_align(CHUNK, CHUNK_ALIGN).expect("a valid chunk layout")) };
-            if base.is_null() {
-                return ptr::null_mut();
-            }
-            self.base.set(base);
-        }
-        let start = (self.next.get() + layout.align() - 1) & !(layout.align() - 1);
+        let align = layout.align();
+        let start = (self.next.get() + align - 1) & !(align - 1);
         match start.checked_add(layout.size()) {
-            Some(end) if end <= CHUNK => {
+            Some(end) if end <= self.limit.get() && align <= CHUNK_ALIGN => {
                 self.next.set(end);
                 self.live.set(self.live.get() + 1);
-                // SAFETY: `start` is within the chunk.
-                unsafe { base.add(start) }
+                // SAFETY: `limit` is non-zero only with a chunk, and
+                // `start` is within it.
+                unsafe { self.base.get().add(start) }
             }
             _ => ptr::null_mut(),
         }
     }
 
-    /// Serves allocations from now on (after `init`).
+    /// Serves allocations from now on (after `init`), taking the chunk
+    /// from the system allocator the first time (if it cannot, the system
+    /// allocator serves everything).
     pub fn resume(&self) {
-        self.active.set(true);
+        if self.base.get().is_null() {
+            // SAFETY: a valid, non-zero layout.
+            let base = unsafe { System.alloc(Layout::from_size_align(CHUNK, CHUNK_ALIGN).expect("a valid chunk layout")) };
+            if base.is_null() {
+                return;
+            }
+            self.base.set(base);
+        }
+        self.limit.set(CHUNK);
     }
 
     /// Stops serving (during `init`: what it builds lasts).
     pub fn pause(&self) {
-        self.active.set(false);
+        self.limit.set(0);
     }
 
     /// A hook call begins. Returns true once, the first time the chunk has
@@ -188,8 +192,7 @@ unsafe impl GlobalAlloc for Arena {
         // The last allocation grows or shrinks in place while there is room
         // (a string or vector being pushed to, the common case).
         if off + layout.size() == self.next.get()
-            && self.active.get()
-            && let Some(end) = off.checked_add(new_size).filter(|&e| e <= CHUNK)
+            && let Some(end) = off.checked_add(new_size).filter(|&e| e <= self.limit.get())
         {
             self.next.set(end);
             return p;

@@ -1,6 +1,6 @@
 //! Write [greyhook](https://example.invalid/greyhook) filters in Rust.
 //!
-//! A filter is a WebAssembly component of the `greyhook:filter@0.2.0`
+//! A filter is a WebAssembly component of the `greyhook:filter@0.2.1`
 //! contract (vendored in this crate's `wit/`). With this crate it is a type
 //! that implements [`Filter`] — every hook defaults to "no opinion" — and
 //! one line, [`export!`], that makes it the component's exports when built
@@ -62,6 +62,8 @@
 pub mod arena;
 pub mod host;
 pub mod net;
+#[doc(hidden)]
+pub mod series;
 pub mod spf;
 pub mod store;
 pub mod testing;
@@ -78,7 +80,7 @@ pub use host::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, 
 pub use verdict::{ReplyBuilder, reject, tempfail};
 
 /// The contract version this crate builds filters for.
-pub const CONTRACT: &str = "greyhook:filter@0.2.0";
+pub const CONTRACT: &str = "greyhook:filter@0.2.1";
 
 /// Why a hook gave up. The exported glue logs it (`warn`) and answers
 /// "no opinion" (`continue`); when a store call failed during the hook the

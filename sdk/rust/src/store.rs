@@ -105,14 +105,20 @@ impl<'h> Prefetch<'h> {
 /// `a == b`, eight bytes at a time. In a component `==` on strings is
 /// wasi-libc's byte-at-a-time `memcmp`, and a prefetched key (40-odd
 /// bytes) is compared at every read.
-fn same_key(a: &str, b: &str) -> bool {
+pub(crate) fn same_key(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
+    let n = a.len();
+    if n != b.len() {
         return false;
     }
-    let word = |c: &[u8]| <[u8; 8]>::try_from(c).ok().map(u64::from_ne_bytes);
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_ne_bytes);
+    if n < 8 {
+        return a.iter().zip(b).all(|(x, y)| x == y);
+    }
+    // Whole words, then the last eight bytes (overlapping the last word
+    // compared: no byte-by-byte tail).
     let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    (&mut ca).zip(&mut cb).all(|(x, y)| word(x) == word(y)) && ca.remainder().iter().zip(cb.remainder()).all(|(x, y)| x == y)
+    (&mut ca).zip(&mut cb).all(|(x, y)| word(x) == word(y)) && word(&a[n - 8..]) == word(&b[n - 8..])
 }
 
 impl Host for Prefetch<'_> {
@@ -179,6 +185,18 @@ mod tests {
         for a in keys {
             for b in keys {
                 assert_eq!(same_key(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
+        // Every length, a difference at every position (words, the
+        // overlapping last word, the short path).
+        for n in 0..40 {
+            let a: String = (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            assert!(same_key(&a, &a.clone()));
+            for i in 0..n {
+                let mut b = a.clone().into_bytes();
+                b[i] = b'#';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same_key(&a, &b), "{a:?} {b:?}");
             }
         }
     }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use crate::host::{self, DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, StoreError, Write, WriteOutcome};
 use crate::{Filter, Verdict};
 
-/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.0`).
+/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.1`).
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
@@ -120,10 +120,26 @@ impl Host for WasmHost {
         auth::forward_confirmed_name(ip_to_wit(ip)).map_err(dns_error)
     }
     fn counter_add(&mut self, name: &str, l: &[(&str, &str)], value: u64) {
-        metrics::counter_add(name, l, value);
+        // Through the series' handle (crate::series): its name and labels
+        // cross once an instance, not on every update.
+        crate::series::update(
+            crate::series::Kind::Counter,
+            name,
+            l,
+            || metrics::counter(name, l),
+            |id| metrics::add(id, value),
+            || metrics::counter_add(name, l, value),
+        );
     }
     fn observe(&mut self, name: &str, l: &[(&str, &str)], value: f64) {
-        metrics::histogram_observe(name, l, value);
+        crate::series::update(
+            crate::series::Kind::Histogram,
+            name,
+            l,
+            || metrics::histogram(name, l),
+            |id| metrics::observe(id, value),
+            || metrics::histogram_observe(name, l, value),
+        );
     }
     fn log(&mut self, level: Level, message: &str) {
         let level = match level {

@@ -81,6 +81,17 @@ impl Filter for Stateful {
         host.counter_add("ok_total", &[("Bad Label", "x")], 1);
         host.observe("odd_seconds", &[("v", "line\nbreak")], 1.0);
         host.observe("odd_seconds", &[("v", "fine")], 0.5);
+        // Handles (0.2.1) used wrongly: one never given, a counter's for a
+        // histogram's update. Dropped and counted, not a trap.
+        #[cfg(target_arch = "wasm32")]
+        {
+            use greyhook_filter::wasm::bindings::greyhook::filter::metrics;
+            metrics::add(4242, 1);
+            if let Some(h) = metrics::counter("odd_total", &[("a", "1"), ("b", "2")]) {
+                metrics::observe(h, 1.0);
+                metrics::add(h, 3);
+            }
+        }
         Ok(EhloVerdict { verdict: Verdict::cont(), keywords: Vec::new() })
     }
 
