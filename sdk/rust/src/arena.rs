@@ -152,6 +152,7 @@ impl Arena {
 // allocation in it is live, and a freed range is reused before that only if
 // it was the last one (nothing after it is live).
 unsafe impl GlobalAlloc for Arena {
+    #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = self.bump(layout);
         if p.is_null() {
@@ -162,13 +163,17 @@ unsafe impl GlobalAlloc for Arena {
         }
     }
 
+    #[inline]
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        if self.owns(p) {
+        // One subtraction and comparison says whether the block is the
+        // chunk's (the offset wraps for a block below the chunk).
+        let base = self.base.get();
+        let off = (p as usize).wrapping_sub(base as usize);
+        if off < CHUNK && !base.is_null() {
             // Saturating: a double free is the caller's undefined behaviour, but
             // the count must not wrap and let the chunk look busy for ever.
             let live = self.live.get().saturating_sub(1);
             self.live.set(live);
-            let off = p as usize - self.base.get() as usize;
             if live == 0 {
                 // Nothing in the chunk is alive: all of it is free again.
                 self.next.set(0);
