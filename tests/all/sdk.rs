@@ -176,9 +176,10 @@ async fn metrics_from_a_filter_are_checked_at_the_boundary() {
         f.try_on_ehlo(&c.ctx()).await.expect("on-ehlo");
     }
     let got: Vec<String> = f.metrics().snapshot().iter().map(|s| s.render()).collect();
-    // odd_total: 1 + 2 by name, 3 through the raw handle, a call.
-    assert_eq!(got, ["dup_total{k=\"first\"} 2", "odd_seconds{v=\"fine\"} count=2 sum=1", "odd_total{a=\"1\",b=\"2\"} 12"], "{got:#?}");
-    assert_eq!(f.metrics().dropped(), 2 * 6, "six updates a call dropped (four by name, two by handle)");
+    // odd_total: 1 + 2 by name, 3 through the raw handle, a call;
+    // odd_seconds: 0.5 by name, 0.25 through a raw handle.
+    assert_eq!(got, ["dup_total{k=\"first\"} 2", "odd_seconds{v=\"fine\"} count=4 sum=1.5", "odd_total{a=\"1\",b=\"2\"} 12"], "{got:#?}");
+    assert_eq!(f.metrics().dropped(), 2 * 7, "seven updates a call dropped (four by name, two by handle, one handle refused)");
 }
 
 /// A filter built against the contract's 0.2.0 as released (before metric

@@ -640,8 +640,20 @@ pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) 
     m.func_wrap("histogram-observe", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, f64)| {
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.observe(name, labels, value))
     })?;
-    // The handles' updates: two integers in, nothing to read or check but
-    // the handle (the generated path would enter an async call for each).
+    // Handles (0.2.1): asked for as updates by name are made (in place,
+    // the labels counted before any is read), then updated with two
+    // integers, nothing to read or check but the handle (the generated
+    // path would enter an async call for each).
+    m.func_wrap("counter", |mut store: StoreContextMut<'_, HostState>, (name, labels): (WasmStr, WasmLabels)| {
+        let mut handle = None;
+        with_labels(&mut store, &name, &labels, |metrics, name, labels| handle = metrics.define(MetricKind::Counter, name, labels))?;
+        Ok((handle,))
+    })?;
+    m.func_wrap("histogram", |mut store: StoreContextMut<'_, HostState>, (name, labels): (WasmStr, WasmLabels)| {
+        let mut handle = None;
+        with_labels(&mut store, &name, &labels, |metrics, name, labels| handle = metrics.define(MetricKind::Histogram, name, labels))?;
+        Ok((handle,))
+    })?;
     m.func_wrap("add", |store: StoreContextMut<'_, HostState>, (series, value): (u32, u64)| {
         store.data().metrics.add(series, value);
         Ok(())

@@ -91,6 +91,11 @@ impl Filter for Stateful {
                 metrics::observe(h, 1.0);
                 metrics::add(h, 3);
             }
+            if let Some(h) = metrics::histogram("odd_seconds", &[("v", "fine")]) {
+                metrics::observe(h, 0.25);
+            }
+            // A bad name gets no handle (and counts as one dropped update).
+            assert!(metrics::counter("Bad-Name", &[]).is_none());
         }
         Ok(EhloVerdict { verdict: Verdict::cont(), keywords: Vec::new() })
     }
