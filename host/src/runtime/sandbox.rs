@@ -702,7 +702,8 @@ pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) ->
             // fails, so no more keys than that are read (or buffered).
             let n = keys.len().min(store.data().max_store_calls as usize + 1);
             let mut bufs = take_key_bufs(&mut store, n);
-            let handles: Vec<wasmtime::Result<WasmStr>> = keys.iter(store.as_context_mut())?.take(n).collect();
+            // Inline for a filter's usual handful of keys: no allocation.
+            let handles: smallvec::SmallVec<[wasmtime::Result<WasmStr>; 8]> = keys.iter(store.as_context_mut())?.take(n).collect();
             let r = match admit_keys(&mut store, handles, &mut bufs) {
                 Ok(()) => {
                     let (st, now) = (store.data().store.clone(), store.data().now);
