@@ -159,9 +159,12 @@ pub trait Host {
     fn spf(&mut self, ip: IpAddr, helo: &str, sender: &str) -> Result<SpfOutcome, DnsError>;
     /// The first PTR name of `ip` that resolves back to it, if any.
     fn forward_confirmed_name(&mut self, ip: IpAddr) -> Result<Option<String>, DnsError>;
-    /// Adds to a counter of this filter.
+    /// Adds to a counter of this filter. In a component the series' handle
+    /// (contract 0.2.1) is asked for the first time an instance updates it
+    /// and kept: later updates cross no strings.
     fn counter_add(&mut self, name: &str, labels: &[(&str, &str)], value: u64);
-    /// Records an observation in a histogram of this filter.
+    /// Records an observation in a histogram of this filter (through its
+    /// handle in a component, as `counter_add`).
     fn observe(&mut self, name: &str, labels: &[(&str, &str)], value: f64);
     /// Writes a log line, attributed to the filter.
     fn log(&mut self, level: Level, message: &str);
