@@ -166,8 +166,17 @@ impl FilterMetrics {
     /// The handle of the series `name{labels}` of `kind`, created (at zero)
     /// if it is not there yet and `name` and every one of `given` (the
     /// labels as the filter gave them) keep the rules, and the series limit
-    /// allows; `None` otherwise, or if `name` is of the other kind.
+    /// allows; `None` otherwise, or if `name` is of the other kind (counted
+    /// as a dropped update).
     fn find_or_create(&self, t: &mut Table, name: &str, given: &[(&str, &str)], labels: &Canonical<'_>, kind: MetricKind) -> Option<usize> {
+        let h = Self::series_in(t, name, given, labels, kind);
+        if h.is_none() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        h
+    }
+
+    fn series_in(t: &mut Table, name: &str, given: &[(&str, &str)], labels: &Canonical<'_>, kind: MetricKind) -> Option<usize> {
         let valid = || valid_name(name) && given.iter().all(|(k, v)| valid_name(k) && valid_value(v));
         if let Some(series) = t.by_name.get(name)
             && let Ok(i) = series.binary_search_by(|(l, _)| labels.cmp_stored(l))
@@ -202,11 +211,8 @@ impl FilterMetrics {
     fn update(&self, name: &str, given: &[(&str, &str)], kind: MetricKind, f: impl FnOnce(&mut MetricValue)) {
         let Some(labels) = self.labels(given) else { return };
         let mut t = self.lock();
-        match self.find_or_create(&mut t, name, given, &labels, kind) {
-            Some(h) => f(&mut t.values[h]),
-            None => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(h) = self.find_or_create(&mut t, name, given, &labels, kind) {
+            f(&mut t.values[h]);
         }
     }
 
@@ -219,11 +225,7 @@ impl FilterMetrics {
     pub fn define(&self, kind: MetricKind, name: &str, labels: &[(&str, &str)]) -> Option<u32> {
         let canonical = self.labels(labels)?;
         let mut t = self.lock();
-        let h = self.find_or_create(&mut t, name, labels, &canonical, kind);
-        if h.is_none() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        h.and_then(|h| u32::try_from(h).ok())
+        self.find_or_create(&mut t, name, labels, &canonical, kind).and_then(|h| u32::try_from(h).ok())
     }
 
     /// Applies `f` to the series with handle `h` if it is one of `kind`;

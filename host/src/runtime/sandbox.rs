@@ -644,16 +644,13 @@ pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) 
     // the labels counted before any is read), then updated with two
     // integers, nothing to read or check but the handle (the generated
     // path would enter an async call for each).
-    m.func_wrap("counter", |mut store: StoreContextMut<'_, HostState>, (name, labels): (WasmStr, WasmLabels)| {
-        let mut handle = None;
-        with_labels(&mut store, &name, &labels, |metrics, name, labels| handle = metrics.define(MetricKind::Counter, name, labels))?;
-        Ok((handle,))
-    })?;
-    m.func_wrap("histogram", |mut store: StoreContextMut<'_, HostState>, (name, labels): (WasmStr, WasmLabels)| {
-        let mut handle = None;
-        with_labels(&mut store, &name, &labels, |metrics, name, labels| handle = metrics.define(MetricKind::Histogram, name, labels))?;
-        Ok((handle,))
-    })?;
+    for (func, kind) in [("counter", MetricKind::Counter), ("histogram", MetricKind::Histogram)] {
+        m.func_wrap(func, move |mut store: StoreContextMut<'_, HostState>, (name, labels): (WasmStr, WasmLabels)| {
+            let mut handle = None;
+            with_labels(&mut store, &name, &labels, |metrics, name, labels| handle = metrics.define(kind, name, labels))?;
+            Ok((handle,))
+        })?;
+    }
     m.func_wrap("add", |store: StoreContextMut<'_, HostState>, (series, value): (u32, u64)| {
         store.data().metrics.add(series, value);
         Ok(())

@@ -83,9 +83,18 @@ impl Arena {
         }
     }
 
-    fn owns(&self, p: *mut u8) -> bool {
+    /// `p`'s offset in the chunk, if it is the chunk's: one subtraction and
+    /// comparison (the offset wraps for a block below the chunk).
+    #[inline]
+    fn offset(&self, p: *mut u8) -> Option<usize> {
         let base = self.base.get();
-        !base.is_null() && (p as usize) >= base as usize && (p as usize) < base as usize + CHUNK
+        let off = (p as usize).wrapping_sub(base as usize);
+        (off < CHUNK && !base.is_null()).then_some(off)
+    }
+
+    #[cfg(test)]
+    fn owns(&self, p: *mut u8) -> bool {
+        self.offset(p).is_some()
     }
 
     /// A bump allocation in the chunk, or null if the arena is not serving
@@ -165,11 +174,7 @@ unsafe impl GlobalAlloc for Arena {
 
     #[inline]
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        // One subtraction and comparison says whether the block is the
-        // chunk's (the offset wraps for a block below the chunk).
-        let base = self.base.get();
-        let off = (p as usize).wrapping_sub(base as usize);
-        if off < CHUNK && !base.is_null() {
+        if let Some(off) = self.offset(p) {
             // Saturating: a double free is the caller's undefined behaviour, but
             // the count must not wrap and let the chunk look busy for ever.
             let live = self.live.get().saturating_sub(1);
@@ -189,11 +194,10 @@ unsafe impl GlobalAlloc for Arena {
     }
 
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !self.owns(p) {
+        let Some(off) = self.offset(p) else {
             // SAFETY: the system allocator's block, passed on.
             return unsafe { System.realloc(p, layout, new_size) };
-        }
-        let off = p as usize - self.base.get() as usize;
+        };
         // The last allocation grows or shrinks in place while there is room
         // (a string or vector being pushed to, the common case).
         if off + layout.size() == self.next.get()
