@@ -12,6 +12,7 @@
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
 #   MILTER=unix bench/smtp-vs-postfix.sh     # the milter on a unix socket (default: TCP)
+#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the three paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
@@ -23,6 +24,7 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 SESSIONS=${SESSIONS:-4}
 MSGS=${MSGS:-4000}
+ROUNDS=${ROUNDS:-3}
 
 [ -x /usr/sbin/smtp-source ] || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
 cargo build --release -q -p greyhook
@@ -138,14 +140,13 @@ source bench/dns.sh
 
 pf_port=$(free_port)
 postfix_start "$work/pf" "$pf_port" ""
-straight=$(send straight "$pf_port" "$work/pf/maillog")
 
 gh_port=$(free_port)
 ${GH_WRAP:-} target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
   --control "$work/smtp.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
+smtp_pid=$!
 wait_port "$gh_port"
-via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "${pids[-1]}")
 
 m_port=$(free_port)
 # MILTER=unix: Postfix talks to the milter over a unix socket instead of TCP.
@@ -156,26 +157,47 @@ pf2_port=$(free_port)
 target/release/greyhook serve --config "$work/milter.toml" --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
   --control "$work/milter.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/milter.log" 2>&1 &
 pids+=($!)
+milter_pid=$!
 [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ] && wait_port "$m_port" || sleep 1
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
 milter_default_action = tempfail"
-milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "${pids[-1]}")
 
-echo
-printf "%-22s %10s %18s %22s %20s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg"
-for r in "$straight" "$via" "$milter"; do
-  read -r n rate g m u <<<"$r"
-  printf "%-22s %10s %18s %22s %20s\n" "$n" "$rate" "$g" "$u" "$m"
-done
-read -r _ s_rate _ s_m <<<"$straight"
-read -r _ v_rate v_g v_m <<<"$via"
-read -r _ m_rate m_g m_m <<<"$milter"
-awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v mg="$m_g" 'BEGIN {
-  printf "\nthroughput via greyhook smtp / straight: %.2f\n", b / a
-  printf "throughput with milter / straight:       %.2f\n", c / a
-  printf "machine CPU per message, via greyhook smtp / straight: %.2f\n", vm / sm
-  printf "machine CPU per message, with milter / straight:       %.2f\n", mm / sm
+# ROUNDS rounds of the three paths back to back: this shared machine's
+# speed drifts over minutes, so each round's ratios compare paths measured
+# within seconds of each other, and the summary is the median round.
+rounds=()
+for round in $(seq 1 "$ROUNDS"); do
+  straight=$(send straight "$pf_port" "$work/pf/maillog")
+  via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "$smtp_pid")
+  milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "$milter_pid")
+  echo
+  echo "round $round of $ROUNDS"
+  printf "%-22s %10s %18s %22s %20s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg"
+  for r in "$straight" "$via" "$milter"; do
+    read -r n rate g m u <<<"$r"
+    printf "%-22s %10s %18s %22s %20s\n" "$n" "$rate" "$g" "$u" "$m"
+  done
+  read -r _ s_rate _ s_m _ <<<"$straight"
+  read -r _ v_rate v_g v_m v_u <<<"$via"
+  read -r _ m_rate m_g m_m m_u <<<"$milter"
+  # One line a round: the ratios and greyhook's CPU a message.
+  rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" \
+    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg }')")
+  read -r tv tm cv cm ceil _ _ <<<"${rounds[-1]}"
+  printf "throughput via greyhook smtp / straight: %s; with milter / straight: %s\n" "$tv" "$tm"
+  printf "machine CPU per message, via greyhook smtp / straight: %s; with milter / straight: %s\n" "$cv" "$cm"
   # What the milter path would reach if greyhook cost nothing, on a
-  # CPU-bound machine: the rest is Postfix'"'"'s own milter work.
-  printf "milter ceiling, greyhook at 0 CPU (straight machine CPU / the rest): %.2f\n", sm / (mm - mg)
-}'
+  # CPU-bound machine: the rest is Postfix's own milter work.
+  printf "milter ceiling, greyhook at 0 CPU (straight machine CPU / the rest): %s\n" "$ceil"
+done
+
+# The median of each column over the rounds.
+median() { printf '%s\n' "${rounds[@]}" | awk -v c="$1" '{print $c}' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+echo
+echo "median of $ROUNDS rounds:"
+printf "throughput via greyhook smtp / straight: %.2f\n" "$(median 1)"
+printf "throughput with milter / straight:       %.2f\n" "$(median 2)"
+printf "machine CPU per message, via greyhook smtp / straight: %.2f\n" "$(median 3)"
+printf "machine CPU per message, with milter / straight:       %.2f\n" "$(median 4)"
+printf "milter ceiling, greyhook at 0 CPU:       %.2f\n" "$(median 5)"
+printf "greyhook CPU µs a message: smtp %.1f, milter %.1f\n" "$(median 6)" "$(median 7)"
