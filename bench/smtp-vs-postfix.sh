@@ -16,6 +16,7 @@
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
+#   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -35,7 +36,7 @@ postfixes=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # A profiler writes its output as greyhook exits.
-  if [ -n "${GH_WRAP:-}" ]; then for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; fi
+  if [ -n "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ]; then for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; fi
   for d in "${postfixes[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
@@ -43,7 +44,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # (Under GH_WRAP's profiler, greyhook takes minutes to start.)
-wait_port() { local n=200; [ -z "${GH_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+wait_port() { local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
 # ticks PID: "user+system user" clock ticks of the process so far.
 ticks() { awk '{print $14 + $15, $14}' "/proc/$1/stat"; }
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
@@ -154,11 +155,11 @@ if [ "${MILTER:-inet}" = unix ]; then MILTER_ADDR=unix:$work/milter-in.sock; els
 # Postfix's smtpd runs as `postfix`: it must be let in.
 printf '[milter]\nsocket_mode = "0666"\n' >"$work/milter.toml"
 pf2_port=$(free_port)
-target/release/greyhook serve --config "$work/milter.toml" --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
+${GH_MILTER_WRAP:-} target/release/greyhook serve --config "$work/milter.toml" --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
   --control "$work/milter.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/milter.log" 2>&1 &
 pids+=($!)
 milter_pid=$!
-[ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ] && wait_port "$m_port" || sleep 1
+if [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ]; then wait_port "$m_port"; else for _ in $(seq 1 6000); do [ -S "${MILTER_ADDR#unix:}" ] && break; sleep 0.05; done; fi
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
 milter_default_action = tempfail"
 

@@ -121,16 +121,24 @@ impl Mta {
     /// Option negotiation offering the protocol steps `protocol`: the
     /// actions and protocol steps greyhook asks for.
     fn negotiate_offering(&mut self, protocol: u32) -> (u32, u32) {
+        let d = self.negotiation(0x1ff, protocol);
+        let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+        (word(4), word(8))
+    }
+
+    /// Option negotiation offering `actions` and `protocol`: our reply's
+    /// data, macro lists included.
+    fn negotiation(&mut self, actions: u32, protocol: u32) -> Vec<u8> {
         let mut o = 6u32.to_be_bytes().to_vec();
-        o.extend_from_slice(&0x1ffu32.to_be_bytes());
+        o.extend_from_slice(&actions.to_be_bytes());
         o.extend_from_slice(&protocol.to_be_bytes());
         // Raw bytes: the flags are not text.
         self.send(b'O', &o);
         let (c, d) = self.reply().expect("a reply");
         assert_eq!(c, b'O');
-        let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
-        self.1 = word(8);
-        (word(4), word(8))
+        assert!(d.len() >= 12, "{d:?}");
+        self.1 = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+        d
     }
 
     fn connect_from(&mut self, ip: &str) -> (u8, String) {
@@ -157,7 +165,7 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
         // delay 300: the first RCPT is greylisted with the draft's reply.
         let mut m = Mta::connect(port2);
         let (actions, protocol) = m.negotiate();
-        assert_eq!(actions, 0x01, "we only add headers");
+        assert_eq!(actions, 0x101, "we only add headers, and give our macro lists (SMFIF_SETSYMLIST)");
         assert_eq!(protocol & 0x10, 0x10, "no body wanted (SMFIP_NOBODY)");
         assert_eq!(protocol & 0xc0, 0xc0, "no end of headers (SMFIP_NOEOH), no reply to headers (SMFIP_NR_HDR)");
         assert_eq!(protocol & 0x7000, NR_CONN | NR_HELO | NR_MAIL, "no reply awaited at connect, HELO, MAIL");
@@ -211,6 +219,47 @@ async fn a_postfix_conversation_greylists_at_rcpt_and_adds_the_header_later() {
     .unwrap();
     daemon.stop().await;
     d2.stop().await;
+}
+
+/// greyhook names the macros it reads (`SMFIF_SETSYMLIST`), so the MTA
+/// evaluates and sends no others: `i` at every stage, `{auth_authen}` too
+/// at MAIL. An MTA that does not offer to take the lists gets none (the
+/// reply is the three words alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn macro_lists_are_given_to_an_mta_that_takes_them() {
+    let (daemon, port, _dir) = start("delay = 0\n").await;
+    tokio::task::spawn_blocking(move || {
+        let mut m = Mta::connect(port);
+        let d = m.negotiation(0x1ff, 0x1f_ffff);
+        assert_eq!(u32::from_be_bytes([d[4], d[5], d[6], d[7]]), 0x101);
+        // <4-byte stage><names separated by spaces>NUL, repeated.
+        let mut lists = Vec::new();
+        let mut rest = &d[12..];
+        while !rest.is_empty() {
+            let stage = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let end = rest[4..].iter().position(|b| *b == 0).expect("NUL-terminated") + 4;
+            lists.push((stage, String::from_utf8(rest[4..end].to_vec()).unwrap()));
+            rest = &rest[end + 1..];
+        }
+        let want: Vec<(u32, String)> = [(0, "i"), (1, "i"), (2, "i {auth_authen}"), (3, "i"), (4, "i"), (5, "i"), (6, "i")]
+            .iter()
+            .map(|(s, l)| (*s, l.to_string()))
+            .collect();
+        assert_eq!(lists, want);
+        // The conversation goes on as before.
+        m.connect_from("192.0.2.9");
+        m.ask(b'H', &nul("client.example.org"));
+        assert_eq!(m.ask(b'M', &nul("<sender@example.org>")).0, b'c');
+        assert_eq!(m.ask(b'R', &nul("<user@example.com>")).0, b'c');
+
+        let mut m = Mta::connect(port);
+        let d = m.negotiation(0xff, 0x1f_ffff);
+        assert_eq!(d.len(), 12, "no lists to an MTA that did not offer to take them: {d:?}");
+        assert_eq!(u32::from_be_bytes([d[4], d[5], d[6], d[7]]), 0x01);
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
 }
 
 /// Postfix does not wait for our answer to connect, HELO and MAIL: a

@@ -227,6 +227,11 @@ fn wait_for_log(p: &Process, what: &str) {
 /// configured by `filter_config` (its `[filter.config]` table), and a
 /// Postfix in `r` using it as its milter with `milter_default_action`.
 fn postfix_with_milter(r: &Path, filter_config: &str, default_action: &str) -> (Process, Postfix) {
+    postfix_with_milter_logging(r, filter_config, default_action, "info")
+}
+
+/// [`postfix_with_milter`] with greyhook logging at `log` (`GREYHOOK_LOG`).
+fn postfix_with_milter_logging(r: &Path, filter_config: &str, default_action: &str, log: &str) -> (Process, Postfix) {
     traversable(r);
     let mport = free_port();
     let cfg = r.join("greyhook.toml");
@@ -239,7 +244,8 @@ fn postfix_with_milter(r: &Path, filter_config: &str, default_action: &str) -> (
         ),
     )
     .unwrap();
-    let daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
+    let env = [("GREYHOOK_LOG", std::ffi::OsStr::new(log))];
+    let daemon = Process::greyhook_env(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"), &env);
     wait_for_port(mport, 20);
     let pf = Postfix::start(
         r,
@@ -247,6 +253,28 @@ fn postfix_with_milter(r: &Path, filter_config: &str, default_action: &str) -> (
         &format!("smtpd_milters = inet:127.0.0.1:{mport}\nmilter_default_action = {default_action}\nmilter_protocol = 6\n"),
     );
     (daemon, pf)
+}
+
+/// greyhook gives Postfix its own macro lists (`SMFIF_SETSYMLIST`): only
+/// the queue ID `i` and `{auth_authen}` arrive, not Postfix's default dozen
+/// (`j`, `_`, `{daemon_name}`, `{rcpt_addr}`...), which greyhook would only
+/// parse and drop. Postfix's own lists are still there to be overridden:
+/// this fails if Postfix ignores ours.
+#[test]
+fn postfix_sends_the_milter_only_the_macros_it_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut daemon, pf) = postfix_with_milter_logging(root.path(), "delay = 0\n", "tempfail", "info,greyhook::frontend::milter=trace");
+    let out = swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test"]);
+    assert!(out.contains("queued as"), "delivered:\n{out}\n{}", pf.log());
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    let names: Vec<&str> =
+        log.lines().filter(|l| l.contains("milter: macro")).filter_map(|l| l.split("name=").nth(1)).map(str::trim).collect();
+    // The queue ID is defined from end of headers on (and maybe RCPT).
+    assert!(names.contains(&"i"), "no queue ID macro arrived:\n{log}");
+    let unasked: Vec<&&str> = names.iter().filter(|n| !["i", "{auth_authen}"].contains(n)).collect();
+    assert!(unasked.is_empty(), "macros greyhook did not ask for: {unasked:?}\n{log}");
 }
 
 /// Postfix asks greyhook over milter; the filter greylists at DATA with the

@@ -39,7 +39,7 @@ use miltr_common::actions::{Action, Continue, Replycode};
 use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macro, Mail, Recipient};
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
-use miltr_common::optneg::{Capability, OptNeg, Protocol};
+use miltr_common::optneg::{Capability, MacroStage, MacroStages, OptNeg, Protocol};
 use miltr_server::{Error as MilterError, Milter as MilterProtocol};
 use tokio_util::sync::CancellationToken;
 
@@ -185,6 +185,30 @@ enum HeldUntil {
     Connection,
 }
 
+/// `SMFIF_SETSYMLIST`: the milter may send its own macro lists. miltr-common
+/// 0.1 does not name the flag; it keeps unknown flag bits as they are.
+const SETSYMLIST: Capability = Capability::from_bits_retain(0x100);
+
+/// The macros we read, asked for by name at each stage
+/// (`SMFIF_SETSYMLIST`): `{auth_authen}` at MAIL (authenticated senders are
+/// not greylisted) and the queue ID `i` (it names the message in the
+/// decision log). Postfix otherwise evaluates and sends its default lists
+/// (`milter_connect_macros` and the rest, a dozen macros a message), which
+/// we would only parse and drop. A stage's list cannot be empty (an empty
+/// one is not sent, and the MTA keeps its default), so stages where we need
+/// none ask for `i` too: it is undefined before the queue file exists, and
+/// an undefined macro is not sent.
+fn wanted_macros() -> MacroStages {
+    let mut m = MacroStages::default();
+    m.with_stage(MacroStage::MailFrom, &["i", "{auth_authen}"]);
+    for stage in
+        [MacroStage::Connect, MacroStage::Helo, MacroStage::RcptTo, MacroStage::Data, MacroStage::EndOfHeaders, MacroStage::EndOfBody]
+    {
+        m.with_stage(stage, &["i"]);
+    }
+    m
+}
+
 /// The steps whose answer we ask the MTA not to wait for.
 const NO_REPLY_EARLY: Protocol = Protocol::NR_CONNECT.union(Protocol::NR_HELO).union(Protocol::NR_MAIL);
 
@@ -272,7 +296,8 @@ impl MilterProtocol for Conversation {
 
     async fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, MilterError<Self::Error>> {
         let ours = OptNeg {
-            capabilities: Capability::SMFIF_ADDHDRS,
+            // Headers (ours, at end of message), and our own macro lists.
+            capabilities: Capability::SMFIF_ADDHDRS.union(SETSYMLIST),
             // No body, no DATA command, no end of headers, no unknown
             // commands: we need none of them. Headers without waiting for
             // a reply to each (`SMFIP_NR_HDR`): we only collect them.
@@ -284,18 +309,24 @@ impl MilterProtocol for Conversation {
                 | Protocol::NO_UNKNOWN
                 | Protocol::NR_HEADER
                 | NO_REPLY_EARLY,
+            macro_stages: wanted_macros(),
             ..OptNeg::default()
         };
         let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
         // Ask only for protocol steps the MTA can skip; keep our wishes.
         merged.protocol = ours.protocol & theirs.protocol;
         merged.capabilities = ours.capabilities & theirs.capabilities;
+        // Macro lists follow the flags only if the MTA offered to take them.
+        if !merged.capabilities.contains(SETSYMLIST) {
+            merged.macro_stages = MacroStages::default();
+        }
         self.no_reply = merged.protocol & NO_REPLY_EARLY;
         Ok(merged)
     }
 
     async fn macro_(&mut self, m: Macro) -> Result<(), Self::Error> {
         for (name, value) in m.macros() {
+            tracing::trace!(name = %String::from_utf8_lossy(name), "milter: macro");
             let value = String::from_utf8_lossy(value);
             if value.len() > 320 {
                 continue;
