@@ -145,8 +145,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
 
-    #[test]
-    fn it_parks_when_idle_and_ticks_again_for_a_call() {
+    /// A ticker that counts its ticks.
+    fn counting() -> (Arc<AtomicU64>, Ticker) {
         let ticks = Arc::new(AtomicU64::new(0));
         let t = {
             let ticks = ticks.clone();
@@ -156,6 +156,12 @@ mod tests {
             })
             .unwrap()
         };
+        (ticks, t)
+    }
+
+    #[test]
+    fn it_parks_when_idle_and_ticks_again_for_a_call() {
+        let (ticks, t) = counting();
         let deadline = std::time::Instant::now() + IDLE_AFTER * 20;
         while !t.parked() {
             assert!(std::time::Instant::now() < deadline, "never parked");
@@ -174,19 +180,6 @@ mod tests {
         }
         assert!(!t.parked());
         drop(busy);
-    }
-
-    fn counting() -> (Arc<AtomicU64>, Ticker) {
-        let ticks = Arc::new(AtomicU64::new(0));
-        let t = {
-            let ticks = ticks.clone();
-            Ticker::start(move || {
-                ticks.fetch_add(1, SeqCst);
-                true
-            })
-            .unwrap()
-        };
-        (ticks, t)
     }
 
     /// Short calls, none in flight when the ticker looks: it ticks at the
