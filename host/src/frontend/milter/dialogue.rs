@@ -14,7 +14,7 @@ use miltr_common::ProtocolError;
 use miltr_common::actions::Action;
 use miltr_common::decoding::ClientCommand;
 use miltr_common::encoding::{ServerMessage, Writable};
-use miltr_common::optneg::{Capability, Protocol};
+use miltr_common::optneg::{Capability, OptNeg, Protocol};
 use miltr_server::Milter as MilterProtocol;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -69,7 +69,7 @@ where
                 let ours = milter.option_negotiation(theirs).await.map_err(|e| DialogueError::Negotiation(e.to_string()))?;
                 protocol = ours.protocol;
                 capabilities = ours.capabilities;
-                encode(&mut output, &ServerMessage::Optneg(ours))?;
+                encode_optneg(&mut output, &ours, super::macro_lists(capabilities))?;
                 true
             }
             ClientCommand::Macro(m) => {
@@ -143,6 +143,20 @@ fn encode(output: &mut BytesMut, m: &ServerMessage) -> Result<(), ProtocolError>
     output.extend_from_slice(&len.to_be_bytes());
     output.extend_from_slice(&[m.code()]);
     m.write(output);
+    Ok(())
+}
+
+/// Appends our negotiation reply: version, actions and protocol steps, then
+/// `lists` (the macro lists we ask for, already encoded).
+fn encode_optneg(output: &mut BytesMut, ours: &OptNeg, lists: &[u8]) -> Result<(), ProtocolError> {
+    let len = 1 + 12 + lists.len();
+    let len = u32::try_from(len).map_err(|_| ProtocolError::TooMuchData(len))?;
+    output.extend_from_slice(&len.to_be_bytes());
+    output.extend_from_slice(b"O");
+    for word in [ours.version, ours.capabilities.bits(), ours.protocol.bits()] {
+        output.extend_from_slice(&word.to_be_bytes());
+    }
+    output.extend_from_slice(lists);
     Ok(())
 }
 

@@ -39,7 +39,7 @@ use miltr_common::actions::{Action, Continue, Replycode};
 use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macro, Mail, Recipient};
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
-use miltr_common::optneg::{Capability, MacroStage, MacroStages, OptNeg, Protocol};
+use miltr_common::optneg::{Capability, MacroStages, OptNeg, Protocol};
 use miltr_server::{Error as MilterError, Milter as MilterProtocol};
 use tokio_util::sync::CancellationToken;
 
@@ -194,19 +194,30 @@ const SETSYMLIST: Capability = Capability::from_bits_retain(0x100);
 /// not greylisted) and the queue ID `i` (it names the message in the
 /// decision log). Postfix otherwise evaluates and sends its default lists
 /// (`milter_connect_macros` and the rest, a dozen macros a message), which
-/// we would only parse and drop. A stage's list cannot be empty (an empty
-/// one is not sent, and the MTA keeps its default), so stages where we need
-/// none ask for `i` too: it is undefined before the queue file exists, and
-/// an undefined macro is not sent.
-fn wanted_macros() -> MacroStages {
-    let mut m = MacroStages::default();
-    m.with_stage(MacroStage::MailFrom, &["i", "{auth_authen}"]);
-    for stage in
-        [MacroStage::Connect, MacroStage::Helo, MacroStage::RcptTo, MacroStage::Data, MacroStage::EndOfHeaders, MacroStage::EndOfBody]
-    {
-        m.with_stage(stage, &["i"]);
-    }
-    m
+/// we would only parse and drop. A stage's list cannot be empty (an MTA
+/// keeps its default for a stage not named), so stages where we need none
+/// ask for `i` too: it is undefined before the queue file exists, and an
+/// undefined macro is not sent.
+///
+/// As the negotiation reply carries them: for each stage its number
+/// (`SMFIM_CONNECT` 0 … `SMFIM_EOH` 6, four bytes, big-endian), then its
+/// names, space-separated and NUL-terminated. Written out here once:
+/// miltr-common 0.1 would build and join the lists anew for every
+/// connection (~4k instructions, and Postfix connects for every SMTP
+/// session).
+const MACRO_LISTS: &[u8] = b"\0\0\0\x00i\0\
+    \0\0\0\x01i\0\
+    \0\0\0\x02i {auth_authen}\0\
+    \0\0\0\x03i\0\
+    \0\0\0\x04i\0\
+    \0\0\0\x05i\0\
+    \0\0\0\x06i\0";
+
+/// What follows the three words of our negotiation reply: the macro lists
+/// if the MTA offered to take them (`capabilities` as negotiated), else
+/// nothing.
+pub(super) fn macro_lists(capabilities: Capability) -> &'static [u8] {
+    if capabilities.contains(SETSYMLIST) { MACRO_LISTS } else { &[] }
 }
 
 /// The steps whose answer we ask the MTA not to wait for.
@@ -309,17 +320,14 @@ impl MilterProtocol for Conversation {
                 | Protocol::NO_UNKNOWN
                 | Protocol::NR_HEADER
                 | NO_REPLY_EARLY,
-            macro_stages: wanted_macros(),
             ..OptNeg::default()
         };
         let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
         // Ask only for protocol steps the MTA can skip; keep our wishes.
         merged.protocol = ours.protocol & theirs.protocol;
         merged.capabilities = ours.capabilities & theirs.capabilities;
-        // Macro lists follow the flags only if the MTA offered to take them.
-        if !merged.capabilities.contains(SETSYMLIST) {
-            merged.macro_stages = MacroStages::default();
-        }
+        // The macro lists follow (`macro_lists`) if the MTA offered to take them.
+        merged.macro_stages = MacroStages::default();
         self.no_reply = merged.protocol & NO_REPLY_EARLY;
         Ok(merged)
     }
