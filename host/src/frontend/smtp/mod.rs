@@ -732,7 +732,6 @@ impl Connection {
         // then once more on a new connection.
         for attempt in 0..2 {
             let origin = self.relay_ready().await?;
-            let xclient = self.session.as_ref().map(|s| xclient_attrs(s.session())).unwrap_or_default();
             let Some(hop) = self.relay.as_mut() else { return Err(HOP_UNAVAILABLE.into()) };
             // Tell it who the client is: XCLIENT once per new connection
             // where it is offered (the next hop then treats the session as
@@ -740,7 +739,7 @@ impl Connection {
             // XFORWARD before every MAIL (Postfix resets XFORWARD
             // attributes after every transaction).
             if origin == Origin::New
-                && let Err(e) = hop.xclient(&xclient).await
+                && let Err(e) = hop.xclient(&self.session.as_ref().map(|s| xclient_attrs(s.session())).unwrap_or_default()).await
             {
                 tracing::warn!("{e}");
                 self.relay = None;
@@ -983,10 +982,14 @@ impl Connection {
         let mut prefix = Vec::with_capacity(256);
         // Our own trace line first (RFC 5321 4.4): whoever reads the
         // message downstream sees the real client, XCLIENT or not.
-        prefix.extend_from_slice(self.received_line().as_bytes());
+        if let Some(s) = self.session.as_ref() {
+            received_line(&mut prefix, &self.resolved.hostname, self.tls, s.session(), s.transaction());
+        }
         keep_headers(&mut self.headers, &v);
         for h in &self.headers {
-            prefix.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
+            for part in [h.name.as_bytes(), b": ", h.value.as_bytes(), b"\r\n"] {
+                prefix.extend_from_slice(part);
+            }
         }
         let Some(hop) = self.relay.as_mut() else {
             return self.write(HOP_UNAVAILABLE).await;
@@ -1008,32 +1011,54 @@ impl Connection {
     }
 }
 
-impl Connection {
-    /// `Received: from HELO (NAME [IP]) by HOST (greyhook) with ESMTP id
-    /// ID for <RCPT>; DATE`, folded, CRLF-ended.
-    fn received_line(&mut self) -> String {
-        let (hostname, tls) = (self.resolved.hostname.clone(), self.tls);
-        let s = self.session();
-        let clean = |v: &str| {
-            v.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '[' | ']' | ';' | '\\')).take(255).collect::<String>()
-        };
-        let helo = s.session().helo.as_deref().map(clean).filter(|h| !h.is_empty()).unwrap_or_else(|| "unknown".into());
-        let name = s.session().client_name.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "unknown".into());
-        let addr = match s.session().client_address {
-            IpAddr::V6(a) => format!("IPv6:{a}"),
-            a => a.to_string(),
-        };
-        let id = clean(&s.session().id);
-        let rcpts = &s.transaction().recipients;
-        let whom = match rcpts.as_slice() {
-            [one] => format!("\r\n\tfor <{}>", one.address.chars().filter(|c| !c.is_control()).collect::<String>()),
-            _ => String::new(),
-        };
-        let with = if tls { "ESMTPS" } else { "ESMTP" };
-        let date = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into());
-        format!("Received: from {helo} ({name} [{addr}])\r\n\tby {hostname} (greyhook) with {with} id {id}{whom};\r\n\t{date}\r\n")
+/// Appends our `Received:` line (RFC 5321 4.4) for the transaction to
+/// `out`: `Received: from HELO (NAME [IP]) by HOST (greyhook) with ESMTP
+/// id ID for <RCPT>; DATE`, folded, CRLF-ended. `hostname` is ours, `tls`
+/// whether the client used STARTTLS.
+/// Written in place: every message pays for it.
+fn received_line(
+    out: &mut Vec<u8>,
+    hostname: &str,
+    tls: bool,
+    session: &crate::domain::types::Session,
+    transaction: &crate::domain::types::Transaction,
+) {
+    use std::io::Write as _;
+    // Comment and domain-literal specials out, at most 255 bytes.
+    let clean = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'(' | b')' | b'[' | b']' | b';' | b'\\');
+    out.extend_from_slice(b"Received: from ");
+    push_filtered(out, session.helo.as_deref(), clean, 255, "unknown");
+    out.extend_from_slice(b" (");
+    push_filtered(out, session.client_name.as_deref(), clean, 255, "unknown");
+    // Writing into a Vec cannot fail.
+    let _ = match session.client_address {
+        IpAddr::V6(a) => write!(out, " [IPv6:{a}])\r\n\tby {hostname} (greyhook) with "),
+        a => write!(out, " [{a}])\r\n\tby {hostname} (greyhook) with "),
+    };
+    out.extend_from_slice(if tls { b"ESMTPS id " } else { b"ESMTP id " });
+    push_filtered(out, Some(&session.id), clean, 255, "");
+    if let [one] = transaction.recipients.as_slice() {
+        out.extend_from_slice(b"\r\n\tfor <");
+        let mut utf8 = [0; 4];
+        for c in one.address.chars().filter(|c| !c.is_control()) {
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+        }
+        out.push(b'>');
+    }
+    out.extend_from_slice(b";\r\n\t");
+    if time::OffsetDateTime::now_utc().format_into(out, &time::format_description::well_known::Rfc2822).is_err() {
+        out.extend_from_slice(b"Thu, 01 Jan 1970 00:00:00 +0000");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the bytes of `value` that `keep` allows, at most `max` of them,
+/// or `empty` when none is left.
+fn push_filtered(out: &mut Vec<u8>, value: Option<&str>, keep: impl Fn(&u8) -> bool, max: usize, empty: &str) {
+    let start = out.len();
+    out.extend(value.unwrap_or("").as_bytes().iter().filter(|b| keep(b)).take(max));
+    if out.len() == start {
+        out.extend_from_slice(empty.as_bytes());
     }
 }
 
@@ -1050,11 +1075,18 @@ fn xclient_attrs(s: &crate::domain::types::Session) -> Vec<(&'static str, String
 
 /// The XFORWARD line for a session: client address, name, HELO.
 fn xforward(s: &crate::domain::types::Session) -> String {
+    use std::io::Write as _;
     // XFORWARD values are xtext-like: no spaces or controls.
-    let clean = |v: &str| v.chars().filter(|c| c.is_ascii_graphic() && *c != '+' && *c != '=').collect::<String>();
-    let name = s.client_name.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
-    let helo = s.helo.as_deref().map(clean).filter(|n| !n.is_empty()).unwrap_or_else(|| "[UNAVAILABLE]".into());
-    format!("XFORWARD ADDR={} NAME={name} HELO={helo} PROTO=ESMTP", s.client_address)
+    let clean = |b: &u8| b.is_ascii_graphic() && *b != b'+' && *b != b'=';
+    let mut out = Vec::with_capacity(128);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "XFORWARD ADDR={} NAME=", s.client_address);
+    push_filtered(&mut out, s.client_name.as_deref(), clean, usize::MAX, "[UNAVAILABLE]");
+    out.extend_from_slice(b" HELO=");
+    push_filtered(&mut out, s.helo.as_deref(), clean, usize::MAX, "[UNAVAILABLE]");
+    out.extend_from_slice(b" PROTO=ESMTP");
+    // Only ASCII was written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The header section of a message (up to the first empty line), unfolded,
@@ -1066,6 +1098,45 @@ pub fn parse_headers(message: &[u8]) -> Vec<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_received_line_keeps_specials_and_controls_out() {
+        use crate::domain::types::{AcceptedRecipient, Session, Transaction};
+        let mut s = Session::new("AB(12);", "192.0.2.1".parse().unwrap());
+        s.helo = Some("[evil] (helo)\\x".into());
+        s.client_name = Some("".into());
+        let one = AcceptedRecipient { address: "b\u{7}ü@dest.test".into(), policy_group: String::new() };
+        let t = Transaction { sender: Some("a@x".into()), recipients: vec![one.clone()] };
+        let mut out = b"X".to_vec();
+        received_line(&mut out, "mx.example", false, &s, &t);
+        let text = String::from_utf8(out).unwrap();
+        let (head, date) = text.rsplit_once("\t").unwrap();
+        assert_eq!(
+            head,
+            "XReceived: from evilhelox (unknown [192.0.2.1])\r\n\tby mx.example (greyhook) with ESMTP id AB12\r\n\tfor <bü@dest.test>;\r\n"
+        );
+        assert!(date.ends_with(" +0000\r\n") && date.len() == 33, "{date:?}");
+        // IPv6, TLS, two recipients (no `for`), and a long HELO cut at 255.
+        s.client_address = "2001:db8::1".parse().unwrap();
+        s.helo = Some("h".repeat(300));
+        s.client_name = Some("c.example".into());
+        let t = Transaction { sender: None, recipients: vec![one.clone(), one] };
+        let mut out = Vec::new();
+        received_line(&mut out, "mx", true, &s, &t);
+        let text = String::from_utf8(out).unwrap();
+        let want =
+            format!("Received: from {} (c.example [IPv6:2001:db8::1])\r\n\tby mx (greyhook) with ESMTPS id AB12;\r\n\t", "h".repeat(255));
+        assert!(text.starts_with(&want), "{text}");
+    }
+
+    #[test]
+    fn the_xforward_line_has_no_spaces_or_xtext_specials_in_values() {
+        let mut s = crate::domain::types::Session::new("id", "2001:db8::2".parse().unwrap());
+        assert_eq!(xforward(&s), "XFORWARD ADDR=2001:db8::2 NAME=[UNAVAILABLE] HELO=[UNAVAILABLE] PROTO=ESMTP");
+        s.client_name = Some("a b+c=d".into());
+        s.helo = Some("é\r\n".into());
+        assert_eq!(xforward(&s), "XFORWARD ADDR=2001:db8::2 NAME=abcd HELO=[UNAVAILABLE] PROTO=ESMTP");
+    }
 
     #[test]
     fn headers_are_unfolded_and_end_at_the_empty_line() {
