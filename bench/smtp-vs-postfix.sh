@@ -2,7 +2,9 @@
 # Messages through `greyhook smtp` relaying to Postfix against the same
 # messages straight to Postfix, and Postfix with greyhook as its milter;
 # Postfix's own smtp-source is the client. Prints messages/s, greyhook's
-# CPU per message, and the whole machine's CPU per message, with ratios.
+# CPU per message (and its user part), the whole machine's CPU per message,
+# and greyhook's context switches per message (voluntary/involuntary), with
+# ratios.
 #
 # greyhook runs the reference filter with delay=0 and every message has its
 # own recipient (a new triplet), so every message does the full work: filter
@@ -47,6 +49,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
 # ticks PID: "user+system user" clock ticks of the process so far.
 ticks() { awk '{print $14 + $15, $14}' "/proc/$1/stat"; }
+# switches PID: "voluntary involuntary" context switches of all its threads
+# so far (a thread that waits for the peer switches voluntarily; one the
+# scheduler preempts on a busy machine, involuntarily).
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {v += $2} /^nonvoluntary_ctxt_switches/ {n += $2} END {print v + 0, n + 0}'; }
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
@@ -117,15 +123,15 @@ send() {
   before=$(delivered "$maillog")
   /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source warm-up"
-  local t0 t1 m0 m1 g0=0 g1=0 u0=0 u1=0
-  [ -n "$pid" ] && read -r g0 u0 < <(ticks "$pid")
+  local t0 t1 m0 m1 g0=0 g1=0 u0=0 u1=0 v0=0 v1=0 i0=0 i1=0
+  [ -n "$pid" ] && read -r g0 u0 < <(ticks "$pid") && read -r v0 i0 < <(switches "$pid")
   m0=$(machine)
   t0=$(date +%s.%N)
   /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source"
   t1=$(date +%s.%N)
   m1=$(machine)
-  [ -n "$pid" ] && read -r g1 u1 < <(ticks "$pid")
+  [ -n "$pid" ] && read -r g1 u1 < <(ticks "$pid") && read -r v1 i1 < <(switches "$pid")
   local want=$((before + 200 + MSGS)) got
   for _ in $(seq 1 600); do
     got=$(delivered "$maillog")
@@ -134,7 +140,9 @@ send() {
   done
   [ "$got" -ge "$want" ] || fail "$name: Postfix delivered $((got - before)) of $((200 + MSGS)) messages"
   awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v g=$((g1 - g0)) -v u=$((u1 - u0)) -v m=$((m1 - m0)) -v hz="$hz" -v name="$name" \
-    'BEGIN { printf "%s %.0f %.1f %.1f %.1f\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n, u * 1e6 / hz / n }'
+    -v vs=$((v1 - v0)) -v is=$((i1 - i0)) -v pid="$pid" \
+    'BEGIN { cs = pid == "" ? "-" : sprintf("%.1f/%.1f", vs / n, is / n)
+      printf "%s %.0f %.1f %.1f %.1f %s\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n, u * 1e6 / hz / n, cs }'
 }
 
 source bench/dns.sh
@@ -173,14 +181,14 @@ for round in $(seq 1 "$ROUNDS"); do
   milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "$milter_pid")
   echo
   echo "round $round of $ROUNDS"
-  printf "%-22s %10s %18s %22s %20s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg"
+  printf "%-22s %10s %18s %22s %20s %26s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg" "greyhook switches/msg v/i"
   for r in "$straight" "$via" "$milter"; do
-    read -r n rate g m u <<<"$r"
-    printf "%-22s %10s %18s %22s %20s\n" "$n" "$rate" "$g" "$u" "$m"
+    read -r n rate g m u cs <<<"$r"
+    printf "%-22s %10s %18s %22s %20s %26s\n" "$n" "$rate" "$g" "$u" "$m" "$cs"
   done
   read -r _ s_rate _ s_m _ <<<"$straight"
-  read -r _ v_rate v_g v_m v_u <<<"$via"
-  read -r _ m_rate m_g m_m m_u <<<"$milter"
+  read -r _ v_rate v_g v_m v_u _ <<<"$via"
+  read -r _ m_rate m_g m_m m_u _ <<<"$milter"
   # One line a round: the ratios and greyhook's CPU a message.
   rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" \
     'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg }')")
