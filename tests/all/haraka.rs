@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, free_port, null_dns, policy_rcpt};
+use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, connect_from, free_port, null_dns, policy_rcpt};
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka").canonicalize().expect("hosts/haraka")
@@ -126,7 +126,12 @@ impl Drop for Haraka {
 /// One SMTP transaction from 127.0.0.1; the replies to EHLO, RCPT and
 /// (when RCPT passed) the end of DATA.
 fn transaction(port: u16, sender: &str, rcpt: &str) -> (String, String, Option<String>) {
-    let mut c = Raw::connect(port);
+    transaction_from("127.0.0.1", port, sender, rcpt)
+}
+
+/// As `transaction`, from the loopback address `from`.
+fn transaction_from(from: &str, port: u16, sender: &str, rcpt: &str) -> (String, String, Option<String>) {
+    let mut c = Raw::over(connect_from(from, port));
     assert!(c.reply().starts_with("220"), "greeting");
     let ehlo = c.send("EHLO client.example.org");
     assert!(c.send(&format!("MAIL FROM:<{sender}>")).starts_with("250"));
@@ -281,14 +286,16 @@ fn haraka_greylists_at_connect_with_421() {
     let ini = filter_ini(&wasm);
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\nstage = \"connect\"\n");
     let first = Instant::now();
-    let mut c = Raw::connect(h.port);
+    // Not from 127.0.0.1: the harness's readiness probes come from there
+    // and pass the connect hook too, so that client is already into its delay.
+    let mut c = Raw::over(connect_from("127.0.0.7", h.port));
     let greeting = c.reply();
     assert!(greeting.starts_with("421 4.7.1 ") && greeting.trim_end().ends_with(" retry=00:00:02"), "{greeting}\n{}", h.log());
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut c.r, &mut rest);
     assert_eq!(rest, "", "closed after the 421");
     std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
-    let (_, r, data) = transaction(h.port, "a@example.org", "b@example.com");
+    let (_, r, data) = transaction_from("127.0.0.7", h.port, "a@example.org", "b@example.com");
     assert!(r.starts_with("250") && data.is_some_and(|d| d.starts_with("250")), "{r}");
 }
 

@@ -322,7 +322,10 @@ fn postfix_milter_greylists_at_end_of_data() {
 fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
     let root = tempfile::tempdir().unwrap();
     let (mut daemon, pf) = postfix_with_milter(root.path(), "stage = \"connect\"\ndelay = 2\nipv4_prefix = 32\n", "accept");
-    let send = || swaks(pf.port, &["--local-interface", "127.0.0.1", "--from", "sender@example.org", "--to", "user@e2e.test"]);
+    // Not from 127.0.0.1: the harness's readiness probe of Postfix's port
+    // comes from there, and Postfix passes that connect to the milter too,
+    // so 127.0.0.1 would already be a second (or more) into its delay.
+    let send = || swaks(pf.port, &["--local-interface", "127.0.0.7", "--from", "sender@example.org", "--to", "user@e2e.test"]);
     let first = send();
     let refused: Vec<&str> = first.lines().filter(|l| l.starts_with("<** ")).collect();
     assert_eq!(refused, ["<** 421 4.7.1 Greylisted, please try again later retry=00:00:02"], "421 at RCPT:\n{first}\n{}", pf.log());
@@ -331,7 +334,7 @@ fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
     let second = send();
     assert!(second.contains("queued as"), "the retry passes:\n{second}\n{}", daemon.log_text());
     // (No X-Greylist header: at connect there is no message to put it in.)
-    wait_for_log(&daemon, "action=greylist phase=connect client=127.0.0.1");
+    wait_for_log(&daemon, "action=greylist phase=connect client=127.0.0.7");
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
