@@ -1,4 +1,10 @@
 //! Helpers for greyhook's integration tests (`tests/all`).
+//!
+//! Client addresses: any 127.x.y.z is a distinct client on loopback
+//! ([`connect_from`]); most tests send from 127.0.0.0/24, and the harness's
+//! own readiness probes ([`wait_for_port`], [`Process::wait_listening`])
+//! come from [`PROBE_FROM`], in a network of their own, so that a probe
+//! the filter sees never counts as a test's client.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -240,10 +246,32 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
-/// Waits until something accepts TCP connections on `port` (at most `secs`).
+/// The address the harness's readiness probes connect from, in a /24 (and
+/// a /16) no test sends from. A probe that reaches a filter (the SMTP front
+/// end's connect hook, or Postfix and Haraka asking greyhook about the
+/// connection) is a client to it: from 127.0.0.1, where most tests send,
+/// it started that client's delay before the test's first message, and a
+/// test expecting a full delay saw one a second short. The reference
+/// filter tracks a client by its /24, so another 127.0.0.x would do the
+/// same.
+pub const PROBE_FROM: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 254, 0, 1);
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`, asked
+/// from [`PROBE_FROM`] (the connection is closed at once).
+pub fn listening(port: u16) -> bool {
+    // std's TcpStream cannot bind before it connects; socket2 can.
+    use socket2::{Domain, Socket, Type};
+    let Ok(s) = Socket::new(Domain::IPV4, Type::STREAM, None) else { return false };
+    let from = std::net::SocketAddr::from((PROBE_FROM, 0));
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    s.bind(&from.into()).is_ok() && s.connect_timeout(&to.into(), std::time::Duration::from_secs(2)).is_ok()
+}
+
+/// Waits until something accepts TCP connections on `port` (at most `secs`),
+/// probing from [`PROBE_FROM`].
 pub fn wait_for_port(port: u16, secs: u64) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening(port) {
         assert!(std::time::Instant::now() < until, "nothing listens on 127.0.0.1:{port} after {secs}s");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -312,7 +340,7 @@ impl Process {
     pub fn wait_listening(&mut self, port: u16, secs: u64) {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         while std::time::Instant::now() < until {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if listening(port) {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {

@@ -85,7 +85,7 @@ impl Haraka {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log();
-            if log.contains(ready) && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if log.contains(ready) && greyhook_tests::listening(self.port) {
                 return;
             }
             assert!(ready.contains("did not load") || !log.contains("the filter did not load"), "the filter did not load:\n{log}");

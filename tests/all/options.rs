@@ -698,7 +698,7 @@ fn sigterm_at_once_after_start_is_a_clean_shutdown() {
         );
         let mut d = greyhook_with(dir.path(), "serve", &text);
         let until = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !greyhook_tests::listening(port) {
             assert!(Instant::now() < until, "greyhook never listened:\n{}", d.log_text());
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -37,11 +37,37 @@ fn smtplib_sees_421_at_the_greeting() {
     let out = python(&format!(
         "import smtplib\ntry:\n    smtplib.SMTP('127.0.0.1', {port}, timeout=10)\n    print('connected')\nexcept smtplib.SMTPConnectError as e:\n    print(e.smtp_code, e.smtp_error.decode())\n"
     ));
-    // (The port probe before was the first sighting: 5 minutes or a second less.)
-    assert!(out.trim().starts_with("421 4.7.1 Greylisted, please try again later retry=00:0"), "{out}");
+    // The first sighting: the harness's port probe came from elsewhere.
+    assert_eq!(out.trim(), "421 4.7.1 Greylisted, please try again later retry=00:05:00", "{out}");
     let mut raw = Raw::connect(port);
     assert!(raw.reply().starts_with("421 4.7.1"));
     assert!(raw.closed(), "the connection closes after the 421");
+}
+
+/// The harness's readiness probes come from their own address
+/// ([`PROBE_FROM`]), not from 127.0.0.1 where most tests send: a probe that
+/// reaches the connect hook is a client to the filter, and from 127.0.0.1
+/// it started the delay a test went on to measure (CI saw `retry=00:00:01`
+/// where a test expected `00:00:02`).
+#[test]
+fn readiness_probes_are_not_the_tests_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (d, port) = start(dir.path(), "[filter.config]\nstage = \"connect\"\ndelay = 300\n", sink.port, "");
+    let probe = format!("client={PROBE_FROM}");
+    assert!(d.wait_log(&probe, 10), "the probe was not greylisted as {PROBE_FROM}:\n{}", d.log_text());
+    let decided_before = d.log_text();
+    assert!(
+        !decided_before.lines().any(|l| l.split_whitespace().any(|w| w.starts_with("client=127.0.0."))),
+        "a decision about the tests' network 127.0.0.0/24 before the test connected:\n{decided_before}"
+    );
+    let mut raw = Raw::connect(port);
+    assert_eq!(
+        raw.reply().trim_end(),
+        "421 4.7.1 Greylisted, please try again later retry=00:05:00",
+        "a full delay for the first sighting"
+    );
+    assert!(raw.closed());
 }
 
 #[test]
