@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Messages through `greyhook smtp` relaying to Postfix against the same
 # messages straight to Postfix, and Postfix with greyhook as its milter;
+# Postfix with a milter that decides nothing (bench/nullmilter.c, on C
+# libmilter: the peer greyhook's milter is measured against, and the most
+# any milter path asking for as much can reach here).
 # Postfix's own smtp-source is the client. Prints messages/s, greyhook's
 # CPU per message (and its user part), the whole machine's CPU per message,
 # and greyhook's context switches per message (voluntary/involuntary), with
@@ -14,8 +17,9 @@
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
 #   MILTER=unix bench/smtp-vs-postfix.sh     # the milter on a unix socket (default: TCP)
-#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the three paths (default 3), then medians
+#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the four paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
+#   NULL_NR=1 bench/smtp-vs-postfix.sh       # the null milter asks for the no-reply steps too
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 #   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
@@ -30,9 +34,11 @@ MSGS=${MSGS:-4000}
 ROUNDS=${ROUNDS:-3}
 
 [ -x /usr/sbin/smtp-source ] || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
+[ -f /usr/include/libmilter/mfapi.h ] || { echo "libmilter missing (the null milter is built on it): apt-get install libmilter-dev" >&2; exit 1; }
 cargo build --release -q -p greyhook
 work=$(mktemp -d)
 chmod 755 "$work"
+cc -O2 -o "$work/nullmilter" bench/nullmilter.c -lmilter -pthread
 pids=()
 postfixes=()
 cleanup() {
@@ -171,7 +177,20 @@ if [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ]; then wait_port "$m_port"; else f
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
 milter_default_action = tempfail"
 
-# ROUNDS rounds of the three paths back to back: this shared machine's
+# The null milter, on the same kind of socket.
+n_port=$(free_port)
+if [ "${MILTER:-inet}" = unix ]; then NULL_ADDR=unix:$work/null-milter.sock; else NULL_ADDR=inet:127.0.0.1:$n_port; fi
+nm_conn=$NULL_ADDR
+[ "${NULL_ADDR#inet:}" = "$NULL_ADDR" ] || nm_conn=inet:$n_port@127.0.0.1
+"$work/nullmilter" "$nm_conn" ${NULL_NR:+nr} >"$work/nullmilter.log" 2>&1 &
+pids+=($!)
+null_pid=$!
+if [ "${NULL_ADDR#unix:}" = "$NULL_ADDR" ]; then wait_port "$n_port"; else for _ in $(seq 1 200); do [ -S "${NULL_ADDR#unix:}" ] && break; sleep 0.05; done; chmod 666 "${NULL_ADDR#unix:}"; fi
+pf3_port=$(free_port)
+postfix_start "$work/pf3" "$pf3_port" "smtpd_milters = $NULL_ADDR
+milter_default_action = tempfail"
+
+# ROUNDS rounds of the four paths back to back: this shared machine's
 # speed drifts over minutes, so each round's ratios compare paths measured
 # within seconds of each other, and the summary is the median round.
 rounds=()
@@ -179,21 +198,25 @@ for round in $(seq 1 "$ROUNDS"); do
   straight=$(send straight "$pf_port" "$work/pf/maillog")
   via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "$smtp_pid")
   milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "$milter_pid")
+  null=$(send postfix-with-null-milter "$pf3_port" "$work/pf3/maillog" "$null_pid")
   echo
   echo "round $round of $ROUNDS"
-  printf "%-22s %10s %18s %22s %20s %26s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg" "greyhook switches/msg v/i"
-  for r in "$straight" "$via" "$milter"; do
+  echo "(for postfix-with-null-milter, the CPU and switch columns are the null milter's)"
+  printf "%-24s %10s %18s %22s %20s %26s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg" "greyhook switches/msg v/i"
+  for r in "$straight" "$via" "$milter" "$null"; do
     read -r n rate g m u cs <<<"$r"
-    printf "%-22s %10s %18s %22s %20s %26s\n" "$n" "$rate" "$g" "$u" "$m" "$cs"
+    printf "%-24s %10s %18s %22s %20s %26s\n" "$n" "$rate" "$g" "$u" "$m" "$cs"
   done
   read -r _ s_rate _ s_m _ <<<"$straight"
   read -r _ v_rate v_g v_m v_u _ <<<"$via"
   read -r _ m_rate m_g m_m m_u _ <<<"$milter"
+  read -r _ n_rate n_g _ _ _ <<<"$null"
   # One line a round: the ratios and greyhook's CPU a message.
-  rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" \
-    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg }')")
-  read -r tv tm cv cm ceil _ _ <<<"${rounds[-1]}"
+  rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" -v d="$n_rate" -v ng="$n_g" \
+    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f %.3f %.3f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg, d / a, c / d, ng }')")
+  read -r tv tm cv cm ceil _ _ tn mn _ <<<"${rounds[-1]}"
   printf "throughput via greyhook smtp / straight: %s; with milter / straight: %s\n" "$tv" "$tm"
+  printf "throughput with the null milter / straight: %s; with greyhook's milter / with the null milter: %s\n" "$tn" "$mn"
   printf "machine CPU per message, via greyhook smtp / straight: %s; with milter / straight: %s\n" "$cv" "$cm"
   # What the milter path would reach if greyhook cost nothing, on a
   # CPU-bound machine: the rest is Postfix's own milter work.
@@ -209,4 +232,6 @@ printf "throughput with milter / straight:       %.2f\n" "$(median 2)"
 printf "machine CPU per message, via greyhook smtp / straight: %.2f\n" "$(median 3)"
 printf "machine CPU per message, with milter / straight:       %.2f\n" "$(median 4)"
 printf "milter ceiling, greyhook at 0 CPU:       %.2f\n" "$(median 5)"
-printf "greyhook CPU µs a message: smtp %.1f, milter %.1f\n" "$(median 6)" "$(median 7)"
+printf "throughput with the null milter / straight: %.2f\n" "$(median 8)"
+printf "throughput with greyhook's milter / with the null milter: %.2f\n" "$(median 9)"
+printf "greyhook CPU µs a message: smtp %.1f, milter %.1f; the null milter's: %.1f\n" "$(median 6)" "$(median 7)" "$(median 10)"
