@@ -61,7 +61,7 @@ static sfsistat nm_header(SMFICTX *ctx, char *name, char *value) {
     (void)ctx, (void)name, (void)value;
     return quiet();
 }
-static sfsistat nm_continue_rcpt(SMFICTX *ctx, char **argv) {
+static sfsistat nm_envrcpt(SMFICTX *ctx, char **argv) {
     (void)ctx, (void)argv;
     return SMFIS_CONTINUE;
 }
@@ -84,7 +84,7 @@ int main(int argc, char **argv) {
     desc.xxfi_connect = nm_connect;
     desc.xxfi_helo = nm_helo;
     desc.xxfi_envfrom = nm_envfrom;
-    desc.xxfi_envrcpt = nm_continue_rcpt;
+    desc.xxfi_envrcpt = nm_envrcpt;
     desc.xxfi_header = nm_header;
     desc.xxfi_eom = nm_eom;
     desc.xxfi_negotiate = nm_negotiate;

@@ -53,6 +53,14 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # (Under GH_WRAP's profiler, greyhook takes minutes to start.)
 wait_port() { local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+# wait_milter ADDR: until the milter at inet:HOST:PORT or unix:PATH listens.
+wait_milter() {
+  case $1 in
+    unix:*) local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000
+      for _ in $(seq 1 "$n"); do [ -S "${1#unix:}" ] && return 0; sleep 0.05; done; echo "no socket ${1#unix:}" >&2; exit 1 ;;
+    *) wait_port "${1##*:}" ;;
+  esac
+}
 # ticks PID: "user+system user" clock ticks of the process so far.
 ticks() { awk '{print $14 + $15, $14}' "/proc/$1/stat"; }
 # switches PID: "voluntary involuntary" context switches of all its threads
@@ -173,7 +181,7 @@ ${GH_MILTER_WRAP:-} target/release/greyhook serve --config "$work/milter.toml" -
   --control "$work/milter.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/milter.log" 2>&1 &
 pids+=($!)
 milter_pid=$!
-if [ "${MILTER_ADDR#unix:}" = "$MILTER_ADDR" ]; then wait_port "$m_port"; else for _ in $(seq 1 6000); do [ -S "${MILTER_ADDR#unix:}" ] && break; sleep 0.05; done; fi
+wait_milter "$MILTER_ADDR"
 postfix_start "$work/pf2" "$pf2_port" "smtpd_milters = $MILTER_ADDR
 milter_default_action = tempfail"
 
@@ -185,7 +193,9 @@ nm_conn=$NULL_ADDR
 "$work/nullmilter" "$nm_conn" ${NULL_NR:+nr} >"$work/nullmilter.log" 2>&1 &
 pids+=($!)
 null_pid=$!
-if [ "${NULL_ADDR#unix:}" = "$NULL_ADDR" ]; then wait_port "$n_port"; else for _ in $(seq 1 200); do [ -S "${NULL_ADDR#unix:}" ] && break; sleep 0.05; done; chmod 666 "${NULL_ADDR#unix:}"; fi
+wait_milter "$NULL_ADDR"
+# Postfix's smtpd runs as `postfix`: it must be let in.
+[ "${NULL_ADDR#unix:}" = "$NULL_ADDR" ] || chmod 666 "${NULL_ADDR#unix:}"
 pf3_port=$(free_port)
 postfix_start "$work/pf3" "$pf3_port" "smtpd_milters = $NULL_ADDR
 milter_default_action = tempfail"

@@ -256,15 +256,25 @@ pub fn free_port() -> u16 {
 /// same.
 pub const PROBE_FROM: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 254, 0, 1);
 
+/// A TCP connection to 127.0.0.1:`port` from `from`, within `timeout` if
+/// one is given. std's `TcpStream` cannot bind before it connects; socket2
+/// can (and the stream it gives is blocking).
+fn connect_bound(from: std::net::Ipv4Addr, port: u16, timeout: Option<std::time::Duration>) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())?;
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port)).into();
+    match timeout {
+        Some(t) => s.connect_timeout(&to, t)?,
+        None => s.connect(&to)?,
+    }
+    Ok(s.into())
+}
+
 /// Whether something accepts TCP connections on 127.0.0.1:`port`, asked
 /// from [`PROBE_FROM`] (the connection is closed at once).
 pub fn listening(port: u16) -> bool {
-    // std's TcpStream cannot bind before it connects; socket2 can.
-    use socket2::{Domain, Socket, Type};
-    let Ok(s) = Socket::new(Domain::IPV4, Type::STREAM, None) else { return false };
-    let from = std::net::SocketAddr::from((PROBE_FROM, 0));
-    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    s.bind(&from.into()).is_ok() && s.connect_timeout(&to.into(), std::time::Duration::from_secs(2)).is_ok()
+    connect_bound(PROBE_FROM, port, Some(std::time::Duration::from_secs(2))).is_ok()
 }
 
 /// Waits until something accepts TCP connections on `port` (at most `secs`),
@@ -734,15 +744,7 @@ impl Drop for PostfixSink {
 /// A TCP connection to 127.0.0.1:`port` from the loopback address `from`
 /// (any 127.x.y.z is a distinct client).
 pub fn connect_from(from: &str, port: u16) -> std::net::TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let s = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(format!("{from}:0").parse().expect("a loopback address"))?;
-        sock.connect(([127, 0, 0, 1], port).into()).await
-    });
-    let s = s.expect("connect from a loopback alias").into_std().expect("std stream");
-    s.set_nonblocking(false).expect("blocking");
-    s
+    connect_bound(from.parse().expect("a loopback address"), port, None).expect("connect from a loopback alias")
 }
 
 /// Whether the peer closed `s` within `secs`: EOF or a reset, read after
