@@ -41,7 +41,7 @@ impl Guest for V020 {
 
     fn on_rcpt(_ctx: Context, recipient: String) -> Verdict {
         let key = format!("seen/{recipient}");
-        match store::get_many(&[key.clone()]) {
+        match store::get_many(std::slice::from_ref(&key)) {
             Ok(found) if found.first().is_some_and(Option::is_some) => {
                 metrics::counter_add("passed_total", &[("contract".into(), "0.2.0".into())], 1);
                 verdict(Decision::Continue)
