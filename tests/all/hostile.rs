@@ -286,6 +286,8 @@ fn a_client_that_never_reads_is_cut_off() {
     let (d, port) = smtp_daemon(dir.path(), sink.port, "command_timeout = \"2s\"", WHITE);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
     let batch = "HELO x\r\nMAIL FROM:<a@example.org>\r\n".to_string() + &"RCPT TO:<u@example.com>\r\n".repeat(10_000);
     let start = Instant::now();
     let mut failed = false;
@@ -297,6 +299,11 @@ fn a_client_that_never_reads_is_cut_off() {
     }
     assert!(failed, "the server kept reading a client that never reads: {}", d.log_text());
     assert!(start.elapsed() < Duration::from_secs(25), "{:?}", start.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    eprintln!("greyhook queued at most {peak} bytes towards the client");
+    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
+    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a client that never reads");
 }
 
 /// Unfinished large messages on many connections: greyhook's memory for
@@ -667,6 +674,8 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = never_reading_peer(port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
     let one =
         "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.org\nrecipient=u@example.com\n\n";
     let batch = one.repeat(200);
@@ -678,9 +687,15 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
             break;
         }
     }
+    eprintln!("cut off after {:?}", start.elapsed());
     assert!(failed, "the server kept reading a peer that never reads: {}", d.log_text());
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.wait_log("does not read its answers", 10), "{}", d.log_text());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    eprintln!("greyhook queued at most {peak} bytes towards the peer");
+    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
+    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a peer that never reads");
 }
 
 /// A milter peer that sends commands and never reads the answers is cut
@@ -698,6 +713,8 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = never_reading_peer(port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
     s.write_all(&milter_optneg(0)).unwrap();
     s.write_all(&milter_packet(b'C', b"client.example\x004\x00\x19192.0.2.1\x00")).unwrap();
     s.write_all(&milter_packet(b'H', b"helo.example\0")).unwrap();
@@ -722,7 +739,51 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     );
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.wait_log("does not read", 10), "{}", d.log_text());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    eprintln!("greyhook queued at most {peak} bytes towards the peer");
+    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
+    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a peer that never reads");
 }
+
+/// The bytes greyhook's end of the connection from 127.0.0.1:`peer` to
+/// 127.0.0.1:`port` has queued and not had acknowledged (`tx_queue` in
+/// `/proc/net/tcp`), or `None` once that connection is gone.
+fn queued_towards(port: u16, peer: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (local, remote) = (format!("0100007F:{port:04X}"), format!("0100007F:{peer:04X}"));
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 4 && f[1] == local && f[2] == remote { u64::from_str_radix(f[4].split(':').next()?, 16).ok() } else { None }
+    })
+}
+
+/// Samples [`queued_towards`] every 10 ms until the connection is gone or
+/// `stop` is set, and returns the most it saw.
+fn peak_queued(port: u16, peer: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        let mut seen = false;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match queued_towards(port, peer) {
+                Some(q) => {
+                    seen = true;
+                    peak = peak.max(q);
+                }
+                None if seen => break,
+                None => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak
+    })
+}
+
+/// The most a peer that never reads can make greyhook queue towards it: the
+/// mail front ends' listeners fix their send buffer (`frontend/listen.rs`,
+/// 64 KiB, which the kernel doubles) instead of letting the kernel grow it
+/// to `tcp_wmem`'s maximum (4 MiB by default) for every such peer.
+const MOST_QUEUED: u64 = 256 * 1024;
 
 /// A connection to 127.0.0.1:`port` with a small receive buffer (so that
 /// a few thousand unread answers fill the way back) and a 30 s write

@@ -110,6 +110,16 @@ impl UnixPerms {
     }
 }
 
+/// The send buffer of every TCP connection a mail front end accepts
+/// (`SO_SNDBUF`, set on the listener; Linux doubles it for its own
+/// bookkeeping). Left alone, the kernel grows a connection's send buffer up
+/// to `tcp_wmem`'s maximum (4 MiB by default), so a peer that pipelines
+/// requests and never reads the answers could make greyhook hold megabytes
+/// of kernel memory for every connection until the write deadline cuts it
+/// off (measured: 2.7 MB). Replies, policy answers and milter replies are a
+/// few hundred bytes a command, so a fixed 64 KiB costs nothing.
+pub const PEER_SEND_BUFFER: usize = 64 * 1024;
+
 /// A stream from either kind of listener.
 pub type Conn = Pin<Box<dyn AsyncReadWrite>>;
 
@@ -174,7 +184,12 @@ impl Listener {
     pub async fn bind(addr: &ListenAddr, perms: &UnixPerms) -> Result<Listener, ListenError> {
         let bind_err = |source| ListenError::Bind { addr: addr.to_string(), source };
         match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(bind_err)?)),
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).await.map_err(bind_err)?;
+                // Connections accepted later inherit the listener's buffer size.
+                socket2::SockRef::from(&l).set_send_buffer_size(PEER_SEND_BUFFER).map_err(bind_err)?;
+                Ok(Listener::Tcp(l))
+            }
             ListenAddr::Unix(p) => {
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(bind_err)?;
