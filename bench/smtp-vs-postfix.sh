@@ -51,13 +51,15 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# (Under GH_WRAP's profiler, greyhook takes minutes to start.)
-wait_port() { local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000; for _ in $(seq 1 "$n"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
+# Polls (every 50 ms) before a server counts as not started: 10 s, or 5
+# minutes under GH_WRAP's profiler, where greyhook takes minutes to start.
+start_polls=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || start_polls=6000
+wait_port() { for _ in $(seq 1 "$start_polls"); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }
 # wait_milter ADDR: until the milter at inet:HOST:PORT or unix:PATH listens.
 wait_milter() {
   case $1 in
-    unix:*) local n=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || n=6000
-      for _ in $(seq 1 "$n"); do [ -S "${1#unix:}" ] && return 0; sleep 0.05; done; echo "no socket ${1#unix:}" >&2; exit 1 ;;
+    unix:*)
+      for _ in $(seq 1 "$start_polls"); do [ -S "${1#unix:}" ] && return 0; sleep 0.05; done; echo "no socket ${1#unix:}" >&2; exit 1 ;;
     *) wait_port "${1##*:}" ;;
   esac
 }

@@ -286,8 +286,7 @@ fn a_client_that_never_reads_is_cut_off() {
     let (d, port) = smtp_daemon(dir.path(), sink.port, "command_timeout = \"2s\"", WHITE);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
+    let queue = QueueWatch::start(port, &s);
     let batch = "HELO x\r\nMAIL FROM:<a@example.org>\r\n".to_string() + &"RCPT TO:<u@example.com>\r\n".repeat(10_000);
     let start = Instant::now();
     let mut failed = false;
@@ -299,11 +298,7 @@ fn a_client_that_never_reads_is_cut_off() {
     }
     assert!(failed, "the server kept reading a client that never reads: {}", d.log_text());
     assert!(start.elapsed() < Duration::from_secs(25), "{:?}", start.elapsed());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.join().unwrap();
-    eprintln!("greyhook queued at most {peak} bytes towards the client");
-    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
-    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a client that never reads");
+    queue.assert_bounded("client");
 }
 
 /// Unfinished large messages on many connections: greyhook's memory for
@@ -674,8 +669,7 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = never_reading_peer(port);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
+    let queue = QueueWatch::start(port, &s);
     let one =
         "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.org\nrecipient=u@example.com\n\n";
     let batch = one.repeat(200);
@@ -691,11 +685,7 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
     assert!(failed, "the server kept reading a peer that never reads: {}", d.log_text());
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.wait_log("does not read its answers", 10), "{}", d.log_text());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.join().unwrap();
-    eprintln!("greyhook queued at most {peak} bytes towards the peer");
-    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
-    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a peer that never reads");
+    queue.assert_bounded("peer");
 }
 
 /// A milter peer that sends commands and never reads the answers is cut
@@ -713,8 +703,7 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     let d = greyhook_with(dir.path(), "serve", &text);
     wait_for_port(port, 30);
     let mut s = never_reading_peer(port);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = peak_queued(port, s.local_addr().unwrap().port(), stop.clone());
+    let queue = QueueWatch::start(port, &s);
     s.write_all(&milter_optneg(0)).unwrap();
     s.write_all(&milter_packet(b'C', b"client.example\x004\x00\x19192.0.2.1\x00")).unwrap();
     s.write_all(&milter_packet(b'H', b"helo.example\0")).unwrap();
@@ -739,11 +728,7 @@ fn a_milter_peer_that_never_reads_is_cut_off() {
     );
     assert!(start.elapsed() < Duration::from_secs(150), "{:?}", start.elapsed());
     assert!(d.wait_log("does not read", 10), "{}", d.log_text());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.join().unwrap();
-    eprintln!("greyhook queued at most {peak} bytes towards the peer");
-    assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
-    assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a peer that never reads");
+    queue.assert_bounded("peer");
 }
 
 /// The bytes greyhook's end of the connection from 127.0.0.1:`peer` to
@@ -758,25 +743,47 @@ fn queued_towards(port: u16, peer: u16) -> Option<u64> {
     })
 }
 
-/// Samples [`queued_towards`] every 10 ms until the connection is gone or
-/// `stop` is set, and returns the most it saw.
-fn peak_queued(port: u16, peer: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        let mut seen = false;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            match queued_towards(port, peer) {
-                Some(q) => {
-                    seen = true;
-                    peak = peak.max(q);
+/// A thread sampling [`queued_towards`] every 10 ms for one connection,
+/// until that connection is gone or [`QueueWatch::assert_bounded`] stops it.
+struct QueueWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+}
+
+impl QueueWatch {
+    /// Watches greyhook's end (on `port`) of the connection `peer` made.
+    fn start(port: u16, peer: &std::net::TcpStream) -> QueueWatch {
+        let peer = peer.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            let mut seen = false;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                match queued_towards(port, peer) {
+                    Some(q) => {
+                        seen = true;
+                        peak = peak.max(q);
+                    }
+                    None if seen => break,
+                    None => {}
                 }
-                None if seen => break,
-                None => {}
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        peak
-    })
+            peak
+        });
+        QueueWatch { stop, sampler }
+    }
+
+    /// Stops sampling; asserts the connection was seen and that greyhook
+    /// queued at most [`MOST_QUEUED`] towards the `who` at its other end.
+    fn assert_bounded(self, who: &str) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = self.sampler.join().unwrap();
+        eprintln!("greyhook queued at most {peak} bytes towards the {who}");
+        assert!(peak > 0, "the sampler never saw greyhook's end of the connection");
+        assert!(peak <= MOST_QUEUED, "greyhook queued {peak} bytes for a {who} that never reads");
+    }
 }
 
 /// The most a peer that never reads can make greyhook queue towards it: the
