@@ -113,11 +113,15 @@ pub fn null_dns() -> &'static str {
     })
 }
 
-/// `cfg` with its resolver set to [`null_dns`] unless it names servers:
-/// for the daemons the tests start in-process.
+/// `cfg` with its resolver set to [`null_dns`] unless it names servers,
+/// and its compiled filters kept in [`TEST_CACHE`] unless it names a
+/// `cache_dir`: for the daemons the tests start in-process.
 pub fn hermetic(mut cfg: greyhook::daemon::DaemonConfig) -> greyhook::daemon::DaemonConfig {
     if cfg.dns.servers.is_empty() {
         cfg.dns.servers = vec![null_dns().parse().expect("an address")];
+    }
+    if cfg.chain().is_ok_and(|c| c.iter().all(|f| f.cache_dir.is_none())) {
+        cfg.main_filter_mut().cache_dir = Some(Path::new(TEST_CACHE).join("filters"));
     }
     cfg
 }
@@ -143,7 +147,34 @@ pub fn runtime() -> Runtime {
 /// Loads the reference filter with `config` over `store`.
 pub async fn reference_on(rt: &Runtime, config: &str, store: Arc<dyn Store>) -> Filter {
     let options = FilterOptions { config: config.to_string(), ..FilterOptions::default() };
-    rt.load(greyhook::REFERENCE_FILTER, options, store).await.expect("the reference filter loads")
+    load_on(rt, greyhook::REFERENCE_FILTER, options, store).await.expect("the reference filter loads")
+}
+
+/// The compiled-filter cache the tests share, in the build's `OUT_DIR`:
+/// compiling a filter takes ~4 s of CPU in a debug build, loading its
+/// artifact milliseconds, and the tests load the same few filters a hundred
+/// times. [`load_on`] keeps the artifacts in `filters/` here, and every
+/// daemon [`Process::greyhook`] starts gets it as `$CACHE_DIRECTORY` (so
+/// `filters/` too), unless its configuration names a `cache_dir`. Artifacts
+/// are keyed by the component's hash and the engine's compatibility hash,
+/// and written whole, then renamed: sharing is safe.
+pub const TEST_CACHE: &str = env!("OUT_DIR");
+
+/// [`Runtime::load`] through [`TEST_CACHE`]. Each test keeps its own
+/// [`Runtime`]; only the compile is shared.
+pub async fn load_on(rt: &Runtime, bytes: &[u8], options: FilterOptions, store: Arc<dyn Store>) -> Result<Filter, greyhook::LoadError> {
+    use greyhook::runtime::artifact_cache::ArtifactCache;
+    static CACHE: std::sync::OnceLock<Option<ArtifactCache>> = std::sync::OnceLock::new();
+    // One compile at a time: two tests asking for the same filter at once
+    // would otherwise both compile it.
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let cache = CACHE.get_or_init(|| ArtifactCache::open(&Path::new(TEST_CACHE).join("filters")).ok());
+    let Some(cache) = cache else { return rt.load(bytes, options, store).await };
+    let compiled = {
+        let _one = COMPILING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.compile(rt, bytes)?.0
+    };
+    rt.instantiate_filter(compiled, options, store).await
 }
 
 /// Loads the reference filter with `config` over a fresh memory store.
@@ -241,9 +272,18 @@ pub fn policy_load_bin() -> PathBuf {
     bin
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine on loopback).
+/// A free TCP port on 127.0.0.1 (bound and released; fine on loopback),
+/// never one this process handed out before: the kernel may give the port
+/// it just released to the next `bind(0)`, and a test that asked for two
+/// ports (policy and metrics) got the same one twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port");
+        if HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The address the harness's readiness probes connect from, in a /24 (and
@@ -321,6 +361,8 @@ impl Process {
         let child = std::process::Command::new(greyhook_bin())
             .args(&args)
             .env("GREYHOOK_LOG", "info")
+            // The run's compiled-filter cache (see [`TEST_CACHE`]); `env` may name another.
+            .env("CACHE_DIRECTORY", TEST_CACHE)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(err)

@@ -297,14 +297,14 @@ async fn bad_config_is_refused_naming_the_key() {
     for (cfg, key) in
         [("dleay = 3", "dleay"), ("delay = \"soon\"", "delay"), ("ipv6_prefix = 200", "ipv6_prefix"), ("stage = \"helo\"", "stage")]
     {
-        let e = rt
-            .load(
-                greyhook::REFERENCE_FILTER,
-                greyhook::FilterOptions { config: cfg.into(), ..Default::default() },
-                std::sync::Arc::new(greyhook::store::MemoryStore::new()),
-            )
-            .await
-            .expect_err(cfg);
+        let e = load_on(
+            &rt,
+            greyhook::REFERENCE_FILTER,
+            greyhook::FilterOptions { config: cfg.into(), ..Default::default() },
+            std::sync::Arc::new(greyhook::store::MemoryStore::new()),
+        )
+        .await
+        .expect_err(cfg);
         assert!(matches!(e, greyhook::LoadError::Init(_)), "{e}");
         assert!(e.to_string().contains(key), "{cfg}: {e}");
     }

@@ -39,7 +39,11 @@ fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
     let log = dir.join("log");
     let mut cmd = Command::new(greyhook_bin());
-    cmd.args(args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).expect("log")).env_remove("GREYHOOK_LOG");
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .env_remove("GREYHOOK_LOG")
+        .env_remove("CACHE_DIRECTORY");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -78,6 +82,26 @@ fn default_paths_follow_systemd_directories() {
     assert!(d.wait_log(&db, 10), "the startup log says where the store is:\n{}", d.log_text());
     assert!(d.terminate(10));
     assert!(!sock.exists(), "the daemon removes its control socket on exit");
+}
+
+/// systemd's `CacheDirectory=` (`$CACHE_DIRECTORY`) is where compiled
+/// filters go, for the embedded store too: not beside the store file, where
+/// tens of megabytes of machine code would join the state to back up.
+#[test]
+fn compiled_filters_go_to_the_systemd_cache_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, cache) = (dir.path().join("state"), dir.path().join("cache-dir"));
+    std::fs::create_dir_all(&state).unwrap();
+    let port = free_port();
+    let env = [("STATE_DIRECTORY", state.to_str().unwrap()), ("CACHE_DIRECTORY", cache.to_str().unwrap())];
+    let args = ["serve", "--policy", &format!("127.0.0.1:{port}"), "--control", &format!("{}/control.sock", dir.path().display())];
+    let mut d = spawn_with_env(dir.path(), &args, &env);
+    wait_for_port(port, 30);
+    assert!(state.join("greyhook.db").is_file(), "the store is still $STATE_DIRECTORY/greyhook.db");
+    let cached = std::fs::read_dir(cache.join("filters")).map(|r| r.count()).unwrap_or(0);
+    assert!(cached >= 1, "compiled filters are cached in $CACHE_DIRECTORY/filters");
+    assert!(!state.join("cache").exists(), "nothing is cached beside the store");
+    assert!(d.terminate(10));
 }
 
 /// `cache_dir` names where compiled filters are kept; the memory store has

@@ -21,7 +21,7 @@ async fn chaos(policy: FailurePolicy) -> (greyhook::Filter, Arc<MemoryStore>) {
         limits: Limits { deadline: Duration::from_secs(1), memory: 16 << 20, ..Limits::default() },
         ..FilterOptions::default()
     };
-    (runtime().load(CHAOS_FILTER, options, store.clone()).await.unwrap(), store)
+    (load_on(&runtime(), CHAOS_FILTER, options, store.clone()).await.unwrap(), store)
 }
 
 #[tokio::test]

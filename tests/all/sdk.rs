@@ -99,8 +99,7 @@ fn the_walkthrough_shows_the_code_ci_compiles() {
 
 /// The stateful test filter (`tests/guests/stateful`), over a memory store.
 async fn stateful() -> greyhook::Filter {
-    runtime()
-        .load(STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+    load_on(&runtime(), STATEFUL_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
         .await
         .expect("the stateful filter loads")
 }
@@ -187,8 +186,7 @@ async fn metrics_from_a_filter_are_checked_at_the_boundary() {
 /// store calls and metric updates by name are answered.
 #[tokio::test]
 async fn a_filter_built_against_0_2_0_still_loads_and_runs() {
-    let f = runtime()
-        .load(V020_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
+    let f = load_on(&runtime(), V020_FILTER, FilterOptions::default(), std::sync::Arc::new(greyhook::store::MemoryStore::new()))
         .await
         .expect("the 0.2.0 filter loads");
     assert_eq!(f.contract().to_string(), "greyhook:filter@0.2.0");

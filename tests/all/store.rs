@@ -169,7 +169,7 @@ async fn filter_cas_through_wasm_loses_no_update() {
     };
     for store in stores {
         let rt = runtime();
-        let f = rt.load(CHAOS_FILTER, options.clone(), store.clone()).await.unwrap();
+        let f = load_on(&rt, CHAOS_FILTER, options.clone(), store.clone()).await.unwrap();
         let mut handles = Vec::new();
         for _ in 0..8 {
             let f = f.clone();
@@ -225,8 +225,7 @@ async fn an_oversized_record_from_a_shared_store_never_reaches_the_filter() {
     let big = "9".repeat(100_000);
     let exp = (T0 + 3600).to_string();
     redis.cli(&["HSET", "greyhook:chaos/counter", "v", &big, "ver", "7", "exp", &exp]);
-    let f = runtime()
-        .load(CHAOS_FILTER, greyhook::FilterOptions { namespace: Some("chaos".into()), ..Default::default() }, store)
+    let f = load_on(&runtime(), CHAOS_FILTER, greyhook::FilterOptions { namespace: Some("chaos".into()), ..Default::default() }, store)
         .await
         .unwrap();
     let c = Client::new(&f, "192.0.2.1", T0);
