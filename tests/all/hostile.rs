@@ -797,17 +797,13 @@ const MOST_QUEUED: u64 = 256 * 1024;
 /// timeout (so that a server that stops reading shows as our timeout, not
 /// a hang).
 fn never_reading_peer(port: u16) -> std::net::TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let s = rt
-        .block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.set_recv_buffer_size(4096)?;
-            sock.connect(([127, 0, 0, 1], port).into()).await
-        })
-        .unwrap()
-        .into_std()
-        .unwrap();
-    s.set_nonblocking(false).unwrap();
+    use socket2::{Domain, Socket, Type};
+    // std's `TcpStream` cannot size its buffer before it connects (the
+    // window is agreed in the handshake); socket2 can.
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+    let s: std::net::TcpStream = sock.into();
     s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     s
 }
