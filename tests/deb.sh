@@ -64,6 +64,9 @@ status=$(greyhook status) || fail "greyhook status failed"
 echo "$status" | grep -q "store redb: redb file /var/lib/greyhook/greyhook.db" || fail "status: $status"
 echo "$status" | grep -q "^filter greylist " || fail "status: $status"
 [ -f /var/lib/greyhook/greyhook.db ] && [ "$(stat -c %U /var/lib/greyhook/greyhook.db)" = greyhook ] || fail "the store is not greyhook's"
+# Compiled filters go to the unit's CacheDirectory=, not into the state.
+ls /var/cache/greyhook/filters/*.cwasm >/dev/null 2>&1 || fail "no compiled filter in /var/cache/greyhook/filters"
+[ ! -e /var/lib/greyhook/cache ] || fail "compiled filters cached in /var/lib/greyhook/cache, beside the store"
 
 if [ -n "$pid" ]; then
   kill -TERM "$pid"
@@ -73,6 +76,7 @@ DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq greyhook >/dev/null
 [ ! -e /usr/bin/greyhook ] || fail "/usr/bin/greyhook left behind"
 [ ! -e /lib/systemd/system/greyhook.service ] || fail "the unit left behind"
 [ ! -e /var/lib/greyhook ] || fail "/var/lib/greyhook left behind after purge"
+[ ! -e /var/cache/greyhook ] || fail "/var/cache/greyhook left behind after purge"
 [ ! -e /etc/greyhook/greyhook.toml ] || fail "the conffile left behind after purge"
 ! getent passwd greyhook >/dev/null || fail "the greyhook user left behind after purge"
 rm -rf "$out"
