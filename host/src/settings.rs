@@ -31,11 +31,18 @@ pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::E
 /// `$ENV/file` when systemd set `ENV`, else `system/file` when that
 /// directory can be created and written.
 pub(crate) fn systemd_or_system(env: &str, system: &str, file: &str) -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
-    if let Some(d) = std::env::var_os(env).filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(d).join(file));
-    }
-    let system = PathBuf::from(system);
+    systemd_dir(env, file).or_else(|| writable_system_dir(system, file))
+}
+
+/// `$ENV/file` when systemd (`StateDirectory=`, `CacheDirectory=`, …) set
+/// `ENV` to a directory.
+pub(crate) fn systemd_dir(env: &str, file: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os(env).filter(|d| !d.is_empty()).map(|d| std::path::PathBuf::from(d).join(file))
+}
+
+/// `system/file` when the directory `system` can be created and written.
+pub(crate) fn writable_system_dir(system: &str, file: &str) -> Option<std::path::PathBuf> {
+    let system = std::path::PathBuf::from(system);
     let probe = system.join(".greyhook-write-test");
     let writable = std::fs::create_dir_all(&system).is_ok() && std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);

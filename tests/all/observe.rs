@@ -61,9 +61,6 @@ fn status(control: &std::path::Path, json: bool) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Load through the policy front end, scraped while it runs and after:
-/// every scrape parses, and the counters are the load sent — decisions,
-/// connections, the filter's own outcomes and delays, store operations.
 /// A filter deadline for tests that load greyhook with `policy-load
 /// --expect-defer`: a call this busy 2-core machine holds past the 100 ms
 /// default is a host fault, answered by the failure policy (a pass), which
@@ -77,6 +74,9 @@ fn patient(dir: &std::path::Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
 }
 
+/// Load through the policy front end, scraped while it runs and after:
+/// every scrape parses, and the counters are the load sent — decisions,
+/// connections, the filter's own outcomes and delays, store operations.
 #[test]
 fn the_metrics_endpoint_counts_the_load_sent() {
     let dir = tempfile::tempdir().unwrap();

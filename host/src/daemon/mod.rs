@@ -398,11 +398,11 @@ impl Daemon {
             // The cache directory the service manager gives us (systemd's
             // `CacheDirectory=`), whatever the store: compiled filters are
             // machine code made again at will, not state to back up.
-            .or_else(|| std::env::var_os("CACHE_DIRECTORY").filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join("filters")))
+            .or_else(|| crate::settings::systemd_dir("CACHE_DIRECTORY", "filters"))
             .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")))
             // A store that is no file (memory, Redis) still keeps compiled
             // filters: /var/cache/greyhook if we may write there.
-            .or_else(|| crate::settings::systemd_or_system("CACHE_DIRECTORY", "/var/cache/greyhook", "filters"));
+            .or_else(|| crate::settings::writable_system_dir("/var/cache/greyhook", "filters"));
         let cache = match cache_dir {
             Some(d) => match ArtifactCache::open(&d) {
                 Ok(c) => Some(c),
