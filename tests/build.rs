@@ -1,5 +1,5 @@
 //! Compiles the chaos filter (`tests/guests/chaos`, contract 0.1.0), the
-//! walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.1 through
+//! walkthrough's SPF filter (`examples/filters/spf-domain`, 0.2.2 through
 //! the SDK), a filter that keeps state with the SDK's arena on
 //! (`tests/guests/stateful`) and one built against 0.2.0 as released
 //! (`tests/guests/v020`) for the tests.

@@ -17,7 +17,7 @@ use greyhook::{Filter, FilterOptions, Runtime, RuntimeConfig};
 /// The chaos filter: misbehaves on demand (see `tests/guests/chaos`).
 pub const CHAOS_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_CHAOS_FILTER"));
 /// The walkthrough's filter (`examples/filters/spf-domain`): greylisting
-/// keyed on the SPF-validated sender domain, built on the SDK (0.2.1).
+/// keyed on the SPF-validated sender domain, built on the SDK (0.2.2).
 pub const SPF_DOMAIN_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_SPF_DOMAIN_FILTER"));
 /// `tests/guests/stateful`: keeps state between calls, with the SDK's arena.
 pub const STATEFUL_FILTER: &[u8] = include_bytes!(env!("GREYHOOK_STATEFUL_FILTER"));
@@ -835,6 +835,18 @@ pub fn any_closed_within(streams: &mut [std::net::TcpStream], secs: u64) -> bool
 pub fn peak_rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmHWM")
+}
+
+/// `greyhook status` (`--json` if `json`) on the control socket `control`;
+/// panics unless it succeeds.
+pub fn greyhook_status(control: &std::path::Path, json: bool) -> String {
+    let mut args = vec!["status", "--control", control.to_str().expect("utf-8 path")];
+    if json {
+        args.insert(1, "--json");
+    }
+    let out = std::process::Command::new(greyhook_bin()).args(&args).output().expect("greyhook status runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Writes `text` as greyhook.toml in `dir` and starts `greyhook CMD

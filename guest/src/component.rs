@@ -2,9 +2,9 @@
 //! component glue (bindings, conversions, the store and log imports), so
 //! this is only which hook calls which decision.
 
-use greyhook_filter::{Context, EhloVerdict, Filter, Host, Message, Result, Verdict};
+use greyhook_filter::{Context, EhloVerdict, Filter, Host, Message, Phase, Result, SkipHooks, Verdict};
 
-use crate::config::Config;
+use crate::config::{Config, Stage};
 use crate::filter::{self, Greylist};
 
 impl Filter for Greylist {
@@ -13,6 +13,19 @@ impl Filter for Greylist {
 
     fn init(config: &str) -> std::result::Result<Self, String> {
         Ok(Greylist::new(Config::parse(config).map_err(|e| e.0)?))
+    }
+
+    /// What the filter never needs called: MAIL (it decides at RCPT, with
+    /// the sender in the context), EHLO (its keyword is the
+    /// configuration's, the same for every client), connect unless it
+    /// greylists there, and DATA when it greylists at connect. Two filter
+    /// calls a message fewer at the default stage, three with the connect
+    /// hook.
+    fn skip_hooks(&self) -> SkipHooks {
+        let stage = self.config.stage;
+        let mut phases = vec![Phase::Ehlo, Phase::Mail];
+        phases.push(if stage == Stage::Connect { Phase::Data } else { Phase::Connect });
+        SkipHooks { phases, ehlo_keywords: self.ehlo_keywords() }
     }
 
     fn on_connect(&self, ctx: &Context, host: &mut dyn Host) -> Result<Verdict> {
@@ -60,5 +73,22 @@ mod tests {
         assert_eq!(s.headers()[0].name, "X-Greylist");
         assert!(h.host.keys().iter().any(|k| k.starts_with("t/")));
         assert!(Harness::<Greylist>::new("delay = \"soon\"").is_err());
+    }
+
+    /// The hooks it asks the host to skip follow its stage: never MAIL or
+    /// EHLO (whose keyword goes with the skip, or none when turned off),
+    /// connect unless it greylists there, DATA only when it does.
+    #[test]
+    fn skips_the_hooks_its_stage_does_not_use() {
+        use greyhook_filter::Phase::*;
+        let skip = |config: &str| Harness::<Greylist>::new(config).unwrap().skip;
+        let s = skip("");
+        assert_eq!((s.phases, s.ehlo_keywords), (vec![Ehlo, Mail, Connect], vec!["GREYLIST".to_string()]));
+        assert_eq!(skip("stage = \"data\"").phases, vec![Ehlo, Mail, Connect]);
+        assert_eq!(skip("stage = \"connect\"").phases, vec![Ehlo, Mail, Data]);
+        assert_eq!(skip("ehlo_keyword = false").ehlo_keywords, Vec::<String>::new());
+        // At stage connect the connect hook still greylists: 421 at the greeting.
+        let mut h = Harness::<Greylist>::new("stage = \"connect\"").unwrap();
+        assert!(h.session("192.0.2.1").connect().is_tempfail());
     }
 }

@@ -20,9 +20,11 @@ fn check_prints_name_version_and_imports() {
     let (ok, out, err) = greyhook(&["check"]);
     assert!(ok, "{err}");
     assert!(out.contains("name: greylist") && out.contains("version: 0.1.0"), "{out}");
-    assert!(out.contains("contract: greyhook:filter@0.2.1"), "{out}");
+    assert!(out.contains("contract: greyhook:filter@0.2.2"), "{out}");
     assert!(out.contains("capabilities: store, log"), "{out}");
-    assert!(out.contains("greyhook:filter/store@0.2.1") && out.contains("greyhook:filter/log@0.2.1"), "{out}");
+    // Contract 0.2.2: the hooks it needs no call for at the default stage.
+    assert!(out.contains("skipped hooks: connect, ehlo, mail\nehlo keywords: GREYLIST\n"), "{out}");
+    assert!(out.contains("greyhook:filter/store@0.2.2") && out.contains("greyhook:filter/log@0.2.2"), "{out}");
     assert!(out.contains("wasi:cli/environment") && out.contains("linked empty"), "{out}");
 
     // A filter built against 0.1.0 (the chaos filter) loads unchanged.
@@ -32,6 +34,10 @@ fn check_prints_name_version_and_imports() {
     let (ok, out, _) = greyhook(&["check", chaos.to_str().unwrap()]);
     assert!(ok && out.contains("name: chaos"), "{out}");
     assert!(out.contains("contract: greyhook:filter@0.1.0") && out.contains("capabilities: store, log\n"), "{out}");
+    assert!(out.contains("skipped hooks: none\n") && !out.contains("ehlo keywords"), "{out}");
+    // Greylisting at connect, the reference filter needs that hook, and no DATA.
+    let (ok, out, err) = greyhook(&["check", "--set", "stage=\"connect\""]);
+    assert!(ok && out.contains("skipped hooks: ehlo, mail, data\n"), "{out}{err}");
 
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"not wasm").unwrap();
@@ -225,7 +231,7 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
         ),
         (
             r#"(component (instance $h) (export "greyhook:filter/hooks@0.3.0" (instance $h)))"#,
-            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters"][..],
+            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters"][..],
         ),
         (r#"(component)"#, &["it exports no greyhook:filter/hooks interface"][..]),
     ];

@@ -530,6 +530,7 @@ fn the_haraka_package_tests_pass() {
         .current_dir(package())
         .env("GREYHOOK_TEST_REDIS", redis.url())
         .env("GREYHOOK_CHAOS_WASM", env!("GREYHOOK_CHAOS_FILTER"))
+        .env("GREYHOOK_STATEFUL_WASM", env!("GREYHOOK_STATEFUL_FILTER"))
         .output()
         .expect("node");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

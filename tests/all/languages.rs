@@ -26,9 +26,10 @@ fn run(cmd: &mut Command, what: &str) {
 
 /// Serves `wasm` on a policy port with a compiled-filter cache in `dir`:
 /// the first attempt is deferred with the filter's retry hint, the retry
-/// after a second passes, its metrics show in `greyhook status`; a
+/// after a second passes, its metrics and the hooks it asked the host to
+/// skip (`skips`) show in `greyhook status`; a
 /// restart loads it from the cache instead of compiling.
-fn drive(dir: &Path, wasm: &Path, name: &str, text: &str) {
+fn drive(dir: &Path, wasm: &Path, name: &str, text: &str, skips: &str) {
     let start = |log: &str| {
         let port = free_port();
         let p = greyhook_with(
@@ -56,7 +57,7 @@ fn drive(dir: &Path, wasm: &Path, name: &str, text: &str) {
     assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
     let out = Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.join("control.sock")).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
-    assert!(status.contains(&format!("{name} 0.1.0 namespace={name} contract=0.2.1")), "{status}");
+    assert!(status.contains(&format!("{name} 0.1.0 namespace={name} contract=0.2.2 skips={skips} ")), "{status}");
     assert!(status.contains("greylisted{stage=\"first\"} 1") && status.contains("passed 1"), "{status}");
     assert!(d.terminate(20));
     // A restart on the memory store: the artifact comes from the cache.
@@ -81,7 +82,7 @@ fn a_javascript_filter_greylists_through_greyhook() {
             .arg(&wasm),
         "componentize-js",
     );
-    drive(dir.path(), &wasm, "js-greylist", "Greylisted by a JavaScript filter");
+    drive(dir.path(), &wasm, "js-greylist", "Greylisted by a JavaScript filter", "connect,mail");
 }
 
 #[test]
@@ -104,5 +105,5 @@ fn a_python_filter_greylists_through_greyhook() {
             .arg(&wasm),
         "componentize-py",
     );
-    drive(dir.path(), &wasm, "py-greylist", "Greylisted by a Python filter");
+    drive(dir.path(), &wasm, "py-greylist", "Greylisted by a Python filter", "connect,ehlo,mail,data");
 }

@@ -52,13 +52,7 @@ fn http(port: u16, request: &str) -> String {
 }
 
 fn status(control: &std::path::Path, json: bool) -> String {
-    let mut args = vec!["status", "--control", control.to_str().unwrap()];
-    if json {
-        args.insert(1, "--json");
-    }
-    let out = std::process::Command::new(greyhook_bin()).args(&args).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    greyhook_status(control, json)
 }
 
 /// A filter deadline for tests that load greyhook with `policy-load
@@ -129,7 +123,7 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     assert_eq!((f("new"), f("too-early"), f("passed")), (60.0, 540.0, 0.0), "{m:#?}");
     assert!(value(&m, "greyhook_store_operation_seconds_count{op=\"set\"}") >= 60.0, "{m:#?}");
     assert!(value(&m, "greyhook_filter_calls_total{filter=\"greylist\"}") >= 600.0);
-    assert_eq!(value(&m, "greyhook_filter_info{contract=\"0.2.1\",filter=\"greylist\",namespace=\"greylist\",version=\"0.1.0\"}"), 1.0);
+    assert_eq!(value(&m, "greyhook_filter_info{contract=\"0.2.2\",filter=\"greylist\",namespace=\"greylist\",version=\"0.1.0\"}"), 1.0);
 
     // After the delay, one triplet's retry passes: the delay it suffered
     // lands in the filter's histogram.

@@ -52,7 +52,7 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.1"),
+        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.2"),
         "{text}"
     );
 
@@ -181,8 +181,50 @@ async fn metrics_from_a_filter_are_checked_at_the_boundary() {
     assert_eq!(f.metrics().dropped(), 2 * 7, "seven updates a call dropped (four by name, two by handle, one handle refused)");
 }
 
+/// Contract 0.2.2: the hooks a filter asks (in `init`) not to be called are
+/// answered by the host, `continue` and the EHLO keywords it gave, without
+/// a call (none counted, no instance taken); the others run as before; bad
+/// keywords keep the filter from loading, naming them.
+#[tokio::test]
+async fn the_hooks_a_filter_skips_are_not_called() {
+    let load = |config: &str| {
+        let options = FilterOptions { config: config.into(), ..FilterOptions::default() };
+        async move { load_on(&runtime(), STATEFUL_FILTER, options, std::sync::Arc::new(greyhook::store::MemoryStore::new())).await }
+    };
+    // Without a skip, on-mail runs: its header says so.
+    let f = load("").await.expect("loads");
+    assert!(f.skipped().phases.is_empty());
+    let c = Client::new(&f, "192.0.2.1", T0);
+    let v = f.try_on_mail(&c.ctx(), "a@example.org").await.expect("on-mail");
+    assert_eq!(v.add_headers.first().map(|h| h.name.as_str()), Some("X-Mail"), "{v:?}");
+    assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    let f = load("skip = mail").await.expect("loads");
+    assert_eq!(f.skipped().phases, [greyhook::types::Phase::Mail]);
+    let c = Client::new(&f, "192.0.2.1", T0);
+    for _ in 0..3 {
+        let v = f.try_on_mail(&c.ctx(), "a@example.org").await.expect("on-mail");
+        assert_eq!(v, greyhook::types::Verdict::cont(), "answered by the host");
+    }
+    let v = f.try_on_rcpt(&c.ctx(), "r1@example.com").await.expect("on-rcpt");
+    assert!(v.add_headers.iter().any(|h| h.name == "X-Seen"), "the hooks it did not skip are called: {v:?}");
+    assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 1, "only on-rcpt reached the filter");
+
+    let f = load("skip = ehlo").await.expect("loads");
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    c.session.helo = Some("mx.example.org".into());
+    let e = f.try_on_ehlo(&c.ctx()).await.expect("on-ehlo");
+    assert_eq!((e.verdict, e.keywords), (greyhook::types::Verdict::cont(), vec!["XSKIPPED".to_string()]));
+    assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(f.metrics().snapshot().len(), 0, "its on-ehlo (which counts metrics) never ran");
+
+    let err = load("skip = bad-keyword").await.expect_err("a bad keyword refuses the filter");
+    let text = err.to_string();
+    assert!(text.contains("EHLO keywords") && text.contains("skip-hooks"), "{text}");
+}
+
 /// A filter built against the contract's 0.2.0 as released (before metric
-/// handles) loads in this 0.2.1 host unchanged: its exports are found, its
+/// handles) loads in this 0.2.2 host unchanged: its exports are found, its
 /// store calls and metric updates by name are answered.
 #[tokio::test]
 async fn a_filter_built_against_0_2_0_still_loads_and_runs() {

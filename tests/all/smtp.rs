@@ -645,3 +645,35 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     let refused = cmds.iter().skip(second + 1).position(|c| c.starts_with("BDAT")).unwrap() + second + 1;
     assert_eq!(cmds.get(refused + 1).map(String::as_str), Some("RSET"), "{cmds:?}");
 }
+
+/// Contract 0.2.2 from outside: at its default stage the reference filter
+/// asks greyhook not to call its connect, EHLO and MAIL hooks, so a
+/// session through `greyhook smtp` costs one filter call a RCPT and none
+/// before it, as the daemon's own count (`greyhook status`) shows, while
+/// the client still sees `GREYLIST` at EHLO and the 451 at RCPT.
+#[test]
+fn the_smtp_front_end_calls_only_the_hooks_the_filter_needs() {
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, port) = start(dir.path(), "[filter.config]\ndelay = 60\n", sink.port, "");
+    let control = dir.path().join("control.sock");
+    let status = |json: bool| greyhook_status(&control, json);
+    let text = status(false);
+    assert!(text.contains("contract=0.2.2 skips=connect,ehlo,mail calls=0 failures=0"), "{text}");
+
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    let ehlo = c.send("EHLO client.example.org");
+    assert!(ehlo.lines().any(|l| l.get(4..) == Some("GREYLIST")), "the keyword it gave for skipped EHLOs: {ehlo}");
+    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+    for r in ["b@example.com", "c@example.com"] {
+        let reply = c.send(&format!("RCPT TO:<{r}>"));
+        assert!(reply.starts_with("451") && reply.contains("retry="), "{reply}");
+    }
+    assert!(c.send("QUIT").starts_with("221"));
+
+    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json");
+    let f = &json["filters"][0];
+    assert_eq!(f["skipped_hooks"], serde_json::json!(["connect", "ehlo", "mail"]), "{json}");
+    assert_eq!(f["calls"].as_u64(), Some(2), "one call a RCPT, none at connect, EHLO or MAIL: {json}");
+}

@@ -200,3 +200,23 @@ impl std::fmt::Display for Phase {
         f.write_str(self.as_str())
     }
 }
+
+/// The hooks a filter has no use for (contract 0.2.2, `negotiate.skip-hooks`,
+/// said during `init`): the host does not call them and answers each
+/// itself, `continue` with nothing to add, and at EHLO with
+/// [`SkipHooks::ehlo_keywords`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipHooks {
+    /// The phases whose hook is not called (empty: every hook is called).
+    pub phases: Vec<Phase>,
+    /// The keywords advertised at EHLO for the filter when [`Phase::Ehlo`]
+    /// is among [`SkipHooks::phases`] (ignored otherwise).
+    pub ehlo_keywords: Vec<String>,
+}
+
+impl SkipHooks {
+    /// Whether the hook of `phase` is skipped.
+    pub fn skips(&self, phase: Phase) -> bool {
+        self.phases.contains(&phase)
+    }
+}

@@ -1,5 +1,5 @@
 // A greylisting filter in JavaScript, built with componentize-js against
-// greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.1): the first
+// greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.2): the first
 // attempt of a (client /24, sender, recipient) triplet is deferred with a
 // retry hint; a retry after `delay` seconds passes. It reads the triplet
 // and a per-sender count with one getMany and writes both with one
@@ -8,9 +8,10 @@
 // jco's mapping: records are objects with camelCase fields, u64 is BigInt,
 // option<T> is T or undefined, a variant is { tag, val }, and a `result`
 // import throws its error.
-import { getMany, setMany } from 'greyhook:filter/store@0.2.1';
-import { write } from 'greyhook:filter/log@0.2.1';
-import { counterAdd } from 'greyhook:filter/metrics@0.2.1';
+import { getMany, setMany } from 'greyhook:filter/store@0.2.2';
+import { write } from 'greyhook:filter/log@0.2.2';
+import { counterAdd } from 'greyhook:filter/metrics@0.2.2';
+import { skipHooks } from 'greyhook:filter/negotiate@0.2.2';
 
 let delay = 60;
 
@@ -32,6 +33,9 @@ export const hooks = {
       if (m) delay = Number(m[1]);
       else if (line.trim() !== '' && !line.trim().startsWith('#')) throw `unknown setting: ${line.trim()}`;
     }
+    // Nothing to decide at connect or MAIL: the host need not call those
+    // hooks (contract 0.2.2). EHLO still runs, for its keyword.
+    skipHooks({ connect: true, mail: true }, []);
     return { name: 'js-greylist', version: '0.1.0' };
   },
   onConnect(ctx) {

@@ -1,5 +1,5 @@
 # A greylisting filter in Python, built with componentize-py against
-# greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.1): the first
+# greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.2): the first
 # attempt of a (client /24, sender, recipient) triplet is deferred with a
 # retry hint; a retry after `delay` seconds passes.
 #
@@ -7,7 +7,7 @@
 # class per case (`Decision_Tempfail(reply)`), option<T> is T or None, and
 # an import that returns `result` raises `Err` on error.
 from wit_world import exports
-from wit_world.imports import log, metrics, store
+from wit_world.imports import log, metrics, negotiate, store
 from wit_world.imports.types import (
     Context,
     Decision_Continue,
@@ -52,6 +52,10 @@ class Hooks(exports.Hooks):
             if key.strip() != "delay" or not value.strip().isdigit():
                 raise Err(f"unknown or bad setting: {line}")
             DELAY = int(value.strip())
+        # It decides at RCPT only: the host need not call the other hooks
+        # (contract 0.2.2), and advertises GREYLIST at EHLO for it.
+        skip = negotiate.HookSet.CONNECT | negotiate.HookSet.EHLO | negotiate.HookSet.MAIL | negotiate.HookSet.DATA
+        negotiate.skip_hooks(skip, ["GREYLIST"])
         return FilterInfo(name="py-greylist", version="0.1.0")
 
     def on_connect(self, ctx: Context) -> Verdict:

@@ -37,6 +37,9 @@ struct FilterStatus {
     version: String,
     namespace: String,
     contract: String,
+    /// The hooks it asked not to be called (contract 0.2.2), which the
+    /// host answers for it.
+    skipped_hooks: Vec<&'static str>,
     calls: u64,
     failures: u64,
     last_reload: Option<LastReload>,
@@ -119,6 +122,7 @@ impl Status {
                     version: f.info().version.clone(),
                     namespace: f.namespace().to_string(),
                     contract: f.contract().version().to_string(),
+                    skipped_hooks: f.skipped().phases.iter().map(|p| p.as_str()).collect(),
                     calls: f.stats().calls.load(Relaxed),
                     failures: f.stats().failures.load(Relaxed),
                     last_reload: reloads.get(i).cloned().flatten(),
@@ -200,8 +204,14 @@ impl Status {
         for f in &self.filters {
             let _ = writeln!(
                 out,
-                "filter {} {} namespace={} contract={} calls={} failures={}",
-                f.name, f.version, f.namespace, f.contract, f.calls, f.failures
+                "filter {} {} namespace={} contract={} skips={} calls={} failures={}",
+                f.name,
+                f.version,
+                f.namespace,
+                f.contract,
+                if f.skipped_hooks.is_empty() { "none".to_string() } else { f.skipped_hooks.join(",") },
+                f.calls,
+                f.failures
             );
             match &f.last_reload {
                 Some(r) => {

@@ -17,7 +17,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::domain::reply::{self, InvalidVerdict};
-use crate::domain::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, Verdict};
+use crate::domain::types::{Context, Decision, EhloVerdict, FilterInfo, Message, Phase, Reply, SkipHooks, Verdict};
 use crate::runtime::metrics::FilterMetrics;
 use crate::runtime::sandbox::{self, HostState, bindings, bindings_v01};
 use crate::runtime::ticker::{TICK, Ticker};
@@ -404,10 +404,11 @@ impl Runtime {
         let world = |e: wasmtime::Error| LoadError::World(format!("{e:#}"));
         let pre = match contract {
             Contract::V0_1 => Pre::V1(bindings_v01::FilterPre::new(pre).map_err(world)?),
-            // A 0.2.0 filter is a 0.2.1 one that does not use the handles:
-            // the 0.2.1 bindings find its 0.2.0 exports (semver-compatible
-            // names), and the linker gives its imports the 0.2.1 functions.
-            Contract::V0_2 | Contract::V0_2_1 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
+            // A 0.2.0 or 0.2.1 filter is a 0.2.2 one that does not use
+            // what came later: the 0.2.2 bindings find its exports
+            // (semver-compatible names), and the linker gives its imports
+            // the 0.2.2 functions.
+            Contract::V0_2 | Contract::V0_2_1 | Contract::V0_2_2 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
         };
         let imports = compiled.imports(self);
         let inner = FilterInner {
@@ -424,12 +425,19 @@ impl Runtime {
             contract,
             slow_slots: Arc::new(tokio::sync::Semaphore::new(self.inner.config.slow_calls.max(1))),
             options,
+            skip: SkipHooks::default(),
         };
         let mut first = inner.instantiate().await.map_err(|e| match e {
             StartError::Init(m) => LoadError::Init(m),
             StartError::Trap(m) => LoadError::Start(m),
         })?;
         let info = first.info.clone();
+        // What the first instance said in `init` holds for the filter.
+        let skip = first.store.data_mut().skip.take().unwrap_or_default();
+        let advertised = EhloVerdict { verdict: Verdict::cont(), keywords: skip.ehlo_keywords.clone() };
+        if let Err(e) = reply::check_ehlo(&advertised) {
+            return Err(LoadError::Start(format!("the EHLO keywords it gave `negotiate.skip-hooks` are not valid: {e}")));
+        }
         let namespace = match &inner.options.namespace {
             Some(ns) => ns.clone(),
             None if valid_namespace(&info.name) => info.name.clone(),
@@ -441,7 +449,7 @@ impl Runtime {
             }
         };
         let options = FilterOptions { namespace: Some(namespace.clone()), ..inner.options.clone() };
-        let inner = FilterInner { name: Arc::from(info.name.as_str()), options, ..inner };
+        let inner = FilterInner { name: Arc::from(info.name.as_str()), options, skip, ..inner };
         first.store.data_mut().filter = inner.name.clone();
         first.store.data_mut().set_namespace(&namespace);
         inner.checkin(first);
@@ -469,8 +477,11 @@ pub enum Contract {
     /// `greyhook:filter@0.2.0`: adds dns, auth, metrics and batched store
     /// calls.
     V0_2,
-    /// `greyhook:filter@0.2.1` (`wit/greyhook.wit`): adds metric handles.
+    /// `greyhook:filter@0.2.1` (`wit/v0.2.1/`): adds metric handles.
     V0_2_1,
+    /// `greyhook:filter@0.2.2` (`wit/greyhook.wit`): adds `negotiate` (the
+    /// hooks a filter asks not to be called).
+    V0_2_2,
 }
 
 impl Contract {
@@ -480,6 +491,7 @@ impl Contract {
             Contract::V0_1 => "0.1.0",
             Contract::V0_2 => "0.2.0",
             Contract::V0_2_1 => "0.2.1",
+            Contract::V0_2_2 => "0.2.2",
         }
     }
 
@@ -488,6 +500,7 @@ impl Contract {
         match self {
             Contract::V0_1 => &["types", "store", "log"],
             Contract::V0_2 | Contract::V0_2_1 => &["types", "store", "log", "dns", "auth", "metrics"],
+            Contract::V0_2_2 => &["types", "store", "log", "dns", "auth", "metrics", "negotiate"],
         }
     }
 }
@@ -508,7 +521,7 @@ const BUILD_WITHOUT: &str = "greyhook gives filters no network or HTTP: build th
     Rust: do not depend on an HTTP client); see docs/writing-filters.md";
 
 impl CompiledFilter {
-    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.1`).
+    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.2`).
     pub fn imports(&self, runtime: &Runtime) -> Vec<String> {
         self.component.component_type().imports(&runtime.inner.engine).map(|(name, _)| name.to_string()).collect()
     }
@@ -521,7 +534,9 @@ impl CompiledFilter {
         let ty = self.component.component_type();
         let engine = &runtime.inner.engine;
         let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.1") {
+        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.2") {
+            Contract::V0_2_2
+        } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.1") {
             Contract::V0_2_1
         } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.0") {
             Contract::V0_2
@@ -529,7 +544,7 @@ impl CompiledFilter {
             Contract::V0_1
         } else if let Some(other) = exports.iter().find(|e| e.starts_with("greyhook:filter/hooks")) {
             return Err(LoadError::World(format!(
-                "it exports {other}; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters (upgrade greyhook, or build the filter against one of those)"
+                "it exports {other}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters (upgrade greyhook, or build the filter against one of those)"
             )));
         } else {
             return Err(LoadError::World(format!(
@@ -600,6 +615,8 @@ struct FilterInner {
     /// Calls that may run at once while the filter is a suspect
     /// ([`RuntimeConfig::slow_calls`]).
     slow_slots: Arc<tokio::sync::Semaphore>,
+    /// The hooks the filter asked not to be called (contract 0.2.2).
+    skip: SkipHooks,
 }
 
 impl FilterInner {
@@ -653,6 +670,7 @@ impl FilterInner {
             Ok(w) => w,
             Err(e) => return Err(trap(e, &store)),
         };
+        store.data_mut().in_init = true;
         let init = match &world {
             World::V1(w) => {
                 w.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await.map(|r| r.map(|i| (i.name, i.version)))
@@ -661,6 +679,7 @@ impl FilterInner {
                 w.greyhook_filter_hooks().call_init(&mut store, &self.options.config).await.map(|r| r.map(|i| (i.name, i.version)))
             }
         };
+        store.data_mut().in_init = false;
         let info = match init {
             Ok(Ok((name, version))) => FilterInfo { name: sanitize(&name, 64), version: sanitize(&version, 64) },
             Ok(Err(m)) => return Err(StartError::Init(sanitize(&m, 1024))),
@@ -703,6 +722,18 @@ enum Call<'a> {
     Mail(&'a str),
     Rcpt(&'a str),
     Data(&'a Message),
+}
+
+impl Call<'_> {
+    fn phase(&self) -> Phase {
+        match self {
+            Call::Connect => Phase::Connect,
+            Call::Ehlo => Phase::Ehlo,
+            Call::Mail(_) => Phase::Mail,
+            Call::Rcpt(_) => Phase::Rcpt,
+            Call::Data(_) => Phase::Data,
+        }
+    }
 }
 
 enum Answer {
@@ -759,6 +790,13 @@ impl Filter {
     /// Its counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// The hooks it asked not to be called (contract 0.2.2's
+    /// `negotiate.skip-hooks`), which this host answers for it: `continue`,
+    /// and at EHLO the keywords it gave.
+    pub fn skipped(&self) -> &SkipHooks {
+        &self.inner.skip
     }
 
     /// The connect hook. Never fails: a failure is logged, counted and
@@ -853,8 +891,16 @@ impl Filter {
     }
 
     async fn call(&self, call: Call<'_>, ctx: &Context) -> Result<Answer, FilterError> {
-        let now = ctx.now;
         let inner = &self.inner;
+        // A hook the filter asked not to be called is answered here, as it
+        // said it would answer: no instance, nothing copied.
+        if inner.skip.skips(call.phase()) {
+            return Ok(match call {
+                Call::Ehlo => Answer::Ehlo(EhloVerdict { verdict: Verdict::cont(), keywords: inner.skip.ehlo_keywords.clone() }),
+                _ => Answer::Verdict(Verdict::cont()),
+            });
+        }
+        let now = ctx.now;
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
         let end = tokio::time::Instant::now() + deadline;

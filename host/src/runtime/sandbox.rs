@@ -1,7 +1,7 @@
 //! What a filter sees: the generated bindings of the contract's two
-//! versions (`wit/greyhook.wit`, 0.2.1 (and 0.2.0), and `wit/v0.1/greyhook.wit`), the
+//! versions (`wit/greyhook.wit`, 0.2.2 (and 0.2.1, 0.2.0), and `wit/v0.1/greyhook.wit`), the
 //! per-instance host state, and the host side of the imports (`store`,
-//! `log`, `dns`, `auth`, `metrics`; a 0.1.0 filter's `store` and `log` are
+//! `log`, `dns`, `auth`, `metrics`, `negotiate`; a 0.1.0 filter's `store` and `log` are
 //! the same code behind the older types). Also the conversions between the
 //! WIT types and [`crate::domain::types`].
 //!
@@ -28,8 +28,8 @@ use crate::domain::types;
 use crate::runtime::metrics::{FilterMetrics, MetricKind};
 use crate::store::{Condition, Store, WriteOutcome};
 
-/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.1`;
-/// they run 0.2.0 filters too).
+/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.2`;
+/// they run 0.2.0 and 0.2.1 filters too).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -57,7 +57,7 @@ pub(crate) mod bindings_v01 {
 }
 
 use bindings::greyhook::filter::{
-    auth as wit_auth, dns as wit_dns, log as wit_log, metrics as wit_metrics, store as wit_store, types as wit,
+    auth as wit_auth, dns as wit_dns, log as wit_log, metrics as wit_metrics, negotiate as wit_negotiate, store as wit_store, types as wit,
 };
 use bindings_v01::greyhook::filter::{log as v01_log, store as v01_store, types as v01};
 
@@ -127,6 +127,10 @@ pub(crate) struct HostState {
     /// Namespaced keys of the store call in progress, kept between calls
     /// so that building them allocates nothing once warm ([`link_store`]).
     key_bufs: Vec<String>,
+    /// True while `init` runs: the only time `negotiate` is listened to.
+    pub(crate) in_init: bool,
+    /// What the filter said through `negotiate.skip-hooks` during `init`.
+    pub(crate) skip: Option<types::SkipHooks>,
 }
 
 impl HostState {
@@ -161,6 +165,8 @@ impl HostState {
             dns_calls: 0,
             metrics: Arc::default(),
             key_bufs: Vec::new(),
+            in_init: false,
+            skip: None,
         }
     }
 
@@ -623,6 +629,37 @@ impl wit_metrics::Host for HostState {
     }
 }
 
+impl wit_negotiate::Host for HostState {
+    async fn skip_hooks(&mut self, skip: wit_negotiate::HookSet, ehlo_keywords: Vec<String>) -> wasmtime::Result<()> {
+        // Outside `init` the filter is already running as loaded: ignored,
+        // as the contract says. The keywords are checked when the filter
+        // loads (`engine`), where a bad one can name the problem.
+        if self.in_init {
+            self.skip = Some(skip_from_wit(skip, ehlo_keywords));
+        }
+        Ok(())
+    }
+}
+
+/// The phases of a `hook-set`, in order, with the EHLO keywords (kept only
+/// when EHLO is skipped).
+fn skip_from_wit(set: wit_negotiate::HookSet, ehlo_keywords: Vec<String>) -> types::SkipHooks {
+    use wit_negotiate::HookSet;
+    let phases: Vec<types::Phase> = [
+        (HookSet::CONNECT, types::Phase::Connect),
+        (HookSet::EHLO, types::Phase::Ehlo),
+        (HookSet::MAIL, types::Phase::Mail),
+        (HookSet::RCPT, types::Phase::Rcpt),
+        (HookSet::DATA, types::Phase::Data),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| set.contains(*flag))
+    .map(|(_, phase)| phase)
+    .collect();
+    let ehlo_keywords = if phases.contains(&types::Phase::Ehlo) { ehlo_keywords } else { Vec::new() };
+    types::SkipHooks { phases, ehlo_keywords }
+}
+
 /// A metric's labels as the filter passed them, still in its memory.
 type WasmLabels = WasmList<(WasmStr, WasmStr)>;
 
@@ -633,7 +670,7 @@ type WasmLabels = WasmList<(WasmStr, WasmStr)>;
 /// series, needs none. Synchronous: an update is a short lock.
 pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/metrics@0.2.1")?;
+    let mut m = linker.instance("greyhook:filter/metrics@0.2.2")?;
     m.func_wrap("counter-add", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, u64)| {
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.counter_add(name, labels, value))
     })?;
@@ -675,7 +712,7 @@ type StoreResult<T> = Result<T, wit_store::StoreError>;
 /// take it), through the same helpers.
 pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/store@0.2.1")?;
+    let mut m = linker.instance("greyhook:filter/store@0.2.2")?;
     m.func_wrap_async("get", |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
         Box::new(async move {
             let mut bufs = take_key_bufs(&mut store, 1);

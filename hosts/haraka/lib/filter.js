@@ -253,8 +253,19 @@ class Filter {
         } finally {
             clearTimeout(timer)
         }
+        // The hooks the filter asked not to be called (contract 0.2.2), from
+        // its first instance; their EHLO keywords checked as on-ehlo's are.
+        const skip = ready.skip ?? { hooks: [], keywords: [] }
+        if (skip.hooks.includes('ehlo')) {
+            try {
+                checkEhlo({ verdict: { decision: { tag: 'continue' }, addHeaders: [] }, keywords: skip.keywords })
+            } catch (e) {
+                first.kill('refused')
+                throw new Error(`the EHLO keywords it gave negotiate.skip-hooks are not valid: ${e.message}`)
+            }
+        }
         // The namespace: the configured one, else each generation's filter's name.
-        const gen = { hash, info: ready.info, contract: ready.contract, files: ready.files, namespace: ready.namespace, slots: [first] }
+        const gen = { hash, info: ready.info, contract: ready.contract, files: ready.files, namespace: ready.namespace, skip, slots: [first] }
         for (let i = 1; i < this.workerCount; i++) gen.slots.push(new Slot(this, { files: gen.files }, gen.namespace))
         await Promise.all(gen.slots.map((s) => s.ready))
         return gen
@@ -335,6 +346,13 @@ class Filter {
      * a failure gives the failure policy's verdict and says why.
      */
     async call(hook, ctx, arg) {
+        // A hook the filter asked not to be called: answered here, as it
+        // said it would answer, without a worker.
+        const skip = this.generation?.skip
+        if (skip && skip.hooks.includes(hook)) {
+            const verdict = { decision: { tag: 'continue' }, addHeaders: [] }
+            return hook === 'ehlo' ? { verdict, keywords: [...skip.keywords] } : { verdict }
+        }
         this.counts.calls++
         let r
         if (this.queue.length >= this.limits.maxQueue) {
@@ -522,7 +540,6 @@ class Filter {
         this.metrics.set(key, cur)
     }
 
-    /** Stops every worker and the file watch. */
     /**
      * Stops the file watch and the workers. Graceful (a configuration
      * reload): calls in flight and queued finish first, so no request is

@@ -31,6 +31,15 @@ const PROVIDED = {
 }
 // 0.2.1 adds functions to `metrics` (handles), no interface.
 PROVIDED['0.2.1'] = PROVIDED['0.2.0']
+// 0.2.2 adds `negotiate`: the hooks a filter asks not to be called.
+PROVIDED['0.2.2'] = [...PROVIDED['0.2.0'], 'greyhook:filter/negotiate']
+
+// What the filter said through `negotiate.skip-hooks` during its `init`
+// (later calls are ignored, as the contract says): the main thread answers
+// those hooks itself.
+const HOOK_NAMES = ['connect', 'ehlo', 'mail', 'rcpt', 'data']
+let initializing = false
+let skip = null
 
 // Metric handles (0.2.1): the series this worker's instance asked for, by
 // handle. A series that breaks the rules, or past 256, gets no handle.
@@ -222,6 +231,12 @@ const imports = {
             byHandle('histogram', handle, value)
         },
     },
+    'greyhook:filter/negotiate': {
+        skipHooks(set, keywords) {
+            if (!initializing) return
+            skip = { hooks: HOOK_NAMES.filter((h) => set && set[h] === true), keywords: Array.from(keywords ?? [], String) }
+        },
+    },
     'greyhook:filter/dns': {
         lookup(name, kind) {
             admitDns()
@@ -254,7 +269,7 @@ async function transpile(bytes) {
     }
     const version = hooksExport.split('@')[1]
     if (!PROVIDED[version]) {
-        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0, @0.2.0 and @0.2.1 filters`)
+        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters`)
     }
     const offered = new Set([...PROVIDED[version], ...Object.keys(wasiImports(() => 0, new Sink()))])
     const refused = out.imports.filter((i) => !offered.has(i))
@@ -285,11 +300,15 @@ function instantiate() {
     deadlineAt = Date.now() + limits.deadlineMs
     storeCalls = 0
     let info
+    skip = null
+    initializing = true
     try {
         info = h.init(config)
     } catch (e) {
         const why = e && Object.hasOwn(e, 'payload') ? e.payload : e?.message || String(e)
         throw new Error(`init refused the configuration: ${why}`)
+    } finally {
+        initializing = false
     }
     if (!namespace) {
         if (!/^[A-Za-z0-9._-]{1,64}$/.test(info.name)) {
@@ -358,7 +377,7 @@ async function main() {
         // Let what loading left queued run now (after a transpile, jco's
         // module setup takes a few hundred ms), not in the first call's time.
         await new Promise((r) => setTimeout(r, 0))
-        parentPort.postMessage({ type: 'ready', info, contract: files.version, namespace, files: workerData.files ? null : files })
+        parentPort.postMessage({ type: 'ready', info, contract: files.version, namespace, skip, files: workerData.files ? null : files })
     } catch (e) {
         parentPort.postMessage({ type: 'failed', message: e?.message || String(e) })
         return

@@ -23,6 +23,48 @@ const ctx = (now = 1000) => ({
     now: BigInt(now),
 })
 
+/** A filter whose configuration names the hooks it skips (tests/guests/stateful). */
+function stateful() {
+    const p = process.env.GREYHOOK_STATEFUL_WASM
+    assert.ok(p && fs.existsSync(p), 'GREYHOOK_STATEFUL_WASM names the stateful filter (tests/all/haraka.rs sets it)')
+    return p
+}
+
+test('hooks a filter skips (contract 0.2.2) are answered without a call', async () => {
+    const load = async (config) => {
+        const f = new Filter({ path: stateful(), config, store: new MemoryStore(), failurePolicy: 'tempfail', limits: { deadlineMs: 5000 }, logger: () => {} })
+        await f.load()
+        return f
+    }
+    let f = await load('')
+    try {
+        const r = await f.call('mail', ctx(), 'a@example.org')
+        assert.strictEqual(r.verdict.addHeaders[0]?.name, 'X-Mail', 'without a skip, on-mail runs')
+        assert.strictEqual(f.counts.calls, 1)
+    } finally {
+        f.close()
+    }
+    f = await load('skip = mail')
+    try {
+        const r = await f.call('mail', ctx(), 'a@example.org')
+        assert.deepStrictEqual(r.verdict, { decision: { tag: 'continue' }, addHeaders: [] })
+        assert.strictEqual(f.counts.calls, 0, 'the filter was not called')
+        const seen = await f.call('rcpt', ctx(), 'r@example.com')
+        assert.strictEqual(seen.verdict.addHeaders[0]?.name, 'X-Seen', 'the hooks it keeps still run')
+    } finally {
+        f.close()
+    }
+    f = await load('skip = ehlo')
+    try {
+        const r = await f.call('ehlo', ctx())
+        assert.deepStrictEqual(r.keywords, ['XSKIPPED'])
+        assert.strictEqual(f.counts.calls, 0)
+    } finally {
+        f.close()
+    }
+    await assert.rejects(load('skip = bad-keyword'), /EHLO keywords it gave negotiate.skip-hooks are not valid/)
+})
+
 test('traps, loops and invalid verdicts', async () => {
     const logs = []
     const f = new Filter({ path: chaos(), store: new MemoryStore(), failurePolicy: 'tempfail', limits: { deadlineMs: 1000, memory: 16 << 20 }, logger: (l, m) => logs.push(m) })

@@ -74,13 +74,13 @@ pub mod verdict;
 pub mod wasm;
 
 pub use greyhook_types::{
-    AcceptedRecipient, Context, Decision, EhloVerdict, FilterInfo, Header, Message, Reply, Session, Transaction, Verdict,
+    AcceptedRecipient, Context, Decision, EhloVerdict, FilterInfo, Header, Message, Phase, Reply, Session, SkipHooks, Transaction, Verdict,
 };
 pub use host::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, StoreError, WriteOutcome};
 pub use verdict::{ReplyBuilder, reject, tempfail};
 
 /// The contract version this crate builds filters for.
-pub const CONTRACT: &str = "greyhook:filter@0.2.1";
+pub const CONTRACT: &str = "greyhook:filter@0.2.2";
 
 /// Why a hook gave up. The exported glue logs it (`warn`) and answers
 /// "no opinion" (`continue`); when a store call failed during the hook the
@@ -138,6 +138,19 @@ pub trait Filter: Sized + 'static {
     /// Builds the filter from the operator's configuration (TOML text;
     /// empty for defaults). An error refuses the filter: name the bad key.
     fn init(config: &str) -> std::result::Result<Self, String>;
+
+    /// The hooks this filter has no use for, asked once right after
+    /// [`Filter::init`] and told to the host (contract 0.2.2's
+    /// `negotiate.skip-hooks`): the host then does not call them and
+    /// answers each itself, `continue` with nothing to add, and at EHLO
+    /// with [`SkipHooks::ehlo_keywords`]. Skip every hook the filter would
+    /// answer that way anyway: each costs the host a call at every SMTP
+    /// step of its phase. Derive it from the configuration alone (the host
+    /// asks the first instance and applies the answer to all). The default
+    /// skips none. The [`testing::Harness`] skips them too.
+    fn skip_hooks(&self) -> SkipHooks {
+        SkipHooks::default()
+    }
 
     /// The client connected (a tempfail is a `421` at the greeting).
     fn on_connect(&self, ctx: &Context, host: &mut dyn Host) -> Result<Verdict> {

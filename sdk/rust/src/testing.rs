@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::host::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, StoreError, Write, WriteOutcome};
-use crate::{AcceptedRecipient, Context, Decision, EhloVerdict, Filter, Header, Message, Session, Transaction, Verdict};
+use crate::{AcceptedRecipient, Context, Decision, EhloVerdict, Filter, Header, Message, Phase, Session, SkipHooks, Transaction, Verdict};
 
 /// Fake DNS answers and SPF results.
 #[derive(Debug, Default, Clone)]
@@ -229,10 +229,14 @@ impl Host for TestHost {
     }
 }
 
-/// A filter with a [`TestHost`] and a clock.
+/// A filter with a [`TestHost`] and a clock. The hooks the filter skips
+/// ([`Filter::skip_hooks`]) are answered as a host answers them, without
+/// calling the filter.
 pub struct Harness<F: Filter> {
     /// The filter, initialised.
     pub filter: F,
+    /// What the filter's [`Filter::skip_hooks`] said after `init`.
+    pub skip: SkipHooks,
     /// Its host (store, DNS, metrics, log; `host.now` is the clock).
     pub host: TestHost,
     sessions: u64,
@@ -245,7 +249,9 @@ impl<F: Filter> Harness<F> {
     /// Initialises the filter with `config` (TOML text, as the operator
     /// writes it), the clock at [`START`].
     pub fn new(config: &str) -> Result<Harness<F>, String> {
-        Ok(Harness { filter: F::init(config)?, host: TestHost::new(START), sessions: 0 })
+        let filter = F::init(config)?;
+        let skip = filter.skip_hooks();
+        Ok(Harness { filter, skip, host: TestHost::new(START), sessions: 0 })
     }
 
     /// Moves the clock on by `secs` seconds.
@@ -314,6 +320,9 @@ impl<F: Filter> SessionDriver<'_, F> {
 
     /// The connect hook.
     pub fn connect(&mut self) -> Verdict {
+        if self.h.skip.skips(Phase::Connect) {
+            return Verdict::cont();
+        }
         let ctx = self.context();
         let v = self.h.filter.on_connect(&ctx, &mut self.h.host).unwrap_or_else(|e| failed(e, &mut self.h.host));
         self.keep(v)
@@ -322,6 +331,9 @@ impl<F: Filter> SessionDriver<'_, F> {
     /// HELO/EHLO `name`.
     pub fn ehlo(&mut self, name: &str) -> EhloVerdict {
         self.session.helo = Some(name.into());
+        if self.h.skip.skips(Phase::Ehlo) {
+            return EhloVerdict { verdict: Verdict::cont(), keywords: self.h.skip.ehlo_keywords.clone() };
+        }
         let ctx = self.context();
         self.h
             .filter
@@ -333,6 +345,9 @@ impl<F: Filter> SessionDriver<'_, F> {
     pub fn mail(&mut self, sender: &str) -> Verdict {
         self.transaction = Transaction { sender: Some(sender.into()), recipients: Vec::new() };
         self.headers.clear();
+        if self.h.skip.skips(Phase::Mail) {
+            return Verdict::cont();
+        }
         let ctx = self.context();
         let v = self.h.filter.on_mail(&ctx, sender, &mut self.h.host).unwrap_or_else(|e| failed(e, &mut self.h.host));
         if !matches!(v.decision, Decision::Continue | Decision::Accept) {
@@ -343,8 +358,12 @@ impl<F: Filter> SessionDriver<'_, F> {
 
     /// RCPT TO; a recipient that is not refused joins the transaction.
     pub fn rcpt(&mut self, recipient: &str) -> Verdict {
-        let ctx = self.context();
-        let v = self.h.filter.on_rcpt(&ctx, recipient, &mut self.h.host).unwrap_or_else(|e| failed(e, &mut self.h.host));
+        let v = if self.h.skip.skips(Phase::Rcpt) {
+            Verdict::cont()
+        } else {
+            let ctx = self.context();
+            self.h.filter.on_rcpt(&ctx, recipient, &mut self.h.host).unwrap_or_else(|e| failed(e, &mut self.h.host))
+        };
         if matches!(v.decision, Decision::Continue | Decision::Accept) {
             self.transaction
                 .recipients
@@ -355,6 +374,9 @@ impl<F: Filter> SessionDriver<'_, F> {
 
     /// End of DATA with this Message-ID and headers.
     pub fn data(&mut self, message_id: Option<&str>, headers: &[(&str, &str)]) -> Verdict {
+        if self.h.skip.skips(Phase::Data) {
+            return Verdict::cont();
+        }
         let ctx = self.context();
         let m = Message {
             message_id: message_id.map(str::to_string),

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use crate::host::{self, DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, StoreError, Write, WriteOutcome};
 use crate::{Filter, Verdict};
 
-/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.1`).
+/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.2`).
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
@@ -24,7 +24,7 @@ pub mod bindings {
 }
 
 use bindings::exports::greyhook::filter::hooks as wit_hooks;
-use bindings::greyhook::filter::{auth, dns, log, metrics, store, types as wit};
+use bindings::greyhook::filter::{auth, dns, log, metrics, negotiate, store, types as wit};
 
 thread_local! {
     static FILTER: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
@@ -224,8 +224,27 @@ pub fn init<F: Filter>(config: String) -> Result<wit_hooks::FilterInfo, String> 
     // The filter lasts: never in the per-call arena.
     crate::arena::lasting(|| {
         let f = F::init(&config)?;
+        let skip = f.skip_hooks();
+        if !skip.phases.is_empty() {
+            let keywords: Vec<&str> = skip.ehlo_keywords.iter().map(String::as_str).collect();
+            negotiate::skip_hooks(hook_set(&skip), &keywords);
+        }
         FILTER.with(|cell| *cell.borrow_mut() = Some(Box::new(f)));
         Ok(wit_hooks::FilterInfo { name: F::NAME.into(), version: F::VERSION.into() })
+    })
+}
+
+/// The WIT `hook-set` of the phases `skip` names.
+fn hook_set(skip: &crate::SkipHooks) -> negotiate::HookSet {
+    use crate::Phase;
+    skip.phases.iter().fold(negotiate::HookSet::empty(), |set, phase| {
+        set | match phase {
+            Phase::Connect => negotiate::HookSet::CONNECT,
+            Phase::Ehlo => negotiate::HookSet::EHLO,
+            Phase::Mail => negotiate::HookSet::MAIL,
+            Phase::Rcpt => negotiate::HookSet::RCPT,
+            Phase::Data => negotiate::HookSet::DATA,
+        }
     })
 }
 

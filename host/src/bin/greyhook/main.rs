@@ -797,9 +797,19 @@ async fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .filter_map(|i| i.strip_prefix("greyhook:filter/"))
                     .map(|i| i.split('@').next().unwrap_or(i))
-                    .filter(|i| *i != "types")
+                    .filter(|i| *i != "types" && *i != "negotiate")
                     .collect();
                 println!("capabilities: {}", if caps.is_empty() { "none".to_string() } else { caps.join(", ") });
+                // The hooks it asked not to be called (contract 0.2.2).
+                let skip = f.skipped();
+                let skipped: Vec<&str> = skip.phases.iter().map(|p| p.as_str()).collect();
+                println!("skipped hooks: {}", if skipped.is_empty() { "none".to_string() } else { skipped.join(", ") });
+                if skip.skips(greyhook::types::Phase::Ehlo) {
+                    println!(
+                        "ehlo keywords: {}",
+                        if skip.ehlo_keywords.is_empty() { "none".to_string() } else { skip.ehlo_keywords.join(", ") }
+                    );
+                }
                 println!("imports:");
                 for i in f.imports() {
                     let note = if i.starts_with("greyhook:") { "" } else { "  (linked empty: no capability granted)" };

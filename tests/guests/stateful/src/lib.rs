@@ -9,16 +9,22 @@
 //! - `on-connect`: the store calls at and past their limits, chosen by the
 //!   client name (`roundtrip`, `cas`, `long-key`, `empty-key`, `many-keys`,
 //!   `big-value`); answers `X-Store: <what it read>`.
+//! - its configuration names the hooks it asks the host to skip (contract
+//!   0.2.2): `skip = mail` (and `on-mail` is answered by the host),
+//!   `skip = ehlo` (advertising `XSKIPPED`), `skip = bad-keyword` (an EHLO
+//!   keyword with a space in it and a CR: the filter must not load).
 //! - `on-ehlo`: keeps nothing; sends the `metrics` import what a careless
 //!   filter might (labels out of order, a duplicated label, too many
 //!   labels, bad names), which the host must sort out or drop.
 
 use std::cell::RefCell;
 
-use greyhook_filter::{Context, EhloVerdict, Filter, Header, Host, Result, Verdict};
+use greyhook_filter::{Context, EhloVerdict, Filter, Header, Host, Phase, Result, SkipHooks, Verdict};
 
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-struct Stateful;
+struct Stateful {
+    skip: SkipHooks,
+}
 
 thread_local! {
     static SEEN: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
@@ -35,8 +41,19 @@ impl Filter for Stateful {
     const NAME: &'static str = "stateful";
     const VERSION: &'static str = "0.1.0";
 
-    fn init(_config: &str) -> std::result::Result<Self, String> {
-        Ok(Stateful)
+    fn init(config: &str) -> std::result::Result<Self, String> {
+        let skip = match config.trim() {
+            "" => SkipHooks::default(),
+            "skip = mail" => SkipHooks { phases: vec![Phase::Mail], ehlo_keywords: Vec::new() },
+            "skip = ehlo" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["XSKIPPED".into()] },
+            "skip = bad-keyword" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["GREY LIST\r".into()] },
+            other => return Err(format!("unknown configuration {other:?}")),
+        };
+        Ok(Stateful { skip })
+    }
+
+    fn skip_hooks(&self) -> SkipHooks {
+        self.skip.clone()
     }
 
     fn on_connect(&self, ctx: &Context, host: &mut dyn Host) -> Result<Verdict> {
