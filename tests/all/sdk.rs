@@ -55,6 +55,7 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
         text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.2"),
         "{text}"
     );
+    assert!(text.contains("skipped hooks: connect, ehlo, mail, data\nehlo keywords: none\n"), "{text}");
 
     let (mut d, port) = serve_filter(dir.path(), &wasm, &["--set", "delay=1"]);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
