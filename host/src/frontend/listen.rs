@@ -186,8 +186,12 @@ impl Listener {
         match addr {
             ListenAddr::Tcp(a) => {
                 let l = TcpListener::bind(a).await.map_err(bind_err)?;
-                // Connections accepted later inherit the listener's buffer size.
-                socket2::SockRef::from(&l).set_send_buffer_size(PEER_SEND_BUFFER).map_err(bind_err)?;
+                // Connections accepted later inherit the listener's buffer
+                // size and TCP_NODELAY (replies go out at once): no system
+                // call a connection for either.
+                let sock = socket2::SockRef::from(&l);
+                sock.set_send_buffer_size(PEER_SEND_BUFFER).map_err(bind_err)?;
+                sock.set_tcp_nodelay(true).map_err(bind_err)?;
                 Ok(Listener::Tcp(l))
             }
             ListenAddr::Unix(p) => {
@@ -230,7 +234,6 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                let _ = s.set_nodelay(true);
                 Ok((Box::pin(s), peer.to_string()))
             }
             Listener::Unix(l, p, _) => {
@@ -426,5 +429,25 @@ impl Drop for Listener {
         {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `bind` sets on a TCP listener, every accepted connection has
+    /// without a system call of its own (Linux copies the listener's
+    /// options into the connections it accepts).
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_the_send_buffer() {
+        let l = Listener::bind(&ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))), &UnixPerms::default()).await.unwrap();
+        let Listener::Tcp(t) = &l else { panic!("a TCP listener") };
+        let _client = std::net::TcpStream::connect(t.local_addr().unwrap()).unwrap();
+        let (s, _) = t.accept().await.unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY inherited");
+        // The kernel doubles what was asked (bookkeeping); far below its default.
+        assert!(sock.send_buffer_size().unwrap() <= 2 * PEER_SEND_BUFFER, "{}", sock.send_buffer_size().unwrap());
     }
 }
