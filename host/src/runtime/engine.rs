@@ -188,7 +188,7 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Compile(String),
     /// The component is not of a `greyhook:filter/filter` world this host
-    /// provides (0.1.0 or 0.2.0), or imports what the host does not give.
+    /// provides (0.1.0 to 0.2.2), or imports what the host does not give.
     #[error("not a greyhook filter this host can run: {0}")]
     World(String),
     /// The filter's `init` refused its configuration.
