@@ -69,9 +69,12 @@ function sameSpelling(text) {
     }
 }
 
+/** A `continue` verdict with nothing to add. */
+const continueVerdict = () => ({ decision: { tag: 'continue' }, addHeaders: [] })
+
 /** The verdict the failure policy gives at `phase` (as greyhook's `FailurePolicy::verdict`). */
 function failureVerdict(policy, phase) {
-    if (policy !== 'tempfail') return { decision: { tag: 'continue' }, addHeaders: [] }
+    if (policy !== 'tempfail') return continueVerdict()
     return {
         decision: {
             tag: 'tempfail',
@@ -258,7 +261,7 @@ class Filter {
         const skip = ready.skip ?? { hooks: [], keywords: [] }
         if (skip.hooks.includes('ehlo')) {
             try {
-                checkEhlo({ verdict: { decision: { tag: 'continue' }, addHeaders: [] }, keywords: skip.keywords })
+                checkEhlo({ verdict: continueVerdict(), keywords: skip.keywords })
             } catch (e) {
                 first.kill('refused')
                 throw new Error(`the EHLO keywords it gave negotiate.skip-hooks are not valid: ${e.message}`)
@@ -350,7 +353,7 @@ class Filter {
         // said it would answer, without a worker.
         const skip = this.generation?.skip
         if (skip && skip.hooks.includes(hook)) {
-            const verdict = { decision: { tag: 'continue' }, addHeaders: [] }
+            const verdict = continueVerdict()
             return hook === 'ehlo' ? { verdict, keywords: [...skip.keywords] } : { verdict }
         }
         this.counts.calls++

@@ -37,7 +37,6 @@ PROVIDED['0.2.2'] = [...PROVIDED['0.2.0'], 'greyhook:filter/negotiate']
 // What the filter said through `negotiate.skip-hooks` during its `init`
 // (later calls are ignored, as the contract says): the main thread answers
 // those hooks itself.
-const HOOK_NAMES = ['connect', 'ehlo', 'mail', 'rcpt', 'data']
 let initializing = false
 let skip = null
 
@@ -234,7 +233,7 @@ const imports = {
     'greyhook:filter/negotiate': {
         skipHooks(set, keywords) {
             if (!initializing) return
-            skip = { hooks: HOOK_NAMES.filter((h) => set && set[h] === true), keywords: Array.from(keywords ?? [], String) }
+            skip = { hooks: Object.keys(HOOKS).filter((h) => set && set[h] === true), keywords: Array.from(keywords ?? [], String) }
         },
     },
     'greyhook:filter/dns': {

@@ -701,6 +701,11 @@ async fn control(path: Option<PathBuf>, command: &str) -> Result<()> {
     }
 }
 
+/// `items` joined by `, ` for `greyhook check`, or `none`.
+fn listed<S: std::borrow::Borrow<str>>(items: &[S]) -> String {
+    if items.is_empty() { "none".to_string() } else { items.join(", ") }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { common, policy, milter } => {
@@ -799,16 +804,13 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|i| i.split('@').next().unwrap_or(i))
                     .filter(|i| *i != "types" && *i != "negotiate")
                     .collect();
-                println!("capabilities: {}", if caps.is_empty() { "none".to_string() } else { caps.join(", ") });
+                println!("capabilities: {}", listed(&caps));
                 // The hooks it asked not to be called (contract 0.2.2).
                 let skip = f.skipped();
                 let skipped: Vec<&str> = skip.phases.iter().map(|p| p.as_str()).collect();
-                println!("skipped hooks: {}", if skipped.is_empty() { "none".to_string() } else { skipped.join(", ") });
+                println!("skipped hooks: {}", listed(&skipped));
                 if skip.skips(greyhook::types::Phase::Ehlo) {
-                    println!(
-                        "ehlo keywords: {}",
-                        if skip.ehlo_keywords.is_empty() { "none".to_string() } else { skip.ehlo_keywords.join(", ") }
-                    );
+                    println!("ehlo keywords: {}", listed(&skip.ehlo_keywords));
                 }
                 println!("imports:");
                 for i in f.imports() {
