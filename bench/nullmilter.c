@@ -7,11 +7,15 @@
  * unknown commands; `i` at every stage and `{auth_authen}` at MAIL) and
  * answers each at once. With `nr` it also asks for greyhook's no-reply
  * steps (`SMFIP_NR_HDR`, `NR_CONN`, `NR_HELO`, `NR_MAIL`); without, it
- * answers every step, as most milters do. Not part of greyhook: a bench
- * tool only.
+ * answers every step, as most milters do. With `min` it asks Postfix to
+ * send no connect, HELO, MAIL or header step at all (`SMFIP_NOCONNECT`,
+ * `NOHELO`, `NOMAIL`, `NOHDRS`): only RCPT and end of message, the least
+ * a milter that sees recipients can ask for, so its figure is the ceiling
+ * of every milter path on the machine. Not part of greyhook: a bench tool
+ * only.
  *
  *   cc -O2 -o nullmilter bench/nullmilter.c -lmilter -pthread
- *   ./nullmilter inet:PORT@127.0.0.1 [nr]
+ *   ./nullmilter inet:PORT@127.0.0.1 [nr|min]
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,9 +24,11 @@
 
 #define NO_STEPS (SMFIP_NOBODY | SMFIP_NODATA | SMFIP_NOEOH | SMFIP_NOUNKNOWN)
 #define NO_REPLIES (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL)
+#define NO_EARLY_STEPS (SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NOMAIL | SMFIP_NOHDRS)
 
-/* Whether to ask for the no-reply steps too (the `nr` argument). */
-static int no_replies;
+/* Whether to ask for the no-reply steps too (the `nr` argument), and
+ * whether to ask for no step before RCPT and no headers (`min`). */
+static int no_replies, minimal;
 
 /* The answer to a step that may be negotiated as no-reply. */
 static sfsistat quiet(void) { return no_replies ? SMFIS_NOREPLY : SMFIS_CONTINUE; }
@@ -32,7 +38,7 @@ static sfsistat nm_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, u
     (void)f2;
     (void)f3;
     *pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_SETSYMLIST);
-    *pf1 = f1 & (no_replies ? NO_STEPS | NO_REPLIES : NO_STEPS);
+    *pf1 = f1 & (NO_STEPS | (no_replies ? NO_REPLIES : 0) | (minimal ? NO_EARLY_STEPS : 0));
     *pf2 = 0;
     *pf3 = 0;
     if (f0 & SMFIF_SETSYMLIST) {
@@ -71,10 +77,11 @@ static sfsistat nm_eom(SMFICTX *ctx) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || argc > 3 || (argc == 3 && strcmp(argv[2], "nr") != 0)) {
-        fprintf(stderr, "usage: %s inet:PORT@127.0.0.1|unix:PATH [nr]\n", argv[0]);
+    if (argc < 2 || argc > 3 || (argc == 3 && strcmp(argv[2], "nr") != 0 && strcmp(argv[2], "min") != 0)) {
+        fprintf(stderr, "usage: %s inet:PORT@127.0.0.1|unix:PATH [nr|min]\n", argv[0]);
         return 2;
     }
+    minimal = argc == 3 && strcmp(argv[2], "min") == 0;
     no_replies = argc == 3;
     struct smfiDesc desc;
     memset(&desc, 0, sizeof desc);

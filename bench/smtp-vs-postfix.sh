@@ -20,6 +20,8 @@
 #   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the four paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   NULL_NR=1 bench/smtp-vs-postfix.sh       # the null milter asks for the no-reply steps too
+#   NULL_MIN=1 bench/smtp-vs-postfix.sh      # ... and for no connect, HELO, MAIL or header step:
+#                                            # RCPT and end of message only, every milter's ceiling
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 #   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
@@ -192,7 +194,9 @@ n_port=$(free_port)
 if [ "${MILTER:-inet}" = unix ]; then NULL_ADDR=unix:$work/null-milter.sock; else NULL_ADDR=inet:127.0.0.1:$n_port; fi
 nm_conn=$NULL_ADDR
 [ "${NULL_ADDR#inet:}" = "$NULL_ADDR" ] || nm_conn=inet:$n_port@127.0.0.1
-"$work/nullmilter" "$nm_conn" ${NULL_NR:+nr} >"$work/nullmilter.log" 2>&1 &
+null_mode=${NULL_NR:+nr}
+[ -z "${NULL_MIN:-}" ] || null_mode=min
+"$work/nullmilter" "$nm_conn" $null_mode >"$work/nullmilter.log" 2>&1 &
 pids+=($!)
 null_pid=$!
 wait_milter "$NULL_ADDR"
