@@ -29,19 +29,26 @@ fn zone() -> DnsServer {
 }
 
 fn start(dir: &Path, dns: &str, dns_table: &str, filter_table: &str, sink: u16) -> (Process, u16) {
+    start_env(dir, dns, dns_table, filter_table, sink, &[])
+}
+
+/// [`start`] with `env` added to greyhook's environment.
+fn start_env(dir: &Path, dns: &str, dns_table: &str, filter_table: &str, sink: u16, env: &[(&str, &std::ffi::OsStr)]) -> (Process, u16) {
     std::fs::write(dir.join("spf.wasm"), SPF_DOMAIN_FILTER).unwrap();
     let port = free_port();
-    let p = greyhook_with(
-        dir,
-        "smtp",
-        &format!(
+    let cfg = dir.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
             "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{sink}\"\nhostname = \"greyhook.test\"\n\
              [dns]\nservers = [\"{dns}\"]\n{dns_table}\n\
              [filter]\npath = \"{d}/spf.wasm\"\ndeadline = \"2s\"\n{filter_table}\n[filter.config]\ndelay = 1\n",
             d = dir.display()
         ),
-    );
+    )
+    .unwrap();
+    let p = Process::greyhook_env(&["smtp", "--config", cfg.to_str().unwrap()], dir.join("log"), env);
     wait_for_port(port, 60);
     (p, port)
 }
@@ -131,6 +138,32 @@ fn client_names_can_be_left_unresolved() {
     assert!(r.starts_with("250"), "the SPF identity still works: {r}");
     assert!(d.wait_log("action=", 5));
     assert!(!d.log_text().contains("client_name="), "{}", d.log_text());
+}
+
+/// The resolver speaks plain DNS (UDP, then TCP) to the servers it is
+/// given, so it has no use for the system's CA certificates. Found with
+/// a profiler: hickory builds a TLS verifier from them unless handed a
+/// TLS configuration, so the first lookup read and parsed every file in
+/// `/etc/ssl/certs` (~150, 18M instructions) on the thread serving that
+/// request, and where there are none it warned "Error loading CA root
+/// certificate". Here the certificate store is missing: lookups (client
+/// names, SPF) work and nothing is said about certificates.
+#[test]
+fn the_resolver_reads_no_ca_certificates() {
+    let dns = zone();
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let none = dir.path().join("no-such-certificates");
+    let env = [("SSL_CERT_FILE", none.as_os_str()), ("SSL_CERT_DIR", none.as_os_str())];
+    let (d, port) = start_env(dir.path(), &dns.addr(), "", "", sink.port, &env);
+    let r = attempt(port, "127.0.0.2", "mx.big.test", "news@big.test");
+    assert!(r.starts_with("451"), "{r}");
+    std::thread::sleep(Duration::from_millis(1300));
+    let r = attempt(port, "127.7.7.7", "mx.big.test", "news@big.test");
+    assert!(r.starts_with("250"), "the SPF identity, looked up: {r}");
+    assert!(d.wait_log("action=pass", 5), "{}", d.log_text());
+    let log = d.log_text();
+    assert!(!log.to_lowercase().contains("certificate"), "{log}");
 }
 
 /// The resolver against a real server: every record type in the
