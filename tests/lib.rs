@@ -852,9 +852,14 @@ pub fn greyhook_status(control: &std::path::Path, json: bool) -> String {
 /// Writes `text` as greyhook.toml in `dir` and starts `greyhook CMD
 /// --config` on it (logging to `dir/log`).
 pub fn greyhook_with(dir: &std::path::Path, cmd: &str, text: &str) -> Process {
+    greyhook_with_env(dir, cmd, text, &[])
+}
+
+/// [`greyhook_with`] with `env` added to greyhook's environment.
+pub fn greyhook_with_env(dir: &std::path::Path, cmd: &str, text: &str, env: &[(&str, &std::ffi::OsStr)]) -> Process {
     let cfg = dir.join("greyhook.toml");
     std::fs::write(&cfg, text).expect("config");
-    Process::greyhook(&[cmd, "--config", cfg.to_str().expect("utf-8 path")], dir.join("log"))
+    Process::greyhook_env(&[cmd, "--config", cfg.to_str().expect("utf-8 path")], dir.join("log"), env)
 }
 
 /// One SMTP transaction from the loopback address `from`: greeting, EHLO

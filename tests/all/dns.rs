@@ -36,19 +36,18 @@ fn start(dir: &Path, dns: &str, dns_table: &str, filter_table: &str, sink: u16) 
 fn start_env(dir: &Path, dns: &str, dns_table: &str, filter_table: &str, sink: u16, env: &[(&str, &std::ffi::OsStr)]) -> (Process, u16) {
     std::fs::write(dir.join("spf.wasm"), SPF_DOMAIN_FILTER).unwrap();
     let port = free_port();
-    let cfg = dir.join("greyhook.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let p = greyhook_with_env(
+        dir,
+        "smtp",
+        &format!(
             "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"127.0.0.1:{sink}\"\nhostname = \"greyhook.test\"\n\
              [dns]\nservers = [\"{dns}\"]\n{dns_table}\n\
              [filter]\npath = \"{d}/spf.wasm\"\ndeadline = \"2s\"\n{filter_table}\n[filter.config]\ndelay = 1\n",
             d = dir.display()
         ),
-    )
-    .unwrap();
-    let p = Process::greyhook_env(&["smtp", "--config", cfg.to_str().unwrap()], dir.join("log"), env);
+        env,
+    );
     wait_for_port(port, 60);
     (p, port)
 }
