@@ -18,14 +18,15 @@ impl Filter for Greylist {
     /// What the filter never needs called: MAIL (it decides at RCPT, with
     /// the sender in the context), EHLO (its keyword is the
     /// configuration's, the same for every client), connect unless it
-    /// greylists there, and DATA when it greylists at connect. Two filter
-    /// calls a message fewer at the default stage, three with the connect
-    /// hook.
+    /// greylists there, DATA when it greylists at connect, and at RCPT,
+    /// DATA for any sender but the null one (the bounces it decides after
+    /// the final dot). Three filter calls a message fewer at the default
+    /// stage (two for a bounce), three with the connect hook.
     fn skip_hooks(&self) -> SkipHooks {
         let stage = self.config.stage;
         let mut phases = vec![Phase::Ehlo, Phase::Mail];
         phases.push(if stage == Stage::Connect { Phase::Data } else { Phase::Connect });
-        SkipHooks { phases, ehlo_keywords: self.ehlo_keywords() }
+        SkipHooks { phases, ehlo_keywords: self.ehlo_keywords(), data_null_sender_only: stage == Stage::Rcpt }
     }
 
     fn on_connect(&self, ctx: &Context, host: &mut dyn Host) -> Result<Verdict> {
@@ -77,7 +78,8 @@ mod tests {
 
     /// The hooks it asks the host to skip follow its stage: never MAIL or
     /// EHLO (whose keyword goes with the skip, or none when turned off),
-    /// connect unless it greylists there, DATA only when it does.
+    /// connect unless it greylists there, DATA when it does, and at RCPT
+    /// DATA for every sender but the null one.
     #[test]
     fn skips_the_hooks_its_stage_does_not_use() {
         use greyhook_filter::Phase::*;
@@ -87,6 +89,23 @@ mod tests {
         assert_eq!(skip("stage = \"data\"").phases, vec![Ehlo, Mail, Connect]);
         assert_eq!(skip("stage = \"connect\"").phases, vec![Ehlo, Mail, Data]);
         assert_eq!(skip("ehlo_keyword = false").ehlo_keywords, Vec::<String>::new());
+        // DATA for the null sender only at RCPT; every message at stage data.
+        assert!(s.data_null_sender_only);
+        assert!(!skip("stage = \"data\"").data_null_sender_only);
+        // At RCPT a bounce is still greylisted after the final dot; a message
+        // with a sender passed at RCPT is not asked about again.
+        let mut h = Harness::<Greylist>::new("").unwrap();
+        let mut bounce = h.session("192.0.2.1");
+        bounce.mail("");
+        assert!(bounce.rcpt("bob@example.com").passes());
+        assert!(bounce.data(Some("<1@example.org>"), &[]).is_tempfail());
+        h.advance(400);
+        let mut s = h.session("192.0.2.1");
+        s.mail("alice@example.org");
+        assert!(s.rcpt("bob@example.com").is_tempfail());
+        // Were DATA asked (it is not, the harness skipping as the host
+        // does), its answer would be no different: nothing to decide.
+        assert!(s.data(Some("<2@example.org>"), &[]).passes());
         // At stage connect the connect hook still greylists: 421 at the greeting.
         let mut h = Harness::<Greylist>::new("stage = \"connect\"").unwrap();
         assert!(h.session("192.0.2.1").connect().is_tempfail());

@@ -20,11 +20,12 @@ fn check_prints_name_version_and_imports() {
     let (ok, out, err) = greyhook(&["check"]);
     assert!(ok, "{err}");
     assert!(out.contains("name: greylist") && out.contains("version: 0.1.0"), "{out}");
-    assert!(out.contains("contract: greyhook:filter@0.2.2"), "{out}");
+    assert!(out.contains("contract: greyhook:filter@0.2.3"), "{out}");
     assert!(out.contains("capabilities: store, log"), "{out}");
-    // Contract 0.2.2: the hooks it needs no call for at the default stage.
-    assert!(out.contains("skipped hooks: connect, ehlo, mail\nehlo keywords: GREYLIST\n"), "{out}");
-    assert!(out.contains("greyhook:filter/store@0.2.2") && out.contains("greyhook:filter/log@0.2.2"), "{out}");
+    // Contracts 0.2.2 and 0.2.3: the hooks it needs no call for at the
+    // default stage, and DATA for a transaction with a sender.
+    assert!(out.contains("skipped hooks: connect, ehlo, mail, data-with-sender\nehlo keywords: GREYLIST\n"), "{out}");
+    assert!(out.contains("greyhook:filter/store@0.2.3") && out.contains("greyhook:filter/log@0.2.3"), "{out}");
     assert!(out.contains("wasi:cli/environment") && out.contains("linked empty"), "{out}");
 
     // A filter built against 0.1.0 (the chaos filter) loads unchanged.
@@ -231,7 +232,7 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
         ),
         (
             r#"(component (instance $h) (export "greyhook:filter/hooks@0.3.0" (instance $h)))"#,
-            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters"][..],
+            &["it exports greyhook:filter/hooks@0.3.0; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1, @0.2.2 and @0.2.3 filters"][..],
         ),
         (r#"(component)"#, &["it exports no greyhook:filter/hooks interface"][..]),
     ];

@@ -174,7 +174,7 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
     let f = &json["filters"][0];
-    assert_eq!((f["name"].as_str(), f["contract"].as_str(), f["failures"].as_u64()), (Some("greylist"), Some("0.2.2"), Some(0)), "{json}");
+    assert_eq!((f["name"].as_str(), f["contract"].as_str(), f["failures"].as_u64()), (Some("greylist"), Some("0.2.3"), Some(0)), "{json}");
     let spf = f["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "identity_total" && m["labels"]["kind"] == "spf");
     assert_eq!(spf.map(|m| m["value"].clone()), Some(serde_json::json!(4)), "{json}");
     let delay = f["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "delay_seconds").expect("a histogram");

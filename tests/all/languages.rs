@@ -57,7 +57,7 @@ fn drive(dir: &Path, wasm: &Path, name: &str, text: &str, skips: &str) {
     assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
     let out = Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.join("control.sock")).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
-    assert!(status.contains(&format!("{name} 0.1.0 namespace={name} contract=0.2.2 skips={skips} ")), "{status}");
+    assert!(status.contains(&format!("{name} 0.1.0 namespace={name} contract=0.2.3 skips={skips} ")), "{status}");
     assert!(status.contains("greylisted{stage=\"first\"} 1") && status.contains("passed 1"), "{status}");
     assert!(d.terminate(20));
     // A restart on the memory store: the artifact comes from the cache.

@@ -123,7 +123,7 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     assert_eq!((f("new"), f("too-early"), f("passed")), (60.0, 540.0, 0.0), "{m:#?}");
     assert!(value(&m, "greyhook_store_operation_seconds_count{op=\"set\"}") >= 60.0, "{m:#?}");
     assert!(value(&m, "greyhook_filter_calls_total{filter=\"greylist\"}") >= 600.0);
-    assert_eq!(value(&m, "greyhook_filter_info{contract=\"0.2.2\",filter=\"greylist\",namespace=\"greylist\",version=\"0.1.0\"}"), 1.0);
+    assert_eq!(value(&m, "greyhook_filter_info{contract=\"0.2.3\",filter=\"greylist\",namespace=\"greylist\",version=\"0.1.0\"}"), 1.0);
 
     // After the delay, one triplet's retry passes: the delay it suffered
     // lands in the filter's histogram.

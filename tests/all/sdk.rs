@@ -52,7 +52,7 @@ fn new_filter_scaffolds_a_crate_that_tests_builds_and_greylists() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.2"),
+        text.contains("name: demo-filter") && text.contains("namespace: demo-filter") && text.contains("contract: greyhook:filter@0.2.3"),
         "{text}"
     );
     assert!(text.contains("skipped hooks: connect, ehlo, mail, data\nehlo keywords: none\n"), "{text}");
@@ -185,7 +185,9 @@ async fn metrics_from_a_filter_are_checked_at_the_boundary() {
 /// Contract 0.2.2: the hooks a filter asks (in `init`) not to be called are
 /// answered by the host, `continue` and the EHLO keywords it gave, without
 /// a call (none counted, no instance taken); the others run as before; bad
-/// keywords keep the filter from loading, naming them.
+/// keywords keep the filter from loading, naming them. Contract 0.2.3:
+/// `on-data` asked for the null sender only is answered by the host for
+/// every other sender.
 #[tokio::test]
 async fn the_hooks_a_filter_skips_are_not_called() {
     let load = |config: &str| {
@@ -219,13 +221,34 @@ async fn the_hooks_a_filter_skips_are_not_called() {
     assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(f.metrics().snapshot().len(), 0, "its on-ehlo (which counts metrics) never ran");
 
+    // Contract 0.2.3: on-data for the null sender only. A transaction with
+    // a sender is answered by the host; a bounce's (and one with no MAIL
+    // seen) reaches the filter.
+    let f = load("skip = data-with-sender").await.expect("loads");
+    assert_eq!(f.skipped().names(), ["data-with-sender"]);
+    let c = Client::new(&f, "192.0.2.1", T0);
+    let message = greyhook::types::Message { message_id: Some("<1@example.org>".into()), headers: Vec::new() };
+    let with = |sender: Option<&str>| {
+        let mut ctx = c.ctx();
+        ctx.transaction.sender = sender.map(str::to_string);
+        ctx
+    };
+    let v = f.try_on_data(&with(Some("a@example.org")), &message).await.expect("on-data");
+    assert_eq!(v, greyhook::types::Verdict::cont(), "answered by the host");
+    assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    for sender in [Some(""), None] {
+        let v = f.try_on_data(&with(sender), &message).await.expect("on-data");
+        assert_eq!(v.add_headers.first().map(|h| (h.name.as_str(), h.value.as_str())), Some(("X-Data", "")), "{v:?}");
+    }
+    assert_eq!(f.stats().calls.load(std::sync::atomic::Ordering::Relaxed), 2, "the null sender's calls reached the filter");
+
     let err = load("skip = bad-keyword").await.expect_err("a bad keyword refuses the filter");
     let text = err.to_string();
     assert!(text.contains("EHLO keywords") && text.contains("skip-hooks"), "{text}");
 }
 
 /// A filter built against the contract's 0.2.0 as released (before metric
-/// handles) loads in this 0.2.2 host unchanged: its exports are found, its
+/// handles) loads in this 0.2.3 host unchanged: its exports are found, its
 /// store calls and metric updates by name are answered.
 #[tokio::test]
 async fn a_filter_built_against_0_2_0_still_loads_and_runs() {

@@ -646,20 +646,28 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     assert_eq!(cmds.get(refused + 1).map(String::as_str), Some("RSET"), "{cmds:?}");
 }
 
-/// Contract 0.2.2 from outside: at its default stage the reference filter
-/// asks greyhook not to call its connect, EHLO and MAIL hooks, so a
-/// session through `greyhook smtp` costs one filter call a RCPT and none
-/// before it, as the daemon's own count (`greyhook status`) shows, while
-/// the client still sees `GREYLIST` at EHLO and the 451 at RCPT.
+/// Contracts 0.2.2 and 0.2.3 from outside: at its default stage the
+/// reference filter asks greyhook not to call its connect, EHLO and MAIL
+/// hooks, and its DATA hook for any sender but the null one, so a session
+/// through `greyhook smtp` costs one filter call a RCPT and none before
+/// it, a message with a sender none after it, and a bounce one at end of
+/// DATA (where it is greylisted), as the daemon's own count (`greyhook
+/// status`) shows, while the client still sees `GREYLIST` at EHLO, the 451
+/// at RCPT and the bounce's 451 after the final dot.
 #[test]
 fn the_smtp_front_end_calls_only_the_hooks_the_filter_needs() {
     let sink = Sink::start();
     let dir = tempfile::tempdir().unwrap();
-    let (_p, port) = start(dir.path(), "[filter.config]\ndelay = 60\n", sink.port, "");
+    let config = "[filter.config]\ndelay = 60\nwhitelist_recipients = [\"postmaster@\"]\n";
+    let (_p, port) = start(dir.path(), config, sink.port, "");
     let control = dir.path().join("control.sock");
     let status = |json: bool| greyhook_status(&control, json);
     let text = status(false);
-    assert!(text.contains("contract=0.2.2 skips=connect,ehlo,mail calls=0 failures=0"), "{text}");
+    assert!(text.contains("contract=0.2.3 skips=connect,ehlo,mail,data-with-sender calls=0 failures=0"), "{text}");
+    let calls = || -> u64 {
+        let json: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json");
+        json["filters"][0]["calls"].as_u64().expect("calls")
+    };
 
     let mut c = Raw::connect(port);
     assert!(c.reply().starts_with("220"));
@@ -670,10 +678,26 @@ fn the_smtp_front_end_calls_only_the_hooks_the_filter_needs() {
         let reply = c.send(&format!("RCPT TO:<{r}>"));
         assert!(reply.starts_with("451") && reply.contains("retry="), "{reply}");
     }
+    // A recipient it does not greylist: the message is relayed, and
+    // nobody asks the filter about it at end of DATA.
+    assert!(c.send("RCPT TO:<postmaster@example.com>").starts_with("250"));
+    assert!(c.send("DATA").starts_with("354"));
+    let r = c.send("Subject: with a sender\r\nMessage-ID: <1@example.org>\r\n\r\nbody\r\n.");
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(calls(), 3, "one call a RCPT, none at connect, EHLO, MAIL or DATA");
+
+    // A bounce: passed at RCPT, greylisted after the final dot, where the
+    // DATA hook is called for it.
+    assert!(c.send("MAIL FROM:<>").starts_with("250"));
+    assert!(c.send("RCPT TO:<d@example.com>").starts_with("250"));
+    assert!(c.send("DATA").starts_with("354"));
+    let r = c.send("Subject: a bounce\r\nMessage-ID: <2@example.org>\r\n\r\nbody\r\n.");
+    assert!(r.starts_with("451") && r.contains("retry="), "{r}");
     assert!(c.send("QUIT").starts_with("221"));
+    assert_eq!(sink.received().len(), 1, "the message with a sender, not the bounce");
 
     let json: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json");
     let f = &json["filters"][0];
-    assert_eq!(f["skipped_hooks"], serde_json::json!(["connect", "ehlo", "mail"]), "{json}");
-    assert_eq!(f["calls"].as_u64(), Some(2), "one call a RCPT, none at connect, EHLO or MAIL: {json}");
+    assert_eq!(f["skipped_hooks"], serde_json::json!(["connect", "ehlo", "mail", "data-with-sender"]), "{json}");
+    assert_eq!(f["calls"].as_u64(), Some(5), "the bounce's RCPT and DATA: {json}");
 }

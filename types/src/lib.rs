@@ -202,9 +202,9 @@ impl std::fmt::Display for Phase {
 }
 
 /// The hooks a filter has no use for (contract 0.2.2, `negotiate.skip-hooks`,
-/// said during `init`): the host does not call them and answers each
-/// itself, `continue` with nothing to add, and at EHLO with
-/// [`SkipHooks::ehlo_keywords`].
+/// and 0.2.3, `negotiate.data-for-null-sender-only`, said during `init`):
+/// the host does not call them and answers each itself, `continue` with
+/// nothing to add, and at EHLO with [`SkipHooks::ehlo_keywords`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SkipHooks {
     /// The phases whose hook is not called (empty: every hook is called).
@@ -212,11 +212,34 @@ pub struct SkipHooks {
     /// The keywords advertised at EHLO for the filter when [`Phase::Ehlo`]
     /// is among [`SkipHooks::phases`] (ignored otherwise).
     pub ehlo_keywords: Vec<String>,
+    /// `on-data` is called only for the null sender (`MAIL FROM:<>`): a
+    /// transaction with a sender has it answered as a skipped hook.
+    pub data_null_sender_only: bool,
 }
 
 impl SkipHooks {
-    /// Whether the hook of `phase` is skipped.
+    /// Whether the hook of `phase` is skipped (always: the call's context
+    /// aside, see [`SkipHooks::skips_call`]).
     pub fn skips(&self, phase: Phase) -> bool {
         self.phases.contains(&phase)
+    }
+
+    /// Whether the hook of `phase`, called with `ctx`, is skipped: always
+    /// ([`SkipHooks::skips`]), or `on-data` for a transaction with a sender
+    /// when [`SkipHooks::data_null_sender_only`].
+    pub fn skips_call(&self, phase: Phase, ctx: &Context) -> bool {
+        self.skips(phase)
+            || (phase == Phase::Data && self.data_null_sender_only && ctx.transaction.sender.as_deref().is_some_and(|s| !s.is_empty()))
+    }
+
+    /// What is skipped, by name as `greyhook status` and `check` show it:
+    /// the phases, then `data-with-sender` when `on-data` is called only
+    /// for the null sender (and not skipped outright).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.phases.iter().map(|p| p.as_str()).collect();
+        if self.data_null_sender_only && !self.skips(Phase::Data) {
+            names.push("data-with-sender");
+        }
+        names
     }
 }

@@ -1,5 +1,5 @@
 // A greylisting filter in JavaScript, built with componentize-js against
-// greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.2): the first
+// greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.3): the first
 // attempt of a (client /24, sender, recipient) triplet is deferred with a
 // retry hint; a retry after `delay` seconds passes. It reads the triplet
 // and a per-sender count with one getMany and writes both with one
@@ -8,10 +8,10 @@
 // jco's mapping: records are objects with camelCase fields, u64 is BigInt,
 // option<T> is T or undefined, a variant is { tag, val }, and a `result`
 // import throws its error.
-import { getMany, setMany } from 'greyhook:filter/store@0.2.2';
-import { write } from 'greyhook:filter/log@0.2.2';
-import { counterAdd } from 'greyhook:filter/metrics@0.2.2';
-import { skipHooks } from 'greyhook:filter/negotiate@0.2.2';
+import { getMany, setMany } from 'greyhook:filter/store@0.2.3';
+import { write } from 'greyhook:filter/log@0.2.3';
+import { counterAdd } from 'greyhook:filter/metrics@0.2.3';
+import { skipHooks } from 'greyhook:filter/negotiate@0.2.3';
 
 let delay = 60;
 

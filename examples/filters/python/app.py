@@ -1,5 +1,5 @@
 # A greylisting filter in Python, built with componentize-py against
-# greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.2): the first
+# greyhook's contract (wit/greyhook.wit, greyhook:filter@0.2.3): the first
 # attempt of a (client /24, sender, recipient) triplet is deferred with a
 # retry hint; a retry after `delay` seconds passes.
 #

@@ -37,7 +37,7 @@ struct FilterStatus {
     version: String,
     namespace: String,
     contract: String,
-    /// The hooks it asked not to be called (contract 0.2.2), which the
+    /// The hooks it asked not to be called (contracts 0.2.2, 0.2.3), which the
     /// host answers for it.
     skipped_hooks: Vec<&'static str>,
     calls: u64,
@@ -122,7 +122,7 @@ impl Status {
                     version: f.info().version.clone(),
                     namespace: f.namespace().to_string(),
                     contract: f.contract().version().to_string(),
-                    skipped_hooks: f.skipped().phases.iter().map(|p| p.as_str()).collect(),
+                    skipped_hooks: f.skipped().names(),
                     calls: f.stats().calls.load(Relaxed),
                     failures: f.stats().failures.load(Relaxed),
                     last_reload: reloads.get(i).cloned().flatten(),

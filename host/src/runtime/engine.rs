@@ -188,7 +188,7 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Compile(String),
     /// The component is not of a `greyhook:filter/filter` world this host
-    /// provides (0.1.0 to 0.2.2), or imports what the host does not give.
+    /// provides (0.1.0 to 0.2.3), or imports what the host does not give.
     #[error("not a greyhook filter this host can run: {0}")]
     World(String),
     /// The filter's `init` refused its configuration.
@@ -404,11 +404,13 @@ impl Runtime {
         let world = |e: wasmtime::Error| LoadError::World(format!("{e:#}"));
         let pre = match contract {
             Contract::V0_1 => Pre::V1(bindings_v01::FilterPre::new(pre).map_err(world)?),
-            // A 0.2.0 or 0.2.1 filter is a 0.2.2 one that does not use
-            // what came later: the 0.2.2 bindings find its exports
+            // A 0.2.0, 0.2.1 or 0.2.2 filter is a 0.2.3 one that does not
+            // use what came later: the 0.2.3 bindings find its exports
             // (semver-compatible names), and the linker gives its imports
-            // the 0.2.2 functions.
-            Contract::V0_2 | Contract::V0_2_1 | Contract::V0_2_2 => Pre::V2(bindings::FilterPre::new(pre).map_err(world)?),
+            // the 0.2.3 functions.
+            Contract::V0_2 | Contract::V0_2_1 | Contract::V0_2_2 | Contract::V0_2_3 => {
+                Pre::V2(bindings::FilterPre::new(pre).map_err(world)?)
+            }
         };
         let imports = compiled.imports(self);
         let inner = FilterInner {
@@ -433,7 +435,8 @@ impl Runtime {
         })?;
         let info = first.info.clone();
         // What the first instance said in `init` holds for the filter.
-        let skip = first.store.data_mut().skip.take().unwrap_or_default();
+        let mut skip = first.store.data_mut().skip.take().unwrap_or_default();
+        skip.data_null_sender_only = first.store.data().data_null_sender_only;
         let advertised = EhloVerdict { verdict: Verdict::cont(), keywords: skip.ehlo_keywords.clone() };
         if let Err(e) = reply::check_ehlo(&advertised) {
             return Err(LoadError::Start(format!("the EHLO keywords it gave `negotiate.skip-hooks` are not valid: {e}")));
@@ -479,9 +482,12 @@ pub enum Contract {
     V0_2,
     /// `greyhook:filter@0.2.1` (`wit/v0.2.1/`): adds metric handles.
     V0_2_1,
-    /// `greyhook:filter@0.2.2` (`wit/greyhook.wit`): adds `negotiate` (the
+    /// `greyhook:filter@0.2.2` (`wit/v0.2.2/`): adds `negotiate` (the
     /// hooks a filter asks not to be called).
     V0_2_2,
+    /// `greyhook:filter@0.2.3` (`wit/greyhook.wit`): adds
+    /// `negotiate.data-for-null-sender-only`.
+    V0_2_3,
 }
 
 impl Contract {
@@ -492,6 +498,7 @@ impl Contract {
             Contract::V0_2 => "0.2.0",
             Contract::V0_2_1 => "0.2.1",
             Contract::V0_2_2 => "0.2.2",
+            Contract::V0_2_3 => "0.2.3",
         }
     }
 
@@ -500,7 +507,7 @@ impl Contract {
         match self {
             Contract::V0_1 => &["types", "store", "log"],
             Contract::V0_2 | Contract::V0_2_1 => &["types", "store", "log", "dns", "auth", "metrics"],
-            Contract::V0_2_2 => &["types", "store", "log", "dns", "auth", "metrics", "negotiate"],
+            Contract::V0_2_2 | Contract::V0_2_3 => &["types", "store", "log", "dns", "auth", "metrics", "negotiate"],
         }
     }
 }
@@ -521,7 +528,7 @@ const BUILD_WITHOUT: &str = "greyhook gives filters no network or HTTP: build th
     Rust: do not depend on an HTTP client); see docs/writing-filters.md";
 
 impl CompiledFilter {
-    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.2`).
+    /// The component's imports, as `name` strings (e.g. `greyhook:filter/store@0.2.3`).
     pub fn imports(&self, runtime: &Runtime) -> Vec<String> {
         self.component.component_type().imports(&runtime.inner.engine).map(|(name, _)| name.to_string()).collect()
     }
@@ -534,7 +541,9 @@ impl CompiledFilter {
         let ty = self.component.component_type();
         let engine = &runtime.inner.engine;
         let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.2") {
+        let contract = if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.3") {
+            Contract::V0_2_3
+        } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.2") {
             Contract::V0_2_2
         } else if exports.iter().any(|e| e == "greyhook:filter/hooks@0.2.1") {
             Contract::V0_2_1
@@ -544,7 +553,7 @@ impl CompiledFilter {
             Contract::V0_1
         } else if let Some(other) = exports.iter().find(|e| e.starts_with("greyhook:filter/hooks")) {
             return Err(LoadError::World(format!(
-                "it exports {other}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters (upgrade greyhook, or build the filter against one of those)"
+                "it exports {other}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1, @0.2.2 and @0.2.3 filters (upgrade greyhook, or build the filter against one of those)"
             )));
         } else {
             return Err(LoadError::World(format!(
@@ -615,7 +624,7 @@ struct FilterInner {
     /// Calls that may run at once while the filter is a suspect
     /// ([`RuntimeConfig::slow_calls`]).
     slow_slots: Arc<tokio::sync::Semaphore>,
-    /// The hooks the filter asked not to be called (contract 0.2.2).
+    /// The hooks the filter asked not to be called (contracts 0.2.2 and 0.2.3).
     skip: SkipHooks,
 }
 
@@ -793,8 +802,9 @@ impl Filter {
     }
 
     /// The hooks it asked not to be called (contract 0.2.2's
-    /// `negotiate.skip-hooks`), which this host answers for it: `continue`,
-    /// and at EHLO the keywords it gave.
+    /// `negotiate.skip-hooks`, and 0.2.3's `data-for-null-sender-only`),
+    /// which this host answers for it: `continue`, and at EHLO the keywords
+    /// it gave.
     pub fn skipped(&self) -> &SkipHooks {
         &self.inner.skip
     }
@@ -894,7 +904,7 @@ impl Filter {
         let inner = &self.inner;
         // A hook the filter asked not to be called is answered here, as it
         // said it would answer: no instance, nothing copied.
-        if inner.skip.skips(call.phase()) {
+        if inner.skip.skips_call(call.phase(), ctx) {
             return Ok(match call {
                 Call::Ehlo => Answer::Ehlo(EhloVerdict { verdict: Verdict::cont(), keywords: inner.skip.ehlo_keywords.clone() }),
                 _ => Answer::Verdict(Verdict::cont()),

@@ -1,5 +1,5 @@
 //! What a filter sees: the generated bindings of the contract's two
-//! versions (`wit/greyhook.wit`, 0.2.2 (and 0.2.1, 0.2.0), and `wit/v0.1/greyhook.wit`), the
+//! versions (`wit/greyhook.wit`, 0.2.3 (and 0.2.2, 0.2.1, 0.2.0), and `wit/v0.1/greyhook.wit`), the
 //! per-instance host state, and the host side of the imports (`store`,
 //! `log`, `dns`, `auth`, `metrics`, `negotiate`; a 0.1.0 filter's `store` and `log` are
 //! the same code behind the older types). Also the conversions between the
@@ -28,8 +28,8 @@ use crate::domain::types;
 use crate::runtime::metrics::{FilterMetrics, MetricKind};
 use crate::store::{Condition, Store, WriteOutcome};
 
-/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.2`;
-/// they run 0.2.0 and 0.2.1 filters too).
+/// The bindings generated from `wit/greyhook.wit` (`greyhook:filter@0.2.3`;
+/// they run 0.2.0, 0.2.1 and 0.2.2 filters too).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -131,6 +131,8 @@ pub(crate) struct HostState {
     pub(crate) in_init: bool,
     /// What the filter said through `negotiate.skip-hooks` during `init`.
     pub(crate) skip: Option<types::SkipHooks>,
+    /// Whether it called `negotiate.data-for-null-sender-only` during `init`.
+    pub(crate) data_null_sender_only: bool,
 }
 
 impl HostState {
@@ -167,6 +169,7 @@ impl HostState {
             key_bufs: Vec::new(),
             in_init: false,
             skip: None,
+            data_null_sender_only: false,
         }
     }
 
@@ -639,6 +642,14 @@ impl wit_negotiate::Host for HostState {
         }
         Ok(())
     }
+
+    async fn data_for_null_sender_only(&mut self) -> wasmtime::Result<()> {
+        // Ignored outside `init`, as `skip-hooks` is.
+        if self.in_init {
+            self.data_null_sender_only = true;
+        }
+        Ok(())
+    }
 }
 
 /// The phases of a `hook-set`, in order, with the EHLO keywords (kept only
@@ -657,7 +668,7 @@ fn skip_from_wit(set: wit_negotiate::HookSet, ehlo_keywords: Vec<String>) -> typ
     .map(|(_, phase)| phase)
     .collect();
     let ehlo_keywords = if phases.contains(&types::Phase::Ehlo) { ehlo_keywords } else { Vec::new() };
-    types::SkipHooks { phases, ehlo_keywords }
+    types::SkipHooks { phases, ehlo_keywords, data_null_sender_only: false }
 }
 
 /// A metric's labels as the filter passed them, still in its memory.
@@ -670,7 +681,7 @@ type WasmLabels = WasmList<(WasmStr, WasmStr)>;
 /// series, needs none. Synchronous: an update is a short lock.
 pub(crate) fn link_metrics(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/metrics@0.2.2")?;
+    let mut m = linker.instance("greyhook:filter/metrics@0.2.3")?;
     m.func_wrap("counter-add", |mut store: StoreContextMut<'_, HostState>, (name, labels, value): (WasmStr, WasmLabels, u64)| {
         with_labels(&mut store, &name, &labels, |metrics, name, labels| metrics.counter_add(name, labels, value))
     })?;
@@ -712,7 +723,7 @@ type StoreResult<T> = Result<T, wit_store::StoreError>;
 /// take it), through the same helpers.
 pub(crate) fn link_store(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut m = linker.instance("greyhook:filter/store@0.2.2")?;
+    let mut m = linker.instance("greyhook:filter/store@0.2.3")?;
     m.func_wrap_async("get", |mut store: StoreContextMut<'_, HostState>, (key,): (WasmStr,)| {
         Box::new(async move {
             let mut bufs = take_key_bufs(&mut store, 1);

@@ -351,8 +351,10 @@ class Filter {
     async call(hook, ctx, arg) {
         // A hook the filter asked not to be called: answered here, as it
         // said it would answer, without a worker.
+        // On-data for the null sender only (0.2.3): a transaction with a
+        // sender is answered the same way.
         const skip = this.generation?.skip
-        if (skip && skip.hooks.includes(hook)) {
+        if (skip && (skip.hooks.includes(hook) || (hook === 'data' && skip.dataNullSenderOnly && ctx?.transaction?.sender))) {
             const verdict = continueVerdict()
             return hook === 'ehlo' ? { verdict, keywords: [...skip.keywords] } : { verdict }
         }

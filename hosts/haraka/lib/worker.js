@@ -33,12 +33,16 @@ const PROVIDED = {
 PROVIDED['0.2.1'] = PROVIDED['0.2.0']
 // 0.2.2 adds `negotiate`: the hooks a filter asks not to be called.
 PROVIDED['0.2.2'] = [...PROVIDED['0.2.0'], 'greyhook:filter/negotiate']
+// 0.2.3 adds a function to `negotiate` (on-data for the null sender only).
+PROVIDED['0.2.3'] = PROVIDED['0.2.2']
 
 // What the filter said through `negotiate.skip-hooks` during its `init`
 // (later calls are ignored, as the contract says): the main thread answers
-// those hooks itself.
+// those hooks itself. And whether it asked for on-data with the null
+// sender only (`negotiate.data-for-null-sender-only`, 0.2.3).
 let initializing = false
 let skip = null
+let dataNullSenderOnly = false
 
 // Metric handles (0.2.1): the series this worker's instance asked for, by
 // handle. A series that breaks the rules, or past 256, gets no handle.
@@ -235,6 +239,9 @@ const imports = {
             if (!initializing) return
             skip = { hooks: Object.keys(HOOKS).filter((h) => set && set[h] === true), keywords: Array.from(keywords ?? [], String) }
         },
+        dataForNullSenderOnly() {
+            if (initializing) dataNullSenderOnly = true
+        },
     },
     'greyhook:filter/dns': {
         lookup(name, kind) {
@@ -268,7 +275,7 @@ async function transpile(bytes) {
     }
     const version = hooksExport.split('@')[1]
     if (!PROVIDED[version]) {
-        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1 and @0.2.2 filters`)
+        throw new Error(`it exports ${hooksExport}; this host runs greyhook:filter@0.1.0, @0.2.0, @0.2.1, @0.2.2 and @0.2.3 filters`)
     }
     const offered = new Set([...PROVIDED[version], ...Object.keys(wasiImports(() => 0, new Sink()))])
     const refused = out.imports.filter((i) => !offered.has(i))
@@ -300,6 +307,7 @@ function instantiate() {
     storeCalls = 0
     let info
     skip = null
+    dataNullSenderOnly = false
     initializing = true
     try {
         info = h.init(config)
@@ -376,7 +384,8 @@ async function main() {
         // Let what loading left queued run now (after a transpile, jco's
         // module setup takes a few hundred ms), not in the first call's time.
         await new Promise((r) => setTimeout(r, 0))
-        parentPort.postMessage({ type: 'ready', info, contract: files.version, namespace, skip, files: workerData.files ? null : files })
+        const said = skip || dataNullSenderOnly ? { hooks: [], keywords: [], ...skip, dataNullSenderOnly } : null
+        parentPort.postMessage({ type: 'ready', info, contract: files.version, namespace, skip: said, files: workerData.files ? null : files })
     } catch (e) {
         parentPort.postMessage({ type: 'failed', message: e?.message || String(e) })
         return

@@ -30,7 +30,7 @@ function stateful() {
     return p
 }
 
-test('hooks a filter skips (contract 0.2.2) are answered without a call', async () => {
+test('hooks a filter skips (contracts 0.2.2, 0.2.3) are answered without a call', async () => {
     const load = async (config) => {
         const f = new Filter({ path: stateful(), config, store: new MemoryStore(), failurePolicy: 'tempfail', limits: { deadlineMs: 5000 }, logger: () => {} })
         await f.load()
@@ -59,6 +59,23 @@ test('hooks a filter skips (contract 0.2.2) are answered without a call', async 
         const r = await f.call('ehlo', ctx())
         assert.deepStrictEqual(r.keywords, ['XSKIPPED'])
         assert.strictEqual(f.counts.calls, 0)
+    } finally {
+        f.close()
+    }
+    // Contract 0.2.3: on-data for the null sender only.
+    f = await load('skip = data-with-sender')
+    try {
+        const message = { messageId: '<1@example.org>', headers: [] }
+        const withSender = ctx()
+        withSender.transaction.sender = 'a@example.org'
+        const r = await f.call('data', withSender, message)
+        assert.deepStrictEqual(r.verdict, { decision: { tag: 'continue' }, addHeaders: [] })
+        assert.strictEqual(f.counts.calls, 0, 'a transaction with a sender: the filter was not called')
+        const bounce = ctx()
+        bounce.transaction.sender = ''
+        const b = await f.call('data', bounce, message)
+        assert.deepStrictEqual(b.verdict.addHeaders, [{ name: 'X-Data', value: '' }], 'the null sender: on-data runs')
+        assert.strictEqual(f.counts.calls, 1)
     } finally {
         f.close()
     }

@@ -80,7 +80,7 @@ pub use host::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, 
 pub use verdict::{ReplyBuilder, reject, tempfail};
 
 /// The contract version this crate builds filters for.
-pub const CONTRACT: &str = "greyhook:filter@0.2.2";
+pub const CONTRACT: &str = "greyhook:filter@0.2.3";
 
 /// Why a hook gave up. The exported glue logs it (`warn`) and answers
 /// "no opinion" (`continue`); when a store call failed during the hook the
@@ -145,9 +145,13 @@ pub trait Filter: Sized + 'static {
     /// answers each itself, `continue` with nothing to add, and at EHLO
     /// with [`SkipHooks::ehlo_keywords`]. Skip every hook the filter would
     /// answer that way anyway: each costs the host a call at every SMTP
-    /// step of its phase. Derive it from the configuration alone (the host
-    /// asks the first instance and applies the answer to all). The default
-    /// skips none. The [`testing::Harness`] skips them too.
+    /// step of its phase. [`SkipHooks::data_null_sender_only`] (0.2.3's
+    /// `negotiate.data-for-null-sender-only`) keeps `on-data` for the null
+    /// sender alone, for a filter that decides at RCPT and leaves DATA for
+    /// the bounces it cannot key on a sender. Derive it from the
+    /// configuration alone (the host asks the first instance and applies
+    /// the answer to all). The default skips none. The
+    /// [`testing::Harness`] skips them too.
     fn skip_hooks(&self) -> SkipHooks {
         SkipHooks::default()
     }

@@ -374,10 +374,10 @@ impl<F: Filter> SessionDriver<'_, F> {
 
     /// End of DATA with this Message-ID and headers.
     pub fn data(&mut self, message_id: Option<&str>, headers: &[(&str, &str)]) -> Verdict {
-        if self.h.skip.skips(Phase::Data) {
+        let ctx = self.context();
+        if self.h.skip.skips_call(Phase::Data, &ctx) {
             return Verdict::cont();
         }
-        let ctx = self.context();
         let m = Message {
             message_id: message_id.map(str::to_string),
             headers: headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect(),

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use crate::host::{self, DnsError, Entry, Host, Level, RecordType, SpfOutcome, SpfResult, StoreError, Write, WriteOutcome};
 use crate::{Filter, Verdict};
 
-/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.2`).
+/// The bindings of `wit/greyhook.wit` (`greyhook:filter@0.2.3`).
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
@@ -228,6 +228,9 @@ pub fn init<F: Filter>(config: String) -> Result<wit_hooks::FilterInfo, String> 
         if !skip.phases.is_empty() {
             let keywords: Vec<&str> = skip.ehlo_keywords.iter().map(String::as_str).collect();
             negotiate::skip_hooks(hook_set(&skip), &keywords);
+        }
+        if skip.data_null_sender_only {
+            negotiate::data_for_null_sender_only();
         }
         FILTER.with(|cell| *cell.borrow_mut() = Some(Box::new(f)));
         Ok(wit_hooks::FilterInfo { name: F::NAME.into(), version: F::VERSION.into() })

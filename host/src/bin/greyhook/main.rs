@@ -805,9 +805,10 @@ async fn run(cli: Cli) -> Result<()> {
                     .filter(|i| *i != "types" && *i != "negotiate")
                     .collect();
                 println!("capabilities: {}", listed(&caps));
-                // The hooks it asked not to be called (contract 0.2.2).
+                // The hooks it asked not to be called (contracts 0.2.2
+                // and 0.2.3).
                 let skip = f.skipped();
-                let skipped: Vec<&str> = skip.phases.iter().map(|p| p.as_str()).collect();
+                let skipped = skip.names();
                 println!("skipped hooks: {}", listed(&skipped));
                 if skip.skips(greyhook::types::Phase::Ehlo) {
                     println!("ehlo keywords: {}", listed(&skip.ehlo_keywords));

@@ -12,14 +12,16 @@
 //! - its configuration names the hooks it asks the host to skip (contract
 //!   0.2.2): `skip = mail` (and `on-mail` is answered by the host),
 //!   `skip = ehlo` (advertising `XSKIPPED`), `skip = bad-keyword` (an EHLO
-//!   keyword with a space in it and a CR: the filter must not load).
+//!   keyword with a space in it and a CR: the filter must not load);
+//!   `skip = data-with-sender` (0.2.3: `on-data` for the null sender only).
+//! - `on-data`: answers `X-Data: <the sender>`.
 //! - `on-ehlo`: keeps nothing; sends the `metrics` import what a careless
 //!   filter might (labels out of order, a duplicated label, too many
 //!   labels, bad names), which the host must sort out or drop.
 
 use std::cell::RefCell;
 
-use greyhook_filter::{Context, EhloVerdict, Filter, Header, Host, Phase, Result, SkipHooks, Verdict};
+use greyhook_filter::{Context, EhloVerdict, Filter, Header, Host, Message, Phase, Result, SkipHooks, Verdict};
 
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 struct Stateful {
@@ -44,9 +46,12 @@ impl Filter for Stateful {
     fn init(config: &str) -> std::result::Result<Self, String> {
         let skip = match config.trim() {
             "" => SkipHooks::default(),
-            "skip = mail" => SkipHooks { phases: vec![Phase::Mail], ehlo_keywords: Vec::new() },
-            "skip = ehlo" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["XSKIPPED".into()] },
-            "skip = bad-keyword" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["GREY LIST\r".into()] },
+            "skip = mail" => SkipHooks { phases: vec![Phase::Mail], ehlo_keywords: Vec::new(), data_null_sender_only: false },
+            "skip = ehlo" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["XSKIPPED".into()], data_null_sender_only: false },
+            "skip = bad-keyword" => {
+                SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["GREY LIST\r".into()], data_null_sender_only: false }
+            }
+            "skip = data-with-sender" => SkipHooks { data_null_sender_only: true, ..SkipHooks::default() },
             other => return Err(format!("unknown configuration {other:?}")),
         };
         Ok(Stateful { skip })
@@ -123,6 +128,10 @@ impl Filter for Stateful {
         let big = "x".repeat(300 * 1024);
         let n = small.iter().map(String::len).sum::<usize>() + big.len();
         Ok(header("X-Mail", n.to_string()))
+    }
+
+    fn on_data(&self, ctx: &Context, _message: &Message, _host: &mut dyn Host) -> Result<Verdict> {
+        Ok(header("X-Data", ctx.transaction.sender.clone().unwrap_or_default()))
     }
 
     fn on_rcpt(&self, _ctx: &Context, recipient: &str, _host: &mut dyn Host) -> Result<Verdict> {
