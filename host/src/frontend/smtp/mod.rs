@@ -30,6 +30,7 @@
 //! across all connections has a budget (`452 4.3.1` when it is spent).
 //! The next hop is connected only once a recipient is accepted.
 
+mod reader;
 pub(crate) mod relay;
 pub(crate) mod wire;
 
@@ -40,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,7 @@ use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms, WhenF
 use crate::frontend::smtp::relay::{HopReply, NextHop, Pool, Relay};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
 use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers, message_id};
+use reader::ClientReader;
 pub use wire::BareNewline;
 use wire::{DataFramer, Ending, Fed, Line, PathError, parse_path, read_line, split_ending};
 
@@ -408,7 +410,7 @@ enum Hop {
 }
 
 struct Connection {
-    io: BufReader<Conn>,
+    io: ClientReader<Conn>,
     peer: String,
     shared: Arc<Shared>,
     config: Arc<SmtpConfig>,
@@ -437,7 +439,7 @@ struct Body {
 impl Connection {
     fn new(conn: Conn, peer: &str, shared: Arc<Shared>) -> Connection {
         Connection {
-            io: BufReader::new(conn),
+            io: ClientReader::new(conn),
             peer: peer.to_string(),
             config: shared.config.clone(),
             resolved: shared.resolved.clone(),
@@ -650,9 +652,9 @@ impl Connection {
             return Err(End::Closed);
         }
         self.write("220 2.0.0 Ready to start TLS\r\n").await?;
-        let plain = std::mem::replace(&mut self.io, BufReader::new(Box::pin(tokio::io::empty()))).into_inner();
+        let plain = std::mem::replace(&mut self.io, ClientReader::new(Box::pin(tokio::io::empty()))).into_inner();
         let tls = tokio::time::timeout(self.config.command_timeout, acceptor.accept(plain)).await.map_err(|_| End::Timeout)??;
-        self.io = BufReader::new(Box::pin(tls));
+        self.io = ClientReader::new(Box::pin(tls));
         self.tls = true;
         self.greeted = false;
         self.reset().await;
