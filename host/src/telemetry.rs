@@ -172,7 +172,7 @@ impl HostMetrics {
 
     /// Counts a decision.
     pub fn decision(&self, front_end: &'static str, phase: &'static str, action: &'static str) {
-        self.decisions.get_or_create(&DecisionLabels { front_end, phase, action }).inc();
+        self.decision_counter(front_end, phase, action).inc();
         if let Some(i) = ACTIONS.iter().position(|a| *a == action) {
             use std::sync::atomic::Ordering::Relaxed;
             self.actions[i].fetch_add(1, Relaxed);
@@ -189,6 +189,35 @@ impl HostMetrics {
             }
             slot.counts[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// The counter of `decisions_total` for these labels. The family's
+    /// `get_or_create` hashes the three labels (SipHash) and takes its lock
+    /// at every decision (~570 instructions, several a message); each
+    /// thread keeps the handles of the process's metrics ([`host`]) it has
+    /// used instead (a handle shares the family's value; the label sets
+    /// are few and fixed, the cache bounded).
+    fn decision_counter(&self, front_end: &'static str, phase: &'static str, action: &'static str) -> Counter {
+        type Key = [&'static str; 3];
+        const MAX_CACHED: usize = 64;
+        thread_local! {
+            static CACHE: std::cell::RefCell<Vec<(Key, Counter)>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        if !std::ptr::eq(self, host()) {
+            return self.decisions.get_or_create(&DecisionLabels { front_end, phase, action }).clone();
+        }
+        let key: Key = [front_end, phase, action];
+        CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+                return c.clone();
+            }
+            let c = self.decisions.get_or_create(&DecisionLabels { front_end, phase, action }).clone();
+            if cache.len() < MAX_CACHED {
+                cache.push((key, c.clone()));
+            }
+            c
+        })
     }
 
     /// The last 24 hours' decisions by action, oldest first: (hour start
@@ -327,6 +356,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decisions counted through a thread's cached handles land in the
+    /// family's series, from every thread, label set by label set; another
+    /// instance's are its own. (A front-end name of its own: other tests
+    /// count into the process's metrics at the same time.)
+    #[test]
+    fn cached_decision_counters_count_into_the_family() {
+        const FE: &str = "cache-test";
+        let other = HostMetrics::new();
+        other.decision(FE, "rcpt", "pass");
+        let m = host();
+        let value = |m: &HostMetrics, phase: &'static str| {
+            m.decisions.get_or_create(&DecisionLabels { front_end: FE, phase, action: "pass" }).get()
+        };
+        for _ in 0..3 {
+            m.decision(FE, "rcpt", "pass");
+        }
+        m.decision(FE, "data", "pass");
+        std::thread::scope(|s| {
+            s.spawn(|| m.decision(FE, "rcpt", "pass"));
+        });
+        assert_eq!((value(m, "rcpt"), value(m, "data")), (4, 1));
+        assert_eq!((value(&other, "rcpt"), value(&other, "data")), (1, 0));
+    }
 
     #[test]
     fn filter_metrics_are_prefixed_labelled_and_not_doubled() {

@@ -253,6 +253,10 @@ impl Listener {
 pub struct Load {
     /// The front end's name, for the connection counters.
     front_end: &'static str,
+    /// Its `connections_total` and `connections_active` series, looked up
+    /// once (the family's lookup hashes the label at every call).
+    accepted: prometheus_client::metrics::counter::Counter,
+    in_hand: prometheus_client::metrics::gauge::Gauge,
     max: usize,
     active: std::sync::atomic::AtomicUsize,
     stress: tokio::sync::watch::Sender<bool>,
@@ -262,7 +266,16 @@ impl Load {
     /// The load of front end `front_end`'s listeners, with at most `max`
     /// connections at once.
     pub fn new(front_end: &'static str, max: usize) -> Arc<Load> {
-        Arc::new(Load { front_end, max: max.max(1), active: 0.into(), stress: tokio::sync::watch::Sender::new(false) })
+        let m = crate::telemetry::host();
+        let label = crate::telemetry::FrontEndLabel { front_end };
+        Arc::new(Load {
+            front_end,
+            accepted: m.connections.get_or_create(&label).clone(),
+            in_hand: m.connections_active.get_or_create(&label).clone(),
+            max: max.max(1),
+            active: 0.into(),
+            stress: tokio::sync::watch::Sender::new(false),
+        })
     }
 
     fn label(&self) -> crate::telemetry::FrontEndLabel {
@@ -286,10 +299,9 @@ impl Load {
         } else {
             self.active.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
         };
-        let m = crate::telemetry::host();
-        m.connections_active.get_or_create(&self.label()).set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.in_hand.set(i64::try_from(n).unwrap_or(i64::MAX));
         if delta > 0 {
-            m.connections.get_or_create(&self.label()).inc();
+            self.accepted.inc();
         }
         let stressed = n * 4 >= self.max * 3;
         self.stress.send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
