@@ -265,7 +265,7 @@ fn instructions() {
     for n in IR_CALLS {
         let out = dir.path().join(format!("cg.data.{n}"));
         child(&["--tool=callgrind", &format!("--callgrind-out-file={}", out.display())], "data", n);
-        data.push(total(&groups(&out).into_iter().map(|(g, v)| (g, v as f64)).collect::<Vec<_>>()));
+        data.push(groups(&out).iter().map(|(_, v)| *v as f64).sum::<f64>());
     }
     let data = (data[1] - data[0]) / (IR_CALLS[1] - IR_CALLS[0]) as f64;
     println!("on-rcpt decisions, memory store, instructions a call (callgrind, {} − {} calls)", IR_CALLS[1], IR_CALLS[0]);
@@ -355,10 +355,8 @@ fn message() -> Message {
         ("Message-Id", "<20261203025301.6177298E046@client.example.org>"),
         ("Subject", "hello"),
     ];
-    Message {
-        message_id: Some("<20261203025301.6177298E046@client.example.org>".into()),
-        headers: headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect(),
-    }
+    let headers: Vec<Header> = headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect();
+    Message { message_id: greyhook::session::message_id(&headers), headers }
 }
 
 /// One side's decisions for [`instructions`], run under callgrind (`data`:

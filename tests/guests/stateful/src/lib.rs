@@ -46,10 +46,10 @@ impl Filter for Stateful {
     fn init(config: &str) -> std::result::Result<Self, String> {
         let skip = match config.trim() {
             "" => SkipHooks::default(),
-            "skip = mail" => SkipHooks { phases: vec![Phase::Mail], ehlo_keywords: Vec::new(), data_null_sender_only: false },
-            "skip = ehlo" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["XSKIPPED".into()], data_null_sender_only: false },
+            "skip = mail" => SkipHooks { phases: vec![Phase::Mail], ..SkipHooks::default() },
+            "skip = ehlo" => SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["XSKIPPED".into()], ..SkipHooks::default() },
             "skip = bad-keyword" => {
-                SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["GREY LIST\r".into()], data_null_sender_only: false }
+                SkipHooks { phases: vec![Phase::Ehlo], ehlo_keywords: vec!["GREY LIST\r".into()], ..SkipHooks::default() }
             }
             "skip = data-with-sender" => SkipHooks { data_null_sender_only: true, ..SkipHooks::default() },
             other => return Err(format!("unknown configuration {other:?}")),
