@@ -635,7 +635,9 @@ impl FilterInner {
     }
 
     fn suspect(&self) -> bool {
-        (self.clock.elapsed().as_millis() as u64) < self.suspect_until.load(Ordering::Relaxed)
+        // Never marked (the usual case): no clock read.
+        let until = self.suspect_until.load(Ordering::Relaxed);
+        until != 0 && (self.clock.elapsed().as_millis() as u64) < until
     }
 
     fn mark_suspect(&self) {
@@ -913,14 +915,12 @@ impl Filter {
         let now = ctx.now;
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.options.limits.deadline;
-        let end = tokio::time::Instant::now() + deadline;
-        inner.quota.recount_if_due(&inner.store, inner.namespace(), now);
         // A filter that ran past its deadline lately is a suspect: each of
         // its calls takes a slow-call slot before it starts (waiting counts
         // against the deadline), so its runaway calls queue instead of
         // crowding the threads.
         let early_slot = if inner.suspect() {
-            match tokio::time::timeout_at(end, inner.slow_slots.clone().acquire_owned()).await {
+            match tokio::time::timeout(deadline, inner.slow_slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => Some(p),
                 _ => {
                     inner.mark_suspect();
@@ -940,9 +940,12 @@ impl Filter {
             })?,
         };
         // The deadline counts from here: an instance just made (or a slot
-        // just taken) does not eat into the call's own time.
-        let end = tokio::time::Instant::now() + deadline;
-        pooled.store.data_mut().begin_call(now, end.into_std(), early_slot);
+        // just taken) does not eat into the call's own time. The call's one
+        // clock read (~60 instructions each; a call made five).
+        let started = tokio::time::Instant::now();
+        inner.quota.recount_if_due(&inner.store, inner.namespace(), now, started.into_std());
+        let end = started + deadline;
+        pooled.store.data_mut().begin_call(now, end.into_std(), deadline, early_slot);
         pooled.store.set_epoch_deadline(SLOW_AFTER_TICKS);
         // The epoch callback stops runaway Wasm; the timeout also bounds
         // time spent waiting in host calls (a slow store).

@@ -183,11 +183,20 @@ impl HostState {
         self.slow_held.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    pub(crate) fn begin_call(&mut self, now: u64, deadline: std::time::Instant, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
+    /// Readies the state for a call: `now` (the request's time), the call's
+    /// `deadline` and its whole `budget` (the time from its start to the
+    /// deadline), the slow-call `slot` it holds if any.
+    pub(crate) fn begin_call(
+        &mut self,
+        now: u64,
+        deadline: std::time::Instant,
+        budget: std::time::Duration,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         self.call_deadline = Some(deadline);
         // A quarter of the hook's time is kept from DNS waits, so that a
         // filter told `timeout` still has time to answer (and to store).
-        self.dns_margin = deadline.saturating_duration_since(std::time::Instant::now()) / 4;
+        self.dns_margin = budget / 4;
         self.log_lines = 0;
         *self.slow_held.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         self.now = now;
@@ -990,10 +999,11 @@ impl Quota {
     }
 
     /// Counts the filter's records in the store if the last count is a
-    /// minute old (or there was none), in the background.
-    pub(crate) fn recount_if_due(self: &Arc<Self>, store: &Arc<dyn Store>, namespace: &str, now: u64) {
+    /// minute old (or there was none), in the background. `at`: the
+    /// monotonic time of the call (read once a call by the caller).
+    pub(crate) fn recount_if_due(self: &Arc<Self>, store: &Arc<dyn Store>, namespace: &str, now: u64, at: std::time::Instant) {
         use std::sync::atomic::Ordering::Relaxed;
-        let ms = self.born.elapsed().as_millis() as u64;
+        let ms = at.saturating_duration_since(self.born).as_millis() as u64;
         let last = self.count_started.load(Relaxed);
         if last != u64::MAX && ms.saturating_sub(last) < 60_000 {
             return;
