@@ -3,6 +3,7 @@
 # callgrind (stable where CPU time on a shared machine is not).
 #
 #   bench/instructions.sh policy        # a policy request (greyhook serve + tools/policy-load)
+#   GH_BIN=target/release-lto/greyhook bench/instructions.sh policy   # the same, another build
 #   bench/instructions.sh sum OUT       # the runtime workers' total in OUT-* (callgrind
 #                                       # --separate-threads=yes output), e.g. after
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
@@ -35,7 +36,7 @@ policy_run() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -f "$out"-*
   GREYHOOK_LOG=info valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out" \
-    target/release/greyhook serve --policy "127.0.0.1:$port" --db "$work/g.db" --control "$work/c.sock" \
+    "$GH_BIN" serve --policy "127.0.0.1:$port" --db "$work/g.db" --control "$work/c.sock" \
     --dns 127.0.0.1:9 --set 'identity=["network"]' >"$work/log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.5; done
@@ -50,6 +51,8 @@ case "${1:-}" in
   sum) sum "$2" ;;
   policy)
     cargo build --release -q -p greyhook -p policy-load
+    # GH_BIN: another build of greyhook to count (e.g. target/release-lto/greyhook).
+    GH_BIN=${GH_BIN:-target/release/greyhook}
     dir=$(mktemp -d)
     policy_run 1000 "$dir/cg.1000"
     policy_run 5000 "$dir/cg.5000"

@@ -9,6 +9,7 @@
 #   CONNS=4 REQS=500 bench/policy-vs-postgrey.sh
 #   GH_LOG=warn bench/policy-vs-postgrey.sh  # greyhook without its decision log
 #   GH_SET='identity=["network"]' bench/policy-vs-postgrey.sh  # the filter without SPF lookups
+#   GH_BIN=target/release-lto/greyhook bench/policy-vs-postgrey.sh  # another build of greyhook
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -67,7 +68,7 @@ pg=$(run postgrey "$pg_port" "${pids[-1]}")
 kill "${pids[-1]}"
 
 gh_port=$(free_port)
-GREYHOOK_LOG=${GH_LOG:-info} target/release/greyhook serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
+GREYHOOK_LOG=${GH_LOG:-info} "${GH_BIN:-target/release/greyhook}" serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[-1]}")

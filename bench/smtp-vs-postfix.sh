@@ -25,6 +25,7 @@
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 #   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
+#   GH_BIN=target/release-lto/greyhook bench/smtp-vs-postfix.sh   # another build of greyhook
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
 # failed run.
@@ -37,7 +38,12 @@ ROUNDS=${ROUNDS:-3}
 
 [ -x /usr/sbin/smtp-source ] || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
 [ -f /usr/include/libmilter/mfapi.h ] || { echo "libmilter missing (the null milter is built on it): apt-get install libmilter-dev" >&2; exit 1; }
-cargo build --release -q -p greyhook
+# GH_BIN: another greyhook binary to measure (default: this tree's release
+# build, built first).
+if [ -z "${GH_BIN:-}" ]; then
+  cargo build --release -q -p greyhook
+  GH_BIN=target/release/greyhook
+fi
 work=$(mktemp -d)
 chmod 755 "$work"
 cc -O2 -o "$work/nullmilter" bench/nullmilter.c -lmilter -pthread
@@ -169,7 +175,7 @@ pf_port=$(free_port)
 postfix_start "$work/pf" "$pf_port" ""
 
 gh_port=$(free_port)
-${GH_WRAP:-} target/release/greyhook smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
+${GH_WRAP:-} "$GH_BIN" smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
   --control "$work/smtp.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
 smtp_pid=$!
@@ -181,7 +187,7 @@ if [ "${MILTER:-inet}" = unix ]; then MILTER_ADDR=unix:$work/milter-in.sock; els
 # Postfix's smtpd runs as `postfix`: it must be let in.
 printf '[milter]\nsocket_mode = "0666"\n' >"$work/milter.toml"
 pf2_port=$(free_port)
-${GH_MILTER_WRAP:-} target/release/greyhook serve --config "$work/milter.toml" --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
+${GH_MILTER_WRAP:-} "$GH_BIN" serve --config "$work/milter.toml" --milter "${MILTER_ADDR#inet:}" --policy "127.0.0.1:$(free_port)" --db "$work/milter.db" \
   --control "$work/milter.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/milter.log" 2>&1 &
 pids+=($!)
 milter_pid=$!

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Debian package from a built greyhook binary:
-#   contrib/debian/build-deb.sh target/release/greyhook [OUTDIR]
-# (cargo build --release -p greyhook first). It stages the binary
+#   contrib/debian/build-deb.sh target/release-lto/greyhook [OUTDIR]
+# (cargo build --profile release-lto -p greyhook first: the release build
+# with whole-program optimisation, see Cargo.toml; any build of the binary
+# works, CI packages its debug one). It stages the binary
 # (stripped), the systemd unit, the commented default configuration
 # (a conffile), the docs and the maintainer scripts (the `greyhook` system
 # user owning /var/lib/greyhook), and runs dpkg-deb — Debian's own tool
