@@ -25,6 +25,7 @@
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 #   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
+#   GH_WRAP='strace -f -c -o /tmp/st.smtp' MSGS=1000 bench/smtp-vs-postfix.sh   # its system calls
 #   GH_BIN=target/release-lto/greyhook bench/smtp-vs-postfix.sh   # another build of greyhook
 set -euo pipefail
 # A failed step inside $(...) must stop the script too: no figures from a
@@ -50,7 +51,9 @@ cc -O2 -o "$work/nullmilter" bench/nullmilter.c -lmilter -pthread
 pids=()
 postfixes=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # A wrapper that runs greyhook as its child (strace) does not pass the
+  # signal on: greyhook is stopped itself, then the wrapper.
+  for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   # A profiler writes its output as greyhook exits.
   if [ -n "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ]; then for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; fi
   for d in "${postfixes[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1 || true; done
