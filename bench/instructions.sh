@@ -50,9 +50,13 @@ policy_run() {
 case "${1:-}" in
   sum) sum "$2" ;;
   policy)
-    cargo build --release -q -p greyhook -p policy-load
-    # GH_BIN: another build of greyhook to count (e.g. target/release-lto/greyhook).
-    GH_BIN=${GH_BIN:-target/release/greyhook}
+    # GH_BIN: another build of greyhook to count (e.g.
+    # target/release-lto/greyhook); by default this tree's, built first.
+    if [ -z "${GH_BIN:-}" ]; then
+      cargo build --release -q -p greyhook
+      GH_BIN=target/release/greyhook
+    fi
+    cargo build --release -q -p policy-load
     dir=$(mktemp -d)
     policy_run 1000 "$dir/cg.1000"
     policy_run 5000 "$dir/cg.5000"

@@ -24,7 +24,13 @@ if ! command -v postgrey >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq postgrey >/dev/null
 fi
-cargo build --release -q -p greyhook -p policy-load
+# GH_BIN: another greyhook binary to measure (default: this tree's release
+# build, built first).
+if [ -z "${GH_BIN:-}" ]; then
+  cargo build --release -q -p greyhook
+  GH_BIN=target/release/greyhook
+fi
+cargo build --release -q -p policy-load
 load=target/release/policy-load
 work=$(mktemp -d)
 chmod 755 "$work"
@@ -68,7 +74,7 @@ pg=$(run postgrey "$pg_port" "${pids[-1]}")
 kill "${pids[-1]}"
 
 gh_port=$(free_port)
-GREYHOOK_LOG=${GH_LOG:-info} "${GH_BIN:-target/release/greyhook}" serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
+GREYHOOK_LOG=${GH_LOG:-info} "$GH_BIN" serve --policy "127.0.0.1:$gh_port" --db "$work/greyhook.db" --control "$work/control.sock" --dns "127.0.0.1:$dns_port" ${GH_SET:+--set "$GH_SET"} >"$work/greyhook.log" 2>&1 &
 pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[-1]}")
