@@ -230,6 +230,46 @@ fn greedy_clients_are_limited() {
     assert!(ended && start.elapsed() < Duration::from_secs(8), "cut after {:?}", start.elapsed());
 }
 
+/// Found with Postfix's `smtp-source -s 10` (ten sessions at once from one
+/// address, the default `max_connections_per_client`): a client that
+/// reconnects as soon as it has read `221` to its QUIT was refused with
+/// `421 4.7.0` at the banner, its old connection still counted while
+/// greyhook finished with it. A client that never has more connections
+/// open than the limit is always greeted.
+#[test]
+fn a_client_at_its_connection_limit_that_reconnects_after_quit_is_greeted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections_per_client = 10", WHITE);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut refused = Vec::new();
+                for i in 0..100 {
+                    let mut c = Raw::over(connect_from("127.0.3.1", port));
+                    let banner = c.reply();
+                    if !banner.starts_with("220") {
+                        refused.push(format!("session {i}: {banner}"));
+                        continue;
+                    }
+                    assert!(c.send("EHLO client.example.org").starts_with("250"));
+                    // A whole message, relayed: the session holds a next-hop
+                    // connection, given back to the pool as it ends.
+                    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+                    assert!(c.send(&format!("RCPT TO:<u{i}@example.com>")).starts_with("250"));
+                    assert!(c.send("DATA").starts_with("354"));
+                    assert!(c.send("Subject: x\r\n\r\nbody\r\n.").starts_with("250"));
+                    assert!(c.send("QUIT").starts_with("221"));
+                    // Reconnects at once, as smtp-source does.
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: Vec<String> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(refused.is_empty(), "{} of 1000 sessions refused: {:?}", refused.len(), refused.first());
+}
+
 /// Slow clients cannot take every slot: when the listener is under
 /// stress, clients that trickle bytes are timed out within the stress
 /// timeout, and new clients are greeted.

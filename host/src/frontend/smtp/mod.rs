@@ -310,10 +310,16 @@ struct Shared {
     data_budget: Arc<Semaphore>,
 }
 
-/// A client address's connection, counted while it lives.
-struct ClientSlot<'a>(&'a Shared, IpAddr);
+/// A client address's connection, counted until the session ends: until
+/// greyhook's closing reply (`221`, `421`, …) is about to be sent, or the
+/// connection ends without one. A client may connect again as soon as it
+/// has read that reply, which can be before greyhook has closed the old
+/// connection and put its next-hop connection back in the pool: counted
+/// until then, it would hear `421 4.7.0` with no more sessions open than
+/// the limit.
+struct ClientSlot(Arc<Shared>, IpAddr);
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut m = self.0.per_client.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.1) {
@@ -325,15 +331,17 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
-impl Shared {
-    fn client_slot(&self, ip: IpAddr) -> Option<ClientSlot<'_>> {
-        let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+impl ClientSlot {
+    /// A slot for a connection from `ip`, or none if the address has
+    /// `max_connections_per_client` sessions already.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut m = shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.config.max_connections_per_client {
+        if *n >= shared.config.max_connections_per_client {
             return None;
         }
         *n += 1;
-        Some(ClientSlot(self, ip))
+        Some(ClientSlot(shared.clone(), ip))
     }
 }
 
@@ -359,11 +367,12 @@ async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolv
                 Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
             };
             let mut c = Connection::new(conn, &peer, shared.clone());
-            let Some(_slot) = shared.client_slot(ip) else {
+            let Some(slot) = ClientSlot::take(&shared, ip) else {
                 tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
                 let _ = c.write("421 4.7.0 Too many connections from your address, try again later\r\n").await;
                 return;
             };
+            c.slot = Some(slot);
             let limit = shared.config.session_timeout;
             tokio::select! {
                 r = tokio::time::timeout(limit, c.run(ip)) => match r {
@@ -371,11 +380,14 @@ async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolv
                     Ok(Ok(())) => {}
                     Err(_) => {
                         tracing::info!(%peer, "smtp session over its time limit {limit:?}");
-                        let _ = c.write("421 4.4.2 Session time limit exceeded, closing\r\n").await;
+                        let _ = c.close_with("421 4.4.2 Session time limit exceeded, closing\r\n").await;
                     }
                 },
-                _ = shutdown.cancelled() => { let _ = c.write("421 4.3.2 Shutting down\r\n").await; }
+                _ = shutdown.cancelled() => { let _ = c.close_with("421 4.3.2 Shutting down\r\n").await; }
             }
+            // Whatever ended the session, the client address's count goes
+            // down before the rest of the cleanup.
+            c.slot = None;
             if let Some(relay) = c.relay.take() {
                 // The pool keeps it only if it may serve another client.
                 shared.resolved.pool.give_back(relay).await;
@@ -417,6 +429,9 @@ struct Connection {
     resolved: Arc<Resolved>,
     session: Option<SmtpSession>,
     relay: Option<Relay>,
+    /// The client address's count of sessions (released as the session
+    /// ends; see [`ClientSlot`]).
+    slot: Option<ClientSlot>,
     hop: Hop,
     greeted: bool,
     tls: bool,
@@ -446,6 +461,7 @@ impl Connection {
             shared,
             session: None,
             relay: None,
+            slot: None,
             hop: Hop::Idle,
             greeted: false,
             tls: false,
@@ -473,6 +489,15 @@ impl Connection {
         }
     }
 
+    /// Ends the session with `text` (`221`, or a reply that closes the
+    /// connection): the client address's slot is released first, so a
+    /// client that reconnects as soon as it reads the reply is counted
+    /// right.
+    async fn close_with(&mut self, text: &str) -> Result<(), End> {
+        self.slot = None;
+        self.write(text).await
+    }
+
     async fn line(&mut self, max: usize, timeout: Duration) -> Result<Line, End> {
         let stressed = self.config.stress_timeout;
         match self.shared.load.timeout(timeout, stressed, read_line(&mut self.io, max)).await {
@@ -487,7 +512,7 @@ impl Connection {
     async fn error(&mut self, reply: &str) -> Result<(), End> {
         self.errors += 1;
         if self.errors >= self.config.max_errors {
-            self.write("421 4.7.0 Too many errors, closing\r\n").await?;
+            self.close_with("421 4.7.0 Too many errors, closing\r\n").await?;
             return Err(End::Closed);
         }
         self.write(reply).await
@@ -497,7 +522,7 @@ impl Connection {
     async fn junk(&mut self, reply: &str) -> Result<(), End> {
         self.junk += 1;
         if self.junk > self.config.junk_command_limit {
-            self.write("421 4.7.0 Too many commands without mail, closing\r\n").await?;
+            self.close_with("421 4.7.0 Too many commands without mail, closing\r\n").await?;
             return Err(End::Closed);
         }
         self.write(reply).await
@@ -506,14 +531,17 @@ impl Connection {
     /// Tells the client about a bare newline and ends the session.
     async fn bare_newline(&mut self) -> Result<(), End> {
         tracing::info!(peer = %self.peer, "bare <LF> or <CR> from the client: 521 and closing");
-        self.write("521 5.5.2 Error: bare <LF> or <CR> received; lines end with <CR><LF>\r\n").await?;
+        self.close_with("521 5.5.2 Error: bare <LF> or <CR> received; lines end with <CR><LF>\r\n").await?;
         Err(End::BareNewline)
     }
 
     /// Sends a filter's reply; a `421` closes the connection (RFC 5321 3.8).
     async fn filter_reply(&mut self, r: &crate::domain::types::Reply) -> Result<(), End> {
-        self.write(&render(r)).await?;
-        if r.code == 421 { Err(End::Closed) } else { Ok(()) }
+        if r.code == 421 {
+            self.close_with(&render(r)).await?;
+            return Err(End::Closed);
+        }
+        self.write(&render(r)).await
     }
 
     async fn run(&mut self, ip: IpAddr) -> Result<(), End> {
@@ -525,7 +553,7 @@ impl Connection {
         let v = session.connect().await;
         if let Some(r) = v.reply() {
             // The draft: 421 at the greeting, then the client goes away.
-            self.write(&render(r)).await?;
+            self.close_with(&render(r)).await?;
             return Ok(());
         }
         self.session = Some(session);
@@ -538,7 +566,7 @@ impl Connection {
                     continue;
                 }
                 Err(End::Timeout) => {
-                    self.write("421 4.4.2 Timeout exceeded, closing\r\n").await?;
+                    self.close_with("421 4.4.2 Timeout exceeded, closing\r\n").await?;
                     return Err(End::Timeout);
                 }
                 Err(e) => return Err(e),
@@ -574,7 +602,7 @@ impl Connection {
                 "HELP" => self.junk("214 2.0.0 See RFC 5321\r\n").await?,
                 "VRFY" => self.junk("252 2.0.0 Cannot VRFY; send some mail and we will see\r\n").await?,
                 "QUIT" => {
-                    self.write("221 2.0.0 Bye\r\n").await?;
+                    self.close_with("221 2.0.0 Bye\r\n").await?;
                     return Ok(());
                 }
                 _ => self.error("500 5.5.2 Command not recognized\r\n").await?,
@@ -612,7 +640,7 @@ impl Connection {
         }
         self.junk += 1;
         if self.junk > self.config.junk_command_limit {
-            self.write("421 4.7.0 Too many commands without mail, closing\r\n").await?;
+            self.close_with("421 4.7.0 Too many commands without mail, closing\r\n").await?;
             return Err(End::Closed);
         }
         self.reset().await;
@@ -909,7 +937,7 @@ impl Connection {
                     // As at a command: say why before closing (Postfix:
                     // "421 4.4.2 Error: timeout exceeded").
                     tracing::info!(peer = %self.peer, "timeout in DATA: nothing relayed");
-                    self.write("421 4.4.2 Timeout exceeded, closing\r\n").await?;
+                    self.close_with("421 4.4.2 Timeout exceeded, closing\r\n").await?;
                     return Err(End::Timeout);
                 }
                 Err(e) => return Err(e),
