@@ -873,3 +873,73 @@ fn bad_commands_close_the_session_at_max_errors() {
         }
     }
 }
+
+/// Found with a hundred policy clients at once, what a busy Postfix's
+/// hundred smtpd processes (its default process limit) send: every one of
+/// the filter runtime's 64 instances was in use, the other calls failed to
+/// instantiate, and the failure policy (continue) passed 14% of new
+/// triplets ungreylisted. Load alone must never pass mail: every new
+/// triplet is greylisted, and no call is answered by the failure policy.
+#[test]
+fn a_burst_of_policy_requests_never_passes_a_new_triplet_ungreylisted() {
+    const REQUEST: &str = include_str!("../../tools/policy-load/src/postfix-3.7.11-rcpt.txt");
+    const CLIENTS: usize = 100;
+    const EACH: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // A resolver that never answers, as the one it was found with: each
+    // call waits for its SPF lookup (50 ms) while it holds an instance.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = greyhook_with(
+        dir.path(),
+        "serve",
+        &format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [dns]\nservers = [\"{dns}\"]\ntimeout = \"50ms\"\n[filter]\ndeadline = \"2s\"\n[filter.config]\ndelay = 300\n",
+            d = dir.path().display(),
+            dns = silent.local_addr().unwrap()
+        ),
+    );
+    d.wait_listening(port, 60);
+    let start = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(s);
+                start.wait();
+                let mut answers = Vec::new();
+                for k in 0..EACH {
+                    // A new triplet each time: another client network, another recipient.
+                    let req: String = REQUEST
+                        .lines()
+                        .filter(|l| !l.is_empty())
+                        .map(|l| match l.split('=').next() {
+                            Some("client_address") => format!("client_address=10.{i}.{k}.1\n"),
+                            Some("recipient") => format!("recipient=u{i}-{k}@e2e.test\n"),
+                            _ => format!("{l}\n"),
+                        })
+                        .chain(std::iter::once("\n".to_string()))
+                        .collect();
+                    w.write_all(req.as_bytes()).unwrap();
+                    let (mut answer, mut empty) = (String::new(), String::new());
+                    std::io::BufRead::read_line(&mut r, &mut answer).unwrap();
+                    std::io::BufRead::read_line(&mut r, &mut empty).unwrap();
+                    answers.push(answer);
+                }
+                answers
+            })
+        })
+        .collect();
+    let answers: Vec<String> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(answers.len(), CLIENTS * EACH);
+    let passed: Vec<&String> = answers.iter().filter(|a| !a.starts_with("action=451 4.7.1 Greylisted")).collect();
+    assert!(passed.is_empty(), "{} of {} new triplets not greylisted, e.g. {:?}\n{}", passed.len(), answers.len(), passed[0], d.log_text());
+    let out =
+        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.lines().any(|l| l.starts_with("filter greylist ") && l.ends_with(" failures=0")), "{status}");
+}

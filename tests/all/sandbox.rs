@@ -48,6 +48,8 @@ async fn every_misbehaviour_is_contained_and_the_next_call_works() {
             FilterError::Invalid(_) => "invalid",
             FilterError::Store(_) => "store",
             FilterError::Instantiate(_) => "instantiate",
+            FilterError::Busy(_) => "busy",
+            _ => "another kind",
         };
         assert_eq!(kind, expect, "{what}: {e}");
         // Contained within the deadline and some slack for a loaded machine.
@@ -250,4 +252,75 @@ fn an_idle_daemon_sleeps_and_still_stops_a_runaway_filter() {
     assert_eq!(policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "fine@x.example", "i3").trim_end(), "action=PREPEND X-Chaos: ok");
     idle("after the runaway");
     assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// The filter instances in use are bounded (the pooling allocator's size
+/// less its idle reserve): a call that finds them all busy waits for one
+/// within its deadline, and is not failed for the load alone. One that
+/// cannot get one for a whole deadline is a `Busy` overload, answered with
+/// a tempfail even under the `continue` failure policy: a flood of clients
+/// must not pass its mail ungreylisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_a_free_instance_and_overload_is_a_tempfail() {
+    use greyhook::RuntimeConfig;
+    use greyhook::dns::{DnsConfig, Resolver};
+    // A resolver that never answers: a call doing an SPF check holds its
+    // instance for the lookup's timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let resolver = Resolver::new(DnsConfig {
+        servers: vec![silent.local_addr().unwrap()],
+        timeout: Duration::from_millis(1500),
+        ..DnsConfig::default()
+    });
+    // One instance in all: one in use at a time, none kept idle.
+    let rt = greyhook::Runtime::new(RuntimeConfig { max_instances: 1, resolver, ..RuntimeConfig::default() }).unwrap();
+    let load = |config: &str, deadline: Duration| {
+        let options = FilterOptions {
+            config: config.into(),
+            namespace: Some(format!("n{}", deadline.as_millis())),
+            failure_policy: FailurePolicy::Continue,
+            limits: Limits { deadline, ..Limits::default() },
+        };
+        load_on(&rt, greyhook::REFERENCE_FILTER, options, Arc::new(MemoryStore::new()))
+    };
+    let slow = Arc::new(load("delay = 300", Duration::from_secs(4)).await.unwrap());
+    let quick = load("delay = 300\nidentity = [\"network\"]", Duration::from_millis(300)).await.unwrap();
+    // Calls beyond the one instance wait their turn: all are greylisted.
+    let calls = (0..8).map(|i| {
+        let quick = &quick;
+        async move {
+            let mut c = Client::new(quick, &format!("192.0.2.{i}"), T0);
+            c.attempt("a@example.org", &format!("u{i}@example.com")).await
+        }
+    });
+    for v in futures::future::join_all(calls).await {
+        assert_eq!(code(&v), Some(451), "{v:?}");
+        assert_eq!(v.reply().and_then(|r| r.enhanced.clone()).as_deref(), Some("4.7.1"), "{v:?}");
+    }
+    assert_eq!(quick.stats().failures.load(Ordering::Relaxed), 0);
+    // A call that waits for its SPF lookup holds the only instance for
+    // over a second; the quick filter's call cannot get it within 300 ms.
+    let holder = {
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            let c = Client::new(&slow, "192.0.2.99", T0);
+            let mut ctx = c.ctx();
+            ctx.transaction.sender = Some("news@spf.example.org".into());
+            slow.on_rcpt(&ctx, "u@example.com").await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = Client::new(&quick, "192.0.2.50", T0);
+    let started = Instant::now();
+    let e = quick.try_on_rcpt(&c.ctx(), "v@example.com").await.expect_err("no instance free");
+    assert!(matches!(e, FilterError::Busy(_)), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "waited its deadline: {:?}", started.elapsed());
+    // Answered with a tempfail, not the `continue` policy.
+    let v = quick.on_rcpt(&c.ctx(), "v@example.com").await;
+    assert_eq!(code(&v), Some(451), "{v:?}");
+    assert_eq!(v.reply().and_then(|r| r.enhanced.clone()).as_deref(), Some("4.3.0"), "{v:?}");
+    assert_eq!(code(&holder.await.unwrap()), Some(451), "the slow call greylists too");
+    // Free again: the next call gets the instance.
+    let mut c = Client::new(&quick, "192.0.2.51", T0);
+    assert_eq!(code(&c.attempt("a@example.org", "w@example.com").await), Some(451));
 }

@@ -43,7 +43,11 @@ const MEMORY_RESERVATION: u64 = if cfg!(target_pointer_width = "64") { 1 << 32 }
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Most filter instances alive at once, over all filters (the size of
-    /// the pooling allocator). Calls beyond it wait for an instance.
+    /// the pooling allocator). A quarter of them at most are kept idle for
+    /// reuse, over all filters; the rest serve calls: a call that finds
+    /// every one of those busy waits for one, within its deadline
+    /// ([`FilterError::Busy`] past it), and is never failed for the load
+    /// alone.
     pub max_instances: u32,
     /// The memory cap of one instance, bytes (the largest any filter's
     /// [`Limits::memory`] may be).
@@ -202,8 +206,10 @@ pub enum LoadError {
     Options(String),
 }
 
-/// Why a hook call failed (and the failure policy answered).
+/// Why a hook call failed (and the failure policy answered). More kinds
+/// may come: match with a catch-all arm.
 #[derive(Debug, Clone, Error)]
+#[non_exhaustive]
 pub enum FilterError {
     /// The filter trapped (panic, unreachable, out of memory, stack overflow...).
     #[error("filter trapped: {0}")]
@@ -220,6 +226,11 @@ pub enum FilterError {
     /// No instance could be made.
     #[error("cannot instantiate the filter: {0}")]
     Instantiate(String),
+    /// Every instance stayed busy with other calls for as long as the
+    /// call's deadline ([`RuntimeConfig::max_instances`]): the host is
+    /// overloaded.
+    #[error("no filter instance was free within {0:?}: the host is overloaded")]
+    Busy(Duration),
 }
 
 /// Counters of one filter.
@@ -247,6 +258,41 @@ struct RuntimeInner {
     ticker: Ticker,
     /// Whether memories got the large reservation ([`Runtime::guard_pages`]).
     guarded: bool,
+    /// One permit for each instance that may be in use at once: the
+    /// pooling allocator's size less the idle reserve. A call holds one
+    /// while it has an instance; so do instantiations at load.
+    in_use: tokio::sync::Semaphore,
+    /// Idle instances, all filters together, and how many may be: with
+    /// `in_use`, every instance alive has its slot in the pooling allocator,
+    /// so making one never fails for lack of a slot.
+    idle: Arc<IdleCount>,
+}
+
+/// Idle instances of all filters together, at most `reserve`.
+#[derive(Debug)]
+struct IdleCount {
+    now: std::sync::atomic::AtomicUsize,
+    reserve: usize,
+}
+
+impl IdleCount {
+    /// Counts one more idle instance if the reserve has room.
+    fn take(&self) -> bool {
+        self.now.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.reserve).then_some(n + 1)).is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.now.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// How the pooling allocator's `max_instances` slots are shared: idle
+/// instances kept for reuse (a quarter) and instances in use (the rest, at
+/// least one).
+fn share_slots(max_instances: u32) -> (usize, usize) {
+    let n = max_instances.max(1) as usize;
+    let idle = n / 4;
+    (n - idle, idle)
 }
 
 /// The engine's configuration: the pooling allocator sized by `config`,
@@ -322,7 +368,10 @@ impl Runtime {
         let weak = engine.weak();
         let ticker =
             Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker, guarded }) })
+        let (in_use, reserve) = share_slots(config.max_instances);
+        let in_use = tokio::sync::Semaphore::new(in_use);
+        let idle = Arc::new(IdleCount { now: Default::default(), reserve });
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker, guarded, in_use, idle }) })
     }
 
     /// True if filters' memory accesses are bounds-checked by guard pages
@@ -418,7 +467,7 @@ impl Runtime {
             pre,
             store,
             name: Arc::from("filter"),
-            idle: Mutex::new(Vec::new()),
+            idle: IdlePool { list: Mutex::new(Vec::new()), count: self.inner.idle.clone() },
             stats: Stats::default(),
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -429,6 +478,10 @@ impl Runtime {
             options,
             skip: SkipHooks::default(),
         };
+        // The first instance takes its slot like a call's (the pool never
+        // holds more instances than it has slots); calls give slots back
+        // within their deadlines.
+        let slot = self.inner.in_use.acquire().await.map_err(|e| LoadError::Engine(e.to_string()))?;
         let mut first = inner.instantiate().await.map_err(|e| match e {
             StartError::Init(m) => LoadError::Init(m),
             StartError::Trap(m) => LoadError::Start(m),
@@ -456,6 +509,7 @@ impl Runtime {
         first.store.data_mut().filter = inner.name.clone();
         first.store.data_mut().set_namespace(&namespace);
         inner.checkin(first);
+        drop(slot);
         Ok(Filter { inner: Arc::new(inner), info, imports })
     }
 }
@@ -613,7 +667,7 @@ struct FilterInner {
     store: Arc<dyn Store>,
     options: FilterOptions,
     name: Arc<str>,
-    idle: Mutex<Vec<Pooled>>,
+    idle: IdlePool,
     stats: Stats,
     /// Until when (ms on [`FilterInner::clock`]) calls take a slow-call
     /// slot before they start.
@@ -645,9 +699,13 @@ impl FilterInner {
         self.suspect_until.store(until, Ordering::Relaxed);
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
-        // Pushing or popping a Vec cannot be interrupted half-way.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    /// An idle instance of this filter, if it has one.
+    fn checkout(&self) -> Option<Pooled> {
+        let p = self.idle.list().pop();
+        if p.is_some() {
+            self.idle.count.give(1);
+        }
+        p
     }
 
     async fn instantiate(&self) -> Result<Pooled, StartError> {
@@ -700,11 +758,34 @@ impl FilterInner {
         Ok(Pooled { store, world, info })
     }
 
+    /// Keeps `p` for reuse if this filter's idle limit and the runtime's
+    /// idle reserve have room; else it is dropped (its slot freed).
     fn checkin(&self, p: Pooled) {
-        let mut idle = self.idle();
-        if idle.len() < self.options.limits.idle_instances {
+        let mut idle = self.idle.list();
+        if idle.len() < self.options.limits.idle_instances && self.idle.count.take() {
             idle.push(p);
         }
+    }
+}
+
+/// A filter's idle instances, counted in the runtime's idle reserve until
+/// the filter is dropped (an old filter after a reload).
+struct IdlePool {
+    list: Mutex<Vec<Pooled>>,
+    count: Arc<IdleCount>,
+}
+
+impl IdlePool {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        // Pushing or popping a Vec cannot be interrupted half-way.
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for IdlePool {
+    fn drop(&mut self) {
+        let n = self.list().len();
+        self.count.give(n);
     }
 }
 
@@ -882,10 +963,17 @@ impl Filter {
                     FilterError::Invalid(_) => "invalid_verdict",
                     FilterError::Store(_) => "store",
                     FilterError::Instantiate(_) => "instantiate",
+                    FilterError::Busy(_) => "busy",
                 };
                 let labels = crate::telemetry::FailureLabels { filter: self.info.name.clone(), kind };
                 crate::telemetry::host().filter_failures.get_or_create(&labels).inc();
-                let policy = self.inner.options.failure_policy;
+                // Overload is not a broken filter: a flood of clients must
+                // not pass its mail ungreylisted, so it is a tempfail (the
+                // client retries) whatever the policy says.
+                let policy = match e {
+                    FilterError::Busy(_) => FailurePolicy::Tempfail,
+                    _ => self.inner.options.failure_policy,
+                };
                 tracing::warn!(filter = %self.info.name, session = %ctx.session.id, %phase, ?policy, "filter failed: {e}");
                 policy.verdict(phase)
             }
@@ -930,9 +1018,22 @@ impl Filter {
         } else {
             None
         };
-        let popped = inner.idle().pop();
-        // Beyond the pooling allocator's size, instantiation fails and the
-        // failure policy answers: bounded, never a queue that grows.
+        // An instance in use takes a slot. When every slot is busy the call
+        // waits for one, within its deadline: a burst of calls (a hundred
+        // Postfix smtpd processes asking at once) queues for microseconds
+        // instead of being answered by the failure policy, which would let
+        // load alone pass mail ungreylisted. Waiting is bounded by the
+        // connections the front ends admit. Only a host that leaves every
+        // slot busy for a whole deadline is overloaded (`Busy`).
+        let in_use = &inner.runtime.inner.in_use;
+        let _slot = match in_use.try_acquire() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(deadline, in_use.acquire()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(FilterError::Busy(deadline)),
+            },
+        };
+        let popped = inner.checkout();
         let mut pooled = match popped {
             Some(p) => p,
             None => inner.instantiate().await.map_err(|e| match e {
