@@ -8,7 +8,7 @@
 //! poisons the whole wasmtime `Store`) and the filter's [`FailurePolicy`]
 //! answers instead; the next call gets a fresh instance.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,11 +43,11 @@ const MEMORY_RESERVATION: u64 = if cfg!(target_pointer_width = "64") { 1 << 32 }
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Most filter instances alive at once, over all filters (the size of
-    /// the pooling allocator). A quarter of them at most are kept idle for
-    /// reuse, over all filters; the rest serve calls: a call that finds
-    /// every one of those busy waits for one, within its deadline
-    /// ([`FilterError::Busy`] past it), and is never failed for the load
-    /// alone.
+    /// the pooling allocator). A quarter of them at most (at least one of
+    /// two or more) are kept idle for reuse, over all filters. A call that
+    /// finds no idle instance of its filter and no free slot waits for
+    /// either, within its deadline ([`FilterError::Busy`] past it): it is
+    /// never failed for the load alone.
     pub max_instances: u32,
     /// The memory cap of one instance, bytes (the largest any filter's
     /// [`Limits::memory`] may be).
@@ -258,20 +258,22 @@ struct RuntimeInner {
     ticker: Ticker,
     /// Whether memories got the large reservation ([`Runtime::guard_pages`]).
     guarded: bool,
-    /// One permit for each instance that may be in use at once: the
-    /// pooling allocator's size less the idle reserve. A call holds one
-    /// while it has an instance; so do instantiations at load.
-    in_use: tokio::sync::Semaphore,
-    /// Idle instances, all filters together, and how many may be: with
-    /// `in_use`, every instance alive has its slot in the pooling allocator,
-    /// so making one never fails for lack of a slot.
+    /// The pooling allocator's slots: every instance alive, idle or in
+    /// use, holds one permit (so making one never fails for lack of a
+    /// slot). Taken and given back only when an instance is made or
+    /// dropped: a call that reuses an idle instance touches no semaphore.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Idle instances, all filters together, and how many may be. Kept
+    /// under the pool's size, so that while every slot is taken some are
+    /// in use, and each call that ends either brings its instance back to
+    /// its filter or frees a slot for a waiting call.
     idle: Arc<IdleCount>,
 }
 
 /// Idle instances of all filters together, at most `reserve`.
 #[derive(Debug)]
 struct IdleCount {
-    now: std::sync::atomic::AtomicUsize,
+    now: AtomicUsize,
     reserve: usize,
 }
 
@@ -286,13 +288,14 @@ impl IdleCount {
     }
 }
 
-/// How the pooling allocator's `max_instances` slots are shared: idle
-/// instances kept for reuse (a quarter) and instances in use (the rest, at
-/// least one).
+/// The pooling allocator's `max_instances` slots, and how many of them
+/// idle instances may hold: a quarter, and at least one when there are two
+/// slots (without one, every call would make its instance anew, ~280k
+/// instructions), always fewer than all.
 fn share_slots(max_instances: u32) -> (usize, usize) {
     let n = max_instances.max(1) as usize;
-    let idle = n / 4;
-    (n - idle, idle)
+    let idle = if n >= 2 { (n / 4).max(1) } else { 0 };
+    (n, idle)
 }
 
 /// The engine's configuration: the pooling allocator sized by `config`,
@@ -368,10 +371,10 @@ impl Runtime {
         let weak = engine.weak();
         let ticker =
             Ticker::start(move || weak.upgrade().map(|e| e.increment_epoch()).is_some()).map_err(|e| LoadError::Engine(e.to_string()))?;
-        let (in_use, reserve) = share_slots(config.max_instances);
-        let in_use = tokio::sync::Semaphore::new(in_use);
+        let (slots, reserve) = share_slots(config.max_instances);
+        let slots = Arc::new(tokio::sync::Semaphore::new(slots));
         let idle = Arc::new(IdleCount { now: Default::default(), reserve });
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker, guarded, in_use, idle }) })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker, guarded, slots, idle }) })
     }
 
     /// True if filters' memory accesses are bounds-checked by guard pages
@@ -467,7 +470,12 @@ impl Runtime {
             pre,
             store,
             name: Arc::from("filter"),
-            idle: IdlePool { list: Mutex::new(Vec::new()), count: self.inner.idle.clone() },
+            idle: IdlePool {
+                list: Mutex::new(Vec::new()),
+                count: self.inner.idle.clone(),
+                waiting: AtomicUsize::new(0),
+                back: tokio::sync::Notify::new(),
+            },
             stats: Stats::default(),
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -478,11 +486,10 @@ impl Runtime {
             options,
             skip: SkipHooks::default(),
         };
-        // The first instance takes its slot like a call's (the pool never
-        // holds more instances than it has slots); calls give slots back
-        // within their deadlines.
-        let slot = self.inner.in_use.acquire().await.map_err(|e| LoadError::Engine(e.to_string()))?;
-        let mut first = inner.instantiate().await.map_err(|e| match e {
+        // The first instance takes its slot like any (calls give theirs
+        // back within their deadlines).
+        let slot = self.inner.slots.clone().acquire_owned().await.map_err(|e| LoadError::Engine(e.to_string()))?;
+        let mut first = inner.instantiate(slot).await.map_err(|e| match e {
             StartError::Init(m) => LoadError::Init(m),
             StartError::Trap(m) => LoadError::Start(m),
         })?;
@@ -509,7 +516,6 @@ impl Runtime {
         first.store.data_mut().filter = inner.name.clone();
         first.store.data_mut().set_namespace(&namespace);
         inner.checkin(first);
-        drop(slot);
         Ok(Filter { inner: Arc::new(inner), info, imports })
     }
 }
@@ -639,6 +645,10 @@ struct Pooled {
     store: wasmtime::Store<HostState>,
     world: World,
     info: FilterInfo,
+    /// Its slot in the pooling allocator, given back when it is dropped:
+    /// after the store (fields drop in order), so a slot is free only once
+    /// the allocator has it back.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The pre-linked component, by contract version.
@@ -708,7 +718,8 @@ impl FilterInner {
         p
     }
 
-    async fn instantiate(&self) -> Result<Pooled, StartError> {
+    /// Makes an instance in `slot`.
+    async fn instantiate(&self, slot: tokio::sync::OwnedSemaphorePermit) -> Result<Pooled, StartError> {
         // `init` runs Wasm: the epoch must advance meanwhile.
         let _busy = self.runtime.inner.ticker.busy();
         let l = &self.options.limits;
@@ -755,7 +766,7 @@ impl FilterInner {
             Err(e) => return Err(trap(e, &store)),
         };
         self.stats.instances.fetch_add(1, Ordering::Relaxed);
-        Ok(Pooled { store, world, info })
+        Ok(Pooled { store, world, info, _slot: slot })
     }
 
     /// Keeps `p` for reuse if this filter's idle limit and the runtime's
@@ -764,7 +775,66 @@ impl FilterInner {
         let mut idle = self.idle.list();
         if idle.len() < self.options.limits.idle_instances && self.idle.count.take() {
             idle.push(p);
+            drop(idle);
+            // A call of this filter waiting for an instance takes it.
+            if self.idle.waiting.load(Ordering::SeqCst) > 0 {
+                self.idle.back.notify_one();
+            }
         }
+    }
+
+    /// An instance for a call that found none idle: a new one in a free
+    /// slot, else the first of a slot freed or an instance of this filter
+    /// brought back, waited for until `wait` has passed.
+    async fn make_or_wait(&self, wait: Duration) -> Result<Pooled, FilterError> {
+        let failed = |e| match e {
+            StartError::Init(m) | StartError::Trap(m) => FilterError::Instantiate(m),
+        };
+        let slots = &self.runtime.inner.slots;
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return self.instantiate(slot).await.map_err(failed);
+        }
+        // Every slot is taken (calls waiting for DNS hold theirs; a hundred
+        // Postfix smtpd processes may ask at once). Failing the call would
+        // let the failure policy answer for load alone, and `continue`
+        // would pass the mail ungreylisted; the wait is bounded by the
+        // connections the front ends admit and by `wait`.
+        let until = tokio::time::Instant::now() + wait;
+        let _waiting = Waiting::new(&self.idle.waiting);
+        loop {
+            // Registered before looking, so an instance brought back in
+            // between wakes us (see `checkin`).
+            let back = self.idle.back.notified();
+            tokio::pin!(back);
+            back.as_mut().enable();
+            if let Some(p) = self.checkout() {
+                return Ok(p);
+            }
+            tokio::select! {
+                slot = slots.clone().acquire_owned() => {
+                    let slot = slot.map_err(|_| FilterError::Busy(wait))?;
+                    return self.instantiate(slot).await.map_err(failed);
+                }
+                _ = &mut back => {}
+                _ = tokio::time::sleep_until(until) => return Err(FilterError::Busy(wait)),
+            }
+        }
+    }
+}
+
+/// A call counted as waiting for an instance while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -773,6 +843,10 @@ impl FilterInner {
 struct IdlePool {
     list: Mutex<Vec<Pooled>>,
     count: Arc<IdleCount>,
+    /// Calls of this filter waiting for an instance ([`FilterInner::make_or_wait`]).
+    waiting: AtomicUsize,
+    /// Told when an instance comes back while calls wait.
+    back: tokio::sync::Notify,
 }
 
 impl IdlePool {
@@ -1018,27 +1092,11 @@ impl Filter {
         } else {
             None
         };
-        // An instance in use takes a slot. When every slot is busy the call
-        // waits for one, within its deadline: a burst of calls (a hundred
-        // Postfix smtpd processes asking at once) queues for microseconds
-        // instead of being answered by the failure policy, which would let
-        // load alone pass mail ungreylisted. Waiting is bounded by the
-        // connections the front ends admit. Only a host that leaves every
-        // slot busy for a whole deadline is overloaded (`Busy`).
-        let in_use = &inner.runtime.inner.in_use;
-        let _slot = match in_use.try_acquire() {
-            Ok(p) => p,
-            Err(_) => match tokio::time::timeout(deadline, in_use.acquire()).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(FilterError::Busy(deadline)),
-            },
-        };
-        let popped = inner.checkout();
-        let mut pooled = match popped {
+        // An idle instance of this filter, else a new one, else a wait for
+        // either (within the deadline; `Busy` past it).
+        let mut pooled = match inner.checkout() {
             Some(p) => p,
-            None => inner.instantiate().await.map_err(|e| match e {
-                StartError::Init(m) | StartError::Trap(m) => FilterError::Instantiate(m),
-            })?,
+            None => inner.make_or_wait(deadline).await?,
         };
         // The deadline counts from here: an instance just made (or a slot
         // just taken) does not eat into the call's own time. The call's one
