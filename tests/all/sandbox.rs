@@ -309,7 +309,14 @@ async fn calls_wait_for_a_free_instance_and_overload_is_a_tempfail() {
             slow.on_rcpt(&ctx, "u@example.com").await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight (counted just before it takes the slot), then well into
+    // its lookup.
+    let until = Instant::now() + Duration::from_secs(10);
+    while slow.stats().calls.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < until, "the slow call never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let c = Client::new(&quick, "192.0.2.50", T0);
     let started = Instant::now();
     let e = quick.try_on_rcpt(&c.ctx(), "v@example.com").await.expect_err("no instance free");
