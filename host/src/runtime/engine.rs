@@ -263,28 +263,36 @@ struct RuntimeInner {
     /// slot). Taken and given back only when an instance is made or
     /// dropped: a call that reuses an idle instance touches no semaphore.
     slots: Arc<tokio::sync::Semaphore>,
-    /// Idle instances, all filters together, and how many may be. Kept
-    /// under the pool's size, so that while every slot is taken some are
-    /// in use, and each call that ends either brings its instance back to
-    /// its filter or frees a slot for a waiting call.
+    /// Places for idle instances, all filters together (see [`Reserved`]).
     idle: Arc<IdleCount>,
 }
 
-/// Idle instances of all filters together, at most `reserve`.
+/// Places for idle instances, all filters together, at most `reserve`:
+/// fewer than the pool's slots, so that while every slot is taken some
+/// instances hold no place, and each of those whose call ends either gets
+/// a place or is dropped, freeing a slot for a waiting call.
 #[derive(Debug)]
 struct IdleCount {
     now: AtomicUsize,
     reserve: usize,
 }
 
-impl IdleCount {
-    /// Counts one more idle instance if the reserve has room.
-    fn take(&self) -> bool {
-        self.now.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.reserve).then_some(n + 1)).is_ok()
-    }
+/// An instance's place among the idle ones, kept while it serves a call
+/// (so a call that reuses an idle instance counts nothing) and given back
+/// when it is dropped.
+struct Reserved(Arc<IdleCount>);
 
-    fn give(&self, n: usize) {
-        self.now.fetch_sub(n, Ordering::Relaxed);
+impl Reserved {
+    /// A place, if the reserve has room.
+    fn take(count: &Arc<IdleCount>) -> Option<Reserved> {
+        let took = count.now.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < count.reserve).then_some(n + 1));
+        took.is_ok().then(|| Reserved(count.clone()))
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -645,6 +653,8 @@ struct Pooled {
     store: wasmtime::Store<HostState>,
     world: World,
     info: FilterInfo,
+    /// Its place among the idle instances, once it has been idle.
+    place: Option<Reserved>,
     /// Its slot in the pooling allocator, given back when it is dropped:
     /// after the store (fields drop in order), so a slot is free only once
     /// the allocator has it back.
@@ -709,13 +719,10 @@ impl FilterInner {
         self.suspect_until.store(until, Ordering::Relaxed);
     }
 
-    /// An idle instance of this filter, if it has one.
+    /// An idle instance of this filter, if it has one (it keeps its place
+    /// among the idle ones for when it comes back).
     fn checkout(&self) -> Option<Pooled> {
-        let p = self.idle.list().pop();
-        if p.is_some() {
-            self.idle.count.give(1);
-        }
-        p
+        self.idle.list().pop()
     }
 
     /// Makes an instance in `slot`.
@@ -766,14 +773,20 @@ impl FilterInner {
             Err(e) => return Err(trap(e, &store)),
         };
         self.stats.instances.fetch_add(1, Ordering::Relaxed);
-        Ok(Pooled { store, world, info, _slot: slot })
+        Ok(Pooled { store, world, info, place: None, _slot: slot })
     }
 
     /// Keeps `p` for reuse if this filter's idle limit and the runtime's
     /// idle reserve have room; else it is dropped (its slot freed).
-    fn checkin(&self, p: Pooled) {
+    fn checkin(&self, mut p: Pooled) {
         let mut idle = self.idle.list();
-        if idle.len() < self.options.limits.idle_instances && self.idle.count.take() {
+        if idle.len() >= self.options.limits.idle_instances {
+            return;
+        }
+        if p.place.is_none() {
+            p.place = Reserved::take(&self.idle.count);
+        }
+        if p.place.is_some() {
             idle.push(p);
             drop(idle);
             // A call of this filter waiting for an instance takes it.
@@ -838,8 +851,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A filter's idle instances, counted in the runtime's idle reserve until
-/// the filter is dropped (an old filter after a reload).
+/// A filter's idle instances (each with its place in the runtime's idle
+/// reserve until it is dropped, with the filter after a reload).
 struct IdlePool {
     list: Mutex<Vec<Pooled>>,
     count: Arc<IdleCount>,
@@ -853,13 +866,6 @@ impl IdlePool {
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
         // Pushing or popping a Vec cannot be interrupted half-way.
         self.list.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for IdlePool {
-    fn drop(&mut self) {
-        let n = self.list().len();
-        self.count.give(n);
     }
 }
 
