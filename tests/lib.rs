@@ -989,3 +989,26 @@ pub fn milter_optneg(protocol: u32) -> Vec<u8> {
     let data: Vec<u8> = [6u32, 0x1ff, protocol].iter().flat_map(|v| v.to_be_bytes()).collect();
     milter_packet(b'O', &data)
 }
+
+/// The exact request a Postfix 3.7.11 smtpd sent at RCPT (a copy of shared/data/).
+const POSTFIX_POLICY_REQUEST: &str = include_str!("../tools/policy-load/src/postfix-3.7.11-rcpt.txt");
+
+/// That request with `overrides` (attribute, value) replacing or added to
+/// its attributes, ending with the empty line.
+pub fn policy_request(overrides: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for line in POSTFIX_POLICY_REQUEST.lines().filter(|l| !l.is_empty()) {
+        let key = line.split('=').next().unwrap_or("");
+        match overrides.iter().find(|(k, _)| *k == key) {
+            Some((_, v)) => out.push_str(&format!("{key}={v}\n")),
+            None => out.push_str(&format!("{line}\n")),
+        }
+    }
+    for (k, v) in overrides {
+        if !POSTFIX_POLICY_REQUEST.lines().any(|l| l.starts_with(&format!("{k}="))) {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    out.push('\n');
+    out
+}

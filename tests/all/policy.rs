@@ -10,27 +10,6 @@ use greyhook::daemon::{Daemon, DaemonConfig};
 use greyhook::frontend::ListenAddr;
 use greyhook_tests::*;
 
-/// The exact request a Postfix 3.7.11 smtpd sent at RCPT (a copy of shared/data/).
-const POSTFIX_REQUEST: &str = include_str!("../../tools/policy-load/src/postfix-3.7.11-rcpt.txt");
-
-fn request(overrides: &[(&str, &str)]) -> String {
-    let mut out = String::new();
-    for line in POSTFIX_REQUEST.lines().filter(|l| !l.is_empty()) {
-        let key = line.split('=').next().unwrap_or("");
-        match overrides.iter().find(|(k, _)| *k == key) {
-            Some((_, v)) => out.push_str(&format!("{key}={v}\n")),
-            None => out.push_str(&format!("{line}\n")),
-        }
-    }
-    for (k, v) in overrides {
-        if !POSTFIX_REQUEST.lines().any(|l| l.starts_with(&format!("{k}="))) {
-            out.push_str(&format!("{k}={v}\n"));
-        }
-    }
-    out.push('\n');
-    out
-}
-
 struct Conn {
     w: TcpStream,
     r: BufReader<TcpStream>,
@@ -63,7 +42,7 @@ impl Conn {
     }
 
     fn ask(&mut self, overrides: &[(&str, &str)]) -> String {
-        self.ask_raw(request(overrides).as_bytes()).expect("an answer")
+        self.ask_raw(policy_request(overrides).as_bytes()).expect("an answer")
     }
 
     /// Whether the server closes the connection within `secs` (a read
@@ -175,7 +154,7 @@ async fn bad_input_gets_a_defined_answer() {
         assert_eq!(c.ask(&[("client_address", "")]), "DUNNO", "no client address");
         assert_eq!(c.ask(&[("client_address", "999.1.1.1")]), "DUNNO", "bad client address");
         assert_eq!(c.ask_raw(b"request=smtpd_access_policy\nthis line has no equals sign\n\n").unwrap(), "DUNNO");
-        let stray = format!("\n\n{}", request(&[("sender", "x@y.z")]));
+        let stray = format!("\n\n{}", policy_request(&[("sender", "x@y.z")]));
         assert!(c.ask_raw(stray.as_bytes()).unwrap().starts_with("451 4.7.1"), "stray empty lines are skipped");
 
         // The configured limits, not the defaults (4096 bytes, 100
@@ -185,9 +164,9 @@ async fn bad_input_gets_a_defined_answer() {
         let mut c = Conn::open(port);
         let a = c.ask(&[("sender", &sender_of_len(512))]);
         assert!(a.starts_with("451 4.7.1"), "a 512-byte line is served: {a}");
-        assert_eq!(c.ask_raw(request(&[("sender", &sender_of_len(513))]).as_bytes()), None, "a 513-byte line closes the connection");
+        assert_eq!(c.ask_raw(policy_request(&[("sender", &sender_of_len(513))]).as_bytes()), None, "a 513-byte line closes the connection");
         let with_attributes = |n: usize| {
-            let base = request(&[("sender", "many@x.example")]);
+            let base = policy_request(&[("sender", "many@x.example")]);
             let have = base.lines().filter(|l| !l.is_empty()).count();
             assert!(have < n, "the base request has {have} attributes");
             let extra: String = (have..n).map(|i| format!("x_extra{i}=1\n")).collect();

@@ -478,12 +478,7 @@ impl Runtime {
             pre,
             store,
             name: Arc::from("filter"),
-            idle: IdlePool {
-                list: Mutex::new(Vec::new()),
-                count: self.inner.idle.clone(),
-                waiting: AtomicUsize::new(0),
-                back: tokio::sync::Notify::new(),
-            },
+            idle: IdlePool { list: Mutex::new(Vec::new()), waiting: AtomicUsize::new(0), back: tokio::sync::Notify::new() },
             stats: Stats::default(),
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -784,7 +779,7 @@ impl FilterInner {
             return;
         }
         if p.place.is_none() {
-            p.place = Reserved::take(&self.idle.count);
+            p.place = Reserved::take(&self.runtime.inner.idle);
         }
         if p.place.is_some() {
             idle.push(p);
@@ -855,7 +850,6 @@ impl Drop for Waiting<'_> {
 /// reserve until it is dropped, with the filter after a reload).
 struct IdlePool {
     list: Mutex<Vec<Pooled>>,
-    count: Arc<IdleCount>,
     /// Calls of this filter waiting for an instance ([`FilterInner::make_or_wait`]).
     waiting: AtomicUsize,
     /// Told when an instance comes back while calls wait.
