@@ -404,3 +404,68 @@ fn the_filter_protocol_over_a_pipe() {
         }
     }
 }
+
+/// A session whose AUTH failed is not authenticated, whatever user name
+/// the client gave. smtpd reports every AUTH (`link-auth`) with the
+/// client's own name, escaped for whitespace only, and a result: `pass`,
+/// `fail` or `error`; protocol 0.5 and 0.6 write `user|result`, 0.7
+/// `result|user`. A client that failed as the user `pass` was taken for an
+/// authenticated one, and authenticated sessions are not greylisted.
+/// (Debian's smtpd 6.8 cannot finish a TLS handshake with OpenSSL 3, and
+/// it offers AUTH only after STARTTLS: these are the lines its
+/// `lka_report_smtp_link_auth` writes.)
+///
+/// The client's address is likewise read from its place, the last field
+/// but one of `link-connect` and the last of the `connect` request, never
+/// found by scanning after the reverse name: a name holding `|` and a
+/// whitelisted address does not make its client whitelisted. (smtpd's
+/// resolver lets through only names that pass `res_hnok`; this holds
+/// whatever resolver it runs with.)
+#[test]
+fn client_chosen_names_neither_authenticate_nor_whitelist_a_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipe::start(dir.path(), "", "delay = 60\nwhitelist_clients = [\"10.0.0.0/8\"]\n");
+
+    let session = "00000000000000ff";
+    p.report(session, "link-connect", "a|pass|10.0.0.1|192.0.2.200:40000|127.0.0.1:25");
+    assert!(p.filter(session, "connect", "a|10.0.0.1|192.0.2.200").ends_with("|proceed"));
+    assert!(p.filter(session, "ehlo", "a").ends_with("|proceed"));
+    assert!(p.filter(session, "mail-from", "spam@spam.example").ends_with("|proceed"));
+    let rcpt = p.filter(session, "rcpt-to", "user@example.com");
+    assert!(rcpt.contains("|reject|451 4.7.1 "), "a reverse name with `|` whitelisted its client: {rcpt}");
+    p.report(session, "link-disconnect", "");
+
+    let cases = [
+        // (protocol, link-auth parameters, authenticated)
+        ("0.6", "pass|fail", false),
+        ("0.6", "pass|error", false),
+        ("0.6", "x|pass|fail", false),
+        ("0.7", "fail|pass", false),
+        ("0.7", "fail|pass|pass", false),
+        ("0.6", "alice|pass", true),
+        ("0.6", "a|b|pass", true),
+        ("0.7", "pass|alice", true),
+        ("0.7", "pass|fail", true),
+    ];
+    for (i, (version, auth, authenticated)) in cases.into_iter().enumerate() {
+        let session = format!("{:016x}", 0xa000 + i);
+        let ip = format!("192.0.2.{}", 100 + i);
+        let line = |stream: &str, phase: &str, rest: &str| format!("{stream}|{version}|1796002401.1|smtp-in|{phase}|{session}|{rest}");
+        p.send(&line("report", "link-connect", &format!("mx.example.org|pass|{ip}:40000|127.0.0.1:25")));
+        p.send(&line("filter", "connect", &format!("tok|mx.example.org|{ip}")));
+        assert!(p.next().ends_with("|proceed"));
+        p.send(&line("filter", "ehlo", "tok|mx.example.org"));
+        assert!(p.next().ends_with("|proceed"));
+        p.send(&line("report", "link-auth", auth));
+        p.send(&line("filter", "mail-from", "tok|spam@spam.example"));
+        assert!(p.next().ends_with("|proceed"));
+        p.send(&line("filter", "rcpt-to", "tok|user@example.com"));
+        let rcpt = p.next();
+        if authenticated {
+            assert_eq!(rcpt, format!("filter-result|{session}|tok|proceed"), "{version} link-auth|{auth}");
+        } else {
+            assert!(rcpt.contains("|reject|451 4.7.1 "), "{version} link-auth|{auth}: a failed AUTH passed greylisting: {rcpt}");
+        }
+        p.send(&line("report", "link-disconnect", ""));
+    }
+}

@@ -128,7 +128,7 @@ enum Event {
     LinkConnect { rdns: String, fcrdns: bool, client: Option<IpAddr> },
     /// `report|…|link-tls`.
     Tls,
-    /// `report|…|link-auth|SESSION|user|pass`.
+    /// `report|…|link-auth|SESSION|…` with the result `pass`: the user.
     Auth(String),
     /// `report|…|tx-reset`.
     TxReset,
@@ -202,21 +202,21 @@ where
                 continue;
             }
             ("report", "link-connect") => {
-                let mut p = rest.split('|');
-                let rdns = p.next().unwrap_or("").to_string();
-                let fcrdns = p.next() == Some("pass");
-                Event::LinkConnect { rdns, fcrdns, client: p.find_map(parse_address) }
-            }
-            ("report", "link-tls") => Event::Tls,
-            ("report", "link-auth") => {
-                // 0.5/0.6: `user|result`; 0.7: `result|user`.
-                let mut p = rest.splitn(2, '|');
-                let (a, b) = (p.next().unwrap_or(""), p.next().unwrap_or(""));
-                match (a, b) {
-                    (user, "pass") | ("pass", user) => Event::Auth(user.to_string()),
-                    _ => continue,
+                // `rdns|fcrdns|src|dest`, read from the right: every field
+                // but the name is smtpd's own.
+                let mut p = rest.rsplitn(4, '|');
+                let (_dest, src, fcrdns, rdns) = (p.next(), p.next(), p.next(), p.next());
+                Event::LinkConnect {
+                    rdns: rdns.unwrap_or("").to_string(),
+                    fcrdns: fcrdns == Some("pass"),
+                    client: src.and_then(parse_address),
                 }
             }
+            ("report", "link-tls") => Event::Tls,
+            ("report", "link-auth") => match authenticated(version, rest) {
+                Some(user) => Event::Auth(user.to_string()),
+                None => continue,
+            },
             ("report", "tx-reset") => Event::TxReset,
             ("report", _) => continue,
             ("filter", _) => {
@@ -266,12 +266,29 @@ fn overloaded(session: &str, phase: &str, token: &str, params: &str) -> String {
 
 /// `0.5`, `0.6`, `0.7`…: the versions with the session before the token.
 fn version_ok(v: &str) -> bool {
+    version(v).is_some_and(|mm| mm >= (0, 5))
+}
+
+/// A protocol version's major and minor numbers.
+fn version(v: &str) -> Option<(u32, u32)> {
     let mut p = v.split('.');
-    match (p.next().and_then(|m| m.parse::<u32>().ok()), p.next().and_then(|n| n.parse::<u32>().ok())) {
-        (Some(0), Some(minor)) => minor >= 5,
-        (Some(major), Some(_)) => major >= 1,
-        _ => false,
-    }
+    Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+}
+
+/// The user a `link-auth` report authenticated, if its result is `pass`.
+///
+/// The user name is the client's own (smtpd escapes only whitespace and
+/// control characters), so it may be `pass`, or hold `|`: the result is
+/// told by its place alone, never by its value. Protocol 0.5 and 0.6 write
+/// `user|result` (the result is last), 0.7 and later `result|user`.
+fn authenticated<'a>(version_: &str, params: &'a str) -> Option<&'a str> {
+    let (user, result) = if version(version_).is_some_and(|mm| mm >= (0, 7)) {
+        let (result, user) = params.split_once('|')?;
+        (user, result)
+    } else {
+        params.rsplit_once('|')?
+    };
+    (result == "pass" && !user.is_empty()).then_some(user)
 }
 
 /// A client address as smtpd writes it: `192.0.2.1`, `192.0.2.1:25`,
@@ -481,12 +498,12 @@ impl Conversation {
             return self.data_line(token, params).await;
         }
         if phase == "connect" {
-            let mut p = params.split('|');
-            let rdns = p.next().unwrap_or("").to_string();
+            // `rdns|src`: the address is the last field, smtpd's own.
+            let (rdns, src) = params.rsplit_once('|').unwrap_or(("", params));
             if self.rdns.is_none() {
-                self.rdns = Some(rdns);
+                self.rdns = Some(rdns.to_string());
             }
-            self.begin(p.find_map(parse_address)).await;
+            self.begin(parse_address(src)).await;
         }
         let Some(s) = self.session.as_mut() else {
             // A unix-socket (local) session: nothing to greylist on.
@@ -613,6 +630,24 @@ mod tests {
     fn versions() {
         assert!(version_ok("0.5") && version_ok("0.6") && version_ok("0.7") && version_ok("1.0"));
         assert!(!version_ok("0.4") && !version_ok("x") && !version_ok(""));
+    }
+
+    #[test]
+    fn only_a_passed_auth_names_a_user() {
+        // 0.5 and 0.6: user|result.
+        assert_eq!(authenticated("0.6", "alice|pass"), Some("alice"));
+        assert_eq!(authenticated("0.6", "a|b|pass"), Some("a|b"));
+        assert_eq!(authenticated("0.6", "pass|fail"), None);
+        assert_eq!(authenticated("0.5", "pass|error"), None);
+        assert_eq!(authenticated("0.6", "x|pass|fail"), None);
+        // 0.7 and later: result|user.
+        assert_eq!(authenticated("0.7", "pass|alice"), Some("alice"));
+        assert_eq!(authenticated("0.7", "pass|a|b"), Some("a|b"));
+        assert_eq!(authenticated("0.7", "fail|pass"), None);
+        assert_eq!(authenticated("1.0", "fail|pass|pass"), None);
+        // Nothing to name, or no result at all.
+        assert_eq!(authenticated("0.6", "|pass"), None);
+        assert_eq!(authenticated("0.7", "pass"), None);
     }
 
     #[test]
