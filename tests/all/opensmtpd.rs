@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use greyhook_tests::{Sink, free_port, greyhook_bin, null_dns, wait_for_port};
+use greyhook_tests::{CHAOS_FILTER, Sink, free_port, greyhook_bin, null_dns, wait_for_port};
 
 /// Where `tests/setup-opensmtpd.sh` unpacks the package (or
 /// `$GREYHOOK_SMTPD`, the `smtpd` binary).
@@ -216,15 +216,15 @@ struct Pipe {
 
 impl Pipe {
     fn start(dir: &Path, opensmtpd: &str, filter: &str) -> Pipe {
+        Pipe::start_with(dir, &format!("[opensmtpd]\n{opensmtpd}\n[filter.config]\n{filter}\n"))
+    }
+
+    /// With `tables` of configuration besides the control socket and a
+    /// memory store.
+    fn start_with(dir: &Path, tables: &str) -> Pipe {
         let cfg = dir.join("greyhook.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[opensmtpd]\n{opensmtpd}\n[filter.config]\n{filter}\n",
-                d = dir.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&cfg, format!("[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n{tables}", d = dir.display()))
+            .unwrap();
         let log = dir.join("log");
         let mut child = Command::new(greyhook_bin())
             .args(["opensmtpd", "--dns", null_dns(), "--config"])
@@ -468,4 +468,70 @@ fn client_chosen_names_neither_authenticate_nor_whitelist_a_session() {
         }
         p.send(&line("report", "link-disconnect", ""));
     }
+}
+
+/// One session's slow data hook holds up no other session. smtpd streams
+/// a message's lines without waiting for answers, and every session comes
+/// over the one pipe: while a session's data hook ran, its lines piled up
+/// until the reader of the pipe waited for room, and every other session
+/// waited with it, here for the hook's whole deadline. Now the lines that
+/// come while the hook runs are held (at most `max_header_bytes`), then
+/// passed on without the filter's headers, and the verdict is answered at
+/// `commit` as before.
+#[test]
+fn a_slow_data_hook_holds_up_no_other_session() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let mut p = Pipe::start_with(
+        dir.path(),
+        &format!(
+            "[filter]\npath = \"{}/chaos.wasm\"\ndeadline = \"3s\"\nfailure_policy = \"tempfail\"\n[opensmtpd]\nmax_header_bytes = 4096\n",
+            dir.path().display()
+        ),
+    );
+    let (a, b) = ("00000000000000a1", "00000000000000b2");
+    p.report(a, "link-connect", "a.example.org|pass|192.0.2.1:1|127.0.0.1:25");
+    assert!(p.filter(a, "connect", "a.example.org|192.0.2.1").ends_with("|proceed"));
+    assert!(p.filter(a, "mail-from", "alice@example.org").ends_with("|proceed"));
+    assert!(p.filter(a, "rcpt-to", "bob@example.com").ends_with("|proceed"));
+    assert!(p.filter(a, "data", "").ends_with("|proceed"));
+    // The message, as smtpd sends it: every line at once. Its data hook
+    // loops until the deadline (3 s).
+    let mut lines = vec!["Message-ID: <loop-data@example.org>".to_string(), "Subject: slow".into(), String::new()];
+    lines.extend((0..2000).map(|i| format!("body line {i}")));
+    let asked = std::time::Instant::now();
+    for l in &lines {
+        p.send(&format!("filter|0.6|1.0|smtp-in|data-line|{a}|tok-dl|{l}"));
+    }
+    p.send(&format!("filter|0.6|1.0|smtp-in|data-line|{a}|tok-dl|."));
+    // Meanwhile another session connects: it is answered at once (before,
+    // the pipe was read again only once the hook was cut).
+    p.report(b, "link-connect", "b.example.org|pass|192.0.2.2:1|127.0.0.1:25");
+    p.send(&format!("filter|0.6|1.0|smtp-in|connect|{b}|tok-b|b.example.org|192.0.2.2"));
+    let mut echoed = Vec::new();
+    let answer = loop {
+        let l = p.next();
+        if l.starts_with(&format!("filter-result|{b}|")) {
+            break l;
+        }
+        echoed.push(l);
+    };
+    let waited = asked.elapsed();
+    assert!(answer.ends_with("|tok-b|proceed"), "{answer}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "another session waited {waited:?} for a slow data hook\n{}",
+        std::fs::read_to_string(&p.log).unwrap_or_default()
+    );
+    // The message comes back whole, in order, and the verdict (the
+    // deadline's failure policy) is answered at commit.
+    while !echoed.last().is_some_and(|l| l.ends_with("|tok-dl|.")) {
+        echoed.push(p.next());
+    }
+    let body: Vec<&str> =
+        echoed.iter().map(|l| l.strip_prefix(&format!("filter-dataline|{a}|tok-dl|")).unwrap_or_else(|| panic!("{l}"))).collect();
+    lines.push(".".into());
+    assert_eq!(body, lines);
+    let commit = p.filter(a, "commit", "");
+    assert!(commit.starts_with(&format!("filter-result|{a}|tok-commit|reject|451 ")), "{commit}");
 }

@@ -21,7 +21,10 @@
 //!   data hook runs on it with the Message-ID, the filters' headers
 //!   (`X-Greylist`) go out first, then the message unchanged; a refusal is
 //!   answered at `commit`, after the final dot — the draft's `451` at end
-//!   of DATA.
+//!   of DATA. smtpd streams the message without waiting: the lines that
+//!   come while the hook runs are held (as much again as `max_header_bytes`)
+//!   and then, if the hook is slow, passed on without the filters' headers,
+//!   so the pipe every session shares is never left unread for it.
 //!
 //! smtpd's replies through a filter are one line, so a reply's lines are
 //! joined (the hint stays last); the EHLO keyword `GREYLIST` cannot be
@@ -54,7 +57,9 @@ pub struct OpenSmtpdConfig {
     /// Longest line from smtpd, bytes (its own SMTP line limit is 64 KiB).
     pub max_line: usize,
     /// Header section held per message to find the Message-ID before the
-    /// data hook runs; past it, the hook runs on what was read.
+    /// data hook runs; past it, the hook runs on what was read. As much
+    /// again of the message's lines is held while the hook runs; past that,
+    /// and 50 ms, they go on without the filters' headers.
     pub max_header_bytes: usize,
     /// Set by `greyhook opensmtpd`: this front end serves stdin/stdout.
     #[serde(skip)]
@@ -402,9 +407,13 @@ struct Conversation {
     data: Data,
     /// The data hook's verdict, answered at `commit`.
     data_verdict: Option<Verdict>,
+    /// What smtpd sends this session.
+    rx: mpsc::Receiver<Event>,
+    /// Events received while the data hook ran, handled before `rx`'s.
+    backlog: std::collections::VecDeque<Event>,
 }
 
-async fn run_session(id: String, mut rx: mpsc::Receiver<Event>, out: mpsc::Sender<String>, hooks: Hooks, config: OpenSmtpdConfig) {
+async fn run_session(id: String, rx: mpsc::Receiver<Event>, out: mpsc::Sender<String>, hooks: Hooks, config: OpenSmtpdConfig) {
     let mut c = Conversation {
         id,
         hooks,
@@ -418,8 +427,17 @@ async fn run_session(id: String, mut rx: mpsc::Receiver<Event>, out: mpsc::Sende
         headers: Vec::new(),
         data: Data::Idle,
         data_verdict: None,
+        rx,
+        backlog: std::collections::VecDeque::new(),
     };
-    while let Some(event) = rx.recv().await {
+    loop {
+        let event = match c.backlog.pop_front() {
+            Some(e) => e,
+            None => match c.rx.recv().await {
+                Some(e) => e,
+                None => return,
+            },
+        };
         c.event(event).await;
     }
 }
@@ -563,6 +581,9 @@ impl Conversation {
     /// runs the data hook.
     async fn data_line(&mut self, token: &str, line: &str) {
         let Data::Headers { lines, bytes } = &mut self.data else {
+            if line == "." {
+                self.data = Data::Idle;
+            }
             return self.dataline(token, line).await;
         };
         let end_of_headers = line.is_empty() || line == ".";
@@ -574,38 +595,128 @@ impl Conversation {
             }
             tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: the data hook runs on what was read");
         }
-        let held = std::mem::take(lines);
-        self.data = Data::Body;
-        let headers = parse_headers(&held);
+        let mut held: Vec<(String, String)> = std::mem::take(lines).into_iter().map(|l| (token.to_string(), l)).collect();
+        let headers = parse_headers_of(held.iter().map(|(_, l)| l.as_str()));
         let message = Message { message_id: message_id(&headers), headers };
+        if end_of_headers {
+            held.push((token.to_string(), line.to_string()));
+        }
+        // smtpd sends the rest of the message without waiting, and all
+        // sessions share its pipe: waiting for the hook with those lines
+        // unread would make the reader of the pipe, and so every other
+        // session, wait for it too. They are held while the hook runs, at
+        // most `max_header_bytes` of them; past that, once the hook has had
+        // `HOOK_GRACE`, they are passed on without the filters' headers
+        // (the verdict is still answered at `commit`).
+        let mut hold = Held { lines: held, bytes: 0, budget: self.config.max_header_bytes, passed_on: false, ended: line == "." };
         if let Some(s) = self.session.as_mut() {
-            let v = s.data(&message).await;
+            let hook = s.data(&message);
+            tokio::pin!(hook);
+            let grace = tokio::time::sleep(HOOK_GRACE);
+            tokio::pin!(grace);
+            let v = loop {
+                let full = hold.bytes > hold.budget && !hold.passed_on;
+                tokio::select! {
+                    biased;
+                    v = &mut hook => break v,
+                    _ = &mut grace, if full => {
+                        tracing::debug!(session = %self.id, "opensmtpd: the data hook is slow: the message goes on without the filters' headers");
+                        hold.pass_on(&self.out, &self.id).await;
+                    }
+                    e = self.rx.recv(), if !full && self.backlog.len() < MAX_BACKLOG => {
+                        // Everything ready is taken before the hook runs
+                        // again: each poll of a busy hook runs it a while.
+                        let mut e = e;
+                        loop {
+                            let Some(event) = e else { return }; // smtpd reported the disconnect.
+                            hold.take(event, &mut self.backlog, &self.out, &self.id).await;
+                            if (hold.bytes > hold.budget && !hold.passed_on) || self.backlog.len() >= MAX_BACKLOG {
+                                break;
+                            }
+                            e = match self.rx.try_recv() {
+                                Ok(event) => Some(event),
+                                Err(mpsc::error::TryRecvError::Empty) => break,
+                                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                            };
+                        }
+                    }
+                }
+            };
             if v.reply().is_none() {
                 keep_headers(&mut self.headers, &v);
             }
             self.data_verdict = Some(v);
         }
-        // The filters' headers first, then the message as it came.
-        let added: Vec<String> = self.headers.iter().filter(|h| check_header(h)).map(|h| format!("{}: {}", h.name, h.value)).collect();
-        for h in added {
-            self.dataline(token, &h).await;
+        let Held { lines: held, passed_on, ended, .. } = hold;
+        if !passed_on {
+            // The filters' headers first, then the message as it came.
+            let added: Vec<String> = self.headers.iter().filter(|h| check_header(h)).map(|h| format!("{}: {}", h.name, h.value)).collect();
+            for h in added {
+                self.dataline(token, &h).await;
+            }
+            for (token, l) in held {
+                self.dataline(&token, &l).await;
+            }
         }
-        for l in held {
-            self.dataline(token, &l).await;
-        }
-        if end_of_headers {
-            self.dataline(token, line).await;
-        }
-        if line == "." {
-            self.data = Data::Idle;
-        }
+        self.data = if ended { Data::Idle } else { Data::Body };
     }
 }
 
+/// A message's lines held while its data hook runs.
+struct Held {
+    /// Token and line, as smtpd sent them.
+    lines: Vec<(String, String)>,
+    /// Bytes of the lines that came after the hook began.
+    bytes: usize,
+    budget: usize,
+    /// The lines were passed on without the filters' headers.
+    passed_on: bool,
+    /// The final dot is among them (or was passed on).
+    ended: bool,
+}
+
+impl Held {
+    /// One event that came while the hook runs: a line of the message is
+    /// held (or passed on, once lines are); the rest waits for the verdict.
+    async fn take(&mut self, event: Event, backlog: &mut std::collections::VecDeque<Event>, out: &mpsc::Sender<String>, id: &str) {
+        match event {
+            Event::Filter { phase, token, params } if phase == "data-line" && backlog.is_empty() && !self.ended => {
+                self.ended = params == ".";
+                if self.passed_on {
+                    let _ = out.send(format!("filter-dataline|{id}|{token}|{params}")).await;
+                } else {
+                    self.bytes += params.len() + 2;
+                    self.lines.push((token, params));
+                }
+            }
+            // `commit`, and reports, wait for the verdict.
+            other => backlog.push_back(other),
+        }
+    }
+
+    /// Passes on the lines held, and from now on each as it comes.
+    async fn pass_on(&mut self, out: &mpsc::Sender<String>, id: &str) {
+        for (token, l) in self.lines.drain(..) {
+            let _ = out.send(format!("filter-dataline|{id}|{token}|{l}")).await;
+        }
+        self.passed_on = true;
+    }
+}
+
+/// How long a data hook may run, once its message's lines held are over
+/// `max_header_bytes`, before they are passed on without the filters'
+/// headers (the pipe waits meanwhile).
+const HOOK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Events a session keeps while its data hook runs (`commit`, reports):
+/// smtpd sends a session none but its message's lines until it has them
+/// all back, so more means a broken peer, and the pipe waits.
+const MAX_BACKLOG: usize = 64;
+
 /// The header section's fields (a dot-escaped line unescaped, then as the
 /// SMTP front end reads them).
-fn parse_headers(lines: &[String]) -> Vec<Header> {
-    crate::session::unfold_headers(lines.iter().map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
+fn parse_headers_of<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<Header> {
+    crate::session::unfold_headers(lines.map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
 }
 
 /// How long a test waits for an answer.
@@ -652,7 +763,7 @@ mod tests {
 
     #[test]
     fn headers_are_unfolded_and_unescaped() {
-        let h = parse_headers(&["Subject: a".into(), "\tb".into(), "Message-ID: <x@y>".into(), "..X: dot".into()]);
+        let h = parse_headers_of(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].into_iter());
         assert_eq!(h[0].value, "a b");
         assert_eq!(message_id(&h).as_deref(), Some("<x@y>"));
         assert_eq!(h[2].name, ".X");

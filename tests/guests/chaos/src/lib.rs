@@ -3,7 +3,8 @@
 //! recipient gets `accept` with an `X-Chaos: ok` header, and the sender
 //! `store@x` exercises the store; the sender `tempfail-mail@x` gets a
 //! two-line 451 at MAIL, a message with the Message-ID
-//! `<tempfail-data@...>` a 451 at the end of DATA, and a client named
+//! `<tempfail-data@...>` a 451 at the end of DATA (`<loop-data@...>` a
+//! data hook that loops until its deadline), and a client named
 //! `panic.example` a trap at connect. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
@@ -198,6 +199,12 @@ impl Guest for Chaos {
     }
 
     fn on_data(_c: Context, m: Message) -> Verdict {
+        // A data hook that runs until its deadline cuts it.
+        if m.message_id.as_deref().is_some_and(|id| id.starts_with("<loop-data@")) {
+            loop {
+                std::hint::black_box(0u8);
+            }
+        }
         // A tempfail at the end of DATA, for the front ends' tests.
         if m.message_id.as_deref().is_some_and(|id| id.starts_with("<tempfail-data@")) {
             return verdict(Decision::Tempfail(Reply {
