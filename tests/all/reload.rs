@@ -585,3 +585,112 @@ async fn a_filters_namespace_is_its_name_unless_set() {
     assert_eq!(namespaces, ["strict", "greylist"]);
     daemon.stop().await;
 }
+
+/// After a reload, the new version keeps its instances for reuse: the
+/// version before it (kept for the crash-loop breaker to go back to) held
+/// its idle instances, and with them the runtime's places for idle
+/// instances, so the new version made an instance anew for every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_the_new_version_reuses_its_instances() {
+    use greyhook::runtime::reload::{FilterSource, Reloader};
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = dir.path().join("chaos.wasm");
+    std::fs::write(&chaos, CHAOS_FILTER).unwrap();
+    let store: Arc<dyn greyhook::store::Store> = Arc::new(greyhook::store::MemoryStore::new());
+    // A resolver that never answers: each call waits for its SPF lookup
+    // until the deadline cuts it, so calls at once each take an instance.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let resolver = greyhook::dns::Resolver::new(greyhook::dns::DnsConfig {
+        servers: vec![silent.local_addr().unwrap()],
+        ..greyhook::dns::DnsConfig::default()
+    });
+    let rt = greyhook::Runtime::new(greyhook::RuntimeConfig { resolver, ..greyhook::RuntimeConfig::default() }).unwrap();
+    let r = Reloader::start(rt, store, FilterSource::Embedded, greyhook::FilterOptions::default(), None).await.unwrap();
+    // Calls at once leave the reference filter with idle instances, as
+    // many as the runtime keeps (a quarter of its 64 slots).
+    let f = r.filter();
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut c = Client::new(&f, &format!("192.0.2.{}", i + 1), T0);
+                c.attempt("a@example.org", "user@example.com").await
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    drop(f);
+    let options = greyhook::FilterOptions { namespace: Some("chaos".into()), ..Default::default() };
+    assert!(r.reload_with(Some(FilterSource::File(chaos)), Some(options)).await.unwrap().to_string().starts_with("loaded chaos"));
+    let f = r.filter();
+    let c = Client::new(&f, "192.0.2.200", T0);
+    let loaded = f.stats().instances.load(Relaxed);
+    for _ in 0..20 {
+        f.on_rcpt(&c.ctx(), "fine@x").await;
+    }
+    let made = f.stats().instances.load(Relaxed) - loaded;
+    assert!(made <= 1, "the new version made {made} instances for 20 calls one after another");
+}
+
+/// The same from outside: `greyhook serve` with a resolver that never
+/// answers (so policy requests at once each hold an instance, as a busy
+/// resolver makes them), then `greyhook reload`, then requests one after
+/// another: `greyhook status` shows how many instances the new version made.
+#[test]
+fn after_a_reload_the_running_daemon_reuses_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = |delay: u32| {
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [dns]\nservers = [\"{dns}\"]\n[filter.config]\ndelay = {delay}\n",
+            d = d.display(),
+            dns = silent.local_addr().unwrap()
+        )
+    };
+    let mut p = greyhook_with(d, "serve", &config(300));
+    p.wait_listening(port, 60);
+    let ask = |s: &mut TcpStream, client: &str| {
+        s.write_all(policy_request(&[("client_address", client)]).as_bytes()).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let (mut answer, mut empty) = (String::new(), String::new());
+        r.read_line(&mut answer).unwrap();
+        r.read_line(&mut empty).unwrap();
+        answer
+    };
+    let at_once: Vec<_> = (0..32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                ask(&mut s, &format!("10.0.{i}.1"))
+            })
+        })
+        .collect();
+    for t in at_once {
+        assert!(t.join().unwrap().starts_with("action="));
+    }
+    let status = || {
+        let out = std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(d.join("control.sock")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let instances = |status: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with("filter greylist ")).unwrap_or_else(|| panic!("{status}"));
+        line.rsplit_once(" instances=").and_then(|(_, n)| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert!(instances(&status()) >= 8, "calls at once made instances: {}", status());
+    std::fs::write(d.join("greyhook.toml"), config(301)).unwrap();
+    let out = std::process::Command::new(greyhook_bin()).args(["reload", "--control"]).arg(d.join("control.sock")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded greylist"), "{}", String::from_utf8_lossy(&out.stdout));
+    let loaded = instances(&status());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for i in 0..20 {
+        assert!(ask(&mut s, &format!("10.1.{i}.1")).starts_with("action="));
+    }
+    let made = instances(&status()) - loaded;
+    assert!(made <= 1, "the new version made {made} instances for 20 requests one after another\n{}", status());
+}

@@ -42,6 +42,8 @@ struct FilterStatus {
     skipped_hooks: Vec<&'static str>,
     calls: u64,
     failures: u64,
+    /// Instances made (a call that finds none idle makes one).
+    instances: u64,
     last_reload: Option<LastReload>,
     metrics: Vec<serde_json::Value>,
     /// The metrics as `name{labels} value` (text only).
@@ -125,6 +127,7 @@ impl Status {
                     skipped_hooks: f.skipped().names(),
                     calls: f.stats().calls.load(Relaxed),
                     failures: f.stats().failures.load(Relaxed),
+                    instances: f.stats().instances.load(Relaxed),
                     last_reload: reloads.get(i).cloned().flatten(),
                     metrics_text: samples.iter().map(|m| m.render()).collect(),
                     metrics: samples.into_iter().map(metric_json).collect(),
@@ -204,14 +207,15 @@ impl Status {
         for f in &self.filters {
             let _ = writeln!(
                 out,
-                "filter {} {} namespace={} contract={} skips={} calls={} failures={}",
+                "filter {} {} namespace={} contract={} skips={} calls={} failures={} instances={}",
                 f.name,
                 f.version,
                 f.namespace,
                 f.contract,
                 if f.skipped_hooks.is_empty() { "none".to_string() } else { f.skipped_hooks.join(",") },
                 f.calls,
-                f.failures
+                f.failures,
+                f.instances
             );
             match &f.last_reload {
                 Some(r) => {

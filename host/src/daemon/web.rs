@@ -162,6 +162,14 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
         encode_family(e, "filter_info", "Each filter serving now", MetricType::Gauge, &info)?;
         let calls: Vec<_> = filters.iter().map(|f| (label(f), f.stats().calls.load(Relaxed) as f64)).collect();
         encode_family(e, "filter_calls", "Hook calls made to each filter", MetricType::Counter, &calls)?;
+        let instances: Vec<_> = filters.iter().map(|f| (label(f), f.stats().instances.load(Relaxed) as f64)).collect();
+        encode_family(
+            e,
+            "filter_instances",
+            "Instances each filter made (a call that finds none idle makes one)",
+            MetricType::Counter,
+            &instances,
+        )?;
         let samples: Vec<_> = filters.iter().map(|f| (f.info().name.clone(), f.metrics().snapshot())).collect();
         encode_filter_metrics(e, &samples)?;
         let dns = s.resolver.stats();

@@ -8,7 +8,7 @@
 //! poisons the whole wasmtime `Store`) and the filter's [`FailurePolicy`]
 //! answers instead; the next call gets a fresh instance.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -478,7 +478,12 @@ impl Runtime {
             pre,
             store,
             name: Arc::from("filter"),
-            idle: IdlePool { list: Mutex::new(Vec::new()), waiting: AtomicUsize::new(0), back: tokio::sync::Notify::new() },
+            idle: IdlePool {
+                list: Mutex::new(Vec::new()),
+                waiting: AtomicUsize::new(0),
+                back: tokio::sync::Notify::new(),
+                retired: AtomicBool::new(false),
+            },
             stats: Stats::default(),
             suspect_until: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -775,7 +780,7 @@ impl FilterInner {
     /// idle reserve have room; else it is dropped (its slot freed).
     fn checkin(&self, mut p: Pooled) {
         let mut idle = self.idle.list();
-        if idle.len() >= self.options.limits.idle_instances {
+        if idle.len() >= self.options.limits.idle_instances || self.idle.retired.load(Ordering::Relaxed) {
             return;
         }
         if p.place.is_none() {
@@ -854,6 +859,9 @@ struct IdlePool {
     waiting: AtomicUsize,
     /// Told when an instance comes back while calls wait.
     back: tokio::sync::Notify,
+    /// Keeps no instance ([`Filter::set_retired`]); written and read with
+    /// `list` locked, so no instance is kept after it is set.
+    retired: AtomicBool,
 }
 
 impl IdlePool {
@@ -956,6 +964,24 @@ impl Filter {
     /// Its counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// Marks the filter as replaced (`true`) or serving again (`false`).
+    ///
+    /// Idle instances hold slots of the runtime's pool and places among
+    /// the idle instances it keeps, all filters together. A version kept
+    /// after it was replaced (to go back to it, as the crash-loop breaker
+    /// does) would hold them for nothing, and the version serving would
+    /// make an instance anew for every call. A retired filter drops its
+    /// idle instances now, and each of its instances when its call ends;
+    /// it still answers calls. Dropping a filter frees them too.
+    pub fn set_retired(&self, retired: bool) {
+        let dropped = {
+            let mut idle = self.inner.idle.list();
+            self.inner.idle.retired.store(retired, Ordering::Relaxed);
+            if retired { std::mem::take(&mut *idle) } else { Vec::new() }
+        };
+        drop(dropped);
     }
 
     /// The hooks it asked not to be called (contract 0.2.2's

@@ -293,6 +293,8 @@ impl Reloader {
             check(&filter).map_err(ReloadError::Options)?;
             let info = filter.info().clone();
             let old = self.slot.swap(Arc::new(filter));
+            // Kept to go back to, without its idle instances.
+            old.set_retired(true);
             let mut b = self.breaker();
             b.previous = Some((old, cur.clone()));
             b.last = (0, 0);
@@ -344,7 +346,9 @@ impl Reloader {
             previous.info().version,
             backoff.as_secs()
         );
+        previous.set_retired(false);
         self.slot.store(previous);
+        filter.set_retired(true);
         *cur = prev_cur;
         drop(b);
         tracing::warn!("{why}");
