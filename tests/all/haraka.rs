@@ -538,3 +538,45 @@ fn the_haraka_package_tests_pass() {
     assert!(text.contains("# fail 0") && !text.contains("# pass 0"), "{text}");
     let _ = std::io::stdout().write_all(b"");
 }
+
+/// Load alone never passes mail, in Haraka as in greyhook: a call that
+/// waits too long for a free worker (`overloaded`) is answered with a
+/// tempfail whatever `failure_policy` says. Found with forty clients at
+/// once, one worker and a resolver that never answers (each call waits for
+/// its SPF lookup): calls queued past ten deadlines were answered by the
+/// default `continue`, and their new triplets passed ungreylisted.
+#[test]
+fn haraka_under_load_never_passes_a_new_triplet() {
+    const CLIENTS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\nfailure_policy=continue\ndeadline_ms=100\nworkers=1\nwatch=false\n[dns]\nservers={}\n",
+        wasm.display(),
+        silent.local_addr().unwrap()
+    );
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 300\n");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let port = h.port;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut c = Raw::over(connect_from(&format!("127.0.{}.{}", 10 + i / 200, 1 + i % 200), port));
+                assert!(c.reply().starts_with("220"), "greeting");
+                assert!(c.send("EHLO client.example.org").starts_with("250"));
+                assert!(c.send(&format!("MAIL FROM:<s{i}@sender{i}.example.org>")).starts_with("250"));
+                start.wait();
+                let r = c.send(&format!("RCPT TO:<u{i}@example.com>"));
+                let _ = c.send("QUIT");
+                r
+            })
+        })
+        .collect();
+    let replies: Vec<String> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    let passed: Vec<&String> = replies.iter().filter(|r| !r.starts_with("451 ")).collect();
+    assert!(passed.is_empty(), "{} of {CLIENTS} new triplets not greylisted, e.g. {:?}\n{}", passed.len(), passed[0], h.log());
+    let overloaded = replies.iter().filter(|r| r.starts_with("451 4.3.0")).count();
+    assert!(overloaded > 0, "no call waited past its time (the test needs some to): {replies:?}");
+}

@@ -392,8 +392,12 @@ class Filter {
         }
         this.counts.failures++
         this.counts[r.kind] = (this.counts[r.kind] || 0) + 1
-        this.logger('error', `greyhook: filter ${this.generation?.info?.name ?? this.path} failed at ${hook}: ${r.kind}: ${r.message}; failure policy ${this.failurePolicy}`)
-        return { verdict: failureVerdict(this.failurePolicy, hook), keywords: [], failure: `${r.kind}: ${r.message}` }
+        // Load is not a failure of the filter: a call that found no worker
+        // in time is a tempfail whatever the policy, as greyhook's `busy`
+        // (with `continue`, a flood would pass its mail ungreylisted).
+        const policy = r.kind === 'overloaded' ? 'tempfail' : this.failurePolicy
+        this.logger('error', `greyhook: filter ${this.generation?.info?.name ?? this.path} failed at ${hook}: ${r.kind}: ${r.message}; answered: ${policy}`)
+        return { verdict: failureVerdict(policy, hook), keywords: [], failure: `${r.kind}: ${r.message}` }
     }
 
     /** Serves a worker's store or DNS call. */
