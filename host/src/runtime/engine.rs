@@ -226,10 +226,13 @@ pub enum FilterError {
     /// No instance could be made.
     #[error("cannot instantiate the filter: {0}")]
     Instantiate(String),
-    /// Every instance stayed busy with other calls for as long as the
-    /// call's deadline ([`RuntimeConfig::max_instances`]): the host is
-    /// overloaded.
-    #[error("no filter instance was free within {0:?}: the host is overloaded")]
+    /// The host is overloaded: every instance stayed busy with other calls
+    /// for as long as the call's deadline ([`RuntimeConfig::max_instances`]),
+    /// or a suspect filter's slow-call slots did, or the call was cut at
+    /// its deadline having run for less than half of it (it waited the
+    /// rest, behind other tasks). Not the filter's failure: answered with a
+    /// tempfail whatever the failure policy.
+    #[error("the host is overloaded: the call did not get to run within {0:?}")]
     Busy(Duration),
 }
 
@@ -1110,10 +1113,10 @@ impl Filter {
         let early_slot = if inner.suspect() {
             match tokio::time::timeout(deadline, inner.slow_slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => Some(p),
-                _ => {
-                    inner.mark_suspect();
-                    return Err(FilterError::Deadline(deadline));
-                }
+                // A call that never ran did not fail: the wait is load, and
+                // load never passes mail (`Busy`, a tempfail whatever the
+                // failure policy).
+                _ => return Err(FilterError::Busy(deadline)),
             }
         } else {
             None
@@ -1134,9 +1137,24 @@ impl Filter {
         pooled.store.set_epoch_deadline(SLOW_AFTER_TICKS);
         // The epoch callback stops runaway Wasm; the timeout also bounds
         // time spent waiting in host calls (a slow store).
+        // How long the call ran (its polls), as against waited: for DNS,
+        // or to run again behind other tasks after it yielded. Counted only
+        // once it has waited, so that a call done in one poll (nearly all)
+        // reads no clock for it.
+        let mut ran = Duration::ZERO;
         let result = {
             let _busy = inner.runtime.inner.ticker.busy();
-            tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call, ctx)).await
+            let mut invoked = std::pin::pin!(invoke(&mut pooled, call, ctx));
+            let mut from = Some(started.into_std());
+            let timed = std::future::poll_fn(|cx| {
+                let at = from.take().unwrap_or_else(std::time::Instant::now);
+                let r = invoked.as_mut().poll(cx);
+                if r.is_pending() || ran > Duration::ZERO {
+                    ran += at.elapsed().max(Duration::from_nanos(1));
+                }
+                r
+            });
+            tokio::time::timeout_at(end + TICK * 2, timed).await
         };
         pooled.store.data().release_slow_slot();
         match result {
@@ -1156,6 +1174,13 @@ impl Filter {
                     // the filter's own slow-call slots, which costs a healthy
                     // filter (calls of microseconds) next to nothing.
                     inner.mark_suspect();
+                    // A call that ran for less than half its time spent the
+                    // rest waiting, most likely to run again behind other
+                    // tasks: cut by the host's load, not by its own code,
+                    // and load never passes mail (`Busy`, a tempfail).
+                    if ran * 2 < deadline {
+                        return Err(FilterError::Busy(deadline));
+                    }
                     Err(FilterError::Deadline(deadline))
                 } else {
                     Err(FilterError::Trap(describe_trap(&e, pooled.store.data())))
