@@ -743,10 +743,12 @@ impl FilterInner {
         // the runtime at every tick from then on, so it shares its thread
         // with other requests, and traps once past its deadline. A filter
         // whose call trapped so lately is a suspect (see `call`).
-        store.epoch_deadline_callback(|ctx| {
+        store.epoch_deadline_callback(|mut ctx| {
             if ctx.data().call_deadline.is_some_and(|end| std::time::Instant::now() >= end) {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
+            let state = ctx.data_mut();
+            state.yields = state.yields.saturating_add(1);
             Ok(wasmtime::UpdateDeadline::Yield(1))
         });
         store.set_epoch_deadline(SLOW_AFTER_TICKS);
@@ -1137,24 +1139,9 @@ impl Filter {
         pooled.store.set_epoch_deadline(SLOW_AFTER_TICKS);
         // The epoch callback stops runaway Wasm; the timeout also bounds
         // time spent waiting in host calls (a slow store).
-        // How long the call ran (its polls), as against waited: for DNS,
-        // or to run again behind other tasks after it yielded. Counted only
-        // once it has waited, so that a call done in one poll (nearly all)
-        // reads no clock for it.
-        let mut ran = Duration::ZERO;
         let result = {
             let _busy = inner.runtime.inner.ticker.busy();
-            let mut invoked = std::pin::pin!(invoke(&mut pooled, call, ctx));
-            let mut from = Some(started.into_std());
-            let timed = std::future::poll_fn(|cx| {
-                let at = from.take().unwrap_or_else(std::time::Instant::now);
-                let r = invoked.as_mut().poll(cx);
-                if r.is_pending() || ran > Duration::ZERO {
-                    ran += at.elapsed().max(Duration::from_nanos(1));
-                }
-                r
-            });
-            tokio::time::timeout_at(end + TICK * 2, timed).await
+            tokio::time::timeout_at(end + TICK * 2, invoke(&mut pooled, call, ctx)).await
         };
         pooled.store.data().release_slow_slot();
         match result {
@@ -1174,10 +1161,14 @@ impl Filter {
                     // the filter's own slow-call slots, which costs a healthy
                     // filter (calls of microseconds) next to nothing.
                     inner.mark_suspect();
-                    // A call that ran for less than half its time spent the
-                    // rest waiting, most likely to run again behind other
-                    // tasks: cut by the host's load, not by its own code,
-                    // and load never passes mail (`Busy`, a tempfail).
+                    // How long its code ran: the ticks before it first
+                    // yielded, and one for each yield since (it yields at
+                    // the first tick after it runs again). A call that ran
+                    // for less than half its time spent the rest waiting,
+                    // most likely to run again behind other tasks: cut by
+                    // the host's load, not by its own code, and load never
+                    // passes mail (`Busy`, a tempfail).
+                    let ran = TICK * (pooled.store.data().yields + SLOW_AFTER_TICKS as u32);
                     if ran * 2 < deadline {
                         return Err(FilterError::Busy(deadline));
                     }

@@ -111,6 +111,10 @@ pub(crate) struct HostState {
     pub(crate) store_failure: Option<String>,
     /// When the call in progress (or `init`) must be over.
     pub(crate) call_deadline: Option<std::time::Instant>,
+    /// Times the call in progress yielded at an epoch tick: about the
+    /// milliseconds its code ran past its first few (a call that waits, for
+    /// DNS or for a thread, is not counted meanwhile).
+    pub(crate) yields: u32,
     dns_margin: std::time::Duration,
     /// The filter's shared write and log budgets.
     pub(crate) quota: Arc<Quota>,
@@ -156,6 +160,7 @@ impl HostState {
             filter,
             now: 0,
             call_deadline: None,
+            yields: 0,
             dns_margin: std::time::Duration::ZERO,
             slow_held: Arc::default(),
             quota: Arc::new(Quota::new(&crate::runtime::Limits::default())),
@@ -194,6 +199,7 @@ impl HostState {
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         self.call_deadline = Some(deadline);
+        self.yields = 0;
         // A quarter of the hook's time is kept from DNS waits, so that a
         // filter told `timeout` still has time to answer (and to store).
         self.dns_margin = budget / 4;
