@@ -952,7 +952,5 @@ fn policy_burst(clients: usize, each: usize, config: &str) -> (Vec<String>, Stri
         .collect();
     let answers: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     assert_eq!(answers.len(), clients * each);
-    let out =
-        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
-    (answers, String::from_utf8_lossy(&out.stdout).into_owned(), d.log_text())
+    (answers, greyhook_status(&dir.path().join("control.sock"), false), d.log_text())
 }

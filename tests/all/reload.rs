@@ -655,14 +655,7 @@ fn after_a_reload_the_running_daemon_reuses_instances() {
     };
     let mut p = greyhook_with(d, "serve", &config(300));
     p.wait_listening(port, 60);
-    let ask = |s: &mut TcpStream, client: &str| {
-        s.write_all(policy_request(&[("client_address", client)]).as_bytes()).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let (mut answer, mut empty) = (String::new(), String::new());
-        r.read_line(&mut answer).unwrap();
-        r.read_line(&mut empty).unwrap();
-        answer
-    };
+    let ask = |s: &mut TcpStream, client: &str| policy_rcpt(s, client, "a@example.org", "u@example.com", "i");
     let at_once: Vec<_> = (0..32)
         .map(|i| {
             std::thread::spawn(move || {
@@ -674,10 +667,7 @@ fn after_a_reload_the_running_daemon_reuses_instances() {
     for t in at_once {
         assert!(t.join().unwrap().starts_with("action="));
     }
-    let status = || {
-        let out = std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(d.join("control.sock")).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let status = || greyhook_status(&d.join("control.sock"), false);
     let instances = |status: &str| -> u64 {
         let line = status.lines().find(|l| l.starts_with("filter greylist ")).unwrap_or_else(|| panic!("{status}"));
         line.rsplit_once(" instances=").and_then(|(_, n)| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))

@@ -263,10 +263,15 @@ where
 /// waits for one to every request.
 fn overloaded(session: &str, phase: &str, token: &str, params: &str) -> String {
     match phase {
-        "data-line" => format!("filter-dataline|{session}|{token}|{params}"),
+        "data-line" => dataline_answer(session, token, params),
         "connect" => format!("filter-result|{session}|{token}|disconnect|421 4.3.2 Too many sessions, try again later"),
         _ => format!("filter-result|{session}|{token}|reject|451 4.3.2 Too many sessions, try again later"),
     }
+}
+
+/// A line of message data given back to smtpd.
+fn dataline_answer(session: &str, token: &str, line: &str) -> String {
+    format!("filter-dataline|{session}|{token}|{line}")
 }
 
 /// `0.5`, `0.6`, `0.7`…: the versions with the session before the token.
@@ -452,7 +457,7 @@ impl Conversation {
     }
 
     async fn dataline(&self, token: &str, line: &str) {
-        self.send(format!("filter-dataline|{}|{token}|{line}", self.id)).await;
+        self.send(dataline_answer(&self.id, token, line)).await;
     }
 
     /// The session, created from what is known when the client is. The
@@ -615,7 +620,7 @@ impl Conversation {
             let grace = tokio::time::sleep(HOOK_GRACE);
             tokio::pin!(grace);
             let v = loop {
-                let full = hold.bytes > hold.budget && !hold.passed_on;
+                let full = hold.full();
                 tokio::select! {
                     biased;
                     v = &mut hook => break v,
@@ -630,7 +635,7 @@ impl Conversation {
                         loop {
                             let Some(event) = e else { return }; // smtpd reported the disconnect.
                             hold.take(event, &mut self.backlog, &self.out, &self.id).await;
-                            if (hold.bytes > hold.budget && !hold.passed_on) || self.backlog.len() >= MAX_BACKLOG {
+                            if hold.full() || self.backlog.len() >= MAX_BACKLOG {
                                 break;
                             }
                             e = match self.rx.try_recv() {
@@ -676,6 +681,12 @@ struct Held {
 }
 
 impl Held {
+    /// Over the budget with the lines still held: read no more until the
+    /// hook answers or its grace is over.
+    fn full(&self) -> bool {
+        self.bytes > self.budget && !self.passed_on
+    }
+
     /// One event that came while the hook runs: a line of the message is
     /// held (or passed on, once lines are); the rest waits for the verdict.
     async fn take(&mut self, event: Event, backlog: &mut std::collections::VecDeque<Event>, out: &mpsc::Sender<String>, id: &str) {
@@ -683,7 +694,7 @@ impl Held {
             Event::Filter { phase, token, params } if phase == "data-line" && backlog.is_empty() && !self.ended => {
                 self.ended = params == ".";
                 if self.passed_on {
-                    let _ = out.send(format!("filter-dataline|{id}|{token}|{params}")).await;
+                    let _ = out.send(dataline_answer(id, &token, &params)).await;
                 } else {
                     self.bytes += params.len() + 2;
                     self.lines.push((token, params));
@@ -697,7 +708,7 @@ impl Held {
     /// Passes on the lines held, and from now on each as it comes.
     async fn pass_on(&mut self, out: &mpsc::Sender<String>, id: &str) {
         for (token, l) in self.lines.drain(..) {
-            let _ = out.send(format!("filter-dataline|{id}|{token}|{l}")).await;
+            let _ = out.send(dataline_answer(id, &token, &l)).await;
         }
         self.passed_on = true;
     }
