@@ -346,6 +346,12 @@ impl Process {
 
     /// [`Process::greyhook`] with `env` added to its environment.
     pub fn greyhook_env(args: &[&str], log: PathBuf, env: &[(&str, &std::ffi::OsStr)]) -> Process {
+        Process::greyhook_under(&[], args, log, env)
+    }
+
+    /// [`Process::greyhook_env`] started through `wrapper` (a command and
+    /// its arguments that runs the rest, e.g. `prlimit --nofile=256:1100`).
+    pub fn greyhook_under(wrapper: &[&str], args: &[&str], log: PathBuf, env: &[(&str, &std::ffi::OsStr)]) -> Process {
         let err = std::fs::File::create(&log).expect("log file");
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let daemon = matches!(args.first().map(String::as_str), Some("serve" | "smtp"));
@@ -358,7 +364,15 @@ impl Process {
         if daemon && !config_names_dns && !args.iter().any(|a| a == "--dns") {
             args.extend(["--dns".to_string(), null_dns().to_string()]);
         }
-        let child = std::process::Command::new(greyhook_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(rest).arg(greyhook_bin());
+                c
+            }
+            None => std::process::Command::new(greyhook_bin()),
+        };
+        let child = command
             .args(&args)
             .env("GREYHOOK_LOG", "info")
             // The run's compiled-filter cache (see [`TEST_CACHE`]); `env` may name another.

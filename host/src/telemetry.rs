@@ -102,6 +102,10 @@ pub struct HostMetrics {
     pub connections_refused: Family<FrontEndLabel, Counter>,
     /// `connections_active{front_end}`: connections in hand now.
     pub connections_active: Family<FrontEndLabel, Gauge>,
+    /// `accept_failures_total{front_end}`: accepts that failed (the
+    /// process or the machine out of file descriptors or buffers); the
+    /// control and metrics listeners count as `control` and `metrics`.
+    pub accept_failures: Family<FrontEndLabel, Counter>,
     /// `store_operation_seconds{op}`: each store operation's latency (its
     /// `_count` is the number of operations).
     pub store_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
@@ -142,6 +146,7 @@ impl HostMetrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             connections_active: Family::default(),
+            accept_failures: Family::default(),
             store_latency: Family::new_with_constructor(latency),
             store_failures: Family::default(),
             dns_latency: latency(),
@@ -162,6 +167,11 @@ impl HostMetrics {
         r.register("connections", "Connections accepted, by front end", self.connections.clone());
         r.register("connections_refused", "Connections refused because every slot was taken", self.connections_refused.clone());
         r.register("connections_active", "Connections in hand now", self.connections_active.clone());
+        r.register(
+            "accept_failures",
+            "Connections that could not be accepted (out of file descriptors or buffers), by listener",
+            self.accept_failures.clone(),
+        );
         r.register("store_operation_seconds", "Store operations and their latency", self.store_latency.clone());
         r.register("store_operation_failures", "Store operations the backend failed", self.store_failures.clone());
         r.register("dns_lookup_seconds", "DNS lookups and their latency (cache hits included)", self.dns_latency.clone());

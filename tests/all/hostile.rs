@@ -954,3 +954,151 @@ fn policy_burst(clients: usize, each: usize, config: &str) -> (Vec<String>, Stri
     assert_eq!(answers.len(), clients * each);
     (answers, greyhook_status(&dir.path().join("control.sock"), false), d.log_text())
 }
+
+/// Found reading how the front ends start their listeners: each listener
+/// counted its own connections, so an SMTP front end on two addresses (port
+/// 25 and 587, or IPv4 and IPv6) let twice `max_connections` in, each
+/// client address `max_connections_per_client` on each, and held twice
+/// `max_data_memory`; a policy or milter service on a TCP port and a unix
+/// socket served twice its `max_connections`. Each limit is now the front
+/// end's, whatever it listens on.
+#[test]
+fn a_front_ends_limits_hold_across_all_its_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (s1, s2, p1) = (free_port(), free_port(), free_port());
+    let policy_sock = dir.path().join("policy.sock");
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{p1}\", \"unix:{ps}\"]\nmax_connections = 1\n\
+         [smtp]\nlisten = [\"127.0.0.1:{s1}\", \"127.0.0.1:{s2}\"]\nnext_hop = \"127.0.0.1:{hop}\"\n\
+         hostname = \"greyhook.test\"\nmax_connections = 2\nmax_connections_per_client = 1\n\
+         [filter.config]\n{WHITE}\n",
+        d = dir.path().display(),
+        ps = policy_sock.display(),
+        hop = sink.port,
+    );
+    let _d = greyhook_with(dir.path(), "serve", &text);
+    for p in [s1, s2, p1] {
+        wait_for_port(p, 30);
+    }
+    // The readiness probes' connections end as greyhook reads their close.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut first = Raw::over(connect_from("127.0.0.21", s1));
+    assert!(first.reply().starts_with("220"), "the first client is greeted");
+    let mut again = Raw::over(connect_from("127.0.0.21", s2));
+    let r = again.reply();
+    assert!(r.starts_with("421 4.7.0"), "one address's second connection, on the other listener: {r:?}");
+    // Its slot is given back as its task ends, just after the close.
+    assert!(again.closed());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = Raw::over(connect_from("127.0.0.22", s2));
+    assert!(second.reply().starts_with("220"), "a second client is greeted");
+    let mut third = Raw::over(connect_from("127.0.0.23", s1));
+    let r = third.reply();
+    assert!(r.starts_with("421 4.3.2"), "a third connection with max_connections = 2 over two listeners: {r:?}");
+    drop((first, second));
+
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(policy_rcpt(&mut held, "192.0.2.1", "a@example.org", "u@example.com", "i1").starts_with("action="));
+    let mut other = std::os::unix::net::UnixStream::connect(&policy_sock).unwrap();
+    other.write_all(policy_request(&[("client_address", "192.0.2.2"), ("instance", "i2")]).as_bytes()).unwrap();
+    other.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut b = [0u8; 256];
+    let e = other.read(&mut b).expect_err("a second policy peer, on the unix socket, waits while the TCP one is connected");
+    assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+    drop(held);
+    other.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(other.read(&mut b).unwrap() > 0, "served once the slot is free");
+}
+
+/// A process's user and system CPU time so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let after = &stat[stat.rfind(')').expect("stat's command name") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Found by holding connections until the daemon ran out of file
+/// descriptors: every accept then fails with `EMFILE`. The control
+/// socket's listener retried at once, so one `greyhook status` waiting
+/// in its backlog spun a core (0.68 s of CPU a second, measured), and the
+/// front ends' listeners wrote `accept failed` twenty times a second each.
+/// Now every listener backs off, and says so at most once in ten seconds
+/// with a count; once connections close, the waiting ones are served.
+#[test]
+fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let control = dir.path().join("control.sock");
+    let text = format!(
+        "[control]\nsocket = \"{c}\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        c = control.display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    d.wait_listening(port, 30);
+    let pid = d.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let limit = format!("--nofile={n}:{n}", n = open + 8);
+    let st = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &limit]).status().expect("prlimit runs");
+    assert!(st.success(), "prlimit {limit}");
+    // Held until accepts fail: the last of them wait in the backlog.
+    let held: Vec<std::net::TcpStream> = (0..24).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let mut status = std::os::unix::net::UnixStream::connect(&control).expect("the control socket's backlog takes it");
+    status.write_all(b"status\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.log_text().contains("Too many open files"), "the descriptors ran out:\n{}", d.log_text());
+    let (cpu, lines) = (cpu_ticks(pid), d.log_text().matches("accept failed").count());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - cpu;
+    let logged = d.log_text().matches("accept failed").count() - lines;
+    eprintln!("out of descriptors for 2 s: {spent} clock ticks of CPU, {logged} accept failures logged");
+    assert!(spent < 30, "{spent} clock ticks of CPU in 2 s while out of descriptors (100 a second is a core)");
+    assert!(logged <= 2, "{logged} accept failures logged in 2 s");
+    drop(held);
+    status.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    status.read_to_string(&mut answer).expect("the control connection is answered once descriptors are free");
+    assert!(answer.starts_with("ok "), "{answer:?}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "u@example.com", "fd1").starts_with("action="));
+}
+
+/// The usual soft open-files limit (1024) is below what the front ends'
+/// defaults let peers hold together (a policy and a milter service, 512
+/// connections each): the binary raises its soft limit to the hard one,
+/// and says at start when the hard one is short as well.
+#[test]
+fn the_daemon_raises_its_open_files_limit_and_warns_when_it_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pport, mport) = (free_port(), free_port());
+    let cfg = dir.path().join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+             [policy]\nlisten = [\"127.0.0.1:{pport}\"]\n[milter]\nlisten = [\"127.0.0.1:{mport}\"]\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut d = Process::greyhook_under(
+        &["prlimit", "--nofile=256:1100"],
+        &["serve", "--config", cfg.to_str().unwrap()],
+        dir.path().join("log"),
+        &[],
+    );
+    d.wait_listening(pport, 30);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let soft: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&soft[3..5], ["1100", "1100"], "{line}");
+    let log = d.log_text();
+    assert!(log.contains("open-files limit raised from 256 to 1100"), "{log}");
+    // 512 + 1 for each service, and the reserve.
+    assert!(log.contains("the open-files limit is 1100, below the 1282 file descriptors") && log.contains("milter 513"), "{log}");
+}

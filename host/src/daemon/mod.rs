@@ -9,6 +9,7 @@
 
 mod config;
 mod control;
+mod files;
 mod overrides;
 mod page;
 mod status;
@@ -17,6 +18,7 @@ mod web;
 
 pub use self::config::*;
 use self::control::control_service;
+pub use self::files::{OpenFiles, RESERVED_FILES, raise_open_files_limit};
 use self::watch::{watch, watch_breaker};
 pub use self::web::{MetricsConfig, WebError};
 
@@ -201,6 +203,26 @@ macro_rules! start_front_ends {
     };
 }
 crate::frontend::front_ends!(start_front_ends);
+
+macro_rules! open_files_needed {
+    ($($table:ident => $front_end:ty,)*) => {
+        /// The file descriptors each front end the configuration turns on
+        /// (and the metrics listener) lets its peers hold at most.
+        fn open_files_needed(config: &DaemonConfig) -> Vec<(&'static str, u64)> {
+            let mut needed = Vec::new();
+            $(
+                if <$front_end as FrontEnd>::enabled(&config.$table) {
+                    needed.push((<$front_end as FrontEnd>::NAME, <$front_end as FrontEnd>::open_files(&config.$table)));
+                }
+            )*
+            if config.metrics.listen.is_some() {
+                needed.push(("metrics", config.metrics.max_connections as u64));
+            }
+            needed
+        }
+    };
+}
+crate::frontend::front_ends!(open_files_needed);
 
 impl Shared {
     /// Reloads every filter of the chain (an unchanged one is left alone);
@@ -425,6 +447,9 @@ impl Daemon {
         };
         let shutdown = CancellationToken::new();
         let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
+        if let Err(warning) = OpenFiles::now(open_files_needed(config)).check() {
+            tracing::warn!("{warning}");
+        }
         if front_ends.is_empty() {
             return Err(DaemonError::Invalid("nothing to listen on: give policy.listen, milter.listen or smtp.listen".into()));
         }

@@ -77,13 +77,13 @@ pub(super) async fn bind(config: &MetricsConfig) -> Result<Option<tokio::net::Tc
 /// Serves until `shutdown`.
 pub(super) async fn serve(listener: tokio::net::TcpListener, max: usize, shared: Arc<Shared>, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut failures = crate::frontend::listen::AcceptFailures::new("metrics");
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!("metrics listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures.failed(&e).await;
                     continue;
                 }
             },

@@ -258,13 +258,17 @@ pub struct Load {
     accepted: prometheus_client::metrics::counter::Counter,
     in_hand: prometheus_client::metrics::gauge::Gauge,
     max: usize,
+    /// The slots of `max`, shared by every listener of the front end (a
+    /// limit is the front end's, not each listener's).
+    slots: Arc<tokio::sync::Semaphore>,
     active: std::sync::atomic::AtomicUsize,
     stress: tokio::sync::watch::Sender<bool>,
 }
 
 impl Load {
     /// The load of front end `front_end`'s listeners, with at most `max`
-    /// connections at once.
+    /// connections at once on all of them together: make one for the
+    /// front end and give it to each listener's [`accept_loop`].
     pub fn new(front_end: &'static str, max: usize) -> Arc<Load> {
         let m = crate::telemetry::host();
         let label = crate::telemetry::FrontEndLabel { front_end };
@@ -273,6 +277,7 @@ impl Load {
             accepted: m.connections.get_or_create(&label).clone(),
             in_hand: m.connections_active.get_or_create(&label).clone(),
             max: max.max(1),
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
             active: 0.into(),
             stress: tokio::sync::watch::Sender::new(false),
         })
@@ -357,8 +362,13 @@ pub enum WhenFull {
     Refuse(&'static str),
 }
 
+/// Refusals (`421` to a connection past the limit) being written at once,
+/// each a short write; past it a connection over the limit is closed
+/// without one.
+pub(crate) const MAX_REFUSALS: usize = 64;
+
 /// Accepts connections on `listener` until `shutdown` is cancelled, at
-/// most `load.max()` at once, each served by `handle(conn, peer)` in its
+/// most `load.max()` at once (on all the listeners that share `load`), each served by `handle(conn, peer)` in its
 /// own task; then waits for the connections in hand to finish (each
 /// handler watches `shutdown` itself).
 pub async fn accept_loop<F, Fut>(listener: Listener, load: Arc<Load>, when_full: WhenFull, shutdown: CancellationToken, handle: F)
@@ -367,32 +377,31 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let tracker = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(load.max()));
-    // Refusals in flight (each a short write), bounded too.
-    let refusals = Arc::new(tokio::sync::Semaphore::new(64));
+    let slots = load.slots.clone();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
+    let mut failures = AcceptFailures::new(load.front_end);
     loop {
-        let permit = match when_full {
-            WhenFull::Wait => tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
-                _ = shutdown.cancelled() => break,
-            },
-            WhenFull::Refuse(_) => None,
-        };
+        // Accepted first, then given a slot: the listeners of a front end
+        // share its slots, and one waiting for a connection must not hold a
+        // slot another listener's peer needs.
         let (mut conn, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures.failed(&e).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => break,
         };
-        let permit = match (permit, when_full) {
-            (Some(p), _) => p,
-            (None, WhenFull::Refuse(reply)) => match slots.clone().try_acquire_owned() {
+        let permit = match when_full {
+            // The peer waits, as it would in the kernel's backlog; this
+            // listener accepts no other meanwhile.
+            WhenFull::Wait => tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            },
+            WhenFull::Refuse(reply) => match slots.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
                     tracing::warn!(%peer, max = load.max(), "connection refused: every slot is taken");
@@ -407,7 +416,6 @@ where
                     continue;
                 }
             },
-            (None, WhenFull::Wait) => continue,
         };
         load.update(1);
         let slot = Slot(load.clone());
@@ -424,6 +432,54 @@ where
     drop(listener);
     tracker.close();
     tracker.wait().await;
+}
+
+/// How often a listener that keeps failing to accept says so in the log.
+const ACCEPT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a listener waits after a failed accept before it tries again.
+const ACCEPT_FAILURE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener's failed accepts (`EMFILE` when the process is out of file
+/// descriptors, `ENFILE`, `ENOBUFS`): each is counted
+/// (`greyhook_accept_failures_total`) and followed by a short back-off, so
+/// the listener neither spins a core nor floods the log while the shortage
+/// lasts; the log says so at most once every
+/// [`ACCEPT_FAILURE_LOG_EVERY`], with how many failed since.
+pub(crate) struct AcceptFailures {
+    listener: &'static str,
+    counter: prometheus_client::metrics::counter::Counter,
+    last_logged: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    /// The failures of listener `listener` (a front end's name, `control`
+    /// or `metrics`).
+    pub(crate) fn new(listener: &'static str) -> AcceptFailures {
+        let counter =
+            crate::telemetry::host().accept_failures.get_or_create(&crate::telemetry::FrontEndLabel { front_end: listener }).clone();
+        AcceptFailures { listener, counter, last_logged: None, unlogged: 0 }
+    }
+
+    /// Counts `e`, logs it if the last report is old enough, and waits
+    /// [`ACCEPT_FAILURE_BACKOFF`].
+    pub(crate) async fn failed(&mut self, e: &std::io::Error) {
+        self.counter.inc();
+        let now = tokio::time::Instant::now();
+        if self.last_logged.is_none_or(|t| now.duration_since(t) >= ACCEPT_FAILURE_LOG_EVERY) {
+            let listener = self.listener;
+            match self.unlogged {
+                0 => tracing::warn!(listener, "accept failed: {e}"),
+                n => tracing::warn!(listener, "accept failed: {e} ({n} more since the last report)"),
+            }
+            self.last_logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        tokio::time::sleep(ACCEPT_FAILURE_BACKOFF).await;
+    }
 }
 
 /// A file's device and inode.

@@ -96,6 +96,16 @@ pub trait FrontEnd: Sized + Send + 'static {
     /// Turns it off in `config` (another front end's command runs).
     fn disable(config: &mut Self::Config);
 
+    /// The most file descriptors these settings let its peers hold at
+    /// once: a connection each up to its limit, what each may open (the
+    /// SMTP front end's next-hop connection), and one each listener may
+    /// hold while it waits for a free slot. The daemon adds them up and
+    /// warns at start when the process's open-files limit is lower (see
+    /// [`crate::daemon::OpenFiles`]). Its listeners themselves, and the
+    /// pipe of a front end that is not a listener, are in
+    /// [`crate::daemon::RESERVED_FILES`].
+    fn open_files(config: &Self::Config) -> u64;
+
     /// Checks the settings and takes what it serves on (binds its sockets),
     /// so that a bad setting or a taken port stops the daemon's start.
     fn start(config: &Self::Config) -> impl Future<Output = Result<Self, FrontEndError>> + Send;

@@ -105,6 +105,11 @@ impl FrontEnd for OpenSmtpd {
         Ok(OpenSmtpd { config: config.clone() })
     }
 
+    fn open_files(_: &OpenSmtpdConfig) -> u64 {
+        // Its pipe is smtpd's stdin and stdout, already open.
+        0
+    }
+
     async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
         if let Err(e) = serve_io(tokio::io::stdin(), tokio::io::stdout(), hooks, self.config, shutdown).await {
             tracing::error!("opensmtpd: {e}");

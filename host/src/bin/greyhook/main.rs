@@ -569,6 +569,17 @@ async fn serve(overrides: Overrides) -> Result<()> {
     let file = overrides.common.config.clone();
     let cfg = load_config(file.as_deref(), &overrides)?;
     let _log = init_logging(&cfg.log.level);
+    // Before anything opens a socket: the connection limits need more
+    // descriptors than the usual soft limit of 1024 (the daemon warns if
+    // the hard limit is short too).
+    match greyhook::daemon::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            let show = |l: Option<u64>| l.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+            tracing::info!("open-files limit raised from {} to {}", show(before), show(after));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-files limit to its hard limit: {e}"),
+    }
     let reconfigure =
         Reconfigure { files: file.iter().cloned().collect(), load: Arc::new(move || load_config(file.as_deref(), &overrides)) };
     // The handlers are in place before anything listens: a SIGTERM that

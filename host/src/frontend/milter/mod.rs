@@ -135,9 +135,17 @@ impl FrontEnd for Milter {
         self.listeners.iter().map(Listener::local_addr).collect()
     }
 
+    fn open_files(config: &MilterConfig) -> u64 {
+        (config.max_connections + config.listen.len()) as u64
+    }
+
     async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
-        let tasks: Vec<_> =
-            self.listeners.into_iter().map(|l| tokio::spawn(serve(l, hooks.clone(), self.config.clone(), shutdown.clone()))).collect();
+        let load = crate::frontend::listen::Load::new(<Milter as FrontEnd>::NAME, self.config.max_connections);
+        let tasks: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|l| tokio::spawn(serve(l, hooks.clone(), self.config.clone(), load.clone(), shutdown.clone())))
+            .collect();
         for t in tasks {
             let _ = t.await;
         }
@@ -509,9 +517,15 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
     }
 }
 
-/// Accepts milter connections on `listener` until `shutdown` is cancelled.
-async fn serve(listener: Listener, hooks: Hooks, config: MilterConfig, shutdown: CancellationToken) {
-    let load = crate::frontend::listen::Load::new(<Milter as FrontEnd>::NAME, config.max_connections);
+/// Accepts milter connections on `listener` until `shutdown` is cancelled;
+/// `load` is the front end's, shared by all its listeners.
+async fn serve(
+    listener: Listener,
+    hooks: Hooks,
+    config: MilterConfig,
+    load: Arc<crate::frontend::listen::Load>,
+    shutdown: CancellationToken,
+) {
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {

@@ -139,9 +139,15 @@ impl FrontEnd for Policy {
         self.listeners.iter().map(Listener::local_addr).collect()
     }
 
+    fn open_files(config: &PolicyConfig) -> u64 {
+        (config.max_connections + config.listen.len()) as u64
+    }
+
     async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
+        let load = crate::frontend::listen::Load::new(<Policy as FrontEnd>::NAME, self.config.max_connections);
         let server = Arc::new(PolicyServer::new(hooks, self.config));
-        let tasks: Vec<_> = self.listeners.into_iter().map(|l| tokio::spawn(serve(l, server.clone(), shutdown.clone()))).collect();
+        let tasks: Vec<_> =
+            self.listeners.into_iter().map(|l| tokio::spawn(serve(l, server.clone(), load.clone(), shutdown.clone()))).collect();
         for t in tasks {
             let _ = t.await;
         }
@@ -397,9 +403,9 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 }
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, then
-/// lets every connection finish the request in hand and returns.
-async fn serve(listener: Listener, server: Arc<PolicyServer>, shutdown: CancellationToken) {
-    let load = crate::frontend::listen::Load::new(<Policy as FrontEnd>::NAME, server.config.max_connections);
+/// lets every connection finish the request in hand and returns. `load`
+/// is the front end's, shared by all its listeners.
+async fn serve(listener: Listener, server: Arc<PolicyServer>, load: Arc<crate::frontend::listen::Load>, shutdown: CancellationToken) {
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {

@@ -246,12 +246,27 @@ impl FrontEnd for Smtp {
         self.listeners.iter().map(Listener::local_addr).collect()
     }
 
+    fn open_files(config: &SmtpConfig) -> u64 {
+        // A client's connection and its next-hop connection each, the
+        // pool's idle ones, refusals being written, and a connection each
+        // listener has accepted.
+        let n = 2 * config.max_connections + config.next_hop_pool + crate::frontend::listen::MAX_REFUSALS + config.listen.len();
+        n as u64
+    }
+
     async fn serve(self, hooks: Hooks, shutdown: CancellationToken) {
-        let tasks: Vec<_> = self
-            .listeners
-            .into_iter()
-            .map(|l| tokio::spawn(serve(l, hooks.clone(), self.config.clone(), self.resolved.clone(), shutdown.clone())))
-            .collect();
+        // One `Shared` for every listener: the connection limits and the
+        // message memory budget are the front end's.
+        let units = (self.config.max_data_memory / BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS);
+        let shared = Arc::new(Shared {
+            hooks,
+            load: Load::new(<Smtp as FrontEnd>::NAME, self.config.max_connections),
+            config: self.config,
+            resolved: self.resolved,
+            per_client: Mutex::new(HashMap::new()),
+            data_budget: Arc::new(Semaphore::new(units)),
+        });
+        let tasks: Vec<_> = self.listeners.into_iter().map(|l| tokio::spawn(serve(l, shared.clone(), shutdown.clone()))).collect();
         for t in tasks {
             let _ = t.await;
         }
@@ -298,9 +313,9 @@ const BUDGET_UNIT: usize = 1024;
 
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
-/// What every connection of one front end shares: the hooks, the
-/// settings, the listener's load, the connections per client address and
-/// the message memory budget.
+/// What every connection of the front end shares, on all its listeners:
+/// the hooks, the settings, the load, the connections per client address
+/// and the message memory budget.
 struct Shared {
     hooks: Hooks,
     config: Arc<SmtpConfig>,
@@ -345,18 +360,10 @@ impl ClientSlot {
     }
 }
 
-/// Accepts SMTP connections on `listener` until `shutdown` is cancelled.
-async fn serve(listener: Listener, hooks: Hooks, config: Arc<SmtpConfig>, resolved: Arc<Resolved>, shutdown: CancellationToken) {
-    let load = Load::new(<Smtp as FrontEnd>::NAME, config.max_connections);
-    let units = (config.max_data_memory / BUDGET_UNIT).clamp(1, Semaphore::MAX_PERMITS);
-    let shared = Arc::new(Shared {
-        hooks,
-        config,
-        resolved,
-        load: load.clone(),
-        per_client: Mutex::new(HashMap::new()),
-        data_budget: Arc::new(Semaphore::new(units)),
-    });
+/// Accepts SMTP connections on `listener` until `shutdown` is cancelled;
+/// `shared` is the front end's, shared by all its listeners.
+async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let load = shared.load.clone();
     let stop = shutdown.clone();
     let full = WhenFull::Refuse("421 4.3.2 Too many connections, try again later\r\n");
     crate::frontend::listen::accept_loop(listener, load, full, stop, move |conn, peer| {
