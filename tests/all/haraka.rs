@@ -53,12 +53,21 @@ impl Haraka {
 
     /// As `start`, until `ready` is in the log.
     fn start_until(dir: &Path, greyhook_ini: &str, filter_toml: &str, ready: &str) -> Haraka {
+        Haraka::start_with(dir, greyhook_ini, filter_toml, ready, None)
+    }
+
+    /// As `start_until`, with `before`, a plugin (name, code), run before greyhook's.
+    fn start_with(dir: &Path, greyhook_ini: &str, filter_toml: &str, ready: &str, before: Option<(&str, &str)>) -> Haraka {
         let site = dir.to_path_buf();
         let st = Command::new(haraka_bin()).arg("-i").arg(&site).stdout(Stdio::null()).status().expect("haraka -i");
         assert!(st.success(), "haraka -i");
         let port = free_port();
         let cfg = site.join("config");
-        std::fs::write(cfg.join("plugins"), "greyhook\nrcpt_to.in_host_list\nsink\n").unwrap();
+        let first = before.map(|(name, code)| {
+            std::fs::write(site.join(format!("plugins/{name}.js")), code).unwrap();
+            format!("{name}\n")
+        });
+        std::fs::write(cfg.join("plugins"), format!("{}greyhook\nrcpt_to.in_host_list\nsink\n", first.unwrap_or_default())).unwrap();
         std::fs::write(cfg.join("host_list"), "example.com\n").unwrap();
         std::fs::write(cfg.join("smtp.ini"), format!("[main]\nlisten=127.0.0.1:{port}\nnodes=0\n")).unwrap();
         std::fs::write(cfg.join("log.ini"), "[main]\nlevel=info\n").unwrap();
@@ -579,4 +588,46 @@ fn haraka_under_load_never_passes_a_new_triplet() {
     assert!(passed.is_empty(), "{} of {CLIENTS} new triplets not greylisted, e.g. {:?}\n{}", passed.len(), passed[0], h.log());
     let overloaded = replies.iter().filter(|r| r.starts_with("451 4.3.0")).count();
     assert!(overloaded > 0, "no call waited past its time (the test needs some to): {replies:?}");
+}
+
+/// A plugin that holds Haraka's one thread up for 400 ms, 15 ms after a
+/// recipient starting `stall` has gone on to the next plugin (greyhook's):
+/// what a burst of other sessions did in CI.
+const STALL_PLUGIN: &str = r#"
+exports.hook_rcpt = function (next, connection, params) {
+    if (params[0].user.startsWith('stall')) {
+        setTimeout(() => { const until = Date.now() + 400; while (Date.now() < until) {} }, 15)
+    }
+    next()
+}
+"#;
+
+/// Found in CI (`haraka_under_load_never_passes_a_new_triplet`, 1 of 40):
+/// while Haraka's one thread was busy with other sessions, a filter's store
+/// call waited for it past the deadline and failed; a failed store call is
+/// the failure policy's to answer, and `continue` passed the new triplet.
+/// The watchdog, on the same late thread, could likewise end a worker whose
+/// result was already posted, as a deadline failure. Both are load, not a
+/// failure of the store or the filter: a tempfail whatever the policy.
+#[test]
+fn haraka_with_its_thread_held_up_never_passes_a_new_triplet() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\nfailure_policy=continue\ndeadline_ms=100\nworkers=1\nwatch=false\n[dns]\nservers={}\n",
+        wasm.display(),
+        silent.local_addr().unwrap()
+    );
+    let h = Haraka::start_with(&dir.path().join("site"), &ini, "delay = 300\n", "greyhook: loaded ", Some(("stall", STALL_PLUGIN)));
+    for i in 0..4 {
+        let mut c = Raw::over(connect_from(&format!("127.0.20.{}", 1 + i), h.port));
+        assert!(c.reply().starts_with("220"), "greeting");
+        assert!(c.send("EHLO client.example.org").starts_with("250"));
+        assert!(c.send(&format!("MAIL FROM:<s{i}@sender{i}.example.org>")).starts_with("250"));
+        let r = c.send(&format!("RCPT TO:<stall{i}@example.com>"));
+        assert!(r.starts_with("451 4.3.0"), "a new triplet while Haraka's thread is held up: {r:?}\n{}", h.log());
+        let _ = c.send("QUIT");
+    }
+    assert!(h.log().contains("overloaded: Haraka's main thread did not begin a store call"), "{}", h.log());
 }

@@ -88,7 +88,8 @@ function failureVerdict(policy, phase) {
 class Slot {
     constructor(filter, source, namespace) {
         this.filter = filter
-        this.ctrl = new SharedArrayBuffer(4)
+        // Four words shared with the worker (lib/worker.js says what each is).
+        this.ctrl = new SharedArrayBuffer(16)
         this.ctrlView = new Int32Array(this.ctrl)
         const { port1, port2 } = new MessageChannel()
         this.port = port1
@@ -168,13 +169,13 @@ class Slot {
         this.filter.replace(this)
     }
 
-    /** Stops the worker (a runaway call, or a reload): its call gets `why`. */
-    kill(why = 'stopped') {
+    /** Stops the worker (a runaway call, or a reload): its call gets `why`, as a failure of `kind`. */
+    kill(why = 'stopped', kind = 'deadline') {
         const b = this.busy
         this.busy = null
         if (b) {
             clearTimeout(b.timer)
-            b.resolve({ ok: false, kind: 'deadline', message: why })
+            b.resolve({ ok: false, kind, message: why })
         }
         this.dead = true
         this.worker.terminate()
@@ -183,12 +184,28 @@ class Slot {
 
     run(job) {
         this.busy = job
-        job.timer = setTimeout(() => {
+        let late = 0
+        const watchdog = () => {
+            // This timer runs on Haraka's one thread, which load can hold
+            // up past the deadline. A worker that has posted its result, or
+            // waits for a host call this thread has not begun, is not
+            // stuck: this thread is late, and the worker answers by itself
+            // (its host call times out at the deadline). Waited for, a
+            // bounded number of times; past them the load is the answer.
+            const v = this.ctrlView
+            const waiting = Atomics.load(v, 2)
+            const posted = Atomics.load(v, 3) === job.id
+            if ((posted || (waiting !== 0 && Atomics.load(v, 1) !== waiting)) && late < 10) {
+                late++
+                job.timer = setTimeout(watchdog, this.filter.limits.deadlineMs)
+                return
+            }
             // Stuck in its own code (or waiting on a store past the deadline):
             // the only way to stop a thread is to end it; a fresh one replaces it.
-            this.kill(`no answer within ${this.filter.limits.deadlineMs} ms`)
+            this.kill(`no answer within ${this.filter.limits.deadlineMs} ms`, late < 10 ? 'deadline' : 'overloaded')
             this.filter.replace(this)
-        }, this.filter.limits.deadlineMs + 10)
+        }
+        job.timer = setTimeout(watchdog, this.filter.limits.deadlineMs + 10)
         this.worker.postMessage({ type: 'call', id: job.id, hook: job.hook, ctx: job.ctx, arg: job.arg })
     }
 
@@ -402,6 +419,9 @@ class Filter {
 
     /** Serves a worker's store or DNS call. */
     async hostCall(slot, m) {
+        // Begun: a worker whose call timed out waiting for this answer
+        // tells load (not begun) from a slow store or resolver.
+        Atomics.store(slot.ctrlView, 1, m.seq)
         let answer
         try {
             const a = m.args

@@ -12,7 +12,13 @@ const { wasiImports, Sink, NotOffered } = require('./wasi')
 const { capMemory } = require('./memcap')
 
 const { config, limits, ctrl: ctrlBuffer, port } = workerData
+// Shared with the main thread (lib/filter.js, `Slot`): CTRL_WAKE is set and
+// notified when an answer is in the reply port; the main thread writes in
+// CTRL_BEGUN the host call it has begun to serve; this worker writes in
+// CTRL_WAITING the host call it waits for (0: none) and in CTRL_POSTED the
+// call whose result it has posted.
 const ctrl = new Int32Array(ctrlBuffer)
+const [CTRL_WAKE, CTRL_BEGUN, CTRL_WAITING, CTRL_POSTED] = [0, 1, 2, 3]
 const MAX_KEY = 256
 const MAX_VALUE = 16 * 1024
 const LEVELS = ['debug', 'info', 'warn', 'error']
@@ -78,6 +84,10 @@ let deadlineAt = 0
 let storeCalls = 0
 let dnsCalls = 0
 let storeFailure = null
+// A host call of this call the main thread had not even begun within the
+// deadline: Haraka's one thread was too busy. That is load, not a failure
+// of the store (or of the filter).
+let hostLate = false
 let seq = 0
 
 // Log lines and metrics of the call in progress: they travel with its next
@@ -103,18 +113,24 @@ const storeError = (tag, message) => ({ payload: { tag, val: message } })
 /** Asks the main thread and waits for its answer (bounded by the call's deadline). */
 function host(op, args, reserveMs = 0) {
     const id = ++seq
+    Atomics.store(ctrl, CTRL_WAITING, id)
     parentPort.postMessage({ type: 'host', seq: id, op, args, events: takeEvents() })
-    for (;;) {
-        Atomics.store(ctrl, 0, 0)
-        let m
-        while ((m = receiveMessageOnPort(port))) {
-            if (m.message.seq === id) return m.message
+    try {
+        for (;;) {
+            Atomics.store(ctrl, CTRL_WAKE, 0)
+            let m
+            while ((m = receiveMessageOnPort(port))) {
+                if (m.message.seq === id) return m.message
+            }
+            const left = deadlineAt - reserveMs - Date.now()
+            if (left <= 0) {
+                if (Atomics.load(ctrl, CTRL_BEGUN) !== id) hostLate = true
+                return { ok: false, kind: 'unavailable', message: 'no answer from the host within the deadline', error: { tag: 'timeout' } }
+            }
+            Atomics.wait(ctrl, CTRL_WAKE, 0, left)
         }
-        const left = deadlineAt - reserveMs - Date.now()
-        if (left <= 0) {
-            return { ok: false, kind: 'unavailable', message: 'no answer from the host within the deadline', error: { tag: 'timeout' } }
-        }
-        Atomics.wait(ctrl, 0, 0, left)
+    } finally {
+        Atomics.store(ctrl, CTRL_WAITING, 0)
     }
 }
 
@@ -345,12 +361,15 @@ function call({ id, hook, ctx, arg }) {
     storeCalls = 0
     dnsCalls = 0
     storeFailure = null
+    hostLate = false
     events = []
     output.take()
     let result
     try {
         result = { ok: true, value: HOOKS[hook](ctx, arg) }
-        if (storeFailure !== null) result = { ok: false, kind: 'store', message: storeFailure }
+        if (storeFailure !== null && hostLate) {
+            result = { ok: false, kind: 'overloaded', message: `Haraka's main thread did not begin a store call within the deadline (${storeFailure})` }
+        } else if (storeFailure !== null) result = { ok: false, kind: 'store', message: storeFailure }
         else if (memoryBytes() > limits.memory) {
             result = { ok: false, kind: 'trap', message: `memory of ${memoryBytes()} bytes, over the limit of ${limits.memory}` }
         }
@@ -370,6 +389,7 @@ function call({ id, hook, ctx, arg }) {
             return
         }
     }
+    Atomics.store(ctrl, CTRL_POSTED, id)
     parentPort.postMessage({ type: 'result', id, ...result, events: takeEvents() })
     events = null
 }
