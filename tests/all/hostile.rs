@@ -1049,8 +1049,8 @@ fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     let held: Vec<std::net::TcpStream> = (0..24).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     let mut status = std::os::unix::net::UnixStream::connect(&control).expect("the control socket's backlog takes it");
     status.write_all(b"status\n").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(d.log_text().contains("Too many open files"), "the descriptors ran out:\n{}", d.log_text());
+    assert!(d.wait_log("Too many open files", 10), "the descriptors ran out:\n{}", d.log_text());
+    std::thread::sleep(Duration::from_millis(200));
     let (cpu, lines) = (cpu_ticks(pid), d.log_text().matches("accept failed").count());
     std::thread::sleep(Duration::from_secs(2));
     let spent = cpu_ticks(pid) - cpu;
@@ -1097,8 +1097,97 @@ fn the_daemon_raises_its_open_files_limit_and_warns_when_it_is_short() {
     let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
     let soft: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&soft[3..5], ["1100", "1100"], "{line}");
+    assert!(d.wait_log("the open-files limit is", 10), "{}", d.log_text());
     let log = d.log_text();
     assert!(log.contains("open-files limit raised from 256 to 1100"), "{log}");
     // 512 + 1 for each service, and the reserve.
     assert!(log.contains("the open-files limit is 1100, below the 1282 file descriptors") && log.contains("milter 513"), "{log}");
+}
+
+/// IPv6 addresses added to `lo` for a test (`ip -6 addr add … nodad`: the
+/// test runs as root, as CI does), removed when dropped.
+struct LoopbackV6(Vec<std::net::Ipv6Addr>);
+
+impl LoopbackV6 {
+    fn add(addrs: &[&str]) -> LoopbackV6 {
+        let addrs: Vec<std::net::Ipv6Addr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        for a in &addrs {
+            let out = std::process::Command::new("ip")
+                .args(["-6", "addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"])
+                .output()
+                .expect("ip runs");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || err.contains("File exists"), "ip -6 addr add {a} dev lo: {err}");
+        }
+        LoopbackV6(addrs)
+    }
+}
+
+impl Drop for LoopbackV6 {
+    fn drop(&mut self) {
+        for a in &self.0 {
+            let _ = std::process::Command::new("ip").args(["-6", "addr", "del", &format!("{a}/128"), "dev", "lo"]).output();
+        }
+    }
+}
+
+/// A TCP connection from `from` to [::1]:`port`.
+fn connect_v6(from: std::net::Ipv6Addr, port: u16) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect(&std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)).into()).unwrap();
+    s.into()
+}
+
+/// Found reading the per-client limit against Postfix's anvil: IPv6 clients
+/// were counted per address, and a host is given a /64 at least, so one
+/// host could hold every one of `max_connections` from addresses of its
+/// own. Now they are counted per /84 (`client_ipv6_prefix`, Postfix's
+/// `smtpd_client_ipv6_prefix_length`), and IPv4 clients on a dual-stack
+/// listener (IPv4-mapped addresses) by `client_ipv4_prefix`, as IPv4.
+#[test]
+fn an_ipv6_network_counts_as_one_client() {
+    let lo = LoopbackV6::add(&["fd67:7265:7968:1::1", "fd67:7265:7968:1::2", "fd67:7265:7968:1::3", "fd67:7265:7968:1:0:1000:0:1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [smtp]\nlisten = [\"[::]:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\nhostname = \"greyhook.test\"\n\
+         max_connections_per_client = 2\nclient_ipv6_prefix = 84\nclient_ipv4_prefix = 24\n[filter.config]\n{WHITE}\n",
+        d = dir.path().display(),
+        hop = sink.port
+    );
+    let _d = greyhook_with(dir.path(), "smtp", &text);
+    wait_for_port(port, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<Raw> = Vec::new();
+    for a in &lo.0[..2] {
+        let mut c = Raw::over(connect_v6(*a, port));
+        let r = c.reply();
+        assert!(r.starts_with("220"), "{a}: {r:?}");
+        held.push(c);
+    }
+    let mut third = Raw::over(connect_v6(lo.0[2], port));
+    let r = third.reply();
+    assert!(r.starts_with("421 4.7.0"), "a third address of one /84 with max_connections_per_client = 2: {r:?}");
+    let mut other = Raw::over(connect_v6(lo.0[3], port));
+    let r = other.reply();
+    assert!(r.starts_with("220"), "another /84: {r:?}");
+    // IPv4 clients reach a dual-stack listener as ::ffff:a.b.c.d, and are
+    // counted by client_ipv4_prefix (here /24), not as IPv6 (where all of
+    // IPv4 is in one /84).
+    for a in ["127.0.0.31", "127.0.0.32"] {
+        let mut c = Raw::over(connect_from(a, port));
+        let r = c.reply();
+        assert!(r.starts_with("220"), "IPv4 client {a} on a dual-stack listener: {r:?}");
+        held.push(c);
+    }
+    let mut c = Raw::over(connect_from("127.0.0.33", port));
+    let r = c.reply();
+    assert!(r.starts_with("421 4.7.0"), "a third client of one IPv4 /24: {r:?}");
+    let mut c = Raw::over(connect_from("127.0.1.31", port));
+    let r = c.reply();
+    assert!(r.starts_with("220"), "a client of another IPv4 /24: {r:?}");
 }

@@ -446,10 +446,10 @@ impl Daemon {
             front_end: Hooks::EMBEDDED,
         };
         let shutdown = CancellationToken::new();
-        let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
         if let Err(warning) = OpenFiles::now(open_files_needed(config)).check() {
             tracing::warn!("{warning}");
         }
+        let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
         if front_ends.is_empty() {
             return Err(DaemonError::Invalid("nothing to listen on: give policy.listen, milter.listen or smtp.listen".into()));
         }

@@ -118,8 +118,17 @@ pub struct SmtpConfig {
     /// Most connections at once; more hear `421` and are closed.
     pub max_connections: usize,
     /// Most connections at once from one client address (Postfix
-    /// `smtpd_client_connection_count_limit`).
+    /// `smtpd_client_connection_count_limit`), counted by
+    /// `client_ipv4_prefix` and `client_ipv6_prefix`.
     pub max_connections_per_client: usize,
+    /// IPv4 clients in one network of this prefix length count as one
+    /// client for `max_connections_per_client` (32: each address alone).
+    pub client_ipv4_prefix: u8,
+    /// IPv6 clients in one network of this prefix length count as one
+    /// client (Postfix `smtpd_client_ipv6_prefix_length`, 84 too): a host
+    /// is given a /64 or more, and counted per address it could open
+    /// `max_connections_per_client` connections from each of its 2^64.
+    pub client_ipv6_prefix: u8,
     /// Bytes of message data held in memory across all connections; a
     /// message that does not fit gets `452 4.3.1`.
     pub max_data_memory: usize,
@@ -152,6 +161,8 @@ impl Default for SmtpConfig {
             junk_command_limit: 20,
             max_connections: 256,
             max_connections_per_client: 10,
+            client_ipv4_prefix: 32,
+            client_ipv6_prefix: 84,
             max_data_memory: 256 << 20,
             bare_newline: BareNewline::Reject,
             tls_cert: None,
@@ -219,6 +230,9 @@ impl FrontEnd for Smtp {
                 "max_line must be at least 512, max_message_size 1024, max_recipients 1 to {MAX_TRANSACTION_RECIPIENTS}, \
                  max_connections, max_connections_per_client and max_errors at least 1"
             )));
+        }
+        if !(8..=32).contains(&s.client_ipv4_prefix) || !(32..=128).contains(&s.client_ipv6_prefix) {
+            return Err(bad(&"client_ipv4_prefix must be 8 to 32, client_ipv6_prefix 32 to 128"));
         }
         if s.max_data_memory < s.max_message_size.min(1 << 20) {
             return Err(bad(&"max_data_memory must hold at least one message of max_message_size (or 1 MiB)"));
@@ -325,6 +339,23 @@ struct Shared {
     data_budget: Arc<Semaphore>,
 }
 
+/// The client network `ip` counts in for `max_connections_per_client`:
+/// `ip` cut to `v4` or `v6` bits (an IPv4-mapped IPv6 address, as a
+/// dual-stack listener reports an IPv4 client, is taken as the IPv4
+/// address it is: cut to 84 bits as IPv6, every IPv4 client would be one).
+fn client_network(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(v4.min(32))).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(v6.min(128))).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    }
+}
+
 /// A client address's connection, counted until the session ends: until
 /// greyhook's closing reply (`221`, `421`, …) is about to be sent, or the
 /// connection ends without one. A client may connect again as soon as it
@@ -347,9 +378,10 @@ impl Drop for ClientSlot {
 }
 
 impl ClientSlot {
-    /// A slot for a connection from `ip`, or none if the address has
-    /// `max_connections_per_client` sessions already.
+    /// A slot for a connection from `ip`, or none if its network (see
+    /// [`client_network`]) has `max_connections_per_client` sessions already.
     fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ClientSlot> {
+        let ip = client_network(ip, shared.config.client_ipv4_prefix, shared.config.client_ipv6_prefix);
         let mut m = shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= shared.config.max_connections_per_client {
@@ -1135,6 +1167,18 @@ pub fn parse_headers(message: &[u8]) -> Vec<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_count_by_network_and_mapped_addresses_as_ipv4() {
+        let net = |s: &str| client_network(s.parse().unwrap(), 32, 84).to_string();
+        assert_eq!(net("192.0.2.7"), "192.0.2.7");
+        assert_eq!(net("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(net("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2:3::");
+        assert_eq!(net("2001:db8:1:2:3:0fff:ffff:ffff"), "2001:db8:1:2:3::");
+        assert_eq!(net("2001:db8:1:2:3:f000::1"), "2001:db8:1:2:3:f000::");
+        assert_eq!(client_network("192.0.2.7".parse().unwrap(), 24, 128).to_string(), "192.0.2.0");
+        assert_eq!(client_network("2001:db8::1".parse().unwrap(), 24, 128).to_string(), "2001:db8::1");
+    }
 
     #[test]
     fn the_received_line_keeps_specials_and_controls_out() {
