@@ -9,9 +9,11 @@
 //! | [`opensmtpd`] | OpenSMTPD `filter proc-exec` | stdin/stdout (`greyhook opensmtpd`) |
 //!
 //! A front end implements [`FrontEnd`]: its name (its table in the
-//! configuration file and its name in logs), its own settings type, and
-//! `start` (check the settings, take what it serves on) then `serve(hooks,
-//! shutdown)`. A front end need not be a socket listener: the OpenSMTPD one
+//! configuration file and its name in logs), its own settings type,
+//! `open_files` (the descriptors its limits let peers hold), and `start`
+//! (check the settings, take what it serves on) then `serve(hooks,
+//! shutdown)`. Its listeners share one `listen::Load`: a limit is the
+//! front end's, whatever it listens on. A front end need not be a socket listener: the OpenSMTPD one
 //! serves the pipe smtpd opened.
 //!
 //! **Adding a front end** is one new module here and one line in the
