@@ -1063,6 +1063,9 @@ fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     let mut answer = String::new();
     status.read_to_string(&mut answer).expect("the control connection is answered once descriptors are free");
     assert!(answer.starts_with("ok "), "{answer:?}");
+    // What the operator sees: the limit prlimit set, and what the
+    // settings need (the policy service's 512 + 1, and the reserve).
+    assert!(answer.contains(&format!(" limit={} needed=769\n", open + 8)), "{answer}");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert!(policy_rcpt(&mut s, "192.0.2.1", "a@example.org", "u@example.com", "fd1").starts_with("action="));

@@ -284,7 +284,13 @@ fn a_public_metrics_address_needs_an_explicit_opt_in() {
     std::fs::write(&config, format!("[metrics]\nlisten = \"0.0.0.0:{port}\"\npublic = true\nmax_connections = 4\n")).unwrap();
     let mut d = serve_with(dir.path(), &config, free_port(), dir.path().join("log2"));
     d.wait_listening(port, 60);
-    assert!(scrape(port).contains_key("greyhook_uptime_seconds{}"));
+    let metrics = scrape(port);
+    assert!(metrics.contains_key("greyhook_uptime_seconds{}"));
+    // The descriptors open, the limit and what the settings need (the
+    // policy service's 512 + 1, the metrics listener's 4, the reserve).
+    let (open, limit) = (metrics["greyhook_open_files{}"], metrics["greyhook_open_files_limit{}"]);
+    assert!(open >= 3.0 && limit >= open, "open {open}, limit {limit}");
+    assert_eq!(metrics["greyhook_open_files_needed{}"], 773.0);
     assert!(d.terminate(10), "{}", d.log_text());
 }
 

@@ -33,7 +33,7 @@ impl OpenFiles {
     /// The limit now, against `needed` (plus [`RESERVED_FILES`]).
     pub fn now(mut needed: Vec<(&'static str, u64)>) -> OpenFiles {
         needed.push(("reserved", RESERVED_FILES));
-        OpenFiles { limit: getrlimit(Resource::Nofile).current, needed }
+        OpenFiles { limit: limit_now(), needed }
     }
 
     /// The total needed.
@@ -57,6 +57,17 @@ impl OpenFiles {
             _ => Ok(()),
         }
     }
+}
+
+/// The soft limit in force now (`None`: unlimited).
+pub fn limit_now() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
+/// The file descriptors this process has open now (`/proc/self/fd`, less
+/// the one that reads it); `None` where there is no `/proc`.
+pub fn open_now() -> Option<u64> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| (d.count() as u64).saturating_sub(1))
 }
 
 /// Raises the soft open-files limit to the hard one, and returns the

@@ -133,6 +133,9 @@ struct Shared {
     listeners: Vec<(String, Vec<String>)>,
     /// The filters' clock (`greyhook db` works at its `now`).
     clock: Arc<dyn Clock>,
+    /// The file descriptors the settings let peers hold, with the reserve
+    /// (`status` shows it beside the open ones and the limit).
+    files_needed: u64,
 }
 
 /// What a reload did to each filter of the chain.
@@ -446,7 +449,8 @@ impl Daemon {
             front_end: Hooks::EMBEDDED,
         };
         let shutdown = CancellationToken::new();
-        if let Err(warning) = OpenFiles::now(open_files_needed(config)).check() {
+        let files = OpenFiles::now(open_files_needed(config));
+        if let Err(warning) = files.check() {
             tracing::warn!("{warning}");
         }
         let front_ends = start_front_ends(config, &hooks, &shutdown).await?;
@@ -489,6 +493,7 @@ impl Daemon {
             store_file: db_path.clone(),
             listeners,
             clock: clock.clone(),
+            files_needed: files.total(),
         });
         let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
         let mut tasks = Vec::new();

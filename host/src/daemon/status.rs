@@ -74,6 +74,15 @@ struct DnsStatus {
     cut_by_deadline: u64,
 }
 
+/// The process's file descriptors: open now, the limit, and what the
+/// connection limits let peers hold (see `docs/operating.md`, "Open files").
+#[derive(Debug, Serialize)]
+struct FilesStatus {
+    open: Option<u64>,
+    limit: Option<u64>,
+    needed: u64,
+}
+
 /// Everything `status` reports.
 #[derive(Debug, Serialize)]
 pub(super) struct Status {
@@ -83,6 +92,7 @@ pub(super) struct Status {
     listeners: Vec<Listener>,
     store: StoreStatus,
     dns: DnsStatus,
+    files: FilesStatus,
     decisions: serde_json::Map<String, serde_json::Value>,
     /// The last 24 hours: each hour with decisions, by action.
     last_day: Vec<HourStatus>,
@@ -155,6 +165,7 @@ impl Status {
                 failures: dns.failures.load(Relaxed),
                 cut_by_deadline: dns.detached.load(Relaxed),
             },
+            files: FilesStatus { open: super::files::open_now(), limit: super::files::limit_now(), needed: shared.files_needed },
             decisions,
             last_day: crate::telemetry::host()
                 .last_day()
@@ -202,6 +213,10 @@ impl Status {
         let _ = writeln!(out, "store {}: {}{size}{records} health={} store_failures={}", s.kind, s.path, s.health, s.failures);
         let _ =
             writeln!(out, "dns lookups={} failures={} cut_by_deadline={}", self.dns.lookups, self.dns.failures, self.dns.cut_by_deadline);
+        let show = |n: Option<u64>| n.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+        let f = &self.files;
+        let limit = f.limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+        let _ = writeln!(out, "files open={} limit={limit} needed={}", show(f.open), f.needed);
         let d: Vec<String> = self.decisions.iter().map(|(a, n)| format!("{a}={n}")).collect();
         let _ = writeln!(out, "decisions {}", d.join(" "));
         for f in &self.filters {

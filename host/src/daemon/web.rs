@@ -190,6 +190,19 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
             MetricType::Gauge,
             if s.store.degraded() { 1.0 } else { 0.0 },
         )?;
+        if let Some(open) = super::files::open_now() {
+            encode_value(e, "open_files", "File descriptors open now", MetricType::Gauge, open as f64)?;
+        }
+        if let Some(limit) = super::files::limit_now() {
+            encode_value(e, "open_files_limit", "The open-files limit (soft)", MetricType::Gauge, limit as f64)?;
+        }
+        encode_value(
+            e,
+            "open_files_needed",
+            "File descriptors the connection limits let peers hold, with the reserve",
+            MetricType::Gauge,
+            s.files_needed as f64,
+        )?;
         if let Some(records) = s.records() {
             encode_value(e, "store_records", "Live records at the last count (each sweep)", MetricType::Gauge, records as f64)?;
         }
