@@ -167,11 +167,7 @@ impl HostMetrics {
         r.register("connections", "Connections accepted, by front end", self.connections.clone());
         r.register("connections_refused", "Connections refused because every slot was taken", self.connections_refused.clone());
         r.register("connections_active", "Connections in hand now", self.connections_active.clone());
-        r.register(
-            "accept_failures",
-            "Connections that could not be accepted (out of file descriptors or buffers), by listener",
-            self.accept_failures.clone(),
-        );
+        r.register("accept_failures", "Failed accepts (out of file descriptors), by listener", self.accept_failures.clone());
         r.register("store_operation_seconds", "Store operations and their latency", self.store_latency.clone());
         r.register("store_operation_failures", "Store operations the backend failed", self.store_failures.clone());
         r.register("dns_lookup_seconds", "DNS lookups and their latency (cache hits included)", self.dns_latency.clone());
