@@ -48,3 +48,18 @@ pub(crate) fn writable_system_dir(system: &str, file: &str) -> Option<std::path:
     let _ = std::fs::remove_file(&probe);
     writable.then(|| system.join(file))
 }
+
+/// Reads the file at `path`, at most `max` bytes: a larger file (or a
+/// device that never ends, like `/dev/zero`, or a FIFO that streams) is an
+/// `InvalidData` error naming the limit, not a read that takes every byte
+/// of memory. What it reads are an operator's files (the configuration,
+/// a filter), read again at each hot reload.
+pub(crate) fn read_bounded(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes")));
+    }
+    Ok(out)
+}

@@ -1194,3 +1194,45 @@ fn an_ipv6_network_counts_as_one_client() {
     let r = c.reply();
     assert!(r.starts_with("220"), "a client of another IPv4 /24: {r:?}");
 }
+
+/// Waits up to `secs` for `p` to exit; its status. Fails (and `p` is
+/// killed, as it is dropped) if it holds more than 512 MiB meanwhile.
+fn exit_within(p: &mut Process, secs: u64) -> std::process::ExitStatus {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st;
+        }
+        // (None once it has exited: a zombie has no memory figures.)
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0u64);
+        assert!(rss < 512 << 10, "{rss} KiB and growing: it reads the file whole");
+        assert!(Instant::now() < until, "still running after {secs} s (RSS {rss} KiB)");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Found by naming `/dev/zero` as the configuration: greyhook read it
+/// whole, 1.8 GB in the first 1.5 s, until the machine ran out of memory.
+/// An operator's files are read again at every hot reload, and one that
+/// never ends (a device, a FIFO) or is far too large (a log named by
+/// mistake) is now refused at once, naming the limit: 1 MiB for the
+/// configuration, 256 MiB for a filter.
+#[test]
+fn endless_files_are_refused_not_read_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    for (flag, limit) in [("--config", "1048576"), ("--filter", "268435456")] {
+        let log = dir.path().join(format!("log{flag}"));
+        let port = format!("127.0.0.1:{}", free_port());
+        let args = ["serve", flag, "/dev/zero", "--db", "memory", "--control", control.to_str().unwrap(), "--policy", &port];
+        let mut d = Process::greyhook(&args, log);
+        let st = exit_within(&mut d, 30);
+        let text = d.log_text();
+        assert!(!st.success() && text.contains(&format!("larger than {limit} bytes")), "{flag} /dev/zero: {st}\n{text}");
+    }
+}

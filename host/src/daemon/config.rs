@@ -117,6 +117,10 @@ impl Default for LogConfig {
     }
 }
 
+/// The largest configuration file read (1 MiB; the annotated example
+/// with every key is ~12 KB).
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
 macro_rules! daemon_config {
     ($($table:ident => $front_end:ty,)*) => {
         /// The daemon's whole configuration (`greyhook.toml`): the core
@@ -229,10 +233,12 @@ impl DaemonConfig {
         toml::from_str(text).map_err(|e| DaemonError::Config { path: path.to_string(), message: e.to_string().trim().to_string() })
     }
 
-    /// Reads and parses a configuration file.
+    /// Reads and parses a configuration file (at most
+    /// [`MAX_CONFIG_FILE`] bytes of UTF-8).
     pub fn load(path: &Path) -> Result<DaemonConfig, DaemonError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| DaemonError::Config { path: path.display().to_string(), message: e.to_string() })?;
+        let err = |message: String| DaemonError::Config { path: path.display().to_string(), message };
+        let bytes = crate::settings::read_bounded(path, MAX_CONFIG_FILE).map_err(|e| err(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|_| err("not UTF-8 text".into()))?;
         DaemonConfig::parse(&text, &path.display().to_string())
     }
 

@@ -30,6 +30,11 @@ use crate::runtime::artifact_cache::ArtifactCache;
 use crate::runtime::{CompiledFilter, Filter, FilterOptions, LoadError, Runtime};
 use crate::store::Store;
 
+/// The largest filter component read (256 MiB: a Python filter made with
+/// componentize-py is ~40 MB; a larger file, or `/dev/zero`, is refused
+/// before it takes the memory).
+pub const MAX_COMPONENT_FILE: u64 = 256 << 20;
+
 /// One link of a [`crate::Chain`]: the filter in service, which a
 /// [`Reloader`] can swap while requests run (each request takes a snapshot
 /// and finishes on the version it started with).
@@ -189,7 +194,9 @@ fn read(source: &FilterSource) -> Result<Vec<u8>, ReloadError> {
         FilterSource::Embedded => {
             Err(ReloadError::Options("no filter named, and this build embeds none (feature reference-filter)".into()))
         }
-        FilterSource::File(p) => std::fs::read(p).map_err(|error| ReloadError::Read { path: p.display().to_string(), error }),
+        FilterSource::File(p) => {
+            crate::settings::read_bounded(p, MAX_COMPONENT_FILE).map_err(|error| ReloadError::Read { path: p.display().to_string(), error })
+        }
     }
 }
 
