@@ -463,6 +463,23 @@ fn the_report_summarises_a_json_decision_log() {
     std::fs::write(&plain, "INFO greyhook::decision: action=greylist phase=rcpt client=192.0.2.1\n").unwrap();
     let out = std::process::Command::new(greyhook_bin()).args(["report", plain.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("decisions = \"json\""), "{out:?}");
+    // An overlong line (over 64 KiB: no decision line) is skipped without
+    // being held, and the lines after it still count; a file that never
+    // ends (/dev/zero, one endless line) costs no memory.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (head, tail) = text.split_at(text.len() / 2);
+    let cut = head.rfind('\n').unwrap() + 1;
+    let long = dir.path().join("long.log");
+    std::fs::write(&long, format!("{}{}\n{}{tail}", &text[..cut], "x".repeat(200_000), &head[cut..])).unwrap();
+    let out = std::process::Command::new(greyhook_bin()).args(["report", long.to_str().unwrap()]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("mails greylisted: 14 — stopped (never retried): 10, delayed then passed: 4"), "{out:?}");
+    let mut endless = std::process::Command::new(greyhook_bin()).args(["report", "/dev/zero"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = peak_rss_kib(endless.id());
+    let _ = endless.kill();
+    let _ = endless.wait();
+    assert!(rss < 100 << 10, "greyhook report /dev/zero held {rss} KiB");
 
     render_in_chromium(&html, &["stopped (never retried)", "farm.test", "delay suffered before passing"]);
 

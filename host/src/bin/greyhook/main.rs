@@ -611,17 +611,42 @@ async fn serve(overrides: Overrides) -> Result<()> {
 fn read_decisions(files: &[PathBuf]) -> Result<Vec<greyhook::session::audit::DecisionRecord>> {
     use std::io::BufRead;
     let mut records = Vec::new();
-    let mut read = |r: Box<dyn BufRead>, name: &str| -> Result<()> {
-        for line in r.split(b'\n') {
-            let line = line.with_context(|| format!("reading {name}"))?;
-            // Decision lines are short; anything longer is not one.
-            if line.len() <= 64 * 1024
-                && let Some(d) = greyhook::session::audit::DecisionRecord::parse_line(&String::from_utf8_lossy(&line))
-            {
+    // Decision lines are short; anything longer is not one, and is skipped
+    // without being held (a log with a line of gigabytes, or /dev/zero,
+    // costs no memory).
+    const MAX_LINE: u64 = 64 * 1024;
+    let mut read = |mut r: Box<dyn BufRead>, name: &str| -> Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = std::io::Read::take(&mut r, MAX_LINE + 1).read_until(b'\n', &mut line).with_context(|| format!("reading {name}"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if line.len() as u64 > MAX_LINE {
+                // The rest of an overlong line, a buffer at a time.
+                loop {
+                    let buf = r.fill_buf().with_context(|| format!("reading {name}"))?;
+                    if buf.is_empty() {
+                        return Ok(());
+                    }
+                    match buf.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            r.consume(i + 1);
+                            break;
+                        }
+                        None => {
+                            let len = buf.len();
+                            r.consume(len);
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(d) = greyhook::session::audit::DecisionRecord::parse_line(&String::from_utf8_lossy(&line)) {
                 records.push(d);
             }
         }
-        Ok(())
     };
     if files.is_empty() {
         read(Box::new(std::io::stdin().lock()), "stdin")?;
