@@ -548,6 +548,21 @@ fn the_haraka_package_tests_pass() {
     let _ = std::io::stdout().write_all(b"");
 }
 
+/// The plugin's settings for the load tests: the reference filter, one
+/// worker, `failure_policy=continue` (so a load that counted as a failure
+/// would pass mail) and a resolver that never answers (each call waits for
+/// its SPF lookup), which must be kept as long as Haraka runs.
+fn one_worker_continue_silent_dns(dir: &Path) -> (String, std::net::UdpSocket) {
+    let wasm = reference_wasm(dir);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\nfailure_policy=continue\ndeadline_ms=100\nworkers=1\nwatch=false\n[dns]\nservers={}\n",
+        wasm.display(),
+        silent.local_addr().unwrap()
+    );
+    (ini, silent)
+}
+
 /// Load alone never passes mail, in Haraka as in greyhook: a call that
 /// waits too long for a free worker (`overloaded`) is answered with a
 /// tempfail whatever `failure_policy` says. Found with forty clients at
@@ -558,13 +573,7 @@ fn the_haraka_package_tests_pass() {
 fn haraka_under_load_never_passes_a_new_triplet() {
     const CLIENTS: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let wasm = reference_wasm(dir.path());
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let ini = format!(
-        "[filter]\npath={}\nconfig=filter.toml\nfailure_policy=continue\ndeadline_ms=100\nworkers=1\nwatch=false\n[dns]\nservers={}\n",
-        wasm.display(),
-        silent.local_addr().unwrap()
-    );
+    let (ini, _silent) = one_worker_continue_silent_dns(dir.path());
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 300\n");
     let start = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
     let port = h.port;
@@ -612,13 +621,7 @@ exports.hook_rcpt = function (next, connection, params) {
 #[test]
 fn haraka_with_its_thread_held_up_never_passes_a_new_triplet() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = reference_wasm(dir.path());
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let ini = format!(
-        "[filter]\npath={}\nconfig=filter.toml\nfailure_policy=continue\ndeadline_ms=100\nworkers=1\nwatch=false\n[dns]\nservers={}\n",
-        wasm.display(),
-        silent.local_addr().unwrap()
-    );
+    let (ini, _silent) = one_worker_continue_silent_dns(dir.path());
     let h = Haraka::start_with(&dir.path().join("site"), &ini, "delay = 300\n", "greyhook: loaded ", Some(("stall", STALL_PLUGIN)));
     for i in 0..4 {
         let mut c = Raw::over(connect_from(&format!("127.0.20.{}", 1 + i), h.port));
