@@ -368,9 +368,9 @@ pub enum WhenFull {
 pub(crate) const MAX_REFUSALS: usize = 64;
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, at
-/// most `load.max()` at once (on all the listeners that share `load`), each served by `handle(conn, peer)` in its
-/// own task; then waits for the connections in hand to finish (each
-/// handler watches `shutdown` itself).
+/// most `load.max()` at once (on all the listeners that share `load`),
+/// each served by `handle(conn, peer)` in its own task; then waits for the
+/// connections in hand to finish (each handler watches `shutdown` itself).
 pub async fn accept_loop<F, Fut>(listener: Listener, load: Arc<Load>, when_full: WhenFull, shutdown: CancellationToken, handle: F)
 where
     F: Fn(Conn, String) -> Fut,

@@ -84,6 +84,9 @@ function failureVerdict(policy, phase) {
     }
 }
 
+// The words of memory shared with each worker (lib/worker.js says what each is).
+const [CTRL_BEGUN, CTRL_WAITING, CTRL_POSTED] = [1, 2, 3]
+
 /** One worker thread and its bridge. */
 class Slot {
     constructor(filter, source, namespace) {
@@ -193,9 +196,9 @@ class Slot {
             // (its host call times out at the deadline). Waited for, a
             // bounded number of times; past them the load is the answer.
             const v = this.ctrlView
-            const waiting = Atomics.load(v, 2)
-            const posted = Atomics.load(v, 3) === job.id
-            if ((posted || (waiting !== 0 && Atomics.load(v, 1) !== waiting)) && late < 10) {
+            const waiting = Atomics.load(v, CTRL_WAITING)
+            const posted = Atomics.load(v, CTRL_POSTED) === job.id
+            if ((posted || (waiting !== 0 && Atomics.load(v, CTRL_BEGUN) !== waiting)) && late < 10) {
                 late++
                 job.timer = setTimeout(watchdog, this.filter.limits.deadlineMs)
                 return
@@ -421,7 +424,7 @@ class Filter {
     async hostCall(slot, m) {
         // Begun: a worker whose call timed out waiting for this answer
         // tells load (not begun) from a slow store or resolver.
-        Atomics.store(slot.ctrlView, 1, m.seq)
+        Atomics.store(slot.ctrlView, CTRL_BEGUN, m.seq)
         let answer
         try {
             const a = m.args
