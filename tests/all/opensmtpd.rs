@@ -470,6 +470,27 @@ fn client_chosen_names_neither_authenticate_nor_whitelist_a_session() {
     }
 }
 
+/// Found reading how smtpd writes a client's address: an IPv6 link-local
+/// client is written with its scope (`[fe80::1%eth0]:40000`, from
+/// `getnameinfo`), which greyhook could not parse, and a session with no
+/// client address is a local submission, never greylisted. A client on
+/// the same link passed greylisting. The scope is now left aside.
+#[test]
+fn a_link_local_client_with_a_scope_is_greylisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipe::start(dir.path(), "", "delay = 60\n");
+    for (i, src) in ["[fe80::1%eth0]:40000", "fe80::2%2", "[IPv6:fe80::3%eth0]:25"].into_iter().enumerate() {
+        let session = format!("{:016x}", 0xb000 + i);
+        p.report(&session, "link-connect", &format!("a|pass|{src}|[::1]:25"));
+        assert!(p.filter(&session, "connect", &format!("a|{src}")).ends_with("|proceed"));
+        assert!(p.filter(&session, "ehlo", "a").ends_with("|proceed"));
+        assert!(p.filter(&session, "mail-from", "spam@spam.example").ends_with("|proceed"));
+        let rcpt = p.filter(&session, "rcpt-to", &format!("user{i}@example.com"));
+        assert!(rcpt.contains("|reject|451 4.7.1 "), "a link-local client {src} passed greylisting: {rcpt}");
+        p.report(&session, "link-disconnect", "");
+    }
+}
+
 /// One session's slow data hook holds up no other session. smtpd streams
 /// a message's lines without waiting for answers, and every session comes
 /// over the one pipe: while a session's data hook ran, its lines piled up

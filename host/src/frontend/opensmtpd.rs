@@ -307,7 +307,9 @@ fn authenticated<'a>(version_: &str, params: &'a str) -> Option<&'a str> {
 }
 
 /// A client address as smtpd writes it: `192.0.2.1`, `192.0.2.1:25`,
-/// `[IPv6:2001:db8::1]:25`, `IPv6:2001:db8::1`; `None` for a unix socket.
+/// `[IPv6:2001:db8::1]:25`, `IPv6:2001:db8::1`, and a link-local one with
+/// its scope (`[fe80::1%eth0]:25`, from `getnameinfo`; the scope is left
+/// aside); `None` for a unix socket (a local submission, not greylisted).
 fn parse_address(s: &str) -> Option<IpAddr> {
     let s = s.trim();
     if let Ok(ip) = s.parse() {
@@ -321,7 +323,12 @@ fn parse_address(s: &str) -> Option<IpAddr> {
         None => s,
     };
     let bare = unbracketed.get(..5).filter(|p| p.eq_ignore_ascii_case("ipv6:")).map_or(unbracketed, |_| &unbracketed[5..]);
-    bare.parse().ok()
+    let unscoped = bare.split('%').next().unwrap_or(bare);
+    let ip = unscoped.parse().ok();
+    if ip.is_none() && !s.eq_ignore_ascii_case("local") && !s.starts_with("unix:") {
+        tracing::warn!("opensmtpd: a client address greyhook cannot read: {s:?}; the session is taken for a local one");
+    }
+    ip
 }
 
 /// Reads one line (without its newline) of at most `max` bytes; `None` at
@@ -749,6 +756,9 @@ mod tests {
         assert_eq!(parse_address("192.0.2.7:2525"), Some([192, 0, 2, 7].into()));
         assert_eq!(parse_address("[IPv6:2001:db8::1]:25"), "2001:db8::1".parse().ok());
         assert_eq!(parse_address("IPv6:2001:db8::1"), "2001:db8::1".parse().ok());
+        assert_eq!(parse_address("[fe80::1%eth0]:25"), "fe80::1".parse().ok());
+        assert_eq!(parse_address("fe80::1%2"), "fe80::1".parse().ok());
+        assert_eq!(parse_address("[IPv6:fe80::1%em0]:25"), "fe80::1".parse().ok());
         assert_eq!(parse_address("unix:/var/run/smtpd.sock"), None);
         assert_eq!(parse_address("localhost"), None);
     }
