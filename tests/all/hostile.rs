@@ -1236,3 +1236,23 @@ fn endless_files_are_refused_not_read_into_memory() {
         assert!(!st.success() && text.contains(&format!("larger than {limit} bytes")), "{flag} /dev/zero: {st}\n{text}");
     }
 }
+
+/// Postfix writes an IPv6 link-local client's address with its scope
+/// (`client_address=fe80::1%eth0`); greyhook could not parse it and
+/// answered `DUNNO` (no client address, nothing to greylist), so a client
+/// on the same link passed. The scope is now left aside.
+#[test]
+fn a_policy_request_from_a_link_local_client_is_greylisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        d = dir.path().display()
+    );
+    let _d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = policy_rcpt(&mut s, "fe80::1%eth0", "a@example.org", "u@example.com", "ll1");
+    assert!(r.starts_with("action=451 4.7.1 "), "a link-local client with its scope: {r:?}");
+}

@@ -524,3 +524,29 @@ async fn max_headers_bounds_the_headers_looked_at() {
         daemon.stop().await;
     }
 }
+
+/// Found reading how MTAs write a client's address: an IPv6 link-local
+/// client comes with its scope (`fe80::1%eth0`, as `getnameinfo` writes
+/// it), which greyhook could not parse, and a client with no usable
+/// address was let through without a question: a client on the same link
+/// was never greylisted. The scope is now left aside (the policy service
+/// and the OpenSMTPD filter had the same hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_local_client_with_a_scope_is_greylisted() {
+    let (_daemon, port, _dir) = start("delay = 300\n").await;
+    tokio::task::spawn_blocking(move || {
+        for (i, address) in ["fe80::1%eth0", "IPv6:fe80::2%2"].into_iter().enumerate() {
+            let mut m = Mta::connect(port);
+            m.negotiate();
+            let c = [b"client.example.org\0".as_slice(), b"6", &25u16.to_be_bytes(), &nul(address)].concat();
+            m.ask(b'C', &c);
+            m.ask(b'H', &nul("client.example.org"));
+            m.ask(b'M', &nul("<sender@example.org>"));
+            let (c, text) = m.ask(b'R', &nul(&format!("<user{i}@example.com>")));
+            assert_eq!((c, text.as_str()), (b'y', "451 4.7.1 Greylisted, please try again later retry=00:05:00\0"), "{address}");
+            m.send(b'Q', &[]);
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -322,9 +322,7 @@ fn parse_address(s: &str) -> Option<IpAddr> {
         Some(r) => r.split(']').next()?,
         None => s,
     };
-    let bare = unbracketed.get(..5).filter(|p| p.eq_ignore_ascii_case("ipv6:")).map_or(unbracketed, |_| &unbracketed[5..]);
-    let unscoped = bare.split('%').next().unwrap_or(bare);
-    let ip = unscoped.parse().ok();
+    let ip = crate::domain::parse_client_address(unbracketed);
     if ip.is_none() && !s.eq_ignore_ascii_case("local") && !s.starts_with("unix:") {
         tracing::warn!("opensmtpd: a client address greyhook cannot read: {s:?}; the session is taken for a local one");
     }

@@ -365,7 +365,13 @@ impl MilterProtocol for Conversation {
 
     async fn connect(&mut self, c: Connect) -> Result<Action, Self::Error> {
         let addr: Option<IpAddr> = match c.family {
-            Family::Inet | Family::Inet6 => c.address().trim_start_matches("IPv6:").parse().ok(),
+            Family::Inet | Family::Inet6 => {
+                let a = crate::domain::parse_client_address(&c.address());
+                if a.is_none() {
+                    tracing::warn!(peer = %self.peer, address = %c.address(), "milter: a client address greyhook cannot read; not greylisted");
+                }
+                a
+            }
             _ => None,
         };
         let Some(addr) = addr else {

@@ -215,7 +215,7 @@ impl PolicyServer {
             tracing::warn!(request = ?attrs.get("request"), "not an smtpd_access_policy request: DUNNO");
             return "DUNNO".into();
         }
-        let Some(client) = attrs.get("client_address").and_then(|a| a.parse::<IpAddr>().ok()) else {
+        let Some(client) = attrs.get("client_address").and_then(crate::domain::parse_client_address) else {
             tracing::warn!(client_address = ?attrs.get("client_address"), "policy request without a usable client_address: DUNNO");
             return "DUNNO".into();
         };
