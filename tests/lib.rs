@@ -272,18 +272,32 @@ pub fn policy_load_bin() -> PathBuf {
     bin
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine on loopback),
-/// never one this process handed out before: the kernel may give the port
-/// it just released to the next `bind(0)`, and a test that asked for two
-/// ports (policy and metrics) got the same one twice.
+/// A free TCP port (checked by binding it on every address, then
+/// released), never one this process handed out before: ports are handed
+/// out in turn (the kernel may give a port it just released to the next
+/// `bind(0)`, and a test that asked for two ports got the same one twice).
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port");
-        if HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(port) {
+    // Below the kernel's ephemeral range (32768-60999 on Linux), from which
+    // every outgoing connection takes its local port: a port taken from
+    // that range (as binding port 0 does) could be given to some client's
+    // connection between this call and the daemon's bind, which then
+    // failed with "Address already in use" (seen once in CI, a metrics
+    // listener on 0.0.0.0). Here only other listeners compete, and each is
+    // checked free on every address.
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    // Each test process starts elsewhere in the range.
+    let start = *START.get_or_init(|| (std::process::id() % u32::from(COUNT)) as u16);
+    for _ in 0..COUNT {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % COUNT;
+        let port = FIRST + (start + i) % COUNT;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// The address the harness's readiness probes connect from, in a /24 (and
