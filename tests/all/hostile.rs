@@ -1256,3 +1256,50 @@ fn a_policy_request_from_a_link_local_client_is_greylisted() {
     let r = policy_rcpt(&mut s, "fe80::1%eth0", "a@example.org", "u@example.com", "ll1");
     assert!(r.starts_with("action=451 4.7.1 "), "a link-local client with its scope: {r:?}");
 }
+
+/// A bounce (`MAIL FROM:<>`, greylisted after the final dot) whose header
+/// section is as large as `max_message_size` lets it be: 200 headers of
+/// two 60 000-byte lines each (a folded one), plus a Message-ID. Every
+/// header went into the filter's memory whole (24 MB, lowered string by
+/// string into an instance capped at 32 MiB), the filter ran out of memory
+/// or time, and the failure policy
+/// (`continue`) passed the message ungreylisted. The host hands a filter a
+/// bounded header section; the bounce is greylisted like any other.
+#[test]
+fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    // A lean filter's memory cap: the reference filter needs far less.
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "[filter]\nmemory_mib = 8", "delay = 60");
+    let bounce = |id: &str, headers: usize, size: usize| {
+        let mut c = Raw::connect(port);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.send("EHLO client.example.org").starts_with("250"));
+        assert_eq!(c.send("MAIL FROM:<>"), "250 2.1.0 Ok\r\n");
+        assert_eq!(c.send("RCPT TO:<u@example.com>"), "250 2.1.5 Ok\r\n", "a bounce is not greylisted at RCPT");
+        assert!(c.send("DATA").starts_with("354"));
+        let mut m = format!("Message-ID: <{id}@example.org>\r\n").into_bytes();
+        for i in 0..headers {
+            // A line and its folded continuation, each within the
+            // front end's 64 KiB line limit.
+            m.extend_from_slice(format!("X-Filler-{i}: ").as_bytes());
+            m.extend(std::iter::repeat_n(b'a', size));
+            m.extend_from_slice(b"\r\n\t");
+            m.extend(std::iter::repeat_n(b'b', size));
+            m.extend_from_slice(b"\r\n");
+        }
+        m.extend_from_slice(b"\r\nThe message was not delivered.\r\n.\r\n");
+        c.w.write_all(&m).unwrap();
+        let reply = c.reply();
+        let _ = c.send("QUIT");
+        reply
+    };
+    let reply = bounce("huge", 200, 60_000);
+    assert!(reply.starts_with("451 4.7.1") && reply.contains("retry=00:01:00"), "a huge bounce was not greylisted: {reply:?}");
+    // The same for a small one: the filter still answers.
+    let reply = bounce("small", 3, 10);
+    assert!(reply.starts_with("451 4.7.1") && reply.contains("retry=00:01:00"), "{reply:?}");
+    assert!(sink.received().is_empty(), "nothing reached the next hop");
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    assert!(!log.contains("filter failed"), "the filter failed: {log}");
+}

@@ -24,6 +24,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::dns::{self, Resolver};
+use crate::domain::message::{MAX_MESSAGE_ID, bounded_headers, cut};
 use crate::domain::types;
 use crate::runtime::metrics::{FilterMetrics, MetricKind};
 use crate::store::{Condition, Store, WriteOutcome};
@@ -1092,15 +1093,16 @@ pub(crate) fn context_to_wit<'a>(c: &'a types::Context, recipients: &'a [wit::Ac
     }
 }
 
-/// The message's headers, borrowed, for [`message_to_wit`].
+/// The message's headers, borrowed, for [`message_to_wit`]: the bounded
+/// view every filter is handed ([`crate::domain::message`]).
 pub(crate) fn headers_to_wit(m: &types::Message) -> Vec<wit::HeaderParam<'_>> {
-    m.headers.iter().map(|types::Header { name, value }| wit::HeaderParam { name, value }).collect()
+    bounded_headers(&m.headers).map(|(name, value)| wit::HeaderParam { name, value }).collect()
 }
 
 /// The message as the DATA hook's argument, borrowed from `m`.
 pub(crate) fn message_to_wit<'a>(m: &'a types::Message, headers: &'a [wit::HeaderParam<'a>]) -> wit::Message<'a> {
     let types::Message { message_id, headers: _ } = m;
-    wit::Message { message_id: message_id.as_deref(), headers }
+    wit::Message { message_id: message_id.as_deref().map(|id| cut(id, MAX_MESSAGE_ID)), headers }
 }
 
 fn reply_from_wit(r: wit::Reply) -> types::Reply {
@@ -1161,15 +1163,15 @@ pub(crate) fn context_to_v01<'a>(c: &'a types::Context, recipients: &'a [v01::Ac
     }
 }
 
-/// The message's headers, borrowed, for [`message_to_v01`].
+/// [`headers_to_wit`] for a 0.1.0 filter.
 pub(crate) fn headers_to_v01(m: &types::Message) -> Vec<v01::HeaderParam<'_>> {
-    m.headers.iter().map(|types::Header { name, value }| v01::HeaderParam { name, value }).collect()
+    bounded_headers(&m.headers).map(|(name, value)| v01::HeaderParam { name, value }).collect()
 }
 
 /// [`message_to_wit`] for a 0.1.0 filter.
 pub(crate) fn message_to_v01<'a>(m: &'a types::Message, headers: &'a [v01::HeaderParam<'a>]) -> v01::Message<'a> {
     let types::Message { message_id, headers: _ } = m;
-    v01::Message { message_id: message_id.as_deref(), headers }
+    v01::Message { message_id: message_id.as_deref().map(|id| cut(id, MAX_MESSAGE_ID)), headers }
 }
 
 fn reply_from_v01(r: v01::Reply) -> types::Reply {

@@ -189,31 +189,62 @@ pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
 }
 
 /// A message's header section from its lines (CR/LF already cut), up to
-/// the first empty line: folded lines unfolded (a value kept to 4096
-/// bytes), at most 200 headers. Shared by the front ends that see the
-/// message (SMTP, OpenSMTPD).
+/// the first empty line: folded lines unfolded, and no more kept than a
+/// filter is handed ([`crate::domain::message`]: values cut at 4096
+/// bytes, at most 200 headers and 64 KiB of names and values). Shared by
+/// the front ends that see the message (SMTP, OpenSMTPD), whose message
+/// size limits would otherwise let a client make them copy megabytes.
 pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<crate::domain::types::Header> {
+    use crate::domain::message::{MAX_MESSAGE_HEADER_BYTES, MAX_MESSAGE_HEADER_VALUE, MAX_MESSAGE_HEADERS, cut};
     let mut out: Vec<crate::domain::types::Header> = Vec::new();
+    let mut bytes = 0usize;
     for line in lines {
         let text = line.as_ref();
         if text.is_empty() {
             break;
         }
         if text.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut()
-                && last.value.len() < 4096
-            {
-                last.value.push(' ');
-                last.value.push_str(text.trim());
+            if let Some(last) = out.last_mut() {
+                let room =
+                    MAX_MESSAGE_HEADER_VALUE.saturating_sub(last.value.len() + 1).min(MAX_MESSAGE_HEADER_BYTES.saturating_sub(bytes + 1));
+                let more = cut(text.trim(), room);
+                if !more.is_empty() {
+                    last.value.push(' ');
+                    last.value.push_str(more);
+                    bytes += 1 + more.len();
+                }
             }
             continue;
         }
-        if out.len() >= 200 {
+        if out.len() >= MAX_MESSAGE_HEADERS || bytes >= MAX_MESSAGE_HEADER_BYTES {
             break;
         }
         if let Some((name, value)) = text.split_once(':') {
-            out.push(crate::domain::types::Header { name: name.trim().to_string(), value: value.trim().to_string() });
+            let name = cut(name.trim(), MAX_MESSAGE_HEADER_BYTES - bytes);
+            let value = cut(value.trim(), MAX_MESSAGE_HEADER_VALUE.min(MAX_MESSAGE_HEADER_BYTES - bytes - name.len()));
+            bytes += name.len() + value.len();
+            out.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfold_headers;
+
+    #[test]
+    fn a_huge_header_section_is_kept_to_the_filters_bounds() {
+        let long = "a".repeat(60_000);
+        let mut lines: Vec<String> = (0..300).map(|i| format!("X-{i}: {long}")).collect();
+        lines.insert(1, format!(" {long}"));
+        let h = unfold_headers(&lines);
+        assert!(h.iter().all(|h| h.value.len() <= 4096), "values cut");
+        let bytes: usize = h.iter().map(|h| h.name.len() + h.value.len()).sum();
+        assert!(bytes <= 64 << 10, "{bytes}");
+        assert_eq!(h.len(), 16, "15 whole values and the cut 16th");
+        let short = unfold_headers(["Subject: a", "\tb", "Message-ID: <x@y>", "", "X: body"]);
+        assert_eq!(short.len(), 2);
+        assert_eq!(short[0].value, "a b");
+    }
 }
