@@ -180,6 +180,30 @@ async fn null_sender_is_greylisted_at_data_not_rcpt() {
     assert!(passes(&c.data(Some("<2@x>")).await));
 }
 
+/// A front end builds the message for DATA only when a filter of the chain
+/// is called with it: the reference filter, at its default stage, is
+/// called for the null sender only.
+#[tokio::test]
+async fn the_chain_builds_the_message_only_for_a_filter_that_is_called() {
+    let f = reference("delay = 30").await;
+    let chain = greyhook::Chain::single(f.clone());
+    let mut c = Client::new(&f, "192.0.2.1", T0);
+    c.mail("a@x.org").await;
+    c.tx.recipients.push(greyhook::types::AcceptedRecipient { address: "b@y.org".into(), policy_group: "default".into() });
+    let built = std::cell::Cell::new(0);
+    let message = || {
+        built.set(built.get() + 1);
+        greyhook::types::Message { message_id: Some("<1@x.org>".into()), headers: Vec::new() }
+    };
+    assert!(passes(&chain.on_data_with(&c.ctx(), message).await));
+    assert_eq!(built.get(), 0, "a message with a sender: no DATA call, nothing built");
+    c.mail("").await;
+    assert!(passes(&c.rcpt("b@y.org").await), "a bounce is not greylisted at RCPT");
+    c.tx.recipients.push(greyhook::types::AcceptedRecipient { address: "b@y.org".into(), policy_group: "default".into() });
+    let v = chain.on_data_with(&c.ctx(), message).await;
+    assert_eq!((code(&v), retry(&v), built.get()), (Some(451), Some(30), 1), "a bounce: built once and greylisted");
+}
+
 #[tokio::test]
 async fn data_stage_keys_on_message_id_one_decision_for_all() {
     let f = reference("stage = \"data\"\ndelay = 60").await;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::domain::reply::MAX_HEADERS;
-use crate::domain::types::{Context, Decision, EhloVerdict, Message, Verdict};
+use crate::domain::types::{Context, Decision, EhloVerdict, Message, Phase, Verdict};
 use crate::runtime::Filter;
 use crate::runtime::reload::FilterSlot;
 
@@ -84,6 +84,33 @@ impl Chain {
         /// The DATA hook along the chain.
         on_data(message: &Message)
     );
+
+    /// The DATA hook along the chain, with the message built by `message`
+    /// only once a filter is to be called with it. A filter that asked not
+    /// to be called for this transaction (the reference filter is called
+    /// for the null sender only) is answered as it said, `continue`, so a
+    /// front end need not parse the header section of most messages. The
+    /// skip is decided on the version each link holds for its call, so a
+    /// reload cannot leave a filter with a message that was never built.
+    pub async fn on_data_with(&self, ctx: &Context, message: impl FnOnce() -> Message) -> Verdict {
+        let mut acc = Verdict::cont();
+        let mut make = Some(message);
+        let mut built: Option<Message> = None;
+        for link in self.links.iter() {
+            let filter = link.load();
+            if filter.skipped().skips_call(Phase::Data, ctx) {
+                continue;
+            }
+            let m = match built {
+                Some(ref m) => m,
+                None => built.insert(make.take().map_or_else(Message::default, |f| f())),
+            };
+            if merge(&mut acc, filter.on_data(ctx, m).await) {
+                break;
+            }
+        }
+        acc
+    }
 
     /// The EHLO hook along the chain: keywords of every filter asked.
     pub async fn on_ehlo(&self, ctx: &Context) -> EhloVerdict {

@@ -151,6 +151,16 @@ impl SmtpSession {
         v
     }
 
+    /// End of DATA with the message built by `message` only if a filter is
+    /// called with it ([`Chain::on_data_with`]): for a front end that would
+    /// parse the header section for it.
+    pub async fn data_with(&mut self, message: impl FnOnce() -> Message) -> Verdict {
+        self.stamp();
+        let v = self.hooks.chain.on_data_with(&self.ctx, message).await;
+        self.decided(Phase::Data, &self.ctx, None, &v);
+        v
+    }
+
     /// For a front end that hears the sender again with every command (the
     /// policy protocol, OpenSMTPD's filters): makes the transaction this
     /// sender's, starting a new one if it was another's or none.

@@ -1036,9 +1036,13 @@ impl Connection {
     }
 
     async fn deliver(&mut self, body: Body) -> Result<(), End> {
-        let headers = parse_headers(&body.bytes);
-        let message = Message { message_id: message_id(&headers), headers };
-        let v: Verdict = self.session().data(&message).await;
+        let v: Verdict = self
+            .session()
+            .data_with(|| {
+                let headers = parse_headers(&body.bytes);
+                Message { message_id: message_id(&headers), headers }
+            })
+            .await;
         if let Some(r) = v.reply() {
             if let Some(hop) = self.relay.as_mut()
                 && hop.rset().await.is_err()
