@@ -1303,3 +1303,48 @@ fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
     assert!(!log.contains("filter failed"), "the filter failed: {log}");
 }
+
+/// Clients that say STARTTLS and then never start the handshake: each held
+/// its slot for the whole `command_timeout` (300 s), even with every slot
+/// taken, where a client stalled anywhere else is cut at `stress_timeout`.
+/// Postfix bounds the handshake the same way (`smtpd_starttls_timeout`,
+/// `${stress?{10}:{300}}s`). Now the handshake's deadline is shortened
+/// under stress like every other wait.
+#[test]
+fn clients_stalled_in_the_tls_handshake_do_not_hold_the_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let cert = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let smtp = format!(
+        "max_connections = 8\nmax_connections_per_client = 8\nstress_timeout = \"1s\"\ncommand_timeout = \"300s\"\n\
+         tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"",
+        d = dir.path().display()
+    );
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, &smtp, WHITE);
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let mut c = Raw::over(connect_from(&format!("127.0.1.{i}"), port));
+        assert!(c.reply().starts_with("220"), "greeting {i}");
+        assert!(c.send("EHLO client.example.org").contains("STARTTLS"));
+        assert!(c.send("STARTTLS").starts_with("220"), "STARTTLS {i}");
+        // ... and no ClientHello.
+        stalled.push(c);
+    }
+    // Within a few seconds the stalled handshakes are cut and a newcomer
+    // is greeted.
+    let start = Instant::now();
+    loop {
+        let mut c = Raw::over(connect_from("127.0.2.1", port));
+        if c.reply().starts_with("220") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "stalled TLS handshakes held every slot");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Those cut while the stress lasted (once fewer than three quarters
+    // of the slots are held, the others wait out the command timeout).
+    let cut = stalled.iter_mut().map(|c| closed_within(c.r.get_mut(), 1)).filter(|closed| *closed).count();
+    assert!(cut >= 1, "no stalled handshake was cut");
+}

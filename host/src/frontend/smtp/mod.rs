@@ -720,7 +720,12 @@ impl Connection {
         }
         self.write("220 2.0.0 Ready to start TLS\r\n").await?;
         let plain = std::mem::replace(&mut self.io, ClientReader::new(Box::pin(tokio::io::empty()))).into_inner();
-        let tls = tokio::time::timeout(self.config.command_timeout, acceptor.accept(plain)).await.map_err(|_| End::Timeout)??;
+        // The handshake is a wait like any other: cut at `stress_timeout`
+        // under stress (Postfix: `smtpd_starttls_timeout`), else a client
+        // that says STARTTLS and goes quiet holds its slot for the whole
+        // command timeout.
+        let (normal, stressed) = (self.config.command_timeout, self.config.stress_timeout);
+        let tls = self.shared.load.timeout(normal, stressed, acceptor.accept(plain)).await.ok_or(End::Timeout)??;
         self.io = ClientReader::new(Box::pin(tls));
         self.tls = true;
         self.greeted = false;
