@@ -14,6 +14,7 @@ const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
 const { openStore } = require('./lib/store')
 const { renderLines } = require('./lib/reply')
+const { boundedHeaders, boundedMessageId } = require('./lib/message')
 
 /** The reference filter, shipped in the package (npm run build-filter). */
 const REFERENCE = path.join(__dirname, 'filters', 'greylist.wasm')
@@ -320,15 +321,9 @@ exports.greyhook_rcpt_ok = function (next, connection, rcpt) {
 
 exports.greyhook_data_post = function (next, connection) {
     const txn = connection.transaction
-    const headers = []
-    for (const raw of txn.header.header_list.slice(0, 500)) {
-        const line = raw.replace(/\r?\n([ \t])/g, '$1').replace(/[\r\n]+$/, '')
-        const i = line.indexOf(':')
-        if (i <= 0) continue
-        headers.push({ name: line.slice(0, i).slice(0, 64), value: line.slice(i + 1).trim().replace(/[\r\n]/g, ' ').slice(0, 998) })
-    }
-    const id = txn.header.get('Message-ID')
-    const message = { messageId: orNone(String(id || '').trim().slice(0, 998)), headers }
+    // The bounded view greyhook's own host hands a filter (lib/message.js).
+    const headers = boundedHeaders(txn.header.header_list)
+    const message = { messageId: boundedMessageId(txn.header.get('Message-ID')), headers }
     run(this, 'data', connection, message, next, (r) => {
         // The headers every verdict of the transaction added, once the
         // filter lets the message through.

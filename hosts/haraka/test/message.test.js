@@ -1,0 +1,34 @@
+'use strict'
+// The header section a filter is handed under Haraka keeps to the bounds
+// greyhook's own host keeps (host/src/domain/message.rs and its tests).
+const test = require('node:test')
+const assert = require('node:assert')
+const m = require('../lib/message')
+
+test('small headers are handed whole, unfolded and in order', () => {
+    const h = m.boundedHeaders(['Subject: a\r\n b\r\n', 'Message-ID: <x@y>\r\n', 'not a header\r\n'])
+    assert.deepStrictEqual(h, [
+        { name: 'Subject', value: 'a b' },
+        { name: 'Message-ID', value: '<x@y>' },
+    ])
+})
+
+test('values are cut at a character boundary and the section is bounded', () => {
+    const long = 'é'.repeat(5000)
+    const h = m.boundedHeaders(Array.from({ length: 300 }, (_, i) => `X-${i}: ${long}\r\n`))
+    assert.ok(h.every((x) => Buffer.byteLength(x.value) <= m.MAX_MESSAGE_HEADER_VALUE && /^é*$/.test(x.value)))
+    assert.strictEqual(Buffer.byteLength(h[0].value), 4096)
+    const bytes = h.reduce((n, x) => n + Buffer.byteLength(x.name) + Buffer.byteLength(x.value), 0)
+    assert.ok(bytes <= m.MAX_MESSAGE_HEADER_BYTES && bytes > m.MAX_MESSAGE_HEADER_BYTES - 8, String(bytes))
+    assert.strictEqual(h.length, 16, '15 whole values and the cut 16th, as the host')
+    const many = m.boundedHeaders(Array.from({ length: 300 }, (_, i) => `X-${i}: v\r\n`))
+    assert.strictEqual(many.length, m.MAX_MESSAGE_HEADERS)
+})
+
+test('a header with an overlong name is left out; the Message-ID is cut', () => {
+    assert.deepStrictEqual(m.boundedHeaders([`${'N'.repeat(300)}: v\r\n`, 'Subject: s\r\n']), [{ name: 'Subject', value: 's' }])
+    assert.strictEqual(m.cut('aé', 2), 'a')
+    assert.strictEqual(m.cut('abc', 10), 'abc')
+    assert.strictEqual(Buffer.byteLength(m.boundedMessageId(`<${'a'.repeat(2000)}@x>`)), m.MAX_MESSAGE_ID)
+    assert.strictEqual(m.boundedMessageId('  '), undefined)
+})
