@@ -909,6 +909,16 @@ pub fn rcpt_reply(port: u16, from: &str, helo: &str, sender: &str, rcpt: &str) -
     r
 }
 
+/// A self-signed certificate for `greyhook.test` and its key written into
+/// `dir` (`cert.pem`, `key.pem`); the `[smtp]` lines that enable STARTTLS
+/// with them.
+pub fn self_signed_tls(dir: &std::path::Path) -> String {
+    let cert = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).expect("certificate");
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).expect("cert.pem");
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).expect("key.pem");
+    format!("tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n", d = dir.display())
+}
+
 /// A raw client: send lines, read replies.
 pub struct Raw {
     /// The writing half.

@@ -23,6 +23,19 @@ fn smtp_daemon(dir: &Path, hop: u16, smtp: &str, filter: &str) -> (Process, u16)
     (p, port)
 }
 
+/// `greyhook serve` with a policy listener only, on the memory store and
+/// the reference filter's defaults.
+fn policy_daemon(dir: &Path) -> (Process, u16) {
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        d = dir.display()
+    );
+    let p = greyhook_with(dir, "serve", &text);
+    wait_for_port(port, 30);
+    (p, port)
+}
+
 const WHITE: &str = "whitelist_clients = [\"127.0.0.0/8\"]";
 
 /// SMTP smuggling (CVE-2023-51764 and kin): every known end-of-data
@@ -133,13 +146,7 @@ fn quoted_local_parts_are_greylisted_and_relayed() {
 #[test]
 fn policy_greylists_unusable_addresses() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
-        d = dir.path().display()
-    );
-    let _d = greyhook_with(dir.path(), "serve", &text);
-    wait_for_port(port, 30);
+    let (_d, port) = policy_daemon(dir.path());
     let long = format!("{}@evil.example", "x".repeat(330));
     let senders: Vec<Vec<u8>> = vec![
         b"spam@evil.example".to_vec(),
@@ -1244,13 +1251,7 @@ fn endless_files_are_refused_not_read_into_memory() {
 #[test]
 fn a_policy_request_from_a_link_local_client_is_greylisted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
-        d = dir.path().display()
-    );
-    let _d = greyhook_with(dir.path(), "serve", &text);
-    wait_for_port(port, 30);
+    let (_d, port) = policy_daemon(dir.path());
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let r = policy_rcpt(&mut s, "fe80::1%eth0", "a@example.org", "u@example.com", "ll1");
@@ -1314,13 +1315,9 @@ fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
 fn clients_stalled_in_the_tls_handshake_do_not_hold_the_front_end() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
-    let cert = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
     let smtp = format!(
-        "max_connections = 8\nmax_connections_per_client = 8\nstress_timeout = \"1s\"\ncommand_timeout = \"300s\"\n\
-         tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"",
-        d = dir.path().display()
+        "max_connections = 8\nmax_connections_per_client = 8\nstress_timeout = \"1s\"\ncommand_timeout = \"300s\"\n{}",
+        self_signed_tls(dir.path())
     );
     let (_d, port) = smtp_daemon(dir.path(), sink.port, &smtp, WHITE);
     let mut stalled = Vec::new();

@@ -295,10 +295,7 @@ fn a_next_hop_tempfail_comes_back_as_a_tempfail() {
 fn starttls_with_a_configured_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
-    let cert = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    let tls = format!("tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n", d = dir.path().display());
+    let tls = self_signed_tls(dir.path());
     let (_d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, &tls);
     let out = python(&format!(
         r#"
