@@ -63,6 +63,18 @@ impl HeaderBudget {
         Some((name, value))
     }
 
+    /// The part of a folded line's text `more` that may be added, after a
+    /// space, to a value already `have` bytes long (a front end unfolding
+    /// a header section), counted against the budget.
+    pub fn extend<'a>(&mut self, have: usize, more: &'a str) -> &'a str {
+        let room = MAX_MESSAGE_HEADER_VALUE.saturating_sub(have + 1).min(self.bytes.saturating_sub(1));
+        let more = cut(more, room);
+        if !more.is_empty() {
+            self.bytes -= 1 + more.len();
+        }
+        more
+    }
+
     /// Whether no more headers fit.
     pub fn spent(&self) -> bool {
         self.headers == 0 || self.bytes == 0

@@ -200,40 +200,42 @@ pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
 
 /// A message's header section from its lines (CR/LF already cut), up to
 /// the first empty line: folded lines unfolded, and no more kept than a
-/// filter is handed ([`crate::domain::message`]: values cut at 4096
-/// bytes, at most 200 headers and 64 KiB of names and values). Shared by
+/// filter is handed ([`crate::domain::message`]'s budget: values cut at
+/// 4096 bytes, at most 200 headers and 64 KiB of names and values, a
+/// header whose name is over 256 bytes left out). Shared by
 /// the front ends that see the message (SMTP, OpenSMTPD), whose message
 /// size limits would otherwise let a client make them copy megabytes.
 pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<crate::domain::types::Header> {
-    use crate::domain::message::{MAX_MESSAGE_HEADER_BYTES, MAX_MESSAGE_HEADER_VALUE, MAX_MESSAGE_HEADERS, cut};
     let mut out: Vec<crate::domain::types::Header> = Vec::new();
-    let mut bytes = 0usize;
+    let mut budget = crate::domain::message::HeaderBudget::default();
+    // Whether the last header line was kept (its folded lines go with it).
+    let mut kept = false;
     for line in lines {
         let text = line.as_ref();
         if text.is_empty() {
             break;
         }
         if text.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut() {
-                let room =
-                    MAX_MESSAGE_HEADER_VALUE.saturating_sub(last.value.len() + 1).min(MAX_MESSAGE_HEADER_BYTES.saturating_sub(bytes + 1));
-                let more = cut(text.trim(), room);
+            if let Some(last) = out.last_mut().filter(|_| kept) {
+                let more = budget.extend(last.value.len(), text.trim());
                 if !more.is_empty() {
                     last.value.push(' ');
                     last.value.push_str(more);
-                    bytes += 1 + more.len();
                 }
             }
             continue;
         }
-        if out.len() >= MAX_MESSAGE_HEADERS || bytes >= MAX_MESSAGE_HEADER_BYTES {
+        if budget.spent() {
             break;
         }
         if let Some((name, value)) = text.split_once(':') {
-            let name = cut(name.trim(), MAX_MESSAGE_HEADER_BYTES - bytes);
-            let value = cut(value.trim(), MAX_MESSAGE_HEADER_VALUE.min(MAX_MESSAGE_HEADER_BYTES - bytes - name.len()));
-            bytes += name.len() + value.len();
-            out.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
+            kept = match budget.take(name.trim(), value.trim()) {
+                Some((name, value)) => {
+                    out.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
+                    true
+                }
+                None => false,
+            };
         }
     }
     out
@@ -256,5 +258,8 @@ mod tests {
         let short = unfold_headers(["Subject: a", "\tb", "Message-ID: <x@y>", "", "X: body"]);
         assert_eq!(short.len(), 2);
         assert_eq!(short[0].value, "a b");
+        // A header left out (its name over 256 bytes) takes its folded lines with it.
+        let named = unfold_headers([format!("{}: v", "N".repeat(300)), " folded".into(), "Subject: s".into()]);
+        assert_eq!((named.len(), named[0].name.as_str(), named[0].value.as_str()), (1, "Subject", "s"));
     }
 }
