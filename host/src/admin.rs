@@ -118,11 +118,51 @@ pub enum WhitelistKind {
 /// The longest whitelist lifetime: ten years.
 pub const MAX_WHITELIST_TTL: u64 = 10 * 366 * 86_400;
 
+/// How the reference filter groups clients into networks: `ipv4_prefix`
+/// and `ipv6_prefix` in its configuration. A client whitelist entry
+/// (`wl/client/NETWORK`) is looked up as the client's network of exactly
+/// this size, so an entry of another size would never match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientGrouping {
+    /// Bits of an IPv4 client's network (the filter's default: 24).
+    pub ipv4: u8,
+    /// Bits of an IPv6 client's network (the filter's default: 64).
+    pub ipv6: u8,
+}
+
+impl Default for ClientGrouping {
+    fn default() -> Self {
+        ClientGrouping { ipv4: 24, ipv6: 64 }
+    }
+}
+
+impl ClientGrouping {
+    /// The grouping a filter configuration sets (its TOML text, as
+    /// `[filter.config]` hands it to the filter), with the reference
+    /// filter's defaults for what it leaves out. A value the filter would
+    /// refuse cannot be in a loaded filter's configuration; it counts as
+    /// the default here.
+    pub fn of_filter_config(text: &str) -> ClientGrouping {
+        let table: toml::Table = text.parse().unwrap_or_default();
+        let bits = |key: &str, most: u8| {
+            table.get(key).and_then(toml::Value::as_integer).and_then(|n| u8::try_from(n).ok()).filter(|n| *n <= most)
+        };
+        let d = ClientGrouping::default();
+        ClientGrouping { ipv4: bits("ipv4_prefix", 32).unwrap_or(d.ipv4), ipv6: bits("ipv6_prefix", 128).unwrap_or(d.ipv6) }
+    }
+}
+
 /// The store key (without namespace) of a whitelist entry, the value
-/// checked and normalised as the reference filter keys it; an error says
-/// what is wrong.
-pub fn whitelist_key(kind: WhitelistKind, value: &str) -> Result<String, String> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+/// checked and normalised as the reference filter keys it, a client
+/// network in the filter's `grouping`; an error says what is wrong.
+///
+/// A client is an address (its network of the grouping's size) or a
+/// network of exactly that size: the filter looks up no other, so a wider
+/// or narrower one is refused rather than written and never matched. An
+/// IPv4-mapped address or network (`::ffff:192.0.2.1`, `::ffff:192.0.2.0/120`)
+/// is the IPv4 one it stands for, as the filter sees such a client.
+pub fn whitelist_key(kind: WhitelistKind, value: &str, grouping: ClientGrouping) -> Result<String, String> {
+    use std::net::IpAddr;
     let v = value.trim();
     match kind {
         WhitelistKind::Client => {
@@ -131,23 +171,27 @@ pub fn whitelist_key(kind: WhitelistKind, value: &str) -> Result<String, String>
                 None => (v, None),
             };
             let ip: IpAddr = ip.parse().map_err(|_| format!("{v:?}: an IP address or network such as 192.0.2.0/24"))?;
-            let net = match ip {
-                IpAddr::V4(a) => {
-                    let len = len.unwrap_or(24);
-                    if !(8..=32).contains(&len) {
-                        return Err(format!("{v:?}: an IPv4 prefix of 8 to 32"));
-                    }
-                    format!("{}/{len}", Ipv4Addr::from(u32::from(a) & (u32::MAX << (32 - u32::from(len)))))
-                }
-                IpAddr::V6(a) => {
-                    let len = len.unwrap_or(64);
-                    if !(16..=128).contains(&len) {
-                        return Err(format!("{v:?}: an IPv6 prefix of 16 to 128"));
-                    }
-                    format!("{}/{len}", Ipv6Addr::from(u128::from(a) & (u128::MAX << (128 - u32::from(len)))))
-                }
+            if len.is_some_and(|l| l > if ip.is_ipv4() { 32 } else { 128 }) {
+                return Err(format!("{v:?}: a prefix length of at most {}", if ip.is_ipv4() { 32 } else { 128 }));
+            }
+            let (ip, len) = match (ip, ip.to_canonical()) {
+                (IpAddr::V6(_), IpAddr::V4(a)) => match len {
+                    Some(l) if l < 96 => return Err(format!("{v:?}: an IPv4-mapped network of a /96 or narrower")),
+                    l => (IpAddr::V4(a), l.map(|l| l - 96)),
+                },
+                _ => (ip, len),
             };
-            Ok(format!("wl/client/{net}"))
+            let (bits, setting) = match ip {
+                IpAddr::V4(_) => (grouping.ipv4, "ipv4_prefix"),
+                IpAddr::V6(_) => (grouping.ipv6, "ipv6_prefix"),
+            };
+            if let Some(len) = len.filter(|l| *l != bits) {
+                return Err(format!(
+                    "{v:?}: the filter looks up a client's /{bits} only ({setting} = {bits}), so a /{len} entry would never \
+                     match: name an address or a /{bits} network, or list other networks in whitelist_clients in [filter.config]"
+                ));
+            }
+            Ok(format!("wl/client/{}/{bits}", crate::domain::client_network(ip, grouping.ipv4, grouping.ipv6)))
         }
         WhitelistKind::Sender => {
             let d = v.trim_start_matches('@').to_ascii_lowercase();
@@ -262,6 +306,20 @@ fn full_key(namespace: &str, key: &str) -> String {
     if key.starts_with(&format!("{namespace}/")) { key.to_string() } else { format!("{namespace}/{key}") }
 }
 
+impl Command {
+    /// The store namespace the command works in (`stats` counts them all).
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Command::List { namespace, .. }
+            | Command::Show { namespace, .. }
+            | Command::Release { namespace, .. }
+            | Command::Delete { namespace, .. }
+            | Command::Whitelist { namespace, .. } => Some(namespace),
+            Command::Stats => None,
+        }
+    }
+}
+
 fn contains(hay: Option<&String>, needle: &Option<String>) -> bool {
     match needle {
         None => true,
@@ -269,8 +327,10 @@ fn contains(hay: Option<&String>, needle: &Option<String>) -> bool {
     }
 }
 
-/// Runs `cmd` on `store` at `now`; the text to print.
-pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, AdminError> {
+/// Runs `cmd` on `store` at `now`; the text to print. `grouping` is how
+/// the filter that owns the namespace groups clients (a client whitelist
+/// entry is written in it).
+pub async fn run(store: &dyn Store, cmd: &Command, now: u64, grouping: ClientGrouping) -> Result<String, AdminError> {
     match cmd {
         Command::List { namespace, filter } => {
             let limit = filter.limit.unwrap_or(100).clamp(1, MAX_LIST);
@@ -359,7 +419,7 @@ pub async fn run(store: &dyn Store, cmd: &Command, now: u64) -> Result<String, A
             }
         }
         Command::Whitelist { namespace, kind, value, ttl } => {
-            let key = full_key(namespace, &whitelist_key(*kind, value).map_err(AdminError::Invalid)?);
+            let key = full_key(namespace, &whitelist_key(*kind, value, grouping).map_err(AdminError::Invalid)?);
             if *ttl == 0 || *ttl > MAX_WHITELIST_TTL {
                 return Err(AdminError::Invalid("the whitelist's time must be 1 second to 10 years".into()));
             }
@@ -407,47 +467,71 @@ mod tests {
     async fn list_release_show_delete_stats() {
         let s = MemoryStore::new();
         let now = 1_000_000;
+        let g = ClientGrouping::default();
         s.set("greylist/t/AAA", b"999000 0\t192.0.2\ta@x.test\tb@y.test", now + 100, Condition::Any, now).await.unwrap();
         s.set("greylist/t/BBB", b"990000 995000\t198.51.100\tc@z.test\tb@y.test", now + 100, Condition::Any, now).await.unwrap();
         s.set("greylist/t/CCC", b"999999 0", now + 100, Condition::Any, now).await.unwrap();
         s.set("greylist/awl/192.0.2", b"3", now + 100, Condition::Any, now).await.unwrap();
         let list = |f: ListFilter| Command::List { namespace: "greylist".into(), filter: f };
-        let out = run(&s, &list(ListFilter { sender: Some("A@X".into()), ..Default::default() }), now).await.unwrap();
+        let out = run(&s, &list(ListFilter { sender: Some("A@X".into()), ..Default::default() }), now, g).await.unwrap();
         assert!(out.contains("greylist/t/AAA  greylisted") && out.ends_with("1 records match, 1 shown"), "{out}");
-        let out = run(&s, &list(ListFilter { state: Some(State::Greylisted), ..Default::default() }), now).await.unwrap();
+        let out = run(&s, &list(ListFilter { state: Some(State::Greylisted), ..Default::default() }), now, g).await.unwrap();
         assert!(out.contains("(privacy: hashed only)") && out.ends_with("2 records match, 2 shown"), "{out}");
-        let out = run(&s, &list(ListFilter { older_than: Some(5000), ..Default::default() }), now).await.unwrap();
+        let out = run(&s, &list(ListFilter { older_than: Some(5000), ..Default::default() }), now, g).await.unwrap();
         assert!(out.ends_with("1 records match, 1 shown") && out.contains("BBB"), "{out}");
         let ns = || "greylist".to_string();
-        let out = run(&s, &Command::Release { namespace: ns(), key: "t/AAA".into() }, now).await.unwrap();
+        let out = run(&s, &Command::Release { namespace: ns(), key: "t/AAA".into() }, now, g).await.unwrap();
         assert!(out.starts_with("released greylist/t/AAA"), "{out}");
         let v = s.get("greylist/t/AAA", now).await.unwrap().unwrap();
         assert_eq!(v.value, b"999000 1000000\t192.0.2\ta@x.test\tb@y.test");
         assert!(v.expires_at >= now + RELEASE_TTL);
-        let out = run(&s, &Command::Show { namespace: ns(), key: "greylist/t/AAA".into() }, now).await.unwrap();
+        let out = run(&s, &Command::Show { namespace: ns(), key: "greylist/t/AAA".into() }, now, g).await.unwrap();
         assert!(out.contains("passed=") && out.contains("sender a@x.test"), "{out}");
-        let out = run(&s, &Command::Stats, now).await.unwrap();
+        let out = run(&s, &Command::Stats, now, g).await.unwrap();
         assert!(out.contains("greylist t passed 2") && out.contains("greylist t greylisted 1") && out.ends_with("total 4"), "{out}");
-        run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now).await.unwrap();
-        assert!(matches!(run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now).await, Err(AdminError::NotFound(_))));
+        run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now, g).await.unwrap();
+        assert!(matches!(run(&s, &Command::Delete { namespace: ns(), key: "t/CCC".into() }, now, g).await, Err(AdminError::NotFound(_))));
         assert!(matches!(
-            run(&s, &Command::Release { namespace: ns(), key: "awl/192.0.2".into() }, now).await,
+            run(&s, &Command::Release { namespace: ns(), key: "awl/192.0.2".into() }, now, g).await,
             Err(AdminError::NotGreylist(_))
         ));
         let wl = |kind, value: &str| Command::Whitelist { namespace: ns(), kind, value: value.into(), ttl: 3600 };
-        run(&s, &wl(WhitelistKind::Client, "192.0.2.77"), now).await.unwrap();
+        run(&s, &wl(WhitelistKind::Client, "192.0.2.77"), now, g).await.unwrap();
         assert!(s.get("greylist/wl/client/192.0.2.0/24", now).await.unwrap().is_some_and(|e| e.expires_at == now + 3600));
-        run(&s, &wl(WhitelistKind::Sender, "@Example.ORG"), now).await.unwrap();
+        run(&s, &wl(WhitelistKind::Sender, "@Example.ORG"), now, g).await.unwrap();
         assert!(s.get("greylist/wl/sender/example.org", now).await.unwrap().is_some());
-        assert_eq!(whitelist_key(WhitelistKind::Client, "2001:db8::1").unwrap(), "wl/client/2001:db8::/64");
-        assert_eq!(whitelist_key(WhitelistKind::Recipient, "<Bob@Y.test>").unwrap(), "wl/rcpt/bob@y.test");
+        assert_eq!(whitelist_key(WhitelistKind::Client, "2001:db8::1", g).unwrap(), "wl/client/2001:db8::/64");
+        assert_eq!(whitelist_key(WhitelistKind::Recipient, "<Bob@Y.test>", g).unwrap(), "wl/rcpt/bob@y.test");
         for (k, bad) in
             [(WhitelistKind::Client, "10.0.0.0/4"), (WhitelistKind::Sender, "no spaces.org x"), (WhitelistKind::Recipient, "nobody")]
         {
-            assert!(matches!(run(&s, &wl(k, bad), now).await, Err(AdminError::Invalid(_))), "{bad}");
+            assert!(matches!(run(&s, &wl(k, bad), now, g).await, Err(AdminError::Invalid(_))), "{bad}");
         }
         let f = ListFilter { whitelists: true, ..Default::default() };
-        let out = run(&s, &Command::List { namespace: ns(), filter: f }, now).await.unwrap();
+        let out = run(&s, &Command::List { namespace: ns(), filter: f }, now, g).await.unwrap();
         assert!(out.contains("greylist/wl/sender/example.org  until") && out.ends_with("2 records match, 2 shown"), "{out}");
+    }
+
+    /// A client entry is the network the filter looks up, in its grouping:
+    /// nothing else is written.
+    #[test]
+    fn client_whitelists_are_in_the_filters_grouping() {
+        let g = ClientGrouping::of_filter_config("delay = \"5m\"\nipv4_prefix = 28\nipv6_prefix = 48\n");
+        assert_eq!(g, ClientGrouping { ipv4: 28, ipv6: 48 });
+        assert_eq!(ClientGrouping::of_filter_config(""), ClientGrouping::default());
+        assert_eq!(ClientGrouping::of_filter_config("ipv4_prefix = 300"), ClientGrouping::default());
+        let key = |v: &str| whitelist_key(WhitelistKind::Client, v, g);
+        assert_eq!(key("198.18.7.9").unwrap(), "wl/client/198.18.7.0/28");
+        assert_eq!(key(" 198.18.7.0/28 ").unwrap(), "wl/client/198.18.7.0/28");
+        assert_eq!(key("::ffff:198.18.8.1").unwrap(), "wl/client/198.18.8.0/28");
+        assert_eq!(key("::ffff:198.18.9.0/124").unwrap(), "wl/client/198.18.9.0/28");
+        assert_eq!(key("2001:db8:1:2::9").unwrap(), "wl/client/2001:db8:1::/48");
+        assert_eq!(key("2001:db8:1::/48").unwrap(), "wl/client/2001:db8:1::/48");
+        for bad in ["198.18.0.0/16", "198.18.7.0/24", "198.18.7.9/32", "2001:db8::/64", "::ffff:198.18.9.0/64", "198.18.7.0/99", "x/28"] {
+            assert!(key(bad).is_err(), "{bad}");
+        }
+        assert!(key("198.18.0.0/16").unwrap_err().contains("ipv4_prefix = 28"));
+        let everything = ClientGrouping { ipv4: 0, ipv6: 0 };
+        assert_eq!(whitelist_key(WhitelistKind::Client, "198.18.7.9", everything).unwrap(), "wl/client/0.0.0.0/0");
     }
 }

@@ -636,7 +636,7 @@ fn greyhook_db_lists_releases_and_deletes_records() {
     let (ok, out) = greyhook_db(&["list", "--control", c, "--whitelists"]);
     assert!(ok && out.contains("greylist/wl/client/198.18.7.0/24") && out.contains("3 records match"), "{out}");
     let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "10.0.0.0/4"]);
-    assert!(!ok && out.contains("prefix of 8 to 32"), "{out}");
+    assert!(!ok && out.contains("a client's /24 only (ipv4_prefix = 24)"), "{out}");
     assert!(d.terminate(10), "{}", d.log_text());
 
     // The stopped daemon's file, read directly.
@@ -653,6 +653,62 @@ fn greyhook_db_lists_releases_and_deletes_records() {
     assert!(policy_ask(port, "192.0.2.44", "alice@sender.test", "bob@dest.test").contains("451"));
     let (ok, out) = greyhook_db(&["list", "--control", c]);
     assert!(ok && out.contains("(privacy: hashed only)") && !out.contains("alice"), "{out}");
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// `greyhook db whitelist --client` writes the entry the reference filter
+/// looks up: the client's network in the filter's own grouping
+/// (`ipv4_prefix`), and an IPv4-mapped address as the IPv4 client it
+/// stands for. A network of another size, which the filter never looks up,
+/// is refused rather than confirmed and ignored. Found so: with
+/// `ipv4_prefix = 28` an address was written as its /24, and a /16 or
+/// `::ffff:198.18.8.1` (written as `::/64`) was confirmed as whitelisted
+/// while the client's mail went on being greylisted.
+#[test]
+fn a_client_whitelist_is_the_network_the_filter_looks_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, control, db) = (free_port(), dir.path().join("c.sock"), dir.path().join("greyhook.db"));
+    let c = control.to_str().unwrap();
+    let mut d = Process::greyhook(
+        &[
+            "serve",
+            "--config",
+            &patient(dir.path()),
+            "--db",
+            db.to_str().unwrap(),
+            "--control",
+            c,
+            "--policy",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "identity=[\"network\"]",
+            "--set",
+            "ipv4_prefix=28",
+        ],
+        dir.path().join("log"),
+    );
+    d.wait_listening(port, 60);
+    let ask = |client: &str| policy_ask(port, client, "x@anyone.test", "bob@dest.test");
+    // An address stands for its /28 here, not a /24.
+    let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "198.18.7.9"]);
+    assert!(ok && out.starts_with("whitelisted greylist/wl/client/198.18.7.0/28 until"), "{out}");
+    assert_eq!(ask("198.18.7.14"), "action=DUNNO", "in the whitelisted /28");
+    assert!(ask("198.18.7.17").contains("451"), "outside the /28");
+    // An IPv4-mapped address is its IPv4 client.
+    let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "::ffff:198.18.8.1"]);
+    assert!(ok && out.starts_with("whitelisted greylist/wl/client/198.18.8.0/28 until"), "{out}");
+    assert_eq!(ask("198.18.8.2"), "action=DUNNO");
+    // So is a mapped network of the filter's size (96 + 28 bits).
+    let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "::ffff:198.18.9.0/124"]);
+    assert!(ok && out.starts_with("whitelisted greylist/wl/client/198.18.9.0/28 until"), "{out}");
+    // A /16 or a /24 would never be looked up: refused, nothing written.
+    for wide in ["198.19.0.0/16", "198.19.1.0/24"] {
+        let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", wide]);
+        assert!(!ok && out.contains("/28") && out.contains("ipv4_prefix") && out.contains("whitelist_clients"), "{wide}: {out}");
+    }
+    assert!(ask("198.19.1.1").contains("451"), "a refused network is not whitelisted");
+    let (ok, out) = greyhook_db(&["list", "--control", c, "--whitelists"]);
+    assert!(ok && out.contains("3 records match"), "{out}");
     assert!(d.terminate(10), "{}", d.log_text());
 }
 

@@ -59,10 +59,12 @@ pub(super) async fn control_service(listener: Listener, shared: Arc<Shared>, shu
                 (Ok(Ok(_)), "status") => format!("ok {}\n", Status::gather(&shared).text()),
                 (Ok(Ok(_)), "status json") => format!("ok {}\n", Status::gather(&shared).json()),
                 (Ok(Ok(_)), l) if l.starts_with("db ") => match serde_json::from_str::<crate::admin::Command>(&l[3..]) {
-                    Ok(cmd) => match crate::admin::run(&*shared.store, &cmd, shared.clock.now()).await {
-                        Ok(text) => format!("ok {text}\n"),
-                        Err(e) => format!("error {e}\n"),
-                    },
+                    Ok(cmd) => {
+                        match crate::admin::run(&*shared.store, &cmd, shared.clock.now(), shared.client_grouping(cmd.namespace())).await {
+                            Ok(text) => format!("ok {text}\n"),
+                            Err(e) => format!("error {e}\n"),
+                        }
+                    }
                     Err(e) => format!("error bad db command: {e}\n"),
                 },
                 _ => "error expected `reload`, `status`, `status json` or `db {...}`\n".to_string(),

@@ -228,6 +228,16 @@ macro_rules! open_files_needed {
 crate::frontend::front_ends!(open_files_needed);
 
 impl Shared {
+    /// How the filter that keeps its records in `namespace` groups clients
+    /// (its configuration as loaded now), for `greyhook db whitelist
+    /// --client`; the reference filter's defaults for a namespace no filter
+    /// of the chain uses.
+    fn client_grouping(&self, namespace: Option<&str>) -> crate::admin::ClientGrouping {
+        namespace
+            .and_then(|ns| self.reloaders.iter().map(Reloader::filter).find(|f| f.namespace() == ns))
+            .map_or_else(Default::default, |f| crate::admin::ClientGrouping::of_filter_config(&f.options().config))
+    }
+
     /// Reloads every filter of the chain (an unchanged one is left alone);
     /// the first refusal is returned, the others still take effect.
     async fn reload(&self) -> Result<ReloadReport, ReloadError> {

@@ -74,7 +74,8 @@ enum DbCommand {
     Whitelist {
         #[command(flatten)]
         target: DbTarget,
-        /// A client address (its /24 or /64) or network (`192.0.2.0/24`).
+        /// A client address (its network in the filter's grouping, /24 or
+        /// /64 by default) or a network of that size (`192.0.2.0/24`).
         /// Default: none; name one of --client, --sender, --recipient.
         #[arg(long, group = "what")]
         client: Option<String>,
@@ -157,7 +158,10 @@ async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()>
     match &target.db {
         Some(spec) => {
             let store = open_store(spec, &target.prefix)?;
-            let out = greyhook::admin::run(&*store, &cmd, SystemClock.now()).await?;
+            // A store opened directly comes with no filter configuration: the
+            // reference filter's default grouping (docs/operating.md).
+            let grouping = greyhook::admin::ClientGrouping::default();
+            let out = greyhook::admin::run(&*store, &cmd, SystemClock.now(), grouping).await?;
             store.flush().await?;
             println!("{out}");
             Ok(())

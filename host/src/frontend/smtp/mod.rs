@@ -339,23 +339,6 @@ struct Shared {
     data_budget: Arc<Semaphore>,
 }
 
-/// The client network `ip` counts in for `max_connections_per_client`:
-/// `ip` cut to `v4` or `v6` bits (an IPv4-mapped IPv6 address, as a
-/// dual-stack listener reports an IPv4 client, is taken as the IPv4
-/// address it is: cut to 84 bits as IPv6, every IPv4 client would be one).
-fn client_network(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(v4.min(32))).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(v6.min(128))).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    }
-}
-
 /// A client address's connection, counted until the session ends: until
 /// greyhook's closing reply (`221`, `421`, …) is about to be sent, or the
 /// connection ends without one. A client may connect again as soon as it
@@ -379,9 +362,9 @@ impl Drop for ClientSlot {
 
 impl ClientSlot {
     /// A slot for a connection from `ip`, or none if its network (see
-    /// [`client_network`]) has `max_connections_per_client` sessions already.
+    /// [`crate::domain::client_network`]) has `max_connections_per_client` sessions already.
     fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ClientSlot> {
-        let ip = client_network(ip, shared.config.client_ipv4_prefix, shared.config.client_ipv6_prefix);
+        let ip = crate::domain::client_network(ip, shared.config.client_ipv4_prefix, shared.config.client_ipv6_prefix);
         let mut m = shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= shared.config.max_connections_per_client {
@@ -1176,18 +1159,6 @@ pub fn parse_headers(message: &[u8]) -> Vec<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clients_count_by_network_and_mapped_addresses_as_ipv4() {
-        let net = |s: &str| client_network(s.parse().unwrap(), 32, 84).to_string();
-        assert_eq!(net("192.0.2.7"), "192.0.2.7");
-        assert_eq!(net("::ffff:192.0.2.7"), "192.0.2.7");
-        assert_eq!(net("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2:3::");
-        assert_eq!(net("2001:db8:1:2:3:0fff:ffff:ffff"), "2001:db8:1:2:3::");
-        assert_eq!(net("2001:db8:1:2:3:f000::1"), "2001:db8:1:2:3:f000::");
-        assert_eq!(client_network("192.0.2.7".parse().unwrap(), 24, 128).to_string(), "192.0.2.0");
-        assert_eq!(client_network("2001:db8::1".parse().unwrap(), 24, 128).to_string(), "2001:db8::1");
-    }
 
     #[test]
     fn the_received_line_keeps_specials_and_controls_out() {
