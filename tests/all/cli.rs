@@ -142,6 +142,17 @@ Nov 29 21:44:16 mx postfix/smtp[125]: 6DDAC992065: to=<w@example.org>, relay=mx.
     let (ok, out, _) = greyhook(&["hint", "--log", f.to_str().unwrap()]);
     assert!(ok);
     assert_eq!(out, "4BDAC992063 300\n5CDAC992064 none\n");
+    // A line over 64 KiB is skipped whole, as `report` and `replay` skip
+    // it: its tail is no line of its own. Found so: the tail of such a line
+    // was read as a line, and a deferral written there was listed.
+    let tail = "Nov 29 21:44:17 mx postfix/smtp[126]: 7EEAC992066: to=<x@example.org>, relay=mx.example.org[192.0.2.2]:25, \
+                delay=1, dsn=4.7.1, status=deferred (host mx.example.org[192.0.2.2] said: 451 4.7.1 Greylisted retry=00:09:00 \
+                (in reply to RCPT TO command))";
+    let long = format!("{}{}\n{log}", "x".repeat(70_000), tail);
+    std::fs::write(&f, long).unwrap();
+    let (ok, out, _) = greyhook(&["hint", "--log", f.to_str().unwrap()]);
+    assert!(ok);
+    assert_eq!(out, "4BDAC992063 300\n5CDAC992064 none\n", "the overlong line's tail was read as a line");
 }
 
 /// Found by fuzzing the configuration: a duration near `u64::MAX` seconds

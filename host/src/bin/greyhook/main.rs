@@ -611,46 +611,63 @@ async fn serve(overrides: Overrides) -> Result<()> {
     Ok(())
 }
 
+/// The longest log line `report`, `replay` and `hint --log` read. Decision
+/// lines and MTA log lines are far shorter; a longer one is none of them.
+const MAX_LOG_LINE: u64 = 64 * 1024;
+
+/// Calls `each` with every line of `r` (its newline included) of at most
+/// `max` bytes. A longer line is skipped whole, a buffer at a time, never
+/// held: a log with a line of gigabytes, or `/dev/zero`, costs no memory,
+/// and no piece of such a line is taken for a line of its own. By hand
+/// because std's `read_until` has no bound, and bounding it with `take`
+/// alone cuts a long line into pieces that read as lines.
+fn for_each_line(mut r: impl std::io::BufRead, max: u64, mut each: impl FnMut(&[u8])) -> std::io::Result<()> {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if (&mut r).take(max + 1).read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        if line.len() as u64 <= max {
+            each(&line);
+            continue;
+        }
+        if line.ends_with(b"\n") {
+            // Overlong by its newline alone: read whole already.
+            continue;
+        }
+        // The rest of the overlong line, a buffer at a time.
+        loop {
+            let buf = r.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    r.consume(i + 1);
+                    break;
+                }
+                None => {
+                    let len = buf.len();
+                    r.consume(len);
+                }
+            }
+        }
+    }
+}
+
 /// The JSON decision lines of `files` (stdin if none), in order read.
 fn read_decisions(files: &[PathBuf]) -> Result<Vec<greyhook::session::audit::DecisionRecord>> {
     use std::io::BufRead;
     let mut records = Vec::new();
-    // Decision lines are short; anything longer is not one, and is skipped
-    // without being held (a log with a line of gigabytes, or /dev/zero,
-    // costs no memory).
-    const MAX_LINE: u64 = 64 * 1024;
-    let mut read = |mut r: Box<dyn BufRead>, name: &str| -> Result<()> {
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = std::io::Read::take(&mut r, MAX_LINE + 1).read_until(b'\n', &mut line).with_context(|| format!("reading {name}"))?;
-            if n == 0 {
-                return Ok(());
-            }
-            if line.len() as u64 > MAX_LINE {
-                // The rest of an overlong line, a buffer at a time.
-                loop {
-                    let buf = r.fill_buf().with_context(|| format!("reading {name}"))?;
-                    if buf.is_empty() {
-                        return Ok(());
-                    }
-                    match buf.iter().position(|&b| b == b'\n') {
-                        Some(i) => {
-                            r.consume(i + 1);
-                            break;
-                        }
-                        None => {
-                            let len = buf.len();
-                            r.consume(len);
-                        }
-                    }
-                }
-                continue;
-            }
-            if let Some(d) = greyhook::session::audit::DecisionRecord::parse_line(&String::from_utf8_lossy(&line)) {
+    let mut read = |r: Box<dyn BufRead>, name: &str| -> Result<()> {
+        for_each_line(r, MAX_LOG_LINE, |line| {
+            if let Some(d) = greyhook::session::audit::DecisionRecord::parse_line(&String::from_utf8_lossy(line)) {
                 records.push(d);
             }
-        }
+        })
+        .with_context(|| format!("reading {name}"))
     };
     if files.is_empty() {
         read(Box::new(std::io::stdin().lock()), "stdin")?;
@@ -681,25 +698,18 @@ fn report(files: &[PathBuf], html: Option<&Path>, json: bool) -> Result<()> {
 
 /// `greyhook hint`.
 fn hint(log: bool, file: Option<&Path>) -> Result<()> {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
     let input: Box<dyn std::io::Read> = match file {
         Some(p) => Box::new(std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?),
         None => Box::new(std::io::stdin()),
     };
     if log {
-        // A log line is bounded: longer ones are skipped, not held.
-        let mut r = std::io::BufReader::new(input);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = (&mut r).take(64 << 10).read_until(b'\n', &mut line)?;
-            if n == 0 {
-                return Ok(());
-            }
-            if let Some((who, delay)) = greyhook::retry::log_deferral(&String::from_utf8_lossy(&line)) {
+        return for_each_line(std::io::BufReader::new(input), MAX_LOG_LINE, |line| {
+            if let Some((who, delay)) = greyhook::retry::log_deferral(&String::from_utf8_lossy(line)) {
                 println!("{who} {}", delay.map_or_else(|| "none".to_string(), |d| d.to_string()));
             }
-        }
+        })
+        .context("reading the log");
     }
     // One reply: at most 100 lines of 512 bytes (RFC 5321's limits, with room).
     let mut text = String::new();
@@ -965,5 +975,23 @@ mod tests {
         let mut missing = Vec::new();
         walk(&command(), "greyhook", &mut missing);
         assert!(missing.is_empty(), "flags whose --help gives no default: {missing:?}");
+    }
+
+    /// Lines up to the bound are read, a longer one is skipped whole (not
+    /// in pieces), and the line after it is read, at every boundary.
+    #[test]
+    fn overlong_lines_are_skipped_whole() {
+        let lines = |text: &[u8], max| {
+            let mut got = Vec::new();
+            for_each_line(text, max, |l| got.push(String::from_utf8_lossy(l).into_owned())).unwrap();
+            got
+        };
+        assert_eq!(lines(b"ab\ncd\nla", 3), ["ab\n", "cd\n", "la"]);
+        assert_eq!(lines(b"abc\nd\n", 4), ["abc\n", "d\n"]);
+        assert_eq!(lines(b"abcd\nd\n", 4), ["d\n"], "over by its newline");
+        assert_eq!(lines(b"abcde\nd\n", 4), ["d\n"]);
+        assert_eq!(lines(&[b"x".repeat(100_000), b"\nok\n".to_vec()].concat(), 4), ["ok\n"]);
+        assert_eq!(lines(&b"x".repeat(100_000), 4), Vec::<String>::new());
+        assert_eq!(lines(b"", 4), Vec::<String>::new());
     }
 }
