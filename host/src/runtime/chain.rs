@@ -92,19 +92,16 @@ impl Chain {
     /// front end need not parse the header section of most messages. The
     /// skip is decided on the version each link holds for its call, so a
     /// reload cannot leave a filter with a message that was never built.
-    pub async fn on_data_with(&self, ctx: &Context, message: impl FnOnce() -> Message) -> Verdict {
+    /// `message` may return the message or a reference to one.
+    pub async fn on_data_with<M: std::borrow::Borrow<Message>>(&self, ctx: &Context, message: impl FnOnce() -> M) -> Verdict {
         let mut acc = Verdict::cont();
-        let mut make = Some(message);
-        let mut built: Option<Message> = None;
+        let message = std::cell::LazyCell::new(message);
         for link in self.links.iter() {
             let filter = link.load();
             if filter.skipped().skips_call(Phase::Data, ctx) {
                 continue;
             }
-            let m = match built {
-                Some(ref m) => m,
-                None => built.insert(make.take().map_or_else(Message::default, |f| f())),
-            };
+            let m: &Message = (*message).borrow();
             if merge(&mut acc, filter.on_data(ctx, m).await) {
                 break;
             }

@@ -145,16 +145,14 @@ impl SmtpSession {
 
     /// End of DATA: the message's headers (Message-ID among them).
     pub async fn data(&mut self, message: &Message) -> Verdict {
-        self.stamp();
-        let v = self.hooks.chain.on_data(&self.ctx, message).await;
-        self.decided(Phase::Data, &self.ctx, None, &v);
-        v
+        self.data_with(|| message).await
     }
 
     /// End of DATA with the message built by `message` only if a filter is
     /// called with it ([`Chain::on_data_with`]): for a front end that would
-    /// parse the header section for it.
-    pub async fn data_with(&mut self, message: impl FnOnce() -> Message) -> Verdict {
+    /// parse the header section for it. `message` may return the message or
+    /// a reference to one.
+    pub async fn data_with<M: std::borrow::Borrow<Message>>(&mut self, message: impl FnOnce() -> M) -> Verdict {
         self.stamp();
         let v = self.hooks.chain.on_data_with(&self.ctx, message).await;
         self.decided(Phase::Data, &self.ctx, None, &v);

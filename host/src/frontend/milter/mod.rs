@@ -456,8 +456,9 @@ impl MilterProtocol for Conversation {
         let headers = std::mem::take(&mut self.headers);
         let mut add = std::mem::take(&mut self.pending_headers);
         let Some(s) = self.session() else { return Ok(ModificationResponse::empty_continue()) };
-        let message = Message { message_id: message_id(&headers), headers };
-        let v = s.data(&message).await;
+        // Built only for a filter called at DATA (the reference filter is
+        // called for the null sender only).
+        let v = s.data_with(|| Message { message_id: message_id(&headers), headers }).await;
         s.reset();
         self.end_transaction();
         if let Some(r) = v.reply() {
