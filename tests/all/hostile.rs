@@ -1258,6 +1258,71 @@ fn a_policy_request_from_a_link_local_client_is_greylisted() {
     assert!(r.starts_with("action=451 4.7.1 "), "a link-local client with its scope: {r:?}");
 }
 
+/// A bounce (`MAIL FROM:<>`) is greylisted at DATA, on the recipients the
+/// policy service kept from the transaction's RCPT requests. A client could
+/// push its own transaction out of that bounded memory (`max_transactions`)
+/// with a flood of others between its RCPT and its DATA, and the DATA
+/// request, on a transaction with no recipients, was answered `DUNNO`: the
+/// bounce passed ungreylisted. Postfix says at DATA how many recipients it
+/// accepted (`recipient_count`), and names the recipient when there is one:
+/// a transaction no longer known is recovered from that, or, with several
+/// recipients it cannot name, tempfailed rather than passed.
+#[test]
+fn a_bounce_whose_transaction_was_pushed_out_is_still_greylisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\nmax_transactions = 50\n",
+        d = dir.path().display()
+    );
+    let _d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fn ask_on(s: &mut std::net::TcpStream, o: &[(&str, &str)]) -> String {
+        s.write_all(policy_request(o).as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let mut b = [0u8; 512];
+        while !out.ends_with(b"\n\n") {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "policy connection closed");
+            out.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let bounce = [("client_address", "192.0.2.7"), ("sender", "")];
+    let rcpt = |instance: &'static str, to: &'static str| {
+        [bounce[0], bounce[1], ("protocol_state", "RCPT"), ("instance", instance), ("recipient", to)]
+    };
+    let data = |instance: &'static str, to: &'static str, count: &'static str| {
+        [bounce[0], bounce[1], ("protocol_state", "DATA"), ("instance", instance), ("recipient", to), ("recipient_count", count)]
+    };
+    // 60 transactions of another client, greylisted, where 50 are kept.
+    let flood = |s: &mut std::net::TcpStream, salt: &str| {
+        for i in 0..60 {
+            let (instance, to) = (format!("{salt}{i}"), format!("r{i}@example.com"));
+            let r =
+                ask_on(s, &[("client_address", "198.51.100.9"), ("sender", "x@example.org"), ("instance", &instance), ("recipient", &to)]);
+            assert!(r.starts_with("action=451 4.7.1 "), "{r:?}");
+        }
+    };
+    // Kept, as it should be: greylisted at DATA.
+    assert_eq!(ask_on(&mut s, &rcpt("kept", "u@example.com")), "action=DUNNO\n\n", "a bounce is not greylisted at RCPT");
+    let r = ask_on(&mut s, &data("kept", "u@example.com", "1"));
+    assert!(r.starts_with("action=451 4.7.1 ") && r.contains("retry="), "{r:?}");
+    // One recipient, its transaction pushed out by 60 others: greylisted.
+    assert_eq!(ask_on(&mut s, &rcpt("pushed", "v@example.com")), "action=DUNNO\n\n");
+    flood(&mut s, "a");
+    let r = ask_on(&mut s, &data("pushed", "v@example.com", "1"));
+    assert!(r.starts_with("action=451 4.7.1 ") && r.contains("retry="), "pushed out, one recipient: {r:?}");
+    // Two recipients, which Postfix does not name at DATA: not passed.
+    assert_eq!(ask_on(&mut s, &rcpt("two", "w1@example.com")), "action=DUNNO\n\n");
+    assert_eq!(ask_on(&mut s, &rcpt("two", "w2@example.com")), "action=DUNNO\n\n");
+    flood(&mut s, "b");
+    let r = ask_on(&mut s, &data("two", "", "2"));
+    assert!(r.starts_with("action=451 4.3.0 "), "pushed out, two recipients: {r:?}");
+}
+
 /// A bounce (`MAIL FROM:<>`, greylisted after the final dot) whose header
 /// section is as large as `max_message_size` lets it be: 200 headers of
 /// two 60 000-byte lines each (a folded one), plus a Message-ID. Every

@@ -109,6 +109,12 @@ impl Chain {
         acc
     }
 
+    /// Whether a filter of the chain is called at `phase` with `ctx` (one
+    /// that asked not to be, [`crate::domain::types::SkipHooks`], is not).
+    pub fn calls(&self, phase: Phase, ctx: &Context) -> bool {
+        self.links.iter().any(|l| !l.load().skipped().skips_call(phase, ctx))
+    }
+
     /// The EHLO hook along the chain: keywords of every filter asked.
     pub async fn on_ehlo(&self, ctx: &Context) -> EhloVerdict {
         let mut acc = Verdict::cont();

@@ -143,6 +143,12 @@ impl SmtpSession {
         v
     }
 
+    /// Whether a filter is called at `phase` in this session as it stands
+    /// (see [`Chain::calls`]).
+    pub fn calls_filters(&self, phase: Phase) -> bool {
+        self.hooks.chain.calls(phase, &self.ctx)
+    }
+
     /// End of DATA: the message's headers (Message-ID among them).
     pub async fn data(&mut self, message: &Message) -> Verdict {
         self.data_with(|| message).await

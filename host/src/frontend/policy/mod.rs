@@ -245,7 +245,9 @@ impl PolicyServer {
         };
         let sender = attrs.get("sender").unwrap_or("");
         let recipient = attrs.get("recipient").unwrap_or("");
-        let mut session = self.take(instance, client).unwrap_or_else(|| SmtpSession::new(self.hooks.clone(), instance, client));
+        let kept = self.take(instance, client);
+        let known = kept.is_some();
+        let mut session = kept.unwrap_or_else(|| SmtpSession::new(self.hooks.clone(), instance, client));
         *session.session_mut() = facts;
         let verdict = match phase {
             Phase::Connect => session.connect().await,
@@ -259,13 +261,45 @@ impl PolicyServer {
             }
             Phase::Data => {
                 session.continue_transaction(sender);
-                session.data(&Message::default()).await
+                let count = get("recipient_count").and_then(|c| c.parse::<usize>().ok()).unwrap_or(0);
+                if known || count == 0 || !session.calls_filters(Phase::Data) {
+                    session.data(&Message::default()).await
+                } else {
+                    self.data_of_a_lost_transaction(&mut session, recipient, count).await
+                }
             }
         };
         if !instance.is_empty() {
             self.keep(instance, session);
         }
         self.action(&verdict)
+    }
+
+    /// DATA for a transaction whose RCPT requests are not known here (its
+    /// `count` recipients accepted by Postfix, none kept): pushed out of
+    /// `max_transactions` by other transactions, or asked of a daemon since
+    /// restarted, or never asked at RCPT. Answered on the transaction's
+    /// recipients as the filters would have, never on none: a bounce,
+    /// greylisted at DATA, would pass, and a client can push its own
+    /// transaction out. Postfix names the recipient when there is one: it
+    /// is asked again as at RCPT. Several it does not name: a temporary
+    /// failure, and the retry is asked about afresh.
+    async fn data_of_a_lost_transaction(&self, session: &mut SmtpSession, recipient: &str, count: usize) -> Verdict {
+        if count == 1 && !recipient.is_empty() {
+            tracing::info!(instance = %session.session().id, "policy: a transaction not known at DATA: its recipient asked again");
+            let v = session.rcpt(recipient).await;
+            if v.reply().is_some() {
+                return v;
+            }
+            return session.data(&Message::default()).await;
+        }
+        tracing::warn!(
+            instance = %session.session().id,
+            recipients = count,
+            "policy: a transaction not known at DATA (pushed out of max_transactions, or greyhook restarted) and its \
+             recipients not named: tempfail"
+        );
+        crate::runtime::FailurePolicy::Tempfail.verdict(Phase::Data)
     }
 
     /// The session of `instance` from an earlier request, if it is still
