@@ -19,7 +19,6 @@
 //! of one hook call ([`DnsConfig::max_lookups`]).
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -532,19 +531,24 @@ fn spf_result(r: mail_auth::SpfResult) -> SpfResult {
 }
 
 /// A cache of `capacity` entries, each valid until its answer's TTL runs
-/// out. When full, expired entries go first, then all of it (a simple
-/// bound: the resolver's own cache still holds the raw answers).
-struct TtlCache<K, V> {
-    map: Mutex<HashMap<K, (V, Instant)>>,
+/// out. When full, the entry used least recently makes room, in constant
+/// time: a scan for expired entries at every insert, as it was, cost each
+/// lookup the whole cache once a client's own short-lived answers kept it
+/// full, and emptying it whole threw the good answers away with the rest.
+/// An expired entry is dropped when it is next asked for.
+struct TtlCache<K: Hash + Eq, V> {
+    map: Mutex<lru::LruCache<K, (V, Instant)>>,
     capacity: usize,
 }
 
 impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     fn new(capacity: usize) -> Self {
-        TtlCache { map: Mutex::new(HashMap::new()), capacity }
+        // Unbounded to the crate (which would allocate room for all of it
+        // at once); bounded here, at insert.
+        TtlCache { map: Mutex::new(lru::LruCache::unbounded()), capacity: capacity.max(1) }
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, Instant)>> {
-        // A HashMap insert or remove cannot be left half-done by a panic
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<K, (V, Instant)>> {
+        // An insert or remove cannot be left half-done by a panic
         // elsewhere: the data is whole even if the lock was poisoned.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -556,8 +560,15 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let map = self.lock();
-        map.get(name).filter(|(_, until)| *until > Instant::now()).map(|(v, _)| v.clone())
+        let mut map = self.lock();
+        match map.get(name) {
+            Some((v, until)) if *until > Instant::now() => Some(v.clone()),
+            Some(_) => {
+                map.pop(name);
+                None
+            }
+            None => None,
+        }
     }
 
     fn remove<Q>(&self, name: &Q) -> Option<V>
@@ -565,19 +576,17 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.lock().remove(name).map(|(v, _)| v)
+        self.lock().pop(name).map(|(v, _)| v)
     }
 
     fn insert(&self, key: K, value: V, valid_until: Instant) {
         let mut map = self.lock();
-        if map.len() >= self.capacity {
-            let now = Instant::now();
-            map.retain(|_, (_, until)| *until > now);
-            if map.len() >= self.capacity {
-                map.clear();
+        if !map.contains(&key) {
+            while map.len() >= self.capacity {
+                map.pop_lru();
             }
         }
-        map.insert(key, (value, valid_until));
+        map.push(key, (value, valid_until));
     }
 }
 
@@ -606,6 +615,26 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Full, the cache drops the entry used least recently, not all of
+    /// them; an expired entry is a miss.
+    #[test]
+    fn a_full_cache_drops_the_least_recently_used() {
+        let c: TtlCache<u32, u32> = TtlCache::new(3);
+        let later = Instant::now() + Duration::from_secs(60);
+        for k in 0..3 {
+            c.insert(k, k * 10, later);
+        }
+        assert_eq!(c.get(&0), Some(0), "used: now the most recent");
+        c.insert(3, 30, later);
+        assert_eq!((c.get(&1), c.get(&0), c.get(&2), c.get(&3)), (None, Some(0), Some(20), Some(30)));
+        // 0 is the least recent now, and makes room for 4.
+        c.insert(4, 40, Instant::now());
+        assert_eq!(c.get(&4), None, "expired");
+        assert_eq!(c.lock().len(), 2, "the expired one is dropped when asked for");
+        assert_eq!(c.get(&0), None);
+        assert_eq!(c.remove(&2), Some(20));
+    }
 
     #[test]
     fn names_are_checked_and_made_absolute() {
