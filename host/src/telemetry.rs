@@ -134,6 +134,22 @@ struct Hour {
     counts: [std::sync::atomic::AtomicU64; ACTIONS.len()],
 }
 
+/// Where the count of dropped log lines comes from (the log's writer, set
+/// up by the binary); unset, none are dropped.
+static LOG_DROPPED: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Names where the count of log lines dropped because the log's reader
+/// fell behind comes from (`greyhook_log_lines_dropped_total`); the first
+/// call wins.
+pub fn count_dropped_log_lines_with(count: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = LOG_DROPPED.set(Box::new(count));
+}
+
+/// Log lines dropped so far because the log's reader fell behind.
+pub fn dropped_log_lines() -> u64 {
+    LOG_DROPPED.get().map_or(0, |f| f())
+}
+
 /// The actions a decision can have ([`crate::session::audit::action`]).
 pub const ACTIONS: [&str; 6] = ["greylist", "pass", "dunno", "tempfail", "reject", "policy-group"];
 

@@ -4,7 +4,7 @@
 //! sent; the status page and `greyhook status` after reloads, good and bad.
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use greyhook_tests::*;
 
@@ -654,6 +654,68 @@ fn greyhook_db_lists_releases_and_deletes_records() {
     let (ok, out) = greyhook_db(&["list", "--control", c]);
     assert!(ok && out.contains("(privacy: hashed only)") && !out.contains("alice"), "{out}");
     assert!(d.terminate(10), "{}", d.log_text());
+}
+
+/// The log goes to stderr through a queue and a writer thread. With a
+/// reader that stopped reading (a stuck pipe or journal), once the queue
+/// was full every line waited for it, and every request with it: after
+/// 128 000 decisions greyhook stopped answering (policy-load with its
+/// stderr a FIFO nobody read: 71 642 of 200 000 requests timed out). Lines
+/// past `[log] queue_lines` are now dropped and counted, the daemon goes on
+/// answering, and once the log is read again a line says how many it lost.
+#[test]
+fn a_log_nobody_reads_does_not_stop_the_daemon() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stderr.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // Both ends held, nothing read: the writer blocks once the pipe's
+    // buffer is full.
+    let mut held = std::fs::OpenOptions::new().read(true).write(true).custom_flags(0o4000 /* O_NONBLOCK */).open(&fifo).unwrap();
+    let (policy, metrics) = (free_port(), free_port());
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{policy}\"]\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[log]\nqueue_lines = 200\n[filter.config]\nidentity = [\"network\"]\n",
+        d = dir.path().display()
+    );
+    let cfg = dir.path().join("greyhook.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut d = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], fifo.clone());
+    wait_for_port(policy, 60);
+    wait_for_port(metrics, 60);
+    // 3 000 decision lines, each ~250 bytes: the pipe (64 KiB) and the
+    // queue (200 lines) are full long before the end.
+    let out = std::process::Command::new(policy_load_bin())
+        .args(["--target", &format!("127.0.0.1:{policy}"), "--connections", "4", "--requests", "750", "--triplets", "3000"])
+        .args(["--salt", "nolog", "--timeout", "5", "--expect-defer"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && report.contains("errors=0"), "with nobody reading the log: {report}");
+    let m = scrape(metrics);
+    let dropped = m.get("greyhook_log_lines_dropped_total{}").copied().unwrap_or(0.0);
+    assert!(
+        dropped > 1000.0,
+        "{dropped} log lines counted as dropped: {:?}",
+        m.iter().filter(|(k, _)| k.contains("log")).collect::<Vec<_>>()
+    );
+    // Read again: the log says what it lost.
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&log).contains("log lines dropped") {
+        assert!(Instant::now() < deadline, "no line about the dropped lines: {}", String::from_utf8_lossy(&log));
+        let mut b = [0u8; 65536];
+        match held.read(&mut b) {
+            Ok(n) => log.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Something to write, now that the pipe has room.
+                let _ = policy_ask(policy, "192.0.2.1", "a@example.org", "b@example.org");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(d.terminate(10));
 }
 
 /// `greyhook db whitelist --client` writes the entry the reference filter

@@ -109,11 +109,31 @@ pub struct LogConfig {
     /// How decision lines are written: `text` (`key=value`) or `json`
     /// (one object a line, for `greyhook report` and `greyhook replay`).
     pub decisions: crate::session::audit::DecisionFormat,
+    /// Most lines waiting for the log's writer ([`MIN_LOG_QUEUE`] to
+    /// [`MAX_LOG_QUEUE`]). A line past them is dropped and counted
+    /// (`greyhook_log_lines_dropped_total`), so that a log nobody reads
+    /// (a stuck pipe or journal) never holds up a request.
+    pub queue_lines: usize,
 }
+
+/// The fewest lines `[log] queue_lines` may hold.
+pub const MIN_LOG_QUEUE: usize = 16;
+/// The most lines `[log] queue_lines` may hold (a few hundred MB at most).
+pub const MAX_LOG_QUEUE: usize = 1_000_000;
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), decisions: Default::default() }
+        LogConfig { level: "info".into(), decisions: Default::default(), queue_lines: 128_000 }
+    }
+}
+
+impl LogConfig {
+    /// Checks the table's bounds.
+    pub fn check(&self) -> Result<(), String> {
+        if !(MIN_LOG_QUEUE..=MAX_LOG_QUEUE).contains(&self.queue_lines) {
+            return Err(format!("[log] queue_lines must be {MIN_LOG_QUEUE} to {MAX_LOG_QUEUE}"));
+        }
+        Ok(())
     }
 }
 

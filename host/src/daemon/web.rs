@@ -147,6 +147,13 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
             &[(vec![("version".into(), env!("CARGO_PKG_VERSION").into())], 1.0)],
         )?;
         encode_value(e, "uptime_seconds", "Seconds since the daemon started", MetricType::Gauge, s.started.elapsed().as_secs_f64())?;
+        encode_value(
+            e,
+            "log_lines_dropped",
+            "Log lines dropped because the log's reader fell behind ([log] queue_lines were waiting)",
+            MetricType::Counter,
+            crate::telemetry::dropped_log_lines() as f64,
+        )?;
         let filters: Vec<_> = s.reloaders.iter().map(|r| r.filter()).collect();
         let label = |f: &crate::runtime::Filter| vec![("filter".to_string(), f.info().name.clone())];
         let info: Vec<_> = filters

@@ -427,10 +427,32 @@ struct CountedStderr;
 impl std::io::Write for CountedStderr {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         greyhook::telemetry::host().log_writes.inc();
+        note_dropped_lines();
         std::io::stderr().write(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
+    }
+}
+
+/// Writes, before the lines that follow, how many were dropped since the
+/// last write (see [`init_logging`]): the log itself says where it has a
+/// gap, once its reader has caught up. Only the writer thread calls it.
+fn note_dropped_lines() {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static NOTED: AtomicU64 = AtomicU64::new(0);
+    let dropped = greyhook::telemetry::dropped_log_lines();
+    let noted = NOTED.load(Relaxed);
+    if dropped > noted {
+        NOTED.store(dropped, Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let line = format!(
+            "{}  WARN greyhook::log: {} log lines dropped: the log's reader fell behind and [log] queue_lines were waiting \
+             ({dropped} since start)\n",
+            greyhook::clock::rfc3339(now),
+            dropped - noted
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     }
 }
 
@@ -454,12 +476,16 @@ impl std::io::Write for SpacedFlush {
 /// Logs to stderr through a writer thread, so a decision line costs the
 /// request path a channel send, not a write(2). The thread writes through
 /// a buffer ([`SpacedFlush`]): one write(2) for all the lines that queued
-/// meanwhile, at most one every [`LOG_FLUSH_GAP`]. Lines are never dropped
-/// (the channel blocks when full); the guard flushes them at exit.
+/// meanwhile, at most one every [`LOG_FLUSH_GAP`]. At most `queue` lines
+/// wait for it: past them a line is dropped and counted
+/// (`greyhook_log_lines_dropped_total`, and a line in the log once it is
+/// read again), never waited for. With a log nobody read (a stuck pipe or
+/// journal), every request used to wait for the log once the queue was
+/// full: the daemon stopped answering. The guard flushes the queue at exit.
 /// Decision lines, the most frequent, are formatted by `session::audit`
 /// itself into the same writer (unless stderr is a terminal, where tracing
 /// colours them).
-fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(default: &str, queue: usize) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::fmt::MakeWriter;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("GREYHOOK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -468,7 +494,9 @@ fn init_logging(default: &str) -> tracing_appender::non_blocking::WorkerGuard {
         out: std::io::BufWriter::with_capacity(64 << 10, CountedStderr),
         last: std::time::Instant::now().checked_sub(LOG_FLUSH_GAP).unwrap_or_else(std::time::Instant::now),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(out);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).buffered_lines_limit(queue).finish(out);
+    let dropped = writer.error_counter();
+    greyhook::telemetry::count_dropped_log_lines_with(move || dropped.dropped_lines() as u64);
     if !ansi {
         let decisions = writer.clone();
         greyhook::session::audit::write_decisions_to(move |line| {
@@ -565,6 +593,7 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
         cfg.metrics.listen = c.metrics;
     }
     cfg.set_filter_keys(&c.set)?;
+    cfg.log.check().map_err(greyhook::daemon::DaemonError::Invalid)?;
     Ok(cfg)
 }
 
@@ -572,7 +601,7 @@ async fn serve(overrides: Overrides) -> Result<()> {
     use greyhook::daemon::{Daemon, Reconfigure};
     let file = overrides.common.config.clone();
     let cfg = load_config(file.as_deref(), &overrides)?;
-    let _log = init_logging(&cfg.log.level);
+    let _log = init_logging(&cfg.log.level, cfg.log.queue_lines);
     // Before anything opens a socket: the connection limits need more
     // descriptors than the usual soft limit of 1024 (the daemon warns if
     // the hard limit is short too).
@@ -770,7 +799,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status { control: c, json } => return control(c, if json { "status json" } else { "status" }).await,
         Command::Report { files, html, json } => return report(&files, html.as_deref(), json),
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
-            let _log = init_logging("warn");
+            let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
             return migrate(&from, &to, &prefix).await;
         }
         Command::Db { command: DbCommand::Whitelist { target, client, sender, recipient, duration } } => {
@@ -788,7 +817,7 @@ async fn run(cli: Cli) -> Result<()> {
             return db_admin(target, greyhook::admin::Command::Whitelist { namespace, kind, value, ttl }).await;
         }
         Command::Db { command: DbCommand::List { target, client, sender, recipient, state, older_than, limit, whitelists } } => {
-            let _log = init_logging("warn");
+            let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
             let older_than = match older_than {
                 Some(d) => Some(
                     humantime_serde::re::humantime::parse_duration(&d)
@@ -815,14 +844,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Db { command: DbCommand::Stats { target } } => return db_admin(target, greyhook::admin::Command::Stats).await,
         Command::Db { command: DbCommand::Check { path } } => {
-            let _log = init_logging("error");
+            let _log = init_logging("error", greyhook::daemon::LogConfig::default().queue_lines);
             let n = greyhook::store::RedbStore::check(&path)?;
             println!("ok: {} holds {n} records", path.display());
             return Ok(());
         }
         _ => {}
     }
-    let _log = init_logging("warn");
+    let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
     match cli.command {
         Command::Serve { .. }
         | Command::Smtp { .. }
