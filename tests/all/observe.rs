@@ -699,6 +699,8 @@ fn a_log_nobody_reads_does_not_stop_the_daemon() {
         "{dropped} log lines counted as dropped: {:?}",
         m.iter().filter(|(k, _)| k.contains("log")).collect::<Vec<_>>()
     );
+    let st = status(&dir.path().join("control.sock"), false);
+    assert!(st.contains("log lines dropped="), "{st}");
     // Read again: the log says what it lost.
     let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);

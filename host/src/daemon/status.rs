@@ -93,6 +93,8 @@ pub(super) struct Status {
     store: StoreStatus,
     dns: DnsStatus,
     files: FilesStatus,
+    /// Log lines dropped because the log's reader fell behind.
+    log_lines_dropped: u64,
     decisions: serde_json::Map<String, serde_json::Value>,
     /// The last 24 hours: each hour with decisions, by action.
     last_day: Vec<HourStatus>,
@@ -166,6 +168,7 @@ impl Status {
                 cut_by_deadline: dns.detached.load(Relaxed),
             },
             files: FilesStatus { open: super::files::open_now(), limit: super::files::limit_now(), needed: shared.files_needed },
+            log_lines_dropped: crate::telemetry::dropped_log_lines(),
             decisions,
             last_day: crate::telemetry::host()
                 .last_day()
@@ -217,6 +220,9 @@ impl Status {
         let f = &self.files;
         let limit = f.limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let _ = writeln!(out, "files open={} limit={limit} needed={}", show(f.open), f.needed);
+        if self.log_lines_dropped > 0 {
+            let _ = writeln!(out, "log lines dropped={} (the log's reader fell behind)", self.log_lines_dropped);
+        }
         let d: Vec<String> = self.decisions.iter().map(|(a, n)| format!("{a}={n}")).collect();
         let _ = writeln!(out, "decisions {}", d.join(" "));
         for f in &self.filters {
