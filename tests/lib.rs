@@ -986,13 +986,21 @@ impl Raw {
 /// `recipient`, `instance`) on `s` and reads the answer up to its empty
 /// line (`action=...\n\n`). Panics if the connection closes first.
 pub fn policy_rcpt(s: &mut std::net::TcpStream, client: &str, sender: &str, rcpt: &str, instance: &str) -> String {
+    policy_exchange(
+        s,
+        &format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={rcpt}\ninstance={instance}\n\n"
+        ),
+    )
+}
+
+/// Sends one policy `request` (ending with its empty line) on `s` and reads
+/// the answer, through its empty line.
+pub fn policy_exchange(s: &mut std::net::TcpStream, request: &str) -> String {
     use std::io::{Read, Write};
-    let req = format!(
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nsender={sender}\nrecipient={rcpt}\ninstance={instance}\n\n"
-    );
-    s.write_all(req.as_bytes()).expect("send a policy request");
+    s.write_all(request.as_bytes()).expect("send a policy request");
     let mut out = Vec::new();
-    let mut b = [0u8; 256];
+    let mut b = [0u8; 512];
     while !out.ends_with(b"\n\n") {
         let n = s.read(&mut b).expect("read a policy answer");
         assert!(n > 0, "policy connection closed");

@@ -6,7 +6,6 @@
 //! `greylist.wasm` on its defaults (`identity = ["spf", "fcrdns-org",
 //! "network"]`) with a one-second delay.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -83,15 +82,7 @@ fn ask(port: u16, client: &str, client_name: &str, ptr: &str, sender: &str) -> S
          client_name={client_name}\nreverse_client_name={ptr}\nhelo_name=mx.sender.test\nsender={sender}\n\
          recipient=user@dest.test\ninstance={client}-{sender}\n\n"
     );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let mut b = [0u8; 512];
-    while !out.ends_with(b"\n\n") {
-        let n = s.read(&mut b).unwrap();
-        assert!(n > 0, "policy connection closed");
-        out.extend_from_slice(&b[..n]);
-    }
-    String::from_utf8_lossy(&out).trim().to_string()
+    policy_exchange(&mut s, &req).trim().to_string()
 }
 
 fn deferred(a: &str) -> bool {

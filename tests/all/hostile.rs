@@ -1317,15 +1317,7 @@ fn a_bounce_whose_transaction_was_pushed_out_is_still_greylisted() {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     fn ask_on(s: &mut std::net::TcpStream, o: &[(&str, &str)]) -> String {
-        s.write_all(policy_request(o).as_bytes()).unwrap();
-        let mut out = Vec::new();
-        let mut b = [0u8; 512];
-        while !out.ends_with(b"\n\n") {
-            let n = s.read(&mut b).unwrap();
-            assert!(n > 0, "policy connection closed");
-            out.extend_from_slice(&b[..n]);
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        policy_exchange(s, &policy_request(o))
     }
     let bounce = [("client_address", "192.0.2.7"), ("sender", "")];
     let rcpt = |instance: &'static str, to: &'static str| {

@@ -345,15 +345,7 @@ fn policy_ask(port: u16, client: &str, sender: &str, recipient: &str) -> String 
     let req = format!(
         "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name=unknown\nsender={sender}\nrecipient={recipient}\n\n"
     );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 512];
-    while !out.ends_with(b"\n\n") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "the daemon closed the connection");
-        out.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&out).trim().to_string()
+    policy_exchange(&mut s, &req).trim().to_string()
 }
 
 /// Decision lines are written by greyhook itself, not tracing's formatter
@@ -562,6 +554,23 @@ fn greyhook_db(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// `greyhook serve` for the `greyhook db` tests, listening: the patient
+/// configuration, the network identity and `sets` (more `--set`s), a redb
+/// file and a control socket in `dir`. The daemon, its policy port, the
+/// control socket and the file.
+fn db_daemon(dir: &std::path::Path, sets: &[&str]) -> (Process, u16, std::path::PathBuf, std::path::PathBuf) {
+    let (port, control, db) = (free_port(), dir.join("c.sock"), dir.join("greyhook.db"));
+    let (policy, config) = (format!("127.0.0.1:{port}"), patient(dir));
+    let mut args = vec!["serve", "--config", &config, "--db", db.to_str().unwrap(), "--control", control.to_str().unwrap()];
+    args.extend(["--policy", &policy, "--set", "identity=[\"network\"]"]);
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let mut d = Process::greyhook(&args, dir.join("log"));
+    d.wait_listening(port, 60);
+    (d, port, control, db)
+}
+
 /// `greyhook db` on a live daemon under load (through its control socket)
 /// and on its redb file once stopped: readable records, filtered lists,
 /// a release that lets the next attempt pass, a delete, stats; with
@@ -569,25 +578,8 @@ fn greyhook_db(args: &[&str]) -> (bool, String) {
 #[test]
 fn greyhook_db_lists_releases_and_deletes_records() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, control, db) = (free_port(), dir.path().join("c.sock"), dir.path().join("greyhook.db"));
+    let (mut d, port, control, db) = db_daemon(dir.path(), &[]);
     let c = control.to_str().unwrap();
-    let mut d = Process::greyhook(
-        &[
-            "serve",
-            "--config",
-            &patient(dir.path()),
-            "--db",
-            db.to_str().unwrap(),
-            "--control",
-            c,
-            "--policy",
-            &format!("127.0.0.1:{port}"),
-            "--set",
-            "identity=[\"network\"]",
-        ],
-        dir.path().join("log"),
-    );
-    d.wait_listening(port, 60);
     // Load in the background while the records are listed and changed.
     let load = std::process::Command::new(policy_load_bin())
         .args(["--target", &format!("127.0.0.1:{port}"), "--connections", "2", "--requests", "300", "--triplets", "50"])
@@ -731,27 +723,8 @@ fn a_log_nobody_reads_does_not_stop_the_daemon() {
 #[test]
 fn a_client_whitelist_is_the_network_the_filter_looks_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, control, db) = (free_port(), dir.path().join("c.sock"), dir.path().join("greyhook.db"));
+    let (mut d, port, control, _) = db_daemon(dir.path(), &["ipv4_prefix=28"]);
     let c = control.to_str().unwrap();
-    let mut d = Process::greyhook(
-        &[
-            "serve",
-            "--config",
-            &patient(dir.path()),
-            "--db",
-            db.to_str().unwrap(),
-            "--control",
-            c,
-            "--policy",
-            &format!("127.0.0.1:{port}"),
-            "--set",
-            "identity=[\"network\"]",
-            "--set",
-            "ipv4_prefix=28",
-        ],
-        dir.path().join("log"),
-    );
-    d.wait_listening(port, 60);
     let ask = |client: &str| policy_ask(port, client, "x@anyone.test", "bob@dest.test");
     // An address stands for its /28 here, not a /24.
     let (ok, out) = greyhook_db(&["whitelist", "--control", c, "--client", "198.18.7.9"]);
