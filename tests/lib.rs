@@ -667,7 +667,14 @@ impl RedisCluster {
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("temp dir");
             let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new() };
+            // The cluster bus's port is named, from the same range as the
+            // node's: by default it is the node's + 10 000, which for most
+            // of the range falls in the kernel's ephemeral ports, where a
+            // client's connection may hold it (a node that exited at start,
+            // "nothing listens", seen once in CI on a loaded machine).
+            let bus = free_port().to_string();
             r.extra = vec!["--cluster-enabled".into(), "yes".into(), "--cluster-config-file".into(), "nodes.conf".into()];
+            r.extra.extend(["--cluster-port".into(), bus]);
             r.restart();
             nodes.push(r);
         }
