@@ -538,14 +538,11 @@ fn spf_result(r: mail_auth::SpfResult) -> SpfResult {
 /// An expired entry is dropped when it is next asked for.
 struct TtlCache<K: Hash + Eq, V> {
     map: Mutex<lru::LruCache<K, (V, Instant)>>,
-    capacity: usize,
 }
 
 impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     fn new(capacity: usize) -> Self {
-        // Unbounded to the crate (which would allocate room for all of it
-        // at once); bounded here, at insert.
-        TtlCache { map: Mutex::new(lru::LruCache::unbounded()), capacity: capacity.max(1) }
+        TtlCache { map: Mutex::new(crate::cache::lru(capacity)) }
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<K, (V, Instant)>> {
         // An insert or remove cannot be left half-done by a panic
@@ -580,13 +577,7 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
     }
 
     fn insert(&self, key: K, value: V, valid_until: Instant) {
-        let mut map = self.lock();
-        if !map.contains(&key) {
-            while map.len() >= self.capacity {
-                map.pop_lru();
-            }
-        }
-        map.push(key, (value, valid_until));
+        self.lock().push(key, (value, valid_until));
     }
 }
 

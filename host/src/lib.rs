@@ -42,6 +42,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+mod cache;
 pub mod daemon;
 pub mod dns;
 mod domain;

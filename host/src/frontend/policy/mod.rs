@@ -165,7 +165,8 @@ struct Tracked {
 pub(crate) struct PolicyServer {
     hooks: Hooks,
     config: PolicyConfig,
-    /// By `instance`, the least recently asked about first out.
+    /// By `instance`, at most `max_transactions`: the least recently asked
+    /// about first out.
     transactions: Mutex<lru::LruCache<String, Tracked>>,
 }
 
@@ -183,7 +184,8 @@ enum ConnError {
 impl PolicyServer {
     /// A server answering with `hooks`' chain and clock.
     pub fn new(hooks: Hooks, config: PolicyConfig) -> PolicyServer {
-        PolicyServer { hooks, config, transactions: Mutex::new(lru::LruCache::unbounded()) }
+        let transactions = Mutex::new(crate::cache::lru(config.max_transactions));
+        PolicyServer { hooks, config, transactions }
     }
 
     fn txs(&self) -> std::sync::MutexGuard<'_, lru::LruCache<String, Tracked>> {
@@ -319,14 +321,7 @@ impl PolicyServer {
     /// for this: a scan of all of them, as it was, cut 15 000 requests a
     /// second to 225.
     fn keep(&self, instance: &str, session: SmtpSession) {
-        let max = self.config.max_transactions;
-        let mut txs = self.txs();
-        if !txs.contains(instance) {
-            while txs.len() >= max {
-                txs.pop_lru();
-            }
-        }
-        txs.push(instance.to_string(), Tracked { session, touched: Instant::now() });
+        self.txs().push(instance.to_string(), Tracked { session, touched: Instant::now() });
     }
 
     fn action(&self, v: &Verdict) -> String {
