@@ -24,11 +24,12 @@ fn smtp_daemon(dir: &Path, hop: u16, smtp: &str, filter: &str) -> (Process, u16)
 }
 
 /// `greyhook serve` with a policy listener only, on the memory store and
-/// the reference filter's defaults.
-fn policy_daemon(dir: &Path) -> (Process, u16) {
+/// the reference filter's defaults; `more` is added after the `[policy]`
+/// table's listener (more of its keys, then other tables). Listening.
+fn policy_daemon(dir: &Path, more: &str) -> (Process, u16) {
     let port = free_port();
     let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n{more}",
         d = dir.display()
     );
     let p = greyhook_with(dir, "serve", &text);
@@ -146,7 +147,7 @@ fn quoted_local_parts_are_greylisted_and_relayed() {
 #[test]
 fn policy_greylists_unusable_addresses() {
     let dir = tempfile::tempdir().unwrap();
-    let (_d, port) = policy_daemon(dir.path());
+    let (_d, port) = policy_daemon(dir.path(), "");
     let long = format!("{}@evil.example", "x".repeat(330));
     let senders: Vec<Vec<u8>> = vec![
         b"spam@evil.example".to_vec(),
@@ -708,13 +709,7 @@ fn flood_records(dir: &std::path::Path, store: &str) -> String {
 #[test]
 fn a_policy_peer_that_never_reads_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\nrequest_timeout = \"1s\"\n",
-        d = dir.path().display()
-    );
-    let d = greyhook_with(dir.path(), "serve", &text);
-    wait_for_port(port, 30);
+    let (d, port) = policy_daemon(dir.path(), "request_timeout = \"1s\"\n");
     let mut s = never_reading_peer(port);
     let queue = QueueWatch::start(port, &s);
     let one =
@@ -1251,7 +1246,7 @@ fn endless_files_are_refused_not_read_into_memory() {
 #[test]
 fn a_policy_request_from_a_link_local_client_is_greylisted() {
     let dir = tempfile::tempdir().unwrap();
-    let (_d, port) = policy_daemon(dir.path());
+    let (_d, port) = policy_daemon(dir.path(), "");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let r = policy_rcpt(&mut s, "fe80::1%eth0", "a@example.org", "u@example.com", "ll1");
@@ -1270,14 +1265,8 @@ fn a_policy_request_from_a_link_local_client_is_greylisted() {
 #[test]
 fn a_policy_service_at_its_transaction_limit_answers_as_fast() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-         max_transactions = 20000\n[log]\nlevel = \"warn\"\n[filter.config]\nidentity = [\"network\"]\n",
-        d = dir.path().display()
-    );
-    let _d = greyhook_with(dir.path(), "serve", &text);
-    wait_for_port(port, 30);
+    let more = "max_transactions = 20000\n[log]\nlevel = \"warn\"\n[filter.config]\nidentity = [\"network\"]\n";
+    let (_d, port) = policy_daemon(dir.path(), more);
     // Requests a second for `n` requests of new transactions.
     let rate = |salt: &str, n: usize| -> f64 {
         let out = std::process::Command::new(policy_load_bin())
@@ -1307,13 +1296,7 @@ fn a_policy_service_at_its_transaction_limit_answers_as_fast() {
 #[test]
 fn a_bounce_whose_transaction_was_pushed_out_is_still_greylisted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text = format!(
-        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\nmax_transactions = 50\n",
-        d = dir.path().display()
-    );
-    let _d = greyhook_with(dir.path(), "serve", &text);
-    wait_for_port(port, 30);
+    let (_d, port) = policy_daemon(dir.path(), "max_transactions = 50\n");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     fn ask_on(s: &mut std::net::TcpStream, o: &[(&str, &str)]) -> String {
