@@ -171,8 +171,9 @@ pub fn whitelist_key(kind: WhitelistKind, value: &str, grouping: ClientGrouping)
                 None => (v, None),
             };
             let ip: IpAddr = ip.parse().map_err(|_| format!("{v:?}: an IP address or network such as 192.0.2.0/24"))?;
-            if len.is_some_and(|l| l > if ip.is_ipv4() { 32 } else { 128 }) {
-                return Err(format!("{v:?}: a prefix length of at most {}", if ip.is_ipv4() { 32 } else { 128 }));
+            let most = if ip.is_ipv4() { 32 } else { 128 };
+            if len.is_some_and(|l| l > most) {
+                return Err(format!("{v:?}: a prefix length of at most {most}"));
             }
             let (ip, len) = match (ip, ip.to_canonical()) {
                 (IpAddr::V6(_), IpAddr::V4(a)) => match len {

@@ -116,6 +116,8 @@ pub struct LogConfig {
     pub queue_lines: usize,
 }
 
+/// `[log] queue_lines` by default (also the tools' queue).
+pub const DEFAULT_LOG_QUEUE: usize = 128_000;
 /// The fewest lines `[log] queue_lines` may hold.
 pub const MIN_LOG_QUEUE: usize = 16;
 /// The most lines `[log] queue_lines` may hold (a few hundred MB at most).
@@ -123,7 +125,7 @@ pub const MAX_LOG_QUEUE: usize = 1_000_000;
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), decisions: Default::default(), queue_lines: 128_000 }
+        LogConfig { level: "info".into(), decisions: Default::default(), queue_lines: DEFAULT_LOG_QUEUE }
     }
 }
 

@@ -799,7 +799,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status { control: c, json } => return control(c, if json { "status json" } else { "status" }).await,
         Command::Report { files, html, json } => return report(&files, html.as_deref(), json),
         Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
-            let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
+            let _log = init_logging("warn", greyhook::daemon::DEFAULT_LOG_QUEUE);
             return migrate(&from, &to, &prefix).await;
         }
         Command::Db { command: DbCommand::Whitelist { target, client, sender, recipient, duration } } => {
@@ -817,7 +817,7 @@ async fn run(cli: Cli) -> Result<()> {
             return db_admin(target, greyhook::admin::Command::Whitelist { namespace, kind, value, ttl }).await;
         }
         Command::Db { command: DbCommand::List { target, client, sender, recipient, state, older_than, limit, whitelists } } => {
-            let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
+            let _log = init_logging("warn", greyhook::daemon::DEFAULT_LOG_QUEUE);
             let older_than = match older_than {
                 Some(d) => Some(
                     humantime_serde::re::humantime::parse_duration(&d)
@@ -844,14 +844,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Db { command: DbCommand::Stats { target } } => return db_admin(target, greyhook::admin::Command::Stats).await,
         Command::Db { command: DbCommand::Check { path } } => {
-            let _log = init_logging("error", greyhook::daemon::LogConfig::default().queue_lines);
+            let _log = init_logging("error", greyhook::daemon::DEFAULT_LOG_QUEUE);
             let n = greyhook::store::RedbStore::check(&path)?;
             println!("ok: {} holds {n} records", path.display());
             return Ok(());
         }
         _ => {}
     }
-    let _log = init_logging("warn", greyhook::daemon::LogConfig::default().queue_lines);
+    let _log = init_logging("warn", greyhook::daemon::DEFAULT_LOG_QUEUE);
     match cli.command {
         Command::Serve { .. }
         | Command::Smtp { .. }
