@@ -2,9 +2,10 @@
 //!
 //! [`Greylist`] holds the validated configuration; each hook takes the
 //! context (the contract's own types, [`greyhook_types`], which the host
-//! uses too) and a [`Kv`] store. The component glue converts the WIT
-//! bindings to those types once and maps the WIT store to [`Kv`]; the native
-//! benchmark maps them to the host's store directly.
+//! uses too) and the SDK's [`Host`] (the store and the host's other
+//! imports). The component glue converts the WIT bindings to those types
+//! once and hands the SDK's WIT-backed [`Host`]; the native benchmark and
+//! tests hand one over the host's store directly.
 
 use crate::config::{Config, IdentityKind, Stage};
 use crate::identity::{self, Identity, Screen};

@@ -204,7 +204,7 @@ pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
 
 /// A message's header section from its lines (CR/LF already cut), up to
 /// the first empty line: folded lines unfolded, and no more kept than a
-/// filter is handed ([`crate::domain::message`]'s budget: values cut at
+/// filter is handed (the host's budget, `domain::message`: values cut at
 /// 4096 bytes, at most 200 headers and 64 KiB of names and values, a
 /// header whose name is over 256 bytes left out). Shared by
 /// the front ends that see the message (SMTP, OpenSMTPD), whose message
