@@ -588,6 +588,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
     extra: Vec<String>,
+    /// The files it speaks TLS with (then on `port` alone, no plain port).
+    tls: Option<RedisTlsFiles>,
 }
 
 impl RedisServer {
@@ -599,14 +601,39 @@ impl RedisServer {
     /// Starts one with extra `redis-server` arguments (e.g. `--replicaof`).
     pub fn with_args(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut r = RedisServer { port: free_port(), dir, child: None, extra: extra.iter().map(|a| a.to_string()).collect() };
+        let mut r = RedisServer { port: free_port(), dir, child: None, extra: extra.iter().map(|a| a.to_string()).collect(), tls: None };
         r.restart();
         r
     }
 
-    /// The URL of its database 0.
+    /// Starts one that speaks TLS only, with `files`' server certificate,
+    /// asking clients for a certificate from `files`' CA (Redis's default,
+    /// `tls-auth-clients yes`).
+    pub fn with_tls(files: &RedisTlsFiles) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new(), tls: Some(files.clone()) };
+        r.restart();
+        r
+    }
+
+    /// The URL of its database 0 (`rediss://` when it speaks TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The arguments of redis-server or redis-cli for its TLS, if any.
+    fn tls_args(&self, server: bool) -> Vec<String> {
+        let Some(t) = &self.tls else { return Vec::new() };
+        let p = |f: &std::path::Path| f.display().to_string();
+        if server {
+            let (port, mut a) = (self.port.to_string(), vec!["--port".to_string(), "0".into(), "--tls-port".into()]);
+            a.extend([port, "--tls-cert-file".into(), p(&t.server_cert), "--tls-key-file".into(), p(&t.server_key)]);
+            a.extend(["--tls-ca-cert-file".into(), p(&t.ca), "--tls-cluster".into(), "yes".into()]);
+            a
+        } else {
+            vec!["--tls".into(), "--cacert".into(), p(&t.ca), "--cert".into(), p(&t.client_cert), "--key".into(), p(&t.client_key)]
+        }
     }
 
     /// Kills it (SIGKILL: a crash, not a shutdown).
@@ -637,6 +664,7 @@ impl RedisServer {
         let child = std::process::Command::new(bin)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
+            .args(self.tls_args(true))
             .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -650,6 +678,7 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(self.tls_args(false))
             .args(args)
             .output()
             .expect("redis-cli runs (installed with redis-server)");
@@ -673,10 +702,19 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts three nodes, joins them and waits until the cluster is ok.
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(None)
+    }
+
+    /// The same, every node (and the cluster bus) speaking TLS only.
+    pub fn with_tls(files: &RedisTlsFiles) -> RedisCluster {
+        RedisCluster::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<&RedisTlsFiles>) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("temp dir");
-            let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new() };
+            let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new(), tls: tls.cloned() };
             // The cluster bus's port is named, from the same range as the
             // node's: by default it is the node's + 10 000, which for most
             // of the range falls in the kernel's ephemeral ports, where a
@@ -690,6 +728,7 @@ impl RedisCluster {
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = std::process::Command::new("redis-cli")
+            .args(nodes[0].tls_args(false))
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -704,9 +743,74 @@ impl RedisCluster {
         RedisCluster { nodes }
     }
 
-    /// `redis+cluster://` with two of the nodes (the third is discovered).
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) with two of the
+    /// nodes (the third is discovered).
     pub fn url(&self) -> String {
-        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+        let scheme = if self.nodes[0].tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+    }
+}
+
+/// PEM files for Redis over TLS, written into a directory: a CA, a server
+/// certificate it signed for 127.0.0.1 and `localhost`, a client
+/// certificate it signed, and a second CA that signed nothing here.
+#[derive(Debug, Clone)]
+pub struct RedisTlsFiles {
+    /// The CA's certificate.
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// The client's certificate.
+    pub client_cert: PathBuf,
+    /// The client's key.
+    pub client_key: PathBuf,
+    /// Another CA's certificate: nothing here chains to it.
+    pub other_ca: PathBuf,
+}
+
+impl RedisTlsFiles {
+    /// Issues them into `dir`.
+    pub fn issue(dir: &std::path::Path) -> RedisTlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_params = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p
+        };
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("a PEM file");
+            path
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca = ca_params("greyhook test CA").self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params("greyhook test CA"), ca_key);
+        let leaf = |sans: Vec<String>, purposes: Vec<ExtendedKeyUsagePurpose>, name: &str| {
+            let key = KeyPair::generate().expect("a key");
+            let mut p = CertificateParams::new(sans).expect("leaf parameters");
+            p.extended_key_usages = purposes;
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            (p.signed_by(&key, &issuer).expect("a signed certificate"), key)
+        };
+        // The server's certificate is also what a cluster node presents
+        // to the others on the cluster bus: a client's purpose too.
+        let both = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], both, "redis");
+        let (client, client_key) = leaf(Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth], "greyhook");
+        let other_key = KeyPair::generate().expect("CA key");
+        let other = ca_params("another CA").self_signed(&other_key).expect("CA certificate");
+        RedisTlsFiles {
+            ca: write("ca.pem", ca.pem()),
+            server_cert: write("redis.pem", server.pem()),
+            server_key: write("redis.key", server_key.serialize_pem()),
+            client_cert: write("client.pem", client.pem()),
+            client_key: write("client.key", client_key.serialize_pem()),
+            other_ca: write("other-ca.pem", other.pem()),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ mod redis;
 pub use self::memory::MemoryStore;
 pub use self::metered::Metered;
 pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, Durability, RedbStore};
-pub use self::redis::{RedisConfig, RedisStore};
+pub use self::redis::{RedisConfig, RedisStore, RedisTls};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -209,7 +209,15 @@ pub const BACKENDS: &[Backend] = &[
     Backend { name: "memory", schemes: &["memory"], open: memory::open },
     Backend {
         name: "redis",
-        schemes: &["redis://", "rediss://", "redis+unix://", "redis+cluster://", "redis+sentinel://"],
+        schemes: &[
+            "redis://",
+            "rediss://",
+            "redis+unix://",
+            "redis+cluster://",
+            "rediss+cluster://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+        ],
         open: redis::open,
     },
 ];
@@ -237,6 +245,13 @@ pub struct StoreConfig {
     /// Redis: the bound of every store call (1 ms to 30 s).
     #[serde(deserialize_with = "crate::settings::duration")]
     pub timeout: Duration,
+    /// Redis over TLS (`rediss://`, `rediss+cluster://`): the CA file the
+    /// server's certificate must chain to (default: the system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// Redis over TLS: the client certificate to present (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// Redis over TLS: the client certificate's key.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -249,6 +264,9 @@ impl Default for StoreConfig {
             check_at_open_mib: self::redb::CHECK_AT_OPEN_MAX_BYTES >> 20,
             prefix: r.prefix,
             timeout: r.timeout,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -262,7 +280,7 @@ impl StoreConfig {
             return (b.open)(path, self);
         }
         if path.contains("://") {
-            return Err(StoreError::Open { path: path.to_string(), reason: "unknown scheme: a file, \"memory\" or a redis:// URL".into() });
+            return Err(StoreError::Open { path: redacted(path), reason: "unknown scheme: a file, \"memory\" or a redis:// URL".into() });
         }
         let path = self.redb_path().unwrap_or_else(default_db_path);
         Ok(Arc::new(RedbStore::open_checking(&path, self.durability, self.check_at_open_mib.saturating_mul(1 << 20))?))
@@ -288,14 +306,17 @@ impl StoreConfig {
     pub fn describe(&self) -> String {
         match self.redb_path() {
             Some(p) => format!("redb file {} (durability {:?})", p.display(), self.durability),
-            None => {
-                let url = self.path.as_deref().unwrap_or_default();
-                match (url.find("://"), url.rfind('@')) {
-                    (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
-                    _ => url.to_string(),
-                }
-            }
+            None => redacted(self.path.as_deref().unwrap_or_default()),
         }
+    }
+}
+
+/// A store URL as logs and errors show it: a password (`redis://:secret@host`)
+/// replaced by `***`.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
     }
 }
 

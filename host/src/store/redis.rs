@@ -9,6 +9,13 @@
 //! Redis Cluster too: `redis+cluster://host1:port1,host2:port2` connects to
 //! a cluster (slots followed, redirections handled by the `redis` crate).
 //!
+//! TLS: `rediss://` (one server) and `rediss+cluster://` (every node)
+//! speak TLS (rustls), checking the server's certificate against the
+//! system's roots or [`RedisTls::ca`] alone, and present a client
+//! certificate when one is named (Redis asks for one by default:
+//! `tls-auth-clients yes`). There is no way to skip the check: a farm's
+//! records are client addresses and mail addresses.
+//!
 //! Expiry: the record is live while `exp > now` (`now` is injected, as for
 //! every backend), and Redis expires the key itself `exp - now` seconds
 //! after the write, so nothing needs sweeping in normal operation.
@@ -18,6 +25,7 @@
 //! and is counted and logged; the connection manager reconnects by itself.
 //! No call ever blocks the async runtime.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -38,12 +46,71 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Bound of every store call.
     pub timeout: Duration,
+    /// The TLS files of a `rediss://` or `rediss+cluster://` URL.
+    pub tls: RedisTls,
 }
 
 impl RedisConfig {
-    /// Defaults (prefix `greyhook:`, 250 ms) for `url`.
+    /// Defaults (prefix `greyhook:`, 250 ms, the system's roots) for `url`.
     pub fn new(url: impl Into<String>) -> RedisConfig {
-        RedisConfig { url: url.into(), prefix: "greyhook:".into(), timeout: Duration::from_millis(250) }
+        RedisConfig { url: url.into(), prefix: "greyhook:".into(), timeout: Duration::from_millis(250), tls: RedisTls::default() }
+    }
+}
+
+/// The PEM files of a TLS connection to Redis; each is read when the store
+/// opens (a changed file takes a restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// The certificate authority (or authorities) the server's certificate
+    /// must chain to, instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The client certificate chain to present (with [`RedisTls::key`]).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key: Option<PathBuf>,
+}
+
+/// The largest PEM file read for TLS: a certificate bundle is tens of
+/// kilobytes; a larger file is a wrong path, not a certificate.
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The files read and checked, as the `redis` crate takes them.
+    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+        fn read(what: &str, path: &Path, item: fn(&rustls::pki_types::pem::SectionKind) -> bool) -> Result<Vec<u8>, String> {
+            use std::io::Read;
+            let shown = path.display();
+            let f = std::fs::File::open(path).map_err(|e| format!("tls_{what} {shown}: {e}"))?;
+            let mut pem = Vec::new();
+            f.take(MAX_PEM_BYTES + 1).read_to_end(&mut pem).map_err(|e| format!("tls_{what} {shown}: {e}"))?;
+            if pem.len() as u64 > MAX_PEM_BYTES {
+                return Err(format!("tls_{what} {shown}: over {MAX_PEM_BYTES} bytes, not a PEM file"));
+            }
+            // The crate would say only that the client cannot be built:
+            // say which file holds nothing usable.
+            use rustls::pki_types::pem::PemObject;
+            let found =
+                <(rustls::pki_types::pem::SectionKind, Vec<u8>)>::pem_slice_iter(&pem).filter_map(Result::ok).any(|(k, _)| item(&k));
+            if !found {
+                let wanted = if what == "key" { "PEM private key" } else { "PEM certificate" };
+                return Err(format!("tls_{what} {shown}: holds no {wanted}"));
+            }
+            Ok(pem)
+        }
+        use rustls::pki_types::pem::SectionKind;
+        let cert = |k: &SectionKind| *k == SectionKind::Certificate;
+        let key = |k: &SectionKind| matches!(k, SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey);
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig { client_cert: read("cert", c, cert)?, client_key: read("key", k, key)? }),
+            (None, None) => None,
+            _ => return Err("tls_cert and tls_key go together: a client certificate and its key".into()),
+        };
+        let root_cert = self.ca.as_deref().map(|p| read("ca", p, cert)).transpose()?;
+        Ok(redis::TlsCertificates { client_tls, root_cert })
     }
 }
 
@@ -198,9 +265,23 @@ impl RedisStore {
     /// Connects lazily: greyhook starts even when Redis is down, and every
     /// call tries again (bounded by the timeout) until it is back.
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
-        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: config.url.clone(), reason: e.to_string() };
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: super::redacted(&config.url), reason: e.to_string() };
+        let tls = config.url.starts_with("rediss://") || config.url.starts_with("rediss+cluster://");
+        if config.url.starts_with("rediss+sentinel://") {
+            return Err(open_err(&"TLS through Sentinel is not supported: use rediss:// to the master, or rediss+cluster://"));
+        }
+        if config.tls.is_set() && !tls {
+            return Err(open_err(&"tls_ca, tls_cert and tls_key need a TLS URL: rediss:// or rediss+cluster://"));
+        }
+        // Only what was named: with no file, the crate's own path (the
+        // system's roots, no client certificate).
+        let certificates = if config.tls.is_set() { Some(config.tls.certificates().map_err(|e| open_err(&e))?) } else { None };
         let sentinel = config.url.strip_prefix("redis+sentinel://");
-        let cluster = config.url.strip_prefix("redis+cluster://");
+        let cluster = config
+            .url
+            .strip_prefix("redis+cluster://")
+            .map(|n| (n, "redis"))
+            .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
         let backend = match (sentinel, cluster) {
             (Some(rest), _) => {
                 // redis+sentinel://host1:26379,host2:26379/SERVICE
@@ -212,25 +293,33 @@ impl RedisStore {
                 }
                 let client = redis::sentinel::SentinelClient::build(
                     sentinels,
-                    service.to_string(),
+                    service,
                     None,
                     redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(|e| open_err(&e))?;
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
-            (None, Some(nodes)) => {
+            (None, Some((nodes, scheme))) => {
                 let nodes: Vec<String> =
-                    nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("redis://{n}")).collect();
+                    nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
                 if nodes.is_empty() {
                     return Err(open_err(&"no cluster nodes: redis+cluster://host1:port1,host2:port2"));
                 }
-                let client = redis::cluster::ClusterClient::new(nodes).map_err(|e| open_err(&e))?;
+                let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                if let Some(c) = certificates {
+                    builder = builder.certs(c);
+                }
+                let client = builder.build().map_err(|e| open_err(&e))?;
                 let cfg = redis::cluster::ClusterConfig::new().set_connection_timeout(config.timeout).set_response_timeout(config.timeout);
                 Backend::Fixed(Conn::Cluster(client.get_pending_async_connection_with_config(cfg)))
             }
             (None, None) => {
-                let client = redis::Client::open(config.url.as_str()).map_err(|e| open_err(&e))?;
+                let client = match certificates {
+                    Some(c) => redis::Client::build_with_tls(config.url.as_str(), c),
+                    None => redis::Client::open(config.url.as_str()),
+                }
+                .map_err(|e| open_err(&e))?;
                 let mgr = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.timeout))
                     .set_response_timeout(Some(config.timeout))
@@ -547,8 +636,46 @@ impl RedisStore {
 /// Opens the Redis backend from the `[store]` table (see [`super::BACKENDS`]).
 pub(super) fn open(url: &str, config: &super::StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if config.timeout.is_zero() || config.timeout > Duration::from_secs(30) {
-        return Err(StoreError::Open { path: url.to_string(), reason: "store.timeout must be between 1ms and 30s".into() });
+        return Err(StoreError::Open { path: super::redacted(url), reason: "store.timeout must be between 1ms and 30s".into() });
     }
-    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout };
+    let tls = RedisTls { ca: config.tls_ca.clone(), cert: config.tls_cert.clone(), key: config.tls_key.clone() };
+    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout, tls };
     Ok(std::sync::Arc::new(RedisStore::open(c)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(url: &str, tls: RedisTls) -> String {
+        match RedisStore::open(RedisConfig { tls, ..RedisConfig::new(url) }) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{url} opened"),
+        }
+    }
+
+    /// An error names the store without the password in its URL.
+    #[test]
+    fn open_errors_hide_the_password() {
+        let e = refused("redis://:s3cret@127.0.0.1:1/0", RedisTls { ca: Some("/nonexistent".into()), ..RedisTls::default() });
+        assert!(e.contains("redis://***@127.0.0.1:1/0") && e.contains("need a TLS URL") && !e.contains("s3cret"), "{e}");
+        let e = refused("rediss://:s3cret@127.0.0.1:1/0", RedisTls { ca: Some("/nonexistent".into()), ..RedisTls::default() });
+        assert!(e.contains("tls_ca /nonexistent") && !e.contains("s3cret"), "{e}");
+        let table = crate::store::StoreConfig { timeout: Duration::ZERO, ..Default::default() };
+        let e = open("redis://:s3cret@127.0.0.1:1/0", &table).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("store.timeout") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_bounded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'A'; MAX_PEM_BYTES as usize + 1]).unwrap();
+        let e = refused("rediss://127.0.0.1:1/0", RedisTls { ca: Some(big), ..RedisTls::default() });
+        assert!(e.contains("not a PEM file"), "{e}");
+        let e = refused("rediss://127.0.0.1:1/0", RedisTls { cert: Some(dir.path().join("c.pem")), ..RedisTls::default() });
+        assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+        let e = refused("rediss+sentinel://127.0.0.1:1/mymaster", RedisTls::default());
+        assert!(e.contains("TLS through Sentinel is not supported"), "{e}");
+    }
 }

@@ -33,9 +33,27 @@ struct DbTarget {
     /// The filter's store namespace. Default: `greylist` (the reference filter's).
     #[arg(long, default_value = "greylist")]
     namespace: String,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+/// How the `db` commands reach a Redis store named on the command line
+/// (the `[store]` table's Redis keys, as flags).
+#[derive(clap::Args, Clone)]
+struct RedisArgs {
     /// Redis key prefix, with a `redis://` store.
     #[arg(long, default_value = "greyhook:")]
     prefix: String,
+    /// With `rediss://`: the CA file the server's certificate must chain
+    /// to (`[store] tls_ca`). Default: the system's roots.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With `rediss://`: the client certificate to present (`[store] tls_cert`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// With `rediss://`: the client certificate's key (`[store] tls_key`).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -126,9 +144,9 @@ enum DbCommand {
         /// The destination, the same forms.
         #[arg(long)]
         to: String,
-        /// Redis key prefix, on whichever side is Redis.
-        #[arg(long, default_value = "greyhook:")]
-        prefix: String,
+        /// The prefix and TLS files, on whichever side is Redis.
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Check a redb store file (stop the daemon using it first: it is
     /// locked): redb's integrity check and every record read. Prints the
@@ -142,11 +160,14 @@ enum DbCommand {
 
 /// Opens a store named on the command line: `redb:PATH`, a path, `memory`
 /// or a `redis://` URL.
-fn open_store(spec: &str, prefix: &str) -> Result<Arc<dyn Store>> {
+fn open_store(spec: &str, redis: &RedisArgs) -> Result<Arc<dyn Store>> {
     let section = greyhook::store::StoreConfig {
         path: Some(spec.strip_prefix("redb:").unwrap_or(spec).to_string()),
-        prefix: prefix.to_string(),
+        prefix: redis.prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
+        tls_ca: redis.tls_ca.clone(),
+        tls_cert: redis.tls_cert.clone(),
+        tls_key: redis.tls_key.clone(),
         ..Default::default()
     };
     section.open().with_context(|| format!("cannot open {spec}"))
@@ -157,7 +178,7 @@ fn open_store(spec: &str, prefix: &str) -> Result<Arc<dyn Store>> {
 async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()> {
     match &target.db {
         Some(spec) => {
-            let store = open_store(spec, &target.prefix)?;
+            let store = open_store(spec, &target.redis)?;
             // A store opened directly comes with no filter configuration: the
             // reference filter's default grouping (docs/operating.md).
             let grouping = greyhook::admin::ClientGrouping::default();
@@ -171,8 +192,8 @@ async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()>
 }
 
 /// `greyhook db migrate`.
-async fn migrate(from: &str, to: &str, prefix: &str) -> Result<()> {
-    let (src, dst) = (open_store(from, prefix)?, open_store(to, prefix)?);
+async fn migrate(from: &str, to: &str, redis: &RedisArgs) -> Result<()> {
+    let (src, dst) = (open_store(from, redis)?, open_store(to, redis)?);
     let now = SystemClock.now();
     let (mut cursor, mut copied) = (None, 0u64);
     loop {
@@ -798,9 +819,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Reload { control: c } => return control(c, "reload").await,
         Command::Status { control: c, json } => return control(c, if json { "status json" } else { "status" }).await,
         Command::Report { files, html, json } => return report(&files, html.as_deref(), json),
-        Command::Db { command: DbCommand::Migrate { from, to, prefix } } => {
+        Command::Db { command: DbCommand::Migrate { from, to, redis } } => {
             let _log = init_logging("warn", greyhook::daemon::DEFAULT_LOG_QUEUE);
-            return migrate(&from, &to, &prefix).await;
+            return migrate(&from, &to, &redis).await;
         }
         Command::Db { command: DbCommand::Whitelist { target, client, sender, recipient, duration } } => {
             use greyhook::admin::WhitelistKind;
