@@ -622,6 +622,25 @@ impl RedisServer {
         format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
+    /// The files it speaks TLS with, if it does.
+    pub fn tls(&self) -> Option<&RedisTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The `[store]` lines of a greyhook on it: its TLS files, if any
+    /// (the CA, the client certificate and key).
+    pub fn store_tls_lines(&self) -> String {
+        match &self.tls {
+            Some(t) => format!(
+                "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display()
+            ),
+            None => String::new(),
+        }
+    }
+
     /// The arguments of redis-server or redis-cli for its TLS, if any.
     fn tls_args(&self, server: bool) -> Vec<String> {
         let Some(t) = &self.tls else { return Vec::new() };

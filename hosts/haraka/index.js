@@ -129,7 +129,10 @@ exports.start_greyhook = async function (old) {
     if (f.namespace && !/^[A-Za-z0-9._-]{1,64}$/.test(f.namespace)) {
         throw new Error(`filter.namespace = ${JSON.stringify(f.namespace)}: 1 to 64 letters, digits, '-', '_' or '.'`)
     }
-    const storeSettings = { kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records }
+    // TLS files, as greyhook's [store] tls_ca, tls_cert, tls_key (relative to config/).
+    const tls = {}
+    for (const k of ['tls_ca', 'tls_cert', 'tls_key']) if (s[k]) tls[k] = sitePath(s[k])
+    const storeSettings = { kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records, ...tls }
     const storeKey = JSON.stringify(storeSettings)
     const store = old && old.storeKey === storeKey ? old.store : openStore(storeSettings)
     const limits = {}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, connect_from, free_port, null_dns, policy_rcpt};
+use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, RedisTlsFiles, connect_from, free_port, null_dns, policy_rcpt};
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka").canonicalize().expect("hosts/haraka")
@@ -378,8 +378,9 @@ fn greyhook_serve(dir: &Path, redis: &RedisServer, filter: &[&str], sets: &[&str
     let cfg = dir.join("greyhook.toml");
     // Its own control socket: tests run side by side.
     let mut text = format!(
-        "[store]\npath = \"{}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n[control]\nsocket = \"{}\"\n",
+        "[store]\npath = \"{}\"\n{}[policy]\nlisten = [\"127.0.0.1:{port}\"]\n[control]\nsocket = \"{}\"\n",
         redis.url(),
+        redis.store_tls_lines(),
         dir.join("control.sock").display()
     );
     for line in filter {
@@ -396,16 +397,25 @@ fn greyhook_serve(dir: &Path, redis: &RedisServer, filter: &[&str], sets: &[&str
     (p, port)
 }
 
+/// A farm of a Haraka node and a greyhook daemon whose Redis speaks TLS
+/// only, with client certificates (Redis's default), both sides checking
+/// the server against a private CA: `url=rediss://…` and `tls_ca`,
+/// `tls_cert`, `tls_key` in `greyhook.ini`, the same keys in greyhook's
+/// `[store]`.
 #[test]
 fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
-    let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let files = RedisTlsFiles::issue(dir.path());
+    let redis = RedisServer::with_tls(&files);
     let wasm = reference_wasm(dir.path());
     let (_d, policy) = greyhook_serve(dir.path(), &redis, &["[filter]\ndeadline = \"5s\""], &["delay=2"]);
     let ini = format!(
-        "[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[store]\nkind=redis\nurl={}\n[dns]\nservers={}\n",
+        "[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[store]\nkind=redis\nurl={}\ntls_ca={}\ntls_cert={}\ntls_key={}\n[dns]\nservers={}\n",
         wasm.display(),
         redis.url(),
+        files.ca.display(),
+        files.client_cert.display(),
+        files.client_key.display(),
         null_dns()
     );
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");

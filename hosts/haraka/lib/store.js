@@ -135,18 +135,22 @@ function newVersion() {
 
 /** A store in Redis with greyhook's key layout and scripts. */
 class RedisStore {
-    constructor({ url, prefix = 'greyhook:', timeoutMs = 250 }) {
+    /**
+     * `tls` (with a `rediss://` URL): PEM contents `{ ca, cert, key }`, as
+     * greyhook's `[store] tls_ca`, `tls_cert`, `tls_key`; the server's
+     * certificate is always checked (against `ca` alone when given, else
+     * Node's roots).
+     */
+    constructor({ url, prefix = 'greyhook:', timeoutMs = 250, tls = null }) {
         const { createClient, RESP_TYPES } = require('redis')
         this.kind = 'redis'
         this.url = url
         this.prefix = prefix
         this.timeoutMs = timeoutMs
         this.failures = 0
-        this.client = createClient({
-            url,
-            socket: { connectTimeout: timeoutMs, reconnectStrategy: (n) => Math.min(n * 100, 1000) },
-            disableOfflineQueue: true,
-        })
+        const socket = { connectTimeout: timeoutMs, reconnectStrategy: (n) => Math.min(n * 100, 1000) }
+        if (tls) Object.assign(socket, { tls: true, rejectUnauthorized: true }, tls)
+        this.client = createClient({ url, socket, disableOfflineQueue: true })
         // A down Redis must not crash Haraka: errors are counted and the
         // filter's failure policy answers.
         this.client.on('error', () => {})
@@ -262,6 +266,37 @@ class RedisStore {
     }
 }
 
+/** The largest PEM file read for TLS (as greyhook's `MAX_PEM_BYTES`). */
+const MAX_PEM_BYTES = 1 << 20
+
+/**
+ * The TLS files `[store]` names (`tls_ca`, `tls_cert`, `tls_key`), read and
+ * checked; `null` when it names none. Refused, as greyhook refuses them:
+ * with a `redis://` URL, a certificate without its key, a file that is not
+ * PEM or is over 1 MiB.
+ */
+function tlsFiles(cfg) {
+    const named = ['tls_ca', 'tls_cert', 'tls_key'].filter((k) => cfg[k])
+    if (named.length === 0) return null
+    if (!/^rediss:\/\//.test(cfg.url)) throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss://')
+    if (!cfg.tls_cert !== !cfg.tls_key) throw new Error('store.tls_cert and tls_key go together: a client certificate and its key')
+    const fs = require('node:fs')
+    const read = (key, kind) => {
+        const path = cfg[key]
+        if (fs.statSync(path).size > MAX_PEM_BYTES) throw new Error(`store.${key} ${path}: over ${MAX_PEM_BYTES} bytes, not a PEM file`)
+        const pem = fs.readFileSync(path, 'utf8')
+        if (!kind.test(pem)) throw new Error(`store.${key} ${path}: holds no PEM ${key === 'tls_key' ? 'private key' : 'certificate'}`)
+        return pem
+    }
+    const tls = {}
+    if (cfg.tls_ca) tls.ca = read('tls_ca', /-----BEGIN CERTIFICATE-----/)
+    if (cfg.tls_cert) {
+        tls.cert = read('tls_cert', /-----BEGIN CERTIFICATE-----/)
+        tls.key = read('tls_key', /-----BEGIN (RSA |EC )?PRIVATE KEY-----/)
+    }
+    return tls
+}
+
 /** Opens the store the `[store]` section names. */
 function openStore(cfg = {}) {
     const kind = cfg.kind || 'memory'
@@ -270,7 +305,7 @@ function openStore(cfg = {}) {
         if (!/^rediss?:\/\//.test(cfg.url || '')) throw new Error(`store.url ${JSON.stringify(cfg.url)}: expected redis://host:port[/db]`)
         const timeoutMs = Number(cfg.timeout_ms ?? 250)
         if (!(timeoutMs >= 1 && timeoutMs <= 30000)) throw new Error('store.timeout_ms must be between 1 and 30000')
-        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs })
+        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls: tlsFiles(cfg) })
     }
     throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
 }
