@@ -291,13 +291,8 @@ impl RedisStore {
                 if sentinels.is_empty() || service.is_empty() || service.contains('/') {
                     return Err(open_err(&"expected redis+sentinel://host1:port1,host2:port2/SERVICE"));
                 }
-                let client = redis::sentinel::SentinelClient::build(
-                    sentinels,
-                    service,
-                    None,
-                    redis::sentinel::SentinelServerType::Master,
-                )
-                .map_err(|e| open_err(&e))?;
+                let client = redis::sentinel::SentinelClient::build(sentinels, service, None, redis::sentinel::SentinelServerType::Master)
+                    .map_err(|e| open_err(&e))?;
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some((nodes, scheme))) => {
