@@ -610,8 +610,14 @@ impl RedisServer {
     /// asking clients for a certificate from `files`' CA (Redis's default,
     /// `tls-auth-clients yes`).
     pub fn with_tls(files: &RedisTlsFiles) -> RedisServer {
+        RedisServer::with_tls_args(files, &[])
+    }
+
+    /// The same with extra `redis-server` arguments (e.g. `--replicaof`).
+    pub fn with_tls_args(files: &RedisTlsFiles, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new(), tls: Some(files.clone()) };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut r = RedisServer { port: free_port(), dir, child: None, extra, tls: Some(files.clone()) };
         r.restart();
         r
     }
@@ -642,13 +648,14 @@ impl RedisServer {
     }
 
     /// The arguments of redis-server or redis-cli for its TLS, if any.
-    fn tls_args(&self, server: bool) -> Vec<String> {
+    pub fn tls_args(&self, server: bool) -> Vec<String> {
         let Some(t) = &self.tls else { return Vec::new() };
         let p = |f: &std::path::Path| f.display().to_string();
         if server {
             let (port, mut a) = (self.port.to_string(), vec!["--port".to_string(), "0".into(), "--tls-port".into()]);
             a.extend([port, "--tls-cert-file".into(), p(&t.server_cert), "--tls-key-file".into(), p(&t.server_key)]);
             a.extend(["--tls-ca-cert-file".into(), p(&t.ca), "--tls-cluster".into(), "yes".into()]);
+            a.extend(["--tls-replication".into(), "yes".into()]);
             a
         } else {
             vec!["--tls".into(), "--cacert".into(), p(&t.ca), "--cert".into(), p(&t.client_cert), "--key".into(), p(&t.client_key)]
@@ -840,6 +847,8 @@ pub struct Sentinel {
     pub port: u16,
     _dir: tempfile::TempDir,
     child: std::process::Child,
+    /// redis-cli's TLS arguments for it (the master's), if it speaks TLS.
+    cli_tls: Vec<String>,
 }
 
 impl Sentinel {
@@ -848,10 +857,21 @@ impl Sentinel {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
+        // With a TLS master, the sentinel speaks TLS only too, to its
+        // clients and to the servers it watches, with the master's files.
+        let listen = match master.tls() {
+            Some(t) => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-replication yes\n",
+                t.server_cert.display(),
+                t.server_key.display(),
+                t.ca.display()
+            ),
+            None => format!("port {port}\n"),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
                  sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n",
                 dir.path().display(),
                 master.port
@@ -866,13 +886,15 @@ impl Sentinel {
             .spawn()
             .expect("redis-server --sentinel starts");
         wait_for_port(port, 20);
-        Sentinel { port, _dir: dir, child }
+        Sentinel { port, _dir: dir, child, cli_tls: master.tls_args(false) }
     }
 
     /// The port of the master it names now.
     pub fn master_port(&self) -> Option<u16> {
         let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .args(["-p", &self.port.to_string()])
+            .args(&self.cli_tls)
+            .args(["SENTINEL", "get-master-addr-by-name", "mymaster"])
             .output()
             .ok()?;
         String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse().ok()

@@ -397,13 +397,35 @@ async fn db_migrate_copies_records_with_their_remaining_ttl_both_ways() {
 /// without a restart; records written before the failover are still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed_without_a_restart() {
-    use greyhook::store::{Condition, RedisConfig, RedisStore, Store, WriteOutcome};
-    let mut master = RedisServer::start();
+    sentinel_failover(None).await;
+}
+
+/// The same with the master, its replica and the sentinel speaking TLS
+/// only, with client certificates: `rediss+sentinel://`, the sentinel and
+/// the masters it names reached over TLS with the `tls_*` files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_failover_is_followed_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    sentinel_failover(Some(RedisTlsFiles::issue(dir.path()))).await;
+}
+
+async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
+    use greyhook::store::{Condition, RedisConfig, RedisStore, RedisTls, Store, WriteOutcome};
+    let mut master = match &tls {
+        Some(t) => RedisServer::with_tls(t),
+        None => RedisServer::start(),
+    };
     let replica_of = master.port.to_string();
-    let replica = RedisServer::with_args(&["--replicaof", "127.0.0.1", &replica_of]);
+    let replica_args = ["--replicaof", "127.0.0.1", &replica_of];
+    let replica = match &tls {
+        Some(t) => RedisServer::with_tls_args(t, &replica_args),
+        None => RedisServer::with_args(&replica_args),
+    };
     let sentinel = Sentinel::start(&master);
-    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
-    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), ..RedisConfig::new(url) }).unwrap();
+    let scheme = if tls.is_some() { "rediss" } else { "redis" };
+    let url = format!("{scheme}+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let files = tls.map(|t| RedisTls { ca: Some(t.ca), cert: Some(t.client_cert), key: Some(t.client_key) }).unwrap_or_default();
+    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), tls: files, ..RedisConfig::new(url) }).unwrap();
     // The sentinel may take a moment to answer for its master after start
     // (longer on a loaded machine): retry the first write, bounded.
     let until = Instant::now() + Duration::from_secs(20);

@@ -9,8 +9,9 @@
 //! Redis Cluster too: `redis+cluster://host1:port1,host2:port2` connects to
 //! a cluster (slots followed, redirections handled by the `redis` crate).
 //!
-//! TLS: `rediss://` (one server) and `rediss+cluster://` (every node)
-//! speak TLS (rustls), checking the server's certificate against the
+//! TLS: `rediss://` (one server), `rediss+cluster://` (every node) and
+//! `rediss+sentinel://` (the sentinels and the master they name) speak TLS
+//! (rustls), checking the server's certificate against the
 //! system's roots or [`RedisTls::ca`] alone, and present a client
 //! certificate when one is named (Redis asks for one by default:
 //! `tls-auth-clients yes`). There is no way to skip the check: a farm's
@@ -266,17 +267,14 @@ impl RedisStore {
     /// call tries again (bounded by the timeout) until it is back.
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: super::redacted(&config.url), reason: e.to_string() };
-        let tls = config.url.starts_with("rediss://") || config.url.starts_with("rediss+cluster://");
-        if config.url.starts_with("rediss+sentinel://") {
-            return Err(open_err(&"TLS through Sentinel is not supported: use rediss:// to the master, or rediss+cluster://"));
-        }
+        let tls = ["rediss://", "rediss+cluster://", "rediss+sentinel://"].iter().any(|s| config.url.starts_with(s));
         if config.tls.is_set() && !tls {
-            return Err(open_err(&"tls_ca, tls_cert and tls_key need a TLS URL: rediss:// or rediss+cluster://"));
+            return Err(open_err(&"tls_ca, tls_cert and tls_key need a TLS URL: rediss://, rediss+cluster:// or rediss+sentinel://"));
         }
         // Only what was named: with no file, the crate's own path (the
         // system's roots, no client certificate).
         let certificates = if config.tls.is_set() { Some(config.tls.certificates().map_err(|e| open_err(&e))?) } else { None };
-        let sentinel = config.url.strip_prefix("redis+sentinel://");
+        let sentinel = config.url.strip_prefix("redis+sentinel://").or_else(|| config.url.strip_prefix("rediss+sentinel://"));
         let cluster = config
             .url
             .strip_prefix("redis+cluster://")
@@ -287,12 +285,33 @@ impl RedisStore {
                 // redis+sentinel://host1:26379,host2:26379/SERVICE
                 let (hosts, service) = rest.split_once('/').unwrap_or((rest, ""));
                 let service = service.trim_end_matches('/');
-                let sentinels: Vec<String> = hosts.split(',').filter(|n| !n.is_empty()).map(|n| format!("redis://{n}")).collect();
+                let scheme = if tls { "rediss" } else { "redis" };
+                let sentinels: Vec<String> = hosts.split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
                 if sentinels.is_empty() || service.is_empty() || service.contains('/') {
                     return Err(open_err(&"expected redis+sentinel://host1:port1,host2:port2/SERVICE"));
                 }
-                let client = redis::sentinel::SentinelClient::build(sentinels, service, None, redis::sentinel::SentinelServerType::Master)
-                    .map_err(|e| open_err(&e))?;
+                let master = redis::sentinel::SentinelServerType::Master;
+                let client = if tls {
+                    // TLS to the sentinels and to the master they name,
+                    // with the same files.
+                    use redis::IntoConnectionInfo;
+                    let addrs = sentinels
+                        .iter()
+                        .map(|u| u.as_str().into_connection_info().map(|i| i.addr().clone()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| open_err(&e))?;
+                    let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, service, master)
+                        .map_err(|e| open_err(&e))?
+                        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+                        .set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                    if let Some(c) = certificates {
+                        b = b.set_client_to_sentinel_certificates(c.clone()).set_client_to_redis_certificates(c);
+                    }
+                    b.build()
+                } else {
+                    redis::sentinel::SentinelClient::build(sentinels, service, None, master)
+                }
+                .map_err(|e| open_err(&e))?;
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some((nodes, scheme))) => {
@@ -670,7 +689,7 @@ mod tests {
         assert!(e.contains("not a PEM file"), "{e}");
         let e = refused("rediss://127.0.0.1:1/0", RedisTls { cert: Some(dir.path().join("c.pem")), ..RedisTls::default() });
         assert!(e.contains("tls_cert and tls_key go together"), "{e}");
-        let e = refused("rediss+sentinel://127.0.0.1:1/mymaster", RedisTls::default());
-        assert!(e.contains("TLS through Sentinel is not supported"), "{e}");
+        let e = refused("rediss+sentinel://127.0.0.1:1", RedisTls::default());
+        assert!(e.contains("expected redis+sentinel://"), "{e}");
     }
 }
