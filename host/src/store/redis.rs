@@ -268,6 +268,12 @@ impl RedisStore {
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: super::redacted(&config.url), reason: e.to_string() };
         let tls = ["rediss://", "rediss+cluster://", "rediss+sentinel://"].iter().any(|s| config.url.starts_with(s));
+        if tls && config.url.contains('#') {
+            // The crate's `#insecure` skips the check of the server's
+            // certificate; built without that feature, every call would
+            // fail at connect instead. Refused here, with the reason.
+            return Err(open_err(&"a URL fragment (#insecure): the server's certificate is always checked; name its CA with tls_ca"));
+        }
         if config.tls.is_set() && !tls {
             return Err(open_err(&"tls_ca, tls_cert and tls_key need a TLS URL: rediss://, rediss+cluster:// or rediss+sentinel://"));
         }
@@ -689,6 +695,8 @@ mod tests {
         assert!(e.contains("not a PEM file"), "{e}");
         let e = refused("rediss://127.0.0.1:1/0", RedisTls { cert: Some(dir.path().join("c.pem")), ..RedisTls::default() });
         assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+        let e = refused("rediss://127.0.0.1:1/#insecure", RedisTls::default());
+        assert!(e.contains("always checked"), "{e}");
         let e = refused("rediss+sentinel://127.0.0.1:1", RedisTls::default());
         assert!(e.contains("expected redis+sentinel://"), "{e}");
     }
