@@ -163,6 +163,8 @@ fn a_farm_on_redis_over_tls_checks_both_ends() {
         ),
         ("plain", url.replacen("rediss://", "redis://", 1), tls_lines(&files, &files.ca, true), "need a TLS URL"),
         ("not-pem", url.clone(), format!("tls_ca = \"{}\"\n", files.client_key.display()), "holds no PEM certificate"),
+        // TLS files with a redb file: the farm meant would be this host's alone.
+        ("file", dir.path().join("local.db").display().to_string(), tls_lines(&files, &files.ca, true), "not a redb file"),
     ] {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, format!("[store]\npath = \"{store_url}\"\n{lines}")).unwrap();

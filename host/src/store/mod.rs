@@ -276,7 +276,16 @@ impl StoreConfig {
     /// starts with, else a redb file (the default path if unset).
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         let path = self.path.as_deref().unwrap_or_default();
-        if let Some(b) = self.backend() {
+        let backend = self.backend();
+        if (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some()) && backend.is_none_or(|b| b.name != "redis") {
+            // TLS files name a Redis store: set with a file (or memory),
+            // the farm an operator meant would silently be this host's alone.
+            return Err(StoreError::Open {
+                path: redacted(path),
+                reason: "tls_ca, tls_cert and tls_key are for Redis over TLS (rediss://), not a redb file or memory".into(),
+            });
+        }
+        if let Some(b) = backend {
             return (b.open)(path, self);
         }
         if path.contains("://") {

@@ -161,15 +161,16 @@ enum DbCommand {
 /// Opens a store named on the command line: `redb:PATH`, a path, `memory`
 /// or a `redis://` URL.
 fn open_store(spec: &str, redis: &RedisArgs) -> Result<Arc<dyn Store>> {
-    let section = greyhook::store::StoreConfig {
+    let mut section = greyhook::store::StoreConfig {
         path: Some(spec.strip_prefix("redb:").unwrap_or(spec).to_string()),
         prefix: redis.prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
-        tls_ca: redis.tls_ca.clone(),
-        tls_cert: redis.tls_cert.clone(),
-        tls_key: redis.tls_key.clone(),
         ..Default::default()
     };
+    // The TLS flags are for the Redis side (`migrate` has two sides).
+    if section.backend().is_some_and(|b| b.name == "redis") {
+        (section.tls_ca, section.tls_cert, section.tls_key) = (redis.tls_ca.clone(), redis.tls_cert.clone(), redis.tls_key.clone());
+    }
     section.open().with_context(|| format!("cannot open {spec}"))
 }
 
