@@ -48,10 +48,12 @@ struct RedisArgs {
     /// to (`[store] tls_ca`). Default: the system's roots.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// With `rediss://`: the client certificate to present (`[store] tls_cert`).
+    /// With `rediss://`: the client certificate to present (`[store]
+    /// tls_cert`). Default: none.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// With `rediss://`: the client certificate's key (`[store] tls_key`).
+    /// Default: none.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 }
