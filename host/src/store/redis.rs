@@ -47,7 +47,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Bound of every store call.
     pub timeout: Duration,
-    /// The TLS files of a `rediss://` or `rediss+cluster://` URL.
+    /// The TLS files of a `rediss://`, `rediss+cluster://` or
+    /// `rediss+sentinel://` URL.
     pub tls: RedisTls,
 }
 
