@@ -854,6 +854,13 @@ pub struct Sentinel {
 impl Sentinel {
     /// Starts one and waits until it answers.
     pub fn start(master: &RedisServer) -> Sentinel {
+        Sentinel::start_with_auth(master, None)
+    }
+
+    /// The same for a master (and replicas) that require `password`
+    /// (`requirepass`, `masterauth`): the sentinel authenticates to them
+    /// (`sentinel auth-pass`); it asks none of its own clients.
+    pub fn start_with_auth(master: &RedisServer, password: Option<&str>) -> Sentinel {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -872,9 +879,10 @@ impl Sentinel {
             &conf,
             format!(
                 "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
-                 sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n",
+                 sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n{}",
                 dir.path().display(),
-                master.port
+                master.port,
+                password.map(|p| format!("sentinel auth-pass mymaster {p}\n")).unwrap_or_default()
             ),
         )
         .expect("sentinel.conf");

@@ -402,30 +402,45 @@ async fn sentinel_failover_is_followed_without_a_restart() {
     sentinel_failover(None).await;
 }
 
-/// The same with the master, its replica and the sentinel speaking TLS
-/// only, with client certificates: `rediss+sentinel://`, the sentinel and
-/// the masters it names reached over TLS with the `tls_*` files.
+/// The same hardened: the master, its replica and the sentinel speak TLS
+/// only, with client certificates, and the servers require a password
+/// (`requirepass`) and keep greyhook's records in database 3:
+/// `rediss+sentinel://:PASSWORD@HOST:PORT/mymaster/3`, the sentinel and the
+/// masters it names reached over TLS with the `tls_*` files, the master
+/// with the URL's password and database. Before, the URL's password went
+/// to the first sentinel only and the database number was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_over_tls_failover_is_followed_without_a_restart() {
+async fn sentinel_over_tls_with_a_password_failover_is_followed_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     sentinel_failover(Some(RedisTlsFiles::issue(dir.path()))).await;
 }
 
+/// A failover through a sentinel; with `tls`, the hardened deployment.
 async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
     use greyhook::store::{Condition, RedisConfig, RedisStore, RedisTls, Store, WriteOutcome};
+    const PASSWORD: &str = "s3cret/for-the-farm";
+    let hardened = tls.is_some();
+    let auth: &[&str] = if hardened { &["--requirepass", PASSWORD, "--masterauth", PASSWORD] } else { &[] };
     let mut master = match &tls {
-        Some(t) => RedisServer::with_tls(t),
+        Some(t) => RedisServer::with_tls_args(t, auth),
         None => RedisServer::start(),
     };
     let replica_of = master.port.to_string();
-    let replica_args = ["--replicaof", "127.0.0.1", &replica_of];
+    let mut replica_args = vec!["--replicaof", "127.0.0.1", &replica_of];
+    replica_args.extend(auth);
     let replica = match &tls {
         Some(t) => RedisServer::with_tls_args(t, &replica_args),
         None => RedisServer::with_args(&replica_args),
     };
-    let sentinel = Sentinel::start(&master);
-    let scheme = if tls.is_some() { "rediss" } else { "redis" };
-    let url = format!("{scheme}+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let sentinel = Sentinel::start_with_auth(&master, hardened.then_some(PASSWORD));
+    // redis-cli's arguments for the data: the password and the database.
+    let data: &[&str] = if hardened { &["--no-auth-warning", "-a", PASSWORD, "-n", "3"] } else { &[] };
+    let cli = |server: &RedisServer, args: &[&str]| server.cli(&[data, args].concat());
+    let url = match hardened {
+        // The password percent-encoded, as in any Redis URL.
+        true => format!("rediss+sentinel://:s3cret%2Ffor-the-farm@127.0.0.1:{}/mymaster/3", sentinel.port),
+        false => format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port),
+    };
     let files = tls.map(|t| RedisTls { ca: Some(t.ca), cert: Some(t.client_cert), key: Some(t.client_key) }).unwrap_or_default();
     let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), tls: files, ..RedisConfig::new(url) }).unwrap();
     // The sentinel may take a moment to answer for its master after start
@@ -448,9 +463,9 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
     // can take longer than one WAIT on a loaded machine (CI once saw "0"
     // after 5 s): asked again, bounded at 30 s in all.
     let until = Instant::now() + Duration::from_secs(30);
-    let mut acked = master.cli(&["WAIT", "1", "5000"]);
+    let mut acked = cli(&master, &["WAIT", "1", "5000"]);
     while acked.trim() != "1" && Instant::now() < until {
-        acked = master.cli(&["WAIT", "1", "5000"]);
+        acked = cli(&master, &["WAIT", "1", "5000"]);
     }
     assert_eq!(acked.trim(), "1", "the replica never acknowledged the write");
     master.kill();
@@ -473,6 +488,11 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
         }
     }
     assert!(matches!(store.set("after", b"2", T0 + 3600, Condition::Absent, T0).await.unwrap(), WriteOutcome::Written(_)));
-    assert_eq!(replica.cli(&["HGET", "greyhook:after", "v"]).trim(), "2", "written to the promoted replica");
+    assert_eq!(cli(&replica, &["HGET", "greyhook:after", "v"]).trim(), "2", "written to the promoted replica");
+    if hardened {
+        assert_eq!(cli(&replica, &["DBSIZE"]).trim(), "2", "both records in database 3");
+        let db0 = replica.cli(&["--no-auth-warning", "-a", PASSWORD, "DBSIZE"]);
+        assert_eq!(db0.trim(), "0", "nothing in database 0");
+    }
     assert!(store.failures() > 0, "the outage was counted");
 }

@@ -41,7 +41,10 @@ use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db`, or
     /// `redis+cluster://host1:port1,host2:port2` for a Redis Cluster (any
-    /// reachable nodes; the rest are discovered).
+    /// reachable nodes; the rest are discovered), or
+    /// `redis+sentinel://[user:password@]host1:port1,host2:port2/SERVICE[/db]`
+    /// through Sentinel (the credentials and database are the master's);
+    /// `rediss…` for each over TLS.
     pub url: String,
     /// Put before every key, so several deployments can share a server.
     pub prefix: String,
@@ -263,6 +266,61 @@ fn new_version() -> u64 {
     (h.finish() >> 11).max(1)
 }
 
+/// The client of `redis+sentinel://[USER:PASSWORD@]HOST:PORT,…/SERVICE[/DB]`
+/// (`rest`, after the scheme): the credentials and the database are the
+/// master's (what the data connection authenticates with, as in
+/// `redis://:PASSWORD@HOST/DB`); the sentinels are asked without a
+/// password. With `tls`, the sentinels and the masters they name are
+/// reached over TLS with `certificates` (none: the system's roots).
+fn sentinel_client(rest: &str, tls: bool, certificates: Option<redis::TlsCertificates>) -> Result<redis::sentinel::SentinelClient, String> {
+    use redis::IntoConnectionInfo;
+    const SHAPE: &str = "expected redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]";
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (auth, hosts) = match hosts.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, hosts),
+    };
+    let path = path.trim_end_matches('/');
+    let (service, db) = match path.split_once('/') {
+        Some((service, db)) => (service, Some(db.parse::<i64>().ok().filter(|d| (0..=15_999).contains(d)).ok_or(SHAPE)?)),
+        None => (path, None),
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    let addrs = hosts
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("{scheme}://{n}").as_str().into_connection_info().map(|i| i.addr().clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if addrs.is_empty() || service.is_empty() {
+        return Err(SHAPE.into());
+    }
+    let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, service, redis::sentinel::SentinelServerType::Master)
+        .map_err(|e| e.to_string())?;
+    if let Some(auth) = auth {
+        // Parsed as the crate parses `redis://USER:PASSWORD@…`
+        // (percent-decoded).
+        let info = format!("redis://{auth}@127.0.0.1/").as_str().into_connection_info().map_err(|e| e.to_string())?;
+        let r = info.redis_settings();
+        if let Some(u) = r.username() {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = r.password() {
+            b = b.set_client_to_redis_password(p);
+        }
+    }
+    if let Some(db) = db {
+        b = b.set_client_to_redis_db(db);
+    }
+    if tls {
+        b = b.set_client_to_sentinel_tls_mode(redis::TlsMode::Secure).set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+        if let Some(c) = certificates {
+            b = b.set_client_to_sentinel_certificates(c.clone()).set_client_to_redis_certificates(c);
+        }
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
 impl RedisStore {
     /// Connects lazily: greyhook starts even when Redis is down, and every
     /// call tries again (bounded by the timeout) until it is back.
@@ -289,36 +347,7 @@ impl RedisStore {
             .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
         let backend = match (sentinel, cluster) {
             (Some(rest), _) => {
-                // redis+sentinel://host1:26379,host2:26379/SERVICE
-                let (hosts, service) = rest.split_once('/').unwrap_or((rest, ""));
-                let service = service.trim_end_matches('/');
-                let scheme = if tls { "rediss" } else { "redis" };
-                let sentinels: Vec<String> = hosts.split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
-                if sentinels.is_empty() || service.is_empty() || service.contains('/') {
-                    return Err(open_err(&"expected redis+sentinel://host1:port1,host2:port2/SERVICE"));
-                }
-                let master = redis::sentinel::SentinelServerType::Master;
-                let client = if tls {
-                    // TLS to the sentinels and to the master they name,
-                    // with the same files.
-                    use redis::IntoConnectionInfo;
-                    let addrs = sentinels
-                        .iter()
-                        .map(|u| u.as_str().into_connection_info().map(|i| i.addr().clone()))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| open_err(&e))?;
-                    let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, service, master)
-                        .map_err(|e| open_err(&e))?
-                        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
-                        .set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-                    if let Some(c) = certificates {
-                        b = b.set_client_to_sentinel_certificates(c.clone()).set_client_to_redis_certificates(c);
-                    }
-                    b.build()
-                } else {
-                    redis::sentinel::SentinelClient::build(sentinels, service, None, master)
-                }
-                .map_err(|e| open_err(&e))?;
+                let client = sentinel_client(rest, tls, certificates).map_err(|e| open_err(&e))?;
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some((nodes, scheme))) => {
