@@ -600,10 +600,7 @@ impl RedisServer {
 
     /// Starts one with extra `redis-server` arguments (e.g. `--replicaof`).
     pub fn with_args(extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut r = RedisServer { port: free_port(), dir, child: None, extra: extra.iter().map(|a| a.to_string()).collect(), tls: None };
-        r.restart();
-        r
+        RedisServer::started(extra, None)
     }
 
     /// Starts one that speaks TLS only, with `files`' server certificate,
@@ -615,9 +612,19 @@ impl RedisServer {
 
     /// The same with extra `redis-server` arguments (e.g. `--replicaof`).
     pub fn with_tls_args(files: &RedisTlsFiles, extra: &[&str]) -> RedisServer {
+        RedisServer::started(extra, Some(files))
+    }
+
+    /// One on a free port and its own directory, not started yet.
+    fn unstarted(extra: &[&str], tls: Option<&RedisTlsFiles>) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let extra = extra.iter().map(|a| a.to_string()).collect();
-        let mut r = RedisServer { port: free_port(), dir, child: None, extra, tls: Some(files.clone()) };
+        RedisServer { port: free_port(), dir, child: None, extra, tls: tls.cloned() }
+    }
+
+    /// The same, started.
+    fn started(extra: &[&str], tls: Option<&RedisTlsFiles>) -> RedisServer {
+        let mut r = RedisServer::unstarted(extra, tls);
         r.restart();
         r
     }
@@ -636,15 +643,7 @@ impl RedisServer {
     /// The `[store]` lines of a greyhook on it: its TLS files, if any
     /// (the CA, the client certificate and key).
     pub fn store_tls_lines(&self) -> String {
-        match &self.tls {
-            Some(t) => format!(
-                "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-                t.ca.display(),
-                t.client_cert.display(),
-                t.client_key.display()
-            ),
-            None => String::new(),
-        }
+        self.tls.as_ref().map(|t| t.store_lines(&t.ca, true)).unwrap_or_default()
     }
 
     /// The arguments of redis-server or redis-cli for its TLS, if any.
@@ -739,8 +738,7 @@ impl RedisCluster {
     fn start_with(tls: Option<&RedisTlsFiles>) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let mut r = RedisServer { port: free_port(), dir, child: None, extra: Vec::new(), tls: tls.cloned() };
+            let mut r = RedisServer::unstarted(&[], tls);
             // The cluster bus's port is named, from the same range as the
             // node's: by default it is the node's + 10 000, which for most
             // of the range falls in the kernel's ephemeral ports, where a
@@ -797,6 +795,16 @@ pub struct RedisTlsFiles {
 }
 
 impl RedisTlsFiles {
+    /// The `[store]` lines of a greyhook trusting `ca`, with the client
+    /// certificate and key if `client`.
+    pub fn store_lines(&self, ca: &std::path::Path, client: bool) -> String {
+        let mut s = format!("tls_ca = \"{}\"\n", ca.display());
+        if client {
+            s += &format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", self.client_cert.display(), self.client_key.display());
+        }
+        s
+    }
+
     /// Issues them into `dir`.
     pub fn issue(dir: &std::path::Path) -> RedisTlsFiles {
         use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};

@@ -85,11 +85,7 @@ fn a_farm_on_a_redis_cluster_greylists_and_passes_the_retry() {
 /// The `[store]` lines of a daemon on Redis over TLS: trusting `ca`, with
 /// the client certificate unless `client` is false.
 fn tls_lines(files: &RedisTlsFiles, ca: &Path, client: bool) -> String {
-    let mut s = format!("timeout = \"2s\"\ntls_ca = \"{}\"\n", ca.display());
-    if client {
-        s += &format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", files.client_cert.display(), files.client_key.display());
-    }
-    s
+    format!("timeout = \"2s\"\n{}", files.store_lines(ca, client))
 }
 
 /// A farm whose MX hosts reach Redis across a network: `rediss://`, the

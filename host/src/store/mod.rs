@@ -277,7 +277,7 @@ impl StoreConfig {
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         let path = self.path.as_deref().unwrap_or_default();
         let backend = self.backend();
-        if (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some()) && backend.is_none_or(|b| b.name != "redis") {
+        if self.tls().is_set() && backend.is_none_or(|b| b.name != "redis") {
             // TLS files name a Redis store: set with a file (or memory),
             // the farm an operator meant would silently be this host's alone.
             return Err(StoreError::Open {
@@ -293,6 +293,11 @@ impl StoreConfig {
         }
         let path = self.redb_path().unwrap_or_else(default_db_path);
         Ok(Arc::new(RedbStore::open_checking(&path, self.durability, self.check_at_open_mib.saturating_mul(1 << 20))?))
+    }
+
+    /// The TLS files `tls_ca`, `tls_cert` and `tls_key` name.
+    pub fn tls(&self) -> RedisTls {
+        RedisTls { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
     }
 
     /// The backend `path` names, `None` for a redb file.

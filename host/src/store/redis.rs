@@ -80,7 +80,8 @@ pub struct RedisTls {
 pub const MAX_PEM_BYTES: u64 = 1 << 20;
 
 impl RedisTls {
-    fn is_set(&self) -> bool {
+    /// Whether any file is named.
+    pub fn is_set(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 
@@ -688,8 +689,7 @@ pub(super) fn open(url: &str, config: &super::StoreConfig) -> Result<std::sync::
     if config.timeout.is_zero() || config.timeout > Duration::from_secs(30) {
         return Err(StoreError::Open { path: super::redacted(url), reason: "store.timeout must be between 1ms and 30s".into() });
     }
-    let tls = RedisTls { ca: config.tls_ca.clone(), cert: config.tls_cert.clone(), key: config.tls_key.clone() };
-    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout, tls };
+    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout, tls: config.tls() };
     Ok(std::sync::Arc::new(RedisStore::open(c)?))
 }
 
