@@ -855,20 +855,22 @@ pub struct Sentinel {
     pub port: u16,
     _dir: tempfile::TempDir,
     child: std::process::Child,
-    /// redis-cli's TLS arguments for it (the master's), if it speaks TLS.
-    cli_tls: Vec<String>,
+    /// redis-cli's TLS arguments for it (the master's), if it speaks TLS,
+    /// and its own password.
+    cli_args: Vec<String>,
 }
 
 impl Sentinel {
     /// Starts one and waits until it answers.
     pub fn start(master: &RedisServer) -> Sentinel {
-        Sentinel::start_with_auth(master, None)
+        Sentinel::start_with_auth(master, None, None)
     }
 
     /// The same for a master (and replicas) that require `password`
     /// (`requirepass`, `masterauth`): the sentinel authenticates to them
-    /// (`sentinel auth-pass`); it asks none of its own clients.
-    pub fn start_with_auth(master: &RedisServer, password: Option<&str>) -> Sentinel {
+    /// (`sentinel auth-pass`); and with `own`, a sentinel that requires that
+    /// password of its own clients (its `requirepass`).
+    pub fn start_with_auth(master: &RedisServer, password: Option<&str>, own: Option<&str>) -> Sentinel {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -890,7 +892,11 @@ impl Sentinel {
                  sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n{}",
                 dir.path().display(),
                 master.port,
-                password.map(|p| format!("sentinel auth-pass mymaster {p}\n")).unwrap_or_default()
+                [
+                    password.map(|p| format!("sentinel auth-pass mymaster {p}\n")).unwrap_or_default(),
+                    own.map(|p| format!("requirepass \"{p}\"\n")).unwrap_or_default()
+                ]
+                .concat()
             ),
         )
         .expect("sentinel.conf");
@@ -902,14 +908,18 @@ impl Sentinel {
             .spawn()
             .expect("redis-server --sentinel starts");
         wait_for_port(port, 20);
-        Sentinel { port, _dir: dir, child, cli_tls: master.tls_args(false) }
+        let mut cli_args = master.tls_args(false);
+        if let Some(p) = own {
+            cli_args.extend(["--no-auth-warning".into(), "-a".into(), p.into()]);
+        }
+        Sentinel { port, _dir: dir, child, cli_args }
     }
 
     /// The port of the master it names now.
     pub fn master_port(&self) -> Option<u16> {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
-            .args(&self.cli_tls)
+            .args(&self.cli_args)
             .args(["SENTINEL", "get-master-addr-by-name", "mymaster"])
             .output()
             .ok()?;

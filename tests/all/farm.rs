@@ -404,7 +404,10 @@ async fn sentinel_failover_is_followed_without_a_restart() {
 /// `rediss+sentinel://:PASSWORD@HOST:PORT/mymaster/3`, the sentinel and the
 /// masters it names reached over TLS with the `tls_*` files, the master
 /// with the URL's password and database. Before, the URL's password went
-/// to the first sentinel only and the database number was refused.
+/// to the first sentinel only and the database number was refused. The
+/// sentinel requires a password of its own too (`sentinel_password`),
+/// which greyhook could not give before: every call failed and the
+/// failure policy let mail through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_over_tls_with_a_password_failover_is_followed_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -413,8 +416,9 @@ async fn sentinel_over_tls_with_a_password_failover_is_followed_without_a_restar
 
 /// A failover through a sentinel; with `tls`, the hardened deployment.
 async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
-    use greyhook::store::{Condition, RedisConfig, RedisStore, RedisTls, Store, WriteOutcome};
+    use greyhook::store::{Condition, RedisConfig, RedisStore, RedisTls, SentinelAuth, Store, WriteOutcome};
     const PASSWORD: &str = "s3cret/for-the-farm";
+    const SENTINEL_PASSWORD: &str = "the sentinel's own";
     let hardened = tls.is_some();
     let auth: &[&str] = if hardened { &["--requirepass", PASSWORD, "--masterauth", PASSWORD] } else { &[] };
     let mut master = match &tls {
@@ -428,7 +432,7 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
         Some(t) => RedisServer::with_tls_args(t, &replica_args),
         None => RedisServer::with_args(&replica_args),
     };
-    let sentinel = Sentinel::start_with_auth(&master, hardened.then_some(PASSWORD));
+    let sentinel = Sentinel::start_with_auth(&master, hardened.then_some(PASSWORD), hardened.then_some(SENTINEL_PASSWORD));
     // redis-cli's arguments for the data: the password and the database.
     let data: &[&str] = if hardened { &["--no-auth-warning", "-a", PASSWORD, "-n", "3"] } else { &[] };
     let cli = |server: &RedisServer, args: &[&str]| server.cli(&[data, args].concat());
@@ -437,8 +441,12 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
         true => format!("rediss+sentinel://:s3cret%2Ffor-the-farm@127.0.0.1:{}/mymaster/3", sentinel.port),
         false => format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port),
     };
-    let files = tls.map(|t| RedisTls { ca: Some(t.ca), cert: Some(t.client_cert), key: Some(t.client_key) }).unwrap_or_default();
-    let store = RedisStore::open(RedisConfig { timeout: std::time::Duration::from_secs(2), tls: files, ..RedisConfig::new(url) }).unwrap();
+    let files =
+        tls.as_ref().map(|t| RedisTls { ca: Some(t.ca.clone()), cert: Some(t.client_cert.clone()), key: Some(t.client_key.clone()) });
+    let sentinel_auth = SentinelAuth { user: None, password: hardened.then(|| SENTINEL_PASSWORD.to_string()) };
+    let config =
+        RedisConfig { timeout: std::time::Duration::from_secs(2), tls: files.unwrap_or_default(), sentinel_auth, ..RedisConfig::new(&url) };
+    let store = RedisStore::open(config).unwrap();
     // The sentinel may take a moment to answer for its master after start
     // (longer on a loaded machine): retry the first write, bounded.
     let until = Instant::now() + Duration::from_secs(20);
@@ -454,6 +462,9 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+    if let Some(t) = &tls {
+        sentinel_password_checked(t, &url, &sentinel);
     }
     // Make sure the replica has it before the master dies. Its first sync
     // can take longer than one WAIT on a loaded machine (CI once saw "0"
@@ -486,9 +497,63 @@ async fn sentinel_failover(tls: Option<RedisTlsFiles>) {
     assert!(matches!(store.set("after", b"2", T0 + 3600, Condition::Absent, T0).await.unwrap(), WriteOutcome::Written(_)));
     assert_eq!(cli(&replica, &["HGET", "greyhook:after", "v"]).trim(), "2", "written to the promoted replica");
     if hardened {
-        assert_eq!(cli(&replica, &["DBSIZE"]).trim(), "2", "both records in database 3");
+        let ours = cli(&replica, &["KEYS", "greyhook:*"]);
+        assert_eq!(ours.lines().count(), 2, "both records in database 3: {ours}");
         let db0 = replica.cli(&["--no-auth-warning", "-a", PASSWORD, "DBSIZE"]);
         assert_eq!(db0.trim(), "0", "nothing in database 0");
     }
     assert!(store.failures() > 0, "the outage was counted");
+}
+
+/// Through a sentinel that requires its own password: a daemon given it
+/// (`[store] sentinel_password`) greylists; one without it and one with a
+/// wrong one answer with the failure policy and log the sentinel's reason;
+/// `greyhook db` takes it from `$GREYHOOK_SENTINEL_PASSWORD`. Under their
+/// own prefix: the daemons' sweeps, on the real clock, would remove the
+/// records the test wrote at its fixed time.
+fn sentinel_password_checked(t: &RedisTlsFiles, url: &str, sentinel: &Sentinel) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = format!("prefix = \"check:\"\n{}", t.store_lines(&t.ca, true));
+    let c = "192.0.2.10";
+    for (name, lines, answer, why) in [
+        ("given", format!("{tls}sentinel_password = \"the sentinel's own\"\n"), "451 4.7.1 Greylisted", ""),
+        ("missing", tls.clone(), "DUNNO", "NOAUTH"),
+        ("wrong", format!("{tls}sentinel_password = \"not it\"\n"), "DUNNO", "Password authentication failed"),
+    ] {
+        let (d, mx) = daemon_store(dir.path(), name, url, &["delay=2"], &format!("timeout = \"2s\"\n{lines}"));
+        let a = ask(mx, c, &format!("{name}@example.org"), "u@example.com");
+        assert!(a.starts_with(answer), "{name}: {a}: {}", std::fs::read_to_string(&d.log).unwrap());
+        if !why.is_empty() {
+            assert!(d.wait_log("redis store: ", 10), "{name}: the log says the store failed: {}", std::fs::read_to_string(&d.log).unwrap());
+            let log = std::fs::read_to_string(&d.log).unwrap();
+            assert!(log.contains(why), "{name}: the log says why: {log}");
+        }
+    }
+    let db = |password: Option<&str>| {
+        let mut cmd = std::process::Command::new(greyhook_bin());
+        cmd.args(["db", "list", "--prefix", "check:", "--db", url]).arg("--tls-ca").arg(&t.ca).arg("--tls-cert").arg(&t.client_cert);
+        cmd.arg("--tls-key").arg(&t.client_key).env_remove("GREYHOOK_SENTINEL_PASSWORD");
+        if let Some(p) = password {
+            cmd.env("GREYHOOK_SENTINEL_PASSWORD", p);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, said) = db(Some("the sentinel's own"));
+    assert!(ok && said.contains("given@example.org"), "{said}");
+    assert!(!said.contains("missing@") && !said.contains("wrong@"), "nothing written by the failing two: {said}");
+    let (ok, said) = db(None);
+    assert!(!ok && said.contains("NOAUTH"), "{said}");
+    assert!(!said.contains("s3cret"), "the master's password is not shown: {said}");
+    // The credentials with a store that has no sentinels are refused.
+    let (ok, said) = {
+        let out = std::process::Command::new(greyhook_bin())
+            .args(["db", "list", "--db", "memory"])
+            .env("GREYHOOK_SENTINEL_PASSWORD", "x")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert!(!ok && said.contains("are for a redis+sentinel:// store"), "{said}");
+    assert!(sentinel.master_port().is_some(), "the sentinel still answers");
 }

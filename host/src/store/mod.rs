@@ -21,7 +21,7 @@ mod redis;
 pub use self::memory::MemoryStore;
 pub use self::metered::Metered;
 pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, Durability, RedbStore};
-pub use self::redis::{RedisConfig, RedisStore, RedisTls};
+pub use self::redis::{RedisConfig, RedisStore, RedisTls, SentinelAuth};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -252,6 +252,13 @@ pub struct StoreConfig {
     pub tls_cert: Option<PathBuf>,
     /// Redis over TLS: the client certificate's key.
     pub tls_key: Option<PathBuf>,
+    /// Redis Sentinel: the ACL user the sentinels require (with
+    /// `sentinel_password`; default: none).
+    pub sentinel_user: Option<String>,
+    /// Redis Sentinel: the password the sentinels require of their own
+    /// clients (their `requirepass`; default: none). The master's is the
+    /// URL's.
+    pub sentinel_password: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -267,6 +274,8 @@ impl Default for StoreConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            sentinel_user: None,
+            sentinel_password: None,
         }
     }
 }
@@ -277,12 +286,15 @@ impl StoreConfig {
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         let path = self.path.as_deref().unwrap_or_default();
         let backend = self.backend();
-        if self.tls().is_set() && backend.is_none_or(|b| b.name != "redis") {
-            // TLS files name a Redis store: set with a file (or memory),
-            // the farm an operator meant would silently be this host's alone.
+        if (self.tls().is_set() || self.sentinel_auth().is_set()) && backend.is_none_or(|b| b.name != "redis") {
+            // TLS files and sentinel credentials name a Redis store: set
+            // with a file (or memory), the farm an operator meant would
+            // silently be this host's alone.
             return Err(StoreError::Open {
                 path: redacted(path),
-                reason: "tls_ca, tls_cert and tls_key are for Redis over TLS (rediss://), not a redb file or memory".into(),
+                reason: "tls_ca, tls_cert, tls_key, sentinel_user and sentinel_password are for Redis (rediss://, redis+sentinel://), \
+                         not a redb file or memory"
+                    .into(),
             });
         }
         if let Some(b) = backend {
@@ -298,6 +310,11 @@ impl StoreConfig {
     /// The TLS files `tls_ca`, `tls_cert` and `tls_key` name.
     pub fn tls(&self) -> RedisTls {
         RedisTls { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
+    }
+
+    /// The sentinels' credentials `sentinel_user` and `sentinel_password` name.
+    pub fn sentinel_auth(&self) -> SentinelAuth {
+        SentinelAuth { user: self.sentinel_user.clone(), password: self.sentinel_password.clone() }
     }
 
     /// The backend `path` names, `None` for a redb file.

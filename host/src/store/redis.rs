@@ -53,12 +53,45 @@ pub struct RedisConfig {
     /// The TLS files of a `rediss://`, `rediss+cluster://` or
     /// `rediss+sentinel://` URL.
     pub tls: RedisTls,
+    /// What the sentinels themselves require of a `redis+sentinel://`
+    /// client (the URL's credentials are the master's).
+    pub sentinel_auth: SentinelAuth,
+}
+
+/// The credentials the sentinels require of their own clients (Sentinel's
+/// `requirepass`, or an ACL user), apart from the master's in the URL.
+/// Its debug text hides the password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SentinelAuth {
+    /// The ACL user, with [`SentinelAuth::password`]; `None`: `default`.
+    pub user: Option<String>,
+    /// The password; `None`: the sentinels are asked without one.
+    pub password: Option<String>,
+}
+
+impl SentinelAuth {
+    /// Whether either is set.
+    pub fn is_set(&self) -> bool {
+        self.user.is_some() || self.password.is_some()
+    }
+}
+
+impl std::fmt::Debug for SentinelAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelAuth").field("user", &self.user).field("password", &self.password.as_ref().map(|_| "***")).finish()
+    }
 }
 
 impl RedisConfig {
     /// Defaults (prefix `greyhook:`, 250 ms, the system's roots) for `url`.
     pub fn new(url: impl Into<String>) -> RedisConfig {
-        RedisConfig { url: url.into(), prefix: "greyhook:".into(), timeout: Duration::from_millis(250), tls: RedisTls::default() }
+        RedisConfig {
+            url: url.into(),
+            prefix: "greyhook:".into(),
+            timeout: Duration::from_millis(250),
+            tls: RedisTls::default(),
+            sentinel_auth: SentinelAuth::default(),
+        }
     }
 }
 
@@ -270,10 +303,15 @@ fn new_version() -> u64 {
 /// The client of `redis+sentinel://[USER:PASSWORD@]HOST:PORT,…/SERVICE[/DB]`
 /// (`rest`, after the scheme): the credentials and the database are the
 /// master's (what the data connection authenticates with, as in
-/// `redis://:PASSWORD@HOST/DB`); the sentinels are asked without a
-/// password. With `tls`, the sentinels and the masters they name are
-/// reached over TLS with `certificates` (none: the system's roots).
-fn sentinel_client(rest: &str, tls: bool, certificates: Option<redis::TlsCertificates>) -> Result<redis::sentinel::SentinelClient, String> {
+/// `redis://:PASSWORD@HOST/DB`); the sentinels are asked with
+/// `sentinel_auth`, if any. With `tls`, the sentinels and the masters they
+/// name are reached over TLS with `certificates` (none: the system's roots).
+fn sentinel_client(
+    rest: &str,
+    tls: bool,
+    certificates: Option<redis::TlsCertificates>,
+    sentinel_auth: &SentinelAuth,
+) -> Result<redis::sentinel::SentinelClient, String> {
     use redis::IntoConnectionInfo;
     const SHAPE: &str = "expected redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]";
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -313,6 +351,12 @@ fn sentinel_client(rest: &str, tls: bool, certificates: Option<redis::TlsCertifi
     if let Some(db) = db {
         b = b.set_client_to_redis_db(db);
     }
+    if let Some(u) = &sentinel_auth.user {
+        b = b.set_client_to_sentinel_username(u);
+    }
+    if let Some(p) = &sentinel_auth.password {
+        b = b.set_client_to_sentinel_password(p);
+    }
     if tls {
         b = b.set_client_to_sentinel_tls_mode(redis::TlsMode::Secure).set_client_to_redis_tls_mode(redis::TlsMode::Secure);
         if let Some(c) = certificates {
@@ -341,6 +385,14 @@ impl RedisStore {
         // system's roots, no client certificate).
         let certificates = if config.tls.is_set() { Some(config.tls.certificates().map_err(|e| open_err(&e))?) } else { None };
         let sentinel = config.url.strip_prefix("redis+sentinel://").or_else(|| config.url.strip_prefix("rediss+sentinel://"));
+        if config.sentinel_auth.is_set() && sentinel.is_none() {
+            return Err(open_err(
+                &"sentinel_user and sentinel_password are for the sentinels of a redis+sentinel:// URL; a server's password goes in its URL",
+            ));
+        }
+        if config.sentinel_auth.user.is_some() && config.sentinel_auth.password.is_none() {
+            return Err(open_err(&"sentinel_user needs sentinel_password"));
+        }
         let cluster = config
             .url
             .strip_prefix("redis+cluster://")
@@ -348,7 +400,7 @@ impl RedisStore {
             .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
         let backend = match (sentinel, cluster) {
             (Some(rest), _) => {
-                let client = sentinel_client(rest, tls, certificates).map_err(|e| open_err(&e))?;
+                let client = sentinel_client(rest, tls, certificates, &config.sentinel_auth).map_err(|e| open_err(&e))?;
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some((nodes, scheme))) => {
@@ -689,7 +741,13 @@ pub(super) fn open(url: &str, config: &super::StoreConfig) -> Result<std::sync::
     if config.timeout.is_zero() || config.timeout > Duration::from_secs(30) {
         return Err(StoreError::Open { path: super::redacted(url), reason: "store.timeout must be between 1ms and 30s".into() });
     }
-    let c = RedisConfig { url: url.to_string(), prefix: config.prefix.clone(), timeout: config.timeout, tls: config.tls() };
+    let c = RedisConfig {
+        url: url.to_string(),
+        prefix: config.prefix.clone(),
+        timeout: config.timeout,
+        tls: config.tls(),
+        sentinel_auth: config.sentinel_auth(),
+    };
     Ok(std::sync::Arc::new(RedisStore::open(c)?))
 }
 
@@ -729,5 +787,31 @@ mod tests {
         assert!(e.contains("always checked"), "{e}");
         let e = refused("rediss+sentinel://127.0.0.1:1", RedisTls::default());
         assert!(e.contains("expected redis+sentinel://"), "{e}");
+    }
+
+    /// The sentinels' own credentials: only with a Sentinel URL, a user only
+    /// with a password, and never in the debug text.
+    #[test]
+    fn sentinel_credentials_go_with_a_sentinel_url() {
+        let with = |url: &str, user: Option<&str>, password: Option<&str>| {
+            let sentinel_auth = SentinelAuth { user: user.map(Into::into), password: password.map(Into::into) };
+            RedisStore::open(RedisConfig { sentinel_auth, ..RedisConfig::new(url) }).err().map(|e| e.to_string())
+        };
+        for url in ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1"] {
+            let e = with(url, None, Some("pw")).unwrap_or_default();
+            assert!(e.contains("are for the sentinels of a redis+sentinel:// URL"), "{url}: {e}");
+        }
+        let e = with("redis+sentinel://127.0.0.1:1/mymaster", Some("u"), None).unwrap_or_default();
+        assert!(e.contains("sentinel_user needs sentinel_password"), "{e}");
+        assert_eq!(with("redis+sentinel://127.0.0.1:1/mymaster", Some("u"), Some("pw")), None);
+        assert_eq!(with("rediss+sentinel://127.0.0.1:1/mymaster", None, Some("pw")), None);
+        let table = crate::store::StoreConfig { sentinel_password: Some("pw".into()), ..Default::default() };
+        let shown = format!("{:?}", table.sentinel_auth());
+        assert!(shown.contains("***") && !shown.contains("pw"), "{shown}");
+        for path in ["memory", "/tmp/x.db"] {
+            let table = crate::store::StoreConfig { path: Some(path.into()), ..table.clone() };
+            let e = table.open().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("sentinel_password are for Redis"), "{path}: {e}");
+        }
     }
 }

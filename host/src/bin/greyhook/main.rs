@@ -56,6 +56,15 @@ struct RedisArgs {
     /// Default: none.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With `redis+sentinel://`: the ACL user the sentinels require
+    /// (`[store] sentinel_user`). Default: none.
+    #[arg(long, requires = "sentinel_password")]
+    sentinel_user: Option<String>,
+    /// With `redis+sentinel://`: the password the sentinels require
+    /// (`[store] sentinel_password`; the master's is the URL's). Better
+    /// given in the environment, which `ps` does not show. Default: none.
+    #[arg(long, env = "GREYHOOK_SENTINEL_PASSWORD", hide_env_values = true)]
+    sentinel_password: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -146,7 +155,8 @@ enum DbCommand {
         /// The destination, the same forms.
         #[arg(long)]
         to: String,
-        /// The prefix and TLS files, on whichever side is Redis.
+        /// The prefix, TLS files and sentinel credentials, on whichever
+        /// side is Redis.
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -161,19 +171,44 @@ enum DbCommand {
 }
 
 /// Opens a store named on the command line: `redb:PATH`, a path, `memory`
-/// or a `redis://` URL.
-fn open_store(spec: &str, redis: &RedisArgs) -> Result<Arc<dyn Store>> {
+/// or a `redis://` URL; with how to name it in messages (no password).
+fn open_store(spec: &str, redis: &RedisArgs) -> Result<(Arc<dyn Store>, String)> {
     let mut section = greyhook::store::StoreConfig {
         path: Some(spec.strip_prefix("redb:").unwrap_or(spec).to_string()),
         prefix: redis.prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
         ..Default::default()
     };
-    // The TLS flags are for the Redis side (`migrate` has two sides).
+    // The TLS flags are for the Redis side (`migrate` has two sides), the
+    // sentinels' credentials for a Sentinel URL.
     if section.backend().is_some_and(|b| b.name == "redis") {
         (section.tls_ca, section.tls_cert, section.tls_key) = (redis.tls_ca.clone(), redis.tls_cert.clone(), redis.tls_key.clone());
     }
-    section.open().with_context(|| format!("cannot open {spec}"))
+    if is_sentinel(spec) {
+        (section.sentinel_user, section.sentinel_password) = (redis.sentinel_user.clone(), redis.sentinel_password.clone());
+    }
+    // A URL without its password (a redb file's description would add
+    // its durability, which means nothing here).
+    let shown = if section.redb_path().is_some() { spec.to_string() } else { section.describe() };
+    let store = section.open().with_context(|| format!("cannot open {shown}"))?;
+    Ok((store, shown))
+}
+
+/// Whether `spec` names a Redis store through Sentinel.
+fn is_sentinel(spec: &str) -> bool {
+    spec.starts_with("redis+sentinel://") || spec.starts_with("rediss+sentinel://")
+}
+
+/// Refuses sentinel credentials when no store named is a Sentinel one:
+/// they would be dropped without a word.
+fn check_sentinel_flags(redis: &RedisArgs, specs: &[&str]) -> Result<()> {
+    if (redis.sentinel_user.is_some() || redis.sentinel_password.is_some()) && !specs.iter().any(|s| is_sentinel(s)) {
+        anyhow::bail!(
+            "--sentinel-user and --sentinel-password (or $GREYHOOK_SENTINEL_PASSWORD) are for a redis+sentinel:// store; \
+             a server's password goes in its URL"
+        );
+    }
+    Ok(())
 }
 
 /// `greyhook db list|show|release|delete|stats`: on the store named, or
@@ -181,7 +216,8 @@ fn open_store(spec: &str, redis: &RedisArgs) -> Result<Arc<dyn Store>> {
 async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()> {
     match &target.db {
         Some(spec) => {
-            let store = open_store(spec, &target.redis)?;
+            check_sentinel_flags(&target.redis, &[spec])?;
+            let (store, _) = open_store(spec, &target.redis)?;
             // A store opened directly comes with no filter configuration: the
             // reference filter's default grouping (docs/operating.md).
             let grouping = greyhook::admin::ClientGrouping::default();
@@ -196,7 +232,8 @@ async fn db_admin(target: DbTarget, cmd: greyhook::admin::Command) -> Result<()>
 
 /// `greyhook db migrate`.
 async fn migrate(from: &str, to: &str, redis: &RedisArgs) -> Result<()> {
-    let (src, dst) = (open_store(from, redis)?, open_store(to, redis)?);
+    check_sentinel_flags(redis, &[from, to])?;
+    let ((src, from), (dst, to)) = (open_store(from, redis)?, open_store(to, redis)?);
     let now = SystemClock.now();
     let (mut cursor, mut copied) = (None, 0u64);
     loop {
