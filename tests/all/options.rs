@@ -739,3 +739,26 @@ fn sigterm_at_once_after_start_is_a_clean_shutdown() {
         assert!(status.success(), "SIGTERM right after start: {status:?}\n{}", d.log_text());
     }
 }
+
+/// Found in review: `greyhook db` put the store's URL as typed in front of
+/// an error that could not open it (`cannot open redis://:s3cret@host:
+/// …`), and `db migrate` printed both URLs when done: a Redis password on
+/// the terminal and in any script's log. Each now shows `redis://***@host`.
+#[test]
+fn db_commands_never_show_a_redis_password() {
+    let run = |args: &[&str]| {
+        let out = Command::new(greyhook_bin()).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, said) = run(&["db", "list", "--db", "redis://:s3cret@127.0.0.1:1/0", "--tls-ca", "/nonexistent"]);
+    assert!(!ok && said.contains("redis://***@127.0.0.1:1/0") && said.contains("need a TLS URL"), "{said}");
+    assert!(!said.contains("s3cret"), "{said}");
+    let (ok, said) = run(&["db", "migrate", "--from", "memory", "--to", "rediss://:s3cret@127.0.0.1:1/0"]);
+    assert!(ok && said.contains("copied 0 records from memory to rediss://***@127.0.0.1:1/0"), "{said}");
+    assert!(!said.contains("s3cret"), "{said}");
+    let (ok, said) =
+        run(&["db", "migrate", "--from", "redis+sentinel://:s3cret@127.0.0.1:1/mymaster", "--to", "memory", "--sentinel-user", "u"]);
+    assert!(!ok && said.contains("--sentinel-password"), "a user without a password: {said}");
+    let (ok, said) = run(&["db", "stats", "--db", "redis://:s3cret@127.0.0.1:1/0", "--sentinel-password", "pw"]);
+    assert!(!ok && said.contains("are for a redis+sentinel:// store") && !said.contains("s3cret"), "{said}");
+}

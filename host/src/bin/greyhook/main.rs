@@ -190,7 +190,8 @@ fn open_store(spec: &str, redis: &RedisArgs) -> Result<(Arc<dyn Store>, String)>
     // A URL without its password (a redb file's description would add
     // its durability, which means nothing here).
     let shown = if section.redb_path().is_some() { spec.to_string() } else { section.describe() };
-    let store = section.open().with_context(|| format!("cannot open {shown}"))?;
+    // Its errors name the store (without the password) already.
+    let store = section.open()?;
     Ok((store, shown))
 }
 
