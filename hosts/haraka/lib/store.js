@@ -276,8 +276,7 @@ const MAX_PEM_BYTES = 1 << 20
  * PEM or is over 1 MiB.
  */
 function tlsFiles(cfg) {
-    const named = ['tls_ca', 'tls_cert', 'tls_key'].filter((k) => cfg[k])
-    if (named.length === 0) return null
+    if (!['tls_ca', 'tls_cert', 'tls_key'].some((k) => cfg[k])) return null
     if (!/^rediss:\/\//.test(cfg.url)) throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss://')
     if (!cfg.tls_cert !== !cfg.tls_key) throw new Error('store.tls_cert and tls_key go together: a client certificate and its key')
     const fs = require('node:fs')
