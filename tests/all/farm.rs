@@ -516,9 +516,11 @@ fn sentinel_password_checked(t: &RedisTlsFiles, url: &str, sentinel: &Sentinel) 
     let tls = format!("prefix = \"check:\"\n{}", t.store_lines(&t.ca, true));
     let c = "192.0.2.10";
     for (name, lines, answer, why) in [
-        ("given", format!("{tls}sentinel_password = \"the sentinel's own\"\n"), "451 4.7.1 Greylisted", ""),
+        ("given", format!("sentinel_password = \"the sentinel's own\"\n{tls}"), "451 4.7.1 Greylisted", ""),
+        // The ACL's `default` user is the one `requirepass` sets.
+        ("user", format!("sentinel_user = \"default\"\nsentinel_password = \"the sentinel's own\"\n{tls}"), "451 4.7.1 Greylisted", ""),
         ("missing", tls.clone(), "DUNNO", "NOAUTH"),
-        ("wrong", format!("{tls}sentinel_password = \"not it\"\n"), "DUNNO", "Password authentication failed"),
+        ("wrong", format!("sentinel_password = \"not it\"\n{tls}"), "DUNNO", "Password authentication failed"),
     ] {
         let (d, mx) = daemon_store(dir.path(), name, url, &["delay=2"], &format!("timeout = \"2s\"\n{lines}"));
         let a = ask(mx, c, &format!("{name}@example.org"), "u@example.com");
@@ -540,7 +542,7 @@ fn sentinel_password_checked(t: &RedisTlsFiles, url: &str, sentinel: &Sentinel) 
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     };
     let (ok, said) = db(Some("the sentinel's own"));
-    assert!(ok && said.contains("given@example.org"), "{said}");
+    assert!(ok && said.contains("given@example.org") && said.contains("user@example.org"), "{said}");
     assert!(!said.contains("missing@") && !said.contains("wrong@"), "nothing written by the failing two: {said}");
     let (ok, said) = db(None);
     assert!(!ok && said.contains("NOAUTH"), "{said}");

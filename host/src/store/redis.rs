@@ -8,6 +8,10 @@
 //! update. Every operation touches exactly one key, so the layout suits
 //! Redis Cluster too: `redis+cluster://host1:port1,host2:port2` connects to
 //! a cluster (slots followed, redirections handled by the `redis` crate).
+//! `redis+sentinel://[USER:PASSWORD@]HOSTS/SERVICE[/DB]` asks the sentinels
+//! for the master (the URL's credentials and database are the master's;
+//! sentinels that require a password of their own get
+//! [`RedisConfig::sentinel_auth`]).
 //!
 //! TLS: `rediss://` (one server), `rediss+cluster://` (every node) and
 //! `rediss+sentinel://` (the sentinels and the master they name) speak TLS
