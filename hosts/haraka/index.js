@@ -133,6 +133,8 @@ exports.start_greyhook = async function (old) {
     const tls = {}
     for (const k of ['tls_ca', 'tls_cert', 'tls_key']) if (s[k]) tls[k] = sitePath(s[k])
     const storeSettings = { kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records, ...tls }
+    // The sentinels' own credentials, as greyhook's [store] sentinel_user, sentinel_password.
+    for (const k of ['sentinel_user', 'sentinel_password']) if (s[k] !== undefined) storeSettings[k] = s[k]
     const storeKey = JSON.stringify(storeSettings)
     const store = old && old.storeKey === storeKey ? old.store : openStore(storeSettings)
     const limits = {}

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use greyhook_tests::{CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, RedisTlsFiles, connect_from, free_port, null_dns, policy_rcpt};
+use greyhook_tests::{
+    CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, RedisTlsFiles, Sentinel, connect_from, free_port, null_dns, policy_rcpt,
+};
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/haraka").canonicalize().expect("hosts/haraka")
@@ -540,14 +542,37 @@ fn no_update_is_lost_between_haraka_and_greyhook_on_one_redis() {
 }
 
 /// The package's own tests (`node --test`): the shared verdict vectors,
-/// the stores (Redis against this redis-server), the worker pool.
+/// the stores (Redis against this redis-server, and through a sentinel
+/// with a password of its own in front of a password-protected master and
+/// its replica, through a failover), the worker pool.
 #[test]
 fn the_haraka_package_tests_pass() {
+    const PASSWORD: &str = "master/pass";
+    const SENTINEL_PASSWORD: &str = "the sentinel's own";
     let redis = RedisServer::start();
+    // The Sentinel set hardened as docs/farm.md advises: TLS only, with
+    // client certificates.
+    let dir = tempfile::tempdir().unwrap();
+    let files = RedisTlsFiles::issue(dir.path());
+    let auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD];
+    let master = RedisServer::with_tls_args(&files, &auth);
+    let master_port = master.port.to_string();
+    let replica = RedisServer::with_tls_args(&files, &[&["--replicaof", "127.0.0.1", master_port.as_str()][..], &auth[..]].concat());
+    let sentinel = Sentinel::start_with_auth(&master, Some(PASSWORD), Some(SENTINEL_PASSWORD));
+    let data = |port: u16| format!("rediss://:master%2Fpass@127.0.0.1:{port}/3");
+    let through_sentinel = serde_json::json!({
+        "url": format!("rediss+sentinel://:master%2Fpass@127.0.0.1:{}/mymaster/3", sentinel.port),
+        "sentinelPassword": SENTINEL_PASSWORD,
+        "sentinel": format!("127.0.0.1:{}", sentinel.port),
+        "master": data(master.port),
+        "replica": data(replica.port),
+        "tls": { "ca": files.ca, "cert": files.client_cert, "key": files.client_key },
+    });
     let out = Command::new("node")
         .args(["--test", "test/"])
         .current_dir(package())
         .env("GREYHOOK_TEST_REDIS", redis.url())
+        .env("GREYHOOK_TEST_SENTINEL", through_sentinel.to_string())
         .env("GREYHOOK_CHAOS_WASM", env!("GREYHOOK_CHAOS_FILTER"))
         .env("GREYHOOK_STATEFUL_WASM", env!("GREYHOOK_STATEFUL_FILTER"))
         .output()

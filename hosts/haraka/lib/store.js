@@ -136,13 +136,19 @@ function newVersion() {
 /** A store in Redis with greyhook's key layout and scripts. */
 class RedisStore {
     /**
-     * `tls` (with a `rediss://` URL): PEM contents `{ ca, cert, key }`, as
+     * `url`: `redis://…`, `rediss://…`, or through Sentinel
+     * `redis+sentinel://[USER:]PASSWORD@HOST:PORT,…/SERVICE[/DB]` (or
+     * `rediss+sentinel://`), as greyhook's `[store] path`: the credentials
+     * and database are the master's; `sentinel` `{ user, password }` are
+     * what the sentinels themselves require (greyhook's `sentinel_user`,
+     * `sentinel_password`).
+     * `tls` (with a `rediss…` URL): PEM contents `{ ca, cert, key }`, as
      * greyhook's `[store] tls_ca`, `tls_cert`, `tls_key`; the server's
      * certificate is always checked (against `ca` alone when given, else
      * Node's roots).
      */
-    constructor({ url, prefix = 'greyhook:', timeoutMs = 250, tls = null }) {
-        const { createClient, RESP_TYPES } = require('redis')
+    constructor({ url, prefix = 'greyhook:', timeoutMs = 250, tls = null, sentinel = null }) {
+        const { createClient, createSentinel, RESP_TYPES } = require('redis')
         this.kind = 'redis'
         this.url = url
         this.prefix = prefix
@@ -150,10 +156,35 @@ class RedisStore {
         this.failures = 0
         const socket = { connectTimeout: timeoutMs, reconnectStrategy: (n) => Math.min(n * 100, 1000) }
         if (tls) Object.assign(socket, { tls: true, rejectUnauthorized: true }, tls)
-        this.client = createClient({ url, socket, disableOfflineQueue: true })
+        const through = parseSentinelUrl(url)
+        if (through) {
+            const node = { socket, disableOfflineQueue: true, database: through.db }
+            if (through.password !== undefined) Object.assign(node, { username: through.user, password: through.password })
+            const own = { socket }
+            if (sentinel?.password !== undefined) Object.assign(own, { username: sentinel.user, password: sentinel.password })
+            this.client = createSentinel({
+                name: through.service,
+                sentinelRootNodes: through.nodes,
+                nodeClientOptions: node,
+                sentinelClientOptions: own,
+                // The nodes' errors (a refused password) reach `lastError`.
+                passthroughClientErrorEvents: true,
+            })
+            // node-redis's sentinel takes the command's read-only flag first.
+            this.send = (args, options) => this.client.sendCommand(false, args, options)
+        } else {
+            if (sentinel) throw new Error('store.sentinel_user and sentinel_password are for a redis+sentinel:// URL')
+            this.client = createClient({ url, socket, disableOfflineQueue: true })
+            this.send = (args, options) => this.client.sendCommand(args, options)
+        }
         // A down Redis must not crash Haraka: errors are counted and the
-        // filter's failure policy answers.
-        this.client.on('error', () => {})
+        // filter's failure policy answers. The last one is kept for the
+        // message of a call that times out while the client reconnects
+        // (a wrong password is otherwise only a timeout).
+        this.lastError = null
+        this.client.on('error', (e) => {
+            this.lastError = String(e?.message ?? e).slice(0, 200)
+        })
         this.buffers = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } }
         this.sha = {}
         for (const [name, src] of Object.entries({ set: SET, delete: DELETE })) {
@@ -183,7 +214,10 @@ class RedisStore {
                     return await f()
                 })(),
                 new Promise((_, reject) => {
-                    timer = setTimeout(() => reject(new Error(`no answer within ${this.timeoutMs} ms`)), this.timeoutMs)
+                    timer = setTimeout(() => {
+                        const last = this.lastError ? ` (the connection's last error: ${this.lastError})` : ''
+                        reject(new Error(`no answer within ${this.timeoutMs} ms${last}`))
+                    }, this.timeoutMs)
                 }),
             ])
         } catch (e) {
@@ -197,10 +231,10 @@ class RedisStore {
     async script(name, keys, args) {
         const { src, sha } = this.sha[name]
         try {
-            return await this.client.sendCommand(['EVALSHA', sha, String(keys.length), ...keys, ...args])
+            return await this.send(['EVALSHA', sha, String(keys.length), ...keys, ...args])
         } catch (e) {
             if (!String(e.message).startsWith('NOSCRIPT')) throw e
-            return await this.client.sendCommand(['EVAL', src, String(keys.length), ...keys, ...args])
+            return await this.send(['EVAL', src, String(keys.length), ...keys, ...args])
         }
     }
 
@@ -218,14 +252,14 @@ class RedisStore {
     }
 
     async get(key, now) {
-        const fields = await this.call('get', () => this.client.sendCommand(['HMGET', this.prefix + key, 'v', 'ver', 'exp'], this.buffers))
+        const fields = await this.call('get', () => this.send(['HMGET', this.prefix + key, 'v', 'ver', 'exp'], this.buffers))
         return RedisStore.entry(fields, now)
     }
 
     async getMany(keys, now) {
         // Sent together: node-redis pipelines commands of one tick, one round trip.
         const rows = await this.call('get_many', () =>
-            Promise.all(keys.map((k) => this.client.sendCommand(['HMGET', this.prefix + k, 'v', 'ver', 'exp'], this.buffers))),
+            Promise.all(keys.map((k) => this.send(['HMGET', this.prefix + k, 'v', 'ver', 'exp'], this.buffers))),
         )
         return rows.map((f) => RedisStore.entry(f, now))
     }
@@ -266,6 +300,54 @@ class RedisStore {
     }
 }
 
+/**
+ * `redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]` (or
+ * `rediss+sentinel://`) as `{ user, password, nodes, service, db }`, the
+ * credentials percent-decoded, as greyhook reads it; `null` for any other
+ * URL. Throws on a Sentinel URL it cannot read.
+ */
+function parseSentinelUrl(url) {
+    const m = /^rediss?\+sentinel:\/\/(.*)$/.exec(url || '')
+    if (!m) return null
+    const shape = `store.url ${JSON.stringify(redactUrl(url))}: expected redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]`
+    const rest = m[1]
+    const slash = rest.indexOf('/')
+    const [authHosts, path] = slash < 0 ? [rest, ''] : [rest.slice(0, slash), rest.slice(slash + 1)]
+    const at = authHosts.lastIndexOf('@')
+    const [auth, hosts] = at < 0 ? [null, authHosts] : [authHosts.slice(0, at), authHosts.slice(at + 1)]
+    const [service, db, ...more] = path.replace(/\/+$/, '').split('/')
+    if (!service || more.length > 0 || (db !== undefined && !/^\d{1,5}$/.test(db))) throw new Error(shape)
+    const nodes = []
+    for (const n of hosts.split(',').filter((n) => n !== '')) {
+        const hp = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(n)
+        if (!hp || Number(hp[3]) < 1 || Number(hp[3]) > 65535) throw new Error(shape)
+        nodes.push({ host: hp[1] ?? hp[2], port: Number(hp[3]) })
+    }
+    if (nodes.length === 0) throw new Error(shape)
+    let user
+    let password
+    if (auth !== null) {
+        const colon = auth.indexOf(':')
+        try {
+            if (colon < 0) password = decodeURIComponent(auth)
+            else {
+                user = decodeURIComponent(auth.slice(0, colon)) || undefined
+                password = decodeURIComponent(auth.slice(colon + 1))
+            }
+        } catch {
+            throw new Error(shape)
+        }
+    }
+    return { user, password, nodes, service, db: db === undefined ? undefined : Number(db) }
+}
+
+/** A store URL without its password, for messages (as greyhook's). */
+function redactUrl(url) {
+    const scheme = url.indexOf('://')
+    const at = url.lastIndexOf('@')
+    return scheme >= 0 && at > scheme ? `${url.slice(0, scheme)}://***${url.slice(at)}` : url
+}
+
 /** The largest PEM file read for TLS (as greyhook's `MAX_PEM_BYTES`). */
 const MAX_PEM_BYTES = 1 << 20
 
@@ -277,7 +359,9 @@ const MAX_PEM_BYTES = 1 << 20
  */
 function tlsFiles(cfg) {
     if (!['tls_ca', 'tls_cert', 'tls_key'].some((k) => cfg[k])) return null
-    if (!/^rediss:\/\//.test(cfg.url)) throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss://')
+    if (!/^rediss(\+sentinel)?:\/\//.test(cfg.url)) {
+        throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss:// or rediss+sentinel://')
+    }
     if (!cfg.tls_cert !== !cfg.tls_key) throw new Error('store.tls_cert and tls_key go together: a client certificate and its key')
     const fs = require('node:fs')
     const read = (key, kind) => {
@@ -301,12 +385,29 @@ function openStore(cfg = {}) {
     const kind = cfg.kind || 'memory'
     if (kind === 'memory') return new MemoryStore({ maxRecords: Number(cfg.max_records) || 1_000_000 })
     if (kind === 'redis') {
-        if (!/^rediss?:\/\//.test(cfg.url || '')) throw new Error(`store.url ${JSON.stringify(cfg.url)}: expected redis://host:port[/db]`)
+        if (!/^rediss?(\+sentinel)?:\/\//.test(cfg.url || '')) {
+            throw new Error(
+                `store.url ${JSON.stringify(redactUrl(cfg.url || ''))}: ` +
+                    'expected redis://host:port[/db] or redis+sentinel://HOST:PORT,…/SERVICE[/DB]',
+            )
+        }
         const timeoutMs = Number(cfg.timeout_ms ?? 250)
         if (!(timeoutMs >= 1 && timeoutMs <= 30000)) throw new Error('store.timeout_ms must be between 1 and 30000')
-        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls: tlsFiles(cfg) })
+        let sentinel = null
+        if (cfg.sentinel_user !== undefined || cfg.sentinel_password !== undefined) {
+            if (!parseSentinelUrl(cfg.url)) {
+                throw new Error(
+                    "store.sentinel_user and sentinel_password are for a redis+sentinel:// URL; a server's password goes in its URL",
+                )
+            }
+            if (cfg.sentinel_password === undefined) throw new Error('store.sentinel_user needs sentinel_password')
+            // (Haraka's ini reader turns a number-like value into a number.)
+            const user = cfg.sentinel_user === undefined ? undefined : String(cfg.sentinel_user)
+            sentinel = { user, password: String(cfg.sentinel_password) }
+        }
+        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls: tlsFiles(cfg), sentinel })
     }
     throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
 }
 
-module.exports = { MemoryStore, RedisStore, StoreError, openStore, SCRIPTS: { CHECK_CONDITION, SET, DELETE } }
+module.exports = { MemoryStore, RedisStore, StoreError, openStore, parseSentinelUrl, SCRIPTS: { CHECK_CONDITION, SET, DELETE } }

@@ -110,3 +110,92 @@ test('redis store: TLS settings that cannot work are refused, naming the key', (
     assert.throws(open({ tls_ca: big }), /not a PEM file/)
     fs.rmSync(dir, { recursive: true })
 })
+
+test('redis store: Sentinel URLs read as greyhook reads them, settings that cannot work refused', () => {
+    const { openStore, parseSentinelUrl } = require('../lib/store')
+    assert.deepStrictEqual(parseSentinelUrl('rediss+sentinel://:s3cret%2Fx@10.0.0.5:26379,[::1]:26380/mymaster/3'), {
+        user: undefined,
+        password: 's3cret/x',
+        nodes: [
+            { host: '10.0.0.5', port: 26379 },
+            { host: '::1', port: 26380 },
+        ],
+        service: 'mymaster',
+        db: 3,
+    })
+    assert.strictEqual(parseSentinelUrl('redis://127.0.0.1:6379/0'), null)
+    for (const bad of ['redis+sentinel://h:1', 'redis+sentinel://h/m', 'redis+sentinel://h:1/m/x', 'redis+sentinel://:%zz@h:1/m']) {
+        assert.throws(() => parseSentinelUrl(bad), /expected redis\+sentinel:\/\//, bad)
+    }
+    const open = (cfg) => () => openStore({ kind: 'redis', ...cfg })
+    assert.throws(open({ url: 'redis://:pw@h:1/0', sentinel_password: 'x' }), /are for a redis\+sentinel:\/\/ URL/)
+    assert.throws(open({ url: 'redis+sentinel://h:1/m', sentinel_user: 'u' }), /sentinel_user needs sentinel_password/)
+    // A URL it refuses is shown without its password.
+    assert.throws(open({ url: 'memcache://:s3cret@h:1' }), (e) => /memcache:\/\/\*\*\*@h:1/.test(e.message) && !/s3cret/.test(e.message))
+})
+
+/**
+ * GREYHOOK_TEST_SENTINEL (tests/all/haraka.rs sets it): a master and its
+ * replica that require a password, and a sentinel that requires one of its
+ * own, all TLS only with client certificates, as JSON `{ url,
+ * sentinelPassword, sentinel, master, replica, tls: { ca, cert, key } }`.
+ */
+test('redis store through Sentinel: its own password, the master\'s password and database, a failover followed', async () => {
+    const raw = process.env.GREYHOOK_TEST_SENTINEL
+    assert.ok(raw, 'GREYHOOK_TEST_SENTINEL names the sentinel to test against (tests/all/haraka.rs sets it)')
+    const t = JSON.parse(raw)
+    const { createClient } = require('redis')
+    const { openStore } = require('../lib/store')
+    const prefix = `sen${process.pid}:`
+    const far = Math.floor(Date.now() / 1000) + 3600
+    const now = far - 3600
+    // Opened as the plugin opens greyhook.ini's [store]: the TLS files read and checked.
+    const files = { tls_ca: t.tls.ca, tls_cert: t.tls.cert, tls_key: t.tls.key }
+    const open = (url, extra = {}) => openStore({ kind: 'redis', url, prefix, timeout_ms: 2000, ...files, ...extra })
+    const s = open(t.url, { timeout_ms: 5000, sentinel_password: t.sentinelPassword })
+    const master = open(t.master)
+    const replica = open(t.replica)
+    const without = open(t.url)
+    const fs = require('node:fs')
+    const pem = (f) => fs.readFileSync(f)
+    const tls = { tls: true, rejectUnauthorized: true, ca: pem(t.tls.ca), cert: pem(t.tls.cert), key: pem(t.tls.key) }
+    const sentinel = createClient({ url: `rediss://:${encodeURIComponent(t.sentinelPassword)}@${t.sentinel}`, socket: tls })
+    sentinel.on('error', () => {})
+    const until = async (what, f, ms) => {
+        const end = Date.now() + ms
+        for (;;) {
+            try {
+                const r = await f()
+                if (r) return r
+            } catch (e) {
+                if (Date.now() > end) throw new Error(`${what}: ${e.message}`)
+            }
+            if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms`)
+            await new Promise((r) => setTimeout(r, 200))
+        }
+    }
+    try {
+        await semantics(s, 'sem/')
+        assert.ok((await s.set('before', Buffer.from('1'), far, null, now)) > 0n)
+        const e = await master.get('before', now)
+        assert.strictEqual(Buffer.from(e.value).toString(), '1', "written to the master's database the URL names")
+        await assert.rejects(without.get('before', now), (e) => e.kind === 'unavailable' && /NOAUTH|auth/i.test(e.message))
+        // A failover the sentinel is asked for (it needs to have found the replica first).
+        await sentinel.connect()
+        await until('the sentinel failed over', () => sentinel.sendCommand(['SENTINEL', 'FAILOVER', 'mymaster']).then(() => true), 30000)
+        const replicaPort = Number(new URL(t.replica).port)
+        await until(
+            'the sentinel names the replica',
+            async () => Number((await sentinel.sendCommand(['SENTINEL', 'GET-MASTER-ADDR-BY-NAME', 'mymaster']))[1]) === replicaPort,
+            30000,
+        )
+        await until('the store follows the failover', async () => (await s.set('after', Buffer.from('2'), far, null, now)) > 0n, 30000)
+        const after = await replica.get('after', now)
+        assert.strictEqual(Buffer.from(after.value).toString(), '2', 'written to the promoted replica')
+        const before = await s.get('before', now)
+        assert.strictEqual(Buffer.from(before.value).toString(), '1', 'written before the failover')
+    } finally {
+        for (const c of [s, master, replica, without]) await c.close()
+        if (sentinel.isOpen) sentinel.destroy()
+    }
+})
