@@ -329,9 +329,14 @@ fn sentinel_client(
         None => (path, None),
     };
     let scheme = if tls { "rediss" } else { "redis" };
-    let addrs = hosts
-        .split(',')
-        .filter(|n| !n.is_empty())
+    let nodes: Vec<&str> = hosts.split(',').filter(|n| !n.is_empty()).collect();
+    // The crate would take a host without a port as Redis's 6379, where a
+    // data server, not a sentinel, listens.
+    if let Some(n) = nodes.iter().find(|n| !n.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0))) {
+        return Err(format!("sentinel {n}: name its port (sentinels listen on 26379 unless configured otherwise); {SHAPE}"));
+    }
+    let addrs = nodes
+        .iter()
         .map(|n| format!("{scheme}://{n}").as_str().into_connection_info().map(|i| i.addr().clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
@@ -791,6 +796,10 @@ mod tests {
         assert!(e.contains("always checked"), "{e}");
         let e = refused("rediss+sentinel://127.0.0.1:1", RedisTls::default());
         assert!(e.contains("expected redis+sentinel://"), "{e}");
+        for url in ["redis+sentinel://10.0.0.5/mymaster", "redis+sentinel://10.0.0.5:26379,[::1]/mymaster"] {
+            let e = refused(url, RedisTls::default());
+            assert!(e.contains(": name its port"), "{url}: {e}");
+        }
     }
 
     /// The sentinels' own credentials: only with a Sentinel URL, a user only
