@@ -722,20 +722,30 @@ impl Drop for RedisServer {
 pub struct RedisCluster {
     /// The nodes (each a [`RedisServer`]).
     pub nodes: Vec<RedisServer>,
+    /// The password every node requires, if any.
+    password: Option<String>,
 }
 
 impl RedisCluster {
     /// Starts three nodes, joins them and waits until the cluster is ok.
     pub fn start() -> RedisCluster {
-        RedisCluster::start_with(None)
+        RedisCluster::start_with(None, None)
     }
 
-    /// The same, every node (and the cluster bus) speaking TLS only.
-    pub fn with_tls(files: &RedisTlsFiles) -> RedisCluster {
-        RedisCluster::start_with(Some(files))
+    /// The same, every node (and the cluster bus) speaking TLS only, and
+    /// with `password`, requiring it of clients and of each other
+    /// (`requirepass`, `masterauth`).
+    pub fn with_tls(files: &RedisTlsFiles, password: Option<&str>) -> RedisCluster {
+        RedisCluster::start_with(Some(files), password)
     }
 
-    fn start_with(tls: Option<&RedisTlsFiles>) -> RedisCluster {
+    /// redis-cli's arguments for a node, with the password.
+    fn cli(&self, node: &RedisServer, args: &[&str]) -> String {
+        let auth: Vec<&str> = self.password.as_deref().map(|p| vec!["--no-auth-warning", "-a", p]).unwrap_or_default();
+        node.cli(&[&auth[..], args].concat())
+    }
+
+    fn start_with(tls: Option<&RedisTlsFiles>, password: Option<&str>) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let mut r = RedisServer::unstarted(&[], tls);
@@ -747,12 +757,18 @@ impl RedisCluster {
             let bus = free_port().to_string();
             r.extra = vec!["--cluster-enabled".into(), "yes".into(), "--cluster-config-file".into(), "nodes.conf".into()];
             r.extra.extend(["--cluster-port".into(), bus]);
+            if let Some(p) = password {
+                r.extra.extend(["--requirepass".into(), p.into(), "--masterauth".into(), p.into()]);
+            }
             r.restart();
             nodes.push(r);
         }
+        let cluster = RedisCluster { nodes, password: password.map(str::to_string) };
+        let nodes = &cluster.nodes;
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = std::process::Command::new("redis-cli")
             .args(nodes[0].tls_args(false))
+            .args(password.map(|p| vec!["--no-auth-warning", "-a", p]).unwrap_or_default())
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -760,18 +776,25 @@ impl RedisCluster {
             .expect("redis-cli runs (installed with redis-server)");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+        while !nodes.iter().all(|n| cluster.cli(n, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
             assert!(std::time::Instant::now() < until, "the cluster did not come up");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        RedisCluster { nodes }
+        cluster
     }
 
     /// `redis+cluster://` (`rediss+cluster://` with TLS) with two of the
-    /// nodes (the third is discovered).
+    /// nodes (the third is discovered), and the password (percent-encoded)
+    /// before them, for every node.
     pub fn url(&self) -> String {
         let scheme = if self.nodes[0].tls.is_some() { "rediss" } else { "redis" };
-        format!("{scheme}+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+        let auth = self.password.as_deref().map(|p| format!(":{}@", p.replace('%', "%25").replace('/', "%2F"))).unwrap_or_default();
+        format!("{scheme}+cluster://{auth}127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+    }
+
+    /// The number of keys on every node together.
+    pub fn keys(&self) -> usize {
+        self.nodes.iter().map(|n| self.cli(n, &["DBSIZE"]).trim().parse::<usize>().unwrap_or(0)).sum()
     }
 }
 

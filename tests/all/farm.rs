@@ -177,14 +177,18 @@ fn a_farm_on_redis_over_tls_checks_both_ends() {
 }
 
 /// A Redis Cluster whose nodes speak TLS only (`rediss+cluster://`): the
-/// nodes discovered from the two named are reached over TLS too.
+/// nodes discovered from the two named are reached over TLS too. The nodes
+/// require a password, named once before the nodes
+/// (`rediss+cluster://:PASSWORD@H1,H2`): before, the `redis` crate took it
+/// as the first node's alone and refused the URL ("Cannot use different
+/// password among initial nodes").
 #[test]
-fn a_farm_on_a_redis_cluster_over_tls_greylists_and_passes_the_retry() {
+fn a_farm_on_a_password_protected_redis_cluster_over_tls_greylists_and_passes_the_retry() {
     let dir = tempfile::tempdir().unwrap();
     let files = RedisTlsFiles::issue(dir.path());
-    let cluster = RedisCluster::with_tls(&files);
+    let cluster = RedisCluster::with_tls(&files, Some("cluster/pass"));
     let url = cluster.url();
-    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    assert!(url.starts_with("rediss+cluster://:cluster%2Fpass@"), "{url}");
     let lines = tls_lines(&files, &files.ca, true);
     let (_d1, mx1) = daemon_store(dir.path(), "mx1", &url, &["delay=2"], &lines);
     let (_d2, mx2) = daemon_store(dir.path(), "mx2", &url, &["delay=2"], &lines);
@@ -201,6 +205,15 @@ fn a_farm_on_a_redis_cluster_over_tls_greylists_and_passes_the_retry() {
         assert!(a.starts_with("PREPEND X-Greylist: delayed "), "mx1's record counts on mx2: {a}");
         assert_delayed(&a, 2, first_try);
     }
+    assert!(cluster.keys() >= 3, "the records are on the cluster's nodes");
+    // Without the password, every call fails and the failure policy
+    // answers, the reason logged.
+    let bare = url.replacen(":cluster%2Fpass@", "", 1);
+    let (d, mx) = daemon_store(dir.path(), "no-password", &bare, &["delay=2"], &lines);
+    assert_eq!(ask(mx, c, "new@example.org", "u@example.com"), "DUNNO", "the failure policy");
+    assert!(d.wait_log("redis store: ", 10), "the log says the store failed: {}", std::fs::read_to_string(&d.log).unwrap());
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("NOAUTH") || log.contains("Authentication"), "the log says why: {log}");
 }
 
 #[test]

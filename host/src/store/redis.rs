@@ -44,8 +44,9 @@ use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db`, or
-    /// `redis+cluster://host1:port1,host2:port2` for a Redis Cluster (any
-    /// reachable nodes; the rest are discovered), or
+    /// `redis+cluster://[user:password@]host1:port1,host2:port2` for a Redis
+    /// Cluster (any reachable nodes; the rest are discovered; the
+    /// credentials are every node's), or
     /// `redis+sentinel://[user:password@]host1:port1,host2:port2/SERVICE[/db]`
     /// through Sentinel (the credentials and database are the master's);
     /// `rediss…` for each over TLS.
@@ -304,6 +305,15 @@ fn new_version() -> u64 {
     (h.finish() >> 11).max(1)
 }
 
+/// `USER:PASSWORD` (either may be empty) as the crate reads the
+/// credentials of `redis://USER:PASSWORD@…`: percent-decoded.
+fn credentials(auth: &str) -> Result<(Option<String>, Option<String>), String> {
+    use redis::IntoConnectionInfo;
+    let info = format!("redis://{auth}@127.0.0.1/").as_str().into_connection_info().map_err(|e| e.to_string())?;
+    let r = info.redis_settings();
+    Ok((r.username().map(str::to_string), r.password().map(str::to_string)))
+}
+
 /// The client of `redis+sentinel://[USER:PASSWORD@]HOST:PORT,…/SERVICE[/DB]`
 /// (`rest`, after the scheme): the credentials and the database are the
 /// master's (what the data connection authenticates with, as in
@@ -346,14 +356,11 @@ fn sentinel_client(
     let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, service, redis::sentinel::SentinelServerType::Master)
         .map_err(|e| e.to_string())?;
     if let Some(auth) = auth {
-        // Parsed as the crate parses `redis://USER:PASSWORD@…`
-        // (percent-decoded).
-        let info = format!("redis://{auth}@127.0.0.1/").as_str().into_connection_info().map_err(|e| e.to_string())?;
-        let r = info.redis_settings();
-        if let Some(u) = r.username() {
+        let (user, password) = credentials(auth)?;
+        if let Some(u) = user {
             b = b.set_client_to_redis_username(u);
         }
-        if let Some(p) = r.password() {
+        if let Some(p) = password {
             b = b.set_client_to_redis_password(p);
         }
     }
@@ -413,12 +420,27 @@ impl RedisStore {
                 Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
             }
             (None, Some((nodes, scheme))) => {
+                // `[USER:]PASSWORD@` before the nodes is every node's (the
+                // crate wants it on each node otherwise, and refuses the
+                // URL when the nodes differ).
+                let (auth, nodes) = match nodes.rsplit_once('@') {
+                    Some((auth, nodes)) => (Some(credentials(auth).map_err(|e| open_err(&e))?), nodes),
+                    None => (None, nodes),
+                };
                 let nodes: Vec<String> =
                     nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
                 if nodes.is_empty() {
-                    return Err(open_err(&"no cluster nodes: redis+cluster://host1:port1,host2:port2"));
+                    return Err(open_err(&"no cluster nodes: redis+cluster://[USER:PASSWORD@]host1:port1,host2:port2"));
                 }
                 let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                if let Some((user, password)) = auth {
+                    if let Some(u) = user {
+                        builder = builder.username(u);
+                    }
+                    if let Some(p) = password {
+                        builder = builder.password(p);
+                    }
+                }
                 if let Some(c) = certificates {
                     builder = builder.certs(c);
                 }
