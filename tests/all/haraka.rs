@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use greyhook_tests::{
-    CHAOS_FILTER, DnsServer, Process, Raw, RedisServer, RedisTlsFiles, Sentinel, connect_from, free_port, null_dns, policy_rcpt,
+    CHAOS_FILTER, DnsServer, Process, Raw, RedisCluster, RedisServer, RedisTlsFiles, Sentinel, connect_from, free_port, null_dns,
+    policy_rcpt,
 };
 
 fn package() -> PathBuf {
@@ -542,9 +543,10 @@ fn no_update_is_lost_between_haraka_and_greyhook_on_one_redis() {
 }
 
 /// The package's own tests (`node --test`): the shared verdict vectors,
-/// the stores (Redis against this redis-server, and through a sentinel
-/// with a password of its own in front of a password-protected master and
-/// its replica, through a failover), the worker pool.
+/// the stores (Redis against this redis-server; through a sentinel with a
+/// password of its own in front of a password-protected master and its
+/// replica, through a failover; on a password-protected cluster; the last
+/// two TLS only), the worker pool.
 #[test]
 fn the_haraka_package_tests_pass() {
     const PASSWORD: &str = "master/pass";
@@ -568,11 +570,17 @@ fn the_haraka_package_tests_pass() {
         "replica": data(replica.port),
         "tls": { "ca": files.ca, "cert": files.client_cert, "key": files.client_key },
     });
+    let cluster = RedisCluster::with_tls(&files, Some("cluster/pass"));
+    let on_cluster = serde_json::json!({
+        "url": cluster.url(),
+        "tls": { "ca": files.ca, "cert": files.client_cert, "key": files.client_key },
+    });
     let out = Command::new("node")
         .args(["--test", "test/"])
         .current_dir(package())
         .env("GREYHOOK_TEST_REDIS", redis.url())
         .env("GREYHOOK_TEST_SENTINEL", through_sentinel.to_string())
+        .env("GREYHOOK_TEST_CLUSTER", on_cluster.to_string())
         .env("GREYHOOK_CHAOS_WASM", env!("GREYHOOK_CHAOS_FILTER"))
         .env("GREYHOOK_STATEFUL_WASM", env!("GREYHOOK_STATEFUL_FILTER"))
         .output()

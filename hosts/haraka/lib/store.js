@@ -148,7 +148,7 @@ class RedisStore {
      * Node's roots).
      */
     constructor({ url, prefix = 'greyhook:', timeoutMs = 250, tls = null, sentinel = null }) {
-        const { createClient, createSentinel, RESP_TYPES } = require('redis')
+        const { createClient, createCluster, createSentinel, RESP_TYPES } = require('redis')
         this.kind = 'redis'
         this.url = url
         this.prefix = prefix
@@ -157,7 +157,17 @@ class RedisStore {
         const socket = { connectTimeout: timeoutMs, reconnectStrategy: (n) => Math.min(n * 100, 1000) }
         if (tls) Object.assign(socket, { tls: true, rejectUnauthorized: true }, tls)
         const through = parseSentinelUrl(url)
-        if (through) {
+        const cluster = parseClusterUrl(url)
+        if (sentinel && !through) throw new Error('store.sentinel_user and sentinel_password are for a redis+sentinel:// URL')
+        if (cluster) {
+            // Every node's settings (TLS, the password) are the defaults:
+            // the nodes discovered from the named ones get them too.
+            const defaults = { socket, disableOfflineQueue: true }
+            if (cluster.password !== undefined) Object.assign(defaults, { username: cluster.user, password: cluster.password })
+            this.client = createCluster({ rootNodes: cluster.nodes.map((n) => ({ socket: { host: n.host, port: n.port } })), defaults })
+            // Routed by the command's key (every command here has one).
+            this.send = (key, args, options) => this.client.sendCommand(key, false, args, options)
+        } else if (through) {
             const node = { socket, disableOfflineQueue: true, database: through.db }
             if (through.password !== undefined) Object.assign(node, { username: through.user, password: through.password })
             const own = { socket }
@@ -171,16 +181,16 @@ class RedisStore {
                 passthroughClientErrorEvents: true,
             })
             // node-redis's sentinel takes the command's read-only flag first.
-            this.send = (args, options) => this.client.sendCommand(false, args, options)
+            this.send = (_key, args, options) => this.client.sendCommand(false, args, options)
         } else {
-            if (sentinel) throw new Error('store.sentinel_user and sentinel_password are for a redis+sentinel:// URL')
             this.client = createClient({ url, socket, disableOfflineQueue: true })
-            this.send = (args, options) => this.client.sendCommand(args, options)
+            this.send = (_key, args, options) => this.client.sendCommand(args, options)
         }
         // A down Redis must not crash Haraka: errors are counted and the
-        // filter's failure policy answers. The last one is kept for the
-        // message of a call that times out while the client reconnects
-        // (a wrong password is otherwise only a timeout).
+        // filter's failure policy answers. The last one since a call was
+        // answered is kept for the message of a failed call: a wrong
+        // password is otherwise only a timeout, or a cluster's "All the
+        // root nodes are unavailable".
         this.lastError = null
         this.client.on('error', (e) => {
             this.lastError = String(e?.message ?? e).slice(0, 200)
@@ -211,18 +221,22 @@ class RedisStore {
             return await Promise.race([
                 (async () => {
                     await this.connected()
-                    return await f()
+                    const r = await f()
+                    // Answered: an earlier error no longer says anything.
+                    this.lastError = null
+                    return r
                 })(),
                 new Promise((_, reject) => {
-                    timer = setTimeout(() => {
-                        const last = this.lastError ? ` (the connection's last error: ${this.lastError})` : ''
-                        reject(new Error(`no answer within ${this.timeoutMs} ms${last}`))
-                    }, this.timeoutMs)
+                    timer = setTimeout(() => reject(new Error(`no answer within ${this.timeoutMs} ms`)), this.timeoutMs)
                 }),
             ])
         } catch (e) {
             this.failures++
-            throw new StoreError('unavailable', `redis ${what}: ${e.message}`)
+            // A cluster that could reach none of its nodes says only that;
+            // the nodes' own refusal (NOAUTH) came as an error event.
+            const last =
+                this.lastError && !String(e.message).includes(this.lastError) ? ` (the connection's last error: ${this.lastError})` : ''
+            throw new StoreError('unavailable', `redis ${what}: ${e.message}${last}`)
         } finally {
             clearTimeout(timer)
         }
@@ -231,10 +245,10 @@ class RedisStore {
     async script(name, keys, args) {
         const { src, sha } = this.sha[name]
         try {
-            return await this.send(['EVALSHA', sha, String(keys.length), ...keys, ...args])
+            return await this.send(keys[0], ['EVALSHA', sha, String(keys.length), ...keys, ...args])
         } catch (e) {
             if (!String(e.message).startsWith('NOSCRIPT')) throw e
-            return await this.send(['EVAL', src, String(keys.length), ...keys, ...args])
+            return await this.send(keys[0], ['EVAL', src, String(keys.length), ...keys, ...args])
         }
     }
 
@@ -252,14 +266,15 @@ class RedisStore {
     }
 
     async get(key, now) {
-        const fields = await this.call('get', () => this.send(['HMGET', this.prefix + key, 'v', 'ver', 'exp'], this.buffers))
+        const k = this.prefix + key
+        const fields = await this.call('get', () => this.send(k, ['HMGET', k, 'v', 'ver', 'exp'], this.buffers))
         return RedisStore.entry(fields, now)
     }
 
     async getMany(keys, now) {
         // Sent together: node-redis pipelines commands of one tick, one round trip.
         const rows = await this.call('get_many', () =>
-            Promise.all(keys.map((k) => this.send(['HMGET', this.prefix + k, 'v', 'ver', 'exp'], this.buffers))),
+            Promise.all(keys.map((k) => this.send(this.prefix + k, ['HMGET', this.prefix + k, 'v', 'ver', 'exp'], this.buffers))),
         )
         return rows.map((f) => RedisStore.entry(f, now))
     }
@@ -301,22 +316,13 @@ class RedisStore {
 }
 
 /**
- * `redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]` (or
- * `rediss+sentinel://`) as `{ user, password, nodes, service, db }`, the
- * credentials percent-decoded, as greyhook reads it; `null` for any other
- * URL. Throws on a Sentinel URL it cannot read.
+ * `[USER:]PASSWORD@HOST:PORT,HOST:PORT` (the part of a Sentinel or Cluster
+ * URL before its path) as `{ user, password, nodes }`, the credentials
+ * percent-decoded, as greyhook reads them; throws `shape` when it cannot.
  */
-function parseSentinelUrl(url) {
-    const m = /^rediss?\+sentinel:\/\/(.*)$/.exec(url || '')
-    if (!m) return null
-    const shape = `store.url ${JSON.stringify(redactUrl(url))}: expected redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]`
-    const rest = m[1]
-    const slash = rest.indexOf('/')
-    const [authHosts, path] = slash < 0 ? [rest, ''] : [rest.slice(0, slash), rest.slice(slash + 1)]
+function parseNodes(authHosts, shape) {
     const at = authHosts.lastIndexOf('@')
     const [auth, hosts] = at < 0 ? [null, authHosts] : [authHosts.slice(0, at), authHosts.slice(at + 1)]
-    const [service, db, ...more] = path.replace(/\/+$/, '').split('/')
-    if (!service || more.length > 0 || (db !== undefined && !/^\d{1,5}$/.test(db))) throw new Error(shape)
     const nodes = []
     for (const n of hosts.split(',').filter((n) => n !== '')) {
         const hp = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(n)
@@ -338,7 +344,39 @@ function parseSentinelUrl(url) {
             throw new Error(shape)
         }
     }
-    return { user, password, nodes, service, db: db === undefined ? undefined : Number(db) }
+    return { user, password, nodes }
+}
+
+/**
+ * `redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]` (or
+ * `rediss+sentinel://`) as `{ user, password, nodes, service, db }`, as
+ * greyhook reads it; `null` for any other URL. Throws on a Sentinel URL it
+ * cannot read.
+ */
+function parseSentinelUrl(url) {
+    const m = /^rediss?\+sentinel:\/\/(.*)$/.exec(url || '')
+    if (!m) return null
+    const shape = `store.url ${JSON.stringify(redactUrl(url))}: expected redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB]`
+    const rest = m[1]
+    const slash = rest.indexOf('/')
+    const [authHosts, path] = slash < 0 ? [rest, ''] : [rest.slice(0, slash), rest.slice(slash + 1)]
+    const [service, db, ...more] = path.replace(/\/+$/, '').split('/')
+    if (!service || more.length > 0 || (db !== undefined && !/^\d{1,5}$/.test(db))) throw new Error(shape)
+    return { ...parseNodes(authHosts, shape), service, db: db === undefined ? undefined : Number(db) }
+}
+
+/**
+ * `redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT` (or
+ * `rediss+cluster://`) as `{ user, password, nodes }`, the credentials
+ * every node's, as greyhook reads it; `null` for any other URL. Throws on a
+ * Cluster URL it cannot read (a cluster has one database: none is named).
+ */
+function parseClusterUrl(url) {
+    if (!/^rediss?\+cluster:\/\//.test(url || '')) return null
+    const shape = `store.url ${JSON.stringify(redactUrl(url))}: expected redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT`
+    const m = /^rediss?\+cluster:\/\/([^/]*)\/?$/.exec(url)
+    if (!m) throw new Error(shape)
+    return parseNodes(m[1], shape)
 }
 
 /** A store URL without its password, for messages (as greyhook's). */
@@ -359,8 +397,8 @@ const MAX_PEM_BYTES = 1 << 20
  */
 function tlsFiles(cfg) {
     if (!['tls_ca', 'tls_cert', 'tls_key'].some((k) => cfg[k])) return null
-    if (!/^rediss(\+sentinel)?:\/\//.test(cfg.url)) {
-        throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss:// or rediss+sentinel://')
+    if (!/^rediss(\+sentinel|\+cluster)?:\/\//.test(cfg.url)) {
+        throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss://, rediss+sentinel:// or rediss+cluster://')
     }
     if (!cfg.tls_cert !== !cfg.tls_key) throw new Error('store.tls_cert and tls_key go together: a client certificate and its key')
     const fs = require('node:fs')
@@ -385,10 +423,10 @@ function openStore(cfg = {}) {
     const kind = cfg.kind || 'memory'
     if (kind === 'memory') return new MemoryStore({ maxRecords: Number(cfg.max_records) || 1_000_000 })
     if (kind === 'redis') {
-        if (!/^rediss?(\+sentinel)?:\/\//.test(cfg.url || '')) {
+        if (!/^rediss?(\+sentinel|\+cluster)?:\/\//.test(cfg.url || '')) {
             throw new Error(
                 `store.url ${JSON.stringify(redactUrl(cfg.url || ''))}: ` +
-                    'expected redis://host:port[/db] or redis+sentinel://HOST:PORT,…/SERVICE[/DB]',
+                    'expected redis://host:port[/db], redis+sentinel://HOST:PORT,…/SERVICE[/DB] or redis+cluster://HOST:PORT,…',
             )
         }
         const timeoutMs = Number(cfg.timeout_ms ?? 250)
@@ -410,4 +448,12 @@ function openStore(cfg = {}) {
     throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
 }
 
-module.exports = { MemoryStore, RedisStore, StoreError, openStore, parseSentinelUrl, SCRIPTS: { CHECK_CONDITION, SET, DELETE } }
+module.exports = {
+    MemoryStore,
+    RedisStore,
+    StoreError,
+    openStore,
+    parseSentinelUrl,
+    parseClusterUrl,
+    SCRIPTS: { CHECK_CONDITION, SET, DELETE },
+}

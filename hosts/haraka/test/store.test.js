@@ -199,3 +199,38 @@ test('redis store through Sentinel: its own password, the master\'s password and
         if (sentinel.isOpen) sentinel.destroy()
     }
 })
+
+/**
+ * GREYHOOK_TEST_CLUSTER (tests/all/haraka.rs sets it): a three-node Redis
+ * Cluster whose nodes speak TLS only and require a password, as JSON
+ * `{ url, tls: { ca, cert, key } }`, the URL with the password.
+ */
+test('redis store on a cluster: every node\'s password and TLS, keys on every slot', async () => {
+    const raw = process.env.GREYHOOK_TEST_CLUSTER
+    assert.ok(raw, 'GREYHOOK_TEST_CLUSTER names the cluster to test against (tests/all/haraka.rs sets it)')
+    const t = JSON.parse(raw)
+    const { openStore, parseClusterUrl } = require('../lib/store')
+    const prefix = `clu${process.pid}:`
+    const files = { tls_ca: t.tls.ca, tls_cert: t.tls.cert, tls_key: t.tls.key }
+    const open = (url) => openStore({ kind: 'redis', url, prefix, timeout_ms: 5000, ...files })
+    const s = open(t.url)
+    const { password, nodes } = parseClusterUrl(t.url)
+    assert.ok(password && nodes.length === 2, t.url)
+    const without = open(t.url.replace(/\/\/[^@]*@/, '//'))
+    try {
+        await semantics(s, 'sem/')
+        // Twenty keys fall on all three nodes' slots: each read and write
+        // goes to its key's node, a batch read too.
+        const keys = Array.from({ length: 20 }, (_, i) => `many/${i}`)
+        for (const k of keys) assert.ok((await s.set(k, Buffer.from(k), 200, null, 100)) > 0n, k)
+        const rows = await s.getMany(keys, 100)
+        assert.deepStrictEqual(
+            rows.map((r) => Buffer.from(r.value).toString()),
+            keys,
+        )
+        await assert.rejects(without.get('many/0', 100), (e) => e.kind === 'unavailable' && /NOAUTH|auth/i.test(e.message))
+    } finally {
+        await s.close()
+        await without.close()
+    }
+})
