@@ -136,12 +136,14 @@ function newVersion() {
 /** A store in Redis with greyhook's key layout and scripts. */
 class RedisStore {
     /**
-     * `url`: `redis://…`, `rediss://…`, or through Sentinel
-     * `redis+sentinel://[USER:]PASSWORD@HOST:PORT,…/SERVICE[/DB]` (or
-     * `rediss+sentinel://`), as greyhook's `[store] path`: the credentials
-     * and database are the master's; `sentinel` `{ user, password }` are
-     * what the sentinels themselves require (greyhook's `sentinel_user`,
-     * `sentinel_password`).
+     * `url`, as greyhook's `[store] path`: `redis://…`, `rediss://…`; a
+     * Redis Cluster, `redis+cluster://[USER:]PASSWORD@HOST:PORT,…` (the
+     * credentials every node's); or through Sentinel
+     * `redis+sentinel://[USER:]PASSWORD@HOST:PORT,…/SERVICE[/DB]` (the
+     * credentials and database the master's), where `sentinel`
+     * `{ user, password }` are what the sentinels themselves require
+     * (greyhook's `sentinel_user`, `sentinel_password`). Each over TLS as
+     * `rediss…`.
      * `tls` (with a `rediss…` URL): PEM contents `{ ca, cert, key }`, as
      * greyhook's `[store] tls_ca`, `tls_cert`, `tls_key`; the server's
      * certificate is always checked (against `ca` alone when given, else
