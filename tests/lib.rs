@@ -717,6 +717,11 @@ impl Drop for RedisServer {
     }
 }
 
+/// redis-cli's arguments for `password`, if any.
+fn cli_auth(password: Option<&str>) -> Vec<&str> {
+    password.map(|p| vec!["--no-auth-warning", "-a", p]).unwrap_or_default()
+}
+
 /// A private three-node Redis Cluster (no replicas) on free loopback ports,
 /// built with `redis-cli --cluster create`; its nodes die when dropped.
 pub struct RedisCluster {
@@ -739,10 +744,9 @@ impl RedisCluster {
         RedisCluster::start_with(Some(files), password)
     }
 
-    /// redis-cli's arguments for a node, with the password.
+    /// redis-cli on a node, with the password.
     fn cli(&self, node: &RedisServer, args: &[&str]) -> String {
-        let auth: Vec<&str> = self.password.as_deref().map(|p| vec!["--no-auth-warning", "-a", p]).unwrap_or_default();
-        node.cli(&[&auth[..], args].concat())
+        node.cli(&[&cli_auth(self.password.as_deref())[..], args].concat())
     }
 
     fn start_with(tls: Option<&RedisTlsFiles>, password: Option<&str>) -> RedisCluster {
@@ -768,7 +772,7 @@ impl RedisCluster {
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = std::process::Command::new("redis-cli")
             .args(nodes[0].tls_args(false))
-            .args(password.map(|p| vec!["--no-auth-warning", "-a", p]).unwrap_or_default())
+            .args(cli_auth(password))
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -932,9 +936,7 @@ impl Sentinel {
             .expect("redis-server --sentinel starts");
         wait_for_port(port, 20);
         let mut cli_args = master.tls_args(false);
-        if let Some(p) = own {
-            cli_args.extend(["--no-auth-warning".into(), "-a".into(), p.into()]);
-        }
+        cli_args.extend(cli_auth(own).into_iter().map(String::from));
         Sentinel { port, _dir: dir, child, cli_args }
     }
 

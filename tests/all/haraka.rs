@@ -562,18 +562,19 @@ fn the_haraka_package_tests_pass() {
     let replica = RedisServer::with_tls_args(&files, &[&["--replicaof", "127.0.0.1", master_port.as_str()][..], &auth[..]].concat());
     let sentinel = Sentinel::start_with_auth(&master, Some(PASSWORD), Some(SENTINEL_PASSWORD));
     let data = |port: u16| format!("rediss://:master%2Fpass@127.0.0.1:{port}/3");
+    let tls = serde_json::json!({ "ca": files.ca, "cert": files.client_cert, "key": files.client_key });
     let through_sentinel = serde_json::json!({
         "url": format!("rediss+sentinel://:master%2Fpass@127.0.0.1:{}/mymaster/3", sentinel.port),
         "sentinelPassword": SENTINEL_PASSWORD,
         "sentinel": format!("127.0.0.1:{}", sentinel.port),
         "master": data(master.port),
         "replica": data(replica.port),
-        "tls": { "ca": files.ca, "cert": files.client_cert, "key": files.client_key },
+        "tls": tls,
     });
     let cluster = RedisCluster::with_tls(&files, Some("cluster/pass"));
     let on_cluster = serde_json::json!({
         "url": cluster.url(),
-        "tls": { "ca": files.ca, "cert": files.client_cert, "key": files.client_key },
+        "tls": tls,
     });
     let out = Command::new("node")
         .args(["--test", "test/"])

@@ -423,9 +423,9 @@ impl RedisStore {
                 // `[USER:]PASSWORD@` before the nodes is every node's (the
                 // crate wants it on each node otherwise, and refuses the
                 // URL when the nodes differ).
-                let (auth, nodes) = match nodes.rsplit_once('@') {
-                    Some((auth, nodes)) => (Some(credentials(auth).map_err(|e| open_err(&e))?), nodes),
-                    None => (None, nodes),
+                let ((user, password), nodes) = match nodes.rsplit_once('@') {
+                    Some((auth, nodes)) => (credentials(auth).map_err(|e| open_err(&e))?, nodes),
+                    None => ((None, None), nodes),
                 };
                 let nodes: Vec<String> =
                     nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
@@ -433,13 +433,11 @@ impl RedisStore {
                     return Err(open_err(&"no cluster nodes: redis+cluster://[USER:PASSWORD@]host1:port1,host2:port2"));
                 }
                 let mut builder = redis::cluster::ClusterClient::builder(nodes);
-                if let Some((user, password)) = auth {
-                    if let Some(u) = user {
-                        builder = builder.username(u);
-                    }
-                    if let Some(p) = password {
-                        builder = builder.password(p);
-                    }
+                if let Some(u) = user {
+                    builder = builder.username(u);
+                }
+                if let Some(p) = password {
+                    builder = builder.password(p);
                 }
                 if let Some(c) = certificates {
                     builder = builder.certs(c);
