@@ -324,6 +324,66 @@ print('sent')
     assert!(c.reply().starts_with("501 5.5.1"));
 }
 
+/// A renewed certificate is served from the next handshake on, without a
+/// restart or reload: found as an operator meets it, certbot's layout
+/// (`live/` names are symlinks into `archive/`, a renewal writes new files
+/// and moves the links) with the old certificate served until it expired.
+/// Half a renewal (the new certificate, the old key) keeps the pair in use.
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, archive) = (dir.path().join("live"), dir.path().join("archive"));
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::create_dir_all(&archive).unwrap();
+    // Writes pair `n` into archive/ and returns its certificate's DER (hex).
+    let issue = |n: u32| {
+        let c = rcgen::generate_simple_self_signed(vec![format!("mx{n}.greyhook.test")]).unwrap();
+        std::fs::write(archive.join(format!("fullchain{n}.pem")), c.cert.pem()).unwrap();
+        std::fs::write(archive.join(format!("privkey{n}.pem")), c.signing_key.serialize_pem()).unwrap();
+        c.cert.der().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let point = |name: &str, n: u32| {
+        let link = live.join(format!("{name}.pem"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(archive.join(format!("{name}{n}.pem")), &link).unwrap();
+    };
+    let first = issue(1);
+    point("fullchain", 1);
+    point("privkey", 1);
+    let sink = Sink::start();
+    let tls = format!("tls_cert = \"{l}/fullchain.pem\"\ntls_key = \"{l}/privkey.pem\"\n", l = live.display());
+    let (d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, &tls);
+    // The certificate a client is shown after STARTTLS.
+    let shown = || {
+        python(&format!(
+            r#"
+import smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)
+s.starttls(context=ctx)
+print(s.sock.getpeercert(binary_form=True).hex())
+s.quit()
+"#
+        ))
+        .trim()
+        .to_string()
+    };
+    assert_eq!(shown(), first);
+    let second = issue(2);
+    point("fullchain", 2);
+    point("privkey", 2);
+    assert_eq!(shown(), second, "the renewed certificate");
+    assert!(d.wait_log("the changed certificate is served from now on", 5), "{}", d.log_text());
+    let third = issue(3);
+    point("fullchain", 3);
+    assert_eq!(shown(), second, "a certificate without its key is not served");
+    assert!(d.wait_log("is not the private key of the certificate", 5), "{}", d.log_text());
+    point("privkey", 3);
+    assert_eq!(shown(), third, "the pair is whole again");
+}
+
 #[test]
 fn lmtp_next_hop_answers_per_recipient() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,11 +32,12 @@
 
 mod reader;
 pub(crate) mod relay;
+mod tls;
 pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -240,7 +241,7 @@ impl FrontEnd for Smtp {
         let hostname = s.hostname.clone().unwrap_or_else(system_hostname);
         let tls = match (&s.tls_cert, &s.tls_key) {
             (None, None) => None,
-            (Some(c), Some(k)) => Some(tls_acceptor(c, k).map_err(|e| bad(&e))?),
+            (Some(c), Some(k)) => Some(tls::acceptor(c, k).map_err(|e| bad(&e))?),
             _ => return Err(bad(&"tls_cert and tls_key go together")),
         };
         let next_hop =
@@ -294,26 +295,6 @@ fn system_hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty() && h.len() <= 253)
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// A TLS acceptor from PEM files.
-fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &Path, e: String| format!("TLS: {}: {e}", what.display());
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad(cert, e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(cert, e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(cert, e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(cert, e.to_string()))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Our reply when the next hop cannot be reached or dropped the connection.
