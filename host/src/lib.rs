@@ -47,6 +47,7 @@ pub mod daemon;
 pub mod dns;
 mod domain;
 pub mod frontend;
+mod pem;
 pub mod replay;
 pub mod report;
 pub mod runtime;

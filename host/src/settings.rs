@@ -49,6 +49,20 @@ pub(crate) fn writable_system_dir(system: &str, file: &str) -> Option<std::path:
     writable.then(|| system.join(file))
 }
 
+/// What identifies a file's content without reading it: modification
+/// time, length, device and inode (a tool that writes a new file and
+/// renames it over the old one, or moves a symlink, changes the inode even
+/// within one clock tick). `None` when the file cannot be looked at.
+pub(crate) type FileStamp = Option<(std::time::SystemTime, u64, u64, u64)>;
+
+/// The [`FileStamp`] of `path`, following symlinks (certbot's `live/`
+/// names are links into `archive/`, and a renewal moves the links).
+pub(crate) fn file_stamp(path: &std::path::Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.dev(), m.ino()))
+}
+
 /// Reads the file at `path`, at most `max` bytes: a larger file (or a
 /// device that never ends, like `/dev/zero`, or a FIFO that streams) is an
 /// `InvalidData` error naming the limit, not a read that takes every byte

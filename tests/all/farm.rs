@@ -182,6 +182,81 @@ fn a_farm_on_redis_over_tls_checks_both_ends() {
 /// (`rediss+cluster://:PASSWORD@H1,H2`): before, the `redis` crate took it
 /// as the first node's alone and refused the URL ("Cannot use different
 /// password among initial nodes").
+/// A client certificate renewed in place is used without a restart. Found
+/// as an operator with short-lived client certificates meets it (an
+/// internal CA that issues them for a day, or a move to a new CA): Redis
+/// came to trust only the new certificate, greyhook reconnected with the
+/// one it had read at start, was refused, and the failure policy let every
+/// message through until someone restarted it.
+#[test]
+fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = RedisTlsFiles::issue(dir.path());
+    let renewed_dir = dir.path().join("renewed");
+    std::fs::create_dir(&renewed_dir).unwrap();
+    let renewed = RedisTlsFiles::issue(&renewed_dir);
+    let redis = RedisServer::with_tls(&files);
+    // The daemon's client certificate and key, replaced by the renewal.
+    let (cert, key) = (dir.path().join("greyhook.pem"), dir.path().join("greyhook.key"));
+    std::fs::copy(&files.client_cert, &cert).unwrap();
+    std::fs::copy(&files.client_key, &key).unwrap();
+    let lines = format!(
+        "timeout = \"2s\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        files.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let (d, mx) = daemon_store(dir.path(), "mx", &redis.url(), &["delay=60"], &lines);
+    let c = "192.0.2.10";
+    let greylisted = |a: &str| a.starts_with("451 4.7.1 Greylisted");
+    let a = ask(mx, c, "a@example.org", "u0@example.com");
+    assert!(greylisted(&a), "greylisted, not the failure policy: {a}");
+
+    // The renewal: the new pair written beside the old and renamed over
+    // it; Redis trusts only the new CA from now on and drops its clients.
+    for (from, to) in [(&renewed.client_cert, &cert), (&renewed.client_key, &key)] {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+    assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
+    assert_ne!(redis.cli(&["PING"]).trim(), "PONG", "the old client certificate is refused now");
+    let renewed_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "--tls", "--cacert"])
+            .arg(&files.ca)
+            .arg("--cert")
+            .arg(&renewed.client_cert)
+            .arg("--key")
+            .arg(&renewed.client_key)
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(renewed_cli(&["PING"]), "PONG", "the renewed one is let in");
+    let records = renewed_cli(&["DBSIZE"]);
+    let killed = renewed_cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert_ne!(killed, "0", "greyhook's connection dropped");
+
+    // The next calls fail at most for a second (the reconnection with the
+    // old certificate is refused), then the renewed files are read.
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut answers = Vec::new();
+    loop {
+        let a = ask(mx, c, "a@example.org", &format!("u{}@example.com", answers.len() + 1));
+        if greylisted(&a) {
+            break;
+        }
+        answers.push(a);
+        assert!(Instant::now() < until, "never greylisted again: {answers:?}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answers.len() <= 15, "the failure policy answered for long: {answers:?}");
+    assert!(d.wait_log("the TLS files changed; new connections use them", 5), "{}", d.log_text());
+    assert_ne!(renewed_cli(&["DBSIZE"]), records, "written through the renewed certificate");
+}
+
 #[test]
 fn a_farm_on_a_password_protected_redis_cluster_over_tls_greylists_and_passes_the_retry() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ mod redis;
 pub use self::memory::MemoryStore;
 pub use self::metered::Metered;
 pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, Durability, RedbStore};
-pub use self::redis::{MAX_PEM_BYTES, RedisConfig, RedisStore, RedisTls, SentinelAuth};
+pub use self::redis::{RedisConfig, RedisStore, RedisTls, SentinelAuth};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -19,7 +19,9 @@
 //! system's roots or [`RedisTls::ca`] alone, and present a client
 //! certificate when one is named (Redis asks for one by default:
 //! `tls-auth-clients yes`). There is no way to skip the check: a farm's
-//! records are client addresses and mail addresses.
+//! records are client addresses and mail addresses. The files are read
+//! again when they change, so a renewed client certificate is used without
+//! a restart (see [`RedisStore`]).
 //!
 //! Expiry: the record is live while `exp > now` (`now` is injected, as for
 //! every backend), and Redis expires the key itself `exp - now` seconds
@@ -39,6 +41,7 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
+use crate::pem::MAX_PEM_BYTES;
 
 /// Settings of the Redis store.
 #[derive(Debug, Clone)]
@@ -101,7 +104,7 @@ impl RedisConfig {
 }
 
 /// The PEM files of a TLS connection to Redis; each is read when the store
-/// opens (a changed file takes a restart).
+/// opens, and read again when any of them changes (see [`RedisStore`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RedisTls {
     /// The certificate authority (or authorities) the server's certificate
@@ -113,14 +116,15 @@ pub struct RedisTls {
     pub key: Option<PathBuf>,
 }
 
-/// The largest PEM file read for TLS: a certificate bundle is tens of
-/// kilobytes; a larger file is a wrong path, not a certificate.
-pub const MAX_PEM_BYTES: u64 = 1 << 20;
-
 impl RedisTls {
     /// Whether any file is named.
     pub fn is_set(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The named files' stamps, to see a change without reading them.
+    fn stamps(&self) -> Vec<crate::settings::FileStamp> {
+        [&self.ca, &self.cert, &self.key].into_iter().flatten().map(|p| crate::settings::file_stamp(p)).collect()
     }
 
     /// The files read and checked, as the `redis` crate takes them.
@@ -149,7 +153,12 @@ impl RedisTls {
         let cert = |k: &SectionKind| *k == SectionKind::Certificate;
         let key = |k: &SectionKind| matches!(k, SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey);
         let client_tls = match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => Some(redis::ClientTlsConfig { client_cert: read("cert", c, cert)?, client_key: read("key", k, key)? }),
+            (Some(c), Some(k)) => {
+                let (client_cert, client_key) = (read("cert", c, cert)?, read("key", k, key)?);
+                // Checked here: the crate would fail every handshake instead.
+                crate::pem::pair(c, &client_cert, k, &client_key).map_err(|e| format!("tls_cert and tls_key: {e}"))?;
+                Some(redis::ClientTlsConfig { client_cert, client_key })
+            }
             (None, None) => None,
             _ => return Err("tls_cert and tls_key go together: a client certificate and its key".into()),
         };
@@ -212,8 +221,21 @@ impl redis::aio::ConnectionLike for Conn {
 }
 
 /// A [`Store`] in Redis.
+///
+/// With TLS files named, their metadata is looked at once a minute, and at
+/// most once a second while calls fail (a reconnection refused for an
+/// expired client certificate fails them). When any file changed, they are
+/// read again and new connections made with them: a client certificate
+/// renewed in place (short-lived ones from an internal CA are renewed
+/// daily) is used without a restart. Calls already running finish on the
+/// old connections. A set of files that does not load is logged once and
+/// the connections in use are kept.
 pub struct RedisStore {
-    backend: Backend,
+    backend: arc_swap::ArcSwap<Backend>,
+    /// A cluster URL: SCAN goes to every primary and batches go key by key.
+    cluster: bool,
+    /// The TLS files' stamps when last looked at, if any file is named.
+    tls_files: Option<TlsFiles>,
     config: RedisConfig,
     set_script: Script,
     delete_script: Script,
@@ -283,6 +305,22 @@ for _, k in ipairs(KEYS) do
 end
 return n
 "#;
+
+/// Follows the TLS files of a store (see [`RedisStore`]).
+struct TlsFiles {
+    stamps: std::sync::Mutex<Vec<crate::settings::FileStamp>>,
+    /// When the files were last looked at, Unix seconds.
+    checked: AtomicU64,
+}
+
+/// How often the TLS files are looked at while calls succeed...
+const TLS_CHECK_SECS: u64 = 60;
+/// ...and while they fail.
+const TLS_CHECK_FAILING_SECS: u64 = 1;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
 
 fn cond_arg(c: Condition) -> String {
     match c {
@@ -382,12 +420,76 @@ fn sentinel_client(
     b.build().map_err(|e| e.to_string())
 }
 
+/// Whether `url` speaks TLS.
+fn is_tls(url: &str) -> bool {
+    ["rediss://", "rediss+cluster://", "rediss+sentinel://"].iter().any(|s| url.starts_with(s))
+}
+
+/// The connections of `config` (already checked by [`RedisStore::open`]),
+/// made with `certificates`.
+fn build_backend(config: &RedisConfig, certificates: Option<redis::TlsCertificates>) -> Result<Backend, String> {
+    let tls = is_tls(&config.url);
+    let sentinel = config.url.strip_prefix("redis+sentinel://").or_else(|| config.url.strip_prefix("rediss+sentinel://"));
+    let cluster = config
+        .url
+        .strip_prefix("redis+cluster://")
+        .map(|n| (n, "redis"))
+        .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
+    let backend = match (sentinel, cluster) {
+        (Some(rest), _) => {
+            let client = sentinel_client(rest, tls, certificates, &config.sentinel_auth)?;
+            Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
+        }
+        (None, Some((nodes, scheme))) => {
+            // `[USER:]PASSWORD@` before the nodes is every node's (the
+            // crate wants it on each node otherwise, and refuses the
+            // URL when the nodes differ).
+            let ((user, password), nodes) = match nodes.rsplit_once('@') {
+                Some((auth, nodes)) => (credentials(auth)?, nodes),
+                None => ((None, None), nodes),
+            };
+            let nodes: Vec<String> =
+                nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
+            if nodes.is_empty() {
+                return Err("no cluster nodes: redis+cluster://[USER:PASSWORD@]host1:port1,host2:port2".into());
+            }
+            let mut builder = redis::cluster::ClusterClient::builder(nodes);
+            if let Some(u) = user {
+                builder = builder.username(u);
+            }
+            if let Some(p) = password {
+                builder = builder.password(p);
+            }
+            if let Some(c) = certificates {
+                builder = builder.certs(c);
+            }
+            let client = builder.build().map_err(|e| e.to_string())?;
+            let cfg = redis::cluster::ClusterConfig::new().set_connection_timeout(config.timeout).set_response_timeout(config.timeout);
+            Backend::Fixed(Conn::Cluster(client.get_pending_async_connection_with_config(cfg)))
+        }
+        (None, None) => {
+            let client = match certificates {
+                Some(c) => redis::Client::build_with_tls(config.url.as_str(), c),
+                None => redis::Client::open(config.url.as_str()),
+            }
+            .map_err(|e| e.to_string())?;
+            let mgr = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.timeout))
+                .set_response_timeout(Some(config.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            Backend::Fixed(Conn::Single(ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| e.to_string())?))
+        }
+    };
+    Ok(backend)
+}
+
 impl RedisStore {
     /// Connects lazily: greyhook starts even when Redis is down, and every
     /// call tries again (bounded by the timeout) until it is back.
     pub fn open(config: RedisConfig) -> Result<RedisStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: super::redacted(&config.url), reason: e.to_string() };
-        let tls = ["rediss://", "rediss+cluster://", "rediss+sentinel://"].iter().any(|s| config.url.starts_with(s));
+        let tls = is_tls(&config.url);
         if tls && config.url.contains('#') {
             // The crate's `#insecure` skips the check of the server's
             // certificate; built without that feature, every call would
@@ -409,59 +511,16 @@ impl RedisStore {
         if config.sentinel_auth.user.is_some() && config.sentinel_auth.password.is_none() {
             return Err(open_err(&"sentinel_user needs sentinel_password"));
         }
-        let cluster = config
-            .url
-            .strip_prefix("redis+cluster://")
-            .map(|n| (n, "redis"))
-            .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
-        let backend = match (sentinel, cluster) {
-            (Some(rest), _) => {
-                let client = sentinel_client(rest, tls, certificates, &config.sentinel_auth).map_err(|e| open_err(&e))?;
-                Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
-            }
-            (None, Some((nodes, scheme))) => {
-                // `[USER:]PASSWORD@` before the nodes is every node's (the
-                // crate wants it on each node otherwise, and refuses the
-                // URL when the nodes differ).
-                let ((user, password), nodes) = match nodes.rsplit_once('@') {
-                    Some((auth, nodes)) => (credentials(auth).map_err(|e| open_err(&e))?, nodes),
-                    None => ((None, None), nodes),
-                };
-                let nodes: Vec<String> =
-                    nodes.trim_end_matches('/').split(',').filter(|n| !n.is_empty()).map(|n| format!("{scheme}://{n}")).collect();
-                if nodes.is_empty() {
-                    return Err(open_err(&"no cluster nodes: redis+cluster://[USER:PASSWORD@]host1:port1,host2:port2"));
-                }
-                let mut builder = redis::cluster::ClusterClient::builder(nodes);
-                if let Some(u) = user {
-                    builder = builder.username(u);
-                }
-                if let Some(p) = password {
-                    builder = builder.password(p);
-                }
-                if let Some(c) = certificates {
-                    builder = builder.certs(c);
-                }
-                let client = builder.build().map_err(|e| open_err(&e))?;
-                let cfg = redis::cluster::ClusterConfig::new().set_connection_timeout(config.timeout).set_response_timeout(config.timeout);
-                Backend::Fixed(Conn::Cluster(client.get_pending_async_connection_with_config(cfg)))
-            }
-            (None, None) => {
-                let client = match certificates {
-                    Some(c) => redis::Client::build_with_tls(config.url.as_str(), c),
-                    None => redis::Client::open(config.url.as_str()),
-                }
-                .map_err(|e| open_err(&e))?;
-                let mgr = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.timeout))
-                    .set_response_timeout(Some(config.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                Backend::Fixed(Conn::Single(ConnectionManager::new_lazy_with_config(client, mgr).map_err(|e| open_err(&e))?))
-            }
-        };
+        let backend = build_backend(&config, certificates).map_err(|e| open_err(&e))?;
+        let cluster = config.url.starts_with("redis+cluster://") || config.url.starts_with("rediss+cluster://");
+        let tls_files = config
+            .tls
+            .is_set()
+            .then(|| TlsFiles { stamps: std::sync::Mutex::new(config.tls.stamps()), checked: AtomicU64::new(unix_secs()) });
         Ok(RedisStore {
-            backend,
+            backend: arc_swap::ArcSwap::from_pointee(backend),
+            cluster,
+            tls_files,
             config,
             set_script: Script::new(SET),
             delete_script: Script::new(DELETE),
@@ -492,11 +551,14 @@ impl RedisStore {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.config.timeout),
         };
-        if let Backend::Sentinel { current, .. } = &self.backend {
+        if let Backend::Sentinel { current, .. } = &**self.backend.load() {
             // Ask the sentinels again next time: the master may have moved
             // (a demoted master answers READONLY, a dead one not at all).
             *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+        // A reconnection refused for an expired client certificate fails
+        // every call until the renewed files are read.
+        self.follow_tls_files(TLS_CHECK_FAILING_SECS);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         static LAST_LOG: AtomicU64 = AtomicU64::new(0);
         let sec = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -508,10 +570,42 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// Looks at the TLS files if `every` seconds have passed since they
+    /// were last looked at (one caller at a time), and when any changed,
+    /// reads them and makes new connections with them.
+    fn follow_tls_files(&self, every: u64) {
+        let Some(files) = &self.tls_files else { return };
+        let (now, checked) = (unix_secs(), files.checked.load(Ordering::Relaxed));
+        if now < checked.saturating_add(every)
+            || files.checked.compare_exchange(checked, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let stamps = self.config.tls.stamps();
+        {
+            let mut seen = files.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == stamps {
+                return;
+            }
+            // Recorded before trying: a set that does not load is logged
+            // once, not at every check until the next change.
+            *seen = stamps;
+        }
+        let shown = super::redacted(&self.config.url);
+        match self.config.tls.certificates().and_then(|c| build_backend(&self.config, Some(c))) {
+            Ok(backend) => {
+                self.backend.store(std::sync::Arc::new(backend));
+                tracing::info!("redis store {shown}: the TLS files changed; new connections use them");
+            }
+            Err(e) => tracing::warn!("redis store {shown}: the changed TLS files do not load ({e}); the connections in use are kept"),
+        }
+    }
+
     /// A connection: the fixed one, or the sentinel's current master
     /// (asked for, and connected to, when there is none).
     async fn connection(&self) -> redis::RedisResult<Conn> {
-        match &self.backend {
+        self.follow_tls_files(TLS_CHECK_SECS);
+        match &*self.backend.load_full() {
             Backend::Fixed(c) => Ok(c.clone()),
             Backend::Sentinel { client, current } => {
                 if let Some(c) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -550,7 +644,7 @@ impl Store for RedisStore {
     }
 
     async fn get_many(&self, keys: &[String], now: u64) -> Result<Vec<Option<Entry>>, StoreError> {
-        if matches!(self.backend, Backend::Fixed(Conn::Cluster(_))) {
+        if self.cluster {
             // A cluster refuses a pipeline whose keys hash to different
             // slots (CROSSSLOT): each key is asked alone, all at once (the
             // cluster connection multiplexes them: still one round trip).
@@ -701,7 +795,7 @@ impl RedisStore {
     /// The nodes to SCAN: `[None]` for one server; each primary of a
     /// cluster, in address order.
     async fn nodes(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
-        if !matches!(self.backend, Backend::Fixed(Conn::Cluster(_))) {
+        if !self.cluster {
             return Ok(vec![None]);
         }
         let text: String =
@@ -846,5 +940,46 @@ mod tests {
             let e = table.open().err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains("sentinel_password are for Redis"), "{path}: {e}");
         }
+    }
+
+    /// Changed TLS files make new connections; unchanged ones or a set that
+    /// does not load keep those in use.
+    #[tokio::test]
+    async fn changed_tls_files_make_new_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+        let issue = || {
+            let c = rcgen::generate_simple_self_signed(vec!["greyhook.test".to_string()]).unwrap();
+            (c.cert.pem(), c.signing_key.serialize_pem())
+        };
+        let (c, k) = issue();
+        std::fs::write(&cert, &c).unwrap();
+        std::fs::write(&key, &k).unwrap();
+        let tls = RedisTls { ca: Some(cert.clone()), cert: Some(cert.clone()), key: Some(key.clone()) };
+        let store = RedisStore::open(RedisConfig { tls, ..RedisConfig::new("rediss://127.0.0.1:1/0") }).unwrap();
+        let first = store.backend.load_full();
+        store.follow_tls_files(0);
+        assert!(std::sync::Arc::ptr_eq(&first, &store.backend.load_full()), "nothing changed");
+        let (c, k) = issue();
+        std::fs::write(dir.path().join("new.pem"), &c).unwrap();
+        std::fs::rename(dir.path().join("new.pem"), &cert).unwrap();
+        std::fs::write(&key, &k).unwrap();
+        store.follow_tls_files(0);
+        let second = store.backend.load_full();
+        assert!(!std::sync::Arc::ptr_eq(&first, &second), "renewed files make new connections");
+        // Half a renewal: a new certificate beside the old key.
+        let (c, k) = issue();
+        std::fs::write(&cert, &c).unwrap();
+        store.follow_tls_files(0);
+        assert!(std::sync::Arc::ptr_eq(&second, &store.backend.load_full()), "a certificate without its key keeps the connections");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\ncut short").unwrap();
+        store.follow_tls_files(0);
+        assert!(std::sync::Arc::ptr_eq(&second, &store.backend.load_full()), "a broken key keeps the connections in use");
+        // Looked at once a minute while calls succeed.
+        std::fs::write(&key, &k).unwrap();
+        store.follow_tls_files(TLS_CHECK_SECS);
+        assert!(std::sync::Arc::ptr_eq(&second, &store.backend.load_full()), "not looked at again within the minute");
+        store.follow_tls_files(0);
+        assert!(!std::sync::Arc::ptr_eq(&second, &store.backend.load_full()), "the mended key is read");
     }
 }

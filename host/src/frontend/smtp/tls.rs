@@ -19,24 +19,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// The largest PEM file read: a certificate bundle is tens of kilobytes; a
-/// larger file is a wrong path, not a certificate.
-const MAX_PEM_BYTES: u64 = crate::store::MAX_PEM_BYTES;
+use crate::pem;
+use crate::settings::{FileStamp, file_stamp};
 
 /// A TLS acceptor serving the certificate in `cert` with the key in `key`
 /// (PEM), following changes to the files. An error names the file and
 /// what is wrong with it.
 pub(super) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let files = CertFiles::load(cert, key, provider.clone())?;
+    let files = CertFiles::load(cert, key)?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
@@ -45,26 +40,11 @@ pub(super) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAccep
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// What identifies a file's content without reading it: modification
-/// time, length, device and inode (a renewal that writes a new file and
-/// renames it over the old one, or moves a symlink, changes the inode even
-/// within one clock tick). `None` when the file cannot be looked at.
-type Stamp = Option<(SystemTime, u64, u64, u64)>;
-
-fn stamp(path: &Path) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    // `metadata` follows symlinks: certbot's `live/` names are links into
-    // `archive/`, and a renewal moves the links.
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.dev(), m.ino()))
-}
-
 /// The certificate files and the pair last loaded from them.
 #[derive(Debug)]
 struct CertFiles {
     cert: PathBuf,
     key: PathBuf,
-    provider: Arc<CryptoProvider>,
     current: Mutex<Current>,
 }
 
@@ -72,18 +52,17 @@ struct CertFiles {
 struct Current {
     key: Arc<CertifiedKey>,
     /// The files' stamps when last looked at (loaded or not).
-    stamps: [Stamp; 2],
+    stamps: [FileStamp; 2],
 }
 
 impl CertFiles {
     /// Reads both files; at start an error is fatal.
-    fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<CertFiles, String> {
-        let stamps = [stamp(cert), stamp(key)];
-        let certified = read_pair(cert, key, &provider)?;
+    fn load(cert: &Path, key: &Path) -> Result<CertFiles, String> {
+        let stamps = [file_stamp(cert), file_stamp(key)];
+        let certified = read_pair(cert, key)?;
         Ok(CertFiles {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
-            provider,
             current: Mutex::new(Current { key: Arc::new(certified), stamps }),
         })
     }
@@ -94,12 +73,12 @@ impl CertFiles {
         // A poisoned lock only means a panic elsewhere while it was held;
         // the pair in it is whole (it is replaced in one assignment).
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let stamps = [stamp(&self.cert), stamp(&self.key)];
+        let stamps = [file_stamp(&self.cert), file_stamp(&self.key)];
         if stamps != current.stamps {
             // Recorded before trying, so a pair that does not load is
             // logged once, not at every handshake until the next change.
             current.stamps = stamps;
-            match read_pair(&self.cert, &self.key, &self.provider) {
+            match read_pair(&self.cert, &self.key) {
                 Ok(certified) => {
                     tracing::info!(cert = %self.cert.display(), "TLS: the changed certificate is served from now on");
                     current.key = Arc::new(certified);
@@ -119,22 +98,10 @@ impl ResolvesServerCert for CertFiles {
 
 /// Reads a certificate chain and its private key, checking that they
 /// belong together.
-fn read_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
-    let bad = |what: &Path, e: &dyn std::fmt::Display| format!("TLS: {}: {e}", what.display());
-    let read = |path: &Path| crate::settings::read_bounded(path, MAX_PEM_BYTES).map_err(|e| bad(path, &e));
-    let pem = read(cert)?;
-    let chain = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(cert, &e))?;
-    if chain.is_empty() {
-        return Err(bad(cert, &"holds no PEM certificate"));
-    }
-    let private = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| bad(key, &e))?;
-    // `from_der` also checks that the key is the certificate's.
-    CertifiedKey::from_der(chain, private, provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => {
-            format!("TLS: {} is not the private key of the certificate in {}", key.display(), cert.display())
-        }
-        e => bad(key, &e),
-    })
+fn read_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let tls = |e: String| format!("TLS: {e}");
+    let (cert_pem, key_pem) = (pem::read(cert).map_err(tls)?, pem::read(key).map_err(tls)?);
+    pem::pair(cert, &cert_pem, key, &key_pem).map_err(tls)
 }
 
 #[cfg(test)]
@@ -159,7 +126,7 @@ mod tests {
     fn a_changed_pair_is_served_and_a_broken_one_keeps_the_old() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, first) = write_pair(dir.path(), "one");
-        let f = CertFiles::load(&cert, &key, Arc::new(rustls::crypto::ring::default_provider())).unwrap();
+        let f = CertFiles::load(&cert, &key).unwrap();
         assert_eq!(served(&f), first);
         // Renewed by renaming new files over the old ones.
         let (c2, k2, second) = write_pair(dir.path(), "two");
@@ -184,12 +151,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, _) = write_pair(dir.path(), "one");
         let (_, other_key, _) = write_pair(dir.path(), "two");
-        let p = || Arc::new(rustls::crypto::ring::default_provider());
-        let e = CertFiles::load(&cert, &other_key, p()).unwrap_err();
+        let e = CertFiles::load(&cert, &other_key).unwrap_err();
         assert!(e.contains("two.key is not the private key of the certificate in") && e.ends_with("one.crt"), "{e}");
-        let e = CertFiles::load(&key, &key, p()).unwrap_err();
+        let e = CertFiles::load(&key, &key).unwrap_err();
         assert!(e.contains("holds no PEM certificate"), "{e}");
-        let e = CertFiles::load(&cert, Path::new("/dev/zero"), p()).unwrap_err();
+        let e = CertFiles::load(&cert, Path::new("/dev/zero")).unwrap_err();
         assert!(e.contains("/dev/zero") && e.contains("larger than"), "{e}");
     }
 }
