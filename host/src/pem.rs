@@ -3,7 +3,9 @@
 //! against its private key, with errors that name the file.
 //!
 //! rustls parses; what is here is only the reading and the wording, shared
-//! by the two places that take a certificate and key pair.
+//! by the two places that take a certificate and key pair, and the
+//! certificate's expiry (`x509-parser` reads it: rustls does not say), put
+//! where an operator's alert finds it.
 
 use std::path::Path;
 
@@ -36,4 +38,53 @@ pub(crate) fn pair(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> 
         }
         e => bad(key, &e),
     })
+}
+
+/// Warned of at load when a certificate has less than this left (Let's
+/// Encrypt renews at 30 days left, so a certificate seen this close failed
+/// to renew twice or more).
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// Records when the certificate `chain[0]` (loaded from `path` for `role`,
+/// `smtp` or `redis`) expires: the gauge
+/// `greyhook_tls_certificate_expiry_timestamp_seconds{role}` an alert
+/// compares with `time()`, and a warning in the log when it has expired or
+/// expires within [`EXPIRY_WARNING_DAYS`].
+pub(crate) fn note_expiry(role: &'static str, path: &Path, certified: &CertifiedKey) {
+    let Some(not_after) = certified.cert.first().and_then(|c| not_after(c)) else {
+        tracing::warn!("{}: the certificate's expiry cannot be read", path.display());
+        return;
+    };
+    crate::telemetry::host().tls_expiry.get_or_create(&crate::telemetry::RoleLabel { role }).set(not_after);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let days = (not_after - now).div_euclid(86_400);
+    if not_after <= now {
+        tracing::warn!("{}: the certificate expired {} day(s) ago; peers refuse it", path.display(), -days);
+    } else if days < EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            "{}: the certificate expires in {days} day(s); renew it (the renewed files are read without a restart)",
+            path.display()
+        );
+    }
+}
+
+/// When a DER certificate expires, Unix seconds.
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_read_from_the_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["greyhook.test".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(not_after(cert.der()), Some(1_936_742_400));
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])), None, "not a certificate");
+    }
 }

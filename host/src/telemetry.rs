@@ -72,6 +72,13 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
+/// A label set of one certificate's use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    /// `smtp` (STARTTLS's certificate) or `redis` (the store's client certificate).
+    pub role: &'static str,
+}
+
 /// A label set of one result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -117,6 +124,9 @@ pub struct HostMetrics {
     pub dns_cache_hits: Counter,
     /// `reloads_total{result}`: reloads by outcome, per filter.
     pub reloads: Family<ResultLabel, Counter>,
+    /// `tls_certificate_expiry_timestamp_seconds{role}`: when the
+    /// certificate in use expires, Unix seconds (alert on it minus `time()`).
+    pub tls_expiry: Family<RoleLabel, Gauge>,
     /// `log_writes_total`: writes of the log to its file descriptor (each
     /// carries every line queued since the last; counted by the writer).
     pub log_writes: Counter,
@@ -168,6 +178,7 @@ impl HostMetrics {
             dns_latency: latency(),
             dns_cache_hits: Counter::default(),
             reloads: Family::default(),
+            tls_expiry: Family::default(),
             log_writes: Counter::default(),
             actions: Default::default(),
             hours: Default::default(),
@@ -189,6 +200,11 @@ impl HostMetrics {
         r.register("dns_lookup_seconds", "DNS lookups and their latency (cache hits included)", self.dns_latency.clone());
         r.register("dns_cache_hits", "DNS lookups answered from the cache", self.dns_cache_hits.clone());
         r.register("reloads", "Filter reloads by result", self.reloads.clone());
+        r.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix seconds), by role: smtp (STARTTLS), redis (the store's client certificate)",
+            self.tls_expiry.clone(),
+        );
         r.register("log_writes", "Writes of the log (each carries every line queued since the last)", self.log_writes.clone());
     }
 

@@ -335,24 +335,42 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     let (live, archive) = (dir.path().join("live"), dir.path().join("archive"));
     std::fs::create_dir_all(&live).unwrap();
     std::fs::create_dir_all(&archive).unwrap();
-    // Writes pair `n` into archive/ and returns its certificate's DER (hex).
-    let issue = |n: u32| {
-        let c = rcgen::generate_simple_self_signed(vec![format!("mx{n}.greyhook.test")]).unwrap();
-        std::fs::write(archive.join(format!("fullchain{n}.pem")), c.cert.pem()).unwrap();
-        std::fs::write(archive.join(format!("privkey{n}.pem")), c.signing_key.serialize_pem()).unwrap();
-        c.cert.der().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    // Writes pair `n`, expiring at `not_after`, into archive/ and returns
+    // its certificate's DER (hex).
+    let issue = |n: u32, not_after: time::OffsetDateTime| {
+        let mut params = rcgen::CertificateParams::new(vec![format!("mx{n}.greyhook.test")]).unwrap();
+        params.not_after = not_after;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(archive.join(format!("fullchain{n}.pem")), cert.pem()).unwrap();
+        std::fs::write(archive.join(format!("privkey{n}.pem")), key.serialize_pem()).unwrap();
+        cert.der().iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
+    let (in_2040, soon) = (rcgen::date_time_ymd(2040, 1, 1), time::OffsetDateTime::now_utc() + time::Duration::hours(9 * 24 + 12));
     let point = |name: &str, n: u32| {
         let link = live.join(format!("{name}.pem"));
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(archive.join(format!("{name}{n}.pem")), &link).unwrap();
     };
-    let first = issue(1);
+    let first = issue(1, in_2040);
     point("fullchain", 1);
     point("privkey", 1);
     let sink = Sink::start();
     let tls = format!("tls_cert = \"{l}/fullchain.pem\"\ntls_key = \"{l}/privkey.pem\"\n", l = live.display());
-    let (d, port) = start(dir.path(), "[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n", sink.port, &tls);
+    let metrics = free_port();
+    let tables = format!("[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
+    let (mut d, port) = start(dir.path(), &tables, sink.port, &tls);
+    d.wait_listening(metrics, 30);
+    // When the certificate served expires, for an operator's alert.
+    let expiry = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        let line = text.lines().find(|l| l.starts_with("greyhook_tls_certificate_expiry_timestamp_seconds{role=\"smtp\"} "));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).unwrap_or_else(|| panic!("no expiry gauge:\n{text}"))
+    };
+    assert_eq!(expiry(), in_2040.unix_timestamp());
     // The certificate a client is shown after STARTTLS.
     let shown = || {
         python(&format!(
@@ -371,12 +389,16 @@ s.quit()
         .to_string()
     };
     assert_eq!(shown(), first);
-    let second = issue(2);
+    // A renewal that brings a certificate close to its end: served, and
+    // the log says so.
+    let second = issue(2, soon);
     point("fullchain", 2);
     point("privkey", 2);
     assert_eq!(shown(), second, "the renewed certificate");
     assert!(d.wait_log("the changed certificate is served from now on", 5), "{}", d.log_text());
-    let third = issue(3);
+    assert!(d.wait_log("fullchain.pem: the certificate expires in 9 day(s)", 5), "{}", d.log_text());
+    assert_eq!(expiry(), soon.unix_timestamp());
+    let third = issue(3, in_2040);
     point("fullchain", 3);
     assert_eq!(shown(), second, "a certificate without its key is not served");
     assert!(d.wait_log("is not the private key of the certificate", 5), "{}", d.log_text());

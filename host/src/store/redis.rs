@@ -156,7 +156,8 @@ impl RedisTls {
             (Some(c), Some(k)) => {
                 let (client_cert, client_key) = (read("cert", c, cert)?, read("key", k, key)?);
                 // Checked here: the crate would fail every handshake instead.
-                crate::pem::pair(c, &client_cert, k, &client_key).map_err(|e| format!("tls_cert and tls_key: {e}"))?;
+                let certified = crate::pem::pair(c, &client_cert, k, &client_key).map_err(|e| format!("tls_cert and tls_key: {e}"))?;
+                crate::pem::note_expiry("redis", c, &certified);
                 Some(redis::ClientTlsConfig { client_cert, client_key })
             }
             (None, None) => None,

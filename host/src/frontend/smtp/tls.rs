@@ -101,7 +101,9 @@ impl ResolvesServerCert for CertFiles {
 fn read_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let tls = |e: String| format!("TLS: {e}");
     let (cert_pem, key_pem) = (pem::read(cert).map_err(tls)?, pem::read(key).map_err(tls)?);
-    pem::pair(cert, &cert_pem, key, &key_pem).map_err(tls)
+    let certified = pem::pair(cert, &cert_pem, key, &key_pem).map_err(tls)?;
+    pem::note_expiry("smtp", cert, &certified);
+    Ok(certified)
 }
 
 #[cfg(test)]
