@@ -699,6 +699,24 @@ impl RedisServer {
         wait_for_port(self.port, 20);
     }
 
+    /// Runs a redis-cli command against it presenting `client`'s client
+    /// certificate instead of its own files' (it speaks TLS); the output,
+    /// trimmed.
+    pub fn cli_as(&self, client: &RedisTlsFiles, args: &[&str]) -> String {
+        let own = self.tls.as_ref().expect("a TLS server");
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--tls", "--cacert"])
+            .arg(&own.ca)
+            .arg("--cert")
+            .arg(&client.client_cert)
+            .arg("--key")
+            .arg(&client.client_key)
+            .args(args)
+            .output()
+            .expect("redis-cli runs (installed with redis-server)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Runs a redis-cli command against it; its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")

@@ -12,7 +12,10 @@ const fs = require('node:fs')
 const ipaddr = require('ipaddr.js')
 const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
-const { openStore } = require('./lib/store')
+const { fileStamp, openStore } = require('./lib/store')
+
+/** The `[store]` keys that name TLS files. */
+const TLS_KEYS = ['tls_ca', 'tls_cert', 'tls_key']
 const { renderLines } = require('./lib/reply')
 const { boundedHeaders, boundedMessageId } = require('./lib/message')
 
@@ -52,26 +55,25 @@ exports.load_greyhook_ini = function () {
     if (!first) this.restart_greyhook('config/greyhook.ini changed')
 }
 
-/** Polls the filter's own configuration file and reloads when it changes. */
+/**
+ * Polls the filter's own configuration file and the store's TLS files
+ * (`tls_ca`, `tls_cert`, `tls_key`), once a second, and reloads when one
+ * changes: a renewed client certificate opens a new store with it (the
+ * store's key includes the files' stamps), with no restart of Haraka. A
+ * set that does not load (the new certificate beside the old key, in the
+ * middle of a renewal) is refused once and the running store stays.
+ */
 exports.watch_filter_config = function () {
-    let seen = null
-    const stamp = () => {
-        const f = this.cfg.filter?.config
-        if (!f) return ''
-        try {
-            const st = fs.statSync(sitePath(f))
-            return `${f}:${st.mtimeMs}:${st.size}`
-        } catch {
-            return `${f}:missing`
-        }
+    const stamps = () => {
+        const files = [this.cfg.filter?.config, ...TLS_KEYS.map((k) => this.cfg.store?.[k])].filter(Boolean)
+        return new Map(files.map((f) => [f, fileStamp(sitePath(f))]))
     }
-    seen = stamp()
+    let seen = stamps()
     this.greyhook_config_watch = setInterval(() => {
-        const now = stamp()
-        if (now !== seen) {
-            seen = now
-            this.restart_greyhook(`${this.cfg.filter?.config} changed`)
-        }
+        const now = stamps()
+        const changed = [...now].filter(([f, st]) => seen.get(f) !== st).map(([f]) => f)
+        seen = now
+        if (changed.length) this.restart_greyhook(`${changed.join(', ')} changed`)
     }, 1000)
     this.greyhook_config_watch.unref()
 }
@@ -131,11 +133,12 @@ exports.start_greyhook = async function (old) {
     }
     // TLS files, as greyhook's [store] tls_ca, tls_cert, tls_key (relative to config/).
     const tls = {}
-    for (const k of ['tls_ca', 'tls_cert', 'tls_key']) if (s[k]) tls[k] = sitePath(s[k])
+    for (const k of TLS_KEYS) if (s[k]) tls[k] = sitePath(s[k])
     const storeSettings = { kind: s.kind, url: s.url, prefix: s.prefix, timeout_ms: s.timeout_ms, max_records: s.max_records, ...tls }
     // The sentinels' own credentials, as greyhook's [store] sentinel_user, sentinel_password.
     for (const k of ['sentinel_user', 'sentinel_password']) if (s[k] !== undefined) storeSettings[k] = s[k]
-    const storeKey = JSON.stringify(storeSettings)
+    // Changed TLS files (a renewal) make a new store.
+    const storeKey = JSON.stringify({ ...storeSettings, files: Object.values(tls).map(fileStamp) })
     const store = old && old.storeKey === storeKey ? old.store : openStore(storeSettings)
     const limits = {}
     const deadline = whole(f, 'deadline_ms', 1, 60000)

@@ -221,19 +221,7 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     }
     assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
     assert_ne!(redis.cli(&["PING"]).trim(), "PONG", "the old client certificate is refused now");
-    let renewed_cli = |args: &[&str]| {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "--tls", "--cacert"])
-            .arg(&files.ca)
-            .arg("--cert")
-            .arg(&renewed.client_cert)
-            .arg("--key")
-            .arg(&renewed.client_key)
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let renewed_cli = |args: &[&str]| redis.cli_as(&renewed, args);
     assert_eq!(renewed_cli(&["PING"]), "PONG", "the renewed one is let in");
     let records = renewed_cli(&["DBSIZE"]);
     let killed = renewed_cli(&["CLIENT", "KILL", "TYPE", "normal"]);

@@ -407,7 +407,10 @@ fn greyhook_serve(dir: &Path, redis: &RedisServer, filter: &[&str], sets: &[&str
 /// only, with client certificates (Redis's default), both sides checking
 /// the server against a private CA: `url=rediss://…` and `tls_ca`,
 /// `tls_cert`, `tls_key` in `greyhook.ini`, the same keys in greyhook's
-/// `[store]`.
+/// `[store]`. Then Haraka's client certificate is renewed in place and
+/// Redis comes to trust only the new one: the plugin follows without a
+/// restart (before, it went on with the files read at start, was refused
+/// at its next connection, and the failure policy passed every message).
 #[test]
 fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     let dir = tempfile::tempdir().unwrap();
@@ -415,13 +418,17 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     let redis = RedisServer::with_tls(&files);
     let wasm = reference_wasm(dir.path());
     let (_d, policy) = greyhook_serve(dir.path(), &redis, &["[filter]\ndeadline = \"5s\""], &["delay=2"]);
+    // Haraka's client certificate and key, replaced by the renewal below.
+    let (cert, key) = (dir.path().join("haraka-client.pem"), dir.path().join("haraka-client.key"));
+    std::fs::copy(&files.client_cert, &cert).unwrap();
+    std::fs::copy(&files.client_key, &key).unwrap();
     let ini = format!(
         "[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[store]\nkind=redis\nurl={}\ntls_ca={}\ntls_cert={}\ntls_key={}\n[dns]\nservers={}\n",
         wasm.display(),
         redis.url(),
         files.ca.display(),
-        files.client_cert.display(),
-        files.client_key.display(),
+        cert.display(),
+        key.display(),
         null_dns()
     );
     let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
@@ -445,6 +452,37 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
     let (_, r, _) = transaction(h.port, "gina@example.org", "hank@example.com");
     assert!(r.starts_with("250"), "the retry on Haraka passes: {r}\n{}", h.log());
+
+    // The renewal: Redis trusts only the new CA from now on, and the new
+    // pair is renamed over the old files, the certificate first.
+    let renewed_dir = dir.path().join("renewed");
+    std::fs::create_dir(&renewed_dir).unwrap();
+    let renewed = RedisTlsFiles::issue(&renewed_dir);
+    assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
+    // Connections made before stay up: dropped, every client reconnects.
+    assert_ne!(redis.cli_as(&renewed, &["CLIENT", "KILL", "TYPE", "normal"]), "0");
+    let replace = |from: &Path, to: &Path| {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    };
+    replace(&renewed.client_cert, &cert);
+    // Half a renewal does not load: refused once, the running store stays.
+    h.wait_log("haraka-client.key is not the private key of the certificate in tls_cert");
+    replace(&renewed.client_key, &key);
+    h.wait_log("haraka-client.key changed)");
+    // Greylisting again, through the renewed certificate.
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut answers = Vec::new();
+    loop {
+        let (_, r, _) = transaction(h.port, "ivan@example.org", &format!("judy{}@example.com", answers.len()));
+        if r.starts_with("451 4.7.1 ") {
+            break;
+        }
+        answers.push(r);
+        assert!(Instant::now() < until, "never greylisted after the renewal: {answers:?}\n{}", h.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A big sender retrying from another address of its SPF record: the

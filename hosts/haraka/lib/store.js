@@ -416,8 +416,33 @@ function tlsFiles(cfg) {
     if (cfg.tls_cert) {
         tls.cert = read('tls_cert', /-----BEGIN CERTIFICATE-----/)
         tls.key = read('tls_key', /-----BEGIN (RSA |EC )?PRIVATE KEY-----/)
+        // Checked here, as greyhook checks them: Redis would refuse every
+        // handshake instead (as in the middle of a renewal, the new
+        // certificate beside the old key).
+        const crypto = require('node:crypto')
+        let matches
+        try {
+            matches = new crypto.X509Certificate(tls.cert).checkPrivateKey(crypto.createPrivateKey(tls.key))
+        } catch (e) {
+            throw new Error(`store.tls_cert ${cfg.tls_cert} and tls_key ${cfg.tls_key}: ${e.message}`)
+        }
+        if (!matches) throw new Error(`store.tls_key ${cfg.tls_key} is not the private key of the certificate in tls_cert ${cfg.tls_cert}`)
     }
     return tls
+}
+
+/**
+ * What identifies a file's content without reading it (modification time,
+ * length, inode; following symlinks), to see a renewal: `PATH:missing` when
+ * it cannot be looked at.
+ */
+function fileStamp(path) {
+    try {
+        const st = require('node:fs').statSync(path)
+        return `${path}:${st.mtimeMs}:${st.size}:${st.dev}:${st.ino}`
+    } catch {
+        return `${path}:missing`
+    }
 }
 
 /** Opens the store the `[store]` section names. */
@@ -451,6 +476,7 @@ function openStore(cfg = {}) {
 }
 
 module.exports = {
+    fileStamp,
     MemoryStore,
     RedisStore,
     StoreError,

@@ -108,6 +108,16 @@ test('redis store: TLS settings that cannot work are refused, naming the key', (
     assert.throws(open({ tls_ca: notPem }), /store.tls_ca .*holds no PEM certificate/)
     assert.throws(open({ tls_cert: ca, tls_key: ca }), /store.tls_key .*holds no PEM private key/)
     assert.throws(open({ tls_ca: big }), /not a PEM file/)
+    // A certificate beside a key that is not its own (the middle of a
+    // renewal): refused at once, not at every handshake.
+    const raw = process.env.GREYHOOK_TEST_SENTINEL
+    assert.ok(raw, 'GREYHOOK_TEST_SENTINEL names the TLS files to test with (tests/all/haraka.rs sets it)')
+    const t = JSON.parse(raw).tls
+    const otherKey = path.join(dir, 'other.key')
+    const { privateKey } = require('node:crypto').generateKeyPairSync('ec', { namedCurve: 'P-256' })
+    fs.writeFileSync(otherKey, privateKey.export({ type: 'pkcs8', format: 'pem' }))
+    assert.ok(openStore({ kind: 'redis', url: 'rediss://127.0.0.1:1', tls_ca: t.ca, tls_cert: t.cert, tls_key: t.key }), 'the pair loads')
+    assert.throws(open({ tls_cert: t.cert, tls_key: otherKey }), /store.tls_key .*other.key is not the private key of the certificate in tls_cert/)
     fs.rmSync(dir, { recursive: true })
 })
 
