@@ -13,11 +13,11 @@ const ipaddr = require('ipaddr.js')
 const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
 const { fileStamp, openStore } = require('./lib/store')
+const { renderLines } = require('./lib/reply')
+const { boundedHeaders, boundedMessageId } = require('./lib/message')
 
 /** The `[store]` keys that name TLS files. */
 const TLS_KEYS = ['tls_ca', 'tls_cert', 'tls_key']
-const { renderLines } = require('./lib/reply')
-const { boundedHeaders, boundedMessageId } = require('./lib/message')
 
 /** The reference filter, shipped in the package (npm run build-filter). */
 const REFERENCE = path.join(__dirname, 'filters', 'greylist.wasm')
