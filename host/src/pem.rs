@@ -56,9 +56,9 @@ pub(crate) fn note_expiry(role: &'static str, path: &Path, certified: &Certified
         return;
     };
     crate::telemetry::host().tls_expiry.get_or_create(&crate::telemetry::RoleLabel { role }).set(not_after);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let days = (not_after - now).div_euclid(86_400);
-    if not_after <= now {
+    IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(role, (path.display().to_string(), not_after));
+    let days = days_left(not_after);
+    if days < 0 {
         tracing::warn!("{}: the certificate expired {} day(s) ago; peers refuse it", path.display(), -days);
     } else if days < EXPIRY_WARNING_DAYS {
         tracing::warn!(
@@ -66,6 +66,22 @@ pub(crate) fn note_expiry(role: &'static str, path: &Path, certified: &Certified
             path.display()
         );
     }
+}
+
+/// Whole days from now to `not_after` (Unix seconds), negative once past.
+pub(crate) fn days_left(not_after: i64) -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    (not_after - now).div_euclid(86_400)
+}
+
+/// The certificates in use by role: the file and when it expires (Unix
+/// seconds), for `greyhook status`. One entry a role, replaced at each load.
+static IN_USE: std::sync::Mutex<std::collections::BTreeMap<&'static str, (String, i64)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The certificates in use: role, file, when it expires (Unix seconds).
+pub(crate) fn in_use() -> Vec<(&'static str, String, i64)> {
+    IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(r, (p, t))| (*r, p.clone(), *t)).collect()
 }
 
 /// When a DER certificate expires, Unix seconds.

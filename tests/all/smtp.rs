@@ -398,6 +398,17 @@ s.quit()
     assert!(d.wait_log("the changed certificate is served from now on", 5), "{}", d.log_text());
     assert!(d.wait_log("fullchain.pem: the certificate expires in 9 day(s)", 5), "{}", d.log_text());
     assert_eq!(expiry(), soon.unix_timestamp());
+    // `greyhook status` and the status page say so too.
+    let status =
+        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let line = format!("certificate smtp: {}/fullchain.pem expires ", live.display());
+    assert!(status.lines().any(|l| l.starts_with(&line) && l.ends_with(" (9 days left)")), "{status}");
+    let mut page = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    page.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut html = String::new();
+    std::io::Read::read_to_string(&mut page, &mut html).unwrap();
+    assert!(html.contains("<h2>Certificates</h2>") && html.contains("<td class=\"bad\">9</td>"), "{html}");
     let third = issue(3, in_2040);
     point("fullchain", 3);
     assert_eq!(shown(), second, "a certificate without its key is not served");

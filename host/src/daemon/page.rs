@@ -69,6 +69,22 @@ pub(super) fn render(st: &Status) -> String {
         body.push_str(&bar_chart("greylisted per hour (UTC)", &per_hour("greylist")));
         body.push_str(&bar_chart("passed per hour (UTC)", &per_hour("pass")));
     }
+    let certs = v["certificates"].as_array().cloned().unwrap_or_default();
+    if !certs.is_empty() {
+        body.push_str("<h2>Certificates</h2><table><tr><th>role</th><th>file</th><th>expires</th><th>days left</th></tr>");
+        for c in &certs {
+            let days = c["days_left"].as_i64().unwrap_or(0);
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{days}</td></tr>",
+                esc(c["role"].as_str().unwrap_or("")),
+                esc(c["path"].as_str().unwrap_or("")),
+                esc(c["expires_at"].as_str().unwrap_or("")),
+                if days < crate::pem::EXPIRY_WARNING_DAYS { "bad" } else { "ok" }
+            );
+        }
+        body.push_str("</table>");
+    }
     let d = &v["dns"];
     let _ = write!(
         body,

@@ -83,6 +83,18 @@ struct FilesStatus {
     needed: u64,
 }
 
+/// A TLS certificate in use and when it expires.
+#[derive(Debug, Serialize)]
+struct CertificateStatus {
+    /// `smtp` (STARTTLS) or `redis` (the store's client certificate).
+    role: &'static str,
+    path: String,
+    /// RFC 3339.
+    expires_at: String,
+    /// Whole days left (negative once expired).
+    days_left: i64,
+}
+
 /// Everything `status` reports.
 #[derive(Debug, Serialize)]
 pub(super) struct Status {
@@ -93,6 +105,7 @@ pub(super) struct Status {
     store: StoreStatus,
     dns: DnsStatus,
     files: FilesStatus,
+    certificates: Vec<CertificateStatus>,
     /// Log lines dropped because the log's reader fell behind.
     log_lines_dropped: u64,
     decisions: serde_json::Map<String, serde_json::Value>,
@@ -168,6 +181,15 @@ impl Status {
                 cut_by_deadline: dns.detached.load(Relaxed),
             },
             files: FilesStatus { open: super::files::open_now(), limit: super::files::limit_now(), needed: shared.files_needed },
+            certificates: crate::pem::in_use()
+                .into_iter()
+                .map(|(role, path, not_after)| CertificateStatus {
+                    role,
+                    path,
+                    expires_at: crate::domain::clock::rfc3339(not_after.max(0) as u64),
+                    days_left: crate::pem::days_left(not_after),
+                })
+                .collect(),
             log_lines_dropped: crate::telemetry::dropped_log_lines(),
             decisions,
             last_day: crate::telemetry::host()
@@ -220,6 +242,10 @@ impl Status {
         let f = &self.files;
         let limit = f.limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let _ = writeln!(out, "files open={} limit={limit} needed={}", show(f.open), f.needed);
+        for c in &self.certificates {
+            let left = if c.days_left < 0 { "expired".to_string() } else { format!("{} days left", c.days_left) };
+            let _ = writeln!(out, "certificate {}: {} expires {} ({left})", c.role, c.path, c.expires_at);
+        }
         if self.log_lines_dropped > 0 {
             let _ = writeln!(out, "log lines dropped={} (the log's reader fell behind)", self.log_lines_dropped);
         }
