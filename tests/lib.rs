@@ -657,7 +657,7 @@ impl RedisServer {
             a.extend(["--tls-replication".into(), "yes".into()]);
             a
         } else {
-            vec!["--tls".into(), "--cacert".into(), p(&t.ca), "--cert".into(), p(&t.client_cert), "--key".into(), p(&t.client_key)]
+            t.cli_args(&t.ca)
         }
     }
 
@@ -704,24 +704,19 @@ impl RedisServer {
     /// trimmed.
     pub fn cli_as(&self, client: &RedisTlsFiles, args: &[&str]) -> String {
         let own = self.tls.as_ref().expect("a TLS server");
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--tls", "--cacert"])
-            .arg(&own.ca)
-            .arg("--cert")
-            .arg(&client.client_cert)
-            .arg("--key")
-            .arg(&client.client_key)
-            .args(args)
-            .output()
-            .expect("redis-cli runs (installed with redis-server)");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        self.run_cli(client.cli_args(&own.ca), args).trim().to_string()
     }
 
     /// Runs a redis-cli command against it; its output.
     pub fn cli(&self, args: &[&str]) -> String {
+        self.run_cli(self.tls_args(false), args)
+    }
+
+    /// redis-cli on it with `tls` arguments; its output.
+    fn run_cli(&self, tls: Vec<String>, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
-            .args(self.tls_args(false))
+            .args(tls)
             .args(args)
             .output()
             .expect("redis-cli runs (installed with redis-server)");
@@ -848,6 +843,13 @@ impl RedisTlsFiles {
             s += &format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", self.client_cert.display(), self.client_key.display());
         }
         s
+    }
+
+    /// redis-cli's arguments for a server whose certificate chains to
+    /// `ca`, presenting these files' client certificate.
+    fn cli_args(&self, ca: &std::path::Path) -> Vec<String> {
+        let p = |f: &std::path::Path| f.display().to_string();
+        vec!["--tls".into(), "--cacert".into(), p(ca), "--cert".into(), p(&self.client_cert), "--key".into(), p(&self.client_key)]
     }
 
     /// Issues them into `dir`.
@@ -1148,6 +1150,14 @@ pub fn self_signed_tls(dir: &std::path::Path) -> String {
     std::fs::write(dir.join("cert.pem"), cert.cert.pem()).expect("cert.pem");
     std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).expect("key.pem");
     format!("tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n", d = dir.display())
+}
+
+/// Copies `from` beside `to` and renames it over `to`, as certificate
+/// renewal tools replace a file.
+pub fn replace_file(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).expect("a copy beside the file");
+    std::fs::rename(&tmp, to).expect("renamed over the file");
 }
 
 /// A raw client: send lines, read replies.

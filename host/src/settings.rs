@@ -53,14 +53,44 @@ pub(crate) fn writable_system_dir(system: &str, file: &str) -> Option<std::path:
 /// time, length, device and inode (a tool that writes a new file and
 /// renames it over the old one, or moves a symlink, changes the inode even
 /// within one clock tick). `None` when the file cannot be looked at.
-pub(crate) type FileStamp = Option<(std::time::SystemTime, u64, u64, u64)>;
+type FileStamp = Option<(std::time::SystemTime, u64, u64, u64)>;
 
 /// The [`FileStamp`] of `path`, following symlinks (certbot's `live/`
 /// names are links into `archive/`, and a renewal moves the links).
-pub(crate) fn file_stamp(path: &std::path::Path) -> FileStamp {
+fn file_stamp(path: &std::path::Path) -> FileStamp {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.dev(), m.ino()))
+}
+
+/// Files watched for a change by their [`FileStamp`]s, for what greyhook
+/// reads again when an operator replaces it (TLS certificates).
+#[derive(Debug)]
+pub(crate) struct FileWatch {
+    paths: Vec<std::path::PathBuf>,
+    seen: std::sync::Mutex<Vec<FileStamp>>,
+}
+
+impl FileWatch {
+    /// Watches `paths`, as they are now (take it before reading them: a
+    /// change during the read is then seen by the next [`FileWatch::changed`]).
+    pub(crate) fn new(paths: Vec<std::path::PathBuf>) -> FileWatch {
+        let seen = paths.iter().map(|p| file_stamp(p)).collect();
+        FileWatch { paths, seen: std::sync::Mutex::new(seen) }
+    }
+
+    /// Whether any file changed since the last look. The change is
+    /// recorded before the caller reads the files, so a set that does not
+    /// load is reported once, not at every look until the next change.
+    pub(crate) fn changed(&self) -> bool {
+        let now: Vec<FileStamp> = self.paths.iter().map(|p| file_stamp(p)).collect();
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *seen == now {
+            return false;
+        }
+        *seen = now;
+        true
+    }
 }
 
 /// Reads the file at `path`, at most `max` bytes: a larger file (or a

@@ -176,12 +176,6 @@ fn a_farm_on_redis_over_tls_checks_both_ends() {
     }
 }
 
-/// A Redis Cluster whose nodes speak TLS only (`rediss+cluster://`): the
-/// nodes discovered from the two named are reached over TLS too. The nodes
-/// require a password, named once before the nodes
-/// (`rediss+cluster://:PASSWORD@H1,H2`): before, the `redis` crate took it
-/// as the first node's alone and refused the URL ("Cannot use different
-/// password among initial nodes").
 /// A client certificate renewed in place is used without a restart. Found
 /// as an operator with short-lived client certificates meets it (an
 /// internal CA that issues them for a day, or a move to a new CA): Redis
@@ -214,11 +208,8 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
 
     // The renewal: the new pair written beside the old and renamed over
     // it; Redis trusts only the new CA from now on and drops its clients.
-    for (from, to) in [(&renewed.client_cert, &cert), (&renewed.client_key, &key)] {
-        let tmp = to.with_extension("new");
-        std::fs::copy(from, &tmp).unwrap();
-        std::fs::rename(&tmp, to).unwrap();
-    }
+    replace_file(&renewed.client_cert, &cert);
+    replace_file(&renewed.client_key, &key);
     assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
     assert_ne!(redis.cli(&["PING"]).trim(), "PONG", "the old client certificate is refused now");
     let renewed_cli = |args: &[&str]| redis.cli_as(&renewed, args);
@@ -245,6 +236,12 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     assert_ne!(renewed_cli(&["DBSIZE"]), records, "written through the renewed certificate");
 }
 
+/// A Redis Cluster whose nodes speak TLS only (`rediss+cluster://`): the
+/// nodes discovered from the two named are reached over TLS too. The nodes
+/// require a password, named once before the nodes
+/// (`rediss+cluster://:PASSWORD@H1,H2`): before, the `redis` crate took it
+/// as the first node's alone and refused the URL ("Cannot use different
+/// password among initial nodes").
 #[test]
 fn a_farm_on_a_password_protected_redis_cluster_over_tls_greylists_and_passes_the_retry() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use greyhook_tests::{
     CHAOS_FILTER, DnsServer, Process, Raw, RedisCluster, RedisServer, RedisTlsFiles, Sentinel, connect_from, free_port, null_dns,
-    policy_rcpt,
+    policy_rcpt, replace_file,
 };
 
 fn package() -> PathBuf {
@@ -461,15 +461,10 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
     // Connections made before stay up: dropped, every client reconnects.
     assert_ne!(redis.cli_as(&renewed, &["CLIENT", "KILL", "TYPE", "normal"]), "0");
-    let replace = |from: &Path, to: &Path| {
-        let tmp = to.with_extension("new");
-        std::fs::copy(from, &tmp).unwrap();
-        std::fs::rename(&tmp, to).unwrap();
-    };
-    replace(&renewed.client_cert, &cert);
+    replace_file(&renewed.client_cert, &cert);
     // Half a renewal does not load: refused once, the running store stays.
     h.wait_log("haraka-client.key is not the private key of the certificate in tls_cert");
-    replace(&renewed.client_key, &key);
+    replace_file(&renewed.client_key, &key);
     h.wait_log("haraka-client.key changed)");
     // Greylisting again, through the renewed certificate.
     let until = Instant::now() + Duration::from_secs(15);

@@ -361,12 +361,17 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     let tables = format!("[filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
     let (mut d, port) = start(dir.path(), &tables, sink.port, &tls);
     d.wait_listening(metrics, 30);
-    // When the certificate served expires, for an operator's alert.
-    let expiry = || {
+    // A page of the metrics listener.
+    let get = |path: &str| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
         let mut text = String::new();
         std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        text
+    };
+    // When the certificate served expires, for an operator's alert.
+    let expiry = || {
+        let text = get("/metrics");
         let line = text.lines().find(|l| l.starts_with("greyhook_tls_certificate_expiry_timestamp_seconds{role=\"smtp\"} "));
         line.and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).unwrap_or_else(|| panic!("no expiry gauge:\n{text}"))
     };
@@ -404,10 +409,7 @@ s.quit()
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     let line = format!("certificate smtp: {}/fullchain.pem expires ", live.display());
     assert!(status.lines().any(|l| l.starts_with(&line) && l.ends_with(" (9 days left)")), "{status}");
-    let mut page = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-    page.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut html = String::new();
-    std::io::Read::read_to_string(&mut page, &mut html).unwrap();
+    let html = get("/");
     assert!(html.contains("<h2>Certificates</h2>") && html.contains("<td class=\"bad\">9</td>"), "{html}");
     let third = issue(3, in_2040);
     point("fullchain", 3);

@@ -122,9 +122,9 @@ impl RedisTls {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 
-    /// The named files' stamps, to see a change without reading them.
-    fn stamps(&self) -> Vec<crate::settings::FileStamp> {
-        [&self.ca, &self.cert, &self.key].into_iter().flatten().map(|p| crate::settings::file_stamp(p)).collect()
+    /// The named files, watched for a change.
+    fn watch(&self) -> crate::settings::FileWatch {
+        crate::settings::FileWatch::new([&self.ca, &self.cert, &self.key].into_iter().flatten().cloned().collect())
     }
 
     /// The files read and checked, as the `redis` crate takes them.
@@ -309,7 +309,7 @@ return n
 
 /// Follows the TLS files of a store (see [`RedisStore`]).
 struct TlsFiles {
-    stamps: std::sync::Mutex<Vec<crate::settings::FileStamp>>,
+    watch: crate::settings::FileWatch,
     /// When the files were last looked at, Unix seconds.
     checked: AtomicU64,
 }
@@ -426,17 +426,22 @@ fn is_tls(url: &str) -> bool {
     ["rediss://", "rediss+cluster://", "rediss+sentinel://"].iter().any(|s| url.starts_with(s))
 }
 
+/// What follows the scheme of a Sentinel URL, if `url` is one.
+fn sentinel_rest(url: &str) -> Option<&str> {
+    url.strip_prefix("redis+sentinel://").or_else(|| url.strip_prefix("rediss+sentinel://"))
+}
+
+/// The nodes of a cluster URL and the scheme each is reached with, if
+/// `url` is one.
+fn cluster_nodes(url: &str) -> Option<(&str, &'static str)> {
+    url.strip_prefix("redis+cluster://").map(|n| (n, "redis")).or_else(|| url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")))
+}
+
 /// The connections of `config` (already checked by [`RedisStore::open`]),
 /// made with `certificates`.
 fn build_backend(config: &RedisConfig, certificates: Option<redis::TlsCertificates>) -> Result<Backend, String> {
     let tls = is_tls(&config.url);
-    let sentinel = config.url.strip_prefix("redis+sentinel://").or_else(|| config.url.strip_prefix("rediss+sentinel://"));
-    let cluster = config
-        .url
-        .strip_prefix("redis+cluster://")
-        .map(|n| (n, "redis"))
-        .or_else(|| config.url.strip_prefix("rediss+cluster://").map(|n| (n, "rediss")));
-    let backend = match (sentinel, cluster) {
+    let backend = match (sentinel_rest(&config.url), cluster_nodes(&config.url)) {
         (Some(rest), _) => {
             let client = sentinel_client(rest, tls, certificates, &config.sentinel_auth)?;
             Backend::Sentinel { client: Box::new(tokio::sync::Mutex::new(client)), current: std::sync::Mutex::new(None) }
@@ -500,11 +505,12 @@ impl RedisStore {
         if config.tls.is_set() && !tls {
             return Err(open_err(&"tls_ca, tls_cert and tls_key need a TLS URL: rediss://, rediss+cluster:// or rediss+sentinel://"));
         }
+        // Watched from before the read: a change meanwhile is seen next.
+        let tls_files = config.tls.is_set().then(|| TlsFiles { watch: config.tls.watch(), checked: AtomicU64::new(unix_secs()) });
         // Only what was named: with no file, the crate's own path (the
         // system's roots, no client certificate).
         let certificates = if config.tls.is_set() { Some(config.tls.certificates().map_err(|e| open_err(&e))?) } else { None };
-        let sentinel = config.url.strip_prefix("redis+sentinel://").or_else(|| config.url.strip_prefix("rediss+sentinel://"));
-        if config.sentinel_auth.is_set() && sentinel.is_none() {
+        if config.sentinel_auth.is_set() && sentinel_rest(&config.url).is_none() {
             return Err(open_err(
                 &"sentinel_user and sentinel_password are for the sentinels of a redis+sentinel:// URL; a server's password goes in its URL",
             ));
@@ -513,14 +519,9 @@ impl RedisStore {
             return Err(open_err(&"sentinel_user needs sentinel_password"));
         }
         let backend = build_backend(&config, certificates).map_err(|e| open_err(&e))?;
-        let cluster = config.url.starts_with("redis+cluster://") || config.url.starts_with("rediss+cluster://");
-        let tls_files = config
-            .tls
-            .is_set()
-            .then(|| TlsFiles { stamps: std::sync::Mutex::new(config.tls.stamps()), checked: AtomicU64::new(unix_secs()) });
         Ok(RedisStore {
             backend: arc_swap::ArcSwap::from_pointee(backend),
-            cluster,
+            cluster: cluster_nodes(&config.url).is_some(),
             tls_files,
             config,
             set_script: Script::new(SET),
@@ -582,15 +583,8 @@ impl RedisStore {
         {
             return;
         }
-        let stamps = self.config.tls.stamps();
-        {
-            let mut seen = files.stamps.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == stamps {
-                return;
-            }
-            // Recorded before trying: a set that does not load is logged
-            // once, not at every check until the next change.
-            *seen = stamps;
+        if !files.watch.changed() {
+            return;
         }
         let shown = super::redacted(&self.config.url);
         match self.config.tls.certificates().and_then(|c| build_backend(&self.config, Some(c))) {

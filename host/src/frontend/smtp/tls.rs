@@ -18,13 +18,15 @@
 //! client sends reaches this code: the files are the operator's.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::pem;
-use crate::settings::{FileStamp, file_stamp};
+use crate::settings::FileWatch;
 
 /// A TLS acceptor serving the certificate in `cert` with the key in `key`
 /// (PEM), following changes to the files. An error names the file and
@@ -45,48 +47,31 @@ pub(super) fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAccep
 struct CertFiles {
     cert: PathBuf,
     key: PathBuf,
-    current: Mutex<Current>,
-}
-
-#[derive(Debug)]
-struct Current {
-    key: Arc<CertifiedKey>,
-    /// The files' stamps when last looked at (loaded or not).
-    stamps: [FileStamp; 2],
+    watch: FileWatch,
+    current: ArcSwap<CertifiedKey>,
 }
 
 impl CertFiles {
     /// Reads both files; at start an error is fatal.
     fn load(cert: &Path, key: &Path) -> Result<CertFiles, String> {
-        let stamps = [file_stamp(cert), file_stamp(key)];
+        let watch = FileWatch::new(vec![cert.to_path_buf(), key.to_path_buf()]);
         let certified = read_pair(cert, key)?;
-        Ok(CertFiles {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            current: Mutex::new(Current { key: Arc::new(certified), stamps }),
-        })
+        Ok(CertFiles { cert: cert.to_path_buf(), key: key.to_path_buf(), watch, current: ArcSwap::from_pointee(certified) })
     }
 
     /// The pair to serve: the files read again if either changed since
     /// last looked at.
     fn serve(&self) -> Arc<CertifiedKey> {
-        // A poisoned lock only means a panic elsewhere while it was held;
-        // the pair in it is whole (it is replaced in one assignment).
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let stamps = [file_stamp(&self.cert), file_stamp(&self.key)];
-        if stamps != current.stamps {
-            // Recorded before trying, so a pair that does not load is
-            // logged once, not at every handshake until the next change.
-            current.stamps = stamps;
+        if self.watch.changed() {
             match read_pair(&self.cert, &self.key) {
                 Ok(certified) => {
                     tracing::info!(cert = %self.cert.display(), "TLS: the changed certificate is served from now on");
-                    current.key = Arc::new(certified);
+                    self.current.store(Arc::new(certified));
                 }
                 Err(e) => tracing::warn!("{e}; the certificate in use is kept until the files change again"),
             }
         }
-        current.key.clone()
+        self.current.load_full()
     }
 }
 
