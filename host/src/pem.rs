@@ -40,9 +40,9 @@ pub(crate) fn pair(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> 
     })
 }
 
-/// Warned of at load when a certificate has less than this left (Let's
-/// Encrypt renews at 30 days left, so a certificate seen this close failed
-/// to renew twice or more).
+/// Warned of at load, and again every [`REMINDER_INTERVAL`], when a
+/// certificate has less than this left (Let's Encrypt renews at 30 days
+/// left, so a certificate seen this close failed to renew twice or more).
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// Records when the certificate `chain[0]` (loaded from `path` for `role`,
@@ -57,21 +57,49 @@ pub(crate) fn note_expiry(role: &'static str, path: &Path, certified: &Certified
     };
     crate::telemetry::host().tls_expiry.get_or_create(&crate::telemetry::RoleLabel { role }).set(not_after);
     IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(role, (path.display().to_string(), not_after));
-    let days = days_left(not_after);
-    if days < 0 {
-        tracing::warn!("{}: the certificate expired {} day(s) ago; peers refuse it", path.display(), -days);
-    } else if days < EXPIRY_WARNING_DAYS {
-        tracing::warn!(
-            "{}: the certificate expires in {days} day(s); renew it (the renewed files are read without a restart)",
-            path.display()
-        );
+    if let Some(warning) = warning(&path.display().to_string(), not_after, now()) {
+        tracing::warn!("{warning}");
     }
+}
+
+/// How often the certificates in use are looked at again for
+/// [`remind`]: once a day, so a certificate that was fine at load but was
+/// not renewed since is still warned of in the log, not only by the gauge.
+pub const REMINDER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Warns (in the log) of every certificate in use that has expired or
+/// expires within [`EXPIRY_WARNING_DAYS`]; the daemon calls it every
+/// [`REMINDER_INTERVAL`].
+pub(crate) fn remind() {
+    let now = now();
+    for (_, path, not_after) in in_use() {
+        if let Some(warning) = warning(&path, not_after, now) {
+            tracing::warn!("{warning}");
+        }
+    }
+}
+
+/// The warning for the certificate in `path` expiring at `not_after`, seen
+/// at `now` (both Unix seconds), if it needs one.
+fn warning(path: &str, not_after: i64, now: i64) -> Option<String> {
+    let days = (not_after - now).div_euclid(86_400);
+    if not_after <= now {
+        Some(format!("{path}: the certificate expired {} day(s) ago; peers refuse it", (now - not_after) / 86_400))
+    } else if days < EXPIRY_WARNING_DAYS {
+        Some(format!("{path}: the certificate expires in {days} day(s); renew it (the renewed files are read without a restart)"))
+    } else {
+        None
+    }
+}
+
+/// Now, Unix seconds.
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Whole days from now to `not_after` (Unix seconds), negative once past.
 pub(crate) fn days_left(not_after: i64) -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    (not_after - now).div_euclid(86_400)
+    (not_after - now()).div_euclid(86_400)
 }
 
 /// The certificates in use by role: the file and when it expires (Unix
@@ -102,5 +130,22 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(not_after(cert.der()), Some(1_936_742_400));
         assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])), None, "not a certificate");
+    }
+
+    #[test]
+    fn a_certificate_is_warned_of_from_fourteen_days_before_its_expiry() {
+        let day = 86_400;
+        let now = 1_900_000_000;
+        assert_eq!(warning("c.pem", now + 30 * day, now), None);
+        assert_eq!(warning("c.pem", now + 14 * day, now), None);
+        assert_eq!(
+            warning("c.pem", now + 14 * day - 1, now).as_deref(),
+            Some("c.pem: the certificate expires in 13 day(s); renew it (the renewed files are read without a restart)")
+        );
+        assert!(warning("c.pem", now + 10, now).is_some_and(|w| w.contains("expires in 0 day(s)")));
+        assert_eq!(
+            warning("c.pem", now - 2 * day - 10, now).as_deref(),
+            Some("c.pem: the certificate expired 2 day(s) ago; peers refuse it")
+        );
     }
 }

@@ -520,6 +520,7 @@ impl Daemon {
             }));
         }
         tasks.push(tokio::spawn(housekeeping(shared.clone(), clock, config.store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(certificate_reminders(shutdown.clone())));
         if let Some(w) = web {
             tasks.push(tokio::spawn(web::serve(w, config.metrics.max_connections, shared.clone(), shutdown.clone())));
         }
@@ -607,6 +608,20 @@ impl ReloadHandle {
     /// Reloads; see [`Daemon::reload`].
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.0.reload().await
+    }
+}
+
+/// Warns again, once a day, of a TLS certificate in use that is near its
+/// expiry or past it ([`crate::pem::remind`]): the warning at load is
+/// long scrolled away by the time a failed renewal matters.
+async fn certificate_reminders(shutdown: CancellationToken) {
+    let every = crate::pem::REMINDER_INTERVAL;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => crate::pem::remind(),
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 
