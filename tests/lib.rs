@@ -854,6 +854,12 @@ impl RedisTlsFiles {
 
     /// Issues them into `dir`.
     pub fn issue(dir: &std::path::Path) -> RedisTlsFiles {
+        RedisTlsFiles::issue_with_client_expiry(dir, None)
+    }
+
+    /// Issues them into `dir`, the client certificate expiring at
+    /// `client_not_after` if given (else rcgen's default, in 4096).
+    pub fn issue_with_client_expiry(dir: &std::path::Path, client_not_after: Option<time::OffsetDateTime>) -> RedisTlsFiles {
         use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
         let ca_params = |name: &str| {
             let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
@@ -870,9 +876,12 @@ impl RedisTlsFiles {
         let ca_key = KeyPair::generate().expect("CA key");
         let ca = ca_params("greyhook test CA").self_signed(&ca_key).expect("CA certificate");
         let issuer = Issuer::new(ca_params("greyhook test CA"), ca_key);
-        let leaf = |sans: Vec<String>, purposes: Vec<ExtendedKeyUsagePurpose>, name: &str| {
+        let leaf = |sans: Vec<String>, purposes: Vec<ExtendedKeyUsagePurpose>, name: &str, not_after: Option<time::OffsetDateTime>| {
             let key = KeyPair::generate().expect("a key");
             let mut p = CertificateParams::new(sans).expect("leaf parameters");
+            if let Some(t) = not_after {
+                p.not_after = t;
+            }
             p.extended_key_usages = purposes;
             p.distinguished_name.push(rcgen::DnType::CommonName, name);
             (p.signed_by(&key, &issuer).expect("a signed certificate"), key)
@@ -880,8 +889,8 @@ impl RedisTlsFiles {
         // The server's certificate is also what a cluster node presents
         // to the others on the cluster bus: a client's purpose too.
         let both = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], both, "redis");
-        let (client, client_key) = leaf(Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth], "greyhook");
+        let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], both, "redis", None);
+        let (client, client_key) = leaf(Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth], "greyhook", client_not_after);
         let other_key = KeyPair::generate().expect("CA key");
         let other = ca_params("another CA").self_signed(&other_key).expect("CA certificate");
         RedisTlsFiles {

@@ -12,7 +12,7 @@ const fs = require('node:fs')
 const ipaddr = require('ipaddr.js')
 const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
-const { fileStamp, openStore } = require('./lib/store')
+const { expiryWarning, fileStamp, openStore } = require('./lib/store')
 const { renderLines } = require('./lib/reply')
 const { boundedHeaders, boundedMessageId } = require('./lib/message')
 
@@ -37,6 +37,7 @@ exports.register = function () {
         return null
     })
     this.watch_filter_config()
+    this.remind_of_certificates()
     this.register_hook('connect', 'greyhook_connect')
     this.register_hook('helo', 'greyhook_helo')
     this.register_hook('ehlo', 'greyhook_helo')
@@ -76,6 +77,26 @@ exports.watch_filter_config = function () {
         if (changed.length) this.restart_greyhook(`${changed.join(', ')} changed`)
     }, 1000)
     this.greyhook_config_watch.unref()
+}
+
+/**
+ * Once a day, warns again of a store client certificate near its expiry
+ * or past it, as greyhook does: the warning at load is long scrolled away
+ * by the time a failed renewal matters.
+ */
+exports.remind_of_certificates = function () {
+    this.greyhook_certificate_reminder = setInterval(async () => {
+        const filter = await this.greyhook_ready
+        this.warn_of_certificate(filter?.store)
+    }, 86_400_000)
+    this.greyhook_certificate_reminder.unref()
+}
+
+/** Logs expiryWarning's warning for `store`'s client certificate, if it has one. */
+exports.warn_of_certificate = function (store) {
+    const c = store?.certificate
+    const warning = c && expiryWarning(c.path, c.notAfter, Date.now())
+    if (warning) this.logwarn(`greyhook: ${warning}`)
 }
 
 /**
@@ -170,12 +191,14 @@ exports.start_greyhook = async function (old) {
         throw e
     }
     this.loginfo(`greyhook: loaded ${info.name} ${info.version} from ${file} (store ${store.kind}, ${filter.workerCount} worker(s), deadline ${filter.limits.deadlineMs} ms)`)
+    if (store !== old?.store) this.warn_of_certificate(store)
     if (this.cfg.filter?.watch !== false) filter.watch()
     return filter
 }
 
 exports.shutdown = function () {
     clearInterval(this.greyhook_config_watch)
+    clearInterval(this.greyhook_certificate_reminder)
     this.greyhook_ready?.then((f) => {
         f?.close()
         f?.store?.close()

@@ -188,7 +188,9 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     let files = RedisTlsFiles::issue(dir.path());
     let renewed_dir = dir.path().join("renewed");
     std::fs::create_dir(&renewed_dir).unwrap();
-    let renewed = RedisTlsFiles::issue(&renewed_dir);
+    // The renewed certificate expires in 9 days and a half: warned of.
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::hours(9 * 24 + 12);
+    let renewed = RedisTlsFiles::issue_with_client_expiry(&renewed_dir, Some(soon));
     let redis = RedisServer::with_tls(&files);
     // The daemon's client certificate and key, replaced by the renewal.
     let (cert, key) = (dir.path().join("greyhook.pem"), dir.path().join("greyhook.key"));
@@ -233,6 +235,8 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     }
     assert!(answers.len() <= 15, "the failure policy answered for long: {answers:?}");
     assert!(d.wait_log("the TLS files changed; new connections use them", 5), "{}", d.log_text());
+    let warning = format!("{}: the certificate expires in 9 day(s); renew it", cert.display());
+    assert!(d.wait_log(&warning, 5), "{}", d.log_text());
     assert_ne!(renewed_cli(&["DBSIZE"]), records, "written through the renewed certificate");
 }
 

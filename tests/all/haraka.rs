@@ -457,7 +457,9 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     // pair is renamed over the old files, the certificate first.
     let renewed_dir = dir.path().join("renewed");
     std::fs::create_dir(&renewed_dir).unwrap();
-    let renewed = RedisTlsFiles::issue(&renewed_dir);
+    // The renewed certificate expires in 9 days and a half: warned of.
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::hours(9 * 24 + 12);
+    let renewed = RedisTlsFiles::issue_with_client_expiry(&renewed_dir, Some(soon));
     assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
     // Connections made before stay up: dropped, every client reconnects.
     assert_ne!(redis.cli_as(&renewed, &["CLIENT", "KILL", "TYPE", "normal"]), "0");
@@ -466,6 +468,10 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
     h.wait_log("haraka-client.key is not the private key of the certificate in tls_cert");
     replace_file(&renewed.client_key, &key);
     h.wait_log("haraka-client.key changed)");
+    h.wait_log(&format!(
+        "greyhook: {}: the certificate expires in 9 day(s); renew it (the renewed files are read without a restart)",
+        cert.display()
+    ));
     // Greylisting again, through the renewed certificate.
     let until = Instant::now() + Duration::from_secs(15);
     let mut answers = Vec::new();

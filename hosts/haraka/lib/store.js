@@ -432,6 +432,25 @@ function tlsFiles(cfg) {
 }
 
 /**
+ * Warned of (in Haraka's log) when the client certificate in use has less
+ * than this many days left, as greyhook warns: at load and once a day.
+ */
+const EXPIRY_WARNING_DAYS = 14
+
+/**
+ * The warning for the certificate in `path` that expires at `notAfter`
+ * (milliseconds since the epoch), seen at `now`; `null` if it needs none.
+ * Worded as greyhook's.
+ */
+function expiryWarning(path, notAfter, now) {
+    const day = 86_400_000
+    if (notAfter <= now) return `${path}: the certificate expired ${Math.floor((now - notAfter) / day)} day(s) ago; peers refuse it`
+    const days = Math.floor((notAfter - now) / day)
+    if (days >= EXPIRY_WARNING_DAYS) return null
+    return `${path}: the certificate expires in ${days} day(s); renew it (the renewed files are read without a restart)`
+}
+
+/**
  * What identifies a file's content without reading it (modification time,
  * length, inode; following symlinks), to see a renewal: `PATH:missing` when
  * it cannot be looked at.
@@ -470,12 +489,21 @@ function openStore(cfg = {}) {
             const user = cfg.sentinel_user === undefined ? undefined : String(cfg.sentinel_user)
             sentinel = { user, password: String(cfg.sentinel_password) }
         }
-        return new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls: tlsFiles(cfg), sentinel })
+        const tls = tlsFiles(cfg)
+        const store = new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls, sentinel })
+        // The client certificate's file and expiry, for expiryWarning.
+        if (tls?.cert) {
+            const notAfter = Date.parse(new (require('node:crypto').X509Certificate)(tls.cert).validTo)
+            store.certificate = { path: cfg.tls_cert, notAfter }
+        }
+        return store
     }
     throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
 }
 
 module.exports = {
+    EXPIRY_WARNING_DAYS,
+    expiryWarning,
     fileStamp,
     MemoryStore,
     RedisStore,

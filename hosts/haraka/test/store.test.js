@@ -116,7 +116,10 @@ test('redis store: TLS settings that cannot work are refused, naming the key', (
     const otherKey = path.join(dir, 'other.key')
     const { privateKey } = require('node:crypto').generateKeyPairSync('ec', { namedCurve: 'P-256' })
     fs.writeFileSync(otherKey, privateKey.export({ type: 'pkcs8', format: 'pem' }))
-    assert.ok(openStore({ kind: 'redis', url: 'rediss://127.0.0.1:1', tls_ca: t.ca, tls_cert: t.cert, tls_key: t.key }), 'the pair loads')
+    const loaded = openStore({ kind: 'redis', url: 'rediss://127.0.0.1:1', tls_ca: t.ca, tls_cert: t.cert, tls_key: t.key })
+    // rcgen's default expiry, 4096-01-01: what the certificate says, not now.
+    assert.deepEqual(loaded.certificate, { path: t.cert, notAfter: Date.UTC(4096, 0, 1) }, 'the pair loads, its expiry read')
+    loaded.close()
     assert.throws(open({ tls_cert: t.cert, tls_key: otherKey }), /store.tls_key .*other.key is not the private key of the certificate in tls_cert/)
     fs.rmSync(dir, { recursive: true })
 })
@@ -263,4 +266,19 @@ test('redis store on a cluster: every node\'s password and TLS, keys on every sl
         await s.close()
         await without.close()
     }
+})
+
+test('a client certificate is warned of from 14 days before its expiry, worded as greyhook words it', () => {
+    const { expiryWarning, EXPIRY_WARNING_DAYS } = require('../lib/store')
+    const day = 86_400_000
+    const now = Date.UTC(2030, 4, 17)
+    assert.equal(EXPIRY_WARNING_DAYS, 14)
+    assert.equal(expiryWarning('c.pem', now + 30 * day, now), null)
+    assert.equal(expiryWarning('c.pem', now + 14 * day, now), null)
+    assert.equal(
+        expiryWarning('c.pem', now + 14 * day - 1000, now),
+        'c.pem: the certificate expires in 13 day(s); renew it (the renewed files are read without a restart)',
+    )
+    assert.match(expiryWarning('c.pem', now + 10_000, now), /expires in 0 day\(s\)/)
+    assert.equal(expiryWarning('c.pem', now - 2 * day - 10_000, now), 'c.pem: the certificate expired 2 day(s) ago; peers refuse it')
 })
