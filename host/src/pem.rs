@@ -56,10 +56,11 @@ pub(crate) fn note_expiry(role: &'static str, path: &Path, certified: &Certified
         return;
     };
     crate::telemetry::host().tls_expiry.get_or_create(&crate::telemetry::RoleLabel { role }).set(not_after);
-    IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(role, (path.display().to_string(), not_after));
-    if let Some(warning) = warning(&path.display().to_string(), not_after, now()) {
+    let path = path.display().to_string();
+    if let Some(warning) = warning(&path, not_after, now()) {
         tracing::warn!("{warning}");
     }
+    IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(role, (path, not_after));
 }
 
 /// How often the certificates in use are looked at again for
@@ -82,7 +83,7 @@ pub(crate) fn remind() {
 /// The warning for the certificate in `path` expiring at `not_after`, seen
 /// at `now` (both Unix seconds), if it needs one.
 fn warning(path: &str, not_after: i64, now: i64) -> Option<String> {
-    let days = (not_after - now).div_euclid(86_400);
+    let days = days_between(now, not_after);
     if not_after <= now {
         Some(format!("{path}: the certificate expired {} day(s) ago; peers refuse it", (now - not_after) / 86_400))
     } else if days < EXPIRY_WARNING_DAYS {
@@ -99,7 +100,12 @@ fn now() -> i64 {
 
 /// Whole days from now to `not_after` (Unix seconds), negative once past.
 pub(crate) fn days_left(not_after: i64) -> i64 {
-    (not_after - now()).div_euclid(86_400)
+    days_between(now(), not_after)
+}
+
+/// Whole days from `from` to `to` (Unix seconds), rounded down.
+fn days_between(from: i64, to: i64) -> i64 {
+    (to - from).div_euclid(86_400)
 }
 
 /// The certificates in use by role: the file and when it expires (Unix

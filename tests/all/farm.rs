@@ -192,17 +192,24 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     let soon = time::OffsetDateTime::now_utc() + time::Duration::hours(9 * 24 + 12);
     let renewed = RedisTlsFiles::issue_with_client_expiry(&renewed_dir, Some(soon));
     let redis = RedisServer::with_tls(&files);
-    // The daemon's client certificate and key, replaced by the renewal.
-    let (cert, key) = (dir.path().join("greyhook.pem"), dir.path().join("greyhook.key"));
+    // The daemon's client certificate and key, replaced by the renewal,
+    // and its CA file, which the renewal's first try leaves unreadable.
+    let (cert, key, ca) = (dir.path().join("greyhook.pem"), dir.path().join("greyhook.key"), dir.path().join("greyhook-ca.pem"));
     std::fs::copy(&files.client_cert, &cert).unwrap();
     std::fs::copy(&files.client_key, &key).unwrap();
-    let lines = format!(
-        "timeout = \"2s\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-        files.ca.display(),
-        cert.display(),
-        key.display()
-    );
+    std::fs::copy(&files.ca, &ca).unwrap();
+    let lines =
+        format!("timeout = \"2s\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n", ca.display(), cert.display(), key.display());
     let (d, mx) = daemon_store(dir.path(), "mx", &redis.url(), &["delay=60"], &lines);
+    // `greyhook status`'s line for the client certificate in use.
+    let status_line = || {
+        let out =
+            std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("mx.sock")).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.lines().find(|l| l.starts_with("certificate redis: ")).map(str::to_string).unwrap_or_else(|| panic!("{out}"))
+    };
+    let in_use_at_start = status_line();
+    assert!(in_use_at_start.contains(" expires 4096-01-01"), "rcgen's default expiry: {in_use_at_start}");
     let c = "192.0.2.10";
     let greylisted = |a: &str| a.starts_with("451 4.7.1 Greylisted");
     let a = ask(mx, c, "a@example.org", "u0@example.com");
@@ -210,6 +217,10 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
 
     // The renewal: the new pair written beside the old and renamed over
     // it; Redis trusts only the new CA from now on and drops its clients.
+    // First with the CA file holding no certificate: that set does not
+    // load, and the certificate in use is still the old one.
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate\n").unwrap();
+    replace_file(&dir.path().join("garbage.pem"), &ca);
     replace_file(&renewed.client_cert, &cert);
     replace_file(&renewed.client_key, &key);
     assert_eq!(redis.cli(&["CONFIG", "SET", "tls-ca-cert-file", &renewed.ca.display().to_string()]).trim(), "OK");
@@ -219,6 +230,15 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     let records = renewed_cli(&["DBSIZE"]);
     let killed = renewed_cli(&["CLIENT", "KILL", "TYPE", "normal"]);
     assert_ne!(killed, "0", "greyhook's connection dropped");
+
+    let until = Instant::now() + Duration::from_secs(15);
+    while !d.log_text().contains("the changed TLS files do not load") {
+        let a = ask(mx, c, "a@example.org", "u0@example.com");
+        assert!(!greylisted(&a) && Instant::now() < until, "the set without a CA loaded: {a}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status_line(), in_use_at_start, "the gauge and status stay on the certificate in use");
+    replace_file(&files.ca, &ca);
 
     // The next calls fail at most for a second (the reconnection with the
     // old certificate is refused), then the renewed files are read.
@@ -237,6 +257,7 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     assert!(d.wait_log("the TLS files changed; new connections use them", 5), "{}", d.log_text());
     let warning = format!("{}: the certificate expires in 9 day(s); renew it", cert.display());
     assert!(d.wait_log(&warning, 5), "{}", d.log_text());
+    assert!(status_line().ends_with(" (9 days left)"), "{}", status_line());
     assert_ne!(renewed_cli(&["DBSIZE"]), records, "written through the renewed certificate");
 }
 

@@ -127,8 +127,9 @@ impl RedisTls {
         crate::settings::FileWatch::new([&self.ca, &self.cert, &self.key].into_iter().flatten().cloned().collect())
     }
 
-    /// The files read and checked, as the `redis` crate takes them.
-    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+    /// The files read and checked, as the `redis` crate takes them, and
+    /// the client certificate with its key (for [`RedisTls::note_in_use`]).
+    fn certificates(&self) -> Result<(redis::TlsCertificates, Option<rustls::sign::CertifiedKey>), String> {
         fn read(what: &str, path: &Path, item: fn(&rustls::pki_types::pem::SectionKind) -> bool) -> Result<Vec<u8>, String> {
             use std::io::Read;
             let shown = path.display();
@@ -152,19 +153,28 @@ impl RedisTls {
         use rustls::pki_types::pem::SectionKind;
         let cert = |k: &SectionKind| *k == SectionKind::Certificate;
         let key = |k: &SectionKind| matches!(k, SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey);
-        let client_tls = match (&self.cert, &self.key) {
+        let (client_tls, certified) = match (&self.cert, &self.key) {
             (Some(c), Some(k)) => {
                 let (client_cert, client_key) = (read("cert", c, cert)?, read("key", k, key)?);
                 // Checked here: the crate would fail every handshake instead.
                 let certified = crate::pem::pair(c, &client_cert, k, &client_key).map_err(|e| format!("tls_cert and tls_key: {e}"))?;
-                crate::pem::note_expiry("redis", c, &certified);
-                Some(redis::ClientTlsConfig { client_cert, client_key })
+                (Some(redis::ClientTlsConfig { client_cert, client_key }), Some(certified))
             }
-            (None, None) => None,
+            (None, None) => (None, None),
             _ => return Err("tls_cert and tls_key go together: a client certificate and its key".into()),
         };
         let root_cert = self.ca.as_deref().map(|p| read("ca", p, cert)).transpose()?;
-        Ok(redis::TlsCertificates { client_tls, root_cert })
+        Ok((redis::TlsCertificates { client_tls, root_cert }, certified))
+    }
+
+    /// Records the client certificate `certified` (from [`RedisTls::certificates`])
+    /// as the one in use: called once connections made with it replaced
+    /// the old ones, so a set that does not load leaves the gauge and
+    /// `status` on the certificate still in use.
+    fn note_in_use(&self, certified: Option<&rustls::sign::CertifiedKey>) {
+        if let (Some(path), Some(certified)) = (&self.cert, certified) {
+            crate::pem::note_expiry("redis", path, certified);
+        }
     }
 }
 
@@ -509,7 +519,12 @@ impl RedisStore {
         let tls_files = config.tls.is_set().then(|| TlsFiles { watch: config.tls.watch(), checked: AtomicU64::new(unix_secs()) });
         // Only what was named: with no file, the crate's own path (the
         // system's roots, no client certificate).
-        let certificates = if config.tls.is_set() { Some(config.tls.certificates().map_err(|e| open_err(&e))?) } else { None };
+        let (certificates, client) = if config.tls.is_set() {
+            let (certificates, client) = config.tls.certificates().map_err(|e| open_err(&e))?;
+            (Some(certificates), client)
+        } else {
+            (None, None)
+        };
         if config.sentinel_auth.is_set() && sentinel_rest(&config.url).is_none() {
             return Err(open_err(
                 &"sentinel_user and sentinel_password are for the sentinels of a redis+sentinel:// URL; a server's password goes in its URL",
@@ -519,6 +534,7 @@ impl RedisStore {
             return Err(open_err(&"sentinel_user needs sentinel_password"));
         }
         let backend = build_backend(&config, certificates).map_err(|e| open_err(&e))?;
+        config.tls.note_in_use(client.as_ref());
         Ok(RedisStore {
             backend: arc_swap::ArcSwap::from_pointee(backend),
             cluster: cluster_nodes(&config.url).is_some(),
@@ -587,9 +603,10 @@ impl RedisStore {
             return;
         }
         let shown = super::redacted(&self.config.url);
-        match self.config.tls.certificates().and_then(|c| build_backend(&self.config, Some(c))) {
-            Ok(backend) => {
+        match self.config.tls.certificates().and_then(|(c, client)| Ok((build_backend(&self.config, Some(c))?, client))) {
+            Ok((backend, client)) => {
                 self.backend.store(std::sync::Arc::new(backend));
+                self.config.tls.note_in_use(client.as_ref());
                 tracing::info!("redis store {shown}: the TLS files changed; new connections use them");
             }
             Err(e) => tracing::warn!("redis store {shown}: the changed TLS files do not load ({e}); the connections in use are kept"),
