@@ -393,12 +393,14 @@ const MAX_PEM_BYTES = 1 << 20
 
 /**
  * The TLS files `[store]` names (`tls_ca`, `tls_cert`, `tls_key`), read and
- * checked; `null` when it names none. Refused, as greyhook refuses them:
- * with a `redis://` URL, a certificate without its key, a file that is not
- * PEM or is over 1 MiB.
+ * checked, as `{ tls, certificate }`: `tls` the PEM contents node-redis
+ * takes (`null` when it names none), `certificate` the client
+ * certificate's `{ path, notAfter }` (for expiryWarning) or `null`.
+ * Refused, as greyhook refuses them: with a `redis://` URL, a certificate
+ * without its key, a file that is not PEM or is over 1 MiB.
  */
 function tlsFiles(cfg) {
-    if (!['tls_ca', 'tls_cert', 'tls_key'].some((k) => cfg[k])) return null
+    if (!['tls_ca', 'tls_cert', 'tls_key'].some((k) => cfg[k])) return { tls: null, certificate: null }
     if (!/^rediss(\+sentinel|\+cluster)?:\/\//.test(cfg.url)) {
         throw new Error('store.tls_ca, tls_cert and tls_key need a TLS URL: rediss://, rediss+sentinel:// or rediss+cluster://')
     }
@@ -412,6 +414,7 @@ function tlsFiles(cfg) {
         return pem
     }
     const tls = {}
+    let certificate = null
     if (cfg.tls_ca) tls.ca = read('tls_ca', /-----BEGIN CERTIFICATE-----/)
     if (cfg.tls_cert) {
         tls.cert = read('tls_cert', /-----BEGIN CERTIFICATE-----/)
@@ -420,15 +423,18 @@ function tlsFiles(cfg) {
         // handshake instead (as in the middle of a renewal, the new
         // certificate beside the old key).
         const crypto = require('node:crypto')
+        let x509
         let matches
         try {
-            matches = new crypto.X509Certificate(tls.cert).checkPrivateKey(crypto.createPrivateKey(tls.key))
+            x509 = new crypto.X509Certificate(tls.cert)
+            matches = x509.checkPrivateKey(crypto.createPrivateKey(tls.key))
         } catch (e) {
             throw new Error(`store.tls_cert ${cfg.tls_cert} and tls_key ${cfg.tls_key}: ${e.message}`)
         }
         if (!matches) throw new Error(`store.tls_key ${cfg.tls_key} is not the private key of the certificate in tls_cert ${cfg.tls_cert}`)
+        certificate = { path: cfg.tls_cert, notAfter: Date.parse(x509.validTo) }
     }
-    return tls
+    return { tls, certificate }
 }
 
 /**
@@ -489,13 +495,10 @@ function openStore(cfg = {}) {
             const user = cfg.sentinel_user === undefined ? undefined : String(cfg.sentinel_user)
             sentinel = { user, password: String(cfg.sentinel_password) }
         }
-        const tls = tlsFiles(cfg)
+        const { tls, certificate } = tlsFiles(cfg)
         const store = new RedisStore({ url: cfg.url, prefix: cfg.prefix ?? 'greyhook:', timeoutMs, tls, sentinel })
         // The client certificate's file and expiry, for expiryWarning.
-        if (tls?.cert) {
-            const notAfter = Date.parse(new (require('node:crypto').X509Certificate)(tls.cert).validTo)
-            store.certificate = { path: cfg.tls_cert, notAfter }
-        }
+        store.certificate = certificate
         return store
     }
     throw new Error(`store.kind ${JSON.stringify(kind)}: expected memory or redis`)
