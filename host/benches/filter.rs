@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use greyhook::runtime::metrics::FilterMetrics;
 use greyhook::store::{Condition, Durability, MemoryStore, RedbStore, Store, WriteOutcome};
-use greyhook::types::{AcceptedRecipient, Context, Header, Message, Session, Transaction};
+use greyhook::types::{AcceptedRecipient, Context, Message, Session, Transaction};
 use greyhook::{FilterOptions, Runtime, RuntimeConfig};
 use greyhook_filter::host::Write;
 use greyhook_filter::{DnsError, Entry, Host, Level, RecordType, SpfOutcome, StoreError, WriteOutcome as SdkOutcome};
@@ -355,8 +355,8 @@ fn message() -> Message {
         ("Message-Id", "<20261203025301.6177298E046@client.example.org>"),
         ("Subject", "hello"),
     ];
-    let headers: Vec<Header> = headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect();
-    Message { message_id: greyhook::session::message_id(&headers), headers }
+    // As the SMTP front end reads them.
+    greyhook::session::read_header_section(headers.iter().map(|(n, v)| format!("{n}: {v}")))
 }
 
 /// One side's decisions for [`instructions`], run under callgrind (`data`:

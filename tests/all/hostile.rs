@@ -1350,12 +1350,6 @@ fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
     // A lean filter's memory cap: the reference filter needs far less.
     let (_d, port) = smtp_daemon(dir.path(), sink.port, "[filter]\nmemory_mib = 8", "delay = 60");
     let bounce = |id: &str, headers: usize, size: usize| {
-        let mut c = Raw::connect(port);
-        assert!(c.reply().starts_with("220"));
-        assert!(c.send("EHLO client.example.org").starts_with("250"));
-        assert_eq!(c.send("MAIL FROM:<>"), "250 2.1.0 Ok\r\n");
-        assert_eq!(c.send("RCPT TO:<u@example.com>"), "250 2.1.5 Ok\r\n", "a bounce is not greylisted at RCPT");
-        assert!(c.send("DATA").starts_with("354"));
         let mut m = format!("Message-ID: <{id}@example.org>\r\n").into_bytes();
         for i in 0..headers {
             // A line and its folded continuation, each within the
@@ -1366,11 +1360,7 @@ fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
             m.extend(std::iter::repeat_n(b'b', size));
             m.extend_from_slice(b"\r\n");
         }
-        m.extend_from_slice(b"\r\nThe message was not delivered.\r\n.\r\n");
-        c.w.write_all(&m).unwrap();
-        let reply = c.reply();
-        let _ = c.send("QUIT");
-        reply
+        send_bounce(port, &m)
     };
     let reply = bounce("huge", 200, 60_000);
     assert!(reply.starts_with("451 4.7.1") && reply.contains("retry=00:01:00"), "a huge bounce was not greylisted: {reply:?}");
@@ -1380,6 +1370,56 @@ fn a_bounce_with_a_huge_header_section_is_still_greylisted() {
     assert!(sink.received().is_empty(), "nothing reached the next hop");
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
     assert!(!log.contains("filter failed"), "the filter failed: {log}");
+}
+
+/// A bounce from client.example.org to u@example.com through `greyhook
+/// smtp` on `port`, with the header section `headers` (each line ending in
+/// CRLF): the reply to its final dot.
+fn send_bounce(port: u16, headers: &[u8]) -> String {
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO client.example.org").starts_with("250"));
+    assert_eq!(c.send("MAIL FROM:<>"), "250 2.1.0 Ok\r\n");
+    assert_eq!(c.send("RCPT TO:<u@example.com>"), "250 2.1.5 Ok\r\n", "a bounce is not greylisted at RCPT");
+    assert!(c.send("DATA").starts_with("354"));
+    c.w.write_all(&[headers, b"\r\nThe message was not delivered.\r\n.\r\n"].concat()).unwrap();
+    let reply = c.reply();
+    let _ = c.send("QUIT");
+    reply
+}
+
+/// A bounce is keyed on its Message-ID wherever the header stands. Found
+/// reading how the header section is cut for the filter: `greyhook smtp`
+/// looked for the Message-ID only among the headers a filter is handed
+/// (200, 64 KiB), so one placed after 250 `Received:`-like lines (a
+/// bounce of a message that went round a loop, with its own trace lines
+/// on top) was not seen, the key fell back to the recipients, and a second
+/// bounce to the same recipient, with another Message-ID, passed on the
+/// first one's retry as if it were the same message.
+#[test]
+fn a_message_id_after_a_long_header_section_keys_the_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "", "delay = 1");
+    let bounce = |id: &str| {
+        let mut m = Vec::new();
+        // Past both of the filter's bounds: 250 headers, 75 KB.
+        for i in 0..250 {
+            m.extend_from_slice(format!("Received: from hop{i}.example.net by relay.example.org; {}\r\n", "x".repeat(240)).as_bytes());
+        }
+        // Folded, as some MTAs write it.
+        m.extend_from_slice(format!("Message-ID:\r\n <{id}@example.org>\r\n").as_bytes());
+        send_bounce(port, &m)
+    };
+    let greylisted = |r: &str| r.starts_with("451 4.7.1") && r.contains("retry=00:00:01");
+    let r = bounce("one");
+    assert!(greylisted(&r), "first sight: {r:?}");
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = bounce("two");
+    assert!(greylisted(&r), "another Message-ID is another message, greylisted anew: {r:?}");
+    let r = bounce("one");
+    assert!(r.starts_with("250"), "the first bounce's retry passes: {r:?}");
+    assert_eq!(sink.received().len(), 1, "only the retried bounce reached the next hop");
 }
 
 /// Clients that say STARTTLS and then never start the handshake: each held

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::reply::{check_header, render_single_line};
 use crate::domain::types::{Header, Message, Verdict};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
-use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
+use crate::session::{Hooks, SmtpSession, keep_headers};
 
 /// The `[opensmtpd]` table: the OpenSMTPD filter front end. It runs only
 /// as `greyhook opensmtpd`, started by smtpd.
@@ -611,8 +611,7 @@ impl Conversation {
             tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: the data hook runs on what was read");
         }
         let mut held: Vec<(String, String)> = std::mem::take(lines).into_iter().map(|l| (token.to_string(), l)).collect();
-        let headers = parse_headers_of(held.iter().map(|(_, l)| l.as_str()));
-        let message = Message { message_id: message_id(&headers), headers };
+        let message = parse_headers_of(held.iter().map(|(_, l)| l.as_str()));
         if end_of_headers {
             held.push((token.to_string(), line.to_string()));
         }
@@ -734,10 +733,10 @@ const HOOK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 /// all back, so more means a broken peer, and the pipe waits.
 const MAX_BACKLOG: usize = 64;
 
-/// The header section's fields (a dot-escaped line unescaped, then as the
-/// SMTP front end reads them).
-fn parse_headers_of<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<Header> {
-    crate::session::unfold_headers(lines.map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
+/// The header section's fields and Message-ID (a dot-escaped line
+/// unescaped, then as the SMTP front end reads them).
+fn parse_headers_of<'a>(lines: impl Iterator<Item = &'a str>) -> Message {
+    crate::session::read_header_section(lines.map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
 }
 
 /// How long a test waits for an answer.
@@ -787,10 +786,10 @@ mod tests {
 
     #[test]
     fn headers_are_unfolded_and_unescaped() {
-        let h = parse_headers_of(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].into_iter());
-        assert_eq!(h[0].value, "a b");
-        assert_eq!(message_id(&h).as_deref(), Some("<x@y>"));
-        assert_eq!(h[2].name, ".X");
+        let m = parse_headers_of(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].into_iter());
+        assert_eq!(m.headers[0].value, "a b");
+        assert_eq!(m.message_id.as_deref(), Some("<x@y>"));
+        assert_eq!(m.headers[2].name, ".X");
     }
 
     /// A line longer than the limit ends the conversation with an error,

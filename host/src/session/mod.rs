@@ -197,9 +197,30 @@ pub fn keep_headers(kept: &mut Vec<crate::domain::types::Header>, v: &Verdict) {
     }
 }
 
-/// The value of the first `Message-ID` header among `headers`, trimmed.
-pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
-    headers.iter().find(|h| h.name.eq_ignore_ascii_case("message-id")).map(|h| h.value.trim().to_string()).filter(|v| !v.is_empty())
+/// A header's value as one line, as [`read_header_section`] unfolds it:
+/// its lines (a milter peer sends a folded value with its line breaks)
+/// each trimmed and joined by one space, the empty ones left out, cut at
+/// `max` bytes.
+pub fn unfolded(value: &str, max: usize) -> String {
+    let mut out = String::new();
+    for part in value.split('\n') {
+        push_folded(&mut out, part, max);
+    }
+    out
+}
+
+/// Adds one line of a folded value to `out`: trimmed, after a space if
+/// `out` has text, and only as much as keeps `out` within `max` bytes.
+fn push_folded(out: &mut String, line: &str, max: usize) {
+    let line = line.trim();
+    let room = max.saturating_sub(out.len() + usize::from(!out.is_empty()));
+    if line.is_empty() || room == 0 {
+        return;
+    }
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    out.push_str(crate::domain::message::cut(line, room));
 }
 
 /// A message's header section from its lines (CR/LF already cut), up to
@@ -209,17 +230,33 @@ pub fn message_id(headers: &[crate::domain::types::Header]) -> Option<String> {
 /// header whose name is over 256 bytes left out). Shared by
 /// the front ends that see the message (SMTP, OpenSMTPD), whose message
 /// size limits would otherwise let a client make them copy megabytes.
-pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<crate::domain::types::Header> {
+///
+/// The Message-ID is the first `Message-ID` header's value, unfolded and
+/// trimmed, wherever it stands among the lines given: past the filter's
+/// budget too (a bounce's own trace lines can push it there, and without
+/// it the reference filter's DATA key falls back to the recipients).
+/// Looking for it holds no more than [`MAX_MESSAGE_ID`] bytes.
+///
+/// [`MAX_MESSAGE_ID`]: crate::domain::message::MAX_MESSAGE_ID
+pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Message {
+    use crate::domain::message::{HeaderBudget, MAX_MESSAGE_ID};
     let mut out: Vec<crate::domain::types::Header> = Vec::new();
-    let mut budget = crate::domain::message::HeaderBudget::default();
+    let mut budget = HeaderBudget::default();
     // Whether the last header line was kept (its folded lines go with it).
     let mut kept = false;
+    // The Message-ID once its header is seen, and whether the lines
+    // folded into it are still to come.
+    let mut id: Option<String> = None;
+    let mut in_id = false;
     for line in lines {
         let text = line.as_ref();
         if text.is_empty() {
             break;
         }
         if text.starts_with([' ', '\t']) {
+            if let Some(id) = id.as_mut().filter(|_| in_id) {
+                push_folded(id, text, MAX_MESSAGE_ID);
+            }
             if let Some(last) = out.last_mut().filter(|_| kept) {
                 let more = budget.extend(last.value.len(), text.trim());
                 if !more.is_empty() {
@@ -229,10 +266,15 @@ pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<
             }
             continue;
         }
-        if budget.spent() {
+        in_id = false;
+        if budget.spent() && id.is_some() {
             break;
         }
         if let Some((name, value)) = text.split_once(':') {
+            if id.is_none() && name.trim().eq_ignore_ascii_case("message-id") {
+                id = Some(unfolded(value, MAX_MESSAGE_ID));
+                in_id = true;
+            }
             kept = match budget.take(name.trim(), value.trim()) {
                 Some((name, value)) => {
                     out.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
@@ -242,12 +284,16 @@ pub fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<
             };
         }
     }
-    out
+    Message { message_id: id.filter(|v| !v.is_empty()), headers: out }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::unfold_headers;
+    use super::read_header_section;
+
+    fn unfold_headers<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<crate::domain::types::Header> {
+        read_header_section(lines).headers
+    }
 
     #[test]
     fn a_huge_header_section_is_kept_to_the_filters_bounds() {
@@ -265,5 +311,30 @@ mod tests {
         // A header left out (its name over 256 bytes) takes its folded lines with it.
         let named = unfold_headers([format!("{}: v", "N".repeat(300)), " folded".into(), "Subject: s".into()]);
         assert_eq!((named.len(), named[0].name.as_str(), named[0].value.as_str()), (1, "Subject", "s"));
+    }
+
+    #[test]
+    fn the_message_id_is_found_past_the_filters_bounds() {
+        let filler: Vec<String> = (0..250).map(|i| format!("Received: from hop{i}; {}", "x".repeat(400))).collect();
+        let with = |tail: &[&str]| {
+            let mut lines = filler.clone();
+            lines.extend(tail.iter().map(|l| l.to_string()));
+            read_header_section(&lines)
+        };
+        let m = with(&["Message-ID: <a@b>", "Subject: s"]);
+        assert_eq!(m.message_id.as_deref(), Some("<a@b>"));
+        assert!(m.headers.len() < 200 && !m.headers.iter().any(|h| h.name == "Message-ID"), "the filter's bounds still hold");
+        // Folded, the first of two, and none in the body.
+        assert_eq!(with(&["Message-ID:", " <f@b>", "Message-ID: <g@b>"]).message_id.as_deref(), Some("<f@b>"));
+        assert_eq!(with(&["", "Message-ID: <body@b>"]).message_id, None);
+        assert_eq!(with(&["message-id :  ", "Subject: s"]).message_id, None, "an empty one is none");
+        // Held to RFC 5322's line limit, folded lines and all.
+        let long = "y".repeat(700);
+        let m = with(&[&format!("Message-ID: <{long}"), &format!("\t{long}>")]);
+        assert_eq!(m.message_id.map(|id| id.len()), Some(998));
+        // Within the bounds it is the value the filter is handed.
+        let m = read_header_section(["Subject: a", "Message-ID: <x@y>", "\t(comment)"]);
+        assert_eq!(m.message_id.as_deref(), Some("<x@y> (comment)"));
+        assert_eq!(m.headers[1].value, "<x@y> (comment)");
     }
 }

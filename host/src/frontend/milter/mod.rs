@@ -46,11 +46,12 @@ use tokio_util::sync::CancellationToken;
 mod dialogue;
 mod frames;
 
+use crate::domain::message::MAX_MESSAGE_ID;
 use crate::domain::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
 use crate::domain::types::{Decision, Header, Message, Reply, Verdict};
 use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
-use crate::session::{Hooks, SmtpSession, keep_headers, message_id};
+use crate::session::{Hooks, SmtpSession, keep_headers, unfolded};
 use frames::FrameTracker;
 
 /// The `[milter]` table: the milter listener (Postfix `smtpd_milters`).
@@ -67,7 +68,8 @@ pub struct MilterConfig {
     pub socket_group: Option<String>,
     /// Largest packet accepted, bytes (a larger one closes the connection).
     pub max_packet: usize,
-    /// Most headers collected per message (the rest are not looked at).
+    /// Most headers collected per message for the filters (the rest are
+    /// passed on, looked at only for the Message-ID).
     pub max_headers: usize,
     /// A connection with nothing to say for this long is closed.
     #[serde(deserialize_with = "crate::settings::duration")]
@@ -164,6 +166,9 @@ struct Conversation {
     /// This connection's name (`milter<N>`), for sessions without a queue ID yet.
     conn_id: String,
     headers: Vec<Header>,
+    /// The message's first Message-ID, looked for among all its headers
+    /// (past `max_headers` too), unfolded; empty if that header was.
+    message_id: Option<String>,
     /// Headers the filters asked for at MAIL/RCPT, added at end of message.
     pending_headers: Vec<Header>,
     /// The steps the MTA does not wait for an answer to (negotiated).
@@ -303,6 +308,7 @@ impl Conversation {
             self.held = None;
         }
         self.headers.clear();
+        self.message_id = None;
         self.pending_headers.clear();
         self.queue_id = None;
         self.name_session();
@@ -404,6 +410,7 @@ impl MilterProtocol for Conversation {
 
     async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
         self.headers.clear();
+        self.message_id = None;
         self.pending_headers.clear();
         // Refused for the session: no transaction, no filter asked. A new
         // MAIL: the last transaction's refusal ends.
@@ -438,8 +445,14 @@ impl MilterProtocol for Conversation {
     }
 
     async fn header(&mut self, h: MilterHeader) -> Result<Action, Self::Error> {
+        let name = h.name();
+        if self.message_id.is_none() && name.eq_ignore_ascii_case("message-id") {
+            // A bounce's own trace lines can push it past `max_headers`;
+            // without it the reference filter's DATA key falls back to
+            // the recipients.
+            self.message_id = Some(unfolded(&h.value(), MAX_MESSAGE_ID));
+        }
         if self.headers.len() < self.config.max_headers {
-            let name = h.name();
             let value = h.value();
             if name.len() <= MAX_HEADER_NAME && value.len() <= MAX_HEADER_VALUE * 4 {
                 self.headers.push(Header { name: name.into_owned(), value: value.trim().to_string() });
@@ -454,11 +467,12 @@ impl MilterProtocol for Conversation {
             return Ok(ModificationResponse::builder().build(r));
         }
         let headers = std::mem::take(&mut self.headers);
+        let message_id = self.message_id.take().filter(|id| !id.is_empty());
         let mut add = std::mem::take(&mut self.pending_headers);
         let Some(s) = self.session() else { return Ok(ModificationResponse::empty_continue()) };
         // Built only for a filter called at DATA (the reference filter is
         // called for the null sender only).
-        let v = s.data_with(|| Message { message_id: message_id(&headers), headers }).await;
+        let v = s.data_with(|| Message { message_id, headers }).await;
         s.reset();
         self.end_transaction();
         if let Some(r) = v.reply() {
@@ -510,6 +524,7 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         queue_id: None,
         conn_id: format!("milter{}", CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         headers: Vec::new(),
+        message_id: None,
         pending_headers: Vec::new(),
         no_reply: Protocol::empty(),
         held: None,

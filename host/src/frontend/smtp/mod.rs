@@ -51,7 +51,7 @@ use crate::domain::types::{Header, Message, Verdict};
 use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms, WhenFull};
 use crate::frontend::smtp::relay::{HopReply, NextHop, Pool, Relay};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
-use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers, message_id};
+use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers};
 use reader::ClientReader;
 pub use wire::BareNewline;
 use wire::{DataFramer, Ending, Fed, Line, PathError, parse_path, read_line, split_ending};
@@ -1005,13 +1005,7 @@ impl Connection {
     }
 
     async fn deliver(&mut self, body: Body) -> Result<(), End> {
-        let v: Verdict = self
-            .session()
-            .data_with(|| {
-                let headers = parse_headers(&body.bytes);
-                Message { message_id: message_id(&headers), headers }
-            })
-            .await;
+        let v: Verdict = self.session().data_with(|| parse_headers(&body.bytes)).await;
         if let Some(r) = v.reply() {
             if let Some(hop) = self.relay.as_mut()
                 && hop.rset().await.is_err()
@@ -1132,9 +1126,10 @@ fn xforward(s: &crate::domain::types::Session) -> String {
 }
 
 /// The header section of a message (up to the first empty line), unfolded,
-/// at most 200 headers.
-pub fn parse_headers(message: &[u8]) -> Vec<Header> {
-    crate::session::unfold_headers(message.split(|b| *b == b'\n').map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l))))
+/// as a filter is handed it, and its Message-ID
+/// ([`crate::session::read_header_section`]).
+pub fn parse_headers(message: &[u8]) -> Message {
+    crate::session::read_header_section(message.split(|b| *b == b'\n').map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l))))
 }
 
 #[cfg(test)]
@@ -1182,9 +1177,9 @@ mod tests {
 
     #[test]
     fn headers_are_unfolded_and_end_at_the_empty_line() {
-        let h = parse_headers(b"Subject: a\r\n b\r\nMessage-ID: <x@y>\r\n\r\nNot: a header\r\n");
-        assert_eq!(h.len(), 2);
-        assert_eq!(h[0].value, "a b");
-        assert_eq!(message_id(&h).as_deref(), Some("<x@y>"));
+        let m = parse_headers(b"Subject: a\r\n b\r\nMessage-ID: <x@y>\r\n\r\nNot: a header\r\n");
+        assert_eq!(m.headers.len(), 2);
+        assert_eq!(m.headers[0].value, "a b");
+        assert_eq!(m.message_id.as_deref(), Some("<x@y>"));
     }
 }

@@ -4,7 +4,8 @@
 //! `store@x` exercises the store; the sender `tempfail-mail@x` gets a
 //! two-line 451 at MAIL, a message with the Message-ID
 //! `<tempfail-data@...>` a 451 at the end of DATA (`<loop-data@...>` a
-//! data hook that loops until its deadline), and a client named
+//! data hook that loops until its deadline, `<count-headers@...>` an
+//! `X-Chaos: headers N` header counting the headers handed), and a client named
 //! `panic.example` a trap at connect. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
@@ -213,6 +214,10 @@ impl Guest for Chaos {
                 text: vec!["Not this message, not now".into()],
                 retry_after: Some(120),
             }));
+        }
+        // How many headers the host handed, for the front ends' bounds.
+        if m.message_id.as_deref().is_some_and(|id| id.starts_with("<count-headers@")) {
+            return header("X-Chaos", format!("headers {}", m.headers.len()));
         }
         verdict(Decision::Continue)
     }
