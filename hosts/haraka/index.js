@@ -354,7 +354,7 @@ exports.greyhook_data_post = function (next, connection) {
     const txn = connection.transaction
     // The bounded view greyhook's own host hands a filter (lib/message.js).
     const headers = boundedHeaders(txn.header.header_list)
-    const message = { messageId: boundedMessageId(txn.header.get('Message-ID')), headers }
+    const message = { messageId: boundedMessageId(txn.header.get_all('Message-ID')[0]), headers }
     run(this, 'data', connection, message, next, (r) => {
         // The headers every verdict of the transaction added, once the
         // filter lets the message through.

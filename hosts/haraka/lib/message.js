@@ -48,9 +48,19 @@ function boundedHeaders(headerList) {
     return out
 }
 
-/** The Message-ID as handed: trimmed, cut at MAX_MESSAGE_ID bytes; undefined if none. */
+/**
+ * The Message-ID as handed, from the first Message-ID header's raw value
+ * (Haraka parses them all, wherever they stand): unfolded as greyhook's own
+ * front ends do (each line trimmed, joined by one space), cut at
+ * MAX_MESSAGE_ID bytes; undefined if none. Keys shared through Redis with a
+ * greyhook daemon come out the same.
+ */
 function boundedMessageId(id) {
-    const v = String(id || '').trim()
+    const v = String(id || '')
+        .split(/\r?\n/)
+        .map((l) => l.trim())
+        .filter((l) => l)
+        .join(' ')
     return v ? cut(v, MAX_MESSAGE_ID) : undefined
 }
 

@@ -31,4 +31,6 @@ test('a header with an overlong name is left out; the Message-ID is cut', () => 
     assert.strictEqual(m.cut('abc', 10), 'abc')
     assert.strictEqual(Buffer.byteLength(m.boundedMessageId(`<${'a'.repeat(2000)}@x>`)), m.MAX_MESSAGE_ID)
     assert.strictEqual(m.boundedMessageId('  '), undefined)
+    // Folded, as Haraka keeps a raw value: unfolded as greyhook does.
+    assert.strictEqual(m.boundedMessageId('\r\n <a\r\n\tb@x>\r\n'), '<a b@x>')
 })
