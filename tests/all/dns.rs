@@ -94,9 +94,7 @@ fn spf_validated_senders_pass_their_first_retry_from_another_network() {
     // One TXT query for big.test served three SPF checks (the cache honours the 300 s TTL).
     assert_eq!(dns.queries("big.test"), 1, "queries for big.test reached the server more than once");
 
-    let out =
-        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = greyhook_status(&dir.path().join("control.sock"), false);
     assert!(status.contains("spf-domain 0.1.0 namespace=spf-domain contract=0.2.3"), "{status}");
     assert!(status.contains("identity{kind=\"spf\"} 2") && status.contains("identity{kind=\"network\"} 4"), "{status}");
     assert!(status.contains("delay_seconds{kind=\"spf\"} count=1"), "{status}");

@@ -203,9 +203,7 @@ fn a_renewed_redis_client_certificate_is_used_without_a_restart() {
     let (d, mx) = daemon_store(dir.path(), "mx", &redis.url(), &["delay=60"], &lines);
     // `greyhook status`'s line for the client certificate in use.
     let status_line = || {
-        let out =
-            std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("mx.sock")).output().unwrap();
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let out = greyhook_status(&dir.path().join("mx.sock"), false);
         out.lines().find(|l| l.starts_with("certificate redis: ")).map(str::to_string).unwrap_or_else(|| panic!("{out}"))
     };
     let in_use_at_start = status_line();
@@ -425,11 +423,7 @@ fn redis_down_fails_open_within_the_timeout_and_greylisting_resumes_when_it_retu
     let out = load.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("other=0 errors=0"), "every reply came, greylist or fail-open: {text}");
-    let status = std::process::Command::new(greyhook_bin())
-        .args(["status", "--control", dir.path().join("mx1.sock").to_str().unwrap()])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = greyhook_status(&dir.path().join("mx1.sock"), false);
     let failures: u64 = status
         .split("store_failures=")
         .nth(1)

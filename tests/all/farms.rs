@@ -149,21 +149,15 @@ fn policy_farms_pass_at_their_first_retry_and_bots_do_not() {
     // Every path above (DNS, SPF, hashed keys) kept nothing past its call:
     // the reference filter's per-call arena was rewound after each.
     assert!(!d.log_text().contains("per-call arena cannot be rewound"), "{}", d.log_text());
-    let out =
-        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = greyhook_status(&dir.path().join("control.sock"), false);
     assert!(status.contains("identity_total{kind=\"spf\"} 4"), "{status}");
     assert!(status.lines().any(|l| l.starts_with("filter greylist ") && l.contains(" failures=0 ")), "{status}");
     assert!(status.contains("identity_total{kind=\"fcrdns-org\"} 2"), "{status}");
     let lookups: u64 = status.split("dns lookups=").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(lookups >= 10, "the resolver's own count: {status}");
     // The same for scripts.
-    let out = std::process::Command::new(greyhook_bin())
-        .args(["status", "--json", "--control"])
-        .arg(dir.path().join("control.sock"))
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let out = greyhook_status(&dir.path().join("control.sock"), true);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("status --json prints JSON");
     let f = &json["filters"][0];
     assert_eq!((f["name"].as_str(), f["contract"].as_str(), f["failures"].as_u64()), (Some("greylist"), Some("0.2.3"), Some(0)), "{json}");
     let spf = f["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "identity_total" && m["labels"]["kind"] == "spf");
@@ -236,9 +230,7 @@ fn the_hook_deadline_bounds_dns_waits() {
     let a = ask(port, "198.51.100.10", "unknown", "unknown", "news@farm.test");
     assert!(deferred(&a), "{a}\n{}", d.log_text());
     assert!(t.elapsed() < Duration::from_millis(2500), "bounded by the 400 ms deadline, not the 5 s DNS timeout: {:?}", t.elapsed());
-    let out =
-        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = greyhook_status(&dir.path().join("control.sock"), false);
     assert!(status.lines().any(|l| l.starts_with("filter greylist ") && l.contains(" failures=0 ")), "answered in time: {status}");
     assert!(status.contains("dns_failures_total{check=\"spf\"} 1"), "{status}");
     assert!(!status.contains("cut_by_deadline=0"), "{status}");

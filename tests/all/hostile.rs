@@ -440,8 +440,8 @@ fn a_second_daemon_does_not_take_the_control_socket() {
     let st = d2.child.wait().unwrap();
     assert!(!st.success(), "the second daemon must refuse to start");
     assert!(d2.wait_log("in use", 10), "{}", d2.log_text());
-    let status = std::process::Command::new(greyhook_bin()).args(["status", "--control", ctl.to_str().unwrap()]).output().unwrap();
-    assert!(status.status.success() && String::from_utf8_lossy(&status.stdout).contains("greylist"), "{status:?}");
+    let status = greyhook_status(&ctl, false);
+    assert!(status.contains("greylist"), "{status}");
     assert!(d1.terminate(10), "{}", d1.log_text());
     assert!(!ctl.exists(), "the owner removes its socket on exit");
     // Read-only commands write nothing (no /run/greyhook, no probe file).

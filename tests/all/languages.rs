@@ -55,8 +55,7 @@ fn drive(dir: &Path, wasm: &Path, name: &str, text: &str, skips: &str) {
     std::thread::sleep(Duration::from_millis(1100));
     let retry = policy_rcpt(&mut s, "192.0.2.1", "alice@example.org", "bob@example.com", "i2");
     assert!(retry.starts_with("action=DUNNO"), "{retry}\n{}", d.log_text());
-    let out = Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.join("control.sock")).output().unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = greyhook_status(&dir.join("control.sock"), false);
     assert!(status.contains(&format!("{name} 0.1.0 namespace={name} contract=0.2.3 skips={skips} ")), "{status}");
     assert!(status.contains("greylisted{stage=\"first\"} 1") && status.contains("passed 1"), "{status}");
     assert!(d.terminate(20));

@@ -404,9 +404,7 @@ s.quit()
     assert!(d.wait_log("fullchain.pem: the certificate expires in 9 day(s)", 5), "{}", d.log_text());
     assert_eq!(expiry(), soon.unix_timestamp());
     // `greyhook status` and the status page say so too.
-    let status =
-        std::process::Command::new(greyhook_bin()).args(["status", "--control"]).arg(dir.path().join("control.sock")).output().unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let status = greyhook_status(&dir.path().join("control.sock"), false);
     let line = format!("certificate smtp: {}/fullchain.pem expires ", live.display());
     assert!(status.lines().any(|l| l.starts_with(&line) && l.ends_with(" (9 days left)")), "{status}");
     let html = get("/");

@@ -54,12 +54,9 @@ fn serve_with_delay(dir: &Path, db: &Path, durability: &str, port: u16, delay: u
     p
 }
 
+/// `greyhook status` of the daemon whose control socket is in `dir`.
 fn status(dir: &Path) -> String {
-    let out = std::process::Command::new(greyhook_bin())
-        .args(["status", "--control", dir.join("control.sock").to_str().unwrap()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    greyhook_status(&dir.join("control.sock"), false)
 }
 
 /// A private tmpfs of `size` mounted at a temp dir (unmounted when dropped):
