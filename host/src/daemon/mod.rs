@@ -646,3 +646,59 @@ async fn housekeeping(shared: Arc<Shared>, clock: Arc<dyn Clock>, cfg: StoreConf
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// The log as a test reads it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The daily reminder itself, a day at a time on tokio's paused clock:
+    /// a certificate with nine days left is warned of when it is loaded,
+    /// then once every 24 hours, never in between, and not after shutdown.
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_near_expiry_is_warned_of_once_a_day() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // Other tests' certificates may be in use too: only this file's lines count.
+        let path = std::path::Path::new("/etc/reminder-test/fullchain.pem");
+        let warnings = || String::from_utf8_lossy(&log.0.lock().unwrap()).lines().filter(|l| l.contains(path.to_str().unwrap())).count();
+
+        let mut params = rcgen::CertificateParams::new(vec!["greyhook.test".to_string()]).unwrap();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(9) + time::Duration::hours(12);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pair = crate::pem::pair(path, cert.pem().as_bytes(), path, key.serialize_pem().as_bytes()).unwrap();
+        crate::pem::note_expiry("reminder-test", path, &pair);
+        assert_eq!(warnings(), 1, "warned of at load");
+        assert!(String::from_utf8_lossy(&log.0.lock().unwrap()).contains("fullchain.pem: the certificate expires in 9 day(s)"));
+
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(super::certificate_reminders(shutdown.clone()));
+        let day = crate::pem::REMINDER_INTERVAL;
+        tokio::time::sleep(day - std::time::Duration::from_secs(60)).await;
+        assert_eq!(warnings(), 1, "nothing more within the day");
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        assert_eq!(warnings(), 2, "again a day later");
+        tokio::time::sleep(day).await;
+        assert_eq!(warnings(), 3, "and the day after");
+        shutdown.cancel();
+        task.await.unwrap();
+        tokio::time::sleep(day * 2).await;
+        assert_eq!(warnings(), 3, "none after shutdown");
+    }
+}
