@@ -64,7 +64,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         if !refused {
-            let message = Message { message_id: Some("<m1@example.org>".into()), headers: Vec::new() };
+            // The header section's lines as the MTA read them (CRLF cut,
+            // up to the empty line): read as greyhook's own front ends
+            // read them, unfolded and bounded, with the Message-ID found
+            // wherever it stands.
+            let message: Message = greyhook::session::read_header_section(["Subject: hello", "Message-ID:", " <m1@example.org>"]);
             let verdict = session.data(&message).await;
             println!("C: DATA …\nS: {}", verdict.reply().map_or("(the MTA's own 250)".to_string(), greyhook::reply::render));
         }
