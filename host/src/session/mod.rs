@@ -197,6 +197,12 @@ pub fn keep_headers(kept: &mut Vec<crate::domain::types::Header>, v: &Verdict) {
     }
 }
 
+/// How much of a header section [`read_header_section`] reads, bytes
+/// (lines with their CRLF): 1 MiB, ten times Postfix's
+/// `header_size_limit`. Past it, neither headers nor the Message-ID are
+/// looked for.
+pub const MAX_HEADER_SECTION_READ: usize = 1 << 20;
+
 /// A header's value as one line, as [`read_header_section`] unfolds it:
 /// its lines (a milter peer sends a folded value with its line breaks)
 /// each trimmed and joined by one space, the empty ones left out, cut at
@@ -237,6 +243,10 @@ fn push_folded(out: &mut String, line: &str, max: usize) {
 /// it the reference filter's DATA key falls back to the recipients).
 /// Looking for it holds no more than [`MAX_MESSAGE_ID`] bytes.
 ///
+/// No more than [`MAX_HEADER_SECTION_READ`] bytes of lines are read: a
+/// client's message may be 25 MiB of header lines, and this runs in one go
+/// on a thread that serves other clients.
+///
 /// [`MAX_MESSAGE_ID`]: crate::domain::message::MAX_MESSAGE_ID
 pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Message {
     use crate::domain::message::{HeaderBudget, MAX_MESSAGE_ID};
@@ -248,9 +258,13 @@ pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) ->
     // folded into it are still to come.
     let mut id: Option<String> = None;
     let mut in_id = false;
+    // Bytes of the section read: the lines are the client's, and past
+    // the filter's budget they are only looked through.
+    let mut read = 0usize;
     for line in lines {
         let text = line.as_ref();
-        if text.is_empty() {
+        read += text.len() + 2;
+        if text.is_empty() || read > MAX_HEADER_SECTION_READ {
             break;
         }
         if text.starts_with([' ', '\t']) {
@@ -333,6 +347,11 @@ mod tests {
         let m = with(&[&format!("Message-ID: <{long}"), &format!("\t{long}>")]);
         assert_eq!(m.message_id.map(|id| id.len()), Some(998));
         // Within the bounds it is the value the filter is handed.
+        // Read no further than MAX_HEADER_SECTION_READ, found or not.
+        let pulled = std::cell::Cell::new(0usize);
+        let endless = std::iter::repeat("X-Filler: 0123456789012345678901234567890123456789").inspect(|_| pulled.set(pulled.get() + 1));
+        assert_eq!(read_header_section(endless).message_id, None);
+        assert_eq!(pulled.get(), super::MAX_HEADER_SECTION_READ / 52 + 1, "lines pulled");
         let m = read_header_section(["Subject: a", "Message-ID: <x@y>", "\t(comment)"]);
         assert_eq!(m.message_id.as_deref(), Some("<x@y> (comment)"));
         assert_eq!(m.headers[1].value, "<x@y> (comment)");
