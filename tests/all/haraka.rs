@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use greyhook_tests::{
-    CHAOS_FILTER, DnsServer, Process, Raw, RedisCluster, RedisServer, RedisTlsFiles, Sentinel, connect_from, free_port, null_dns,
-    policy_rcpt, replace_file,
+    CHAOS_FILTER, DnsServer, Process, Raw, RedisCluster, RedisServer, RedisTlsFiles, Sentinel, Sink, connect_from, free_port, null_dns,
+    policy_rcpt, replace_file, wait_for_port,
 };
 
 fn package() -> PathBuf {
@@ -484,6 +484,54 @@ fn a_haraka_node_and_a_greyhook_daemon_share_one_redis_greylist() {
         assert!(Instant::now() < until, "never greylisted after the renewal: {answers:?}\n{}", h.log());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A bounce is one triplet on a Haraka node and a `greyhook smtp` daemon
+/// sharing one Redis: both key it on its first Message-ID, unfolded.
+/// Found reading the plugin: it took Haraka's `header.get('Message-ID')`,
+/// which joins every Message-ID header with a newline and keeps a folded
+/// value's line breaks, where greyhook's front ends take the first one,
+/// unfolded; a bounce greylisted on one host was a new triplet on the
+/// other, and its retry there was greylisted again.
+#[test]
+fn a_bounce_is_one_triplet_on_haraka_and_greyhook_smtp() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let wasm = reference_wasm(dir.path());
+    let smtp = free_port();
+    let table = format!("[smtp]\nlisten = [\"127.0.0.1:{smtp}\"]\nnext_hop = \"127.0.0.1:{}\"\nhostname = \"greyhook.test\"", sink.port);
+    let (_d, _) = greyhook_serve(dir.path(), &redis, &[&table, "[filter]\ndeadline = \"5s\""], &["delay=2"]);
+    wait_for_port(smtp, 30);
+    let ini = format!(
+        "[filter]\npath={}\nconfig=filter.toml\ndeadline_ms=5000\n[store]\nkind=redis\nurl={}\n[dns]\nservers={}\n",
+        wasm.display(),
+        redis.url(),
+        null_dns()
+    );
+    let h = Haraka::start(&dir.path().join("site"), &ini, "delay = 2\n");
+    // The reply to the final dot of a bounce to frank@ through `port`.
+    let bounce = |port: u16| {
+        let mut c = Raw::connect(port);
+        assert!(c.reply().starts_with("220"), "greeting");
+        c.send("EHLO client.example.org");
+        assert!(c.send("MAIL FROM:<>").starts_with("250"));
+        let r = c.send("RCPT TO:<frank@example.com>");
+        assert!(r.starts_with("250"), "a bounce is not greylisted at RCPT: {r}");
+        assert!(c.send("DATA").starts_with("354"));
+        let r = c.send(
+            "Subject: Undelivered Mail Returned to Sender\r\nMessage-ID:\r\n <one@example.org>\r\nMessage-ID: <two@example.org>\r\n\r\nbody\r\n.",
+        );
+        let _ = c.send("QUIT");
+        r
+    };
+    let first = Instant::now();
+    let r = bounce(h.port);
+    assert!(r.starts_with("451 4.7.1 "), "greylisted on Haraka: {r}\n{}", h.log());
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(first.elapsed()));
+    let r = bounce(smtp);
+    assert!(r.starts_with("250"), "the retry through greyhook smtp is the same triplet: {r}");
+    assert_eq!(sink.received().len(), 1);
 }
 
 /// A big sender retrying from another address of its SPF record: the
