@@ -490,6 +490,57 @@ fn decision_lines_name_the_right_queue_id() {
     }
 }
 
+/// A HELO name is kept to RFC 5321's 255 octets whichever front end
+/// brings it: in the session the filters see, and in the decision log.
+/// Found reading the milter: it cut the name with `get(..255)`, which
+/// gives nothing when byte 255 falls inside a character, and then kept the
+/// whole name (up to the 64 KiB packet); the policy service kept any
+/// `helo_name` up to its 4 KiB line. Driven against the binary, the
+/// decision log in JSON.
+#[test]
+fn a_helo_name_is_kept_to_255_octets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (milter, policy) = (free_port(), free_port());
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[log]\ndecisions = \"json\"\n\
+         [policy]\nlisten = [\"127.0.0.1:{policy}\"]\n[milter]\nlisten = [\"127.0.0.1:{milter}\"]\n[filter.config]\ndelay = 300\n",
+        d = dir.path().display()
+    );
+    let mut d = greyhook_with(dir.path(), "serve", &text);
+    wait_for_port(milter, 30);
+    wait_for_port(policy, 30);
+    // Byte 255 is the second of 'é''s two.
+    let long = format!("{}é{}", "a".repeat(254), "b".repeat(3000));
+    let mut m = Mta::connect(milter);
+    m.negotiate();
+    m.connect_from("192.0.2.1");
+    m.ask(b'H', &nul(&long));
+    assert_eq!(m.ask(b'M', &nul("<s@example.org>")).0, b'c');
+    assert_eq!(m.ask(b'R', &nul("<milter@example.com>")).0, b'y', "greylisted");
+    m.send(b'Q', &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", policy)).unwrap();
+    let a = policy_exchange(
+        &mut s,
+        &format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.2\nhelo_name={long}\n\
+             sender=s@example.org\nrecipient=policy@example.com\ninstance=p1\n\n"
+        ),
+    );
+    assert!(a.starts_with("action=451"), "{a}");
+    assert!(d.terminate(10));
+    let log = d.log_text();
+    let helos: Vec<(String, String)> = log
+        .lines()
+        .filter_map(greyhook::session::audit::DecisionRecord::parse_line)
+        .filter(|r| r.phase == "rcpt")
+        .map(|r| (r.recipient.unwrap_or_default(), r.helo.unwrap_or_default()))
+        .collect();
+    assert_eq!(helos.len(), 2, "{log}");
+    for (rcpt, helo) in helos {
+        assert!(helo == "a".repeat(254), "{rcpt}: cut at a character boundary within 255 octets, not {} bytes", helo.len());
+    }
+}
+
 /// `max_headers`: only so many headers of a message are handed to the
 /// filters; the Message-ID is looked for among them all. The null sender
 /// is greylisted at end of message keyed on its Message-ID. Found reading

@@ -18,6 +18,16 @@ use crate::session::audit::{action, log_decision};
 /// refuses more before asking; a milter peer cannot make us hold more).
 pub const MAX_TRANSACTION_RECIPIENTS: usize = 1000;
 
+/// Longest HELO name kept, bytes (RFC 5321's limit on a domain): a longer
+/// one is cut at a character boundary, whichever front end brings it (the
+/// SMTP front end refuses it with `501` first).
+pub const MAX_HELO: usize = 255;
+
+/// `helo` as the session keeps it: at most [`MAX_HELO`] bytes.
+pub fn bounded_helo(helo: &str) -> &str {
+    crate::domain::message::cut(helo, MAX_HELO)
+}
+
 /// The chain, clock and resolver shared by every session of a front end.
 #[derive(Clone)]
 pub struct Hooks {
@@ -102,10 +112,10 @@ impl SmtpSession {
         v
     }
 
-    /// HELO/EHLO: records the name (a new EHLO also ends any transaction)
-    /// and asks the chain.
+    /// HELO/EHLO: records the name (at most [`MAX_HELO`] bytes; a new EHLO
+    /// also ends any transaction) and asks the chain.
     pub async fn ehlo(&mut self, helo: &str) -> EhloVerdict {
-        self.ctx.session.helo = Some(helo.to_string());
+        self.ctx.session.helo = Some(bounded_helo(helo).to_string());
         self.reset();
         self.stamp();
         let v = self.hooks.chain.on_ehlo(&self.ctx).await;

@@ -404,7 +404,7 @@ impl MilterProtocol for Conversation {
         }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         let name = h.helo();
-        let v = s.ehlo(name.get(..255).unwrap_or(&name)).await;
+        let v = s.ehlo(&name).await;
         Ok(self.answer_or_hold(Protocol::NR_HELO, HeldUntil::Helo, &v.verdict))
     }
 

@@ -241,7 +241,7 @@ impl PolicyServer {
             client_address: client,
             client_name: get("client_name").filter(|n| *n != "unknown").map(str::to_string),
             reverse_client_name: get("reverse_client_name").filter(|n| *n != "unknown").map(str::to_string),
-            helo: get("helo_name").map(str::to_string),
+            helo: get("helo_name").map(|h| crate::session::bounded_helo(h).to_string()),
             auth_user: get("sasl_username").map(str::to_string),
             tls: get("encryption_protocol").is_some(),
         };
