@@ -11,6 +11,35 @@ cd "$(dirname "$0")/.."
 bin=${1:-target/debug/greyhook}
 out=$(mktemp -d)
 fail() { echo "deb test: $*" >&2; exit 1; }
+pid=
+saved=()
+# A failed check leaves neither the daemon it started nor the package
+# behind (a second run, or the next job on the machine, would meet them),
+# and what was set aside before the install is put back.
+cleanup() {
+  local rc=$?
+  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ "$rc" -ne 0 ] && dpkg -s greyhook >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq greyhook >/dev/null 2>&1 || true
+  fi
+  for d in "${saved[@]}"; do
+    rm -rf "$d" && mv "$out/saved$d" "$d"
+  done
+  rm -rf "$out"
+}
+trap cleanup EXIT
+
+# This test installs and purges its own package: never an operator's.
+! dpkg -s greyhook >/dev/null 2>&1 || fail "the greyhook package is installed here; this test would purge it"
+# The checks below are of what the package creates. greyhook run as root
+# on its embedded defaults (the README's first command) keeps its store
+# in /var/lib/greyhook and its compiled filters beside it: set aside for
+# the test, put back after.
+for d in /var/lib/greyhook /var/cache/greyhook; do
+  if [ -e "$d" ]; then
+    mkdir -p "$out/saved$(dirname "$d")" && mv "$d" "$out/saved$d" && saved+=("$d")
+  fi
+done
 
 deb=$(contrib/debian/build-deb.sh "$bin" "$out")
 info=$(dpkg-deb --info "$deb") && contents=$(dpkg-deb --contents "$deb") || fail "dpkg-deb cannot read $deb"
@@ -70,7 +99,8 @@ ls /var/cache/greyhook/filters/*.cwasm >/dev/null 2>&1 || fail "no compiled filt
 
 if [ -n "$pid" ]; then
   kill -TERM "$pid"
-  wait "$pid" || fail "greyhook did not stop cleanly"
+  wait "$pid" || { pid=; fail "greyhook did not stop cleanly"; }
+  pid=
 fi
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq greyhook >/dev/null
 [ ! -e /usr/bin/greyhook ] || fail "/usr/bin/greyhook left behind"
@@ -79,5 +109,4 @@ DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq greyhook >/dev/null
 [ ! -e /var/cache/greyhook ] || fail "/var/cache/greyhook left behind after purge"
 [ ! -e /etc/greyhook/greyhook.toml ] || fail "the conffile left behind after purge"
 ! getent passwd greyhook >/dev/null || fail "the greyhook user left behind after purge"
-rm -rf "$out"
 echo "deb test: installed, answered \"$reply\", purged cleanly"
