@@ -356,12 +356,12 @@ mod tests {
         let long = "y".repeat(700);
         let m = with(&[&format!("Message-ID: <{long}"), &format!("\t{long}>")]);
         assert_eq!(m.message_id.map(|id| id.len()), Some(998));
-        // Within the bounds it is the value the filter is handed.
         // Read no further than MAX_HEADER_SECTION_READ, found or not.
         let pulled = std::cell::Cell::new(0usize);
         let endless = std::iter::repeat("X-Filler: 0123456789012345678901234567890123456789").inspect(|_| pulled.set(pulled.get() + 1));
         assert_eq!(read_header_section(endless).message_id, None);
         assert_eq!(pulled.get(), super::MAX_HEADER_SECTION_READ / 52 + 1, "lines pulled");
+        // Within the bounds it is the value the filter is handed.
         let m = read_header_section(["Subject: a", "Message-ID: <x@y>", "\t(comment)"]);
         assert_eq!(m.message_id.as_deref(), Some("<x@y> (comment)"));
         assert_eq!(m.headers[1].value, "<x@y> (comment)");

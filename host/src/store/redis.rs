@@ -603,7 +603,7 @@ impl RedisStore {
             return;
         }
         let shown = super::redacted(&self.config.url);
-        match self.config.tls.certificates().and_then(|(c, client)| Ok((build_backend(&self.config, Some(c))?, client))) {
+        match self.config.tls.certificates().and_then(|(c, client)| build_backend(&self.config, Some(c)).map(|b| (b, client))) {
             Ok((backend, client)) => {
                 self.backend.store(std::sync::Arc::new(backend));
                 self.config.tls.note_in_use(client.as_ref());
