@@ -56,8 +56,9 @@ fn ask(port: u16, sender: &str) -> String {
     policy_rcpt(&mut s, "192.0.2.1", sender, "u@example.com", "i").trim_end().to_string()
 }
 
-/// Where the store, its compiled-filter cache and the control socket go by
-/// default (systemd's `STATE_DIRECTORY` and `RUNTIME_DIRECTORY`), the
+/// Where the store and the control socket go by default (systemd's
+/// `STATE_DIRECTORY` and `RUNTIME_DIRECTORY`; the cache is not beside the
+/// store, whatever `CACHE_DIRECTORY` says or not), the
 /// control socket's mode 0600, and `greyhook status` finding it there.
 #[test]
 fn default_paths_follow_systemd_directories() {
@@ -71,8 +72,7 @@ fn default_paths_follow_systemd_directories() {
     wait_for_port(port, 30);
     assert!(ask(port, "a@example.org").starts_with("action=451 4.7.1"));
     assert!(state.join("greyhook.db").is_file(), "the default store is $STATE_DIRECTORY/greyhook.db");
-    let cached = std::fs::read_dir(state.join("cache")).map(|r| r.count()).unwrap_or(0);
-    assert!(cached >= 1, "compiled filters are cached in cache/ beside the store");
+    assert!(!state.join("cache").exists(), "compiled filters are not cached beside the store");
     let sock = run.join("control.sock");
     let mode = std::fs::metadata(&sock).expect("the control socket is $RUNTIME_DIRECTORY/control.sock").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {:o}", mode & 0o777);
@@ -104,8 +104,65 @@ fn compiled_filters_go_to_the_systemd_cache_directory() {
     assert!(d.terminate(10));
 }
 
-/// `cache_dir` names where compiled filters are kept; the memory store has
-/// no cache by default.
+/// Whether this process runs as root: `/proc/self` belongs to the
+/// effective user.
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").expect("/proc/self").uid() == 0
+}
+
+/// A daemon run by a user, with no service manager: its store under
+/// `~/.local/state`, its compiled filters under `~/.cache` (or
+/// `$XDG_CACHE_HOME`), named in the startup log. As root, greyhook is run
+/// as `nobody` (setpriv), which may not write `/var/cache/greyhook`.
+#[test]
+fn a_user_daemon_keeps_compiled_filters_in_its_cache_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // A copy of the binary nobody can run wherever the checkout is.
+    let bin = dir.path().join("greyhook");
+    std::fs::copy(greyhook_bin(), &bin).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = running_as_root();
+    if root {
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    }
+    for xdg in [None, Some(home.join("xdg-cache"))] {
+        let port = free_port();
+        let log = dir.path().join("log");
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        cmd.args(["serve", "--policy", &format!("127.0.0.1:{port}"), "--control", &format!("{}/control.sock", home.display())])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .env("HOME", &home)
+            .env("GREYHOOK_LOG", "info");
+        for k in ["CACHE_DIRECTORY", "STATE_DIRECTORY", "RUNTIME_DIRECTORY", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"] {
+            cmd.env_remove(k);
+        }
+        if let Some(x) = &xdg {
+            cmd.env("XDG_CACHE_HOME", x);
+        }
+        let mut d = Process { child: cmd.spawn().expect("greyhook starts"), log };
+        wait_for_port(port, 30);
+        assert!(ask(port, "a@example.org").starts_with("action=451 4.7.1"), "{}", d.log_text());
+        let cache = xdg.clone().unwrap_or_else(|| home.join(".cache")).join("greyhook/filters");
+        let cached = std::fs::read_dir(&cache).map(|r| r.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cwasm")).count());
+        assert_eq!(cached.unwrap_or(0), 1, "the compiled filter is in {}:\n{}", cache.display(), d.log_text());
+        assert!(d.wait_log(&format!("compiled filters: {}", cache.display()), 10), "{}", d.log_text());
+        let state = home.join(".local/state/greyhook");
+        assert!(state.join("greyhook.db").is_file(), "the store is ~/.local/state/greyhook/greyhook.db");
+        assert!(!state.join("cache").exists(), "nothing is cached beside the store");
+        assert!(d.terminate(10));
+    }
+}
+
+/// `cache_dir` names where compiled filters are kept.
 #[test]
 fn cache_dir_is_where_compiled_filters_go() {
     let dir = tempfile::tempdir().unwrap();

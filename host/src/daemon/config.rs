@@ -60,8 +60,8 @@ pub struct FilterConfig {
     /// How long a reverted version is refused (doubling each time).
     #[serde(deserialize_with = "duration")]
     pub breaker_backoff: Duration,
-    /// Where compiled filters are kept across restarts (default: `cache/`
-    /// beside the store file; none with the memory store).
+    /// Where compiled filters are kept across restarts (default:
+    /// [`crate::runtime::artifact_cache::default_dir`]).
     pub cache_dir: Option<PathBuf>,
     /// The filter's own configuration, handed to its `init`.
     pub config: toml::Table,

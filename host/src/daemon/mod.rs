@@ -427,26 +427,22 @@ impl Daemon {
         crate::session::audit::set_format(config.log.decisions);
         tracing::info!("store: {}", config.store.describe());
         tracing::info!("dns: {}", config.dns.describe());
-        let cache_dir = chain_sections
-            .iter()
-            .find_map(|f| f.cache_dir.clone())
-            // The cache directory the service manager gives us (systemd's
-            // `CacheDirectory=`), whatever the store: compiled filters are
-            // machine code made again at will, not state to back up.
-            .or_else(|| crate::settings::systemd_dir("CACHE_DIRECTORY", "filters"))
-            .or_else(|| db_path.as_ref().and_then(|p| p.parent()).map(|d| d.join("cache")))
-            // A store that is no file (memory, Redis) still keeps compiled
-            // filters: /var/cache/greyhook if we may write there.
-            .or_else(|| crate::settings::writable_system_dir("/var/cache/greyhook", "filters"));
+        let cache_dir = chain_sections.iter().find_map(|f| f.cache_dir.clone()).or_else(crate::runtime::artifact_cache::default_dir);
         let cache = match cache_dir {
             Some(d) => match ArtifactCache::open(&d) {
-                Ok(c) => Some(c),
+                Ok(c) => {
+                    tracing::info!("compiled filters: {}", d.display());
+                    Some(c)
+                }
                 Err(e) => {
                     tracing::warn!("no compiled-filter cache in {}: {e}", d.display());
                     None
                 }
             },
-            None => None,
+            None => {
+                tracing::info!("compiled filters: not cached (no cache_dir, $CACHE_DIRECTORY, /var/cache/greyhook or $HOME)");
+                None
+            }
         };
         let Loaded { reloaders, stacks, files, resolver } = load_chain(config, store.clone(), cache).await?;
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();

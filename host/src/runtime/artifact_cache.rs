@@ -16,6 +16,24 @@ use sha2::{Digest, Sha256};
 
 use crate::runtime::{CompiledFilter, LoadError, Runtime};
 
+/// Where compiled filters are kept when `cache_dir` is not set:
+/// `$CACHE_DIRECTORY/filters` (systemd's `CacheDirectory=`), else
+/// `/var/cache/greyhook/filters` when it can be created and written (root),
+/// else `$XDG_CACHE_HOME/greyhook/filters` or `~/.cache/greyhook/filters`;
+/// `None` (compile at every start) when none of these can be named.
+///
+/// Never beside the store, whatever the store: artifacts are machine code
+/// made again at will (tens of megabytes for some languages), not state to
+/// back up or to copy to another machine with the store file.
+pub fn default_dir() -> Option<PathBuf> {
+    crate::settings::systemd_or_system("CACHE_DIRECTORY", "/var/cache/greyhook", "filters").or_else(|| {
+        // The XDG base directory specification ignores a relative path.
+        let xdg = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).filter(|p| p.is_absolute());
+        let home = || std::env::var_os("HOME").map(PathBuf::from).filter(|p| p.is_absolute()).map(|h| h.join(".cache"));
+        xdg.or_else(home).map(|c| c.join("greyhook").join("filters"))
+    })
+}
+
 /// A directory of compiled artifacts.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
@@ -37,6 +55,11 @@ fn private(meta: &std::fs::Metadata, uid: u32) -> bool {
 }
 
 impl ArtifactCache {
+    /// The directory artifacts are kept in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens (creating) the cache directory; refuses one that another user
     /// owns or that others can write.
     pub fn open(dir: &Path) -> std::io::Result<ArtifactCache> {
@@ -120,7 +143,11 @@ impl ArtifactCache {
 
     fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique to this write: two daemons embedded in one process may
+        // compile the same filter at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(artifact)?;
         f.sync_all()?;
