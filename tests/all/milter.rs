@@ -637,3 +637,62 @@ async fn a_link_local_client_with_a_scope_is_greylisted() {
     .await
     .unwrap();
 }
+
+/// A filter is handed the same headers through the milter as through
+/// `greyhook smtp`: a folded value unfolded (Postfix sends its line
+/// breaks), a long one cut at 4096 bytes, a header with an overlong name
+/// left out. The milter used to hand the value with its line breaks, keep
+/// values up to 16 KiB whole and drop longer ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_handed_unfolded_and_bounded_as_through_smtp() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chaos.wasm"), CHAOS_FILTER).unwrap();
+    let sink = Sink::start();
+    let text = format!(
+        "[store]\npath = \"memory\"\n[control]\nsocket = \"{d}/control.sock\"\n[policy]\nlisten = []\n\
+         [milter]\nlisten = [\"127.0.0.1:0\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nnext_hop = \"127.0.0.1:{hop}\"\n\
+         [filter]\npath = \"{d}/chaos.wasm\"\n",
+        d = dir.path().display(),
+        hop = sink.port
+    );
+    let (daemon, port, _) = start_config(&text).await;
+    let smtp = match &daemon.endpoints("smtp")[0] {
+        ListenAddr::Tcp(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    let long: Vec<String> = (0..10).map(|_| "x".repeat(900)).collect();
+    let odd_name = "N".repeat(300);
+    let want = "Subject=first second | X-Long=<4096 bytes> | Message-ID=<echo-headers@example.org>";
+    let (milter, relayed) = tokio::task::spawn_blocking(move || {
+        let mut m = Mta::connect(port);
+        m.negotiate();
+        m.connect_from("192.0.2.42");
+        m.ask(b'H', &nul("client.example.org"));
+        m.ask(b'M', &nul("<s@example.org>"));
+        m.ask(b'R', &nul("<continue@example.com>"));
+        // Folded values as Postfix passes them on: with their line breaks.
+        m.send(b'L', &[nul("Subject"), nul("first\n\tsecond")].concat());
+        m.send(b'L', &[nul("X-Long"), nul(&long.join("\n\t"))].concat());
+        m.send(b'L', &[nul(&odd_name), nul("v")].concat());
+        m.send(b'L', &[nul("Message-ID"), nul("<echo-headers@example.org>")].concat());
+        m.send(b'E', &[]);
+        let mut added = Vec::new();
+        while let Some((b'h', d)) = m.reply() {
+            added.push(String::from_utf8_lossy(&d).replace('\0', " ").trim_end().to_string());
+        }
+        let mut c = Raw::at_data(smtp, &["continue@example.com"]);
+        let section = format!(
+            "Subject: first\r\n\tsecond\r\nX-Long: {}\r\n{odd_name}: v\r\nMessage-ID: <echo-headers@example.org>\r\n\r\nbody\r\n.",
+            long.join("\r\n\t")
+        );
+        assert!(c.send(&section).starts_with("250"));
+        (added, sink.received())
+    })
+    .await
+    .unwrap();
+    assert!(milter.iter().any(|h| h == &format!("X-Chaos {want}")), "through the milter: {milter:?}");
+    assert_eq!(relayed.len(), 1);
+    let unfolded = relayed[0].replace("\r\n\t", " ").replace("\r\n ", " ");
+    assert!(unfolded.contains(&format!("X-Chaos: {want}\r\n")), "through greyhook smtp: {}", &relayed[0][..300.min(relayed[0].len())]);
+    daemon.stop().await;
+}

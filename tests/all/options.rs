@@ -13,7 +13,8 @@ use greyhook_tests::*;
 /// Runs `greyhook ARGS` with `env` to its end (at most 20 s): (success, stderr).
 fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(greyhook_bin());
-    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    // The run's shared cache (not /var/cache/greyhook when root); `env` may name another.
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("CACHE_DIRECTORY", TEST_CACHE);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -43,7 +44,8 @@ fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .env_remove("GREYHOOK_LOG")
-        .env_remove("CACHE_DIRECTORY");
+        // The run's shared cache (not /var/cache/greyhook when root); `env` may name another.
+        .env("CACHE_DIRECTORY", TEST_CACHE);
     for (k, v) in env {
         cmd.env(k, v);
     }

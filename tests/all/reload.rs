@@ -336,7 +336,7 @@ async fn a_chain_asks_in_order_and_reloads_one_link_alone() {
     assert_eq!(daemon.filters()[0].info().name, "greylist");
     // Two filters on one namespace are refused.
     let bad = text.replace("namespace = \"front\"", "namespace = \"greylist\"");
-    let e = DaemonConfig::parse(&bad, "g.toml").unwrap();
+    let e = hermetic(DaemonConfig::parse(&bad, "g.toml").unwrap());
     assert!(Daemon::start(&e, Arc::new(ManualClock::new(T0)), None).await.err().unwrap().to_string().contains("namespace"));
     daemon.stop().await;
 }

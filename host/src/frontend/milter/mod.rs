@@ -46,8 +46,7 @@ use tokio_util::sync::CancellationToken;
 mod dialogue;
 mod frames;
 
-use crate::domain::message::MAX_MESSAGE_ID;
-use crate::domain::reply::{MAX_HEADER_NAME, MAX_HEADER_VALUE};
+use crate::domain::message::{HeaderBudget, MAX_MESSAGE_HEADER_VALUE, MAX_MESSAGE_ID};
 use crate::domain::types::{Decision, Header, Message, Reply, Verdict};
 use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
@@ -165,7 +164,11 @@ struct Conversation {
     queue_id: Option<String>,
     /// This connection's name (`milter<N>`), for sessions without a queue ID yet.
     conn_id: String,
+    /// The headers handed to the filters: unfolded and bounded as every
+    /// front end hands them ([`HeaderBudget`]), at most `max_headers`.
     headers: Vec<Header>,
+    /// What `headers` may still take.
+    header_budget: HeaderBudget,
     /// The message's first Message-ID, looked for among all its headers
     /// (past `max_headers` too), unfolded; empty if that header was.
     message_id: Option<String>,
@@ -308,6 +311,7 @@ impl Conversation {
             self.held = None;
         }
         self.headers.clear();
+        self.header_budget = HeaderBudget::default();
         self.message_id = None;
         self.pending_headers.clear();
         self.queue_id = None;
@@ -410,6 +414,7 @@ impl MilterProtocol for Conversation {
 
     async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
         self.headers.clear();
+        self.header_budget = HeaderBudget::default();
         self.message_id = None;
         self.pending_headers.clear();
         // Refused for the session: no transaction, no filter asked. A new
@@ -445,17 +450,19 @@ impl MilterProtocol for Conversation {
     }
 
     async fn header(&mut self, h: MilterHeader) -> Result<Action, Self::Error> {
-        let name = h.name();
+        let (name, raw) = (h.name(), h.value());
         if self.message_id.is_none() && name.eq_ignore_ascii_case("message-id") {
             // A bounce's own trace lines can push it past `max_headers`;
             // without it the reference filter's DATA key falls back to
             // the recipients.
-            self.message_id = Some(unfolded(&h.value(), MAX_MESSAGE_ID));
+            self.message_id = Some(unfolded(&raw, MAX_MESSAGE_ID));
         }
-        if self.headers.len() < self.config.max_headers {
-            let value = h.value();
-            if name.len() <= MAX_HEADER_NAME && value.len() <= MAX_HEADER_VALUE * 4 {
-                self.headers.push(Header { name: name.into_owned(), value: value.trim().to_string() });
+        if self.headers.len() < self.config.max_headers && !self.header_budget.spent() {
+            // Unfolded as `greyhook smtp` and OpenSMTPD unfold the lines they
+            // read: the MTA sends a folded value with its line breaks.
+            let value = unfolded(&raw, MAX_MESSAGE_HEADER_VALUE);
+            if let Some((name, value)) = self.header_budget.take(name.trim(), &value) {
+                self.headers.push(Header { name: name.to_string(), value: value.to_string() });
             }
         }
         Ok(Continue.into())
@@ -524,6 +531,7 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         queue_id: None,
         conn_id: format!("milter{}", CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         headers: Vec::new(),
+        header_budget: HeaderBudget::default(),
         message_id: None,
         pending_headers: Vec::new(),
         no_reply: Protocol::empty(),

@@ -5,7 +5,8 @@
 //! two-line 451 at MAIL, a message with the Message-ID
 //! `<tempfail-data@...>` a 451 at the end of DATA (`<loop-data@...>` a
 //! data hook that loops until its deadline, `<count-headers@...>` an
-//! `X-Chaos: headers N` header counting the headers handed), and a client named
+//! `X-Chaos: headers N` header counting the headers handed,
+//! `<echo-headers@...>` one showing them), and a client named
 //! `panic.example` a trap at connect. `init` refuses the configuration `fail`.
 
 wit_bindgen::generate!({
@@ -218,6 +219,18 @@ impl Guest for Chaos {
         // How many headers the host handed, for the front ends' bounds.
         if m.message_id.as_deref().is_some_and(|id| id.starts_with("<count-headers@")) {
             return header("X-Chaos", format!("headers {}", m.headers.len()));
+        }
+        // The headers handed, for the front ends' unfolding and bounds:
+        // `name=value` each (`name=<N bytes>` past 64 bytes), joined by ` | `.
+        if m.message_id.as_deref().is_some_and(|id| id.starts_with("<echo-headers@")) {
+            let shown: Vec<String> =
+                m.headers
+                    .iter()
+                    .map(|h| {
+                        if h.value.len() > 64 { format!("{}=<{} bytes>", h.name, h.value.len()) } else { format!("{}={}", h.name, h.value) }
+                    })
+                    .collect();
+            return header("X-Chaos", shown.join(" | "));
         }
         verdict(Decision::Continue)
     }
