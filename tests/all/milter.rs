@@ -640,7 +640,8 @@ async fn a_link_local_client_with_a_scope_is_greylisted() {
 
 /// A filter is handed the same headers through the milter as through
 /// `greyhook smtp`: a folded value unfolded (Postfix sends its line
-/// breaks), a long one cut at 4096 bytes, a header with an overlong name
+/// breaks; one that starts on the next line without a space before it),
+/// a long one cut at 4096 bytes, a header with an overlong name
 /// left out. The milter used to hand the value with its line breaks, keep
 /// values up to 16 KiB whole and drop longer ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,7 +663,7 @@ async fn headers_are_handed_unfolded_and_bounded_as_through_smtp() {
     };
     let long: Vec<String> = (0..10).map(|_| "x".repeat(900)).collect();
     let odd_name = "N".repeat(300);
-    let want = "Subject=first second | X-Long=<4096 bytes> | Message-ID=<echo-headers@example.org>";
+    let want = "Subject=first second | X-Long=<4096 bytes> | X-Fold=later more | Message-ID=<echo-headers@example.org>";
     let (milter, relayed) = tokio::task::spawn_blocking(move || {
         let mut m = Mta::connect(port);
         m.negotiate();
@@ -674,6 +675,7 @@ async fn headers_are_handed_unfolded_and_bounded_as_through_smtp() {
         m.send(b'L', &[nul("Subject"), nul("first\n\tsecond")].concat());
         m.send(b'L', &[nul("X-Long"), nul(&long.join("\n\t"))].concat());
         m.send(b'L', &[nul(&odd_name), nul("v")].concat());
+        m.send(b'L', &[nul("X-Fold"), nul("\n\tlater  \n   more")].concat());
         m.send(b'L', &[nul("Message-ID"), nul("<echo-headers@example.org>")].concat());
         m.send(b'E', &[]);
         let mut added = Vec::new();
@@ -682,7 +684,7 @@ async fn headers_are_handed_unfolded_and_bounded_as_through_smtp() {
         }
         let mut c = Raw::at_data(smtp, &["continue@example.com"]);
         let section = format!(
-            "Subject: first\r\n\tsecond\r\nX-Long: {}\r\n{odd_name}: v\r\nMessage-ID: <echo-headers@example.org>\r\n\r\nbody\r\n.",
+            "Subject: first\r\n\tsecond\r\nX-Long: {}\r\n{odd_name}: v\r\nX-Fold:\r\n\tlater  \r\n   more\r\nMessage-ID: <echo-headers@example.org>\r\n\r\nbody\r\n.",
             long.join("\r\n\t")
         );
         assert!(c.send(&section).starts_with("250"));

@@ -63,14 +63,16 @@ impl HeaderBudget {
         Some((name, value))
     }
 
-    /// The part of a folded line's text `more` that may be added, after a
-    /// space, to a value already `have` bytes long (a front end unfolding
-    /// a header section), counted against the budget.
+    /// The part of a folded line's text `more` that may be added to a
+    /// value already `have` bytes long (a front end unfolding a header
+    /// section), after a space unless the value is empty, counted against
+    /// the budget.
     pub fn extend<'a>(&mut self, have: usize, more: &'a str) -> &'a str {
-        let room = MAX_MESSAGE_HEADER_VALUE.saturating_sub(have + 1).min(self.bytes.saturating_sub(1));
+        let space = usize::from(have > 0);
+        let room = MAX_MESSAGE_HEADER_VALUE.saturating_sub(have + space).min(self.bytes.saturating_sub(space));
         let more = cut(more, room);
         if !more.is_empty() {
-            self.bytes -= 1 + more.len();
+            self.bytes -= space + more.len();
         }
         more
     }

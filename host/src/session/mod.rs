@@ -283,10 +283,10 @@ pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) ->
             }
             if let Some(last) = out.last_mut().filter(|_| kept) {
                 let more = budget.extend(last.value.len(), text.trim());
-                if !more.is_empty() {
+                if !more.is_empty() && !last.value.is_empty() {
                     last.value.push(' ');
-                    last.value.push_str(more);
                 }
+                last.value.push_str(more);
             }
             continue;
         }
@@ -332,6 +332,11 @@ mod tests {
         let short = unfold_headers(["Subject: a", "\tb", "Message-ID: <x@y>", "", "X: body"]);
         assert_eq!(short.len(), 2);
         assert_eq!(short[0].value, "a b");
+        // A value that starts on the next line: no space before it, as
+        // `unfolded` (the milter) gives it.
+        let later = unfold_headers(["X-Fold:", "\tlater  ", "   more", "Subject: s"]);
+        assert_eq!(later[0].value, "later more");
+        assert_eq!(later[0].value, super::unfolded("\n\tlater  \n   more", 4096));
         // A header left out (its name over 256 bytes) takes its folded lines with it.
         let named = unfold_headers([format!("{}: v", "N".repeat(300)), " folded".into(), "Subject: s".into()]);
         assert_eq!((named.len(), named[0].name.as_str(), named[0].value.as_str()), (1, "Subject", "s"));

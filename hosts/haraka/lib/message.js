@@ -27,6 +27,18 @@ function cut(s, max) {
 }
 
 /**
+ * A folded text as one line, as greyhook's front ends unfold it: each line
+ * trimmed, the empty ones left out, joined by one space.
+ */
+function unfold(text) {
+    return String(text)
+        .split(/\r?\n/)
+        .map((l) => l.trim())
+        .filter((l) => l)
+        .join(' ')
+}
+
+/**
  * The headers a filter is handed from Haraka's `header_list` (raw lines,
  * folded): unfolded, in order, within the bounds above.
  */
@@ -35,13 +47,13 @@ function boundedHeaders(headerList) {
     let left = MAX_MESSAGE_HEADER_BYTES
     for (const raw of headerList) {
         if (out.length >= MAX_MESSAGE_HEADERS || left <= 0) break
-        const line = raw.replace(/\r?\n([ \t])/g, '$1').replace(/[\r\n]+$/, '')
+        const line = unfold(raw)
         const i = line.indexOf(':')
         if (i <= 0) continue
         const name = line.slice(0, i).trim()
         const size = Buffer.byteLength(name, 'utf8')
         if (size > MAX_MESSAGE_HEADER_NAME || size >= left) continue
-        const value = cut(line.slice(i + 1).trim().replace(/[\r\n]/g, ' '), Math.min(MAX_MESSAGE_HEADER_VALUE, left - size))
+        const value = cut(line.slice(i + 1).trim(), Math.min(MAX_MESSAGE_HEADER_VALUE, left - size))
         left -= size + Buffer.byteLength(value, 'utf8')
         out.push({ name, value })
     }
@@ -56,11 +68,7 @@ function boundedHeaders(headerList) {
  * greyhook daemon come out the same.
  */
 function boundedMessageId(id) {
-    const v = String(id || '')
-        .split(/\r?\n/)
-        .map((l) => l.trim())
-        .filter((l) => l)
-        .join(' ')
+    const v = unfold(id || '')
     return v ? cut(v, MAX_MESSAGE_ID) : undefined
 }
 

@@ -11,6 +11,13 @@ test('small headers are handed whole, unfolded and in order', () => {
         { name: 'Subject', value: 'a b' },
         { name: 'Message-ID', value: '<x@y>' },
     ])
+    // As greyhook's front ends (host/src/session/mod.rs's tests): each line
+    // trimmed and joined by one space, none before a value that starts on
+    // the next line.
+    assert.deepStrictEqual(m.boundedHeaders(['Subject: first\r\n\tsecond\r\n', 'X-Fold:\r\n\tlater  \r\n   more\r\n']), [
+        { name: 'Subject', value: 'first second' },
+        { name: 'X-Fold', value: 'later more' },
+    ])
 })
 
 test('values are cut at a character boundary and the section is bounded', () => {
