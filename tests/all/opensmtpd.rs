@@ -191,6 +191,40 @@ fn opensmtpd_greylists_through_greyhook_and_delivers_the_retry() {
     // 6. After the reload the same store serves: the triplet passes at once.
     let again = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com"]);
     assert!(reply_to(&again, "RCPT TO:").starts_with("<-  250"), "{again}\n{}", log());
+
+    // 7. A bounce whose Message-ID lies past max_header_bytes (64 KiB of
+    //    trace lines before it) is still keyed on it: a second bounce with
+    //    another Message-ID is new, the first one's retry passes, and
+    //    X-Greylist follows its Message-ID. (Not 250 `Received:` lines:
+    //    smtpd refuses a message with over 100 of them as a loop.) The Message-ID used to be
+    //    missed there, and the second bounce passed on the recipients' key.
+    let long_bounce = |id: &str| {
+        let mut data: String = (0..250).map(|i| format!("X-Trace: hop{i}.example.net; {}\r\n", "x".repeat(400))).collect();
+        data.push_str(&format!("Message-ID: <{id}@sender.example>\r\nSubject: bounce\r\n\r\nbody\r\n"));
+        let file = d.join(format!("{id}.eml"));
+        std::fs::write(&file, data).unwrap();
+        let t = swaks(
+            port,
+            &["--local-interface", "127.0.0.3", "--from", "<>", "--to", "dave@example.com", "--data", &format!("@{}", file.display())],
+        );
+        reply_to(&t, ".").to_string()
+    };
+    let first = long_bounce("long-1");
+    assert!(first.starts_with("<** 451 4.7.1 "), "{first}");
+    std::thread::sleep(Duration::from_secs(4));
+    let other = long_bounce("long-2");
+    assert!(other.starts_with("<** 451 4.7.1 "), "another Message-ID is a new triplet: {other}");
+    let retry = long_bounce("long-1");
+    assert!(retry.starts_with("<-  250"), "{retry}");
+    // (The third message was step 6's.)
+    let delivered = wait_messages(&sink, 4);
+    let m = &delivered[3];
+    let (id, greylist) = (m.find("Message-ID: <long-1@sender.example>"), m.find("X-Greylist: "));
+    assert!(
+        id.is_some() && greylist > id && m.find("\r\n\r\n") > greylist,
+        "X-Greylist after the Message-ID, in the header section: {}",
+        &m[m.len().saturating_sub(600)..]
+    );
 }
 
 fn wait_messages(sink: &Sink, n: usize) -> Vec<String> {
@@ -339,8 +373,9 @@ impl Drop for Pipe {
 }
 
 /// The front end over its pipe: headers held until the Message-ID is seen
-/// (at most `max_header_bytes`), the filters' headers first, the message
-/// otherwise unchanged (dot-escaped lines too); `max_sessions`; hostile and
+/// (at most `max_header_bytes`, then passed on while it is looked for),
+/// the filters' headers first (past the limit, after the Message-ID), the
+/// message otherwise unchanged (dot-escaped lines too); `max_sessions`; hostile and
 /// stray lines; a line over `max_line` ends it with a clear error; and the
 /// end of its input ends it.
 #[test]
@@ -351,7 +386,7 @@ fn the_filter_protocol_over_a_pipe() {
         h.extend([format!("Message-ID: {mid}"), "Subject: bounce".into(), String::new(), "..dot-escaped".into(), "body".into()]);
         h
     };
-    for (limit, second_is_new) in [("", true), ("max_header_bytes = 1024", false)] {
+    for (limit, past_limit) in [("", false), ("max_header_bytes = 1024", true)] {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Pipe::start(dir.path(), &format!("max_sessions = 2\nmax_line = 4096\n{limit}"), "delay = 1\n");
         // A stray line, a report for an unknown session, an unknown phase.
@@ -363,18 +398,22 @@ fn the_filter_protocol_over_a_pipe() {
         let (echoed, commit) = p.message("aaaa", &headers("<one@example.org>"));
         assert_eq!(echoed, headers("<one@example.org>"), "[opensmtpd] {limit}: the message unchanged");
         assert_eq!(commit, "filter-result|aaaa|tok-commit|reject|451 4.7.1 Greylisted, please try again later retry=00:00:01");
-        // The retry after the delay: X-Greylist first, then the message.
+        // The retry after the delay: X-Greylist first, then the message;
+        // past max_header_bytes, the lines up to the Message-ID went on
+        // while it was looked for, and X-Greylist comes right after it.
         std::thread::sleep(Duration::from_millis(1100));
         p.open("aaaa", "192.0.2.50", "", "user@example.com");
-        let (echoed, commit) = p.message("aaaa", &headers("<one@example.org>"));
-        assert!(echoed[0].starts_with("X-Greylist: delayed "), "{echoed:?}");
-        assert_eq!(echoed[1..], headers("<one@example.org>")[..]);
+        let (mut echoed, commit) = p.message("aaaa", &headers("<one@example.org>"));
+        let at = echoed.iter().position(|l| l.starts_with("X-Greylist: delayed ")).unwrap_or_else(|| panic!("{echoed:?}"));
+        assert_eq!(at, if past_limit { 41 } else { 0 }, "[opensmtpd] {limit}: {echoed:?}");
+        echoed.remove(at);
+        assert_eq!(echoed, headers("<one@example.org>"));
         assert_eq!(commit, "filter-result|aaaa|tok-commit|proceed");
-        // Another Message-ID: a new triplet, unless the Message-ID lay past
-        // max_header_bytes (then the recipients key it, as the first).
+        // Another Message-ID is a new triplet, past max_header_bytes too:
+        // it used to be missed there, and the recipients keyed the bounce.
         p.open("aaaa", "192.0.2.50", "", "user@example.com");
         let (_, commit) = p.message("aaaa", &headers("<two@example.org>"));
-        assert_eq!(commit.contains("reject|451"), second_is_new, "[opensmtpd] {limit}: {commit}");
+        assert!(commit.contains("reject|451"), "[opensmtpd] {limit}: {commit}");
 
         // max_sessions = 2: a third session at once is refused at connect.
         p.report("bbbb", "link-connect", "b.example.org|pass|192.0.2.51:1|127.0.0.1:25");

@@ -435,7 +435,10 @@ impl Daemon {
                     Some(c)
                 }
                 Err(e) => {
-                    tracing::warn!("no compiled-filter cache in {}: {e}", d.display());
+                    tracing::warn!(
+                        "no compiled-filter cache in {}: {e}; filters are compiled at every start (set [filter] cache_dir)",
+                        d.display()
+                    );
                     None
                 }
             },

@@ -19,7 +19,9 @@
 //! - HELO/EHLO, MAIL, RCPT: `reject|451 4.7.1 … retry=…`;
 //! - DATA: the header section is held (at most `max_header_bytes`), the
 //!   data hook runs on it with the Message-ID, the filters' headers
-//!   (`X-Greylist`) go out first, then the message unchanged; a refusal is
+//!   (`X-Greylist`) go out first, then the message unchanged (a longer
+//!   section is passed on as it comes until its Message-ID is read, and the
+//!   filters' headers go after that); a refusal is
 //!   answered at `commit`, after the final dot — the draft's `451` at end
 //!   of DATA. smtpd streams the message without waiting: the lines that
 //!   come while the hook runs are held (as much again as `max_header_bytes`)
@@ -42,9 +44,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::reply::{check_header, render_single_line};
-use crate::domain::types::{Header, Message, Verdict};
+use crate::domain::types::{Header, Verdict};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
-use crate::session::{Hooks, SmtpSession, keep_headers};
+use crate::session::{HeaderReader, Hooks, SmtpSession, keep_headers};
 
 /// The `[opensmtpd]` table: the OpenSMTPD filter front end. It runs only
 /// as `greyhook opensmtpd`, started by smtpd.
@@ -57,7 +59,8 @@ pub struct OpenSmtpdConfig {
     /// Longest line from smtpd, bytes (its own SMTP line limit is 64 KiB).
     pub max_line: usize,
     /// Header section held per message to find the Message-ID before the
-    /// data hook runs; past it, the hook runs on what was read. As much
+    /// data hook runs; past it, the lines are passed on as they come until
+    /// the Message-ID is read, and the filters' headers go after it. As much
     /// again of the message's lines is held while the hook runs; past that,
     /// and 50 ms, they go on without the filters' headers.
     pub max_header_bytes: usize,
@@ -399,8 +402,12 @@ async fn write_lines<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Str
 enum Data {
     /// Not in DATA.
     Idle,
-    /// Holding the header section (dot-escaped lines as smtpd sent them).
-    Headers { lines: Vec<String>, bytes: usize },
+    /// In the header section: its lines held (dot-escaped, as smtpd sent
+    /// them), at most `max_header_bytes`, and read for the filters.
+    /// `streaming` once past `max_header_bytes` with no Message-ID read:
+    /// the lines are passed on as they come, and the reader looks on for
+    /// the Message-ID.
+    Headers { lines: Vec<String>, bytes: usize, reader: HeaderReader, streaming: bool },
     /// Headers sent on: the rest of the message is echoed.
     Body,
 }
@@ -568,7 +575,7 @@ impl Conversation {
                 v
             }
             "data" => {
-                self.data = Data::Headers { lines: Vec::new(), bytes: 0 };
+                self.data = Data::Headers { lines: Vec::new(), bytes: 0, reader: HeaderReader::default(), streaming: false };
                 self.data_verdict = None;
                 return self.result(token, "proceed").await;
             }
@@ -595,26 +602,47 @@ impl Conversation {
     /// echoed. The end of the headers (or of the data, or of the budget)
     /// runs the data hook.
     async fn data_line(&mut self, token: &str, line: &str) {
-        let Data::Headers { lines, bytes } = &mut self.data else {
+        let Data::Headers { lines, bytes, reader, streaming } = &mut self.data else {
             if line == "." {
                 self.data = Data::Idle;
             }
             return self.dataline(token, line).await;
         };
-        let end_of_headers = line.is_empty() || line == ".";
-        if !end_of_headers {
-            *bytes += line.len() + 2;
-            lines.push(line.to_string());
-            if *bytes <= self.config.max_header_bytes {
-                return;
+        // The reader wants no more at the empty line, past 1 MiB, or once
+        // the Message-ID is read and no more headers fit.
+        let read_all = line == "." || !reader.push(unescape(line));
+        if !read_all {
+            if *streaming {
+                // Past `max_header_bytes` with no Message-ID yet: the lines
+                // go on as they come until it is read; the filters' headers
+                // then go before the line after it.
+                if !reader.has_message_id() {
+                    return self.dataline(token, line).await;
+                }
+            } else {
+                *bytes += line.len() + 2;
+                if *bytes <= self.config.max_header_bytes {
+                    lines.push(line.to_string());
+                    return;
+                }
+                if !reader.has_message_id() {
+                    // A bounce's trace lines can push its Message-ID past
+                    // `max_header_bytes`, and without it the reference
+                    // filter's DATA key falls back to the recipients.
+                    tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: passed on while the Message-ID is looked for");
+                    *streaming = true;
+                    let held = std::mem::take(lines);
+                    for l in held.iter().map(String::as_str).chain([line]) {
+                        self.dataline(token, l).await;
+                    }
+                    return;
+                }
             }
-            tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: the data hook runs on what was read");
         }
+        let message = std::mem::take(reader).finish();
+        // The lines held, and this one: the filters' headers go before them.
         let mut held: Vec<(String, String)> = std::mem::take(lines).into_iter().map(|l| (token.to_string(), l)).collect();
-        let message = parse_headers_of(held.iter().map(|(_, l)| l.as_str()));
-        if end_of_headers {
-            held.push((token.to_string(), line.to_string()));
-        }
+        held.push((token.to_string(), line.to_string()));
         // smtpd sends the rest of the message without waiting, and all
         // sessions share its pipe: waiting for the hook with those lines
         // unread would make the reader of the pipe, and so every other
@@ -733,10 +761,9 @@ const HOOK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 /// all back, so more means a broken peer, and the pipe waits.
 const MAX_BACKLOG: usize = 64;
 
-/// The header section's fields and Message-ID (a dot-escaped line
-/// unescaped, then as the SMTP front end reads them).
-fn parse_headers_of<'a>(lines: impl Iterator<Item = &'a str>) -> Message {
-    crate::session::read_header_section(lines.map(|raw| raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)))
+/// A data line as the message has it: a dot-escaped line unescaped.
+fn unescape(raw: &str) -> &str {
+    raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)
 }
 
 /// How long a test waits for an answer.
@@ -786,7 +813,7 @@ mod tests {
 
     #[test]
     fn headers_are_unfolded_and_unescaped() {
-        let m = parse_headers_of(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].into_iter());
+        let m = crate::session::read_header_section(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].map(unescape));
         assert_eq!(m.headers[0].value, "a b");
         assert_eq!(m.message_id.as_deref(), Some("<x@y>"));
         assert_eq!(m.headers[2].name, ".X");

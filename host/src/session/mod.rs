@@ -259,56 +259,95 @@ fn push_folded(out: &mut String, line: &str, max: usize) {
 ///
 /// [`MAX_MESSAGE_ID`]: crate::domain::message::MAX_MESSAGE_ID
 pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Message {
-    use crate::domain::message::{HeaderBudget, MAX_MESSAGE_ID};
-    let mut out: Vec<crate::domain::types::Header> = Vec::new();
-    let mut budget = HeaderBudget::default();
-    // Whether the last header line was kept (its folded lines go with it).
-    let mut kept = false;
-    // The Message-ID once its header is seen, and whether the lines
-    // folded into it are still to come.
-    let mut id: Option<String> = None;
-    let mut in_id = false;
-    // Bytes of the section read: the lines are the client's, and past
-    // the filter's budget they are only looked through.
-    let mut read = 0usize;
+    let mut reader = HeaderReader::default();
     for line in lines {
-        let text = line.as_ref();
-        read += text.len() + 2;
-        if text.is_empty() || read > MAX_HEADER_SECTION_READ {
+        if !reader.push(line.as_ref()) {
             break;
         }
+    }
+    reader.finish()
+}
+
+/// [`read_header_section`] a line at a time, for a front end that gets a
+/// message's lines one by one and may not hold them all (OpenSMTPD): what
+/// it keeps is the filter's bounded view and the Message-ID, never the
+/// lines.
+#[derive(Debug, Default)]
+pub struct HeaderReader {
+    headers: Vec<crate::domain::types::Header>,
+    budget: crate::domain::message::HeaderBudget,
+    /// Whether the last header line was kept (its folded lines go with it).
+    kept: bool,
+    /// The Message-ID once its header is seen, and whether the lines
+    /// folded into it are still to come.
+    id: Option<String>,
+    in_id: bool,
+    /// Bytes of the section read: the lines are the client's, and past
+    /// the filter's budget they are only looked through.
+    read: usize,
+    done: bool,
+}
+
+impl HeaderReader {
+    /// Takes the next line of the section (CR/LF cut, dot-stuffing undone);
+    /// false once it wants no more: at the empty line that ends the
+    /// section, past [`MAX_HEADER_SECTION_READ`], or at a header after the
+    /// Message-ID once no more headers fit. The line that gets false is
+    /// not taken.
+    pub fn push(&mut self, text: &str) -> bool {
+        use crate::domain::message::MAX_MESSAGE_ID;
+        if self.done {
+            return false;
+        }
+        self.read += text.len() + 2;
+        if text.is_empty() || self.read > MAX_HEADER_SECTION_READ {
+            self.done = true;
+            return false;
+        }
         if text.starts_with([' ', '\t']) {
-            if let Some(id) = id.as_mut().filter(|_| in_id) {
+            if let Some(id) = self.id.as_mut().filter(|_| self.in_id) {
                 push_folded(id, text, MAX_MESSAGE_ID);
             }
-            if let Some(last) = out.last_mut().filter(|_| kept) {
-                let more = budget.extend(last.value.len(), text.trim());
+            if let Some(last) = self.headers.last_mut().filter(|_| self.kept) {
+                let more = self.budget.extend(last.value.len(), text.trim());
                 if !more.is_empty() && !last.value.is_empty() {
                     last.value.push(' ');
                 }
                 last.value.push_str(more);
             }
-            continue;
+            return true;
         }
-        in_id = false;
-        if budget.spent() && id.is_some() {
-            break;
+        self.in_id = false;
+        if self.budget.spent() && self.id.is_some() {
+            self.done = true;
+            return false;
         }
         if let Some((name, value)) = text.split_once(':') {
-            if id.is_none() && name.trim().eq_ignore_ascii_case("message-id") {
-                id = Some(unfolded(value, MAX_MESSAGE_ID));
-                in_id = true;
+            if self.id.is_none() && name.trim().eq_ignore_ascii_case("message-id") {
+                self.id = Some(unfolded(value, MAX_MESSAGE_ID));
+                self.in_id = true;
             }
-            kept = match budget.take(name.trim(), value.trim()) {
+            self.kept = match self.budget.take(name.trim(), value.trim()) {
                 Some((name, value)) => {
-                    out.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
+                    self.headers.push(crate::domain::types::Header { name: name.to_string(), value: value.to_string() });
                     true
                 }
                 None => false,
             };
         }
+        true
     }
-    Message { message_id: id.filter(|v| !v.is_empty()), headers: out }
+
+    /// Whether the Message-ID has been read whole: its header was seen,
+    /// and a line after it that is not folded into it.
+    pub fn has_message_id(&self) -> bool {
+        self.id.is_some() && !self.in_id
+    }
+
+    /// The headers and the Message-ID read.
+    pub fn finish(self) -> Message {
+        Message { message_id: self.id.filter(|v| !v.is_empty()), headers: self.headers }
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +379,18 @@ mod tests {
         // A header left out (its name over 256 bytes) takes its folded lines with it.
         let named = unfold_headers([format!("{}: v", "N".repeat(300)), " folded".into(), "Subject: s".into()]);
         assert_eq!((named.len(), named[0].name.as_str(), named[0].value.as_str()), (1, "Subject", "s"));
+    }
+
+    #[test]
+    fn a_header_reader_says_when_the_message_id_is_read_whole() {
+        let mut r = super::HeaderReader::default();
+        assert!(r.push("Subject: s") && !r.has_message_id());
+        assert!(r.push("Message-ID:") && !r.has_message_id(), "its value may come on the next lines");
+        assert!(r.push("\t<a@b>") && !r.has_message_id());
+        assert!(r.push("X-After: x") && r.has_message_id());
+        assert!(!r.push("") && !r.push("X-Body-Line: y"), "nothing after the empty line");
+        let m = r.finish();
+        assert_eq!((m.message_id.as_deref(), m.headers.len()), (Some("<a@b>"), 3));
     }
 
     #[test]
