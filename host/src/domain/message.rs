@@ -52,7 +52,7 @@ impl Default for HeaderBudget {
 impl HeaderBudget {
     /// The header `name: value` as it is handed: `None` if it is left out
     /// (its name too long, or no room left), else the name and the value,
-    /// cut to what is left of the budget.
+    /// cut to what is left of the budget (a prefix of the value given).
     pub fn take<'a>(&mut self, name: &'a str, value: &'a str) -> Option<(&'a str, &'a str)> {
         if self.headers == 0 || name.len() > MAX_MESSAGE_HEADER_NAME || name.len() >= self.bytes {
             return None;

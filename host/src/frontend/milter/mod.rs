@@ -460,9 +460,11 @@ impl MilterProtocol for Conversation {
         if self.headers.len() < self.config.max_headers && !self.header_budget.spent() {
             // Unfolded as `greyhook smtp` and OpenSMTPD unfold the lines they
             // read: the MTA sends a folded value with its line breaks.
-            let value = unfolded(&raw, MAX_MESSAGE_HEADER_VALUE);
-            if let Some((name, value)) = self.header_budget.take(name.trim(), &value) {
-                self.headers.push(Header { name: name.to_string(), value: value.to_string() });
+            let mut value = unfolded(&raw, MAX_MESSAGE_HEADER_VALUE);
+            // What the budget takes is a prefix of the value: cut in place.
+            if let Some((name, kept)) = self.header_budget.take(name.trim(), &value).map(|(n, v)| (n.to_string(), v.len())) {
+                value.truncate(kept);
+                self.headers.push(Header { name, value });
             }
         }
         Ok(Continue.into())
