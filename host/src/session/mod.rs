@@ -251,13 +251,11 @@ fn push_folded(out: &mut String, line: &str, max: usize) {
 /// trimmed, wherever it stands among the lines given: past the filter's
 /// budget too (a bounce's own trace lines can push it there, and without
 /// it the reference filter's DATA key falls back to the recipients).
-/// Looking for it holds no more than [`MAX_MESSAGE_ID`] bytes.
+/// Looking for it holds no more than 998 bytes (RFC 5322's line limit).
 ///
 /// No more than [`MAX_HEADER_SECTION_READ`] bytes of lines are read: a
 /// client's message may be 25 MiB of header lines, and this runs in one go
 /// on a thread that serves other clients.
-///
-/// [`MAX_MESSAGE_ID`]: crate::domain::message::MAX_MESSAGE_ID
 pub fn read_header_section<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Message {
     let mut reader = HeaderReader::default();
     for line in lines {
