@@ -139,7 +139,8 @@ fn a_user_daemon_keeps_compiled_filters_in_its_cache_home() {
         } else {
             Command::new(&bin)
         };
-        cmd.args(["serve", "--policy", &format!("127.0.0.1:{port}"), "--control", &format!("{}/control.sock", home.display())])
+        let control = format!("{}/control.sock", home.display());
+        cmd.args(["serve", "--policy", &format!("127.0.0.1:{port}"), "--control", &control, "--dns", null_dns()])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .env("HOME", &home)
