@@ -183,6 +183,13 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     assert_eq!(last_day, 601, "the hours of the last day add up: {json}");
     assert_eq!(json["store"]["kind"], "redb", "{json}");
     assert!(json["store"]["size_bytes"].as_u64().is_some_and(|b| b > 0), "{json}");
+    // Where compiled filters are kept (the run's cache, as $CACHE_DIRECTORY),
+    // and what is there: the reference filter at least.
+    let cache = format!("{TEST_CACHE}/filters");
+    assert!(text.contains(&format!("compiled filters: {cache} artifacts=")), "{text}");
+    assert_eq!(json["compiled_filters"]["dir"], cache.as_str(), "{json}");
+    assert!(json["compiled_filters"]["artifacts"].as_u64().is_some_and(|n| n >= 1), "{json}");
+    assert!(json["compiled_filters"]["size_bytes"].as_u64().is_some_and(|b| b > 100_000), "{json}");
     assert!(d.terminate(10), "{}", d.log_text());
 }
 
@@ -239,6 +246,7 @@ fn status_tells_the_last_reload_and_the_page_is_self_contained() {
     assert!(page.contains("greylisted per hour (UTC)"), "{page}");
     assert!(page.starts_with("HTTP/1.1 200") && page.contains("content-type: text/html"), "{page}");
     assert!(page.contains("<svg") && page.contains("decisions by action") && page.contains("not a WebAssembly file"), "{page}");
+    assert!(page.contains(&format!("compiled filters in {TEST_CACHE}/filters: ")), "{page}");
     for external in ["src=", "href=", "@import", "url("] {
         assert!(!page.contains(external), "the page loads nothing from elsewhere ({external}): {page}");
     }

@@ -136,6 +136,8 @@ struct Shared {
     /// The file descriptors the settings let peers hold, with the reserve
     /// (`status` shows it beside the open ones and the limit).
     files_needed: u64,
+    /// The compiled-filter cache's directory, if there is one.
+    compiled_filters: Option<PathBuf>,
 }
 
 /// What a reload did to each filter of the chain.
@@ -447,6 +449,7 @@ impl Daemon {
                 None
             }
         };
+        let compiled_filters = cache.as_ref().map(|c| c.dir().to_path_buf());
         let Loaded { reloaders, stacks, files, resolver } = load_chain(config, store.clone(), cache).await?;
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         watched.extend(files);
@@ -503,6 +506,7 @@ impl Daemon {
             listeners,
             clock: clock.clone(),
             files_needed: files.total(),
+            compiled_filters,
         });
         let endpoints = front_ends.iter().map(|f| (f.name, f.endpoints.clone())).collect();
         let mut tasks = Vec::new();

@@ -92,6 +92,11 @@ pub(super) fn render(st: &Status) -> String {
         d["lookups"], d["failures"], d["cut_by_deadline"]
     );
     body.push_str("<h2>Filters</h2>");
+    let c = &v["compiled_filters"];
+    let _ = match c["dir"].as_str() {
+        Some(dir) => write!(body, "<p>compiled filters in {}: {} artifacts, {} bytes</p>", esc(dir), c["artifacts"], c["size_bytes"]),
+        None => write!(body, "<p>compiled filters: not cached (compiled at every start)</p>"),
+    };
     for f in v["filters"].as_array().into_iter().flatten() {
         let _ = write!(
             body,

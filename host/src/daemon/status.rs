@@ -95,6 +95,28 @@ struct CertificateStatus {
     days_left: i64,
 }
 
+/// The compiled-filter cache: where, and what it holds now.
+#[derive(Debug, Serialize)]
+struct CompiledFiltersStatus {
+    /// `None`: filters are compiled at every start.
+    dir: Option<String>,
+    artifacts: u64,
+    size_bytes: u64,
+}
+
+impl CompiledFiltersStatus {
+    fn of(dir: Option<&std::path::Path>) -> CompiledFiltersStatus {
+        let (mut artifacts, mut size_bytes) = (0, 0);
+        for e in dir.and_then(|d| std::fs::read_dir(d).ok()).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "cwasm") {
+                artifacts += 1;
+                size_bytes += e.metadata().map_or(0, |m| m.len());
+            }
+        }
+        CompiledFiltersStatus { dir: dir.map(|d| d.display().to_string()), artifacts, size_bytes }
+    }
+}
+
 /// Everything `status` reports.
 #[derive(Debug, Serialize)]
 pub(super) struct Status {
@@ -106,6 +128,7 @@ pub(super) struct Status {
     dns: DnsStatus,
     files: FilesStatus,
     certificates: Vec<CertificateStatus>,
+    compiled_filters: CompiledFiltersStatus,
     /// Log lines dropped because the log's reader fell behind.
     log_lines_dropped: u64,
     decisions: serde_json::Map<String, serde_json::Value>,
@@ -190,6 +213,7 @@ impl Status {
                     days_left: crate::pem::days_left(not_after),
                 })
                 .collect(),
+            compiled_filters: CompiledFiltersStatus::of(shared.compiled_filters.as_deref()),
             log_lines_dropped: crate::telemetry::dropped_log_lines(),
             decisions,
             last_day: crate::telemetry::host()
@@ -246,6 +270,11 @@ impl Status {
             let left = if c.days_left < 0 { "expired".to_string() } else { format!("{} days left", c.days_left) };
             let _ = writeln!(out, "certificate {}: {} expires {} ({left})", c.role, c.path, c.expires_at);
         }
+        let c = &self.compiled_filters;
+        let _ = match &c.dir {
+            Some(d) => writeln!(out, "compiled filters: {d} artifacts={} size={}", c.artifacts, c.size_bytes),
+            None => writeln!(out, "compiled filters: not cached"),
+        };
         if self.log_lines_dropped > 0 {
             let _ = writeln!(out, "log lines dropped={} (the log's reader fell behind)", self.log_lines_dropped);
         }
