@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use greyhook_tests::{CHAOS_FILTER, Sink, free_port, greyhook_bin, null_dns, wait_for_port};
+use greyhook_tests::{CHAOS_FILTER, Sink, TEST_CACHE, free_port, greyhook_bin, null_dns, wait_for_port};
 
 /// Where `tests/setup-opensmtpd.sh` unpacks the package (or
 /// `$GREYHOOK_SMTPD`, the `smtpd` binary).
@@ -263,6 +263,8 @@ impl Pipe {
         let mut child = Command::new(greyhook_bin())
             .args(["opensmtpd", "--dns", null_dns(), "--config"])
             .arg(&cfg)
+            // The run's compiled-filter cache, not /var/cache/greyhook.
+            .env("CACHE_DIRECTORY", TEST_CACHE)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
