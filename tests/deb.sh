@@ -33,8 +33,8 @@ trap cleanup EXIT
 ! dpkg -s greyhook >/dev/null 2>&1 || fail "the greyhook package is installed here; this test would purge it"
 # The checks below are of what the package creates. greyhook run as root
 # on its embedded defaults (the README's first command) keeps its store
-# in /var/lib/greyhook and its compiled filters beside it: set aside for
-# the test, put back after.
+# in /var/lib/greyhook and its compiled filters in /var/cache/greyhook:
+# set aside for the test, put back after.
 for d in /var/lib/greyhook /var/cache/greyhook; do
   if [ -e "$d" ]; then
     mkdir -p "$out/saved$(dirname "$d")" && mv "$d" "$out/saved$d" && saved+=("$d")
