@@ -33,7 +33,13 @@ fn row(table: &str, system: &str) -> Row {
 
 #[test]
 fn farms_pass_at_their_first_retry_with_the_dns_aware_default() {
-    let out = Command::new(env!("CARGO_BIN_EXE_farm-sim")).args(["--scale", "0.25", "--seed", "3"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_farm-sim"))
+        .args(["--scale", "0.25", "--seed", "3"])
+        // Its daemons keep compiled filters in the build's temp dir, not
+        // in /var/cache/greyhook when the tests run as root.
+        .env("CACHE_DIRECTORY", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}\n{}", String::from_utf8_lossy(&out.stderr));
     println!("{table}");
