@@ -305,15 +305,21 @@ impl Conversation {
         }
     }
 
+    /// Forgets the message's headers, its Message-ID and the headers the
+    /// filters asked to add (a new MAIL, or the transaction's end).
+    fn forget_message(&mut self) {
+        self.headers.clear();
+        self.header_budget = HeaderBudget::default();
+        self.message_id = None;
+        self.pending_headers.clear();
+    }
+
     /// Forgets what belonged to the transaction that ended.
     fn end_transaction(&mut self) {
         if self.held.as_ref().is_some_and(|h| h.until == HeldUntil::Transaction) {
             self.held = None;
         }
-        self.headers.clear();
-        self.header_budget = HeaderBudget::default();
-        self.message_id = None;
-        self.pending_headers.clear();
+        self.forget_message();
         self.queue_id = None;
         self.name_session();
     }
@@ -413,10 +419,7 @@ impl MilterProtocol for Conversation {
     }
 
     async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
-        self.headers.clear();
-        self.header_budget = HeaderBudget::default();
-        self.message_id = None;
-        self.pending_headers.clear();
+        self.forget_message();
         // Refused for the session: no transaction, no filter asked. A new
         // MAIL: the last transaction's refusal ends.
         if let Some(a) = self.held_beyond(HeldUntil::Transaction) {
