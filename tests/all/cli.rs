@@ -275,3 +275,47 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
     let left: Vec<_> = std::fs::read_dir(dir.path().join("cache")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "a refused component's artifact stayed: {left:?}");
 }
+
+/// `greyhook status`, `reload` and `db list` only look for a daemon's
+/// control socket: run by root on a machine where no daemon ever ran, they
+/// create no directory and write nothing under `/var/lib`, `/var/cache` or
+/// `/run` (they once created `/var/lib/greyhook` and a probe file in it).
+/// Root's view is a private mount namespace with those three empty, so the
+/// machine's own are not touched; as another user, its home stays empty.
+#[test]
+fn looking_for_the_daemon_creates_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let bin = greyhook_bin();
+    let commands = format!("{b} status || true; {b} reload || true; {b} db list || true", b = bin.display());
+    let script = if root {
+        // Each directory is a fresh tmpfs; after the commands, list what
+        // is in them.
+        format!(
+            "set -e; for d in /var/lib /var/cache /run; do mount -t tmpfs greyhook-test $d; done; \
+             {commands}; find /var/lib /var/cache /run -mindepth 1"
+        )
+    } else {
+        format!("{commands}; find {h} -mindepth 1", h = home.display())
+    };
+    let mut cmd = if root {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    };
+    for k in ["CACHE_DIRECTORY", "STATE_DIRECTORY", "RUNTIME_DIRECTORY", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"] {
+        cmd.env_remove(k);
+    }
+    let out = cmd.env("HOME", &home).output().expect("sh runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the script failed: {stdout}\n{stderr}");
+    assert!(stderr.contains("cannot reach the daemon"), "each command says no daemon runs: {stderr}");
+    assert_eq!(stdout.trim(), "", "created while looking for a daemon:\n{stdout}\n{stderr}");
+}

@@ -312,7 +312,13 @@ pub fn find_control_path() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         candidates.push(PathBuf::from(d).join("greyhook").join("control.sock"));
     }
-    candidates.push(crate::store::default_db_path().with_file_name("control.sock"));
+    // Beside the default store, wherever `default_db_path` would put it,
+    // named without its probe (which creates `/var/lib/greyhook`).
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        candidates.push(PathBuf::from(d).join("control.sock"));
+    }
+    candidates.push(PathBuf::from("/var/lib/greyhook/control.sock"));
+    candidates.push(crate::store::user_db_path().with_file_name("control.sock"));
     candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| candidates[0].clone())
 }
 
@@ -424,7 +430,11 @@ socket = "/tmp/greyhook-test.sock"
                 for perms in [(&p.socket_mode, &p.socket_owner, &p.socket_group), (&m.socket_mode, &m.socket_owner, &m.socket_group)] {
                     let _ = crate::frontend::listen::UnixPerms::from_settings(perms.0, perms.1, perms.2);
                 }
-                let _ = c.store.redb_path();
+                // Without a path it would be the default one, which is
+                // probed by creating `/var/lib/greyhook` (as root).
+                if c.store.path.is_some() {
+                    let _ = c.store.redb_path();
+                }
             }
         }
     }

@@ -358,6 +358,14 @@ pub fn default_db_path() -> PathBuf {
     if let Some(p) = crate::settings::systemd_or_system("STATE_DIRECTORY", "/var/lib/greyhook", "greyhook.db") {
         return p;
     }
+    user_db_path()
+}
+
+/// The user's default store, `$XDG_STATE_HOME/greyhook/greyhook.db` or
+/// `~/.local/state/greyhook/greyhook.db`: what [`default_db_path`] chooses
+/// when neither systemd nor root's `/var/lib/greyhook` applies. Nothing is
+/// created or probed.
+pub(crate) fn user_db_path() -> PathBuf {
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
