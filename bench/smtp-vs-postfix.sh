@@ -17,6 +17,8 @@
 #   bench/smtp-vs-postfix.sh                 # 4 sessions x 4000 messages
 #   SESSIONS=8 MSGS=10000 bench/smtp-vs-postfix.sh
 #   MILTER=unix bench/smtp-vs-postfix.sh     # the milter on a unix socket (default: TCP)
+#   HOP=unix bench/smtp-vs-postfix.sh        # greyhook smtp relays to Postfix's smtpd on a
+#                                            # unix socket (master.cf `unix` service; default: TCP)
 #   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the four paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   NULL_NR=1 bench/smtp-vs-postfix.sh       # the null milter asks for the no-reply steps too
@@ -113,6 +115,7 @@ $extra
 EOF
   cat >"$d/etc/master.cf" <<EOF
 127.0.0.1:$port inet n - n - - smtpd
+greyhook-in unix n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -178,7 +181,9 @@ pf_port=$(free_port)
 postfix_start "$work/pf" "$pf_port" ""
 
 gh_port=$(free_port)
-${GH_WRAP:-} "$GH_BIN" smtp --listen "127.0.0.1:$gh_port" --next-hop "127.0.0.1:$pf_port" --db "$work/smtp.db" \
+# HOP=unix: greyhook relays to the same Postfix's smtpd on its unix socket.
+if [ "${HOP:-inet}" = unix ]; then HOP_ADDR=unix:$work/pf/queue/public/greyhook-in; else HOP_ADDR=127.0.0.1:$pf_port; fi
+${GH_WRAP:-} "$GH_BIN" smtp --listen "127.0.0.1:$gh_port" --next-hop "$HOP_ADDR" --db "$work/smtp.db" \
   --control "$work/smtp.sock" --dns "127.0.0.1:$dns_port" --set delay=0 ${GH_SET:+--set "$GH_SET"} --log warn >"$work/smtp.log" 2>&1 &
 pids+=($!)
 smtp_pid=$!

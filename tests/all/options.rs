@@ -469,6 +469,13 @@ fn smtp_settings_are_the_configured_ones() {
     let c2 = dir.path().join("c2.sock");
     let (ok, err) = run_to_end(&["smtp", "--listen", "127.0.0.1:0", "--db", "memory", "--control", c2.to_str().unwrap()], &[]);
     assert!(!ok && err.contains("next_hop is required"), "{err}");
+    // A unix socket's path must be absolute (relative to what?).
+    for (hop, says) in [("unix:greyhook-in", "absolute path"), ("localhost", "HOST:PORT or unix:/path")] {
+        let c3 = dir.path().join("c3.sock");
+        let args = ["smtp", "--listen", "127.0.0.1:0", "--next-hop", hop, "--db", "memory", "--control", c3.to_str().unwrap()];
+        let (ok, err) = run_to_end(&args, &[]);
+        assert!(!ok && err.contains(says), "{hop}: {err}");
+    }
 
     // --lmtp on the command line: the next hop is spoken to with LHLO and
     // answers per recipient.

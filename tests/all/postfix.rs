@@ -11,7 +11,7 @@ use greyhook_tests::*;
 const POSTFIX: &str = "/usr/sbin/postfix";
 
 /// A private Postfix instance: config, queue and log in a temp dir; smtpd on
-/// a loopback port; every accepted message is put on hold so the test can
+/// a loopback port and on the unix socket [`Postfix::unix_smtpd`]; every accepted message is put on hold so the test can
 /// read it back with postcat.
 struct Postfix {
     dir: PathBuf,
@@ -62,11 +62,21 @@ impl Postfix {
              smtpd_end_of_data_restrictions = check_client_access static:HOLD\n{extra}"
         );
         std::fs::write(dir.join("etc/main.cf"), main_cf).unwrap();
-        std::fs::write(dir.join("etc/master.cf"), format!("127.0.0.1:{port} inet n - n - - smtpd\n{MASTER_CF}")).unwrap();
+        std::fs::write(
+            dir.join("etc/master.cf"),
+            format!("127.0.0.1:{port} inet n - n - - smtpd\ngreyhook-in unix n - n - - smtpd\n{MASTER_CF}"),
+        )
+        .unwrap();
         let out = Command::new(POSTFIX).args(["-c", dir.join("etc").to_str().unwrap(), "start"]).output().unwrap();
         assert!(out.status.success(), "postfix start: {}", String::from_utf8_lossy(&out.stderr));
         wait_for_port(port, 20);
         Postfix { dir, port }
+    }
+
+    /// The unix socket its second smtpd listens on (master.cf's public
+    /// `greyhook-in` service), as a `next_hop`.
+    fn unix_smtpd(&self) -> String {
+        format!("unix:{}/queue/public/greyhook-in", self.dir.display())
     }
 
     /// Sends one message with swaks; returns its transcript.
@@ -340,8 +350,9 @@ fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
 }
 
 /// `greyhook smtp` on a free port in front of the Postfix at `next_hop`
-/// (2 s delay), and a send from client 127.0.0.5 through it.
-fn greyhook_smtp_before(r: &Path, next_hop: u16) -> (Process, impl Fn() -> String) {
+/// (`HOST:PORT` or `unix:/path`; 2 s delay), and a send from client
+/// 127.0.0.5 through it.
+fn greyhook_smtp_before(r: &Path, next_hop: &str) -> (Process, impl Fn() -> String + use<>) {
     let sport = free_port();
     let daemon = Process::greyhook(
         &[
@@ -349,7 +360,7 @@ fn greyhook_smtp_before(r: &Path, next_hop: u16) -> (Process, impl Fn() -> Strin
             "--listen",
             &format!("127.0.0.1:{sport}"),
             "--next-hop",
-            &format!("127.0.0.1:{next_hop}"),
+            next_hop,
             "--db",
             "memory",
             "--control",
@@ -381,11 +392,25 @@ fn bdat_queued(transcript: &str) -> bool {
 /// reaches the client; the message in Postfix's queue carries the header.
 #[test]
 fn greyhook_smtp_relays_to_postfix() {
+    relays_to_postfix(false);
+}
+
+/// The same with Postfix's smtpd on a unix socket as the next hop
+/// (`next_hop = "unix:/path"`, a master.cf `unix` service): no TCP between
+/// greyhook and its MTA. Postfix counts a unix-socket client as
+/// 127.0.0.1, so XCLIENT is allowed the same way.
+#[test]
+fn greyhook_smtp_relays_to_postfix_on_a_unix_socket() {
+    relays_to_postfix(true);
+}
+
+fn relays_to_postfix(unix: bool) {
     let root = tempfile::tempdir().unwrap();
     traversable(root.path());
     let r = root.path();
     let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
-    let (mut daemon, send) = greyhook_smtp_before(r, pf.port);
+    let hop = if unix { pf.unix_smtpd() } else { format!("127.0.0.1:{}", pf.port) };
+    let (mut daemon, send) = greyhook_smtp_before(r, &hop);
     let first = send();
     assert!(first.contains("<-  250-GREYLIST"), "EHLO advertises GREYLIST:\n{first}");
     rcpt_tempfail(&first, "451", "Greylisted, please try again later retry=00:00:02");
@@ -419,7 +444,7 @@ fn greyhook_smtp_falls_back_to_xforward() {
     traversable(root.path());
     let r = root.path();
     let pf = Postfix::start(r, None, "smtpd_authorized_xforward_hosts = 127.0.0.1\n");
-    let (mut daemon, send) = greyhook_smtp_before(r, pf.port);
+    let (mut daemon, send) = greyhook_smtp_before(r, &format!("127.0.0.1:{}", pf.port));
     rcpt_tempfail(&send(), "451", "Greylisted, please try again later retry=00:00:02");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let second = send();

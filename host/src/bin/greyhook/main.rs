@@ -326,9 +326,9 @@ enum Command {
         /// `smtp.listen`. Default: `[smtp] listen` (one is needed).
         #[arg(long = "listen", value_name = "ADDR")]
         listen: Vec<String>,
-        /// The MTA behind greyhook, `HOST:PORT`; replaces `smtp.next_hop`.
-        /// Default: `[smtp] next_hop` (one is needed).
-        #[arg(long = "next-hop", value_name = "HOST:PORT")]
+        /// The MTA behind greyhook, `HOST:PORT` or `unix:/path`; replaces
+        /// `smtp.next_hop`. Default: `[smtp] next_hop` (one is needed).
+        #[arg(long = "next-hop", value_name = "HOST:PORT|unix:/path")]
         next_hop: Option<String>,
         /// Speak LMTP to the next hop. Default: SMTP (`[smtp] next_hop_protocol`).
         #[arg(long)]

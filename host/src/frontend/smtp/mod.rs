@@ -73,7 +73,8 @@ pub enum HopProtocol {
 pub struct SmtpConfig {
     /// Addresses (none by default): `0.0.0.0:25`, `127.0.0.1:2525`.
     pub listen: Vec<ListenAddr>,
-    /// Where accepted mail goes, `HOST:PORT` (required with `listen`).
+    /// Where accepted mail goes, `HOST:PORT` or `unix:/path` (required
+    /// with `listen`).
     pub next_hop: Option<String>,
     /// `smtp` or `lmtp`.
     pub next_hop_protocol: HopProtocol,
@@ -216,8 +217,10 @@ impl FrontEnd for Smtp {
         let s = config;
         let bad = |m: &dyn std::fmt::Display| invalid::<Smtp>(m);
         let address = s.next_hop.clone().ok_or_else(|| bad(&"next_hop is required (HOST:PORT of the MTA behind greyhook)"))?;
-        if !address.contains(':') {
-            return Err(bad(&"next_hop must be HOST:PORT"));
+        match address.strip_prefix("unix:") {
+            Some(path) if !path.starts_with('/') => return Err(bad(&"next_hop unix:PATH needs an absolute path")),
+            None if !address.contains(':') => return Err(bad(&"next_hop must be HOST:PORT or unix:/path")),
+            _ => {}
         }
         if s.max_line < 512
             || s.max_recipients < 1

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 /// Longest reply line read from the next hop, and most lines in one reply.
 const MAX_REPLY_LINE: usize = 4096;
@@ -27,7 +28,8 @@ const MAX_REPLY_LINES: usize = 100;
 /// The next hop.
 #[derive(Debug, Clone)]
 pub struct NextHop {
-    /// `HOST:PORT`.
+    /// `HOST:PORT`, or `unix:/path` for a unix socket (an LMTP server's,
+    /// or an MTA's smtpd listening on one).
     pub address: String,
     /// Speak LMTP (`LHLO`, one reply per recipient after the data).
     pub lmtp: bool,
@@ -149,10 +151,13 @@ pub enum RelayError {
     Malformed(String, String),
 }
 
+/// A connection to the next hop: TCP, or a unix socket.
+type HopStream = Either<TcpStream, UnixStream>;
+
 /// A connection to the next hop.
 pub struct Relay {
     hop: NextHop,
-    conn: BufReader<TcpStream>,
+    conn: BufReader<HopStream>,
     /// The next hop's EHLO/LHLO keywords, upper case.
     keywords: Vec<String>,
     /// Recipients the next hop accepted in this transaction (LMTP replies
@@ -178,11 +183,20 @@ impl Relay {
     /// Connects, reads the greeting and says EHLO (LHLO for LMTP). A
     /// negative greeting or EHLO reply is returned as `Ok(Err(reply))`.
     pub async fn connect(hop: &NextHop) -> Result<Result<Relay, HopReply>, RelayError> {
-        let stream = tokio::time::timeout(hop.timeout, TcpStream::connect(&hop.address))
+        let connecting = async {
+            match hop.address.strip_prefix("unix:") {
+                Some(path) => UnixStream::connect(path).await.map(Either::Right),
+                None => {
+                    let stream = TcpStream::connect(&hop.address).await?;
+                    let _ = stream.set_nodelay(true);
+                    Ok(Either::Left(stream))
+                }
+            }
+        };
+        let stream = tokio::time::timeout(hop.timeout, connecting)
             .await
             .map_err(|_| RelayError::Timeout(hop.address.clone(), hop.timeout))?
             .map_err(|e| RelayError::Io(hop.address.clone(), e))?;
-        let _ = stream.set_nodelay(true);
         let mut r = Relay {
             hop: hop.clone(),
             conn: BufReader::new(stream),
@@ -213,7 +227,11 @@ impl Relay {
             return false;
         }
         let mut probe = [0u8; 1];
-        matches!(self.conn.get_ref().try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let read = match self.conn.get_ref() {
+            Either::Left(tcp) => tcp.try_read(&mut probe),
+            Either::Right(unix) => unix.try_read(&mut probe),
+        };
+        matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Whether the next hop took XCLIENT on this connection (it then sees
