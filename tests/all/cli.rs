@@ -319,3 +319,19 @@ fn looking_for_the_daemon_creates_nothing() {
     assert!(stderr.contains("cannot reach the daemon"), "each command says no daemon runs: {stderr}");
     assert_eq!(stdout.trim(), "", "created while looking for a daemon:\n{stdout}\n{stderr}");
 }
+
+/// A front end's own command (`greyhook opensmtpd`) is listed in `greyhook
+/// --help` with what it does, and its `--help` starts with that too (both
+/// once showed the shared options' description instead).
+#[test]
+fn a_front_ends_own_command_says_what_it_does() {
+    let (ok, out, err) = greyhook(&["--help"]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.trim_start().starts_with("opensmtpd ")).unwrap_or_else(|| panic!("no opensmtpd in:\n{out}"));
+    assert!(line.contains("OpenSMTPD") && !line.contains("Options every daemon command shares"), "{line}");
+    let (ok, out, err) = greyhook(&["opensmtpd", "--help"]);
+    assert!(ok, "{err}");
+    let first = out.lines().next().unwrap_or_default();
+    assert!(first.contains("OpenSMTPD") && !first.contains("Options every"), "{out}");
+    assert!(out.contains("--config <CONFIG>") && out.contains("--db <DB>"), "the shared options are there: {out}");
+}

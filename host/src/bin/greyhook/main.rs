@@ -1003,7 +1003,9 @@ enum Invocation {
 fn command() -> clap::Command {
     let mut cmd = Cli::command();
     for (name, about) in greyhook::frontend::commands() {
-        cmd = cmd.subcommand(Common::augment_args(clap::Command::new(name).about(about)));
+        // The about after the shared options: `augment_args` sets the
+        // command's about to `Common`'s own doc comment.
+        cmd = cmd.subcommand(Common::augment_args(clap::Command::new(name)).about(about).long_about(None));
     }
     cmd
 }
