@@ -217,6 +217,9 @@ fn hostile_clients_get_replies_or_a_closed_connection() {
     c.w.write_all(b"\x00\xff\xfe\x80garbage\r\n").unwrap();
     assert!(c.reply().starts_with("500 5.5.2"));
     assert!(c.send("MAIL FROM:<a@b>").starts_with("503"), "EHLO first");
+    // A greeting without a name is answered with the verb the client used.
+    assert_eq!(c.send("HELO"), "501 5.5.4 Syntax: HELO hostname\r\n");
+    assert_eq!(c.send("EHLO"), "501 5.5.4 Syntax: EHLO hostname\r\n");
     c.send("EHLO client.example.org");
     assert!(c.send("RCPT TO:<x@y>").starts_with("503"), "MAIL first");
     assert!(c.send("MAIL FROM:<a@example.org> SIZE=999999999999").starts_with("552 5.3.4"));

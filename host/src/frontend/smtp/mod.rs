@@ -593,7 +593,8 @@ impl Connection {
             let (verb, arg) = text.split_once(' ').unwrap_or((&text, ""));
             let arg = arg.trim();
             match verb.to_ascii_uppercase().as_str() {
-                "EHLO" | "HELO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
+                "EHLO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
+                "HELO" if arg.is_empty() => self.error("501 5.5.4 Syntax: HELO hostname\r\n").await?,
                 "EHLO" => self.ehlo(arg, true).await?,
                 "HELO" => self.ehlo(arg, false).await?,
                 "STARTTLS" => self.starttls().await?,
