@@ -192,8 +192,7 @@ fn policy_greylists_unusable_addresses() {
 fn greedy_clients_are_limited() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
-    let smtp =
-        "max_connections = 8\nmax_connections_per_client = 3\njunk_command_limit = 5\nsession_timeout = \"3s\"\nstress_timeout = \"1s\"";
+    let smtp = "max_connections = 8\nmax_connections_per_client = 3\nlimit_exceptions = []\njunk_command_limit = 5\nsession_timeout = \"3s\"\nstress_timeout = \"1s\"";
     let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
     let mut held: Vec<Raw> = (0..3).map(|_| Raw::over(connect_from("127.0.0.9", port))).collect();
     for c in &mut held {
@@ -238,6 +237,58 @@ fn greedy_clients_are_limited() {
     assert!(ended && start.elapsed() < Duration::from_secs(8), "cut after {:?}", start.elapsed());
 }
 
+/// Loopback clients are not held to `max_connections_per_client` by
+/// default, as Postfix exempts `$mynetworks` from its per-client limits: a
+/// local load generator at 20 sessions from 127.0.0.1 heard `421 4.7.0`
+/// for half of them. `limit_exceptions` names the networks (any address or
+/// prefix); every other client is held to the limit, and the exempt ones
+/// still count toward `max_connections`.
+#[test]
+fn loopback_and_named_networks_are_exempt_from_the_per_client_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    // The defaults: 10 a client, loopback exempt.
+    let (d, port) = smtp_daemon(dir.path(), sink.port, "", WHITE);
+    let held: Vec<Raw> = (0..20)
+        .map(|i| {
+            let mut c = Raw::over(connect_from("127.0.0.1", port));
+            let r = c.reply();
+            assert!(r.starts_with("220"), "session {i} from 127.0.0.1: {r:?}");
+            c
+        })
+        .collect();
+    drop(held);
+    drop(d);
+    // Named networks: one address and a /24 exempt, another address held
+    // to 2; max_connections still counts everyone.
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = "max_connections = 9\nmax_connections_per_client = 2\nlimit_exceptions = [\"127.0.0.1\", \"127.0.5.0/24\"]";
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+    let mut held = Vec::new();
+    for from in ["127.0.0.1", "127.0.5.7", "127.0.5.200"] {
+        for i in 0..3 {
+            let mut c = Raw::over(connect_from(from, port));
+            let r = c.reply();
+            assert!(r.starts_with("220"), "session {i} from {from}: {r:?}");
+            held.push(c);
+        }
+    }
+    let mut c = Raw::over(connect_from("127.0.0.9", port));
+    assert!(c.reply().starts_with("421 4.3.2"), "the tenth connection is over max_connections, exempt or not");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<Raw> = Vec::new();
+    for i in 0..3 {
+        let mut c = Raw::over(connect_from("127.0.0.9", port));
+        let r = c.reply();
+        match i {
+            2 => assert!(r.starts_with("421 4.7.0"), "a third from 127.0.0.9, not exempt: {r:?}"),
+            _ => assert!(r.starts_with("220"), "{r:?}"),
+        }
+        held.push(c);
+    }
+}
+
 /// Found with Postfix's `smtp-source -s 10` (ten sessions at once from one
 /// address, the default `max_connections_per_client`): a client that
 /// reconnects as soon as it has read `221` to its QUIT was refused with
@@ -248,7 +299,7 @@ fn greedy_clients_are_limited() {
 fn a_client_at_its_connection_limit_that_reconnects_after_quit_is_greeted() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
-    let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections_per_client = 10", WHITE);
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections_per_client = 10\nlimit_exceptions = []", WHITE);
     let clients: Vec<_> = (0..10)
         .map(|_| {
             std::thread::spawn(move || {
@@ -974,7 +1025,7 @@ fn a_front_ends_limits_hold_across_all_its_listeners() {
         "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
          [policy]\nlisten = [\"127.0.0.1:{p1}\", \"unix:{ps}\"]\nmax_connections = 1\n\
          [smtp]\nlisten = [\"127.0.0.1:{s1}\", \"127.0.0.1:{s2}\"]\nnext_hop = \"127.0.0.1:{hop}\"\n\
-         hostname = \"greyhook.test\"\nmax_connections = 2\nmax_connections_per_client = 1\n\
+         hostname = \"greyhook.test\"\nmax_connections = 2\nmax_connections_per_client = 1\nlimit_exceptions = []\n\
          [filter.config]\n{WHITE}\n",
         d = dir.path().display(),
         ps = policy_sock.display(),
@@ -1160,7 +1211,7 @@ fn an_ipv6_network_counts_as_one_client() {
     let text = format!(
         "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
          [smtp]\nlisten = [\"[::]:{port}\"]\nnext_hop = \"127.0.0.1:{hop}\"\nhostname = \"greyhook.test\"\n\
-         max_connections_per_client = 2\nclient_ipv6_prefix = 84\nclient_ipv4_prefix = 24\n[filter.config]\n{WHITE}\n",
+         max_connections_per_client = 2\nlimit_exceptions = []\nclient_ipv6_prefix = 84\nclient_ipv4_prefix = 24\n[filter.config]\n{WHITE}\n",
         d = dir.path().display(),
         hop = sink.port
     );

@@ -3,7 +3,8 @@
 //! SMTP reply ([`reply`]) and how a reply's retry hint is read back
 //! ([`retry`]), how much of a message a filter is handed ([`message`]), and
 //! the clock that hands filters `now` ([`clock`]); and how a client address
-//! is read ([`parse_client_address`]) and grouped ([`client_network`]).
+//! is read ([`parse_client_address`]), grouped ([`client_network`]) and
+//! matched against a setting's networks ([`Network`]).
 
 pub mod clock;
 pub mod message;
@@ -47,8 +48,85 @@ pub fn client_network(ip: std::net::IpAddr, v4: u8, v6: u8) -> std::net::IpAddr 
     }
 }
 
+/// A network of client addresses in a setting: `192.0.2.0/24`,
+/// `2001:db8::/32`, or one address (`127.0.0.1`, `::1`). An IPv4-mapped
+/// client (`::ffff:192.0.2.1`) is in an IPv4 network, as
+/// [`client_network`] counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    /// The first address, the bits past the prefix cleared.
+    base: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// Whether `ip` is in this network.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.base.is_ipv4() && client_network(ip, self.prefix, self.prefix) == self.base
+    }
+}
+
+/// A network that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid network {0:?}: use ADDRESS or ADDRESS/PREFIX (127.0.0.0/8, ::1, 2001:db8::/32)")]
+pub struct NetworkError(String);
+
+impl std::str::FromStr for Network {
+    type Err = NetworkError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NetworkError(s.to_string());
+        let (addr, prefix) = s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let ip = ip.to_canonical();
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            // Digits only: `u8::from_str` also takes a leading `+`.
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?
+            }
+            Some(_) => return Err(bad()),
+        };
+        Ok(Network { base: client_network(ip, prefix, prefix), prefix })
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Network {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn networks_parse_and_hold_their_addresses() {
+        let net = |s: &str| s.parse::<super::Network>();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let lo = net("127.0.0.0/8").unwrap();
+        assert!(lo.contains(ip("127.1.2.3")) && lo.contains(ip("::ffff:127.0.0.1")) && !lo.contains(ip("128.0.0.1")));
+        assert!(!lo.contains(ip("::1")) && !lo.contains(ip("7f00::1")), "an IPv6 address is never in an IPv4 network");
+        let one = net("::1").unwrap();
+        assert!(one.contains(ip("::1")) && !one.contains(ip("::2")) && one.to_string() == "::1/128");
+        assert_eq!(net("192.0.2.77/24").unwrap().to_string(), "192.0.2.0/24", "host bits are cleared");
+        assert_eq!(net("::ffff:10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8", "a mapped address is IPv4");
+        assert!(net("0.0.0.0/0").unwrap().contains(ip("203.0.113.9")));
+        for bad in
+            ["", "/8", "127.0.0.1/", "127.0.0.1/33", "::1/129", "127.0.0.1/+8", "127.0.0.1/-1", "localhost", "127.0.0.0/8/8", "1.2.3.4 /8"]
+        {
+            assert!(net(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
     #[test]
     fn client_networks_cut_addresses_and_take_mapped_ones_as_ipv4() {
         let net = |s: &str, v4, v6| super::client_network(s.parse().unwrap(), v4, v6).to_string();

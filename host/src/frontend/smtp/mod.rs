@@ -123,6 +123,12 @@ pub struct SmtpConfig {
     /// `smtpd_client_connection_count_limit`), counted by
     /// `client_ipv4_prefix` and `client_ipv6_prefix`.
     pub max_connections_per_client: usize,
+    /// Clients `max_connections_per_client` does not apply to (Postfix
+    /// `smtpd_client_event_limit_exceptions`, `$mynetworks` by default):
+    /// loopback by default, where a local process (a monitoring probe, a
+    /// proxy, a load test) is not one greedy client. They still count
+    /// toward `max_connections`.
+    pub limit_exceptions: Vec<crate::domain::Network>,
     /// IPv4 clients in one network of this prefix length count as one
     /// client for `max_connections_per_client` (32: each address alone).
     pub client_ipv4_prefix: u8,
@@ -163,6 +169,7 @@ impl Default for SmtpConfig {
             junk_command_limit: 20,
             max_connections: 256,
             max_connections_per_client: 10,
+            limit_exceptions: ["127.0.0.0/8", "::1"].iter().filter_map(|n| n.parse().ok()).collect(),
             client_ipv4_prefix: 32,
             client_ipv6_prefix: 84,
             max_data_memory: 256 << 20,
@@ -373,12 +380,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
                 Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
             };
             let mut c = Connection::new(conn, &peer, shared.clone());
-            let Some(slot) = ClientSlot::take(&shared, ip) else {
-                tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
-                let _ = c.write("421 4.7.0 Too many connections from your address, try again later\r\n").await;
-                return;
-            };
-            c.slot = Some(slot);
+            if !shared.config.limit_exceptions.iter().any(|n| n.contains(ip)) {
+                let Some(slot) = ClientSlot::take(&shared, ip) else {
+                    tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
+                    let _ = c.write("421 4.7.0 Too many connections from your address, try again later\r\n").await;
+                    return;
+                };
+                c.slot = Some(slot);
+            }
             let limit = shared.config.session_timeout;
             tokio::select! {
                 r = tokio::time::timeout(limit, c.run(ip)) => match r {
