@@ -499,76 +499,94 @@ impl Sink {
     /// recipient in turn with the next of `replies` after the data (in SMTP,
     /// the first). It keeps the message if the first reply is positive.
     pub fn spawn(replies: Vec<&'static str>) -> Sink {
-        use std::io::{BufRead, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
         let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
         let m = messages.clone();
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                let m = m.clone();
-                let replies = replies.clone();
-                std::thread::spawn(move || {
-                    let mut w = c.try_clone().expect("clone");
-                    let mut r = std::io::BufReader::new(c);
-                    let _ = w.write_all(b"220 sink ESMTP\r\n");
-                    let mut line = String::new();
-                    let (mut lmtp, mut rcpts) = (false, 0usize);
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-                        let reply = match verb.as_str() {
-                            "EHLO" | "LHLO" => {
-                                lmtp = verb == "LHLO";
-                                "250-sink\r\n250 8BITMIME\r\n".to_string()
-                            }
-                            "MAIL" => {
-                                rcpts = 0;
-                                "250 2.1.0 Ok\r\n".to_string()
-                            }
-                            "RCPT" => {
-                                rcpts += 1;
-                                "250 2.1.5 Ok\r\n".to_string()
-                            }
-                            "DATA" => {
-                                let _ = w.write_all(b"354 go\r\n");
-                                let mut msg = String::new();
-                                loop {
-                                    line.clear();
-                                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                                        return;
-                                    }
-                                    if line == ".\r\n" {
-                                        break;
-                                    }
-                                    msg.push_str(line.strip_prefix('.').unwrap_or(&line));
-                                }
-                                if replies[0].starts_with('2') {
-                                    m.lock().expect("lock").push(msg);
-                                }
-                                let n = if lmtp { rcpts } else { 1 };
-                                (0..n).map(|i| format!("{}\r\n", replies[i % replies.len()])).collect()
-                            }
-                            "QUIT" => {
-                                let _ = w.write_all(b"221 bye\r\n");
-                                return;
-                            }
-                            _ => "250 2.0.0 Ok\r\n".to_string(),
-                        };
-                        let _ = w.write_all(reply.as_bytes());
-                    }
-                });
+                let (m, replies) = (m.clone(), replies.clone());
+                let w = c.try_clone().expect("clone");
+                std::thread::spawn(move || sink_session(c, w, &m, &replies));
             }
         });
         Sink { port, messages }
     }
 
+    /// [`Sink::spawn`] on the unix socket `path` (its `port` is 0): an LMTP
+    /// server's socket, as Dovecot's.
+    pub fn spawn_unix(path: &std::path::Path, replies: Vec<&'static str>) -> Sink {
+        let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let m = messages.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (m, replies) = (m.clone(), replies.clone());
+                let w = c.try_clone().expect("clone");
+                std::thread::spawn(move || sink_session(c, w, &m, &replies));
+            }
+        });
+        Sink { port: 0, messages }
+    }
+
     /// The messages accepted so far.
     pub fn received(&self) -> Vec<String> {
         self.messages.lock().expect("lock").clone()
+    }
+}
+
+/// One connection to a [`Sink`]: read from `r`, answered on `w`.
+fn sink_session(r: impl std::io::Read, mut w: impl std::io::Write, m: &std::sync::Mutex<Vec<String>>, replies: &[&str]) {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(r);
+    let _ = w.write_all(b"220 sink ESMTP\r\n");
+    let mut line = String::new();
+    let (mut lmtp, mut rcpts) = (false, 0usize);
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+        let reply = match verb.as_str() {
+            "EHLO" | "LHLO" => {
+                lmtp = verb == "LHLO";
+                "250-sink\r\n250 8BITMIME\r\n".to_string()
+            }
+            "MAIL" => {
+                rcpts = 0;
+                "250 2.1.0 Ok\r\n".to_string()
+            }
+            "RCPT" => {
+                rcpts += 1;
+                "250 2.1.5 Ok\r\n".to_string()
+            }
+            "DATA" => {
+                let _ = w.write_all(b"354 go\r\n");
+                let mut msg = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    msg.push_str(line.strip_prefix('.').unwrap_or(&line));
+                }
+                if replies[0].starts_with('2') {
+                    m.lock().expect("lock").push(msg);
+                }
+                let n = if lmtp { rcpts } else { 1 };
+                (0..n).map(|i| format!("{}\r\n", replies[i % replies.len()])).collect()
+            }
+            "QUIT" => {
+                let _ = w.write_all(b"221 bye\r\n");
+                return;
+            }
+            _ => "250 2.0.0 Ok\r\n".to_string(),
+        };
+        let _ = w.write_all(reply.as_bytes());
     }
 }
 

@@ -434,6 +434,36 @@ fn lmtp_next_hop_answers_per_recipient() {
     assert_eq!(deliver(port2), "452 4.2.2 Mailbox full\r\n", "a refusal among them is passed on");
 }
 
+/// LMTP to a server on a unix socket, as Dovecot's usually is
+/// (`next_hop = "unix:/path"`): one reply per recipient read after the
+/// data, a refusal among them passed on, in one session and the next.
+#[test]
+fn lmtp_next_hop_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("lmtp.sock");
+    let sink = Sink::spawn_unix(&sock, vec!["250 2.0.0 Ok: delivered", "452 4.2.2 Mailbox full"]);
+    let port = free_port();
+    let text = format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:{port}\"]\nnext_hop = \"unix:{s}\"\nnext_hop_protocol = \"lmtp\"\n\
+         hostname = \"greyhook.test\"\nnext_hop_timeout = \"5s\"\n\
+         [filter.config]\nwhitelist_clients = [\"127.0.0.0/8\"]\n",
+        d = dir.path().display(),
+        s = sock.display()
+    );
+    let mut d = greyhook_with(dir.path(), "smtp", &text);
+    wait_for_port(port, 30);
+    for i in 0..2 {
+        let mut c = Raw::at_data(port, &["u1@example.com", "u2@example.com"]);
+        assert_eq!(c.send(&format!("Subject: {i}\r\n\r\nbody\r\n.")), "452 4.2.2 Mailbox full\r\n", "{}", d.log_text());
+        assert!(c.send("QUIT").starts_with("221"));
+    }
+    let got = sink.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[1].contains("Subject: 1") && got[1].contains("by greyhook.test (greyhook)"), "{}", got[1]);
+    assert!(d.terminate(10), "{}", d.log_text());
+}
+
 /// Random sessions: fragments of real commands, garbage bytes, stray
 /// CR/LF, dots, long runs, cut at random. Every reply line is an SMTP
 /// reply, and the daemon still serves a clean session afterwards.
