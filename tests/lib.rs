@@ -474,6 +474,9 @@ impl Drop for Process {
     }
 }
 
+/// The messages a [`Sink`] accepted.
+pub type Messages = Arc<std::sync::Mutex<Vec<String>>>;
+
 /// A next hop for the SMTP front end's tests: a minimal SMTP server on
 /// loopback that keeps every message it accepts, and answers DATA with
 /// `data_reply` (e.g. a `451` to test tempfail pass-through).
@@ -481,7 +484,7 @@ pub struct Sink {
     /// Its port.
     pub port: u16,
     /// The messages accepted, as received (dot-stuffing undone).
-    pub messages: Arc<std::sync::Mutex<Vec<String>>>,
+    pub messages: Messages,
 }
 
 impl Sink {
@@ -501,15 +504,7 @@ impl Sink {
     pub fn spawn(replies: Vec<&'static str>) -> Sink {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
-        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let m = messages.clone();
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let (m, replies) = (m.clone(), replies.clone());
-                let w = c.try_clone().expect("clone");
-                std::thread::spawn(move || sink_session(c, w, &m, &replies));
-            }
-        });
+        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::net::TcpStream::try_clone, replies);
         Sink { port, messages }
     }
 
@@ -517,16 +512,30 @@ impl Sink {
     /// server's socket, as Dovecot's.
     pub fn spawn_unix(path: &std::path::Path, replies: Vec<&'static str>) -> Sink {
         let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
-        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::os::unix::net::UnixStream::try_clone, replies);
+        Sink { port: 0, messages }
+    }
+
+    /// Serves each connection `accept` takes on a thread of its own
+    /// (`clone` gives its writing half); the messages kept.
+    fn serve<C>(
+        accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
+        clone: fn(&C) -> std::io::Result<C>,
+        replies: Vec<&'static str>,
+    ) -> Messages
+    where
+        C: std::io::Read + std::io::Write + Send + 'static,
+    {
+        let messages: Messages = Arc::new(std::sync::Mutex::new(Vec::new()));
         let m = messages.clone();
         std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
+            for c in std::iter::repeat_with(accept).flatten() {
                 let (m, replies) = (m.clone(), replies.clone());
-                let w = c.try_clone().expect("clone");
+                let w = clone(&c).expect("clone");
                 std::thread::spawn(move || sink_session(c, w, &m, &replies));
             }
         });
-        Sink { port: 0, messages }
+        messages
     }
 
     /// The messages accepted so far.
