@@ -599,6 +599,23 @@ fn sink_session(r: impl std::io::Read, mut w: impl std::io::Write, m: &std::sync
     }
 }
 
+/// Sends `request` (a whole HTTP/1.1 request) to 127.0.0.1:`port` and
+/// reads the answer to its end (within 10 s).
+pub fn http(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// `GET path` from 127.0.0.1:`port`: the whole answer, headers and all.
+pub fn http_get(port: u16, path: &str) -> String {
+    http(port, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+}
+
 /// Runs a Python 3 script (stdlib only: smtplib, socket); returns its stdout.
 pub fn python(script: &str) -> String {
     let out = std::process::Command::new("python3").args(["-c", script]).output().expect("python3 runs");

@@ -107,6 +107,9 @@ pub struct HostMetrics {
     pub connections: Family<FrontEndLabel, Counter>,
     /// `connections_refused_total{front_end}`: refused for the connection limit.
     pub connections_refused: Family<FrontEndLabel, Counter>,
+    /// `client_limit_refusals_total{front_end}`: connections refused
+    /// because their client held its `max_connections_per_client`.
+    pub client_limit_refusals: Family<FrontEndLabel, Counter>,
     /// `connections_active{front_end}`: connections in hand now.
     pub connections_active: Family<FrontEndLabel, Gauge>,
     /// `accept_failures_total{front_end}`: accepts that failed (the
@@ -171,6 +174,7 @@ impl HostMetrics {
             breaker_trips: Family::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
+            client_limit_refusals: Family::default(),
             connections_active: Family::default(),
             accept_failures: Family::default(),
             store_latency: Family::new_with_constructor(latency),
@@ -193,6 +197,11 @@ impl HostMetrics {
         r.register("breaker_trips", "Filter versions the crash-loop breaker reverted", self.breaker_trips.clone());
         r.register("connections", "Connections accepted, by front end", self.connections.clone());
         r.register("connections_refused", "Connections refused because every slot was taken", self.connections_refused.clone());
+        r.register(
+            "client_limit_refusals",
+            "Connections refused because their client held max_connections_per_client already",
+            self.client_limit_refusals.clone(),
+        );
         r.register("connections_active", "Connections in hand now", self.connections_active.clone());
         r.register("accept_failures", "Failed accepts (out of file descriptors), by listener", self.accept_failures.clone());
         r.register("store_operation_seconds", "Store operations and their latency", self.store_latency.clone());

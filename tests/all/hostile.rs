@@ -263,7 +263,8 @@ fn loopback_and_named_networks_are_exempt_from_the_per_client_limit() {
     // to 2; max_connections still counts everyone.
     let dir = tempfile::tempdir().unwrap();
     let smtp = "max_connections = 9\nmax_connections_per_client = 2\nlimit_exceptions = [\"127.0.0.1\", \"127.0.5.0/24\"]";
-    let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, WHITE);
+    let metrics = free_port();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, smtp, &format!("{WHITE}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\""));
     let mut held = Vec::new();
     for from in ["127.0.0.1", "127.0.5.7", "127.0.5.200"] {
         for i in 0..3 {
@@ -287,6 +288,12 @@ fn loopback_and_named_networks_are_exempt_from_the_per_client_limit() {
         }
         held.push(c);
     }
+    // The operator sees the one refusal for the per-client limit, apart
+    // from the one for max_connections.
+    let scrape = http_get(metrics, "/metrics");
+    let line = |name: &str| scrape.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+    assert_eq!(line("greyhook_client_limit_refusals_total{"), "greyhook_client_limit_refusals_total{front_end=\"smtp\"} 1", "{scrape}");
+    assert_eq!(line("greyhook_connections_refused_total{"), "greyhook_connections_refused_total{front_end=\"smtp\"} 1", "{scrape}");
 }
 
 /// Found with Postfix's `smtp-source -s 10` (ten sessions at once from one

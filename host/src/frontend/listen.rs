@@ -283,7 +283,7 @@ impl Load {
         })
     }
 
-    fn label(&self) -> crate::telemetry::FrontEndLabel {
+    pub(crate) fn label(&self) -> crate::telemetry::FrontEndLabel {
         crate::telemetry::FrontEndLabel { front_end: self.front_end }
     }
 

@@ -383,6 +383,7 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
             if !shared.config.limit_exceptions.iter().any(|n| n.contains(ip)) {
                 let Some(slot) = ClientSlot::take(&shared, ip) else {
                     tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
+                    crate::telemetry::host().client_limit_refusals.get_or_create(&shared.load.label()).inc();
                     let _ = c.write("421 4.7.0 Too many connections from your address, try again later\r\n").await;
                     return;
                 };
