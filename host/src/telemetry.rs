@@ -197,11 +197,7 @@ impl HostMetrics {
         r.register("breaker_trips", "Filter versions the crash-loop breaker reverted", self.breaker_trips.clone());
         r.register("connections", "Connections accepted, by front end", self.connections.clone());
         r.register("connections_refused", "Connections refused because every slot was taken", self.connections_refused.clone());
-        r.register(
-            "client_limit_refusals",
-            "Connections refused because their client held max_connections_per_client already",
-            self.client_limit_refusals.clone(),
-        );
+        r.register("client_limit_refusals", "Connections refused for max_connections_per_client", self.client_limit_refusals.clone());
         r.register("connections_active", "Connections in hand now", self.connections_active.clone());
         r.register("accept_failures", "Failed accepts (out of file descriptors), by listener", self.accept_failures.clone());
         r.register("store_operation_seconds", "Store operations and their latency", self.store_latency.clone());
