@@ -294,6 +294,20 @@ fn loopback_and_named_networks_are_exempt_from_the_per_client_limit() {
     let line = |name: &str| scrape.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
     assert_eq!(line("greyhook_client_limit_refusals_total{"), "greyhook_client_limit_refusals_total{front_end=\"smtp\"} 1", "{scrape}");
     assert_eq!(line("greyhook_connections_refused_total{"), "greyhook_connections_refused_total{front_end=\"smtp\"} 1", "{scrape}");
+    // And `greyhook status`, with the two sessions still held.
+    // (The refused connection's end is counted as its task ends, just after
+    // its 421 went out.)
+    let held_two = format!("listener smtp: 127.0.0.1:{port} connections active=2 ");
+    let mut status = String::new();
+    for _ in 0..50 {
+        status = greyhook_status(&dir.path().join("control.sock"), false);
+        if status.contains(&held_two) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(status.contains(&held_two), "{status}");
+    assert!(status.contains(" refused=1 refused_per_client=1\n"), "{status}");
 }
 
 /// Found with Postfix's `smtp-source -s 10` (ten sessions at once from one

@@ -165,14 +165,22 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     // The same counts in `greyhook status`, and the store's file and records.
     let text = status(&control, false);
     assert!(text.contains("greylist=601") && text.contains("pass=1"), "{text}");
-    assert!(text.contains(&format!("listener policy: 127.0.0.1:{policy}")), "{text}");
-    assert!(text.contains(&format!("listener metrics: 127.0.0.1:{metrics}")), "{text}");
+    // Each front end's connections, as the metrics count them: the late
+    // triplet's connection is still open.
+    let m = scrape(metrics);
+    let total = value(&m, "greyhook_connections_total{front_end=\"policy\"}");
+    let line = format!("listener policy: 127.0.0.1:{policy} connections active=1 total={total} refused=0 refused_per_client=0\n");
+    assert!(text.contains(&line), "{line} in:\n{text}");
+    assert!(text.contains(&format!("listener metrics: 127.0.0.1:{metrics}\n")), "no connection counts for the metrics listener:\n{text}");
     assert!(text.contains(&format!("store redb: redb file {}", db.display())) && text.contains(" size="), "{text}");
     let json: serde_json::Value = serde_json::from_str(&status(&control, true)).unwrap();
     assert_eq!(json["decisions"]["greylist"], 601, "{json}");
     let last_day: u64 = json["last_day"].as_array().unwrap().iter().map(|h| h["decisions"]["greylist"].as_u64().unwrap()).sum();
     assert_eq!(last_day, 601, "the hours of the last day add up: {json}");
     assert_eq!(json["store"]["kind"], "redb", "{json}");
+    let policy_json = json["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "policy").cloned().unwrap_or_default();
+    assert_eq!(policy_json["connections"]["total"].as_f64(), Some(total), "{json}");
+    assert_eq!(policy_json["connections"]["active"], 1, "{json}");
     assert!(json["store"]["size_bytes"].as_u64().is_some_and(|b| b > 0), "{json}");
     // Where compiled filters are kept (the run's cache, as $CACHE_DIRECTORY),
     // and what is there: the reference filter at least.

@@ -129,8 +129,9 @@ struct Shared {
     store_desc: String,
     /// The redb file, for its size.
     store_file: Option<PathBuf>,
-    /// Everything the daemon listens on: front ends, metrics, control.
-    listeners: Vec<(String, Vec<String>)>,
+    /// Everything the daemon listens on: front ends (by their names),
+    /// `metrics`, `control`.
+    listeners: Vec<(&'static str, Vec<String>)>,
     /// The filters' clock (`greyhook db` works at its `now`).
     clock: Arc<dyn Clock>,
     /// The file descriptors the settings let peers hold, with the reserve
@@ -481,13 +482,13 @@ impl Daemon {
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
         let web = web::bind(&config.metrics).await?;
-        let mut listeners: Vec<(String, Vec<String>)> =
-            front_ends.iter().map(|f| (f.name.to_string(), f.endpoints.iter().map(ToString::to_string).collect())).collect();
+        let mut listeners: Vec<(&'static str, Vec<String>)> =
+            front_ends.iter().map(|f| (f.name, f.endpoints.iter().map(ToString::to_string).collect())).collect();
         if let Some(addr) = web.as_ref().and_then(|w| w.local_addr().ok()) {
             tracing::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
-            listeners.push(("metrics".into(), vec![addr.to_string()]));
+            listeners.push(("metrics", vec![addr.to_string()]));
         }
-        listeners.push(("control".into(), vec![control_path.display().to_string()]));
+        listeners.push(("control", vec![control_path.display().to_string()]));
         let n = reloaders.len();
         let shared = Arc::new(Shared {
             reloaders,

@@ -34,7 +34,15 @@ pub(super) fn render(st: &Status) -> String {
     body.push_str("<h2>Listeners</h2><ul>");
     for l in v["listeners"].as_array().into_iter().flatten() {
         let addrs: Vec<String> = l["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).map(esc).collect();
-        let _ = write!(body, "<li><b>{}</b> {}</li>", esc(l["name"].as_str().unwrap_or("")), addrs.join(", "));
+        let c = &l["connections"];
+        let counts = match c.is_object() {
+            true => format!(
+                " — connections: {} active, {} since start, {} refused (all slots taken), {} refused (per-client limit)",
+                c["active"], c["total"], c["refused"], c["refused_per_client"]
+            ),
+            false => String::new(),
+        };
+        let _ = write!(body, "<li><b>{}</b> {}{counts}</li>", esc(l["name"].as_str().unwrap_or("")), addrs.join(", "));
     }
     body.push_str("</ul>");
     let s = &v["store"];

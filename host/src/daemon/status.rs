@@ -55,6 +55,40 @@ struct FilterStatus {
 struct Listener {
     name: String,
     addresses: Vec<String>,
+    /// A front end's connections since start (none for the metrics and
+    /// control listeners, or a front end on its MTA's pipe).
+    connections: Option<ConnectionsStatus>,
+}
+
+/// A front end's connections (its `connections_*` metrics).
+#[derive(Debug, Serialize)]
+struct ConnectionsStatus {
+    /// In hand now.
+    active: i64,
+    /// Accepted since start.
+    total: u64,
+    /// Refused because every slot (`max_connections`) was taken.
+    refused: u64,
+    /// Refused because their client held `max_connections_per_client`.
+    refused_per_client: u64,
+}
+
+impl ConnectionsStatus {
+    fn of(front_end: &'static str) -> ConnectionsStatus {
+        let m = crate::telemetry::host();
+        let label = crate::telemetry::FrontEndLabel { front_end };
+        // Looked up without making a series (a front end with no
+        // per-client limit has no `client_limit_refusals_total`).
+        let count = |f: &prometheus_client::metrics::family::Family<_, prometheus_client::metrics::counter::Counter>| {
+            f.get(&label).map_or(0, |c| c.get())
+        };
+        ConnectionsStatus {
+            active: m.connections_active.get(&label).map_or(0, |g| g.get()),
+            total: count(&m.connections),
+            refused: count(&m.connections_refused),
+            refused_per_client: count(&m.client_limit_refusals),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -196,7 +230,15 @@ impl Status {
             version: env!("CARGO_PKG_VERSION"),
             started_at: rfc3339(shared.started_at),
             uptime_seconds: shared.started.elapsed().as_secs(),
-            listeners: shared.listeners.iter().map(|(n, a)| Listener { name: n.clone(), addresses: a.clone() }).collect(),
+            listeners: shared
+                .listeners
+                .iter()
+                .map(|(n, a)| Listener {
+                    name: n.to_string(),
+                    addresses: a.clone(),
+                    connections: (!a.is_empty() && !["metrics", "control"].contains(n)).then(|| ConnectionsStatus::of(n)),
+                })
+                .collect(),
             store,
             dns: DnsStatus {
                 lookups: dns.lookups.load(Relaxed),
@@ -249,9 +291,15 @@ impl Status {
             self.started_at
         );
         for l in &self.listeners {
+            let counts = l.connections.as_ref().map_or(String::new(), |c| {
+                format!(
+                    " connections active={} total={} refused={} refused_per_client={}",
+                    c.active, c.total, c.refused, c.refused_per_client
+                )
+            });
             let _ = writeln!(
                 out,
-                "listener {}: {}",
+                "listener {}: {}{counts}",
                 l.name,
                 if l.addresses.is_empty() { "(its MTA's pipe)".into() } else { l.addresses.join(", ") }
             );
