@@ -600,7 +600,10 @@ impl Conversation {
 
     /// One line of message data: held while in the header section, then
     /// echoed. The end of the headers (or of the data, or of the budget)
-    /// runs the data hook.
+    /// runs the data hook. Held lines go back with a later line's token:
+    /// smtpd's token names this filter's place in the session's chain
+    /// (`filter_data_next` in `lka_filter.c` looks the filter up by it), the
+    /// same for every data line, not the line.
     async fn data_line(&mut self, token: &str, line: &str) {
         let Data::Headers { lines, bytes, reader, streaming } = &mut self.data else {
             if line == "." {
