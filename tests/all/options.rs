@@ -476,6 +476,16 @@ fn smtp_settings_are_the_configured_ones() {
         let (ok, err) = run_to_end(&args, &[]);
         assert!(!ok && err.contains(says), "{hop}: {err}");
     }
+    // A limit_exceptions entry that is not an address or a network stops the
+    // start, with the entry named.
+    for bad in ["127.0.0.0/33", "localhost", "10.0.0.0/+8"] {
+        let conf = dir.path().join("bad-exceptions.toml");
+        std::fs::write(&conf, format!("[smtp]\nlimit_exceptions = [\"{bad}\"]\n")).unwrap();
+        let c4 = dir.path().join("c4.sock");
+        let args = ["smtp", "--config", conf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--next-hop", "127.0.0.1:1"];
+        let (ok, err) = run_to_end(&[&args[..], &["--db", "memory", "--control", c4.to_str().unwrap()]].concat(), &[]);
+        assert!(!ok && err.contains(&format!("invalid network \"{bad}\"")), "{bad}: {err}");
+    }
 
     // --lmtp on the command line: the next hop is spoken to with LHLO and
     // answers per recipient.
