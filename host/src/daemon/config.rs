@@ -314,11 +314,7 @@ pub fn find_control_path() -> PathBuf {
     }
     // Beside the default store, wherever `default_db_path` would put it,
     // named without its probe (which creates `/var/lib/greyhook`).
-    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
-        candidates.push(PathBuf::from(d).join("control.sock"));
-    }
-    candidates.push(PathBuf::from("/var/lib/greyhook/control.sock"));
-    candidates.push(crate::store::user_db_path().with_file_name("control.sock"));
+    candidates.extend(crate::store::default_db_candidates().into_iter().map(|p| p.with_file_name("control.sock")));
     candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| candidates[0].clone())
 }
 

@@ -129,9 +129,8 @@ struct Shared {
     store_desc: String,
     /// The redb file, for its size.
     store_file: Option<PathBuf>,
-    /// Everything the daemon listens on: front ends (by their names),
-    /// `metrics`, `control`.
-    listeners: Vec<(&'static str, Vec<String>)>,
+    /// Everything the daemon listens on: front ends, metrics, control.
+    listeners: Vec<Listening>,
     /// The filters' clock (`greyhook db` works at its `now`).
     clock: Arc<dyn Clock>,
     /// The file descriptors the settings let peers hold, with the reserve
@@ -139,6 +138,16 @@ struct Shared {
     files_needed: u64,
     /// The compiled-filter cache's directory, if there is one.
     compiled_filters: Option<PathBuf>,
+}
+
+/// One thing the daemon listens on, as `status` shows it.
+struct Listening {
+    /// The front end's name, or `metrics`, `control`.
+    name: &'static str,
+    addresses: Vec<String>,
+    /// A front end accepting connections, which it counts (the
+    /// `connections_*` metrics by its name).
+    front_end: bool,
 }
 
 /// What a reload did to each filter of the chain.
@@ -482,13 +491,20 @@ impl Daemon {
             Listener::bind(&ListenAddr::Unix(control_path.clone()), &UnixPerms { mode: Some(0o600), ..UnixPerms::default() }).await?;
         tracing::info!("control socket {} (greyhook status, greyhook reload)", control_path.display());
         let web = web::bind(&config.metrics).await?;
-        let mut listeners: Vec<(&'static str, Vec<String>)> =
-            front_ends.iter().map(|f| (f.name, f.endpoints.iter().map(ToString::to_string).collect())).collect();
+        let mut listeners: Vec<Listening> = front_ends
+            .iter()
+            .map(|f| Listening {
+                name: f.name,
+                addresses: f.endpoints.iter().map(ToString::to_string).collect(),
+                // A front end on its MTA's pipe accepts no connections.
+                front_end: !f.endpoints.is_empty(),
+            })
+            .collect();
         if let Some(addr) = web.as_ref().and_then(|w| w.local_addr().ok()) {
             tracing::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
-            listeners.push(("metrics", vec![addr.to_string()]));
+            listeners.push(Listening { name: "metrics", addresses: vec![addr.to_string()], front_end: false });
         }
-        listeners.push(("control", vec![control_path.display().to_string()]));
+        listeners.push(Listening { name: "control", addresses: vec![control_path.display().to_string()], front_end: false });
         let n = reloaders.len();
         let shared = Arc::new(Shared {
             reloaders,

@@ -233,10 +233,10 @@ impl Status {
             listeners: shared
                 .listeners
                 .iter()
-                .map(|(n, a)| Listener {
-                    name: n.to_string(),
-                    addresses: a.clone(),
-                    connections: (!a.is_empty() && !["metrics", "control"].contains(n)).then(|| ConnectionsStatus::of(n)),
+                .map(|l| Listener {
+                    name: l.name.to_string(),
+                    addresses: l.addresses.clone(),
+                    connections: l.front_end.then(|| ConnectionsStatus::of(l.name)),
                 })
                 .collect(),
             store,

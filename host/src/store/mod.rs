@@ -355,17 +355,26 @@ pub(crate) fn redacted(url: &str) -> String {
 /// `StateDirectory=`), else `/var/lib/greyhook` when it can be created
 /// (root), else `$XDG_STATE_HOME/greyhook` or `~/.local/state/greyhook`.
 pub fn default_db_path() -> PathBuf {
-    if let Some(p) = crate::settings::systemd_or_system("STATE_DIRECTORY", "/var/lib/greyhook", "greyhook.db") {
-        return p;
-    }
-    user_db_path()
+    crate::settings::systemd_or_system("STATE_DIRECTORY", SYSTEM_STATE_DIR, "greyhook.db").unwrap_or_else(user_db_path)
+}
+
+/// The store's directory for a daemon run by root with no service manager.
+const SYSTEM_STATE_DIR: &str = "/var/lib/greyhook";
+
+/// Every place [`default_db_path`] may choose, in its order, named without
+/// creating or probing anything: where to look for what a daemon keeps
+/// beside its default store (its control socket, at the last).
+pub(crate) fn default_db_candidates() -> Vec<PathBuf> {
+    let mut candidates: Vec<PathBuf> = crate::settings::systemd_dir("STATE_DIRECTORY", "greyhook.db").into_iter().collect();
+    candidates.push(PathBuf::from(SYSTEM_STATE_DIR).join("greyhook.db"));
+    candidates.push(user_db_path());
+    candidates
 }
 
 /// The user's default store, `$XDG_STATE_HOME/greyhook/greyhook.db` or
 /// `~/.local/state/greyhook/greyhook.db`: what [`default_db_path`] chooses
-/// when neither systemd nor root's `/var/lib/greyhook` applies. Nothing is
-/// created or probed.
-pub(crate) fn user_db_path() -> PathBuf {
+/// when neither systemd nor root's `/var/lib/greyhook` applies.
+fn user_db_path() -> PathBuf {
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
