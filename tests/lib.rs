@@ -599,6 +599,13 @@ fn sink_session(r: impl std::io::Read, mut w: impl std::io::Write, m: &std::sync
     }
 }
 
+/// Whether this process runs as root (CI's tests do): `/proc/self`
+/// belongs to the effective user.
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").expect("/proc/self").uid() == 0
+}
+
 /// Sends `request` (a whole HTTP/1.1 request) to 127.0.0.1:`port` and
 /// reads the answer to its end (within 10 s).
 pub fn http(port: u16, request: &str) -> String {

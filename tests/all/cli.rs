@@ -284,11 +284,10 @@ fn unknown_imports_and_contracts_are_refused_by_name() {
 /// machine's own are not touched; as another user, its home stays empty.
 #[test]
 fn looking_for_the_daemon_creates_nothing() {
-    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let root = running_as_root();
     let bin = greyhook_bin();
     let commands = format!("{b} status || true; {b} reload || true; {b} db list || true", b = bin.display());
     let script = if root {

@@ -138,7 +138,7 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     // Every metric the shipped Grafana dashboard queries exists: the host's
     // are in the scrape (or registered, for a family with no series yet:
     // no failures, no breaker trips), the reference filter's are counted by it.
-    let raw = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let raw = http_get(metrics, "/metrics");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dashboard = std::fs::read_to_string(root.join("contrib/grafana/greyhook.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
@@ -241,7 +241,7 @@ fn status_tells_the_last_reload_and_the_page_is_self_contained() {
 
     // The page: HTML with inline SVG charts, nothing fetched from elsewhere.
     assert!(policy_ask(policy, "192.0.2.1", "a@page.test", "b@dest.test").contains("451"));
-    let page = http(metrics, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let page = http_get(metrics, "/");
     assert!(page.contains("greylisted per hour (UTC)"), "{page}");
     assert!(page.starts_with("HTTP/1.1 200") && page.contains("content-type: text/html"), "{page}");
     assert!(page.contains("<svg") && page.contains("decisions by action") && page.contains("not a WebAssembly file"), "{page}");
@@ -253,7 +253,7 @@ fn status_tells_the_last_reload_and_the_page_is_self_contained() {
     let saved = dir.path().join("status.html");
     std::fs::write(&saved, body).unwrap();
     render_in_chromium(&saved, &["decisions by action", "Listeners", "not a WebAssembly file", "greylisted per hour"]);
-    let other = http(metrics, "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let other = http_get(metrics, "/nope");
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     let post = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");

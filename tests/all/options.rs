@@ -106,12 +106,6 @@ fn compiled_filters_go_to_the_systemd_cache_directory() {
     assert!(d.terminate(10));
 }
 
-/// Whether this process runs as root: `/proc/self` belongs to the
-/// effective user.
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").expect("/proc/self").uid() == 0
-}
-
 /// A daemon run by a user, with no service manager: its store under
 /// `~/.local/state`, its compiled filters under `~/.cache` (or
 /// `$XDG_CACHE_HOME`), named in the startup log. As root, greyhook is run
@@ -479,11 +473,11 @@ fn smtp_settings_are_the_configured_ones() {
     // A limit_exceptions entry that is not an address or a network stops the
     // start, with the entry named.
     for bad in ["127.0.0.0/33", "localhost", "10.0.0.0/+8"] {
-        let conf = dir.path().join("bad-exceptions.toml");
+        let (conf, c4) = (dir.path().join("bad-exceptions.toml"), dir.path().join("c4.sock"));
         std::fs::write(&conf, format!("[smtp]\nlimit_exceptions = [\"{bad}\"]\n")).unwrap();
-        let c4 = dir.path().join("c4.sock");
-        let args = ["smtp", "--config", conf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--next-hop", "127.0.0.1:1"];
-        let (ok, err) = run_to_end(&[&args[..], &["--db", "memory", "--control", c4.to_str().unwrap()]].concat(), &[]);
+        let (conf, c4) = (conf.to_str().unwrap(), c4.to_str().unwrap());
+        let args = ["smtp", "--config", conf, "--listen", "127.0.0.1:0", "--next-hop", "127.0.0.1:1", "--db", "memory", "--control", c4];
+        let (ok, err) = run_to_end(&args, &[]);
         assert!(!ok && err.contains(&format!("invalid network \"{bad}\"")), "{bad}: {err}");
     }
 
