@@ -9,6 +9,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use greyhook::store::{MemoryStore, Store};
 use greyhook::types::{AcceptedRecipient, Context, Decision, Message, Session, Transaction, Verdict};
@@ -502,9 +503,19 @@ impl Sink {
     /// recipient in turn with the next of `replies` after the data (in SMTP,
     /// the first). It keeps the message if the first reply is positive.
     pub fn spawn(replies: Vec<&'static str>) -> Sink {
+        Sink::spawn_tcp(replies, Duration::ZERO)
+    }
+
+    /// [`Sink::start`], answering QUIT only after `delay`: a next hop slow
+    /// to say goodbye.
+    pub fn with_slow_quit(delay: Duration) -> Sink {
+        Sink::spawn_tcp(vec!["250 2.0.0 Ok: queued as SINK"], delay)
+    }
+
+    fn spawn_tcp(replies: Vec<&'static str>, quit_delay: Duration) -> Sink {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
-        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::net::TcpStream::try_clone, replies);
+        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::net::TcpStream::try_clone, replies, quit_delay);
         Sink { port, messages }
     }
 
@@ -512,16 +523,18 @@ impl Sink {
     /// server's socket, as Dovecot's.
     pub fn spawn_unix(path: &std::path::Path, replies: Vec<&'static str>) -> Sink {
         let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
-        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::os::unix::net::UnixStream::try_clone, replies);
+        let messages = Sink::serve(move || l.accept().map(|(c, _)| c), std::os::unix::net::UnixStream::try_clone, replies, Duration::ZERO);
         Sink { port: 0, messages }
     }
 
     /// Serves each connection `accept` takes on a thread of its own
-    /// (`clone` gives its writing half); the messages kept.
+    /// (`clone` gives its writing half), QUIT answered after `quit_delay`;
+    /// the messages kept.
     fn serve<C>(
         accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
         clone: fn(&C) -> std::io::Result<C>,
         replies: Vec<&'static str>,
+        quit_delay: Duration,
     ) -> Messages
     where
         C: std::io::Read + std::io::Write + Send + 'static,
@@ -532,7 +545,7 @@ impl Sink {
             for c in std::iter::repeat_with(accept).flatten() {
                 let (m, replies) = (m.clone(), replies.clone());
                 let w = clone(&c).expect("clone");
-                std::thread::spawn(move || sink_session(c, w, &m, &replies));
+                std::thread::spawn(move || sink_session(c, w, &m, &replies, quit_delay));
             }
         });
         messages
@@ -544,8 +557,15 @@ impl Sink {
     }
 }
 
-/// One connection to a [`Sink`]: read from `r`, answered on `w`.
-fn sink_session(r: impl std::io::Read, mut w: impl std::io::Write, m: &std::sync::Mutex<Vec<String>>, replies: &[&str]) {
+/// One connection to a [`Sink`]: read from `r`, answered on `w`, QUIT
+/// after `quit_delay`.
+fn sink_session(
+    r: impl std::io::Read,
+    mut w: impl std::io::Write,
+    m: &std::sync::Mutex<Vec<String>>,
+    replies: &[&str],
+    quit_delay: Duration,
+) {
     use std::io::BufRead;
     let mut r = std::io::BufReader::new(r);
     let _ = w.write_all(b"220 sink ESMTP\r\n");
@@ -590,6 +610,7 @@ fn sink_session(r: impl std::io::Read, mut w: impl std::io::Write, m: &std::sync
                 (0..n).map(|i| format!("{}\r\n", replies[i % replies.len()])).collect()
             }
             "QUIT" => {
+                std::thread::sleep(quit_delay);
                 let _ = w.write_all(b"221 bye\r\n");
                 return;
             }

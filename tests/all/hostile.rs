@@ -350,6 +350,50 @@ fn a_client_at_its_connection_limit_that_reconnects_after_quit_is_greeted() {
     assert!(refused.is_empty(), "{} of 1000 sessions refused: {:?}", refused.len(), refused.first());
 }
 
+/// A session's place under `max_connections` is free as soon as its
+/// client has heard `221`, however long the next hop takes to say goodbye.
+/// Found with `smtp-source -s 200` against the default limit of 256: some
+/// sessions heard `421 4.3.2 Too many connections`, because each session
+/// that ended waited (up to 2 s) for the next hop's answer to its QUIT
+/// before giving its place back.
+#[test]
+fn a_client_at_the_connection_limit_that_reconnects_after_quit_is_greeted_while_the_next_hop_says_goodbye() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::with_slow_quit(Duration::from_secs(3));
+    // No idle pool: every next-hop connection is sent QUIT as its session
+    // ends. Two clients and room for three sessions: one over what they
+    // hold at once, for the readiness probe's session and for a session
+    // that has written its 221 and not yet ended when its client is back.
+    // A session that held its place until the next hop's goodbye (3 s
+    // here) took the room of the other client's next session.
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections = 3\nnext_hop_pool = 0", WHITE);
+    let clients: Vec<_> = (0..2)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let mut refused = Vec::new();
+                for i in 0..3 {
+                    let mut c = Raw::connect(port);
+                    let banner = c.reply();
+                    if !banner.starts_with("220") {
+                        refused.push(format!("client {n}, session {i}: {banner}"));
+                        continue;
+                    }
+                    assert!(c.send("EHLO client.example.org").starts_with("250"));
+                    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+                    assert!(c.send(&format!("RCPT TO:<u{n}-{i}@example.com>")).starts_with("250"));
+                    assert!(c.send("DATA").starts_with("354"));
+                    assert!(c.send("Subject: x\r\n\r\nbody\r\n.").starts_with("250"));
+                    assert!(c.send("QUIT").starts_with("221"));
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: Vec<String> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(refused.is_empty(), "{} of 6 sessions refused: {refused:?}", refused.len());
+    assert_eq!(sink.received().len(), 6, "every message relayed");
+}
+
 /// Slow clients cannot take every slot: when the listener is under
 /// stress, clients that trickle bytes are timed out within the stress
 /// timeout, and new clients are greeted.

@@ -767,9 +767,8 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     assert!(r.starts_with("250"), "{r}");
     let cmds = hop.s.commands.lock().unwrap().clone();
     assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
-    // The refused chunk was the second; what its connection heard next (the
-    // third session may have taken a connection of its own meanwhile: the
-    // reset happens after the client has its answer).
+    // The refused chunk was the second; what its connection heard next
+    // (found by connection: the third session may have taken another).
     let numbered = hop.s.numbered.lock().unwrap().clone();
     let refused = numbered.iter().enumerate().filter(|(_, (_, c))| c.starts_with("BDAT")).nth(1).unwrap().0;
     let conn = numbered[refused].0;

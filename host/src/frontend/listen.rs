@@ -342,12 +342,19 @@ impl Load {
     }
 }
 
-/// Counts a connection in its listener's [`Load`] while it lives.
-struct Slot(Arc<Load>);
+/// A connection's place among its front end's `max_connections`: counted
+/// in its [`Load`] and holding one of its slots while it lives. The
+/// handler [`accept_loop`] gives it to may drop it as soon as the peer is
+/// told goodbye (the SMTP front end's `221`), so a peer that reconnects at
+/// once finds its place free, whatever cleanup the session still does.
+pub struct Admission {
+    load: Arc<Load>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
 
-impl Drop for Slot {
+impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.update(-1);
+        self.load.update(-1);
     }
 }
 
@@ -369,11 +376,13 @@ pub(crate) const MAX_REFUSALS: usize = 64;
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, at
 /// most `load.max()` at once (on all the listeners that share `load`),
-/// each served by `handle(conn, peer)` in its own task; then waits for the
-/// connections in hand to finish (each handler watches `shutdown` itself).
+/// each served by `handle(conn, peer, admission)` in its own task (the
+/// connection's place is free once the handler has dropped `admission` and,
+/// at the latest, when it ends); then waits for the connections in hand to
+/// finish (each handler watches `shutdown` itself).
 pub async fn accept_loop<F, Fut>(listener: Listener, load: Arc<Load>, when_full: WhenFull, shutdown: CancellationToken, handle: F)
 where
-    F: Fn(Conn, String) -> Fut,
+    F: Fn(Conn, String, Admission) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let tracker = TaskTracker::new();
@@ -418,16 +427,11 @@ where
             },
         };
         load.update(1);
-        let slot = Slot(load.clone());
+        let admission = Admission { load: load.clone(), _permit: permit };
         // Boxed: a session's future is large (every await point of an SMTP
         // dialogue and its filter calls, ~12 KB), and a task moves its
         // future on spawn, into its cell and out again; a box moves once.
-        let served = Box::pin(handle(conn, peer));
-        tracker.spawn(async move {
-            served.await;
-            drop(slot);
-            drop(permit);
-        });
+        tracker.spawn(Box::pin(handle(conn, peer, admission)));
     }
     drop(listener);
     tracker.close();

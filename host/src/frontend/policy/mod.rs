@@ -436,8 +436,12 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
 async fn serve(listener: Listener, server: Arc<PolicyServer>, load: Arc<crate::frontend::listen::Load>, shutdown: CancellationToken) {
     let stop = shutdown.clone();
     let l = load.clone();
-    crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer| {
-        server.clone().handle(conn, peer, l.clone(), shutdown.clone())
+    crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer, admission| {
+        let served = server.clone().handle(conn, peer, l.clone(), shutdown.clone());
+        async move {
+            served.await;
+            drop(admission);
+        }
     })
     .await
 }

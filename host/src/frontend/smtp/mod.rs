@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::reply::render;
 use crate::domain::types::{Header, Message, Verdict};
-use crate::frontend::listen::{Conn, ListenAddr, Listener, Load, UnixPerms, WhenFull};
+use crate::frontend::listen::{Admission, Conn, ListenAddr, Listener, Load, UnixPerms, WhenFull};
 use crate::frontend::smtp::relay::{HopReply, NextHop, Pool, Relay};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
 use crate::session::{Hooks, MAX_TRANSACTION_RECIPIENTS, SmtpSession, keep_headers};
@@ -372,14 +372,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
     let load = shared.load.clone();
     let stop = shutdown.clone();
     let full = WhenFull::Refuse("421 4.3.2 Too many connections, try again later\r\n");
-    crate::frontend::listen::accept_loop(listener, load, full, stop, move |conn, peer| {
+    crate::frontend::listen::accept_loop(listener, load, full, stop, move |conn, peer, admission| {
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         async move {
             let ip: IpAddr = match peer.parse::<std::net::SocketAddr>() {
                 Ok(a) => a.ip(),
                 Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
             };
-            let mut c = Connection::new(conn, &peer, shared.clone());
+            let mut c = Connection::new(conn, &peer, shared.clone(), admission);
             if !shared.config.limit_exceptions.iter().any(|n| n.contains(ip)) {
                 let Some(slot) = ClientSlot::take(&shared, ip) else {
                     tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
@@ -401,12 +401,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
                 },
                 _ = shutdown.cancelled() => { let _ = c.close_with("421 4.3.2 Shutting down\r\n").await; }
             }
-            // Whatever ended the session, the client address's count goes
-            // down before the rest of the cleanup.
-            c.slot = None;
-            if let Some(relay) = c.relay.take() {
+            // Whatever ended the session, the client is let go (its
+            // connection closed, its places under the limits given back)
+            // before the next hop's connection is seen to.
+            let relay = c.relay.take();
+            drop(c);
+            if let Some(relay) = relay {
                 // The pool keeps it only if it may serve another client.
-                shared.resolved.pool.give_back(relay).await;
+                shared.resolved.pool.give_back(relay);
             }
         }
     })
@@ -448,6 +450,9 @@ struct Connection {
     /// The client address's count of sessions (released as the session
     /// ends; see [`ClientSlot`]).
     slot: Option<ClientSlot>,
+    /// The session's place under `max_connections`, given back once the
+    /// client has been told goodbye.
+    admission: Option<Admission>,
     hop: Hop,
     greeted: bool,
     tls: bool,
@@ -468,7 +473,7 @@ struct Body {
 }
 
 impl Connection {
-    fn new(conn: Conn, peer: &str, shared: Arc<Shared>) -> Connection {
+    fn new(conn: Conn, peer: &str, shared: Arc<Shared>, admission: Admission) -> Connection {
         Connection {
             io: ClientReader::new(conn),
             peer: peer.to_string(),
@@ -478,6 +483,7 @@ impl Connection {
             session: None,
             relay: None,
             slot: None,
+            admission: Some(admission),
             hop: Hop::Idle,
             greeted: false,
             tls: false,
@@ -508,10 +514,14 @@ impl Connection {
     /// Ends the session with `text` (`221`, or a reply that closes the
     /// connection): the client address's slot is released first, so a
     /// client that reconnects as soon as it reads the reply is counted
-    /// right.
+    /// right; the session's place under `max_connections` right after the
+    /// write (which `max_connections` still bounds while it waits on a
+    /// client that does not read).
     async fn close_with(&mut self, text: &str) -> Result<(), End> {
         self.slot = None;
-        self.write(text).await
+        let written = self.write(text).await;
+        self.admission = None;
+        written
     }
 
     async fn line(&mut self, max: usize, timeout: Duration) -> Result<Line, End> {

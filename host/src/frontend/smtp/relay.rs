@@ -86,16 +86,16 @@ impl Pool {
     }
 
     /// Gives `relay` back after a session: kept if it is between
-    /// transactions (an open one is reset first), never took XCLIENT, has
-    /// carried fewer than [`MAX_REUSE`] transactions and there is room;
-    /// else it is sent QUIT.
-    pub async fn give_back(&self, mut relay: Relay) {
+    /// transactions, never took XCLIENT, has carried fewer than
+    /// [`MAX_REUSE`] transactions and there is room; else it is sent QUIT
+    /// and closed ([`Relay::quit`]). Never waits: the session that gives it
+    /// back has already let its client go, and nothing bounds a wait after
+    /// that (a transaction the client left open is not reset for reuse, it
+    /// is closed).
+    pub fn give_back(&self, relay: Relay) {
         let room = self.max > 0 && self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() < self.max;
-        if !room || relay.xclient || relay.transactions >= MAX_REUSE || !relay.alive() {
-            relay.quit().await;
-            return;
-        }
-        if relay.in_transaction && !matches!(relay.rset().await, Ok(ref r) if r.code == 250) {
+        if !room || relay.in_transaction || relay.xclient || relay.transactions >= MAX_REUSE || !relay.alive() {
+            relay.quit();
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -429,8 +429,11 @@ impl Relay {
 
     /// The message in one `BDAT <size> LAST` chunk: `prefix` and `message`
     /// with the dot-stuffing undone (BDAT data is sent as it is), CRLF-ended.
-    /// A refusal leaves the transaction to be reset (RFC 3030 lets the next
-    /// hop keep it).
+    /// RFC 3030 lets the next hop keep the transaction after a refused
+    /// chunk, so a refusal is followed by RSET at once: the connection is
+    /// then fit for the client's next transaction or, pooled, for the next
+    /// session. If the reset fails the connection stays in the
+    /// transaction, and is closed instead of pooled.
     async fn bdat(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
         let body = unstuff(message);
         let size = prefix.len() + body.len();
@@ -441,7 +444,10 @@ impl Relay {
         self.out.clear();
         written?;
         let r = self.reply().await?;
-        self.in_transaction = !r.is_positive();
+        self.in_transaction = false;
+        if !r.is_positive() && !matches!(self.rset().await, Ok(ref reset) if reset.code == 250) {
+            self.in_transaction = true;
+        }
         Ok(r)
     }
 
@@ -453,9 +459,17 @@ impl Relay {
         Ok(r)
     }
 
-    /// QUIT, without waiting long for the answer.
-    pub async fn quit(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.command("QUIT")).await;
+    /// Sends QUIT and closes the connection without waiting for the answer
+    /// (as Postfix's own SMTP client does, `smtp_skip_quit_response =
+    /// yes`): one write that does not wait either, into a socket that has
+    /// nothing else to send. A next hop that then finds the connection
+    /// closed has read the QUIT first.
+    pub fn quit(self) {
+        let quit = b"QUIT\r\n";
+        let _ = match self.conn.get_ref() {
+            Either::Left(tcp) => tcp.try_write(quit),
+            Either::Right(unix) => unix.try_write(quit),
+        };
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
