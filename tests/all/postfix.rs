@@ -353,6 +353,12 @@ fn postfix_milter_gives_a_connect_stage_tempfail_at_rcpt() {
 /// (`HOST:PORT` or `unix:/path`; 2 s delay), and a send from client
 /// 127.0.0.5 through it.
 fn greyhook_smtp_before(r: &Path, next_hop: &str) -> (Process, impl Fn() -> String + use<>) {
+    let (daemon, _, send) = greyhook_smtp_on_port(r, next_hop);
+    (daemon, send)
+}
+
+/// [`greyhook_smtp_before`], with the port it listens on.
+fn greyhook_smtp_on_port(r: &Path, next_hop: &str) -> (Process, u16, impl Fn() -> String + use<>) {
     let sport = free_port();
     let daemon = Process::greyhook(
         &[
@@ -378,7 +384,7 @@ fn greyhook_smtp_before(r: &Path, next_hop: &str) -> (Process, impl Fn() -> Stri
             &["--from", "sender@example.org", "--to", "user@e2e.test", "--ehlo", "client.example.org", "--local-interface", "127.0.0.5"],
         )
     };
-    (daemon, send)
+    (daemon, sport, send)
 }
 
 /// Whether a swaks transcript shows Postfix's reply to a BDAT message
@@ -452,6 +458,49 @@ fn greyhook_smtp_falls_back_to_xforward() {
     assert!(pf.log_has("orig_client=unknown[127.0.0.5]"), "Postfix saw the XFORWARD attributes:\n{}", pf.log());
     let msg = pf.message(&second);
     assert!(msg.contains("Received: from client.example.org (unknown [127.0.0.5])"), "{msg}");
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
+/// SMTPUTF8 (RFC 6531) through `greyhook smtp` to a real Postfix with
+/// `smtputf8_enable = yes` (Postfix's default): Python's smtplib sends
+/// from and to internationalised addresses, asking for SMTPUTF8; the first
+/// attempt is greylisted at RCPT, the retry is relayed with SMTPUTF8 and
+/// Postfix queues it, and greyhook's Received line says `UTF8SMTP`.
+/// Before, greyhook did not offer SMTPUTF8: smtplib refused to send, as a
+/// sending MTA bounces such mail.
+#[test]
+fn greyhook_smtp_relays_smtputf8_mail_to_postfix() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\nsmtputf8_enable = yes\n");
+    let (mut daemon, port, _) = greyhook_smtp_on_port(r, &format!("127.0.0.1:{}", pf.port));
+    let out = python(&format!(
+        "import smtplib, time\n\
+         msg = 'From: jörg@exämple.org\\r\\nTo: müller@e2e.test\\r\\nSubject: grüße\\r\\n\\r\\nhallo\\r\\n'.encode()\n\
+         def attempt():\n\
+         \x20   s = smtplib.SMTP('127.0.0.1', {port}, local_hostname='client.example.org', source_address=('127.0.0.5', 0), timeout=10)\n\
+         \x20   s.ehlo()\n\
+         \x20   print('offered' if s.has_extn('smtputf8') else 'not offered')\n\
+         \x20   print(s.mail('jörg@exämple.org', ['SMTPUTF8']))\n\
+         \x20   code, text = s.rcpt('müller@e2e.test')\n\
+         \x20   print(code, text.decode())\n\
+         \x20   if code == 250:\n\
+         \x20       code, text = s.data(msg)\n\
+         \x20       print(code, text.decode())\n\
+         \x20   s.quit()\n\
+         attempt()\n\
+         time.sleep(2.1)\n\
+         attempt()\n"
+    ));
+    assert!(out.starts_with("offered"), "{out}");
+    assert!(out.contains("451 4.7.1 Greylisted"), "the first attempt is greylisted:\n{out}");
+    let queued =
+        out.lines().find(|l| l.starts_with("250 ") && l.contains("queued as ")).unwrap_or_else(|| panic!("{out}\n{}", daemon.log_text()));
+    let msg = pf.message(queued);
+    assert!(msg.contains("müller@e2e.test"), "{msg}");
+    assert!(msg.contains("(greyhook) with UTF8SMTP id smtp"), "{msg}");
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }

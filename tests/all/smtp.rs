@@ -831,3 +831,44 @@ fn the_smtp_front_end_calls_only_the_hooks_the_filter_needs() {
     assert_eq!(f["skipped_hooks"], serde_json::json!(["connect", "ehlo", "mail", "data-with-sender"]), "{json}");
     assert_eq!(f["calls"].as_u64(), Some(5), "the bounce's RCPT and DATA: {json}");
 }
+
+/// SMTPUTF8 (RFC 6531), found by sending mail to an internationalised
+/// address through `greyhook smtp`: it was not offered, so a sending MTA
+/// bounced such mail (Postfix: "SMTPUTF8 is required, but was not offered
+/// by host"), and `MAIL FROM:<…> SMTPUTF8` heard `555`. Now it is offered
+/// and passed on (`postfix::greyhook_smtp_relays_smtputf8_mail_to_postfix`);
+/// a next hop that does not offer it makes the transaction's recipients
+/// wait (`451 4.6.7`) instead of losing the mail; the parameter takes no
+/// value; and with `smtputf8 = false` it is neither offered nor taken.
+#[test]
+fn smtputf8_is_offered_and_asked_of_the_next_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", sink.port, "");
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    let ehlo = c.send("EHLO client.example");
+    assert!(ehlo.contains("250-SMTPUTF8\r\n"), "{ehlo}");
+    assert!(c.send("MAIL FROM:<jörg@exämple.org> SMTPUTF8").starts_with("250 "));
+    // The sink offers no SMTPUTF8.
+    let r = c.send("RCPT TO:<müller@dest.test>");
+    assert!(r.starts_with("451 4.6.7 SMTPUTF8 not available at the next hop"), "{r}");
+    assert!(c.send("RSET").starts_with("250"));
+    let r = c.send("MAIL FROM:<a@example.org> SMTPUTF8=yes");
+    assert!(r.starts_with("555 5.5.4"), "{r}");
+    // A transaction without it still goes through.
+    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+    assert!(c.send("RCPT TO:<b@dest.test>").starts_with("250"));
+    assert!(c.send("DATA").starts_with("354"));
+    assert!(c.send("Subject: plain\r\n\r\nx\r\n.").starts_with("250"));
+    assert_eq!(sink.received().len(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", sink.port, "smtputf8 = false");
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    let ehlo = c.send("EHLO client.example");
+    assert!(!ehlo.contains("SMTPUTF8"), "{ehlo}");
+    let r = c.send("MAIL FROM:<jörg@exämple.org> SMTPUTF8");
+    assert!(r.starts_with("555 5.5.4"), "{r}");
+}

@@ -17,7 +17,7 @@
 //! splitting; owning it keeps every limit and reply under our control):
 //! RFC 5321 command and line limits, timeouts, SIZE, PIPELINING (replies in
 //! order; we read one command at a time), 8BITMIME, ENHANCEDSTATUSCODES,
-//! dot-stuffing, RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a
+//! SMTPUTF8 (passed on to a next hop that offers it), dot-stuffing, RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a
 //! certificate is configured (input pipelined after STARTTLS is refused,
 //! CVE-2011-0411).
 //!
@@ -146,6 +146,13 @@ pub struct SmtpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key.
     pub tls_key: Option<PathBuf>,
+    /// Offer `SMTPUTF8` (RFC 6531: internationalised addresses) and pass
+    /// it on. The next hop must offer it too (Postfix does, with
+    /// `smtputf8_enable = yes`, its default); a transaction that asks for
+    /// it when the next hop does not is answered `451 4.6.7` at its first
+    /// recipient. Off: not offered, and a client that asks for it anyway
+    /// hears `555`.
+    pub smtputf8: bool,
 }
 
 impl Default for SmtpConfig {
@@ -176,6 +183,7 @@ impl Default for SmtpConfig {
             bare_newline: BareNewline::Reject,
             tls_cert: None,
             tls_key: None,
+            smtputf8: true,
         }
     }
 }
@@ -309,6 +317,10 @@ fn system_hostname() -> String {
 
 /// Our reply when the next hop cannot be reached or dropped the connection.
 const HOP_UNAVAILABLE: &str = "451 4.4.1 Next hop unavailable, try again later\r\n";
+
+/// The reply to a recipient of an SMTPUTF8 transaction when the next hop
+/// does not offer SMTPUTF8.
+const SMTPUTF8_UNAVAILABLE: &str = "451 4.6.7 SMTPUTF8 not available at the next hop, try again later\r\n";
 
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
@@ -459,6 +471,8 @@ struct Connection {
     in_transaction: bool,
     /// MAIL parameters to forward to the next hop.
     mail_params: Vec<String>,
+    /// The transaction asked for SMTPUTF8.
+    smtputf8: bool,
     recipients: usize,
     errors: u32,
     junk: u32,
@@ -489,6 +503,7 @@ impl Connection {
             tls: false,
             in_transaction: false,
             mail_params: Vec::new(),
+            smtputf8: false,
             recipients: 0,
             errors: 0,
             junk: 0,
@@ -656,6 +671,7 @@ impl Connection {
         self.hop = Hop::Idle;
         self.in_transaction = false;
         self.mail_params.clear();
+        self.smtputf8 = false;
         self.recipients = 0;
         self.headers.clear();
         self.session().reset();
@@ -687,6 +703,9 @@ impl Connection {
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
+        if self.config.smtputf8 {
+            lines.push("SMTPUTF8".into());
+        }
         if self.resolved.tls.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
@@ -737,6 +756,7 @@ impl Connection {
             Err(PathError::Syntax) => return self.error("501 5.1.7 Bad sender address syntax\r\n").await,
         };
         let mut forward = Vec::new();
+        let mut smtputf8 = false;
         for p in params.split_whitespace() {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             match k.to_ascii_uppercase().as_str() {
@@ -748,6 +768,11 @@ impl Connection {
                     Err(_) => return self.error("501 5.5.4 Bad SIZE parameter\r\n").await,
                 },
                 "BODY" if v.eq_ignore_ascii_case("8BITMIME") || v.eq_ignore_ascii_case("7BIT") => forward.push(p.to_string()),
+                // RFC 6531: a keyword without a value.
+                "SMTPUTF8" if self.config.smtputf8 && p.len() == k.len() => {
+                    smtputf8 = true;
+                    forward.push("SMTPUTF8".to_string());
+                }
                 _ => return self.error("555 5.5.4 Unsupported MAIL parameter\r\n").await,
             }
         }
@@ -761,6 +786,7 @@ impl Connection {
         self.in_transaction = true;
         self.hop = Hop::Idle;
         self.mail_params = forward;
+        self.smtputf8 = smtputf8;
         self.headers.clear();
         keep_headers(&mut self.headers, &v);
         self.write("250 2.1.0 Ok\r\n").await
@@ -811,10 +837,19 @@ impl Connection {
             // XCLIENT is asked of a new connection only: the pool never
             // holds one that took it.
             let xf = xf.as_deref().filter(|_| !hop.took_xclient() && hop.has("XFORWARD"));
-            // Only the parameters it announced.
+            if self.smtputf8 && !hop.has("SMTPUTF8") {
+                // Not passed on without it: the next hop could not take
+                // the addresses. Temporary: the operator can turn
+                // SMTPUTF8 on at the next hop, or off here.
+                tracing::warn!(
+                    "a client asked for SMTPUTF8 and the next hop does not offer it (set [smtp] smtputf8 = false, or enable it there)"
+                );
+                return Err(SMTPUTF8_UNAVAILABLE.into());
+            }
+            // Only the parameters it announced (SMTPUTF8 is checked above).
             forward.retain(|p| {
                 let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
-                (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME"))
+                (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME")) || k == "SMTPUTF8"
             });
             match hop.open(xf, sender, &forward.join(" "), Some(rcpt)).await {
                 Ok((mail, Some(first))) if mail.is_positive() => return Ok(first),
@@ -1043,7 +1078,7 @@ impl Connection {
         // Our own trace line first (RFC 5321 4.4): whoever reads the
         // message downstream sees the real client, XCLIENT or not.
         if let Some(s) = self.session.as_ref() {
-            received_line(&mut prefix, &self.resolved.hostname, self.tls, s.session(), s.transaction());
+            received_line(&mut prefix, &self.resolved.hostname, self.tls, self.smtputf8, s.session(), s.transaction());
         }
         keep_headers(&mut self.headers, &v);
         for h in &self.headers {
@@ -1074,12 +1109,14 @@ impl Connection {
 /// Appends our `Received:` line (RFC 5321 4.4) for the transaction to
 /// `out`: `Received: from HELO (NAME [IP]) by HOST (greyhook) with ESMTP
 /// id ID for <RCPT>; DATE`, folded, CRLF-ended. `hostname` is ours, `tls`
-/// whether the client used STARTTLS.
+/// whether the client used STARTTLS (`ESMTPS`), `utf8` whether the
+/// transaction asked for SMTPUTF8 (RFC 6531's `UTF8SMTP`, `UTF8SMTPS`).
 /// Written in place: every message pays for it.
 fn received_line(
     out: &mut Vec<u8>,
     hostname: &str,
     tls: bool,
+    utf8: bool,
     session: &crate::domain::types::Session,
     transaction: &crate::domain::types::Transaction,
 ) {
@@ -1095,7 +1132,12 @@ fn received_line(
         IpAddr::V6(a) => write!(out, " [IPv6:{a}])\r\n\tby {hostname} (greyhook) with "),
         a => write!(out, " [{a}])\r\n\tby {hostname} (greyhook) with "),
     };
-    out.extend_from_slice(if tls { b"ESMTPS id " } else { b"ESMTP id " });
+    out.extend_from_slice(match (utf8, tls) {
+        (false, false) => b"ESMTP id ",
+        (false, true) => b"ESMTPS id ",
+        (true, false) => b"UTF8SMTP id ",
+        (true, true) => b"UTF8SMTPS id ",
+    });
     push_filtered(out, Some(&session.id), clean, 255, "");
     if let [one] = transaction.recipients.as_slice() {
         out.extend_from_slice(b"\r\n\tfor <");
@@ -1169,7 +1211,7 @@ mod tests {
         let one = AcceptedRecipient { address: "b\u{7}ü@dest.test".into(), policy_group: String::new() };
         let t = Transaction { sender: Some("a@x".into()), recipients: vec![one.clone()] };
         let mut out = b"X".to_vec();
-        received_line(&mut out, "mx.example", false, &s, &t);
+        received_line(&mut out, "mx.example", false, false, &s, &t);
         let text = String::from_utf8(out).unwrap();
         let (head, date) = text.rsplit_once("\t").unwrap();
         assert_eq!(
@@ -1183,7 +1225,7 @@ mod tests {
         s.client_name = Some("c.example".into());
         let t = Transaction { sender: None, recipients: vec![one.clone(), one] };
         let mut out = Vec::new();
-        received_line(&mut out, "mx", true, &s, &t);
+        received_line(&mut out, "mx", true, false, &s, &t);
         let text = String::from_utf8(out).unwrap();
         let want =
             format!("Received: from {} (c.example [IPv6:2001:db8::1])\r\n\tby mx (greyhook) with ESMTPS id AB12;\r\n\t", "h".repeat(255));
