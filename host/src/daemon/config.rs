@@ -304,14 +304,7 @@ impl DaemonConfig {
 /// [`default_control_path`] would choose that holds a socket, found
 /// without creating or writing anything (they only read).
 pub fn find_control_path() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
-        candidates.push(PathBuf::from(d).join("control.sock"));
-    }
-    candidates.push(PathBuf::from("/run/greyhook/control.sock"));
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        candidates.push(PathBuf::from(d).join("greyhook").join("control.sock"));
-    }
+    let mut candidates = runtime_candidates();
     // Beside the default store, wherever `default_db_path` would put it,
     // named without its probe (which creates `/var/lib/greyhook`).
     candidates.extend(crate::store::default_db_candidates().into_iter().map(|p| p.with_file_name("control.sock")));
@@ -323,13 +316,28 @@ pub fn find_control_path() -> PathBuf {
 /// can be created (root), else `$XDG_RUNTIME_DIR/greyhook/control.sock`, else
 /// beside the default store.
 pub fn default_control_path() -> PathBuf {
-    if let Some(p) = crate::settings::systemd_or_system("RUNTIME_DIRECTORY", "/run/greyhook", "control.sock") {
-        return p;
-    }
+    // The system directory only if it can be created and written (root).
+    let system = Path::new(SYSTEM_RUNTIME_DIR).join("control.sock");
+    runtime_candidates()
+        .into_iter()
+        .find(|p| *p != system || crate::settings::writable_system_dir(SYSTEM_RUNTIME_DIR, "control.sock").is_some())
+        .unwrap_or_else(|| crate::store::default_db_path().with_file_name("control.sock"))
+}
+
+/// The control socket's directory for a daemon run by root with no service
+/// manager.
+const SYSTEM_RUNTIME_DIR: &str = "/run/greyhook";
+
+/// The runtime directories' places for the control socket, in
+/// [`default_control_path`]'s order, named without creating or probing
+/// anything.
+fn runtime_candidates() -> Vec<PathBuf> {
+    let mut candidates: Vec<PathBuf> = crate::settings::systemd_dir("RUNTIME_DIRECTORY", "control.sock").into_iter().collect();
+    candidates.push(Path::new(SYSTEM_RUNTIME_DIR).join("control.sock"));
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("greyhook").join("control.sock");
+        candidates.push(PathBuf::from(d).join("greyhook").join("control.sock"));
     }
-    crate::store::default_db_path().with_file_name("control.sock")
+    candidates
 }
 
 #[cfg(test)]
