@@ -146,21 +146,21 @@ EOF
 delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 
 # send NAME PORT MAILLOG [GREYHOOK_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg".
-# Every message has its own recipient (smtp-source -N numbers them), so
-# every message is a new triplet: the filter's first-sight path (a record
+# Every message has its own recipient (smtp-source -N numbers them from 1,
+# so the round is in the address too), so every message is a new triplet: the filter's first-sight path (a record
 # written, then passed with delay=0), not the cached "already passed" one.
 # Fails unless Postfix delivers every message.
 send() {
   local name=$1 port=$2 maillog=$3 pid=${4:-}
   local before
   before=$(delivered "$maillog")
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name@bench.test" "127.0.0.1:$port" ||
+  /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name-r$round@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source warm-up"
   local t0 t1 m0 m1 g0=0 g1=0 u0=0 u1=0 v0=0 v1=0 i0=0 i1=0
   [ -n "$pid" ] && read -r g0 u0 < <(ticks "$pid") && read -r v0 i0 < <(switches "$pid")
   m0=$(machine)
   t0=$(date +%s.%N)
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name@bench.test" "127.0.0.1:$port" ||
+  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name-r$round@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source"
   t1=$(date +%s.%N)
   m1=$(machine)
