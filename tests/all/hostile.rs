@@ -321,32 +321,7 @@ fn a_client_at_its_connection_limit_that_reconnects_after_quit_is_greeted() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
     let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections_per_client = 10\nlimit_exceptions = []", WHITE);
-    let clients: Vec<_> = (0..10)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let mut refused = Vec::new();
-                for i in 0..100 {
-                    let mut c = Raw::over(connect_from("127.0.3.1", port));
-                    let banner = c.reply();
-                    if !banner.starts_with("220") {
-                        refused.push(format!("session {i}: {banner}"));
-                        continue;
-                    }
-                    assert!(c.send("EHLO client.example.org").starts_with("250"));
-                    // A whole message, relayed: the session holds a next-hop
-                    // connection, given back to the pool as it ends.
-                    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
-                    assert!(c.send(&format!("RCPT TO:<u{i}@example.com>")).starts_with("250"));
-                    assert!(c.send("DATA").starts_with("354"));
-                    assert!(c.send("Subject: x\r\n\r\nbody\r\n.").starts_with("250"));
-                    assert!(c.send("QUIT").starts_with("221"));
-                    // Reconnects at once, as smtp-source does.
-                }
-                refused
-            })
-        })
-        .collect();
-    let refused: Vec<String> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let refused = reconnecting_clients(10, 100, move || connect_from("127.0.3.1", port));
     assert!(refused.is_empty(), "{} of 1000 sessions refused: {:?}", refused.len(), refused.first());
 }
 
@@ -367,12 +342,27 @@ fn a_client_at_the_connection_limit_that_reconnects_after_quit_is_greeted_while_
     // A session that held its place until the next hop's goodbye (3 s
     // here) took the room of the other client's next session.
     let (_d, port) = smtp_daemon(dir.path(), sink.port, "max_connections = 3\nnext_hop_pool = 0", WHITE);
-    let clients: Vec<_> = (0..2)
+    let refused = reconnecting_clients(2, 3, move || std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+    assert!(refused.is_empty(), "{} of 6 sessions refused: {refused:?}", refused.len());
+    assert_eq!(sink.received().len(), 6, "every message relayed");
+}
+
+/// `clients` threads, each sending `sessions` whole messages (relayed: the
+/// session holds a next-hop connection), one a session, reconnecting
+/// (`connect`) the moment it reads `221`, as `smtp-source` does; the
+/// sessions not greeted, with their banners.
+fn reconnecting_clients(
+    clients: usize,
+    sessions: usize,
+    connect: impl Fn() -> std::net::TcpStream + Clone + Send + 'static,
+) -> Vec<String> {
+    let threads: Vec<_> = (0..clients)
         .map(|n| {
+            let connect = connect.clone();
             std::thread::spawn(move || {
                 let mut refused = Vec::new();
-                for i in 0..3 {
-                    let mut c = Raw::connect(port);
+                for i in 0..sessions {
+                    let mut c = Raw::over(connect());
                     let banner = c.reply();
                     if !banner.starts_with("220") {
                         refused.push(format!("client {n}, session {i}: {banner}"));
@@ -389,9 +379,7 @@ fn a_client_at_the_connection_limit_that_reconnects_after_quit_is_greeted_while_
             })
         })
         .collect();
-    let refused: Vec<String> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    assert!(refused.is_empty(), "{} of 6 sessions refused: {refused:?}", refused.len());
-    assert_eq!(sink.received().len(), 6, "every message relayed");
+    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
 }
 
 /// Slow clients cannot take every slot: when the listener is under
