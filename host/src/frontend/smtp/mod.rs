@@ -17,8 +17,9 @@
 //! splitting; owning it keeps every limit and reply under our control):
 //! RFC 5321 command and line limits, timeouts, SIZE, PIPELINING (replies in
 //! order; we read one command at a time), 8BITMIME, ENHANCEDSTATUSCODES,
-//! SMTPUTF8 (passed on to a next hop that offers it), dot-stuffing, RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a
-//! certificate is configured (input pipelined after STARTTLS is refused,
+//! SMTPUTF8 (passed on to a next hop that offers it), dot-stuffing,
+//! RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a certificate is
+//! configured (input pipelined after STARTTLS is refused,
 //! CVE-2011-0411).
 //!
 //! Against hostile clients (`wire.rs` has the byte-level rules): only
@@ -770,8 +771,10 @@ impl Connection {
                 "BODY" if v.eq_ignore_ascii_case("8BITMIME") || v.eq_ignore_ascii_case("7BIT") => forward.push(p.to_string()),
                 // RFC 6531: a keyword without a value.
                 "SMTPUTF8" if self.config.smtputf8 && p.len() == k.len() => {
+                    if !smtputf8 {
+                        forward.push("SMTPUTF8".to_string());
+                    }
                     smtputf8 = true;
-                    forward.push("SMTPUTF8".to_string());
                 }
                 _ => return self.error("555 5.5.4 Unsupported MAIL parameter\r\n").await,
             }
