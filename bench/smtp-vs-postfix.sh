@@ -259,11 +259,11 @@ done
 # Every message through greyhook took the filter's first-sight path (a new
 # triplet, its record written and passed), none a shortcut such as the
 # auto-whitelist: the filter's own counts say so.
-first_sights() { "$GH_BIN" status --control "$1" | grep -o 'triplets_total{identity="[a-z-]*",outcome="passed"} [0-9]*' | awk '{n += $2} END {print n + 0}'; }
 for d in smtp milter; do
-  n=$(first_sights "$work/$d.sock")
+  status=$("$GH_BIN" status --control "$work/$d.sock")
+  n=$(grep -o 'triplets_total{identity="[a-z-]*",outcome="passed"} [0-9]*' <<<"$status" | awk '{n += $2} END {print n + 0}')
   [ "$n" -ge $((ROUNDS * (200 + MSGS))) ] || fail "$d: $n first sights (triplets passed) for $((ROUNDS * (200 + MSGS))) messages"
-  ! "$GH_BIN" status --control "$work/$d.sock" | grep -q 'skipped_total' || fail "$d: the filter skipped messages: $("$GH_BIN" status --control "$work/$d.sock" | grep -o 'skipped_total[^,]*')"
+  ! grep -q 'skipped_total' <<<"$status" || fail "$d: the filter skipped messages: $(grep -o 'skipped_total[^,]*' <<<"$status")"
 done
 
 # The median of each column over the rounds.

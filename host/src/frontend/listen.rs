@@ -352,6 +352,15 @@ pub struct Admission {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl Admission {
+    /// Serves `served` and gives the place back when it ends: for a front
+    /// end whose connections hold their place to the last.
+    pub(crate) async fn hold(self, served: impl std::future::Future<Output = ()>) {
+        served.await;
+        drop(self);
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         self.load.update(-1);

@@ -564,11 +564,7 @@ async fn serve(
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer, admission| {
-        let served = handle(hooks.clone(), config.clone(), l.clone(), conn, peer, shutdown.clone());
-        async move {
-            served.await;
-            drop(admission);
-        }
+        admission.hold(handle(hooks.clone(), config.clone(), l.clone(), conn, peer, shutdown.clone()))
     })
     .await
 }

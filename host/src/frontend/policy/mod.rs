@@ -437,11 +437,7 @@ async fn serve(listener: Listener, server: Arc<PolicyServer>, load: Arc<crate::f
     let stop = shutdown.clone();
     let l = load.clone();
     crate::frontend::listen::accept_loop(listener, load, crate::frontend::listen::WhenFull::Wait, stop, move |conn, peer, admission| {
-        let served = server.clone().handle(conn, peer, l.clone(), shutdown.clone());
-        async move {
-            served.await;
-            drop(admission);
-        }
+        admission.hold(server.clone().handle(conn, peer, l.clone(), shutdown.clone()))
     })
     .await
 }

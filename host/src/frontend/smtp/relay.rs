@@ -444,10 +444,7 @@ impl Relay {
         self.out.clear();
         written?;
         let r = self.reply().await?;
-        self.in_transaction = false;
-        if !r.is_positive() && !matches!(self.rset().await, Ok(ref reset) if reset.code == 250) {
-            self.in_transaction = true;
-        }
+        self.in_transaction = !r.is_positive() && !matches!(self.rset().await, Ok(ref reset) if reset.code == 250);
         Ok(r)
     }
 
