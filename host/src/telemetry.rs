@@ -65,6 +65,15 @@ pub struct FrontEndLabel {
     pub front_end: &'static str,
 }
 
+/// Labels of [`HostMetrics::proxy_refusals`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The front end's name.
+    pub front_end: &'static str,
+    /// Why: `untrusted`, `malformed`, `timeout` or `closed`.
+    pub reason: &'static str,
+}
+
 /// A label set of one store operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
@@ -110,6 +119,9 @@ pub struct HostMetrics {
     /// `client_limit_refusals_total{front_end}`: connections refused
     /// because their client held its `max_connections_per_client`.
     pub client_limit_refusals: Family<FrontEndLabel, Counter>,
+    /// `proxy_refusals_total{front_end,reason}`: connections closed
+    /// for want of a valid PROXY protocol header (`[smtp] proxy_protocol`).
+    pub proxy_refusals: Family<ReasonLabels, Counter>,
     /// `connections_active{front_end}`: connections in hand now.
     pub connections_active: Family<FrontEndLabel, Gauge>,
     /// `accept_failures_total{front_end}`: accepts that failed (the
@@ -175,6 +187,7 @@ impl HostMetrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             client_limit_refusals: Family::default(),
+            proxy_refusals: Family::default(),
             connections_active: Family::default(),
             accept_failures: Family::default(),
             store_latency: Family::new_with_constructor(latency),
@@ -198,6 +211,11 @@ impl HostMetrics {
         r.register("connections", "Connections accepted, by front end", self.connections.clone());
         r.register("connections_refused", "Connections refused because every slot was taken", self.connections_refused.clone());
         r.register("client_limit_refusals", "Connections refused for max_connections_per_client", self.client_limit_refusals.clone());
+        r.register(
+            "proxy_refusals",
+            "Connections closed for want of a valid PROXY header, by reason (untrusted, malformed, timeout, closed)",
+            self.proxy_refusals.clone(),
+        );
         r.register("connections_active", "Connections in hand now", self.connections_active.clone());
         r.register("accept_failures", "Failed accepts (out of file descriptors), by listener", self.accept_failures.clone());
         r.register("store_operation_seconds", "Store operations and their latency", self.store_latency.clone());

@@ -872,3 +872,161 @@ fn smtputf8_is_offered_and_asked_of_the_next_hop() {
     let r = c.send("MAIL FROM:<jörg@exämple.org> SMTPUTF8");
     assert!(r.starts_with("555 5.5.4"), "{r}");
 }
+
+/// A PROXY protocol version 2 header for a TCP client at `src` (IPv4 or
+/// IPv6) connecting to port 25, as HAProxy's `send-proxy-v2` sends it.
+fn proxy_v2(src: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    match src {
+        std::net::SocketAddr::V4(a) => {
+            h.extend([0x21, 0x11, 0, 12]);
+            h.extend(a.ip().octets());
+            h.extend([127, 0, 0, 1]);
+        }
+        std::net::SocketAddr::V6(a) => {
+            h.extend([0x21, 0x21, 0, 36]);
+            h.extend(a.ip().octets());
+            h.extend(std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    h.extend(src.port().to_be_bytes());
+    h.extend(25u16.to_be_bytes());
+    h
+}
+
+/// One message through `c`, whose greeting has been read: accepted.
+fn one_message(c: &mut Raw, rcpt: &str) {
+    assert!(c.send("EHLO client.example.org").starts_with("250"));
+    assert_eq!(c.send("MAIL FROM:<a@sender.test>"), "250 2.1.0 Ok\r\n");
+    assert_eq!(c.send(&format!("RCPT TO:<{rcpt}>")), "250 2.1.5 Ok\r\n");
+    assert!(c.send("DATA").starts_with("354"));
+    assert!(c.send("Subject: hi\r\n\r\nhi\r\n.").starts_with("250"));
+    assert!(c.send("QUIT").starts_with("221"));
+}
+
+/// Behind a TCP load balancer every client came from the balancer's
+/// address: one greylisting identity and one per-client limit for the
+/// whole Internet. With `proxy_protocol` the header the balancer sends
+/// (version 1 or 2) names the client, which the filter, the per-client
+/// limit and the `Received:` line then see; a connection without a valid
+/// header, too slow with it, or from a peer not in `proxy_trusted` is
+/// closed unanswered, and each is counted.
+#[test]
+fn behind_a_load_balancer_the_proxy_header_names_the_client() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let metrics = free_port();
+    let (d, port) = start(
+        dir.path(),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[filter.config]\ndelay = 0\nauto_whitelist_after = 0\n"),
+        sink.port,
+        "proxy_protocol = true\nproxy_timeout = \"1s\"\nproxy_trusted = [\"127.0.0.1/32\", \"127.254.0.0/16\"]\n\
+         max_connections_per_client = 1\n",
+    );
+
+    // Version 1, then version 2 with an IPv6 client.
+    let mut c = Raw::connect(port);
+    c.w.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n").unwrap();
+    assert!(c.reply().starts_with("220 greyhook.test"));
+    one_message(&mut c, "b1@dest.test");
+    let mut c = Raw::connect(port);
+    c.w.write_all(&proxy_v2("[2001:db8::7]:40001".parse().unwrap())).unwrap();
+    assert!(c.reply().starts_with("220 greyhook.test"));
+    one_message(&mut c, "b2@dest.test");
+    let got = sink.received();
+    assert_eq!(got.len(), 2, "{}", d.log_text());
+    assert!(got[0].contains(" [192.0.2.7])"), "{}", got[0]);
+    assert!(got[1].contains(" [IPv6:2001:db8::7])"), "{}", got[1]);
+    for client in ["client=192.0.2.7 ", "client=2001:db8::7 "] {
+        assert!(d.wait_log(client, 5), "the filter saw {client}:\n{}", d.log_text());
+    }
+    assert!(!d.log_text().contains("client=127.0.0.1 "), "the balancer's address is nobody's identity:\n{}", d.log_text());
+
+    // The per-client limit counts the real client, not the balancer.
+    let proxied = |from: &str| {
+        let mut c = Raw::connect(port);
+        c.w.write_all(format!("PROXY TCP4 {from} 127.0.0.1 40000 25\r\n").as_bytes()).unwrap();
+        let r = c.reply();
+        (c, r)
+    };
+    let (_held, r) = proxied("192.0.2.9");
+    assert!(r.starts_with("220"), "{r:?}");
+    let (_c, r) = proxied("192.0.2.9");
+    assert!(r.starts_with("421 4.7.0"), "a second from 192.0.2.9 is over its limit of 1: {r:?}");
+    let (_c, r) = proxied("192.0.2.10");
+    assert!(r.starts_with("220"), "another client is not: {r:?}");
+
+    // No header: SMTP at once, nothing at all, or a peer not trusted to
+    // send one (with a valid header).
+    let mut c = Raw::connect(port);
+    assert_eq!(c.send("EHLO client.example.org"), "", "no reply without a header");
+    assert!(c.closed());
+    let mut silent = Raw::connect(port);
+    let t = std::time::Instant::now();
+    assert!(silent.closed(), "closed after proxy_timeout");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let mut c = Raw::over(connect_from("127.0.0.5", port));
+    c.w.write_all(b"PROXY TCP4 192.0.2.11 127.0.0.1 40000 25\r\n").unwrap();
+    assert_eq!(c.reply(), "", "127.0.0.5 is not in proxy_trusted");
+    assert!(c.closed());
+    assert!(!d.log_text().contains("client=192.0.2.11 "));
+
+    let scrape = http_get(metrics, "/metrics");
+    for reason in ["untrusted", "malformed", "timeout"] {
+        let series = format!("greyhook_proxy_refusals_total{{front_end=\"smtp\",reason=\"{reason}\"}} 1");
+        assert!(scrape.lines().any(|l| l == series), "{series} in\n{scrape}");
+    }
+}
+
+/// The same through a real HAProxy, with `send-proxy-v2` and `send-proxy`
+/// (version 1): Python's smtplib connects from 127.0.0.77 and 127.0.0.78 to
+/// HAProxy, which connects to greyhook from 127.0.0.1; the filter and the
+/// next hop see the clients.
+#[test]
+fn through_haproxy_greyhook_sees_the_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", sink.port, "proxy_protocol = true\n");
+    let (v2, v1) = (free_port(), free_port());
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             listen v2\n  bind 127.0.0.1:{v2}\n  server greyhook 127.0.0.1:{port} send-proxy-v2\n\
+             listen v1\n  bind 127.0.0.1:{v1}\n  server greyhook 127.0.0.1:{port} send-proxy\n"
+        ),
+    )
+    .unwrap();
+    let haproxy = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("HAProxy is installed (.ci/run installs Debian's haproxy)");
+    let mut lb = std::process::Command::new(haproxy)
+        .args(["-db", "-f", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_port(v2, 10);
+    wait_for_port(v1, 10);
+    let out = python(&format!(
+        "import smtplib\n\
+         for port, src in (({v2}, '127.0.0.77'), ({v1}, '127.0.0.78')):\n\
+         \x20   s = smtplib.SMTP('127.0.0.1', port, timeout=10, source_address=(src, 0))\n\
+         \x20   s.sendmail('a@sender.test', ['b@dest.test'], 'Subject: via %d\\r\\n\\r\\nhi\\r\\n' % port)\n\
+         \x20   s.quit()\n\
+         print('sent')\n"
+    ));
+    let _ = lb.kill();
+    let _ = lb.wait();
+    assert_eq!(out.trim(), "sent", "{}", d.log_text());
+    let got = sink.received();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].contains("[127.0.0.77]") && got[0].contains(&format!("via {v2}")), "{}", got[0]);
+    assert!(got[1].contains("[127.0.0.78]") && got[1].contains(&format!("via {v1}")), "{}", got[1]);
+    for client in ["client=127.0.0.77 ", "client=127.0.0.78 "] {
+        assert!(d.wait_log(client, 5), "the filter saw {client}:\n{}", d.log_text());
+    }
+}

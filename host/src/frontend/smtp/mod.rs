@@ -31,6 +31,7 @@
 //! across all connections has a budget (`452 4.3.1` when it is spent).
 //! The next hop is connected only once a recipient is accepted.
 
+mod proxy;
 mod reader;
 pub(crate) mod relay;
 mod tls;
@@ -154,6 +155,23 @@ pub struct SmtpConfig {
     /// recipient. Off: not offered, and a client that asks for it anyway
     /// hears `555`.
     pub smtputf8: bool,
+    /// Every connection starts with a PROXY protocol header (HAProxy's,
+    /// version 1 or 2) naming the real client: greyhook sits behind a TCP
+    /// load balancer (Postfix `smtpd_upstream_proxy_protocol = haproxy`).
+    /// A connection without a valid header within `proxy_timeout` is closed
+    /// unanswered. Off: the connection's peer is the client.
+    pub proxy_protocol: bool,
+    /// With `proxy_protocol`, the peers that may send the header (the load
+    /// balancers; loopback by default); a TCP connection from any other
+    /// address is closed unread, since whoever sends the header chooses
+    /// the client address greylisting keys on. Connections to a unix
+    /// socket listener are trusted (its permissions say who connects).
+    pub proxy_trusted: Vec<crate::domain::Network>,
+    /// Longest wait for the PROXY header (Postfix
+    /// `smtpd_upstream_proxy_timeout`); `stress_timeout` if shorter while
+    /// the listener is under stress.
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub proxy_timeout: Duration,
 }
 
 impl Default for SmtpConfig {
@@ -185,6 +203,9 @@ impl Default for SmtpConfig {
             tls_cert: None,
             tls_key: None,
             smtputf8: true,
+            proxy_protocol: false,
+            proxy_trusted: ["127.0.0.0/8", "::1"].iter().filter_map(|n| n.parse().ok()).collect(),
+            proxy_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -388,11 +409,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
     crate::frontend::listen::accept_loop(listener, load, full, stop, move |conn, peer, admission| {
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         async move {
-            let ip: IpAddr = match peer.parse::<std::net::SocketAddr>() {
-                Ok(a) => a.ip(),
-                Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            };
+            let tcp_peer = peer.parse::<std::net::SocketAddr>().ok();
+            let mut ip: IpAddr = tcp_peer.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip());
             let mut c = Connection::new(conn, &peer, shared.clone(), admission);
+            if shared.config.proxy_protocol {
+                let Some(client) = c.proxied(tcp_peer).await else { return };
+                ip = client;
+            }
+            let peer = c.peer.clone();
             if !shared.config.limit_exceptions.iter().any(|n| n.contains(ip)) {
                 let Some(slot) = ClientSlot::take(&shared, ip) else {
                     tracing::warn!(%peer, limit = shared.config.max_connections_per_client, "too many connections from one client address");
@@ -575,6 +599,51 @@ impl Connection {
         tracing::info!(peer = %self.peer, "bare <LF> or <CR> from the client: 521 and closing");
         self.close_with("521 5.5.2 Error: bare <LF> or <CR> received; lines end with <CR><LF>\r\n").await?;
         Err(End::BareNewline)
+    }
+
+    /// Reads the PROXY header (`proxy_protocol`) from a connection of
+    /// `tcp_peer` (none: a unix socket's): the client's address, with
+    /// [`Connection::peer`] set to it; none if the connection is to be
+    /// closed unanswered (the peer may not send one, or sent none valid in
+    /// time), which is logged and counted.
+    async fn proxied(&mut self, tcp_peer: Option<std::net::SocketAddr>) -> Option<IpAddr> {
+        let refused = |reason: &'static str| {
+            let m = crate::telemetry::host();
+            let label = crate::telemetry::ReasonLabels { front_end: <Smtp as FrontEnd>::NAME, reason };
+            m.proxy_refusals.get_or_create(&label).inc();
+        };
+        if let Some(p) = tcp_peer
+            && !self.config.proxy_trusted.iter().any(|n| n.contains(p.ip()))
+        {
+            tracing::warn!(peer = %self.peer, "connection closed: not in proxy_trusted, so it may not send a PROXY header");
+            refused("untrusted");
+            return None;
+        }
+        let (normal, stressed) = (self.config.proxy_timeout, self.config.stress_timeout.min(self.config.proxy_timeout));
+        let source = match self.shared.load.timeout(normal, stressed, proxy::read_header(&mut self.io)).await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                match e {
+                    proxy::ProxyError::Closed => tracing::debug!(peer = %self.peer, "{e}"),
+                    _ => tracing::warn!(peer = %self.peer, "connection closed: {e}"),
+                }
+                refused(e.reason());
+                return None;
+            }
+            None => {
+                tracing::warn!(peer = %self.peer, "connection closed: no PROXY header within {normal:?}");
+                refused("timeout");
+                return None;
+            }
+        };
+        match source {
+            proxy::Source::Client(a) => {
+                tracing::debug!(client = %a, proxy = %self.peer, "PROXY header");
+                self.peer = a.to_string();
+                Some(a.ip())
+            }
+            proxy::Source::Proxy => Some(tcp_peer.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip())),
+        }
     }
 
     /// Sends a filter's reply; a `421` closes the connection (RFC 5321 3.8).

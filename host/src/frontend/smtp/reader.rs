@@ -37,6 +37,22 @@ impl<R> ClientReader<R> {
         &self.buf
     }
 
+    /// Drops the first `n` bytes of what has been read.
+    pub fn skip(&mut self, n: usize) {
+        self.buf.advance(n.min(self.buf.len()));
+    }
+
+    /// Reads what the connection has now after what is buffered: the
+    /// number of bytes read, 0 at the stream's end. The buffer grows if it
+    /// is full; the caller bounds how far.
+    pub async fn read_more(&mut self) -> std::io::Result<usize>
+    where
+        R: AsyncRead + Unpin,
+    {
+        self.buf.reserve(READ_BUFFER.saturating_sub(self.buf.len()).max(1));
+        tokio::io::AsyncReadExt::read_buf(&mut self.inner, &mut self.buf).await
+    }
+
     /// The connection; what was buffered is dropped.
     pub fn into_inner(self) -> R {
         self.inner
