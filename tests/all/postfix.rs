@@ -505,6 +505,53 @@ fn greyhook_smtp_relays_smtputf8_mail_to_postfix() {
     assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
 
+/// A sender's request for delivery status notifications reaches Postfix
+/// behind `greyhook smtp` (RFC 3461): Postfix, which delivers or bounces,
+/// then sends the notices, "delivered" instead of the sending MTA's
+/// "relayed". Python's smtplib asks; the held message's envelope
+/// (`postcat`) shows what Postfix took.
+#[test]
+fn greyhook_smtp_passes_dsn_requests_to_postfix() {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
+    let (mut daemon, port, _) = greyhook_smtp_on_port(r, &format!("127.0.0.1:{}", pf.port));
+    let out = python(&format!(
+        "import smtplib, time\n\
+         def attempt():\n\
+         \x20   s = smtplib.SMTP('127.0.0.1', {port}, local_hostname='client.example.org', source_address=('127.0.0.5', 0), timeout=10)\n\
+         \x20   s.ehlo()\n\
+         \x20   print('offered' if s.has_extn('dsn') else 'not offered')\n\
+         \x20   print(s.mail('sender@example.org', ['RET=HDRS', 'ENVID=QQ314159']))\n\
+         \x20   code, text = s.rcpt('user@e2e.test', ['NOTIFY=SUCCESS,DELAY', 'ORCPT=rfc822;user+2B1@e2e.test'])\n\
+         \x20   print(code, text.decode())\n\
+         \x20   if code == 250:\n\
+         \x20       code, text = s.data(b'Subject: dsn\\r\\n\\r\\nhi\\r\\n')\n\
+         \x20       print(code, text.decode())\n\
+         \x20   s.quit()\n\
+         attempt()\n\
+         time.sleep(2.1)\n\
+         attempt()\n"
+    ));
+    assert!(out.starts_with("offered"), "{out}");
+    assert!(out.contains("451 4.7.1 Greylisted"), "the first attempt is greylisted:\n{out}");
+    let queued =
+        out.lines().find(|l| l.starts_with("250 ") && l.contains("queued as ")).unwrap_or_else(|| panic!("{out}\n{}", daemon.log_text()));
+    let msg = pf.message(queued);
+    for (what, record) in [
+        // Postfix's own codes: RET=HDRS is 2, NOTIFY's SUCCESS 2 and DELAY 8.
+        ("RET=HDRS", "named_attribute: ret_flags=2"),
+        ("ENVID", "named_attribute: envelope_id=QQ314159"),
+        ("ORCPT", "named_attribute: dsn_orig_rcpt=rfc822;user+1@e2e.test"),
+        ("NOTIFY=SUCCESS,DELAY", "named_attribute: notify_flags=10"),
+    ] {
+        assert!(msg.contains(record), "{what}: no {record:?} in the queue file:\n{msg}");
+    }
+    drop(pf);
+    assert!(daemon.terminate(10), "{}", daemon.log_text());
+}
+
 /// The README's Postfix lines, exactly as shown (the port changed), with
 /// a real Postfix: an ordinary sender is greylisted at RCPT and the null
 /// sender at DATA; both pass on retry.

@@ -571,7 +571,8 @@ impl PipeHop {
         PipeHop::start_with(false)
     }
 
-    /// A next hop that also offers CHUNKING (and answers DATA `503`).
+    /// A next hop that also offers CHUNKING (and answers DATA `503`) and
+    /// DSN, as Postfix does.
     fn chunking() -> PipeHop {
         PipeHop::start_with(true)
     }
@@ -602,7 +603,7 @@ impl PipeHop {
                         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
                         let reply: &[u8] = match verb.as_str() {
                             "EHLO" if chunking => {
-                                b"250-hop\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n"
+                                b"250-hop\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-DSN\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n"
                             }
                             "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250-XFORWARD NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n",
                             "XFOR" => {
@@ -1029,4 +1030,82 @@ fn through_haproxy_greyhook_sees_the_clients() {
     for client in ["client=127.0.0.77 ", "client=127.0.0.78 "] {
         assert!(d.wait_log(client, 5), "the filter saw {client}:\n{}", d.log_text());
     }
+}
+
+/// Delivery status notifications (RFC 3461) pass through: `DSN` is
+/// offered, `RET`, `ENVID`, `NOTIFY` and `ORCPT` are checked and passed to a
+/// next hop that offers DSN, and left out (the message still relayed) for
+/// one that does not. Before, the parameters heard `555`, so a sender asking
+/// for a success notice got "relayed" from its own MTA instead of the
+/// final hop's "delivered".
+#[test]
+fn dsn_parameters_are_checked_and_passed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let hop = PipeHop::chunking();
+    let (d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop.port, "");
+    let send = |port: u16, rcpts: &[&str]| {
+        python(&format!(
+            "import smtplib\n\
+             s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)\n\
+             s.ehlo()\n\
+             print('offered' if s.has_extn('dsn') else 'not offered')\n\
+             print(s.sendmail('a@sender.test', {rcpts:?}, 'Subject: dsn\\r\\n\\r\\nhi\\r\\n', \
+             mail_options=['RET=HDRS', 'ENVID=QQ+2B314159'], rcpt_options=['NOTIFY=SUCCESS,FAILURE', 'ORCPT=rfc822;b+2B1@dest.test']))\n\
+             s.quit()\n"
+        ))
+    };
+    let out = send(port, &["b1@dest.test", "b2@dest.test"]);
+    assert_eq!(out.trim(), "offered\n{}", "{}", d.log_text());
+    let commands = hop.s.commands.lock().unwrap().clone();
+    let mail = commands.iter().find(|c| c.starts_with("MAIL")).unwrap();
+    assert_eq!(mail, "MAIL FROM:<a@sender.test> RET=HDRS ENVID=QQ+2B314159", "{commands:?}");
+    let rcpts: Vec<_> = commands.iter().filter(|c| c.starts_with("RCPT")).collect();
+    assert_eq!(
+        rcpts,
+        [
+            "RCPT TO:<b1@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2B1@dest.test",
+            "RCPT TO:<b2@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2B1@dest.test"
+        ],
+        "the first pipelined with MAIL, the second on its own"
+    );
+
+    // Checked as RFC 3461 says; a bad one counts as an error.
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO client.example.org").contains("250-DSN\r\n"));
+    assert!(c.send("MAIL FROM:<a@sender.test> RET=ALL").starts_with("501 5.5.4 Bad RET"));
+    assert!(c.send("MAIL FROM:<a@sender.test> RET=FULL RET=HDRS").starts_with("501 5.5.4 Duplicate RET"));
+    assert!(c.send(&format!("MAIL FROM:<a@sender.test> ENVID={}", "x".repeat(101))).starts_with("501 5.5.4 Bad ENVID"));
+    assert!(c.send("MAIL FROM:<a@sender.test> ENVID=a=b").starts_with("501 5.5.4 Bad ENVID"));
+    assert_eq!(c.send("MAIL FROM:<a@sender.test> ret=full envid=X"), "250 2.1.0 Ok\r\n");
+    assert!(c.send("RCPT TO:<c@dest.test> NOTIFY=NEVER,SUCCESS").starts_with("501 5.5.4 Bad NOTIFY"));
+    assert!(c.send("RCPT TO:<c@dest.test> ORCPT=rfc822").starts_with("501 5.5.4 Bad ORCPT"));
+    assert!(c.send("RCPT TO:<c@dest.test> NOTIFY=DELAY NOTIFY=DELAY").starts_with("501 5.5.4 Duplicate NOTIFY"));
+    assert!(c.send("RCPT TO:<c@dest.test> FOO=1").starts_with("555 5.5.4"));
+    assert_eq!(c.send("RCPT TO:<c@dest.test> notify=never"), "250 2.1.5 Ok\r\n");
+    assert!(c.send("QUIT").starts_with("221"));
+    let commands = hop.s.commands.lock().unwrap().clone();
+    assert!(commands.iter().any(|c| c == "MAIL FROM:<a@sender.test> RET=FULL ENVID=X"), "{commands:?}");
+    assert!(commands.iter().any(|c| c == "RCPT TO:<c@dest.test> NOTIFY=NEVER"), "{commands:?}");
+
+    // A next hop without DSN: the message goes on without the parameters.
+    let dir2 = tempfile::tempdir().unwrap();
+    let plain = PipeHop::start();
+    let (d2, port2) = start(dir2.path(), "[filter.config]\ndelay = 0\n", plain.port, "");
+    assert_eq!(send(port2, &["b3@dest.test", "b4@dest.test"]).trim(), "offered\n{}");
+    assert_eq!(plain.messages(), 1);
+    let commands = plain.s.commands.lock().unwrap().clone();
+    assert!(commands.iter().any(|c| c == "MAIL FROM:<a@sender.test>"), "{commands:?}");
+    assert!(commands.iter().any(|c| c == "RCPT TO:<b3@dest.test>") && commands.iter().any(|c| c == "RCPT TO:<b4@dest.test>"));
+    assert!(d2.wait_log("the next hop does not offer DSN", 5), "{}", d2.log_text());
+
+    // dsn = false: not offered, and the parameters are refused.
+    let dir3 = tempfile::tempdir().unwrap();
+    let (_d3, port3) = start(dir3.path(), "[filter.config]\ndelay = 0\n", plain.port, "dsn = false\n");
+    let mut c = Raw::connect(port3);
+    assert!(c.reply().starts_with("220"));
+    assert!(!c.send("EHLO client.example.org").contains("DSN"));
+    assert!(c.send("MAIL FROM:<a@sender.test> RET=FULL").starts_with("555"));
+    assert_eq!(c.send("MAIL FROM:<a@sender.test>"), "250 2.1.0 Ok\r\n");
+    assert!(c.send("RCPT TO:<c@dest.test> NOTIFY=SUCCESS").starts_with("555"));
 }

@@ -17,7 +17,8 @@
 //! splitting; owning it keeps every limit and reply under our control):
 //! RFC 5321 command and line limits, timeouts, SIZE, PIPELINING (replies in
 //! order; we read one command at a time), 8BITMIME, ENHANCEDSTATUSCODES,
-//! SMTPUTF8 (passed on to a next hop that offers it), dot-stuffing,
+//! SMTPUTF8 (passed on to a next hop that offers it), DSN (its parameters
+//! checked in `dsn.rs` and passed on), dot-stuffing,
 //! RSET/NOOP/QUIT/HELP/VRFY, STARTTLS with rustls when a certificate is
 //! configured (input pipelined after STARTTLS is refused,
 //! CVE-2011-0411).
@@ -30,7 +31,11 @@
 //! commands that make no progress are counted; message data held in memory
 //! across all connections has a budget (`452 4.3.1` when it is spent).
 //! The next hop is connected only once a recipient is accepted.
+//!
+//! Behind a TCP load balancer the client's address comes from the PROXY
+//! protocol header the balancer sends (`proxy.rs`, `proxy_protocol`).
 
+mod dsn;
 mod proxy;
 mod reader;
 pub(crate) mod relay;
@@ -155,6 +160,13 @@ pub struct SmtpConfig {
     /// recipient. Off: not offered, and a client that asks for it anyway
     /// hears `555`.
     pub smtputf8: bool,
+    /// Offer `DSN` (RFC 3461: delivery status notifications) and pass its
+    /// parameters (`RET`, `ENVID`, `NOTIFY`, `ORCPT`) on to the next hop,
+    /// which sends the notices (Postfix offers DSN by default). A next hop
+    /// that does not offer it gets the message without them (logged).
+    /// Off: not offered, and the parameters hear `555`; sending MTAs then
+    /// report a requested success notice as "relayed" themselves.
+    pub dsn: bool,
     /// Every connection starts with a PROXY protocol header (HAProxy's,
     /// version 1 or 2) naming the real client: greyhook sits behind a TCP
     /// load balancer (Postfix `smtpd_upstream_proxy_protocol = haproxy`).
@@ -203,6 +215,7 @@ impl Default for SmtpConfig {
             tls_cert: None,
             tls_key: None,
             smtputf8: true,
+            dsn: true,
             proxy_protocol: false,
             proxy_trusted: ["127.0.0.0/8", "::1"].iter().filter_map(|n| n.parse().ok()).collect(),
             proxy_timeout: Duration::from_secs(5),
@@ -343,6 +356,19 @@ const HOP_UNAVAILABLE: &str = "451 4.4.1 Next hop unavailable, try again later\r
 /// The reply to a recipient of an SMTPUTF8 transaction when the next hop
 /// does not offer SMTPUTF8.
 const SMTPUTF8_UNAVAILABLE: &str = "451 4.6.7 SMTPUTF8 not available at the next hop, try again later\r\n";
+
+/// Logs, once a process, that a client's DSN parameters were not passed
+/// on because the next hop does not offer DSN: the message goes on
+/// without them (its notices are the next hop's ordinary bounces).
+fn dsn_not_passed_on() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "a client asked for delivery status notifications (DSN) and the next hop does not offer DSN: \
+             relayed without them (enable DSN there, or set [smtp] dsn = false); said once"
+        );
+    }
+}
 
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
@@ -776,6 +802,9 @@ impl Connection {
         if self.config.smtputf8 {
             lines.push("SMTPUTF8".into());
         }
+        if self.config.dsn {
+            lines.push("DSN".into());
+        }
         if self.resolved.tls.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
@@ -827,8 +856,16 @@ impl Connection {
         };
         let mut forward = Vec::new();
         let mut smtputf8 = false;
+        let mut dsn_seen = [false; 2];
         for p in params.split_whitespace() {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            if self.config.dsn && dsn::is_mail_param(k) {
+                match dsn::mail_param(k, v, &mut dsn_seen) {
+                    Ok(p) => forward.push(p),
+                    Err(reply) => return self.error(reply).await,
+                }
+                continue;
+            }
             match k.to_ascii_uppercase().as_str() {
                 "SIZE" => match v.parse::<u64>() {
                     Ok(n) if n > self.config.max_message_size as u64 => {
@@ -870,7 +907,7 @@ impl Connection {
     /// next hop's reply to `rcpt`, or `None` when the transaction was open
     /// already (then the caller sends RCPT); `Err` is the reply for the
     /// client's recipient.
-    async fn open_hop(&mut self, rcpt: &str) -> Result<Option<HopReply>, String> {
+    async fn open_hop(&mut self, rcpt: &str, rcpt_params: &str) -> Result<Option<HopReply>, String> {
         match &self.hop {
             Hop::Open => return Ok(None),
             Hop::Refused(reply) => return Err(reply.clone()),
@@ -879,7 +916,7 @@ impl Connection {
         let sender = self.session().transaction().sender.clone().unwrap_or_default();
         let xf = self.session.as_ref().map(|s| xforward(s.session()));
         let params = std::mem::take(&mut self.mail_params);
-        let result = self.hop_mail(&sender, params, xf, rcpt).await;
+        let result = self.hop_mail(&sender, params, xf, rcpt, rcpt_params).await;
         self.hop = match &result {
             Ok(_) => Hop::Open,
             Err(reply) => Hop::Refused(reply.clone()),
@@ -887,7 +924,14 @@ impl Connection {
         result.map(Some)
     }
 
-    async fn hop_mail(&mut self, sender: &str, mut forward: Vec<String>, xf: Option<String>, rcpt: &str) -> Result<HopReply, String> {
+    async fn hop_mail(
+        &mut self,
+        sender: &str,
+        mut forward: Vec<String>,
+        xf: Option<String>,
+        rcpt: &str,
+        rcpt_params: &str,
+    ) -> Result<HopReply, String> {
         // A pooled connection the next hop dropped meanwhile fails at once:
         // then once more on a new connection.
         for attempt in 0..2 {
@@ -919,11 +963,20 @@ impl Connection {
                 return Err(SMTPUTF8_UNAVAILABLE.into());
             }
             // Only the parameters it announced (SMTPUTF8 is checked above).
+            let dsn_here = hop.has("DSN");
+            let before = forward.len();
             forward.retain(|p| {
                 let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
-                (k == "SIZE" && hop.has("SIZE")) || (k == "BODY" && hop.has("8BITMIME")) || k == "SMTPUTF8"
+                (k == "SIZE" && hop.has("SIZE"))
+                    || (k == "BODY" && hop.has("8BITMIME"))
+                    || k == "SMTPUTF8"
+                    || (dsn_here && dsn::is_mail_param(&k))
             });
-            match hop.open(xf, sender, &forward.join(" "), Some(rcpt)).await {
+            let rcpt_params = if dsn_here { rcpt_params } else { "" };
+            if !dsn_here && (!rcpt_params.is_empty() || forward.len() < before) {
+                dsn_not_passed_on();
+            }
+            match hop.open(xf, sender, &forward.join(" "), Some((rcpt, rcpt_params))).await {
                 Ok((mail, Some(first))) if mail.is_positive() => return Ok(first),
                 Ok((mail, _)) => return Err(mail.render()),
                 Err(e) if origin == Origin::Pooled && attempt == 0 => {
@@ -978,9 +1031,10 @@ impl Connection {
             Err(PathError::TooLong) => return self.error("501 5.1.3 Recipient address too long\r\n").await,
             Err(PathError::Syntax) => return self.error("501 5.1.3 Bad recipient address syntax\r\n").await,
         };
-        if !params.is_empty() {
-            return self.error("555 5.5.4 Unsupported RCPT parameter\r\n").await;
-        }
+        let rcpt_params = match dsn::rcpt_params(params, self.config.dsn, self.smtputf8) {
+            Ok(p) => p,
+            Err(reply) => return self.error(reply).await,
+        };
         if rcpt.is_empty() {
             return self.error("501 5.1.3 Bad recipient address syntax\r\n").await;
         }
@@ -992,7 +1046,7 @@ impl Connection {
             let r = r.clone();
             return self.filter_reply(&r).await;
         }
-        let first = match self.open_hop(&rcpt).await {
+        let first = match self.open_hop(&rcpt, &rcpt_params).await {
             Ok(first) => first,
             Err(reply) => {
                 self.forget_last_recipient();
@@ -1005,7 +1059,13 @@ impl Connection {
         };
         let answer = match first {
             Some(r) => Ok(r),
-            None => hop.rcpt(&rcpt).await,
+            None if hop.has("DSN") => hop.rcpt(&rcpt, &rcpt_params).await,
+            None => {
+                if !rcpt_params.is_empty() {
+                    dsn_not_passed_on();
+                }
+                hop.rcpt(&rcpt, "").await
+            }
         };
         match answer {
             Ok(r) if r.is_positive() => {

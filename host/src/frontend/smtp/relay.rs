@@ -326,7 +326,7 @@ impl Relay {
         xforward: Option<&str>,
         from: &str,
         params: &str,
-        rcpt: Option<&str>,
+        rcpt: Option<(&str, &str)>,
     ) -> Result<(HopReply, Option<HopReply>), RelayError> {
         self.accepted = 0;
         self.in_transaction = true;
@@ -341,8 +341,8 @@ impl Relay {
         }
         let sep = if params.is_empty() { "" } else { " " };
         self.push(&["MAIL FROM:<", from, ">", sep, params]);
-        if let (true, Some(to)) = (pipelined, rcpt) {
-            self.push(&["RCPT TO:<", to, ">"]);
+        if let (true, Some((to, params))) = (pipelined, rcpt) {
+            self.push_rcpt(to, params);
         }
         self.send().await?;
         if pipelined && xforward.is_some() {
@@ -352,8 +352,8 @@ impl Relay {
         let first = match rcpt {
             // Pipelined: its reply comes whatever MAIL's was.
             Some(_) if pipelined => Some(self.reply().await?),
-            Some(to) if mail.is_positive() => {
-                self.push(&["RCPT TO:<", to, ">"]);
+            Some((to, params)) if mail.is_positive() => {
+                self.push_rcpt(to, params);
                 self.send().await?;
                 Some(self.reply().await?)
             }
@@ -377,9 +377,16 @@ impl Relay {
         Ok(())
     }
 
-    /// RCPT TO; counts the recipients the next hop accepted.
-    pub async fn rcpt(&mut self, to: &str) -> Result<HopReply, RelayError> {
-        self.push(&["RCPT TO:<", to, ">"]);
+    /// `RCPT TO:<to>` and its parameters `params` (if any), to be sent.
+    fn push_rcpt(&mut self, to: &str, params: &str) {
+        let sep = if params.is_empty() { "" } else { " " };
+        self.push(&["RCPT TO:<", to, ">", sep, params]);
+    }
+
+    /// RCPT TO with `params` (none if empty); counts the recipients the
+    /// next hop accepted.
+    pub async fn rcpt(&mut self, to: &str, params: &str) -> Result<HopReply, RelayError> {
+        self.push_rcpt(to, params);
         self.send().await?;
         let r = self.reply().await?;
         if r.is_positive() {
