@@ -471,38 +471,16 @@ fn greyhook_smtp_falls_back_to_xforward() {
 /// sending MTA bounces such mail.
 #[test]
 fn greyhook_smtp_relays_smtputf8_mail_to_postfix() {
-    let root = tempfile::tempdir().unwrap();
-    traversable(root.path());
-    let r = root.path();
-    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\nsmtputf8_enable = yes\n");
-    let (mut daemon, port, _) = greyhook_smtp_on_port(r, &format!("127.0.0.1:{}", pf.port));
-    let out = python(&format!(
-        "import smtplib, time\n\
-         msg = 'From: jörg@exämple.org\\r\\nTo: müller@e2e.test\\r\\nSubject: grüße\\r\\n\\r\\nhallo\\r\\n'.encode()\n\
-         def attempt():\n\
-         \x20   s = smtplib.SMTP('127.0.0.1', {port}, local_hostname='client.example.org', source_address=('127.0.0.5', 0), timeout=10)\n\
-         \x20   s.ehlo()\n\
-         \x20   print('offered' if s.has_extn('smtputf8') else 'not offered')\n\
-         \x20   print(s.mail('jörg@exämple.org', ['SMTPUTF8']))\n\
-         \x20   code, text = s.rcpt('müller@e2e.test')\n\
-         \x20   print(code, text.decode())\n\
-         \x20   if code == 250:\n\
-         \x20       code, text = s.data(msg)\n\
-         \x20       print(code, text.decode())\n\
-         \x20   s.quit()\n\
-         attempt()\n\
-         time.sleep(2.1)\n\
-         attempt()\n"
-    ));
+    let (out, msg) = smtplib_through_greyhook_to_postfix(
+        "smtputf8_enable = yes\n",
+        "smtputf8",
+        "'jörg@exämple.org', ['SMTPUTF8']",
+        "'müller@e2e.test'",
+        "'From: jörg@exämple.org\\r\\nTo: müller@e2e.test\\r\\nSubject: grüße\\r\\n\\r\\nhallo\\r\\n'.encode()",
+    );
     assert!(out.starts_with("offered"), "{out}");
-    assert!(out.contains("451 4.7.1 Greylisted"), "the first attempt is greylisted:\n{out}");
-    let queued =
-        out.lines().find(|l| l.starts_with("250 ") && l.contains("queued as ")).unwrap_or_else(|| panic!("{out}\n{}", daemon.log_text()));
-    let msg = pf.message(queued);
     assert!(msg.contains("müller@e2e.test"), "{msg}");
     assert!(msg.contains("(greyhook) with UTF8SMTP id smtp"), "{msg}");
-    drop(pf);
-    assert!(daemon.terminate(10), "{}", daemon.log_text());
 }
 
 /// A sender's request for delivery status notifications reaches Postfix
@@ -512,33 +490,14 @@ fn greyhook_smtp_relays_smtputf8_mail_to_postfix() {
 /// (`postcat`) shows what Postfix took.
 #[test]
 fn greyhook_smtp_passes_dsn_requests_to_postfix() {
-    let root = tempfile::tempdir().unwrap();
-    traversable(root.path());
-    let r = root.path();
-    let pf = Postfix::start(r, None, "smtpd_authorized_xclient_hosts = 127.0.0.1\n");
-    let (mut daemon, port, _) = greyhook_smtp_on_port(r, &format!("127.0.0.1:{}", pf.port));
-    let out = python(&format!(
-        "import smtplib, time\n\
-         def attempt():\n\
-         \x20   s = smtplib.SMTP('127.0.0.1', {port}, local_hostname='client.example.org', source_address=('127.0.0.5', 0), timeout=10)\n\
-         \x20   s.ehlo()\n\
-         \x20   print('offered' if s.has_extn('dsn') else 'not offered')\n\
-         \x20   print(s.mail('sender@example.org', ['RET=HDRS', 'ENVID=QQ314159']))\n\
-         \x20   code, text = s.rcpt('user@e2e.test', ['NOTIFY=SUCCESS,DELAY', 'ORCPT=rfc822;user+2B1@e2e.test'])\n\
-         \x20   print(code, text.decode())\n\
-         \x20   if code == 250:\n\
-         \x20       code, text = s.data(b'Subject: dsn\\r\\n\\r\\nhi\\r\\n')\n\
-         \x20       print(code, text.decode())\n\
-         \x20   s.quit()\n\
-         attempt()\n\
-         time.sleep(2.1)\n\
-         attempt()\n"
-    ));
+    let (out, msg) = smtplib_through_greyhook_to_postfix(
+        "",
+        "dsn",
+        "'sender@example.org', ['RET=HDRS', 'ENVID=QQ314159']",
+        "'user@e2e.test', ['NOTIFY=SUCCESS,DELAY', 'ORCPT=rfc822;user+2B1@e2e.test']",
+        "b'Subject: dsn\\r\\n\\r\\nhi\\r\\n'",
+    );
     assert!(out.starts_with("offered"), "{out}");
-    assert!(out.contains("451 4.7.1 Greylisted"), "the first attempt is greylisted:\n{out}");
-    let queued =
-        out.lines().find(|l| l.starts_with("250 ") && l.contains("queued as ")).unwrap_or_else(|| panic!("{out}\n{}", daemon.log_text()));
-    let msg = pf.message(queued);
     for (what, record) in [
         // Postfix's own codes: RET=HDRS is 2, NOTIFY's SUCCESS 2 and DELAY 8.
         ("RET=HDRS", "named_attribute: ret_flags=2"),
@@ -548,8 +507,44 @@ fn greyhook_smtp_passes_dsn_requests_to_postfix() {
     ] {
         assert!(msg.contains(record), "{what}: no {record:?} in the queue file:\n{msg}");
     }
+}
+
+/// One message sent with Python's smtplib from 127.0.0.5 through
+/// `greyhook smtp` (a 2 s delay) to a real Postfix with `postfix_extra` in
+/// its main.cf: `s.mail(MAIL)`, `s.rcpt(RCPT)` and `s.data(DATA)` (Python
+/// arguments), once and, greylisted, again 2.1 s later. Each attempt
+/// first prints whether EHLO offered `extension`. The transcript, and the
+/// message Postfix queued (its `postcat` text).
+fn smtplib_through_greyhook_to_postfix(postfix_extra: &str, extension: &str, mail: &str, rcpt: &str, data: &str) -> (String, String) {
+    let root = tempfile::tempdir().unwrap();
+    traversable(root.path());
+    let r = root.path();
+    let pf = Postfix::start(r, None, &format!("smtpd_authorized_xclient_hosts = 127.0.0.1\n{postfix_extra}"));
+    let (mut daemon, port, _) = greyhook_smtp_on_port(r, &format!("127.0.0.1:{}", pf.port));
+    let out = python(&format!(
+        "import smtplib, time\n\
+         def attempt():\n\
+         \x20   s = smtplib.SMTP('127.0.0.1', {port}, local_hostname='client.example.org', source_address=('127.0.0.5', 0), timeout=10)\n\
+         \x20   s.ehlo()\n\
+         \x20   print('offered' if s.has_extn('{extension}') else 'not offered')\n\
+         \x20   print(s.mail({mail}))\n\
+         \x20   code, text = s.rcpt({rcpt})\n\
+         \x20   print(code, text.decode())\n\
+         \x20   if code == 250:\n\
+         \x20       code, text = s.data({data})\n\
+         \x20       print(code, text.decode())\n\
+         \x20   s.quit()\n\
+         attempt()\n\
+         time.sleep(2.1)\n\
+         attempt()\n"
+    ));
+    assert!(out.contains("451 4.7.1 Greylisted"), "the first attempt is greylisted:\n{out}");
+    let queued =
+        out.lines().find(|l| l.starts_with("250 ") && l.contains("queued as ")).unwrap_or_else(|| panic!("{out}\n{}", daemon.log_text()));
+    let msg = pf.message(queued);
     drop(pf);
     assert!(daemon.terminate(10), "{}", daemon.log_text());
+    (out, msg)
 }
 
 /// The README's Postfix lines, exactly as shown (the port changed), with
