@@ -1092,12 +1092,25 @@ fn dsn_parameters_are_checked_and_passed_on() {
     let dir2 = tempfile::tempdir().unwrap();
     let plain = PipeHop::start();
     let (d2, port2) = start(dir2.path(), "[filter.config]\ndelay = 0\n", plain.port, "");
+    send_sessions(port2, 1, 0.0);
+    assert!(!d2.log_text().contains("DSN"), "no DSN asked, none missed (SIZE left out is not DSN):\n{}", d2.log_text());
     assert_eq!(send(port2, &["b3@dest.test", "b4@dest.test"]).trim(), "offered\n{}");
-    assert_eq!(plain.messages(), 1);
+    assert_eq!(plain.messages(), 2);
     let commands = plain.s.commands.lock().unwrap().clone();
     assert!(commands.iter().any(|c| c == "MAIL FROM:<a@sender.test>"), "{commands:?}");
     assert!(commands.iter().any(|c| c == "RCPT TO:<b3@dest.test>") && commands.iter().any(|c| c == "RCPT TO:<b4@dest.test>"));
     assert!(d2.wait_log("the next hop does not offer DSN", 5), "{}", d2.log_text());
+    // Asked at RCPT only, it is said too.
+    let dir4 = tempfile::tempdir().unwrap();
+    let (d4, port4) = start(dir4.path(), "[filter.config]\ndelay = 0\n", plain.port, "");
+    let mut c = Raw::connect(port4);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO client.example.org").starts_with("250"));
+    assert_eq!(c.send("MAIL FROM:<a@sender.test>"), "250 2.1.0 Ok\r\n");
+    assert_eq!(c.send("RCPT TO:<b5@dest.test> NOTIFY=SUCCESS"), "250 2.1.5 Ok\r\n");
+    assert!(c.send("QUIT").starts_with("221"));
+    assert!(d4.wait_log("the next hop does not offer DSN", 5), "{}", d4.log_text());
+    assert!(plain.s.commands.lock().unwrap().iter().any(|c| c == "RCPT TO:<b5@dest.test>"));
 
     // dsn = false: not offered, and the parameters are refused.
     let dir3 = tempfile::tempdir().unwrap();

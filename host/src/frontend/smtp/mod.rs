@@ -964,7 +964,10 @@ impl Connection {
             }
             // Only the parameters it announced (SMTPUTF8 is checked above).
             let dsn_here = hop.has("DSN");
-            let before = forward.len();
+            let dsn_asked = !rcpt_params.is_empty() || forward.iter().any(|p| dsn::is_mail_param(p.split('=').next().unwrap_or("")));
+            if dsn_asked && !dsn_here {
+                dsn_not_passed_on();
+            }
             forward.retain(|p| {
                 let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
                 (k == "SIZE" && hop.has("SIZE"))
@@ -973,9 +976,6 @@ impl Connection {
                     || (dsn_here && dsn::is_mail_param(&k))
             });
             let rcpt_params = if dsn_here { rcpt_params } else { "" };
-            if !dsn_here && (!rcpt_params.is_empty() || forward.len() < before) {
-                dsn_not_passed_on();
-            }
             match hop.open(xf, sender, &forward.join(" "), Some((rcpt, rcpt_params))).await {
                 Ok((mail, Some(first))) if mail.is_positive() => return Ok(first),
                 Ok((mail, _)) => return Err(mail.render()),
