@@ -1,8 +1,11 @@
-//! SMTP command paths and DATA framing: no panic; whatever the client
-//! sends, the framed output is CRLF lines with no lone dot (nothing the
-//! next hop could take for the end of data).
+//! SMTP command paths, DSN parameters and DATA framing: no panic;
+//! whatever the client sends, DSN parameters passed on are the ones RFC 3461
+//! names, each once, with no space or control inside (nothing that could
+//! add a command at the next hop), and the framed output is CRLF lines
+//! with no lone dot (nothing the next hop could take for the end of data).
 #![no_main]
 
+use greyhook_fuzz::smtp_dsn::{MAX_ENVID, MAX_ORCPT, is_mail_param, mail_param, rcpt_params};
 use greyhook_fuzz::smtp_wire::{BareNewline, DataFramer, Fed, parse_path};
 use libfuzzer_sys::fuzz_target;
 
@@ -12,6 +15,26 @@ fuzz_target!(|data: &[u8]| {
             if let Ok((addr, _)) = parse_path(s, prefix) {
                 assert!(addr.len() <= 254);
                 assert!(!addr.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0));
+            }
+        }
+        let clean = |p: &str| !p.is_empty() && !p.chars().any(|c| c.is_control() || c.is_whitespace());
+        for utf8 in [false, true] {
+            if let Ok(out) = rcpt_params(s, true, utf8) {
+                let words: Vec<&str> = if out.is_empty() { Vec::new() } else { out.split(' ').collect() };
+                assert!(words.len() <= 2 && words.iter().all(|w| clean(w)), "{out:?}");
+                assert!(words.iter().filter(|w| w.starts_with("NOTIFY=")).count() <= 1, "{out:?}");
+                assert!(words.iter().filter(|w| w.starts_with("ORCPT=")).count() <= 1, "{out:?}");
+                assert!(words.iter().all(|w| w.starts_with("NOTIFY=") || (w.starts_with("ORCPT=") && w.len() <= MAX_ORCPT)), "{out:?}");
+            }
+        }
+        let mut seen = [false; 2];
+        for p in s.split_whitespace() {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            if is_mail_param(k)
+                && let Ok(out) = mail_param(k, v, &mut seen)
+            {
+                assert!(clean(&out) && out.is_ascii(), "{out:?}");
+                assert!(out == "RET=FULL" || out == "RET=HDRS" || (out.starts_with("ENVID=") && out.len() <= 6 + MAX_ENVID), "{out:?}");
             }
         }
     }

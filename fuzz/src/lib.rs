@@ -18,6 +18,10 @@ pub use domain::{reply, retry, types};
 #[path = "../../host/src/frontend/smtp/wire.rs"]
 pub mod smtp_wire;
 
+/// The SMTP front end's DSN parameters (`host/src/frontend/smtp/dsn.rs`).
+#[path = "../../host/src/frontend/smtp/dsn.rs"]
+pub mod smtp_dsn;
+
 /// The policy protocol's request framing and attribute parsing
 /// (`host/src/frontend/policy/request.rs`).
 #[path = "../../host/src/frontend/policy/request.rs"]
