@@ -334,3 +334,26 @@ fn a_front_ends_own_command_says_what_it_does() {
     assert!(first.contains("OpenSMTPD") && !first.contains("Options every"), "{out}");
     assert!(out.contains("--config <CONFIG>") && out.contains("--db <DB>"), "the shared options are there: {out}");
 }
+
+/// A configuration refused at start leaves nothing behind: two filters of
+/// the chain sharing a store namespace were refused only after the store
+/// file (and its directory) had been created.
+#[test]
+fn a_refused_chain_creates_no_store_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state").join("greyhook.db");
+    let cfg = dir.path().join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[filters]]\nnamespace = \"main\"\n[[filters]]\nnamespace = \"main\"\n",
+            d = dir.path().display(),
+            db = db.display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = greyhook(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("share the store namespace \"main\""), "{err}");
+    assert!(!db.parent().unwrap().exists(), "the refused configuration left {}", db.parent().unwrap().display());
+}

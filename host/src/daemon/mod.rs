@@ -434,6 +434,10 @@ impl Daemon {
     /// control socket.
     pub async fn start(config: &DaemonConfig, clock: Arc<dyn Clock>, reconfigure: Option<Reconfigure>) -> Result<Daemon, DaemonError> {
         let chain_sections = config.chain()?;
+        // What the configuration alone can refuse is refused before the
+        // store or the compiled-filter cache is opened (either may create
+        // files and directories).
+        filter_specs(config)?;
         let db_path = config.store.redb_path();
         let store: Arc<dyn Store> = Arc::new(crate::store::Metered::new(config.store.open()?));
         crate::session::audit::set_format(config.log.decisions);
