@@ -376,7 +376,16 @@ impl Loaded {
 /// limits) on `store`: what the daemon serves, and what `greyhook
 /// simulate` and `greyhook check` run.
 pub async fn load_chain(config: &DaemonConfig, store: Arc<dyn Store>, cache: Option<ArtifactCache>) -> Result<Loaded, DaemonError> {
-    let specs = filter_specs(config)?;
+    load_specs(config, filter_specs(config)?, store, cache).await
+}
+
+/// [`load_chain`] with the chain's `specs` already made from `config`.
+async fn load_specs(
+    config: &DaemonConfig,
+    specs: Vec<FilterSpec>,
+    store: Arc<dyn Store>,
+    cache: Option<ArtifactCache>,
+) -> Result<Loaded, DaemonError> {
     let resolver = crate::dns::Resolver::new(config.dns.clone());
     let max_memory = specs.iter().map(|s| s.options.limits.memory).max().unwrap_or(0).max(RuntimeConfig::default().max_memory);
     // wasmtime caps the stack per engine: one runtime per distinct cap
@@ -437,7 +446,7 @@ impl Daemon {
         // What the configuration alone can refuse is refused before the
         // store or the compiled-filter cache is opened (either may create
         // files and directories).
-        filter_specs(config)?;
+        let specs = filter_specs(config)?;
         let db_path = config.store.redb_path();
         let store: Arc<dyn Store> = Arc::new(crate::store::Metered::new(config.store.open()?));
         crate::session::audit::set_format(config.log.decisions);
@@ -464,7 +473,7 @@ impl Daemon {
             }
         };
         let compiled_filters = cache.as_ref().map(|c| c.dir().to_path_buf());
-        let Loaded { reloaders, stacks, files, resolver } = load_chain(config, store.clone(), cache).await?;
+        let Loaded { reloaders, stacks, files, resolver } = load_specs(config, specs, store.clone(), cache).await?;
         let mut watched: Vec<PathBuf> = reconfigure.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         watched.extend(files);
         let chain = Chain::new(reloaders.iter().map(Reloader::slot).collect());

@@ -370,6 +370,18 @@ fn dsn_not_passed_on() {
     }
 }
 
+/// A RCPT command's DSN parameters `params` as the next hop `hop` takes
+/// them: all of them if it offers DSN, else none (and the log says so once).
+fn rcpt_params_for<'a>(hop: &Relay, params: &'a str) -> &'a str {
+    if hop.has("DSN") {
+        return params;
+    }
+    if !params.is_empty() {
+        dsn_not_passed_on();
+    }
+    ""
+}
+
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
 
@@ -439,8 +451,11 @@ async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationTo
             let mut ip: IpAddr = tcp_peer.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip());
             let mut c = Connection::new(conn, &peer, shared.clone(), admission);
             if shared.config.proxy_protocol {
-                let Some(client) = c.proxied(tcp_peer).await else { return };
-                ip = client;
+                match c.proxied(tcp_peer).await {
+                    None => return,
+                    Some(proxy::Source::Client(a)) => ip = a.ip(),
+                    Some(proxy::Source::Proxy) => {}
+                }
             }
             let peer = c.peer.clone();
             if !shared.config.limit_exceptions.iter().any(|n| n.contains(ip)) {
@@ -628,11 +643,11 @@ impl Connection {
     }
 
     /// Reads the PROXY header (`proxy_protocol`) from a connection of
-    /// `tcp_peer` (none: a unix socket's): the client's address, with
-    /// [`Connection::peer`] set to it; none if the connection is to be
-    /// closed unanswered (the peer may not send one, or sent none valid in
-    /// time), which is logged and counted.
-    async fn proxied(&mut self, tcp_peer: Option<std::net::SocketAddr>) -> Option<IpAddr> {
+    /// `tcp_peer` (none: a unix socket's): whom it names, with
+    /// [`Connection::peer`] set to a client it names; none if the
+    /// connection is to be closed unanswered (the peer may not send one,
+    /// or sent none valid in time), which is logged and counted.
+    async fn proxied(&mut self, tcp_peer: Option<std::net::SocketAddr>) -> Option<proxy::Source> {
         let refused = |reason: &'static str| {
             let m = crate::telemetry::host();
             let label = crate::telemetry::ReasonLabels { front_end: <Smtp as FrontEnd>::NAME, reason };
@@ -662,14 +677,11 @@ impl Connection {
                 return None;
             }
         };
-        match source {
-            proxy::Source::Client(a) => {
-                tracing::debug!(client = %a, proxy = %self.peer, "PROXY header");
-                self.peer = a.to_string();
-                Some(a.ip())
-            }
-            proxy::Source::Proxy => Some(tcp_peer.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip())),
+        if let proxy::Source::Client(a) = source {
+            tracing::debug!(client = %a, proxy = %self.peer, "PROXY header");
+            self.peer = a.to_string();
         }
+        Some(source)
     }
 
     /// Sends a filter's reply; a `421` closes the connection (RFC 5321 3.8).
@@ -964,10 +976,10 @@ impl Connection {
             }
             // Only the parameters it announced (SMTPUTF8 is checked above).
             let dsn_here = hop.has("DSN");
-            let dsn_asked = !rcpt_params.is_empty() || forward.iter().any(|p| dsn::is_mail_param(p.split('=').next().unwrap_or("")));
-            if dsn_asked && !dsn_here {
+            if !dsn_here && forward.iter().any(|p| dsn::is_mail_param(p.split('=').next().unwrap_or(""))) {
                 dsn_not_passed_on();
             }
+            let rcpt_params = rcpt_params_for(hop, rcpt_params);
             forward.retain(|p| {
                 let k = p.split('=').next().unwrap_or("").to_ascii_uppercase();
                 (k == "SIZE" && hop.has("SIZE"))
@@ -975,7 +987,6 @@ impl Connection {
                     || k == "SMTPUTF8"
                     || (dsn_here && dsn::is_mail_param(&k))
             });
-            let rcpt_params = if dsn_here { rcpt_params } else { "" };
             match hop.open(xf, sender, &forward.join(" "), Some((rcpt, rcpt_params))).await {
                 Ok((mail, Some(first))) if mail.is_positive() => return Ok(first),
                 Ok((mail, _)) => return Err(mail.render()),
@@ -1059,12 +1070,9 @@ impl Connection {
         };
         let answer = match first {
             Some(r) => Ok(r),
-            None if hop.has("DSN") => hop.rcpt(&rcpt, &rcpt_params).await,
             None => {
-                if !rcpt_params.is_empty() {
-                    dsn_not_passed_on();
-                }
-                hop.rcpt(&rcpt, "").await
+                let params = rcpt_params_for(hop, &rcpt_params);
+                hop.rcpt(&rcpt, params).await
             }
         };
         match answer {
