@@ -3,7 +3,12 @@
 # messages straight to Postfix, and Postfix with greyhook as its milter;
 # Postfix with a milter that decides nothing (bench/nullmilter.c, on C
 # libmilter: the peer greyhook's milter is measured against, and the most
-# any milter path asking for as much can reach here).
+# any milter path asking for as much can reach here); and Postfix's own
+# before-queue proxy (a Postfix whose smtpd relays each client's dialogue to
+# the same next hop with `smtpd_proxy_filter`, the client's 250 the next
+# hop's: `greyhook smtp`'s work without a filter, by the peer it sits
+# beside), whose whole instance's CPU a message is the peer figure for
+# greyhook's.
 # Postfix's own smtp-source is the client. Prints messages/s, greyhook's
 # CPU per message (and its user part), the whole machine's CPU per message,
 # and greyhook's context switches per message (voluntary/involuntary), with
@@ -22,7 +27,7 @@
 #   MILTER=unix bench/smtp-vs-postfix.sh     # the milter on a unix socket (default: TCP)
 #   HOP=unix bench/smtp-vs-postfix.sh        # greyhook smtp relays to Postfix's smtpd on a
 #                                            # unix socket (master.cf `unix` service; default: TCP)
-#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the four paths (default 3), then medians
+#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the five paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   NULL_NR=1 bench/smtp-vs-postfix.sh       # the null milter asks for the no-reply steps too
 #   NULL_MIN=1 bench/smtp-vs-postfix.sh      # ... and for no connect, HELO, MAIL or header step:
@@ -85,6 +90,20 @@ ticks() { awk '{print $14 + $15, $14}' "/proc/$1/stat"; }
 # so far (a thread that waits for the peer switches voluntarily; one the
 # scheduler preempts on a busy machine, involuntarily).
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {v += $2} /^nonvoluntary_ctxt_switches/ {n += $2} END {print v + 0, n + 0}'; }
+# instance_ticks MASTER_PID: "user+system user" clock ticks of a Postfix
+# instance so far: its master, the children it has now (smtpd, anvil,
+# trivial-rewrite, postlogd), and the children it has reaped (an smtpd
+# exits after max_use sessions).
+instance_ticks() {
+  local p t=0 u=0 a b
+  read -r a b < <(awk '{print $14 + $15 + $16 + $17, $14 + $16}' "/proc/$1/stat")
+  t=$a u=$b
+  for p in $(pgrep -P "$1"); do
+    read -r a b < <(awk '{print $14 + $15, $14}' "/proc/$p/stat" 2>/dev/null || echo "0 0")
+    t=$((t + a)) u=$((u + b))
+  done
+  echo "$t $u"
+}
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
@@ -145,7 +164,12 @@ EOF
 # Messages Postfix has delivered (to `discard`) according to MAILLOG.
 delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 
-# send NAME PORT MAILLOG [GREYHOOK_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg".
+# cpu_of PID | pf:MASTER_PID, switches_of ...: a process's, or a Postfix
+# instance's (whose switches are not counted: "0 0").
+cpu_of() { case $1 in pf:*) instance_ticks "${1#pf:}" ;; *) ticks "$1" ;; esac; }
+switches_of() { case $1 in pf:*) echo "0 0" ;; *) switches "$1" ;; esac; }
+
+# send NAME PORT MAILLOG [GREYHOOK_PID | pf:MASTER_PID]: prints "NAME msgs_per_s greyhook_us_per_msg machine_us_per_msg".
 # Every message has its own recipient (smtp-source -N numbers them from 1,
 # so the round is in the address too), so every message is a new triplet: the filter's first-sight path (a record
 # written, then passed with delay=0), not the cached "already passed" one.
@@ -157,14 +181,14 @@ send() {
   /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name-r$round@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source warm-up"
   local t0 t1 m0 m1 g0=0 g1=0 u0=0 u1=0 v0=0 v1=0 i0=0 i1=0
-  [ -n "$pid" ] && read -r g0 u0 < <(ticks "$pid") && read -r v0 i0 < <(switches "$pid")
+  [ -n "$pid" ] && read -r g0 u0 < <(cpu_of "$pid") && read -r v0 i0 < <(switches_of "$pid")
   m0=$(machine)
   t0=$(date +%s.%N)
   /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name-r$round@bench.test" "127.0.0.1:$port" ||
     fail "$name: smtp-source"
   t1=$(date +%s.%N)
   m1=$(machine)
-  [ -n "$pid" ] && read -r g1 u1 < <(ticks "$pid") && read -r v1 i1 < <(switches "$pid")
+  [ -n "$pid" ] && read -r g1 u1 < <(cpu_of "$pid") && read -r v1 i1 < <(switches_of "$pid")
   local want=$((before + 200 + MSGS)) got
   for _ in $(seq 1 600); do
     got=$(delivered "$maillog")
@@ -174,7 +198,7 @@ send() {
   [ "$got" -ge "$want" ] || fail "$name: Postfix delivered $((got - before)) of $((200 + MSGS)) messages"
   awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v g=$((g1 - g0)) -v u=$((u1 - u0)) -v m=$((m1 - m0)) -v hz="$hz" -v name="$name" \
     -v vs=$((v1 - v0)) -v is=$((i1 - i0)) -v pid="$pid" \
-    'BEGIN { cs = pid == "" ? "-" : sprintf("%.1f/%.1f", vs / n, is / n)
+    'BEGIN { cs = pid == "" || pid ~ /^pf:/ ? "-" : sprintf("%.1f/%.1f", vs / n, is / n)
       printf "%s %.0f %.1f %.1f %.1f %s\n", name, n / t, g * 1e6 / hz / n, m * 1e6 / hz / n, u * 1e6 / hz / n, cs }'
 }
 
@@ -223,20 +247,30 @@ pf3_port=$(free_port)
 postfix_start "$work/pf3" "$pf3_port" "smtpd_milters = $NULL_ADDR
 milter_default_action = tempfail"
 
-# ROUNDS rounds of the four paths back to back: this shared machine's
+# The peer of `greyhook smtp`: Postfix's before-queue proxy, relaying to
+# the same next hop as greyhook does (its smtpd passes each command on as
+# the client sends it, XFORWARD first, and the client's 250 after the dot is
+# the next hop's).
+pf4_port=$(free_port)
+postfix_start "$work/pf4" "$pf4_port" "smtpd_proxy_filter = $HOP_ADDR"
+pf4_master=$(tr -d ' ' <"$work/pf4/queue/pid/master.pid")
+
+# ROUNDS rounds of the five paths back to back: this shared machine's
 # speed drifts over minutes, so each round's ratios compare paths measured
 # within seconds of each other, and the summary is the median round.
 rounds=()
 for round in $(seq 1 "$ROUNDS"); do
   straight=$(send straight "$pf_port" "$work/pf/maillog")
   via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "$smtp_pid")
+  proxy=$(send via-postfix-proxy "$pf4_port" "$work/pf/maillog" "pf:$pf4_master")
   milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "$milter_pid")
   null=$(send postfix-with-null-milter "$pf3_port" "$work/pf3/maillog" "$null_pid")
   echo
   echo "round $round of $ROUNDS"
-  echo "(for postfix-with-null-milter, the CPU and switch columns are the null milter's)"
+  echo "(for via-postfix-proxy, the CPU columns are the proxying Postfix's, all its processes;"
+  echo " for postfix-with-null-milter, the CPU and switch columns are the null milter's)"
   printf "%-24s %10s %18s %22s %20s %26s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg" "greyhook switches/msg v/i"
-  for r in "$straight" "$via" "$milter" "$null"; do
+  for r in "$straight" "$via" "$proxy" "$milter" "$null"; do
     read -r n rate g m u cs <<<"$r"
     printf "%-24s %10s %18s %22s %20s %26s\n" "$n" "$rate" "$g" "$u" "$m" "$cs"
   done
@@ -244,12 +278,15 @@ for round in $(seq 1 "$ROUNDS"); do
   read -r _ v_rate v_g v_m v_u _ <<<"$via"
   read -r _ m_rate m_g m_m m_u _ <<<"$milter"
   read -r _ n_rate n_g _ _ _ <<<"$null"
+  read -r _ p_rate p_g _ p_u _ <<<"$proxy"
   # One line a round: the ratios and greyhook's CPU a message.
   rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" -v d="$n_rate" -v ng="$n_g" \
-    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f %.3f %.3f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg, d / a, c / d, ng }')")
-  read -r tv tm cv cm ceil _ _ tn mn _ <<<"${rounds[-1]}"
+    -v e="$p_rate" -v pg="$p_g" -v pu="$p_u" -v vu="$v_u" \
+    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f %.3f %.3f %.1f %.3f %.1f %.3f %.1f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg, d / a, c / d, ng, e / a, pg, vg / pg, pu, vu }')")
+  read -r tv tm cv cm ceil _ _ tn mn _ tp _ gp _ _ <<<"${rounds[-1]}"
   printf "throughput via greyhook smtp / straight: %s; with milter / straight: %s\n" "$tv" "$tm"
   printf "throughput with the null milter / straight: %s; with greyhook's milter / with the null milter: %s\n" "$tn" "$mn"
+  printf "throughput via Postfix's proxy / straight: %s; CPU a message, greyhook smtp / Postfix's proxy: %s\n" "$tp" "$gp"
   printf "machine CPU per message, via greyhook smtp / straight: %s; with milter / straight: %s\n" "$cv" "$cm"
   # What the milter path would reach if greyhook cost nothing, on a
   # CPU-bound machine: the rest is Postfix's own milter work.
@@ -277,4 +314,7 @@ printf "machine CPU per message, with milter / straight:       %.2f\n" "$(median
 printf "milter ceiling, greyhook at 0 CPU:       %.2f\n" "$(median 5)"
 printf "throughput with the null milter / straight: %.2f\n" "$(median 8)"
 printf "throughput with greyhook's milter / with the null milter: %.2f\n" "$(median 9)"
-printf "greyhook CPU µs a message: smtp %.1f, milter %.1f; the null milter's: %.1f\n" "$(median 6)" "$(median 7)" "$(median 10)"
+printf "throughput via Postfix's before-queue proxy / straight: %.2f\n" "$(median 11)"
+printf "greyhook CPU µs a message: smtp %.1f (user %.1f), milter %.1f; the null milter's: %.1f\n" "$(median 6)" "$(median 15)" "$(median 7)" "$(median 10)"
+printf "Postfix's before-queue proxy, the whole instance's CPU µs a message: %.1f (user %.1f)\n" "$(median 12)" "$(median 14)"
+printf "CPU a message, greyhook smtp / Postfix's before-queue proxy: %.2f\n" "$(median 13)"
