@@ -357,3 +357,59 @@ fn a_refused_chain_creates_no_store_file() {
     assert!(!ok && err.contains("share the store namespace \"main\""), "{err}");
     assert!(!db.parent().unwrap().exists(), "the refused configuration left {}", db.parent().unwrap().display());
 }
+
+/// A start refused after the store is opened (filters that share a
+/// namespace by their names alone, which only loading them tells; a
+/// listener's address in use) removes the store file and the directories
+/// that start created, as a start refused before does; a store that was
+/// there before the start is kept, records and all.
+#[test]
+fn a_start_refused_after_the_store_opens_leaves_only_what_was_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let db = state.join("sub").join("greyhook.db");
+    let config = |extra: &str, port: u16| {
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n{extra}",
+            d = dir.path().display(),
+            db = db.display()
+        )
+    };
+    let cfg = dir.path().join("greyhook.toml");
+    let serve = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        greyhook(&["serve", "--config", cfg.to_str().unwrap(), "--dns", null_dns()])
+    };
+
+    // Two reference filters with no `namespace`: both are named "greylist".
+    let (ok, _, err) = serve(&config("[[filters]]\n[[filters]]\n", 0));
+    assert!(!ok && err.contains("share the store namespace \"greylist\""), "{err}");
+    assert!(!state.exists(), "the refused start left {}", state.display());
+
+    // The policy listener's address is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let (ok, _, err) = serve(&config("", busy));
+    assert!(!ok && err.contains(&busy.to_string()), "{err}");
+    assert!(!state.exists(), "the refused start left {}", state.display());
+
+    // A store from an earlier run, with a record in it, is kept.
+    let port = free_port();
+    std::fs::write(&cfg, config("", port)).unwrap();
+    let mut daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], dir.path().join("log"));
+    wait_for_port(port, 30);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let answer = policy_rcpt(&mut s, "192.0.2.7", "kept@sender.example", "rcpt@example.org", "a1");
+    assert!(answer.contains("451"), "{answer}");
+    drop(s);
+    assert!(daemon.terminate(10), "{}", std::fs::read_to_string(&daemon.log).unwrap_or_default());
+    let (ok, _, err) = serve(&config("", busy));
+    assert!(!ok && err.contains(&busy.to_string()), "{err}");
+    let (ok, out, err) = greyhook(&["db", "list", "--db", db.to_str().unwrap()]);
+    assert!(ok && out.contains("kept@sender.example"), "{out}{err}");
+    let (ok, _, err) = serve(&config("[[filters]]\n[[filters]]\n", 0));
+    assert!(!ok && err.contains("share the store namespace"), "{err}");
+    let (ok, out, err) = greyhook(&["db", "list", "--db", db.to_str().unwrap()]);
+    assert!(ok && out.contains("kept@sender.example"), "{out}{err}");
+    drop(taken);
+}

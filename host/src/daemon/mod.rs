@@ -10,6 +10,7 @@
 mod config;
 mod control;
 mod files;
+mod fresh;
 mod overrides;
 mod page;
 mod status;
@@ -448,6 +449,9 @@ impl Daemon {
         // files and directories).
         let specs = filter_specs(config)?;
         let db_path = config.store.redb_path();
+        // Removed again (when dropped) if the start fails from here on; kept
+        // at the end. Declared before the store, so dropped after it.
+        let fresh = db_path.as_deref().map(fresh::Fresh::before);
         let store: Arc<dyn Store> = Arc::new(crate::store::Metered::new(config.store.open()?));
         crate::session::audit::set_format(config.log.decisions);
         tracing::info!("store: {}", config.store.describe());
@@ -585,6 +589,9 @@ impl Daemon {
                 Err(e) => tracing::error!("flushing the store at shutdown failed: {e}"),
             }
         });
+        if let Some(f) = fresh {
+            f.keep();
+        }
         Ok(Daemon { endpoints, control_path, shared, shutdown, done })
     }
 
