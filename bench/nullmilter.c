@@ -11,11 +11,16 @@
  * send no connect, HELO, MAIL or header step at all (`SMFIP_NOCONNECT`,
  * `NOHELO`, `NOMAIL`, `NOHDRS`): only RCPT and end of message, the least
  * a milter that sees recipients can ask for, so its figure is the ceiling
- * of every milter path on the machine. Not part of greyhook: a bench tool
- * only.
+ * of every milter path on the machine. With `skip` it asks for the
+ * no-reply steps and for no connect or MAIL step (`SMFIP_NOCONNECT`,
+ * `NOMAIL`): what greyhook's milter could ask for when its chain skips
+ * those hooks (the client and sender would then come from macros; the
+ * HELO name has no Postfix macro, and the headers carry the Message-ID).
+ * `bench/milter-steps.sh` sets two modes against each other. Not part of
+ * greyhook: a bench tool only.
  *
  *   cc -O2 -o nullmilter bench/nullmilter.c -lmilter -pthread
- *   ./nullmilter inet:PORT@127.0.0.1 [nr|min]
+ *   ./nullmilter inet:PORT@127.0.0.1 [nr|min|skip]
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,9 +31,10 @@
 #define NO_REPLIES (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL)
 #define NO_EARLY_STEPS (SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NOMAIL | SMFIP_NOHDRS)
 
-/* Whether to ask for the no-reply steps too (the `nr` argument), and
- * whether to ask for no step before RCPT and no headers (`min`). */
-static int no_replies, minimal;
+/* Whether to ask for the no-reply steps too (the `nr` argument), whether
+ * to ask for no step before RCPT and no headers (`min`), and whether for
+ * no connect or MAIL step (`skip`). */
+static int no_replies, minimal, skip;
 
 /* The answer to a step that may be negotiated as no-reply. */
 static sfsistat quiet(void) { return no_replies ? SMFIS_NOREPLY : SMFIS_CONTINUE; }
@@ -38,7 +44,8 @@ static sfsistat nm_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, u
     (void)f2;
     (void)f3;
     *pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_SETSYMLIST);
-    *pf1 = f1 & (NO_STEPS | (no_replies ? NO_REPLIES : 0) | (minimal ? NO_EARLY_STEPS : 0));
+    *pf1 = f1 & (NO_STEPS | (no_replies ? NO_REPLIES : 0) | (minimal ? NO_EARLY_STEPS : 0) |
+                 (skip ? (SMFIP_NOCONNECT | SMFIP_NOMAIL) : 0));
     *pf2 = 0;
     *pf3 = 0;
     if (f0 & SMFIF_SETSYMLIST) {
@@ -77,11 +84,13 @@ static sfsistat nm_eom(SMFICTX *ctx) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || argc > 3 || (argc == 3 && strcmp(argv[2], "nr") != 0 && strcmp(argv[2], "min") != 0)) {
-        fprintf(stderr, "usage: %s inet:PORT@127.0.0.1|unix:PATH [nr|min]\n", argv[0]);
+    if (argc < 2 || argc > 3 ||
+        (argc == 3 && strcmp(argv[2], "nr") != 0 && strcmp(argv[2], "min") != 0 && strcmp(argv[2], "skip") != 0)) {
+        fprintf(stderr, "usage: %s inet:PORT@127.0.0.1|unix:PATH [nr|min|skip]\n", argv[0]);
         return 2;
     }
     minimal = argc == 3 && strcmp(argv[2], "min") == 0;
+    skip = argc == 3 && strcmp(argv[2], "skip") == 0;
     no_replies = argc == 3;
     struct smfiDesc desc;
     memset(&desc, 0, sizeof desc);

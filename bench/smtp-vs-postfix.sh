@@ -107,62 +107,8 @@ instance_ticks() {
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
-# postfix_start DIR PORT EXTRA_MAIN_CF
-postfix_start() {
-  local d=$1 port=$2 extra=$3
-  mkdir -p "$d/etc" "$d/queue" "$d/data"
-  chown postfix "$d/data"
-  cat >"$d/etc/main.cf" <<EOF
-compatibility_level = 3.6
-queue_directory = $d/queue
-data_directory = $d/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = mx.bench.test
-mydestination = bench.test
-mynetworks = 127.0.0.0/8
-local_recipient_maps =
-alias_maps =
-alias_database =
-local_transport = discard
-default_transport = discard
-smtputf8_enable = no
-maillog_file = $d/maillog
-maillog_file_prefixes = $d
-smtpd_authorized_xforward_hosts = 127.0.0.0/8
-default_process_limit = 100
-$extra
-EOF
-  cat >"$d/etc/master.cf" <<EOF
-127.0.0.1:$port inet n - n - - smtpd
-greyhook-in unix n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-EOF
-  postfix -c "$d/etc" start >/dev/null 2>&1
-  postfixes+=("$d")
-  wait_port "$port"
-}
+source bench/postfix.sh
 
-# Messages Postfix has delivered (to `discard`) according to MAILLOG.
-delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 
 # cpu_of PID | pf:MASTER_PID, switches_of ...: a process's, or a Postfix
 # instance's (whose switches are not counted: "0 0").
