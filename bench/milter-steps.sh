@@ -67,23 +67,15 @@ milter() {
 # run MODE ROUND: prints "msgs_per_s machine_us_per_msg" (the null milter
 # must be running in MODE).
 run() {
-  local mode=$1 round=$2 before want got t0 t1 m0 m1
+  local mode=$1 round=$2 before t0 t1 m0 m1
   before=$(delivered "$work/pf/maillog")
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$mode-r$round@bench.test" "127.0.0.1:$port" ||
-    fail "$mode: smtp-source warm-up"
+  smtp_load "warm-$mode-r$round" "$port" 200
   m0=$(machine)
   t0=$(date +%s.%N)
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$mode-r$round@bench.test" "127.0.0.1:$port" ||
-    fail "$mode: smtp-source"
+  smtp_load "$mode-r$round" "$port" "$MSGS"
   t1=$(date +%s.%N)
   m1=$(machine)
-  want=$((before + 200 + MSGS))
-  for _ in $(seq 1 600); do
-    got=$(delivered "$work/pf/maillog")
-    [ "$got" -ge "$want" ] && break
-    sleep 0.1
-  done
-  [ "$got" -ge "$want" ] || fail "$mode: Postfix delivered $((got - before)) of $((200 + MSGS)) messages"
+  wait_delivered "$work/pf/maillog" $((before + 200 + MSGS)) "$mode"
   awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v m=$((m1 - m0)) -v hz="$hz" 'BEGIN { printf "%.0f %.1f\n", n / t, m * 1e6 / hz / n }'
 }
 

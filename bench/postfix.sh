@@ -1,8 +1,9 @@
 # Sourced by the bench scripts, after `postfixes` (an array the caller
-# stops every instance of at exit) and `wait_port PORT` are set: a private
-# Postfix instance for the benches, delivering to `discard` so that the
-# MTA's own cost stays small, logging to DIR/maillog (where the scripts
-# count deliveries).
+# stops every instance of at exit), `SESSIONS`, `wait_port PORT` and
+# `fail MESSAGE` are set: a private Postfix instance for the benches,
+# delivering to `discard` so that the MTA's own cost stays small, logging
+# to DIR/maillog (where the scripts count deliveries), and the load
+# `smtp-source` sends it.
 #
 # postfix_start DIR PORT EXTRA_MAIN_CF: starts the instance in DIR with its
 # smtpd on 127.0.0.1:PORT (and on DIR/queue/public/greyhook-in, a unix
@@ -62,3 +63,24 @@ EOF
 
 # Messages Postfix has delivered (to `discard`) according to MAILLOG.
 delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
+
+# smtp_load TAG PORT N: N messages from Postfix's smtp-source, SESSIONS at
+# once, one a session, each to its own recipient (`smtp-source -N` numbers
+# them: 1TAG@bench.test, 2TAG@bench.test...), so that each is a new triplet
+# when TAG is new.
+smtp_load() {
+  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$3" -f bench@sender.test -t "$1@bench.test" "127.0.0.1:$2" ||
+    fail "$1: smtp-source"
+}
+
+# wait_delivered MAILLOG WANT NAME: waits (up to 60 s) until MAILLOG counts
+# WANT deliveries, else fails: no figures from a run that lost a message.
+wait_delivered() {
+  local got
+  for _ in $(seq 1 600); do
+    got=$(delivered "$1")
+    [ "$got" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  fail "$3: Postfix delivered $got of the $2 messages its log should count"
+}

@@ -124,24 +124,16 @@ send() {
   local name=$1 port=$2 maillog=$3 pid=${4:-}
   local before
   before=$(delivered "$maillog")
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m 200 -f bench@sender.test -t "warm-$name-r$round@bench.test" "127.0.0.1:$port" ||
-    fail "$name: smtp-source warm-up"
+  smtp_load "warm-$name-r$round" "$port" 200
   local t0 t1 m0 m1 g0=0 g1=0 u0=0 u1=0 v0=0 v1=0 i0=0 i1=0
   [ -n "$pid" ] && read -r g0 u0 < <(cpu_of "$pid") && read -r v0 i0 < <(switches_of "$pid")
   m0=$(machine)
   t0=$(date +%s.%N)
-  /usr/sbin/smtp-source -N -s "$SESSIONS" -m "$MSGS" -f bench@sender.test -t "$name-r$round@bench.test" "127.0.0.1:$port" ||
-    fail "$name: smtp-source"
+  smtp_load "$name-r$round" "$port" "$MSGS"
   t1=$(date +%s.%N)
   m1=$(machine)
   [ -n "$pid" ] && read -r g1 u1 < <(cpu_of "$pid") && read -r v1 i1 < <(switches_of "$pid")
-  local want=$((before + 200 + MSGS)) got
-  for _ in $(seq 1 600); do
-    got=$(delivered "$maillog")
-    [ "$got" -ge "$want" ] && break
-    sleep 0.1
-  done
-  [ "$got" -ge "$want" ] || fail "$name: Postfix delivered $((got - before)) of $((200 + MSGS)) messages"
+  wait_delivered "$maillog" $((before + 200 + MSGS)) "$name"
   awk -v n="$MSGS" -v t="$(echo "$t1 - $t0" | bc)" -v g=$((g1 - g0)) -v u=$((u1 - u0)) -v m=$((m1 - m0)) -v hz="$hz" -v name="$name" \
     -v vs=$((v1 - v0)) -v is=$((i1 - i0)) -v pid="$pid" \
     'BEGIN { cs = pid == "" || pid ~ /^pf:/ ? "-" : sprintf("%.1f/%.1f", vs / n, is / n)
