@@ -41,12 +41,11 @@ cleanup() {
 }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; fail "nothing on port $1"; }
-machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 source bench/postfix.sh
 
 sock=$work/null-milter.sock
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 postfix_start "$work/pf" "$port" "smtpd_milters = unix:$sock
 milter_default_action = tempfail"
 

@@ -61,6 +61,13 @@ EOF
   wait_port "$port"
 }
 
+# free_port: a TCP port on 127.0.0.1 nothing listens on now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# machine: the whole machine's CPU clock ticks so far (user, nice, system,
+# irq, softirq), from /proc/stat.
+machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
 # Messages Postfix has delivered (to `discard`) according to MAILLOG.
 delivered() { local n; n=$(grep -c "status=sent" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 

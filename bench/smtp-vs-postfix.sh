@@ -71,7 +71,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # Polls (every 50 ms) before a server counts as not started: 10 s, or 5
 # minutes under GH_WRAP's profiler, where greyhook takes minutes to start.
 start_polls=200; [ -z "${GH_WRAP:-}${GH_MILTER_WRAP:-}" ] || start_polls=6000
@@ -104,11 +103,9 @@ instance_ticks() {
   done
   echo "$t $u"
 }
-machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
 source bench/postfix.sh
-
 
 # cpu_of PID | pf:MASTER_PID, switches_of ...: a process's, or a Postfix
 # instance's (whose switches are not counted: "0 0").

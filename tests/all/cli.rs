@@ -335,6 +335,16 @@ fn a_front_ends_own_command_says_what_it_does() {
     assert!(out.contains("--config <CONFIG>") && out.contains("--db <DB>"), "the shared options are there: {out}");
 }
 
+/// A configuration for `greyhook serve` in `dir`: its control socket
+/// there, the store at `db`, the policy service on `port`, then `extra`.
+fn serve_config(dir: &std::path::Path, db: &std::path::Path, port: u16, extra: &str) -> String {
+    format!(
+        "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n{extra}",
+        d = dir.display(),
+        db = db.display()
+    )
+}
+
 /// A configuration refused at start leaves nothing behind: two filters of
 /// the chain sharing a store namespace were refused only after the store
 /// file (and its directory) had been created.
@@ -343,16 +353,8 @@ fn a_refused_chain_creates_no_store_file() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state").join("greyhook.db");
     let cfg = dir.path().join("greyhook.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:0\"]\n\
-             [[filters]]\nnamespace = \"main\"\n[[filters]]\nnamespace = \"main\"\n",
-            d = dir.path().display(),
-            db = db.display()
-        ),
-    )
-    .unwrap();
+    let chain = "[[filters]]\nnamespace = \"main\"\n[[filters]]\nnamespace = \"main\"\n";
+    std::fs::write(&cfg, serve_config(dir.path(), &db, 0, chain)).unwrap();
     let (ok, _, err) = greyhook(&["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("share the store namespace \"main\""), "{err}");
     assert!(!db.parent().unwrap().exists(), "the refused configuration left {}", db.parent().unwrap().display());
@@ -368,13 +370,7 @@ fn a_start_refused_after_the_store_opens_leaves_only_what_was_there() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let db = state.join("sub").join("greyhook.db");
-    let config = |extra: &str, port: u16| {
-        format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n{extra}",
-            d = dir.path().display(),
-            db = db.display()
-        )
-    };
+    let config = |extra: &str, port: u16| serve_config(dir.path(), &db, port, extra);
     let cfg = dir.path().join("greyhook.toml");
     let serve = |text: &str| {
         std::fs::write(&cfg, text).unwrap();
