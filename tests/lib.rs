@@ -475,8 +475,8 @@ impl Drop for Process {
     }
 }
 
-/// The messages a [`Sink`] accepted.
-pub type Messages = Arc<std::sync::Mutex<Vec<String>>>;
+/// The messages a [`Sink`] accepted, byte for byte.
+pub type Messages = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
 /// A next hop for the SMTP front end's tests: a minimal SMTP server on
 /// loopback that keeps every message it accepts, and answers DATA with
@@ -553,6 +553,12 @@ impl Sink {
 
     /// The messages accepted so far.
     pub fn received(&self) -> Vec<String> {
+        self.received_bytes().iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect()
+    }
+
+    /// The messages accepted so far, byte for byte (8-bit data that is
+    /// not UTF-8 included).
+    pub fn received_bytes(&self) -> Vec<Vec<u8>> {
         self.messages.lock().expect("lock").clone()
     }
 }
@@ -562,46 +568,47 @@ impl Sink {
 fn sink_session(
     r: impl std::io::Read,
     mut w: impl std::io::Write,
-    m: &std::sync::Mutex<Vec<String>>,
+    m: &std::sync::Mutex<Vec<Vec<u8>>>,
     replies: &[&str],
     quit_delay: Duration,
 ) {
     use std::io::BufRead;
     let mut r = std::io::BufReader::new(r);
     let _ = w.write_all(b"220 sink ESMTP\r\n");
-    let mut line = String::new();
+    // Lines as bytes: message data need not be UTF-8.
+    let mut line = Vec::new();
     let (mut lmtp, mut rcpts) = (false, 0usize);
     loop {
         line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
+        if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
             return;
         }
-        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-        let reply = match verb.as_str() {
-            "EHLO" | "LHLO" => {
-                lmtp = verb == "LHLO";
+        let verb = line.get(..4).unwrap_or(b"").to_ascii_uppercase();
+        let reply = match &verb[..] {
+            b"EHLO" | b"LHLO" => {
+                lmtp = verb == b"LHLO";
                 "250-sink\r\n250 8BITMIME\r\n".to_string()
             }
-            "MAIL" => {
+            b"MAIL" => {
                 rcpts = 0;
                 "250 2.1.0 Ok\r\n".to_string()
             }
-            "RCPT" => {
+            b"RCPT" => {
                 rcpts += 1;
                 "250 2.1.5 Ok\r\n".to_string()
             }
-            "DATA" => {
+            b"DATA" => {
                 let _ = w.write_all(b"354 go\r\n");
-                let mut msg = String::new();
+                let mut msg = Vec::new();
                 loop {
                     line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    if r.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
                         return;
                     }
-                    if line == ".\r\n" {
+                    if line == b".\r\n" {
                         break;
                     }
-                    msg.push_str(line.strip_prefix('.').unwrap_or(&line));
+                    msg.extend_from_slice(line.strip_prefix(b".").unwrap_or(&line));
                 }
                 if replies[0].starts_with('2') {
                     m.lock().expect("lock").push(msg);
@@ -609,7 +616,7 @@ fn sink_session(
                 let n = if lmtp { rcpts } else { 1 };
                 (0..n).map(|i| format!("{}\r\n", replies[i % replies.len()])).collect()
             }
-            "QUIT" => {
+            b"QUIT" => {
                 std::thread::sleep(quit_delay);
                 let _ = w.write_all(b"221 bye\r\n");
                 return;

@@ -142,6 +142,42 @@ fn quoted_local_parts_are_greylisted_and_relayed() {
     assert!(c.send(&long).starts_with("501 5.1.7"));
 }
 
+/// A command that is not UTF-8 is refused as Postfix's smtpd refuses it
+/// (`500 5.5.2`), never read with replacement characters. Found with a
+/// raw socket: a Latin-1 recipient `été@` was taken as `\u{FFFD}t\u{FFFD}@`
+/// and relayed so, to another mailbox than the client named; senders that
+/// differ only in such bytes made one triplet; a HELO name went to the
+/// filters and the next hop's XFORWARD rewritten alike.
+#[test]
+fn commands_that_are_not_utf8_are_refused_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start();
+    let (_d, port) = smtp_daemon(dir.path(), sink.port, "", WHITE);
+    let mut c = Raw::connect(port);
+    c.reply();
+    let mut send = |line: &[u8]| {
+        c.w.write_all(line).unwrap();
+        c.w.write_all(b"\r\n").unwrap();
+        c.reply()
+    };
+    for bad in [&b"EHLO h\xe9lo.example.org"[..], b"MAIL FROM:<\xe9t\xe9@evil.example>", b"MAIL FROM:<a@\xff.example>"] {
+        assert_eq!(send(bad), "500 5.5.2 Error: bad UTF-8 syntax\r\n", "{}", String::from_utf8_lossy(bad));
+    }
+    assert!(send(b"EHLO client.example.org").starts_with("250"));
+    assert_eq!(send(b"MAIL FROM:<a@evil.example>"), "250 2.1.0 Ok\r\n");
+    assert_eq!(send(b"RCPT TO:<\xe9t\xe9@d.example>"), "500 5.5.2 Error: bad UTF-8 syntax\r\n");
+    // UTF-8 itself is taken, and relayed as written.
+    assert!(send("RCPT TO:<été@d.example>".as_bytes()).starts_with("250 2.1.5"));
+    assert!(send(b"DATA").starts_with("354"));
+    // Message data is not a command: 8-bit data that is not UTF-8 is
+    // relayed byte for byte.
+    assert!(send(b"Subject: caf\xe9\r\n\r\nna\xefve\r\n.").starts_with("250"));
+    let got = sink.received();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].contains("for <été@d.example>") && !got[0].contains("\u{FFFD}t"), "{}", got[0]);
+    assert!(sink.received_bytes()[0].ends_with(b"\r\nSubject: caf\xe9\r\n\r\nna\xefve\r\n"), "{}", got[0]);
+}
+
 /// The policy service greylists what the filter cannot normalise (it used
 /// to answer DUNNO): spaces, quotes, over 320 bytes, TAB, DEL, invalid UTF-8.
 #[test]

@@ -732,8 +732,15 @@ impl Connection {
                 self.error("500 5.5.2 Bare <CR> in command\r\n").await?;
                 continue;
             }
-            let text = String::from_utf8_lossy(content);
-            let (verb, arg) = text.split_once(' ').unwrap_or((&text, ""));
+            // A command is UTF-8 or it is refused, as Postfix's smtpd refuses
+            // it: read with replacement characters, an address would be
+            // relayed as another one (a Latin-1 `été@` as `�t�@`), and
+            // different senders would make one triplet.
+            let Ok(text) = std::str::from_utf8(content) else {
+                self.error("500 5.5.2 Error: bad UTF-8 syntax\r\n").await?;
+                continue;
+            };
+            let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
             let arg = arg.trim();
             match verb.to_ascii_uppercase().as_str() {
                 "EHLO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
