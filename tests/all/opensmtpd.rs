@@ -225,6 +225,25 @@ fn opensmtpd_greylists_through_greyhook_and_delivers_the_retry() {
         "X-Greylist after the Message-ID, in the header section: {}",
         &m[m.len().saturating_sub(600)..]
     );
+
+    // 8. 8-bit data that is not UTF-8 (Latin-1, as old mailers and many
+    //    bounces send it) reaches the next hop byte for byte, in the
+    //    header section the filter reads and in the body it echoes. Every
+    //    such byte used to come out as U+FFFD's three.
+    let latin1: &[u8] =
+        b"Message-ID: <latin1@sender.example>\r\nSubject: caf\xe9\r\n\r\nna\xefve \xe9t\xe9, and UTF-8 \xc3\xa9t\xc3\xa9\r\n";
+    let file = d.join("latin1.eml");
+    std::fs::write(&file, latin1).unwrap();
+    let t = swaks(port, &["--from", "alice@sender.example", "--to", "bob@example.com", "--data", &format!("@{}", file.display())]);
+    assert!(reply_to(&t, ".").starts_with("<-  250"), "{t}");
+    wait_messages(&sink, 5);
+    let m = sink.received_bytes().into_iter().find(|m| m.windows(6).any(|w| w == b"latin1")).expect("the Latin-1 message");
+    let has = |needle: &[u8]| m.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        has(b"\r\nSubject: caf\xe9\r\n") && has(b"\r\nna\xefve \xe9t\xe9, and UTF-8 \xc3\xa9t\xc3\xa9\r\n"),
+        "{}",
+        String::from_utf8_lossy(&m)
+    );
 }
 
 fn wait_messages(sink: &Sink, n: usize) -> Vec<String> {

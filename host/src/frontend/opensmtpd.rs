@@ -147,6 +147,10 @@ enum Event {
     TxReset,
     /// A filter request: its phase, token and parameters.
     Filter { phase: String, token: String, params: String },
+    /// A `data-line` request: its token and the line of message data,
+    /// byte for byte (8-bit data need not be UTF-8, and goes back as it
+    /// came).
+    DataLine { token: String, line: Vec<u8> },
 }
 
 /// Serves smtpd's filter protocol on `input`/`output` until the input
@@ -164,7 +168,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut input = BufReader::new(input);
-    let (out_tx, out_rx) = mpsc::channel::<String>(1024);
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let writer = tokio::spawn(write_lines(output, out_rx));
     let mut line = Vec::new();
     // The handshake: configuration lines until `config|ready`.
@@ -172,11 +176,11 @@ where
         let Some(l) = read_line(&mut input, &mut line, config.max_line, &shutdown).await? else {
             return Ok(());
         };
-        if l == "config|ready" {
+        if l == b"config|ready" {
             break;
         }
-        if let Some(v) = l.strip_prefix("config|smtpd-version|") {
-            tracing::info!("opensmtpd: smtpd {v}");
+        if let Some(v) = l.strip_prefix(b"config|smtpd-version|") {
+            tracing::info!("opensmtpd: smtpd {}", String::from_utf8_lossy(v));
         }
     }
     let mut hello = String::new();
@@ -187,7 +191,7 @@ where
         hello.push_str(&format!("register|report|smtp-in|{event}\n"));
     }
     hello.push_str("register|ready");
-    let _ = out_tx.send(hello).await;
+    let _ = out_tx.send(hello.into_bytes()).await;
 
     let mut sessions: HashMap<String, mpsc::Sender<Event>> = HashMap::new();
     loop {
@@ -195,14 +199,18 @@ where
             break;
         };
         // stream|version|timestamp|subsystem|phase|session|token-or-params…
-        let mut f = l.splitn(7, '|');
-        let (Some(stream), Some(version), Some(_ts), Some(subsystem), Some(phase), Some(session)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            tracing::warn!("opensmtpd: a line that is neither a report nor a filter request: {l:?}");
+        // The fields before the parameters are smtpd's own (ASCII); the
+        // parameters are read as bytes, since a data line's need not be
+        // UTF-8 and must go back as they came.
+        let mut f = l.splitn(7, |b| *b == b'|');
+        let head: [Option<&str>; 6] = std::array::from_fn(|_| f.next().and_then(|x| std::str::from_utf8(x).ok()));
+        let [Some(stream), Some(version), Some(_ts), Some(subsystem), Some(phase), Some(session)] = head else {
+            tracing::warn!("opensmtpd: a line that is neither a report nor a filter request: {:?}", String::from_utf8_lossy(&l));
             continue;
         };
-        let rest = f.next().unwrap_or("");
+        let rest_bytes = f.next().unwrap_or(b"");
+        let rest = String::from_utf8_lossy(rest_bytes);
+        let rest = rest.as_ref();
         if !version_ok(version) {
             return Err(ProtocolError::Version(version.to_string()));
         }
@@ -232,6 +240,13 @@ where
             },
             ("report", "tx-reset") => Event::TxReset,
             ("report", _) => continue,
+            ("filter", "data-line") => {
+                let (token, line) = match rest_bytes.iter().position(|b| *b == b'|') {
+                    Some(i) => (&rest_bytes[..i], &rest_bytes[i + 1..]),
+                    None => (rest_bytes, &b""[..]),
+                };
+                Event::DataLine { token: String::from_utf8_lossy(token).into_owned(), line: line.to_vec() }
+            }
             ("filter", _) => {
                 let (token, params) = rest.split_once('|').unwrap_or((rest, ""));
                 Event::Filter { phase: phase.to_string(), token: token.to_string(), params: params.to_string() }
@@ -247,8 +262,8 @@ where
             // smtpd reports every disconnect, which frees a session.
             if sessions.len() >= config.max_sessions {
                 tracing::warn!(session, limit = config.max_sessions, "opensmtpd: too many sessions: refusing this one");
-                if let Event::Filter { phase, token, params } = event {
-                    let _ = out_tx.send(overloaded(session, &phase, &token, &params)).await;
+                if let Some(answer) = overloaded(session, &event) {
+                    let _ = out_tx.send(answer).await;
                 }
                 continue;
             }
@@ -267,19 +282,25 @@ where
     Ok(())
 }
 
-/// The answer for a session refused because too many are tracked: smtpd
-/// waits for one to every request.
-fn overloaded(session: &str, phase: &str, token: &str, params: &str) -> String {
-    match phase {
-        "data-line" => dataline_answer(session, token, params),
-        "connect" => format!("filter-result|{session}|{token}|disconnect|421 4.3.2 Too many sessions, try again later"),
-        _ => format!("filter-result|{session}|{token}|reject|451 4.3.2 Too many sessions, try again later"),
-    }
+/// The answer for a request of a session refused because too many are
+/// tracked (smtpd waits for one to every request); `None` for a report.
+fn overloaded(session: &str, event: &Event) -> Option<Vec<u8>> {
+    let answer = match event {
+        Event::DataLine { token, line } => return Some(dataline_answer(session, token, line)),
+        Event::Filter { phase, token, .. } if phase == "connect" => {
+            format!("filter-result|{session}|{token}|disconnect|421 4.3.2 Too many sessions, try again later")
+        }
+        Event::Filter { token, .. } => format!("filter-result|{session}|{token}|reject|451 4.3.2 Too many sessions, try again later"),
+        _ => return None,
+    };
+    Some(answer.into_bytes())
 }
 
-/// A line of message data given back to smtpd.
-fn dataline_answer(session: &str, token: &str, line: &str) -> String {
-    format!("filter-dataline|{session}|{token}|{line}")
+/// A line of message data given back to smtpd, byte for byte.
+fn dataline_answer(session: &str, token: &str, line: &[u8]) -> Vec<u8> {
+    let mut out = format!("filter-dataline|{session}|{token}|").into_bytes();
+    out.extend_from_slice(line);
+    out
 }
 
 /// `0.5`, `0.6`, `0.7`…: the versions with the session before the token.
@@ -332,14 +353,14 @@ fn parse_address(s: &str) -> Option<IpAddr> {
     ip
 }
 
-/// Reads one line (without its newline) of at most `max` bytes; `None` at
-/// the end of the input or at shutdown.
+/// Reads one line (without its newline) of at most `max` bytes, as bytes;
+/// `None` at the end of the input or at shutdown.
 async fn read_line<R: AsyncRead + Unpin>(
     r: &mut BufReader<R>,
     buf: &mut Vec<u8>,
     max: usize,
     shutdown: &CancellationToken,
-) -> Result<Option<String>, ProtocolError> {
+) -> Result<Option<Vec<u8>>, ProtocolError> {
     buf.clear();
     let read = async {
         loop {
@@ -371,19 +392,19 @@ async fn read_line<R: AsyncRead + Unpin>(
     while matches!(buf.last(), Some(b'\n' | b'\r')) {
         buf.pop();
     }
-    Ok(Some(String::from_utf8_lossy(buf).into_owned()))
+    Ok(Some(buf.clone()))
 }
 
 /// Writes the answers, as they come, to smtpd.
-async fn write_lines<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<String>) {
+async fn write_lines<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut out = Vec::with_capacity(4096);
     while let Some(first) = rx.recv().await {
         out.clear();
-        out.extend_from_slice(first.as_bytes());
+        out.extend_from_slice(&first);
         out.push(b'\n');
         // Whatever else is ready goes in the same write.
         while let Ok(more) = rx.try_recv() {
-            out.extend_from_slice(more.as_bytes());
+            out.extend_from_slice(&more);
             out.push(b'\n');
         }
         if let Err(e) = async {
@@ -407,7 +428,7 @@ enum Data {
     /// `streaming` once past `max_header_bytes` with no Message-ID read:
     /// the lines are passed on as they come, and the reader looks on for
     /// the Message-ID.
-    Headers { lines: Vec<String>, bytes: usize, reader: HeaderReader, streaming: bool },
+    Headers { lines: Vec<Vec<u8>>, bytes: usize, reader: HeaderReader, streaming: bool },
     /// Headers sent on: the rest of the message is echoed.
     Body,
 }
@@ -417,7 +438,7 @@ struct Conversation {
     id: String,
     hooks: Hooks,
     config: OpenSmtpdConfig,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Vec<u8>>,
     session: Option<SmtpSession>,
     rdns: Option<String>,
     /// Whether smtpd forward-confirmed `rdns`.
@@ -435,7 +456,7 @@ struct Conversation {
     backlog: std::collections::VecDeque<Event>,
 }
 
-async fn run_session(id: String, rx: mpsc::Receiver<Event>, out: mpsc::Sender<String>, hooks: Hooks, config: OpenSmtpdConfig) {
+async fn run_session(id: String, rx: mpsc::Receiver<Event>, out: mpsc::Sender<Vec<u8>>, hooks: Hooks, config: OpenSmtpdConfig) {
     let mut c = Conversation {
         id,
         hooks,
@@ -465,15 +486,15 @@ async fn run_session(id: String, rx: mpsc::Receiver<Event>, out: mpsc::Sender<St
 }
 
 impl Conversation {
-    async fn send(&self, line: String) {
+    async fn send(&self, line: Vec<u8>) {
         let _ = self.out.send(line).await;
     }
 
     async fn result(&self, token: &str, answer: &str) {
-        self.send(format!("filter-result|{}|{token}|{answer}", self.id)).await;
+        self.send(format!("filter-result|{}|{token}|{answer}", self.id).into_bytes()).await;
     }
 
-    async fn dataline(&self, token: &str, line: &str) {
+    async fn dataline(&self, token: &str, line: &[u8]) {
         self.send(dataline_answer(&self.id, token, line)).await;
     }
 
@@ -521,6 +542,7 @@ impl Conversation {
             }
             Event::TxReset => self.end_transaction(),
             Event::Filter { phase, token, params } => self.filter(&phase, &token, &params).await,
+            Event::DataLine { token, line } => self.data_line(&token, &line).await,
         }
     }
 
@@ -534,9 +556,6 @@ impl Conversation {
     }
 
     async fn filter(&mut self, phase: &str, token: &str, params: &str) {
-        if phase == "data-line" {
-            return self.data_line(token, params).await;
-        }
         if phase == "connect" {
             // `rdns|src`: the address is the last field, smtpd's own.
             let (rdns, src) = params.rsplit_once('|').unwrap_or(("", params));
@@ -604,16 +623,18 @@ impl Conversation {
     /// smtpd's token names this filter's place in the session's chain
     /// (`filter_data_next` in `lka_filter.c` looks the filter up by it), the
     /// same for every data line, not the line.
-    async fn data_line(&mut self, token: &str, line: &str) {
+    async fn data_line(&mut self, token: &str, line: &[u8]) {
         let Data::Headers { lines, bytes, reader, streaming } = &mut self.data else {
-            if line == "." {
+            if line == b"." {
                 self.data = Data::Idle;
             }
             return self.dataline(token, line).await;
         };
         // The reader wants no more at the empty line, past 1 MiB, or once
         // the Message-ID is read and no more headers fit.
-        let read_all = line == "." || !reader.push(unescape(line));
+        // The filters read the header section as text; what goes back to
+        // smtpd is the line as it came.
+        let read_all = line == b"." || !reader.push(&String::from_utf8_lossy(unescape(line)));
         if !read_all {
             if *streaming {
                 // Past `max_header_bytes` with no Message-ID yet: the lines
@@ -625,7 +646,7 @@ impl Conversation {
             } else {
                 *bytes += line.len() + 2;
                 if *bytes <= self.config.max_header_bytes {
-                    lines.push(line.to_string());
+                    lines.push(line.to_vec());
                     return;
                 }
                 if !reader.has_message_id() {
@@ -635,7 +656,7 @@ impl Conversation {
                     tracing::debug!(session = %self.id, "opensmtpd: header section over max_header_bytes: passed on while the Message-ID is looked for");
                     *streaming = true;
                     let held = std::mem::take(lines);
-                    for l in held.iter().map(String::as_str).chain([line]) {
+                    for l in held.iter().map(Vec::as_slice).chain([line]) {
                         self.dataline(token, l).await;
                     }
                     return;
@@ -644,8 +665,8 @@ impl Conversation {
         }
         let message = std::mem::take(reader).finish();
         // The lines held, and this one: the filters' headers go before them.
-        let mut held: Vec<(String, String)> = std::mem::take(lines).into_iter().map(|l| (token.to_string(), l)).collect();
-        held.push((token.to_string(), line.to_string()));
+        let mut held: Vec<(String, Vec<u8>)> = std::mem::take(lines).into_iter().map(|l| (token.to_string(), l)).collect();
+        held.push((token.to_string(), line.to_vec()));
         // smtpd sends the rest of the message without waiting, and all
         // sessions share its pipe: waiting for the hook with those lines
         // unread would make the reader of the pipe, and so every other
@@ -653,7 +674,7 @@ impl Conversation {
         // most `max_header_bytes` of them; past that, once the hook has had
         // `HOOK_GRACE`, they are passed on without the filters' headers
         // (the verdict is still answered at `commit`).
-        let mut hold = Held { lines: held, bytes: 0, budget: self.config.max_header_bytes, passed_on: false, ended: line == "." };
+        let mut hold = Held { lines: held, bytes: 0, budget: self.config.max_header_bytes, passed_on: false, ended: line == b"." };
         if let Some(s) = self.session.as_mut() {
             let hook = s.data(&message);
             tokio::pin!(hook);
@@ -697,7 +718,7 @@ impl Conversation {
             // The filters' headers first, then the message as it came.
             let added: Vec<String> = self.headers.iter().filter(|h| check_header(h)).map(|h| format!("{}: {}", h.name, h.value)).collect();
             for h in added {
-                self.dataline(token, &h).await;
+                self.dataline(token, h.as_bytes()).await;
             }
             for (token, l) in held {
                 self.dataline(&token, &l).await;
@@ -710,7 +731,7 @@ impl Conversation {
 /// A message's lines held while its data hook runs.
 struct Held {
     /// Token and line, as smtpd sent them.
-    lines: Vec<(String, String)>,
+    lines: Vec<(String, Vec<u8>)>,
     /// Bytes of the lines that came after the hook began.
     bytes: usize,
     budget: usize,
@@ -729,15 +750,15 @@ impl Held {
 
     /// One event that came while the hook runs: a line of the message is
     /// held (or passed on, once lines are); the rest waits for the verdict.
-    async fn take(&mut self, event: Event, backlog: &mut std::collections::VecDeque<Event>, out: &mpsc::Sender<String>, id: &str) {
+    async fn take(&mut self, event: Event, backlog: &mut std::collections::VecDeque<Event>, out: &mpsc::Sender<Vec<u8>>, id: &str) {
         match event {
-            Event::Filter { phase, token, params } if phase == "data-line" && backlog.is_empty() && !self.ended => {
-                self.ended = params == ".";
+            Event::DataLine { token, line } if backlog.is_empty() && !self.ended => {
+                self.ended = line == b".";
                 if self.passed_on {
-                    let _ = out.send(dataline_answer(id, &token, &params)).await;
+                    let _ = out.send(dataline_answer(id, &token, &line)).await;
                 } else {
-                    self.bytes += params.len() + 2;
-                    self.lines.push((token, params));
+                    self.bytes += line.len() + 2;
+                    self.lines.push((token, line));
                 }
             }
             // `commit`, and reports, wait for the verdict.
@@ -746,7 +767,7 @@ impl Held {
     }
 
     /// Passes on the lines held, and from now on each as it comes.
-    async fn pass_on(&mut self, out: &mpsc::Sender<String>, id: &str) {
+    async fn pass_on(&mut self, out: &mpsc::Sender<Vec<u8>>, id: &str) {
         for (token, l) in self.lines.drain(..) {
             let _ = out.send(dataline_answer(id, &token, &l)).await;
         }
@@ -765,8 +786,8 @@ const HOOK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 const MAX_BACKLOG: usize = 64;
 
 /// A data line as the message has it: a dot-escaped line unescaped.
-fn unescape(raw: &str) -> &str {
-    raw.strip_prefix('.').filter(|_| raw.starts_with("..")).unwrap_or(raw)
+fn unescape(raw: &[u8]) -> &[u8] {
+    raw.strip_prefix(b".").filter(|_| raw.starts_with(b"..")).unwrap_or(raw)
 }
 
 /// How long a test waits for an answer.
@@ -816,7 +837,8 @@ mod tests {
 
     #[test]
     fn headers_are_unfolded_and_unescaped() {
-        let m = crate::session::read_header_section(["Subject: a", "\tb", "Message-ID: <x@y>", "..X: dot"].map(unescape));
+        let lines: [&[u8]; 4] = [b"Subject: a", b"\tb", b"Message-ID: <x@y>", b"..X: dot"];
+        let m = crate::session::read_header_section(lines.map(|l| String::from_utf8_lossy(unescape(l))));
         assert_eq!(m.headers[0].value, "a b");
         assert_eq!(m.message_id.as_deref(), Some("<x@y>"));
         assert_eq!(m.headers[2].name, ".X");
