@@ -14,7 +14,7 @@ const constants = require('haraka-constants')
 const { Filter, failureVerdict } = require('./lib/filter')
 const { expiryWarning, fileStamp, openStore } = require('./lib/store')
 const { renderLines } = require('./lib/reply')
-const { boundedHeaders, boundedMessageId } = require('./lib/message')
+const { boundedHeaders, boundedHelo, boundedMessageId } = require('./lib/message')
 
 /** The `[store]` keys that name TLS files. */
 const TLS_KEYS = ['tls_ca', 'tls_cert', 'tls_key']
@@ -234,7 +234,7 @@ function context(connection) {
             clientAddress: witAddress(r.ip),
             clientName: Array.isArray(fcrdns) ? orNone(fcrdns[0]) : undefined,
             reverseClientName: rdns,
-            helo: orNone(connection.hello?.host),
+            helo: boundedHelo(connection.hello?.host),
             authUser: orNone(connection.notes?.auth_user),
             tls: !!connection.tls?.enabled,
         },

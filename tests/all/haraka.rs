@@ -256,6 +256,20 @@ fn haraka_contains_the_chaos_filter_traps_loops_and_bad_verdicts() {
     c.send("EHLO x.example.org");
     let r = c.send("MAIL FROM:<tempfail-mail@example.org>");
     assert_eq!(r, "451-4.7.1 Not now.\r\n451 4.7.1 Senders like you wait a minute retry=00:01:00\r\n");
+    // A HELO name past 255 bytes (Haraka takes 512-byte command lines) is
+    // handed cut at a character boundary, as greyhook cuts it: byte 255
+    // is the second of 'é''s two.
+    let mut c = Raw::connect(h.port);
+    c.reply();
+    assert!(c.send(&format!("EHLO {}é{}", "a".repeat(254), "b".repeat(200))).starts_with("250"));
+    assert!(c.send("MAIL FROM:<a@example.org>").starts_with("250"));
+    assert!(c.send("RCPT TO:<helo-length@example.com>").starts_with("250"));
+    assert!(c.send("DATA").starts_with("354"));
+    assert!(c.send("Subject: helo\r\nMessage-ID: <helo@example.org>\r\n\r\nhi\r\n.").starts_with("250"));
+    let _ = c.send("QUIT");
+    let shown: Vec<String> =
+        h.delivered().iter().filter_map(|m| m.lines().find(|l| l.starts_with("X-Chaos: helo")).map(str::to_string)).collect();
+    assert_eq!(shown, ["X-Chaos: helo 254 bytes"]);
     let log = h.log();
     assert!(log.contains("failed at rcpt: trap") && log.contains("failed at rcpt: deadline"), "{log}");
     assert!(log.contains("invalid_verdict"), "{log}");

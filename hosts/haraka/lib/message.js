@@ -15,6 +15,13 @@ const MAX_MESSAGE_HEADER_NAME = 256
 const MAX_MESSAGE_HEADER_BYTES = 64 << 10
 /** Longest Message-ID handed, bytes (a longer one is cut). */
 const MAX_MESSAGE_ID = 998
+/**
+ * Longest HELO name handed, bytes (RFC 5321's limit on a domain): a longer
+ * one is cut at a character boundary, as greyhook's front ends cut it
+ * (host/src/session/mod.rs, MAX_HELO). Haraka takes a command line of up
+ * to 512 bytes.
+ */
+const MAX_HELO = 255
 
 /** `s` cut to at most `max` bytes of UTF-8, at a character boundary. */
 function cut(s, max) {
@@ -72,8 +79,14 @@ function boundedMessageId(id) {
     return v ? cut(v, MAX_MESSAGE_ID) : undefined
 }
 
+/** The HELO name as handed: cut to MAX_HELO bytes; undefined if none. */
+function boundedHelo(helo) {
+    return typeof helo === 'string' && helo.length ? cut(helo, MAX_HELO) : undefined
+}
+
 module.exports = {
     boundedHeaders,
+    boundedHelo,
     boundedMessageId,
     cut,
     MAX_MESSAGE_HEADERS,
@@ -81,4 +94,5 @@ module.exports = {
     MAX_MESSAGE_HEADER_NAME,
     MAX_MESSAGE_HEADER_BYTES,
     MAX_MESSAGE_ID,
+    MAX_HELO,
 }

@@ -41,3 +41,14 @@ test('a header with an overlong name is left out; the Message-ID is cut', () => 
     // Folded, as Haraka keeps a raw value: unfolded as greyhook does.
     assert.strictEqual(m.boundedMessageId('\r\n <a\r\n\tb@x>\r\n'), '<a b@x>')
 })
+
+test('a HELO name is handed within 255 bytes, cut at a character boundary, as greyhook cuts it', () => {
+    assert.strictEqual(m.boundedHelo('mx.example.org'), 'mx.example.org')
+    assert.strictEqual(m.boundedHelo(''), undefined)
+    assert.strictEqual(m.boundedHelo(undefined), undefined)
+    // Byte 255 is the second of 'é''s two (tests/all/milter.rs,
+    // a_helo_name_is_kept_to_255_octets, sends the same name to greyhook).
+    const long = 'a'.repeat(254) + 'é' + 'b'.repeat(250)
+    assert.strictEqual(m.boundedHelo(long), 'a'.repeat(254))
+    assert.strictEqual(Buffer.byteLength(m.boundedHelo('x'.repeat(400))), m.MAX_HELO)
+})

@@ -113,6 +113,8 @@ impl Guest for Chaos {
                 }
             }
             "recurse" => header("X-Chaos", recurse(0).to_string()),
+            // The HELO name as handed, for the hosts' bound on it.
+            "helo-length" => header("X-Chaos", format!("helo {} bytes", c.session.helo.as_deref().map_or(0, str::len))),
             "deep" => header("X-Chaos", format!("deep {}", deep(20_000) % 10)),
             "continue" => Verdict {
                 decision: Decision::Continue,
