@@ -443,6 +443,8 @@ fn the_filter_protocol_over_a_pipe() {
             p.filter("cccc", "connect", "c.example.org|192.0.2.52"),
             "filter-result|cccc|tok-connect|disconnect|421 4.3.2 Too many sessions, try again later"
         );
+        // A data line of a session that found no room goes back as it came.
+        assert_eq!(p.filter("cccc", "data-line", "a | line"), "filter-dataline|cccc|tok-data-line|a | line");
         p.report("bbbb", "link-disconnect", "");
         p.report("cccc", "link-disconnect", "");
         p.report("dddd", "link-connect", "d.example.org|pass|192.0.2.53:1|127.0.0.1:25");

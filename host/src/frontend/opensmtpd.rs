@@ -256,7 +256,7 @@ where
         if !sessions.contains_key(session) {
             // Only a connection (its report or its filter request) opens a
             // session: a stray report for an unknown one holds nothing.
-            if !matches!(event, Event::LinkConnect { .. } | Event::Filter { .. }) {
+            if !matches!(event, Event::LinkConnect { .. } | Event::Filter { .. } | Event::DataLine { .. }) {
                 continue;
             }
             // smtpd reports every disconnect, which frees a session.
