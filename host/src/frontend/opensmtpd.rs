@@ -205,12 +205,12 @@ where
         let mut f = l.splitn(7, |b| *b == b'|');
         let head: [Option<&str>; 6] = std::array::from_fn(|_| f.next().and_then(|x| std::str::from_utf8(x).ok()));
         let [Some(stream), Some(version), Some(_ts), Some(subsystem), Some(phase), Some(session)] = head else {
-            tracing::warn!("opensmtpd: a line that is neither a report nor a filter request: {:?}", String::from_utf8_lossy(&l));
+            tracing::warn!("opensmtpd: a line that is neither a report nor a filter request: {:?}", String::from_utf8_lossy(l));
             continue;
         };
-        let rest_bytes = f.next().unwrap_or(b"");
-        let rest = String::from_utf8_lossy(rest_bytes);
-        let rest = rest.as_ref();
+        let rest = f.next().unwrap_or(b"");
+        // A report's parameters as text (only reports read them so).
+        let text = || String::from_utf8_lossy(rest);
         if !version_ok(version) {
             return Err(ProtocolError::Version(version.to_string()));
         }
@@ -225,6 +225,7 @@ where
             ("report", "link-connect") => {
                 // `rdns|fcrdns|src|dest`, read from the right: every field
                 // but the name is smtpd's own.
+                let rest = text();
                 let mut p = rest.rsplitn(4, '|');
                 let (_dest, src, fcrdns, rdns) = (p.next(), p.next(), p.next(), p.next());
                 Event::LinkConnect {
@@ -234,22 +235,25 @@ where
                 }
             }
             ("report", "link-tls") => Event::Tls,
-            ("report", "link-auth") => match authenticated(version, rest) {
+            ("report", "link-auth") => match authenticated(version, &text()) {
                 Some(user) => Event::Auth(user.to_string()),
                 None => continue,
             },
             ("report", "tx-reset") => Event::TxReset,
             ("report", _) => continue,
-            ("filter", "data-line") => {
-                let (token, line) = match rest_bytes.iter().position(|b| *b == b'|') {
-                    Some(i) => (&rest_bytes[..i], &rest_bytes[i + 1..]),
-                    None => (rest_bytes, &b""[..]),
-                };
-                Event::DataLine { token: String::from_utf8_lossy(token).into_owned(), line: line.to_vec() }
-            }
             ("filter", _) => {
-                let (token, params) = rest.split_once('|').unwrap_or((rest, ""));
-                Event::Filter { phase: phase.to_string(), token: token.to_string(), params: params.to_string() }
+                // `token|params`; a data line's params are the line, kept
+                // as bytes.
+                let (token, params) = match rest.iter().position(|b| *b == b'|') {
+                    Some(i) => (&rest[..i], &rest[i + 1..]),
+                    None => (rest, &b""[..]),
+                };
+                let token = String::from_utf8_lossy(token).into_owned();
+                if phase == "data-line" {
+                    Event::DataLine { token, line: params.to_vec() }
+                } else {
+                    Event::Filter { phase: phase.to_string(), token, params: String::from_utf8_lossy(params).into_owned() }
+                }
             }
             _ => continue,
         };
@@ -353,14 +357,15 @@ fn parse_address(s: &str) -> Option<IpAddr> {
     ip
 }
 
-/// Reads one line (without its newline) of at most `max` bytes, as bytes;
-/// `None` at the end of the input or at shutdown.
-async fn read_line<R: AsyncRead + Unpin>(
+/// Reads one line (without its newline) of at most `max` bytes into `buf`
+/// (reused line after line), as bytes; `None` at the end of the input or at
+/// shutdown.
+async fn read_line<'a, R: AsyncRead + Unpin>(
     r: &mut BufReader<R>,
-    buf: &mut Vec<u8>,
+    buf: &'a mut Vec<u8>,
     max: usize,
     shutdown: &CancellationToken,
-) -> Result<Option<Vec<u8>>, ProtocolError> {
+) -> Result<Option<&'a [u8]>, ProtocolError> {
     buf.clear();
     let read = async {
         loop {
@@ -392,7 +397,7 @@ async fn read_line<R: AsyncRead + Unpin>(
     while matches!(buf.last(), Some(b'\n' | b'\r')) {
         buf.pop();
     }
-    Ok(Some(buf.clone()))
+    Ok(Some(buf.as_slice()))
 }
 
 /// Writes the answers, as they come, to smtpd.
