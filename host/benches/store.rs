@@ -1,7 +1,7 @@
 //! The embedded store at scale: `cargo bench -p greyhook --bench store`
 //! (`GH_RECORDS=5000000` by default; `GH_TASKS=4`; `GH_RATE=20000`
-//! decisions a second during the sweep; `GH_ONLY=restart` skips steps 2
-//! and 4: fill, crash, open).
+//! decisions a second during the sweep; `GH_ONLY=restart` skips steps 2,
+//! 4 and 5: fill, crash, open).
 //!
 //! 1. Fills a redb store with `GH_RECORDS` records straight into the file
 //!    (`RedbStore::import`), half of them expired.
@@ -17,6 +17,11 @@
 //!    constant CPU per call as concurrency grows is what lets the store go
 //!    on scaling with cores (the write path's lock is held only for the
 //!    overlay's lookup and insert).
+//! 5. The flush thread's pace, the one serial step of the write path:
+//!    `GH_TASKS` tasks write `GH_FLUSH_RECORDS` (default 1 000 000) new
+//!    records with keys spread as triplet keys are, then the store is
+//!    flushed: the flush's CPU a record, so records a second for one core.
+//!    `GH_ONLY=flush` runs only the fill and this step.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +73,78 @@ fn pause_monitor(start: Instant, stop: Arc<std::sync::atomic::AtomicBool>) -> st
     })
 }
 
+/// CPU time (user + system) of this process's threads named `name`
+/// (`/proc/self/task/*/comm`, truncated by the kernel to 15 bytes).
+fn thread_cpu(name: &str) -> Duration {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != &name[..name.len().min(15)] {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        ticks += [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<u64>().ok()).sum::<u64>();
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// Step 5, the flusher's pace: `tasks` tasks write `total` new records (keys
+/// never seen and spread over the key space, as a spam run's triplets
+/// are) as fast as they can, then the store is flushed. The one flush
+/// thread is the only serial part of the write path: its CPU a record says
+/// how many new records a second one core of it writes, whatever the
+/// number of cores answering requests.
+async fn flusher_pace(store: &Arc<dyn Store>, tasks: usize, total: u64) {
+    let flusher0 = thread_cpu("greyhook-redb-flush");
+    let t = Instant::now();
+    let per_task = total / tasks as u64;
+    let writers: Vec<_> = (0..tasks)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    let key = format!("greylist/new/{:016x}", mix((w as u64) << 48 | i));
+                    store.set(&key, b"0123456789abcdef0123456789abcdef", NOW + 86_400, Condition::Absent, NOW).await.expect("set");
+                    if i.is_multiple_of(64) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let wrote = t.elapsed();
+    // The writers are done: from here on the process only flushes (the
+    // flush thread, and this call on a blocking thread once it has the
+    // flush lock), so its CPU is the flush's.
+    let flusher = thread_cpu("greyhook-redb-flush") - flusher0;
+    let c0 = cpu();
+    store.flush().await.expect("flush");
+    let drained = t.elapsed() - wrote;
+    let flush_cpu = flusher + (cpu() - c0);
+    let written = per_task * tasks as u64;
+    println!(
+        "flusher: {written} new records written in {:.2} s ({:.0}/s by {tasks} tasks on 2 workers), all in the file {:.2} s later; \
+         flushing took {:.2} s CPU: {:.2} µs a record, {:.0} records/s for one core",
+        wrote.as_secs_f64(),
+        written as f64 / wrote.as_secs_f64(),
+        drained.as_secs_f64(),
+        flush_cpu.as_secs_f64(),
+        flush_cpu.as_secs_f64() * 1e6 / written as f64,
+        written as f64 / flush_cpu.as_secs_f64().max(1e-9)
+    );
+}
+
+/// splitmix64's finaliser: distinct inputs, spread-out outputs.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default()
@@ -103,10 +180,14 @@ fn main() {
     println!("filled {n} records in {:.1} s", t.elapsed().as_secs_f64());
     let store: Arc<dyn Store> = Arc::new(store);
 
-    let only_restart = std::env::var("GH_ONLY").is_ok_and(|v| v == "restart");
+    let only = std::env::var("GH_ONLY").unwrap_or_default();
+    let flush_records: u64 = std::env::var("GH_FLUSH_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     rt.block_on(async {
-        if only_restart {
+        if only == "flush" {
+            return flusher_pace(&store, tasks, flush_records).await;
+        }
+        if only == "restart" {
             return;
         }
         let start = Instant::now();
@@ -201,8 +282,12 @@ fn main() {
                 c.as_secs_f64() * 1e6 / calls as f64
             );
         }
+        flusher_pace(&store, tasks, flush_records).await;
     });
     drop(rt);
+    if only == "flush" {
+        return;
+    }
     drop(store);
     // The flusher thread may hold the store a while (it looks once a second,
     // and the last holder writes what the overlay still has): wait until the

@@ -59,8 +59,9 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// An overlay this large is flushed by the writer itself (unless the store
 /// is degraded: then the flusher keeps trying on its own).
 const OVERLAY_MAX: usize = 100_000;
-/// Records the overlay holds at most while the file cannot be written;
-/// past this, writes fail (about 200 bytes each: some 400 MB).
+/// Records the overlay holds at most while the file cannot be written, or
+/// is written more slowly than records come (a disk slower than the
+/// writes); past this, writes fail (about 200 bytes each: some 400 MB).
 pub const OVERLAY_HARD_MAX: usize = 2_000_000;
 /// Records a sweep removes per transaction: each holds redb's write lock
 /// (which the flusher needs) for a few milliseconds at most.
@@ -218,26 +219,36 @@ fn record(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) ->
 
 /// Replaces the record under `key` with `entry` (version, expiry, value),
 /// or removes it for `None`, keeping the expiry index in step: the old
-/// record's index entry goes, the new one's is added.
+/// record's index entry goes, the new one's is added. One walk of the
+/// records table (the insert or removal hands back the old record), and
+/// none of the index when the expiry is unchanged.
 fn put_record(
     rec: &mut redb::Table<&'static str, &'static [u8]>,
     exp: &mut redb::Table<(u64, &'static str), ()>,
     key: &str,
     entry: Option<(u64, u64, &[u8])>,
 ) -> Result<(), StoreError> {
-    if let Some(old) = record(rec, key)? {
-        exp.remove((old.expires_at, key)).map_err(backend)?;
-    }
-    match entry {
+    let (old_at, new_at) = match entry {
         Some((version, expires_at, value)) => {
-            rec.insert(key, encode(version, expires_at, value).as_slice()).map_err(backend)?;
-            exp.insert((expires_at, key), ()).map_err(backend)?;
+            let old = rec.insert(key, encode(version, expires_at, value).as_slice()).map_err(backend)?;
+            (old.and_then(|g| expiry_of(g.value())), Some(expires_at))
         }
-        None => {
-            rec.remove(key).map_err(backend)?;
+        None => (rec.remove(key).map_err(backend)?.and_then(|g| expiry_of(g.value())), None),
+    };
+    if old_at != new_at {
+        if let Some(at) = old_at {
+            exp.remove((at, key)).map_err(backend)?;
+        }
+        if let Some(at) = new_at {
+            exp.insert((at, key), ()).map_err(backend)?;
         }
     }
     Ok(())
+}
+
+/// The expiry of an encoded record ([`encode`]), without copying its value.
+fn expiry_of(b: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(8..16)?.try_into().ok()?))
 }
 
 fn decode(b: &[u8]) -> Option<Entry> {
@@ -516,9 +527,10 @@ impl RedbStore {
         };
         if overlay.pending() >= OVERLAY_HARD_MAX {
             self.inner.failures.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreError::Backend(format!(
-                "the store file cannot be written and {OVERLAY_HARD_MAX} records wait in memory: refusing more"
-            )));
+            // Either the file cannot be written (degraded) or it is written
+            // more slowly than records come: say which.
+            let why = if self.is_degraded() { "the store file cannot be written" } else { "the disk is slower than the writes" };
+            return Err(StoreError::Backend(format!("{why} and {OVERLAY_HARD_MAX} records wait in memory: refusing more")));
         }
         let live = current.as_ref().filter(|e| e.expires_at > now).map(|e| e.version);
         if !cond.holds(live) {
@@ -751,7 +763,12 @@ impl Inner {
                 let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
                 let mut meta = txn.open_table(META).map_err(backend)?;
-                for (key, entry) in batch.iter().flat_map(|b| b.iter()) {
+                // In key order: consecutive inserts then walk the same
+                // branch pages and fill the same leaves, where hash order
+                // sent each one to another part of the tree.
+                let mut sorted: Vec<_> = batch.iter().flat_map(|b| b.iter()).collect();
+                sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (key, entry) in sorted {
                     put_record(&mut rec, &mut exp, key, entry.as_ref().map(|e| (e.version, e.expires_at, e.value.as_slice())))?;
                 }
                 meta.insert("last_version", last_version).map_err(backend)?;
@@ -1111,5 +1128,48 @@ impl Inner {
             }
         }
         Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{Database, ReadableDatabase, ReadableTable};
+
+    use super::*;
+
+    /// The expiry index holds exactly one entry per record, at its expiry:
+    /// a rewrite with another expiry moves it, one with the same expiry
+    /// leaves it, a removal takes it away.
+    #[test]
+    fn the_expiry_index_follows_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.db")).unwrap();
+        let steps: [(&str, Option<u64>); 6] =
+            [("a", Some(10)), ("a", Some(20)), ("a", Some(20)), ("b", Some(10)), ("c", Some(30)), ("b", None)];
+        for (key, at) in steps {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut rec = txn.open_table(RECORDS).unwrap();
+                let mut exp = txn.open_table(EXPIRY).unwrap();
+                put_record(&mut rec, &mut exp, key, at.map(|at| (1, at, &b"v"[..]))).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let txn = db.begin_read().unwrap();
+        let exp = txn.open_table(EXPIRY).unwrap();
+        let index: Vec<(u64, String)> = exp
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, _) = e.unwrap();
+                let (at, key) = k.value();
+                (at, key.to_string())
+            })
+            .collect();
+        assert_eq!(index, [(20, "a".to_string()), (30, "c".to_string())]);
+        let rec = txn.open_table(RECORDS).unwrap();
+        assert_eq!(rec.len().unwrap(), 2);
+        assert_eq!(record(&rec, "a").unwrap().map(|e| e.expires_at), Some(20));
+        assert!(record(&rec, "b").unwrap().is_none());
     }
 }
