@@ -150,6 +150,9 @@ struct Overlay {
     spread: foldhash::fast::RandomState,
     /// Entries in all shards' `dirty` maps.
     pending: AtomicUsize,
+    /// Entries in the batch a flush is writing (the shards' `in_flight`
+    /// maps): memory too, counted against [`OVERLAY_HARD_MAX`].
+    flushing: AtomicUsize,
     /// The last version handed out.
     last_version: AtomicU64,
 }
@@ -181,6 +184,7 @@ impl Overlay {
             shards: (0..OVERLAY_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             spread: foldhash::fast::RandomState::default(),
             pending: AtomicUsize::new(0),
+            flushing: AtomicUsize::new(0),
             last_version: AtomicU64::new(last_version),
         }
     }
@@ -525,7 +529,9 @@ impl RedbStore {
                 None => continue,
             }
         };
-        if overlay.pending() >= OVERLAY_HARD_MAX {
+        // The batch being flushed is held in memory too: while a slow disk
+        // holds a flush of many records, new ones wait beside it.
+        if overlay.pending() + overlay.flushing.load(Ordering::Acquire) >= OVERLAY_HARD_MAX {
             self.inner.failures.fetch_add(1, Ordering::Relaxed);
             // Either the file cannot be written (degraded) or it is written
             // more slowly than records come: say which.
@@ -753,6 +759,7 @@ impl Inner {
         // taken, so none is above this.
         let last_version = overlay.last_version.load(Ordering::Acquire);
         let records: usize = batch.iter().map(|b| b.len()).sum();
+        overlay.flushing.store(records, Ordering::Release);
         let result = self.with_db(|db| {
             // Quick repair: the commit records redb's allocator state (and
             // commits in two phases), so that opening the file after a crash
@@ -796,6 +803,7 @@ impl Inner {
             }
             s.in_flight = Arc::new(OverlayMap::default());
         }
+        overlay.flushing.store(0, Ordering::Release);
         let waiting = overlay.pending();
         match &result {
             Ok(()) => {
