@@ -257,7 +257,8 @@ fn expiry_of(b: &[u8]) -> Option<u64> {
 
 fn decode(b: &[u8]) -> Option<Entry> {
     let version = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
-    let expires_at = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+    // Before the value is sliced: a record shorter than 16 bytes is `None`.
+    let expires_at = expiry_of(b)?;
     Some(Entry { value: b[16..].to_vec(), version, expires_at })
 }
 
@@ -415,20 +416,16 @@ impl RedbStore {
             if !cond.holds(live) {
                 return Ok((false, None));
             }
-            if let Some(o) = &old {
-                exp.remove((o.expires_at, key)).map_err(backend)?;
-            }
             match value {
                 Some((value, expires_at)) => {
                     let mut meta = txn.open_table(META).map_err(backend)?;
                     let version = meta.get("last_version").map_err(backend)?.map_or(0, |g| g.value()) + 1;
                     meta.insert("last_version", version).map_err(backend)?;
-                    rec.insert(key, encode(version, expires_at, value).as_slice()).map_err(backend)?;
-                    exp.insert((expires_at, key), ()).map_err(backend)?;
+                    put_record(&mut rec, &mut exp, key, Some((version, expires_at, value)))?;
                     Ok((true, Some(version)))
                 }
                 None => {
-                    rec.remove(key).map_err(backend)?;
+                    put_record(&mut rec, &mut exp, key, None)?;
                     Ok((true, live))
                 }
             }
