@@ -31,8 +31,13 @@ use greyhook::store::{Condition, Durability, RedbStore, Store};
 const NOW: u64 = 1_800_000_000;
 
 fn cpu() -> Duration {
-    // utime + stime of this process, in clock ticks (100 a second).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu(std::path::Path::new("/proc/self/stat"))
+}
+
+/// utime + stime in a `stat` file of /proc (a process's or a thread's),
+/// counted in clock ticks (100 a second).
+fn stat_cpu(path: &std::path::Path) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     // After the command: state (0), ..., utime (11), stime (12).
@@ -76,17 +81,13 @@ fn pause_monitor(start: Instant, stop: Arc<std::sync::atomic::AtomicBool>) -> st
 /// CPU time (user + system) of this process's threads named `name`
 /// (`/proc/self/task/*/comm`, truncated by the kernel to 15 bytes).
 fn thread_cpu(name: &str) -> Duration {
-    let mut ticks = 0;
-    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != &name[..name.len().min(15)] {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        ticks += [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<u64>().ok()).sum::<u64>();
-    }
-    Duration::from_millis(ticks * 10)
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim_end() == &name[..name.len().min(15)]))
+        .map(|task| stat_cpu(&task.path().join("stat")))
+        .sum()
 }
 
 /// Step 5, the flusher's pace: `tasks` tasks write `total` new records (keys
@@ -126,10 +127,10 @@ async fn flusher_pace(store: &Arc<dyn Store>, tasks: usize, total: u64) {
         refused.0 += n;
         refused.1 = refused.1.or(first);
     }
-    if let (n @ 1.., Some(first)) = refused {
+    let wrote = t.elapsed();
+    if let (n @ 1.., Some(first)) = &refused {
         println!("flusher: {n} writes refused, the first with: {first}");
     }
-    let wrote = t.elapsed();
     // The writers are done: from here on the process only flushes (the
     // flush thread, and this call on a blocking thread once it has the
     // flush lock), so its CPU is the flush's.
