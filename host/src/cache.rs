@@ -50,7 +50,10 @@ impl<K: Hash + Eq, V> ShardedLru<K, V> {
         ShardedLru { shards, spread: foldhash::fast::RandomState::default() }
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, lru::LruCache<K, V>> {
+    /// The shard `key` belongs in, locked: for work on one entry that a
+    /// single `pop` or `push` does not do (a `get` that checks a TTL). Hold
+    /// it for one map operation or two, never across an `.await`.
+    pub(crate) fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, lru::LruCache<K, V>> {
         let i = if self.shards.len() == 1 { 0 } else { (self.spread.hash_one(key) % self.shards.len() as u64) as usize };
         // Every critical section is a single map operation, which leaves a
         // map whole even if it panicked: a poisoned lock is used as it is.
@@ -75,7 +78,7 @@ impl<K: Hash + Eq, V> ShardedLru<K, V> {
 
     /// The number of entries, shard by shard (not one instant's count).
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
 }
