@@ -57,15 +57,42 @@ pub struct DnsConfig {
     /// Whether the SMTP and OpenSMTPD front ends look up their clients'
     /// names (PTR, then forward confirmation) before the connect hook.
     pub resolve_clients: bool,
+    /// How long a negative answer (no such name, no records of the type)
+    /// is kept at least: one without a TTL (no SOA record in it) would
+    /// otherwise be asked for again at every lookup. At most
+    /// [`MAX_MIN_NEGATIVE_TTL`]; zero keeps only those that carry a TTL.
+    #[serde(deserialize_with = "crate::settings::duration")]
+    pub min_negative_ttl: Duration,
 }
+
+/// The longest `min_negative_ttl` allowed (an hour: longer would hide a
+/// record published since for too long).
+pub const MAX_MIN_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig { servers: Vec::new(), timeout: Duration::from_secs(3), max_lookups: 20, cache_size: 10_000, resolve_clients: true }
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(3),
+            max_lookups: 20,
+            cache_size: 10_000,
+            resolve_clients: true,
+            // unbound's NORR_TTL: what it keeps a negative answer without
+            // an SOA record for.
+            min_negative_ttl: Duration::from_secs(5),
+        }
     }
 }
 
 impl DnsConfig {
+    /// Checks the table's bounds.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min_negative_ttl > MAX_MIN_NEGATIVE_TTL {
+            return Err(format!("[dns] min_negative_ttl must be at most {}s", MAX_MIN_NEGATIVE_TTL.as_secs()));
+        }
+        Ok(())
+    }
+
     /// One line for the startup log: which servers, and the limits.
     pub fn describe(&self) -> String {
         let servers = if self.servers.is_empty() {
@@ -74,10 +101,11 @@ impl DnsConfig {
             format!("servers {}", self.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
         };
         format!(
-            "{servers}, timeout {:?}, at most {} lookups a hook call, {} cached answers, client names {}",
+            "{servers}, timeout {:?}, at most {} lookups a hook call, {} cached answers, negative answers kept at least {:?}, client names {}",
             self.timeout,
             self.max_lookups,
             self.cache_size,
+            self.min_negative_ttl,
             if self.resolve_clients { "resolved" } else { "not resolved" }
         )
     }
@@ -452,6 +480,9 @@ fn build(c: &DnsConfig) -> Result<MessageAuthenticator, SetupError> {
     opts.timeout = c.timeout;
     opts.attempts = 2;
     opts.cache_size = c.cache_size;
+    // A negative answer without an SOA record has no TTL, and hickory then
+    // keeps it for `negative_min_ttl`, by default none at all.
+    opts.negative_min_ttl = Some(c.min_negative_ttl.min(MAX_MIN_NEGATIVE_TTL));
     // Names are absolute: "example.org" never becomes "example.org.corp.lan".
     opts.ndots = 0;
     // (What `MessageAuthenticator::new` does, plus the TLS configuration.)

@@ -51,6 +51,13 @@ fn check_prints_name_version_and_imports() {
     assert!(!ok && err.contains("colour"), "{err}");
     let (ok, _, err) = greyhook(&["check", "--set", "delay=soon"]);
     assert!(!ok && err.contains("delay"), "{err}");
+    // A host table's bounds are checked as the file is read.
+    std::fs::write(&cfg, "[dns]\nmin_negative_ttl = \"2h\"\n").unwrap();
+    let (ok, _, err) = greyhook(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("min_negative_ttl must be at most 3600s"), "{err}");
+    std::fs::write(&cfg, "[dns]\nmin_negative_ttl = \"1h\"\n").unwrap();
+    let (ok, _, err) = greyhook(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
 }
 
 #[test]

@@ -219,6 +219,42 @@ fn the_resolver_answers_in_the_contracts_forms_and_caches() {
     });
 }
 
+/// A negative answer that carries no SOA record (dnsmasq's, and some
+/// broken servers') has no TTL to be cached for: it was asked again at
+/// every lookup, so a flood of clients without PTR records, or senders of a
+/// domain without SPF, cost a DNS round trip each (~100 µs of greyhook's
+/// CPU a lookup). It is now kept for `min_negative_ttl` (unbound keeps
+/// such answers 5 s): asked once within it, and again once it has passed.
+#[test]
+fn a_negative_answer_without_a_ttl_is_kept_for_min_negative_ttl() {
+    use greyhook::dns::{DnsConfig, DnsError, RecordType, Resolver};
+    let dns = zone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = DnsConfig { servers: vec![dns.addr().parse().unwrap()], ..DnsConfig::default() };
+        assert_eq!(config.min_negative_ttl, Duration::from_secs(5), "the documented default");
+        let r = Resolver::new(DnsConfig { min_negative_ttl: Duration::from_millis(1500), ..config.clone() });
+        let ip = "192.0.2.99".parse::<std::net::IpAddr>().unwrap();
+        for _ in 0..50 {
+            assert_eq!(r.lookup("nowhere.test", RecordType::A).await, Err(DnsError::NxDomain));
+            assert_eq!(r.lookup("mx.big.test", RecordType::Txt).await, Err(DnsError::NoData));
+            assert_eq!(r.forward_confirmed(ip).await.unwrap(), None, "no PTR at all");
+        }
+        assert_eq!(dns.queries("nowhere.test"), 1, "NXDOMAIN asked once");
+        assert_eq!(dns.queries("mx.big.test"), 1, "no data asked once");
+        assert_eq!(dns.queries("99.2.0.192.in-addr.arpa"), 1, "no PTR asked once");
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert_eq!(r.lookup("nowhere.test", RecordType::A).await, Err(DnsError::NxDomain));
+        assert_eq!(dns.queries("nowhere.test"), 2, "asked again once min_negative_ttl has passed");
+        // Zero keeps no negative answer without a TTL (hickory's default).
+        let r = Resolver::new(DnsConfig { min_negative_ttl: Duration::ZERO, ..config });
+        for _ in 0..3 {
+            assert_eq!(r.lookup("nowhere2.test", RecordType::A).await, Err(DnsError::NxDomain));
+        }
+        assert_eq!(dns.queries("nowhere2.test"), 3);
+    });
+}
+
 /// `max_lookups` bounds a hook call's DNS and `auth` calls: with none
 /// allowed the filter's SPF check gets `limit` and it falls back to the
 /// client network (the farm's retry from another network waits again).

@@ -656,6 +656,7 @@ fn load_config(file: Option<&Path>, o: &Overrides) -> Result<greyhook::daemon::D
     }
     cfg.set_filter_keys(&c.set)?;
     cfg.log.check().map_err(greyhook::daemon::DaemonError::Invalid)?;
+    cfg.dns.check().map_err(greyhook::daemon::DaemonError::Invalid)?;
     Ok(cfg)
 }
 
