@@ -261,33 +261,36 @@ impl Resolver {
     /// again cold at the client's retry and give another identity then.
     /// At most [`MAX_DETACHED`] run on after their callers; beyond that the
     /// lookup is dropped with the caller.
+    ///
+    /// The lookup runs in the caller's task until it is cut off: a task of
+    /// its own from the start, as it was, cost each cold lookup a spawn and
+    /// a hand-off between runtime workers. A panic in it (the resolver
+    /// reading a server's answer) is a `ServFail`, not the caller's.
     pub async fn finish_detached<T, F>(&self, within: Duration, f: F) -> Result<T, DnsError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, DnsError>> + Send + 'static,
     {
-        // A cache hit is ready at the first poll: no task for it.
-        let mut f = Box::pin(f);
+        use futures::FutureExt;
+        let mut f = Box::pin(std::panic::AssertUnwindSafe(f).catch_unwind());
+        let answered =
+            |r: std::thread::Result<Result<T, DnsError>>| r.unwrap_or_else(|_| Err(DnsError::ServFail("the lookup panicked".into())));
+        // A cache hit is ready at the first poll: no timer for it.
         if let std::task::Poll::Ready(r) = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await {
-            return r;
+            return answered(r);
         }
-        match self.inner.detached.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let task = tokio::spawn(async move {
-                    let r = f.await;
-                    drop(permit);
-                    r
-                });
-                match tokio::time::timeout(within, task).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => Err(DnsError::ServFail(format!("lookup task failed: {e}"))),
-                    Err(_) => {
-                        self.inner.stats.detached.fetch_add(1, Ordering::Relaxed);
-                        Err(DnsError::Timeout)
-                    }
+        match tokio::time::timeout(within, &mut f).await {
+            Ok(r) => answered(r),
+            Err(_) => {
+                if let Ok(permit) = self.inner.detached.clone().try_acquire_owned() {
+                    self.inner.stats.detached.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let _ = f.await;
+                        drop(permit);
+                    });
                 }
+                Err(DnsError::Timeout)
             }
-            Err(_) => tokio::time::timeout(within, f).await.unwrap_or(Err(DnsError::Timeout)),
         }
     }
 
