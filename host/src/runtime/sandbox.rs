@@ -544,12 +544,10 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, dns::DnsError>> + Send + 'static,
 {
-    // Boxed here, once: a lookup's future is large (an SPF check's ~6 KB),
-    // and the host function's future that awaits this one is moved by the
-    // engine as it is called; held by value it was copied each time (~4%
-    // of a request's CPU when every request looked something up).
-    let f = Box::pin(f);
-    async move { r.finish_detached(time, f).await.map_err(dns_error) }
+    use futures::FutureExt;
+    // Not an `async fn`: its state would hold `f` by value until the first
+    // poll; `finish_detached` boxes it as it is called.
+    r.finish_detached(time, f).map(|r| r.map_err(dns_error))
 }
 
 impl wit_dns::Host for HostState {
