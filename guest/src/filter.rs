@@ -188,32 +188,79 @@ impl Greylist {
         Ok(())
     }
 
+    /// The key the triplet `parts` (keyed on `id`) has under the client's
+    /// network instead, when `id` is a DNS identity; `None` for the network
+    /// identity itself.
+    fn network_key(&self, ctx: &Context, id: &Identity, prefix: &str, parts: &[&str]) -> Option<String> {
+        if id.kind == IdentityKind::Network {
+            return None;
+        }
+        let c = &self.config;
+        let net = normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix);
+        let mut p: Vec<&str> = parts.to_vec();
+        *p.first_mut()? = &net;
+        Some(prefixed_triplet_key(prefix, &p))
+    }
+
     /// Looks up and updates a greylist record under compare-and-swap.
-    fn check(&self, key: &str, parts: &[&str], delay: u64, now: u64, kv: &mut dyn Host) -> Result<Outcome, Error> {
+    ///
+    /// `carried`: for a triplet keyed on a DNS identity, the key the same
+    /// triplet has under the client's network (see [`Self::network_key`]),
+    /// asked for only when `key` has no live record. A first attempt whose
+    /// lookups failed or were cut off by the deadline was keyed on the
+    /// network; the lookup cut off went on and filled the cache, so the
+    /// retry from the same client gets the DNS identity. Without this, that
+    /// retry would be a first sight and wait out a second delay. With it,
+    /// the new record starts from the network record's times: no weaker
+    /// than `identity = ["network"]`, under which that record would decide.
+    fn check(
+        &self,
+        key: &str,
+        parts: &[&str],
+        carried: impl Fn() -> Option<String>,
+        delay: u64,
+        now: u64,
+        kv: &mut dyn Host,
+    ) -> Result<(Outcome, bool), Error> {
         let readable = (!self.config.privacy).then_some(parts);
         let c = &self.config;
+        let is_live = |r: &Record| {
+            if r.passed > 0 { r.passed.saturating_add(c.max_age) > now } else { r.first_seen.saturating_add(c.retry_window) > now }
+        };
         for _ in 0..CAS_TRIES {
             let (rec, ver) = match get(kv, key)? {
                 Some((v, ver)) => (Record::decode(&v), ver),
                 None => (None, 0),
             };
-            let live = rec.filter(|r| {
-                if r.passed > 0 { r.passed.saturating_add(c.max_age) > now } else { r.first_seen.saturating_add(c.retry_window) > now }
-            });
+            let mut live = rec.filter(is_live);
+            let mut was_carried = false;
+            if live.is_none()
+                && let Some(k) = carried()
+            {
+                live = get(kv, &k)?.and_then(|(v, _)| Record::decode(&v)).filter(is_live);
+                was_carried = live.is_some();
+            }
             let (next, outcome, life) = match live {
                 // No blocking time: the first sighting passes.
                 None if delay == 0 => (Record { first_seen: now, passed: now }, Outcome::FirstPass(0), c.max_age),
                 None => (Record { first_seen: now, passed: 0 }, Outcome::Defer { left: delay, first: true }, c.retry_window),
                 Some(r) if r.passed > 0 => (Record { first_seen: r.first_seen, passed: now }, Outcome::Known, c.max_age),
-                Some(r) if now < r.first_seen.saturating_add(delay) => {
-                    return Ok(Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false });
+                Some(r) if now < r.first_seen.saturating_add(delay) && !was_carried => {
+                    return Ok((Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false }, false));
                 }
+                // Carried over and still too early: the record is written
+                // under `key` with the network record's first sighting.
+                Some(r) if now < r.first_seen.saturating_add(delay) => (
+                    Record { first_seen: r.first_seen, passed: 0 },
+                    Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false },
+                    r.first_seen.saturating_add(c.retry_window).saturating_sub(now),
+                ),
                 Some(r) => {
                     (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age)
                 }
             };
             if set(kv, key, &next.encode(readable), ttl(life), Some(ver))?.is_some() {
-                return Ok(outcome);
+                return Ok((outcome, was_carried));
             }
         }
         Err(Error(format!("{key}: the record kept changing under compare-and-swap")))
@@ -223,7 +270,17 @@ impl Greylist {
     fn greylist(&self, ctx: &Context, id: &Identity, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let prefix = if code == 421 { "c/" } else { "t/" };
         let key = prefixed_triplet_key(prefix, parts);
-        let outcome = self.check(&key, parts, delay, ctx.now, kv)?;
+        let (outcome, carried) = self.check(&key, parts, || self.network_key(ctx, id, prefix, parts), delay, ctx.now, kv)?;
+        if carried {
+            kv.counter_add("network_carried_total", &[("identity", id.kind.name())], 1);
+            kv.log(
+                Level::Info,
+                &format!(
+                    "session {}: first seen under the client network, now identity={}: its first attempt counts",
+                    ctx.session.id, id.key
+                ),
+            );
+        }
         let (name, kind) = (
             match outcome {
                 Outcome::Defer { first: true, .. } => "new",
@@ -336,7 +393,8 @@ impl Greylist {
                 {
                     let s = self.key_sender(ctx, sender, kv);
                     let parts = [id.key.as_str(), &s, &rcpt];
-                    self.check(&prefixed_triplet_key("t/", &parts), &parts, delay, ctx.now, kv)?;
+                    let carried = || self.network_key(ctx, &id, "t/", &parts);
+                    self.check(&prefixed_triplet_key("t/", &parts), &parts, carried, delay, ctx.now, kv)?;
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).

@@ -390,6 +390,56 @@ mod tests {
         assert!(h.host.value("spfscope/slow.example").is_none());
     }
 
+    /// A first attempt whose SPF check failed (a lookup cut off by the
+    /// deadline goes on and fills the cache) is keyed on the network; the
+    /// retry from the same client, keyed on the sender's domain, counts it
+    /// and does not wait out a second delay.
+    #[test]
+    fn a_first_attempt_keyed_on_the_network_counts_for_the_retry() {
+        for (first, retry_at, passes) in [(SpfResult::TempError, 301, true), (SpfResult::TempError, 100, false)] {
+            let mut h = Harness::<Greylist>::new("").unwrap();
+            h.dns().add("farm.example", RecordType::Txt, &[FARM_SPF]).spf("farm.example", first);
+            let mut s = h.session("198.51.100.10");
+            s.mail("news@farm.example");
+            assert_eq!(s.rcpt("user@dest.example").retry_after(), Some(300));
+            assert!(h.host.logs.iter().all(|(_, l)| !l.contains("identity=spf:")), "keyed on the network: {:?}", h.host.logs);
+            h.advance(retry_at);
+            h.dns().spf("farm.example", SpfResult::Pass);
+            let mut s = h.session("198.51.100.10");
+            s.mail("news@farm.example");
+            let v = s.rcpt("user@dest.example");
+            assert_eq!(v.passes(), passes, "retry after {retry_at} s: {v:?}");
+            if !passes {
+                // Told what is left of the first attempt's delay, not a new one.
+                assert_eq!(v.retry_after(), Some(300 - retry_at as u32));
+                // And the farm's next address, in another network, finds the
+                // record under its domain: it passes once the delay is out.
+                h.advance(300 - retry_at + 1);
+                let mut s = h.session("203.0.113.20");
+                s.mail("news@farm.example");
+                assert!(s.rcpt("user@dest.example").passes());
+            }
+            assert_eq!(h.host.counters.get("network_carried_total{identity=\"spf\"}"), Some(&1), "{:?}", h.host.counters);
+            assert!(h.host.logs.iter().any(|(_, l)| l.contains("first seen under the client network, now identity=spf:farm.example")));
+        }
+        // Another client in another network: nothing to carry over, a new triplet.
+        let mut h = Harness::<Greylist>::new("").unwrap();
+        h.dns().add("farm.example", RecordType::Txt, &[FARM_SPF]).spf("farm.example", SpfResult::TempError);
+        let mut s = h.session("198.51.100.10");
+        s.mail("news@farm.example");
+        s.rcpt("user@dest.example");
+        h.advance(301);
+        h.dns().spf("farm.example", SpfResult::Pass);
+        let mut s = h.session("203.0.113.20");
+        s.mail("news@farm.example");
+        assert_eq!(s.rcpt("user@dest.example").retry_after(), Some(300));
+        // Nor for another recipient from the same client.
+        let mut s = h.session("198.51.100.10");
+        s.mail("news@farm.example");
+        assert_eq!(s.rcpt("other@dest.example").retry_after(), Some(300));
+        assert_eq!(h.host.counters.get("network_carried_total{identity=\"spf\"}"), None);
+    }
+
     #[test]
     fn forward_confirmed_organisation() {
         let mut h = Harness::<Greylist>::new("").unwrap();

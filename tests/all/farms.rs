@@ -236,6 +236,96 @@ fn the_hook_deadline_bounds_dns_waits() {
     assert!(!status.contains("cut_by_deadline=0"), "{status}");
 }
 
+/// A DNS server in front of `upstream` that holds each answer for
+/// `SlowDns::DELAY` while it is slow (until [`SlowDns::fast`]): a resolver
+/// slower than the hook's deadline, then a normal one.
+struct SlowDns {
+    addr: std::net::SocketAddr,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowDns {
+    const DELAY: Duration = Duration::from_secs(2);
+
+    fn start(upstream: &str) -> SlowDns {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let upstream: std::net::SocketAddr = upstream.parse().unwrap();
+        let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let s = slow.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with the test process; a query at a time is plenty.
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let (query, reply_to, s) = (buf[..n].to_vec(), sock.try_clone().unwrap(), s.clone());
+                std::thread::spawn(move || {
+                    if s.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::thread::sleep(SlowDns::DELAY);
+                    }
+                    let up = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    up.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    up.send_to(&query, upstream).unwrap();
+                    let mut answer = [0u8; 4096];
+                    if let Ok(m) = up.recv(&mut answer) {
+                        let _ = reply_to.send_to(&answer[..m], from);
+                    }
+                });
+            }
+        });
+        SlowDns { addr, slow }
+    }
+
+    fn fast(&self) {
+        self.slow.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Found with a resolver slower than the hook's deadline: the first
+/// attempt's SPF check was cut off, so it was keyed on the client network;
+/// the check went on and filled the cache, so the retry from the same
+/// client was keyed on the sender's domain, a triplet never seen, and
+/// greylisted for a second delay. The retry now counts the first attempt.
+#[test]
+fn a_first_attempt_cut_off_by_slow_dns_counts_at_the_retry() {
+    let dns = zone();
+    let slow = SlowDns::start(&dns.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut d = greyhook_with(
+        dir.path(),
+        "serve",
+        &format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [dns]\nservers = [\"{dns}\"]\ntimeout = \"5s\"\n[filter]\ndeadline = \"1s\"\n[filter.config]\ndelay = 1\n",
+            d = dir.path().display(),
+            dns = slow.addr
+        ),
+    );
+    d.wait_listening(port, 60);
+    let ask_as = |instance: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address=198.51.100.10\n\
+             client_name=unknown\nreverse_client_name=unknown\nhelo_name=mx.sender.test\nsender=news@farm.test\n\
+             recipient=user@dest.test\ninstance={instance}\n\n"
+        );
+        policy_exchange(&mut s, &req).trim().to_string()
+    };
+    let a = ask_as("first");
+    assert!(deferred(&a), "{a}\n{}", d.log_text());
+    assert!(!d.log_text().contains("identity=spf:farm.test"), "the first attempt is keyed on the network:\n{}", d.log_text());
+    slow.fast();
+    // The delay (1 s) is out, and the cut-off check has filled the cache.
+    std::thread::sleep(SlowDns::DELAY + Duration::from_millis(1500));
+    let a = ask_as("retry");
+    assert!(passed(&a), "the retry passes: {a}\n{}", d.log_text());
+    let status = greyhook_status(&dir.path().join("control.sock"), false);
+    assert!(status.contains("network_carried_total{identity=\"spf\"} 1"), "{status}\n{}", d.log_text());
+    assert!(d.wait_log("now identity=spf:farm.test", 10), "{}", d.log_text());
+    assert!(!status.contains("cut_by_deadline=0"), "the first attempt's lookup was cut off: {status}");
+}
+
 /// One SMTP transaction from `from`: the RCPT reply.
 fn attempt(port: u16, from: &str, sender: &str) -> String {
     rcpt_reply(port, from, "mx.sender.test", sender, "user@dest.test")
