@@ -440,6 +440,32 @@ mod tests {
         assert_eq!(h.host.counters.get("network_carried_total{identity=\"spf\"}"), None);
     }
 
+    /// Switching from `identity = ["network"]` to the default: triplets
+    /// passed or pending under the network identity still count.
+    #[test]
+    fn switching_from_the_network_identity_keeps_its_triplets() {
+        let mut h = Harness::<Greylist>::new("identity = [\"network\"]\nauto_whitelist_after = 0").unwrap();
+        h.dns().add("farm.example", RecordType::Txt, &[FARM_SPF]).spf("farm.example", SpfResult::Pass);
+        for rcpt in ["passed@dest.example", "pending@dest.example"] {
+            let mut s = h.session("198.51.100.10");
+            s.mail("news@farm.example");
+            assert_eq!(s.rcpt(rcpt).retry_after(), Some(300));
+        }
+        h.advance(301);
+        let mut s = h.session("198.51.100.10");
+        s.mail("news@farm.example");
+        assert!(s.rcpt("passed@dest.example").passes());
+        h.filter = <Greylist as greyhook_filter::Filter>::init("auto_whitelist_after = 0").unwrap();
+        h.advance(3600);
+        let mut s = h.session("198.51.100.10");
+        s.mail("news@farm.example");
+        assert!(s.rcpt("passed@dest.example").passes(), "passed before: known");
+        // The pending one's retry window (default 2 days) is still open.
+        assert!(s.rcpt("pending@dest.example").passes(), "seen before the switch, retried after it");
+        assert_eq!(h.host.counters.get("network_carried_total{identity=\"spf\"}"), Some(&2), "{:?}", h.host.counters);
+        assert!(h.host.logs.iter().any(|(_, l)| l.contains("identity=spf:farm.example")));
+    }
+
     #[test]
     fn forward_confirmed_organisation() {
         let mut h = Harness::<Greylist>::new("").unwrap();
