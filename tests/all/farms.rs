@@ -75,14 +75,37 @@ fn serve(dir: &Path, dns: &str, dns_table: &str, filter_config: &str) -> (Proces
 /// Postfix's forward-confirmed name (`unknown` if none),
 /// `reverse_client_name` the PTR.
 fn ask(port: u16, client: &str, client_name: &str, ptr: &str, sender: &str) -> String {
+    ask_in(port, &format!("{client}-{sender}"), client, client_name, ptr, sender)
+}
+
+/// [`ask`] in the transaction `instance` (a retry is a new one).
+fn ask_in(port: u16, instance: &str, client: &str, client_name: &str, ptr: &str, sender: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let req = format!(
         "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={client}\n\
          client_name={client_name}\nreverse_client_name={ptr}\nhelo_name=mx.sender.test\nsender={sender}\n\
-         recipient=user@dest.test\ninstance={client}-{sender}\n\n"
+         recipient=user@dest.test\ninstance={instance}\n\n"
     );
     policy_exchange(&mut s, &req).trim().to_string()
+}
+
+/// `greyhook serve` asking the DNS server at `dns` with a 5 s resolver
+/// timeout, the hook's `deadline`, and a one-second delay: the daemon and
+/// its policy port.
+fn serve_with_deadline(dir: &Path, dns: &str, deadline: &str) -> (Process, u16) {
+    let port = free_port();
+    let mut d = greyhook_with(
+        dir,
+        "serve",
+        &format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [dns]\nservers = [\"{dns}\"]\ntimeout = \"5s\"\n[filter]\ndeadline = \"{deadline}\"\n[filter.config]\ndelay = 1\n",
+            d = dir.display()
+        ),
+    );
+    d.wait_listening(port, 60);
+    (d, port)
 }
 
 fn deferred(a: &str) -> bool {
@@ -214,18 +237,7 @@ fn selective_greylisting_against_real_dnsbl_and_dnswl_zones() {
 fn the_hook_deadline_bounds_dns_waits() {
     let dir = tempfile::tempdir().unwrap();
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = free_port();
-    let mut d = greyhook_with(
-        dir.path(),
-        "serve",
-        &format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [dns]\nservers = [\"{dns}\"]\ntimeout = \"5s\"\n[filter]\ndeadline = \"400ms\"\n[filter.config]\ndelay = 1\n",
-            d = dir.path().display(),
-            dns = silent.local_addr().unwrap()
-        ),
-    );
-    d.wait_listening(port, 60);
+    let (d, port) = serve_with_deadline(dir.path(), &silent.local_addr().unwrap().to_string(), "400ms");
     let t = Instant::now();
     let a = ask(port, "198.51.100.10", "unknown", "unknown", "news@farm.test");
     assert!(deferred(&a), "{a}\n{}", d.log_text());
@@ -290,28 +302,8 @@ fn a_first_attempt_cut_off_by_slow_dns_counts_at_the_retry() {
     let dns = zone();
     let slow = SlowDns::start(&dns.addr());
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut d = greyhook_with(
-        dir.path(),
-        "serve",
-        &format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [dns]\nservers = [\"{dns}\"]\ntimeout = \"5s\"\n[filter]\ndeadline = \"1s\"\n[filter.config]\ndelay = 1\n",
-            d = dir.path().display(),
-            dns = slow.addr
-        ),
-    );
-    d.wait_listening(port, 60);
-    let ask_as = |instance: &str| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let req = format!(
-            "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address=198.51.100.10\n\
-             client_name=unknown\nreverse_client_name=unknown\nhelo_name=mx.sender.test\nsender=news@farm.test\n\
-             recipient=user@dest.test\ninstance={instance}\n\n"
-        );
-        policy_exchange(&mut s, &req).trim().to_string()
-    };
+    let (d, port) = serve_with_deadline(dir.path(), &slow.addr.to_string(), "1s");
+    let ask_as = |instance: &str| ask_in(port, instance, "198.51.100.10", "unknown", "unknown", "news@farm.test");
     let a = ask_as("first");
     assert!(deferred(&a), "{a}\n{}", d.log_text());
     assert!(!d.log_text().contains("identity=spf:farm.test"), "the first attempt is keyed on the network:\n{}", d.log_text());
