@@ -267,7 +267,8 @@ impl SlowDns {
         let s = slow.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with the test process; a query at a time is plenty.
+            // Ends with the test process. A thread a query, so that an
+            // answer held back holds no other.
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
                 let (query, reply_to, s) = (buf[..n].to_vec(), sock.try_clone().unwrap(), s.clone());
                 std::thread::spawn(move || {
