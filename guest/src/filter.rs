@@ -245,16 +245,15 @@ impl Greylist {
                 None if delay == 0 => (Record { first_seen: now, passed: now }, Outcome::FirstPass(0), c.max_age),
                 None => (Record { first_seen: now, passed: 0 }, Outcome::Defer { left: delay, first: true }, c.retry_window),
                 Some(r) if r.passed > 0 => (Record { first_seen: r.first_seen, passed: now }, Outcome::Known, c.max_age),
-                Some(r) if now < r.first_seen.saturating_add(delay) && !was_carried => {
-                    return Ok((Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false }, false));
+                Some(r) if now < r.first_seen.saturating_add(delay) => {
+                    let early = Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false };
+                    if !was_carried {
+                        return Ok((early, false));
+                    }
+                    // Carried over: the record is written under `key` with
+                    // the network record's first sighting.
+                    (r, early, r.first_seen.saturating_add(c.retry_window).saturating_sub(now))
                 }
-                // Carried over and still too early: the record is written
-                // under `key` with the network record's first sighting.
-                Some(r) if now < r.first_seen.saturating_add(delay) => (
-                    Record { first_seen: r.first_seen, passed: 0 },
-                    Outcome::Defer { left: r.first_seen.saturating_add(delay) - now, first: false },
-                    r.first_seen.saturating_add(c.retry_window).saturating_sub(now),
-                ),
                 Some(r) => {
                     (Record { first_seen: r.first_seen, passed: now }, Outcome::FirstPass(now.saturating_sub(r.first_seen)), c.max_age)
                 }
