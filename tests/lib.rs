@@ -1192,6 +1192,16 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmHWM")
 }
 
+/// A process's user and system CPU time so far (all its threads), in clock
+/// ticks (`USER_HZ`, 100 a second on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let after = &stat[stat.rfind(')').expect("stat's command name") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
 /// `greyhook status` (`--json` if `json`) on the control socket `control`;
 /// panics unless it succeeds.
 pub fn greyhook_status(control: &std::path::Path, json: bool) -> String {

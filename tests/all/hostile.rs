@@ -1155,15 +1155,6 @@ fn a_front_ends_limits_hold_across_all_its_listeners() {
     assert!(other.read(&mut b).unwrap() > 0, "served once the slot is free");
 }
 
-/// A process's user and system CPU time so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
-    // The fields after the command name (which may hold spaces) in parentheses.
-    let after = &stat[stat.rfind(')').expect("stat's command name") + 2..];
-    let f: Vec<&str> = after.split(' ').collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-}
-
 /// Found by holding connections until the daemon ran out of file
 /// descriptors: every accept then fails with `EMFILE`. The control
 /// socket's listener retried at once, so one `greyhook status` waiting

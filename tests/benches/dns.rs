@@ -23,16 +23,10 @@ use greyhook::types::{Context, Session, Transaction};
 use greyhook::{FilterOptions, Runtime, RuntimeConfig};
 use greyhook_tests::{DnsServer, SPF_DOMAIN_FILTER};
 
-/// This process's CPU time (user and system, all threads) so far, in µs,
-/// from `/proc/self/stat` (clock ticks of 10 ms: the cold runs are long
-/// enough for hundreds of them).
+/// This process's CPU time (user and system, all threads) so far, in µs
+/// (clock ticks of 10 ms: the cold runs are long enough for hundreds).
 fn process_cpu_us() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // Fields after the command name, which is in parentheses.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<f64> = rest.split(' ').map(|x| x.parse().unwrap_or(0.0)).collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    (f[11] + f[12]) * 1e6 / 100.0
+    greyhook_tests::cpu_ticks(std::process::id()) as f64 * 1e6 / 100.0
 }
 
 /// One A query for `name` on a new UDP socket, its answer awaited: the
