@@ -137,11 +137,10 @@ impl Greylist {
     /// lifetime): `wl/client/NETWORK` (the client's /24 or /64 as the
     /// filter groups it), `wl/sender/DOMAIN`, `wl/rcpt/ADDRESS`.
     fn whitelist_keys(&self, ctx: &Context, id: &Identity, sender: &str, recipients: &[String]) -> Vec<String> {
-        let c = &self.config;
         // The network identity's key is the client network already.
         let key = match id.kind {
             IdentityKind::Network => ["wl/client/", &id.key].concat(),
-            _ => ["wl/client/", &normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix)].concat(),
+            _ => ["wl/client/", &self.client_network(ctx)].concat(),
         };
         let mut keys = Vec::with_capacity(2 + recipients.len());
         keys.push(key);
@@ -188,6 +187,13 @@ impl Greylist {
         Ok(())
     }
 
+    /// The client's network as the network identity names it (its /24 or
+    /// /64, by `ipv4_prefix` and `ipv6_prefix`).
+    fn client_network(&self, ctx: &Context) -> String {
+        let c = &self.config;
+        normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix)
+    }
+
     /// The key the triplet `parts` (keyed on `id`) has under the client's
     /// network instead, when `id` is a DNS identity; `None` for the network
     /// identity itself.
@@ -195,8 +201,7 @@ impl Greylist {
         if id.kind == IdentityKind::Network {
             return None;
         }
-        let c = &self.config;
-        let net = normalize::client_network(ctx.session.client_address, c.ipv4_prefix, c.ipv6_prefix);
+        let net = self.client_network(ctx);
         let mut p: Vec<&str> = parts.to_vec();
         *p.first_mut()? = &net;
         Some(prefixed_triplet_key(prefix, &p))
