@@ -53,15 +53,15 @@ impl Postfix {
         let port = free_port();
         let d = dir.display();
         let policy = policy.map(|p| format!("check_policy_service {p}, ")).unwrap_or_default();
-        let main_cf = format!(
+        let base = format!(
             "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\nmail_owner = postfix\nsetgid_group = postdrop\n\
              inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmyhostname = mx.e2e.test\nmydomain = e2e.test\nmydestination = e2e.test\n\
              mynetworks = 10.255.255.0/24\nlocal_recipient_maps =\nalias_maps =\nalias_database =\nsmtputf8_enable = no\nbiff = no\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n\
              smtpd_recipient_restrictions = reject_unauth_destination, {policy}permit\n\
-             smtpd_end_of_data_restrictions = check_client_access static:HOLD\n{extra}"
+             smtpd_end_of_data_restrictions = check_client_access static:HOLD\n"
         );
-        std::fs::write(dir.join("etc/main.cf"), main_cf).unwrap();
+        std::fs::write(dir.join("etc/main.cf"), main_cf(&base, extra)).unwrap();
         std::fs::write(
             dir.join("etc/master.cf"),
             format!("127.0.0.1:{port} inet n - n - - smtpd\ngreyhook-in unix n - n - - smtpd\n{MASTER_CF}"),
@@ -118,6 +118,33 @@ impl Postfix {
     }
 }
 
+/// `base` (one parameter a line) with `extra` after it, less the base's
+/// parameters that `extra` sets again.
+///
+/// Found when a test hung in `postfix stop`: a parameter set twice makes
+/// every Postfix process warn ("overriding earlier entry") each time it
+/// reads main.cf, postlogd too, and postlogd sends its warnings to its own
+/// socket. Linux queues only 10 datagrams on a unix socket by default
+/// (`net.unix.max_dgram_qlen`), so a burst of those warnings at start-up
+/// could fill the queue while postlogd was blocked writing to it: postlogd
+/// then never read again, and every Postfix process that logged after it
+/// hung, `postfix stop` among them.
+fn main_cf(base: &str, extra: &str) -> String {
+    let param = |l: &str| {
+        if l.starts_with(char::is_whitespace) || l.starts_with('#') { None } else { l.split_once('=').map(|(k, _)| k.trim().to_string()) }
+    };
+    let set_again: Vec<String> = extra.lines().filter_map(param).collect();
+    let mut cf: String = base.lines().filter(|l| param(l).is_none_or(|k| !set_again.contains(&k))).flat_map(|l| [l, "\n"]).collect();
+    cf.push_str(extra);
+    cf
+}
+
+#[test]
+fn main_cf_sets_each_parameter_once() {
+    let cf = main_cf("a = 1\nb = 2\nc = 3\n", "# b again\nb =\n    x, y\nd = 4\n");
+    assert_eq!(cf, "a = 1\nc = 3\n# b again\nb =\n    x, y\nd = 4\n");
+}
+
 /// Runs swaks against 127.0.0.1:`port` with `args`; returns its transcript.
 fn swaks(port: u16, args: &[&str]) -> String {
     let out = Command::new("swaks")
@@ -130,8 +157,30 @@ fn swaks(port: u16, args: &[&str]) -> String {
 }
 
 impl Drop for Postfix {
+    /// `postfix stop`, given 30 s; then the master is killed, so that a
+    /// Postfix that hangs cannot hang the test run (its other processes
+    /// exit when the master is gone).
     fn drop(&mut self) {
-        let _ = Command::new(POSTFIX).args(["-c", self.dir.join("etc").to_str().unwrap(), "stop"]).output();
+        let Ok(mut stop) = Command::new(POSTFIX)
+            .args(["-c", self.dir.join("etc").to_str().unwrap(), "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        else {
+            return;
+        };
+        for _ in 0..300 {
+            if !matches!(stop.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("postfix stop did not end within 30 s: killing its master\n{}", self.log());
+        let _ = stop.kill();
+        let _ = stop.wait();
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("queue/pid/master.pid")) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
     }
 }
 
@@ -586,6 +635,9 @@ fn the_readme_postfix_lines_greylist_the_null_sender_too() {
     let again = pf.send("<>", "user@e2e.test", "127.0.0.1");
     assert!(again.contains("queued as"), "the bounce passes on retry:\n{again}\n{}", daemon.log_text());
     assert!(daemon.wait_log("action=greylist phase=data", 10), "{}", daemon.log_text());
+    // The README's lines replace the base's recipient restrictions rather
+    // than set them twice (see `main_cf`).
+    assert!(!pf.log().contains("overriding earlier entry"), "{}", pf.log());
     drop(pf);
     assert!(daemon.terminate(10));
 }
