@@ -8,7 +8,11 @@
 # the same next hop with `smtpd_proxy_filter`, the client's 250 the next
 # hop's: `greyhook smtp`'s work without a filter, by the peer it sits
 # beside), whose whole instance's CPU a message is the peer figure for
-# greyhook's.
+# greyhook's. And the floor: bench/nullrelay.c, the same relay dialogue
+# (the same writes and reads to the client and the next hop, the same
+# next-hop pool) in one C epoll loop that does nothing else, no filter, no
+# store, no checks: what any relay of this load costs on this machine, of
+# which the kernel's share (system calls, wake-ups, TCP) is most.
 # Postfix's own smtp-source is the client. Prints messages/s, greyhook's
 # CPU per message (and its user part), the whole machine's CPU per message,
 # and greyhook's context switches per message (voluntary/involuntary), with
@@ -35,6 +39,7 @@
 #   GH_WRAP='valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file=/tmp/cg.smtp' \
 #     MSGS=300 bench/smtp-vs-postfix.sh      # greyhook smtp under a profiler (bench/instructions.sh sum)
 #   GH_MILTER_WRAP=...                       # the same for the milter's greyhook
+#   NR_WRAP=...                              # the same for the null relay
 #   GH_WRAP='strace -f -c -o /tmp/st.smtp' MSGS=1000 bench/smtp-vs-postfix.sh   # its system calls
 #   GH_BIN=target/release-lto/greyhook bench/smtp-vs-postfix.sh   # another build of greyhook
 set -euo pipefail
@@ -58,6 +63,7 @@ fi
 work=$(mktemp -d)
 chmod 755 "$work"
 cc -O2 -o "$work/nullmilter" bench/nullmilter.c -lmilter -pthread
+cc -O2 -o "$work/nullrelay" bench/nullrelay.c
 pids=()
 postfixes=()
 cleanup() {
@@ -190,7 +196,15 @@ pf4_port=$(free_port)
 postfix_start "$work/pf4" "$pf4_port" "smtpd_proxy_filter = $HOP_ADDR"
 pf4_master=$(tr -d ' ' <"$work/pf4/queue/pid/master.pid")
 
-# ROUNDS rounds of the five paths back to back: this shared machine's
+# The floor: the null relay, relaying to the same Postfix over TCP (also
+# with HOP=unix: it speaks TCP only).
+nr_port=$(free_port)
+${NR_WRAP:-} "$work/nullrelay" "$nr_port" "$pf_port" >"$work/nullrelay.log" 2>&1 &
+pids+=($!)
+nr_pid=$!
+wait_port "$nr_port"
+
+# ROUNDS rounds of the six paths back to back: this shared machine's
 # speed drifts over minutes, so each round's ratios compare paths measured
 # within seconds of each other, and the summary is the median round.
 rounds=()
@@ -198,14 +212,15 @@ for round in $(seq 1 "$ROUNDS"); do
   straight=$(send straight "$pf_port" "$work/pf/maillog")
   via=$(send via-greyhook-smtp "$gh_port" "$work/pf/maillog" "$smtp_pid")
   proxy=$(send via-postfix-proxy "$pf4_port" "$work/pf/maillog" "pf:$pf4_master")
+  floor=$(send via-null-relay "$nr_port" "$work/pf/maillog" "$nr_pid")
   milter=$(send postfix-with-milter "$pf2_port" "$work/pf2/maillog" "$milter_pid")
   null=$(send postfix-with-null-milter "$pf3_port" "$work/pf3/maillog" "$null_pid")
   echo
   echo "round $round of $ROUNDS"
   echo "(for via-postfix-proxy, the CPU columns are the proxying Postfix's, all its processes;"
-  echo " for postfix-with-null-milter, the CPU and switch columns are the null milter's)"
+  echo " for via-null-relay, the null relay's; for postfix-with-null-milter, the null milter's)"
   printf "%-24s %10s %18s %22s %20s %26s\n" "path" "msgs/s" "greyhook µs/msg" "of it user µs/msg" "machine CPU µs/msg" "greyhook switches/msg v/i"
-  for r in "$straight" "$via" "$proxy" "$milter" "$null"; do
+  for r in "$straight" "$via" "$proxy" "$floor" "$milter" "$null"; do
     read -r n rate g m u cs <<<"$r"
     printf "%-24s %10s %18s %22s %20s %26s\n" "$n" "$rate" "$g" "$u" "$m" "$cs"
   done
@@ -214,14 +229,16 @@ for round in $(seq 1 "$ROUNDS"); do
   read -r _ m_rate m_g m_m m_u _ <<<"$milter"
   read -r _ n_rate n_g _ _ _ <<<"$null"
   read -r _ p_rate p_g _ p_u _ <<<"$proxy"
+  read -r _ f_rate f_g _ f_u _ <<<"$floor"
   # One line a round: the ratios and greyhook's CPU a message.
   rounds+=("$(awk -v a="$s_rate" -v b="$v_rate" -v c="$m_rate" -v sm="$s_m" -v vm="$v_m" -v mm="$m_m" -v vg="$v_g" -v mg="$m_g" -v d="$n_rate" -v ng="$n_g" \
-    -v e="$p_rate" -v pg="$p_g" -v pu="$p_u" -v vu="$v_u" \
-    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f %.3f %.3f %.1f %.3f %.1f %.3f %.1f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg, d / a, c / d, ng, e / a, pg, vg / pg, pu, vu }')")
-  read -r tv tm cv cm ceil _ _ tn mn _ tp _ gp _ _ <<<"${rounds[-1]}"
+    -v e="$p_rate" -v pg="$p_g" -v pu="$p_u" -v vu="$v_u" -v f="$f_rate" -v fg="$f_g" -v fu="$f_u" \
+    'BEGIN { printf "%.3f %.3f %.3f %.3f %.3f %.1f %.1f %.3f %.3f %.1f %.3f %.1f %.3f %.1f %.1f %.3f %.1f %.1f %.3f %.1f", b / a, c / a, vm / sm, mm / sm, sm / (mm - mg), vg, mg, d / a, c / d, ng, e / a, pg, vg / pg, pu, vu, f / a, fg, fu, vg / fg, vg - fg }')")
+  read -r tv tm cv cm ceil _ _ tn mn _ tp _ gp _ _ tf _ _ gf gd <<<"${rounds[-1]}"
   printf "throughput via greyhook smtp / straight: %s; with milter / straight: %s\n" "$tv" "$tm"
   printf "throughput with the null milter / straight: %s; with greyhook's milter / with the null milter: %s\n" "$tn" "$mn"
   printf "throughput via Postfix's proxy / straight: %s; CPU a message, greyhook smtp / Postfix's proxy: %s\n" "$tp" "$gp"
+  printf "throughput via the null relay / straight: %s; CPU a message, greyhook smtp / the null relay: %s (%s µs above it)\n" "$tf" "$gf" "$gd"
   printf "machine CPU per message, via greyhook smtp / straight: %s; with milter / straight: %s\n" "$cv" "$cm"
   # What the milter path would reach if greyhook cost nothing, on a
   # CPU-bound machine: the rest is Postfix's own milter work.
@@ -253,3 +270,6 @@ printf "throughput via Postfix's before-queue proxy / straight: %.2f\n" "$(media
 printf "greyhook CPU µs a message: smtp %.1f (user %.1f), milter %.1f; the null milter's: %.1f\n" "$(median 6)" "$(median 15)" "$(median 7)" "$(median 10)"
 printf "Postfix's before-queue proxy, the whole instance's CPU µs a message: %.1f (user %.1f)\n" "$(median 12)" "$(median 14)"
 printf "CPU a message, greyhook smtp / Postfix's before-queue proxy: %.2f\n" "$(median 13)"
+printf "throughput via the null relay / straight: %.2f\n" "$(median 16)"
+printf "the null relay's CPU µs a message (the floor): %.1f (user %.1f)\n" "$(median 17)" "$(median 18)"
+printf "CPU a message, greyhook smtp / the null relay: %.2f; greyhook smtp above the floor: %.1f µs\n" "$(median 19)" "$(median 20)"
