@@ -3,7 +3,11 @@
 # requests/s, p50/p99 latency, and server CPU µs per request, with ratios.
 # Both get a fresh private database, the same triplets and the same 29
 # attributes per request (tools/policy-load). Both must keep the greylisting
-# invariant (all deferred: the delay is longer than the run).
+# invariant (all deferred: the delay is longer than the run). And the
+# floor: bench/nullpolicy.c, a C server that reads each request to its
+# empty line and answers it with a deferral, one epoll loop doing nothing
+# else: what any policy server of this load costs on this machine, of
+# which the kernel's share (system calls, wake-ups, TCP) is most.
 #
 #   bench/policy-vs-postgrey.sh            # 16 connections x 2000 requests
 #   CONNS=4 REQS=500 bench/policy-vs-postgrey.sh
@@ -79,14 +83,24 @@ pids+=($!)
 wait_port "$gh_port"
 gh=$(run greyhook "$gh_port" "${pids[-1]}")
 
+cc -O2 -o "$work/nullpolicy" bench/nullpolicy.c
+np_port=$(free_port)
+"$work/nullpolicy" "$np_port" >"$work/nullpolicy.log" 2>&1 &
+pids+=($!)
+wait_port "$np_port"
+floor=$(run floor "$np_port" "${pids[-1]}")
+
 echo
 echo "policy load: $CONNS connections x $REQS requests, $TRIPLETS triplets, Postfix 3.7.11 RCPT attributes; $(nproc) cores; greyhook log level ${GH_LOG:-info}"
 printf '%-10s %12s %10s %10s %14s\n' server "requests/s" "p50 µs" "p99 µs" "CPU µs/req"
-for row in "$pg" "$gh"; do
+for row in "$pg" "$gh" "$floor"; do
   read -r name rps p50 p99 cpu <<<"$row"
   printf '%-10s %12s %10s %10s %14s\n' "$name" "$rps" "$p50" "$p99" "$cpu"
 done
 read -r _ prps pp50 pp99 pcpu <<<"$pg"
 read -r _ grps gp50 gp99 gcpu <<<"$gh"
+read -r _ _ _ _ fcpu <<<"$floor"
 awk -v a="$grps" -v b="$prps" -v c="$pcpu" -v d="$gcpu" -v e="$pp99" -v f="$gp99" \
   'BEGIN{printf "greyhook/postgrey: %.1fx requests/s, %.1fx less CPU per request, %.1fx lower p99\n", a/b, c/d, e/f}'
+awk -v g="$gcpu" -v f="$fcpu" \
+  'BEGIN{printf "greyhook/floor (bench/nullpolicy.c): %.2fx the CPU per request, %.1f µs above it\n", g/f, g-f}'
