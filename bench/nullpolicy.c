@@ -22,6 +22,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "nullserver.h"
+
 #define BUF 8192
 
 static const char ANSWER[] = "action=451 4.7.1 Greylisted, please try again later retry=00:05:00\n\n";
@@ -31,11 +33,6 @@ struct conn {
   size_t len;
   char in[BUF];
 };
-
-static void die(const char *what) {
-  perror(what);
-  exit(1);
-}
 
 /* Answers every whole request in the buffer; -1 to close. */
 static int readable(struct conn *c) {
@@ -64,20 +61,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: nullpolicy LISTEN_PORT\n");
     return 2;
   }
-  signal(SIGPIPE, SIG_IGN);
-  int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-  if (l < 0) die("socket");
-  int one = 1;
-  setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  /* accepted sockets inherit it, as greyhook's listener has it */
-  setsockopt(l, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 1024) < 0) die("listen");
-  int ep = epoll_create1(0);
-  if (ep < 0) die("epoll_create1");
-  struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
-  if (epoll_ctl(ep, EPOLL_CTL_ADD, l, &lev) < 0) die("epoll_ctl");
+  int ep;
+  int l = listen_loopback(argv[1], &ep);
   struct epoll_event evs[64];
   for (;;) {
     int n = epoll_wait(ep, evs, 64, -1);

@@ -33,6 +33,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "nullserver.h"
+
 #define BUF 8192 /* greyhook's read buffer too */
 #define MAX_MSG (1 << 20)
 
@@ -71,11 +73,6 @@ struct client {
 static int ep, hop_port;
 static struct hop *pool;
 static unsigned long ids;
-
-static void die(const char *what) {
-  perror(what);
-  exit(1);
-}
 
 /* The whole buffer, or the connection is treated as gone (bench tool:
  * replies are small and the peers read them). */
@@ -345,20 +342,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   hop_port = atoi(argv[2]);
-  signal(SIGPIPE, SIG_IGN);
-  int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-  if (l < 0) die("socket");
-  int one = 1;
-  setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  /* accepted sockets inherit it, as greyhook's listener has it */
-  setsockopt(l, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 1024) < 0) die("listen");
-  ep = epoll_create1(0);
-  if (ep < 0) die("epoll_create1");
-  struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
-  if (epoll_ctl(ep, EPOLL_CTL_ADD, l, &lev) < 0) die("epoll_ctl");
+  int l = listen_loopback(argv[1], &ep);
   struct epoll_event evs[64];
   for (;;) {
     int n = epoll_wait(ep, evs, 64, -1);
