@@ -345,9 +345,7 @@ int main(int argc, char **argv) {
   int l = listen_loopback(argv[1], &ep);
   struct epoll_event evs[64];
   for (;;) {
-    int n = epoll_wait(ep, evs, 64, -1);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) die("epoll_wait");
+    int n = next_events(ep, evs, 64);
     for (int i = 0; i < n; i++) {
       if (!evs[i].data.ptr) {
         int fd;

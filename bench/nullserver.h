@@ -6,6 +6,7 @@
 #define NULLSERVER_H
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -37,6 +38,15 @@ static int listen_loopback(const char *port, int *ep) {
   struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
   if (epoll_ctl(*ep, EPOLL_CTL_ADD, l, &lev) < 0) die("epoll_ctl");
   return l;
+}
+
+/* The next events of EP into EVS (at most N), waiting as long as it takes. */
+static int next_events(int ep, struct epoll_event *evs, int n) {
+  for (;;) {
+    int got = epoll_wait(ep, evs, n, -1);
+    if (got >= 0) return got;
+    if (errno != EINTR) die("epoll_wait");
+  }
 }
 
 #endif
