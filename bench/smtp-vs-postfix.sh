@@ -31,7 +31,7 @@
 #   MILTER=unix bench/smtp-vs-postfix.sh     # the milter on a unix socket (default: TCP)
 #   HOP=unix bench/smtp-vs-postfix.sh        # greyhook smtp relays to Postfix's smtpd on a
 #                                            # unix socket (master.cf `unix` service; default: TCP)
-#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the five paths (default 3), then medians
+#   ROUNDS=5 bench/smtp-vs-postfix.sh        # rounds of the six paths (default 3), then medians
 #   GH_SET='identity=["network"]' bench/smtp-vs-postfix.sh   # no SPF lookups
 #   NULL_NR=1 bench/smtp-vs-postfix.sh       # the null milter asks for the no-reply steps too
 #   NULL_MIN=1 bench/smtp-vs-postfix.sh      # ... and for no connect, HELO, MAIL or header step:
