@@ -164,6 +164,15 @@ static void keep(char *dst, size_t cap, const char *line, size_t len) {
   dst[len] = 0;
 }
 
+/* The client's reply now waits for WANT next-hop replies, answering STAGE
+ * (1 the envelope, 2 the message). */
+static void await_hop(struct client *c, int want, int stage) {
+  c->mode = WAIT_HOP;
+  c->want = want;
+  c->stage = stage;
+  c->failed = 0;
+}
+
 /* One command line from the client; returns -1 to close. */
 static int command(struct client *c, const char *line, size_t len) {
   char verb[5] = {0};
@@ -182,20 +191,14 @@ static int command(struct client *c, const char *line, size_t len) {
     if (!c->hop && !(c->hop = hop_get())) return puts_fd(c->h.fd, "451 4.4.1 next hop unavailable\r\n");
     c->hop->owner = c;
     if (c->hop->tx) { /* a further recipient of the same message */
-      c->mode = WAIT_HOP;
-      c->want = 1;
-      c->stage = 1;
-      c->failed = 0;
+      await_hop(c, 1, 1);
       return put(c->hop->h.fd, c->rcpt, strlen(c->rcpt));
     }
     char out[4096];
     int n = snprintf(out, sizeof out, "XFORWARD NAME=localhost ADDR=127.0.0.1 PROTO=ESMTP HELO=%s\r\n%s%s", c->helo[0] ? c->helo : "unknown",
                      c->mail, c->rcpt);
     if (n < 0 || (size_t)n >= sizeof out) return -1;
-    c->mode = WAIT_HOP;
-    c->want = 3;
-    c->stage = 1;
-    c->failed = 0;
+    await_hop(c, 3, 1);
     c->hop->tx = 1;
     return put(c->hop->h.fd, out, (size_t)n);
   }
@@ -228,24 +231,15 @@ static int relay_message(struct client *c) {
   int bn = snprintf(bdat, sizeof bdat, "BDAT %zu LAST\r\n", (size_t)rn + c->msglen);
   struct iovec iov[3] = {{bdat, (size_t)bn}, {received, (size_t)rn}, {c->msg, c->msglen}};
   struct msghdr mh = {.msg_iov = iov, .msg_iovlen = 3};
-  size_t total = (size_t)bn + (size_t)rn + c->msglen;
   ssize_t w = sendmsg(c->hop->h.fd, &mh, MSG_NOSIGNAL);
   if (w < 0) return -1;
-  if ((size_t)w < total) {
-    /* rare (a large message): the rest, blocking-style */
-    char *all = malloc(total);
-    if (!all) return -1;
-    memcpy(all, bdat, (size_t)bn);
-    memcpy(all + bn, received, (size_t)rn);
-    memcpy(all + bn + rn, c->msg, c->msglen);
-    int r = put(c->hop->h.fd, all + w, total - (size_t)w);
-    free(all);
-    if (r < 0) return -1;
+  /* rare (a large message): what the one write left of each part */
+  for (int i = 0; i < 3; i++) {
+    size_t sent = (size_t)w < iov[i].iov_len ? (size_t)w : iov[i].iov_len;
+    w -= (ssize_t)sent;
+    if (sent < iov[i].iov_len && put(c->hop->h.fd, (char *)iov[i].iov_base + sent, iov[i].iov_len - sent) < 0) return -1;
   }
-  c->mode = WAIT_HOP;
-  c->want = 1;
-  c->stage = 2;
-  c->failed = 0;
+  await_hop(c, 1, 2);
   return 0;
 }
 
