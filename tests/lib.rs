@@ -1278,16 +1278,17 @@ impl Raw {
         Raw { w: s.try_clone().expect("clone"), r: std::io::BufReader::new(s) }
     }
 
-    /// One whole reply (all its lines).
+    /// One whole reply (all its lines; bytes that are not UTF-8, as a
+    /// server may echo a client's, shown as U+FFFD).
     pub fn reply(&mut self) -> String {
         let mut all = String::new();
         loop {
-            let mut line = String::new();
-            if std::io::BufRead::read_line(&mut self.r, &mut line).unwrap_or(0) == 0 {
+            let mut line = Vec::new();
+            if std::io::BufRead::read_until(&mut self.r, b'\n', &mut line).unwrap_or(0) == 0 {
                 return all;
             }
-            all.push_str(&line);
-            if line.as_bytes().get(3) != Some(&b'-') {
+            all.push_str(&String::from_utf8_lossy(&line));
+            if line.get(3) != Some(&b'-') {
                 return all;
             }
         }
@@ -1295,7 +1296,12 @@ impl Raw {
 
     /// Sends one line (CRLF added), reads the reply.
     pub fn send(&mut self, line: &str) -> String {
-        std::io::Write::write_all(&mut self.w, format!("{line}\r\n").as_bytes()).unwrap();
+        self.send_bytes(line.as_bytes())
+    }
+
+    /// Sends one line of any bytes (CRLF added), reads the reply.
+    pub fn send_bytes(&mut self, line: &[u8]) -> String {
+        std::io::Write::write_all(&mut self.w, &[line, b"\r\n"].concat()).unwrap();
         self.reply()
     }
 

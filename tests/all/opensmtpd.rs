@@ -320,9 +320,14 @@ impl Pipe {
     }
 
     fn send(&mut self, line: &str) {
+        self.send_bytes(line.as_bytes());
+    }
+
+    /// Sends one line of any bytes (the newline added).
+    fn send_bytes(&mut self, line: &[u8]) {
         use std::io::Write;
         let stdin = self.stdin.as_mut().expect("the pipe is open");
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.write_all(&[line, b"\n"].concat()).unwrap();
         stdin.flush().unwrap();
     }
 
@@ -465,6 +470,32 @@ fn the_filter_protocol_over_a_pipe() {
             assert!(p.exited_within(10), "greyhook opensmtpd goes on after its input ended");
         }
     }
+}
+
+/// Senders that are not UTF-8 (smtpd's `mail-from` parameters are the
+/// client's bytes) are each their own triplet. They used to be read with
+/// U+FFFD for each bad byte, so that `\xe9t\xe9@` and `\xe8t\xe8@` made
+/// one triplet, and the second, never seen, passed as the first's retry.
+#[test]
+fn latin1_senders_are_distinct_triplets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipe::start(dir.path(), "", "delay = 1\nipv4_prefix = 32\n");
+    p.report("aaaa", "link-connect", "mx.example.org|pass|192.0.2.60:40000|127.0.0.1:25");
+    assert!(p.filter("aaaa", "connect", "mx.example.org|192.0.2.60").ends_with("|proceed"));
+    assert!(p.filter("aaaa", "ehlo", "mx.example.org").ends_with("|proceed"));
+    let mut attempt = |sender: &[u8]| {
+        p.report("aaaa", "tx-reset", "");
+        p.send_bytes(&[&b"filter|0.6|1796002401.16|smtp-in|mail-from|aaaa|tok-mail|"[..], sender].concat());
+        assert_eq!(p.next(), "filter-result|aaaa|tok-mail|proceed");
+        p.filter("aaaa", "rcpt-to", "user@example.com")
+    };
+    let first = attempt(b"\xe9t\xe9@sender.example");
+    assert!(first.contains("|reject|451 4.7.1 "), "first sighting greylisted: {first}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let other = attempt(b"\xe8t\xe8@sender.example");
+    assert!(other.contains("|reject|451 4.7.1 "), "another sender, never seen, is greylisted: {other}");
+    let retry = attempt(b"\xe9t\xe9@sender.example");
+    assert!(retry.ends_with("|proceed"), "the first sender's retry passes: {retry}");
 }
 
 /// A session whose AUTH failed is not authenticated, whatever user name

@@ -314,6 +314,66 @@ fn postfix_with_milter_logging(r: &Path, filter_config: &str, default_action: &s
     (daemon, pf)
 }
 
+/// `greyhook serve` with a policy listener and the reference filter
+/// configured by `filter_config`, and a Postfix in `r` asking it at RCPT.
+fn postfix_with_policy(r: &Path, filter_config: &str) -> (Process, Postfix) {
+    traversable(r);
+    let port = free_port();
+    let cfg = r.join("greyhook.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [filter.config]\n{filter_config}",
+            d = r.display()
+        ),
+    )
+    .unwrap();
+    let daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
+    wait_for_port(port, 20);
+    let pf = Postfix::start(r, Some(&format!("inet:127.0.0.1:{port}")), "");
+    (daemon, pf)
+}
+
+/// Postfix with `smtputf8_enable = no` (the harness's, and any Postfix
+/// before compatibility level 1) takes 8-bit addresses that are not UTF-8,
+/// and hands them to its policy service and milter byte for byte. Found
+/// with a raw socket through a real Postfix: greyhook read each bad byte as
+/// U+FFFD, so the Latin-1 senders `\xe9t\xe9@` and `\xe8t\xe8@` made one
+/// triplet, and a sender never seen before passed as the other's retry.
+/// Each must be its own triplet; the retry of the first still passes, and
+/// the decision log shows the bytes as `\xe9`.
+#[test]
+fn postfix_latin1_senders_are_distinct_triplets() {
+    for front in ["policy", "milter"] {
+        let root = tempfile::tempdir().unwrap();
+        let config = "delay = 2\nipv4_prefix = 32\n";
+        let (mut daemon, pf) =
+            if front == "policy" { postfix_with_policy(root.path(), config) } else { postfix_with_milter(root.path(), config, "accept") };
+        let mut c = Raw::over(connect_from("127.0.0.9", pf.port));
+        assert!(c.reply().starts_with("220"), "{front}: greeting");
+        assert!(c.send("EHLO client.example.org").starts_with("250"));
+        let mut attempt = |sender: &[u8]| {
+            let _ = c.send("RSET");
+            let mail = c.send_bytes(&[&b"MAIL FROM:<"[..], sender, b">"].concat());
+            assert!(mail.starts_with("250"), "{front}: Postfix takes a Latin-1 sender: {mail}\n{}", pf.log());
+            c.send("RCPT TO:<user@e2e.test>")
+        };
+        let first = attempt(b"\xe9t\xe9@example.org");
+        assert!(first.starts_with("451"), "{front}: first sighting greylisted: {first}\n{}", daemon.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let other = attempt(b"\xe8t\xe8@example.org");
+        assert!(other.starts_with("451"), "{front}: another sender, never seen, is greylisted: {other}\n{}", daemon.log_text());
+        let retry = attempt(b"\xe9t\xe9@example.org");
+        assert!(retry.starts_with("250"), "{front}: the first sender's retry passes: {retry}\n{}", daemon.log_text());
+        // The decision log shows the bytes the client sent.
+        wait_for_log(&daemon, "sender=<\\xe8t\\xe8@example.org>");
+        let _ = c.send("QUIT");
+        drop(pf);
+        assert!(daemon.terminate(10), "{front}: {}", daemon.log_text());
+    }
+}
+
 /// greyhook gives Postfix its own macro lists (`SMFIF_SETSYMLIST`): only
 /// the queue ID `i` and `{auth_authen}` arrive, not Postfix's default dozen
 /// (`j`, `_`, `{daemon_name}`, `{rcpt_addr}`...), which greyhook would only

@@ -2,7 +2,8 @@
 //! front end fills in and reads back ([`types`]), how a verdict becomes an
 //! SMTP reply ([`reply`]) and how a reply's retry hint is read back
 //! ([`retry`]), how much of a message a filter is handed ([`message`]), and
-//! the clock that hands filters `now` ([`clock`]); and how a client address
+//! the clock that hands filters `now` ([`clock`]), how a peer's bytes that
+//! may not be UTF-8 become text without losing any ([`text`]); and how a client address
 //! is read ([`parse_client_address`]), grouped ([`client_network`]) and
 //! matched against a setting's networks ([`Network`]).
 
@@ -10,6 +11,7 @@ pub mod clock;
 pub mod message;
 pub mod reply;
 pub mod retry;
+pub mod text;
 pub use greyhook_types as types;
 
 /// A client address as an MTA writes it: `192.0.2.1`, `2001:db8::1`, with

@@ -210,7 +210,7 @@ where
         };
         let rest = f.next().unwrap_or(b"");
         // A report's parameters as text (only reports read them so).
-        let text = || String::from_utf8_lossy(rest);
+        let text = || crate::domain::text::from_bytes(rest);
         if !version_ok(version) {
             return Err(ProtocolError::Version(version.to_string()));
         }
@@ -252,7 +252,7 @@ where
                 if phase == "data-line" {
                     Event::DataLine { token, line: params.to_vec() }
                 } else {
-                    Event::Filter { phase: phase.to_string(), token, params: String::from_utf8_lossy(params).into_owned() }
+                    Event::Filter { phase: phase.to_string(), token, params: crate::domain::text::from_bytes(params).into_owned() }
                 }
             }
             _ => continue,
@@ -639,7 +639,7 @@ impl Conversation {
         // the Message-ID is read and no more headers fit.
         // The filters read the header section as text; what goes back to
         // smtpd is the line as it came.
-        let read_all = line == b"." || !reader.push(&String::from_utf8_lossy(unescape(line)));
+        let read_all = line == b"." || !reader.push(&crate::domain::text::from_bytes(unescape(line)));
         if !read_all {
             if *streaming {
                 // Past `max_header_bytes` with no Message-ID yet: the lines

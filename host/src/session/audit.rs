@@ -88,21 +88,28 @@ fn write_timestamp(out: &mut String, now: time::OffsetDateTime) {
     out.push_str(std::str::from_utf8(&b).unwrap_or_default());
 }
 
-/// Appends `text` with its control characters written as escapes.
+/// Appends `text` with its control characters written as escapes, and the
+/// characters that stand for a peer's bytes that were not UTF-8
+/// ([`crate::domain::text`]) as the bytes they stand for (`\xe9`).
 fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
     // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
-    // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0): a byte
-    // scan (vectorised) finds there are none, the common case.
-    if crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2)) {
+    // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0); the
+    // byte characters U+EF80 to U+EFFF begin with 0xEE. A byte scan
+    // (vectorised) finds there are none, the common case.
+    if crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2) & (b != 0xee)) {
         out.push_str(text);
         return;
     }
+    const BYTES: std::ops::RangeInclusive<u32> = crate::domain::text::BYTE_CHAR_BASE + 0x80..=crate::domain::text::BYTE_CHAR_BASE + 0xff;
     for c in text.chars() {
         match c as u32 {
             // Writing into a String cannot fail.
             n @ (0..=0x1f | 0x7f) => {
                 let _ = write!(out, "\\x{n:02x}");
+            }
+            n if BYTES.contains(&n) => {
+                let _ = write!(out, "\\x{:02x}", n - crate::domain::text::BYTE_CHAR_BASE);
             }
             n @ 0x80..=0x9f => {
                 let _ = write!(out, "\\u{{{n:x}}}");
@@ -324,7 +331,7 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped_wherever_they_are() {
-        for (c, escaped) in [('\n', "\\x0a"), ('\u{7f}', "\\x7f"), ('\u{85}', "\\u{85}")] {
+        for (c, escaped) in [('\n', "\\x0a"), ('\u{7f}', "\\x7f"), ('\u{85}', "\\u{85}"), ('\u{efe9}', "\\xe9")] {
             for at in [0, 31, 32, 33, 64, 90] {
                 let mut text = "x".repeat(100);
                 text.insert(at, c);
@@ -334,8 +341,8 @@ mod tests {
             }
         }
         let mut out = String::new();
-        push_escaped(&mut out, "plain é ünï");
-        assert_eq!(out, "plain é ünï");
+        push_escaped(&mut out, "plain é ünï \u{e000}\u{ef7f}");
+        assert_eq!(out, "plain é ünï \u{e000}\u{ef7f}");
     }
 
     #[test]

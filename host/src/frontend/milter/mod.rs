@@ -30,6 +30,7 @@
 //! A malformed, oversized or unknown packet closes the connection; Postfix
 //! then applies `milter_default_action` (set it to `accept` to fail open).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use miltr_common::actions::{Action, Continue, Replycode};
 use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macro, Mail, Recipient};
+use miltr_common::encoding::Writable;
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
@@ -359,7 +361,7 @@ impl MilterProtocol for Conversation {
     async fn macro_(&mut self, m: Macro) -> Result<(), Self::Error> {
         for (name, value) in m.macros() {
             tracing::trace!(name = %String::from_utf8_lossy(name), "milter: macro");
-            let value = String::from_utf8_lossy(value);
+            let value = crate::domain::text::from_bytes(value);
             if value.len() > 320 {
                 continue;
             }
@@ -413,7 +415,7 @@ impl MilterProtocol for Conversation {
             return Ok(a);
         }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
-        let name = h.helo();
+        let name = field(&h, h.helo(), 0);
         let v = s.ehlo(&name).await;
         Ok(self.answer_or_hold(Protocol::NR_HELO, HeldUntil::Helo, &v.verdict))
     }
@@ -429,7 +431,7 @@ impl MilterProtocol for Conversation {
         self.name_session();
         let Some(s) = self.session() else { return Ok(Continue.into()) };
         s.session_mut().auth_user = auth;
-        let sender = strip_brackets(&m.sender());
+        let sender = strip_brackets(&field(&m, m.sender(), 0));
         let v = s.mail(&sender).await;
         // Headers given at MAIL/RCPT can only be added at end of message.
         if v.reply().is_none() {
@@ -443,7 +445,7 @@ impl MilterProtocol for Conversation {
             return Ok(a);
         }
         let Some(s) = self.session() else { return Ok(Continue.into()) };
-        let rcpt = strip_brackets(&r.recipient());
+        let rcpt = strip_brackets(&field(&r, r.recipient(), 0));
         let v = s.rcpt(&rcpt).await;
         // Headers given at MAIL/RCPT can only be added at end of message.
         if v.reply().is_none() {
@@ -453,7 +455,7 @@ impl MilterProtocol for Conversation {
     }
 
     async fn header(&mut self, h: MilterHeader) -> Result<Action, Self::Error> {
-        let (name, raw) = (h.name(), h.value());
+        let (name, raw) = (field(&h, h.name(), 0), field(&h, h.value(), 1));
         if self.message_id.is_none() && name.eq_ignore_ascii_case("message-id") {
             // A bounce's own trace lines can push it past `max_headers`;
             // without it the reference filter's DATA key falls back to
@@ -515,6 +517,24 @@ impl MilterProtocol for Conversation {
         self.end_transaction();
         Ok(())
     }
+}
+
+/// A command's field as text with none of its bytes lost. `lossy` is
+/// what `miltr-common` gives for it (`String::from_utf8_lossy`, which
+/// turns every byte that is not UTF-8 into U+FFFD, so that two senders
+/// differing only in such bytes were one triplet), and is kept when it is
+/// borrowed: the bytes were UTF-8. Otherwise the field is read again from
+/// the command's own encoding (its `index`th NUL-ended field, which
+/// `miltr-common` offers no other way to reach) with
+/// [`text::from_bytes`](crate::domain::text::from_bytes).
+fn field<'a>(cmd: &impl Writable, lossy: Cow<'a, str>, index: usize) -> Cow<'a, str> {
+    if let Cow::Borrowed(_) = lossy {
+        return lossy;
+    }
+    let mut encoded = bytes::BytesMut::with_capacity(cmd.len());
+    cmd.write(&mut encoded);
+    let raw = encoded[..].split(|b| *b == 0).nth(index).unwrap_or_default();
+    Cow::Owned(crate::domain::text::from_bytes(raw).into_owned())
 }
 
 fn strip_brackets(s: &str) -> String {
@@ -721,6 +741,22 @@ impl tokio::io::AsyncWrite for PeerDeadlines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_that_are_not_utf8_keep_every_byte() {
+        // `miltr-common` reads these with U+FFFD for each bad byte.
+        let m = Mail::from(&b"<\xe9t\xe9@x>"[..]);
+        assert_eq!(field(&m, m.sender(), 0), "<\u{EFE9}t\u{EFE9}@x>");
+        let r = Recipient::from(&b"<\xe8@x>"[..]);
+        assert_eq!(field(&r, r.recipient(), 0), "<\u{EFE8}@x>");
+        let h = Helo::from(&b"h\xe9lo"[..]);
+        assert_eq!(field(&h, h.helo(), 0), "h\u{EFE9}lo");
+        let h = MilterHeader::new(b"Message-ID", b"<\xe9@x>");
+        assert_eq!((field(&h, h.name(), 0), field(&h, h.value(), 1)), ("Message-ID".into(), "<\u{EFE9}@x>".into()));
+        // UTF-8 is what the crate gave, not read again.
+        let m = Mail::from("<été@x>".as_bytes());
+        assert!(matches!(field(&m, m.sender(), 0), Cow::Borrowed("<été@x>")));
+    }
 
     #[test]
     fn replycode_keeps_code_enhanced_code_and_hint_last() {

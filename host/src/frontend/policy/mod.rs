@@ -192,15 +192,12 @@ impl PolicyServer {
     /// Answers one request (its attribute lines, without the final empty
     /// line): the `action=...` value.
     pub async fn answer(&self, request: &[u8]) -> String {
-        // Invalid UTF-8 (a client's bytes in sender, recipient or HELO) is
-        // not a reason to let the mail through: the filters see it with
-        // U+FFFD in place of the bad bytes, and greylist it like any other.
-        // (Checked with `from_utf8` first: its ASCII fast path is several
-        // times quicker than the lossy decoder on a request that is valid.)
-        let text = match std::str::from_utf8(request) {
-            Ok(t) => std::borrow::Cow::Borrowed(t),
-            Err(_) => String::from_utf8_lossy(request),
-        };
+        // Invalid UTF-8 (a client's bytes in sender, recipient or HELO, as
+        // Postfix with `smtputf8_enable = no` passes them) is not a reason
+        // to let the mail through: the filters see each bad byte as a
+        // character of its own, so two such senders stay two triplets, and
+        // greylist it like any other.
+        let text = crate::domain::text::from_bytes(request);
         let text: &str = &text;
         let attrs = match Attrs::parse(text) {
             Ok(a) => a,

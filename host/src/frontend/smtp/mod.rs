@@ -1342,7 +1342,9 @@ fn xforward(s: &crate::domain::types::Session) -> String {
 /// as a filter is handed it, and its Message-ID
 /// ([`crate::session::read_header_section`]).
 pub fn parse_headers(message: &[u8]) -> Message {
-    crate::session::read_header_section(message.split(|b| *b == b'\n').map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l))))
+    crate::session::read_header_section(
+        message.split(|b| *b == b'\n').map(|l| crate::domain::text::from_bytes(l.strip_suffix(b"\r").unwrap_or(l))),
+    )
 }
 
 #[cfg(test)]
@@ -1394,5 +1396,15 @@ mod tests {
         assert_eq!(m.headers.len(), 2);
         assert_eq!(m.headers[0].value, "a b");
         assert_eq!(m.message_id.as_deref(), Some("<x@y>"));
+    }
+
+    #[test]
+    fn message_ids_that_are_not_utf8_stay_apart() {
+        // Read with U+FFFD for each bad byte, both were one Message-ID, so
+        // one DATA-stage triplet.
+        let a = parse_headers(b"Message-ID: <\xe9t\xe9@x>\r\n\r\n").message_id;
+        let b = parse_headers(b"Message-ID: <\xe8t\xe8@x>\r\n\r\n").message_id;
+        assert_eq!(a.as_deref(), Some("<\u{EFE9}t\u{EFE9}@x>"));
+        assert_ne!(a, b);
     }
 }
