@@ -286,10 +286,33 @@ function notes(connection) {
     return n.greyhook
 }
 
-/** Runs a hook and answers; a failure before the filter answers is the failure policy's (continue). */
+/**
+ * Whether Haraka lost bytes of what the client sent. It reads a command
+ * line as UTF-8 and puts U+FFFD in place of each byte that is not, so the
+ * Latin-1 senders `\xe9t\xe9@` and `\xe8t\xe8@` reached the filter as
+ * one address: one triplet, and a sender never seen passed as another's
+ * retry. The bytes are gone by the time a plugin runs, so such a command
+ * is refused, as Postfix's smtpd and `greyhook smtp` refuse a command
+ * line that is not UTF-8 (greyhook's policy service and milter, handed
+ * the bytes, keep each as a character of its own instead).
+ */
+function lostBytes(s) {
+    return typeof s === 'string' && s.includes('\uFFFD')
+}
+
+/** The refusal of a command Haraka could not read as UTF-8. */
+const BAD_UTF8 = new DSN(500, ['5.5.2 Error: bad UTF-8 syntax'])
+
+/**
+ * Runs a hook and answers; a failure before the filter answers is the
+ * failure policy's (continue). A command whose name or address lost bytes
+ * ({@link lostBytes}) is refused before the filter is asked.
+ */
 function hookRunner(hook, argOf, after) {
     return function (next, connection, params) {
-        run(this, hook, connection, argOf ? argOf(connection, params) : undefined, next, (r) => {
+        const arg = argOf ? argOf(connection, params) : undefined
+        if (lostBytes(hook === 'ehlo' ? params : arg)) return next(constants.deny, BAD_UTF8)
+        run(this, hook, connection, arg, next, (r) => {
             if (after) after(connection, r, params)
         })
     }
@@ -364,4 +387,4 @@ exports.greyhook_data_post = function (next, connection) {
 }
 
 // For tests and tools: the pieces, without Haraka.
-exports._internals = { context, dsn, witAddress }
+exports._internals = { context, dsn, lostBytes, witAddress }

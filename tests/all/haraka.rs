@@ -782,3 +782,36 @@ fn haraka_with_its_thread_held_up_never_passes_a_new_triplet() {
     }
     assert!(h.log().contains("overloaded: Haraka's main thread did not begin a store call"), "{}", h.log());
 }
+
+/// Haraka reads a command line as UTF-8, with U+FFFD for each byte that
+/// is not: found with a raw socket, the Latin-1 senders `\xe9t\xe9@` and
+/// `\xe8t\xe8@` reached the filter as one address, and the second, never
+/// seen, passed as the first's retry. The bytes are gone before a plugin
+/// runs, so the plugin refuses such a command (EHLO, MAIL, RCPT) as
+/// `greyhook smtp` and Postfix do; UTF-8 is greylisted as anything else.
+#[test]
+fn haraka_refuses_commands_it_could_not_read_as_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = reference_wasm(dir.path());
+    let h = Haraka::start(&dir.path().join("site"), &filter_ini(&wasm), "delay = 1\nipv4_prefix = 32\n");
+    let mut c = Raw::over(connect_from("127.0.0.5", h.port));
+    assert!(c.reply().starts_with("220"));
+    const BAD: &str = "500 5.5.2 Error: bad UTF-8 syntax\r\n";
+    assert_eq!(c.send_bytes(b"EHLO h\xe9lo.example.org"), BAD);
+    assert!(c.send("EHLO client.example.org").starts_with("250"));
+    let mut attempt = |sender: &[u8]| {
+        let _ = c.send("RSET");
+        let mail = c.send_bytes(&[&b"MAIL FROM:<"[..], sender, b">"].concat());
+        if !mail.starts_with("250") {
+            return mail;
+        }
+        c.send("RCPT TO:<bob@example.com>")
+    };
+    assert_eq!(attempt(b"\xe9t\xe9@example.org"), BAD, "{}", h.log());
+    let first = attempt("été@example.org".as_bytes());
+    assert!(first.starts_with("451 4.7.1 "), "UTF-8 is greylisted: {first}");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(attempt(b"\xe8t\xe8@example.org"), BAD, "never passed as the other's retry");
+    assert_eq!(attempt("été@example.org".as_bytes()).get(..3), Some("250"), "the retry passes");
+    assert_eq!(c.send_bytes(b"RCPT TO:<b\xf6b@example.com>"), BAD);
+}
