@@ -291,20 +291,8 @@ fn postfix_with_milter(r: &Path, filter_config: &str, default_action: &str) -> (
 
 /// [`postfix_with_milter`] with greyhook logging at `log` (`GREYHOOK_LOG`).
 fn postfix_with_milter_logging(r: &Path, filter_config: &str, default_action: &str, log: &str) -> (Process, Postfix) {
-    traversable(r);
     let mport = free_port();
-    let cfg = r.join("greyhook.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = []\n\
-             [milter]\nlisten = [\"127.0.0.1:{mport}\"]\n[filter.config]\n{filter_config}",
-            d = r.display()
-        ),
-    )
-    .unwrap();
-    let env = [("GREYHOOK_LOG", std::ffi::OsStr::new(log))];
-    let daemon = Process::greyhook_env(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"), &env);
+    let daemon = serve_for_postfix(r, &format!("[policy]\nlisten = []\n[milter]\nlisten = [\"127.0.0.1:{mport}\"]\n"), filter_config, log);
     wait_for_port(mport, 20);
     let pf = Postfix::start(
         r,
@@ -317,22 +305,29 @@ fn postfix_with_milter_logging(r: &Path, filter_config: &str, default_action: &s
 /// `greyhook serve` with a policy listener and the reference filter
 /// configured by `filter_config`, and a Postfix in `r` asking it at RCPT.
 fn postfix_with_policy(r: &Path, filter_config: &str) -> (Process, Postfix) {
-    traversable(r);
     let port = free_port();
+    let daemon = serve_for_postfix(r, &format!("[policy]\nlisten = [\"127.0.0.1:{port}\"]\n"), filter_config, "info");
+    wait_for_port(port, 20);
+    let pf = Postfix::start(r, Some(&format!("inet:127.0.0.1:{port}")), "");
+    (daemon, pf)
+}
+
+/// `greyhook serve` in `r` (made traversable for Postfix) with a memory
+/// store, the front-end tables `listeners`, the reference filter's
+/// `[filter.config]` and logging at `log`.
+fn serve_for_postfix(r: &Path, listeners: &str, filter_config: &str, log: &str) -> Process {
+    traversable(r);
     let cfg = r.join("greyhook.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n[policy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             [filter.config]\n{filter_config}",
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"memory\"\n{listeners}[filter.config]\n{filter_config}",
             d = r.display()
         ),
     )
     .unwrap();
-    let daemon = Process::greyhook(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"));
-    wait_for_port(port, 20);
-    let pf = Postfix::start(r, Some(&format!("inet:127.0.0.1:{port}")), "");
-    (daemon, pf)
+    let env = [("GREYHOOK_LOG", std::ffi::OsStr::new(log))];
+    Process::greyhook_env(&["serve", "--config", cfg.to_str().unwrap()], r.join("greyhook.log"), &env)
 }
 
 /// Postfix with `smtputf8_enable = no` (the harness's, and any Postfix
