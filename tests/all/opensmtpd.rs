@@ -476,6 +476,9 @@ fn the_filter_protocol_over_a_pipe() {
 /// client's bytes) are each their own triplet. They used to be read with
 /// U+FFFD for each bad byte, so that `\xe9t\xe9@` and `\xe8t\xe8@` made
 /// one triplet, and the second, never seen, passed as the first's retry.
+/// (Debian's smtpd 6.8 refuses such a sender itself, `553 5.1.0`, tried
+/// with a raw socket; the filter protocol is where another smtpd's bytes
+/// would arrive, so it is tried there.)
 #[test]
 fn latin1_senders_are_distinct_triplets() {
     let dir = tempfile::tempdir().unwrap();
