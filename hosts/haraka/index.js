@@ -311,7 +311,9 @@ const BAD_UTF8 = new DSN(500, ['5.5.2 Error: bad UTF-8 syntax'])
 function hookRunner(hook, argOf, after) {
     return function (next, connection, params) {
         const arg = argOf ? argOf(connection, params) : undefined
-        if (lostBytes(hook === 'ehlo' ? params : arg)) return next(constants.deny, BAD_UTF8)
+        // The address MAIL and RCPT hand the filter, or the name Haraka
+        // hands the EHLO hook.
+        if (lostBytes(arg ?? params)) return next(constants.deny, BAD_UTF8)
         run(this, hook, connection, arg, next, (r) => {
             if (after) after(connection, r, params)
         })

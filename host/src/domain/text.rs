@@ -21,7 +21,7 @@ use std::borrow::Cow;
 /// the same as one with the bytes they stand for; both are the peer's own
 /// choice, so the two meeting in one triplet lets nothing past
 /// greylisting that the same sender twice would not.
-pub const BYTE_CHAR_BASE: u32 = 0xEF00;
+const BYTE_CHAR_BASE: u32 = 0xEF00;
 
 /// `bytes` as text: borrowed when they are UTF-8 (checked on the standard
 /// library's fast path), otherwise with each byte of every sequence that
@@ -45,6 +45,13 @@ fn byte_char(b: u8) -> char {
     char::from_u32(BYTE_CHAR_BASE + u32::from(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
 }
 
+/// The byte `c` stands for, if [`from_bytes`] made it of one (U+EF80 to
+/// U+EFFF), e.g. to write it back as `\xe9`. Those characters are UTF-8's
+/// 0xEE 0xBE/0xBF then a third byte: text without a 0xEE byte has none.
+pub fn byte_of(c: char) -> Option<u8> {
+    u32::from(c).checked_sub(BYTE_CHAR_BASE).and_then(|b| u8::try_from(b).ok()).filter(|b| *b >= 0x80)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +72,19 @@ mod tests {
         assert_eq!(from_bytes(b"a\xc3(\xe2\x82\xc3\xa9"), "a\u{EFC3}(\u{EFE2}\u{EF82}é");
         assert_ne!(from_bytes(b"\xe9t\xe9@x"), from_bytes(b"\xe8t\xe8@x"));
         assert_eq!(from_bytes(b"\x80").chars().count(), 1);
+    }
+
+    #[test]
+    fn each_byte_character_gives_its_byte_back() {
+        for b in 0x80..=0xffu8 {
+            let text = from_bytes(&[b]).into_owned();
+            let c = text.chars().next().unwrap_or_default();
+            assert_eq!(byte_of(c), Some(b));
+            assert_eq!(c.to_string().as_bytes()[0], 0xee);
+        }
+        for c in ['a', 'é', '\u{EF00}', '\u{EF7F}', '\u{F000}', char::REPLACEMENT_CHARACTER] {
+            assert_eq!(byte_of(c), None, "{c:?}");
+        }
     }
 
     #[test]

@@ -95,21 +95,20 @@ fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
     // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
     // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0); the
-    // byte characters U+EF80 to U+EFFF begin with 0xEE. A byte scan
+    // byte characters begin with 0xEE (`text::byte_of`). A byte scan
     // (vectorised) finds there are none, the common case.
     if crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2) & (b != 0xee)) {
         out.push_str(text);
         return;
     }
-    const BYTES: std::ops::RangeInclusive<u32> = crate::domain::text::BYTE_CHAR_BASE + 0x80..=crate::domain::text::BYTE_CHAR_BASE + 0xff;
     for c in text.chars() {
         match c as u32 {
             // Writing into a String cannot fail.
             n @ (0..=0x1f | 0x7f) => {
                 let _ = write!(out, "\\x{n:02x}");
             }
-            n if BYTES.contains(&n) => {
-                let _ = write!(out, "\\x{:02x}", n - crate::domain::text::BYTE_CHAR_BASE);
+            _ if let Some(b) = crate::domain::text::byte_of(c) => {
+                let _ = write!(out, "\\x{b:02x}");
             }
             n @ 0x80..=0x9f => {
                 let _ = write!(out, "\\u{{{n:x}}}");
