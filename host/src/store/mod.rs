@@ -13,6 +13,7 @@
 //! Time is given by the caller (`now`, Unix seconds), never read here, so the
 //! expiry of records follows the same injected clock as the filter.
 
+mod keyfilter;
 mod memory;
 mod metered;
 mod redb;

@@ -33,6 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::keyfilter::KeyFilter;
 use super::{Condition, Entry, Page, Store, StoreError, WriteOutcome};
 
 /// key → version (8 bytes LE) ‖ expires_at (8 bytes LE) ‖ value.
@@ -105,6 +106,36 @@ struct Inner {
     /// older than the one before (a reader would then miss a flushed
     /// record that has left the overlay).
     refreshing: Mutex<()>,
+    /// The thread that builds the key filter ([`Snapshot::keys`]), woken
+    /// when the filter in use has noted more keys than it was sized for.
+    key_builder: std::sync::OnceLock<std::thread::Thread>,
+    /// Keys looked up in the file itself (past the overlay and the key
+    /// filter): for tests and `docs/performance.md`.
+    file_reads: AtomicU64,
+    /// The [`RedbStore`] was dropped: background threads let go.
+    closing: AtomicBool,
+}
+
+/// How long dropping a [`RedbStore`] waits for a background thread's step
+/// (a flush, a chunk of a scan) to let go of it.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+impl Drop for RedbStore {
+    /// Background threads hold the store a step at a time: waits for the
+    /// step in progress (up to two seconds), so that the file is closed
+    /// when this returns and the store can be opened again at once.
+    fn drop(&mut self) {
+        self.inner.closing.store(true, Ordering::Release);
+        let t = std::time::Instant::now();
+        while Arc::strong_count(&self.inner) > 1 && t.elapsed() < CLOSE_WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The store for a background thread's next step, unless it was dropped.
+fn hold(store: &Weak<Inner>) -> Option<Arc<Inner>> {
+    store.upgrade().filter(|i| !i.closing.load(Ordering::Acquire))
 }
 
 /// The records table as of the last commit, read by every call that
@@ -129,6 +160,34 @@ struct Snapshot {
     /// (held meanwhile by a `begin_read` waiting on the allocator): so they
     /// are dropped by the refreshing thread, once no reader holds them.
     retired: Vec<Arc<Records>>,
+    /// The keys the file may hold ([`KeyFilter`]), asked before each read
+    /// of the file: `None` until it is first built. Kept here, beside the
+    /// snapshot, so that a read takes one lock for both.
+    keys: Option<Arc<KeyFilter>>,
+    /// A filter being built (see [`Inner::build_key_filter`]): every write
+    /// transaction notes its keys in it too.
+    building: Option<Arc<KeyFilter>>,
+}
+
+/// The key filters a write transaction notes its keys in: taken after the
+/// transaction began (it holds redb's write lock), so a filter whose build
+/// began before is among them (see [`Inner::build_key_filter`]).
+#[derive(Default)]
+struct Notes {
+    filters: Vec<Arc<KeyFilter>>,
+    /// Set when a filter went past its capacity: its builder is woken
+    /// once the transaction is over.
+    full: std::cell::Cell<bool>,
+}
+
+impl Notes {
+    fn note(&self, key: &str) {
+        for f in &self.filters {
+            if f.note(key) {
+                self.full.set(true);
+            }
+        }
+    }
 }
 
 type Records = redb::ReadOnlyTable<&'static str, &'static [u8]>;
@@ -229,11 +288,14 @@ fn record(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) ->
 fn put_record(
     rec: &mut redb::Table<&'static str, &'static [u8]>,
     exp: &mut redb::Table<(u64, &'static str), ()>,
+    notes: &Notes,
     key: &str,
     entry: Option<(u64, u64, &[u8])>,
 ) -> Result<(), StoreError> {
     let (old_at, new_at) = match entry {
         Some((version, expires_at, value)) => {
+            // Before the commit that puts it in the file: see `KeyFilter`.
+            notes.note(key);
             let old = rec.insert(key, encode(version, expires_at, value).as_slice()).map_err(backend)?;
             (old.and_then(|g| expiry_of(g.value())), Some(expires_at))
         }
@@ -299,6 +361,9 @@ impl RedbStore {
             flusher: std::sync::OnceLock::new(),
             snapshot: RwLock::new(Snapshot::default()),
             refreshing: Mutex::new(()),
+            key_builder: std::sync::OnceLock::new(),
+            file_reads: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         });
         inner.refresh_snapshot();
         // The flusher runs in both modes: in `immediate` mode it writes what
@@ -306,6 +371,9 @@ impl RedbStore {
         let weak = Arc::downgrade(&inner);
         let t = std::thread::Builder::new().name("greyhook-redb-flush".into()).spawn(move || flusher(weak)).map_err(|e| open_err(&e))?;
         let _ = inner.flusher.set(t.thread().clone());
+        let weak = Arc::downgrade(&inner);
+        let t = std::thread::Builder::new().name("greyhook-redb-keys".into()).spawn(move || key_builder(weak)).map_err(|e| open_err(&e))?;
+        let _ = inner.key_builder.set(t.thread().clone());
         if unread {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
@@ -346,6 +414,7 @@ impl RedbStore {
             let n = self.inner.with_db(|db| {
                 let mut txn = db.begin_write().map_err(backend)?;
                 txn.set_quick_repair(true);
+                let notes = self.inner.notes();
                 let mut n = 0;
                 {
                     let mut rec = txn.open_table(RECORDS).map_err(backend)?;
@@ -358,13 +427,14 @@ impl RedbStore {
                         .max(self.inner.overlay.last_version.load(Ordering::Acquire));
                     for (key, value, expires_at) in records.by_ref().take(CHUNK) {
                         version += 1;
-                        put_record(&mut rec, &mut exp, &key, Some((version, expires_at, &value)))?;
+                        put_record(&mut rec, &mut exp, &notes, &key, Some((version, expires_at, &value)))?;
                         n += 1;
                     }
                     meta.insert("last_version", version).map_err(backend)?;
                     self.inner.overlay.last_version.fetch_max(version, Ordering::AcqRel);
                 }
                 txn.commit().map_err(backend)?;
+                self.inner.noted(&notes);
                 Ok(n)
             })?;
             self.inner.refresh_snapshot();
@@ -408,7 +478,9 @@ impl RedbStore {
 
     /// Writes or deletes under `cond`: `value` `None` deletes.
     fn update(&self, key: &str, value: Option<(&[u8], u64)>, cond: Condition, now: u64) -> Result<Option<u64>, StoreError> {
-        self.write(|txn| {
+        let notes = std::cell::OnceCell::new();
+        let written = self.write(|txn| {
+            let notes = notes.get_or_init(|| self.inner.notes());
             let mut rec = txn.open_table(RECORDS).map_err(backend)?;
             let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
             let old = record(&rec, key)?;
@@ -421,15 +493,19 @@ impl RedbStore {
                     let mut meta = txn.open_table(META).map_err(backend)?;
                     let version = meta.get("last_version").map_err(backend)?.map_or(0, |g| g.value()) + 1;
                     meta.insert("last_version", version).map_err(backend)?;
-                    put_record(&mut rec, &mut exp, key, Some((version, expires_at, value)))?;
+                    put_record(&mut rec, &mut exp, notes, key, Some((version, expires_at, value)))?;
                     Ok((true, Some(version)))
                 }
                 None => {
-                    put_record(&mut rec, &mut exp, key, None)?;
+                    put_record(&mut rec, &mut exp, notes, key, None)?;
                     Ok((true, live))
                 }
             }
-        })
+        });
+        if let Some(notes) = notes.get() {
+            self.inner.noted(notes);
+        }
+        written
     }
 }
 
@@ -443,12 +519,22 @@ impl RedbStore {
 
     /// Reads each key of `slots` whose slot is `None` from the file, all
     /// from one snapshot (or one read transaction), into its slot.
+    /// A key the key filter rules out is not read at all.
     fn read_file_into<'k>(&self, slots: impl Iterator<Item = (&'k str, &'k mut Option<Option<Entry>>)>) -> Result<(), StoreError> {
-        let snapshot = self.inner.snapshot.read().unwrap_or_else(|p| p.into_inner()).current.clone();
+        let (snapshot, keys) = {
+            let s = self.inner.snapshot.read().unwrap_or_else(|p| p.into_inner());
+            (s.current.clone(), s.keys.clone())
+        };
         let fill = |table: &dyn Fn(&str) -> Result<Option<Entry>, StoreError>| {
             for (key, slot) in slots {
                 if slot.is_none() {
-                    *slot = Some(table(key)?);
+                    *slot = Some(match &keys {
+                        Some(k) if !k.may_hold(key) => None,
+                        _ => {
+                            self.inner.file_reads.fetch_add(1, Ordering::Relaxed);
+                            table(key)?
+                        }
+                    });
                 }
             }
             Ok(())
@@ -653,6 +739,16 @@ enum Cursor {
     Done,
 }
 
+/// The records of `rec` after the key `after` (all of them for `None`), in key order.
+fn records_after<'t>(rec: &'t Records, after: Option<&str>) -> Result<redb::Range<'t, &'static str, &'static [u8]>, StoreError> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    match after {
+        Some(k) => rec.range::<&str>((Excluded(k), Unbounded)),
+        None => rec.range::<&str>(..),
+    }
+    .map_err(backend)
+}
+
 /// Reads up to `limit` records or index entries after `cursor`: where to go
 /// on, and the number of records read, or what is wrong (a malformed
 /// record; redb's own errors).
@@ -662,12 +758,8 @@ fn read_through_step(db: &Database, cursor: Cursor, limit: usize) -> Result<(Cur
     match cursor {
         Cursor::Records(after) => {
             let rec = txn.open_table(RECORDS).map_err(backend)?;
-            let range = match &after {
-                Some(k) => rec.range::<&str>((Excluded(k.as_str()), Unbounded)),
-                None => rec.range::<&str>(..),
-            };
             let (mut n, mut last) = (0, None);
-            for item in range.map_err(backend)?.take(limit) {
+            for item in records_after(&rec, after.as_deref())?.take(limit) {
                 let (k, v) = item.map_err(backend)?;
                 if decode(v.value()).is_none() {
                     return Err(StoreError::Backend("a record is malformed".into()));
@@ -763,6 +855,7 @@ impl Inner {
             // loads it instead of walking the whole file to rebuild it.
             let mut txn = db.begin_write().map_err(backend)?;
             txn.set_quick_repair(true);
+            let notes = self.notes();
             {
                 let mut rec = txn.open_table(RECORDS).map_err(backend)?;
                 let mut exp = txn.open_table(EXPIRY).map_err(backend)?;
@@ -773,11 +866,13 @@ impl Inner {
                 let mut sorted: Vec<_> = batch.iter().flat_map(|b| b.iter()).collect();
                 sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
                 for (key, entry) in sorted {
-                    put_record(&mut rec, &mut exp, key, entry.as_ref().map(|e| (e.version, e.expires_at, e.value.as_slice())))?;
+                    put_record(&mut rec, &mut exp, &notes, key, entry.as_ref().map(|e| (e.version, e.expires_at, e.value.as_slice())))?;
                 }
                 meta.insert("last_version", last_version).map_err(backend)?;
             }
-            txn.commit().map_err(backend)
+            txn.commit().map_err(backend)?;
+            self.noted(&notes);
+            Ok(())
         });
         if result.is_ok() {
             // Before the batch leaves the overlay: see `Snapshot`.
@@ -867,11 +962,89 @@ impl Inner {
         drop::<Vec<Arc<Records>>>(unheld);
     }
 
-    /// Ends every snapshot (before the database is closed).
+    /// Ends every snapshot (before the database is closed). The key
+    /// filter stays: the file it describes does not change.
     fn drop_snapshots(&self) {
         let _one_at_a_time = lock(&self.refreshing);
-        let old = std::mem::take(&mut *self.snapshot.write().unwrap_or_else(|p| p.into_inner()));
+        let old = {
+            let mut s = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+            (s.current.take(), std::mem::take(&mut s.retired))
+        };
         drop(old);
+    }
+
+    /// The key filters a write transaction that has begun notes its keys
+    /// in: the one in use and the one being built, if any.
+    fn notes(&self) -> Notes {
+        let s = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        Notes { filters: s.keys.iter().chain(&s.building).cloned().collect(), full: Default::default() }
+    }
+
+    /// After a write transaction: wakes the key filter's builder if the
+    /// filter went past its capacity.
+    fn noted(&self, notes: &Notes) {
+        if notes.full.get()
+            && let Some(t) = self.key_builder.get()
+        {
+            t.unpark();
+        }
+    }
+
+    /// Builds a key filter for the file and puts it in use.
+    ///
+    /// Sized for twice the records the file holds, so it fills once the
+    /// store has doubled or churned through as many keys again. The new
+    /// filter is registered while this thread holds redb's write lock: a
+    /// write transaction still open then has committed before the scan
+    /// begins (so the scan finds its keys), and every later one notes its
+    /// keys in the new filter itself. The scan reads [`READ_THROUGH_CHUNK`]
+    /// keys per read transaction, letting go of the store between them; a
+    /// key removed meanwhile is not needed, one written meanwhile was
+    /// noted. The store is held only for each step (it can close meanwhile:
+    /// then `Ok(None)`). Returns the filter's keys and bytes.
+    fn build_key_filter(store: &Weak<Inner>) -> Result<Option<(usize, usize)>, StoreError> {
+        let Some(this) = hold(store) else { return Ok(None) };
+        let records = this.with_db(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            txn.open_table(RECORDS).map_err(backend)?.len().map_err(backend)
+        })?;
+        let fresh = Arc::new(KeyFilter::with_capacity(usize::try_from(records).unwrap_or(usize::MAX).saturating_mul(2)));
+        this.with_db(|db| {
+            let txn = db.begin_write().map_err(backend)?;
+            this.snapshot.write().unwrap_or_else(|p| p.into_inner()).building = Some(fresh.clone());
+            txn.abort().map_err(backend)
+        })?;
+        drop(this);
+        let scanned = (|| {
+            let mut after: Option<String> = None;
+            loop {
+                let Some(this) = hold(store) else { return Ok(false) };
+                let (n, last) = this.with_db(|db| {
+                    let txn = db.begin_read().map_err(backend)?;
+                    let rec = txn.open_table(RECORDS).map_err(backend)?;
+                    let (mut n, mut last) = (0, None);
+                    for item in records_after(&rec, after.as_deref())?.take(READ_THROUGH_CHUNK) {
+                        let (k, _) = item.map_err(backend)?;
+                        fresh.note(k.value());
+                        n += 1;
+                        last = Some(k);
+                    }
+                    Ok((n, last.map(|k| k.value().to_string())))
+                })?;
+                if n < READ_THROUGH_CHUNK {
+                    return Ok(true);
+                }
+                after = last;
+            }
+        })();
+        let Some(this) = hold(store) else { return Ok(None) };
+        let mut s = this.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        s.building = None;
+        if !scanned? {
+            return Ok(None);
+        }
+        s.keys = Some(fresh.clone());
+        Ok(Some((fresh.keys(), fresh.bytes())))
     }
 
     /// The background half of the check at open for a large file (see
@@ -885,7 +1058,7 @@ impl Inner {
         let t = std::time::Instant::now();
         let (mut cursor, mut n) = (Cursor::Records(None), 0);
         while !matches!(cursor, Cursor::Done) {
-            let Some(inner) = store.upgrade() else { return };
+            let Some(inner) = hold(store) else { return };
             match inner.with_db(|db| read_through_step(db, cursor, READ_THROUGH_CHUNK)) {
                 Ok((next, read)) => (cursor, n) = (next, n + read),
                 Err(e) => return tracing::error!("{}: {}", inner.path.display(), damaged_advice(&e)),
@@ -922,11 +1095,42 @@ impl Drop for Inner {
     }
 }
 
+/// Builds the key filter at start, then again whenever the one in use is
+/// full (woken by the write that filled it; checked every
+/// [`KEY_FILTER_CHECK`] too). Until the first one is built, and after a
+/// failed build, reads go to the file as before.
+fn key_builder(store: Weak<Inner>) {
+    let mut first = true;
+    loop {
+        if !first {
+            std::thread::park_timeout(KEY_FILTER_CHECK);
+        }
+        let Some(inner) = hold(&store) else { return };
+        let due = first || inner.snapshot.read().unwrap_or_else(|p| p.into_inner()).keys.as_ref().is_none_or(|k| k.is_full());
+        drop(inner);
+        first = false;
+        if !due {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        match Inner::build_key_filter(&store) {
+            Ok(Some((keys, bytes))) => tracing::debug!(keys, bytes, "store key filter built in {:.0} ms", t.elapsed().as_secs_f64() * 1e3),
+            Ok(None) => return,
+            // Reads go to the file meanwhile; tried again later.
+            Err(e) => tracing::debug!("building the store's key filter failed (will retry): {e}"),
+        }
+    }
+}
+
+/// How often the key filter's builder looks whether the filter in use is
+/// missing or full, besides being woken.
+const KEY_FILTER_CHECK: Duration = Duration::from_secs(10);
+
 fn flusher(store: Weak<Inner>) {
     loop {
         // Woken early (unparked) when the overlay reaches OVERLAY_MAX.
         std::thread::park_timeout(FLUSH_EVERY);
-        let Some(inner) = store.upgrade() else { return };
+        let Some(inner) = hold(&store) else { return };
         if inner.db.read().unwrap_or_else(|p| p.into_inner()).is_none() {
             inner.reopen();
         }
@@ -1156,7 +1360,7 @@ mod tests {
             {
                 let mut rec = txn.open_table(RECORDS).unwrap();
                 let mut exp = txn.open_table(EXPIRY).unwrap();
-                put_record(&mut rec, &mut exp, key, at.map(|at| (1, at, &b"v"[..]))).unwrap();
+                put_record(&mut rec, &mut exp, &Notes::default(), key, at.map(|at| (1, at, &b"v"[..]))).unwrap();
             }
             txn.commit().unwrap();
         }
@@ -1176,5 +1380,121 @@ mod tests {
         assert_eq!(rec.len().unwrap(), 2);
         assert_eq!(record(&rec, "a").unwrap().map(|e| e.expires_at), Some(20));
         assert!(record(&rec, "b").unwrap().is_none());
+    }
+
+    /// Waits for the key filter built at open.
+    fn key_filter(store: &RedbStore) -> Arc<KeyFilter> {
+        for _ in 0..500 {
+            if let Some(k) = store.inner.snapshot.read().unwrap().keys.clone() {
+                return k;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no key filter after 5 s");
+    }
+
+    fn put(store: &RedbStore, key: &str) {
+        store.write_any(key, Some((b"v", 1_000)), Condition::Any, 0).unwrap();
+    }
+
+    /// A key the file does not hold is answered without reading the file;
+    /// one it holds, written before the store opened or since, is read.
+    #[test]
+    fn keys_the_file_does_not_hold_are_not_read_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let store = RedbStore::open(&path, Durability::Periodic).unwrap();
+            put(&store, "t/before");
+            store.inner.flush().unwrap();
+        }
+        let store = RedbStore::open(&path, Durability::Periodic).unwrap();
+        key_filter(&store);
+        put(&store, "t/since");
+        store.inner.flush().unwrap();
+        let reads = || store.inner.file_reads.load(Ordering::Relaxed);
+        let before = reads();
+        for i in 0..1_000 {
+            assert!(store.read_file(&format!("wl/client/192.0.2.{i}")).unwrap().is_none());
+        }
+        // A false "maybe" is a read; at 1% of capacity hardly any.
+        assert!(reads() - before < 20, "{} of 1 000 absent keys read from the file", reads() - before);
+        for key in ["t/before", "t/since"] {
+            let before = reads();
+            assert_eq!(store.read_file(key).unwrap().map(|e| e.value), Some(b"v".to_vec()), "{key}");
+            assert_eq!(reads(), before + 1);
+        }
+    }
+
+    /// Filters built again and again while writers flush keys of their
+    /// own never miss one: each key written is read back from the file
+    /// (the overlay flushed) by every filter that came after it.
+    #[test]
+    fn a_filter_built_while_keys_are_written_misses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("t.db"), Durability::Periodic).unwrap());
+        key_filter(&store);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let (store, stop) = (store.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) || n < 2_000 {
+                        put(&store, &format!("t/{w}/{n}"));
+                        if n % 50 == 0 {
+                            store.inner.flush().unwrap();
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let weak = Arc::downgrade(&store.inner);
+        let mut built = 0;
+        for _ in 0..20 {
+            assert!(Inner::build_key_filter(&weak).unwrap().is_some());
+            built += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let written: Vec<usize> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        store.inner.flush().unwrap();
+        let filter = store.inner.snapshot.read().unwrap().keys.clone().unwrap();
+        for (w, n) in written.iter().enumerate() {
+            for i in 0..*n {
+                let key = format!("t/{w}/{i}");
+                assert!(filter.may_hold(&key), "the filter misses {key} after {built} builds");
+                assert!(store.read_file(&key).unwrap().is_some(), "{key}");
+            }
+        }
+    }
+
+    /// A full filter is built again, for the records the file holds.
+    #[test]
+    fn a_full_filter_is_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("t.db"), Durability::Periodic).unwrap();
+        let first = key_filter(&store);
+        // As a write transaction notes its keys: the one that fills the
+        // filter wakes the builder.
+        let notes = store.inner.notes();
+        for i in 0..super::super::keyfilter::MIN_KEYS + 20_000 {
+            notes.note(&format!("noise/{i}"));
+        }
+        assert!(first.is_full());
+        put(&store, "t/one");
+        store.inner.flush().unwrap();
+        store.inner.noted(&notes);
+        for _ in 0..500 {
+            let now = key_filter(&store);
+            if !Arc::ptr_eq(&now, &first) {
+                assert!(!now.is_full());
+                assert!(now.may_hold("t/one"));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the full filter was not built again");
     }
 }
