@@ -234,7 +234,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((Box::pin(s), peer.to_string()))
+                Ok((Box::pin(s), crate::domain::socket_addr_text(peer)))
             }
             Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept().await?;
