@@ -20,6 +20,11 @@
 //! `greyhook status`). The overlay is bounded ([`OVERLAY_HARD_MAX`]): past
 //! it, writes fail and the failure policy answers.
 //!
+//! Reads: the overlay first, then the file, but only for a key the file
+//! may hold: a Bloom filter of its keys ([`KeyFilter`], built in the
+//! background) rules out most of the keys a greylisting filter asks for
+//! without a walk down the B-tree.
+//!
 //! A damaged file is never a panic: opening walks the whole file (redb's
 //! integrity check, then every record) and refuses with a message that
 //! says what to do.
