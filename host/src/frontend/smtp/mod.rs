@@ -385,6 +385,23 @@ fn rcpt_params_for<'a>(hop: &Relay, params: &'a str) -> &'a str {
 /// Longest line inside message data; a longer one fails the message.
 const MAX_DATA_LINE: usize = 64 << 10;
 
+/// The capacity the buffer of a session's command lines starts with
+/// (twice that for the lines of message data): a command's or a data line's
+/// usual length, so that it rarely grows.
+const LINE_START: usize = 512;
+
+/// The longest command verb (`STARTTLS`).
+const VERB_MAX: usize = 8;
+
+/// `verb` in upper case, written into `out` (no allocation a command); a
+/// verb longer than any command is none (empty), which no command matches.
+fn uppercase_verb<'a>(verb: &str, out: &'a mut [u8; VERB_MAX]) -> &'a [u8] {
+    let Some(dst) = out.get_mut(..verb.len()) else { return &[] };
+    dst.copy_from_slice(verb.as_bytes());
+    dst.make_ascii_uppercase();
+    dst
+}
+
 /// The capacity a message's buffer starts with.
 const BODY_START: usize = 4 * BUDGET_UNIT;
 
@@ -608,9 +625,10 @@ impl Connection {
         written
     }
 
-    async fn line(&mut self, max: usize, timeout: Duration) -> Result<Line, End> {
+    /// Reads a line into `buf` ([`read_line`]).
+    async fn line<'b>(&mut self, max: usize, timeout: Duration, buf: &'b mut Vec<u8>) -> Result<Line<'b>, End> {
         let stressed = self.config.stress_timeout;
-        match self.shared.load.timeout(timeout, stressed, read_line(&mut self.io, max)).await {
+        match self.shared.load.timeout(timeout, stressed, read_line(&mut self.io, max, buf)).await {
             None => Err(End::Timeout),
             Some(Err(e)) => Err(End::Io(e)),
             Some(Ok(None)) => Err(End::Closed),
@@ -710,8 +728,11 @@ impl Connection {
         }
         self.session = Some(session);
         self.write(&format!("220 {} ESMTP greyhook\r\n", self.resolved.hostname)).await?;
+        // The session's command lines, one buffer for all of them, at a
+        // size that holds a command without growing.
+        let mut buf = Vec::with_capacity(LINE_START);
         loop {
-            let raw = match self.line(self.config.max_line, self.config.command_timeout).await {
+            let raw = match self.line(self.config.max_line, self.config.command_timeout, &mut buf).await {
                 Ok(Line::Text(t)) => t,
                 Ok(Line::TooLong) => {
                     self.error("500 5.5.2 Line too long\r\n").await?;
@@ -723,7 +744,7 @@ impl Connection {
                 }
                 Err(e) => return Err(e),
             };
-            let (content, ending) = split_ending(&raw);
+            let (content, ending) = split_ending(raw);
             match (ending, self.config.bare_newline) {
                 // The stream ended in the middle of a command: nobody is
                 // left to answer.
@@ -745,23 +766,24 @@ impl Connection {
             };
             let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
             let arg = arg.trim();
-            match verb.to_ascii_uppercase().as_str() {
-                "EHLO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
-                "HELO" if arg.is_empty() => self.error("501 5.5.4 Syntax: HELO hostname\r\n").await?,
-                "EHLO" => self.ehlo(arg, true).await?,
-                "HELO" => self.ehlo(arg, false).await?,
-                "STARTTLS" => self.starttls().await?,
-                "MAIL" => self.mail(arg).await?,
-                "RCPT" => self.rcpt(arg).await?,
-                "DATA" => self.data().await?,
-                "RSET" => {
+            let mut upper = [0u8; VERB_MAX];
+            match uppercase_verb(verb, &mut upper) {
+                b"EHLO" if arg.is_empty() => self.error("501 5.5.4 Syntax: EHLO hostname\r\n").await?,
+                b"HELO" if arg.is_empty() => self.error("501 5.5.4 Syntax: HELO hostname\r\n").await?,
+                b"EHLO" => self.ehlo(arg, true).await?,
+                b"HELO" => self.ehlo(arg, false).await?,
+                b"STARTTLS" => self.starttls().await?,
+                b"MAIL" => self.mail(arg).await?,
+                b"RCPT" => self.rcpt(arg).await?,
+                b"DATA" => self.data().await?,
+                b"RSET" => {
                     self.reset().await;
                     self.junk("250 2.0.0 Ok\r\n").await?;
                 }
-                "NOOP" => self.junk("250 2.0.0 Ok\r\n").await?,
-                "HELP" => self.junk("214 2.0.0 See RFC 5321\r\n").await?,
-                "VRFY" => self.junk("252 2.0.0 Cannot VRFY; send some mail and we will see\r\n").await?,
-                "QUIT" => {
+                b"NOOP" => self.junk("250 2.0.0 Ok\r\n").await?,
+                b"HELP" => self.junk("214 2.0.0 See RFC 5321\r\n").await?,
+                b"VRFY" => self.junk("252 2.0.0 Cannot VRFY; send some mail and we will see\r\n").await?,
+                b"QUIT" => {
                     self.close_with("221 2.0.0 Bye\r\n").await?;
                     return Ok(());
                 }
@@ -1163,8 +1185,9 @@ impl Connection {
         let mut body = Body { bytes: Vec::with_capacity(BODY_START), _budget: None };
         let mut reserved = 0usize;
         let mut refused: Option<&'static str> = None;
+        let mut buf = Vec::with_capacity(2 * LINE_START);
         loop {
-            let line = match self.line(MAX_DATA_LINE, self.config.data_timeout).await {
+            let line = match self.line(MAX_DATA_LINE, self.config.data_timeout, &mut buf).await {
                 Err(End::Timeout) => {
                     // As at a command: say why before closing (Postfix:
                     // "421 4.4.2 Error: timeout exceeded").
@@ -1185,7 +1208,7 @@ impl Connection {
                 tracing::info!(peer = %self.peer, "lost connection in DATA: nothing relayed");
                 return Err(End::Closed);
             }
-            match framer.feed(&line, &mut body.bytes, refused.is_some()) {
+            match framer.feed(line, &mut body.bytes, refused.is_some()) {
                 Fed::End => break,
                 Fed::BareNewline => {
                     self.bare_newline().await?;
@@ -1305,9 +1328,13 @@ fn received_line(
     push_filtered(out, Some(&session.id), clean, 255, "");
     if let [one] = transaction.recipients.as_slice() {
         out.extend_from_slice(b"\r\n\tfor <");
-        let mut utf8 = [0; 4];
-        for c in one.address.chars().filter(|c| !c.is_control()) {
-            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+        if one.address.contains(char::is_control) {
+            let mut utf8 = [0; 4];
+            for c in one.address.chars().filter(|c| !c.is_control()) {
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
+        } else {
+            out.extend_from_slice(one.address.as_bytes());
         }
         out.push(b'>');
     }
@@ -1322,7 +1349,13 @@ fn received_line(
 /// or `empty` when none is left.
 fn push_filtered(out: &mut Vec<u8>, value: Option<&str>, keep: impl Fn(&u8) -> bool, max: usize, empty: &str) {
     let start = out.len();
-    out.extend(value.unwrap_or("").as_bytes().iter().filter(|b| keep(b)).take(max));
+    let value = value.unwrap_or("").as_bytes();
+    if value.len() <= max && value.iter().all(&keep) {
+        // The usual case, in one copy rather than a byte at a time.
+        out.extend_from_slice(value);
+    } else {
+        out.extend(value.iter().filter(|b| keep(b)).take(max));
+    }
     if out.len() == start {
         out.extend_from_slice(empty.as_bytes());
     }
@@ -1367,6 +1400,17 @@ pub fn parse_headers(message: &[u8]) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verbs_are_matched_in_any_case_and_long_ones_match_nothing() {
+        let mut out = [0u8; VERB_MAX];
+        assert_eq!(uppercase_verb("ehlo", &mut out), b"EHLO");
+        assert_eq!(uppercase_verb("StartTls", &mut out), b"STARTTLS");
+        assert_eq!(uppercase_verb("", &mut out), b"");
+        assert_eq!(uppercase_verb("STARTTLSX", &mut out), b"");
+        // Not ASCII: left as it is, so it matches no command.
+        assert_eq!(uppercase_verb("ehlö", &mut out), "EHLö".as_bytes());
+    }
 
     #[test]
     fn the_received_line_keeps_specials_and_controls_out() {

@@ -30,18 +30,33 @@ pub enum BareNewline {
 
 /// One line from the client.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    /// The line with its ending (LF, or none when the stream ended).
-    Text(Vec<u8>),
+pub enum Line<'a> {
+    /// The line with its ending (LF, or none when the stream ended), in
+    /// the caller's buffer.
+    Text(&'a [u8]),
     /// Longer than the limit: read and dropped.
     TooLong,
 }
 
-/// Reads one LF-ended line, keeping at most `max` bytes (plus CRLF); the
-/// rest of a longer line is read and dropped, so memory stays bounded.
-/// `None` at the end of the stream.
-pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Line>, std::io::Error> {
-    let mut line = Vec::new();
+/// The capacity [`read_line`]'s buffer keeps from one line to the next: a
+/// buffer that held a longer line is let go of at the next line, so a
+/// session's long lines do not pin their memory.
+const KEEP_LINE_CAPACITY: usize = 4 << 10;
+
+/// Reads one LF-ended line into `line` (which is cleared first and reused
+/// from line to line, so a session's lines cost no allocation each),
+/// keeping at most `max` bytes (plus CRLF); the rest of a longer line is
+/// read and dropped, so memory stays bounded. `None` at the end of the
+/// stream.
+pub async fn read_line<'a, R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    line: &'a mut Vec<u8>,
+) -> Result<Option<Line<'a>>, std::io::Error> {
+    if line.capacity() > KEEP_LINE_CAPACITY {
+        *line = Vec::new();
+    }
+    line.clear();
     let mut too_long = false;
     loop {
         let buf = r.fill_buf().await?;
@@ -60,7 +75,7 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> Result
         if !too_long {
             if line.len() + n > max + 2 {
                 too_long = true;
-                line = Vec::new();
+                line.clear();
             } else {
                 line.extend_from_slice(chunk);
             }
@@ -357,11 +372,34 @@ mod tests {
     async fn long_lines_are_dropped_not_kept() {
         let input = [b'a'; 100_000];
         let mut r = tokio::io::BufReader::new(&input[..]);
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Some(Line::TooLong)), "cut off by the end of the stream");
+        let mut line = Vec::new();
+        assert!(matches!(read_line(&mut r, 10, &mut line).await.unwrap(), Some(Line::TooLong)), "cut off by the end of the stream");
+        assert!(line.capacity() <= 12, "{}", line.capacity());
         let data = [vec![b'x'; 5000], b"\r\nNOOP\r\n".to_vec()].concat();
         let mut r = tokio::io::BufReader::new(&data[..]);
-        assert!(matches!(read_line(&mut r, 512).await.unwrap(), Some(Line::TooLong)));
-        assert!(matches!(read_line(&mut r, 512).await.unwrap(), Some(Line::Text(t)) if t == b"NOOP\r\n"));
-        assert!(read_line(&mut r, 512).await.unwrap().is_none());
+        assert!(matches!(read_line(&mut r, 512, &mut line).await.unwrap(), Some(Line::TooLong)));
+        assert!(matches!(read_line(&mut r, 512, &mut line).await.unwrap(), Some(Line::Text(t)) if t == b"NOOP\r\n"));
+        assert!(read_line(&mut r, 512, &mut line).await.unwrap().is_none());
+    }
+
+    /// The buffer is reused from line to line, and one that held a long
+    /// line is let go of at the next.
+    #[tokio::test]
+    async fn the_line_buffer_is_reused_and_shrinks_after_a_long_line() {
+        let long = [vec![b'x'; 20_000], b"\r\n".to_vec()].concat();
+        let data = [b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n", &long[..], b"DATA\r\n"].concat();
+        let mut r = tokio::io::BufReader::new(&data[..]);
+        let mut line = Vec::new();
+        assert!(
+            matches!(read_line(&mut r, 64 << 10, &mut line).await.unwrap(), Some(Line::Text(t)) if t == b"MAIL FROM:<a@example.org>\r\n")
+        );
+        let (first, capacity) = (line.as_ptr(), line.capacity());
+        assert!(
+            matches!(read_line(&mut r, 64 << 10, &mut line).await.unwrap(), Some(Line::Text(t)) if t == b"RCPT TO:<b@example.org>\r\n")
+        );
+        assert_eq!((line.as_ptr(), line.capacity()), (first, capacity), "the same allocation");
+        assert!(matches!(read_line(&mut r, 64 << 10, &mut line).await.unwrap(), Some(Line::Text(t)) if t == &long[..]));
+        assert!(matches!(read_line(&mut r, 64 << 10, &mut line).await.unwrap(), Some(Line::Text(t)) if t == b"DATA\r\n"));
+        assert!(line.capacity() <= KEEP_LINE_CAPACITY, "{}", line.capacity());
     }
 }
