@@ -258,6 +258,12 @@ pub enum RecipientPattern {
     Domain(String),
 }
 
+/// A normalised recipient's local part and domain (`""` without an `@`),
+/// as [`RecipientPattern::matches_split`] takes them.
+pub fn split_recipient(rcpt: &str) -> (&str, &str) {
+    crate::normalize::split_at_last_at(rcpt).unwrap_or((rcpt, ""))
+}
+
 impl RecipientPattern {
     fn parse(s: &str) -> Result<RecipientPattern, String> {
         let s = s.trim().to_ascii_lowercase();
@@ -275,10 +281,13 @@ impl RecipientPattern {
 
     /// True if the normalised (lower-case) `rcpt` matches.
     pub fn matches(&self, rcpt: &str) -> bool {
-        let (local, domain) = match crate::normalize::split_at_last_at(rcpt) {
-            Some((l, d)) => (l, d),
-            None => (rcpt, ""),
-        };
+        self.matches_split(rcpt, split_recipient(rcpt))
+    }
+
+    /// [`Self::matches`] for a recipient already split by
+    /// [`split_recipient`] (a recipient is matched against every pattern:
+    /// split once).
+    pub fn matches_split(&self, rcpt: &str, (local, domain): (&str, &str)) -> bool {
         match self {
             RecipientPattern::Address(a) => a == rcpt,
             RecipientPattern::LocalPart(l) => l == local,
@@ -505,8 +514,9 @@ impl Config {
 
     /// The policy group a normalised recipient falls in: `(name, greylist, delay)`.
     pub fn policy_for(&self, rcpt: &str) -> (&str, bool, u64) {
+        let split = split_recipient(rcpt);
         for p in &self.policies {
-            if p.recipients.iter().any(|r| r.matches(rcpt)) {
+            if p.recipients.iter().any(|r| r.matches_split(rcpt, split)) {
                 return (&p.name, p.greylist, p.delay);
             }
         }

@@ -270,11 +270,23 @@ impl Greylist {
         Err(Error(format!("{key}: the record kept changing under compare-and-swap")))
     }
 
-    /// Greylists `parts` (the triplet or its stand-in) and builds the verdict.
-    fn greylist(&self, ctx: &Context, id: &Identity, parts: &[&str], delay: u64, code: u16, kv: &mut dyn Host) -> Result<Verdict, Error> {
-        let prefix = if code == 421 { "c/" } else { "t/" };
-        let key = prefixed_triplet_key(prefix, parts);
-        let (outcome, carried) = self.check(&key, parts, || self.network_key(ctx, id, prefix, parts), delay, ctx.now, kv)?;
+    /// Greylists `parts` (the triplet or its stand-in) under `key`, their
+    /// [`triplet_key_for`] `code` (computed once by the caller, which has
+    /// usually asked the store for it already), and builds the verdict.
+    #[allow(clippy::too_many_arguments)] // all of them the decision's own
+    fn greylist(
+        &self,
+        ctx: &Context,
+        id: &Identity,
+        key: &str,
+        parts: &[&str],
+        delay: u64,
+        code: u16,
+        kv: &mut dyn Host,
+    ) -> Result<Verdict, Error> {
+        debug_assert_eq!(key, triplet_key_for(code, parts));
+        let prefix = key_prefix(code);
+        let (outcome, carried) = self.check(key, parts, || self.network_key(ctx, id, prefix, parts), delay, ctx.now, kv)?;
         if carried {
             kv.counter_add("network_carried_total", &[("identity", id.kind.name())], 1);
             kv.log(
@@ -364,7 +376,8 @@ impl Greylist {
         if self.db_whitelisted(&self.whitelist_keys(ctx, &id, "", &[]), kv)? {
             return Ok(Verdict::cont());
         }
-        let v = self.greylist(ctx, &id, &[&id.key], self.config.delay, 421, kv)?;
+        let parts = [id.key.as_str()];
+        let v = self.greylist(ctx, &id, &triplet_key_for(421, &parts), &parts, self.config.delay, 421, kv)?;
         // No message to put a header in yet.
         Ok(Verdict { add_headers: Vec::new(), ..v })
     }
@@ -378,7 +391,8 @@ impl Greylist {
     pub fn on_rcpt(&self, ctx: &Context, recipient: &str, kv: &mut dyn Host) -> Result<Verdict, Error> {
         let sender = ctx.transaction.sender.as_deref().unwrap_or("");
         let rcpt = self.key_recipient(ctx, recipient, kv);
-        let always = self.config.whitelist_recipients.iter().any(|p| p.matches(&rcpt));
+        let split = crate::config::split_recipient(&rcpt);
+        let always = self.config.whitelist_recipients.iter().any(|p| p.matches_split(&rcpt, split));
         let (group, greylist, delay) = self.config.policy_for(&rcpt);
         // Seed 000: without PRDR, accept only recipients that share the
         // first accepted recipient's policy; ask for the others again at once
@@ -425,7 +439,8 @@ impl Greylist {
         let sender = self.key_sender(ctx, sender, kv);
         // The auto-whitelist count and the triplet in one crossing (one
         // round trip to Redis); the write after it is the second.
-        let (awl, triplet) = (["awl/", &id.key].concat(), prefixed_triplet_key("t/", &[&id.key, &sender, &rcpt]));
+        let parts = [id.key.as_str(), &sender, &rcpt];
+        let (awl, triplet) = (["awl/", &id.key].concat(), triplet_key_for(451, &parts));
         let wl = self.whitelist_keys(ctx, &id, ctx.transaction.sender.as_deref().unwrap_or(""), std::slice::from_ref(&rcpt));
         let mut keys: Vec<&str> = wl.iter().map(String::as_str).collect();
         if self.config.auto_whitelist_after > 0 {
@@ -442,7 +457,7 @@ impl Greylist {
             kv.log(Level::Debug, &format!("session {}: {} auto-whitelisted", ctx.session.id, id.key));
             return Ok(with_group(Verdict::cont(), &group));
         }
-        Ok(with_group(self.greylist(ctx, &id, &[&id.key, &sender, &rcpt], delay, 451, kv)?, &group))
+        Ok(with_group(self.greylist(ctx, &id, &triplet, &parts, delay, 451, kv)?, &group))
     }
 
     /// The DATA hook: greylists at stage `data`, and the null sender at stage `rcpt`.
@@ -488,8 +503,20 @@ impl Greylist {
                 r.join(",")
             }
         };
-        self.greylist(ctx, &id, &[&id.key, &sender, &mid], delay, 451, kv)
+        let parts = [id.key.as_str(), &sender, &mid];
+        self.greylist(ctx, &id, &triplet_key_for(451, &parts), &parts, delay, 451, kv)
     }
+}
+
+/// The store key prefix of the records a reply `code` greylists: `c/` for
+/// the connection stage's (`421`), `t/` for triplets.
+fn key_prefix(code: u16) -> &'static str {
+    if code == 421 { "c/" } else { "t/" }
+}
+
+/// The store key of `parts` greylisted with reply `code` ([`key_prefix`]).
+fn triplet_key_for(code: u16, parts: &[&str]) -> String {
+    prefixed_triplet_key(key_prefix(code), parts)
 }
 
 /// The key form of an address that cannot be normalised: its bytes as

@@ -128,18 +128,17 @@ pub fn normalize_sender(a: &str) -> String {
         local = &local[..plus];
     }
     let mut out = String::with_capacity(local.len() + domain.len() + 1);
-    let mut in_digits = false;
-    for c in local.chars() {
-        if c.is_ascii_digit() {
-            if !in_digits {
-                out.push('#');
-            }
-            in_digits = true;
-        } else {
-            in_digits = false;
-            out.push(c);
-        }
+    // Each run of digits as one `#`, the text between copied whole (a
+    // `char` at a time cost ~30 instructions a character compiled to
+    // Wasm). Digits are ASCII, so every cut is on a character boundary.
+    let mut rest = local;
+    while let Some(i) = rest.bytes().position(|b| b.is_ascii_digit()) {
+        out.push_str(&rest[..i]);
+        out.push('#');
+        let run = rest[i..].bytes().take_while(u8::is_ascii_digit).count();
+        rest = &rest[i + run..];
     }
+    out.push_str(rest);
     out.push('@');
     out.push_str(domain);
     out
@@ -192,6 +191,9 @@ mod tests {
         assert_eq!(normalize_sender("John.Doe@Example.COM"), "john.doe@example.com");
         assert_eq!(normalize_sender("list+bounces-123@x.org"), "list@x.org");
         assert_eq!(normalize_sender("bounce-12345-67@x.org"), "bounce-#-#@x.org");
+        assert_eq!(normalize_sender("1a22b333@x.org"), "#a#b#@x.org");
+        assert_eq!(normalize_sender("ü12ä3ö@x.org"), "ü#ä#ö@x.org");
+        assert_eq!(normalize_sender("007@x.org"), "#@x.org");
         assert_eq!(normalize_sender("prvs=1234abcdef=user@x.org"), "user@x.org");
         assert_eq!(normalize_sender("prvs=user=1234abcdef@x.org"), "user@x.org");
         assert_eq!(normalize_sender("btv1==123abc==user@x.org"), "user@x.org");
