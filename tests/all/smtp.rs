@@ -766,6 +766,9 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     assert!(r.starts_with("554 5.7.1 no thanks"), "{r}");
     let r = send("Subject: again\r\n\r\ny");
     assert!(r.starts_with("250"), "{r}");
+    // No line starts with a dot: sent as the client's data are, size exact.
+    let last = String::from_utf8(hop.s.chunks.lock().unwrap().last().unwrap().clone()).unwrap();
+    assert!(last.starts_with("Received: ") && last.ends_with("\r\nSubject: again\r\n\r\ny\r\n"), "{last:?}");
     let cmds = hop.s.commands.lock().unwrap().clone();
     assert!(!cmds.iter().any(|c| c == "DATA"), "{cmds:?}");
     // The refused chunk was the second; what its connection heard next

@@ -466,8 +466,9 @@ impl Relay {
     /// transaction, and is closed instead of pooled.
     async fn bdat(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
         let body = unstuff(message);
-        let size = prefix.len() + body.len();
-        self.push(&["BDAT ", &size.to_string(), " LAST"]);
+        let mut size = String::with_capacity(20);
+        crate::domain::retry::push_digits(&mut size, (prefix.len() + body.len()) as u64, 1);
+        self.push(&["BDAT ", &size, " LAST"]);
         let head = std::mem::take(&mut self.out);
         let written = self.write_all_vectored(&mut [IoSlice::new(&head), IoSlice::new(prefix), IoSlice::new(&body)]).await;
         self.out = head;
@@ -566,8 +567,13 @@ impl Relay {
 
 /// Message data as [`crate::frontend::smtp::wire::DataFramer`] writes it
 /// (CRLF-ended lines, dot-stuffed) with the stuffing undone, ending with
-/// CRLF: what BDAT carries.
-fn unstuff(stuffed: &[u8]) -> Vec<u8> {
+/// CRLF: what BDAT carries. Most messages have no line that starts with a
+/// dot: those are the data as they are, not copied.
+fn unstuff(stuffed: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let crlf_ended = stuffed.is_empty() || stuffed.ends_with(b"\r\n");
+    if crlf_ended && !stuffed.starts_with(b".") && memchr::memmem::find(stuffed, b"\n.").is_none() {
+        return std::borrow::Cow::Borrowed(stuffed);
+    }
     let mut out = Vec::with_capacity(stuffed.len() + 2);
     let mut rest = stuffed;
     while !rest.is_empty() {
@@ -579,7 +585,7 @@ fn unstuff(stuffed: &[u8]) -> Vec<u8> {
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// A reply line as it may go to our client: no control characters survive
@@ -608,9 +614,13 @@ mod tests {
 
     #[test]
     fn bdat_data_is_unstuffed_and_crlf_ended() {
-        assert_eq!(unstuff(b"a\r\n..b\r\n.\r\n...\r\nc.d\r\n"), b"a\r\n.b\r\n\r\n..\r\nc.d\r\n");
-        assert_eq!(unstuff(b"x"), b"x\r\n");
-        assert_eq!(unstuff(b""), b"");
+        assert_eq!(&*unstuff(b"a\r\n..b\r\n.\r\n...\r\nc.d\r\n"), b"a\r\n.b\r\n\r\n..\r\nc.d\r\n");
+        assert_eq!(&*unstuff(b"..a\r\nb\r\n"), b".a\r\nb\r\n");
+        assert_eq!(&*unstuff(b"x"), b"x\r\n");
+        assert_eq!(&*unstuff(b""), b"");
+        // No line starts with a dot: the data as they are, not copied.
+        let plain = b"Subject: x\r\n\r\nbody. more\r\n";
+        assert!(matches!(unstuff(plain), std::borrow::Cow::Borrowed(b) if b == plain));
     }
 
     #[test]
