@@ -301,9 +301,15 @@ impl Conversation {
     /// The session's name in the decision log: the message's queue ID
     /// once the MTA has told it, else the connection's own name.
     fn name_session(&mut self) {
-        let id = self.queue_id.clone().unwrap_or_else(|| self.conn_id.clone());
+        let id = self.queue_id.as_deref().unwrap_or(&self.conn_id);
         if let Some(s) = self.session.as_mut() {
-            s.session_mut().id = id;
+            // Called at every macro packet (~10 a message): a copy only when
+            // the name changes, into the string it replaces.
+            let current = &mut s.session_mut().id;
+            if current != id {
+                current.clear();
+                current.push_str(id);
+            }
         }
     }
 
@@ -348,10 +354,11 @@ impl MilterProtocol for Conversation {
                 | NO_REPLY_EARLY,
             ..OptNeg::default()
         };
-        let mut merged = ours.clone().merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
+        let (protocol, capabilities) = (ours.protocol, ours.capabilities);
+        let mut merged = ours.merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
         // Ask only for protocol steps the MTA can skip; keep our wishes.
-        merged.protocol = ours.protocol & theirs.protocol;
-        merged.capabilities = ours.capabilities & theirs.capabilities;
+        merged.protocol = protocol & theirs.protocol;
+        merged.capabilities = capabilities & theirs.capabilities;
         // Our macro lists follow the three words (`macro_lists`), if the
         // MTA offered to take them; `merged` carries none of its own.
         self.no_reply = merged.protocol & NO_REPLY_EARLY;
@@ -370,11 +377,19 @@ impl MilterProtocol for Conversation {
                 // Postfix sends `i` empty (or not at all) at MAIL and
                 // assigns the queue ID later: an empty value clears it, so
                 // the previous message's ID never names this one.
-                b"i" => self.queue_id = Some(value.into_owned()).filter(|v| !v.is_empty()),
+                // (Sent again at each stage: copied only when it changes.)
+                b"i" => {
+                    let id = Some(&*value).filter(|v| !v.is_empty());
+                    if self.queue_id.as_deref() != id {
+                        self.queue_id = id.map(str::to_owned);
+                    }
+                }
                 _ => {}
             }
         }
-        if let (Some(s), Some(u)) = (self.session.as_mut(), &self.auth_user) {
+        if let (Some(s), Some(u)) = (self.session.as_mut(), &self.auth_user)
+            && s.session_mut().auth_user.as_ref() != Some(u)
+        {
             s.session_mut().auth_user = Some(u.clone());
         }
         self.name_session();
