@@ -411,8 +411,8 @@ impl Greylist {
                 {
                     let s = self.key_sender(ctx, sender, kv);
                     let parts = [id.key.as_str(), &s, &rcpt];
-                    let carried = || self.network_key(ctx, &id, "t/", &parts);
-                    self.check(&prefixed_triplet_key("t/", &parts), &parts, carried, delay, ctx.now, kv)?;
+                    let carried = || self.network_key(ctx, &id, key_prefix(451), &parts);
+                    self.check(&triplet_key_for(451, &parts), &parts, carried, delay, ctx.now, kv)?;
                 }
                 // The group goes with the answer, so the host logs it as
                 // what it is (action=policy-group).
