@@ -166,7 +166,7 @@ unsafe impl GlobalAlloc for Arena {
         let p = self.bump(layout);
         if p.is_null() {
             // SAFETY: the caller's layout, passed on.
-            unsafe { System.alloc(layout) }
+            unsafe { system_alloc(layout) }
         } else {
             p
         }
@@ -189,7 +189,7 @@ unsafe impl GlobalAlloc for Arena {
             }
         } else {
             // SAFETY: not ours, so the system allocator's.
-            unsafe { System.dealloc(p, layout) }
+            unsafe { system_dealloc(p, layout) }
         }
     }
 
@@ -218,6 +218,33 @@ unsafe impl GlobalAlloc for Arena {
             q
         }
     }
+}
+
+/// The system allocator's `alloc`, out of line: kept out of the arena's
+/// fast path, which then needs no stack frame of its own in a component
+/// (wasi-libc's `posix_memalign` takes an out-pointer on the shadow stack)
+/// and saves fewer registers: ~10 instructions less an allocation.
+///
+/// # Safety
+///
+/// As [`GlobalAlloc::alloc`].
+#[cold]
+#[inline(never)]
+unsafe fn system_alloc(layout: Layout) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    unsafe { System.alloc(layout) }
+}
+
+/// The system allocator's `dealloc`, out of line (see [`system_alloc`]).
+///
+/// # Safety
+///
+/// As [`GlobalAlloc::dealloc`].
+#[cold]
+#[inline(never)]
+unsafe fn system_dealloc(p: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    unsafe { System.dealloc(p, layout) }
 }
 
 #[cfg(all(feature = "arena", target_arch = "wasm32"))]

@@ -75,7 +75,7 @@ pub enum Found {
 }
 
 /// A hash of a series' name and labels: each string's length, and its
-/// first and last eight bytes (or its bytes, if fewer). Only a filter:
+/// first and last eight bytes (or all its bytes, if fewer). Only a filter:
 /// matches are confirmed byte by byte, so it need not read every byte.
 fn hash(name: &str, labels: &[(&str, &str)]) -> u64 {
     const K: u64 = 0x0000_0100_0000_01b3;
@@ -87,9 +87,7 @@ fn hash(name: &str, labels: &[(&str, &str)]) -> u64 {
             h = (h ^ word(&b[..8])).wrapping_mul(K);
             h = (h ^ word(&b[b.len() - 8..])).wrapping_mul(K);
         } else {
-            for &c in b {
-                h = (h ^ u64::from(c)).wrapping_mul(K);
-            }
+            h = (h ^ crate::store::short_word(b)).wrapping_mul(K);
         }
         h
     }

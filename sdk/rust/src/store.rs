@@ -113,12 +113,29 @@ pub(crate) fn same_key(a: &str, b: &str) -> bool {
     }
     let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_ne_bytes);
     if n < 8 {
-        return a.iter().zip(b).all(|(x, y)| x == y);
+        return short_word(a) == short_word(b);
     }
     // Whole words, then the last eight bytes (overlapping the last word
     // compared: no byte-by-byte tail).
     let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
     (&mut ca).zip(&mut cb).all(|(x, y)| word(x) == word(y)) && word(&a[n - 8..]) == word(&b[n - 8..])
+}
+
+/// All the bytes of `b` (fewer than eight) in one number, without a loop:
+/// its first and last four bytes (overlapping), or for one to three bytes
+/// its first, middle and last. Two slices of the same length give the same
+/// number exactly when their bytes are equal. (A byte loop costs a
+/// compiled component an interruption check at every byte; label values
+/// and short names are compared and hashed at every metric update.)
+pub(crate) fn short_word(b: &[u8]) -> u64 {
+    let n = b.len();
+    let quad = |c: &[u8]| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
+    match n {
+        0 => 0,
+        1..=3 => u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16,
+        4..=7 => u64::from(quad(&b[..4])) | u64::from(quad(&b[n - 4..])) << 32,
+        _ => 0,
+    }
 }
 
 impl Host for Prefetch<'_> {
