@@ -36,26 +36,16 @@ pub(crate) fn write_retry(out: &mut String, secs: u64) {
 
 /// Appends `v` in decimal, zero-padded to at least `width` digits (reply
 /// codes, the retry hint, log timestamps: written in place, no `format!`).
+/// Through `itoa`: two digits a step, and no UTF-8 check of the digits
+/// (a digit at a time and `from_utf8` cost ~50 instructions a number, six
+/// numbers or more a policy request).
 pub(crate) fn push_digits(out: &mut String, v: u64, width: usize) {
-    let mut buf = [b'0'; 20];
-    let (mut v, mut start) = (v, buf.len());
-    loop {
-        start -= 1;
-        buf[start] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for _ in buf.len()..width {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v);
+    for _ in digits.len()..width {
         out.push('0');
     }
-    // `buf` is zeros before the digits: the padding up to its length is
-    // there already. One `push_str` (a char at a time was ~1k instructions
-    // of a policy request's timestamps and hints); digits are ASCII, so
-    // the check cannot fail.
-    let start = start.min(buf.len().saturating_sub(width));
-    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or_default());
+    out.push_str(digits);
 }
 
 /// The delay a client should wait before retrying, read from a whole
