@@ -218,7 +218,9 @@ pub const MAX_HEADER_SECTION_READ: usize = 1 << 20;
 /// each trimmed and joined by one space, the empty ones left out, cut at
 /// `max` bytes.
 pub fn unfolded(value: &str, max: usize) -> String {
-    let mut out = String::new();
+    // Sized at once: the result is never longer than the value or `max`
+    // (growing from empty was a reallocation path a header).
+    let mut out = String::with_capacity(value.len().min(max));
     for part in value.split('\n') {
         push_folded(&mut out, part, max);
     }
