@@ -514,6 +514,9 @@ impl Config {
 
     /// The policy group a normalised recipient falls in: `(name, greylist, delay)`.
     pub fn policy_for(&self, rcpt: &str) -> (&str, bool, u64) {
+        if self.policies.is_empty() {
+            return (DEFAULT_GROUP, true, self.delay);
+        }
         let split = split_recipient(rcpt);
         for p in &self.policies {
             if p.recipients.iter().any(|r| r.matches_split(rcpt, split)) {

@@ -15,6 +15,7 @@
 //! `component.rs` implements [`greyhook_filter::Filter`] and exports it.
 #![deny(missing_docs)]
 
+mod bytes;
 pub mod config;
 pub mod filter;
 pub mod identity;

@@ -89,16 +89,30 @@ pub fn increment(host: &mut dyn Host, key: &str, by: u64, ttl: u32) -> Result<u6
 /// `get-many` (one round trip to a networked store), then reads through:
 /// code written as a series of `get`s costs one crossing for them all.
 /// Everything else goes to the host as it is.
-pub struct Prefetch<'h> {
+///
+/// It borrows the keys rather than copying them (five copies a decision in
+/// the reference filter), so they outlive it.
+pub struct Prefetch<'h, 'k> {
     host: &'h mut dyn Host,
-    fetched: Vec<(String, Option<crate::host::Entry>)>,
+    fetched: Vec<(&'k str, Option<crate::host::Entry>)>,
 }
 
-impl<'h> Prefetch<'h> {
+impl<'h, 'k> Prefetch<'h, 'k> {
     /// Reads `keys` at once.
-    pub fn new(host: &'h mut dyn Host, keys: &[&str]) -> Result<Prefetch<'h>> {
+    pub fn new(host: &'h mut dyn Host, keys: &[&'k str]) -> Result<Prefetch<'h, 'k>> {
         let got = host.get_many(keys)?;
-        Ok(Prefetch { host, fetched: keys.iter().map(|k| k.to_string()).zip(got).collect() })
+        Ok(Prefetch { host, fetched: keys.iter().copied().zip(got).collect() })
+    }
+
+    /// Where `key` is among the keys not read yet.
+    fn position(&self, key: &str) -> Option<usize> {
+        // The same string the keys were given as (the usual case: a filter
+        // reads the keys it prefetched) is found without reading its bytes:
+        // a borrowed `str` cannot change while it is borrowed, so two with
+        // the same address and length hold the same bytes. Any other is
+        // compared byte for byte.
+        let same = |k: &str| std::ptr::eq(k, key) || same_key(k, key);
+        self.fetched.iter().position(|(k, _)| same(k))
     }
 }
 
@@ -138,9 +152,9 @@ pub(crate) fn short_word(b: &[u8]) -> u64 {
     }
 }
 
-impl Host for Prefetch<'_> {
+impl Host for Prefetch<'_, '_> {
     fn get(&mut self, key: &str) -> std::result::Result<Option<crate::host::Entry>, crate::host::StoreError> {
-        match self.fetched.iter().position(|(k, _)| same_key(k, key)) {
+        match self.position(key) {
             // Once: a second read (after a conflict) must see the store.
             Some(i) => Ok(self.fetched.swap_remove(i).1),
             None => self.host.get(key),
@@ -227,6 +241,20 @@ mod tests {
         assert_eq!(get_u64(&mut p, "a").unwrap(), Some(1));
         assert_eq!(get_u64(&mut p, "b").unwrap(), None);
         assert_eq!(h.store_calls, calls + 2, "two keys, one batch");
+        // Keys found by their bytes when they are other strings than the
+        // ones prefetched.
+        let (a, b) = (String::from("a"), String::from("b"));
+        let mut p = Prefetch::new(&mut h, &[&a, &b]).unwrap();
+        let (a2, b2) = (a.clone(), b.clone());
+        assert_eq!(get_u64(&mut p, &b2).unwrap(), None);
+        assert_eq!(get_u64(&mut p, &a2).unwrap(), Some(1));
+        assert_eq!(h.store_calls, calls + 4, "two keys, one batch");
+        // A key that shares its address with a prefetched one but not its
+        // length is another key.
+        let ab = String::from("ab");
+        let mut p = Prefetch::new(&mut h, &[&ab[..1]]).unwrap();
+        assert_eq!(get_u64(&mut p, &ab).unwrap(), None);
+        assert_eq!(h.store_calls, calls + 6, "read through");
         let mut p = Prefetch::new(&mut h, &["a"]).unwrap();
         // A write between: the next read sees the store, not the batch.
         set_u64(&mut p, "a", 2, 60).unwrap();
