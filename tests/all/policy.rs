@@ -91,6 +91,14 @@ async fn greylists_then_prepends_on_one_connection() {
         assert_eq!(c.ask(&[]), "DUNNO");
         assert_eq!(c.ask(&[("sasl_username", "alice"), ("sender", "new@example.org")]), "DUNNO", "authenticated");
         assert_eq!(c.ask(&[("protocol_state", "VRFY")]), "DUNNO");
+        // The state is matched whatever its case, and only whole.
+        for state in ["rcpt", "Rcpt"] {
+            let a = c.ask(&[("protocol_state", state), ("sender", &format!("{state}@example.org"))]);
+            assert!(a.starts_with("451 4.7.1"), "{state}: {a}");
+        }
+        for state in ["RCPTX", "RCP", ""] {
+            assert_eq!(c.ask(&[("protocol_state", state), ("sender", "other@example.org")]), "DUNNO", "{state:?}");
+        }
     })
     .await
     .unwrap();

@@ -215,16 +215,22 @@ impl PolicyServer {
             return "DUNNO".into();
         };
         let get = |k: &str| attrs.get(k).filter(|v| !v.is_empty());
-        let phase = match attrs.get("protocol_state").map(|s| s.to_ascii_uppercase()).as_deref() {
-            Some("CONNECT") => Phase::Connect,
-            Some("EHLO") | Some("HELO") => Phase::Ehlo,
-            Some("MAIL") => Phase::Mail,
-            Some("RCPT") => Phase::Rcpt,
-            Some("DATA") | Some("END-OF-MESSAGE") => Phase::Data,
-            other => {
-                tracing::debug!(state = ?other, "protocol state without a hook (VRFY, ETRN...): DUNNO");
-                return "DUNNO".into();
-            }
+        // Matched without regard to case, without an upper-case copy.
+        let state = attrs.get("protocol_state").unwrap_or("");
+        let is = |names: &[&str]| names.iter().any(|n| state.eq_ignore_ascii_case(n));
+        let phase = if is(&["RCPT"]) {
+            Phase::Rcpt
+        } else if is(&["CONNECT"]) {
+            Phase::Connect
+        } else if is(&["EHLO", "HELO"]) {
+            Phase::Ehlo
+        } else if is(&["MAIL"]) {
+            Phase::Mail
+        } else if is(&["DATA", "END-OF-MESSAGE"]) {
+            Phase::Data
+        } else {
+            tracing::debug!(state = ?attrs.get("protocol_state"), "protocol state without a hook (VRFY, ETRN...): DUNNO");
+            return "DUNNO".into();
         };
         let instance = get("instance").unwrap_or("");
         // Postfix sends every session fact with every request: they are
