@@ -18,19 +18,24 @@ pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> String {
         IpAddr::V4(a) => {
             let len = v4.min(32);
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-            // At every decision: digits written directly (`format!` and
-            // `Ipv4Addr`'s `Display` cost several times more in Wasm).
-            let mut s = String::with_capacity(18);
-            let mut digits = itoa::Buffer::new();
-            for (i, o) in Ipv4Addr::from(u32::from(a) & mask).octets().iter().enumerate() {
+            // At every decision: digits written directly into one buffer
+            // and copied once (`format!` and `Ipv4Addr`'s `Display` cost
+            // several times more in Wasm, and so did a `push_str` a piece:
+            // each a `memory.copy` call).
+            let mut b = [0u8; 18];
+            let mut n = 0;
+            for (i, o) in Ipv4Addr::from(u32::from(a) & mask).octets().into_iter().enumerate() {
                 if i > 0 {
-                    s.push('.');
+                    b[n] = b'.';
+                    n += 1;
                 }
-                s.push_str(digits.format(*o));
+                push_u8(&mut b, &mut n, o);
             }
-            s.push('/');
-            s.push_str(digits.format(len));
-            s
+            b[n] = b'/';
+            n += 1;
+            push_u8(&mut b, &mut n, len);
+            // Digits, dots and a slash: always UTF-8.
+            String::from(std::str::from_utf8(&b[..n]).unwrap_or_default())
         }
         IpAddr::V6(a) => {
             let len = v6.min(128);
@@ -38,6 +43,21 @@ pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> String {
             format!("{}/{len}", Ipv6Addr::from(u128::from(a) & mask))
         }
     }
+}
+
+/// Writes `v` in decimal at `b[*n..]` and moves `n` past it (at most
+/// three bytes).
+fn push_u8(b: &mut [u8], n: &mut usize, v: u8) {
+    if v >= 100 {
+        b[*n] = b'0' + v / 100;
+        *n += 1;
+    }
+    if v >= 10 {
+        b[*n] = b'0' + v / 10 % 10;
+        *n += 1;
+    }
+    b[*n] = b'0' + v % 10;
+    *n += 1;
 }
 
 /// Why an address cannot be used in a triplet.
@@ -226,6 +246,20 @@ mod tests {
         assert_eq!(client_network("::ffff:192.0.2.9".parse().unwrap(), 24, 64), "192.0.2.0/24");
         assert_eq!(client_network("10.200.3.4".parse().unwrap(), 0, 64), "0.0.0.0/0");
         assert_eq!(client_network("10.200.3.4".parse().unwrap(), 16, 64), "10.200.0.0/16");
+        // Every octet value at every place, every prefix length, against
+        // `Display`.
+        for len in 0..=32u8 {
+            for place in 0..4 {
+                for v in 0..=255u8 {
+                    let mut o = [198, 51, 100, 7];
+                    o[place] = v;
+                    let a = Ipv4Addr::from(o);
+                    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+                    let want = format!("{}/{len}", Ipv4Addr::from(u32::from(a) & mask));
+                    assert_eq!(client_network(IpAddr::V4(a), len, 64), want);
+                }
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::domain::types::{Decision, Message, Phase, Session, Verdict};
 use crate::frontend::listen::{Conn, ListenAddr, Listener, UnixPerms};
 use crate::frontend::{FrontEnd, FrontEndError, invalid};
 use crate::session::{Hooks, SmtpSession};
-use request::{Attrs, FrameError, Framer};
+use request::{Attrs, FrameError, Framer, Request};
 
 /// How a tempfail is sent to Postfix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -191,15 +191,21 @@ impl PolicyServer {
 
     /// Answers one request (its attribute lines, without the final empty
     /// line): the `action=...` value.
-    pub async fn answer(&self, request: &[u8]) -> String {
+    pub async fn answer(&self, request: Request<'_>) -> String {
         // Invalid UTF-8 (a client's bytes in sender, recipient or HELO, as
         // Postfix with `smtputf8_enable = no` passes them) is not a reason
         // to let the mail through: the filters see each bad byte as a
         // character of its own, so two such senders stay two triplets, and
         // greylist it like any other.
-        let text = crate::domain::text::from_bytes(request);
-        let text: &str = &text;
-        let attrs = match Attrs::parse(text) {
+        let text = crate::domain::text::from_bytes(request.bytes);
+        let attrs = match &text {
+            // The bytes as they came: split at the lines the framer found.
+            std::borrow::Cow::Borrowed(t) => Attrs::from_lines(t, request.lines),
+            // Each bad byte became a character of more bytes: the lines
+            // are found again.
+            std::borrow::Cow::Owned(t) => Attrs::parse(t),
+        };
+        let attrs = match attrs {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!("{e}: DUNNO");
@@ -356,8 +362,9 @@ impl PolicyServer {
         let mut out = Vec::with_capacity(256);
         loop {
             match reader.next(&shutdown).await {
-                Ok(Some(request)) => {
-                    let action = self.answer(&request).await;
+                Ok(true) => {
+                    let Some(request) = reader.framer.request() else { return };
+                    let action = self.answer(request).await;
                     out.clear();
                     out.extend_from_slice(b"action=");
                     out.extend_from_slice(action.as_bytes());
@@ -374,7 +381,7 @@ impl PolicyServer {
                         }
                     }
                 }
-                Ok(None) => return,
+                Ok(false) => return,
                 Err(e) => {
                     tracing::warn!(%peer, "closing policy connection: {e}");
                     return;
@@ -407,13 +414,14 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
         }
     }
 
-    /// The next request's bytes, or `None` when the connection ends (peer
-    /// closed, idle, or shutdown between requests).
-    async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Vec<u8>>, ConnError> {
+    /// Reads until a request is complete (`true`: the framer's
+    /// [`Framer::request`], in place) or the connection ends (`false`:
+    /// peer closed, idle, or shutdown between requests).
+    async fn next(&mut self, shutdown: &CancellationToken) -> Result<bool, ConnError> {
         let mut deadline = None;
         loop {
-            if let Some(request) = self.framer.next_request()? {
-                return Ok(Some(request));
+            if self.framer.advance()? {
+                return Ok(true);
             }
             if self.framer.pending() && deadline.is_none() {
                 deadline = Some(tokio::time::Instant::now() + self.request_timeout);
@@ -425,14 +433,14 @@ impl<R: tokio::io::AsyncRead + Unpin> RequestReader<R> {
                 }
                 None => tokio::select! {
                     r = self.load.timeout(self.idle, self.stress_idle, self.r.read_buf(buf)) => match r {
-                        None => return Ok(None),
+                        None => return Ok(false),
                         Some(r) => r?,
                     },
-                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = shutdown.cancelled() => return Ok(false),
                 },
             };
             if n == 0 {
-                return Ok(None);
+                return Ok(false);
             }
         }
     }
