@@ -326,14 +326,32 @@ impl Load {
         if let std::task::Poll::Ready(v) = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
             return Some(v);
         }
+        // Until the shorter limit, stress changes nothing: stress that
+        // comes meanwhile cuts the wait at that limit, and stress that
+        // comes and goes before it does not. So the stress is looked at
+        // when it passes, and watched only after (nearly every wait ends
+        // before: subscribing to the watch and its wake-ups, at every wait,
+        // cost more than the timer).
+        let first = stressed.min(normal);
+        tokio::select! {
+            // The future first: a timer is only armed for a wait.
+            biased;
+            v = &mut fut => return Some(v),
+            _ = tokio::time::sleep_until(start + first) => {}
+        }
+        if first == normal {
+            return None;
+        }
         let mut rx = self.stress.subscribe();
         loop {
-            let limit = if *rx.borrow_and_update() { stressed.min(normal) } else { normal };
+            // Stress now: its limit has passed.
+            if *rx.borrow_and_update() {
+                return None;
+            }
             tokio::select! {
-                // The future first: a timer is only armed for a wait.
                 biased;
                 v = &mut fut => return Some(v),
-                _ = tokio::time::sleep_until(start + limit) => return None,
+                _ = tokio::time::sleep_until(start + normal) => return None,
                 r = rx.changed() => if r.is_err() {
                     return tokio::time::timeout_at(start + normal, fut).await.ok();
                 },
@@ -516,6 +534,62 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wait is cut at the stressed limit if the listener is under stress
+    /// then, at the normal limit if it stays calm, and at once when stress
+    /// comes after the stressed limit has passed; stress that comes and
+    /// goes before the stressed limit cuts nothing.
+    #[tokio::test(start_paused = true)]
+    async fn waits_are_cut_at_the_limit_the_stress_sets() {
+        let load = Load::new("test", 4);
+        let (normal, stressed) = (Duration::from_secs(300), Duration::from_secs(10));
+        let never = || std::future::pending::<()>();
+        let timed = |load: Arc<Load>, done_at: Option<u64>| {
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let work = async move {
+                    match done_at {
+                        Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                        None => never().await,
+                    }
+                };
+                let r = load.timeout(normal, stressed, work).await;
+                (r.is_some(), start.elapsed().as_secs())
+            })
+        };
+        let stress = |load: &Load, on: bool| load.stress.send_replace(on);
+
+        // Calm throughout: the normal limit; work that ends first is done.
+        assert_eq!(timed(load.clone(), None).await.unwrap(), (false, 300));
+        assert_eq!(timed(load.clone(), Some(299)).await.unwrap(), (true, 299));
+        // Under stress from the start: the stressed limit.
+        stress(&load, true);
+        assert_eq!(timed(load.clone(), None).await.unwrap(), (false, 10));
+        assert_eq!(timed(load.clone(), Some(9)).await.unwrap(), (true, 9));
+        // Stress that comes before the stressed limit: cut at it.
+        stress(&load, false);
+        let t = timed(load.clone(), None);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stress(&load, true);
+        assert_eq!(t.await.unwrap(), (false, 10));
+        // Stress that comes and goes before it: the normal limit.
+        stress(&load, false);
+        let t = timed(load.clone(), None);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stress(&load, true);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stress(&load, false);
+        assert_eq!(t.await.unwrap(), (false, 300));
+        // Stress that comes after the stressed limit: cut at once.
+        let t = timed(load.clone(), None);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        stress(&load, true);
+        assert_eq!(t.await.unwrap(), (false, 100));
+        // A stressed limit over the normal one: the normal one.
+        stress(&load, true);
+        let r = load.timeout(Duration::from_secs(5), Duration::from_secs(50), never()).await;
+        assert!(r.is_none());
+    }
 
     /// What `bind` sets on a TCP listener, every accepted connection has
     /// without a system call of its own (Linux copies the listener's
