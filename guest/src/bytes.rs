@@ -1,6 +1,6 @@
 //! Byte searches eight bytes at a time, for the few scans every decision
 //! makes over an address (is it usable, where is its `+`, its last `@`,
-//! its digits). Compiled to Wasm, a byte loop pays an interruption check and
+//! its digits) and over a record's readable parts (printable ASCII?). Compiled to Wasm, a byte loop pays an interruption check and
 //! a bounds check at every byte; these read a word at a time and find the
 //! matching byte with one count of trailing zeros.
 //!
@@ -52,6 +52,14 @@ pub fn not_in_address(x: u64) -> u64 {
     // `<` (0x3c) and `>` (0x3e) differ only in bit 1.
     let angle = !((y | (0x02 * ONES)) ^ (0x3e * ONES)).wrapping_add(0x7f * ONES);
     (!y.wrapping_add(0x5f * ONES) | y.wrapping_add(ONES) | angle) & !x & HIGH
+}
+
+/// Flags of the bytes that are not printable ASCII (outside `0x20..=0x7e`).
+pub fn not_printable_ascii(x: u64) -> u64 {
+    let y = low(x);
+    // `y + 0x60` reaches the high bit from `0x20` up, `y + 1` only at
+    // `0x7f`; every byte from `0x80` up is flagged.
+    ((!y.wrapping_add(0x60 * ONES) | y.wrapping_add(ONES)) & !x | x) & HIGH
 }
 
 /// The position of the first byte of `b` in `class` (see the module
@@ -170,6 +178,13 @@ mod tests {
             matches_plain(|x| equal(x, v), |c| c == v, if v == b'a' { b'b' } else { b'a' });
         }
         matches_plain(|x| equal(x, b'+'), |c| c == b'+', 0xab);
+    }
+
+    #[test]
+    fn bytes_that_are_not_printable_ascii_are_found_where_they_are() {
+        let plain = |c: u8| !(0x20..0x7f).contains(&c);
+        matches_plain(not_printable_ascii, plain, b'a');
+        matches_plain(not_printable_ascii, plain, b'~');
     }
 
     #[test]

@@ -111,21 +111,11 @@ fn leading_number(b: &[u8]) -> Option<(u64, &[u8])> {
     (n > 0).then(|| (v, &b[n..]))
 }
 
-/// Whether every byte of `b` is printable ASCII (`0x20..=0x7e`), eight
-/// bytes at a time: a byte loop compiled to Wasm also pays an
-/// interruption check a byte. For a word with no byte over `0x7f`, adding
-/// `0x60` to each byte sets its high bit exactly from `0x20` up, and adding
-/// 1 exactly at `0x7f`; neither carries into the next byte.
+/// Whether every byte of `b` is printable ASCII (`0x20..=0x7e`), read
+/// eight bytes at a time (`bytes::not_printable_ascii`): a byte loop
+/// compiled to Wasm also pays an interruption check a byte.
 fn printable_ascii(b: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let fine = |x: u64| ((x | !x.wrapping_add(0x60 * ONES) | x.wrapping_add(ONES)) & HIGH) == 0;
-    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(u64::MAX, u64::from_le_bytes);
-    if b.len() < 8 {
-        return b.iter().all(|c| (0x20..0x7f).contains(c));
-    }
-    // Whole words, then the last eight bytes (overlapping the last word).
-    b.chunks_exact(8).all(|c| fine(word(c))) && fine(word(&b[b.len() - 8..]))
+    crate::bytes::find(b, crate::bytes::not_printable_ascii).is_none()
 }
 
 /// How often a compare-and-swap is retried before the call gives up.

@@ -87,12 +87,18 @@ impl Host for HostKv<'_> {
     fn log(&mut self, _: Level, _: &str) {}
 }
 
-fn workload(i: u64) -> (IpAddr, String, u64) {
+/// The context of decision `i`, in the types the host hands the Wasm
+/// filter (greyhook-types), which the native side is given too.
+fn workload(i: u64) -> Context {
     let t = i % TRIPLETS;
     let ip = IpAddr::from([10, (t >> 8) as u8, t as u8, 1]);
     // Each round over the triplets is 100 s later: rounds 0-2 are deferred
     // (delay 300), later rounds pass: both paths of the algorithm run.
-    (ip, format!("sender{t}x@example.org"), T0 + (i / TRIPLETS) * 100)
+    Context {
+        session: Session::new("b", ip),
+        transaction: Transaction { sender: Some(format!("sender{t}x@example.org")), recipients: Vec::new() },
+        now: T0 + (i / TRIPLETS) * 100,
+    }
 }
 
 /// Both sides greylist on the client network: this benchmark measures the
@@ -121,11 +127,8 @@ impl<'a> Native<'a> {
         let n = calls.end - calls.start;
         let start = Instant::now();
         for i in calls {
-            let (ip, sender, now) = workload(i);
-            // The same types the host hands the Wasm filter (greyhook-types).
-            let ctx =
-                Context { session: Session::new("b", ip), transaction: Transaction { sender: Some(sender), recipients: Vec::new() }, now };
-            let mut host = HostKv { store: self.store, metrics: &self.metrics, now };
+            let ctx = workload(i);
+            let mut host = HostKv { store: self.store, metrics: &self.metrics, now: ctx.now };
             let v = self.g.on_rcpt(&ctx, "user@example.com", &mut host).expect("native call");
             std::hint::black_box(v);
         }
@@ -143,9 +146,7 @@ async fn wasm_run(f: &greyhook::Filter, calls: std::ops::Range<u64>) -> f64 {
     let n = calls.end - calls.start;
     let start = Instant::now();
     for i in calls {
-        let (ip, sender, now) = workload(i);
-        let ctx =
-            Context { session: Session::new("b", ip), transaction: Transaction { sender: Some(sender), recipients: Vec::new() }, now };
+        let ctx = workload(i);
         let v = f.try_on_rcpt(&ctx, "user@example.com").await.expect("wasm call");
         std::hint::black_box(v);
     }
@@ -437,12 +438,7 @@ fn ir_child(side: &str, n: u64, cache: &std::path::Path) {
                 let f = runtime.instantiate_filter(compiled, options(), store).await.expect("instantiates");
                 let message = message();
                 for i in 0..n {
-                    let (ip, sender, now) = workload(i);
-                    let mut ctx = Context {
-                        session: Session::new("b", ip),
-                        transaction: Transaction { sender: Some(sender), recipients: Vec::new() },
-                        now,
-                    };
+                    let mut ctx = workload(i);
                     if side == "data" {
                         ctx.transaction
                             .recipients

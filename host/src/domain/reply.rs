@@ -71,6 +71,15 @@ pub(crate) fn all_bytes(bytes: &[u8], ok: impl Fn(u8) -> bool) -> bool {
     bytes.chunks(32).all(|c| c.iter().fold(true, |acc, &b| acc & ok(b)))
 }
 
+/// True if byte `b` neither is nor begins a control character: not C0 or
+/// DEL (single bytes), not 0xC2, with which UTF-8 begins C1 (U+0080 to
+/// U+009F). Text whose every byte passes ([`all_bytes`], vectorised) has no
+/// control character; text with such a byte may have one, to be told by
+/// its characters.
+pub(crate) fn control_free(b: u8) -> bool {
+    (b >= 0x20) & (b != 0x7f) & (b != 0xc2)
+}
+
 fn printable(s: &str) -> bool {
     all_bytes(s.as_bytes(), |b| (b == b'\t') | (b.wrapping_sub(32) < 95))
 }

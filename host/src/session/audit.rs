@@ -93,11 +93,11 @@ fn write_timestamp(out: &mut String, now: time::OffsetDateTime) {
 /// ([`crate::domain::text`]) as the bytes they stand for (`\xe9`).
 fn push_escaped(out: &mut String, text: &str) {
     use std::fmt::Write;
-    // Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
-    // U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0); the
-    // byte characters begin with 0xEE (`text::byte_of`). A byte scan
-    // (vectorised) finds there are none, the common case.
-    if crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2) & (b != 0xee)) {
+    // No control character (`reply::control_free`) and no byte character
+    // (they begin with 0xEE, `text::byte_of`): a byte scan (vectorised)
+    // finds there are none, the common case.
+    use crate::domain::reply::{all_bytes, control_free};
+    if all_bytes(text.as_bytes(), |b| control_free(b) & (b != 0xee)) {
         out.push_str(text);
         return;
     }

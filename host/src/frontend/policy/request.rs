@@ -31,9 +31,8 @@ pub struct Framer {
     scanned: usize,
     /// Where the current line starts.
     line_start: usize,
-    /// Attribute lines seen in the current request.
-    lines: usize,
-    /// Where they are in `buf`, each without its line end.
+    /// Where the current request's attribute lines are in `buf`, each
+    /// without its line end.
     lines_at: Vec<Range<usize>>,
     /// The bytes of the request [`Framer::advance`] completed (its lines
     /// and the empty line after them), dropped at the next call; 0 if none.
@@ -60,7 +59,6 @@ impl Framer {
             buf: Vec::with_capacity(4096),
             scanned: 0,
             line_start: 0,
-            lines: 0,
             lines_at: Vec::with_capacity(32),
             held: 0,
             max_line,
@@ -113,8 +111,7 @@ impl Framer {
                     empty_line = true;
                     break;
                 }
-                self.lines += 1;
-                if self.lines > self.max_attributes {
+                if self.lines_at.len() == self.max_attributes {
                     return Err(FrameError::TooManyAttributes(self.max_attributes));
                 }
                 self.lines_at.push(self.line_start..self.line_start + len);
@@ -126,7 +123,7 @@ impl Framer {
             // An empty line: the end of a request, or a stray one between
             // requests (dropped at once).
             self.held = self.scanned;
-            if self.lines > 0 {
+            if !self.lines_at.is_empty() {
                 return Ok(true);
             }
             self.release();
@@ -141,7 +138,7 @@ impl Framer {
 
     /// The request [`Framer::advance`] completed, if it did.
     pub fn request(&self) -> Option<Request<'_>> {
-        (self.held > 0 && self.lines > 0).then(|| Request { bytes: &self.buf[..self.line_start], lines: &self.lines_at })
+        (self.held > 0 && !self.lines_at.is_empty()).then(|| Request { bytes: &self.buf[..self.line_start], lines: &self.lines_at })
     }
 
     /// Drops the request held (or the stray empty line) from the buffer.
@@ -151,7 +148,6 @@ impl Framer {
             self.held = 0;
             self.scanned = 0;
             self.line_start = 0;
-            self.lines = 0;
             self.lines_at.clear();
         }
     }
@@ -187,10 +183,7 @@ impl<'a> Attrs<'a> {
             if l.is_empty() {
                 continue;
             }
-            match memchr::memchr(b'=', l.as_bytes()) {
-                Some(eq) => attrs.push((&l[..eq], &l[eq + 1..])),
-                None => return Err(Malformed(l.chars().take(200).collect())),
-            }
+            attrs.push(split_attribute(l)?);
         }
         Ok(Attrs(attrs))
     }
@@ -203,11 +196,10 @@ impl<'a> Attrs<'a> {
         for r in lines {
             // Line ends are ASCII: every range is on character boundaries.
             let l = text.get(r.clone()).unwrap_or_default();
-            match memchr::memchr(b'=', l.as_bytes()) {
-                Some(eq) => attrs.push((&l[..eq], &l[eq + 1..])),
-                None if l.is_empty() => {}
-                None => return Err(Malformed(l.chars().take(200).collect())),
+            if l.is_empty() {
+                continue;
             }
+            attrs.push(split_attribute(l)?);
         }
         Ok(Attrs(attrs))
     }
@@ -227,6 +219,14 @@ impl<'a> Attrs<'a> {
     #[allow(dead_code)] // the fuzz target's and the tests' check
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// A non-empty attribute line split at its first `=`.
+fn split_attribute(l: &str) -> Result<(&str, &str), Malformed> {
+    match memchr::memchr(b'=', l.as_bytes()) {
+        Some(eq) => Ok((&l[..eq], &l[eq + 1..])),
+        None => Err(Malformed(l.chars().take(200).collect())),
     }
 }
 

@@ -590,12 +590,12 @@ fn unstuff(stuffed: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// A reply line as it may go to our client: no control characters survive
 /// (the common case, none, is one copy rather than one push a character).
-/// Control characters are C0 and DEL (single bytes) and C1 (U+0080 to
-/// U+009F, which UTF-8 writes as 0xC2 then a byte below 0xA0): a line
-/// without those bytes has none, found by a byte scan (vectorised; the
-/// `char` scan cost ~12 instructions a character, ~900 a message).
+/// A line none of whose bytes can begin one (`reply::control_free`) has
+/// none, found by a byte scan (vectorised; the `char` scan cost ~12
+/// instructions a character, ~900 a message).
 fn printable(text: &str) -> String {
-    let plain = crate::domain::reply::all_bytes(text.as_bytes(), |b| (b >= 0x20) & (b != 0x7f) & (b != 0xc2));
+    use crate::domain::reply::{all_bytes, control_free};
+    let plain = all_bytes(text.as_bytes(), control_free);
     if plain || !text.contains(char::is_control) {
         text.to_string()
     } else {
