@@ -98,12 +98,53 @@ impl FileWatch {
 /// `InvalidData` error naming the limit, not a read that takes every byte
 /// of memory. What it reads are an operator's files (the configuration,
 /// a filter), read again at each hot reload.
+///
+/// A regular file past `max` is refused by its size, unread. The buffer is
+/// sized once (a regular file's size, else `max`, reserved but not touched
+/// until read) instead of doubling as it fills: an allocator that grows a
+/// large buffer by copying (not every one remaps in place) would otherwise
+/// hold the old and the new buffer at once, twice `max` for `/dev/zero`.
 pub(crate) fn read_bounded(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    let too_large = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes"));
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > max {
+        return Err(too_large());
+    }
+    // One more byte than the limit, to tell a file of exactly `max` bytes
+    // from a longer one; a regular file that grew meanwhile still stops at it.
+    let expected = if meta.is_file() { meta.len() } else { max };
     let mut out = Vec::new();
-    std::fs::File::open(path)?.take(max + 1).read_to_end(&mut out)?;
+    // (Only an address-space limit refuses the reservation: then the
+    // buffer grows as it fills.)
+    let _ = out.try_reserve_exact(usize::try_from(expected.saturating_add(1)).unwrap_or(usize::MAX));
+    file.take(max.saturating_add(1)).read_to_end(&mut out)?;
     if out.len() as u64 > max {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes")));
+        return Err(too_large());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_bounded;
+
+    /// A file of exactly the limit is read into a buffer of its size (no
+    /// doubling); one byte more is refused unread; a device that never ends
+    /// is refused at the limit.
+    #[test]
+    fn files_are_read_up_to_their_bound_into_one_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![b'x'; 100_000]).unwrap();
+        let read = read_bounded(&path, 100_000).unwrap();
+        assert_eq!(read.len(), 100_000);
+        assert!(read.capacity() <= 100_001, "sized once: {}", read.capacity());
+        let e = read_bounded(&path, 99_999).unwrap_err();
+        assert_eq!((e.kind(), e.to_string()), (std::io::ErrorKind::InvalidData, "larger than 99999 bytes".to_string()));
+        let e = read_bounded(std::path::Path::new("/dev/zero"), 4096).unwrap_err();
+        assert_eq!(e.to_string(), "larger than 4096 bytes");
+        assert!(read_bounded(&dir.path().join("none"), 10).is_err());
+    }
 }

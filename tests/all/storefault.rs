@@ -325,6 +325,19 @@ fn records_survive_a_restart_of_the_daemon() {
     }
 }
 
+/// Waits up to `secs` for a daemon that must refuse to start (`what`) to
+/// exit; its status.
+fn refused_within(p: &mut Process, secs: u64, what: &str) -> std::process::ExitStatus {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < until, "{what} must be refused: {}", p.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A file larger than `[store] check_at_open_mib` opens at once (a restart
 /// at millions of records must not take seconds) and is read through in
 /// the background: a malformed record, which the full check at open
@@ -365,14 +378,7 @@ fn a_large_store_opens_at_once_and_is_checked_in_the_background() {
     let bad = make("bad.db", true);
     // Within the bound (the default, 256 MiB): refused before serving.
     let (mut p, _, _case) = serve(&bad, 256);
-    let until = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < until, "a malformed record within the bound must be refused: {}", p.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = refused_within(&mut p, 30, "a malformed record within the bound");
     let log = p.log_text();
     assert!(!st.success() && log.contains("malformed") && log.contains("move it aside"), "{st:?}: {log}");
     // Past the bound: served at once, the damage found and logged.
@@ -392,4 +398,59 @@ fn a_large_store_opens_at_once_and_is_checked_in_the_background() {
     assert!(p.log_text().contains("records=20000"), "{}", p.log_text());
     assert!(ask(port, "192.0.2.1", "a@example.org", "u@example.com").starts_with("action="));
     assert!(p.terminate(10), "{}", p.log_text());
+}
+
+/// The resident memory of a running `greyhook serve`, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// redb keeps the file's pages in a cache of its own, 1 GiB by default:
+/// a store of a million records held over 1 GB of memory. `[store]
+/// cache_mib` bounds it (64 MiB by default). Each daemon here reads every
+/// page of a ~100 MB file (the background check of a file past
+/// `check_at_open_mib`): on a 4 MiB cache it stays small, on a 512 MiB one
+/// it holds the file. The setting is logged, and a value past its bound is
+/// refused before the daemon serves.
+#[test]
+fn the_store_s_page_cache_is_bounded_by_cache_mib() {
+    use greyhook::store::{Durability, RedbStore};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    let s = RedbStore::open(&db, Durability::Immediate).unwrap();
+    s.import((0..150_000u64).map(|i| (format!("greylist/t/{i:08}"), vec![b'v'; 400], 4_000_000_000))).unwrap();
+    drop(s);
+    let file_kib = std::fs::metadata(&db).unwrap().len() >> 10;
+    let serve = |cache: &str| {
+        let case = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[control]\nsocket = \"{d}/control.sock\"\n[store]\npath = \"{db}\"\ncheck_at_open_mib = 0\n{cache}\n\
+             [policy]\nlisten = [\"127.0.0.1:{port}\"]\n",
+            d = case.path().display(),
+            db = db.display()
+        );
+        (greyhook_with(case.path(), "serve", &text), port, case)
+    };
+    let mut rss = Vec::new();
+    for (cache, shown) in [("cache_mib = 4", "cache 4 MiB"), ("cache_mib = 512", "cache 512 MiB")] {
+        let (mut p, port, _case) = serve(cache);
+        p.wait_listening(port, 60);
+        assert!(p.wait_log("no damage found", 120), "{}", p.log_text());
+        assert!(p.log_text().contains(shown), "the cache is logged: {}", p.log_text());
+        assert!(ask(port, "192.0.2.1", "a@example.org", "u@example.com").starts_with("action="));
+        rss.push(rss_kib(p.child.id()));
+        assert!(p.terminate(10), "{}", p.log_text());
+    }
+    let (small, large) = (rss[0], rss[1]);
+    assert!(
+        large > small + file_kib / 2,
+        "a 512 MiB cache holds the {file_kib} KiB file read through ({large} KiB), a 4 MiB one does not ({small} KiB)"
+    );
+    // Past the bound: refused with the setting named.
+    let (mut p, _, _case) = serve("cache_mib = 100000");
+    let st = refused_within(&mut p, 30, "cache_mib past its bound");
+    assert!(!st.success() && p.log_text().contains("cache_mib must be 0 to 65536"), "{st:?}: {}", p.log_text());
 }

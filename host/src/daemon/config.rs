@@ -359,6 +359,7 @@ delay = "5m"
 path = "memory"
 sweep_interval = "60s"
 check_at_open_mib = 256
+cache_mib = 64
 timeout = "2s"
 [policy]
 listen = ["127.0.0.1:10023"]

@@ -21,7 +21,7 @@ mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::metered::Metered;
-pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, Durability, RedbStore};
+pub use self::redb::{CHECK_AT_OPEN_MAX_BYTES, DEFAULT_CACHE_BYTES, Durability, RedbOptions, RedbStore};
 pub use self::redis::{RedisConfig, RedisStore, RedisTls, SentinelAuth};
 
 use std::path::PathBuf;
@@ -223,6 +223,10 @@ pub const BACKENDS: &[Backend] = &[
     },
 ];
 
+/// The largest `[store] cache_mib` (64 GiB): a larger figure is a typo,
+/// not a cache.
+const MAX_CACHE_MIB: u64 = 64 << 10;
+
 /// The `[store]` table: which backend and its settings.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,6 +245,9 @@ pub struct StoreConfig {
     /// at once and is read through in the background, so that a restart
     /// stays quick at millions of records.
     pub check_at_open_mib: u64,
+    /// redb: the page cache in MiB, which bounds the memory the file's
+    /// pages take (default [`DEFAULT_CACHE_BYTES`]; redb's own is 1 GiB).
+    pub cache_mib: u64,
     /// Redis: put before every key (several deployments on one server).
     pub prefix: String,
     /// Redis: the bound of every store call (1 ms to 30 s).
@@ -270,6 +277,7 @@ impl Default for StoreConfig {
             durability: Durability::Periodic,
             sweep_interval: Duration::from_secs(60),
             check_at_open_mib: self::redb::CHECK_AT_OPEN_MAX_BYTES >> 20,
+            cache_mib: (DEFAULT_CACHE_BYTES >> 20) as u64,
             prefix: r.prefix,
             timeout: r.timeout,
             tls_ca: None,
@@ -305,7 +313,29 @@ impl StoreConfig {
             return Err(StoreError::Open { path: redacted(path), reason: "unknown scheme: a file, \"memory\" or a redis:// URL".into() });
         }
         let path = self.redb_path().unwrap_or_else(default_db_path);
-        Ok(Arc::new(RedbStore::open_checking(&path, self.durability, self.check_at_open_mib.saturating_mul(1 << 20))?))
+        let options = self.redb_options().map_err(|reason| StoreError::Open { path: path.display().to_string(), reason })?;
+        Ok(Arc::new(RedbStore::open_with(&path, &options)?))
+    }
+
+    /// Checks the table's bounds (the daemon does before it starts, so a
+    /// typo is refused with the others).
+    pub fn check(&self) -> Result<(), String> {
+        if self.cache_mib > MAX_CACHE_MIB {
+            return Err(format!("[store] cache_mib must be 0 to {MAX_CACHE_MIB} (MiB), not {}", self.cache_mib));
+        }
+        Ok(())
+    }
+
+    /// The redb options this table sets, or why they are unusable.
+    fn redb_options(&self) -> Result<RedbOptions, String> {
+        self.check()?;
+        let cache_bytes =
+            usize::try_from(self.cache_mib << 20).map_err(|_| format!("cache_mib = {} does not fit in memory", self.cache_mib))?;
+        Ok(RedbOptions {
+            durability: self.durability,
+            check_at_open_max_bytes: self.check_at_open_mib.saturating_mul(1 << 20),
+            cache_bytes,
+        })
     }
 
     /// The TLS files `tls_ca`, `tls_cert` and `tls_key` name.
@@ -337,7 +367,7 @@ impl StoreConfig {
     /// `path` for the log, without a password (`redis://:secret@host`).
     pub fn describe(&self) -> String {
         match self.redb_path() {
-            Some(p) => format!("redb file {} (durability {:?})", p.display(), self.durability),
+            Some(p) => format!("redb file {} (durability {:?}, cache {} MiB)", p.display(), self.durability, self.cache_mib),
             None => redacted(self.path.as_deref().unwrap_or_default()),
         }
     }

@@ -81,6 +81,38 @@ const SWEEP_BATCH: usize = 1_000;
 /// always checks in full. `[store] check_at_open_mib` sets it.
 pub const CHECK_AT_OPEN_MAX_BYTES: u64 = 256 << 20;
 
+/// redb's page cache by default: the B-tree pages it keeps in memory (read
+/// cache and write buffer together; the write buffer takes at most half).
+/// redb's own default is 1 GiB, which a store of a million records or more
+/// fills: the daemon then held over 1 GB. Pages past the cache are read
+/// from the file, which the kernel's page cache usually holds; the overlay
+/// and the key filter answer most of a greylisting filter's reads first.
+/// At 1M records this cost no measurable CPU a policy request (see
+/// `docs/performance.md`). `[store] cache_mib` sets it.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// How [`RedbStore::open_with`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedbOptions {
+    /// How writes reach the disk.
+    pub durability: Durability,
+    /// Files up to this size are checked in full before the store opens
+    /// (see [`CHECK_AT_OPEN_MAX_BYTES`]).
+    pub check_at_open_max_bytes: u64,
+    /// redb's page cache in bytes (see [`DEFAULT_CACHE_BYTES`]).
+    pub cache_bytes: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        RedbOptions {
+            durability: Durability::default(),
+            check_at_open_max_bytes: CHECK_AT_OPEN_MAX_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
 /// A [`Store`] in a redb file.
 pub struct RedbStore {
     inner: Arc<Inner>,
@@ -91,6 +123,8 @@ struct Inner {
     db: RwLock<Option<Database>>,
     path: PathBuf,
     durability: Durability,
+    /// redb's page cache ([`RedbOptions::cache_bytes`]), kept for reopening.
+    cache_bytes: usize,
     /// A write to the file failed and records wait in the overlay.
     degraded: AtomicBool,
     /// Backend failures since start.
@@ -339,26 +373,28 @@ fn encode(version: u64, expires_at: u64, value: &[u8]) -> Vec<u8> {
 }
 
 impl RedbStore {
-    /// Opens (creating if needed) the store at `path`. Fails if another
-    /// process has it open, or if the file is damaged (never a panic).
+    /// Opens (creating if needed) the store at `path` with the default
+    /// [`RedbOptions`] but `durability`. Fails if another process has it
+    /// open, or if the file is damaged (never a panic).
     pub fn open(path: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
-        RedbStore::open_checking(path, durability, CHECK_AT_OPEN_MAX_BYTES)
+        RedbStore::open_with(path, &RedbOptions { durability, ..RedbOptions::default() })
     }
 
-    /// [`RedbStore::open`], checking the file in full before it returns
-    /// only if it is at most `full_check_max` bytes; a larger file is read
-    /// through in the background, and damage found then is logged (see
-    /// [`CHECK_AT_OPEN_MAX_BYTES`]).
-    pub fn open_checking(path: &Path, durability: Durability, full_check_max: u64) -> Result<RedbStore, StoreError> {
+    /// [`RedbStore::open`] with every option: the file is checked in full
+    /// before this returns only if it is at most
+    /// [`RedbOptions::check_at_open_max_bytes`]; a larger file is read
+    /// through in the background, and damage found then is logged.
+    pub fn open_with(path: &Path, options: &RedbOptions) -> Result<RedbStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         }
-        let (db, last_version, unread) = open_checked(path, Check::UpTo(full_check_max))?;
+        let (db, last_version, unread) = open_checked(path, Check::UpTo(options.check_at_open_max_bytes), options.cache_bytes)?;
         let inner = Arc::new(Inner {
             db: RwLock::new(Some(db)),
             path: path.to_path_buf(),
-            durability,
+            durability: options.durability,
+            cache_bytes: options.cache_bytes,
             degraded: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             overlay: Overlay::new(last_version),
@@ -400,7 +436,7 @@ impl RedbStore {
         }
         let damaged = |what: String| StoreError::Open { path: path.display().to_string(), reason: format!("the file is damaged ({what})") };
         quiet_catch(|| {
-            let (db, _, _) = open_checked(path, Check::Full)?;
+            let (db, _, _) = open_checked(path, Check::Full, DEFAULT_CACHE_BYTES)?;
             let txn = db.begin_read().map_err(backend)?;
             let rec = txn.open_table(RECORDS).map_err(backend)?;
             rec.len().map_err(backend)
@@ -680,7 +716,7 @@ enum Check {
 /// refused here with a clear message (redb can panic on some damage:
 /// caught, never passed on). Returns the database, the last version handed
 /// out, and whether the records are still to be read through.
-fn open_checked(path: &Path, check: Check) -> Result<(Database, u64, bool), StoreError> {
+fn open_checked(path: &Path, check: Check, cache_bytes: usize) -> Result<(Database, u64, bool), StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), reason: e.to_string() };
     let damaged = |detail: &dyn std::fmt::Display| open_err(&damaged_advice(detail));
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
@@ -689,7 +725,7 @@ fn open_checked(path: &Path, check: Check) -> Result<(Database, u64, bool), Stor
         Check::UpTo(max) => size <= max,
     };
     let attempt = quiet_catch(|| -> Result<(Database, u64), StoreError> {
-        let mut db = Database::create(path).map_err(|e| match e {
+        let mut db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => open_err(
                 &"it is in use by another process (one greyhook process can serve every front end: `greyhook smtp --policy ADDR --milter ADDR`; several hosts share a Redis store)",
             ),
@@ -1082,7 +1118,7 @@ impl Inner {
         {
             let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
             *guard = None;
-            let reopened = std::panic::catch_unwind(|| Database::create(&self.path));
+            let reopened = std::panic::catch_unwind(|| Database::builder().set_cache_size(self.cache_bytes).create(&self.path));
             match reopened {
                 Ok(Ok(db)) => *guard = Some(db),
                 Ok(Err(e)) => tracing::debug!("reopening {} failed (will retry): {e}", self.path.display()),
@@ -1504,5 +1540,30 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("the full filter was not built again");
+    }
+
+    /// A store on no page cache at all (`[store] cache_mib = 0`) reads and
+    /// writes the file directly: every record flushed there, rewritten and
+    /// read back after a reopen is right.
+    #[test]
+    fn no_page_cache_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let options = RedbOptions { cache_bytes: 0, ..RedbOptions::default() };
+        let store = RedbStore::open_with(&path, &options).unwrap();
+        for i in 0..3_000 {
+            store.write_any(&format!("t/{i}"), Some((format!("v{i}").as_bytes(), 1_000)), Condition::Any, 0).unwrap();
+        }
+        store.inner.flush().unwrap();
+        for i in (0..3_000).step_by(3) {
+            store.write_any(&format!("t/{i}"), Some((b"again", 2_000)), Condition::Any, 0).unwrap();
+        }
+        drop(store);
+        let store = RedbStore::open_with(&path, &options).unwrap();
+        for i in 0..3_000 {
+            let e = store.read_file(&format!("t/{i}")).unwrap().unwrap();
+            let want = if i % 3 == 0 { b"again".to_vec() } else { format!("v{i}").into_bytes() };
+            assert_eq!((e.value, e.expires_at), (want, if i % 3 == 0 { 2_000 } else { 1_000 }), "t/{i}");
+        }
     }
 }
