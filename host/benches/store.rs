@@ -1,7 +1,8 @@
 //! The embedded store at scale: `cargo bench -p greyhook --bench store`
 //! (`GH_RECORDS=5000000` by default; `GH_TASKS=4`; `GH_RATE=20000`
-//! decisions a second during the sweep; `GH_ONLY=restart` skips steps 2,
-//! 4 and 5: fill, crash, open).
+//! decisions a second during the sweep; `GH_CACHE_MIB=64`, redb's page
+//! cache, as `[store] cache_mib`; `GH_ONLY=restart` skips steps 2, 4 and
+//! 5: fill, crash, open).
 //!
 //! 1. Fills a redb store with `GH_RECORDS` records straight into the file
 //!    (`RedbStore::import`), half of them expired.
@@ -26,7 +27,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use greyhook::store::{Condition, Durability, RedbStore, Store};
+use greyhook::store::{Condition, DEFAULT_CACHE_BYTES, Durability, RedbOptions, RedbStore, Store};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -164,11 +165,17 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default()
 }
 
+/// The store's options: periodic durability, `GH_CACHE_MIB` of page cache.
+fn options() -> RedbOptions {
+    let mib: usize = std::env::var("GH_CACHE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_CACHE_BYTES >> 20);
+    RedbOptions { durability: Durability::Periodic, cache_bytes: mib << 20, ..RedbOptions::default() }
+}
+
 fn main() {
     let dir = std::env::var("GH_BENCH_CHILD").ok();
     if let Some(path) = dir {
         // The crashing child: open, write, flush, abort.
-        let store = RedbStore::open(std::path::Path::new(&path), Durability::Periodic).expect("open");
+        let store = RedbStore::open_with(std::path::Path::new(&path), &options()).expect("open");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
         rt.block_on(async {
             for i in 0..1000 {
@@ -185,7 +192,7 @@ fn main() {
     let rate: u64 = std::env::var("GH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("bench.db");
-    let store = RedbStore::open(&path, Durability::Periodic).expect("open");
+    let store = RedbStore::open_with(&path, &options()).expect("open");
     let t = Instant::now();
     let value = vec![b'v'; 60];
     store
@@ -308,7 +315,7 @@ fn main() {
     // file can be opened, then close it for the child.
     let t = Instant::now();
     loop {
-        match RedbStore::open(&path, Durability::Periodic) {
+        match RedbStore::open_with(&path, &options()) {
             Ok(s) => break drop(s),
             Err(e) if t.elapsed() > Duration::from_secs(300) => panic!("the store stays open: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
@@ -319,7 +326,7 @@ fn main() {
     let status = std::process::Command::new(std::env::current_exe().expect("exe")).env("GH_BENCH_CHILD", &path).status().expect("child");
     assert!(!status.success(), "the child aborts");
     let t = Instant::now();
-    let store = RedbStore::open(&path, Durability::Periodic).expect("reopen after the crash");
+    let store = RedbStore::open_with(&path, &options()).expect("reopen after the crash");
     let open = t.elapsed();
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
     let kept = rt.block_on(store.get("greylist/t/0000000000000001", NOW)).expect("get").is_some();
