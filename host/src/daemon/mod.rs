@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod files;
 mod fresh;
+mod memory;
 mod overrides;
 mod page;
 mod status;

@@ -161,6 +161,8 @@ pub(super) struct Status {
     store: StoreStatus,
     dns: DnsStatus,
     files: FilesStatus,
+    /// The process's resident memory (`None` without `/proc`).
+    memory: Option<super::memory::Resident>,
     certificates: Vec<CertificateStatus>,
     compiled_filters: CompiledFiltersStatus,
     /// Log lines dropped because the log's reader fell behind.
@@ -246,6 +248,7 @@ impl Status {
                 cut_by_deadline: dns.detached.load(Relaxed),
             },
             files: FilesStatus { open: super::files::open_now(), limit: super::files::limit_now(), needed: shared.files_needed },
+            memory: super::memory::resident_now(),
             certificates: crate::pem::in_use()
                 .into_iter()
                 .map(|(role, path, not_after)| CertificateStatus {
@@ -314,6 +317,9 @@ impl Status {
         let f = &self.files;
         let limit = f.limit.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
         let _ = writeln!(out, "files open={} limit={limit} needed={}", show(f.open), f.needed);
+        if let Some(m) = &self.memory {
+            let _ = writeln!(out, "memory resident={} peak={}", m.bytes, m.peak_bytes);
+        }
         for c in &self.certificates {
             let left = if c.days_left < 0 { "expired".to_string() } else { format!("{} days left", c.days_left) };
             let _ = writeln!(out, "certificate {}: {} expires {} ({left})", c.role, c.path, c.expires_at);
