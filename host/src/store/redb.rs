@@ -25,6 +25,10 @@
 //! background) rules out most of the keys a greylisting filter asks for
 //! without a walk down the B-tree.
 //!
+//! Memory: redb keeps the file's pages in a cache of its own, bounded by
+//! [`RedbOptions::cache_bytes`] ([`DEFAULT_CACHE_BYTES`], `[store]
+//! cache_mib`); the overlay is bounded as above.
+//!
 //! A damaged file is never a panic: opening walks the whole file (redb's
 //! integrity check, then every record) and refuses with a message that
 //! says what to do.
