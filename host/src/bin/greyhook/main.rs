@@ -11,20 +11,6 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use greyhook::clock::{Clock, SystemClock};
 use greyhook::store::{MemoryStore, Store};
 
-/// The binary's allocator, mimalloc (the library leaves the choice to
-/// whoever embeds it). A front end's session allocates and frees futures of
-/// a few kilobytes at every step (the milter library boxes each callback,
-/// and a callback that asks the filter holds wasmtime's call): glibc's
-/// per-thread cache stops at 1 032 bytes, so each took its slow path, and
-/// its per-thread arenas kept what the store's flushes freed (a daemon at
-/// 1M records: 278 MB against mimalloc's 194 MB). mimalloc's per-thread
-/// free lists serve every size: −4% instructions a policy request, −6% a
-/// message through `greyhook smtp`, −9% through the milter
-/// (`docs/performance.md`).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// greyhook: greylisting for MTAs, with filters as WebAssembly components.
 #[derive(Parser)]
 #[command(version, about)]
