@@ -1,11 +1,12 @@
-//! Milter packets as greyhook's milter server reads them: `miltr-server`'s
-//! decoder (the one the server runs, via its fuzzing entry) never panics,
-//! and greyhook's own packet tracker (which drives the per-packet deadline)
-//! agrees with a straightforward parse of the stream however it is split.
+//! Milter packets as greyhook's milter server reads them: its packet loop's
+//! cutting and decoding (`next_packet`, with `miltr-common`'s decoder)
+//! never panics and takes the packets a straightforward parse finds, and
+//! its packet tracker (which drives the per-packet deadline) agrees with
+//! that parse however the stream is split.
 #![no_main]
 
 use bytes::BytesMut;
-use greyhook_fuzz::milter_frames::FrameTracker;
+use greyhook_fuzz::milter_frames::{FrameTracker, has_packet, next_packet};
 use libfuzzer_sys::fuzz_target;
 
 /// Complete packets in `data`, and whether a packet is left unfinished.
@@ -38,11 +39,23 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(ended, packets);
     assert_eq!(t.in_packet(), unfinished);
 
+    // As the packet loop reads (its default `max_packet`, 64 KiB): every
+    // whole packet is taken, decoded or refused, and nothing else.
     let mut buf = BytesMut::from(data);
-    for _ in 0..1024 {
-        match miltr_server::fuzzing::fuzz_parse(&mut buf) {
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
+    let mut taken = 0;
+    loop {
+        let whole = has_packet(&buf);
+        match next_packet(&mut buf, 64 << 10) {
+            Ok(Some(_)) => {
+                assert!(whole);
+                taken += 1;
+            }
+            Ok(None) => {
+                assert!(!whole);
+                assert_eq!(taken, packets);
+                break;
+            }
+            Err(_) => break,
         }
     }
 });

@@ -872,7 +872,7 @@ fn a_policy_peer_that_never_reads_is_cut_off() {
 
 /// A milter peer that sends commands and never reads the answers is cut
 /// off once a write has waited `frame_timeout`: the milter's writes have a
-/// deadline too (`miltr-server` writes without one).
+/// deadline too, however the bytes are framed.
 #[test]
 fn a_milter_peer_that_never_reads_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();

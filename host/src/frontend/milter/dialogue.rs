@@ -6,16 +6,21 @@
 //! ours because `miltr-server`'s always answers every command, so the
 //! no-reply steps of milter protocol 6 (`SMFIP_NR_HDR`: Postfix sends every
 //! header without waiting for a reply to each) cannot be negotiated with
-//! it, and because we acknowledge TCP segments at once only when nothing
-//! will carry the ACK (see [`AckNow`]), not after every read.
+//! it, because we acknowledge TCP segments at once only when nothing
+//! will carry the ACK (see [`AckNow`]), not after every read, and because
+//! its `Milter` trait (through `async_trait`) boxes a future for every
+//! packet: [`Steps`] does not.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use miltr_common::ProtocolError;
-use miltr_common::actions::Action;
+use miltr_common::actions::{Action, Continue};
+use miltr_common::commands::{Connect, Header, Helo, Macro, Mail, Recipient};
 use miltr_common::decoding::ClientCommand;
 use miltr_common::encoding::{ServerMessage, Writable};
+use miltr_common::modifications::ModificationResponse;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
-use miltr_server::Milter as MilterProtocol;
+
+use super::frames::{has_packet, next_packet};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -44,12 +49,43 @@ pub trait AckNow {
     fn ack_now(&self);
 }
 
+/// What a milter does at each command the MTA sends. The steps that ask
+/// the filters are `async`, their futures unboxed: `miltr-server`'s
+/// `Milter` trait boxed one for every packet (~14 packets a message, five
+/// of them futures of ~3.5 KB, too large for the allocator's per-thread
+/// cache). The others only take note. Commands not here (DATA, end of
+/// headers, body chunks, unknown commands: none of them negotiated) are
+/// answered continue by [`run`] itself, and QUIT ends the connection.
+pub trait Steps: Send {
+    /// Our answer to the MTA's option negotiation (`SMFIC_OPTNEG`).
+    fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, ProtocolError>;
+    /// Macros the MTA defines for the next step (`SMFIC_MACRO`).
+    fn macro_(&mut self, m: Macro);
+    /// The client connected (`SMFIC_CONNECT`).
+    fn connect(&mut self, c: Connect) -> impl Future<Output = Action> + Send;
+    /// HELO or EHLO (`SMFIC_HELO`).
+    fn helo(&mut self, h: Helo) -> impl Future<Output = Action> + Send;
+    /// MAIL FROM (`SMFIC_MAIL`).
+    fn mail(&mut self, m: Mail) -> impl Future<Output = Action> + Send;
+    /// One RCPT TO (`SMFIC_RCPT`).
+    fn rcpt(&mut self, r: Recipient) -> impl Future<Output = Action> + Send;
+    /// One header of the message (`SMFIC_HEADER`).
+    fn header(&mut self, h: Header) -> Action;
+    /// End of message (`SMFIC_BODYEOB`): the answer and the modifications.
+    fn end_of_body(&mut self) -> impl Future<Output = ModificationResponse> + Send;
+    /// The transaction ended without a message (`SMFIC_ABORT`).
+    fn abort(&mut self);
+    /// The MTA keeps the connection for its next SMTP session
+    /// (`SMFIC_QUIT_NC`).
+    fn quit_nc(&mut self);
+}
+
 /// Serves one milter connection until the MTA quits or closes it.
 /// `max_packet` bounds a packet's length (a larger one ends the connection
 /// before anything is allocated for it).
 pub async fn run<M, IO>(milter: &mut M, io: &mut IO, max_packet: usize) -> Result<(), DialogueError>
 where
-    M: MilterProtocol<Error = std::convert::Infallible>,
+    M: Steps,
     IO: AsyncRead + AsyncWrite + AckNow + Unpin,
 {
     let mut input = BytesMut::with_capacity(4096);
@@ -66,27 +102,27 @@ where
         // Whether the MTA waits for an answer to this command.
         let answered = match command {
             ClientCommand::OptNeg(theirs) => {
-                let ours = milter.option_negotiation(theirs).await.map_err(|e| DialogueError::Negotiation(e.to_string()))?;
+                let ours = milter.option_negotiation(theirs).map_err(|e| DialogueError::Negotiation(e.to_string()))?;
                 protocol = ours.protocol;
                 capabilities = ours.capabilities;
                 encode_optneg(&mut output, &ours, super::macro_lists(capabilities))?;
                 true
             }
             ClientCommand::Macro(m) => {
-                ok(milter.macro_(m).await);
+                milter.macro_(m);
                 false
             }
-            ClientCommand::Connect(c) => answer(&mut output, protocol, Protocol::NR_CONNECT, ok(milter.connect(c).await))?,
-            ClientCommand::Helo(h) => answer(&mut output, protocol, Protocol::NR_HELO, ok(milter.helo(h).await))?,
-            ClientCommand::Mail(m) => answer(&mut output, protocol, Protocol::NR_MAIL, ok(milter.mail(m).await))?,
-            ClientCommand::Recipient(r) => answer(&mut output, protocol, Protocol::NR_RECIPIENT, ok(milter.rcpt(r).await))?,
-            ClientCommand::Data(_) => answer(&mut output, protocol, Protocol::NR_DATA, ok(milter.data().await))?,
-            ClientCommand::Header(h) => answer(&mut output, protocol, Protocol::NR_HEADER, ok(milter.header(h).await))?,
-            ClientCommand::EndOfHeader(_) => answer(&mut output, protocol, Protocol::NR_END_OF_HEADER, ok(milter.end_of_header().await))?,
-            ClientCommand::Body(b) => answer(&mut output, protocol, Protocol::NR_BODY, ok(milter.body(b).await))?,
-            ClientCommand::Unknown(u) => answer(&mut output, protocol, Protocol::NR_UNKNOWN, ok(milter.unknown(u).await))?,
+            ClientCommand::Connect(c) => answer(&mut output, protocol, Protocol::NR_CONNECT, milter.connect(c).await)?,
+            ClientCommand::Helo(h) => answer(&mut output, protocol, Protocol::NR_HELO, milter.helo(h).await)?,
+            ClientCommand::Mail(m) => answer(&mut output, protocol, Protocol::NR_MAIL, milter.mail(m).await)?,
+            ClientCommand::Recipient(r) => answer(&mut output, protocol, Protocol::NR_RECIPIENT, milter.rcpt(r).await)?,
+            ClientCommand::Header(h) => answer(&mut output, protocol, Protocol::NR_HEADER, milter.header(h))?,
+            ClientCommand::Data(_) => answer(&mut output, protocol, Protocol::NR_DATA, Continue.into())?,
+            ClientCommand::EndOfHeader(_) => answer(&mut output, protocol, Protocol::NR_END_OF_HEADER, Continue.into())?,
+            ClientCommand::Body(_) => answer(&mut output, protocol, Protocol::NR_BODY, Continue.into())?,
+            ClientCommand::Unknown(_) => answer(&mut output, protocol, Protocol::NR_UNKNOWN, Continue.into())?,
             ClientCommand::EndOfBody(_) => {
-                let mut response = ok(milter.end_of_body().await);
+                let mut response = milter.end_of_body().await;
                 // Only the modifications the MTA agreed to.
                 response.filter_mods_by_caps(capabilities);
                 for m in Vec::<ServerMessage>::from(response) {
@@ -95,16 +131,13 @@ where
                 true
             }
             ClientCommand::Abort(_) => {
-                ok(milter.abort().await);
+                milter.abort();
                 false
             }
-            ClientCommand::Quit(_) => {
-                ok(milter.quit().await);
-                return Ok(());
-            }
+            ClientCommand::Quit(_) => return Ok(()),
             ClientCommand::QuitNc(_) => {
                 // The MTA keeps the connection for its next SMTP session.
-                ok(milter.quit_nc().await);
+                milter.quit_nc();
                 false
             }
         };
@@ -116,14 +149,6 @@ where
             // may be waiting for our ACK.
             io.ack_now();
         }
-    }
-}
-
-/// The value of a conversation step that cannot fail.
-fn ok<T>(r: Result<T, std::convert::Infallible>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => match e {},
     }
 }
 
@@ -158,47 +183,4 @@ fn encode_optneg(output: &mut BytesMut, ours: &OptNeg, lists: &[u8]) -> Result<(
     }
     output.extend_from_slice(lists);
     Ok(())
-}
-
-/// Whether `input` holds a whole packet.
-fn has_packet(input: &BytesMut) -> bool {
-    input.len() >= 4 && input.len() - 4 >= u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize
-}
-
-/// Takes the next whole packet out of `input` and parses it; `None` if more
-/// bytes are needed. A length over `max_packet` is an error before any of it
-/// is read.
-fn next_packet(input: &mut BytesMut, max_packet: usize) -> Result<Option<ClientCommand>, ProtocolError> {
-    if input.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
-    if len > max_packet {
-        return Err(ProtocolError::TooMuchData(len));
-    }
-    if input.len() - 4 < len {
-        input.reserve(4 + len - input.len());
-        return Ok(None);
-    }
-    input.advance(4);
-    let packet = input.split_to(len);
-    Ok(Some(ClientCommand::parse(packet)?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packets_are_cut_at_their_length_and_bounded() {
-        let mut b = BytesMut::from(&[0u8, 0, 0, 1, b'Q', 0, 0][..]);
-        assert!(has_packet(&b));
-        assert!(matches!(next_packet(&mut b, 1024), Ok(Some(ClientCommand::Quit(_)))));
-        assert!(!has_packet(&b));
-        assert!(matches!(next_packet(&mut b, 1024), Ok(None)));
-        let mut big = BytesMut::from(&[0u8, 1, 0, 0][..]);
-        assert!(next_packet(&mut big, 1024).is_err());
-        let mut empty = BytesMut::from(&[0u8, 0, 0, 0][..]);
-        assert!(next_packet(&mut empty, 1024).is_err());
-    }
 }

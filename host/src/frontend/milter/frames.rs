@@ -1,8 +1,39 @@
-//! Following milter packet boundaries as bytes go by, apart from any I/O so
-//! that it can be fuzzed on its own (`fuzz/fuzz_targets/milter_frames.rs`).
-//! A packet is a 4-byte big-endian length, then that many bytes (the
-//! command byte and its data); `miltr-server` decodes them, this only
-//! tells the connection's deadlines whether the MTA is inside a packet.
+//! Milter packet boundaries, apart from any I/O so that they can be fuzzed
+//! on their own (`fuzz/fuzz_targets/milter_frames.rs`). A packet is a
+//! 4-byte big-endian length, then that many bytes (the command byte and
+//! its data): [`next_packet`] cuts the packet loop's input into packets,
+//! bounded, and has `miltr-common` decode each; [`FrameTracker`] follows
+//! the boundaries as bytes go by, which tells the connection's deadlines
+//! whether the MTA is inside a packet.
+
+use bytes::{Buf, BytesMut};
+use miltr_common::ProtocolError;
+use miltr_common::decoding::ClientCommand;
+
+/// Whether `input` holds a whole packet.
+pub fn has_packet(input: &BytesMut) -> bool {
+    input.len() >= 4 && input.len() - 4 >= u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize
+}
+
+/// Takes the next whole packet out of `input` and parses it; `None` if more
+/// bytes are needed. A length over `max_packet` is an error before any of it
+/// is read.
+pub fn next_packet(input: &mut BytesMut, max_packet: usize) -> Result<Option<ClientCommand>, ProtocolError> {
+    if input.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
+    if len > max_packet {
+        return Err(ProtocolError::TooMuchData(len));
+    }
+    if input.len() - 4 < len {
+        input.reserve(4 + len - input.len());
+        return Ok(None);
+    }
+    input.advance(4);
+    let packet = input.split_to(len);
+    Ok(Some(ClientCommand::parse(packet)?))
+}
 
 /// Where a byte stream stands in the milter packet framing.
 #[derive(Debug, Default, Clone)]
@@ -65,6 +96,19 @@ pub struct Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packets_are_cut_at_their_length_and_bounded() {
+        let mut b = BytesMut::from(&[0u8, 0, 0, 1, b'Q', 0, 0][..]);
+        assert!(has_packet(&b));
+        assert!(matches!(next_packet(&mut b, 1024), Ok(Some(ClientCommand::Quit(_)))));
+        assert!(!has_packet(&b));
+        assert!(matches!(next_packet(&mut b, 1024), Ok(None)));
+        let mut big = BytesMut::from(&[0u8, 1, 0, 0][..]);
+        assert!(next_packet(&mut big, 1024).is_err());
+        let mut empty = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert!(next_packet(&mut empty, 1024).is_err());
+    }
 
     #[test]
     fn packets_split_anywhere_are_followed() {

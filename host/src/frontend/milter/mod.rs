@@ -1,10 +1,12 @@
 //! The milter front end (Postfix `smtpd_milters`, Sendmail
 //! `INPUT_MAIL_FILTER`), protocol version 6.
 //!
-//! The wire protocol (framing, option negotiation, macros, commands and
-//! actions) comes from `miltr-server` (MIT): framed packets with a size
-//! cap, parsers that return errors instead of panicking, fuzzed upstream.
-//! This module maps it onto the filter chain:
+//! The wire protocol's packets (commands, option negotiation, macros,
+//! actions and modifications) are parsed and encoded by `miltr-common`
+//! (MIT): parsers that return errors instead of panicking, fuzzed
+//! upstream. The packet loop is ours (`dialogue.rs`): framing with a size
+//! cap, the no-reply steps, and each step's future unboxed. This module
+//! maps it onto the filter chain:
 //!
 //! - connect, HELO, MAIL and RCPT call the matching hooks at once. Postfix
 //!   does not wait for our answer to connect, HELO and MAIL
@@ -35,14 +37,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use miltr_common::ProtocolError;
 use miltr_common::actions::{Action, Continue, Replycode};
 use miltr_common::commands::{Connect, Family, Header as MilterHeader, Helo, Macro, Mail, Recipient};
 use miltr_common::encoding::Writable;
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::modifications::headers::AddHeader;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
-use miltr_server::{Error as MilterError, Milter as MilterProtocol};
 use tokio_util::sync::CancellationToken;
 
 mod dialogue;
@@ -333,11 +334,8 @@ impl Conversation {
     }
 }
 
-#[async_trait]
-impl MilterProtocol for Conversation {
-    type Error = std::convert::Infallible;
-
-    async fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, MilterError<Self::Error>> {
+impl dialogue::Steps for Conversation {
+    fn option_negotiation(&mut self, theirs: OptNeg) -> Result<OptNeg, ProtocolError> {
         let ours = OptNeg {
             // Headers (ours, at end of message), and our own macro lists.
             capabilities: Capability::SMFIF_ADDHDRS.union(SETSYMLIST),
@@ -355,7 +353,7 @@ impl MilterProtocol for Conversation {
             ..OptNeg::default()
         };
         let (protocol, capabilities) = (ours.protocol, ours.capabilities);
-        let mut merged = ours.merge_compatible(&theirs).map_err(miltr_common::ProtocolError::CompatibilityError)?;
+        let mut merged = ours.merge_compatible(&theirs).map_err(ProtocolError::CompatibilityError)?;
         // Ask only for protocol steps the MTA can skip; keep our wishes.
         merged.protocol = protocol & theirs.protocol;
         merged.capabilities = capabilities & theirs.capabilities;
@@ -365,7 +363,7 @@ impl MilterProtocol for Conversation {
         Ok(merged)
     }
 
-    async fn macro_(&mut self, m: Macro) -> Result<(), Self::Error> {
+    fn macro_(&mut self, m: Macro) {
         for (name, value) in m.macros() {
             tracing::trace!(name = %String::from_utf8_lossy(name), "milter: macro");
             let value = crate::domain::text::from_bytes(value);
@@ -393,10 +391,9 @@ impl MilterProtocol for Conversation {
             s.session_mut().auth_user = Some(u.clone());
         }
         self.name_session();
-        Ok(())
     }
 
-    async fn connect(&mut self, c: Connect) -> Result<Action, Self::Error> {
+    async fn connect(&mut self, c: Connect) -> Action {
         let addr: Option<IpAddr> = match c.family {
             Family::Inet | Family::Inet6 => {
                 let a = crate::domain::parse_client_address(&c.address());
@@ -410,7 +407,7 @@ impl MilterProtocol for Conversation {
         let Some(addr) = addr else {
             // A local (unix socket) or unknown client: nothing to greylist.
             tracing::debug!(peer = %self.peer, "milter: non-IP client, accepted without asking");
-            return Ok(Continue.into());
+            return Continue.into();
         };
         let mut s = SmtpSession::new(self.hooks.clone(), self.conn_id.clone(), addr);
         let name = c.hostname();
@@ -421,30 +418,30 @@ impl MilterProtocol for Conversation {
         let v = s.connect().await;
         self.session = Some(s);
         self.held = None;
-        Ok(self.answer_or_hold(Protocol::NR_CONNECT, HeldUntil::Connection, &v))
+        self.answer_or_hold(Protocol::NR_CONNECT, HeldUntil::Connection, &v)
     }
 
-    async fn helo(&mut self, h: Helo) -> Result<Action, Self::Error> {
+    async fn helo(&mut self, h: Helo) -> Action {
         // A new HELO: the last one's refusal (and any transaction's) ends.
         if let Some(a) = self.held_beyond(HeldUntil::Helo) {
-            return Ok(a);
+            return a;
         }
-        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        let Some(s) = self.session() else { return Continue.into() };
         let name = field(&h, h.helo(), 0);
         let v = s.ehlo(&name).await;
-        Ok(self.answer_or_hold(Protocol::NR_HELO, HeldUntil::Helo, &v.verdict))
+        self.answer_or_hold(Protocol::NR_HELO, HeldUntil::Helo, &v.verdict)
     }
 
-    async fn mail(&mut self, m: Mail) -> Result<Action, Self::Error> {
+    async fn mail(&mut self, m: Mail) -> Action {
         self.forget_message();
         // Refused for the session: no transaction, no filter asked. A new
         // MAIL: the last transaction's refusal ends.
         if let Some(a) = self.held_beyond(HeldUntil::Transaction) {
-            return Ok(a);
+            return a;
         }
         let auth = self.auth_user.clone();
         self.name_session();
-        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        let Some(s) = self.session() else { return Continue.into() };
         s.session_mut().auth_user = auth;
         let sender = strip_brackets(&field(&m, m.sender(), 0));
         let v = s.mail(&sender).await;
@@ -452,24 +449,24 @@ impl MilterProtocol for Conversation {
         if v.reply().is_none() {
             keep_headers(&mut self.pending_headers, &v);
         }
-        Ok(self.answer_or_hold(Protocol::NR_MAIL, HeldUntil::Transaction, &v))
+        self.answer_or_hold(Protocol::NR_MAIL, HeldUntil::Transaction, &v)
     }
 
-    async fn rcpt(&mut self, r: Recipient) -> Result<Action, Self::Error> {
+    async fn rcpt(&mut self, r: Recipient) -> Action {
         if let Some(a) = self.held() {
-            return Ok(a);
+            return a;
         }
-        let Some(s) = self.session() else { return Ok(Continue.into()) };
+        let Some(s) = self.session() else { return Continue.into() };
         let rcpt = strip_brackets(&field(&r, r.recipient(), 0));
         let v = s.rcpt(&rcpt).await;
         // Headers given at MAIL/RCPT can only be added at end of message.
         if v.reply().is_none() {
             keep_headers(&mut self.pending_headers, &v);
         }
-        Ok(action(&v))
+        action(&v)
     }
 
-    async fn header(&mut self, h: MilterHeader) -> Result<Action, Self::Error> {
+    fn header(&mut self, h: MilterHeader) -> Action {
         let (name, raw) = (field(&h, h.name(), 0), field(&h, h.value(), 1));
         if self.message_id.is_none() && name.eq_ignore_ascii_case("message-id") {
             // A bounce's own trace lines can push it past `max_headers`;
@@ -487,50 +484,48 @@ impl MilterProtocol for Conversation {
                 self.headers.push(Header { name, value });
             }
         }
-        Ok(Continue.into())
+        Continue.into()
     }
 
-    async fn end_of_body(&mut self) -> Result<ModificationResponse, Self::Error> {
+    async fn end_of_body(&mut self) -> ModificationResponse {
         if let Some(Action::Replycode(r)) = self.held() {
             self.end_transaction();
-            return Ok(ModificationResponse::builder().build(r));
+            return ModificationResponse::builder().build(r);
         }
         let headers = std::mem::take(&mut self.headers);
         let message_id = self.message_id.take().filter(|id| !id.is_empty());
         let mut add = std::mem::take(&mut self.pending_headers);
-        let Some(s) = self.session() else { return Ok(ModificationResponse::empty_continue()) };
+        let Some(s) = self.session() else { return ModificationResponse::empty_continue() };
         // Built only for a filter called at DATA (the reference filter is
         // called for the null sender only).
         let v = s.data_with(|| Message { message_id, headers }).await;
         s.reset();
         self.end_transaction();
         if let Some(r) = v.reply() {
-            return Ok(ModificationResponse::builder().build(replycode(r)));
+            return ModificationResponse::builder().build(replycode(r));
         }
         add.extend(v.add_headers.iter().cloned());
         let mut b = ModificationResponse::builder();
         for h in &add {
             b.push(AddHeader::new(h.name.as_bytes(), h.value.as_bytes()));
         }
-        Ok(b.contin())
+        b.contin()
     }
 
-    async fn quit_nc(&mut self) -> Result<(), Self::Error> {
+    fn quit_nc(&mut self) {
         // The MTA reuses this connection for another SMTP session.
         self.session = None;
         self.auth_user = None;
         self.held = None;
         self.end_transaction();
-        Ok(())
     }
 
-    async fn abort(&mut self) -> Result<(), Self::Error> {
+    fn abort(&mut self) {
         // The transaction ended (RSET, a new MAIL, a rejected DATA...).
         if let Some(s) = self.session() {
             s.reset();
         }
         self.end_transaction();
-        Ok(())
     }
 }
 
@@ -578,8 +573,12 @@ async fn handle(hooks: Hooks, config: MilterConfig, load: Arc<Load>, conn: Conn,
         held: None,
     };
     let mut io = PeerDeadlines::new(conn, deadlines);
+    // On the heap, made in place: the packet loop holds the future of the
+    // step in hand (a filter call's is a few kilobytes), and the
+    // connection's future is moved on its way to being spawned.
+    let dialogue = Box::pin(dialogue::run(&mut conv, &mut io, max_packet));
     tokio::select! {
-        r = dialogue::run(&mut conv, &mut io, max_packet) => match r {
+        r = dialogue => match r {
             Ok(()) => tracing::debug!(%peer, "milter connection closed"),
             Err(e) => tracing::info!(%peer, "milter connection closed: {e}"),
         },
@@ -616,7 +615,7 @@ struct Deadlines {
 /// packets longer than the idle timeout (shorter while the listener is under
 /// stress), or takes longer than the frame timeout to send a packet it has
 /// begun, and whose writes fail when the MTA does not take them within the
-/// frame timeout. `miltr-server` reads and writes without deadlines; this
+/// frame timeout. The packet loop reads and writes without deadlines; this
 /// follows the packet framing (a 4-byte big-endian length, then that many
 /// bytes) as the bytes go by, so a peer announcing a large packet and
 /// trickling it cannot hold a slot.
