@@ -1,12 +1,14 @@
 //! SMTP command paths, DSN parameters and DATA framing: no panic;
 //! whatever the client sends, DSN parameters passed on are the ones RFC 3461
 //! names, each once, with no space or control inside (nothing that could
-//! add a command at the next hop), and the framed output is CRLF lines
-//! with no lone dot (nothing the next hop could take for the end of data).
+//! add a command at the next hop), and the framed content is CRLF lines
+//! which, dot-stuffed as DATA carries them (`stuffed`), hold no lone dot
+//! (nothing the next hop could take for the end of data) and read back as
+//! the same content.
 #![no_main]
 
 use greyhook_fuzz::smtp_dsn::{MAX_ENVID, MAX_ORCPT, is_mail_param, mail_param, rcpt_params};
-use greyhook_fuzz::smtp_wire::{BareNewline, DataFramer, Fed, parse_path};
+use greyhook_fuzz::smtp_wire::{BareNewline, DataFramer, Fed, parse_path, stuffed};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -50,7 +52,17 @@ fuzz_target!(|data: &[u8]| {
         assert!(out.is_empty() || out.ends_with(b"\r\n"));
         for l in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             assert!(l.ends_with(b"\r") && !l[..l.len() - 1].contains(&b'\r'), "{l:?}");
-            assert_ne!(l, b".\r", "a lone dot reached the output");
         }
+        // As DATA carries it to the next hop: no lone dot, and every line
+        // the content's with a dot in front if it starts with one.
+        let sent = stuffed(&out).collect::<Vec<_>>().concat();
+        let (mut back, mut lines) = (Vec::new(), 0);
+        for l in sent.split_inclusive(|b| *b == b'\n') {
+            assert_ne!(l, b".\r\n", "a lone dot reached the next hop");
+            back.extend_from_slice(l.strip_prefix(b".").unwrap_or(l));
+            lines += 1;
+        }
+        assert_eq!(back, out);
+        assert_eq!(lines, out.split_inclusive(|b| *b == b'\n').count());
     }
 });

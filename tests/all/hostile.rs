@@ -527,6 +527,80 @@ fn message_memory_is_bounded() {
     assert_eq!(sink.received().len(), ok);
 }
 
+/// Finished messages held while a next hop that offers CHUNKING (as
+/// Postfix does) is slow to take them: what greyhook holds stays the data
+/// budget's, even when every line starts with a dot. It kept the message
+/// dot-stuffed and made an unstuffed copy of it for `BDAT`, outside the
+/// budget: three 14.6 MiB messages grew the daemon by ~90 MiB, twice what
+/// the budget counted.
+#[test]
+fn messages_waiting_for_a_chunking_next_hop_stay_within_the_data_budget() {
+    use std::io::BufRead;
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hop = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hop_port = hop.local_addr().unwrap().port();
+    let r2 = release.clone();
+    std::thread::spawn(move || {
+        for c in hop.incoming().flatten() {
+            let release = r2.clone();
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(c);
+                let _ = w.write_all(b"220 hop ESMTP\r\n");
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let reply: &[u8] = match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                        "EHLO" => b"250-hop\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                        // Takes nothing of the chunk until told to.
+                        "BDAT" => {
+                            let until = Instant::now() + Duration::from_secs(20);
+                            while !release.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            return;
+                        }
+                        _ => b"250 2.0.0 Ok\r\n",
+                    };
+                    let _ = w.write_all(reply);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = "max_data_memory = 67108864\nmax_message_size = 26214400\nmax_connections_per_client = 30";
+    let (d, port) = smtp_daemon(dir.path(), hop_port, smtp, WHITE);
+    let pid = d.child.id();
+    let base = peak_rss_kib(pid);
+    // 15 360 lines of 1 000 bytes, each starting with a dot (stuffed by
+    // the client): 14.6 MiB a message, 16 MiB of budget each.
+    let line = [&b".."[..], &[b'x'; 996], b"\r\n"].concat();
+    let chunk = line.repeat(1024);
+    let mut conns: Vec<Raw> = (0..3).map(|_| Raw::at_data(port, &["u@example.com"])).collect();
+    for c in &mut conns {
+        c.w.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        for _ in 0..15 {
+            c.w.write_all(&chunk).unwrap();
+        }
+        c.w.write_all(b".\r\n").unwrap();
+    }
+    // All three read and on their way to the next hop, which takes none.
+    std::thread::sleep(Duration::from_millis(1500));
+    let peak = peak_rss_kib(pid);
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let grew = peak.saturating_sub(base) / 1024;
+    eprintln!("peak RSS {} MiB (from {} MiB) with 3 x 14.6 MiB messages waiting for the next hop", peak / 1024, base / 1024);
+    assert!(grew < 64, "RSS grew by {grew} MiB with a 64 MiB data budget (three messages of 14.6 MiB)");
+    // The next hop never took them: the clients hear a tempfail.
+    for c in &mut conns {
+        let r = c.reply();
+        assert!(r.starts_with("451"), "{r}");
+    }
+}
+
 /// The host refuses replies that break the draft (a hint in the filter's
 /// text, a hint on a code other than 421/450/451): the failure policy
 /// answers instead. A 421 at RCPT closes the connection (RFC 5321 3.8).

@@ -732,6 +732,46 @@ fn next_hop_connections_are_reused_and_the_envelope_pipelined() {
     assert_eq!((hop2.messages(), hop2.connections()), (2, 2));
 }
 
+/// One message with `body` (lines without the final dot) from
+/// a@sender.test to b@dest.test in a session of its own: the reply to
+/// its final dot.
+fn message_in_a_session(port: u16, body: &str) -> String {
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.send("EHLO client.example").starts_with("250"));
+    assert!(c.send("MAIL FROM:<a@sender.test>").starts_with("250"));
+    assert!(c.send("RCPT TO:<b@dest.test>").starts_with("250"));
+    assert!(c.send("DATA").starts_with("354"));
+    let r = c.send(&format!("{body}\r\n."));
+    let _ = c.send("QUIT");
+    r
+}
+
+/// A next hop without CHUNKING gets the message through DATA, dot-stuffed
+/// again: greyhook keeps the content (the client's stuffing undone) and
+/// stuffs it as it writes, a slice at a time, in several writes when many
+/// lines start with a dot. A line that is a lone dot in the content never
+/// ends the data at the next hop; the next hop reads the content back
+/// exactly.
+#[test]
+fn a_next_hop_without_chunking_gets_the_data_dot_stuffed() {
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", sink.port, "");
+    let send = |body: &str| message_in_a_session(port, body);
+    let r = send("..Subject: dots\r\n\r\n..leading dot\r\n...two\r\n..\r\nplain\r\nQUIT");
+    assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
+    // More lines starting with a dot than one write takes pieces.
+    let many: Vec<String> = (0..1500).map(|i| format!("..{i}")).collect();
+    let r = send(&many.join("\r\n"));
+    assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
+    let got = sink.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].ends_with("\r\n.Subject: dots\r\n\r\n.leading dot\r\n..two\r\n.\r\nplain\r\nQUIT\r\n"), "{:?}", got[0]);
+    let want: String = (0..1500).map(|i| format!(".{i}\r\n")).collect();
+    assert!(got[1].ends_with(&format!("\r\n{want}")), "{:?}", &got[1][got[1].len().saturating_sub(200)..]);
+}
+
 /// A next hop that offers CHUNKING gets the message as `BDAT <size> LAST`
 /// in the same write as its data (no `354` round trip), the client's
 /// dot-stuffing undone and the size exact; a refused chunk is followed by
@@ -742,17 +782,7 @@ fn a_chunking_next_hop_gets_bdat_in_one_write() {
     let hop = PipeHop::chunking();
     let dir = tempfile::tempdir().unwrap();
     let (_d, port) = start(dir.path(), "[filter.config]\ndelay = 0\n", hop.port, "next_hop_pool = 2\n");
-    let send = |body: &str| {
-        let mut c = Raw::connect(port);
-        assert!(c.reply().starts_with("220"));
-        assert!(c.send("EHLO client.example").starts_with("250"));
-        assert!(c.send("MAIL FROM:<a@sender.test>").starts_with("250"));
-        assert!(c.send("RCPT TO:<b@dest.test>").starts_with("250"));
-        assert!(c.send("DATA").starts_with("354"));
-        let r = c.send(&format!("{body}\r\n."));
-        let _ = c.send("QUIT");
-        r
-    };
+    let send = |body: &str| message_in_a_session(port, body);
     let r = send("Subject: dots\r\n\r\n..leading dot\r\n...two\r\nplain");
     assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
     assert_eq!(hop.s.whole.lock().unwrap().clone(), vec![true], "BDAT and its data in one write");

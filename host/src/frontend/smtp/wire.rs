@@ -124,10 +124,13 @@ pub enum Fed {
     BareNewline,
 }
 
-/// Frames message data line by line. What it appends to the message is the
-/// data as it goes to the next hop: every line CRLF-ended and dot-stuffed
-/// (the client's stuffing undone and done again), so no byte sequence a
-/// client sends can end the data, or start a command, at the next hop.
+/// Frames message data line by line. What it appends to the message is
+/// its content: every line CRLF-ended, the client's dot-stuffing undone,
+/// which is what `BDAT` carries as it is. [`stuffed`] gives it back as
+/// `DATA` carries it, so no byte sequence a client sends can end the data,
+/// or start a command, at the next hop. (Kept stuffed, as it was, the
+/// message needed an unstuffed copy of itself for `BDAT`, outside the data
+/// budget.)
 #[derive(Debug, Clone)]
 pub struct DataFramer {
     mode: BareNewline,
@@ -169,14 +172,54 @@ impl DataFramer {
         }
         // Under `normalize`, a bare CR inside is a line end too.
         for piece in content.split(|b| *b == b'\r') {
-            let piece = piece.strip_prefix(b".").unwrap_or(piece);
-            if piece.first() == Some(&b'.') {
-                out.push(b'.');
-            }
-            out.extend_from_slice(piece);
+            out.extend_from_slice(piece.strip_prefix(b".").unwrap_or(piece));
             out.extend_from_slice(b"\r\n");
         }
         Fed::Data
+    }
+}
+
+/// Message content as [`DataFramer`] keeps it (CRLF-ended lines), as
+/// `DATA` carries it (RFC 5321 4.5.2): the same bytes in order, with a `.`
+/// before every line that starts with one. Given as pieces to write, so
+/// that nothing is copied: the content's own slices, cut where a line
+/// starts with a dot, and a `"."` before each of those. A message with no
+/// such line is one piece.
+pub fn stuffed(content: &[u8]) -> Stuffed<'_> {
+    Stuffed { content, start: 0, dot_next: content.first() == Some(&b'.') }
+}
+
+/// The pieces of [`stuffed`]. (A type of its own, not closures: a future
+/// that holds it across an `.await` stays `Send`.)
+#[derive(Debug)]
+pub struct Stuffed<'a> {
+    content: &'a [u8],
+    /// Where the next piece of the content starts.
+    start: usize,
+    /// The next piece is the `"."` a line gets in front.
+    dot_next: bool,
+}
+
+impl<'a> Iterator for Stuffed<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.dot_next {
+            self.dot_next = false;
+            return Some(b".");
+        }
+        let rest = self.content.get(self.start..).filter(|r| !r.is_empty())?;
+        // The next `\n.`: the line after it starts with a dot.
+        let end = match memchr::memmem::find(rest, b"\n.") {
+            Some(newline) => {
+                self.dot_next = true;
+                self.start + newline + 1
+            }
+            None => self.content.len(),
+        };
+        let piece = &self.content[self.start..end];
+        self.start = end;
+        Some(piece)
     }
 }
 
@@ -348,15 +391,61 @@ mod tests {
     fn only_crlf_dot_crlf_ends_the_data() {
         let (s, out) = frame(BareNewline::Reject, b"Subject: x\r\n\r\n..dot\r\n.x\r\n.\r\n");
         assert_eq!(s.last(), Some(&Fed::End));
-        assert_eq!(out, b"Subject: x\r\n\r\n..dot\r\nx\r\n");
+        assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\nx\r\n");
+        assert_eq!(stuffed(&out).collect::<Vec<_>>().concat(), b"Subject: x\r\n\r\n..dot\r\nx\r\n");
         for smuggle in [&b"a\n.\r\n"[..], b"a\r\n.\n", b"a\n.\n", b"a\r.\r\n", b"a\r\n.\r\r\n"] {
             let (s, _) = frame(BareNewline::Reject, smuggle);
             assert_eq!(s.last(), Some(&Fed::BareNewline), "{smuggle:?}");
             let (s, out) = frame(BareNewline::Normalize, smuggle);
             assert!(s.iter().all(|s| *s == Fed::Data), "{smuggle:?}: {s:?}");
-            // Whatever was sent, the output is CRLF lines and no lone dot.
+            // Whatever was sent, the output is CRLF lines, and as DATA
+            // carries it no lone dot.
             assert!(out.split(|b| *b == b'\n').all(|l| l.is_empty() || (l.ends_with(b"\r") && !l[..l.len() - 1].contains(&b'\r'))));
-            assert!(!out.windows(5).any(|w| w == b"\r\n.\r\n") && !out.starts_with(b".\r\n"), "{smuggle:?}: {out:?}");
+            let sent = stuffed(&out).collect::<Vec<_>>().concat();
+            assert!(!sent.windows(5).any(|w| w == b"\r\n.\r\n") && !sent.starts_with(b".\r\n"), "{smuggle:?}: {sent:?}");
+        }
+    }
+
+    /// What [`stuffed`] must give, written the plain way: each line with a
+    /// dot in front if it starts with one.
+    fn stuffed_plainly(content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in content.split_inclusive(|b| *b == b'\n') {
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+        }
+        out
+    }
+
+    #[test]
+    fn content_is_stuffed_as_data_carries_it_without_a_copy() {
+        for c in [&b""[..], b".", b".\r\n", b"..\r\n", b"a\r\n.\r\nb.\r\n.c\r\n", b"\n.\n..", b"plain\r\n"] {
+            assert_eq!(stuffed(c).collect::<Vec<_>>().concat(), stuffed_plainly(c), "{c:?}");
+        }
+        // A message with no line starting with a dot is one piece: itself.
+        let plain = b"Subject: x\r\n\r\nbody.\r\n";
+        assert!(matches!(stuffed(plain).collect::<Vec<_>>()[..], [p] if std::ptr::eq(p, &plain[..])));
+        assert_eq!(stuffed(b"").count(), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stuffing_matches_the_plain_reading_and_undoes_the_framer(
+            parts in proptest::collection::vec(proptest::sample::select(vec![".", "..", "a", "\r\n", "\n", "\r"]), 0..40),
+        ) {
+            let content = parts.concat().into_bytes();
+            proptest::prop_assert_eq!(stuffed(&content).collect::<Vec<_>>().concat(), stuffed_plainly(&content));
+            // What the framer keeps of client data, stuffed again, reads
+            // back (through a framer) as the same content, and never holds
+            // the end of the data before its end.
+            let (_, kept) = frame(BareNewline::Normalize, &content);
+            let sent = stuffed(&kept).collect::<Vec<_>>().concat();
+            proptest::prop_assert!(!sent.windows(5).any(|w| w == b"\r\n.\r\n") && !sent.starts_with(b".\r\n"));
+            let (steps, again) = frame(BareNewline::Reject, &[&sent[..], b".\r\n"].concat());
+            proptest::prop_assert_eq!(steps.last(), Some(&Fed::End));
+            proptest::prop_assert_eq!(again, kept);
         }
     }
 
