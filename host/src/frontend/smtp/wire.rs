@@ -186,7 +186,7 @@ impl DataFramer {
 /// starts with a dot, and a `"."` before each of those. A message with no
 /// such line is one piece.
 pub fn stuffed(content: &[u8]) -> Stuffed<'_> {
-    Stuffed { content, start: 0, dot_next: content.first() == Some(&b'.') }
+    Stuffed { content, cuts: memchr::memmem::find_iter(content, b"\n."), start: 0, dot_next: content.first() == Some(&b'.') }
 }
 
 /// The pieces of [`stuffed`]. (A type of its own, not closures: a future
@@ -194,6 +194,9 @@ pub fn stuffed(content: &[u8]) -> Stuffed<'_> {
 #[derive(Debug)]
 pub struct Stuffed<'a> {
     content: &'a [u8],
+    /// Where each `\n.` is (the line after it starts with a dot), found by
+    /// one searcher for the whole message.
+    cuts: memchr::memmem::FindIter<'a, 'static>,
     /// Where the next piece of the content starts.
     start: usize,
     /// The next piece is the `"."` a line gets in front.
@@ -208,14 +211,13 @@ impl<'a> Iterator for Stuffed<'a> {
             self.dot_next = false;
             return Some(b".");
         }
-        let rest = self.content.get(self.start..).filter(|r| !r.is_empty())?;
-        // The next `\n.`: the line after it starts with a dot.
-        let end = match memchr::memmem::find(rest, b"\n.") {
+        let end = match self.cuts.next() {
             Some(newline) => {
                 self.dot_next = true;
-                self.start + newline + 1
+                newline + 1
             }
-            None => self.content.len(),
+            None if self.start < self.content.len() => self.content.len(),
+            None => return None,
         };
         let piece = &self.content[self.start..end];
         self.start = end;
