@@ -191,10 +191,7 @@ fn the_metrics_endpoint_counts_the_load_sent() {
     assert!(json["compiled_filters"]["size_bytes"].as_u64().is_some_and(|b| b > 100_000), "{json}");
     // The daemon's resident memory now and at its peak, as the kernel
     // counts it (read here from outside, in the same units).
-    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
-    let vm_rss: f64 =
-        proc_status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
-    let vm_rss = vm_rss * 1024.0;
+    let vm_rss = rss_kib(d.child.id()) as f64 * 1024.0;
     let (rss, peak) = (json["memory"]["bytes"].as_f64().unwrap_or(0.0), json["memory"]["peak_bytes"].as_f64().unwrap_or(0.0));
     assert!(rss > vm_rss / 2.0 && rss < vm_rss * 2.0 && peak >= rss, "status says {rss} / {peak}, the kernel {vm_rss}: {json}");
     assert!(text.contains("\nmemory resident="), "{text}");

@@ -200,10 +200,6 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
         if let Some(open) = super::files::open_now() {
             encode_value(e, "open_files", "File descriptors open now", MetricType::Gauge, open as f64)?;
         }
-        if let Some(m) = super::memory::resident_now() {
-            encode_value(e, "resident_memory_bytes", "Memory resident now", MetricType::Gauge, m.bytes as f64)?;
-            encode_value(e, "resident_memory_peak_bytes", "The most memory resident since start", MetricType::Gauge, m.peak_bytes as f64)?;
-        }
         if let Some(limit) = super::files::limit_now() {
             encode_value(e, "open_files_limit", "The open-files limit (soft)", MetricType::Gauge, limit as f64)?;
         }
@@ -214,6 +210,10 @@ pub(super) fn metrics_text(shared: &Arc<Shared>) -> Result<String, std::fmt::Err
             MetricType::Gauge,
             s.files_needed as f64,
         )?;
+        if let Some(m) = super::memory::resident_now() {
+            encode_value(e, "resident_memory_bytes", "Memory resident now", MetricType::Gauge, m.bytes as f64)?;
+            encode_value(e, "resident_memory_peak_bytes", "The most memory resident since start", MetricType::Gauge, m.peak_bytes as f64)?;
+        }
         if let Some(records) = s.records() {
             encode_value(e, "store_records", "Live records at the last count (each sweep)", MetricType::Gauge, records as f64)?;
         }

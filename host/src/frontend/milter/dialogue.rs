@@ -19,10 +19,10 @@ use miltr_common::decoding::ClientCommand;
 use miltr_common::encoding::{ServerMessage, Writable};
 use miltr_common::modifications::ModificationResponse;
 use miltr_common::optneg::{Capability, OptNeg, Protocol};
-
-use super::frames::{has_packet, next_packet};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::frames::{has_packet, next_packet};
 
 /// Why a milter connection ended early.
 #[derive(Debug, Error)]

@@ -10,19 +10,23 @@ use bytes::{Buf, BytesMut};
 use miltr_common::ProtocolError;
 use miltr_common::decoding::ClientCommand;
 
+/// The length a packet at the start of `input` announces, once its four
+/// length bytes are in.
+fn announced(input: &[u8]) -> Option<usize> {
+    let head: [u8; 4] = input.get(..4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(head) as usize)
+}
+
 /// Whether `input` holds a whole packet.
 pub fn has_packet(input: &BytesMut) -> bool {
-    input.len() >= 4 && input.len() - 4 >= u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize
+    announced(input).is_some_and(|len| input.len() - 4 >= len)
 }
 
 /// Takes the next whole packet out of `input` and parses it; `None` if more
 /// bytes are needed. A length over `max_packet` is an error before any of it
 /// is read.
 pub fn next_packet(input: &mut BytesMut, max_packet: usize) -> Result<Option<ClientCommand>, ProtocolError> {
-    if input.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
+    let Some(len) = announced(input) else { return Ok(None) };
     if len > max_packet {
         return Err(ProtocolError::TooMuchData(len));
     }

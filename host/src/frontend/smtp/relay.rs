@@ -439,22 +439,19 @@ impl Relay {
         if go.code != 354 {
             return Ok(go);
         }
-        let end: &[u8] = if message.is_empty() || message.ends_with(b"\r\n") { b".\r\n" } else { b"\r\n.\r\n" };
+        let end: &[u8] = if crlf_ended(message) { b".\r\n" } else { b"\r\n.\r\n" };
         let mut pieces = wire::stuffed(message);
-        let mut batch = Vec::with_capacity(3);
-        batch.push(IoSlice::new(prefix));
-        let mut ended = false;
-        while !ended {
-            while batch.len() < STUFFED_PIECES && !ended {
-                match pieces.next() {
-                    Some(p) => batch.push(IoSlice::new(p)),
-                    None => {
-                        batch.push(IoSlice::new(end));
-                        ended = true;
-                    }
-                }
+        let mut batch = vec![IoSlice::new(prefix)];
+        loop {
+            batch.extend(pieces.by_ref().take(STUFFED_PIECES - batch.len()).map(IoSlice::new));
+            let last = batch.len() < STUFFED_PIECES;
+            if last {
+                batch.push(IoSlice::new(end));
             }
             self.write_all_vectored(&mut batch).await?;
+            if last {
+                break;
+            }
             batch.clear();
         }
         self.in_transaction = false;
@@ -485,7 +482,7 @@ impl Relay {
     /// session. If the reset fails the connection stays in the
     /// transaction, and is closed instead of pooled.
     async fn bdat(&mut self, prefix: &[u8], message: &[u8]) -> Result<HopReply, RelayError> {
-        let crlf: &[u8] = if message.is_empty() || message.ends_with(b"\r\n") { b"" } else { b"\r\n" };
+        let crlf: &[u8] = if crlf_ended(message) { b"" } else { b"\r\n" };
         let mut size = String::with_capacity(20);
         crate::domain::retry::push_digits(&mut size, (prefix.len() + message.len() + crlf.len()) as u64, 1);
         self.push(&["BDAT ", &size, " LAST"]);
@@ -584,6 +581,13 @@ impl Relay {
             }
         }
     }
+}
+
+/// Whether message data ends its last line (or is empty): what
+/// [`crate::frontend::smtp::wire::DataFramer`] keeps always does, and the
+/// next hop gets a CRLF added where it would not.
+fn crlf_ended(message: &[u8]) -> bool {
+    message.is_empty() || message.ends_with(b"\r\n")
 }
 
 /// How many pieces of a dot-stuffed message go in one write (`writev`
